@@ -1,0 +1,165 @@
+"""The user-facing front: `LLM(model_path, ...).generate(requests, SamplingParams(...))`."""
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from atb_models.config import load_model_config
+from atb_models.engine.block_manager import BlockManager
+from atb_models.engine.model_runner import ModelRunner
+from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.scheduler import Scheduler
+from atb_models.engine.sequence import Sequence
+from atb_models.errors import UserError
+from atb_models.layers.sampler import sample
+from atb_models.platform import resolve_plan
+
+logger = logging.getLogger("atb_models")
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str                     # the request as shown to a person ("<image: a.jpg> What is this?")
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    prompt_token_count: int = 0
+    finish_reason: str = "error"    # "stop" (an eos token), "length" (max tokens) or "error"
+    error: Optional[str] = None     # why this request failed; the other requests are unaffected
+
+
+@dataclass
+class StepRecord:
+    """Timing of one engine step, for the benchmark mode."""
+    is_prefill: bool
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise UserError(f"--{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class LLM:
+    def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
+                 max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
+                 max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                 video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
+                 local_rank: int = 0):
+        self.max_batch_size = _positive("max_batch_size", max_batch_size)
+        self.max_input_length = _positive("max_input_length", max_input_length)
+        self.max_output_length = _positive("max_output_length", max_output_length)
+        self.block_size = _positive("block_size", block_size)
+        if max_prefill_tokens == -1:
+            max_prefill_tokens = max_batch_size * (max_input_length + max_output_length)
+        self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens)
+        if num_blocks is None:
+            num_blocks = -(-(max_input_length + max_output_length) // block_size) * max_batch_size
+        num_blocks = _positive("num_blocks", num_blocks)
+
+        self.model_config = load_model_config(model_path)
+        self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, local_rank)
+        logger.info(self.plan.describe())
+        self.tokenizer = _load_tokenizer(model_path)
+        from atb_models.multimodal.prompt import Preprocessor
+
+        self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
+                                         min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
+                                         video_max_frames=video_max_frames)
+        self.runner = ModelRunner(self.model_config, self.plan, num_blocks, block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
+                    self.runner.kv_cache_bytes / 2**20)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
+                                   self.model_config.eos_token_ids)
+        self.step_records: list = []
+
+    # ------------------------------------------------------------------------------------------ requests
+    def _make_sequence(self, request_id: int, request, params: SamplingParams, output: RequestOutput):
+        prompt = self.preprocessor(request)
+        output.prompt = prompt.text
+        output.prompt_token_count = len(prompt.token_ids)
+        if len(prompt.token_ids) > self.max_input_length:
+            raise UserError(f"request {request_id}: the prompt has {len(prompt.token_ids)} tokens (visual tokens "
+                            f"included), more than --max_input_length {self.max_input_length}")
+        max_tokens = params.max_tokens or self.max_output_length
+        if max_tokens > self.max_output_length:
+            raise UserError(f"request {request_id}: max_tokens {max_tokens} exceeds --max_output_length "
+                            f"{self.max_output_length}")
+        if len(prompt.token_ids) > self.max_prefill_tokens:
+            raise UserError(f"request {request_id}: the prompt has {len(prompt.token_ids)} tokens, more than "
+                            f"--max_prefill_tokens {self.max_prefill_tokens}")
+        needed = self.block_manager.blocks_for(len(prompt.token_ids) + max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise UserError(f"request {request_id}: needs {needed} KV blocks, the cache has only "
+                            f"{self.block_manager.num_blocks}")
+        return Sequence(request_id, prompt, params, max_tokens)
+
+    @staticmethod
+    def _describe(request) -> str:
+        try:
+            return " ".join(f"<{k}: {v}>" if k != "text" else str(v) for item in request for k, v in item.items())
+        except (TypeError, AttributeError):
+            return repr(request)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, requests: list, sampling_params=None) -> list:
+        """Run every request to completion with continuous batching; outputs come back in request order.
+        A request that cannot run (a bad file, too long a prompt) gets an output with `error` set."""
+        if isinstance(requests, dict) or (requests and isinstance(requests[0], dict)):
+            raise UserError("generate() takes a list of requests, each a list of items such as {'text': ...}")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(requests)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(requests):
+                raise UserError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
+        outputs = [RequestOutput(i, self._describe(r)) for i, r in enumerate(requests)]
+        pending = list(enumerate(requests))
+        pending.reverse()
+        while pending or self.scheduler.has_work():
+            # Preprocess lazily, a little ahead of admission, so pixel tensors of a long dataset are not all
+            # held at once.
+            while pending and len(self.scheduler.waiting) <= self.max_batch_size:
+                i, request = pending.pop()
+                try:
+                    self.scheduler.add(self._make_sequence(i, request, params_list[i], outputs[i]))
+                except UserError as e:
+                    outputs[i].error = str(e)
+                    logger.error("request %d failed: %s", i, e)
+            if not self.scheduler.has_work():
+                continue
+            for seq in self.step():
+                out = outputs[seq.seq_id]
+                out.token_ids = seq.completion_token_ids
+                out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                out.finish_reason = seq.finish_reason
+        return outputs
+
+    def step(self) -> list:
+        """One scheduler step; returns the sequences that finished in it."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            raise RuntimeError("scheduler produced an empty step while work remains")
+        start = time.perf_counter()
+        logits = self.runner.run(seqs, is_prefill)
+        tokens = sample(logits, seqs)
+        self.plan.synchronize()
+        num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
+        self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))
+        finished = self.scheduler.finish_step(seqs, tokens)
+        for seq in finished:
+            seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
+        return finished
+
+
+def _load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer from {model_path}: {e}") from None

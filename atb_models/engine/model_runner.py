@@ -1,0 +1,77 @@
+"""Tensors in, logits out: builds one step's inputs from the scheduled sequences and runs the model."""
+import torch
+
+from atb_models.layers.attention import StepContext, set_context
+from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
+from atb_models.weights import load_weights
+
+
+class ModelRunner:
+    def __init__(self, model_config, plan, num_blocks: int, block_size: int):
+        self.plan = plan
+        self.device = plan.device
+        self.block_size = block_size
+        cfg = model_config.hf_config
+        with torch.device(self.device):
+            self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,
+                                            plan.upcast_attention)
+        load_weights(self.model, model_config.path)
+        self.model.eval()
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim)
+        for layer in self.model.model.layers:
+            layer.k_cache = torch.zeros(shape, dtype=plan.llm_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=plan.llm_dtype, device=self.device)
+        self.kv_cache_bytes = 2 * len(self.model.model.layers) * layer.k_cache.numel() * layer.k_cache.element_size()
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _slots(self, seq, start: int, end: int) -> list:
+        bs = self.block_size
+        return [seq.block_table[j // bs] * bs + j % bs for j in range(start, end)]
+
+    @staticmethod
+    def _visual_batch(seqs, kind: str):
+        items = [v for seq in seqs for v in seq.prompt.visuals if v.kind == kind]
+        if not items:
+            return None
+        return torch.cat([v.pixel_values for v in items]), [tuple(v.grid_thw) for v in items]
+
+    @torch.inference_mode()
+    def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
+        """Float32 logits [len(seqs), vocab] for each sequence's next token."""
+        if is_prefill:
+            ids, positions, slots, starts, last_rows = [], [], [], [0], []
+            for seq in seqs:
+                ids.extend(seq.token_ids)
+                positions.append(seq.positions(0, seq.num_tokens))
+                slots.extend(self._slots(seq, 0, seq.num_tokens))
+                starts.append(starts[-1] + seq.num_tokens)
+                last_rows.append(starts[-1] - 1)
+            set_context(StepContext(True, self._tensor(slots), seq_starts=starts))
+            images = self._visual_batch(seqs, "image")
+            videos = self._visual_batch(seqs, "video")
+            if images is not None:
+                images = (images[0].to(self.device), images[1])
+            if videos is not None:
+                videos = (videos[0].to(self.device), videos[1])
+            positions = torch.cat(positions, dim=1).to(self.device)
+            logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), images, videos)
+        else:
+            bs = self.block_size
+            ids = [seq.token_ids[-1] for seq in seqs]
+            positions = torch.cat([seq.positions(seq.num_tokens - 1, seq.num_tokens) for seq in seqs], dim=1)
+            slots = [self._slots(seq, seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs]
+            context_lens = self._tensor([seq.num_tokens for seq in seqs])
+            max_blocks = max(len(seq.block_table) for seq in seqs)
+            tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+            max_len = int(context_lens.max())
+            offsets = torch.arange(bs, device=self.device)
+            gather = (tables[:, :, None] * bs + offsets).flatten(1)[:, :max_len]
+            mask = (torch.arange(max_len, device=self.device)[None, :] < context_lens[:, None])[:, None, None, :]
+            set_context(StepContext(False, self._tensor(slots), gather_slots=gather, context_mask=mask))
+            rows = torch.arange(len(seqs), device=self.device)
+            logits = self.model(self._tensor(ids), positions.to(self.device), rows)
+        set_context(None)
+        return logits

@@ -1,0 +1,54 @@
+"""One request's state as it moves through the engine."""
+from enum import Enum, auto
+from typing import Optional
+
+import torch
+
+from atb_models.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt, params: SamplingParams, max_tokens: int):
+        self.seq_id = seq_id
+        self.prompt = prompt                      # multimodal.ProcessedPrompt
+        self.params = params
+        self.max_tokens = max_tokens
+        self.token_ids = list(prompt.token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_cached_tokens = 0                # tokens whose K/V are in the cache
+        self.block_table: list = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: Optional[str] = None
+        self.generator: Optional[torch.Generator] = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end - start] of tokens start..end-1: the prompt's come from `rope_index`, a
+        generated token at index j sits at j + delta on all three axes."""
+        prompt_positions = self.prompt.positions
+        parts = []
+        if start < self.num_prompt_tokens:
+            parts.append(prompt_positions[:, start:min(end, self.num_prompt_tokens)])
+        if end > self.num_prompt_tokens:
+            first = max(start, self.num_prompt_tokens)
+            generated = torch.arange(first, end, dtype=torch.long) + self.prompt.rope_delta
+            parts.append(generated.unsqueeze(0).expand(3, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -1,0 +1,46 @@
+"""Next-token choice for a batch of rows, each with its own SamplingParams.
+
+The order follows transformers' logits processors: repetition penalty, then temperature, top-k, top-p, then a
+draw (argmax when temperature is 0). The penalty covers the prompt and the output, as in transformers.
+"""
+import torch
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list, penalty: float) -> torch.Tensor:
+    seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+    scores = logits.index_select(0, seen)
+    logits.index_copy_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+    return logits
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list) -> list:
+    """logits: [rows, vocab] float32, one row per sequence. Returns one token id per sequence."""
+    tokens = []
+    plain_greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
+    if plain_greedy:
+        return logits.argmax(-1).tolist()
+    for row, seq in zip(logits, seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            row = apply_repetition_penalty(row.clone(), seq.token_ids, p.repetition_penalty)
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        row = top_k_top_p_filter(row / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return tokens

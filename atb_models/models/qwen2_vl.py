@@ -1,0 +1,216 @@
+"""Qwen2-VL: the vision tower, the patch merger and the Qwen2 language model with M-RoPE.
+
+Written for serving: the vision tower attends within each image / each temporal slice of a video (no dense mask
+over all patches), the language model reads and writes a paged KV cache, and logits are computed only for the
+rows that are sampled. transformers' `modeling_qwen2_vl.py` is the reference the tests compare against.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atb_models.layers.attention import paged_attention
+from atb_models.layers.linear import Linear, PackedLinear, default_weight_loader
+from atb_models.layers.norm import RMSNorm
+from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}")
+    return _ACTIVATIONS[name]
+
+
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__(dim, eps=eps, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.norm1 = LayerNorm(dim, 1e-6, dtype)
+        self.norm2 = LayerNorm(dim, 1e-6, dtype)
+        self.attn = nn.Module()
+        self.attn.qkv = Linear(dim, 3 * dim, True, dtype)
+        self.attn.proj = Linear(dim, dim, True, dtype)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = Linear(dim, hidden, True, dtype)
+        self.mlp.fc2 = Linear(hidden, dim, True, dtype)
+        self.act = _activation(hidden_act)
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.attn.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        # The reference rotates in float32 whatever the tower's dtype.
+        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
+        outs = []
+        # Each image, and each 2-frame slice of a video, attends only to itself; the slices of one item have the
+        # same length, so they go through attention as one batch.
+        for start, count, length in segments:
+            end = start + count * length
+            qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
+                          for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs)
+            outs.append(o.transpose(1, 2).reshape(count * length, -1))
+        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return self.attn.proj(o)
+
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attention(self.norm1(x), cos, sin, segments)
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, vc, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.dtype = dtype
+        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+        self.embed_dim = vc.embed_dim
+        self.merge = vc.spatial_merge_size
+        self.patch_embed = nn.Module()
+        # A Conv3d whose stride equals its kernel over pre-cut patches is a matmul with the flattened kernel.
+        self.patch_embed.proj = Linear(self.patch_dim, vc.embed_dim, False, dtype)
+        self.patch_embed.proj.weight.weight_loader = self._load_conv_kernel
+        self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
+        self.blocks = nn.ModuleList(
+            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype) for _ in range(vc.depth))
+        merged = vc.embed_dim * self.merge ** 2
+        self.merger = nn.Module()
+        self.merger.ln_q = LayerNorm(vc.embed_dim, 1e-6, dtype)
+        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype), nn.GELU(),
+                                         Linear(merged, vc.hidden_size, True, dtype)])
+
+    @staticmethod
+    def _load_conv_kernel(param, loaded, name, shard_id=None):
+        default_weight_loader(param, loaded.reshape(loaded.shape[0], -1), name)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
+        """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
+        x = self.patch_embed.proj(pixel_values.to(self.dtype))
+        cos, sin = self.rotary.cos_sin(grid_thw)
+        segments = []
+        start = 0
+        for t, h, w in grid_thw:
+            segments.append((start, t, h * w))
+            start += t * h * w
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        x = self.merger.ln_q(x).view(-1, self.embed_dim * self.merge ** 2)
+        for layer in self.merger.mlp:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------- language model
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, dtype: torch.dtype, upcast_attention: bool):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = hidden // self.num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.upcast_attention = upcast_attention
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
+        self.self_attn = nn.Module()
+        self.self_attn.qkv_proj = PackedLinear(hidden, {"q": q_size, "k": kv_size, "v": kv_size}, True, dtype)
+        self.self_attn.o_proj = Linear(q_size, hidden, False, dtype)
+        self.mlp = nn.Module()
+        self.mlp.gate_up_proj = PackedLinear(hidden, {"gate": config.intermediate_size,
+                                                      "up": config.intermediate_size}, False, dtype)
+        self.mlp.down_proj = Linear(config.intermediate_size, hidden, False, dtype)
+        self.k_cache = self.v_cache = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.input_layernorm(x)
+        q, k, v = self.self_attn.qkv_proj.split(self.self_attn.qkv_proj(h))
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.upcast_attention)
+        x = x + self.self_attn.o_proj(o.reshape(n, -1))
+        gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(self.post_attention_layernorm(x)))
+        return x + self.mlp.down_proj(F.silu(gate) * up)
+
+
+class Qwen2VLForCausalLM(nn.Module):
+    """Parameter names follow the checkpoint's classic layout (`model.*`, `visual.*`, `lm_head.*`), with q/k/v and
+    gate/up packed; `packed_modules` tells the loader which checkpoint names feed which packed parameter."""
+
+    packed_modules = {
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", "gate"),
+        ".up_proj.": (".gate_up_proj.", "up"),
+    }
+
+    def __init__(self, config, llm_dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.device,
+                 upcast_attention: bool = False):
+        super().__init__()
+        self.config = config
+        self.llm_dtype = llm_dtype
+        self.visual = VisionTransformer(config.vision_config, vision_dtype, device)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
+        self.model.embed_tokens.weight.requires_grad_(False)
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(config, llm_dtype, upcast_attention) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, llm_dtype)
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, llm_dtype)
+        head_dim = config.hidden_size // config.num_attention_heads
+        mrope_section = (config.rope_scaling or {}).get("mrope_section", [head_dim // 8, 3 * head_dim // 16,
+                                                                           3 * head_dim // 16])
+        self.rotary = MRotaryEmbedding(head_dim, config.rope_theta, list(mrope_section), device)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor, images, videos) -> torch.Tensor:
+        """Token embeddings with visual features scattered into the image / video placeholder rows.
+        images, videos: (pixel_values, grid_thw list) or None, each covering every placeholder of its kind."""
+        x = self.model.embed_tokens(input_ids)
+        for visuals, token_id in ((images, self.config.image_token_id), (videos, self.config.video_token_id)):
+            if visuals is None:
+                continue
+            pixel_values, grid_thw = visuals
+            features = self.visual(pixel_values, grid_thw).to(x.dtype)
+            rows = (input_ids == token_id).nonzero().squeeze(1)
+            if rows.numel() != features.shape[0]:
+                raise ValueError(f"{rows.numel()} placeholder tokens but {features.shape[0]} visual features")
+            x.index_copy_(0, rows, features)
+        return x
+
+    def forward(self, input_ids, positions, logits_rows, images=None, videos=None) -> torch.Tensor:
+        """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for.
+        Returns float32 logits [len(logits_rows), vocab]."""
+        x = self.embed(input_ids, images, videos)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        x = self.model.norm(x.index_select(0, logits_rows))
+        return F.linear(x, self.lm_head_weight()).float()

@@ -1,0 +1,94 @@
+"""Loading safetensors checkpoints into the kit's model.
+
+Each tensor is read on its own (memory-mapped), converted to the dtype of the parameter it fills, and handed to
+that parameter's `weight_loader`; peak host memory is the model plus one tensor. Both the classic layout
+(`model.*`, `visual.*`) and the newer one (`model.language_model.*`, `model.visual.*`) are accepted.
+"""
+import json
+import os
+
+from safetensors import safe_open
+
+from atb_models.errors import UserError
+from atb_models.layers.linear import default_weight_loader
+
+_NEW_LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def checkpoint_files(model_path: str) -> dict:
+    """Map every tensor name in the checkpoint to the file holding it."""
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read {index}: {e}") from None
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(model_path, f))})
+        if missing:
+            raise UserError(f"{index} names shard {missing[0]}, which is not in {model_path}")
+        return {name: os.path.join(model_path, f) for name, f in weight_map.items()}
+    files = sorted(f for f in os.listdir(model_path) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"no *.safetensors weights in {model_path}")
+    names = {}
+    for f in files:
+        path = os.path.join(model_path, f)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                names.update((name, path) for name in handle.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"cannot read weights file {path}: {e}") from None
+    return names
+
+
+def canonical_name(name: str) -> str:
+    for new, old in _NEW_LAYOUT_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def _expected_names(params: dict, packed: dict) -> set:
+    """The checkpoint names (classic layout) that together fill `params`."""
+    expected = set()
+    for name in params:
+        pieces = [piece for piece, (packed_piece, _) in packed.items() if packed_piece in name]
+        if pieces:
+            expected.update(name.replace(packed[p][0], p) for p in pieces)
+        else:
+            expected.add(name)
+    return expected
+
+
+def load_weights(model, model_path: str) -> None:
+    """Fill every parameter of `model` from the checkpoint; any tensor missing, unexpected or of the wrong shape
+    is a UserError naming it."""
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    skip = {"lm_head.weight"} if getattr(model, "tie_word_embeddings", False) else set()
+    by_file = {}
+    for name, path in checkpoint_files(model_path).items():
+        by_file.setdefault(path, []).append(name)
+    loaded = set()
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as handle:
+            for name in names:
+                canonical = canonical_name(name)
+                if canonical in skip:
+                    continue
+                target, shard_id = canonical, None
+                for piece, (packed_piece, shard) in packed.items():
+                    if piece in canonical:
+                        target, shard_id = canonical.replace(piece, packed_piece), shard
+                        break
+                param = params.get(target)
+                if param is None:
+                    raise UserError(f"unexpected tensor {name} in {path}: the Qwen2-VL model has no such weight")
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, handle.get_tensor(name).to(param.dtype), name, shard_id)
+                loaded.add(canonical)
+    missing = sorted(_expected_names(params, packed) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {model_path} lacks tensor {missing[0]}{more}")

@@ -1,0 +1,142 @@
+"""The kit's Qwen2-VL against transformers' reference implementation on random tiny checkpoints:
+greedy tokens identical, float32 logits within 1e-4, for every kind of input and for continuous batching."""
+import pytest
+import torch
+
+from atb_models import LLM, SamplingParams
+from atb_models.demo.checkpoint import TinyShape, make_image
+from tests.parity_utils import LogitsRecorder, reference_generate
+
+MAX_NEW = 6
+TOLERANCE = 1e-4
+
+SHAPES = {
+    "gqa": TinyShape(),
+    "mha_tied": TinyShape(num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa_3layers": TinyShape(num_key_value_heads=1, num_hidden_layers=3, vision_depth=1),
+}
+
+
+def make_llm(path, **kwargs):
+    options = dict(dtype="float32", device="cpu", max_batch_size=4, max_input_length=1024, max_output_length=16,
+                   block_size=16)
+    options.update(kwargs)
+    return LLM(str(path), **options)
+
+
+def assert_matches_reference(llm, path, requests):
+    recorder = LogitsRecorder(llm)
+    outputs = llm.generate(requests, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True))
+    for i, (request, out) in enumerate(zip(requests, outputs)):
+        assert out.error is None, out.error
+        prompt = llm.preprocessor(request)
+        ref_tokens, ref_logits = reference_generate(path, prompt, MAX_NEW)
+        assert out.token_ids == ref_tokens, f"request {i}"
+        ours = recorder.by_seq[i]
+        assert len(ours) == len(ref_logits)
+        worst = max((a - b).abs().max().item() for a, b in zip(ours, ref_logits))
+        assert worst < TOLERANCE, f"request {i}: logits differ by {worst}"
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity_media")
+    wide = d / "wide.png"
+    make_image(wide, width=600, height=30, seed=3)       # aspect ratio 20:1
+    odd = d / "odd.jpg"
+    make_image(odd, width=97, height=131, seed=4)
+    return {"wide": str(wide), "odd": str(odd)}
+
+
+@pytest.mark.parametrize("shape_name", sorted(SHAPES))
+def test_text_and_one_image_match_transformers(tiny_checkpoint, sample_image_path, shape_name):
+    path = tiny_checkpoint(shape=SHAPES[shape_name])
+    llm = make_llm(path)
+    assert_matches_reference(llm, path, [
+        [{"text": "Hello, what colour is the sky?"}],
+        [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
+    ])
+
+
+def test_two_images_of_odd_sizes_match_transformers(tiny_checkpoint, media):
+    path = tiny_checkpoint()
+    llm = make_llm(path)
+    assert_matches_reference(llm, path, [
+        [{"image": media["wide"]}, {"text": "Compare"}, {"image": media["odd"]}, {"text": "these two."}],
+    ])
+
+
+def test_image_and_video_in_one_prompt_match_transformers(tiny_checkpoint, sample_image_path, sample_video_path):
+    path = tiny_checkpoint()
+    llm = make_llm(path)
+    assert_matches_reference(llm, path, [
+        [{"video": str(sample_video_path)}, {"image": str(sample_image_path)}, {"text": "Describe both."}],
+    ])
+
+
+def test_video_given_as_frames_matches_transformers(tiny_checkpoint, sample_frames):
+    path = tiny_checkpoint()
+    llm = make_llm(path)
+    assert_matches_reference(llm, path, [
+        [{"video": [str(f) for f in sample_frames]}, {"text": "What happens in this video?"}],
+    ])
+
+
+def test_continuous_batch_of_eight_equals_each_request_alone(tiny_checkpoint, sample_image_path, media,
+                                                             sample_frames):
+    path = tiny_checkpoint()
+    requests = [
+        [{"text": "Hi"}],
+        [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
+        [{"text": "Describe a long and winding road through the green hills at night, please."}],
+        [{"image": media["odd"]}, {"text": "Colour?"}],
+        [{"video": [str(f) for f in sample_frames]}, {"text": "Describe this video."}],
+        [{"image": media["wide"]}, {"image": str(sample_image_path)}, {"text": "Two pictures."}],
+        [{"text": "The sky is blue and the grass is"}],
+        [{"image": str(sample_image_path)}, {"text": "Is there a cat?"}],
+    ]
+    # Three slots for eight requests: later requests are admitted while earlier ones decode, and different
+    # max_tokens make sequences finish at different steps.
+    batched = make_llm(path, max_batch_size=3)
+    params = [SamplingParams(max_tokens=3 + i % 4, ignore_eos=True) for i in range(len(requests))]
+    outs = batched.generate(requests, params)
+    assert any(r.is_prefill for r in batched.step_records[3:]), "no admission happened mid-run"
+    alone = make_llm(path, max_batch_size=1)
+    for request, p, out in zip(requests, params, outs):
+        single = alone.generate([request], p)[0]
+        assert out.token_ids == single.token_ids
+        assert len(out.token_ids) == p.max_tokens
+
+
+def test_preemption_under_a_small_cache_keeps_outputs(tiny_checkpoint, sample_image_path):
+    path = tiny_checkpoint()
+    requests = [[{"image": str(sample_image_path)}, {"text": f"Question {i}"}] for i in range(4)]
+    # 17 new tokens cross at least one block boundary (blocks of 16) whatever the prompt length.
+    params = SamplingParams(max_tokens=17, ignore_eos=True)
+    roomy = make_llm(path, max_batch_size=4, max_output_length=17).generate(requests, params)
+    # Room for three prompts and one spare block: the fourth request waits, and the three running ones
+    # outgrow the cache, so the youngest is preempted and recomputed.
+    prompt_blocks = -(-roomy[0].prompt_token_count // 16)
+    tight_llm = make_llm(path, max_batch_size=4, max_output_length=17, num_blocks=3 * prompt_blocks + 1)
+    tight = tight_llm.generate(requests, params)
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    assert tight_llm.scheduler.num_preemptions > 0
+    assert tight_llm.block_manager.num_free_blocks == tight_llm.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("layout,shards", [("nested", 1), ("classic", 3), ("nested", 2)])
+def test_checkpoint_layouts_load_the_same_model(tiny_checkpoint, sample_image_path, layout, shards):
+    request = [[{"image": str(sample_image_path)}, {"text": "What is this?"}]]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    base = make_llm(tiny_checkpoint())
+    other = make_llm(tiny_checkpoint(layout=layout, shards=shards))
+    rec_a, rec_b = LogitsRecorder(base), LogitsRecorder(other)
+    assert base.generate(request, params)[0].token_ids == other.generate(request, params)[0].token_ids
+    assert torch.equal(torch.stack(rec_a.by_seq[0]), torch.stack(rec_b.by_seq[0]))
+
+
+def test_bf16_checkpoint_is_converted_to_the_compute_dtype_on_load(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint())  # stored as bfloat16, computed in float32
+    assert {p.dtype for p in llm.runner.model.parameters()} == {torch.float32}
+    assert llm.runner.model.model.layers[0].k_cache.dtype == torch.float32
