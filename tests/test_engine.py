@@ -1,0 +1,215 @@
+"""Block accounting, scheduling and sampling: the engine's decisions, on small hand-made sequences and on a tiny
+checkpoint."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from atb_models import LLM, SamplingParams, UserError
+from atb_models.engine.block_manager import BlockManager
+from atb_models.engine.scheduler import Scheduler
+from atb_models.engine.sequence import Sequence, SequenceStatus
+from atb_models.layers.sampler import sample, top_k_top_p_filter
+
+
+def text_seq(seq_id: int, length: int, max_tokens: int = 4, **params) -> Sequence:
+    prompt = SimpleNamespace(token_ids=list(range(1, length + 1)), visuals=[], rope_delta=0,
+                             positions=torch.arange(length).expand(3, -1))
+    return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, **params), max_tokens)
+
+
+def drive(scheduler: Scheduler, token: int = 7, steps: int = 1000) -> list:
+    """Run the scheduler with a fake model that always emits `token`; return the step kinds."""
+    kinds = []
+    for _ in range(steps):
+        if not scheduler.has_work():
+            return kinds
+        seqs, is_prefill = scheduler.schedule()
+        assert seqs, "empty step while work remains"
+        kinds.append(("prefill" if is_prefill else "decode", [s.seq_id for s in seqs]))
+        scheduler.finish_step(seqs, [token] * len(seqs))
+    raise AssertionError("scheduler did not finish")
+
+
+def test_blocks_are_all_returned_after_many_requests():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    sched = Scheduler(bm, max_batch_size=3, max_prefill_tokens=100, eos_token_ids=[])
+    for i in range(25):
+        sched.add(text_seq(i, length=3 + i % 7, max_tokens=1 + i % 5))
+    drive(sched)
+    assert bm.num_free_blocks == 10
+    assert sorted(bm.free_blocks) == list(range(10))
+
+
+def test_block_table_grows_one_block_as_decode_crosses_a_boundary():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = text_seq(0, length=4)
+    bm.allocate(seq)
+    assert len(seq.block_table) == 1
+    seq.append_token(9)           # token 5 has no slot yet
+    assert bm.can_append(seq)
+    bm.append(seq)
+    assert len(seq.block_table) == 2
+    bm.append(seq)                # no new token: nothing more to allocate
+    assert len(seq.block_table) == 2
+
+
+def test_requests_wait_when_blocks_run_out():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_batch_size=8, max_prefill_tokens=100, eos_token_ids=[])
+    seqs = [text_seq(i, length=8, max_tokens=1) for i in range(3)]  # two blocks each
+    for s in seqs:
+        sched.add(s)
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and [s.seq_id for s in batch] == [0, 1]
+    assert seqs[2].status is SequenceStatus.WAITING
+    sched.finish_step(batch, [7, 7])  # both finish (max_tokens 1) and free their blocks
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and [s.seq_id for s in batch] == [2]
+
+
+def test_max_batch_size_and_prefill_budget_limit_admission():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=10, eos_token_ids=[])
+    for i in range(4):
+        sched.add(text_seq(i, length=6))
+    batch, _ = sched.schedule()
+    assert [s.seq_id for s in batch] == [0]          # 6 + 6 > 10 tokens
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and [s.seq_id for s in batch] == [1]
+    batch, is_prefill = sched.schedule()
+    assert not is_prefill and len(batch) == 2        # batch full: decode
+
+
+def test_prefills_and_decodes_interleave_step_by_step():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=100, eos_token_ids=[])
+    for i, n in enumerate([2, 5, 3]):
+        sched.add(text_seq(i, length=4, max_tokens=n))
+    kinds = drive(sched)
+    assert kinds[0] == ("prefill", [0, 1])
+    # Request 2 is admitted as soon as request 0 finishes, while request 1 is still decoding.
+    first_admit = kinds.index(("prefill", [2]))
+    assert any(k == "decode" and 1 in ids for k, ids in kinds[first_admit + 1:])
+
+
+def test_youngest_running_sequence_is_preempted_when_decode_needs_a_block():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=100, eos_token_ids=[])
+    a, b = text_seq(0, length=4, max_tokens=3), text_seq(1, length=4, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    sched.finish_step(*zip(*[(s, 7) for s in sched.schedule()[0]]))  # prefill both; each holds 1 block
+    batch, is_prefill = sched.schedule()  # both need a second block; only one can have it
+    assert not is_prefill and batch == [a]
+    assert b.status is SequenceStatus.WAITING and b.block_table == [] and sched.num_preemptions == 1
+    drive(sched)
+    assert a.completion_token_ids == b.completion_token_ids == [7, 7, 7]
+
+
+def test_eos_stops_unless_ignore_eos():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=100, eos_token_ids=[7, 8])
+    stops, ignores = text_seq(0, 3, max_tokens=5), text_seq(1, 3, max_tokens=5, ignore_eos=True)
+    sched.add(stops)
+    sched.add(ignores)
+    drive(sched, token=8)
+    assert stops.completion_token_ids == [8] and stops.finish_reason == "stop"
+    assert ignores.completion_token_ids == [8] * 5 and ignores.finish_reason == "length"
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
+    assert sample(logits, [text_seq(0, 2), text_seq(1, 2)]) == [1, 0]
+
+
+def test_repetition_penalty_applies_to_prompt_and_output_even_when_greedy():
+    seq = text_seq(0, 2, repetition_penalty=4.0)  # prompt tokens 1 and 2
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.9]])
+    # token 1: 3/4 = 0.75; token 2: 2/4 = 0.5; token 0 wins.
+    assert sample(logits, [seq]) == [0]
+    negative = torch.tensor([[-1.0, -0.3, -0.2, -0.7]])
+    # penalised negative logits are multiplied: token 1 -> -1.2, token 2 -> -0.8, so token 3 (-0.7) wins.
+    assert sample(negative, [seq]) == [3]
+
+
+def test_top_k_keeps_only_the_k_best():
+    out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
+    assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = top_k_top_p_filter(probs.log(), top_k=0, top_p=0.75)
+    assert torch.isfinite(out[:2]).all() and torch.isinf(out[2:]).all()
+    only_best = top_k_top_p_filter(probs.log(), top_k=0, top_p=0.1)
+    assert torch.isfinite(only_best[0]) and torch.isinf(only_best[1:]).all()
+
+
+def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
+    logits = torch.zeros(1, 50)
+
+    def draws(seed):
+        seq = text_seq(0, 2, temperature=1.0, seed=seed)
+        return [sample(logits, [seq])[0] for _ in range(20)]
+
+    assert draws(123) == draws(123)
+    assert draws(123) != draws(124)
+    assert len(set(draws(123))) > 5
+
+
+def test_sampling_params_reject_nonsense():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
+                dict(repetition_penalty=0)):
+        with pytest.raises(UserError):
+            SamplingParams(**bad)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", max_batch_size=4, max_input_length=256,
+               max_output_length=16, block_size=16)
+
+
+def test_sampling_parameters_change_outputs_as_they_should(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    greedy = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    assert llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids == greedy
+    hot = SamplingParams(max_tokens=12, temperature=5.0, seed=7, ignore_eos=True)
+    a, b = (llm.generate(request, hot)[0].token_ids for _ in range(2))
+    assert a == b and a != greedy
+    other_seed = llm.generate(request, SamplingParams(max_tokens=12, temperature=5.0, seed=8, ignore_eos=True))
+    assert other_seed[0].token_ids != a
+    top1 = llm.generate(request, SamplingParams(max_tokens=12, temperature=5.0, top_k=1, seed=7, ignore_eos=True))
+    assert top1[0].token_ids == greedy  # top-k 1 leaves only the argmax
+    penalised = llm.generate(request, SamplingParams(max_tokens=12, repetition_penalty=50.0, ignore_eos=True))
+    ids = penalised[0].token_ids
+    assert len(set(ids)) == len(ids)  # a huge penalty never repeats a token
+
+
+def test_outputs_report_counts_and_finish_reasons(llm):
+    outs = llm.generate([[{"text": "Hello"}], [{"text": "Hi there"}]],
+                        [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)])
+    assert [len(o.token_ids) for o in outs] == [3, 5]
+    assert all(o.finish_reason == "length" and o.prompt_token_count > 2 for o in outs)
+    assert outs[0].text == llm.tokenizer.decode(outs[0].token_ids, skip_special_tokens=True)
+
+
+def test_a_bad_request_fails_alone(llm, tmp_path):
+    outs = llm.generate([[{"text": "Hello"}], [{"image": str(tmp_path / "missing.jpg")}, {"text": "?"}],
+                         [{"text": "x " * 400}]], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert outs[0].error is None and len(outs[0].token_ids) == 2
+    assert "missing.jpg" in outs[1].error and outs[1].finish_reason == "error"
+    assert "--max_input_length" in outs[2].error
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_max_tokens_above_max_output_length_is_refused(llm):
+    out = llm.generate([[{"text": "Hello"}]], SamplingParams(max_tokens=99))[0]
+    assert "--max_output_length" in out.error
