@@ -1,0 +1,238 @@
+"""Loading and sizing images and videos: everything that touches a media file, and every way it can be bad.
+
+Images come back as RGB PIL images at their own size (the image processor resizes them). Videos come back as a
+uint8 array of sampled frames already resized to their grid, following the qwen-vl-utils sampling rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from atb_models.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
+
+MAX_IMAGE_PIXELS = 10**8  # decompression-bomb guard
+
+# Video sizing (qwen-vl-utils' constants): frames come in temporal pairs, at least 4 of them; each frame gets
+# at least 128 and at most 768 merged tokens, and the whole video about 24576 at most.
+FRAME_FACTOR = 2
+VIDEO_MIN_FRAMES = 4
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_FRAME_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+VideoSource = Union[str, os.PathLike, Sequence[ImageSource]]
+
+
+def describe(source) -> str:
+    """How a media source is named in messages."""
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height}>"
+    return os.fspath(source)
+
+
+def classify_media(path: Union[str, os.PathLike]) -> str:
+    """'image' or 'video', by the file's extension (case-insensitive)."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in VIDEO_EXTENSIONS:
+        return "video"
+    raise UserError(
+        f"unsupported file type '{ext or '(none)'}' for {os.fspath(path)}: "
+        f"images {' '.join(IMAGE_EXTENSIONS)}, videos {' '.join(VIDEO_EXTENSIONS)}"
+    )
+
+
+def _check_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{what} file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} path is not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} file is not readable: {path}")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a path or a PIL image; bad files are a UserError naming them."""
+    if isinstance(source, Image.Image):
+        return source if source.mode == "RGB" else source.convert("RGB")
+    path = os.fspath(source)
+    _check_file(path, "image")
+    try:
+        # PIL warns above its own (smaller) limit and refuses above twice it; this module's limit decides.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise UserError(
+                        f"image {path} is {image.width}x{image.height} pixels, "
+                        f"more than the limit of {MAX_IMAGE_PIXELS}"
+                    )
+                return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"image {path} is larger than the limit of {MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt, truncated or not an image"
+        raise UserError(f"cannot read image {path}: corrupt or not an image ({err})") from None
+
+
+def fit_to_grid(
+    height: int, width: int, *, factor: int, min_pixels: float, max_pixels: float, source
+) -> tuple[int, int]:
+    """smart_resize's (height, width); its refusals (a side under `factor`, aspect ratio over 200) as UserErrors."""
+    try:
+        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as err:
+        raise UserError(f"{describe(source)} is {width}x{height} pixels, which the model cannot take: {err}") from None
+
+
+def video_frame_count(total_frames: int, native_fps: float, fps: float, max_frames: int, *, source) -> int:
+    """How many frames to sample from a clip: `fps` frames per second, even, at least 4 and at most `max_frames`."""
+    min_frames = math.ceil(VIDEO_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
+    max_frames = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+    count = total_frames / native_fps * fps
+    count = min(max(count, min_frames), max_frames, total_frames)
+    count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= count <= total_frames:
+        raise UserError(
+            f"video {describe(source)} has {total_frames} frame(s); the model needs at least {FRAME_FACTOR}"
+        )
+    return int(count)
+
+
+def video_frame_indices(total_frames: int, count: int) -> list[int]:
+    """Evenly spread frame indices, first and last included (torch's linspace and rounding, as qwen-vl-utils)."""
+    return torch.linspace(0, total_frames - 1, count).round().long().tolist()
+
+
+def video_frame_max_pixels(num_frames: int, max_pixels: float | None = None) -> float:
+    """Per-frame pixel budget: the video's total budget shared across its temporal pairs, within per-frame bounds."""
+    shared = VIDEO_TOTAL_PIXELS / num_frames * FRAME_FACTOR
+    budget = max(min(VIDEO_MAX_FRAME_PIXELS, shared), int(1.05 * VIDEO_MIN_PIXELS))
+    return budget if max_pixels is None else min(budget, max_pixels)
+
+
+def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    # PIL's bicubic widens its kernel when shrinking (antialiased), like the torchvision resize qwen-vl-utils uses
+    # and the filter the image processor applies to still images; cv2.INTER_CUBIC aliases on large reductions.
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+
+
+def _frame_size(height: int, width: int, num_frames: int, max_pixels, factor: int, source) -> tuple[int, int]:
+    # A caller's max_pixels below the video minimum lowers the minimum too: smart_resize would otherwise enlarge
+    # a small frame past the cap the caller asked for.
+    min_pixels = VIDEO_MIN_PIXELS if max_pixels is None else min(VIDEO_MIN_PIXELS, max_pixels)
+    return fit_to_grid(
+        height,
+        width,
+        factor=factor,
+        min_pixels=min_pixels,
+        max_pixels=video_frame_max_pixels(num_frames, max_pixels),
+        source=source,
+    )
+
+
+def _read_video_frames(path: str, indices: list[int], target_size) -> tuple[list[np.ndarray], int]:
+    """Decode sequentially (no seeking, which is unreliable across codecs), keeping the frames at `indices` as RGB
+    resized to `target_size(height, width)` of the first one; returns them and how many frames were decoded."""
+    capture = cv2.VideoCapture(path)
+    wanted = set(indices)
+    kept: dict[int, np.ndarray] = {}
+    size = None
+    decoded = 0
+    try:
+        while decoded <= indices[-1] and capture.grab():
+            if decoded in wanted:
+                ok, frame = capture.retrieve()
+                if not ok:
+                    break
+                frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                size = size or target_size(*frame.shape[:2])
+                kept[decoded] = _resize(frame, *size)
+            decoded += 1
+    finally:
+        capture.release()
+    return [kept[i] for i in indices if i in kept], decoded
+
+
+def _count_frames(capture: cv2.VideoCapture) -> int:
+    count = 0
+    while capture.grab():
+        count += 1
+    return count
+
+
+def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor: int) -> tuple[np.ndarray, float]:
+    _check_file(path, "video")
+    capture = cv2.VideoCapture(path)
+    try:
+        if not capture.isOpened():
+            raise UserError(f"cannot open video {path}: corrupt or not a video")
+        native_fps = capture.get(cv2.CAP_PROP_FPS)
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0:  # some containers do not record it
+            total = _count_frames(capture)
+    finally:
+        capture.release()
+    if total <= 0:
+        raise UserError(f"video {path} yields no frames: corrupt or not a video")
+    if not math.isfinite(native_fps) or native_fps <= 0:
+        raise UserError(f"video {path} does not record its frame rate")
+
+    # The recorded frame count can overstate what decodes; then sample again from the frames that do.
+    for _ in range(2):
+        count = video_frame_count(total, native_fps, fps, max_frames, source=path)
+        frames, decoded = _read_video_frames(
+            path,
+            video_frame_indices(total, count),
+            lambda height, width, count=count: _frame_size(height, width, count, max_pixels, factor, path),
+        )
+        if len(frames) == count:
+            return np.stack(frames), count / total * native_fps
+        if decoded == 0:
+            raise UserError(f"video {path} yields no frames: corrupt or not a video")
+        total = decoded
+    raise UserError(f"video {path} stops decoding after {decoded} frames: corrupt video")
+
+
+def _load_frame_list(frames: Sequence[ImageSource], fps: float, max_pixels, factor: int) -> tuple[np.ndarray, float]:
+    if len(frames) == 0:
+        raise UserError("a video given as a list of frames needs at least one frame")
+    images = [load_image(frame) for frame in frames]
+    images += [images[-1]] * (-len(images) % FRAME_FACTOR)  # whole temporal pairs
+    first = images[0]
+    height, width = _frame_size(first.height, first.width, len(images), max_pixels, factor, frames[0])
+    resized = [_resize(np.asarray(image), height, width) for image in images]
+    return np.stack(resized), fps
+
+
+def load_video(
+    source: VideoSource,
+    fps: float = 0.5,
+    max_frames: int = 768,
+    max_pixels: float | None = None,
+    *,
+    factor: int = 28,
+) -> tuple[np.ndarray, float]:
+    """Sampled, resized frames (uint8 [T, H, W, 3], T even, H and W multiples of `factor`) and their frame rate.
+
+    A video file is sampled at `fps` frames per second (at least 4, at most `max_frames`). A list of frame images
+    is used whole, padded to an even count with its last frame, every frame resized to the first one's size.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _load_video_file(os.fspath(source), fps, max_frames, max_pixels, factor)
+    return _load_frame_list(list(source), fps, max_pixels, factor)

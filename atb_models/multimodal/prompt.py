@@ -1,0 +1,180 @@
+"""From a request (images, videos and text, in order) to what the model runs: token ids with every vision
+placeholder expanded, each visual's normalised patches and grid, and the M-RoPE positions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessor
+
+from atb_models.errors import UserError
+from atb_models.multimodal.media import describe, fit_to_grid, load_image, load_video
+from atb_models.multimodal.rope_index import rope_index
+
+logger = logging.getLogger(__name__)
+
+ITEM_KINDS = ("image", "video", "text")
+
+
+@dataclass
+class VisualInput:
+    kind: str  # "image" | "video"
+    pixel_values: torch.Tensor  # [num_patches, 3*2*14*14] float32, normalised, as the HF image processor outputs
+    grid_thw: tuple[int, int, int]  # in patches
+    num_tokens: int  # t*h*w // merge**2: the placeholder's length in the prompt
+
+
+@dataclass
+class ProcessedPrompt:
+    token_ids: list[int]  # placeholders expanded
+    visuals: list[VisualInput]  # in prompt order
+    positions: torch.Tensor  # [3, L] int64 M-RoPE positions
+    rope_delta: int  # max(positions) + 1 - L
+    text: str  # the request as shown to people, e.g. "<image: cat.jpg> What is this?"
+
+
+def _item_kind(item, number: int) -> str:
+    keys = list(item) if isinstance(item, dict) else []
+    if len(keys) != 1 or keys[0] not in ITEM_KINDS:
+        held = f"keys {keys}" if isinstance(item, dict) else f"a {type(item).__name__}"
+        raise UserError(f"request item {number} must hold exactly one of image, video, text (it holds {held})")
+    kind = keys[0]
+    value = item[kind]
+    if kind == "text" and not isinstance(value, str):
+        raise UserError(f"request item {number}: text must be a string, not {type(value).__name__}")
+    if kind == "image" and not isinstance(value, (str, os.PathLike, Image.Image)):
+        raise UserError(f"request item {number}: image must be a path or a PIL image, not {type(value).__name__}")
+    if kind == "video" and not isinstance(value, (str, os.PathLike, list, tuple)):
+        raise UserError(f"request item {number}: video must be a path or a list of frames, not {type(value).__name__}")
+    return kind
+
+
+def _display(kind: str, value) -> str:
+    if kind == "text":
+        return value
+    if kind == "video" and isinstance(value, (list, tuple)):
+        return f"<video: {len(value)} frames>"
+    return f"<{kind}: {describe(value)}>"
+
+
+class Preprocessor:
+    """Turns requests into ProcessedPrompts for one checkpoint (its chat template, image processor and token ids)."""
+
+    def __init__(
+        self,
+        model_path,
+        config,
+        tokenizer,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        video_fps: float = 0.5,
+        video_max_frames: int = 768,
+    ):
+        self.tokenizer = tokenizer
+        self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
+        self.vision_start_token_id = config.vision_start_token_id
+        self.spatial_merge_size = config.vision_config.spatial_merge_size
+        self.video_fps = video_fps
+        self.video_max_frames = video_max_frames
+        self.video_max_pixels = max_pixels
+        self.chat_template = tokenizer.chat_template or self._read_chat_template(model_path)
+
+        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+            processor = Qwen2VLImageProcessor.from_pretrained(model_path)
+        else:
+            logger.warning("%s has no preprocessor_config.json; using the image processor's defaults", model_path)
+            processor = Qwen2VLImageProcessor()
+        if min_pixels is not None:
+            processor.min_pixels = min_pixels
+        if max_pixels is not None:
+            processor.max_pixels = max_pixels
+        processor.size = {"min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
+        self.image_processor = processor
+        self.factor = processor.patch_size * processor.merge_size  # one merged token's side in pixels
+
+    @staticmethod
+    def _read_chat_template(model_path) -> str:
+        # Some checkpoints keep the template beside the processor rather than in tokenizer_config.json.
+        path = os.path.join(model_path, "chat_template.json")
+        if not os.path.isfile(path):
+            raise UserError(
+                f"{model_path} has no chat template (neither in tokenizer_config.json nor in chat_template.json)"
+            )
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["chat_template"]
+
+    def __call__(self, request: list[dict]) -> ProcessedPrompt:
+        if not request:
+            raise UserError("the request is empty: give at least one image, video or text item")
+        kinds = [_item_kind(item, number) for number, item in enumerate(request, start=1)]
+        values = [item[kind] for item, kind in zip(request, kinds)]
+
+        visuals = [self._visual(kind, value) for kind, value in zip(kinds, values) if kind != "text"]
+        token_ids = self._expand_placeholders(self._tokenize(kinds, values), visuals)
+        grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
+        positions, rope_delta = rope_index(
+            token_ids,
+            grids["image"] or None,
+            grids["video"] or None,
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
+            spatial_merge_size=self.spatial_merge_size,
+        )
+        text = " ".join(_display(kind, value) for kind, value in zip(kinds, values))
+        return ProcessedPrompt(token_ids, visuals, positions, rope_delta, text)
+
+    def _visual(self, kind: str, source) -> VisualInput:
+        if kind == "image":
+            image = load_image(source)
+            fit_to_grid(  # the processor's own resize refuses tiny or extreme images with a bare ValueError
+                image.height,
+                image.width,
+                factor=self.factor,
+                min_pixels=self.image_processor.min_pixels,
+                max_pixels=self.image_processor.max_pixels,
+                source=source,
+            )
+            out = self.image_processor(images=[image], videos=None, return_tensors="pt")
+            pixel_values, grid = out["pixel_values"], out["image_grid_thw"][0]
+        else:
+            frames, _ = load_video(
+                source, self.video_fps, self.video_max_frames, self.video_max_pixels, factor=self.factor
+            )
+            # The frames are already sized for their pixel budget; resizing again would apply the image budget.
+            out = self.image_processor(
+                images=None, videos=[frames], do_resize=False, input_data_format="channels_last", return_tensors="pt"
+            )
+            pixel_values, grid = out["pixel_values_videos"], out["video_grid_thw"][0]
+        t, h, w = (int(x) for x in grid)
+        return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2)
+
+    def _tokenize(self, kinds: list[str], values: list) -> list[int]:
+        content = [{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)]
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    def _expand_placeholders(self, token_ids: list[int], visuals: list[VisualInput]) -> list[int]:
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        is_placeholder = (ids == self.image_token_id) | (ids == self.video_token_id)
+        placeholder_kinds = ["image" if i == self.image_token_id else "video" for i in ids[is_placeholder].tolist()]
+        if placeholder_kinds != [v.kind for v in visuals]:
+            raise UserError(
+                f"the prompt holds {len(placeholder_kinds)} image/video placeholders for {len(visuals)} images/videos; "
+                "text must not contain vision tokens such as <|image_pad|> or <|video_pad|>"
+            )
+        repeats = torch.ones_like(ids)
+        repeats[is_placeholder] = torch.tensor([v.num_tokens for v in visuals], dtype=torch.long)
+        return ids.repeat_interleave(repeats).tolist()

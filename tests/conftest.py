@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Qwen2-VL checkpoints and sample media, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from atb_models.demo.checkpoint import build_checkpoint, make_frames, make_image, make_video
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_checkpoint(**build_checkpoint_kwargs) -> checkpoint folder; built once per distinct set of kwargs.
+
+    Treat the folder as read-only: other tests share it.
+    """
+    built: dict[tuple, Path] = {}
+
+    def get(**kwargs) -> Path:
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            built[key] = build_checkpoint(tmp_path_factory.mktemp("checkpoint"), **kwargs)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sample_image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 320x240 RGB JPEG."""
+    path = tmp_path_factory.mktemp("media") / "sample.jpg"
+    make_image(path, width=320, height=240, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_video_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-frame, 2 fps, 160x120 mp4."""
+    return make_video(tmp_path_factory.mktemp("media") / "sample.mp4", num_frames=8, fps=2.0, width=160, height=120)
+
+
+@pytest.fixture(scope="session")
+def sample_frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four different 160x120 PNG frames, in order."""
+    return make_frames(tmp_path_factory.mktemp("frames"), 4, width=160, height=120, seed=0)
