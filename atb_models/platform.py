@@ -7,6 +7,7 @@ it is installed). Everything else receives a `Plan` and uses `plan.device`, `pla
 from __future__ import annotations
 
 import importlib
+import os
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,23 @@ class Plan:
             torch.cuda.synchronize(self.index)
         elif self.kind == "npu":
             _import_torch_npu().npu.synchronize(self.index)
+
+
+def free_memory_bytes(plan: Plan) -> int:
+    """Memory this rank can still allocate on its device: the device's free memory on an accelerator, the
+    operating system's available memory on the CPU."""
+    if plan.kind == "cuda":
+        return torch.cuda.mem_get_info(plan.index)[0]
+    if plan.kind == "npu":
+        return _import_torch_npu().npu.mem_get_info(plan.index)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def checkpoint_dtype(config_dtype: str | torch.dtype | None) -> torch.dtype:

@@ -12,7 +12,7 @@ from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence
 from atb_models.errors import UserError
 from atb_models.layers.sampler import sample
-from atb_models.platform import resolve_plan
+from atb_models.platform import free_memory_bytes, resolve_plan
 
 logger = logging.getLogger("atb_models")
 
@@ -56,10 +56,6 @@ class LLM:
         if max_prefill_tokens == -1:
             max_prefill_tokens = max_batch_size * (max_input_length + max_output_length)
         self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens)
-        if num_blocks is None:
-            num_blocks = -(-(max_input_length + max_output_length) // block_size) * max_batch_size
-        num_blocks = _positive("num_blocks", num_blocks)
-
         self.model_config = load_model_config(model_path)
         self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, local_rank)
         logger.info(self.plan.describe())
@@ -69,13 +65,33 @@ class LLM:
         self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                                          video_max_frames=video_max_frames)
-        self.runner = ModelRunner(self.model_config, self.plan, num_blocks, block_size)
+        self.runner = ModelRunner(self.model_config, self.plan, block_size)
+        num_blocks = self._kv_cache_blocks(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
-                    self.runner.kv_cache_bytes / 2**20)
+                    num_blocks * self.runner.bytes_per_block / 2**20)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids)
         self.step_records: list = []
+
+    def _kv_cache_blocks(self, requested: Optional[int]) -> int:
+        """Blocks for max_batch_size requests of the longest allowed length (or `requested`), within a budget of
+        the memory left after the weights: 90% of the device's free memory, half the host's available memory."""
+        one_request = -(-(self.max_input_length + self.max_output_length) // self.block_size)
+        wanted = one_request * self.max_batch_size if requested is None else _positive("num_blocks", requested)
+        share = 0.5 if self.plan.kind == "cpu" else 0.9
+        affordable = int(free_memory_bytes(self.plan) * share) // self.runner.bytes_per_block
+        if affordable < one_request:
+            raise UserError(f"not enough memory for the KV cache of one request of --max_input_length + "
+                            f"--max_output_length tokens ({one_request} blocks of "
+                            f"{self.runner.bytes_per_block / 2**20:.1f} MiB, {affordable} affordable): "
+                            f"lower those limits or free memory")
+        if wanted > affordable:
+            logger.warning("KV cache reduced from %d to %d blocks to fit in memory; requests wait for blocks",
+                           wanted, affordable)
+            return affordable
+        return wanted
 
     # ------------------------------------------------------------------------------------------ requests
     def _make_sequence(self, request_id: int, request, params: SamplingParams, output: RequestOutput):

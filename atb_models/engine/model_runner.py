@@ -7,7 +7,7 @@ from atb_models.weights import load_weights
 
 
 class ModelRunner:
-    def __init__(self, model_config, plan, num_blocks: int, block_size: int):
+    def __init__(self, model_config, plan, block_size: int):
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
@@ -18,11 +18,20 @@ class ModelRunner:
         load_weights(self.model, model_config.path)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim)
+        self.block_shape = (block_size, cfg.num_key_value_heads, head_dim)
+        self.num_blocks = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block across all layers."""
+        per_layer = self.block_shape[0] * self.block_shape[1] * self.block_shape[2] * self.plan.llm_dtype.itemsize
+        return 2 * len(self.model.model.layers) * per_layer
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         for layer in self.model.model.layers:
-            layer.k_cache = torch.zeros(shape, dtype=plan.llm_dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=plan.llm_dtype, device=self.device)
-        self.kv_cache_bytes = 2 * len(self.model.model.layers) * layer.k_cache.numel() * layer.k_cache.element_size()
+            layer.k_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
+            layer.v_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
