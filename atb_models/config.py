@@ -29,10 +29,18 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
-def _as_id_list(value) -> list:
+def _as_id_list(value, source: str) -> list:
+    """eos_token_id as an int or a list; a one-token inner list counts as that token."""
     if value is None:
         return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+    ids = []
+    for item in [value] if isinstance(value, int) else value:
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]
+        if not isinstance(item, int):
+            raise UserError(f"eos_token_id {item!r} in {source}: only single token ids are supported")
+        ids.append(item)
+    return ids
 
 
 def load_model_config(model_path: str) -> ModelConfig:
@@ -55,9 +63,9 @@ def load_model_config(model_path: str) -> ModelConfig:
     eos = []
     generation_file = os.path.join(model_path, "generation_config.json")
     if os.path.isfile(generation_file):
-        eos = _as_id_list(_read_json(generation_file, "generation config").get("eos_token_id"))
+        eos = _as_id_list(_read_json(generation_file, "generation config").get("eos_token_id"), generation_file)
     if not eos:
-        eos = _as_id_list(raw.get("eos_token_id"))
+        eos = _as_id_list(raw.get("eos_token_id"), config_file)
     bad = [i for i in eos if not 0 <= i < hf_config.vocab_size]
     if bad:
         raise UserError(f"eos_token_id {bad[0]} in {model_path} lies outside the vocabulary (size {hf_config.vocab_size})")

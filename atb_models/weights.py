@@ -7,6 +7,8 @@ that parameter's `weight_loader`; peak host memory is the model plus one tensor.
 import json
 import os
 
+import torch
+
 from safetensors import safe_open
 
 from atb_models.errors import UserError
@@ -42,6 +44,35 @@ def checkpoint_files(model_path: str) -> dict:
     return names
 
 
+class CheckpointTensor:
+    """One checkpoint tensor, read lazily: a rank asks only for the rows or columns it holds, and what it reads
+    is converted to `dtype` as it arrives. `bytes_read` counts what this process read of each tensor (in the
+    file's dtype), so tests can check that a rank touched only its slices."""
+
+    bytes_read: dict = {}
+
+    def __init__(self, handle, name: str, dtype: torch.dtype):
+        self.name = name
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+        self.dtype = dtype
+
+    def _read(self, index) -> torch.Tensor:
+        tensor = self._slice[index]
+        read = CheckpointTensor.bytes_read
+        read[self.name] = read.get(self.name, 0) + tensor.numel() * tensor.element_size()
+        return tensor.to(self.dtype)
+
+    def full(self) -> torch.Tensor:
+        return self._read(slice(None))
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        return self._read(slice(start, end))
+
+    def cols(self, start: int, end: int) -> torch.Tensor:
+        return self._read((slice(None), slice(start, end)))
+
+
 def canonical_name(name: str) -> str:
     for new, old in _NEW_LAYOUT_PREFIXES:
         if name.startswith(new):
@@ -66,7 +97,11 @@ def load_weights(model, model_path: str) -> None:
     is a UserError naming it."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
-    skip = {"lm_head.weight"} if getattr(model, "tie_word_embeddings", False) else set()
+    skip = set()
+    if getattr(model, "tie_word_embeddings", False):
+        # The head shares the embedding table; a copy in the checkpoint (some writers keep one) is not needed.
+        skip.add("lm_head.weight")
+        params.pop("lm_head.weight", None)
     by_file = {}
     for name, path in checkpoint_files(model_path).items():
         by_file.setdefault(path, []).append(name)
@@ -86,9 +121,10 @@ def load_weights(model, model_path: str) -> None:
                 if param is None:
                     raise UserError(f"unexpected tensor {name} in {path}: the Qwen2-VL model has no such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, handle.get_tensor(name).to(param.dtype), name, shard_id)
+                loader(param, CheckpointTensor(handle, name, param.dtype), name, shard_id)
                 loaded.add(canonical)
     missing = sorted(_expected_names(params, packed) - loaded)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {model_path} lacks tensor {missing[0]}{more}")
+    model.after_loading()

@@ -4,6 +4,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from atb_models import distributed
 from atb_models.config import load_model_config
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
@@ -47,8 +48,7 @@ class LLM:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
                  max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
-                 local_rank: int = 0):
+                 video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None):
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
@@ -57,7 +57,10 @@ class LLM:
             max_prefill_tokens = max_batch_size * (max_input_length + max_output_length)
         self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens)
         self.model_config = load_model_config(model_path)
-        self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, local_rank)
+        # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
+        self.parallel = distributed.env_state()
+        self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, self.parallel.local_rank)
+        distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())
         self.tokenizer = _load_tokenizer(model_path)
         from atb_models.multimodal.prompt import Preprocessor
@@ -144,8 +147,7 @@ class LLM:
                 try:
                     self.scheduler.add(self._make_sequence(i, request, params_list[i], outputs[i]))
                 except UserError as e:
-                    outputs[i].error = str(e)
-                    logger.error("request %d failed: %s", i, e)
+                    outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
             if not self.scheduler.has_work():
                 continue
             for seq in self.step():
@@ -162,7 +164,9 @@ class LLM:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
-        tokens = sample(logits, seqs)
+        # Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
+        # sampling cannot make ranks diverge.
+        tokens = distributed.broadcast_from_rank0(sample(logits, seqs) if self.parallel.rank == 0 else None)
         self.plan.synchronize()
         num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
         self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))

@@ -18,7 +18,8 @@ class ModelRunner:
         load_weights(self.model, model_config.path)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.block_shape = (block_size, cfg.num_key_value_heads, head_dim)
+        # Each rank caches only its own KV heads.
+        self.block_shape = (block_size, self.model.head_layout.kv_per_rank, head_dim)
         self.num_blocks = 0
 
     @property

@@ -1,27 +1,37 @@
-"""Linears whose parameters carry a `weight_loader` that cuts their own piece out of a checkpoint tensor.
+"""Linears that know their tensor-parallel share and how to cut it out of a checkpoint tensor.
 
-The loader in `atb_models.weights` only maps a checkpoint name to (parameter, shard id) and calls the parameter's
-`weight_loader`; how a packed parameter is filled lives here, beside the layer it concerns.
+Every parameter carries a `weight_loader(param, source, name, shard_id)`; `source` is a checkpoint tensor read
+lazily (`rows`, `cols`, `full`, `shape`), so a rank reads only its own slice. The loader in `atb_models.weights`
+only maps checkpoint names to (parameter, shard id): how a layer is sharded lives here, beside the layer.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atb_models import distributed
 from atb_models.errors import UserError
+from atb_models.layers.sharding import HeadLayout, ceil_div, even_split
 
 
-def _check_shape(name: str, expected: torch.Size, loaded: torch.Tensor) -> None:
-    if tuple(expected) != tuple(loaded.shape):
-        raise UserError(f"checkpoint tensor {name} has shape {tuple(loaded.shape)}, the config implies {tuple(expected)}")
+def _check_shape(name: str, expected: tuple, actual: tuple) -> None:
+    if tuple(expected) != tuple(actual):
+        raise UserError(f"checkpoint tensor {name} has shape {tuple(actual)}, the config implies {tuple(expected)}")
 
 
-def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, name: str, shard_id=None) -> None:
-    _check_shape(name, param.shape, loaded)
-    param.data.copy_(loaded)
+def default_weight_loader(param: torch.Tensor, source, name: str, shard_id=None) -> None:
+    """A replicated parameter: the whole tensor."""
+    _check_shape(name, param.shape, source.shape)
+    param.data.copy_(source.full())
+
+
+def _copy_padded(target: torch.Tensor, part: torch.Tensor, dim: int) -> None:
+    """Copy `part` to the start of `target` along `dim` and zero the rest (zero heads, padded vocabulary rows)."""
+    target.zero_()
+    target.narrow(dim, 0, part.shape[dim]).copy_(part)
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b) with parameters created in the given dtype (no float32 detour on load)."""
+    """y = x W^T (+ b), replicated on every rank, parameters created in the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
@@ -36,27 +46,105 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _set_loader(self, loader) -> None:
+        self.weight.weight_loader = loader
+        if self.bias is not None:
+            self.bias.weight_loader = loader
 
-class PackedLinear(Linear):
-    """Several checkpoint linears sharing one input, stored as one matrix so one matmul computes them all
-    (q/k/v, gate/up). `shard_sizes` maps each shard id to its output rows, in storage order."""
 
-    def __init__(self, in_features: int, shard_sizes: dict, bias: bool, dtype: torch.dtype):
-        super().__init__(in_features, sum(shard_sizes.values()), bias, dtype)
-        self.shard_offsets = {}
-        offset = 0
-        for shard_id, size in shard_sizes.items():
-            self.shard_offsets[shard_id] = (offset, size)
-            offset += size
-        self.weight.weight_loader = self._load_shard
-        if bias:
-            self.bias.weight_loader = self._load_shard
+class QKVParallelLinear(Linear):
+    """q, k and v projections packed into one column-parallel matmul: this rank's query heads (zero heads
+    included), then its key heads, then its value heads."""
 
-    def _load_shard(self, param: torch.Tensor, loaded: torch.Tensor, name: str, shard_id) -> None:
-        offset, size = self.shard_offsets[shard_id]
-        target = param.data.narrow(0, offset, size)
-        _check_shape(name, target.shape, loaded)
-        target.copy_(loaded)
+    def __init__(self, hidden_size: int, head_dim: int, layout: HeadLayout, bias: bool, dtype: torch.dtype):
+        self.head_dim = head_dim
+        self.layout = layout
+        self.q_size = layout.q_per_rank * head_dim
+        self.kv_size = layout.kv_per_rank * head_dim
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, dtype)
+        self._set_loader(self._load)
 
-    def split(self, y: torch.Tensor) -> list:
-        return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))
+    def _load(self, param, source, name, shard_id) -> None:
+        d, layout = self.head_dim, self.layout
+        if shard_id == "q":
+            heads, (first, count), offset, size = layout.num_heads, layout.real_q_heads(), 0, self.q_size
+        else:
+            heads, first, count = layout.num_kv_heads, layout.first_kv, layout.kv_per_rank
+            offset, size = (self.q_size, self.kv_size) if shard_id == "k" else (self.q_size + self.kv_size,
+                                                                                self.kv_size)
+        _check_shape(name, (heads * d, *param.shape[1:]), source.shape)
+        _copy_padded(param.data.narrow(0, offset, size), source.rows(first * d, (first + count) * d), 0)
+
+    def split(self, y: torch.Tensor):
+        return y.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class MergedColumnParallelLinear(Linear):
+    """Linears sharing one input (gate and up), each split by output rows, stored as one matmul."""
+
+    def __init__(self, in_features: int, out_features: int, shard_ids: tuple, dtype: torch.dtype):
+        self.full_size = out_features
+        self.start, self.size = even_split(out_features, distributed.tp_size(), distributed.tp_rank(),
+                                           "intermediate_size")
+        self.shard_ids = shard_ids
+        super().__init__(in_features, self.size * len(shard_ids), False, dtype)
+        self._set_loader(self._load)
+
+    def _load(self, param, source, name, shard_id) -> None:
+        _check_shape(name, (self.full_size, *param.shape[1:]), source.shape)
+        target = param.data.narrow(0, self.shard_ids.index(shard_id) * self.size, self.size)
+        target.copy_(source.rows(self.start, self.start + self.size))
+
+    def split(self, y: torch.Tensor):
+        return y.split(self.size, dim=-1)
+
+
+class RowParallelLinear(Linear):
+    """Split by input columns: each rank multiplies its share, then one all-reduce sums the partial outputs.
+    `columns` is (first, count) of the checkpoint's input columns this rank holds; the rest of its
+    `in_features` are zero padding."""
+
+    def __init__(self, in_features_full: int, in_features: int, columns: tuple, out_features: int,
+                 dtype: torch.dtype):
+        self.in_features_full = in_features_full
+        self.columns = columns
+        super().__init__(in_features, out_features, False, dtype)
+        self._set_loader(self._load)
+
+    def _load(self, param, source, name, shard_id=None) -> None:
+        _check_shape(name, (param.shape[0], self.in_features_full), source.shape)
+        first, count = self.columns
+        _copy_padded(param.data, source.cols(first, first + count), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelLMHead(nn.Module):
+    """The LM head split by vocabulary rows; logits of all ranks are gathered so each rank can sample."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.vocab_size = vocab_size
+        world, rank = distributed.tp_size(), distributed.tp_rank()
+        self.rows_per_rank = ceil_div(vocab_size, world)
+        self.first = rank * self.rows_per_rank
+        self.count = max(0, min(self.rows_per_rank, vocab_size - self.first))
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param, source, name, shard_id=None) -> None:
+        _check_shape(name, (self.vocab_size, param.shape[1]), source.shape)
+        _copy_padded(param.data, source.rows(self.first, self.first + self.count), 0)
+
+    def tie_to(self, embedding: torch.Tensor) -> None:
+        """Share the (replicated) embedding table's rows instead of a weight of its own."""
+        rows = embedding[self.first:self.first + self.count]
+        if self.count == self.rows_per_rank:
+            self.weight = nn.Parameter(rows, requires_grad=False)  # a view: no copy
+        else:
+            _copy_padded(self.weight.data, rows, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = distributed.all_gather_last_dim(F.linear(x, self.weight))
+        return logits[..., :self.vocab_size]

@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atb_models.errors import UserError
 from atb_models.layers.attention import paged_attention
-from atb_models.layers.linear import Linear, PackedLinear, default_weight_loader
+from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelLMHead, default_weight_loader)
+from atb_models.layers.sharding import HeadLayout
+from atb_models import distributed
 from atb_models.layers.norm import RMSNorm
 from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
 
@@ -98,8 +102,12 @@ class VisionTransformer(nn.Module):
                                          Linear(merged, vc.hidden_size, True, dtype)])
 
     @staticmethod
-    def _load_conv_kernel(param, loaded, name, shard_id=None):
-        default_weight_loader(param, loaded.reshape(loaded.shape[0], -1), name)
+    def _load_conv_kernel(param, source, name, shard_id=None):
+        kernel = source.full()
+        if kernel.shape[0] != param.shape[0] or kernel[0].numel() != param.shape[1]:
+            raise UserError(f"checkpoint tensor {name} has shape {tuple(kernel.shape)}, the config implies "
+                            f"({param.shape[0]}, {param.shape[1]} values per kernel)")
+        param.data.copy_(kernel.reshape(param.shape))
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
         """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
@@ -122,24 +130,27 @@ class VisionTransformer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, dtype: torch.dtype, upcast_attention: bool):
+    def __init__(self, config, layout: HeadLayout, dtype: torch.dtype, upcast_attention: bool):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = hidden // self.num_heads
+        self.head_dim = hidden // config.num_attention_heads
+        self.num_heads = layout.q_per_rank          # this rank's query heads, zero heads included
+        self.num_kv_heads = layout.kv_per_rank
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.upcast_attention = upcast_attention
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
         self.self_attn = nn.Module()
-        self.self_attn.qkv_proj = PackedLinear(hidden, {"q": q_size, "k": kv_size, "v": kv_size}, True, dtype)
-        self.self_attn.o_proj = Linear(q_size, hidden, False, dtype)
+        self.self_attn.qkv_proj = QKVParallelLinear(hidden, self.head_dim, layout, True, dtype)
+        first_q, count_q = layout.real_q_heads()
+        self.self_attn.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, self.num_heads * self.head_dim,
+            (first_q * self.head_dim, count_q * self.head_dim), hidden, dtype)
         self.mlp = nn.Module()
-        self.mlp.gate_up_proj = PackedLinear(hidden, {"gate": config.intermediate_size,
-                                                      "up": config.intermediate_size}, False, dtype)
-        self.mlp.down_proj = Linear(config.intermediate_size, hidden, False, dtype)
+        self.mlp.gate_up_proj = MergedColumnParallelLinear(hidden, config.intermediate_size, ("gate", "up"), dtype)
+        size = self.mlp.gate_up_proj.size
+        self.mlp.down_proj = RowParallelLinear(config.intermediate_size, size,
+                                               (self.mlp.gate_up_proj.start, size), hidden, dtype)
         self.k_cache = self.v_cache = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -157,7 +168,10 @@ class DecoderLayer(nn.Module):
 
 class Qwen2VLForCausalLM(nn.Module):
     """Parameter names follow the checkpoint's classic layout (`model.*`, `visual.*`, `lm_head.*`), with q/k/v and
-    gate/up packed; `packed_modules` tells the loader which checkpoint names feed which packed parameter."""
+    gate/up packed; `packed_modules` tells the loader which checkpoint names feed which packed parameter.
+
+    Under tensor parallelism the language model is sharded (heads, MLP columns, vocabulary) while the embedding
+    table, the norms and the vision tower are replicated: see docs/ARCHITECTURE.md for why."""
 
     packed_modules = {
         ".q_proj.": (".qkv_proj.", "q"),
@@ -176,19 +190,22 @@ class Qwen2VLForCausalLM(nn.Module):
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
         self.model.embed_tokens.weight.requires_grad_(False)
+        self.head_layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads,
+                                      distributed.tp_size(), distributed.tp_rank())
         self.model.layers = nn.ModuleList(
-            DecoderLayer(config, llm_dtype, upcast_attention) for _ in range(config.num_hidden_layers))
+            DecoderLayer(config, self.head_layout, llm_dtype, upcast_attention)
+            for _ in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, llm_dtype)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, llm_dtype)
+        self.lm_head = VocabParallelLMHead(config.hidden_size, config.vocab_size, llm_dtype)
         head_dim = config.hidden_size // config.num_attention_heads
         mrope_section = (config.rope_scaling or {}).get("mrope_section", [head_dim // 8, 3 * head_dim // 16,
                                                                            3 * head_dim // 16])
         self.rotary = MRotaryEmbedding(head_dim, config.rope_theta, list(mrope_section), device)
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+    def after_loading(self) -> None:
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens.weight)
 
     def embed(self, input_ids: torch.Tensor, images, videos) -> torch.Tensor:
         """Token embeddings with visual features scattered into the image / video placeholder rows.
@@ -213,4 +230,4 @@ class Qwen2VLForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         x = self.model.norm(x.index_select(0, logits_rows))
-        return F.linear(x, self.lm_head_weight()).float()
+        return self.lm_head(x).float()

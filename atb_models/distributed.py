@@ -1,0 +1,141 @@
+"""Tensor-parallel process state and the few collectives the model needs.
+
+torchrun starts one process per device and sets RANK, LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT); `init_distributed` joins the torch.distributed process group with the backend the
+platform plan chose (hccl, nccl or gloo). With one rank nothing is initialised and every collective is a no-op.
+"""
+import atexit
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from atb_models.errors import UserError
+
+logger = logging.getLogger("atb_models")
+
+# How long a collective may wait for a missing rank before the job fails instead of hanging.
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def node_leader(self) -> int:
+        """The global rank of this node's LOCAL_RANK 0 (torchrun numbers a node's ranks contiguously)."""
+        return self.rank - self.local_rank
+
+    @property
+    def is_leader(self) -> bool:
+        return self.local_rank == 0
+
+
+_state = ParallelState()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def env_state() -> ParallelState:
+    """The ranks torchrun describes in the environment (a plain `python` run is one rank)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if world < 1 or not 0 <= rank < world or not 0 <= local_rank < local_world:
+        raise UserError(f"inconsistent torchrun environment: RANK={rank} LOCAL_RANK={local_rank} "
+                        f"WORLD_SIZE={world} LOCAL_WORLD_SIZE={local_world}")
+    return ParallelState(rank, world, local_rank, local_world)
+
+
+def init_distributed(plan, state: ParallelState) -> None:
+    """Join the process group (once per process) and share this node's CPU cores among its ranks."""
+    global _state
+    _state = state
+    if state.world_size == 1:
+        return
+    if plan.kind == "cpu":
+        # Ranks of one node share its cores; more threads than cores makes every collective wait on stragglers.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.local_world_size))
+    if dist.is_initialized():
+        return
+    plan.make_current()
+    timeout = timedelta(seconds=_env_int("ATB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    dist.init_process_group(plan.dist_backend, rank=state.rank, world_size=state.world_size, timeout=timeout)
+    # A process group left to the interpreter's teardown can abort the process ("terminate called without an
+    # active exception" from gloo's threads): leave it explicitly.
+    atexit.register(shutdown)
+    logger.info("rank %d of %d joined the %s process group", state.rank, state.world_size, plan.dist_backend)
+
+
+def get_state() -> ParallelState:
+    return _state
+
+
+def tp_rank() -> int:
+    return _state.rank
+
+
+def tp_size() -> int:
+    return _state.world_size
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _state.world_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's x along the last dimension, in rank order."""
+    if _state.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_state.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_rank0(values: list) -> list:
+    """Rank 0's list of ints, on every rank (sampled tokens: every rank must continue with the same ones)."""
+    if _state.world_size == 1:
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable object, indexed by rank."""
+    if _state.world_size == 1:
+        return [obj]
+    out = [None] * _state.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _state.world_size > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    global _state
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _state = ParallelState()

@@ -1,0 +1,1 @@
+"""Entry points that use the atb_models kit, one folder per model family."""

@@ -1,0 +1,291 @@
+"""Qwen2-VL from the command line, with MindIE's flags and console lines.
+
+    python -m examples.models.qwen2_vl.run_pa --model_path DIR --input_image cat.jpg [--input_image clip.mp4 ...]
+    python -m examples.models.qwen2_vl.run_pa --model_path DIR --dataset_path FOLDER
+
+Single mode runs --max_batch_size copies of one prompt (its media in the order given, then --input_text); dataset mode
+runs one prompt per file of a folder and writes {file name: answer} to --results_save_path. Without --model_path the
+kit's demo checkpoint (random weights) is built once and used. Bad input is one `Error: ...` line on stderr and exit
+status 1; --debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from atb_models import LLM, RequestOutput, SamplingParams, UserError, distributed
+from atb_models.multimodal.media import classify_media
+from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
+
+logger = logging.getLogger("atb_models.run_pa")
+
+DEMO_SAMPLE_IMAGE = "sample.jpg"  # written by atb_models.demo.build_demo beside the checkpoint
+# MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls go the same way.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_pa", description="Qwen2-VL inference with paged attention (single prompt or a folder of media).")
+    parser.add_argument("--model_path", metavar="DIR",
+                        help="Qwen2-VL checkpoint folder; absent: the kit's demo checkpoint (random weights, built "
+                             "once into $ATB_MODELS_HOME/demo_model or ~/.cache/atb_models/demo_model)")
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--input_image", action="append", metavar="PATH",
+                       help="an image (.jpg .jpeg .png .bmp) or video (.mp4 .wmv .avi) for the prompt; repeat it for "
+                            "several media in one prompt, in order")
+    media.add_argument("--dataset_path", metavar="DIR",
+                       help="a folder of images and videos: one prompt per file, in file-name order")
+    parser.add_argument("--input_text", metavar="TEXT", default="Describe the image.",
+                        help="the text after the media (default %(default)r; run_pa.sh asks for a long answer)")
+    parser.add_argument("--max_batch_size", type=int, metavar="N", default=1,
+                        help="requests running at once; single mode runs this many copies of the prompt")
+    parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
+                        help="prompt tokens, visual tokens included")
+    parser.add_argument("--max_output_length", type=int, metavar="N", default=256, help="generated tokens per request")
+    parser.add_argument("--max_prefill_tokens", type=int, metavar="N", default=-1,
+                        help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
+    parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
+    parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
+                        help="file listing the shared-memory segments through which ranks share media; used when "
+                             "the world size is above 1")
+    parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
+                        help="dataset mode: where {file name: answer} is written")
+    sampling = parser.add_argument_group("sampling (greedy by default)")
+    sampling.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0: greedy")
+    sampling.add_argument("--top_k", type=int, metavar="N", default=0, help="0: no top-k cut")
+    sampling.add_argument("--top_p", type=float, metavar="X", default=1.0, help="1.0: no nucleus cut")
+    sampling.add_argument("--repetition_penalty", type=float, metavar="X", default=1.0, help="1.0: none")
+    sampling.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
+    sampling.add_argument("--ignore_eos", action="store_true", help="generate --max_output_length tokens every time")
+    kit = parser.add_argument_group("device and preprocessing")
+    kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                     help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
+    kit.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: npu, then cuda, then cpu")
+    kit.add_argument("--min_pixels", type=int, metavar="N", help="image pixel floor (default: the checkpoint's)")
+    kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
+    kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
+    kit.add_argument("--video_max_frames", type=int, metavar="N", default=768, help="most frames taken from one video")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------- set-up
+
+def configure_logging(rank: int) -> None:
+    """The kit's log lines on stderr; only rank 0 speaks below WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%H:%M:%S"))
+    kit_logger = logging.getLogger("atb_models")
+    kit_logger.handlers[:] = [handler]
+    kit_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    kit_logger.propagate = False
+
+
+def demo_model_dir() -> Path:
+    home = os.environ.get("ATB_MODELS_HOME")
+    if home:
+        return Path(home) / "demo_model"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "atb_models" / "demo_model"
+
+
+def ensure_demo_model(target: Path) -> None:
+    """Build the demo checkpoint on first use: into a staging folder, then renamed, so a half-built one is never
+    seen."""
+    from transformers.utils import logging as transformers_logging
+
+    from atb_models.demo import build_demo
+
+    if (target / DEMO_SAMPLE_IMAGE).is_file():
+        return
+    logger.info("building the demo checkpoint in %s (once)", target)
+    # transformers warns about its own Qwen2-VL classes while the demo is built; nothing a user can act on.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        if target.exists():
+            build_demo(target)  # an incomplete earlier demo: rebuilt in place (a folder that is no demo is refused)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo_model-", dir=target.parent))
+        try:
+            build_demo(staging)
+            os.rename(staging, target)
+        except OSError:
+            if not (target / DEMO_SAMPLE_IMAGE).is_file():  # else another run finished first: use its copy
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot build the demo checkpoint in {target}: {e}; "
+                        "set ATB_MODELS_HOME to a writable folder or pass --model_path") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+@dataclass
+class Entry:
+    """One request of the run: its items, and its file name in dataset mode; `error` once it has failed."""
+
+    items: list
+    name: str | None = None
+    error: str | None = None
+    output: RequestOutput | None = None
+
+
+def media_item(path: str) -> dict:
+    return {classify_media(path): path}
+
+
+def single_entries(paths: list[str], text: str, copies: int) -> list[Entry]:
+    items = [media_item(path) for path in paths] + [{"text": text}]
+    return [Entry(list(items)) for _ in range(copies)]
+
+
+def dataset_entries(folder: str, text: str) -> list[Entry]:
+    """One entry per file of the folder (sub-folders and hidden files skipped), sorted by name. A file that is no
+    image or video fails only its own entry."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--dataset_path {folder}: no such folder")
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise UserError(f"--dataset_path {folder}: the folder has no files")
+    entries = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            entries.append(Entry([media_item(path), {"text": text}], name=name))
+        except UserError as e:
+            entries.append(Entry([{"file": path}, {"text": text}], name=name, error=str(e)))
+    return entries
+
+
+def check_writable_parent(flag: str, path: str) -> None:
+    """Fail before loading the model, not after the run, when the results cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: the folder {parent} does not exist or is not writable")
+
+
+def one_line(text: str) -> str:
+    return _CONTROL_CHARS.sub(" ", text)
+
+
+def question(items: list) -> str:
+    """The request as the Question[i] line shows it: media as <kind: path>, then the text."""
+    parts = []
+    for item in items:
+        [(kind, value)] = item.items()
+        parts.append(str(value) if kind == "text" else f"<{kind}: {value}>")
+    return one_line(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------------------- run
+
+def run(args: argparse.Namespace) -> int:
+    ranks = distributed.env_state()
+    configure_logging(ranks.rank)
+    model_path = args.model_path
+    if model_path is None:
+        model_path = str(demo_model_dir())
+        if ranks.rank == 0:
+            print(f"Note: no --model_path given, so the kit's demo checkpoint in {model_path} is used. Its weights "
+                  "are random: the answers are noise. Pass --model_path /path/to/Qwen2-VL-7B-Instruct for real "
+                  "answers.", file=sys.stderr, flush=True)
+        ensure_demo_model(Path(model_path))
+
+    dataset_mode = args.dataset_path is not None
+    if dataset_mode:
+        check_writable_parent("--results_save_path", args.results_save_path)
+        entries = dataset_entries(args.dataset_path, args.input_text)
+    else:
+        paths = args.input_image
+        if not paths:
+            if args.model_path is not None:
+                raise UserError("give --input_image or --dataset_path")
+            paths = [os.path.join(model_path, DEMO_SAMPLE_IMAGE)]
+        entries = single_entries(paths, args.input_text, args.max_batch_size)
+
+    llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+              max_input_length=args.max_input_length, max_output_length=args.max_output_length,
+              block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
+              max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames)
+    params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+
+    runnable = [entry for entry in entries if entry.error is None]
+    start = time.perf_counter()
+    outputs = llm.generate([entry.items for entry in runnable], params) if runnable else []
+    latency = time.perf_counter() - start
+    for entry, output in zip(runnable, outputs):
+        entry.output, entry.error = output, output.error
+
+    failed = [entry for entry in entries if entry.error is not None]
+    if not dataset_mode and failed:
+        # The copies are one prompt: the first failure says why, once.
+        raise UserError(failed[0].error)
+    if ranks.rank == 0:
+        print_report(entries, latency)
+        if dataset_mode:
+            save_results(entries, args.results_save_path)
+    return 1 if failed else 0
+
+
+def print_report(entries: list[Entry], latency: float) -> None:
+    """MindIE's console lines; a failed dataset entry gets an `Error: name: why` line on stderr in its place."""
+    total_tokens = 0
+    for i, entry in enumerate(entries):
+        print(f"Question[{i}]: {question(entry.items)}", flush=True)
+        if entry.error is not None:
+            print(f"Error: {entry.name}: {one_line(entry.error)}", file=sys.stderr, flush=True)
+            continue
+        num_tokens = len(entry.output.token_ids)  # the eos token included, as MindIE counts
+        total_tokens += num_tokens
+        print(f"Answer[{i}]: {entry.output.text}")
+        print(f"Generate[{i}] token num: {num_tokens}", flush=True)
+    print(f"Latency(s): {latency:.4f}")
+    print(f"Throughput(tokens/s): {total_tokens / latency if latency > 0 else 0.0:.4f}", flush=True)
+
+
+def save_results(entries: list[Entry], path: str) -> None:
+    results = {entry.name: {"error": entry.error} if entry.error is not None else entry.output.text
+               for entry in entries}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, sort_keys=True, ensure_ascii=False)
+    except OSError as e:
+        raise UserError(f"--results_save_path {path}: cannot write: {e.strerror}") from None
+    logger.info("results of %d files (%d failed) written to %s", len(results),
+                sum(entry.error is not None for entry in entries), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"Error: {one_line(str(e))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Launch Qwen2-VL inference (run_pa.py) on one rank or, through torchrun, on N ranks.
+#
+#   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
+#
+# Every other flag goes to run_pa.py unchanged, whose argparse is the one list of flags (see --help).
+# Without --input_text this script asks for a long answer (MindIE's prompt), so outputs reach --max_output_length
+# and the Latency/Throughput lines mean something.
+# World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in CUDA_VISIBLE_DEVICES,
+# else 1. MASTER_PORT (default 20031) and MASTER_ADDR are passed to torchrun.
+# Works from any directory: relative paths in the flags are read from the current one.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+# The current directory is not put on sys.path (Python 3.11+), so a folder named examples/ or atb_models/ in it
+# cannot stand in for the kit's own.
+export PYTHONSAFEPATH=1
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
+
+DEFAULT_INPUT_TEXT="Explain the contents of the picture with more than 500 words and do not Answer the question \
+using a single word or phrase."
+
+usage_error() {
+    echo "Error: $1" >&2
+    exit 2
+}
+
+world_size=""
+torchrun_args=()
+run_pa_args=()
+has_input_text=0
+while (($#)); do
+    case "$1" in
+        --world_size | --nnodes | --node_rank | --master_addr)
+            (($# >= 2)) || usage_error "$1 needs a value"
+            if [[ "$1" == --world_size ]]; then
+                world_size="$2"
+            else
+                torchrun_args+=("$1" "$2")
+            fi
+            shift 2
+            continue
+            ;;
+        --world_size=*) world_size="${1#*=}" ;;
+        --nnodes=* | --node_rank=* | --master_addr=*) torchrun_args+=("$1") ;;
+        --input_text | --input_text=*)
+            has_input_text=1
+            run_pa_args+=("$1")
+            ;;
+        *) run_pa_args+=("$1") ;;
+    esac
+    shift
+done
+if ((!has_input_text)); then
+    run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
+fi
+
+count_devices() { # "0,1,2,3" -> 4; empty -> 0
+    local -a ids
+    IFS=',' read -r -a ids <<<"$1"
+    local n=0 id
+    for id in "${ids[@]}"; do
+        [[ -n "${id// /}" ]] && n=$((n + 1))
+    done
+    echo "$n"
+}
+
+if [[ -z "${world_size}" ]]; then
+    world_size="$(count_devices "${ASCEND_RT_VISIBLE_DEVICES:-}")"
+    ((world_size > 0)) || world_size="$(count_devices "${CUDA_VISIBLE_DEVICES:-}")"
+    ((world_size > 0)) || world_size=1
+fi
+[[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || usage_error "--world_size must be a positive integer, got '${world_size}'"
+
+if ((world_size == 1 && ${#torchrun_args[@]} == 0)); then
+    # One rank runs without torchrun: torchrun answers a failed child with its own error report and traceback,
+    # which would bury run_pa.py's one-line `Error: ...`.
+    exec "${PYTHON}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"
+fi
+
+if [[ -n "${MASTER_ADDR:-}" ]] && [[ " ${torchrun_args[*]} " != *" --master_addr"* ]]; then
+    torchrun_args+=(--master_addr "${MASTER_ADDR}")
+fi
+# `python -m torch.distributed.run` is torchrun, run by the same interpreter as the single-rank case.
+exec "${PYTHON}" -m torch.distributed.run --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20031}" \
+    "${torchrun_args[@]}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"

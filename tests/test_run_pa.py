@@ -1,0 +1,171 @@
+"""run_pa.sh end to end, as a user runs it: from another directory, on a tiny random checkpoint, in float32.
+
+Each run starts a Python that imports torch and transformers (a few seconds), so the cases are few and short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atb_models.platform import probe
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PA_SH = ROOT / "examples" / "models" / "qwen2_vl" / "run_pa.sh"
+# One rank on the CPU whatever devices the machine shows; small limits keep each run to seconds.
+COMMON_ARGS = ["--world_size", "1", "--device", "cpu", "--dtype", "float32",
+               "--max_input_length", "512", "--max_output_length", "8"]
+
+
+def run_pa(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
+    return subprocess.run(["bash", str(RUN_PA_SH), *COMMON_ARGS, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+
+
+def assert_answers(stdout: str, count: int) -> None:
+    """Question/Answer/Generate lines for requests 0..count-1, then Latency and Throughput."""
+    for i in range(count):
+        assert f"Question[{i}]: " in stdout
+        assert f"Answer[{i}]: " in stdout
+        tokens = re.search(rf"^Generate\[{i}\] token num: (\d+)$", stdout, re.MULTILINE)
+        assert tokens and 1 <= int(tokens.group(1)) <= 8, stdout
+    assert f"Question[{count}]" not in stdout
+    assert re.search(r"^Latency\(s\): \d+\.\d+$", stdout, re.MULTILINE), stdout
+    assert re.search(r"^Throughput\(tokens/s\): \d+\.\d+$", stdout, re.MULTILINE), stdout
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint()
+
+
+# ----------------------------------------------------------------------------------------------- working runs
+
+def test_single_mode_runs_max_batch_size_copies_from_any_directory(checkpoint, sample_image_path, tmp_path):
+    shutil.copy(sample_image_path, tmp_path / "cat.jpg")
+    result = run_pa("--model_path", checkpoint, "--input_image", "cat.jpg", "--max_batch_size", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_answers(result.stdout, 3)
+    # the relative path is read from the caller's directory, and run_pa.sh supplies MindIE's long prompt
+    assert "Question[0]: <image: cat.jpg> Explain the contents of the picture with more than 500 words" in result.stdout
+    assert not (tmp_path / "results.json").exists()
+    assert_no_traceback(result)
+
+
+def test_several_media_including_a_video_go_into_one_prompt_in_order(checkpoint, sample_image_path,
+                                                                       sample_video_path, tmp_path):
+    result = run_pa("--model_path", checkpoint, "--input_image", sample_image_path, "--input_image", sample_video_path,
+                    "--input_text", "Compare\tthem.", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_answers(result.stdout, 1)
+    # control characters of the question are shown as spaces
+    assert f"Question[0]: <image: {sample_image_path}> <video: {sample_video_path}> Compare them.\n" in result.stdout
+
+
+def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(checkpoint, sample_image_path,
+                                                                                sample_video_path, tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    shutil.copy(sample_image_path, dataset / "b_cat.jpg")
+    shutil.copy(sample_video_path, dataset / "a_clip.mp4")
+    (dataset / "c_notes.txt").write_text("not media")
+    (dataset / "d_broken.jpg").write_bytes(b"not a jpeg")
+    result = run_pa("--model_path", checkpoint, "--dataset_path", "dataset", "--results_save_path", "out.json",
+                    cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    saved = (tmp_path / "out.json").read_text()
+    results = json.loads(saved)
+    assert list(results) == ["a_clip.mp4", "b_cat.jpg", "c_notes.txt", "d_broken.jpg"]
+    assert isinstance(results["a_clip.mp4"], str) and isinstance(results["b_cat.jpg"], str)
+    assert set(results["c_notes.txt"]) == {"error"} and set(results["d_broken.jpg"]) == {"error"}
+    errors = error_lines(result)
+    assert len(errors) == 2 and "c_notes.txt" in errors[0] and "d_broken.jpg" in errors[1], result.stderr
+    assert "Question[3]: " in result.stdout and "Answer[2]" not in result.stdout and "Answer[3]" not in result.stdout
+    assert "Answer[0]: " in result.stdout and "Answer[1]: " in result.stdout
+    assert "Latency(s): " in result.stdout
+    assert_no_traceback(result)
+
+
+def test_without_model_path_the_demo_checkpoint_is_built_and_called_random(tmp_path):
+    home = tmp_path / "home"
+    result = run_pa(cwd=tmp_path, env={"ATB_MODELS_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert "random" in result.stderr and str(home / "demo_model") in result.stderr
+    assert (home / "demo_model" / "config.json").is_file()
+    assert_answers(result.stdout, 1)
+    assert f"<image: {home / 'demo_model' / 'sample.jpg'}>" in result.stdout
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+def _unsupported_model_type(tmp_path: Path, checkpoint: Path) -> Path:
+    copy = shutil.copytree(checkpoint, tmp_path / "llama_checkpoint")
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "llama"
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def _file(tmp_path: Path, name: str, data: bytes) -> Path:
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+def _empty_folder(tmp_path: Path, name: str) -> Path:
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+# case -> (arguments given tmp_path, checkpoint and an image; a text the one Error line must hold)
+BAD_INPUTS = {
+    "missing_input_image": (lambda t, ckpt, img: ["--input_image", t / "missing.jpg"], "missing.jpg"),
+    "unsupported_file_type": (lambda t, ckpt, img: ["--input_image", _file(t, "notes.txt", b"hi")], "notes.txt"),
+    "corrupt_image": (lambda t, ckpt, img: ["--input_image", _file(t, "broken.jpg", b"not a jpeg")], "broken.jpg"),
+    "corrupt_video": (lambda t, ckpt, img: ["--input_image", _file(t, "broken.mp4", b"not a video")], "broken.mp4"),
+    "empty_dataset_folder": (lambda t, ckpt, img: ["--dataset_path", _empty_folder(t, "empty")], "--dataset_path"),
+    "prompt_longer_than_max_input_length": (
+        lambda t, ckpt, img: ["--input_image", img, "--max_input_length", "16"], "--max_input_length 16"),
+    "no_input_given": (lambda t, ckpt, img: [], "--input_image"),
+    "model_folder_without_config_json": (
+        lambda t, ckpt, img: ["--model_path", _empty_folder(t, "no_config"), "--input_image", img], "config.json"),
+    "unsupported_model_type": (
+        lambda t, ckpt, img: ["--model_path", _unsupported_model_type(t, ckpt), "--input_image", img], "llama"),
+    "dtype_the_device_cannot_run": (lambda t, ckpt, img: ["--input_image", img, "--dtype", "float16"], "float16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_error_line_and_no_traceback(case, checkpoint, sample_image_path, tmp_path):
+    if case == "dtype_the_device_cannot_run" and probe("cpu").native_fp16:
+        pytest.skip("this CPU runs float16 natively (AVX512-FP16/AMX-FP16), so --dtype float16 is no error here")
+    make_args, expected = BAD_INPUTS[case]
+    # the case's --model_path, given later, overrides this one
+    result = run_pa("--model_path", checkpoint, *make_args(tmp_path, checkpoint, sample_image_path), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = error_lines(result)
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert_no_traceback(result)
+
+
+def test_debug_shows_the_traceback(tmp_path, sample_image_path):
+    result = run_pa("--model_path", _empty_folder(tmp_path, "no_config"), "--input_image", sample_image_path,
+                    "--debug", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "UserError" in result.stderr

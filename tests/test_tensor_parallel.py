@@ -1,0 +1,118 @@
+"""Tensor parallelism with gloo on the CPU: the same tiny checkpoints at 1, 2, 4 and 8 ranks, including shapes
+that need zero heads and replicated KV heads, give the tokens of one rank and of transformers."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atb_models.demo.checkpoint import TinyShape
+from tests.parity_utils import reference_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_TOKENS = 5
+
+# 12 query heads / 2 KV heads like Qwen2-VL-2B, 28 / 4 like 7B (head_dim 8 to stay tiny).
+SHAPE_2B = TinyShape(hidden_size=192, intermediate_size=256, num_attention_heads=12, num_key_value_heads=2)
+SHAPE_7B = TinyShape(hidden_size=224, intermediate_size=256, num_attention_heads=28, num_key_value_heads=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path, world_size: int, job: dict) -> Path:
+    out = tmp_path / f"ws{world_size}"
+    out.mkdir()
+    job = dict(job, out=str(out))
+    job_file = out / "job.json"
+    job_file.write_text(json.dumps(job))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "tp_worker.py"),
+           str(job_file)]
+    done = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def requests(image, video):
+    return [
+        [{"image": str(image)}, {"text": "What is in the picture?"}],
+        [{"video": str(video)}, {"image": str(image)}, {"text": "Describe both."}],
+        [{"text": "Hello, what colour is the sky?"}],
+    ]
+
+
+def assert_equal_to_reference(model, reqs, out: Path):
+    from atb_models import LLM
+
+    outputs = json.loads((out / "outputs.json").read_text())
+    logits = torch.load(out / "logits.pt")
+    preprocessor = LLM(str(model), dtype="float32", device="cpu", max_input_length=1024, max_output_length=16,
+                       max_batch_size=1).preprocessor
+    for i, request in enumerate(reqs):
+        ref_tokens, ref_logits = reference_generate(model, preprocessor(request), MAX_TOKENS)
+        assert outputs[i]["token_ids"] == ref_tokens, f"request {i}"
+        assert (logits[i] - torch.stack(ref_logits)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_2b_head_shape_matches_transformers_at_every_world_size(tiny_checkpoint, sample_image_path,
+                                                                sample_video_path, tmp_path, world_size):
+    model = tiny_checkpoint(shape=SHAPE_2B)
+    reqs = requests(sample_image_path, sample_video_path)
+    out = run_ranks(tmp_path, world_size, {"model": str(model), "requests": reqs, "max_tokens": MAX_TOKENS})
+    assert_equal_to_reference(model, reqs, out)
+    per_rank = [json.loads((out / f"tokens_rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(tokens == per_rank[0] for tokens in per_rank)
+
+
+def test_7b_head_shape_with_zero_heads_at_eight_ranks(tiny_checkpoint, sample_image_path, sample_video_path,
+                                                      tmp_path):
+    model = tiny_checkpoint(shape=SHAPE_7B)
+    reqs = requests(sample_image_path, sample_video_path)
+    out = run_ranks(tmp_path, 8, {"model": str(model), "requests": reqs, "max_tokens": MAX_TOKENS})
+    assert_equal_to_reference(model, reqs, out)
+
+
+def test_seeded_sampling_gives_the_tokens_of_one_rank(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True))
+    job = {"model": str(model), "requests": [[{"text": "Tell me a story."}], [{"text": "Colours?"}]],
+           "max_tokens": 8, "sampling": {"temperature": 1.5, "top_p": 0.9, "seed": 11}}
+    one = json.loads((run_ranks(tmp_path, 1, job) / "tokens_rank0.json").read_text())
+    out = run_ranks(tmp_path, 2, job)
+    assert json.loads((out / "tokens_rank0.json").read_text()) == one
+    assert json.loads((out / "tokens_rank1.json").read_text()) == one
+
+
+def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_checkpoint(shape=SHAPE_2B)
+    out = run_ranks(tmp_path, 4, {"model": str(model), "requests": [[{"text": "Hi"}]], "max_tokens": 1})
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        full = {name: f.get_slice(name) for name in f.keys()}
+        sizes = {name: s.get_shape() for name, s in full.items()}
+    bytes_of = {name: 2 * torch.Size(shape).numel() for name, shape in sizes.items()}  # bf16 on disk
+    for rank in range(4):
+        read = json.loads((out / f"read_rank{rank}.json").read_text())
+        assert set(read) == set(bytes_of)  # every tensor read exactly by the loader, none twice
+        for name, n in read.items():
+            sharded = any(p in name for p in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "lm_head"))
+            if name.startswith("model.layers.") and sharded:
+                assert n == bytes_of[name] // 4, name
+            elif ".self_attn.q_proj" in name or ".self_attn.o_proj" in name:
+                assert n == bytes_of[name] * 3 // 12, name     # 3 of 12 query heads
+            elif ".self_attn.k_proj" in name or ".self_attn.v_proj" in name:
+                assert n == bytes_of[name] // 2, name          # 1 of 2 KV heads
+            elif name == "lm_head.weight":
+                assert n == bytes_of[name] // 4, name
+            else:
+                assert n == bytes_of[name], name                # replicated: vision, norms, embedding

@@ -1,0 +1,46 @@
+"""One rank of a tensor-parallel test run, started by torchrun from tests/test_tensor_parallel.py.
+
+argv[1]: a JSON job {model, requests, max_tokens, sampling, out}. Rank 0 writes the outputs and every step's
+logits; every rank writes what it read of the checkpoint.
+"""
+import json
+import os
+import sys
+
+import torch
+
+from atb_models import LLM, SamplingParams
+from atb_models.weights import CheckpointTensor
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
+    rank = int(os.environ.get("RANK", "0"))
+    llm = LLM(job["model"], dtype="float32", device="cpu", max_batch_size=job.get("max_batch_size", 4),
+              max_input_length=1024, max_output_length=16, block_size=16)
+    logits = {}
+    run = llm.runner.run
+
+    def recording_run(seqs, is_prefill):
+        out = run(seqs, is_prefill)
+        for seq, row in zip(seqs, out):
+            logits.setdefault(seq.seq_id, []).append(row.clone())
+        return out
+
+    llm.runner.run = recording_run
+    params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, **job.get("sampling", {}))
+    outputs = llm.generate(job["requests"], params)
+    out = job["out"]
+    with open(os.path.join(out, f"read_rank{rank}.json"), "w") as f:
+        json.dump(CheckpointTensor.bytes_read, f)
+    with open(os.path.join(out, f"tokens_rank{rank}.json"), "w") as f:
+        json.dump([o.token_ids for o in outputs], f)
+    if rank == 0:
+        torch.save({i: torch.stack(rows) for i, rows in logits.items()}, os.path.join(out, "logits.pt"))
+        with open(os.path.join(out, "outputs.json"), "w") as f:
+            json.dump([{"token_ids": o.token_ids, "error": o.error} for o in outputs], f)
+
+
+if __name__ == "__main__":
+    main()
