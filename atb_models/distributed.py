@@ -5,6 +5,7 @@ MASTER_ADDR, MASTER_PORT); `init_distributed` joins the torch.distributed proces
 platform plan chose (hccl, nccl or gloo). With one rank nothing is initialised and every collective is a no-op.
 """
 import atexit
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -40,6 +41,24 @@ class ParallelState:
 
 
 _state = ParallelState()
+
+LOST_RANK_MESSAGE = "a collective failed, most likely because another rank stopped"
+
+
+class RankLost(RuntimeError):
+    """A collective failed: another rank died or stopped answering. The other rank's failure is the news; this
+    one is its consequence (the launcher reports the first real cause)."""
+
+
+def _collective(fn):
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # gloo, nccl and hccl each raise their own error types
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankLost(f"{LOST_RANK_MESSAGE} ({fn.__name__}: {detail})") from e
+    return guarded
 
 
 def _env_int(name: str, default: int) -> int:
@@ -96,12 +115,14 @@ def tp_size() -> int:
     return _state.world_size
 
 
+@_collective
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _state.world_size > 1:
         dist.all_reduce(x)
     return x
 
 
+@_collective
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension, in rank order."""
     if _state.world_size == 1:
@@ -111,6 +132,7 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+@_collective
 def broadcast_from_rank0(values: list) -> list:
     """Rank 0's list of ints, on every rank (sampled tokens: every rank must continue with the same ones)."""
     if _state.world_size == 1:
@@ -120,6 +142,7 @@ def broadcast_from_rank0(values: list) -> list:
     return box[0]
 
 
+@_collective
 def gather_objects(obj) -> list:
     """Every rank's picklable object, indexed by rank."""
     if _state.world_size == 1:
@@ -129,6 +152,7 @@ def gather_objects(obj) -> list:
     return out
 
 
+@_collective
 def barrier() -> None:
     if _state.world_size > 1:
         dist.barrier()
@@ -139,3 +163,21 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _state = ParallelState()
+
+LOST_RANK_MESSAGE = "a collective failed, most likely because another rank stopped"
+
+
+class RankLost(RuntimeError):
+    """A collective failed: another rank died or stopped answering. The other rank's failure is the news; this
+    one is its consequence (the launcher reports the first real cause)."""
+
+
+def _collective(fn):
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # gloo, nccl and hccl each raise their own error types
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankLost(f"{LOST_RANK_MESSAGE} ({fn.__name__}: {detail})") from e
+    return guarded

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(tmp_path, world_size: int, job: dict) -> Path:
+def launch(tmp_path, world_size: int, job: dict):
+    """Run tests/tp_worker.py on `world_size` ranks through the kit's torchrun launcher."""
     out = tmp_path / f"ws{world_size}"
     out.mkdir()
     job = dict(job, out=str(out))
     job_file = out / "job.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+    cmd = [sys.executable, "-m", "atb_models.launch", "--nproc_per_node", str(world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "tp_worker.py"),
            str(job_file)]
-    done = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    return out, subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def run_ranks(tmp_path, world_size: int, job: dict) -> Path:
+    out, done = launch(tmp_path, world_size, job)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -72,6 +78,12 @@ def test_2b_head_shape_matches_transformers_at_every_world_size(tiny_checkpoint,
     assert_equal_to_reference(model, reqs, out)
     per_rank = [json.loads((out / f"tokens_rank{r}.json").read_text()) for r in range(world_size)]
     assert all(tokens == per_rank[0] for tokens in per_rank)
+    # Media were decoded once, by the node's leader; the others read the pixels from shared memory, and no
+    # segment or segment list is left behind.
+    preprocessed = [json.loads((out / f"preprocessed_rank{r}.json").read_text()) for r in range(world_size)]
+    assert preprocessed == [len(reqs)] + [0] * (world_size - 1)
+    assert not (out / "shm_names.txt").exists()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
 
 
 def test_7b_head_shape_with_zero_heads_at_eight_ranks(tiny_checkpoint, sample_image_path, sample_video_path,
@@ -116,3 +128,16 @@ def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):
                 assert n == bytes_of[name] // 4, name
             else:
                 assert n == bytes_of[name], name                # replicated: vision, norms, embedding
+
+
+@pytest.mark.parametrize("how,cause", [("raise", "injected failure for the test"), ("kill", "killed by SIGKILL")])
+def test_a_failing_rank_ends_the_job_quickly_with_one_line(tiny_checkpoint, tmp_path, how, cause):
+    job = {"model": str(tiny_checkpoint()), "requests": [[{"text": "Hi"}]], "max_tokens": 2, "fail_rank": 1,
+           "fail_how": how}
+    start = time.monotonic()
+    _, done = launch(tmp_path, 2, job)
+    assert time.monotonic() - start < 120
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: rank 1: {cause}"]
+    assert "Traceback" not in done.stderr

@@ -5,11 +5,14 @@ logits; every rank writes what it read of the checkpoint.
 """
 import json
 import os
+import signal
 import sys
 
 import torch
 
-from atb_models import LLM, SamplingParams
+from atb_models import LLM, SamplingParams, UserError
+from atb_models.distributed import RankLost
+from atb_models.launch import report_rank_failure
 from atb_models.weights import CheckpointTensor
 
 
@@ -18,7 +21,20 @@ def main() -> None:
         job = json.load(f)
     rank = int(os.environ.get("RANK", "0"))
     llm = LLM(job["model"], dtype="float32", device="cpu", max_batch_size=job.get("max_batch_size", 4),
-              max_input_length=1024, max_output_length=16, block_size=16)
+              max_input_length=1024, max_output_length=16, block_size=16,
+              shm_name_save_path=os.path.join(job["out"], "shm_names.txt"))
+    if job.get("fail_rank") == rank:
+        if job.get("fail_how") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise UserError("injected failure for the test")
+    preprocessed = []
+    preprocess = llm.node_preprocessor.preprocessor
+
+    def counting_preprocess(request):
+        preprocessed.append(1)
+        return preprocess(request)
+
+    llm.node_preprocessor.preprocessor = counting_preprocess
     logits = {}
     run = llm.runner.run
 
@@ -36,6 +52,8 @@ def main() -> None:
         json.dump(CheckpointTensor.bytes_read, f)
     with open(os.path.join(out, f"tokens_rank{rank}.json"), "w") as f:
         json.dump([o.token_ids for o in outputs], f)
+    with open(os.path.join(out, f"preprocessed_rank{rank}.json"), "w") as f:
+        json.dump(len(preprocessed), f)
     if rank == 0:
         torch.save({i: torch.stack(rows) for i, rows in logits.items()}, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "outputs.json"), "w") as f:
@@ -43,4 +61,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (UserError, RankLost) as e:
+        if not report_rank_failure(str(e)):
+            print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)

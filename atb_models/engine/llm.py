@@ -48,7 +48,8 @@ class LLM:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
                  max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None):
+                 video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
+                 shm_name_save_path: str = "./shm_name.txt"):
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
@@ -63,11 +64,13 @@ class LLM:
         distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())
         self.tokenizer = _load_tokenizer(model_path)
+        from atb_models.multimodal.node_share import NodePreprocessor
         from atb_models.multimodal.prompt import Preprocessor
 
         self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                                          video_max_frames=video_max_frames)
+        self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
         self.runner = ModelRunner(self.model_config, self.plan, block_size)
         num_blocks = self._kv_cache_blocks(num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
@@ -97,8 +100,7 @@ class LLM:
         return wanted
 
     # ------------------------------------------------------------------------------------------ requests
-    def _make_sequence(self, request_id: int, request, params: SamplingParams, output: RequestOutput):
-        prompt = self.preprocessor(request)
+    def _make_sequence(self, request_id: int, prompt, params: SamplingParams, output: RequestOutput):
         output.prompt = prompt.text
         output.prompt_token_count = len(prompt.token_ids)
         if len(prompt.token_ids) > self.max_input_length:
@@ -143,11 +145,15 @@ class LLM:
             # Preprocess lazily, a little ahead of admission, so pixel tensors of a long dataset are not all
             # held at once.
             while pending and len(self.scheduler.waiting) <= self.max_batch_size:
-                i, request = pending.pop()
-                try:
-                    self.scheduler.add(self._make_sequence(i, request, params_list[i], outputs[i]))
-                except UserError as e:
-                    outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
+                batch = [pending.pop() for _ in range(min(len(pending),
+                                                          self.max_batch_size + 1 - len(self.scheduler.waiting)))]
+                for (i, _), prompt in zip(batch, self.node_preprocessor([request for _, request in batch])):
+                    try:
+                        if isinstance(prompt, UserError):
+                            raise prompt
+                        self.scheduler.add(self._make_sequence(i, prompt, params_list[i], outputs[i]))
+                    except UserError as e:
+                        outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
             if not self.scheduler.has_work():
                 continue
             for seq in self.step():
@@ -156,6 +162,10 @@ class LLM:
                 out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
                 out.finish_reason = seq.finish_reason
         return outputs
+
+    def close(self) -> None:
+        """Remove this engine's shared-memory segments (also done at exit)."""
+        self.node_preprocessor.close()
 
     def step(self) -> list:
         """One scheduler step; returns the sequences that finished in it."""

@@ -11,7 +11,11 @@ import os
 import warnings
 from typing import Sequence, Union
 
-import cv2
+# FFmpeg inside OpenCV prints its own complaints about a corrupt file ("moov atom not found") on stderr; the kit
+# reports the file itself, in one line. Must be set before OpenCV loads its video backend.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+import cv2  # noqa: E402
 import numpy as np
 import torch
 from PIL import Image

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models import LLM, RequestOutput, SamplingParams, UserError, distributed
+from atb_models.launch import report_rank_failure
 from atb_models.multimodal.media import classify_media
 from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
                         help="file listing the shared-memory segments through which ranks share media; used when "
                              "the world size is above 1")
+    parser.add_argument("--cleanup_shm", action="store_true",
+                        help="remove the shared-memory segments a killed earlier run left (listed in "
+                             "--shm_name_save_path), then exit")
     parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
                         help="dataset mode: where {file name: answer} is written")
     sampling = parser.add_argument_group("sampling (greedy by default)")
@@ -195,9 +199,19 @@ def question(items: list) -> str:
 
 # --------------------------------------------------------------------------------------------------------- run
 
+def cleanup_shm(name_file: str) -> int:
+    from atb_models.multimodal.shm import remove_stale_segments
+
+    removed = remove_stale_segments(name_file)
+    print(f"removed {len(removed)} shared-memory segment(s) listed in {name_file}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     ranks = distributed.env_state()
     configure_logging(ranks.rank)
+    if args.cleanup_shm:
+        return cleanup_shm(args.shm_name_save_path)
     model_path = args.model_path
     if model_path is None:
         model_path = str(demo_model_dir())
@@ -222,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
               max_input_length=args.max_input_length, max_output_length=args.max_output_length,
               block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
-              max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames)
+              max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
+              shm_name_save_path=args.shm_name_save_path)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
@@ -277,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except UserError as e:
+    except (UserError, distributed.RankLost) as e:
         if args.debug:
             raise
-        print(f"Error: {one_line(str(e))}", file=sys.stderr)
+        if not report_rank_failure(one_line(str(e))):
+            print(f"Error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)

@@ -74,14 +74,14 @@ fi
 [[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || usage_error "--world_size must be a positive integer, got '${world_size}'"
 
 if ((world_size == 1 && ${#torchrun_args[@]} == 0)); then
-    # One rank runs without torchrun: torchrun answers a failed child with its own error report and traceback,
-    # which would bury run_pa.py's one-line `Error: ...`.
+    # One rank needs no launcher: the process is the whole job.
     exec "${PYTHON}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"
 fi
 
 if [[ -n "${MASTER_ADDR:-}" ]] && [[ " ${torchrun_args[*]} " != *" --master_addr"* ]]; then
     torchrun_args+=(--master_addr "${MASTER_ADDR}")
 fi
-# `python -m torch.distributed.run` is torchrun, run by the same interpreter as the single-rank case.
-exec "${PYTHON}" -m torch.distributed.run --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20031}" \
+# atb_models.launch is torchrun (torch.distributed.run, same options, same interpreter as the single-rank case)
+# that reports a failed rank in one line instead of torchrun's report with its own traceback.
+exec "${PYTHON}" -m atb_models.launch --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20031}" \
     "${torchrun_args[@]}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"

@@ -1,0 +1,71 @@
+"""Preprocessing once per node: under tensor parallelism only the node's leader rank decodes and resizes media;
+the other ranks of the node read the pixel tensors from POSIX shared memory (`shm.py`) and the rest of the
+prompt from a small object collective. With one rank it is a plain loop over the Preprocessor."""
+import dataclasses
+
+from atb_models import distributed
+from atb_models.errors import UserError
+from atb_models.multimodal.shm import SharedTensorPublisher, install_cleanup, read_shared_tensor
+
+
+def node_name_file(path: str, state: distributed.ParallelState) -> str:
+    """The live-segment list of this node: --shm_name_save_path itself on the first node, a sibling file on the
+    others (the path may lie on a filesystem the nodes share)."""
+    node = state.rank // state.local_world_size
+    return path if node == 0 else f"{path}.node{node}"
+
+
+class NodePreprocessor:
+    def __init__(self, preprocessor, state: distributed.ParallelState, shm_name_file: str):
+        self.preprocessor = preprocessor
+        self.state = state
+        self.publisher = None
+        if state.world_size > 1 and state.is_leader and state.local_world_size > 1:
+            self.publisher = SharedTensorPublisher(node_name_file(shm_name_file, state))
+            install_cleanup(self.publisher)
+
+    def _run_all(self, requests: list) -> list:
+        results = []
+        for request in requests:
+            try:
+                results.append(self.preprocessor(request))
+            except UserError as e:
+                results.append(e)
+        return results
+
+    def __call__(self, requests: list) -> list:
+        """A ProcessedPrompt, or the UserError that request raised, for each request; the same on every rank."""
+        if self.state.world_size == 1 or self.state.local_world_size == 1:
+            return self._run_all(requests)
+        local, payload, handles = None, None, []
+        if self.state.is_leader:
+            local = self._run_all(requests)
+            payload = []
+            for result in local:
+                if isinstance(result, UserError):
+                    payload.append(str(result))
+                    continue
+                shared = []
+                for visual in result.visuals:
+                    handles.append(self.publisher.publish(visual.pixel_values))
+                    shared.append(dataclasses.replace(visual, pixel_values=handles[-1]))
+                payload.append(dataclasses.replace(result, visuals=shared))
+        payload = distributed.gather_objects(payload)[self.state.node_leader]
+        if local is None:
+            local = []
+            for item in payload:
+                if isinstance(item, str):
+                    local.append(UserError(item))
+                    continue
+                visuals = [dataclasses.replace(v, pixel_values=read_shared_tensor(v.pixel_values))
+                           for v in item.visuals]
+                local.append(dataclasses.replace(item, visuals=visuals))
+        # Every rank of the node has its copy now: the segments can go.
+        distributed.barrier()
+        if self.publisher is not None:
+            self.publisher.release(handles)
+        return local
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()

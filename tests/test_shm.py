@@ -1,0 +1,305 @@
+"""Shared-memory transport: tensors round-trip exactly, a bad read raises, and no exit path but SIGKILL leaves a
+segment in /dev/shm (and after SIGKILL the name file is enough to remove it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from atb_models.errors import UserError
+from atb_models.multimodal import shm
+from atb_models.multimodal.shm import (
+    SharedMemoryError,
+    SharedTensorHandle,
+    SharedTensorPublisher,
+    install_cleanup,
+    read_shared_tensor,
+    remove_stale_segments,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_SHM = Path("/dev/shm")
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+pytestmark = pytest.mark.skipif(not DEV_SHM.is_dir(), reason="needs /dev/shm to observe segments")
+
+
+def segments(prefix: str) -> list[str]:
+    return sorted(name for name in os.listdir(DEV_SHM) if name.startswith(prefix))
+
+
+@pytest.fixture
+def publisher(tmp_path):
+    with SharedTensorPublisher(tmp_path / "shm_names.txt") as publisher:
+        yield publisher
+    assert segments(publisher.prefix) == []
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(7, 1176),
+    torch.randint(0, 256, (3, 1176), dtype=torch.uint8),
+    torch.randn(2, 3, 4),
+    torch.tensor(1.5),
+    torch.randn(6, 4)[:, ::2],
+    torch.randn(5, 3).bfloat16(),
+    torch.empty(0, 1176),
+    torch.empty(0, dtype=torch.uint8),
+], ids=["float32_patches", "uint8_patches", "3d", "scalar", "non_contiguous", "bfloat16", "empty", "empty_uint8"])
+def test_round_trip_is_exact_for_any_shape_and_dtype(publisher, tensor):
+    handle = publisher.publish(tensor)
+    copy = read_shared_tensor(handle)
+    assert copy.dtype == tensor.dtype and copy.shape == tensor.shape
+    assert torch.equal(copy, tensor)
+    assert copy.is_contiguous()
+
+
+def test_empty_tensors_use_no_segment(publisher):
+    handle = publisher.publish(torch.empty(0, 1176))
+    assert handle.name == "" and handle.nbytes == 0
+    assert publisher.live_names == [] and segments(publisher.prefix) == []
+
+
+def test_handle_is_small_and_picklable(publisher):
+    handle = publisher.publish(torch.randn(100, 1176))
+    assert pickle.loads(pickle.dumps(handle)) == handle
+    assert len(pickle.dumps(handle)) < 300
+
+
+def test_read_copy_owns_its_memory(publisher):
+    tensor = torch.randn(4, 1176)
+    handle = publisher.publish(tensor)
+    copy = read_shared_tensor(handle)
+    publisher.release([handle])
+    assert torch.equal(copy, tensor)
+
+
+READER = """
+import json, sys, torch
+from atb_models.multimodal.shm import SharedTensorHandle, read_shared_tensor
+handles = [SharedTensorHandle(**{**fields, "shape": tuple(fields["shape"])}) for fields in json.loads(sys.argv[1])]
+torch.save([read_shared_tensor(handle) for handle in handles], sys.argv[2])
+"""
+
+
+def test_reader_in_another_process_reads_and_its_exit_leaves_the_segment(publisher, tmp_path):
+    tensors = [torch.randn(9, 1176), torch.arange(300, dtype=torch.uint8).reshape(3, 100)]
+    handles = [publisher.publish(tensor) for tensor in tensors]
+    out = tmp_path / "read.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", READER, json.dumps([dataclasses.asdict(h) for h in handles]), str(out)],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resource_tracker" not in result.stderr
+    for copy, tensor in zip(torch.load(out), tensors):
+        assert torch.equal(copy, tensor)
+    # A SharedMemory-based reader would have its resource tracker unlink the leader's segment just after exit.
+    assert segments(publisher.prefix) == sorted(h.name for h in handles)
+    assert torch.equal(read_shared_tensor(handles[0]), tensors[0])
+
+
+def test_corrupted_segment_raises_checksum_mismatch(publisher):
+    handle = publisher.publish(torch.zeros(4, 1176))
+    with open(DEV_SHM / handle.name, "r+b") as segment:
+        segment.seek(100)
+        segment.write(b"\x01")
+    with pytest.raises(SharedMemoryError, match=rf"segment {handle.name}: checksum mismatch"):
+        read_shared_tensor(handle)
+
+
+def test_wrong_checksum_in_handle_raises(publisher):
+    handle = publisher.publish(torch.randn(4, 1176))
+    with pytest.raises(SharedMemoryError, match="checksum mismatch"):
+        read_shared_tensor(dataclasses.replace(handle, crc32=handle.crc32 ^ 1))
+
+
+def test_released_segment_raises_not_found(publisher):
+    handle = publisher.publish(torch.randn(4, 1176))
+    publisher.release([handle])
+    with pytest.raises(SharedMemoryError, match=rf"segment {handle.name}: not found"):
+        read_shared_tensor(handle)
+
+
+def test_size_mismatch_raises(publisher):
+    handle = publisher.publish(torch.randn(4, 1176))
+    with pytest.raises(SharedMemoryError, match="holds 18816 bytes, the handle says 37632"):
+        read_shared_tensor(dataclasses.replace(handle, shape=(8, 1176), nbytes=37632))
+    with pytest.raises(SharedMemoryError, match="handle says 100 bytes"):
+        read_shared_tensor(dataclasses.replace(handle, nbytes=100))
+
+
+def test_foreign_segment_names_are_refused():
+    handle = SharedTensorHandle(name="psm_1a2b3c4d", shape=(1,), dtype="float32", nbytes=4, crc32=0)
+    with pytest.raises(SharedMemoryError, match="not a segment name of this kit"):
+        read_shared_tensor(handle)
+
+
+def test_name_file_lists_exactly_the_live_segments(publisher):
+    name_file = Path(publisher.name_file)
+    assert name_file.read_text() == ""
+    handles = [publisher.publish(torch.randn(2, 1176)) for _ in range(3)]
+    assert name_file.read_text().split() == [h.name for h in handles] == segments(publisher.prefix)
+    publisher.release(handles[1:2])
+    assert name_file.read_text().split() == [handles[0].name, handles[2].name] == segments(publisher.prefix)
+    publisher.release(handles)  # releasing twice is harmless
+    assert name_file.read_text() == "" and segments(publisher.prefix) == []
+
+
+def test_close_removes_every_segment_and_the_name_file_and_is_idempotent(tmp_path):
+    name_file = tmp_path / "shm_names.txt"
+    publisher = SharedTensorPublisher(name_file)
+    for _ in range(3):
+        publisher.publish(torch.randn(2, 1176))
+    assert len(segments(publisher.prefix)) == 3
+    publisher.close()
+    assert segments(publisher.prefix) == [] and not name_file.exists()
+    publisher.close()
+    with pytest.raises(ValueError, match="closed"):
+        publisher.publish(torch.randn(1))
+
+
+def test_oversized_tensor_is_refused_before_any_segment(publisher, monkeypatch):
+    monkeypatch.setattr(shm, "MAX_SEGMENT_BYTES", 1000)
+    with pytest.raises(SharedMemoryError, match="4704 bytes, over the 1000-byte limit"):
+        publisher.publish(torch.randn(1, 1176))
+    assert segments(publisher.prefix) == [] and Path(publisher.name_file).read_text() == ""
+
+
+def test_full_dev_shm_is_a_clear_error_and_leaves_nothing(publisher, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(SharedMemoryError, match=r"cannot allocate 4704 bytes: No space left on device .*--shm-size"):
+        publisher.publish(torch.randn(1, 1176))
+    assert segments(publisher.prefix) == [] and Path(publisher.name_file).read_text() == ""
+
+
+def test_unwritable_name_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot write the shared-memory name file"):
+        SharedTensorPublisher(tmp_path / "missing_dir" / "shm_names.txt")
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_new_publisher_clears_segments_a_dead_run_listed_and_ignores_foreign_names(tmp_path):
+    name_file = tmp_path / "shm_names.txt"
+    stale = f"{shm.SEGMENT_PREFIX}{dead_pid()}_0badc0de_0"
+    shm._create_segment(stale, torch.zeros(8, dtype=torch.uint8))
+    name_file.write_text(f"{stale}\npsm_1a2b3c4d\n../etc/passwd\n")
+    with SharedTensorPublisher(name_file) as publisher:
+        assert segments(stale) == []
+        assert name_file.read_text() == ""
+        assert publisher.live_names == []
+
+
+def test_stale_cleanup_leaves_a_live_process_segments_alone(publisher):
+    handle = publisher.publish(torch.randn(2, 1176))
+    assert remove_stale_segments(publisher.name_file) == []
+    assert segments(publisher.prefix) == [handle.name]
+    assert Path(publisher.name_file).read_text().split() == [handle.name]
+
+
+def test_install_cleanup_replaces_default_handlers_only_and_close_restores_them(tmp_path):
+    previous_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        publisher = SharedTensorPublisher(tmp_path / "shm_names.txt")
+        install_cleanup(publisher)
+        assert signal.getsignal(signal.SIGTERM) is shm._close_and_exit
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        publisher.close()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+# A node leader that publishes one tensor, says so, and waits for a line on stdin: "raise" makes it fail.
+# Signals are set as a terminal session would have them, whatever this test process inherited.
+LEADER = """
+import json, signal, sys, torch
+from atb_models.multimodal.shm import SharedTensorPublisher, install_cleanup
+signal.signal(signal.SIGINT, signal.default_int_handler)
+for signum in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_DFL)
+publisher = SharedTensorPublisher(sys.argv[1])
+install_cleanup(publisher)
+handle = publisher.publish(torch.arange(12, dtype=torch.float32))
+print(json.dumps({"prefix": publisher.prefix, "name": handle.name}), flush=True)
+if sys.stdin.readline().strip() == "raise":
+    raise RuntimeError("preprocessing failed")
+"""
+
+ENDINGS = {  # how the leader ends -> its exit status
+    "exit": 0,
+    "raise": 1,
+    "sigterm": 128 + signal.SIGTERM,
+    "sighup": 128 + signal.SIGHUP,
+    "sigint": -signal.SIGINT,  # KeyboardInterrupt, then Python ends itself by SIGINT as usual
+    "sigkill": -signal.SIGKILL,
+}
+
+
+@pytest.fixture(scope="module")
+def leaders(tmp_path_factory):
+    """One leader process per ending, all started at once (each spends most of its start importing torch)."""
+    started = {}
+    for ending in ENDINGS:
+        name_file = tmp_path_factory.mktemp(ending) / "shm_names.txt"
+        process = subprocess.Popen([sys.executable, "-c", LEADER, str(name_file)], env=CHILD_ENV, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started[ending] = (process, name_file)
+    yield started
+    for process, name_file in started.values():
+        with process:  # closes its pipes
+            process.kill()
+        remove_stale_segments(name_file)
+
+
+@pytest.mark.parametrize("ending", ["exit", "raise", "sigterm", "sighup", "sigint"])
+def test_leader_leaves_no_segment_whichever_way_it_ends(leaders, ending):
+    process, name_file = leaders[ending]
+    ready = json.loads(process.stdout.readline() or "null")
+    assert ready, process.stderr.read()
+    assert segments(ready["prefix"]) == [ready["name"]]
+    assert name_file.read_text().split() == [ready["name"]]
+
+    if ending in ("exit", "raise"):
+        process.stdin.write(f"{ending}\n")
+        process.stdin.flush()
+    else:
+        process.send_signal(getattr(signal, ending.upper()))
+    assert process.wait(timeout=30) == ENDINGS[ending]
+    stderr = process.stderr.read()
+    if ending in ("exit", "sigterm", "sighup"):
+        assert stderr == ""
+    assert "resource_tracker" not in stderr and "Exception ignored" not in stderr
+    assert segments(ready["prefix"]) == []
+    assert not name_file.exists()
+
+
+def test_after_sigkill_the_name_file_is_enough_to_remove_the_segment(leaders):
+    process, name_file = leaders["sigkill"]
+    ready = json.loads(process.stdout.readline() or "null")
+    assert ready, process.stderr.read()
+    process.kill()
+    assert process.wait(timeout=30) == ENDINGS["sigkill"]
+    assert segments(ready["prefix"]) == [ready["name"]]
+    assert remove_stale_segments(name_file) == [ready["name"]]
+    assert segments(ready["prefix"]) == [] and not name_file.exists()
