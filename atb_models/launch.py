@@ -13,6 +13,9 @@ import sys
 import time
 
 LAUNCHED_ENV = "ATB_MODELS_LAUNCHED"
+# A rank whose collective broke because a peer failed waits this long before exiting, so that the agent sees the
+# peer's own failure first and stops the job on it.
+CONSEQUENCE_LINGER_S = 5.0
 
 
 def report_rank_failure(message: str) -> bool:
@@ -21,11 +24,15 @@ def report_rank_failure(message: str) -> bool:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if os.environ.get(LAUNCHED_ENV) != "1" or not error_file:
         return False
+    from atb_models.distributed import LOST_RANK_MESSAGE
+
     try:
         with open(error_file, "w") as f:
             json.dump({"message": message, "timestamp": int(time.time())}, f)
     except OSError:
         return False
+    if message.startswith(LOST_RANK_MESSAGE):
+        time.sleep(CONSEQUENCE_LINGER_S)
     return True
 
 
