@@ -213,3 +213,16 @@ def test_a_bad_request_fails_alone(llm, tmp_path):
 def test_max_tokens_above_max_output_length_is_refused(llm):
     out = llm.generate([[{"text": "Hello"}]], SamplingParams(max_tokens=99))[0]
     assert "--max_output_length" in out.error
+
+
+def test_outputs_carry_their_own_timings_and_on_finish_sees_each_request_once(llm, tmp_path):
+    seen = []
+    outs = llm.generate([[{"text": "Hello"}], [{"image": str(tmp_path / "missing.jpg")}], [{"text": "Hi there"}]],
+                        [SamplingParams(max_tokens=2, ignore_eos=True), SamplingParams(),
+                         SamplingParams(max_tokens=6, ignore_eos=True)],
+                        on_finish=lambda out: seen.append(out.request_id))
+    assert sorted(seen) == [0, 1, 2]
+    for out in (outs[0], outs[2]):
+        assert 0 <= out.admitted_s <= out.first_token_s <= out.finished_s
+    assert outs[2].finished_s >= outs[0].finished_s  # six tokens finish after two
+    assert outs[1].admitted_s is None and outs[1].error

@@ -27,6 +27,12 @@ class RequestOutput:
     prompt_token_count: int = 0
     finish_reason: str = "error"    # "stop" (an eos token), "length" (max tokens) or "error"
     error: Optional[str] = None     # why this request failed; the other requests are unaffected
+    # Seconds since generate() was called: when the request's prefill step began, when its first token and its
+    # last token were ready. Under continuous batching, first_token_s - admitted_s is the request's own
+    # time to first token and finished_s - admitted_s its own latency.
+    admitted_s: Optional[float] = None
+    first_token_s: Optional[float] = None
+    finished_s: Optional[float] = None
 
 
 @dataclass
@@ -127,9 +133,10 @@ class LLM:
             return repr(request)
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, requests: list, sampling_params=None) -> list:
+    def generate(self, requests: list, sampling_params=None, on_finish=None) -> list:
         """Run every request to completion with continuous batching; outputs come back in request order.
-        A request that cannot run (a bad file, too long a prompt) gets an output with `error` set."""
+        A request that cannot run (a bad file, too long a prompt) gets an output with `error` set.
+        `on_finish(output)`, when given, is called as each request ends (in completion order)."""
         if isinstance(requests, dict) or (requests and isinstance(requests[0], dict)):
             raise UserError("generate() takes a list of requests, each a list of items such as {'text': ...}")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -139,6 +146,7 @@ class LLM:
             if len(params_list) != len(requests):
                 raise UserError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
         outputs = [RequestOutput(i, self._describe(r)) for i, r in enumerate(requests)]
+        started = time.perf_counter()
         pending = list(enumerate(requests))
         pending.reverse()
         while pending or self.scheduler.has_work():
@@ -154,6 +162,8 @@ class LLM:
                         self.scheduler.add(self._make_sequence(i, prompt, params_list[i], outputs[i]))
                     except UserError as e:
                         outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
+                        if on_finish is not None:
+                            on_finish(outputs[i])
             if not self.scheduler.has_work():
                 continue
             for seq in self.step():
@@ -161,6 +171,10 @@ class LLM:
                 out.token_ids = seq.completion_token_ids
                 out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
                 out.finish_reason = seq.finish_reason
+                out.admitted_s, out.first_token_s, out.finished_s = (
+                    t - started for t in (seq.admitted_at, seq.first_token_at, seq.finished_at))
+                if on_finish is not None:
+                    on_finish(out)
         return outputs
 
     def close(self) -> None:
@@ -178,10 +192,15 @@ class LLM:
         # sampling cannot make ranks diverge.
         tokens = distributed.broadcast_from_rank0(sample(logits, seqs) if self.parallel.rank == 0 else None)
         self.plan.synchronize()
+        end = time.perf_counter()
         num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
-        self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))
+        self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, end - start))
+        for seq in seqs:
+            if seq.admitted_at is None:
+                seq.admitted_at, seq.first_token_at = start, end
         finished = self.scheduler.finish_step(seqs, tokens)
         for seq in finished:
+            seq.finished_at = end
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
         return finished
 

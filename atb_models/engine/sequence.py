@@ -26,6 +26,10 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
+        # perf_counter() times: the first prefill step's start, the first token, the last token.
+        self.admitted_at: Optional[float] = None
+        self.first_token_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
 

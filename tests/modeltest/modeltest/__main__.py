@@ -1,0 +1,5 @@
+import sys
+
+from modeltest.cli import main
+
+sys.exit(main())

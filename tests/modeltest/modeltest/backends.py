@@ -1,0 +1,124 @@
+"""The two ways the harness runs a model on the same prompts: the kit's paged-attention engine (`pa`) and
+transformers' reference implementation (`hf`). Both take their inputs from the kit's preprocessor, decode greedily
+and stop on the checkpoint's eos ids, so their answers can be compared one for one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from atb_models import LLM, SamplingParams, UserError
+from atb_models.config import load_model_config as load_checkpoint_config
+from atb_models.multimodal.prompt import Preprocessor
+from atb_models.platform import resolve_plan
+
+from modeltest.config import ModelConfig, TaskConfig
+
+logger = logging.getLogger("modeltest")
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    token_count: int = 0            # generated tokens, the eos token included
+    prompt_token_count: int = 0     # visual tokens included
+    seconds: float = 0.0            # from the sample's first model step to its last
+    finish_reason: str = "error"    # "stop", "length" or "error"
+    error: str | None = None
+
+
+class KitBackend:
+    name = "pa"
+    description = "atb_models paged-attention engine, continuous batching"
+
+    def __init__(self, model: ModelConfig, task: TaskConfig, batch_size: int, max_new_tokens: int, dtype: str,
+                 device: str):
+        infer = model.infer_params
+        # The task's requested lengths size the KV cache; max_new_tokens is what each answer may use.
+        self.llm = LLM(model.model_path, dtype=dtype, device=device, max_batch_size=batch_size,
+                       max_input_length=task.requested_max_input_length,
+                       max_output_length=task.requested_max_output_length, block_size=model.block_size,
+                       min_pixels=infer.min_pixels, max_pixels=infer.max_pixels, video_fps=infer.video_fps,
+                       video_max_frames=infer.video_max_frames)
+        self.plan = self.llm.plan
+        self.params = SamplingParams(max_tokens=max_new_tokens)
+
+    def generate(self, requests: list, on_done: Callable[[], None]) -> list[Generation]:
+        outputs = self.llm.generate(requests, self.params, on_finish=lambda out: on_done())
+        # Under continuous batching a request's own latency runs from its prefill step to its last token.
+        return [Generation(out.text, len(out.token_ids), out.prompt_token_count,
+                           0.0 if out.error is not None else out.finished_s - out.admitted_s, out.finish_reason,
+                           out.error)
+                for out in outputs]
+
+
+class HFBackend:
+    name = "hf"
+    description = "transformers Qwen2VLForConditionalGeneration, one sample at a time"
+
+    def __init__(self, model: ModelConfig, task: TaskConfig, max_new_tokens: int, dtype: str, device: str):
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+        checkpoint = load_checkpoint_config(model.model_path)
+        self.plan = resolve_plan(device, dtype, checkpoint.torch_dtype)
+        logger.info(self.plan.describe())
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model.model_path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizer from {model.model_path}: {e}") from None
+        infer = model.infer_params
+        self.preprocessor = Preprocessor(model.model_path, checkpoint.hf_config, self.tokenizer,
+                                         min_pixels=infer.min_pixels, max_pixels=infer.max_pixels,
+                                         video_fps=infer.video_fps, video_max_frames=infer.video_max_frames)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model.model_path, torch_dtype=self.plan.llm_dtype)
+        self.model.visual.to(self.plan.vision_dtype)
+        self.model.to(self.plan.device).eval()
+        self.eos_token_ids = list(checkpoint.eos_token_ids)
+        self.max_input_length = task.requested_max_input_length
+        self.max_new_tokens = max_new_tokens
+
+    def generate(self, requests: list, on_done: Callable[[], None]) -> list[Generation]:
+        generations = []
+        for request in requests:
+            try:
+                generations.append(self._generate_one(request))
+            except UserError as e:
+                generations.append(Generation(error=str(e)))
+            except Exception as e:  # noqa: BLE001 - one sample's failure is recorded; the run goes on
+                logger.debug("sample failed", exc_info=True)
+                generations.append(Generation(error=f"{type(e).__name__}: {e}"))
+            on_done()
+        return generations
+
+    def _generate_one(self, request: list) -> Generation:
+        prompt = self.preprocessor(request)
+        if len(prompt.token_ids) > self.max_input_length:
+            raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than the "
+                            f"task's requested_max_input_length {self.max_input_length}")
+        device = self.plan.device
+        ids = torch.tensor([prompt.token_ids], device=device)
+        visual_inputs = {}
+        for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+            items = [v for v in prompt.visuals if v.kind == kind]
+            if items:
+                visual_inputs[pixels] = torch.cat([v.pixel_values for v in items]).to(device)
+                visual_inputs[grids] = torch.tensor([list(v.grid_thw) for v in items], device=device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
+            sequences = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                            max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None,
+                                            top_p=None, top_k=None, repetition_penalty=1.0,
+                                            eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0],
+                                            **visual_inputs)
+        self.plan.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = sequences[0, ids.shape[1]:].tolist()
+        finish_reason = "stop" if tokens and tokens[-1] in self.eos_token_ids else "length"
+        return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens),
+                          len(prompt.token_ids), seconds, finish_reason)

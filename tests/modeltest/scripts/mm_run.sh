@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Accuracy of a multimodal model on a dataset, with MindIE's modeltest command line.
+#
+#   bash scripts/mm_run.sh DATASET MODEL [--model_path DIR] [--dataset_path PATH] [--world_size N] [--output_dir DIR]
+#                          [other modeltest flags: --batch_size N --backend pa|hf --dtype ... --subsets ... --debug]
+#
+# DATASET: textvqa | videobench; MODEL: qwen2_vl. The yaml files are modeltest/config/model/MODEL.yaml and
+# modeltest/config/task/DATASET.yaml; flags given here win over them. Results go under
+# OUTPUT_DIR/<date>/modeltest/MODEL/precision_result/ (OUTPUT_DIR: --output_dir, default tests/modeltest/output).
+# World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in
+# CUDA_VISIBLE_DEVICES, else 1; above 1 the run goes through torchrun (MASTER_PORT, default 20050).
+# Works from any directory: relative paths in the flags are read from the current one.
+set -euo pipefail
+
+HARNESS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO_ROOT="$(cd "${HARNESS_DIR}/../.." && pwd)"
+# The harness and the kit from this checkout, whether or not they are pip-installed.
+export PYTHONPATH="${HARNESS_DIR}:${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
+# A folder named modeltest/ or atb_models/ in the current directory cannot stand in for the real ones.
+export PYTHONSAFEPATH=1
+# Deterministic collectives, so repeated runs give the same answers.
+export HCCL_DETERMINISTIC=true LCCL_DETERMINISTIC=1
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
+
+DATASETS=(textvqa videobench)
+MODELS=(qwen2_vl)
+
+fail() {
+    echo "$1" >&2
+    exit 1
+}
+
+contains() { # contains WORD LIST...
+    local word="$1" item
+    shift
+    for item in "$@"; do
+        [[ "${item}" == "${word}" ]] && return 0
+    done
+    return 1
+}
+
+(($# >= 1)) && [[ -n "$1" ]] || fail "arg1: DATASET is required"
+dataset="$1"
+contains "${dataset}" "${DATASETS[@]}" || fail "Unsupported dataset : ${dataset}!"
+echo "${dataset} is supported!"
+(($# >= 2)) && [[ -n "$2" ]] || fail "arg2: MODEL_NAME is required"
+model="$2"
+contains "${model}" "${MODELS[@]}" || fail "Unsupported model : ${model}!"
+echo "${model} is running!"
+shift 2
+
+world_size=""
+output_dir="${HARNESS_DIR}/output"
+modeltest_args=()
+while (($#)); do
+    case "$1" in
+        --world_size | --output_dir)
+            (($# >= 2)) || fail "Error: $1 needs a value"
+            if [[ "$1" == --world_size ]]; then world_size="$2"; else output_dir="$2"; fi
+            shift 2
+            continue
+            ;;
+        --world_size=*) world_size="${1#*=}" ;;
+        --output_dir=*) output_dir="${1#*=}" ;;
+        *) modeltest_args+=("$1") ;;
+    esac
+    shift
+done
+
+count_devices() { # "0,1,2,3" -> 4; empty -> 0
+    local -a ids
+    IFS=',' read -r -a ids <<<"$1"
+    local n=0 id
+    for id in "${ids[@]}"; do
+        [[ -n "${id// /}" ]] && n=$((n + 1))
+    done
+    echo "$n"
+}
+
+if [[ -z "${world_size}" ]]; then
+    world_size="$(count_devices "${ASCEND_RT_VISIBLE_DEVICES:-}")"
+    ((world_size > 0)) || world_size="$(count_devices "${CUDA_VISIBLE_DEVICES:-}")"
+    ((world_size > 0)) || world_size=1
+fi
+[[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || fail "Error: --world_size must be a positive integer, got '${world_size}'"
+
+run_args=(--model_config_path "${HARNESS_DIR}/modeltest/config/model/${model}.yaml"
+    --task_config_path "${HARNESS_DIR}/modeltest/config/task/${dataset}.yaml"
+    --output_dir "${output_dir}" "${modeltest_args[@]}")
+
+if ((world_size == 1)); then
+    exec "${PYTHON}" -m modeltest "${run_args[@]}"
+fi
+# atb_models.launch is torchrun (same options, same interpreter) reporting a failed rank in one line.
+exec "${PYTHON}" -m atb_models.launch --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20050}" \
+    -m modeltest "${run_args[@]}"
