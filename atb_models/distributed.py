@@ -163,21 +163,3 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _state = ParallelState()
-
-LOST_RANK_MESSAGE = "a collective failed, most likely because another rank stopped"
-
-
-class RankLost(RuntimeError):
-    """A collective failed: another rank died or stopped answering. The other rank's failure is the news; this
-    one is its consequence (the launcher reports the first real cause)."""
-
-
-def _collective(fn):
-    @functools.wraps(fn)
-    def guarded(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # gloo, nccl and hccl each raise their own error types
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RankLost(f"{LOST_RANK_MESSAGE} ({fn.__name__}: {detail})") from e
-    return guarded

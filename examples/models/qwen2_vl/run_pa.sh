@@ -56,21 +56,9 @@ if ((!has_input_text)); then
     run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
 fi
 
-count_devices() { # "0,1,2,3" -> 4; empty -> 0
-    local -a ids
-    IFS=',' read -r -a ids <<<"$1"
-    local n=0 id
-    for id in "${ids[@]}"; do
-        [[ -n "${id// /}" ]] && n=$((n + 1))
-    done
-    echo "$n"
-}
-
-if [[ -z "${world_size}" ]]; then
-    world_size="$(count_devices "${ASCEND_RT_VISIBLE_DEVICES:-}")"
-    ((world_size > 0)) || world_size="$(count_devices "${CUDA_VISIBLE_DEVICES:-}")"
-    ((world_size > 0)) || world_size=1
-fi
+# shellcheck source=/dev/null
+source "${ROOT}/tools/world_size.sh"
+[[ -n "${world_size}" ]] || world_size="$(default_world_size)"
 [[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || usage_error "--world_size must be a positive integer, got '${world_size}'"
 
 if ((world_size == 1 && ${#torchrun_args[@]} == 0)); then

@@ -67,21 +67,9 @@ while (($#)); do
     shift
 done
 
-count_devices() { # "0,1,2,3" -> 4; empty -> 0
-    local -a ids
-    IFS=',' read -r -a ids <<<"$1"
-    local n=0 id
-    for id in "${ids[@]}"; do
-        [[ -n "${id// /}" ]] && n=$((n + 1))
-    done
-    echo "$n"
-}
-
-if [[ -z "${world_size}" ]]; then
-    world_size="$(count_devices "${ASCEND_RT_VISIBLE_DEVICES:-}")"
-    ((world_size > 0)) || world_size="$(count_devices "${CUDA_VISIBLE_DEVICES:-}")"
-    ((world_size > 0)) || world_size=1
-fi
+# shellcheck source=/dev/null
+source "${REPO_ROOT}/tools/world_size.sh"
+[[ -n "${world_size}" ]] || world_size="$(default_world_size)"
 [[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || fail "Error: --world_size must be a positive integer, got '${world_size}'"
 
 run_args=(--model_config_path "${HARNESS_DIR}/modeltest/config/model/${model}.yaml"
