@@ -2,6 +2,8 @@
 import torch
 
 from atb_models.layers.attention import StepContext, set_context
+from atb_models.layers.linear import set_linear_kernel
+from atb_models.platform import linear_kernel
 from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
 from atb_models.weights import load_weights
 
@@ -11,6 +13,7 @@ class ModelRunner:
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
+        set_linear_kernel(linear_kernel(plan))
         cfg = model_config.hf_config
         with torch.device(self.device):
             self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,

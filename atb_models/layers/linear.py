@@ -13,6 +13,19 @@ from atb_models.errors import UserError
 from atb_models.layers.sharding import HeadLayout, ceil_div, even_split
 
 
+# The matrix product every layer here uses; the model runner sets it once from `platform.linear_kernel(plan)`.
+_kernel = F.linear
+
+
+def set_linear_kernel(kernel) -> None:
+    global _kernel
+    _kernel = kernel
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    return _kernel(x, weight, bias)
+
+
 def _check_shape(name: str, expected: tuple, actual: tuple) -> None:
     if tuple(expected) != tuple(actual):
         raise UserError(f"checkpoint tensor {name} has shape {tuple(actual)}, the config implies {tuple(expected)}")
@@ -44,7 +57,7 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def _set_loader(self, loader) -> None:
         self.weight.weight_loader = loader
@@ -117,7 +130,7 @@ class RowParallelLinear(Linear):
         _copy_padded(param.data, source.cols(first, first + count), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce(F.linear(x, self.weight))
+        return distributed.all_reduce(linear(x, self.weight))
 
 
 class VocabParallelLMHead(nn.Module):
@@ -146,5 +159,5 @@ class VocabParallelLMHead(nn.Module):
             _copy_padded(self.weight.data, rows, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = distributed.all_gather_last_dim(F.linear(x, self.weight))
+        logits = distributed.all_gather_last_dim(linear(x, self.weight))
         return logits[..., :self.vocab_size]
