@@ -223,6 +223,8 @@ def linear_kernel(plan: Plan):
         return F.linear
 
     def onednn_linear(x, weight, bias=None):
+        if weight.dtype == torch.float16:  # oneDNN has no CPU float16 inner product
+            return F.linear(x, weight, bias)
         return onednn(x, weight, bias, "none", [], "")
 
     try:  # some builds register the op without a working kernel for this CPU
