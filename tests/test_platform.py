@@ -253,3 +253,19 @@ def test_probe_cuda_has_native_bf16_from_compute_capability_8(monkeypatch, major
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "GPU")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert probe("cuda") == Capabilities("cuda", "GPU", native_bf16=bf16, native_fp16=True, device_count=2)
+
+
+def test_linear_kernel_matches_f_linear_on_the_cpu_and_is_f_linear_elsewhere():
+    import torch.nn.functional as F
+
+    from atb_models.platform import linear_kernel
+
+    cpu_plan = resolve_plan("cpu", "float32", "float32")
+    kernel = linear_kernel(cpu_plan)
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    assert torch.allclose(kernel(x, w, b), F.linear(x, w, b), atol=1e-5)
+    assert torch.allclose(kernel(x, w), F.linear(x, w), atol=1e-5)
+    half = kernel(x.half(), w.half())  # float16 falls back to F.linear on the CPU
+    assert half.dtype == torch.float16
+    gpu = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
+    assert linear_kernel(resolve_plan("auto", "auto", "bfloat16", caps=gpu)) is F.linear
