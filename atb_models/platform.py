@@ -208,6 +208,9 @@ class Plan:
             _import_torch_npu().npu.synchronize(self.index)
 
 
+ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
+
+
 def linear_kernel(plan: Plan):
     """The matrix product behind every linear layer: y = x W^T + b.
 
@@ -223,7 +226,9 @@ def linear_kernel(plan: Plan):
         return F.linear
 
     def onednn_linear(x, weight, bias=None):
-        if weight.dtype == torch.float16:  # oneDNN has no CPU float16 inner product
+        # oneDNN has no CPU float16 inner product, and its call overhead (~15 us) outweighs its speed on tiny
+        # matrices (the demo and test models).
+        if weight.dtype == torch.float16 or weight.numel() < ONEDNN_MIN_WEIGHT_ELEMENTS:
             return F.linear(x, weight, bias)
         return onednn(x, weight, bias, "none", [], "")
 

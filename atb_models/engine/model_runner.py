@@ -79,11 +79,9 @@ class ModelRunner:
             context_lens = self._tensor([seq.num_tokens for seq in seqs])
             max_blocks = max(len(seq.block_table) for seq in seqs)
             tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
-            max_len = int(context_lens.max())
-            offsets = torch.arange(bs, device=self.device)
-            gather = (tables[:, :, None] * bs + offsets).flatten(1)[:, :max_len]
-            mask = (torch.arange(max_len, device=self.device)[None, :] < context_lens[:, None])[:, None, None, :]
-            set_context(StepContext(False, self._tensor(slots), gather_slots=gather, context_mask=mask))
+            positions_in_blocks = torch.arange(max_blocks * bs, device=self.device)
+            mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
+            set_context(StepContext(False, self._tensor(slots), block_tables=tables, context_mask=mask))
             rows = torch.arange(len(seqs), device=self.device)
             logits = self.model(self._tensor(ids), positions.to(self.device), rows)
         set_context(None)

@@ -16,8 +16,8 @@ class StepContext:
     is_prefill: bool
     slot_mapping: torch.Tensor                    # [tokens] cache slot each new token's K/V goes to
     seq_starts: Optional[list] = None             # prefill: offsets of each sequence in the flat token stream
-    gather_slots: Optional[torch.Tensor] = None   # decode: [batch, max_context] slots to read, padded
-    context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_context] True where a slot is real
+    block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
+    context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
 
 
 _context: Optional[StepContext] = None
@@ -61,9 +61,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             outs.append(oi[0].transpose(0, 1))
         out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
     else:
+        # Whole blocks are gathered (one row per block, not per token); the mask hides the unused tail.
+        batch, num_blocks = ctx.block_tables.shape
         heads, dim = k_cache.shape[-2:]
-        kc = k_cache.view(-1, heads, dim)[ctx.gather_slots].transpose(1, 2)  # [batch, kv_heads, ctx, dim]
-        vc = v_cache.view(-1, heads, dim)[ctx.gather_slots].transpose(1, 2)
+        blocks = ctx.block_tables.flatten()
+        kc = k_cache.index_select(0, blocks).view(batch, -1, heads, dim).transpose(1, 2)  # [batch, kv_heads, L, dim]
+        vc = v_cache.index_select(0, blocks).view(batch, -1, heads, dim).transpose(1, 2)
         if upcast:
             kc, vc = kc.float(), vc.float()
         qb = q.unsqueeze(2)  # [batch, heads, 1, dim]
