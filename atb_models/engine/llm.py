@@ -13,6 +13,7 @@ from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence
 from atb_models.errors import UserError
 from atb_models.layers.sampler import sample
+from atb_models.multimodal.prompt import describe_request
 from atb_models.platform import free_memory_bytes, resolve_plan
 
 logger = logging.getLogger("atb_models")
@@ -85,7 +86,7 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids)
-        self.step_records: list = []
+        self.step_records: list = []  # the steps of the latest generate() call
 
     def _kv_cache_blocks(self, requested: Optional[int]) -> int:
         """Blocks for max_batch_size requests of the longest allowed length (or `requested`), within a budget of
@@ -125,13 +126,6 @@ class LLM:
                             f"{self.block_manager.num_blocks}")
         return Sequence(request_id, prompt, params, max_tokens)
 
-    @staticmethod
-    def _describe(request) -> str:
-        try:
-            return " ".join(f"<{k}: {v}>" if k != "text" else str(v) for item in request for k, v in item.items())
-        except (TypeError, AttributeError):
-            return repr(request)
-
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, requests: list, sampling_params=None, on_finish=None) -> list:
         """Run every request to completion with continuous batching; outputs come back in request order.
@@ -145,8 +139,9 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(requests):
                 raise UserError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
-        outputs = [RequestOutput(i, self._describe(r)) for i, r in enumerate(requests)]
+        outputs = [RequestOutput(i, describe_request(r)) for i, r in enumerate(requests)]
         started = time.perf_counter()
+        self.step_records = []
         pending = list(enumerate(requests))
         pending.reverse()
         while pending or self.scheduler.has_work():

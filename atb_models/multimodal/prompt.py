@@ -62,6 +62,15 @@ def _display(kind: str, value) -> str:
     return f"<{kind}: {describe(value)}>"
 
 
+def describe_request(request) -> str:
+    """A request as people read it: "<image: cat.jpg> What is this?". Never fails, even on a malformed request
+    (it names what it was given)."""
+    try:
+        return " ".join(_display(kind, value) for item in request for kind, value in item.items())
+    except (TypeError, AttributeError):
+        return repr(request)
+
+
 class Preprocessor:
     """Turns requests into ProcessedPrompts for one checkpoint (its chat template, image processor and token ids)."""
 
@@ -128,7 +137,7 @@ class Preprocessor:
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.spatial_merge_size,
         )
-        text = " ".join(_display(kind, value) for kind, value in zip(kinds, values))
+        text = describe_request(request)
         return ProcessedPrompt(token_ids, visuals, positions, rope_delta, text)
 
     def _visual(self, kind: str, source) -> VisualInput:
