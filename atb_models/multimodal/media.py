@@ -213,9 +213,13 @@ def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor:
     raise UserError(f"video {path} stops decoding after {decoded} frames: corrupt video")
 
 
-def _load_frame_list(frames: Sequence[ImageSource], fps: float, max_pixels, factor: int) -> tuple[np.ndarray, float]:
+def _load_frame_list(frames: Sequence[ImageSource], fps: float, max_frames: int, max_pixels,
+                     factor: int) -> tuple[np.ndarray, float]:
     if len(frames) == 0:
         raise UserError("a video given as a list of frames needs at least one frame")
+    limit = max(FRAME_FACTOR, max_frames // FRAME_FACTOR * FRAME_FACTOR)
+    if len(frames) > limit:  # more frames than allowed: an even spread of them, first and last included
+        frames = [frames[i] for i in video_frame_indices(len(frames), limit)]
     images = [load_image(frame) for frame in frames]
     images += [images[-1]] * (-len(images) % FRAME_FACTOR)  # whole temporal pairs
     first = images[0]
@@ -235,8 +239,9 @@ def load_video(
     """Sampled, resized frames (uint8 [T, H, W, 3], T even, H and W multiples of `factor`) and their frame rate.
 
     A video file is sampled at `fps` frames per second (at least 4, at most `max_frames`). A list of frame images
-    is used whole, padded to an even count with its last frame, every frame resized to the first one's size.
+    is used whole (an even spread of `max_frames` of them when it is longer), padded to an even count with its
+    last frame, every frame resized to the first one's size.
     """
     if isinstance(source, (str, os.PathLike)):
         return _load_video_file(os.fspath(source), fps, max_frames, max_pixels, factor)
-    return _load_frame_list(list(source), fps, max_pixels, factor)
+    return _load_frame_list(list(source), fps, max_frames, max_pixels, factor)
