@@ -33,7 +33,8 @@ def sample(logits: torch.Tensor, seqs: list) -> list:
     plain_greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
     if plain_greedy:
         return logits.argmax(-1).tolist()
-    for row, seq in zip(logits, seqs):
+    # Per-row work on the host: small, and seeded generators live there.
+    for row, seq in zip(logits.cpu(), seqs):
         p = seq.params
         if p.repetition_penalty != 1.0:
             row = apply_repetition_penalty(row.clone(), seq.token_ids, p.repetition_penalty)
