@@ -128,6 +128,7 @@ class TinyShape:
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-6
     mrope_section: tuple[int, ...] | None = None
+    vocab_size: int | None = None  # None: the tokenizer's size rounded up to 64; larger for real-size LM heads
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
@@ -293,7 +294,8 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> Path:
 def _model_config(shape: TinyShape, tokenizer_size: int, token_id: dict[str, int]) -> Qwen2VLConfig:
     return Qwen2VLConfig(
         architectures=["Qwen2VLForConditionalGeneration"],
-        vocab_size=-(-tokenizer_size // 64) * 64,  # padded like real checkpoints' embedding tables
+        # padded like real checkpoints' embedding tables
+        vocab_size=max(-(-tokenizer_size // 64) * 64, shape.vocab_size or 0),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers,

@@ -7,11 +7,16 @@ Single mode runs --max_batch_size copies of one prompt (its media in the order g
 runs one prompt per file of a folder and writes {file name: answer} to --results_save_path. Without --model_path the
 kit's demo checkpoint (random weights) is built once and used. Bad input is one `Error: ...` line on stderr and exit
 status 1; --debug shows the traceback instead.
+
+A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
+the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
+copies of the single-mode prompt, one CSV row each, and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,13 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models import LLM, RequestOutput, SamplingParams, UserError, distributed
+from atb_models.benchmark.csv_report import (PATH_VARIABLE, RunSummary, benchmark_enabled, benchmark_path,
+                                             markdown_table, prepare_folder, write_csv)
 from atb_models.launch import report_rank_failure
 from atb_models.multimodal.media import classify_media
+from atb_models.multimodal.prompt import describe_request
 from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
 logger = logging.getLogger("atb_models.run_pa")
 
 DEMO_SAMPLE_IMAGE = "sample.jpg"  # written by atb_models.demo.build_demo beside the checkpoint
+DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
+DEFAULT_INPUT_TEXT = "Describe the image."
 # MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls go the same way.
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -47,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "several media in one prompt, in order")
     media.add_argument("--dataset_path", metavar="DIR",
                        help="a folder of images and videos: one prompt per file, in file-name order")
-    parser.add_argument("--input_text", metavar="TEXT", default="Describe the image.",
-                        help="the text after the media (default %(default)r; run_pa.sh asks for a long answer)")
+    parser.add_argument("--input_text", metavar="TEXT",
+                        help=f"the text after the media (default {DEFAULT_INPUT_TEXT!r}; run_pa.sh asks for a long "
+                             "answer)")
     parser.add_argument("--max_batch_size", type=int, metavar="N", default=1,
                         help="requests running at once; single mode runs this many copies of the prompt")
     parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
@@ -80,8 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
     kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
     kit.add_argument("--video_max_frames", type=int, metavar="N", default=768, help="most frames taken from one video")
+    benchmark = parser.add_argument_group(
+        "benchmark", "ATB_LLM_BENCHMARK_ENABLE=1 writes a run's step timings to ATB_LLM_BENCHMARK_FILEPATH "
+                     "(default ./benchmark_result/benchmark.csv); the warm-up request never does")
+    benchmark.add_argument("--performance", action="store_true",
+                           help="sweep --batch_sizes x --output_lengths on copies of the single-mode prompt, eos "
+                                "ignored: one benchmark CSV row per point (whatever ATB_LLM_BENCHMARK_ENABLE says) "
+                                "and a table on stdout instead of the answers")
+    benchmark.add_argument("--batch_sizes", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated batch sizes (default 1,2,4,8,16); the engine is "
+                                "sized for the largest, in place of --max_batch_size")
+    benchmark.add_argument("--output_lengths", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated output lengths (default --max_output_length); "
+                                "the engine is sized for the longest, in place of --max_output_length")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return parser
+
+
+def positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------- set-up
@@ -190,11 +224,7 @@ def one_line(text: str) -> str:
 
 def question(items: list) -> str:
     """The request as the Question[i] line shows it: media as <kind: path>, then the text."""
-    parts = []
-    for item in items:
-        [(kind, value)] = item.items()
-        parts.append(str(value) if kind == "text" else f"<{kind}: {value}>")
-    return one_line(" ".join(parts))
+    return one_line(describe_request(items))
 
 
 # --------------------------------------------------------------------------------------------------------- run
@@ -212,7 +242,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(ranks.rank)
     if args.cleanup_shm:
         return cleanup_shm(args.shm_name_save_path)
-    model_path = args.model_path
+    if (args.batch_sizes or args.output_lengths) and not args.performance:
+        raise UserError("--batch_sizes and --output_lengths go with --performance")
+    if args.performance and args.dataset_path is not None:
+        raise UserError("--performance runs copies of one prompt: give --input_image, not --dataset_path")
+    model_path, text, paths = args.model_path, args.input_text, args.input_image
     if model_path is None:
         model_path = str(demo_model_dir())
         if ranks.rank == 0:
@@ -220,27 +254,34 @@ def run(args: argparse.Namespace) -> int:
                   "are random: the answers are noise. Pass --model_path /path/to/Qwen2-VL-7B-Instruct for real "
                   "answers.", file=sys.stderr, flush=True)
         ensure_demo_model(Path(model_path))
+        if not paths and args.dataset_path is None:
+            paths = [os.path.join(model_path, DEMO_SAMPLE_IMAGE)]
+    text = DEFAULT_INPUT_TEXT if text is None else text
 
     dataset_mode = args.dataset_path is not None
+    batch_sizes = (args.batch_sizes or DEFAULT_BATCH_SIZES) if args.performance else [args.max_batch_size]
+    output_lengths = args.output_lengths or [args.max_output_length]
+    if (args.performance or benchmark_enabled()) and ranks.rank == 0:
+        prepare_folder(benchmark_path())  # a path that cannot be written fails now, not after the run
     if dataset_mode:
         check_writable_parent("--results_save_path", args.results_save_path)
-        entries = dataset_entries(args.dataset_path, args.input_text)
+        entries = dataset_entries(args.dataset_path, text)
     else:
-        paths = args.input_image
         if not paths:
-            if args.model_path is not None:
-                raise UserError("give --input_image or --dataset_path")
-            paths = [os.path.join(model_path, DEMO_SAMPLE_IMAGE)]
-        entries = single_entries(paths, args.input_text, args.max_batch_size)
+            raise UserError("give --input_image or --dataset_path")
+        entries = single_entries(paths, text, 1 if args.performance else args.max_batch_size)
 
-    llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
-              max_input_length=args.max_input_length, max_output_length=args.max_output_length,
+    llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=max(batch_sizes),
+              max_input_length=args.max_input_length, max_output_length=max(output_lengths),
               block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
               shm_name_save_path=args.shm_name_save_path)
     params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             ignore_eos=args.ignore_eos)
+    warm_up(llm)
+    if args.performance:
+        return run_performance(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
 
     runnable = [entry for entry in entries if entry.error is None]
     start = time.perf_counter()
@@ -253,11 +294,60 @@ def run(args: argparse.Namespace) -> int:
     if not dataset_mode and failed:
         # The copies are one prompt: the first failure says why, once.
         raise UserError(failed[0].error)
+    if benchmark_enabled() and any(output.error is None for output in outputs):
+        dump_benchmark([RunSummary.from_run(llm.step_records, outputs)], ranks.rank)
     if ranks.rank == 0:
         print_report(entries, latency)
         if dataset_mode:
             save_results(entries, args.results_save_path)
     return 1 if failed else 0
+
+
+def warm_up(llm: LLM) -> None:
+    """One short request before anything is timed, as MindIE runs one: a white 224x224 image (64 visual tokens) and
+    two output tokens, so one-off costs (first allocations, thread pools, lazy initialisation) stay out of the
+    figures. It never writes the benchmark CSV; a limit it breaks (a tiny --max_input_length) only skips it."""
+    from PIL import Image
+
+    start = time.perf_counter()
+    request = [{"image": Image.new("RGB", (224, 224), "white")}, {"text": "Describe the image."}]
+    [output] = llm.generate([request], SamplingParams(max_tokens=min(2, llm.max_output_length), ignore_eos=True))
+    if output.error is not None:
+        logger.info("warm-up skipped: %s", output.error)
+    else:
+        logger.info("warm-up: 1 request in %.2f s", time.perf_counter() - start)
+
+
+def dump_benchmark(summaries: list[RunSummary], rank: int, label: str = "") -> None:
+    """MindIE's log line for the latest run; rank 0 alone writes every run's row to the benchmark CSV."""
+    logger.info("%s%s", label, summaries[-1].log_line())
+    if rank != 0:
+        return
+    path = benchmark_path()
+    try:
+        write_csv(path, summaries)
+    except OSError as e:
+        raise UserError(f"{PATH_VARIABLE} {path}: cannot write: {e.strerror}") from None
+    logger.info("benchmark of %d run(s) written to %s", len(summaries), path)
+
+
+def run_performance(llm: LLM, items: list, params: SamplingParams, batch_sizes: list[int],
+                    output_lengths: list[int], rank: int) -> int:
+    """Every (output length, batch size) point on copies of one prompt, eos ignored so outputs reach the length.
+    The CSV is rewritten after each point, so a sweep cut short keeps the rows it finished."""
+    summaries = []
+    for output_length in output_lengths:
+        point = dataclasses.replace(params, max_tokens=output_length, ignore_eos=True)
+        for batch_size in batch_sizes:
+            outputs = llm.generate([list(items) for _ in range(batch_size)], point)
+            failed = [output.error for output in outputs if output.error is not None]
+            if failed:
+                raise UserError(failed[0])
+            summaries.append(RunSummary.from_run(llm.step_records, outputs))
+            dump_benchmark(summaries, rank, f"batch size {batch_size}, output length {output_length}: ")
+    if rank == 0:
+        print(markdown_table(summaries), flush=True)
+    return 0
 
 
 def print_report(entries: list[Entry], latency: float) -> None:

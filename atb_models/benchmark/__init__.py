@@ -1,0 +1,2 @@
+"""Measuring the kit: the benchmark CSV of run_pa (`csv_report`) and `python -m atb_models.benchmark compare`, the
+kit against transformers and against the hardware's floor (`compare`, `engines`, `floors`, `presets`)."""

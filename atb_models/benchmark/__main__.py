@@ -1,0 +1,81 @@
+"""python -m atb_models.benchmark compare [--preset cpu-small|2b|tiny] [--model_path DIR] [--repeats N] [--threads N]
+
+Runs the same workloads through the kit and through transformers in one process and prints a table, then one line
+per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16].
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from atb_models.errors import UserError
+from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from atb_models.benchmark.compare import WORKLOADS
+    from atb_models.benchmark.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m atb_models.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    compare = commands.add_parser("compare", help="the kit against transformers and against the decode floor")
+    compare.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                         help="workload sizes and, without --model_path, the random checkpoint to build once: "
+                              + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+    compare.add_argument("--model_path", metavar="DIR", help="run the preset's workloads on this checkpoint instead")
+    compare.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: the preset's")
+    compare.add_argument("--device", choices=DEVICE_CHOICES, help="default: the preset's")
+    compare.add_argument("--repeats", type=int, metavar="N", help="timed runs per workload and side (default: the "
+                                                                    "preset's)")
+    compare.add_argument("--threads", type=int, metavar="N",
+                         help="torch CPU threads (default: torch's, one per core); where other work shares the "
+                              "cores, fewer threads keep them from waiting on a descheduled sibling")
+    compare.add_argument("--workloads", default=",".join(WORKLOADS), metavar="LIST",
+                         help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    kit_logger = logging.getLogger("atb_models")
+    kit_logger.handlers[:] = [handler]
+    kit_logger.setLevel(logging.INFO)
+    kit_logger.propagate = False
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # its generation-config notes say nothing about speed
+    import torch
+
+    from atb_models.benchmark.compare import WORKLOADS, report, run_compare
+    from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
+
+    try:
+        preset = PRESETS[args.preset]
+        workloads = tuple(w for w in args.workloads.split(",") if w)
+        unknown = sorted(set(workloads) - set(WORKLOADS))
+        if unknown or not workloads:
+            raise UserError(f"--workloads {args.workloads}: choose from {','.join(WORKLOADS)}")
+        repeats = preset.repeats if args.repeats is None else args.repeats
+        if repeats < 1:
+            raise UserError(f"--repeats must be at least 1, got {repeats}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        model_path = args.model_path or str(ensure_checkpoint(preset))
+        results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,
+                                     repeats, workloads)
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    print(report(results, setup, preset), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""`compare`: the same workloads through the kit and through transformers in one process, alternating, after a
+warm-up, medians over repeats; plus the decode floor from the machine measured in the same run.
+
+- single:  one image plus a question, batch 1: end-to-end latency and first-token time;
+- batch16: 16 requests of growing images and mixed output lengths: total time, against transformers one request
+           at a time and in one left-padded batch (which runs every row to the longest output);
+- decode:  wall time per decode step at each batch size, against the floor (floors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from atb_models import LLM
+from atb_models.benchmark import floors
+from atb_models.benchmark.engines import KitEngine, ReferenceEngine, Request, Timing
+from atb_models.benchmark.presets import Preset, Workloads, benchmark_dir
+from atb_models.demo.checkpoint import make_image
+
+logger = logging.getLogger("atb_models.benchmark")
+
+WORKLOADS = ("single", "batch16", "decode")
+
+
+def make_requests(workloads: Workloads, media_dir: Path) -> dict[str, list[Request]]:
+    """Each workload's requests; the images are written once into media_dir."""
+    media_dir.mkdir(parents=True, exist_ok=True)
+
+    def image(size: tuple[int, int], seed: int) -> str:
+        path = media_dir / f"image_{size[0]}x{size[1]}_{seed}.png"
+        if not path.is_file():
+            make_image(path, width=size[0], height=size[1], seed=seed)
+        return str(path)
+
+    question = {"text": workloads.question}
+    requests = {
+        "single": [Request([{"image": image(workloads.single_image, 0)}, question], workloads.single_tokens)],
+        "batch16": [Request([{"image": image(size, i + 1)}, question], tokens)
+                    for i, (size, tokens) in enumerate(zip(workloads.batch_images, workloads.batch_tokens))],
+    }
+    for batch_size in workloads.decode_batch_sizes:
+        requests[f"decode_bs{batch_size}"] = [Request([{"text": workloads.decode_prompt}], workloads.decode_steps + 1)
+                                              for _ in range(batch_size)]
+    return requests
+
+
+@dataclass
+class Results:
+    """Every timed run, by (workload, mode); the medians and ratios are derived from them."""
+    runs: dict = field(default_factory=dict)
+    machine: floors.Machine | None = None
+    decode_params: int = 0
+    bytes_per_param: int = 4
+    tokens_match: dict = field(default_factory=dict)
+
+    def add(self, workload: str, mode: str, timing: Timing) -> None:
+        self.runs.setdefault((workload, mode), []).append(timing)
+
+    def median(self, workload: str, mode: str, figure: str) -> float:
+        return statistics.median(getattr(t, figure) for t in self.runs[(workload, mode)])
+
+    def has(self, workload: str) -> bool:
+        return any(key[0] == workload for key in self.runs)
+
+    def floor(self, batch_size: int) -> float:
+        return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, self.machine)
+
+
+def _alternate(results: Results, workload: str, runs: dict, repeats: int) -> None:
+    """Each mode once per repeat; the order flips every repeat so a drift in the machine's load hits all alike."""
+    modes = list(runs)
+    for repeat in range(repeats):
+        for mode in modes if repeat % 2 == 0 else reversed(modes):
+            start = time.perf_counter()
+            results.add(workload, mode, runs[mode]())
+            logger.info("%s / %s: repeat %d of %d in %.1f s", workload, mode, repeat + 1, repeats,
+                        time.perf_counter() - start)
+
+
+def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeats: int,
+                workloads: tuple[str, ...]) -> tuple[Results, dict]:
+    """Runs the chosen workloads; returns the results and a description of the set-up for the report."""
+    load_before = os.getloadavg()[0]
+    w = preset.workloads
+    llm = LLM(model_path, dtype=dtype, device=device, max_batch_size=max(len(w.batch_images), *w.decode_batch_sizes),
+              max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
+    plan = llm.plan
+    kit = KitEngine(llm)
+    reference = ReferenceEngine(model_path, plan, llm.preprocessor)
+    requests = make_requests(w, benchmark_dir(preset) / "media")
+    results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize)
+
+    def measure_machine() -> floors.Machine:
+        config = llm.model_config.hf_config
+        return floors.measure_machine(plan, config.hidden_size, config.intermediate_size, preset.bandwidth_bytes)
+
+    results.machine = measure_machine()
+    logger.info("warm-up: every workload's first request, a few tokens, on both sides")
+    warm = [Request(requests["single"][0].items, 2)]
+    kit.run(warm)
+    reference.run_one_at_a_time(warm)
+    for batch_size in w.decode_batch_sizes:
+        short = [Request(r.items, 2) for r in requests[f"decode_bs{batch_size}"]]
+        kit.run(short)
+        reference.run_batched(short, batch_size)
+
+    if "single" in workloads:
+        single = requests["single"]
+        _alternate(results, "single", {"kit": partial(kit.run, single),
+                                       "hf": partial(reference.run_one_at_a_time, single)}, repeats)
+        results.tokens_match["single"] = (results.runs[("single", "kit")][-1].token_ids
+                                          == results.runs[("single", "hf")][-1].token_ids)
+    if "batch16" in workloads:
+        batch = requests["batch16"]
+        _alternate(results, "batch16", {"kit": partial(kit.run, batch),
+                                        "hf_one_at_a_time": partial(reference.run_one_at_a_time, batch),
+                                        "hf_batched": partial(reference.run_batched, batch, len(batch))}, repeats)
+    if "decode" in workloads:
+        for batch_size in w.decode_batch_sizes:
+            batch = requests[f"decode_bs{batch_size}"]
+            _alternate(results, f"decode_bs{batch_size}",
+                       {"kit": partial(kit.run, batch), "hf": partial(reference.run_batched, batch, batch_size)},
+                       repeats)
+    results.machine = results.machine.best_of(measure_machine())
+
+    setup = {
+        "preset": f"{preset.name}: {preset.description}",
+        "checkpoint": model_path,
+        "device": plan.describe(),
+        "host": f"{_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+                f"python {platform.python_version()}",
+        "repeats": f"{repeats} per workload and side (medians), after one warm-up",
+        # Other processes on the CPU slow both sides, and unevenly: a load above the core count flags such a run.
+        "load": f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+                f"on {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    return results, setup
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def figures(results: Results, decode_batch_sizes: tuple[int, ...]) -> dict[str, float]:
+    """The closing figures: speedups over transformers (its better mode for batch16), decode against the floor."""
+    out = {}
+    if results.has("single"):
+        out["speedup_vs_hf[single]"] = (results.median("single", "hf", "seconds")
+                                        / results.median("single", "kit", "seconds"))
+    if results.has("batch16"):
+        best_hf = min(results.median("batch16", mode, "seconds") for mode in ("hf_one_at_a_time", "hf_batched"))
+        out["speedup_vs_hf[batch16]"] = best_hf / results.median("batch16", "kit", "seconds")
+    for batch_size in decode_batch_sizes:
+        if results.has(f"decode_bs{batch_size}"):
+            out[f"decode_vs_floor[bs{batch_size}]"] = (results.median(f"decode_bs{batch_size}", "kit", "per_token")
+                                                      / results.floor(batch_size))
+    return out
+
+
+def report(results: Results, setup: dict, preset: Preset) -> str:
+    """A table of the medians, then one `name: value` line per figure."""
+    lines = [f"{key}: {value}" for key, value in setup.items()]
+    machine = results.machine
+    lines.append(f"machine: memory bandwidth {machine.bandwidth / 1e9:.1f} GB/s, matmul "
+                 f"{machine.matmul_rate / 1e9:.1f} GFLOP/s ({str(results.bytes_per_param * 8)}-bit floats); decode "
+                 f"reads {results.decode_params / 1e6:.1f} M parameters")
+    rows = [("workload", "figure", "kit", "transformers", "hf / kit")]
+
+    def row(workload, label, kit_value, hf_value, unit_ms=True):
+        fmt = _ms if unit_ms else (lambda s: f"{s:.2f}")
+        rows.append((workload, label, fmt(kit_value), fmt(hf_value), f"{hf_value / kit_value:.2f}"))
+
+    if results.has("single"):
+        for figure, label in (("seconds", "end-to-end (ms)"), ("first_token", "first token (ms)"),
+                              ("per_token", "per decode step (ms)")):
+            row("single", label, results.median("single", "kit", figure), results.median("single", "hf", figure))
+        same = "identical" if results.tokens_match.get("single") else "differ (random weights: near-ties)"
+        lines.append(f"single: kit and transformers tokens {same}")
+    if results.has("batch16"):
+        kit_s = results.median("batch16", "kit", "seconds")
+        for mode, label in (("hf_one_at_a_time", "total (s), hf one at a time"),
+                            ("hf_batched", "total (s), hf left-padded batch")):
+            row("batch16", label, kit_s, results.median("batch16", mode, "seconds"), unit_ms=False)
+    for batch_size in preset.workloads.decode_batch_sizes:
+        workload = f"decode_bs{batch_size}"
+        if results.has(workload):
+            kit_step, hf_step = (results.median(workload, mode, "per_token") for mode in ("kit", "hf"))
+            row(workload, "per decode step (ms)", kit_step, hf_step)
+            floor = results.floor(batch_size)
+            rows.append((workload, f"per decode step / floor of {_ms(floor)} ms", f"{kit_step / floor:.2f}",
+                         f"{hf_step / floor:.2f}", ""))
+            rows.append((workload, "kit forward + sampling only (ms)", _ms(results.median(workload, "kit", "in_step")),
+                         "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
+    lines.append("")
+    lines += [f"{name}: {value:.2f}" for name, value in figures(results, preset.workloads.decode_batch_sizes).items()]
+    return "\n".join(lines)

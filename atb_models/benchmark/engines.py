@@ -1,0 +1,140 @@
+"""The two sides of `compare`, timed the same way: the kit's engine and transformers' Qwen2VLForConditionalGeneration
+(4.46) on the kit's own preprocessed prompts.
+
+Every timing is wall clock from the moment the requests are handed over, so both sides include preprocessing
+(image decoding, resizing, normalising, the chat template: the same code for both), and every host cost between
+tokens. Outputs always reach their requested length: the kit ignores eos, transformers is given no eos id.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from atb_models import LLM, SamplingParams
+from atb_models.errors import UserError
+
+
+@dataclass
+class Request:
+    items: list          # the kit's request format: [{"image": path}, {"text": ...}]
+    max_tokens: int
+
+
+@dataclass
+class Timing:
+    seconds: float                  # until the last token of the last request
+    first_token: float              # until the first request's first token
+    per_token: float                # the first request's decode steps: (last token - first token) / (tokens - 1)
+    token_ids: list                 # per request
+    in_step: Optional[float] = None  # kit only: mean decode step from forward to sampled token (StepRecord)
+
+
+def _per_token(first: float, last: float, num_tokens: int) -> float:
+    return (last - first) / (num_tokens - 1) if num_tokens > 1 else 0.0
+
+
+class KitEngine:
+    name = "kit"
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.plan = llm.plan
+
+    def run(self, requests: list[Request]) -> Timing:
+        params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate([r.items for r in requests], params)
+        seconds = time.perf_counter() - start
+        failed = [out.error for out in outputs if out.error is not None]
+        if failed:
+            raise UserError(f"the kit failed a benchmark request: {failed[0]}")
+        first = outputs[0]
+        decode_steps = [r.seconds for r in self.llm.step_records if not r.is_prefill]
+        return Timing(seconds, first.first_token_s,
+                      _per_token(first.first_token_s, first.finished_s, len(first.token_ids)),
+                      [out.token_ids for out in outputs],
+                      sum(decode_steps) / len(decode_steps) if decode_steps else None)
+
+
+class _TokenClock:
+    """A stopping criterion that never stops: it notes when each generated token is ready (device synchronised)."""
+
+    def __init__(self, synchronize):
+        self.synchronize = synchronize
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def reference_inputs(prompts: list, pad_token_id: int, device: torch.device) -> dict:
+    """generate() inputs for several preprocessed prompts: ids left-padded to the longest, its attention mask, and
+    the images' and videos' patches and grids concatenated in prompt order."""
+    length = max(len(p.token_ids) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt.token_ids):] = torch.tensor(prompt.token_ids)
+        mask[row, length - len(prompt.token_ids):] = 1
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
+                                ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [v for p in prompts for v in p.visuals if v.kind == kind]
+        if items:
+            inputs[pixels] = torch.cat([v.pixel_values for v in items]).to(device)
+            inputs[grids] = torch.tensor([list(v.grid_thw) for v in items], device=device)
+    return inputs
+
+
+class ReferenceEngine:
+    """transformers' implementation, one request at a time or in left-padded static batches."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: str, plan, preprocessor):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        self.plan = plan
+        self.preprocessor = preprocessor
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=plan.llm_dtype)
+        model.visual.to(plan.vision_dtype)
+        self.model = model.to(plan.device).eval()
+        # Left padding fills with generation_config.json's pad id (else an eos id): the attention mask hides it.
+        generation = model.generation_config
+        eos = generation.eos_token_id
+        self.pad_token_id = generation.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = (eos[0] if isinstance(eos, list) else eos) or 0
+
+    def _generate(self, requests: list[Request], clock: _TokenClock) -> list:
+        """The requests as one left-padded batch: every row generates the longest request's length."""
+        prompts = [self.preprocessor(r.items) for r in requests]
+        inputs = reference_inputs(prompts, self.pad_token_id, self.plan.device)
+        max_tokens = max(r.max_tokens for r in requests)
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                                            top_p=None, top_k=None, repetition_penalty=1.0, eos_token_id=None,
+                                            pad_token_id=self.pad_token_id, stopping_criteria=[clock])
+        width = inputs["input_ids"].shape[1]
+        return [sequences[row, width:width + r.max_tokens].tolist() for row, r in enumerate(requests)]
+
+    def run_batched(self, requests: list[Request], batch_size: int) -> Timing:
+        """Batches of batch_size requests in order; each batch runs to its longest request's length."""
+        clocks, token_ids = [], []
+        start = time.perf_counter()
+        for first in range(0, len(requests), batch_size):
+            clocks.append(_TokenClock(self.plan.synchronize))
+            token_ids += self._generate(requests[first:first + batch_size], clocks[-1])
+        seconds = time.perf_counter() - start
+        times = clocks[0].times
+        per_token = _per_token(times[0], times[requests[0].max_tokens - 1], requests[0].max_tokens)
+        return Timing(seconds, times[0] - start, per_token, token_ids)
+
+    def run_one_at_a_time(self, requests: list[Request]) -> Timing:
+        return self.run_batched(requests, 1)

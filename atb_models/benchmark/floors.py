@@ -1,0 +1,81 @@
+"""What the hardware allows: the machine's memory bandwidth and matrix rate, measured in the benchmark's own
+process, and the decode-step floor they give.
+
+A decode step at batch B reads every weight of the language model once (the embedding table excepted: decode
+gathers B rows of it) and does 2 * params * B floating-point operations, so it cannot take less than
+max(weight bytes / bandwidth, 2 * params * B / matrix rate). The KV cache read is left out: at these context
+lengths it is under 1% of the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Machine:
+    bandwidth: float      # bytes/s, reading a tensor much larger than the last-level cache
+    matmul_rate: float    # floating-point operations/s of the model's MLP matmuls in its dtype
+
+    def best_of(self, other: "Machine") -> "Machine":
+        return Machine(max(self.bandwidth, other.bandwidth), max(self.matmul_rate, other.matmul_rate))
+
+
+def _best_seconds(work: Callable[[], object], synchronize: Callable[[], None], repeats: int) -> float:
+    """The fastest of `repeats` timed runs after one untimed one: other load on the machine only slows a run, so
+    the fastest is the closest to what the hardware does."""
+    work()
+    synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_bandwidth(device: torch.device, num_bytes: int, synchronize: Callable[[], None],
+                      repeats: int = 5) -> float:
+    """Bytes per second of summing a float32 tensor of num_bytes: a pure read, as the weights are in decode."""
+    data = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    return data.numel() * 4 / _best_seconds(data.sum, synchronize, repeats)
+
+
+def measure_matmul_rate(kernels: list, device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int,
+                        synchronize: Callable[[], None], tokens: int = 256, repeats: int = 5) -> float:
+    """Operations per second of an MLP's two matmuls on `tokens` rows (enough rows to be compute-bound), with the
+    fastest of `kernels` (functions like F.linear): on the CPU oneDNN's linear runs about twice MKL's GEMM, and the
+    floor must not rest on the slower one."""
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    up = torch.randn(intermediate, hidden, dtype=dtype, device=device) / hidden ** 0.5
+    down = torch.randn(hidden, intermediate, dtype=dtype, device=device) / intermediate ** 0.5
+    seconds = min(_best_seconds(lambda: kernel(kernel(x, up), down), synchronize, repeats) for kernel in kernels)
+    return 2 * 2 * tokens * hidden * intermediate / seconds
+
+
+def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) -> Machine:
+    """The machine as a plan's device and dtype see it; the matrix rate with F.linear and the kit's own kernel."""
+    from atb_models.platform import linear_kernel
+
+    kernels = [F.linear, linear_kernel(plan)]
+    return Machine(measure_bandwidth(plan.device, bandwidth_bytes, plan.synchronize),
+                   measure_matmul_rate(kernels, plan.device, plan.llm_dtype, hidden, intermediate, plan.synchronize))
+
+
+def decode_params(reference_model) -> int:
+    """Parameters a decode step reads: transformers' language model without its embedding table, plus the LM head
+    (counted once when it shares the embedding's tensor)."""
+    language_model = sum(p.numel() for name, p in reference_model.model.named_parameters()
+                         if not name.startswith("embed_tokens."))
+    return language_model + reference_model.lm_head.weight.numel()
+
+
+def decode_floor(params: int, bytes_per_param: int, batch_size: int, machine: Machine) -> float:
+    """Seconds a decode step of batch_size sequences cannot beat."""
+    return max(params * bytes_per_param / machine.bandwidth, 2 * params * batch_size / machine.matmul_rate)

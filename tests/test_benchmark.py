@@ -1,0 +1,210 @@
+"""The benchmark tools: run_pa's CSV (columns, definitions, who writes it, the --performance sweep) and
+`python -m atb_models.benchmark compare` end to end on the tiny preset. No test asserts a timing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from atb_models.benchmark import floors
+from atb_models.benchmark.csv_report import COLUMNS, RunSummary, write_csv
+from atb_models.benchmark.engines import reference_inputs
+from atb_models.benchmark.presets import PRESETS
+from atb_models.engine.llm import RequestOutput, StepRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PA_SH = ROOT / "examples" / "models" / "qwen2_vl" / "run_pa.sh"
+COMMON_ARGS = ["--world_size", "1", "--device", "cpu", "--dtype", "float32", "--max_input_length", "512"]
+LOG_LINE = re.compile(r"Prefill time: \d+\.\d\dms, Prefill average time: \d+\.\d\dms, "
+                      r"Decode token time: \d+\.\d\dms, E2E time: \d+\.\d\dms")
+
+
+def run_pa(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("ATB_LLM_BENCHMARK_")}
+    full_env.update(PYTHON=sys.executable, **(env or {}))
+    return subprocess.run(["bash", str(RUN_PA_SH), *COMMON_ARGS, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def output(prompt_tokens: int, generated: int, error: str | None = None) -> RequestOutput:
+    return RequestOutput(0, "", token_ids=list(range(generated)), prompt_token_count=prompt_tokens, error=error)
+
+
+# ------------------------------------------------------------------------------------------- CSV definitions
+
+def test_decode_token_time_divides_by_the_decode_steps_actually_run():
+    # Configured for 8 tokens, the longest request stopped at 4: three decode steps ran, not seven.
+    records = [StepRecord(True, 2, 300, 0.4), StepRecord(False, 2, 2, 0.1), StepRecord(False, 2, 2, 0.2),
+               StepRecord(False, 1, 1, 0.3)]
+    summary = RunSummary.from_run(records, [output(150, 4), output(140, 2)])
+    assert summary.decode_token_time_ms == pytest.approx(200.0)
+    assert summary.prefill_time_ms == pytest.approx(400.0)
+    assert summary.prefill_average_time_ms == pytest.approx(200.0)
+    assert summary.e2e_time_ms == pytest.approx(1000.0)
+    assert (summary.batch_size, summary.input_seq_len, summary.output_seq_len) == (2, 150, 4)
+    assert summary.log_line() == ("Prefill time: 400.00ms, Prefill average time: 200.00ms, "
+                                  "Decode token time: 200.00ms, E2E time: 1000.00ms")
+
+
+def test_a_request_that_failed_in_preprocessing_is_not_counted():
+    summary = RunSummary.from_run([StepRecord(True, 1, 100, 0.5)], [output(100, 1), output(0, 0, error="bad file")])
+    assert summary.batch_size == 1 and summary.prefill_average_time_ms == pytest.approx(500.0)
+    assert summary.decode_token_time_ms == 0.0  # one token: no decode step
+
+
+def test_csv_has_mindies_ten_columns_in_order_and_private_modes(tmp_path):
+    records = [StepRecord(True, 1, 100, 0.25), StepRecord(False, 1, 1, 0.125), StepRecord(False, 1, 1, 0.0625)]
+    path = tmp_path / "new_folder" / "benchmark.csv"
+    write_csv(str(path), [RunSummary.from_run(records, [output(100, 3)])])
+    header, rows = read_csv(path)
+    assert header == ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
+                      "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
+                      "prefill_average_time(ms)"] == list(COLUMNS)
+    assert rows == [{"batch_size": "1", "input_seq_len": "100", "output_seq_len": "3", "e2e_time(ms)": "437.50",
+                     "prefill_time(ms)": "250.00", "decoder_token_time(ms)": "93.75", "prefill_count": "1",
+                     "prefill_token_times": "0.250000", "decode_token_times": "0.125000,0.062500",
+                     "prefill_average_time(ms)": "250.00"}]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o7 == 0
+
+
+def test_only_rank_0_writes_the_csv(tmp_path, monkeypatch):
+    from examples.models.qwen2_vl.run_pa import dump_benchmark
+
+    path = tmp_path / "benchmark.csv"
+    monkeypatch.setenv("ATB_LLM_BENCHMARK_FILEPATH", str(path))
+    summaries = [RunSummary.from_run([StepRecord(True, 1, 10, 0.1)], [output(10, 1)])]
+    dump_benchmark(summaries, rank=1)
+    assert not path.exists()
+    dump_benchmark(summaries, rank=0)
+    assert len(read_csv(path)[1]) == 1
+
+
+# ------------------------------------------------------------------------------------------- run_pa end to end
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint()
+
+
+def test_benchmark_env_writes_the_timed_run_with_honest_decode_time(checkpoint, sample_image_path, tmp_path):
+    result = run_pa("--model_path", checkpoint, "--input_image", sample_image_path, "--max_batch_size", "3",
+                    "--max_output_length", "6", "--ignore_eos", cwd=tmp_path, env={"ATB_LLM_BENCHMARK_ENABLE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "warm-up: 1 request" in result.stderr
+    assert len(LOG_LINE.findall(result.stderr)) == 1, result.stderr  # the timed run's line, not the warm-up's
+    header, rows = read_csv(tmp_path / "benchmark_result" / "benchmark.csv")  # the default path, in the cwd
+    assert header == list(COLUMNS)
+    [row] = rows  # the three-request run, not the one-request warm-up
+    assert (row["batch_size"], row["output_seq_len"], row["prefill_count"]) == ("3", "6", "1")
+    prefill = [float(s) for s in row["prefill_token_times"].split(",")]
+    decode = [float(s) for s in row["decode_token_times"].split(",")]
+    assert len(decode) == 5
+    assert float(row["decoder_token_time(ms)"]) == pytest.approx(1000 * sum(decode) / len(decode), abs=0.01)
+    assert float(row["e2e_time(ms)"]) == pytest.approx(1000 * (sum(prefill) + sum(decode)), abs=0.01)
+    assert float(row["prefill_average_time(ms)"]) == pytest.approx(1000 * sum(prefill) / 3, abs=0.01)
+
+
+def test_the_warm_up_alone_never_writes_the_csv(checkpoint, tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run_pa("--model_path", checkpoint, "--dataset_path", dataset, "--results_save_path",
+                    tmp_path / "out.json", cwd=tmp_path,
+                    env={"ATB_LLM_BENCHMARK_ENABLE": "1", "ATB_LLM_BENCHMARK_FILEPATH": str(tmp_path / "b.csv")})
+    assert result.returncode == 1
+    assert "warm-up: 1 request" in result.stderr
+    assert not (tmp_path / "b.csv").exists()
+
+
+def test_performance_sweeps_batch_sizes_and_output_lengths_one_row_each(checkpoint, sample_image_path, tmp_path):
+    csv_path = tmp_path / "sweep" / "perf.csv"
+    result = run_pa("--model_path", checkpoint, "--input_image", sample_image_path, "--performance",
+                    "--batch_sizes", "1,3", "--output_lengths", "2,4", cwd=tmp_path,
+                    env={"ATB_LLM_BENCHMARK_FILEPATH": str(csv_path)})  # --performance writes without the switch
+    assert result.returncode == 0, result.stderr
+    _, rows = read_csv(csv_path)
+    points = [(int(r["batch_size"]), int(r["output_seq_len"])) for r in rows]
+    assert points == [(1, 2), (3, 2), (1, 4), (3, 4)]
+    assert [len(r["decode_token_times"].split(",")) for r in rows] == [1, 1, 3, 3]  # eos ignored: full length
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| batch | input len | output len | first token (ms) | per token (ms)")
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| 1", "| 3", "| 1", "| 3"]
+    assert "Answer[0]" not in result.stdout
+
+
+def test_sweep_flags_without_performance_are_refused(capsys):
+    from examples.models.qwen2_vl.run_pa import main
+
+    assert main(["--batch_sizes", "1,2"]) == 1
+    assert capsys.readouterr().err.strip() == "Error: --batch_sizes and --output_lengths go with --performance"
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+def test_presets_hold_the_workloads_of_the_issue():
+    for name in ("cpu-small", "2b"):
+        w = PRESETS[name].workloads
+        assert len(w.batch_images) == len(w.batch_tokens) == 16
+        assert (w.batch_images[0], w.batch_images[-1]) == ((224, 224), (672, 448))
+        assert (min(w.batch_tokens), max(w.batch_tokens)) == (16, 128)
+        assert w.decode_batch_sizes == (1, 16)
+    assert (PRESETS["cpu-small"].workloads.single_image, PRESETS["cpu-small"].workloads.single_tokens) == \
+        ((448, 448), 64)
+    assert PRESETS["2b"].workloads.single_tokens == 128
+    assert PRESETS["2b"].shape.vocab_size == 151936
+
+
+def test_decode_floor_is_the_larger_of_weight_reading_and_matrix_work():
+    machine = floors.Machine(bandwidth=100e9, matmul_rate=1e12)
+    assert floors.decode_floor(10**9, 4, 1, machine) == pytest.approx(0.04)   # 4 GB at 100 GB/s
+    assert floors.decode_floor(10**9, 4, 64, machine) == pytest.approx(0.128)  # 128 GFLOP at 1 TFLOP/s
+
+
+def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
+    from tests.parity_utils import reference_model
+
+    model = reference_model(str(tiny_checkpoint()))
+    embedding = model.model.embed_tokens.weight.numel()
+    language_model = sum(p.numel() for p in model.model.parameters())
+    assert floors.decode_params(model) == language_model - embedding + model.lm_head.weight.numel()
+
+
+def test_reference_inputs_left_pad_and_keep_the_images_in_order():
+    def prompt(ids, *pixels):
+        visuals = [SimpleNamespace(kind="image", pixel_values=p, grid_thw=(1, 2, 2)) for p in pixels]
+        return SimpleNamespace(token_ids=ids, visuals=visuals)
+
+    first, second = torch.zeros(4, 3), torch.ones(4, 3)
+    inputs = reference_inputs([prompt([5, 6], first), prompt([7, 8, 9], second)], 0, torch.device("cpu"))
+    assert inputs["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert inputs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert torch.equal(inputs["pixel_values"], torch.cat([first, second]))
+    assert inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
+
+
+def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
+    env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-4:]
+    names = ["speedup_vs_hf[single]", "speedup_vs_hf[batch16]", "decode_vs_floor[bs1]", "decode_vs_floor[bs16]"]
+    assert [line.split(": ")[0] for line in last] == names, result.stdout
+    assert all(re.fullmatch(r"\S+: \d+\.\d\d", line) for line in last), last
+    assert "single: kit and transformers tokens identical" in result.stdout  # same tokens, so the same work
