@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ class Score:
     prediction: object          # what the scorer read from the output
 
 
-class Task:
+class Task(abc.ABC):
     """A dataset read whole (so a malformed file fails before the model loads), split into subsets."""
 
     name: str
@@ -44,8 +45,9 @@ class Task:
     def __init__(self, subsets: list[Subset]):
         self.subsets = subsets
 
+    @abc.abstractmethod
     def score(self, sample: Sample, output: str) -> Score:
-        raise NotImplementedError
+        """How one output scores against the sample's gold answers (every task says how)."""
 
     def zero_score(self) -> Score:
         """What a failed sample counts as."""
