@@ -45,3 +45,15 @@ def sample_video_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sample_frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Four different 160x120 PNG frames, in order."""
     return make_frames(tmp_path_factory.mktemp("frames"), 4, width=160, height=120, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def restore_kit_logger():
+    """run_pa's main(), called in-process by some tests, configures the "atb_models" logger for a console; the
+    next test must see it as it was (propagating to pytest's log capture)."""
+    import logging
+
+    kit_logger = logging.getLogger("atb_models")
+    saved = kit_logger.handlers[:], kit_logger.level, kit_logger.propagate
+    yield
+    kit_logger.handlers[:], kit_logger.level, kit_logger.propagate = saved
