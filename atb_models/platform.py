@@ -209,34 +209,76 @@ class Plan:
 
 
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
+ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
 
 
-def linear_kernel(plan: Plan):
-    """The matrix product behind every linear layer: y = x W^T + b.
+class LinearKernel:
+    """The matrix product behind every linear layer, y = x W^T + b: F.linear, the vendor's GEMM on accelerators."""
 
-    On the CPU, oneDNN's linear (the kernel PyTorch's own compiler uses for frozen CPU models) runs 2-3x faster
-    than the MKL GEMM that F.linear calls for float32 at the small row counts of decoding (1-64 rows), measured on
-    this kit's shapes; see docs/PERFORMANCE.md. Elsewhere F.linear is the vendor's GEMM already."""
-    import torch.nn.functional as F
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        import torch.nn.functional as F
 
+        return F.linear(x, weight, bias)
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The loaded weight in the layout this kernel reads fastest, or None to keep it as it is."""
+        return None
+
+
+class OneDnnLinear(LinearKernel):
+    """oneDNN's linear on the CPU (the kernel PyTorch's own compiler uses for frozen CPU models). It runs 2-3x
+    faster than the MKL GEMM F.linear calls for float32 at the small row counts of decoding (1-64 rows), and
+    another 1.3-1.6x faster on weights packed once into its blocked layout (`pack`) instead of re-laid out on
+    every call; measured on this kit's shapes, see docs/PERFORMANCE.md.
+
+    oneDNN has no CPU float16 inner product, and its call overhead (~15 us) outweighs its speed on tiny matrices
+    (the demo and test models): those stay on F.linear."""
+
+    def __init__(self, linear_op, reorder_op):
+        self._linear = linear_op
+        self._reorder = reorder_op
+
+    def _suits(self, weight: torch.Tensor) -> bool:
+        return weight.dtype != torch.float16 and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS
+
+    def __call__(self, x, weight, bias=None):
+        if weight.is_mkldnn or self._suits(weight):
+            return self._linear(x, weight, bias, "none", [], "")
+        return super().__call__(x, weight, bias)
+
+    def pack(self, weight):
+        if self._reorder is None or not self._suits(weight):
+            return None
+        # The layout is chosen for ONEDNN_PACK_ROWS rows and stays right for any count (prefill included).
+        return self._reorder(weight.contiguous(), ONEDNN_PACK_ROWS)
+
+
+PLAIN_LINEAR = LinearKernel()
+
+
+def linear_kernel(plan: Plan) -> LinearKernel:
+    """The linear kernel for a plan's device: oneDNN on the CPU where this build has a working one, else
+    F.linear."""
     if plan.kind != "cpu" or not torch.backends.mkldnn.is_available():
-        return F.linear
+        return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if onednn is None:
-        return F.linear
+        return PLAIN_LINEAR
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    # Some builds register the ops without a working kernel for this CPU.
+    if not _runs(lambda: onednn(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(3), "none", [], "")):
+        return PLAIN_LINEAR
+    if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
+        reorder = None
+    return OneDnnLinear(onednn, reorder)
 
-    def onednn_linear(x, weight, bias=None):
-        # oneDNN has no CPU float16 inner product, and its call overhead (~15 us) outweighs its speed on tiny
-        # matrices (the demo and test models).
-        if weight.dtype == torch.float16 or weight.numel() < ONEDNN_MIN_WEIGHT_ELEMENTS:
-            return F.linear(x, weight, bias)
-        return onednn(x, weight, bias, "none", [], "")
 
-    try:  # some builds register the op without a working kernel for this CPU
-        onednn_linear(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(3))
+def _runs(call) -> bool:
+    try:
+        call()
     except RuntimeError:
-        return F.linear
-    return onednn_linear
+        return False
+    return True
 
 
 def free_memory_bytes(plan: Plan) -> int:

@@ -14,6 +14,8 @@ SHAPES = {
     "gqa": TinyShape(),
     "mha_tied": TinyShape(num_key_value_heads=4, tie_word_embeddings=True),
     "mqa_3layers": TinyShape(num_key_value_heads=1, num_hidden_layers=3, vision_depth=1),
+    # MLP weights of >= 256K elements: on the CPU they run through oneDNN in its packed layout, the rest F.linear.
+    "packed_mlp": TinyShape(hidden_size=256, intermediate_size=1024, num_hidden_layers=1, vision_depth=1),
 }
 
 

@@ -258,14 +258,38 @@ def test_probe_cuda_has_native_bf16_from_compute_capability_8(monkeypatch, major
 def test_linear_kernel_matches_f_linear_on_the_cpu_and_is_f_linear_elsewhere():
     import torch.nn.functional as F
 
-    from atb_models.platform import linear_kernel
+    from atb_models.platform import ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, linear_kernel
 
     cpu_plan = resolve_plan("cpu", "float32", "float32")
     kernel = linear_kernel(cpu_plan)
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     assert torch.allclose(kernel(x, w, b), F.linear(x, w, b), atol=1e-5)
     assert torch.allclose(kernel(x, w), F.linear(x, w), atol=1e-5)
+    assert kernel.pack(w) is None  # tiny: stays on F.linear
     half = kernel(x.half(), w.half())  # float16 falls back to F.linear on the CPU
     assert half.dtype == torch.float16
+    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256, 256)
+    assert kernel.pack(large.half()) is None
+    packed = kernel.pack(large)
+    if packed is not None:  # this build packs for oneDNN: same products on any row count
+        for rows in (1, 5, 40):
+            x = torch.randn(rows, 256)
+            assert torch.allclose(kernel(x, packed, None), F.linear(x, large), atol=1e-4)
     gpu = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
-    assert linear_kernel(resolve_plan("auto", "auto", "bfloat16", caps=gpu)) is F.linear
+    assert linear_kernel(resolve_plan("auto", "auto", "bfloat16", caps=gpu)) is PLAIN_LINEAR
+    assert PLAIN_LINEAR.pack(large) is None
+
+
+def test_pack_weights_packs_large_linears_but_not_a_tied_lm_head(monkeypatch):
+    from atb_models.layers import linear as linear_module
+    from atb_models.platform import OneDnnLinear
+
+    monkeypatch.setattr(linear_module, "_kernel", OneDnnLinear(None, lambda w, rows: w.clone().mul_(2)))
+    model = torch.nn.ModuleList([linear_module.Linear(512, 512, bias=False, dtype=torch.float32),
+                                 linear_module.Linear(8, 8, bias=False, dtype=torch.float32),
+                                 linear_module.VocabParallelLMHead(512, 600, torch.float32)])
+    for module in model:
+        torch.nn.init.ones_(module.weight)
+    model[2].tie_to(torch.ones(600, 512))
+    assert linear_module.pack_weights(model) == 1
+    assert model[0].weight.eq(2).all() and model[1].weight.eq(1).all() and model[2].weight.eq(1).all()

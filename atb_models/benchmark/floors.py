@@ -50,13 +50,22 @@ def measure_bandwidth(device: torch.device, num_bytes: int, synchronize: Callabl
 def measure_matmul_rate(kernels: list, device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int,
                         synchronize: Callable[[], None], tokens: int = 256, repeats: int = 5) -> float:
     """Operations per second of an MLP's two matmuls on `tokens` rows (enough rows to be compute-bound), with the
-    fastest of `kernels` (functions like F.linear): on the CPU oneDNN's linear runs about twice MKL's GEMM, and the
-    floor must not rest on the slower one."""
+    fastest of `kernels` (functions like F.linear), each on plain and on packed weights: on the CPU oneDNN's linear
+    runs about twice MKL's GEMM, and the floor must not rest on the slower one."""
     x = torch.randn(tokens, hidden, dtype=dtype, device=device)
     up = torch.randn(intermediate, hidden, dtype=dtype, device=device) / hidden ** 0.5
     down = torch.randn(hidden, intermediate, dtype=dtype, device=device) / intermediate ** 0.5
-    seconds = min(_best_seconds(lambda: kernel(kernel(x, up), down), synchronize, repeats) for kernel in kernels)
+    seconds = float("inf")
+    for kernel in kernels:
+        for a, b in {(up, down), (_packed(kernel, up), _packed(kernel, down))}:
+            seconds = min(seconds, _best_seconds(lambda: kernel(kernel(x, a), b), synchronize, repeats))
     return 2 * 2 * tokens * hidden * intermediate / seconds
+
+
+def _packed(kernel, weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the layout the kernel reads fastest (itself if the kernel has none)."""
+    layout = kernel.pack(weight) if hasattr(kernel, "pack") else None
+    return weight if layout is None else layout
 
 
 def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) -> Machine:

@@ -2,7 +2,7 @@
 import torch
 
 from atb_models.layers.attention import StepContext, set_context
-from atb_models.layers.linear import set_linear_kernel
+from atb_models.layers.linear import pack_weights, set_linear_kernel
 from atb_models.platform import linear_kernel
 from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
 from atb_models.weights import load_weights
@@ -19,6 +19,7 @@ class ModelRunner:
             self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,
                                             plan.upcast_attention)
         load_weights(self.model, model_config.path)
+        pack_weights(self.model)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         # Each rank caches only its own KV heads.

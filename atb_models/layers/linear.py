@@ -5,21 +5,36 @@ lazily (`rows`, `cols`, `full`, `shape`), so a rank reads only its own slice. Th
 only maps checkpoint names to (parameter, shard id): how a layer is sharded lives here, beside the layer.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atb_models import distributed
 from atb_models.errors import UserError
 from atb_models.layers.sharding import HeadLayout, ceil_div, even_split
+from atb_models.platform import PLAIN_LINEAR, LinearKernel
 
 
 # The matrix product every layer here uses; the model runner sets it once from `platform.linear_kernel(plan)`.
-_kernel = F.linear
+_kernel = PLAIN_LINEAR
 
 
-def set_linear_kernel(kernel) -> None:
+def set_linear_kernel(kernel: LinearKernel) -> None:
     global _kernel
     _kernel = kernel
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Once the weights are loaded: put every linear weight the kernel reads faster in another layout into that
+    layout (the loaded tensor is let go, so memory stays the same). Returns how many were packed. A weight shared
+    with another module (an LM head tied to the embedding) stays as it is."""
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, (Linear, VocabParallelLMHead)) or getattr(module, "shares_weight", False):
+            continue
+        layout = _kernel.pack(module.weight.detach())
+        if layout is not None:
+            module.weight = nn.Parameter(layout, requires_grad=False)
+            packed += 1
+    return packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -155,6 +170,7 @@ class VocabParallelLMHead(nn.Module):
         rows = embedding[self.first:self.first + self.count]
         if self.count == self.rows_per_rank:
             self.weight = nn.Parameter(rows, requires_grad=False)  # a view: no copy
+            self.shares_weight = True
         else:
             _copy_padded(self.weight.data, rows, 0)
 
