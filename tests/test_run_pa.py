@@ -1,4 +1,5 @@
-"""run_pa.sh end to end, as a user runs it: from another directory, on a tiny random checkpoint, in float32.
+"""run_pa.sh end to end, as a user runs it: from another directory, on a tiny random checkpoint (and on the bundled
+demo reader), in float32.
 
 Each run starts a Python that imports torch and transformers (a few seconds), so the cases are few and short.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from atb_models.demo.reader import READER_MODEL_DIR, reader_samples
 from atb_models.platform import probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,14 +105,22 @@ def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(
     assert_no_traceback(result)
 
 
-def test_without_model_path_the_demo_checkpoint_is_built_and_called_random(tmp_path):
-    home = tmp_path / "home"
-    result = run_pa(cwd=tmp_path, env={"ATB_MODELS_HOME": str(home)})
+def test_without_model_path_the_demo_reader_reads_its_sample_sign(tmp_path):
+    """The README's main command: the bundled reader in the dtype this machine picks for it, asked its question."""
+    sample = reader_samples()["image"]
+    result = run_pa("--dtype", "auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "random" in result.stderr and str(home / "demo_model") in result.stderr
-    assert (home / "demo_model" / "config.json").is_file()
+    assert "demo reader" in result.stderr and str(READER_MODEL_DIR) in result.stderr
+    assert f"Question[0]: <image: {sample.path}> {sample.question}\n" in result.stdout  # not run_pa.sh's long prompt
+    assert f"Answer[0]: {sample.answer}\n" in result.stdout
     assert_answers(result.stdout, 1)
-    assert f"<image: {home / 'demo_model' / 'sample.jpg'}>" in result.stdout
+
+
+def test_the_demo_reader_is_asked_about_a_clip_what_its_sample_clip_goes_with(tmp_path):
+    sample = reader_samples()["video"]
+    result = run_pa("--input_image", sample.path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"Answer[0]: {sample.answer}\n" in result.stdout
 
 
 # -------------------------------------------------------------------------------------------------- bad input

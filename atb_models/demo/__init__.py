@@ -1,4 +1,5 @@
-"""Tiny random Qwen2-VL checkpoints and sample media for the tests and the demo (`python -m atb_models.demo`)."""
+"""Tiny random Qwen2-VL checkpoints and sample media for the tests (`python -m atb_models.demo`), and the bundled
+demo reader (`reader.py`, trained by tools/train_reader.py)."""
 
 from atb_models.demo.checkpoint import (
     TinyShape,

@@ -152,8 +152,13 @@ class TinyShape:
         return self.hidden_size // self.num_attention_heads
 
 
-def build_tokenizer(out_dir: str | Path, model_max_length: int = 32768) -> Tokenizer:
-    """Train a small byte-level BPE like Qwen2's, save tokenizer.json, tokenizer_config.json, chat_template.json."""
+def build_tokenizer(
+    out_dir: str | Path, model_max_length: int = 32768, extra_corpus: str = "", vocab_size: int = 512
+) -> Tokenizer:
+    """Train a small byte-level BPE like Qwen2's, save tokenizer.json, tokenizer_config.json, chat_template.json.
+
+    extra_corpus is learned beside CORPUS: a word it repeats often enough becomes one token.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -168,8 +173,8 @@ def build_tokenizer(out_dir: str | Path, model_max_length: int = 32768) -> Token
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
     tokenizer.decoder = decoders.ByteLevel()
     every_byte = pre_tokenizers.ByteLevel.alphabet()  # so any text encodes, whatever the corpus lacked
-    trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=every_byte, show_progress=False)
-    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=every_byte, show_progress=False)
+    tokenizer.train_from_iterator((CORPUS + extra_corpus).splitlines(keepends=True), trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in SPECIAL_TOKENS])
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
@@ -230,51 +235,67 @@ def build_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(out_dir, model_max_length=shape.max_position_embeddings)
-    token_id = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    config = _model_config(shape, tokenizer.get_vocab_size(), token_id)
-
-    model = Qwen2VLForConditionalGeneration(config)
+    model = Qwen2VLForConditionalGeneration(model_config(shape, tokenizer))
     _randomise(model, seed)
     with torch.no_grad():
         # Rows past the tokenizer only pad the table, as in released checkpoints. A zero logit loses to the best
         # of 500 random ones, so greedy decoding never picks an id the tokenizer cannot decode.
         model.lm_head.weight[tokenizer.get_vocab_size() :] = 0
-    model.to(getattr(torch, shape.torch_dtype))
-
-    if layout == "classic" and shards == 1:
-        model.save_pretrained(out_dir)
-    else:
-        model.config.save_pretrained(out_dir)
-        _save_safetensors(_tensors_to_save(model, layout), out_dir, shards)
-    _write_config_as_released(out_dir / "config.json", shape)
-    # Written whole (save_pretrained drops default values such as do_sample): stop on either end token.
-    generation_config = {
-        "bos_token_id": token_id["<|endoftext|>"],
-        "eos_token_id": [token_id["<|im_end|>"], token_id["<|endoftext|>"]],
-        "pad_token_id": token_id["<|endoftext|>"],
-        "do_sample": False,
-    }
-    _write_json(out_dir / "generation_config.json", generation_config)
-
-    vision = config.vision_config
-    preprocessor_config = {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "min_pixels": image_min_pixels,
-        "max_pixels": image_max_pixels,
-        "patch_size": vision.patch_size,
-        "temporal_patch_size": vision.temporal_patch_size,
-        "merge_size": vision.spatial_merge_size,
-    }
-    _write_json(out_dir / "preprocessor_config.json", preprocessor_config)
+    save_checkpoint(model, out_dir, shape, layout, shards, image_min_pixels, image_max_pixels)
     (out_dir / "README.md").write_text(
         f"{README_TITLE}\n\n"
         "Built by `atb_models.demo` with transformers' own Qwen2-VL classes. The weights are random: the model\n"
         "loads and runs like Qwen2-VL, but its answers mean nothing. Use it for tests and demos only.\n"
     )
     return out_dir
+
+
+def save_checkpoint(
+    model: Qwen2VLForConditionalGeneration,
+    out_dir: Path,
+    shape: TinyShape,
+    layout: str = "classic",
+    shards: int = 1,
+    image_min_pixels: int = 56 * 56,
+    image_max_pixels: int = 28 * 28 * 64,
+) -> None:
+    """Write `model` beside its tokenizer as a released checkpoint reads: weights in shape.torch_dtype (the model
+    is cast in place), config.json, generation_config.json and preprocessor_config.json."""
+    config = model.config
+    model.to(getattr(torch, shape.torch_dtype))
+    if layout == "classic" and shards == 1:
+        model.save_pretrained(out_dir)
+    else:
+        config.save_pretrained(out_dir)
+        _save_safetensors(_tensors_to_save(model, layout), out_dir, shards)
+    _write_config_as_released(out_dir / "config.json", shape)
+    # Written whole (save_pretrained drops default values such as do_sample): stop on either end token,
+    # <|im_end|> or <|endoftext|> (Qwen2's bos and pad token).
+    generation_config = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": [config.eos_token_id, config.bos_token_id],
+        "pad_token_id": config.pad_token_id,
+        "do_sample": False,
+    }
+    _write_json(out_dir / "generation_config.json", generation_config)
+    write_preprocessor_config(out_dir, config, image_min_pixels, image_max_pixels)
+
+
+def write_preprocessor_config(out_dir: Path, config: Qwen2VLConfig, min_pixels: int, max_pixels: int) -> None:
+    """The image processor's settings: CLIP normalisation, the model's patching, and the image pixel bounds."""
+    vision = config.vision_config
+    preprocessor_config = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+    }
+    _write_json(Path(out_dir) / "preprocessor_config.json", preprocessor_config)
 
 
 def build_demo(out_dir: str | Path, seed: int = 0) -> Path:
@@ -291,7 +312,10 @@ def build_demo(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def _model_config(shape: TinyShape, tokenizer_size: int, token_id: dict[str, int]) -> Qwen2VLConfig:
+def model_config(shape: TinyShape, tokenizer: Tokenizer) -> Qwen2VLConfig:
+    """The Qwen2VLConfig of `shape`, with the vocabulary and special token ids of `tokenizer`."""
+    token_id = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    tokenizer_size = tokenizer.get_vocab_size()
     return Qwen2VLConfig(
         architectures=["Qwen2VLForConditionalGeneration"],
         # padded like real checkpoints' embedding tables

@@ -5,8 +5,9 @@
 
 Single mode runs --max_batch_size copies of one prompt (its media in the order given, then --input_text); dataset mode
 runs one prompt per file of a folder and writes {file name: answer} to --results_save_path. Without --model_path the
-kit's demo checkpoint (random weights) is built once and used. Bad input is one `Error: ...` line on stderr and exit
-status 1; --debug shows the traceback instead.
+kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
+the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1; --debug
+shows the traceback instead.
 
 A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
 the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
@@ -21,12 +22,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from atb_models import LLM, RequestOutput, SamplingParams, UserError, distributed
 from atb_models.benchmark.csv_report import (PATH_VARIABLE, RunSummary, benchmark_enabled, benchmark_path,
@@ -38,7 +36,6 @@ from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
 logger = logging.getLogger("atb_models.run_pa")
 
-DEMO_SAMPLE_IMAGE = "sample.jpg"  # written by atb_models.demo.build_demo beside the checkpoint
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
 DEFAULT_INPUT_TEXT = "Describe the image."
 # MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls go the same way.
@@ -49,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_pa", description="Qwen2-VL inference with paged attention (single prompt or a folder of media).")
     parser.add_argument("--model_path", metavar="DIR",
-                        help="Qwen2-VL checkpoint folder; absent: the kit's demo checkpoint (random weights, built "
-                             "once into $ATB_MODELS_HOME/demo_model or ~/.cache/atb_models/demo_model)")
+                        help="Qwen2-VL checkpoint folder; absent: the kit's demo reader (atb_models/demo/"
+                             "reader_model), a tiny Qwen2-VL trained to read a word or number and name colours")
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--input_image", action="append", metavar="PATH",
                        help="an image (.jpg .jpeg .png .bmp) or video (.mp4 .wmv .avi) for the prompt; repeat it for "
@@ -58,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--dataset_path", metavar="DIR",
                        help="a folder of images and videos: one prompt per file, in file-name order")
     parser.add_argument("--input_text", metavar="TEXT",
-                        help=f"the text after the media (default {DEFAULT_INPUT_TEXT!r}; run_pa.sh asks for a long "
-                             "answer)")
+                        help=f"the text after the media (default {DEFAULT_INPUT_TEXT!r}; the demo reader's: the "
+                             "question its sample goes with; run_pa.sh asks real models for a long answer)")
     parser.add_argument("--max_batch_size", type=int, metavar="N", default=1,
                         help="requests running at once; single mode runs this many copies of the prompt")
     parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
@@ -128,48 +125,6 @@ def configure_logging(rank: int) -> None:
     kit_logger.handlers[:] = [handler]
     kit_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     kit_logger.propagate = False
-
-
-def demo_model_dir() -> Path:
-    home = os.environ.get("ATB_MODELS_HOME")
-    if home:
-        return Path(home) / "demo_model"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "atb_models" / "demo_model"
-
-
-def ensure_demo_model(target: Path) -> None:
-    """Build the demo checkpoint on first use: into a staging folder, then renamed, so a half-built one is never
-    seen."""
-    from transformers.utils import logging as transformers_logging
-
-    from atb_models.demo import build_demo
-
-    if (target / DEMO_SAMPLE_IMAGE).is_file():
-        return
-    logger.info("building the demo checkpoint in %s (once)", target)
-    # transformers warns about its own Qwen2-VL classes while the demo is built; nothing a user can act on.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        if target.exists():
-            build_demo(target)  # an incomplete earlier demo: rebuilt in place (a folder that is no demo is refused)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".demo_model-", dir=target.parent))
-        try:
-            build_demo(staging)
-            os.rename(staging, target)
-        except OSError:
-            if not (target / DEMO_SAMPLE_IMAGE).is_file():  # else another run finished first: use its copy
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError as e:
-        raise UserError(f"cannot build the demo checkpoint in {target}: {e}; "
-                        "set ATB_MODELS_HOME to a writable folder or pass --model_path") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -248,14 +203,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--performance runs copies of one prompt: give --input_image, not --dataset_path")
     model_path, text, paths = args.model_path, args.input_text, args.input_image
     if model_path is None:
-        model_path = str(demo_model_dir())
+        from atb_models.demo.reader import READER_MODEL_DIR, reader_samples
+
+        model_path = str(READER_MODEL_DIR)
         if ranks.rank == 0:
-            print(f"Note: no --model_path given, so the kit's demo checkpoint in {model_path} is used. Its weights "
-                  "are random: the answers are noise. Pass --model_path /path/to/Qwen2-VL-7B-Instruct for real "
-                  "answers.", file=sys.stderr, flush=True)
-        ensure_demo_model(Path(model_path))
+            print(f"Note: no --model_path given, so the kit's demo reader in {model_path} is used: a tiny Qwen2-VL "
+                  "trained only to read a word or number and name colours (see its README.md). Pass --model_path "
+                  "/path/to/Qwen2-VL-7B-Instruct for a real model.", file=sys.stderr, flush=True)
+        samples = reader_samples()
         if not paths and args.dataset_path is None:
-            paths = [os.path.join(model_path, DEMO_SAMPLE_IMAGE)]
+            paths = [str(samples["image"].path)]
+        if text is None:  # the question of the first medium's kind: read a sign, how a clip ends
+            text = samples[classify_media(paths[0]) if paths else "image"].question
     text = DEFAULT_INPUT_TEXT if text is None else text
 
     dataset_mode = args.dataset_path is not None

@@ -4,8 +4,9 @@
 #   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
 #
 # Every other flag goes to run_pa.py unchanged, whose argparse is the one list of flags (see --help).
-# Without --input_text this script asks for a long answer (MindIE's prompt), so outputs reach --max_output_length
-# and the Latency/Throughput lines mean something.
+# Given --model_path but no --input_text, this script asks for a long answer (MindIE's prompt), so outputs reach
+# --max_output_length and the Latency/Throughput lines mean something. Without --model_path the demo reader runs and
+# run_pa.py asks it the question its sample goes with.
 # World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in CUDA_VISIBLE_DEVICES,
 # else 1. MASTER_PORT (default 20031) and MASTER_ADDR are passed to torchrun.
 # Works from any directory: relative paths in the flags are read from the current one.
@@ -30,6 +31,7 @@ world_size=""
 torchrun_args=()
 run_pa_args=()
 has_input_text=0
+has_model_path=0
 while (($#)); do
     case "$1" in
         --world_size | --nnodes | --node_rank | --master_addr)
@@ -48,11 +50,15 @@ while (($#)); do
             has_input_text=1
             run_pa_args+=("$1")
             ;;
+        --model_path | --model_path=*)
+            has_model_path=1
+            run_pa_args+=("$1")
+            ;;
         *) run_pa_args+=("$1") ;;
     esac
     shift
 done
-if ((!has_input_text)); then
+if ((has_model_path && !has_input_text)); then
     run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
 fi
 
