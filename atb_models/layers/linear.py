@@ -103,9 +103,6 @@ class QKVParallelLinear(Linear):
         _check_shape(name, (heads * d, *param.shape[1:]), source.shape)
         _copy_padded(param.data.narrow(0, offset, size), source.rows(first * d, (first + count) * d), 0)
 
-    def split(self, y: torch.Tensor):
-        return y.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-
 
 class MergedColumnParallelLinear(Linear):
     """Linears sharing one input (gate and up), each split by output rows, stored as one matmul."""

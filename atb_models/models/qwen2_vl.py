@@ -156,10 +156,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         h = self.input_layernorm(x)
-        q, k, v = self.self_attn.qkv_proj.split(self.self_attn.qkv_proj(h))
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.self_attn.qkv_proj(h).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q and k heads sit side by side: one rotation for both.
+        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.upcast_attention)
         x = x + self.self_attn.o_proj(o.reshape(n, -1))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(self.post_attention_layernorm(x)))
