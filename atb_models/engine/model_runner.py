@@ -22,8 +22,8 @@ class ModelRunner:
         pack_weights(self.model)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        # Each rank caches only its own KV heads.
-        self.block_shape = (block_size, self.model.head_layout.kv_per_rank, head_dim)
+        # Each rank caches only its own KV heads; layout in atb_models/layers/attention.py.
+        self.block_shape = (self.model.head_layout.kv_per_rank, block_size, head_dim)
         self.num_blocks = 0
 
     @property
