@@ -65,10 +65,11 @@ def test_mm_run_reports_the_reference_answers_and_accuracy(reference, task, tmp_
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_kit_gives_the_reference_tokens_at_every_world_size(reference, world_size, tmp_path):
-    """A few held-out pictures and clips, with the harness's prompts, through tensor-parallel ranks."""
-    requests = [r.request for r in reference["textvqa"][1][:4]] + [r.request for r in reference["videobench"][1][:2]]
+    """Every held-out picture and clip, with the harness's prompts, through tensor-parallel ranks: the same tokens
+    (answer, end token and beyond) and logits as transformers."""
+    requests = [r.request for task in DATASETS for r in reference[task][1]]
     out = run_ranks(tmp_path, world_size, {"model": str(READER_MODEL_DIR), "requests": requests,
-                                           "max_tokens": MAX_TOKENS})
+                                           "max_tokens": MAX_TOKENS, "max_batch_size": 8})
     assert_equal_to_reference(READER_MODEL_DIR, requests, out)
 
 
