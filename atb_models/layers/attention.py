@@ -98,7 +98,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vc = gather_context(v_cache, ctx.block_tables, "v")
         if upcast:
             kc, vc = kc.float(), vc.float()
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and q.shape[0] > 1:
             out = _grouped_decode_attention(q, kc, vc, ctx.context_mask, scale)
         else:
             qb = q.unsqueeze(2)  # [batch, heads, 1, dim]
@@ -111,8 +111,8 @@ def _grouped_decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tenso
                               scale: float) -> torch.Tensor:
     """Decode attention as two batched matmuls over (sequence, KV head) pairs, the query heads sharing a KV head
     stacked as rows: q [batch, heads, dim], kc and vc [batch, kv_heads, L, dim], mask [batch, 1, 1, L]. Scores
-    and softmax in float32. On the CPU this is 2-3x faster than SDPA's kernel at decode batch sizes (measured at
-    batch 16, 14 heads over 2 KV heads, 128 slots: 195 vs 460 us per layer; at batch 1 the same)."""
+    and softmax in float32. On the CPU it beats SDPA's kernel from batch 2 up, by 1.3-2.3x at batch 16, and loses
+    at batch 1 (`python tools/microbench_cpu.py attention`, docs/PERFORMANCE.md)."""
     batch, heads, dim = q.shape
     kv_heads, length = kc.shape[1], kc.shape[2]
     group = heads // kv_heads
