@@ -217,6 +217,8 @@ def test_stale_cleanup_leaves_a_live_process_segments_alone(publisher):
 def test_install_cleanup_replaces_default_handlers_only_and_close_restores_them(tmp_path):
     previous_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Python's own SIGINT handler, whatever this test process inherited (a background job starts with SIG_IGN).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         publisher = SharedTensorPublisher(tmp_path / "shm_names.txt")
         install_cleanup(publisher)
@@ -228,6 +230,7 @@ def test_install_cleanup_replaces_default_handlers_only_and_close_restores_them(
     finally:
         signal.signal(signal.SIGHUP, previous_hup)
         signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 # A node leader that publishes one tensor, says so, and waits for a line on stdin: "raise" makes it fail.
