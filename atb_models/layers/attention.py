@@ -1,10 +1,10 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim]; token j of a sequence
-lives in block block_table[j // block_size] at offset j % block_size (its slot: block * block_size + offset). Heads
-outside tokens within a block means a decode step's gather of a one-block context is already in the
-[batch, kv_heads, tokens, head_dim] layout attention multiplies by, with no further copy. Per-step metadata travels
-in one `StepContext`, set by the model runner before the forward pass, instead of through every signature.
+lives in block block_table[j // block_size] at offset j % block_size (its slot: block * block_size + offset).
+With the heads outside the tokens in a block, a decode step's gather of a one-block context is already in the
+[batch, kv_heads, tokens, head_dim] layout attention multiplies by, with no further copy. Per-step metadata
+travels in one `StepContext`, set by the model runner before the forward pass, instead of through every signature.
 """
 import math
 from dataclasses import dataclass
