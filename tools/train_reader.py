@@ -230,7 +230,8 @@ def train(model, batches: Batches, args) -> None:
         if (step + 1) % 50 == 0 or step + 1 == args.steps:
             means = {kind: sum(values) / max(1, len(values)) for kind, values in recent.items()}
             print(f"step {step + 1}/{args.steps}  answer loss: pictures {means['image']:.3f}, clips "
-                  f"{means['video']:.3f}; fact head {means['facts']:.3f}  {time.perf_counter() - start:.0f} s", flush=True)
+                  f"{means['video']:.3f}; fact head {means['facts']:.3f}  {time.perf_counter() - start:.0f} s",
+                  flush=True)
             recent = {kind: [] for kind in recent}
     model.eval()
 
