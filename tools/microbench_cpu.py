@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from atb_models.benchmark.floors import best_seconds  # noqa: E402
 from atb_models.layers.attention import _grouped_decode_attention  # noqa: E402
 from atb_models.platform import OneDnnLinear, linear_kernel, resolve_plan  # noqa: E402
 
@@ -26,13 +26,7 @@ HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 
 
 def best_ms(work, repeats: int) -> float:
-    work()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+    return best_seconds(work, lambda: None, repeats) * 1000
 
 
 def bench_linear(repeats: int) -> None:

@@ -29,7 +29,6 @@ sys.path[:0] = [str(ROOT), str(HARNESS_DIR)]
 
 from atb_models.demo.checkpoint import count_video_frames  # noqa: E402
 from modeltest.config import CONFIG_DIR  # noqa: E402
-from modeltest.scoring.choice import OPTION_LETTERS  # noqa: E402
 from modeltest.tasks.videobench import choice_prompt  # noqa: E402
 
 # The TextVQA prompt suffix of the harness's model yaml, as every TextVQA question is asked there.

@@ -26,7 +26,7 @@ class Machine:
         return Machine(max(self.bandwidth, other.bandwidth), max(self.matmul_rate, other.matmul_rate))
 
 
-def _best_seconds(work: Callable[[], object], synchronize: Callable[[], None], repeats: int) -> float:
+def best_seconds(work: Callable[[], object], synchronize: Callable[[], None], repeats: int) -> float:
     """The fastest of `repeats` timed runs after one untimed one: other load on the machine only slows a run, so
     the fastest is the closest to what the hardware does."""
     work()
@@ -44,7 +44,7 @@ def measure_bandwidth(device: torch.device, num_bytes: int, synchronize: Callabl
                       repeats: int = 5) -> float:
     """Bytes per second of summing a float32 tensor of num_bytes: a pure read, as the weights are in decode."""
     data = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    return data.numel() * 4 / _best_seconds(data.sum, synchronize, repeats)
+    return data.numel() * 4 / best_seconds(data.sum, synchronize, repeats)
 
 
 def measure_matmul_rate(kernels: list, device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int,
@@ -58,7 +58,7 @@ def measure_matmul_rate(kernels: list, device: torch.device, dtype: torch.dtype,
     seconds = float("inf")
     for kernel in kernels:
         for a, b in {(up, down), (_packed(kernel, up), _packed(kernel, down))}:
-            seconds = min(seconds, _best_seconds(lambda: kernel(kernel(x, a), b), synchronize, repeats))
+            seconds = min(seconds, best_seconds(lambda: kernel(kernel(x, a), b), synchronize, repeats))
     return 2 * 2 * tokens * hidden * intermediate / seconds
 
 

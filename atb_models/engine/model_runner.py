@@ -42,8 +42,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _slots(self, seq, start: int, end: int) -> list:
+        """(block, offset) in the cache of the sequence's tokens start..end-1."""
         bs = self.block_size
-        return [seq.block_table[j // bs] * bs + j % bs for j in range(start, end)]
+        return [(seq.block_table[j // bs], j % bs) for j in range(start, end)]
 
     @staticmethod
     def _visual_batch(seqs, kind: str):
@@ -63,7 +64,7 @@ class ModelRunner:
                 slots.extend(self._slots(seq, 0, seq.num_tokens))
                 starts.append(starts[-1] + seq.num_tokens)
                 last_rows.append(starts[-1] - 1)
-            set_context(StepContext(True, self._tensor(slots), seq_starts=starts))
+            set_context(StepContext(True, self._tensor(slots).t(), seq_starts=starts))
             images = self._visual_batch(seqs, "image")
             videos = self._visual_batch(seqs, "video")
             if images is not None:
@@ -82,7 +83,7 @@ class ModelRunner:
             tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
             positions_in_blocks = torch.arange(max_blocks * bs, device=self.device)
             mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
-            set_context(StepContext(False, self._tensor(slots), block_tables=tables, context_mask=mask))
+            set_context(StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask))
             rows = torch.arange(len(seqs), device=self.device)
             logits = self.model(self._tensor(ids), positions.to(self.device), rows)
         set_context(None)

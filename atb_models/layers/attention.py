@@ -1,10 +1,10 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim]; token j of a sequence
-lives in block block_table[j // block_size] at offset j % block_size (its slot: block * block_size + offset).
-With the heads outside the tokens in a block, a decode step's gather of a one-block context is already in the
-[batch, kv_heads, tokens, head_dim] layout attention multiplies by, with no further copy. Per-step metadata
-travels in one `StepContext`, set by the model runner before the forward pass, instead of through every signature.
+lives in block block_table[j // block_size] at offset j % block_size. With the heads outside the tokens in a
+block, a decode step's gather of a one-block context is already in the [batch, kv_heads, tokens, head_dim] layout
+attention multiplies by, with no further copy. Per-step metadata travels in one `StepContext`, set by the model
+runner before the forward pass, instead of through every signature.
 """
 import math
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 @dataclass
 class StepContext:
     is_prefill: bool
-    slot_mapping: torch.Tensor                    # [tokens] cache slot each new token's K/V goes to
+    slot_mapping: torch.Tensor                    # [2, tokens] (block, offset) each new token's K/V goes to
     seq_starts: Optional[list] = None             # prefill: offsets of each sequence in the flat token stream
     block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
     context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
@@ -36,11 +36,11 @@ def get_context() -> StepContext:
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-    block_size = k_cache.shape[2]
-    blocks, offsets = slots // block_size, slots % block_size
+    """slots: [2, tokens] (block, offset) of each token, from the model runner once per step."""
+    where = (slots[0], slots[1])
     # [num_blocks, block_size, kv_heads, dim] views: (block, offset) picks one token's [kv_heads, dim].
-    k_cache.transpose(1, 2).index_put_((blocks, offsets), k)
-    v_cache.transpose(1, 2).index_put_((blocks, offsets), v)
+    k_cache.transpose(1, 2).index_put_(where, k)
+    v_cache.transpose(1, 2).index_put_(where, v)
 
 
 # Gathered blocks go into buffers kept between steps (grown when a step needs more), not fresh tensors: a fresh
