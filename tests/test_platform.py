@@ -293,3 +293,75 @@ def test_pack_weights_packs_large_linears_but_not_a_tied_lm_head(monkeypatch):
     model[2].tie_to(torch.ones(600, 512))
     assert linear_module.pack_weights(model) == 1
     assert model[0].weight.eq(2).all() and model[1].weight.eq(1).all() and model[2].weight.eq(1).all()
+
+
+def _panel_packed(weight: torch.Tensor) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features // 16, 16, in_features).transpose(1, 2).contiguous()
+
+
+def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it_matches_f_linear():
+    import torch.nn.functional as F
+
+    from atb_models.platform import ONEDNN_MIN_WEIGHT_ELEMENTS, OneDnnLinear, PanelLinear, linear_kernel
+
+    kernel = linear_kernel(resolve_plan("cpu", "float32", "float32"), "auto")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # Built with AVX-512 instructions: another CPU must not get it (it would die of SIGILL).
+        assert not isinstance(kernel, PanelLinear) and isinstance(kernel, OneDnnLinear)
+        return
+    assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel on an AVX-512 CPU"
+    generator = torch.Generator().manual_seed(0)
+    # Output sizes that leave partial register blocks and uneven thread shares; K off the 64-step blocks.
+    for out_features, in_features in ((48, 40), (16 * 7, 200), (16 * 37, 130), (1024, 300)):
+        weight = torch.randn(out_features, in_features, generator=generator)
+        bias = torch.randn(out_features, generator=generator)
+        packed = _panel_packed(weight)
+        for rows in (1, 2, 3, 6, 7, 8, 9, 16, 17, 40):
+            x = torch.randn(rows, in_features, generator=generator)
+            for b in (None, bias):
+                expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
+                assert torch.allclose(kernel(x, packed, b), expected, atol=1e-4, rtol=1e-4), (out_features, rows)
+    # Rows of a strided 3-D activation (a view, as the model hands over), and no rows at all.
+    x = torch.randn(2, 5, 2 * 300, generator=generator)[:, :, ::2]
+    assert torch.allclose(kernel(x, packed, bias), F.linear(x, weight, bias), atol=1e-4)
+    assert kernel(torch.randn(0, 300), packed, bias).shape == (0, 1024)
+    # What it packs: large float32 weights with whole panels; the rest goes to oneDNN's layout or stays.
+    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256 + 16, 256, generator=generator)
+    assert torch.equal(kernel.pack(large), _panel_packed(large))
+    assert kernel.pack(large[:-1]).dim() == 2  # an output size off the panels: oneDNN's layout
+    assert kernel.pack(large.half()) is None
+    assert kernel.pack(large[:64]) is None  # small: F.linear
+    x = torch.randn(3, 256, generator=generator)
+    odd = large[:-1].contiguous()
+    assert torch.allclose(kernel(x, kernel.pack(odd)), F.linear(x, odd), atol=1e-4)
+
+
+def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):
+    from atb_models.platform import PLAIN_LINEAR, OneDnnLinear, PanelLinear, linear_kernel
+
+    plan = resolve_plan("cpu", "float32", "float32")
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "onednn")
+    kernel = linear_kernel(plan)
+    assert isinstance(kernel, OneDnnLinear) and not isinstance(kernel, PanelLinear)
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "torch")
+    assert linear_kernel(plan) is PLAIN_LINEAR
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "fastest")
+    with pytest.raises(UserError, match="ATB_MODELS_CPU_LINEAR='fastest'"):
+        linear_kernel(plan)
+
+
+@pytest.mark.parametrize("compiler", [None, "/bin/false"])
+def test_without_a_working_compiler_the_cpu_linear_falls_back_to_onednn(monkeypatch, tmp_path, caplog, compiler):
+    from atb_models import native
+    from atb_models.platform import OneDnnLinear, PanelLinear, linear_kernel
+
+    monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "compiler", lambda: compiler)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level("INFO", logger="atb_models.native"):
+        kernel = linear_kernel(resolve_plan("cpu", "float32", "float32"), "panel")
+    assert isinstance(kernel, OneDnnLinear) and not isinstance(kernel, PanelLinear)
+    assert "no C++ compiler" in caplog.text if compiler is None else "failed" in caplog.text
+    assert not list(tmp_path.rglob("*.so")), "no library and no half-built file is left behind"

@@ -1,6 +1,6 @@
 """Microbenchmarks behind the CPU optimisation steps of docs/PERFORMANCE.md, on cpu-small's shapes (float32).
 
-    python tools/microbench_cpu.py linear      # 24 MLP layers: oneDNN on plain vs packed weights, per row count
+    python tools/microbench_cpu.py linear      # 24 MLP layers: oneDNN (plain, packed) vs the kit's panel kernel
     python tools/microbench_cpu.py attention   # one layer's decode attention: SDPA vs the kit's grouped matmuls
 
 Each figure is the best of several timed runs after one untimed run (other load only slows a run).
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atb_models.benchmark.floors import best_seconds  # noqa: E402
 from atb_models.layers.attention import _grouped_decode_attention  # noqa: E402
-from atb_models.platform import OneDnnLinear, linear_kernel, resolve_plan  # noqa: E402
+from atb_models.platform import OneDnnLinear, PanelLinear, linear_kernel, resolve_plan  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS = 896, 4864, 24  # Qwen2-0.5B's MLP
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
@@ -30,24 +30,31 @@ def best_ms(work, repeats: int) -> float:
 
 
 def bench_linear(repeats: int) -> None:
-    kernel = linear_kernel(resolve_plan("cpu", "float32", "float32"))
-    if not isinstance(kernel, OneDnnLinear):
+    plan = resolve_plan("cpu", "float32", "float32")
+    onednn, panel = linear_kernel(plan, "onednn"), linear_kernel(plan, "panel")
+    if not isinstance(onednn, OneDnnLinear):
         sys.exit("this torch build has no working oneDNN linear")
     ups = [torch.randn(2 * INTERMEDIATE, HIDDEN) for _ in range(LAYERS)]
     downs = [torch.randn(HIDDEN, INTERMEDIATE) for _ in range(LAYERS)]
-    packed = ([kernel.pack(w) for w in ups], [kernel.pack(w) for w in downs])
+    layouts = {"oneDNN, plain weights": (onednn, ups, downs),
+               "oneDNN, packed": (onednn, [onednn.pack(w) for w in ups], [onednn.pack(w) for w in downs])}
+    if isinstance(panel, PanelLinear):
+        layouts["kit's panel kernel"] = (panel, [panel.pack(w) for w in ups], [panel.pack(w) for w in downs])
 
-    def mlps(x, up_weights, down_weights):
+    def mlps(x, kernel, up_weights, down_weights):
         for up, down in zip(up_weights, down_weights):
             kernel(kernel(x, up)[:, :INTERMEDIATE].contiguous(), down)
 
     print(f"{LAYERS} MLP layers ({2 * INTERMEDIATE}x{HIDDEN} and {HIDDEN}x{INTERMEDIATE}), "
           f"{torch.get_num_threads()} threads, best of {repeats} (ms)")
-    for rows in (1, 16, 256):
+    for rows in (1, 4, 16, 64, 256):
         x = torch.randn(rows, HIDDEN)
-        plain = best_ms(lambda: mlps(x, ups, downs), repeats)
-        fast = best_ms(lambda: mlps(x, *packed), repeats)
-        print(f"rows {rows:4d}: plain weights {plain:7.1f}, packed {fast:7.1f}")
+        # One run of each layout in turn per repeat, so a change in the machine's speed hits all alike.
+        best = dict.fromkeys(layouts, float("inf"))
+        for _ in range(repeats):
+            for name, layout in layouts.items():
+                best[name] = min(best[name], best_ms(lambda: mlps(x, *layout), 1))
+        print(f"rows {rows:4d}: " + ", ".join(f"{name} {ms:7.1f}" for name, ms in best.items()))
 
 
 def bench_attention(repeats: int) -> None:

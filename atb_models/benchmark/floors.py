@@ -69,10 +69,11 @@ def _packed(kernel, weight: torch.Tensor) -> torch.Tensor:
 
 
 def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) -> Machine:
-    """The machine as a plan's device and dtype see it; the matrix rate with F.linear and the kit's own kernel."""
+    """The machine as a plan's device and dtype see it; the matrix rate with F.linear, oneDNN's linear and the kit's
+    own kernel (whichever is fastest at 256 rows sets the rate)."""
     from atb_models.platform import linear_kernel
 
-    kernels = [F.linear, linear_kernel(plan)]
+    kernels = [F.linear, linear_kernel(plan, "onednn"), linear_kernel(plan)]
     return Machine(measure_bandwidth(plan.device, bandwidth_bytes, plan.synchronize),
                    measure_matmul_rate(kernels, plan.device, plan.llm_dtype, hidden, intermediate, plan.synchronize))
 
