@@ -20,12 +20,12 @@
 
 namespace {
 
-constexpr int64_t K_BLOCK = 64;       // k-steps per block: 4 panels x 64 x 64 B = 16 KB, inside L1
+constexpr int64_t K_BLOCK = 128;      // k-steps per block: 4 panels x 128 x 64 B = 32 KB, inside L1
 constexpr int MAX_ROWS = 8;           // rows per register block
 constexpr int64_t AHEAD = 16;         // single pass: prefetch this many k-steps ahead in every panel
 
 // acc[MR][NB] (+)= x[MR rows, k0:k1] * panels[NB][k0:k1][16], then stored to y. While it runs, prefetch the lines
-// line(k) = (pass * len + (k - k0)) / passes of `pf`'s NB panels: pass `pass` of `passes` covers its share.
+// `pf`'s NB panels, pass `pass` of `passes` taking its share of the block's lines.
 template <int MR, int NB>
 void register_block(const float* x, int64_t ldx, const float* wp, int64_t K, int64_t k0, int64_t k1,
                     const float* bias, bool first, float* y, int64_t ldy, const float* pf, int pass, int passes) {
@@ -34,14 +34,19 @@ void register_block(const float* x, int64_t ldx, const float* wp, int64_t K, int
         for (int j = 0; j < NB; j++)
             acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
                               : _mm512_loadu_ps(y + i * ldy + 16 * j);
-    const int64_t len = k1 - k0;
+    // This pass's share of the lines, [line, end), one every `passes` k-steps: spread over the whole pass.
+    const int64_t len = k1 - k0, end = (pass + 1) * len / passes;
+    int64_t line = pass * len / passes;
+    int tick = 0;
     for (int64_t k = k0; k < k1; k++) {
-        const int64_t line = (pass * len + (k - k0)) / passes;
         __m512 w[NB];
-        for (int j = 0; j < NB; j++) {
-            w[j] = _mm512_loadu_ps(wp + (j * K + k) * 16);
-            _mm_prefetch(reinterpret_cast<const char*>(pf + (j * K + line) * 16), _MM_HINT_T0);
+        for (int j = 0; j < NB; j++) w[j] = _mm512_loadu_ps(wp + (j * K + k) * 16);
+        if (tick == 0 && line < end) {
+            for (int j = 0; j < NB; j++)
+                _mm_prefetch(reinterpret_cast<const char*>(pf + (j * K + line) * 16), _MM_HINT_T0);
+            line++;
         }
+        if (++tick == passes) tick = 0;
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(w[j], b, acc[i][j]);
