@@ -319,22 +319,29 @@ def linear_kernel(plan: Plan, choice: str | None = None) -> LinearKernel:
     return OneDnnLinear(onednn, reorder)
 
 
-def _panel_linear_op():
-    """The native panel kernel's entry point, or None: it needs AVX-512 (the instructions it is built with; torch's
-    own check of the CPU) and a C++ compiler to build it."""
+def _native_op(library_name: str, symbol: str, argtypes: list):
+    """A function of one of the kit's native libraries (atb_models/native.py), or None: they are built with
+    AVX-512 instructions (torch's own check of the CPU) and need a C++ compiler."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
-    import ctypes
-
     from atb_models import native
 
-    library = native.load("panel_linear")
+    library = native.load(library_name)
     if library is None:
         return None
-    op = library.atb_panel_linear_f32
-    op.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p]
+    op = getattr(library, symbol)
+    op.argtypes = argtypes
     op.restype = None
+    return op
+
+
+def _panel_linear_op():
+    import ctypes
+
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    op = _native_op("panel_linear", "atb_panel_linear_f32", [ptr, i64, i64, i64, ptr, i64, ptr, ptr])
+    if op is None:
+        return None
     # A wrong build must not reach the model: one small product against F.linear first.
     kernel = PanelLinear(op, None, None)
     x, w, b = torch.randn(3, 40), torch.randn(48, 40), torch.randn(48)
@@ -343,6 +350,53 @@ def _panel_linear_op():
         logger.warning("the kit's panel linear kernel gave wrong products here: using oneDNN")
         return None
     return op
+
+
+class PagedDecodeAttention:
+    """The kit's own decode attention for the CPU in float32 (atb_models/csrc/paged_decode_attention.cpp): stores
+    the step's K and V and attends over each sequence's context read in place through its block table, one call
+    per layer instead of about ten operator calls (two index_puts, two block gathers, mask, softmax, two matmuls)."""
+
+    def __init__(self, op):
+        self._op = op
+
+    @staticmethod
+    def suits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+                and q.shape[-1] % 16 == 0)
+
+    def __call__(self, q, k, v, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+        """q [batch, heads, dim], k and v [batch, kv_heads, dim] (rows may be strided, each row contiguous),
+        caches [blocks, kv_heads, block_size, dim], block_tables [batch, max_blocks] and context_lens [batch]
+        int64 (each length counts the new token). Returns [batch, heads, dim]."""
+        batch, heads, dim = q.shape
+        for t in (q, k, v):
+            if t.stride(2) != 1 or t.stride(1) != dim:
+                raise ValueError("decode attention needs each row's heads contiguous")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("decode attention needs contiguous KV caches")
+        tables = block_tables.contiguous()
+        lengths = context_lens.contiguous()
+        out = torch.empty(batch, heads, dim, dtype=torch.float32)
+        self._op(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                 k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
+                 batch, heads, k_cache.shape[1], dim, k_cache.shape[2], scale, out.data_ptr())
+        return out
+
+
+def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
+    """The kit's native decode attention where the plan runs on an AVX-512 CPU and it builds (the same switch as
+    the linears: ATB_MODELS_CPU_LINEAR=auto or panel), else None: SDPA or the grouped matmuls of
+    layers/attention.py."""
+    if plan.kind != "cpu" or (os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto") not in ("auto", "panel"):
+        return None
+    import ctypes
+
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    op = _native_op("paged_decode_attention", "atb_paged_decode_attention_f32",
+                    [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                     ptr])
+    return None if op is None else PagedDecodeAttention(op)
 
 
 def _runs(call) -> bool:

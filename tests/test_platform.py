@@ -317,7 +317,7 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it
         weight = torch.randn(out_features, in_features, generator=generator)
         bias = torch.randn(out_features, generator=generator)
         packed = _panel_packed(weight)
-        for rows in (1, 2, 3, 6, 7, 8, 9, 16, 17, 40):
+        for rows in (1, 2, 3, 6, 7, 8, 9, 16, 17, 40, 300):  # 300: two row chunks
             x = torch.randn(rows, in_features, generator=generator)
             for b in (None, bias):
                 expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
@@ -365,3 +365,45 @@ def test_without_a_working_compiler_the_cpu_linear_falls_back_to_onednn(monkeypa
     assert isinstance(kernel, OneDnnLinear) and not isinstance(kernel, PanelLinear)
     assert "no C++ compiler" in caplog.text if compiler is None else "failed" in caplog.text
     assert not list(tmp_path.rglob("*.so")), "no library and no half-built file is left behind"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(head_dim):
+    from atb_models.layers import attention
+    from atb_models.platform import PagedDecodeAttention, decode_attention_kernel
+
+    kernel = decode_attention_kernel(resolve_plan("cpu", "float32", "float32"))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert kernel is None  # built with AVX-512 instructions: no other CPU gets it
+        return
+    assert isinstance(kernel, PagedDecodeAttention), "g++ builds the native decode attention on an AVX-512 CPU"
+    generator = torch.Generator().manual_seed(head_dim)
+    heads, kv_heads, block_size, num_blocks = 14, 2, 4, 12
+    lengths = [1, 4, 5, 11]  # one token, exactly a block, a block and one, several blocks
+    tables = torch.tensor([[7, 0, 0], [2, 0, 0], [3, 9, 0], [11, 1, 5]])
+    cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
+    # q, k, v as the model hands them over: strided views into one projection output.
+    qkv = torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    last = [n - 1 for n in lengths]
+    slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
+                          [t % block_size for t in last]])
+    context = torch.tensor(lengths)
+    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None])[:, None, None, :]
+    step = attention.StepContext(False, slots, block_tables=tables, context_mask=mask, context_lens=context)
+    results = []
+    for native in (None, kernel):
+        k_cache, v_cache = cache[0].clone(), cache[1].clone()
+        attention.set_context(step)
+        attention.set_decode_attention_kernel(native)
+        try:
+            out = attention.paged_attention(q, k, v, k_cache, v_cache, head_dim ** -0.5, upcast=False)
+        finally:
+            attention.set_context(None)
+            attention.set_decode_attention_kernel(None)
+        results.append((out, k_cache, v_cache))
+    (expected, k_expected, v_expected), (got, k_got, v_got) = results
+    # Whole 16-float vectors per head row run natively; otherwise the kernel declines and PyTorch runs.
+    assert kernel.suits(q, k_got) == (head_dim % 16 == 0)
+    assert torch.equal(k_got, k_expected) and torch.equal(v_got, v_expected)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)

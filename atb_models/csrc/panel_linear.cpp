@@ -22,6 +22,7 @@ namespace {
 
 constexpr int64_t K_BLOCK = 128;      // k-steps per block: 4 panels x 128 x 64 B = 32 KB, inside L1
 constexpr int MAX_ROWS = 8;           // rows per register block
+constexpr int64_t ROW_CHUNK = 256;    // rows per pass over the weights (prefill)
 constexpr int64_t AHEAD = 16;         // single pass: prefetch this many k-steps ahead in every panel
 
 // acc[MR][NB] (+)= x[MR rows, k0:k1] * panels[NB][k0:k1][16], then stored to y. While it runs, prefetch the lines
@@ -94,36 +95,39 @@ void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
                           const float* bias, float* y) {
     const int64_t panels = N / 16;
     const int nb = panels_for(M < MAX_ROWS ? static_cast<int>(M) : MAX_ROWS);
-    const int passes = static_cast<int>((M + MAX_ROWS - 1) / MAX_ROWS);
-    // One pass needs no K blocks: nothing else reads the panels again.
-    const int64_t k_block = passes == 1 ? K : K_BLOCK;
 #pragma omp parallel
     {
         // Each thread takes an equal run of panels (not of register blocks: 56 panels would split 24/32).
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t end = panels * (thread + 1) / threads;
-        for (int64_t p = panels * thread / threads; p < end; p += nb) {
-            const int width = end - p < nb ? static_cast<int>(end - p) : nb;
-            const float* group = wp + p * K * 16;
-            for (int64_t k0 = 0; k0 < K; k0 += k_block) {
-                const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
-                // What to prefetch: one pass runs AHEAD k-steps ahead in its own panels (running into the next
-                // panel near the end); several passes share the next block: these panels' next K block, or the
-                // next group's first.
-                const float* pf = passes == 1 ? group + AHEAD * 16
-                                              : (k1 < K ? group + k1 * 16 : wp + (p + nb) * K * 16);
-                for (int64_t m = 0; m < M; m += MAX_ROWS) {
-                    const int rows = M - m < MAX_ROWS ? static_cast<int>(M - m) : MAX_ROWS;
-                    const int pass = static_cast<int>(m / MAX_ROWS);
-                    const int64_t at = passes == 1 ? k0 * 16 : 0;  // single pass: pf follows k
-                    if (width == nb) {
-                        block_for(rows, nb)(x + m * ldx, ldx, group, K, k0, k1, bias ? bias + p * 16 : nullptr,
-                                            k0 == 0, y + m * N + p * 16, N, pf + at, pass, passes);
-                    } else {
-                        for (int j = 0; j < width; j++)
-                            block_for(rows, 1)(x + m * ldx, ldx, group + j * K * 16, K, k0, k1,
-                                               bias ? bias + (p + j) * 16 : nullptr, k0 == 0,
-                                               y + m * N + (p + j) * 16, N, pf + at + j * K * 16, pass, passes);
+        // Prefill's many rows go in chunks small enough to stay in L2 while every panel passes over them.
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+            const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+            const int passes = static_cast<int>((chunk + MAX_ROWS - 1) / MAX_ROWS);
+            // One pass needs no K blocks: nothing else reads the panels again.
+            const int64_t k_block = passes == 1 ? K : K_BLOCK;
+            for (int64_t p = panels * thread / threads; p < end; p += nb) {
+                const int width = end - p < nb ? static_cast<int>(end - p) : nb;
+                const float* group = wp + p * K * 16;
+                for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+                    const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
+                    // What to prefetch: one pass runs AHEAD k-steps ahead in its own panels (running into the
+                    // next panel near the end); several passes share the next block: these panels' next K
+                    // block, or the next group's first.
+                    const float* pf = passes == 1 ? group + AHEAD * 16 + k0 * 16
+                                                  : (k1 < K ? group + k1 * 16 : wp + (p + nb) * K * 16);
+                    for (int64_t m = m0; m < m0 + chunk; m += MAX_ROWS) {
+                        const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
+                        const int pass = static_cast<int>((m - m0) / MAX_ROWS);
+                        if (width == nb) {
+                            block_for(rows, nb)(x + m * ldx, ldx, group, K, k0, k1, bias ? bias + p * 16 : nullptr,
+                                                k0 == 0, y + m * N + p * 16, N, pf, pass, passes);
+                        } else {
+                            for (int j = 0; j < width; j++)
+                                block_for(rows, 1)(x + m * ldx, ldx, group + j * K * 16, K, k0, k1,
+                                                   bias ? bias + (p + j) * 16 : nullptr, k0 == 0,
+                                                   y + m * N + (p + j) * 16, N, pf + j * K * 16, pass, passes);
+                        }
                     }
                 }
             }

@@ -1,9 +1,9 @@
 """Tensors in, logits out: builds one step's inputs from the scheduled sequences and runs the model."""
 import torch
 
-from atb_models.layers.attention import StepContext, set_context
+from atb_models.layers.attention import StepContext, set_context, set_decode_attention_kernel
 from atb_models.layers.linear import pack_weights, set_linear_kernel
-from atb_models.platform import linear_kernel
+from atb_models.platform import decode_attention_kernel, linear_kernel
 from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
 from atb_models.weights import load_weights
 
@@ -14,6 +14,7 @@ class ModelRunner:
         self.device = plan.device
         self.block_size = block_size
         set_linear_kernel(linear_kernel(plan))
+        set_decode_attention_kernel(decode_attention_kernel(plan))
         cfg = model_config.hf_config
         with torch.device(self.device):
             self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,
@@ -83,7 +84,8 @@ class ModelRunner:
             tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
             positions_in_blocks = torch.arange(max_blocks * bs, device=self.device)
             mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
-            set_context(StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask))
+            set_context(StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
+                                    context_lens=context_lens))
             rows = torch.arange(len(seqs), device=self.device)
             logits = self.model(self._tensor(ids), positions.to(self.device), rows)
         set_context(None)

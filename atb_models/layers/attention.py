@@ -21,6 +21,7 @@ class StepContext:
     seq_starts: Optional[list] = None             # prefill: offsets of each sequence in the flat token stream
     block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
     context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
+    context_lens: Optional[torch.Tensor] = None   # decode: [batch] int64, each sequence's length with its new token
 
 
 _context: Optional[StepContext] = None
@@ -33,6 +34,15 @@ def set_context(ctx: Optional[StepContext]) -> None:
 
 def get_context() -> StepContext:
     return _context
+
+
+# The CPU's native decode attention (platform.decode_attention_kernel), set once by the model runner; None: PyTorch.
+_native_decode = None
+
+
+def set_decode_attention_kernel(kernel) -> None:
+    global _native_decode
+    _native_decode = kernel
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
@@ -79,6 +89,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     decode attends from each sequence's one new token to its context read through the block table.
     """
     ctx = get_context()
+    if (not ctx.is_prefill and not upcast and _native_decode is not None
+            and _native_decode.suits(q, k_cache)):
+        return _native_decode(q, k, v, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
     store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
     out_dtype = q.dtype
     if upcast:

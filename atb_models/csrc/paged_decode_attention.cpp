@@ -1,0 +1,122 @@
+// One decode step of attention over the paged KV cache, float32, AVX-512, in one call per layer.
+//
+// For every (sequence, KV head) pair: write the step's new K and V row into the cache slot of the sequence's last
+// position, then attend from the query heads that share the KV head to the sequence's context, read in place
+// through its block table. PyTorch would spend two index_puts, two block gathers into a contiguous copy, a mask and
+// a softmax on the same work (about ten operator calls a layer, each a few microseconds); this reads each context
+// row once, straight from the cache.
+//
+// Layouts (atb_models/layers/attention.py): cache [num_blocks, kv_heads, block_size, head_dim]; q [batch, heads,
+// head_dim] and k, v [batch, kv_heads, head_dim], each with its own row (batch) stride and contiguous inside a row;
+// out [batch, heads, head_dim] contiguous. head_dim must be a multiple of 16. Scores and softmax in float32 with the
+// maximum subtracted, as the reference does.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors of 16 per head row, or
+// `vectors` at run time when VEC is 0.
+template <int VEC>
+void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const float* const* keys,
+            const float* const* values, int64_t length, float scale, float* scores, float* out) {
+    const int64_t vectors = VEC ? VEC : vectors_rt;
+    for (int64_t t = 0; t < length; t++) {
+        const float* key = keys[t];
+        for (int64_t i = 0; i < group; i++) {
+            const float* query = q_group + i * head_dim;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < vectors; c++)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), _mm512_loadu_ps(key + 16 * c), acc);
+            scores[i * length + t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    for (int64_t i = 0; i < group; i++) {
+        float* s = scores + i * length;
+        float top = s[0];
+        for (int64_t t = 1; t < length; t++) top = s[t] > top ? s[t] : top;
+        float sum = 0.f;
+        for (int64_t t = 0; t < length; t++) {
+            s[t] = std::exp(s[t] - top);
+            sum += s[t];
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / sum);
+        float* o = out + i * head_dim;
+        if (VEC) {
+            __m512 acc[VEC ? VEC : 1];
+            for (int c = 0; c < VEC; c++) acc[c] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < length; t++) {
+                const __m512 weight = _mm512_set1_ps(s[t]);
+                for (int c = 0; c < VEC; c++) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values[t] + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < VEC; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
+        } else {
+            for (int64_t c = 0; c < vectors; c++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t t = 0; t < length; t++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(values[t] + 16 * c), acc);
+                _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc, inv));
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                                    const float* v, int64_t v_stride, float* k_cache, float* v_cache,
+                                    const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
+                                    int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                    int64_t block_size, float scale, float* out) {
+    const int64_t group = heads / kv_heads, vectors = head_dim / 16;
+#pragma omp parallel
+    {
+        std::vector<float> scores;
+        std::vector<const float*> keys, values;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * kv_heads; task++) {
+            const int64_t b = task / kv_heads, g = task % kv_heads, length = context_lens[b];
+            const int64_t* table = block_tables + b * max_blocks;
+            // Where each context row lives, walked block by block (no division per row).
+            keys.resize(length);
+            values.resize(length);
+            for (int64_t t0 = 0, j = 0; t0 < length; t0 += block_size, j++) {
+                const int64_t base = (table[j] * kv_heads + g) * block_size * head_dim;
+                for (int64_t t = t0; t < length && t < t0 + block_size; t++) {
+                    keys[t] = k_cache + base + (t - t0) * head_dim;
+                    values[t] = v_cache + base + (t - t0) * head_dim;
+                }
+            }
+            // The new token's K and V go to its slot first: it attends to itself.
+            const float* k_new = k + b * k_stride + g * head_dim;
+            const float* v_new = v + b * v_stride + g * head_dim;
+            float* k_slot = const_cast<float*>(keys[length - 1]);
+            float* v_slot = const_cast<float*>(values[length - 1]);
+            for (int64_t d = 0; d < head_dim; d++) {
+                k_slot[d] = k_new[d];
+                v_slot[d] = v_new[d];
+            }
+            scores.resize(group * length);
+            const float* q_group = q + b * q_stride + g * group * head_dim;
+            float* o = out + (b * heads + g * group) * head_dim;
+            if (vectors == 4)
+                attend<4>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
+                          scores.data(), o);
+            else if (vectors == 8)
+                attend<8>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
+                          scores.data(), o);
+            else
+                attend<0>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
+                          scores.data(), o);
+        }
+    }
+}
+
+}  // extern "C"
