@@ -399,6 +399,44 @@ def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
     return None if op is None else PagedDecodeAttention(op)
 
 
+class NativeRMSNorm:
+    """Qwen2's RMSNorm in one call (atb_models/csrc/rms_norm.cpp), after the residual add when given one: float32
+    on an AVX-512 CPU, contiguous rows."""
+
+    def __init__(self, op):
+        self._op = op
+
+    @staticmethod
+    def suits(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm); (x, its norm) without delta."""
+        hidden = x.shape[-1]
+        rows = x.numel() // hidden
+        out = torch.empty_like(x)
+        total = x
+        if delta is not None:
+            delta = delta.contiguous()
+            total = torch.empty_like(x)
+        self._op(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), rows, hidden, eps,
+                 None if delta is None else total.data_ptr(), out.data_ptr())
+        return total, out
+
+
+def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
+    """The native RMSNorm where the plan runs on an AVX-512 CPU and it builds (switched with the linears:
+    ATB_MODELS_CPU_LINEAR=auto or panel), else None: PyTorch's operators in layers/norm.py."""
+    if plan.kind != "cpu" or (os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto") not in ("auto", "panel"):
+        return None
+    import ctypes
+
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    op = _native_op("rms_norm", "atb_rms_norm_f32", [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr])
+    return None if op is None else NativeRMSNorm(op)
+
+
 def _runs(call) -> bool:
     try:
         call()

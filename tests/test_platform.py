@@ -378,12 +378,20 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
         return
     assert isinstance(kernel, PagedDecodeAttention), "g++ builds the native decode attention on an AVX-512 CPU"
     generator = torch.Generator().manual_seed(head_dim)
-    heads, kv_heads, block_size, num_blocks = 14, 2, 4, 12
-    lengths = [1, 4, 5, 11]  # one token, exactly a block, a block and one, several blocks
-    tables = torch.tensor([[7, 0, 0], [2, 0, 0], [3, 9, 0], [11, 1, 5]])
+    heads, kv_heads, block_size, num_blocks = 14, 2, 4, 40
+    # One token, exactly a block, a block and one, 16 (one whole vector of scores), 37 (vectors and a tail).
+    lengths = [1, 4, 5, 16, 37]
+    # Each sequence its own blocks, in no order; unused table entries padded with 0 as the runner does.
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(lengths), 10, dtype=torch.long)
+    used = 0
+    for row, length in enumerate(lengths):
+        count = -(-length // block_size)
+        tables[row, :count] = order[used:used + count]
+        used += count
     cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
     # q, k, v as the model hands them over: strided views into one projection output.
-    qkv = torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)
+    qkv = 3 * torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)  # scores over ~[-30, 30]
     q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
     last = [n - 1 for n in lengths]
     slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
@@ -407,3 +415,31 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     assert kernel.suits(q, k_got) == (head_dim % 16 == 0)
     assert torch.equal(k_got, k_expected) and torch.equal(v_got, v_expected)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add():
+    from atb_models.layers import norm
+    from atb_models.platform import NativeRMSNorm, rms_norm_kernel
+
+    kernel = rms_norm_kernel(resolve_plan("cpu", "float32", "float32"))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert kernel is None
+        return
+    assert isinstance(kernel, NativeRMSNorm)
+    generator = torch.Generator().manual_seed(0)
+    for rows, hidden in ((1, 896), (16, 40), (100, 1536)):  # 40: a partial vector; 100 rows: threaded
+        layer = norm.RMSNorm(hidden, 1e-6, torch.float32)
+        layer.weight.copy_(torch.randn(hidden, generator=generator))
+        x = torch.randn(rows, hidden, generator=generator)
+        delta = torch.randn(rows, hidden, generator=generator)
+        expected_sum = x + delta
+        expected = layer(expected_sum)  # PyTorch's operators: no native kernel set
+        norm.set_rms_norm_kernel(kernel)
+        try:
+            total, got = layer.add_and_norm(x, delta)
+            alone = layer(x)
+        finally:
+            norm.set_rms_norm_kernel(None)
+        assert torch.equal(total, expected_sum)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(alone, layer(x), atol=1e-5, rtol=1e-5)

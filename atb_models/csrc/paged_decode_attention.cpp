@@ -20,6 +20,43 @@
 
 namespace {
 
+// e^x for x <= 0 (scores minus their maximum), 16 at a time: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, with
+// 2^f from its Taylor series to the 7th power (relative error under 1e-8, below float's resolution) and 2^n
+// applied by vscalefps, which also takes very negative x to 0.
+inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428441e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// In place over s[0:length]: s = exp(s - max(s)); returns the sum.
+inline float softmax_numerators(float* s, int64_t length) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= length; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + t));
+    float m = _mm512_reduce_max_ps(top);
+    for (; t < length; t++) m = s[t] > m ? s[t] : m;
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 total = _mm512_setzero_ps();
+    for (t = 0; t < length; t += 16) {
+        const __mmask16 live = length - t >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                                : static_cast<__mmask16>((1u << (length - t)) - 1);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), vm));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
 // Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors of 16 per head row, or
 // `vectors` at run time when VEC is 0.
 template <int VEC>
@@ -38,14 +75,7 @@ void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vecto
     }
     for (int64_t i = 0; i < group; i++) {
         float* s = scores + i * length;
-        float top = s[0];
-        for (int64_t t = 1; t < length; t++) top = s[t] > top ? s[t] : top;
-        float sum = 0.f;
-        for (int64_t t = 0; t < length; t++) {
-            s[t] = std::exp(s[t] - top);
-            sum += s[t];
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / sum);
+        const __m512 inv = _mm512_set1_ps(1.f / softmax_numerators(s, length));
         float* o = out + i * head_dim;
         if (VEC) {
             __m512 acc[VEC ? VEC : 1];

@@ -162,8 +162,8 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.num_heads + self.num_kv_heads:]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.upcast_attention)
-        x = x + self.self_attn.o_proj(o.reshape(n, -1))
-        gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(self.post_attention_layernorm(x)))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
+        gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
         return x + self.mlp.down_proj(F.silu(gate) * up)
 
 
