@@ -353,9 +353,10 @@ def _panel_linear_op():
 
 
 class PagedDecodeAttention:
-    """The kit's own decode attention for the CPU in float32 (atb_models/csrc/paged_decode_attention.cpp): stores
-    the step's K and V and attends over each sequence's context read in place through its block table, one call
-    per layer instead of about ten operator calls (two index_puts, two block gathers, mask, softmax, two matmuls)."""
+    """The kit's own decode attention for the CPU in float32 (atb_models/csrc/paged_decode_attention.cpp): rotates
+    q and k, stores the step's K and V and attends over each sequence's context read in place through its block
+    table, one call per layer instead of about fifteen operator calls (the rotation's five, two index_puts, two
+    block gathers, mask, softmax, two matmuls)."""
 
     def __init__(self, op):
         self._op = op
@@ -365,10 +366,12 @@ class PagedDecodeAttention:
         return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
                 and q.shape[-1] % 16 == 0)
 
-    def __call__(self, q, k, v, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, block_tables, context_lens, scale: float, cos=None,
+                 sin=None) -> torch.Tensor:
         """q [batch, heads, dim], k and v [batch, kv_heads, dim] (rows may be strided, each row contiguous),
         caches [blocks, kv_heads, block_size, dim], block_tables [batch, max_blocks] and context_lens [batch]
-        int64 (each length counts the new token). Returns [batch, heads, dim]."""
+        int64 (each length counts the new token); cos and sin [batch, dim] float32: q and k are rotated here
+        (None: they come rotated). Returns [batch, heads, dim]."""
         batch, heads, dim = q.shape
         for t in (q, k, v):
             if t.stride(2) != 1 or t.stride(1) != dim:
@@ -378,7 +381,10 @@ class PagedDecodeAttention:
         tables = block_tables.contiguous()
         lengths = context_lens.contiguous()
         out = torch.empty(batch, heads, dim, dtype=torch.float32)
+        if cos is not None:
+            cos, sin = cos.float().contiguous(), sin.float().contiguous()
         self._op(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                 None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
                  k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
                  batch, heads, k_cache.shape[1], dim, k_cache.shape[2], scale, out.data_ptr())
         return out
@@ -394,8 +400,8 @@ def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
 
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     op = _native_op("paged_decode_attention", "atb_paged_decode_attention_f32",
-                    [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
-                     ptr])
+                    [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
+                     ctypes.c_float, ptr])
     return None if op is None else PagedDecodeAttention(op)
 
 

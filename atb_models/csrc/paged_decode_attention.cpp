@@ -1,9 +1,10 @@
 // One decode step of attention over the paged KV cache, float32, AVX-512, in one call per layer.
 //
-// For every (sequence, KV head) pair: write the step's new K and V row into the cache slot of the sequence's last
-// position, then attend from the query heads that share the KV head to the sequence's context, read in place
-// through its block table. PyTorch would spend two index_puts, two block gathers into a contiguous copy, a mask and
-// a softmax on the same work (about ten operator calls a layer, each a few microseconds); this reads each context
+// For every (sequence, KV head) pair: rotate the step's new K row and the queries by the position's rotary, write
+// the new K and V rows into the cache slot of the sequence's last position, then attend from the query heads that
+// share the KV head to the sequence's context, read in place through its block table. PyTorch would spend the
+// rotation's five operators, two index_puts, two block gathers into a contiguous copy, a mask and a softmax on the
+// same work (about fifteen operator calls a layer, each a few microseconds); this reads each context
 // row once, straight from the cache.
 //
 // Layouts (atb_models/layers/attention.py): cache [num_blocks, kv_heads, block_size, head_dim]; q [batch, heads,
@@ -36,6 +37,15 @@ inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
+}
+
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]), as layers/rotary.py rotates.
+inline void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* out) {
+    const int64_t half = dim / 2;
+    for (int64_t d = 0; d < half; d++) {
+        out[d] = x[d] * cos[d] - x[d + half] * sin[d];
+        out[d + half] = x[d + half] * cos[d + half] + x[d] * sin[d + half];
+    }
 }
 
 // In place over s[0:length]: s = exp(s - max(s)); returns the sum.
@@ -100,15 +110,17 @@ void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vecto
 
 extern "C" {
 
+// cos, sin: [batch, head_dim] contiguous, the rotary of each sequence's new position, applied to q and the new k
+// here (rotate-half convention, as layers/rotary.py); both null: q and k arrive rotated.
 void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                                    const float* v, int64_t v_stride, float* k_cache, float* v_cache,
-                                    const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
-                                    int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                                    int64_t block_size, float scale, float* out) {
+                                    const float* v, int64_t v_stride, const float* cos, const float* sin,
+                                    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t max_blocks,
+                                    const int64_t* context_lens, int64_t batch, int64_t heads, int64_t kv_heads,
+                                    int64_t head_dim, int64_t block_size, float scale, float* out) {
     const int64_t group = heads / kv_heads, vectors = head_dim / 16;
 #pragma omp parallel
     {
-        std::vector<float> scores;
+        std::vector<float> scores, rotated;
         std::vector<const float*> keys, values;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * kv_heads; task++) {
@@ -129,12 +141,19 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
             const float* v_new = v + b * v_stride + g * head_dim;
             float* k_slot = const_cast<float*>(keys[length - 1]);
             float* v_slot = const_cast<float*>(values[length - 1]);
-            for (int64_t d = 0; d < head_dim; d++) {
-                k_slot[d] = k_new[d];
-                v_slot[d] = v_new[d];
+            for (int64_t d = 0; d < head_dim; d++) v_slot[d] = v_new[d];
+            const float* q_group = q + b * q_stride + g * group * head_dim;
+            if (cos) {
+                rotate(k_new, cos + b * head_dim, sin + b * head_dim, head_dim, k_slot);
+                rotated.resize(group * head_dim);
+                for (int64_t i = 0; i < group; i++)
+                    rotate(q_group + i * head_dim, cos + b * head_dim, sin + b * head_dim, head_dim,
+                           rotated.data() + i * head_dim);
+                q_group = rotated.data();
+            } else {
+                for (int64_t d = 0; d < head_dim; d++) k_slot[d] = k_new[d];
             }
             scores.resize(group * length);
-            const float* q_group = q + b * q_stride + g * group * head_dim;
             float* o = out + (b * heads + g * group) * head_dim;
             if (vectors == 4)
                 attend<4>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,

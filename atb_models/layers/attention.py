@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from atb_models.layers.rotary import apply_rotary
+
 
 @dataclass
 class StepContext:
@@ -89,9 +91,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     decode attends from each sequence's one new token to its context read through the block table.
     """
     ctx = get_context()
-    if (not ctx.is_prefill and not upcast and _native_decode is not None
-            and _native_decode.suits(q, k_cache)):
-        return _native_decode(q, k, v, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
     store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
     out_dtype = q.dtype
     if upcast:
@@ -118,6 +117,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             out = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=ctx.context_mask, scale=scale,
                                                  enable_gqa=True).squeeze(2)
     return out.to(out_dtype)
+
+
+def rotary_paged_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                           upcast: bool) -> torch.Tensor:
+    """qkv: [tokens, heads + 2 * kv_heads, dim], one layer's projection. Rotates q and k by (cos, sin) [tokens, dim]
+    and attends (paged_attention). A CPU decode step with the native kernel does both in one call."""
+    q, k, v = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+    ctx = get_context()
+    if not ctx.is_prefill and not upcast and _native_decode is not None and _native_decode.suits(q, k_cache):
+        return _native_decode(q, k, v, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, cos, sin)
+    # q and k heads sit side by side: one rotation for both.
+    qk = apply_rotary(qkv[:, :num_heads + num_kv_heads], cos, sin)
+    return paged_attention(qk[:, :num_heads], qk[:, num_heads:], v, k_cache, v_cache, scale, upcast)
 
 
 def _grouped_decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atb_models.errors import UserError
-from atb_models.layers.attention import paged_attention
+from atb_models.layers.attention import rotary_paged_attention
 from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelLMHead, default_weight_loader)
 from atb_models.layers.sharding import HeadLayout
@@ -157,11 +157,8 @@ class DecoderLayer(nn.Module):
         n = x.shape[0]
         h = self.input_layernorm(x)
         qkv = self.self_attn.qkv_proj(h).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # q and k heads sit side by side: one rotation for both.
-        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], cos, sin)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.num_heads + self.num_kv_heads:]
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, self.scale, self.upcast_attention)
+        o = rotary_paged_attention(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache,
+                                   self.scale, self.upcast_attention)
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
         return x + self.mlp.down_proj(F.silu(gate) * up)
