@@ -2,6 +2,7 @@
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from atb_models.errors import UserError
 
@@ -70,3 +71,12 @@ def load_model_config(model_path: str) -> ModelConfig:
     if bad:
         raise UserError(f"eos_token_id {bad[0]} in {model_path} lies outside the vocabulary (size {hf_config.vocab_size})")
     return ModelConfig(model_path, hf_config, raw.get("torch_dtype") or "float32", tuple(eos))
+
+
+def kit_home() -> Path:
+    """Where the kit keeps what it builds (benchmark checkpoints, native kernels): $ATB_MODELS_HOME, else
+    atb_models under $XDG_CACHE_HOME or ~/.cache."""
+    home = os.environ.get("ATB_MODELS_HOME")
+    if home is None:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atb_models"
+    return Path(home)

@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from atb_models.config import kit_home
+
 logger = logging.getLogger("atb_models.native")
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
@@ -27,11 +29,8 @@ _loaded: dict = {}
 
 
 def cache_dir() -> Path:
-    """$ATB_MODELS_HOME/native, else under $XDG_CACHE_HOME or ~/.cache: atb_models/native."""
-    home = os.environ.get("ATB_MODELS_HOME")
-    if home is None:
-        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atb_models"
-    return Path(home) / "native"
+    """native/ under the kit's home (config.kit_home)."""
+    return kit_home() / "native"
 
 
 def compiler() -> str | None:

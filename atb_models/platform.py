@@ -299,9 +299,7 @@ def linear_kernel(plan: Plan, choice: str | None = None) -> LinearKernel:
     "auto"): "auto" takes the kit's panel kernel where the CPU has AVX-512 and a C++ compiler builds it, else
     oneDNN where this build has a working one, else F.linear; "panel" and "onednn" ask for one (falling back the
     same way when it is missing), "torch" is F.linear. Accelerators always use F.linear (the vendor's GEMM)."""
-    choice = choice or os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto"
-    if choice not in CPU_LINEAR_CHOICES:
-        raise UserError(f"ATB_MODELS_CPU_LINEAR={choice!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}")
+    choice = choice or _cpu_kernel_choice()
     if plan.kind != "cpu" or choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -317,6 +315,14 @@ def linear_kernel(plan: Plan, choice: str | None = None) -> LinearKernel:
     if native is not None:
         return PanelLinear(native, onednn, reorder)
     return OneDnnLinear(onednn, reorder)
+
+
+def _cpu_kernel_choice() -> str:
+    """$ATB_MODELS_CPU_LINEAR, checked: which CPU kernels run (linear_kernel says what each value means)."""
+    choice = os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto"
+    if choice not in CPU_LINEAR_CHOICES:
+        raise UserError(f"ATB_MODELS_CPU_LINEAR={choice!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}")
+    return choice
 
 
 def _native_op(library_name: str, symbol: str, argtypes: list):
@@ -394,7 +400,7 @@ def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
     """The kit's native decode attention where the plan runs on an AVX-512 CPU and it builds (the same switch as
     the linears: ATB_MODELS_CPU_LINEAR=auto or panel), else None: SDPA or the grouped matmuls of
     layers/attention.py."""
-    if plan.kind != "cpu" or (os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto") not in ("auto", "panel"):
+    if plan.kind != "cpu" or _cpu_kernel_choice() not in ("auto", "panel"):
         return None
     import ctypes
 
@@ -434,7 +440,7 @@ class NativeRMSNorm:
 def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
     """The native RMSNorm where the plan runs on an AVX-512 CPU and it builds (switched with the linears:
     ATB_MODELS_CPU_LINEAR=auto or panel), else None: PyTorch's operators in layers/norm.py."""
-    if plan.kind != "cpu" or (os.environ.get("ATB_MODELS_CPU_LINEAR") or "auto") not in ("auto", "panel"):
+    if plan.kind != "cpu" or _cpu_kernel_choice() not in ("auto", "panel"):
         return None
     import ctypes
 

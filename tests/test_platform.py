@@ -393,7 +393,7 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
     # q, k, v as the model hands them over: strided views into one projection output.
     qkv = 3 * torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)  # scores over ~[-30, 30]
-    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    q = qkv[:, :heads]
     last = [n - 1 for n in lengths]
     slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
                           [t % block_size for t in last]])

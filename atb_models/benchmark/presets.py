@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from atb_models.config import kit_home
 from atb_models.demo.checkpoint import TinyShape, build_checkpoint
 from atb_models.errors import UserError
 
@@ -104,11 +105,8 @@ PRESETS = {
 
 
 def benchmark_dir(preset: Preset) -> Path:
-    """$ATB_MODELS_HOME/benchmark/<preset>, else under $XDG_CACHE_HOME or ~/.cache: atb_models/benchmark/<preset>."""
-    home = os.environ.get("ATB_MODELS_HOME")
-    if home is None:
-        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atb_models"
-    return Path(home) / "benchmark" / preset.name
+    """benchmark/<preset> under the kit's home (config.kit_home)."""
+    return kit_home() / "benchmark" / preset.name
 
 
 def ensure_checkpoint(preset: Preset) -> Path:

@@ -92,7 +92,8 @@ void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vecto
             for (int c = 0; c < VEC; c++) acc[c] = _mm512_setzero_ps();
             for (int64_t t = 0; t < length; t++) {
                 const __m512 weight = _mm512_set1_ps(s[t]);
-                for (int c = 0; c < VEC; c++) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values[t] + 16 * c), acc[c]);
+                for (int c = 0; c < VEC; c++)
+                    acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values[t] + 16 * c), acc[c]);
             }
             for (int c = 0; c < VEC; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
         } else {
