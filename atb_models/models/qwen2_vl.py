@@ -13,7 +13,7 @@ from torch import nn
 from atb_models.errors import UserError
 from atb_models.layers.attention import rotary_paged_attention
 from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                      VocabParallelLMHead, default_weight_loader)
+                                      VocabParallelLMHead)
 from atb_models.layers.sharding import HeadLayout
 from atb_models import distributed
 from atb_models.layers.norm import RMSNorm
