@@ -213,6 +213,7 @@ class Plan:
 
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
+PANEL_WIDTH = 16       # output columns per panel of PanelLinear's layout (one AVX-512 register of float32)
 
 
 class LinearKernel:
@@ -282,14 +283,17 @@ class PanelLinear(OneDnnLinear):
         return y.view(*x.shape[:-1], out_features)
 
     def pack(self, weight):
-        out_features, in_features = weight.shape
-        if weight.dtype != torch.float32 or not self._suits(weight) or out_features % PANEL_WIDTH:
+        if weight.dtype != torch.float32 or not self._suits(weight) or weight.shape[0] % PANEL_WIDTH:
             return super().pack(weight)
-        # [out, in] -> [out / 16, in, 16]: panel p, step k holds W[16p:16p+16, k].
-        return weight.reshape(out_features // PANEL_WIDTH, PANEL_WIDTH, in_features).transpose(1, 2).contiguous()
+        return panel_layout(weight)
 
 
-PANEL_WIDTH = 16
+def panel_layout(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out / 16, in, 16]: panel p, step k holds W[16p:16p+16, k] (out a multiple of PANEL_WIDTH)."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features // PANEL_WIDTH, PANEL_WIDTH, in_features).transpose(1, 2).contiguous()
+
+
 PLAIN_LINEAR = LinearKernel()
 CPU_LINEAR_CHOICES = ("auto", "panel", "onednn", "torch")
 
@@ -325,6 +329,12 @@ def _cpu_kernel_choice() -> str:
     return choice
 
 
+def _native_kernels_on(plan: Plan) -> bool:
+    """Whether the kit's native attention and norm are wanted: a CPU plan with ATB_MODELS_CPU_LINEAR=auto or
+    panel (the same switch as the linears)."""
+    return plan.kind == "cpu" and _cpu_kernel_choice() in ("auto", "panel")
+
+
 def _native_op(library_name: str, symbol: str, argtypes: list):
     """A function of one of the kit's native libraries (atb_models/native.py), or None: they are built with
     AVX-512 instructions (torch's own check of the CPU) and need a C++ compiler."""
@@ -351,8 +361,7 @@ def _panel_linear_op():
     # A wrong build must not reach the model: one small product against F.linear first.
     kernel = PanelLinear(op, None, None)
     x, w, b = torch.randn(3, 40), torch.randn(48, 40), torch.randn(48)
-    packed = w.reshape(3, PANEL_WIDTH, 40).transpose(1, 2).contiguous()
-    if not torch.allclose(kernel(x, packed, b), torch.nn.functional.linear(x, w, b), atol=1e-4):
+    if not torch.allclose(kernel(x, panel_layout(w), b), torch.nn.functional.linear(x, w, b), atol=1e-4):
         logger.warning("the kit's panel linear kernel gave wrong products here: using oneDNN")
         return None
     return op
@@ -397,10 +406,9 @@ class PagedDecodeAttention:
 
 
 def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
-    """The kit's native decode attention where the plan runs on an AVX-512 CPU and it builds (the same switch as
-    the linears: ATB_MODELS_CPU_LINEAR=auto or panel), else None: SDPA or the grouped matmuls of
-    layers/attention.py."""
-    if plan.kind != "cpu" or _cpu_kernel_choice() not in ("auto", "panel"):
+    """The kit's native decode attention where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU,
+    else None: SDPA or the grouped matmuls of layers/attention.py."""
+    if not _native_kernels_on(plan):
         return None
     import ctypes
 
@@ -438,9 +446,9 @@ class NativeRMSNorm:
 
 
 def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
-    """The native RMSNorm where the plan runs on an AVX-512 CPU and it builds (switched with the linears:
-    ATB_MODELS_CPU_LINEAR=auto or panel), else None: PyTorch's operators in layers/norm.py."""
-    if plan.kind != "cpu" or _cpu_kernel_choice() not in ("auto", "panel"):
+    """The native RMSNorm where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU, else None:
+    PyTorch's operators in layers/norm.py."""
+    if not _native_kernels_on(plan):
         return None
     import ctypes
 

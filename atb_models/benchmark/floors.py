@@ -71,9 +71,13 @@ def _packed(kernel, weight: torch.Tensor) -> torch.Tensor:
 def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) -> Machine:
     """The machine as a plan's device and dtype see it; the matrix rate with F.linear, oneDNN's linear and the kit's
     own kernel (whichever is fastest at 256 rows sets the rate)."""
-    from atb_models.platform import linear_kernel
+    from atb_models.platform import PLAIN_LINEAR, linear_kernel
 
-    kernels = [F.linear, linear_kernel(plan, "onednn"), linear_kernel(plan)]
+    kernels = [F.linear]
+    for kernel in (linear_kernel(plan, "onednn"), linear_kernel(plan)):
+        # Each kind once: where the kit's kernel is oneDNN's, or F.linear (accelerators), it is already timed.
+        if kernel is not PLAIN_LINEAR and all(type(kernel) is not type(k) for k in kernels):
+            kernels.append(kernel)
     return Machine(measure_bandwidth(plan.device, bandwidth_bytes, plan.synchronize),
                    measure_matmul_rate(kernels, plan.device, plan.llm_dtype, hidden, intermediate, plan.synchronize))
 
