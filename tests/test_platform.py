@@ -296,8 +296,13 @@ def test_pack_weights_packs_large_linears_but_not_a_tied_lm_head(monkeypatch):
 
 
 def _panel_packed(weight: torch.Tensor) -> torch.Tensor:
+    """The panel kernel's layout written out by hand: group g, step k holds the 64 outputs W[64g:64g+64, k]."""
     out_features, in_features = weight.shape
-    return weight.reshape(out_features // 16, 16, in_features).transpose(1, 2).contiguous()
+    packed = torch.empty(out_features // 64, in_features, 64)
+    for g in range(out_features // 64):
+        for k in range(in_features):
+            packed[g, k] = weight[64 * g:64 * g + 64, k]
+    return packed
 
 
 def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it_matches_f_linear():
@@ -312,12 +317,12 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it
         return
     assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel on an AVX-512 CPU"
     generator = torch.Generator().manual_seed(0)
-    # Output sizes that leave partial register blocks and uneven thread shares; K off the 64-step blocks.
-    for out_features, in_features in ((48, 40), (16 * 7, 200), (16 * 37, 130), (1024, 300)):
+    # One group, uneven thread shares (3 and 37 groups); K off the 128-step blocks and over several of them.
+    for out_features, in_features in ((64, 40), (64 * 3, 200), (64 * 37, 130), (1024, 300)):
         weight = torch.randn(out_features, in_features, generator=generator)
         bias = torch.randn(out_features, generator=generator)
         packed = _panel_packed(weight)
-        for rows in (1, 2, 3, 6, 7, 8, 9, 16, 17, 40, 300):  # 300: two row chunks
+        for rows in (1, 2, 3, 5, 6, 7, 12, 16, 17, 40, 300):  # partial register blocks; 300: two row chunks
             x = torch.randn(rows, in_features, generator=generator)
             for b in (None, bias):
                 expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
@@ -326,14 +331,14 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it
     x = torch.randn(2, 5, 2 * 300, generator=generator)[:, :, ::2]
     assert torch.allclose(kernel(x, packed, bias), F.linear(x, weight, bias), atol=1e-4)
     assert kernel(torch.randn(0, 300), packed, bias).shape == (0, 1024)
-    # What it packs: large float32 weights with whole panels; the rest goes to oneDNN's layout or stays.
-    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256 + 16, 256, generator=generator)
+    # What it packs: large float32 weights with whole groups; the rest goes to oneDNN's layout or stays.
+    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256 + 64, 256, generator=generator)
     assert torch.equal(kernel.pack(large), _panel_packed(large))
-    assert kernel.pack(large[:-1]).dim() == 2  # an output size off the panels: oneDNN's layout
+    assert kernel.pack(large[:-16]).dim() == 2  # an output size off the groups: oneDNN's layout
     assert kernel.pack(large.half()) is None
     assert kernel.pack(large[:64]) is None  # small: F.linear
     x = torch.randn(3, 256, generator=generator)
-    odd = large[:-1].contiguous()
+    odd = large[:-16].contiguous()
     assert torch.allclose(kernel(x, kernel.pack(odd)), F.linear(x, odd), atol=1e-4)
 
 
