@@ -21,6 +21,8 @@
 
 namespace {
 
+constexpr int64_t PREFETCH_ROWS = 32;  // context rows prefetched ahead of the ones being scored
+
 // e^x for x <= 0 (scores minus their maximum), 16 at a time: 2^(x log2 e) split into 2^n * 2^f, |f| <= 1/2, with
 // 2^f from its Taylor series to the 7th power (relative error under 1e-8, below float's resolution) and 2^n
 // applied by vscalefps, which also takes very negative x to 0.
@@ -75,41 +77,120 @@ inline float softmax_numerators(float* s, int64_t length) {
     return _mm512_reduce_add_ps(total);
 }
 
-// Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors of 16 per head row, or
-// `vectors` at run time when VEC is 0.
-template <int VEC>
-void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const float* const* keys,
-            const float* const* values, int64_t length, float scale, float* scores, float* out) {
-    const int64_t vectors = VEC ? VEC : vectors_rt;
-    for (int64_t t = 0; t < length; t++) {
-        const float* key = keys[t];
-        for (int64_t i = 0; i < group; i++) {
-            const float* query = q_group + i * head_dim;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < vectors; c++)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), _mm512_loadu_ps(key + 16 * c), acc);
-            scores[i * length + t] = _mm512_reduce_add_ps(acc) * scale;
+// Lane t of the result: the sum of v[t]'s 16 lanes. Four rounds fold pairs of vectors into one, halving the lanes
+// each source keeps (16 sources x 16 lanes -> ... -> 16 x 1): 15 folds of two permutes and an add, where reducing
+// each vector alone would take 16 horizontal reductions of about nine instructions each.
+struct LaneFolds {
+    __m512i low[4], high[4];
+    LaneFolds() {
+        for (int round = 0, keep = 16, sources = 1; round < 4; round++, keep /= 2, sources *= 2) {
+            alignas(64) int lo[16], hi[16];
+            for (int lane = 0; lane < 16; lane++) {
+                // Output lane: source `k` (a's sources first, then b's), element `e` of its keep / 2.
+                const int k = lane / (keep / 2), e = lane % (keep / 2);
+                lo[lane] = k < sources ? k * keep + e : 16 + (k - sources) * keep + e;
+                hi[lane] = lo[lane] + keep / 2;
+            }
+            low[round] = _mm512_load_si512(lo);
+            high[round] = _mm512_load_si512(hi);
         }
     }
-    for (int64_t i = 0; i < group; i++) {
-        float* s = scores + i * length;
-        const __m512 inv = _mm512_set1_ps(1.f / softmax_numerators(s, length));
-        float* o = out + i * head_dim;
-        if (VEC) {
-            __m512 acc[VEC ? VEC : 1];
-            for (int c = 0; c < VEC; c++) acc[c] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < length; t++) {
-                const __m512 weight = _mm512_set1_ps(s[t]);
-                for (int c = 0; c < VEC; c++)
-                    acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values[t] + 16 * c), acc[c]);
+};
+
+inline __m512 sum_lanes(__m512* v, const LaneFolds& folds) {
+    for (int round = 0, count = 16; round < 4; round++, count /= 2)
+        for (int j = 0; j < count / 2; j++)
+            v[j] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * j], folds.low[round], v[2 * j + 1]),
+                                 _mm512_permutex2var_ps(v[2 * j], folds.high[round], v[2 * j + 1]));
+    return v[0];
+}
+
+// out[h] = inverse[h] * sum over t of s[h * length + t] * values[t], for NH heads of VEC vectors each.
+template <int NH, int VEC>
+void weighted_sum(const float* s, int64_t length, const float* const* values, const float* inverse, float* out,
+                  int64_t head_dim) {
+    __m512 acc[NH][VEC];
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t++) {
+        __m512 row[VEC];
+        for (int c = 0; c < VEC; c++) row[c] = _mm512_loadu_ps(values[t] + 16 * c);
+        for (int h = 0; h < NH; h++) {
+            const __m512 weight = _mm512_set1_ps(s[h * length + t]);
+            for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_fmadd_ps(weight, row[c], acc[h][c]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int c = 0; c < VEC; c++)
+            _mm512_storeu_ps(out + h * head_dim + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inverse[h])));
+}
+
+// weighted_sum for a group's heads, 16 / VEC at a time: each V row is loaded once for all of them, and 16
+// accumulators are in flight (one head's VEC chains alone would wait on the multiply-add latency).
+template <int VEC>
+void weighted_sums(const float* scores, int64_t group, int64_t length, const float* const* values,
+                   const float* inverse, float* out, int64_t head_dim) {
+    constexpr int HEADS = 16 / VEC;
+    int64_t i = 0;
+    for (; i + HEADS <= group; i += HEADS)
+        weighted_sum<HEADS, VEC>(scores + i * length, length, values, inverse + i, out + i * head_dim, head_dim);
+    const float* s = scores + i * length;
+    float* o = out + i * head_dim;
+    switch (group - i) {  // the rest: fewer than HEADS
+        case 3: if constexpr (HEADS > 3) weighted_sum<3, VEC>(s, length, values, inverse + i, o, head_dim); break;
+        case 2: if constexpr (HEADS > 2) weighted_sum<2, VEC>(s, length, values, inverse + i, o, head_dim); break;
+        case 1: weighted_sum<1, VEC>(s, length, values, inverse + i, o, head_dim); break;
+        default: break;
+    }
+}
+
+// Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors of 16 per head row, or
+// `vectors` at run time when VEC is 0. Scores 16 context rows at a time, the rows after next prefetched (K now, V
+// for the weighted sum after the softmax): a context is a few short runs of the cache, too short for the hardware
+// prefetcher to ramp up on.
+template <int VEC>
+void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const float* const* keys,
+            const float* const* values, int64_t length, float scale, float* scores, float* weights_inverse,
+            float* out) {
+    static const LaneFolds folds;
+    const int64_t vectors = VEC ? VEC : vectors_rt;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t t0 = 0; t0 < length; t0 += 16) {
+        const int64_t n = length - t0 < 16 ? length - t0 : 16;
+        for (int64_t t = t0 + PREFETCH_ROWS; t < t0 + PREFETCH_ROWS + 16 && t < length; t++)
+            for (int64_t c = 0; c < vectors; c++) {
+                _mm_prefetch(reinterpret_cast<const char*>(keys[t] + 16 * c), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(values[t] + 16 * c), _MM_HINT_T0);
             }
-            for (int c = 0; c < VEC; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc[c], inv));
-        } else {
+        // A short last block reads its missing rows from the first: their scores are never stored.
+        const float* rows[16];
+        for (int64_t t = 0; t < 16; t++) rows[t] = keys[t0 + (t < n ? t : 0)];
+        for (int64_t i = 0; i < group; i++) {
+            const float* query = q_group + i * head_dim;
+            __m512 dots[16];
+            for (int t = 0; t < 16; t++) {
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(query), _mm512_loadu_ps(rows[t]));
+                for (int64_t c = 1; c < vectors; c++)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), _mm512_loadu_ps(rows[t] + 16 * c), acc);
+                dots[t] = acc;
+            }
+            const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+            _mm512_mask_storeu_ps(scores + i * length + t0, live, _mm512_mul_ps(sum_lanes(dots, folds), vscale));
+        }
+    }
+    for (int64_t i = 0; i < group; i++)
+        weights_inverse[i] = 1.f / softmax_numerators(scores + i * length, length);
+    if constexpr (VEC != 0) {
+        weighted_sums<VEC>(scores, group, length, values, weights_inverse, out, head_dim);
+    } else {
+        for (int64_t i = 0; i < group; i++) {
+            const float* s = scores + i * length;
+            const __m512 inv = _mm512_set1_ps(weights_inverse[i]);
             for (int64_t c = 0; c < vectors; c++) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t t = 0; t < length; t++)
                     acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(values[t] + 16 * c), acc);
-                _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(acc, inv));
+                _mm512_storeu_ps(out + i * head_dim + 16 * c, _mm512_mul_ps(acc, inv));
             }
         }
     }
@@ -133,7 +214,7 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
         // arithmetic on them runs a hundred times slower (contributions that small change no output).
         const unsigned int saved_csr = _mm_getcsr();
         _mm_setcsr(saved_csr | 0x8040);  // FTZ | DAZ
-        std::vector<float> scores, rotated;
+        std::vector<float> scores, rotated, inverse;
         std::vector<const float*> keys, values;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * kv_heads; task++) {
@@ -147,6 +228,19 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
                 for (int64_t t = t0; t < length && t < t0 + block_size; t++) {
                     keys[t] = k_cache + base + (t - t0) * head_dim;
                     values[t] = v_cache + base + (t - t0) * head_dim;
+                }
+            }
+            // The next pair's first rows (a thread's pairs are consecutive): their misses overlap this pair's work.
+            if (task + 1 < batch * kv_heads) {
+                const int64_t nb = (task + 1) / kv_heads, ng = (task + 1) % kv_heads;
+                const int64_t rows = context_lens[nb] < PREFETCH_ROWS ? context_lens[nb] : PREFETCH_ROWS;
+                for (int64_t t = 0; t < rows; t++) {
+                    const int64_t at = ((block_tables[nb * max_blocks + t / block_size] * kv_heads + ng) * block_size +
+                                        t % block_size) * head_dim;
+                    for (int64_t d = 0; d < head_dim; d += 16) {
+                        _mm_prefetch(reinterpret_cast<const char*>(k_cache + at + d), _MM_HINT_T0);
+                        _mm_prefetch(reinterpret_cast<const char*>(v_cache + at + d), _MM_HINT_T0);
+                    }
                 }
             }
             // The new token's K and V go to its slot first: it attends to itself.
@@ -167,16 +261,17 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
                 for (int64_t d = 0; d < head_dim; d++) k_slot[d] = k_new[d];
             }
             scores.resize(group * length);
+            inverse.resize(group);
             float* o = out + (b * heads + g * group) * head_dim;
             if (vectors == 4)
                 attend<4>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
-                          scores.data(), o);
+                          scores.data(), inverse.data(), o);
             else if (vectors == 8)
                 attend<8>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
-                          scores.data(), o);
+                          scores.data(), inverse.data(), o);
             else
                 attend<0>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
-                          scores.data(), o);
+                          scores.data(), inverse.data(), o);
         }
         _mm_setcsr(saved_csr);
     }
