@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["atb_models", "atb_models.*"]),
     package_data={"atb_models.demo": ["reader_model/*"],  # the bundled demo reader, its samples included
-                  "atb_models": ["csrc/*.cpp"]},  # the native CPU kernels, compiled on first use
+                  "atb_models": ["csrc/*.cpp", "csrc/*.h"]},  # the native CPU kernels, compiled on first use
     python_requires=">=3.11",
     install_requires=read_requirements("requirements/requirements.txt",
                                        "requirements/models/requirements_qwen2_vl.txt"),

@@ -38,14 +38,16 @@ def compiler() -> str | None:
 
 
 def build(name: str) -> Path | None:
-    """csrc/<name>.cpp compiled into the cache (named by a hash of source, flags and compiler, so an edit or
-    another compiler builds anew), or None where no compiler is found or the build fails."""
+    """csrc/<name>.cpp compiled into the cache (named by a hash of the sources, csrc's headers included, flags and
+    compiler, so an edit or another compiler builds anew), or None where no compiler is found or the build fails."""
     cxx = compiler()
     if cxx is None:
         logger.info("no C++ compiler found (set CXX): the kit's %s kernel is not built", name)
         return None
     source = SOURCE_DIR / f"{name}.cpp"
-    digest = hashlib.sha256(source.read_bytes() + " ".join((cxx, *CXX_FLAGS)).encode()).hexdigest()[:16]
+    sources = [source, *sorted(SOURCE_DIR.glob("*.h"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)
+                            + " ".join((cxx, *CXX_FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     if target.is_file():
         return target

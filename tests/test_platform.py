@@ -456,3 +456,33 @@ def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_resi
         assert torch.equal(total, expected_sum)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
         assert torch.allclose(alone, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_projection():
+    import torch.nn.functional as F
+
+    from atb_models.layers import activation
+    from atb_models.platform import NativeSiluAndMul, silu_and_mul_kernel
+
+    kernel = silu_and_mul_kernel(resolve_plan("cpu", "float32", "float32"))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert kernel is None
+        return
+    assert isinstance(kernel, NativeSiluAndMul)
+    generator = torch.Generator().manual_seed(0)
+    for rows, width in ((4, 4864), (500, 40), (300, 200)):  # 40, 200: partial vectors; 300 x 200: threaded
+        projection = 8 * torch.randn(rows, 2 * width, generator=generator)
+        projection[0, :4] = torch.tensor([0.0, -200.0, 200.0, -1e-30])  # zero, far on either side, tiny
+        gate, up = projection.split(width, dim=-1)
+        expected = F.silu(gate.double()) * up.double()
+        activation.set_silu_and_mul_kernel(kernel)
+        try:
+            got = activation.silu_and_mul(gate, up)
+        finally:
+            activation.set_silu_and_mul_kernel(None)
+        assert got.shape == (rows, width) and got.is_contiguous()
+        assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5), (rows, width)
+    # Halves of different shapes or layouts, or too few values to repay the call, are not its case: PyTorch runs.
+    assert not kernel.suits(gate, up[:, :-1]) and not kernel.suits(gate.t(), up.t())
+    assert not kernel.suits(gate[:1], up[:1])
+    assert not kernel.suits(gate.double(), up.double())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atb_models.errors import UserError
+from atb_models.layers.activation import silu_and_mul
 from atb_models.layers.attention import rotary_paged_attention
 from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelLMHead)
@@ -161,7 +162,7 @@ class DecoderLayer(nn.Module):
                                    self.scale, self.upcast_attention)
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
-        return x + self.mlp.down_proj(F.silu(gate) * up)
+        return x + self.mlp.down_proj(silu_and_mul(gate, up))
 
 
 class Qwen2VLForCausalLM(nn.Module):
