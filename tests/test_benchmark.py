@@ -176,6 +176,18 @@ def test_decode_floor_is_the_larger_of_weight_reading_and_matrix_work():
     assert floors.decode_floor(10**9, 4, 64, machine) == pytest.approx(0.128)  # 128 GFLOP at 1 TFLOP/s
 
 
+def test_each_decode_run_is_held_against_the_floor_of_its_own_moment():
+    from atb_models.benchmark.compare import Results
+    from atb_models.benchmark.engines import Timing
+
+    results = Results(decode_params=10**9, bytes_per_param=4)  # 4 GB a step
+    # Three runs of 80 ms a step, timed while the memory read at 100, 50 and 80 GB/s: floors 40, 80 and 50 ms.
+    results.runs[("decode_bs1", "kit")] = [Timing(1.0, 0.1, 0.08, []) for _ in range(3)]
+    results.probes[("decode_bs1", "kit")] = [floors.Machine(bw * 1e9, 1e15) for bw in (100, 50, 80)]
+    assert results.per_step_vs_floor("decode_bs1", "kit", 1) == pytest.approx(1.6)  # median of 2.0, 1.0, 1.6
+    assert results.paired_floor("decode_bs1", 1) == pytest.approx(0.05)
+
+
 def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
     from tests.parity_utils import reference_model
 

@@ -4,7 +4,10 @@ warm-up, medians over repeats; plus the decode floor from the machine measured i
 - single:  one image plus a question, batch 1: end-to-end latency and first-token time;
 - batch16: 16 requests of growing images and mixed output lengths: total time, against transformers one request
            at a time and in one left-padded batch (which runs every row to the longest output);
-- decode:  wall time per decode step at each batch size, against the floor (floors.py).
+- decode:  wall time per decode step at each batch size, against the floor (floors.py). This VM's memory speed
+           swings by half within minutes, so every decode run is bracketed by its own measurement of the machine
+           and divided by the floor of that moment (the better of the two readings); the figure is the median of
+           those ratios. The table also gives the steps against the run's best floor of all.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,7 +61,8 @@ def make_requests(workloads: Workloads, media_dir: Path) -> dict[str, list[Reque
 class Results:
     """Every timed run, by (workload, mode); the medians and ratios are derived from them."""
     runs: dict = field(default_factory=dict)
-    machine: floors.Machine | None = None
+    machine: floors.Machine | None = None  # the best of the readings at the start and the end of the run
+    probes: dict = field(default_factory=dict)  # (workload, mode): the machine as read around each of its runs
     decode_params: int = 0
     bytes_per_param: int = 4
     tokens_match: dict = field(default_factory=dict)
@@ -71,17 +76,32 @@ class Results:
     def has(self, workload: str) -> bool:
         return any(key[0] == workload for key in self.runs)
 
-    def floor(self, batch_size: int) -> float:
-        return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, self.machine)
+    def floor(self, batch_size: int, machine: floors.Machine | None = None) -> float:
+        return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, machine or self.machine)
+
+    def paired_floor(self, workload: str, batch_size: int) -> float:
+        """The median floor of the moments the kit's runs of a workload were timed in."""
+        return statistics.median(self.floor(batch_size, m) for m in self.probes[(workload, "kit")])
+
+    def per_step_vs_floor(self, workload: str, mode: str, batch_size: int) -> float:
+        """The median over runs of the decode step against the floor of the run's own moment."""
+        return statistics.median(timing.per_token / self.floor(batch_size, machine)
+                                 for timing, machine in zip(self.runs[(workload, mode)],
+                                                            self.probes[(workload, mode)]))
 
 
-def _alternate(results: Results, workload: str, runs: dict, repeats: int) -> None:
-    """Each mode once per repeat; the order flips every repeat so a drift in the machine's load hits all alike."""
+def _alternate(results: Results, workload: str, runs: dict, repeats: int,
+               probe: Callable[[], floors.Machine] | None = None) -> None:
+    """Each mode once per repeat; the order flips every repeat so a drift in the machine's load hits all alike.
+    With `probe`, the machine is measured just before and just after each run (results.probes)."""
     modes = list(runs)
     for repeat in range(repeats):
         for mode in modes if repeat % 2 == 0 else reversed(modes):
+            before = probe() if probe else None
             start = time.perf_counter()
             results.add(workload, mode, runs[mode]())
+            if probe:
+                results.probes.setdefault((workload, mode), []).append(before.best_of(probe()))
             logger.info("%s / %s: repeat %d of %d in %.1f s", workload, mode, repeat + 1, repeats,
                         time.perf_counter() - start)
 
@@ -129,7 +149,7 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
             batch = requests[f"decode_bs{batch_size}"]
             _alternate(results, f"decode_bs{batch_size}",
                        {"kit": partial(kit.run, batch), "hf": partial(reference.run_batched, batch, batch_size)},
-                       repeats)
+                       repeats, probe=measure_machine)
     results.machine = results.machine.best_of(measure_machine())
 
     setup = {
@@ -173,8 +193,8 @@ def figures(results: Results, decode_batch_sizes: tuple[int, ...]) -> dict[str, 
         out["speedup_vs_hf[batch16]"] = best_hf / results.median("batch16", "kit", "seconds")
     for batch_size in decode_batch_sizes:
         if results.has(f"decode_bs{batch_size}"):
-            out[f"decode_vs_floor[bs{batch_size}]"] = (results.median(f"decode_bs{batch_size}", "kit", "per_token")
-                                                      / results.floor(batch_size))
+            out[f"decode_vs_floor[bs{batch_size}]"] = results.per_step_vs_floor(f"decode_bs{batch_size}", "kit",
+                                                                               batch_size)
     return out
 
 
@@ -183,8 +203,16 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
     lines = [f"{key}: {value}" for key, value in setup.items()]
     machine = results.machine
     lines.append(f"machine: memory bandwidth {machine.bandwidth / 1e9:.1f} GB/s, matmul "
-                 f"{machine.matmul_rate / 1e9:.1f} GFLOP/s ({str(results.bytes_per_param * 8)}-bit floats); decode "
-                 f"reads {results.decode_params / 1e6:.1f} M parameters")
+                 f"{machine.matmul_rate / 1e9:.1f} GFLOP/s ({str(results.bytes_per_param * 8)}-bit floats), the "
+                 f"best of the readings at the start and the end; decode reads {results.decode_params / 1e6:.1f} M "
+                 f"parameters")
+    around = [m for readings in results.probes.values() for m in readings]
+    fastest = reduce(floors.Machine.best_of, around, machine)
+    if around:
+        lines.append(f"machine around the decode runs: memory bandwidth "
+                     f"{min(m.bandwidth for m in around) / 1e9:.1f}-{max(m.bandwidth for m in around) / 1e9:.1f} "
+                     f"GB/s, matmul {min(m.matmul_rate for m in around) / 1e9:.1f}-"
+                     f"{max(m.matmul_rate for m in around) / 1e9:.1f} GFLOP/s")
     rows = [("workload", "figure", "kit", "transformers", "hf / kit")]
 
     def row(workload, label, kit_value, hf_value, unit_ms=True):
@@ -207,9 +235,13 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
         if results.has(workload):
             kit_step, hf_step = (results.median(workload, mode, "per_token") for mode in ("kit", "hf"))
             row(workload, "per decode step (ms)", kit_step, hf_step)
-            floor = results.floor(batch_size)
-            rows.append((workload, f"per decode step / floor of {_ms(floor)} ms", f"{kit_step / floor:.2f}",
-                         f"{hf_step / floor:.2f}", ""))
+            paired = _ms(results.paired_floor(workload, batch_size))
+            rows.append((workload, f"per decode step / floor of its moment (median {paired} ms)",
+                         *(f"{results.per_step_vs_floor(workload, mode, batch_size):.2f}" for mode in ("kit", "hf")),
+                         ""))
+            best = results.floor(batch_size, fastest)
+            rows.append((workload, f"per decode step / the run's best floor of {_ms(best)} ms",
+                         f"{kit_step / best:.2f}", f"{hf_step / best:.2f}", ""))
             rows.append((workload, "kit forward + sampling only (ms)", _ms(results.median(workload, "kit", "in_step")),
                          "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
