@@ -6,6 +6,7 @@ it is installed). Everything else receives a `Plan` and uses `plan.device`, `pla
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -335,14 +336,18 @@ def _native_kernels_on(plan: Plan) -> bool:
     return plan.kind == "cpu" and _cpu_kernel_choice() in ("auto", "panel")
 
 
-def _native_op(library_name: str, symbol: str, argtypes: list):
-    """A function of one of the kit's native libraries (atb_models/native.py), or None: they are built with
-    AVX-512 instructions (torch's own check of the CPU) and need a C++ compiler."""
+NATIVE_LIBRARY = "cpu_kernels"  # atb_models/csrc/cpu_kernels.cpp and its headers, one library
+_I64, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float  # the native entry points' arguments
+
+
+def _native_op(symbol: str, argtypes: list):
+    """A function of the kit's native library (atb_models/native.py), or None: it is built with AVX-512
+    instructions (torch's own check of the CPU) and needs a C++ compiler."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
     from atb_models import native
 
-    library = native.load(library_name)
+    library = native.load(NATIVE_LIBRARY)
     if library is None:
         return None
     op = getattr(library, symbol)
@@ -352,10 +357,7 @@ def _native_op(library_name: str, symbol: str, argtypes: list):
 
 
 def _panel_linear_op():
-    import ctypes
-
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    op = _native_op("panel_linear", "atb_panel_linear_f32", [ptr, i64, i64, i64, ptr, i64, ptr, ptr])
+    op = _native_op("atb_panel_linear_f32", [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR])
     if op is None:
         return None
     # A wrong build must not reach the model: one small product against F.linear first.
@@ -410,12 +412,9 @@ def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
     else None: SDPA or the grouped matmuls of layers/attention.py."""
     if not _native_kernels_on(plan):
         return None
-    import ctypes
-
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    op = _native_op("paged_decode_attention", "atb_paged_decode_attention_f32",
-                    [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
-                     ctypes.c_float, ptr])
+    op = _native_op("atb_paged_decode_attention_f32",
+                    [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64,
+                     _I64, _I64, _FLOAT, _PTR])
     return None if op is None else PagedDecodeAttention(op)
 
 
@@ -450,10 +449,7 @@ def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
     PyTorch's operators in layers/norm.py."""
     if not _native_kernels_on(plan):
         return None
-    import ctypes
-
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    op = _native_op("rms_norm", "atb_rms_norm_f32", [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr])
+    op = _native_op("atb_rms_norm_f32", [_PTR, _PTR, _PTR, _I64, _I64, _FLOAT, _PTR, _PTR])
     return None if op is None else NativeRMSNorm(op)
 
 
@@ -485,11 +481,83 @@ def silu_and_mul_kernel(plan: Plan) -> NativeSiluAndMul | None:
     PyTorch's silu and product in layers/activation.py."""
     if not _native_kernels_on(plan):
         return None
-    import ctypes
-
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    op = _native_op("activation", "atb_silu_and_mul_f32", [ptr, ptr, i64, i64, i64, ptr])
+    op = _native_op("atb_silu_and_mul_f32", [_PTR, _PTR, _I64, _I64, _I64, _PTR])
     return None if op is None else NativeSiluAndMul(op)
+
+
+class LayerWeights(ctypes.Structure):
+    """csrc/cpu_kernels.cpp's LayerWeights, field for field: a decoder layer's packed linears, norms and KV cache."""
+    _fields_ = [("input_norm", _PTR), ("qkv", _PTR), ("qkv_bias", _PTR), ("o", _PTR), ("post_norm", _PTR),
+                ("gate_up", _PTR), ("down", _PTR), ("k_cache", _PTR), ("v_cache", _PTR), ("hidden", _I64),
+                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("intermediate", _I64),
+                ("block_size", _I64), ("eps", _FLOAT), ("scale", _FLOAT)]
+
+
+class DecodeStep(ctypes.Structure):
+    """csrc/cpu_kernels.cpp's DecodeStep, field for field: what all layers of one decode step share."""
+    _fields_ = [("rows", _I64), ("block_tables", _PTR), ("max_blocks", _I64), ("context_lens", _PTR),
+                ("cos", _PTR), ("sin", _PTR), ("normed", _PTR), ("qkv", _PTR), ("attention", _PTR),
+                ("projected", _PTR), ("gate_up", _PTR), ("activated", _PTR)]
+
+
+class NativeDecoderLayer:
+    """A Qwen2 decoder layer's whole decode step in one native call (atb_models/csrc/cpu_kernels.cpp): the same
+    kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer, each 10-25 us with
+    the caches cold from the weight stream. Float32 on an AVX-512 CPU, for a layer that holds all its heads (one
+    rank) and whose four linears are in the panel layout."""
+
+    def __init__(self, op):
+        self._op = op
+
+    @staticmethod
+    def weights(input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache, heads: int,
+                kv_heads: int, eps: float, scale: float) -> LayerWeights | None:
+        """The layer as the kernel reads it, or None where the layer is not its case. The result points into the
+        tensors: it is right while they are the layer's."""
+        tensors = (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache)
+        if any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+               for t in tensors) or any(w.dim() != 3 for w in (qkv, o, gate_up, down)):
+            return None
+        hidden, head_dim, intermediate = input_norm.shape[0], k_cache.shape[-1], down.shape[1]
+        # [out / 64, in, 64] each (platform.panel_layout), out and in as the heads and sizes say.
+        expected = ((qkv, (heads + 2 * kv_heads) * head_dim, hidden), (o, hidden, heads * head_dim),
+                    (gate_up, 2 * intermediate, hidden), (down, hidden, intermediate))
+        if head_dim % 16 or any(tuple(w.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP) or out % PANEL_GROUP
+                                for w, out, inp in expected):
+            return None
+        if qkv_bias.shape != ((heads + 2 * kv_heads) * head_dim,) or post_norm.shape != (hidden,):
+            return None
+        return LayerWeights(*(t.data_ptr() for t in tensors), hidden, heads, kv_heads, head_dim, intermediate,
+                            k_cache.shape[2], eps, scale)
+
+    @staticmethod
+    def step(layer: LayerWeights, rows: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor) -> DecodeStep:
+        """A decode step of `rows` sequences for layers shaped like `layer`, with its scratch. The tensors it
+        points to live as long as it does."""
+        q_width = layer.heads * layer.head_dim
+        widths = (layer.hidden, q_width + 2 * layer.kv_heads * layer.head_dim, q_width, layer.hidden,
+                  2 * layer.intermediate, layer.intermediate)
+        keep = [block_tables.contiguous(), context_lens.contiguous(), cos.float().contiguous(),
+                sin.float().contiguous(), *(torch.empty(rows, width, dtype=torch.float32) for width in widths)]
+        step = DecodeStep(rows, keep[0].data_ptr(), keep[0].shape[1], *(t.data_ptr() for t in keep[1:]))
+        step.keep = keep
+        return step
+
+    def __call__(self, layer: LayerWeights, step: DecodeStep, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, hidden] float32 contiguous, the residual stream, goes through the layer in place."""
+        self._op(layer, step, x.data_ptr())
+        return x
+
+
+def decoder_layer_kernel(plan: Plan) -> NativeDecoderLayer | None:
+    """The native decoder layer where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU, else None:
+    the layer runs operator by operator."""
+    if not _native_kernels_on(plan):
+        return None
+    op = _native_op("atb_decoder_layer_decode_f32",
+                    [ctypes.POINTER(LayerWeights), ctypes.POINTER(DecodeStep), _PTR])
+    return None if op is None else NativeDecoderLayer(op)
 
 
 def _runs(call) -> bool:

@@ -372,10 +372,34 @@ def test_without_a_working_compiler_the_cpu_linear_falls_back_to_onednn(monkeypa
     assert not list(tmp_path.rglob("*.so")), "no library and no half-built file is left behind"
 
 
+def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int, generator):
+    """A decode step's context as the model runner makes it, for sequences of `lengths` (each counting its new
+    token), each in its own blocks in no order; and each new position's rotary, as the model computes it."""
+    from atb_models.layers import attention
+    from atb_models.layers.rotary import MRotaryEmbedding
+
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(lengths), 10, dtype=torch.long)  # unused entries padded with 0 as the runner does
+    used = 0
+    for row, length in enumerate(lengths):
+        count = -(-length // block_size)
+        tables[row, :count] = order[used:used + count]
+        used += count
+    last = [n - 1 for n in lengths]
+    slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
+                          [t % block_size for t in last]])
+    context = torch.tensor(lengths)
+    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None])[:, None, None, :]
+    step = attention.StepContext(False, slots, block_tables=tables, context_mask=mask, context_lens=context)
+    positions = torch.tensor(last).expand(3, -1)
+    cos, sin = MRotaryEmbedding(head_dim, 10000.0, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+                                torch.device("cpu")).cos_sin(positions, torch.float32)
+    return step, cos, sin
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 48])
 def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(head_dim):
     from atb_models.layers import attention
-    from atb_models.layers.rotary import MRotaryEmbedding
     from atb_models.platform import PagedDecodeAttention, decode_attention_kernel
 
     kernel = decode_attention_kernel(resolve_plan("cpu", "float32", "float32"))
@@ -387,28 +411,11 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     heads, kv_heads, block_size, num_blocks = 14, 2, 4, 40
     # One token, exactly a block, a block and one, 16 (one whole vector of scores), 37 (vectors and a tail).
     lengths = [1, 4, 5, 16, 37]
-    # Each sequence its own blocks, in no order; unused table entries padded with 0 as the runner does.
-    order = torch.randperm(num_blocks, generator=generator)
-    tables = torch.zeros(len(lengths), 10, dtype=torch.long)
-    used = 0
-    for row, length in enumerate(lengths):
-        count = -(-length // block_size)
-        tables[row, :count] = order[used:used + count]
-        used += count
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, head_dim, generator)
     cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
     # q, k, v as the model hands them over: strided views into one projection output.
     qkv = 3 * torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)  # scores over ~[-30, 30]
     q = qkv[:, :heads]
-    last = [n - 1 for n in lengths]
-    slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
-                          [t % block_size for t in last]])
-    context = torch.tensor(lengths)
-    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None])[:, None, None, :]
-    step = attention.StepContext(False, slots, block_tables=tables, context_mask=mask, context_lens=context)
-    # Each sequence's rotary at its new position, as the model computes it.
-    positions = torch.tensor(last).expand(3, -1)
-    cos, sin = MRotaryEmbedding(head_dim, 10000.0, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
-                                torch.device("cpu")).cos_sin(positions, torch.float32)
     results = []
     for native in (None, kernel):
         k_cache, v_cache = cache[0].clone(), cache[1].clone()
@@ -486,3 +493,66 @@ def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_p
     assert not kernel.suits(gate, up[:, :-1]) and not kernel.suits(gate.t(), up.t())
     assert not kernel.suits(gate[:1], up[:1])
     assert not kernel.suits(gate.double(), up.double())
+
+
+def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
+    from atb_models.layers import activation, attention, linear, norm
+    from atb_models.layers.sharding import HeadLayout
+    from atb_models.models import qwen2_vl
+    from atb_models.platform import (PLAIN_LINEAR, NativeDecoderLayer, decode_attention_kernel, decoder_layer_kernel,
+                                     linear_kernel, rms_norm_kernel, silu_and_mul_kernel)
+
+    plan = resolve_plan("cpu", "float32", "float32")
+    kernel = decoder_layer_kernel(plan)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert kernel is None
+        return
+    assert isinstance(kernel, NativeDecoderLayer)
+    generator = torch.Generator().manual_seed(0)
+    # Large enough for every linear to be packed for the panel kernel (output sizes multiples of 64).
+    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                             intermediate_size=1024)
+    layer = qwen2_vl.DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
+    block_size, num_blocks = 16, 12
+    lengths = [1, 17, 40, 5]
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
+    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
+    x = torch.randn(len(lengths), 512, generator=generator)
+    linear.set_linear_kernel(linear_kernel(plan))
+    attention.set_decode_attention_kernel(decode_attention_kernel(plan))
+    norm.set_rms_norm_kernel(rms_norm_kernel(plan))
+    activation.set_silu_and_mul_kernel(silu_and_mul_kernel(plan))
+    results = []
+    try:
+        assert linear.pack_weights(layer) == 4
+        for native in (None, kernel):
+            layer.k_cache, layer.v_cache = caches[0].clone(), caches[1].clone()
+            step.native_step = None
+            attention.set_context(step)
+            qwen2_vl.set_decoder_layer_kernel(native)
+            results.append((layer(x.clone(), cos, sin), layer.k_cache, layer.v_cache))
+        assert layer._native_layer_weights() is not None, "the layer was the native kernel's case"
+        # Not its case: the attention upcast (the operator path runs, and still agrees).
+        layer.upcast_attention, layer.k_cache = True, caches[0].clone()
+        assert layer._native_layer_weights() is None
+    finally:
+        attention.set_context(None)
+        qwen2_vl.set_decoder_layer_kernel(None)
+        linear.set_linear_kernel(PLAIN_LINEAR)
+        attention.set_decode_attention_kernel(None)
+        norm.set_rms_norm_kernel(None)
+        activation.set_silu_and_mul_kernel(None)
+    (expected, k_expected, v_expected), (got, k_got, v_got) = results
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(k_got, k_expected, atol=1e-6) and torch.equal(v_got, v_expected)
+    assert not torch.equal(k_expected, caches[0])  # the step did store its K
+    unpacked = qwen2_vl.DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False)
+    qwen2_vl.set_decoder_layer_kernel(kernel)
+    try:
+        unpacked.k_cache, unpacked.v_cache = caches
+        assert unpacked._native_layer_weights() is None  # weights not in the panel layout
+    finally:
+        qwen2_vl.set_decoder_layer_kernel(None)

@@ -1,5 +1,4 @@
-// e^x for 16 float32 lanes at a time, AVX-512, shared by the kit's native kernels (included, not linked: each kernel
-// is its own library, see atb_models/native.py).
+// e^x for 16 float32 lanes at a time, AVX-512, shared by the kit's native kernels.
 
 #pragma once
 

@@ -5,8 +5,9 @@ from atb_models.layers.activation import set_silu_and_mul_kernel
 from atb_models.layers.attention import StepContext, set_context, set_decode_attention_kernel
 from atb_models.layers.linear import pack_weights, set_linear_kernel
 from atb_models.layers.norm import set_rms_norm_kernel
-from atb_models.platform import decode_attention_kernel, linear_kernel, rms_norm_kernel, silu_and_mul_kernel
-from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
+from atb_models.platform import (decode_attention_kernel, decoder_layer_kernel, linear_kernel, rms_norm_kernel,
+                                 silu_and_mul_kernel)
+from atb_models.models.qwen2_vl import Qwen2VLForCausalLM, set_decoder_layer_kernel
 from atb_models.weights import load_weights
 
 
@@ -19,6 +20,7 @@ class ModelRunner:
         set_decode_attention_kernel(decode_attention_kernel(plan))
         set_rms_norm_kernel(rms_norm_kernel(plan))
         set_silu_and_mul_kernel(silu_and_mul_kernel(plan))
+        set_decoder_layer_kernel(decoder_layer_kernel(plan))
         cfg = model_config.hf_config
         with torch.device(self.device):
             self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,

@@ -24,6 +24,7 @@ class StepContext:
     block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
     context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
     context_lens: Optional[torch.Tensor] = None   # decode: [batch] int64, each sequence's length with its new token
+    native_step: Optional[object] = None          # decode: platform.DecodeStep, made by the step's first layer
 
 
 _context: Optional[StepContext] = None

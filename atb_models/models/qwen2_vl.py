@@ -12,7 +12,7 @@ from torch import nn
 
 from atb_models.errors import UserError
 from atb_models.layers.activation import silu_and_mul
-from atb_models.layers.attention import rotary_paged_attention
+from atb_models.layers.attention import get_context, rotary_paged_attention
 from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelLMHead)
 from atb_models.layers.sharding import HeadLayout
@@ -129,6 +129,15 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- language model
 
+# The CPU's native decoder layer (platform.decoder_layer_kernel), set once by the model runner; None: the layers
+# run operator by operator.
+_native_layer = None
+
+
+def set_decoder_layer_kernel(kernel) -> None:
+    global _native_layer
+    _native_layer = kernel
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layout: HeadLayout, dtype: torch.dtype, upcast_attention: bool):
@@ -153,8 +162,17 @@ class DecoderLayer(nn.Module):
         self.mlp.down_proj = RowParallelLinear(config.intermediate_size, size,
                                                (self.mlp.gate_up_proj.start, size), hidden, dtype)
         self.k_cache = self.v_cache = None
+        self._native_weights = (None, None)  # (the KV cache it was made for, platform.LayerWeights or None)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        if not ctx.is_prefill and _native_layer is not None:
+            weights = self._native_layer_weights()
+            if weights is not None and x.dtype == torch.float32 and x.is_contiguous():
+                if ctx.native_step is None:
+                    ctx.native_step = _native_layer.step(weights, x.shape[0], ctx.block_tables, ctx.context_lens,
+                                                         cos, sin)
+                return _native_layer(weights, ctx.native_step, x)
         n = x.shape[0]
         h = self.input_layernorm(x)
         qkv = self.self_attn.qkv_proj(h).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -163,6 +181,23 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
         return x + self.mlp.down_proj(silu_and_mul(gate, up))
+
+    def _native_layer_weights(self):
+        """The layer as the native decoder layer reads it (made once, again if the KV cache is reallocated), or
+        None where it is not that kernel's case: tensor parallelism (the kernel has no all-reduce), attention
+        upcast, weights not in the panel layout."""
+        made_for, weights = self._native_weights
+        if made_for is self.k_cache:
+            return weights
+        weights = None
+        if distributed.tp_size() == 1 and not self.upcast_attention:
+            attn, mlp = self.self_attn, self.mlp
+            weights = _native_layer.weights(
+                self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight, self.k_cache,
+                self.v_cache, self.num_heads, self.num_kv_heads, self.input_layernorm.eps, self.scale)
+        self._native_weights = (self.k_cache, weights)
+        return weights
 
 
 class Qwen2VLForCausalLM(nn.Module):

@@ -4,6 +4,8 @@
 // multiplies), a few microseconds apiece at decode's handful of rows; here each is one call. The sum of squares is
 // accumulated in float32 like the reference's, only in another order.
 
+#pragma once
+
 #include <immintrin.h>
 #include <stdint.h>
 

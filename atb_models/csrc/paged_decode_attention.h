@@ -12,6 +12,8 @@
 // out [batch, heads, head_dim] contiguous. head_dim must be a multiple of 16. Scores and softmax in float32 with the
 // maximum subtracted, as the reference does.
 
+#pragma once
+
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>

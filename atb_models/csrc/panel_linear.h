@@ -15,7 +15,9 @@
 // stream). With a single pass (6 rows or fewer) the prefetch runs a fixed distance ahead instead.
 //
 // Threads: OpenMP, through the libgomp PyTorch has already loaded, so the kernel shares torch's thread count and
-// pool. Built and loaded by atb_models/native.py; chosen by atb_models/platform.py.
+// pool. Compiled into cpu_kernels.cpp's library; chosen by atb_models/platform.py.
+
+#pragma once
 
 #include <immintrin.h>
 #include <omp.h>

@@ -1,0 +1,72 @@
+// The kit's float32 CPU kernels (AVX-512), one library: built with the machine's C++ compiler on first use and
+// loaded with ctypes by atb_models/native.py; which of them run is atb_models/platform.py's decision.
+//
+// Each header holds one kernel and its C entry point, called from Python one operator at a time. This file adds a
+// whole decoder layer's decode step as one call: in a decode step of a few rows every Python-level call costs 10-25
+// us with its caches cold from the weight stream, about 70-90 us a layer next to 1 ms of linears (docs/PERFORMANCE.md).
+
+#include <stdint.h>
+
+#include "activation.h"
+#include "paged_decode_attention.h"
+#include "panel_linear.h"
+#include "rms_norm.h"
+
+// One Qwen2 decoder layer as loaded: the four linears in the panel kernel's layout (platform.panel_layout), the
+// norms' weights, the layer's KV cache. Mirrored by platform.LayerWeights, field for field.
+struct LayerWeights {
+    const float* input_norm;     // [hidden]
+    const float* qkv;            // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
+    const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
+    const float* o;              // packed [hidden / 64][heads * head_dim][64]
+    const float* post_norm;      // [hidden]
+    const float* gate_up;        // packed [2 intermediate / 64][hidden][64]: gate's columns, then up's
+    const float* down;           // packed [hidden / 64][intermediate][64]
+    float* k_cache;              // [blocks, kv_heads, block_size, head_dim]
+    float* v_cache;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
+    float eps, scale;
+};
+
+// What every layer of one decode step shares: its sequences and rotary, and scratch for the layer's activations.
+// Mirrored by platform.DecodeStep.
+struct DecodeStep {
+    int64_t rows;                 // sequences in the step, one new token each
+    const int64_t* block_tables;  // [rows, max_blocks]
+    int64_t max_blocks;
+    const int64_t* context_lens;  // [rows], each counting the new token
+    const float* cos;             // [rows, head_dim]
+    const float* sin;
+    float* normed;                // [rows, hidden]
+    float* qkv;                   // [rows, (heads + 2 kv_heads) * head_dim]
+    float* attention;             // [rows, heads * head_dim]
+    float* projected;             // [rows, hidden]
+    float* gate_up;               // [rows, 2 intermediate]
+    float* activated;             // [rows, intermediate]
+};
+
+extern "C" {
+
+// x [rows, hidden], the residual stream, is updated in place: x += attention(norm(x)); x += mlp(norm(x)). The
+// same operators, in the same order, as DecoderLayer.forward's operator-by-operator path.
+void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, float* x) {
+    const int64_t rows = s->rows, hidden = w->hidden, head_dim = w->head_dim;
+    const int64_t q_width = w->heads * head_dim, qkv_width = (w->heads + 2 * w->kv_heads) * head_dim;
+    atb_rms_norm_f32(x, nullptr, w->input_norm, rows, hidden, w->eps, nullptr, s->normed);
+    atb_panel_linear_f32(s->normed, rows, hidden, hidden, w->qkv, qkv_width, w->qkv_bias, s->qkv);
+    const float* k = s->qkv + q_width;
+    atb_paged_decode_attention_f32(s->qkv, qkv_width, k, qkv_width, k + w->kv_heads * head_dim, qkv_width, s->cos,
+                                   s->sin, w->k_cache, w->v_cache, s->block_tables, s->max_blocks, s->context_lens,
+                                   rows, w->heads, w->kv_heads, head_dim, w->block_size, w->scale, s->attention);
+    atb_panel_linear_f32(s->attention, rows, q_width, q_width, w->o, hidden, nullptr, s->projected);
+    // x += o; normed = norm(x) (the sum is written over x, each element after it is read).
+    atb_rms_norm_f32(x, s->projected, w->post_norm, rows, hidden, w->eps, x, s->normed);
+    atb_panel_linear_f32(s->normed, rows, hidden, hidden, w->gate_up, 2 * w->intermediate, nullptr, s->gate_up);
+    atb_silu_and_mul_f32(s->gate_up, s->gate_up + w->intermediate, rows, w->intermediate, 2 * w->intermediate,
+                         s->activated);
+    atb_panel_linear_f32(s->activated, rows, w->intermediate, w->intermediate, w->down, hidden, nullptr,
+                         s->projected);
+    for (int64_t i = 0; i < rows * hidden; i++) x[i] += s->projected[i];
+}
+
+}  // extern "C"
