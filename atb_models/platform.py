@@ -259,7 +259,7 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own float32 kernel for the CPU (atb_models/csrc/panel_linear.cpp, AVX-512): weights packed in
+    """The kit's own float32 kernel for the CPU (atb_models/csrc/panel_linear.h, AVX-512): weights packed in
     groups of 64 output columns so that each thread reads one sequential stream, and the next weights streamed in
     while the current ones are multiplied. At the 16 rows of a batch-16 decode step it runs about a third faster
     than oneDNN, which multiplies and streams in turn, and at one row a few percent faster. Weights it does not pack
@@ -370,7 +370,7 @@ def _panel_linear_op():
 
 
 class PagedDecodeAttention:
-    """The kit's own decode attention for the CPU in float32 (atb_models/csrc/paged_decode_attention.cpp): rotates
+    """The kit's own decode attention for the CPU in float32 (atb_models/csrc/paged_decode_attention.h): rotates
     q and k, stores the step's K and V and attends over each sequence's context read in place through its block
     table, one call per layer instead of about fifteen operator calls (the rotation's five, two index_puts, two
     block gathers, mask, softmax, two matmuls)."""
@@ -419,7 +419,7 @@ def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
 
 
 class NativeRMSNorm:
-    """Qwen2's RMSNorm in one call (atb_models/csrc/rms_norm.cpp), after the residual add when given one: float32
+    """Qwen2's RMSNorm in one call (atb_models/csrc/rms_norm.h), after the residual add when given one: float32
     on an AVX-512 CPU, contiguous rows."""
 
     def __init__(self, op):
@@ -454,7 +454,7 @@ def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
 
 
 class NativeSiluAndMul:
-    """The MLP's silu(gate) * up in one call (atb_models/csrc/activation.cpp): float32 on an AVX-512 CPU, where gate
+    """The MLP's silu(gate) * up in one call (atb_models/csrc/activation.h): float32 on an AVX-512 CPU, where gate
     and up are the two halves of the gate/up projection's output (same shape, rows equally far apart). Below
     MIN_ELEMENTS ctypes' call costs more than PyTorch's two operators (one row of 4864: 5.0 vs 3.7 us; 16 rows: 13
     vs 24 us, 1344 rows: 1.6 vs 2.6 ms)."""

@@ -372,6 +372,17 @@ def test_without_a_working_compiler_the_cpu_linear_falls_back_to_onednn(monkeypa
     assert not list(tmp_path.rglob("*.so")), "no library and no half-built file is left behind"
 
 
+def _native_or_none(make, kind):
+    """The native kernel `make(plan)` gives for a float32 CPU plan, checked: a `kind` on an AVX-512 CPU (g++ builds
+    it there), None on any other (built with AVX-512 instructions, it would die of SIGILL)."""
+    kernel = make(resolve_plan("cpu", "float32", "float32"))
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert kernel is None
+    else:
+        assert isinstance(kernel, kind), "g++ builds the kit's native kernels on an AVX-512 CPU"
+    return kernel
+
+
 def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int, generator):
     """A decode step's context as the model runner makes it, for sequences of `lengths` (each counting its new
     token), each in its own blocks in no order; and each new position's rotary, as the model computes it."""
@@ -402,11 +413,9 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     from atb_models.layers import attention
     from atb_models.platform import PagedDecodeAttention, decode_attention_kernel
 
-    kernel = decode_attention_kernel(resolve_plan("cpu", "float32", "float32"))
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert kernel is None  # built with AVX-512 instructions: no other CPU gets it
+    kernel = _native_or_none(decode_attention_kernel, PagedDecodeAttention)
+    if kernel is None:
         return
-    assert isinstance(kernel, PagedDecodeAttention), "g++ builds the native decode attention on an AVX-512 CPU"
     generator = torch.Generator().manual_seed(head_dim)
     heads, kv_heads, block_size, num_blocks = 14, 2, 4, 40
     # One token, exactly a block, a block and one, 16 (one whole vector of scores), 37 (vectors and a tail).
@@ -441,11 +450,9 @@ def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_resi
     from atb_models.layers import norm
     from atb_models.platform import NativeRMSNorm, rms_norm_kernel
 
-    kernel = rms_norm_kernel(resolve_plan("cpu", "float32", "float32"))
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert kernel is None
+    kernel = _native_or_none(rms_norm_kernel, NativeRMSNorm)
+    if kernel is None:
         return
-    assert isinstance(kernel, NativeRMSNorm)
     generator = torch.Generator().manual_seed(0)
     for rows, hidden in ((1, 896), (16, 40), (100, 1536)):  # 40: a partial vector; 100 rows: threaded
         layer = norm.RMSNorm(hidden, 1e-6, torch.float32)
@@ -471,11 +478,9 @@ def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_p
     from atb_models.layers import activation
     from atb_models.platform import NativeSiluAndMul, silu_and_mul_kernel
 
-    kernel = silu_and_mul_kernel(resolve_plan("cpu", "float32", "float32"))
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert kernel is None
+    kernel = _native_or_none(silu_and_mul_kernel, NativeSiluAndMul)
+    if kernel is None:
         return
-    assert isinstance(kernel, NativeSiluAndMul)
     generator = torch.Generator().manual_seed(0)
     for rows, width in ((4, 4864), (500, 40), (300, 200)):  # 40, 200: partial vectors; 300 x 200: threaded
         projection = 8 * torch.randn(rows, 2 * width, generator=generator)
@@ -503,11 +508,9 @@ def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
                                      linear_kernel, rms_norm_kernel, silu_and_mul_kernel)
 
     plan = resolve_plan("cpu", "float32", "float32")
-    kernel = decoder_layer_kernel(plan)
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        assert kernel is None
+    kernel = _native_or_none(decoder_layer_kernel, NativeDecoderLayer)
+    if kernel is None:
         return
-    assert isinstance(kernel, NativeDecoderLayer)
     generator = torch.Generator().manual_seed(0)
     # Large enough for every linear to be packed for the panel kernel (output sizes multiples of 64).
     config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
