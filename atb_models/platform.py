@@ -331,8 +331,8 @@ def _cpu_kernel_choice() -> str:
 
 
 def _native_kernels_on(plan: Plan) -> bool:
-    """Whether the kit's native attention and norm are wanted: a CPU plan with ATB_MODELS_CPU_LINEAR=auto or
-    panel (the same switch as the linears)."""
+    """Whether the kit's native kernels besides the linears (attention, norm, activation, the whole layer) are
+    wanted: a CPU plan with ATB_MODELS_CPU_LINEAR=auto or panel (the same switch as the linears)."""
     return plan.kind == "cpu" and _cpu_kernel_choice() in ("auto", "panel")
 
 
@@ -354,6 +354,15 @@ def _native_op(symbol: str, argtypes: list):
     op.argtypes = argtypes
     op.restype = None
     return op
+
+
+def _native_kernel(plan: Plan, wrapper, symbol: str, argtypes: list):
+    """wrapper(the native function `symbol`) where the native kernels are wanted (_native_kernels_on) and the
+    library builds on an AVX-512 CPU, else None."""
+    if not _native_kernels_on(plan):
+        return None
+    op = _native_op(symbol, argtypes)
+    return None if op is None else wrapper(op)
 
 
 def _panel_linear_op():
@@ -410,12 +419,9 @@ class PagedDecodeAttention:
 def decode_attention_kernel(plan: Plan) -> PagedDecodeAttention | None:
     """The kit's native decode attention where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU,
     else None: SDPA or the grouped matmuls of layers/attention.py."""
-    if not _native_kernels_on(plan):
-        return None
-    op = _native_op("atb_paged_decode_attention_f32",
-                    [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64,
-                     _I64, _I64, _FLOAT, _PTR])
-    return None if op is None else PagedDecodeAttention(op)
+    return _native_kernel(plan, PagedDecodeAttention, "atb_paged_decode_attention_f32",
+                          [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64,
+                           _I64, _I64, _I64, _FLOAT, _PTR])
 
 
 class NativeRMSNorm:
@@ -447,10 +453,7 @@ class NativeRMSNorm:
 def rms_norm_kernel(plan: Plan) -> NativeRMSNorm | None:
     """The native RMSNorm where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU, else None:
     PyTorch's operators in layers/norm.py."""
-    if not _native_kernels_on(plan):
-        return None
-    op = _native_op("atb_rms_norm_f32", [_PTR, _PTR, _PTR, _I64, _I64, _FLOAT, _PTR, _PTR])
-    return None if op is None else NativeRMSNorm(op)
+    return _native_kernel(plan, NativeRMSNorm, "atb_rms_norm_f32", [_PTR, _PTR, _PTR, _I64, _I64, _FLOAT, _PTR, _PTR])
 
 
 class NativeSiluAndMul:
@@ -479,10 +482,7 @@ class NativeSiluAndMul:
 def silu_and_mul_kernel(plan: Plan) -> NativeSiluAndMul | None:
     """The native silu(gate) * up where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU, else None:
     PyTorch's silu and product in layers/activation.py."""
-    if not _native_kernels_on(plan):
-        return None
-    op = _native_op("atb_silu_and_mul_f32", [_PTR, _PTR, _I64, _I64, _I64, _PTR])
-    return None if op is None else NativeSiluAndMul(op)
+    return _native_kernel(plan, NativeSiluAndMul, "atb_silu_and_mul_f32", [_PTR, _PTR, _I64, _I64, _I64, _PTR])
 
 
 class LayerWeights(ctypes.Structure):
@@ -553,11 +553,8 @@ class NativeDecoderLayer:
 def decoder_layer_kernel(plan: Plan) -> NativeDecoderLayer | None:
     """The native decoder layer where it is wanted (_native_kernels_on) and builds on an AVX-512 CPU, else None:
     the layer runs operator by operator."""
-    if not _native_kernels_on(plan):
-        return None
-    op = _native_op("atb_decoder_layer_decode_f32",
-                    [ctypes.POINTER(LayerWeights), ctypes.POINTER(DecodeStep), _PTR])
-    return None if op is None else NativeDecoderLayer(op)
+    return _native_kernel(plan, NativeDecoderLayer, "atb_decoder_layer_decode_f32",
+                          [ctypes.POINTER(LayerWeights), ctypes.POINTER(DecodeStep), _PTR])
 
 
 def _runs(call) -> bool:

@@ -185,12 +185,13 @@ class DecoderLayer(nn.Module):
     def _native_layer_weights(self):
         """The layer as the native decoder layer reads it (made once, again if the KV cache is reallocated), or
         None where it is not that kernel's case: tensor parallelism (the kernel has no all-reduce), attention
-        upcast, weights not in the panel layout."""
+        upcast, norms of different eps (it takes one), weights not in the panel layout."""
         made_for, weights = self._native_weights
         if made_for is self.k_cache:
             return weights
         weights = None
-        if distributed.tp_size() == 1 and not self.upcast_attention:
+        one_eps = self.input_layernorm.eps == self.post_attention_layernorm.eps
+        if distributed.tp_size() == 1 and not self.upcast_attention and one_eps:
             attn, mlp = self.self_attn, self.mlp
             weights = _native_layer.weights(
                 self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
