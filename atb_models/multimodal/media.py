@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
 
 # FFmpeg inside OpenCV prints its own complaints about a corrupt file ("moov atom not found") on stderr; the kit
 # reports the file itself, in one line. Must be set before OpenCV loads its video backend.
@@ -25,6 +26,7 @@ from atb_models.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
+IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP"})  # as PIL names them; MPO is a camera's multi-frame JPEG
 
 MAX_IMAGE_PIXELS = 10**8  # decompression-bomb guard
 
@@ -69,12 +71,10 @@ def _check_file(path: str, what: str) -> None:
         raise UserError(f"{what} file is not readable: {path}")
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image; bad files are a UserError naming them."""
-    if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
-    path = os.fspath(source)
-    _check_file(path, "image")
+@contextmanager
+def _open_image_file(path: str) -> Iterator[Image.Image]:
+    """The image file opened (only its header read yet) and within the size limit; PIL's complaints, here or in
+    the caller's decoding inside the block, as a UserError naming the file."""
     try:
         # PIL warns above its own (smaller) limit and refuses above twice it; this module's limit decides.
         with warnings.catch_warnings():
@@ -85,11 +85,67 @@ def load_image(source: ImageSource) -> Image.Image:
                         f"image {path} is {image.width}x{image.height} pixels, "
                         f"more than the limit of {MAX_IMAGE_PIXELS}"
                     )
-                return image.convert("RGB")
+                yield image
     except Image.DecompressionBombError:
         raise UserError(f"image {path} is larger than the limit of {MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt, truncated or not an image"
         raise UserError(f"cannot read image {path}: corrupt or not an image ({err})") from None
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a path or a PIL image; bad files are a UserError naming them."""
+    if isinstance(source, Image.Image):
+        return source if source.mode == "RGB" else source.convert("RGB")
+    path = os.fspath(source)
+    _check_file(path, "image")
+    with _open_image_file(path) as image:
+        return image.convert("RGB")
+
+
+def _open_video(path: str) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        capture.release()
+        raise UserError(f"cannot open video {path}: corrupt or not a video")
+    return capture
+
+
+def _check_frame_rate(native_fps: float, path: str) -> None:
+    if not math.isfinite(native_fps) or native_fps <= 0:
+        raise UserError(f"video {path} does not record its frame rate")
+
+
+def probe_media_file(path: Union[str, os.PathLike]) -> str:
+    """'image' or 'video': a file named on the command line checked cheaply, before the model loads (it exists,
+    is a readable file of a known type, its header decodes), so a bad one is reported at once, not after loading.
+
+    Images: the header only (format and size). Videos: the container opens, records a frame rate and a size,
+    and its first frame decodes.
+    """
+    path = os.fspath(path)
+    kind = classify_media(path)
+    _check_file(path, kind)
+    if kind == "image":
+        with _open_image_file(path) as image:
+            if image.format not in IMAGE_FORMATS:
+                raise UserError(
+                    f"image {path} is a {image.format or 'unknown'} file: "
+                    f"supported formats are {' '.join(sorted(IMAGE_FORMATS))}"
+                )
+        return kind
+    capture = _open_video(path)
+    try:
+        native_fps = capture.get(cv2.CAP_PROP_FPS)
+        width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        decodes = capture.grab()
+    finally:
+        capture.release()
+    if not decodes:
+        raise UserError(f"video {path} yields no frames: corrupt or not a video")
+    if not (width > 0 and height > 0):
+        raise UserError(f"video {path} does not record its frame size: corrupt or not a video")
+    _check_frame_rate(native_fps, path)
+    return kind
 
 
 def fit_to_grid(
@@ -182,10 +238,8 @@ def _count_frames(capture: cv2.VideoCapture) -> int:
 
 def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor: int) -> tuple[np.ndarray, float]:
     _check_file(path, "video")
-    capture = cv2.VideoCapture(path)
+    capture = _open_video(path)
     try:
-        if not capture.isOpened():
-            raise UserError(f"cannot open video {path}: corrupt or not a video")
         native_fps = capture.get(cv2.CAP_PROP_FPS)
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         if total <= 0:  # some containers do not record it
@@ -194,8 +248,7 @@ def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor:
         capture.release()
     if total <= 0:
         raise UserError(f"video {path} yields no frames: corrupt or not a video")
-    if not math.isfinite(native_fps) or native_fps <= 0:
-        raise UserError(f"video {path} does not record its frame rate")
+    _check_frame_rate(native_fps, path)
 
     # The recorded frame count can overstate what decodes; then sample again from the frames that do.
     for _ in range(2):
