@@ -4,14 +4,25 @@ and preprocessing settings refused in one line that names the flag."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
+import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoConfig, AutoTokenizer
 
-from atb_models.demo.checkpoint import make_image, make_video
+from atb_models import LLM, SamplingParams
+from atb_models.demo.checkpoint import make_image
 from atb_models.errors import UserError
-from atb_models.multimodal.media import probe_media_file
+from atb_models.multimodal.media import load_image, probe_media_file
+from atb_models.multimodal.prompt import Preprocessor
+
+TOKEN_PIXELS = 28 * 28  # one merged token of the tiny checkpoint
 
 
 # ------------------------------------------------------------------------------------------ probe_media_file
@@ -75,3 +86,202 @@ def test_probe_refuses_a_video_that_does_not_open_or_decode(sample_video_path, t
     truncated.write_bytes(sample_video_path.read_bytes()[:200])
     with pytest.raises(UserError, match=r"truncated\.mp4"):
         probe_media_file(truncated)
+
+
+# ------------------------------------------------------------------------------------- images deeper than 8 bits
+RAMP = np.linspace(0, 1, 256)  # left to right, black to white
+
+
+def _ramp_image(mode: str, full_scale: float, offset: float = 0.0) -> Image.Image:
+    values = np.tile(RAMP * full_scale + offset, (4, 1))
+    if mode.startswith("I;16"):
+        dtype = {"I;16B": ">u2"}.get(mode, "<u2")
+        return Image.frombytes(mode, (256, 4), np.round(values).astype(dtype).tobytes())
+    return Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32), mode)
+
+
+def _assert_is_the_8bit_ramp(image: Image.Image) -> None:
+    assert image.mode == "RGB"
+    pixels = np.asarray(image).astype(int)
+    assert (pixels == pixels[..., :1]).all()  # grey
+    assert np.abs(pixels[0, :, 0] - np.round(RAMP * 255)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "mode, full_scale, offset",
+    [
+        ("I;16", 65535, 0),
+        ("I;16B", 65535, 0),
+        ("I;16L", 65535, 0),
+        ("I", 65535, 0),  # a 16-bit image held as 32-bit integers
+        ("I", 2_000_000, -1_000_000),  # beyond 16 bits, negative too: its own range
+        ("F", 1.0, 0),
+        ("F", 255, 0),
+        ("F", 1000.0, -500.0),  # beyond the nominal scales: its own range
+    ],
+)
+def test_deep_image_is_scaled_to_8_bits_not_clipped_to_white(mode, full_scale, offset):
+    _assert_is_the_8bit_ramp(load_image(_ramp_image(mode, full_scale, offset)))
+
+
+def test_16_bit_png_file_is_scaled_to_8_bits(tmp_path):
+    path = tmp_path / "deep.png"
+    _ramp_image("I;16", 65535).save(path)
+    assert Image.open(path).mode.startswith("I")  # the file really is 16-bit
+    _assert_is_the_8bit_ramp(load_image(path))
+
+
+def test_dark_16_bit_image_stays_dark_and_nan_does_not_spread():
+    dark = load_image(_ramp_image("I;16", 4096))  # values up to 1/16 of full scale
+    assert np.asarray(dark).max() == round(4096 / 65535 * 255)
+    values = np.tile(RAMP, (4, 1)).astype(np.float32)
+    values[0, 0] = np.nan
+    floats = np.asarray(load_image(Image.fromarray(values, "F")))
+    assert floats[0, 0, 0] == 0 and floats[1, -1, 0] == 255
+
+
+# ------------------------------------------------------- one bad image fails only its own request in generate()
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", max_batch_size=4, max_input_length=256,
+               max_output_length=4, block_size=16)
+
+
+def _generate_beside_a_valid_request(llm, bad_item):
+    valid = [{"text": "Hello there"}]
+    outputs = llm.generate([valid, [bad_item, {"text": "What is this?"}], valid],
+                           SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [o.error is None for o in outputs] == [True, False, True]
+    assert all(len(o.token_ids) == 3 for o in (outputs[0], outputs[2]))
+    return outputs[1].error
+
+
+def test_image_whose_resized_side_would_be_0_fails_only_its_request(llm, tmp_path):
+    path = tmp_path / "strip.png"  # aspect 100, under 200, but 28 rows of a 50176-pixel budget would round to 0
+    make_image(path, width=4000, height=40)
+    error = _generate_beside_a_valid_request(llm, {"image": str(path)})
+    assert "strip.png is 4000x40 pixels, too elongated for max_pixels 50176" in error
+
+
+def test_image_beyond_aspect_ratio_200_fails_only_its_request(llm):
+    error = _generate_beside_a_valid_request(llm, {"image": make_image(None, width=6000, height=29)})
+    assert "6000x29 pixels, which the model cannot take: absolute aspect ratio must be smaller than 200" in error
+
+
+def test_closed_pil_image_fails_only_its_request(llm):
+    image = make_image(None, width=64, height=64)
+    image.close()
+    error = _generate_beside_a_valid_request(llm, {"image": image})
+    assert error == "cannot read <PIL image 64x64>: Operation on closed image"
+
+
+# ------------------------------------------------------------------------- preprocessing settings, one line each
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    checkpoint = tiny_checkpoint()
+    return SimpleNamespace(path=checkpoint, config=AutoConfig.from_pretrained(checkpoint),
+                           tokenizer=AutoTokenizer.from_pretrained(checkpoint))
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"video_fps": 0}, r"^--video_fps must be a positive number of frames per second, got 0$"),
+        ({"video_fps": -1.0}, r"^--video_fps must be .* got -1\.0$"),
+        ({"video_fps": math.nan}, r"^--video_fps must be .* got nan$"),
+        ({"video_fps": math.inf}, r"^--video_fps must be .* got inf$"),
+        ({"video_max_frames": 0}, r"^--video_max_frames must be an integer of at least 2 .* got 0$"),
+        ({"video_max_frames": 1}, r"^--video_max_frames must be an integer of at least 2 .* got 1$"),
+        ({"video_max_frames": -4}, r"^--video_max_frames must be .* got -4$"),
+        ({"min_pixels": 0, "max_pixels": 0}, r"^--max_pixels must be at least 784 \(one 28x28 token\), got 0$"),
+        ({"max_pixels": 1}, r"^--max_pixels must be at least 784 .* got 1$"),
+        ({"min_pixels": -1}, r"^--min_pixels must be 0 or more, got -1$"),
+        ({"min_pixels": 5000, "max_pixels": 4000}, r"^--min_pixels 5000 is more than --max_pixels 4000$"),
+        ({"min_pixels": 60000}, r"^--min_pixels 60000 is more than max_pixels in preprocessor_config\.json 50176$"),
+        ({"max_pixels": 2.5e6}, r"^--max_pixels must be a whole number of pixels, got 2500000\.0$"),
+        (
+            {"min_pixels": 10**12, "max_pixels": 2 * 10**12, "max_input_length": 4096},
+            r"^--min_pixels 1000000000000 makes every image at least 1275510205 tokens .* more than "
+            r"--max_input_length 4096$",
+        ),
+    ],
+)
+def test_preprocessing_setting_is_refused_in_one_line_naming_the_flag(parts, settings, expected):
+    with pytest.raises(UserError, match=expected):
+        Preprocessor(parts.path, parts.config, parts.tokenizer, **settings)
+
+
+def test_settings_at_the_limits_are_accepted(parts):
+    Preprocessor(parts.path, parts.config, parts.tokenizer, video_fps=1e-3, video_max_frames=2, min_pixels=0,
+                 max_pixels=TOKEN_PIXELS, max_input_length=1)
+    Preprocessor(parts.path, parts.config, parts.tokenizer, min_pixels=256 * TOKEN_PIXELS,
+                 max_pixels=256 * TOKEN_PIXELS, max_input_length=256)
+
+
+def test_image_over_the_token_budget_is_refused_before_it_is_resized(parts, monkeypatch):
+    preprocess = Preprocessor(parts.path, parts.config, parts.tokenizer, max_pixels=10**7, max_input_length=100)
+    def no_resize(*args, **kwargs):
+        raise AssertionError("the image was resized before its token count was checked")
+
+    monkeypatch.setattr(preprocess.image_processor, "preprocess", no_resize)
+    with pytest.raises(UserError, match=r"<PIL image 1000x1000> would take 1296 tokens at 1008x1008 pixels, more "
+                                        r"than --max_input_length 100"):
+        preprocess([{"image": make_image(None, width=1000, height=1000)}])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--video_max_frames", "1"], "Error: --video_max_frames must be an integer of at least 2"),
+        (["--video_fps", "nan"], "Error: --video_fps must be a positive number of frames per second, got nan"),
+        (["--min_pixels", "100000000", "--max_pixels", "200000000"],
+         "Error: --min_pixels 100000000 makes every image at least 127552 tokens (28x28 pixels each), more than "
+         "--max_input_length 4096"),
+    ],
+)
+def test_run_pa_refuses_a_bad_preprocessing_flag_in_one_line_before_loading_weights(
+    parts, sample_image_path, capsys, monkeypatch, flags, expected
+):
+    from examples.models.qwen2_vl.run_pa import main
+
+    import atb_models.engine.llm as llm_module
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the flag was checked")
+
+    monkeypatch.setattr(llm_module, "ModelRunner", no_weights)
+    status = main(["--model_path", str(parts.path), "--input_image", str(sample_image_path), "--device", "cpu",
+                   *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1].startswith(expected) and len([line for line in err if line.startswith("Error")]) == 1
+
+
+# ----------------------------------------------------------------------------------- no code from a model folder
+def test_preprocessor_config_with_auto_map_runs_no_folder_code(parts, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(parts.path, folder)
+    marker = tmp_path / "ran"
+    (folder / "evil_processor.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import Qwen2VLImageProcessor\n"
+        "class EvilProcessor(Qwen2VLImageProcessor):\n    pass\n"
+    )
+    config_path = folder / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoImageProcessor": "evil_processor.EvilProcessor"}
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", None)  # a prompt for "y" would fail here instead of waiting
+    preprocess = Preprocessor(folder, parts.config, parts.tokenizer)
+    assert type(preprocess.image_processor).__name__ == "Qwen2VLImageProcessor"
+    assert not hasattr(preprocess.image_processor, "trust_remote_code")
+    assert not marker.exists()
+    assert preprocess([{"text": "hi"}]).token_ids
+
+
+def test_corrupt_preprocessor_config_is_one_line_naming_it(parts, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(parts.path, folder)
+    (folder / "preprocessor_config.json").write_text("{ not json")
+    with pytest.raises(UserError, match=r"cannot read .*model/preprocessor_config\.json"):
+        Preprocessor(folder, parts.config, parts.tokenizer)

@@ -30,6 +30,9 @@ IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP"})  # as PIL names them; M
 
 MAX_IMAGE_PIXELS = 10**8  # decompression-bomb guard
 
+# One-channel modes deeper than 8 bits (16-bit modes aside): the full scales their values may be meant on.
+DEEP_FULL_SCALES = {"I": (255, 65535), "F": (1.0, 255)}
+
 # Video sizing (qwen-vl-utils' constants): frames come in temporal pairs, at least 4 of them; each frame gets
 # at least 128 and at most 768 merged tokens, and the whole video about 24576 at most.
 FRAME_FACTOR = 2
@@ -92,14 +95,40 @@ def _open_image_file(path: str) -> Iterator[Image.Image]:
         raise UserError(f"cannot read image {path}: corrupt or not an image ({err})") from None
 
 
+def _deep_to_8bit(image: Image.Image) -> np.ndarray:
+    """uint8 values of a one-channel image deeper than 8 bits (I;16*, I, F), scaled rather than clipped: over the
+    full scale of its bit depth when its values fit one (65535 for 16-bit modes; 255 or 65535 for I; 1 or 255 for
+    F), else stretched over its own finite range. PIL's convert("RGB") would clip every value above 255 to white."""
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    full_scales = (65535,) if image.mode.startswith("I;16") else DEEP_FULL_SCALES[image.mode]
+    full = next((scale for scale in full_scales if low >= 0 and high <= scale), None)
+    start, span = (0.0, full) if full is not None else (low, (high - low) or 1.0)
+    values = np.nan_to_num(values, nan=start, posinf=start + span, neginf=start)
+    return np.clip((values - start) * (255 / span), 0, 255).round().astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB image (a copy even when `image` is RGB already)."""
+    if image.mode in DEEP_FULL_SCALES or image.mode.startswith("I;16"):
+        return Image.fromarray(_deep_to_8bit(image), "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(source: ImageSource) -> Image.Image:
-    """An RGB PIL image from a path or a PIL image; bad files are a UserError naming them."""
+    """An RGB PIL image from a path or a PIL image; bad files and unreadable (e.g. closed) PIL images are a
+    UserError naming them. Images deeper than 8 bits are scaled down to 8."""
     if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
+        try:
+            source.load()  # a closed image says so here, not deep inside the image processor
+            return source if source.mode == "RGB" else _to_rgb(source)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {describe(source)}: {err}") from None
     path = os.fspath(source)
     _check_file(path, "image")
     with _open_image_file(path) as image:
-        return image.convert("RGB")
+        return _to_rgb(image)
 
 
 def _open_video(path: str) -> cv2.VideoCapture:
@@ -151,11 +180,18 @@ def probe_media_file(path: Union[str, os.PathLike]) -> str:
 def fit_to_grid(
     height: int, width: int, *, factor: int, min_pixels: float, max_pixels: float, source
 ) -> tuple[int, int]:
-    """smart_resize's (height, width); its refusals (a side under `factor`, aspect ratio over 200) as UserErrors."""
+    """smart_resize's (height, width); its refusals (a side under `factor`, aspect ratio over 200) as UserErrors,
+    and so is a size it would return with a side of 0 (an elongated image under a small max_pixels)."""
     try:
-        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        resized = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as err:
         raise UserError(f"{describe(source)} is {width}x{height} pixels, which the model cannot take: {err}") from None
+    if min(resized) < factor:
+        raise UserError(
+            f"{describe(source)} is {width}x{height} pixels, too elongated for max_pixels {max_pixels:g}: its "
+            f"shorter side would shrink below {factor} pixels (raise max_pixels or crop the image)"
+        )
+    return resized
 
 
 def video_frame_count(total_frames: int, native_fps: float, fps: float, max_frames: int, *, source) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -71,6 +72,41 @@ def describe_request(request) -> str:
         return repr(request)
 
 
+def _check_video_settings(fps, max_frames, frames_per_step: int) -> None:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise UserError(f"--video_fps must be a positive number of frames per second, got {fps!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < frames_per_step:
+        raise UserError(
+            f"--video_max_frames must be an integer of at least {frames_per_step} (the model reads a video "
+            f"{frames_per_step} frames at a time), got {max_frames!r}"
+        )
+
+
+def _check_pixel_bounds(processor, min_given: bool, max_given: bool, factor: int, max_input_length) -> None:
+    """The image pixel bounds in force (flags, else the checkpoint's) refused in one line naming where each came
+    from: a ceiling below one merged token, a floor above the ceiling, or a floor that makes every image longer
+    than the prompt budget (resizing up to such a floor alone would take minutes)."""
+    checkpoint = "in preprocessor_config.json"
+    min_name = "--min_pixels" if min_given else f"min_pixels {checkpoint}"
+    max_name = "--max_pixels" if max_given else f"max_pixels {checkpoint}"
+    low, high = processor.min_pixels, processor.max_pixels
+    for name, value in ((min_name, low), (max_name, high)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be a whole number of pixels, got {value!r}")
+    if low < 0:
+        raise UserError(f"{min_name} must be 0 or more, got {low}")
+    if high < factor**2:
+        raise UserError(f"{max_name} must be at least {factor**2} (one {factor}x{factor} token), got {high}")
+    if low > high:
+        raise UserError(f"{min_name} {low} is more than {max_name} {high}")
+    fewest_tokens = math.ceil(low / factor**2)
+    if max_input_length is not None and fewest_tokens > max_input_length:
+        raise UserError(
+            f"{min_name} {low} makes every image at least {fewest_tokens} tokens ({factor}x{factor} pixels each), "
+            f"more than --max_input_length {max_input_length}"
+        )
+
+
 class Preprocessor:
     """Turns requests into ProcessedPrompts for one checkpoint (its chat template, image processor and token ids)."""
 
@@ -84,7 +120,10 @@ class Preprocessor:
         max_pixels: int | None = None,
         video_fps: float = 0.5,
         video_max_frames: int = 768,
+        max_input_length: int | None = None,
     ):
+        """`max_input_length`, when given, is the prompt token budget: pixel bounds that make every image longer
+        are refused here, and an image that would exceed it fails its request before it is resized."""
         self.tokenizer = tokenizer
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
@@ -96,7 +135,12 @@ class Preprocessor:
         self.chat_template = tokenizer.chat_template or self._read_chat_template(model_path)
 
         if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
-            processor = Qwen2VLImageProcessor.from_pretrained(model_path)
+            # The concrete class reads only the JSON: unlike AutoImageProcessor it never follows an `auto_map` to
+            # the folder's Python. transformers ignores the flag here; it states the rule of the kit's every load.
+            try:
+                processor = Qwen2VLImageProcessor.from_pretrained(model_path, trust_remote_code=False)
+            except (OSError, ValueError, TypeError) as err:
+                raise UserError(f"cannot read {model_path}/preprocessor_config.json: {err}") from None
         else:
             logger.warning("%s has no preprocessor_config.json; using the image processor's defaults", model_path)
             processor = Qwen2VLImageProcessor()
@@ -107,6 +151,9 @@ class Preprocessor:
         processor.size = {"min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
         self.image_processor = processor
         self.factor = processor.patch_size * processor.merge_size  # one merged token's side in pixels
+        self.max_input_length = max_input_length
+        _check_video_settings(video_fps, video_max_frames, processor.temporal_patch_size)
+        _check_pixel_bounds(processor, min_pixels is not None, max_pixels is not None, self.factor, max_input_length)
 
     @staticmethod
     def _read_chat_template(model_path) -> str:
@@ -143,14 +190,21 @@ class Preprocessor:
     def _visual(self, kind: str, source) -> VisualInput:
         if kind == "image":
             image = load_image(source)
-            fit_to_grid(  # the processor's own resize refuses tiny or extreme images with a bare ValueError
-                image.height,
+            height, width = fit_to_grid(  # the processor's own resize refuses tiny or extreme images with a bare
+                image.height,             # ValueError, and returns a side of 0 for some
                 image.width,
                 factor=self.factor,
                 min_pixels=self.image_processor.min_pixels,
                 max_pixels=self.image_processor.max_pixels,
                 source=source,
             )
+            tokens = height * width // self.factor**2
+            if self.max_input_length is not None and tokens > self.max_input_length:
+                # Refused before the processor resizes and normalises it, which for such an image takes long.
+                raise UserError(
+                    f"{describe(source)} would take {tokens} tokens at {width}x{height} pixels, more than "
+                    f"--max_input_length {self.max_input_length}: lower --max_pixels or raise --max_input_length"
+                )
             out = self.image_processor(images=[image], videos=None, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"][0]
         else:
