@@ -63,11 +63,12 @@ def test_probe_refuses_an_image_whose_header_does_not_decode(tmp_path):
         probe_media_file(path)
 
 
-def test_probe_refuses_an_image_of_a_format_the_kit_does_not_take(tmp_path):
+def test_probe_and_load_refuse_an_image_of_a_format_the_kit_does_not_take(tmp_path):
     path = tmp_path / "animated.png"
     Image.new("RGB", (8, 8)).save(path, format="GIF")
-    with pytest.raises(UserError, match=r"animated\.png is a GIF file: supported formats are"):
-        probe_media_file(path)
+    for check in (probe_media_file, load_image):
+        with pytest.raises(UserError, match=r"animated\.png is a GIF file: supported formats are BMP JPEG MPO PNG"):
+            check(path)
 
 
 def test_probe_refuses_an_oversized_image_from_its_header(tmp_path):

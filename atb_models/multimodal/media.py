@@ -76,13 +76,19 @@ def _check_file(path: str, what: str) -> None:
 
 @contextmanager
 def _open_image_file(path: str) -> Iterator[Image.Image]:
-    """The image file opened (only its header read yet) and within the size limit; PIL's complaints, here or in
-    the caller's decoding inside the block, as a UserError naming the file."""
+    """The image file opened (only its header read yet), of a supported format whatever its extension says, and
+    within the size limit; PIL's complaints, here or in the caller's decoding inside the block, as a UserError
+    naming the file."""
     try:
         # PIL warns above its own (smaller) limit and refuses above twice it; this module's limit decides.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.format not in IMAGE_FORMATS:
+                    raise UserError(
+                        f"image {path} is a {image.format or 'unknown'} file: "
+                        f"supported formats are {' '.join(sorted(IMAGE_FORMATS))}"
+                    )
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise UserError(
                         f"image {path} is {image.width}x{image.height} pixels, "
@@ -155,13 +161,8 @@ def probe_media_file(path: Union[str, os.PathLike]) -> str:
     kind = classify_media(path)
     _check_file(path, kind)
     if kind == "image":
-        with _open_image_file(path) as image:
-            if image.format not in IMAGE_FORMATS:
-                raise UserError(
-                    f"image {path} is a {image.format or 'unknown'} file: "
-                    f"supported formats are {' '.join(sorted(IMAGE_FORMATS))}"
-                )
-        return kind
+        with _open_image_file(path):
+            return kind
     capture = _open_video(path)
     try:
         native_fps = capture.get(cv2.CAP_PROP_FPS)
