@@ -190,8 +190,10 @@ class Preprocessor:
     def _visual(self, kind: str, source) -> VisualInput:
         if kind == "image":
             image = load_image(source)
-            height, width = fit_to_grid(  # the processor's own resize refuses tiny or extreme images with a bare
-                image.height,             # ValueError, and returns a side of 0 for some
+            # The processor's own resize refuses tiny or extreme images with a bare ValueError, and returns a
+            # side of 0 for some: the size is settled here, as a UserError for this request alone.
+            height, width = fit_to_grid(
+                image.height,
                 image.width,
                 factor=self.factor,
                 min_pixels=self.image_processor.min_pixels,
