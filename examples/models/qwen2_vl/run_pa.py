@@ -4,10 +4,12 @@
     python -m examples.models.qwen2_vl.run_pa --model_path DIR --dataset_path FOLDER
 
 Single mode runs --max_batch_size copies of one prompt (its media in the order given, then --input_text); dataset mode
-runs one prompt per file of a folder and writes {file name: answer} to --results_save_path. Without --model_path the
-kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
-the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1; --debug
-shows the traceback instead.
+runs one prompt per file of a folder and writes {file name: answer} to --results_save_path; an entry of the folder
+that is skipped or fails is recorded as {"error": why}. Without --model_path the kit's bundled demo reader (a tiny
+Qwen2-VL trained to read words and numbers and name colours) answers, by default the question its sample picture
+goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found before the model loads where it
+can be (flags, the media files, the results path); --debug shows the traceback instead. Ctrl-C exits 130 and SIGTERM
+143, in dataset mode after writing the answers finished so far.
 
 A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
 the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
@@ -17,20 +19,27 @@ copies of the single-mode prompt, one CSV row each, and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import math
 import os
 import re
+import signal
+import stat
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
 from atb_models import LLM, RequestOutput, SamplingParams, UserError, distributed
 from atb_models.benchmark.csv_report import (PATH_VARIABLE, RunSummary, benchmark_enabled, benchmark_path,
                                              markdown_table, prepare_folder, write_csv)
-from atb_models.launch import report_rank_failure
-from atb_models.multimodal.media import classify_media
+from atb_models.launch import launched, report_exit_status, report_rank_failure, stop_line
+from atb_models.multimodal.media import classify_media, probe_media_file
 from atb_models.multimodal.prompt import describe_request
 from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
@@ -139,38 +148,82 @@ class Entry:
     output: RequestOutput | None = None
 
 
-def media_item(path: str) -> dict:
-    return {classify_media(path): path}
-
-
 def single_entries(paths: list[str], text: str, copies: int) -> list[Entry]:
-    items = [media_item(path) for path in paths] + [{"text": text}]
+    """The prompt's media checked now (exists, readable, known type, header decodes), before the model loads."""
+    items = [{probe_media_file(path): path} for path in paths] + [{"text": text}]
     return [Entry(list(items)) for _ in range(copies)]
 
 
 def dataset_entries(folder: str, text: str) -> list[Entry]:
-    """One entry per file of the folder (sub-folders and hidden files skipped), sorted by name. A file that is no
-    image or video fails only its own entry."""
+    """One entry per entry of the folder, sorted by name, each file checked before the model loads. What cannot
+    run (a sub-folder, a hidden file, a FIFO, a dangling link, a file that is no image or video) fails only its own
+    entry, with the reason recorded in the results instead of being dropped without a word."""
     if not os.path.isdir(folder):
         raise UserError(f"--dataset_path {folder}: no such folder")
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise UserError(f"--dataset_path {folder}: cannot list the folder: {e.strerror}") from None
     if not names:
-        raise UserError(f"--dataset_path {folder}: the folder has no files")
+        raise UserError(f"--dataset_path {folder}: the folder is empty")
     entries = []
     for name in names:
         path = os.path.join(folder, name)
         try:
-            entries.append(Entry([media_item(path), {"text": text}], name=name))
+            entries.append(Entry([{dataset_file_kind(name, path): path}, {"text": text}], name=name))
         except UserError as e:
             entries.append(Entry([{"file": path}, {"text": text}], name=name, error=str(e)))
     return entries
 
 
-def check_writable_parent(flag: str, path: str) -> None:
-    """Fail before loading the model, not after the run, when the results cannot be written."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: the folder {parent} does not exist or is not writable")
+def dataset_file_kind(name: str, path: str) -> str:
+    """'image' or 'video' for a regular file of the dataset folder that probes well; a UserError saying why not
+    otherwise. Only a regular file is ever opened: opening a FIFO would wait for a writer forever."""
+    if name.startswith("."):
+        raise UserError("skipped: a hidden file (its name starts with a dot)")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError("skipped: a symbolic link to a missing file" if os.path.islink(path)
+                        else "skipped: removed while the folder was read") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError("skipped: a symbolic link loop") from None
+        raise UserError(f"skipped: cannot read it: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError("skipped: a folder (sub-folders are not searched)")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise UserError(f"skipped: {kind}, not a regular file")
+    return probe_media_file(path)
+
+
+def check_results_path(path: str) -> str:
+    """The file the results will replace, refused now rather than after the run when it cannot be: the results
+    are written to a temporary file beside it, then renamed over it, so creating a file in its folder is probed
+    the same way. Returns the path to write (a symbolic link is followed to its target)."""
+    flag = "--results_save_path"
+    if not path:
+        raise UserError(f"{flag} is empty: give a file path such as ./results.json")
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise UserError(f"{flag} {path} is a folder: give a file path, e.g. {os.path.join(path, 'results.json')}")
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise UserError(f"{flag} {path} exists and is not a regular file (a device, FIFO or socket): "
+                        "give the path of a regular file")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise UserError(f"{flag} {path} is read-only")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create a file in {folder}: {e.strerror}") from None
+    return target
 
 
 def one_line(text: str) -> str:
@@ -220,10 +273,13 @@ def run(args: argparse.Namespace) -> int:
     dataset_mode = args.dataset_path is not None
     batch_sizes = (args.batch_sizes or DEFAULT_BATCH_SIZES) if args.performance else [args.max_batch_size]
     output_lengths = args.output_lengths or [args.max_output_length]
+    # Everything the user gave is checked before the model loads: a bad flag or file is news in seconds, not after
+    # loading and warming up.
+    params = sampling_params(args)
     if (args.performance or benchmark_enabled()) and ranks.rank == 0:
         prepare_folder(benchmark_path())  # a path that cannot be written fails now, not after the run
     if dataset_mode:
-        check_writable_parent("--results_save_path", args.results_save_path)
+        results_path = check_results_path(args.results_save_path)
         entries = dataset_entries(args.dataset_path, text)
     else:
         if not paths:
@@ -235,19 +291,34 @@ def run(args: argparse.Namespace) -> int:
               block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
               shm_name_save_path=args.shm_name_save_path)
-    params = SamplingParams(max_tokens=args.max_output_length, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
     warm_up(llm)
     if args.performance:
         return run_performance(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
 
     runnable = [entry for entry in entries if entry.error is None]
-    start = time.perf_counter()
-    outputs = llm.generate([entry.items for entry in runnable], params) if runnable else []
-    latency = time.perf_counter() - start
-    for entry, output in zip(runnable, outputs):
+
+    finished = []
+
+    def record(output: RequestOutput) -> None:  # as each request ends, so that an interrupted run keeps it
+        entry = runnable[output.request_id]
         entry.output, entry.error = output, output.error
+        finished.append(entry)
+        if dataset_mode:
+            logger.info("%s: %s (%d of %d)", entry.name, "failed" if output.error else "answered", len(finished),
+                        len(runnable))
+
+    start = time.perf_counter()
+    try:
+        outputs = llm.generate([entry.items for entry in runnable], params, on_finish=record) if runnable else []
+    except KeyboardInterrupt:
+        ignore_further_stops()
+        if dataset_mode and ranks.rank == 0:
+            try:
+                save_finished_results(entries, results_path, args.results_save_path)
+            except UserError as e:  # said, and the run still ends as the signal asked
+                print(f"Error: {one_line(str(e))}", file=sys.stderr, flush=True)
+        raise
+    latency = time.perf_counter() - start
 
     failed = [entry for entry in entries if entry.error is not None]
     if not dataset_mode and failed:
@@ -258,8 +329,19 @@ def run(args: argparse.Namespace) -> int:
     if ranks.rank == 0:
         print_report(entries, latency)
         if dataset_mode:
-            save_results(entries, args.results_save_path)
+            save_results(entries, results_path, args.results_save_path)
     return 1 if failed else 0
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The run's SamplingParams, made before the model loads so that a bad value is refused at once. max_tokens
+    is left to the engine's --max_output_length (--performance sets it per point)."""
+    for flag in ("temperature", "top_p", "repetition_penalty"):
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            raise UserError(f"--{flag} must be a finite number, got {value}")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, ignore_eos=args.ignore_eos)
 
 
 def warm_up(llm: LLM) -> None:
@@ -272,7 +354,9 @@ def warm_up(llm: LLM) -> None:
     request = [{"image": Image.new("RGB", (224, 224), "white")}, {"text": "Describe the image."}]
     [output] = llm.generate([request], SamplingParams(max_tokens=min(2, llm.max_output_length), ignore_eos=True))
     if output.error is not None:
-        logger.info("warm-up skipped: %s", output.error)
+        # Its own small prompt, not the user's: the run's requests are checked, and reported, on their own.
+        logger.info("warm-up skipped: its 224x224 test image does not fit the engine's limits")
+        logger.debug("warm-up: %s", output.error)
     else:
         logger.info("warm-up: 1 request in %.2f s", time.perf_counter() - start)
 
@@ -325,31 +409,121 @@ def print_report(entries: list[Entry], latency: float) -> None:
     print(f"Throughput(tokens/s): {total_tokens / latency if latency > 0 else 0.0:.4f}", flush=True)
 
 
-def save_results(entries: list[Entry], path: str) -> None:
-    results = {entry.name: {"error": entry.error} if entry.error is not None else entry.output.text
-               for entry in entries}
+def results_of(entries: list[Entry]) -> dict:
+    """{file name: answer}, {"error": why} for an entry that failed or was skipped; unfinished entries left out."""
+    return {entry.name: {"error": entry.error} if entry.error is not None else entry.output.text
+            for entry in entries if entry.error is not None or entry.output is not None}
+
+
+def save_results(entries: list[Entry], path: str, shown_path: str) -> None:
+    """Write every entry's result to `path` (`shown_path` is the flag's value, for messages)."""
+    results = results_of(entries)
+    write_results(results, path, shown_path)
+    failed = sum(entry.error is not None for entry in entries)
+    logger.info("results of %d entries (%d answered, %d failed or skipped) written to %s", len(results),
+                len(results) - failed, failed, shown_path)
+
+
+def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> None:
+    """On Ctrl-C or SIGTERM: the entries finished so far, so a long run cut short keeps its answers."""
+    results = results_of(entries)
+    answers = sum(not isinstance(result, dict) for result in results.values())
+    if not results:
+        print(f"no answer was finished; {shown_path} is left as it was", file=sys.stderr, flush=True)
+        return
+    write_results(results, path, shown_path)
+    failures = len(results) - answers
+    print(f"wrote {answers} of {len(entries)} answers to {shown_path} before stopping"
+          + (f" (and {failures} failed entries)" if failures else ""), file=sys.stderr, flush=True)
+
+
+def write_results(results: dict, path: str, shown_path: str) -> None:
+    """Atomically: a temporary file in the same folder, synced, then renamed over `path`, so that a full disk or
+    an interruption leaves the previous results file whole, and no temporary file behind."""
+    text = json.dumps(results, sort_keys=True, ensure_ascii=False)
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, sort_keys=True, ensure_ascii=False)
-    except OSError as e:
-        raise UserError(f"--results_save_path {path}: cannot write: {e.strerror}") from None
-    logger.info("results of %d files (%d failed) written to %s", len(results),
-                sum(entry.error is not None for entry in entries), path)
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not valid UTF-8: \u escapes keep the JSON valid
+        data = json.dumps(results, sort_keys=True).encode("ascii")
+    existed = os.path.isfile(path)
+    temp = None
+    try:
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode) if existed else 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException as e:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the previous results file is left as it was" if existed else "nothing was written"
+        raise UserError(f"--results_save_path {shown_path}: cannot write: {e.strerror or e}; {kept}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program was, so that it ends as on Ctrl-C (the answers finished so far written,
+    shared memory removed) but says so and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM raises Stopped while main runs. Installed before the engine exists: shm.install_cleanup replaces
+    only a default SIGTERM handler (the segments are still removed at exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def ignore_further_stops() -> None:
+    """Once stopping, a second Ctrl-C or SIGTERM must not cut short the writing of what was finished."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, distributed.RankLost) as e:
-        if args.debug:
-            raise
-        if not report_rank_failure(one_line(str(e))):
-            print(f"Error: {one_line(str(e))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("Interrupted", file=sys.stderr)
-        return 130
+    with stop_signals():
+        try:
+            # Under atb_models.launch a rank's failed entries are reported to the launcher, which exits with it.
+            return report_exit_status(run(args))
+        except (UserError, distributed.RankLost) as e:
+            if args.debug:
+                raise
+            if not report_rank_failure(one_line(str(e))):
+                print(f"Error: {one_line(str(e))}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            if not launched():  # the launcher says it once for every rank
+                print(stop_line(signum), file=sys.stderr, flush=True)
+            return 128 + signum
 
 
 if __name__ == "__main__":

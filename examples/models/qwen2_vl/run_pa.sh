@@ -8,7 +8,8 @@
 # --max_output_length and the Latency/Throughput lines mean something. Without --model_path the demo reader runs and
 # run_pa.py asks it the question its sample goes with.
 # World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in CUDA_VISIBLE_DEVICES,
-# else 1. MASTER_PORT (default 20031) and MASTER_ADDR are passed to torchrun.
+# else 1. MASTER_PORT (default 20031) and MASTER_ADDR are passed to torchrun; a busy MASTER_PORT is reported before
+# any rank starts. Ctrl-C exits 130, SIGTERM 143, at any world size.
 # Works from any directory: relative paths in the flags are read from the current one.
 set -euo pipefail
 
@@ -77,5 +78,7 @@ if [[ -n "${MASTER_ADDR:-}" ]] && [[ " ${torchrun_args[*]} " != *" --master_addr
 fi
 # atb_models.launch is torchrun (torch.distributed.run, same options, same interpreter as the single-rank case)
 # that reports a failed rank in one line instead of torchrun's report with its own traceback.
+# It names this script in its hint when MASTER_PORT is busy.
+export ATB_MODELS_LAUNCH_SCRIPT="$0"
 exec "${PYTHON}" -m atb_models.launch --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20031}" \
     "${torchrun_args[@]}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"
