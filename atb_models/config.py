@@ -7,6 +7,11 @@ from pathlib import Path
 from atb_models.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+# The config's special token ids the prompt builder and the model use; each must index the embedding table.
+SPECIAL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# The json files transformers reads from a model folder (config, tokenizer, image processor, processor).
+CODE_POINTER_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
 @dataclass
@@ -44,7 +49,13 @@ def _as_id_list(value, source: str) -> list:
     return ids
 
 
-def load_model_config(model_path: str) -> ModelConfig:
+def load_model_config(model_path) -> ModelConfig:
+    """Read and check a checkpoint folder's configuration: everything a later stage would trip over (custom code,
+    head counts, the rotary split, token ids beyond the embedding table, the tokenizer file) is refused here, as
+    one UserError, before transformers or any rank's process group is involved."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise UserError(f"model_path must be a folder path (str or os.PathLike), got {type(model_path).__name__}")
+    model_path = os.fspath(model_path)
     if not os.path.isdir(model_path):
         raise UserError(f"--model_path {model_path}: no such folder")
     config_file = os.path.join(model_path, "config.json")
@@ -55,22 +66,135 @@ def load_model_config(model_path: str) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"unsupported model_type {model_type!r} in {config_file}: this kit serves "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    refuse_custom_code(model_path)
     from transformers import Qwen2VLConfig
 
     try:
-        hf_config = Qwen2VLConfig.from_pretrained(model_path)
+        hf_config = Qwen2VLConfig.from_pretrained(model_path, trust_remote_code=False)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"cannot interpret {config_file}: {e}") from None
+    _check_shapes(hf_config, config_file)
     eos = []
     generation_file = os.path.join(model_path, "generation_config.json")
     if os.path.isfile(generation_file):
         eos = _as_id_list(_read_json(generation_file, "generation config").get("eos_token_id"), generation_file)
     if not eos:
         eos = _as_id_list(raw.get("eos_token_id"), config_file)
-    bad = [i for i in eos if not 0 <= i < hf_config.vocab_size]
-    if bad:
-        raise UserError(f"eos_token_id {bad[0]} in {model_path} lies outside the vocabulary (size {hf_config.vocab_size})")
+    vocab_size = hf_config.vocab_size
+    for key, value in [(key, getattr(hf_config, key, None)) for key in SPECIAL_TOKEN_KEYS] + [
+            ("eos_token_id", i) for i in eos]:
+        if value is None:
+            raise UserError(f"{config_file} has no {key}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            raise UserError(f"{key} {value!r} in {model_path} lies outside the vocabulary (vocab_size {vocab_size})")
+    largest, where = _largest_tokenizer_id(model_path)
+    if largest >= vocab_size:
+        raise UserError(f"{where} holds token id {largest}, beyond the embedding table of {config_file} "
+                        f"(vocab_size {vocab_size}): the tokenizer and the weights do not belong together")
     return ModelConfig(model_path, hf_config, raw.get("torch_dtype") or "float32", tuple(eos))
+
+
+def refuse_custom_code(model_path: str) -> None:
+    """An `auto_map` in any json transformers reads from the folder points it at Python code shipped with the
+    folder (or on the Hub); transformers would ask whether to run it. The kit runs none: such a folder is refused
+    before transformers sees it, so nothing prompts and nothing of the folder is imported."""
+    for name in CODE_POINTER_FILES:
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            found = _find_key(_read_json(path, name), "auto_map")
+            if found is not None:
+                raise UserError(f"{path} asks for custom code ({found}); this kit runs no Python from a model "
+                                "folder: use a checkpoint that needs only transformers' own Qwen2-VL classes")
+
+
+def _find_key(data, key: str, where: str = ""):
+    """The dotted path of the first `key` anywhere in a json value, or None."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            path = f"{where}.{name}" if where else name
+            if name == key:
+                return path
+            found = _find_key(value, key, path)
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for value in data:
+            found = _find_key(value, key, where)
+            if found is not None:
+                return found
+    return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_shapes(hf_config, config_file: str) -> None:
+    """Sizes the model is built from: each a positive integer, heads dividing the width, key/value heads dividing
+    the query heads, and the M-RoPE split covering exactly half a head."""
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        value = getattr(hf_config, key, None)
+        if not _positive_int(value):
+            raise UserError(f"{key} {value!r} in {config_file} must be a positive integer")
+    hidden, heads, kv_heads = hf_config.hidden_size, hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if hidden % heads:
+        raise UserError(f"num_attention_heads {heads} in {config_file} does not divide hidden_size {hidden}")
+    if heads % kv_heads:
+        raise UserError(f"num_key_value_heads {kv_heads} in {config_file} does not divide num_attention_heads "
+                        f"{heads}")
+    vision = hf_config.vision_config
+    for key in ("embed_dim", "num_heads"):
+        if not _positive_int(getattr(vision, key, None)):
+            raise UserError(f"vision_config.{key} {getattr(vision, key, None)!r} in {config_file} must be a "
+                            "positive integer")
+    if vision.embed_dim % vision.num_heads:
+        raise UserError(f"vision_config.num_heads {vision.num_heads} in {config_file} does not divide "
+                        f"vision_config.embed_dim {vision.embed_dim}")
+    head_dim = hidden // heads
+    section = (hf_config.rope_scaling or {}).get("mrope_section")
+    if section is not None and (not isinstance(section, list) or len(section) != 3
+                                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in section)
+                                or 2 * sum(section) != head_dim):
+        raise UserError(f"rope_scaling.mrope_section {section!r} in {config_file} does not fit the head size: it "
+                        f"must be 3 counts summing to head_dim / 2 = {head_dim / 2:g} (hidden_size {hidden} / "
+                        f"num_attention_heads {heads} = head_dim {head_dim})")
+
+
+def _largest_tokenizer_id(model_path: str) -> tuple:
+    """(largest token id, the file naming it) over the tokenizer files: tokenizer.json (its vocabulary and added
+    tokens), else vocab.json, and the added tokens of tokenizer_config.json."""
+    found = []
+    tokenizer_file = os.path.join(model_path, "tokenizer.json")
+    vocab_file = os.path.join(model_path, "vocab.json")
+    if os.path.isfile(tokenizer_file):
+        data = _read_json(tokenizer_file, "tokenizer file")
+        vocab = data.get("model", {}).get("vocab") if isinstance(data.get("model"), dict) else None
+        if isinstance(vocab, dict):
+            ids = list(vocab.values())
+        elif isinstance(vocab, list):  # a Unigram model: the id is the position
+            ids = [len(vocab) - 1] if vocab else []
+        else:
+            raise UserError(f"tokenizer file {tokenizer_file} has no model.vocab: it is not a tokenizers file")
+        added = data.get("added_tokens") or []
+        ids += [token.get("id") for token in added if isinstance(token, dict)]
+        found.append((ids, tokenizer_file))
+    elif os.path.isfile(vocab_file):
+        found.append((list(_read_json(vocab_file, "tokenizer vocabulary").values()), vocab_file))
+    else:
+        raise UserError(f"--model_path {model_path}: the folder has no tokenizer.json (nor vocab.json)")
+    config_file = os.path.join(model_path, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        decoder = _read_json(config_file, "tokenizer config").get("added_tokens_decoder") or {}
+        found.append(([int(i) if str(i).isdigit() else i for i in decoder], config_file))
+    largest, where = -1, tokenizer_file
+    for ids, path in found:
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise UserError(f"{path} holds token id {i!r}: ids are non-negative integers")
+            if i > largest:
+                largest, where = i, path
+    return largest, where
 
 
 def kit_home() -> Path:

@@ -24,8 +24,15 @@ def checkpoint_files(model_path: str) -> dict:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {index}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map tensor names to shard file names")
+        roots = _shard_roots(model_path)
+        for name, f in weight_map.items():
+            if os.path.isabs(f) or not _inside(os.path.join(model_path, f), roots):
+                raise UserError(f"{index} names shard {f!r} for {name}, which lies outside {model_path}; shards "
+                                "must be files of the model folder")
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(model_path, f))})
         if missing:
             raise UserError(f"{index} names shard {missing[0]}, which is not in {model_path}")
@@ -44,6 +51,22 @@ def checkpoint_files(model_path: str) -> dict:
     return names
 
 
+def _shard_roots(model_path: str) -> tuple:
+    """Folders a shard may really live in: the model folder, and for a Hugging Face hub snapshot
+    (<repo>/snapshots/<revision>, whose files are links into <repo>/blobs) that repository's blobs folder."""
+    folder = os.path.realpath(model_path)
+    parent = os.path.dirname(folder)
+    if os.path.basename(parent) == "snapshots":
+        return folder, os.path.join(os.path.dirname(parent), "blobs")
+    return (folder,)
+
+
+def _inside(path: str, roots: tuple) -> bool:
+    """Whether `path`, links and `..` resolved, lies under one of `roots`."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
 class CheckpointTensor:
     """One checkpoint tensor, read lazily: a rank asks only for the rows or columns it holds, and what it reads
     is converted to `dtype` as it arrives. `bytes_read` counts what this process read of each tensor (in the
@@ -51,8 +74,9 @@ class CheckpointTensor:
 
     bytes_read: dict = {}
 
-    def __init__(self, handle, name: str, dtype: torch.dtype):
+    def __init__(self, handle, name: str, dtype: torch.dtype, path: str):
         self.name = name
+        self.path = path
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
         self.dtype = dtype
@@ -61,7 +85,14 @@ class CheckpointTensor:
         tensor = self._slice[index]
         read = CheckpointTensor.bytes_read
         read[self.name] = read.get(self.name, 0) + tensor.numel() * tensor.element_size()
-        return tensor.to(self.dtype)
+        converted = tensor.to(self.dtype)
+        # A NaN or inf weight turns every answer into garbage without a word; one pass over what was read finds it.
+        if converted.is_floating_point() and not torch.isfinite(converted).all():
+            if tensor.is_floating_point() and torch.isfinite(tensor).all():
+                raise UserError(f"tensor {self.name} in {self.path} holds values beyond the range of {self.dtype}: "
+                                "choose a wider --dtype")
+            raise UserError(f"tensor {self.name} in {self.path} holds NaN or inf values: the checkpoint is damaged")
+        return converted
 
     def full(self) -> torch.Tensor:
         return self._read(slice(None))
@@ -121,7 +152,7 @@ def load_weights(model, model_path: str) -> None:
                 if param is None:
                     raise UserError(f"unexpected tensor {name} in {path}: the Qwen2-VL model has no such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, CheckpointTensor(handle, name, param.dtype), name, shard_id)
+                loader(param, CheckpointTensor(handle, name, param.dtype, path), name, shard_id)
                 loaded.add(canonical)
     missing = sorted(_expected_names(params, packed) - loaded)
     if missing:
