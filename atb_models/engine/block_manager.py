@@ -37,3 +37,7 @@ class BlockManager:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
         seq.num_cached_tokens = 0
+
+    def reset(self) -> None:
+        """Every block free again, whoever held it: for an engine whose sequences were all dropped."""
+        self.free_blocks = deque(range(self.num_blocks))

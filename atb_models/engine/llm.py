@@ -1,5 +1,6 @@
 """The user-facing front: `LLM(model_path, ...).generate(requests, SamplingParams(...))`."""
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,7 +47,7 @@ class StepRecord:
 
 
 def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"--{name} must be a positive integer, got {value!r}")
     return value
 
@@ -61,9 +62,10 @@ class LLM:
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
         self.block_size = _positive("block_size", block_size)
-        if max_prefill_tokens == -1:
-            max_prefill_tokens = max_batch_size * (max_input_length + max_output_length)
-        self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens)
+        if max_prefill_tokens != -1:  # -1: sized from the batch once memory has capped it (below)
+            _positive("max_prefill_tokens", max_prefill_tokens)
+        if num_blocks is not None:
+            _positive("num_blocks", num_blocks)
         self.model_config = load_model_config(model_path)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
         self.parallel = distributed.env_state()
@@ -76,10 +78,18 @@ class LLM:
 
         self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
-                                         video_max_frames=video_max_frames)
+                                         video_max_frames=video_max_frames, max_input_length=self.max_input_length)
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
         self.runner = ModelRunner(self.model_config, self.plan, block_size)
-        num_blocks = self._kv_cache_blocks(num_blocks)
+        # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
+        # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
+        one_request = -(-(self.max_input_length + self.max_output_length) // self.block_size)
+        affordable = self._affordable_blocks(one_request)
+        num_blocks = self._kv_cache_blocks(num_blocks, one_request, affordable)
+        self.max_batch_size = self._batch_size_within(one_request, affordable)
+        if max_prefill_tokens == -1:
+            max_prefill_tokens = self.max_batch_size * (self.max_input_length + self.max_output_length)
+        self.max_prefill_tokens = max_prefill_tokens
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * self.runner.bytes_per_block / 2**20)
@@ -87,42 +97,62 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids)
         self.step_records: list = []  # the steps of the latest generate() call
+        self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
 
-    def _kv_cache_blocks(self, requested: Optional[int]) -> int:
-        """Blocks for max_batch_size requests of the longest allowed length (or `requested`), within a budget of
-        the memory left after the weights: 90% of the device's free memory, half the host's available memory."""
-        one_request = -(-(self.max_input_length + self.max_output_length) // self.block_size)
-        wanted = one_request * self.max_batch_size if requested is None else _positive("num_blocks", requested)
+    def _affordable_blocks(self, one_request: int) -> int:
+        """KV blocks that fit in the memory left after the weights: 90% of the device's free memory, half the
+        host's available memory. The smallest figure of all ranks: every rank must size its cache and its batch
+        alike, or their schedulers would part ways."""
         share = 0.5 if self.plan.kind == "cpu" else 0.9
         affordable = int(free_memory_bytes(self.plan) * share) // self.runner.bytes_per_block
+        affordable = min(distributed.gather_objects(affordable))
         if affordable < one_request:
             raise UserError(f"not enough memory for the KV cache of one request of --max_input_length + "
                             f"--max_output_length tokens ({one_request} blocks of "
                             f"{self.runner.bytes_per_block / 2**20:.1f} MiB, {affordable} affordable): "
                             f"lower those limits or free memory")
+        return affordable
+
+    def _kv_cache_blocks(self, requested: Optional[int], one_request: int, affordable: int) -> int:
+        """Blocks for max_batch_size requests (as asked for, before any cap) of the longest allowed length, or
+        `requested`, within the budget."""
+        wanted = one_request * self.max_batch_size if requested is None else requested
         if wanted > affordable:
             logger.warning("KV cache reduced from %d to %d blocks to fit in memory; requests wait for blocks",
                            wanted, affordable)
             return affordable
         return wanted
 
+    def _batch_size_within(self, one_request: int, affordable: int) -> int:
+        """max_batch_size, capped at the number of requests of the longest allowed length whose KV blocks fit in
+        memory: a batch beyond it at those lengths could never run at once, and the figure also sizes the prefill
+        budget and how many prompts generate() preprocesses ahead (their pixels held in memory)."""
+        fits = affordable // one_request
+        if self.max_batch_size <= fits:
+            return self.max_batch_size
+        logger.warning("--max_batch_size %d capped to %d: the memory left for the KV cache (%d blocks of %.1f MiB) "
+                       "holds %d requests of --max_input_length + --max_output_length (%d) tokens; lower those "
+                       "limits to batch more", self.max_batch_size, fits, affordable,
+                       self.runner.bytes_per_block / 2**20, fits, self.max_input_length + self.max_output_length)
+        return fits
+
     # ------------------------------------------------------------------------------------------ requests
     def _make_sequence(self, request_id: int, prompt, params: SamplingParams, output: RequestOutput):
         output.prompt = prompt.text
         output.prompt_token_count = len(prompt.token_ids)
+        # The messages name no request: the output carries its request_id, and callers number requests their own way.
         if len(prompt.token_ids) > self.max_input_length:
-            raise UserError(f"request {request_id}: the prompt has {len(prompt.token_ids)} tokens (visual tokens "
-                            f"included), more than --max_input_length {self.max_input_length}")
+            raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
+                            f"--max_input_length {self.max_input_length}")
         max_tokens = params.max_tokens or self.max_output_length
         if max_tokens > self.max_output_length:
-            raise UserError(f"request {request_id}: max_tokens {max_tokens} exceeds --max_output_length "
-                            f"{self.max_output_length}")
+            raise UserError(f"max_tokens {max_tokens} exceeds --max_output_length {self.max_output_length}")
         if len(prompt.token_ids) > self.max_prefill_tokens:
-            raise UserError(f"request {request_id}: the prompt has {len(prompt.token_ids)} tokens, more than "
+            raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
                             f"--max_prefill_tokens {self.max_prefill_tokens}")
         needed = self.block_manager.blocks_for(len(prompt.token_ids) + max_tokens)
         if needed > self.block_manager.num_blocks:
-            raise UserError(f"request {request_id}: needs {needed} KV blocks, the cache has only "
+            raise UserError(f"the prompt and max_tokens need {needed} KV blocks, the cache has only "
                             f"{self.block_manager.num_blocks}")
         return Sequence(request_id, prompt, params, max_tokens)
 
@@ -130,15 +160,24 @@ class LLM:
     def generate(self, requests: list, sampling_params=None, on_finish=None) -> list:
         """Run every request to completion with continuous batching; outputs come back in request order.
         A request that cannot run (a bad file, too long a prompt) gets an output with `error` set.
-        `on_finish(output)`, when given, is called as each request ends (in completion order)."""
-        if isinstance(requests, dict) or (requests and isinstance(requests[0], dict)):
-            raise UserError("generate() takes a list of requests, each a list of items such as {'text': ...}")
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(requests)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(requests):
-                raise UserError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
+        `on_finish(output)`, when given, is called as each request ends (in completion order).
+        A call that ends by an exception (an interrupt, an error from `on_finish`) drops all its sequences and
+        frees their KV blocks before the exception leaves: the next call starts from a clean engine."""
+        params_list = _params_per_request(requests, sampling_params)
+        if not self._generating.acquire(blocking=False):
+            raise UserError("generate() is already running on this engine; it cannot be called again from "
+                            "on_finish or from another thread")
+        # Nothing from before may be answered as this call's own: a call starts with no sequence and every block.
+        self.scheduler.abort_all()
+        try:
+            return self._generate(requests, params_list, on_finish)
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        finally:
+            self._generating.release()
+
+    def _generate(self, requests: list, params_list: list, on_finish) -> list:
         outputs = [RequestOutput(i, describe_request(r)) for i, r in enumerate(requests)]
         started = time.perf_counter()
         self.step_records = []
@@ -183,9 +222,7 @@ class LLM:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
-        # Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
-        # sampling cannot make ranks diverge.
-        tokens = distributed.broadcast_from_rank0(sample(logits, seqs) if self.parallel.rank == 0 else None)
+        tokens = self._sample_on_rank0(logits, seqs)
         self.plan.synchronize()
         end = time.perf_counter()
         num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
@@ -198,6 +235,46 @@ class LLM:
             seq.finished_at = end
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
         return finished
+
+    def _sample_on_rank0(self, logits, seqs: list) -> list:
+        """Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
+        sampling cannot make ranks diverge. Should rank 0's draw fail, the others get its error in place of the
+        tokens and raise it too, in step, instead of waiting on a rank that has left."""
+        if self.parallel.world_size == 1:
+            return sample(logits, seqs)
+        drawn, failure = None, None
+        if self.parallel.rank == 0:
+            try:
+                drawn = sample(logits, seqs)
+            except Exception as e:
+                failure, drawn = e, f"{type(e).__name__}: {e}"
+        drawn = distributed.broadcast_from_rank0(drawn)
+        if isinstance(drawn, str):
+            raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
+        return drawn
+
+
+def _params_per_request(requests, sampling_params) -> list:
+    """One SamplingParams per request, after checking the shapes generate() was given (before any work)."""
+    if not isinstance(requests, (list, tuple)):
+        raise UserError(f"generate() takes a list of requests, each a list of items such as {{'text': ...}}; "
+                        f"got {type(requests).__name__}")
+    for i, request in enumerate(requests):
+        if not isinstance(request, (list, tuple)):
+            raise UserError(f"generate(): requests[{i}] is {type(request).__name__}, not a list of items such as "
+                            f"{{'text': ...}}")
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * len(requests)
+    if not isinstance(sampling_params, (list, tuple)):
+        raise UserError(f"generate(): sampling_params must be a SamplingParams or a list of them, one per "
+                        f"request; got {type(sampling_params).__name__}")
+    if len(sampling_params) != len(requests):
+        raise UserError(f"generate(): {len(sampling_params)} SamplingParams for {len(requests)} requests; give one, "
+                        f"or one per request")
+    for i, params in enumerate(sampling_params):
+        if not isinstance(params, SamplingParams):
+            raise UserError(f"generate(): sampling_params[{i}] is {params!r}, not a SamplingParams")
+    return list(sampling_params)
 
 
 def _load_tokenizer(model_path: str):

@@ -62,6 +62,17 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False
 
+    def abort_all(self) -> None:
+        """Drop every sequence, waiting or running, and free every KV block: what a generate() call that ended by
+        an exception leaves behind. The blocks are reset wholesale because a step cut short can hold a sequence
+        that is in neither queue (popped for scheduling, not yet put back)."""
+        for seq in (*self.waiting, *self.running):
+            seq.status = SequenceStatus.FINISHED
+            seq.block_table = []
+        self.waiting.clear()
+        self.running.clear()
+        self.block_manager.reset()
+
     def preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1

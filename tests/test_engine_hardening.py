@@ -1,0 +1,213 @@
+"""The engine under hostile and careless use: a generate() call that ends by an exception leaves nothing behind for
+the next one, SamplingParams refuse bad values when made, generate() refuses malformed arguments before any work,
+a --max_batch_size beyond memory is capped, and per-request errors name no request number of their own."""
+import logging
+
+import numpy as np
+import pytest
+
+from atb_models import LLM, SamplingParams, UserError
+from atb_models import distributed
+from atb_models.distributed import ParallelState
+from atb_models.engine import llm as llm_module
+
+OPTIONS = dict(dtype="float32", device="cpu", max_input_length=256, max_output_length=16, block_size=16)
+PROMPTS = ["The sky is blue and the grass is", "Count: one two three", "Describe a cat.", "Zebra xylophone quartz",
+           "12345"]
+# Three slots for five requests of different lengths: when the first request finishes, two are running and two
+# are waiting.
+REQUESTS = [[{"text": p}] for p in PROMPTS]
+PARAMS = [SamplingParams(max_tokens=4 + 2 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+# The call after a failure gets other prompts under the same request numbers, so a sequence left over from the
+# failed call would answer under the wrong prompt.
+NEXT_REQUESTS = REQUESTS[::-1]
+NEXT_PARAMS = [SamplingParams(max_tokens=3 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint()), max_batch_size=3, **OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def fresh_answers(tiny_checkpoint):
+    """What an engine that never failed answers to the next call (greedy, so deterministic)."""
+    fresh = LLM(str(tiny_checkpoint()), max_batch_size=3, **OPTIONS)
+    return [out.token_ids for out in fresh.generate(NEXT_REQUESTS, NEXT_PARAMS)]
+
+
+def assert_clean(engine: LLM) -> None:
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert sorted(engine.block_manager.free_blocks) == list(range(engine.block_manager.num_blocks))
+
+
+def assert_next_call_answers_like_a_fresh_engine(engine: LLM, fresh_answers: list) -> None:
+    finished = []
+    outs = engine.generate(NEXT_REQUESTS, NEXT_PARAMS, on_finish=lambda out: finished.append(out.request_id))
+    assert [out.token_ids for out in outs] == fresh_answers
+    assert sorted(finished) == list(range(len(NEXT_REQUESTS)))  # nothing left over finished in this call
+    assert_clean(engine)
+
+
+class CallerError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, CallerError])
+def test_a_call_stopped_by_on_finish_leaves_nothing_for_the_next_call(llm, fresh_answers, raised):
+    seen = []
+
+    def stop_at_first_answer(out):
+        seen.append((len(llm.scheduler.running), len(llm.scheduler.waiting)))
+        raise raised("stop")
+
+    with pytest.raises(raised):
+        llm.generate(REQUESTS, PARAMS, on_finish=stop_at_first_answer)
+    assert seen == [(2, 2)], "the callback should have fired with sequences both running and waiting"
+    assert_clean(llm)
+    assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
+
+
+def test_a_sampling_failure_leaves_nothing_for_the_next_call(llm, fresh_answers, monkeypatch):
+    real_sample, calls = llm_module.sample, []
+
+    def failing_on_third_step(logits, seqs):
+        calls.append(len(seqs))
+        if len(calls) == 3:
+            raise RuntimeError("sampler broke")
+        return real_sample(logits, seqs)
+
+    monkeypatch.setattr(llm_module, "sample", failing_on_third_step)
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        llm.generate(REQUESTS, PARAMS)
+    assert_clean(llm)
+    assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_sampling_failure_on_rank_0_stops_every_rank_in_step(llm, fresh_answers, monkeypatch, rank):
+    # Two ranks simulated in one process: the broadcast hands every rank what rank 0 sent.
+    monkeypatch.setattr(llm, "parallel", ParallelState(rank=rank, world_size=2, local_rank=rank, local_world_size=2))
+    sent = []
+
+    def broadcast(values):
+        if rank == 0:
+            sent.append(values)
+            return values
+        return "ValueError: probabilities contain nan"  # what rank 0 sends when its draw fails
+
+    monkeypatch.setattr(distributed, "broadcast_from_rank0", broadcast)
+    if rank == 0:
+        monkeypatch.setattr(llm_module, "sample", lambda logits, seqs: (_ for _ in ()).throw(ValueError("nan")))
+    with pytest.raises(RuntimeError, match="sampling failed on rank 0: ValueError"):
+        llm.generate(REQUESTS, PARAMS)
+    if rank == 0:
+        assert sent == ["ValueError: nan"], "rank 0 must still send, or the other ranks wait for it"
+    assert_clean(llm)
+    monkeypatch.undo()
+    assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
+
+
+def test_generate_called_from_on_finish_is_refused_and_leaves_nothing(llm, fresh_answers):
+    def nested(out):
+        llm.generate([[{"text": "again"}]])
+
+    with pytest.raises(UserError, match="already running"):
+        llm.generate(REQUESTS, PARAMS, on_finish=nested)
+    assert_clean(llm)
+    assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
+
+
+def test_a_call_starts_without_what_an_earlier_one_left(llm, fresh_answers):
+    # State a call could leave only through a bug: a sequence half run, holding blocks.
+    llm.scheduler.add(llm._make_sequence(0, llm.preprocessor(REQUESTS[0]), PARAMS[0], llm_module.RequestOutput(0, "")))
+    llm.scheduler.schedule()
+    assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
+
+
+# --------------------------------------------------------------------------------------------- SamplingParams
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.5), ("temperature", "0.7"),
+    ("temperature", None), ("temperature", True),
+    ("repetition_penalty", float("nan")), ("repetition_penalty", float("inf")), ("repetition_penalty", 0),
+    ("repetition_penalty", -1.0),
+    ("top_p", float("nan")), ("top_p", 0), ("top_p", 1.01), ("top_p", float("inf")), ("top_p", "1"),
+    ("top_k", 2.0), ("top_k", -1), ("top_k", True), ("top_k", "5"),
+    ("max_tokens", 3.0), ("max_tokens", True), ("max_tokens", 0), ("max_tokens", -2), ("max_tokens", "8"),
+    ("seed", 1.5), ("seed", 3.0), ("seed", -1), ("seed", 2**64), ("seed", True), ("seed", "42"),
+    ("ignore_eos", 1), ("ignore_eos", "yes"), ("ignore_eos", None),
+])
+def test_sampling_params_refuse_a_bad_value_in_one_line_naming_the_field(field, value):
+    with pytest.raises(UserError) as caught:
+        SamplingParams(**{field: value})
+    message = str(caught.value)
+    assert message.startswith(f"{field} must be") and "\n" not in message
+
+
+def test_sampling_params_accept_the_edges_of_each_range():
+    edge = SamplingParams(max_tokens=np.int64(1), temperature=0, top_k=0, top_p=1, repetition_penalty=1e-3,
+                          seed=2**64 - 1, ignore_eos=True)
+    assert edge.max_tokens == 1 and type(edge.max_tokens) is int and edge.greedy
+    assert SamplingParams(seed=np.uint64(0), temperature=np.float32(0.5)).temperature == 0.5
+
+
+# --------------------------------------------------------------------------------------------- generate() arguments
+
+
+@pytest.mark.parametrize("requests,params,expected", [
+    (REQUESTS[:1], [None], r"sampling_params\[0\] is None, not a SamplingParams"),
+    (REQUESTS[:2], [SamplingParams()], "1 SamplingParams for 2 requests"),
+    (REQUESTS[:1], {"temperature": 0.5}, "must be a SamplingParams or a list of them"),
+    ("What is this?", None, "takes a list of requests"),
+    ({"text": "hi"}, None, "takes a list of requests"),
+    (["What is this?"], None, r"requests\[0\] is str, not a list of items"),
+    ([[{"text": "fine"}], {"text": "hi"}], None, r"requests\[1\] is dict"),
+])
+def test_malformed_generate_arguments_are_refused_before_any_work(llm, monkeypatch, requests, params, expected):
+    preprocessed = []
+    monkeypatch.setattr(llm, "node_preprocessor", lambda batch: preprocessed.append(batch) or [])
+    with pytest.raises(UserError, match=expected) as caught:
+        llm.generate(requests, params)
+    assert "\n" not in str(caught.value)
+    assert preprocessed == []
+
+
+# --------------------------------------------------------------------------------------------- engine limits
+
+
+def test_a_batch_size_beyond_memory_is_capped_before_anything_is_sized_by_it(tiny_checkpoint, monkeypatch, caplog):
+    probe = LLM(str(tiny_checkpoint()), max_batch_size=1, **OPTIONS)
+    one_request = -(-(256 + 16) // 16)
+    budget_blocks = 3 * one_request + 5  # room for three requests at the limits, and a few blocks
+    monkeypatch.setattr(llm_module, "free_memory_bytes",
+                        lambda plan: int(budget_blocks * probe.runner.bytes_per_block / 0.5))
+    with caplog.at_level(logging.WARNING, logger="atb_models"):
+        capped = LLM(str(tiny_checkpoint()), max_batch_size=10**6, **OPTIONS)
+    assert capped.max_batch_size == capped.scheduler.max_batch_size == 3
+    assert capped.max_prefill_tokens == 3 * (256 + 16)
+    assert capped.block_manager.num_blocks == capped.runner.num_blocks == budget_blocks
+    assert any("--max_batch_size 1000000 capped to 3" in r.getMessage() for r in caplog.records)
+    outs = capped.generate(REQUESTS, PARAMS)
+    alone = probe.generate(REQUESTS, PARAMS)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert all(o.error is None for o in outs)
+    assert max(step.num_seqs for step in capped.step_records) == 3
+
+
+def test_limit_values_are_refused_before_the_model_loads(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(llm_module, "load_model_config", lambda path: pytest.fail("the model was loaded"))
+    for bad in (dict(max_batch_size=True), dict(num_blocks=0), dict(max_prefill_tokens=0)):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            LLM(str(tiny_checkpoint()), **{**OPTIONS, **bad})
+
+
+def test_request_errors_name_no_request_number_and_one_token_count(llm):
+    long_prompt, too_many = llm.generate([[{"text": "x " * 400}], [{"text": "Hello"}]],
+                                         [SamplingParams(max_tokens=2), SamplingParams(max_tokens=99)])
+    count = long_prompt.prompt_token_count
+    assert long_prompt.error == (f"the prompt has {count} tokens (visual tokens included), more than "
+                                 f"--max_input_length 256")
+    assert too_many.error == "max_tokens 99 exceeds --max_output_length 16"
+    assert_clean(llm)
