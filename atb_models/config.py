@@ -1,4 +1,4 @@
-"""Reading a checkpoint folder's config.json and generation_config.json, with the checks a user needs."""
+"""Reading a checkpoint folder's config.json, generation_config.json and tokenizer, with the checks a user needs."""
 import json
 import os
 from dataclasses import dataclass
@@ -85,7 +85,7 @@ def load_model_config(model_path) -> ModelConfig:
             ("eos_token_id", i) for i in eos]:
         if value is None:
             raise UserError(f"{config_file} has no {key}")
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        if not _is_int(value) or not 0 <= value < vocab_size:
             raise UserError(f"{key} {value!r} in {model_path} lies outside the vocabulary (vocab_size {vocab_size})")
     largest, where = _largest_tokenizer_id(model_path)
     if largest >= vocab_size:
@@ -125,8 +125,12 @@ def _find_key(data, key: str, where: str = ""):
     return None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
 
 
 def _check_shapes(hf_config, config_file: str) -> None:
@@ -154,7 +158,7 @@ def _check_shapes(hf_config, config_file: str) -> None:
     head_dim = hidden // heads
     section = (hf_config.rope_scaling or {}).get("mrope_section")
     if section is not None and (not isinstance(section, list) or len(section) != 3
-                                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in section)
+                                or not all(_is_int(n) and n >= 0 for n in section)
                                 or 2 * sum(section) != head_dim):
         raise UserError(f"rope_scaling.mrope_section {section!r} in {config_file} does not fit the head size: it "
                         f"must be 3 counts summing to head_dim / 2 = {head_dim / 2:g} (hidden_size {hidden} / "
@@ -169,7 +173,8 @@ def _largest_tokenizer_id(model_path: str) -> tuple:
     vocab_file = os.path.join(model_path, "vocab.json")
     if os.path.isfile(tokenizer_file):
         data = _read_json(tokenizer_file, "tokenizer file")
-        vocab = data.get("model", {}).get("vocab") if isinstance(data.get("model"), dict) else None
+        model = data.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             ids = list(vocab.values())
         elif isinstance(vocab, list):  # a Unigram model: the id is the position
@@ -190,11 +195,33 @@ def _largest_tokenizer_id(model_path: str) -> tuple:
     largest, where = -1, tokenizer_file
     for ids, path in found:
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            if not _is_int(i) or i < 0:
                 raise UserError(f"{path} holds token id {i!r}: ids are non-negative integers")
             if i > largest:
                 largest, where = i, path
     return largest, where
+
+
+def load_tokenizer(model_path: str):
+    """The folder's tokenizer, through transformers with remote code refused; any failure is one UserError."""
+    from transformers import AutoTokenizer
+
+    refuse_custom_code(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except Exception as e:  # tokenizers and transformers' slow-to-fast converters raise their own error types
+        reason = str(e).strip()
+        tokenizer_file = os.path.join(model_path, "tokenizer.json")
+        if os.path.isfile(tokenizer_file):
+            # When tokenizer.json fails, transformers tries other files and reports that attempt's failure (a
+            # missing protobuf, say); the file's own parse error is the useful one.
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(tokenizer_file)
+            except Exception as parse_error:
+                reason = f"{tokenizer_file}: {parse_error}"
+        raise UserError(f"cannot load the tokenizer from {model_path}: {reason}") from None
 
 
 def kit_home() -> Path:

@@ -199,6 +199,14 @@ def test_missing_or_corrupt_tokenizer_json_is_one_clear_error(folder, damage, ex
     assert expected in load_error(folder)
 
 
+def test_tokenizer_json_that_tokenizers_cannot_parse_names_the_file_and_its_error(folder):
+    # Valid JSON with a vocabulary, but no model type: transformers would report a missing protobuf instead.
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
+    message = load_error(folder)
+    assert f"cannot load the tokenizer from {folder}: {folder / 'tokenizer.json'}: " in message
+    assert "protobuf" not in message
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

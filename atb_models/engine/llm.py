@@ -278,9 +278,6 @@ def _params_per_request(requests, sampling_params) -> list:
 
 
 def _load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    from atb_models.config import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer from {model_path}: {e}") from None
+    return load_tokenizer(model_path)
