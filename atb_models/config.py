@@ -156,13 +156,20 @@ def _check_shapes(hf_config, config_file: str) -> None:
         raise UserError(f"vision_config.num_heads {vision.num_heads} in {config_file} does not divide "
                         f"vision_config.embed_dim {vision.embed_dim}")
     head_dim = hidden // heads
-    section = (hf_config.rope_scaling or {}).get("mrope_section")
-    if section is not None and (not isinstance(section, list) or len(section) != 3
-                                or not all(_is_int(n) and n >= 0 for n in section)
-                                or 2 * sum(section) != head_dim):
+    section = mrope_section(hf_config)
+    if (not isinstance(section, list) or len(section) != 3 or not all(_is_int(n) and n >= 0 for n in section)
+            or 2 * sum(section) != head_dim):
         raise UserError(f"rope_scaling.mrope_section {section!r} in {config_file} does not fit the head size: it "
                         f"must be 3 counts summing to head_dim / 2 = {head_dim / 2:g} (hidden_size {hidden} / "
                         f"num_attention_heads {heads} = head_dim {head_dim})")
+
+
+def mrope_section(hf_config) -> list:
+    """The [t, h, w] frequency bands of M-RoPE: rope_scaling's `mrope_section`, else Qwen2-VL's split of the
+    head (1/8, 3/16, 3/16 of head_dim; [16, 24, 24] for a head of 128)."""
+    head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+    section = (hf_config.rope_scaling or {}).get("mrope_section")
+    return [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16] if section is None else section
 
 
 def _largest_tokenizer_id(model_path: str) -> tuple:

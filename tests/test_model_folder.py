@@ -169,6 +169,15 @@ def test_impossible_config_values_are_one_clear_error(folder, key, value, expect
     assert_matches(expected, load_error(folder))
 
 
+def test_default_mrope_section_that_does_not_fit_the_head_is_one_clear_error(folder):
+    """Without rope_scaling the model splits the head 1/8, 3/16, 3/16: a head of 18 cannot be split so."""
+    def edit(config):
+        config.update(hidden_size=72, rope_scaling=None)
+        config["vision_config"]["hidden_size"] = 72
+    edit_json(folder / "config.json", edit)
+    assert_matches(r"mrope_section \[2, 3, 3\] .* head_dim / 2 = 9", load_error(folder))
+
+
 def assert_matches(pattern: str, message: str) -> None:
     assert re.search(pattern, message), message
 

@@ -102,7 +102,8 @@ class ReferenceEngine:
 
         self.plan = plan
         self.preprocessor = preprocessor
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=plan.llm_dtype)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=plan.llm_dtype,
+                                                                trust_remote_code=False)
         model.visual.to(plan.vision_dtype)
         self.model = model.to(plan.device).eval()
         # Left padding fills with generation_config.json's pad id (else an eos id): the attention mask hides it.

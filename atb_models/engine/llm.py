@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from atb_models import distributed
-from atb_models.config import load_model_config
+from atb_models.config import load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
@@ -72,7 +72,7 @@ class LLM:
         self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, self.parallel.local_rank)
         distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())
-        self.tokenizer = _load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         from atb_models.multimodal.node_share import NodePreprocessor
         from atb_models.multimodal.prompt import Preprocessor
 
@@ -276,8 +276,3 @@ def _params_per_request(requests, sampling_params) -> list:
             raise UserError(f"generate(): sampling_params[{i}] is {params!r}, not a SamplingParams")
     return list(sampling_params)
 
-
-def _load_tokenizer(model_path: str):
-    from atb_models.config import load_tokenizer
-
-    return load_tokenizer(model_path)

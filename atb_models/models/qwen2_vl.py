@@ -17,6 +17,7 @@ from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVPar
                                       VocabParallelLMHead)
 from atb_models.layers.sharding import HeadLayout
 from atb_models import distributed
+from atb_models.config import mrope_section
 from atb_models.layers.norm import RMSNorm
 from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
 
@@ -234,9 +235,7 @@ class Qwen2VLForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.lm_head = VocabParallelLMHead(config.hidden_size, config.vocab_size, llm_dtype)
         head_dim = config.hidden_size // config.num_attention_heads
-        mrope_section = (config.rope_scaling or {}).get("mrope_section", [head_dim // 8, 3 * head_dim // 16,
-                                                                           3 * head_dim // 16])
-        self.rotary = MRotaryEmbedding(head_dim, config.rope_theta, list(mrope_section), device)
+        self.rotary = MRotaryEmbedding(head_dim, config.rope_theta, list(mrope_section(config)), device)
 
     def after_loading(self) -> None:
         if self.tie_word_embeddings:
