@@ -159,7 +159,7 @@ def dataset_entries(folder: str, text: str) -> list[Entry]:
     run (a sub-folder, a hidden file, a FIFO, a dangling link, a file that is no image or video) fails only its own
     entry, with the reason recorded in the results instead of being dropped without a word."""
     if not os.path.isdir(folder):
-        raise UserError(f"--dataset_path {folder}: no such folder")
+        raise UserError(f"--dataset_path {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     try:
         names = sorted(os.listdir(folder))
     except OSError as e:
@@ -279,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.performance or benchmark_enabled()) and ranks.rank == 0:
         prepare_folder(benchmark_path())  # a path that cannot be written fails now, not after the run
     if dataset_mode:
-        results_path = check_results_path(args.results_save_path)
+        # Rank 0 writes the results; on a node of its own, another rank's folder need not hold the path.
+        results_path = check_results_path(args.results_save_path) if ranks.rank == 0 else None
         entries = dataset_entries(args.dataset_path, text)
     else:
         if not paths:
@@ -296,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
         return run_performance(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
 
     runnable = [entry for entry in entries if entry.error is None]
-
     finished = []
 
     def record(output: RequestOutput) -> None:  # as each request ends, so that an interrupted run keeps it
@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Error: {one_line(str(e))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as e:
+            ignore_further_stops()
             signum = getattr(e, "signum", signal.SIGINT)
             if not launched():  # the launcher says it once for every rank
                 print(stop_line(signum), file=sys.stderr, flush=True)

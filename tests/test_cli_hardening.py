@@ -1,0 +1,374 @@
+"""run_pa and the launcher under hostile and careless use: no answer lost, nothing waited for, bad input refused
+before the model loads, signals and a busy port reported in one line.
+
+Most cases call run_pa's main() in-process. A model folder without config.json shows that a check ran before the
+model loads: had loading begun, the error would be about config.json. Real signals and the launcher run as
+subprocesses, one each, since their exit status and their ranks are what is tested.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atb_models import RequestOutput, UserError, launch
+from examples.models.qwen2_vl import run_pa
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PA_SH = ROOT / "examples" / "models" / "qwen2_vl" / "run_pa.sh"
+CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--max_input_length", "512"]
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("Error:")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def no_model(tmp_path) -> Path:
+    """A model folder that cannot load (no config.json)."""
+    (tmp_path / "no_model").mkdir()
+    return tmp_path / "no_model"
+
+
+@pytest.fixture
+def dataset(tmp_path, sample_image_path) -> Path:
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(sample_image_path, folder / name)
+    return folder
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    status = run_pa.main([*CPU_ARGS, *map(str, args)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------- checked before the model loads
+
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "pipe.json")
+    return tmp_path / "pipe.json"
+
+
+UNWRITABLE_RESULTS = {
+    "a_folder": (lambda t: t, "is a folder"),
+    "empty": (lambda t: "", "is empty"),
+    "under_proc": (lambda t: "/proc/results.json", "cannot create a file in /proc"),
+    "dev_full": (lambda t: "/dev/full", "not a regular file"),
+    "an_existing_fifo": (_fifo, "not a regular file"),
+    "a_missing_folder": (lambda t: t / "missing" / "results.json", "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", UNWRITABLE_RESULTS)
+def test_a_results_path_that_cannot_be_written_is_refused_before_the_model_loads(case, capsys, tmp_path, no_model,
+                                                                                 dataset):
+    make_path, expected = UNWRITABLE_RESULTS[case]
+    status, _, err = run_main(capsys, "--model_path", no_model, "--dataset_path", dataset,
+                              "--results_save_path", make_path(tmp_path))
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and "--results_save_path" in errors[0] and expected in errors[0], err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"), ("--top_p", "nan"),
+                                         ("--repetition_penalty", "-inf")])
+def test_a_non_finite_sampling_flag_is_refused_by_name_before_the_model_loads(flag, value, capsys, no_model,
+                                                                              sample_image_path):
+    status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", sample_image_path, f"{flag}={value}")
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {flag} must be a finite number"), err
+
+
+def test_a_negative_temperature_is_refused_before_the_model_loads(capsys, no_model, sample_image_path):
+    status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", sample_image_path,
+                              "--temperature", "-1")
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and "temperature" in errors[0] and "config.json" not in errors[0], err
+
+
+@pytest.mark.parametrize("name, data", [("missing.jpg", None), ("broken.jpg", b"not a jpeg"),
+                                        ("notes.txt", b"hello")])
+def test_a_bad_input_image_is_refused_before_the_model_loads(name, data, capsys, tmp_path, no_model):
+    if data is not None:
+        (tmp_path / name).write_bytes(data)
+    status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", tmp_path / name)
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and name in errors[0] and "config.json" not in errors[0], err
+
+
+# ------------------------------------------------------------------------------ every dataset entry recorded
+
+def test_every_entry_of_a_dataset_folder_is_recorded_with_a_reason_and_a_fifo_is_never_opened(tmp_path,
+                                                                                             sample_image_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(sample_image_path, folder / "good.jpg")
+    (folder / "sub").mkdir()
+    (folder / ".hidden.jpg").write_bytes(sample_image_path.read_bytes())
+    (folder / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "sock.jpg"))
+    (folder / "notes.txt").write_text("not media")
+    (folder / "link.jpg").symlink_to(folder / "good.jpg")
+
+    # Opening the FIFO would block for ever: fail instead.
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("dataset_entries opened a FIFO"))
+    signal.alarm(20)
+    try:
+        entries = run_pa.dataset_entries(str(folder), "What is it?")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+    errors = {entry.name: entry.error for entry in entries}
+    assert list(errors) == sorted(os.listdir(folder))
+    assert errors["good.jpg"] is None and errors["link.jpg"] is None
+    expected = {".hidden.jpg": "hidden", "sub": "a folder", "dangling.jpg": "symbolic link to a missing file",
+                "loop.jpg": "symbolic link loop", "pipe.jpg": "a FIFO", "sock.jpg": "a socket",
+                "notes.txt": "unsupported file type"}
+    for name, reason in expected.items():
+        assert errors[name] is not None and reason in errors[name], (name, errors[name])
+
+
+def test_a_dataset_run_records_skipped_entries_in_the_results_and_exits_1(capsys, dataset_run_with_skipped_entries):
+    status, out, err, results = dataset_run_with_skipped_entries
+    assert status == 1
+    assert isinstance(results["a.jpg"], str)
+    assert results["sub"] == {"error": "skipped: a folder (sub-folders are not searched)"}
+    assert set(results["pipe.jpg"]) == {"error"}
+    assert len(error_lines(err)) == 2 and "Answer[0]: " in out
+
+
+@pytest.fixture
+def dataset_run_with_skipped_entries(capsys, tiny_checkpoint, tmp_path, sample_image_path):
+    """A real dataset run of the tiny checkpoint on an image, a sub-folder and a FIFO."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(sample_image_path, folder / "a.jpg")
+    (folder / "sub").mkdir()
+    os.mkfifo(folder / "pipe.jpg")
+    out_path = tmp_path / "results.json"
+    status, out, err = run_main(capsys, "--model_path", tiny_checkpoint(), "--dataset_path", folder,
+                                "--results_save_path", out_path, "--max_output_length", "4")
+    return status, out, err, json.loads(out_path.read_text())
+
+
+# --------------------------------------------------------------------------------- results written atomically
+
+def _entries(*answers) -> list:
+    return [run_pa.Entry([], name=f"{i}.jpg", output=RequestOutput(i, "", text=answer))
+            for i, answer in enumerate(answers)]
+
+
+def test_a_failed_results_write_leaves_the_previous_file_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text('{"old.jpg": "kept"}')
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(run_pa.os, "fsync", disk_full)
+    with pytest.raises(UserError, match="No space left on device; the previous results file is left as it was"):
+        run_pa.save_results(_entries("new"), str(path), "results.json")
+    assert path.read_text() == '{"old.jpg": "kept"}'
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_results_replace_the_file_through_a_symbolic_link_keeping_its_mode(tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    target.chmod(0o640)
+    (tmp_path / "link.json").symlink_to(target)
+    path = run_pa.check_results_path(str(tmp_path / "link.json"))
+    run_pa.save_results(_entries("yes"), path, "link.json")
+    assert json.loads(target.read_text()) == {"0.jpg": "yes"}
+    assert (tmp_path / "link.json").is_symlink() and (target.stat().st_mode & 0o777) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
+
+
+# ------------------------------------------------------------------------------------- interrupted dataset runs
+
+class InterruptedLLM:
+    """Stands in for LLM: the warm-up succeeds; the run finishes its first request, then `interrupt()` runs."""
+
+    interrupt = None
+
+    def __init__(self, *args, **kwargs):
+        self.max_output_length = kwargs["max_output_length"]
+
+    def generate(self, requests, params=None, on_finish=None):
+        outputs = [RequestOutput(i, "", text="answer", token_ids=[1]) for i in range(len(requests))]
+        if on_finish is None:
+            return outputs  # the warm-up
+        on_finish(outputs[0])
+        type(self).interrupt()
+        return outputs
+
+
+@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIGTERM")])
+def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path,
+                                                                     dataset):
+    monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: os.kill(os.getpid(), signum)))
+    monkeypatch.setattr(run_pa, "LLM", InterruptedLLM)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    out_path = tmp_path / "results.json"
+    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+                              "--results_save_path", out_path)
+    assert status == 128 + signum
+    assert json.loads(out_path.read_text()) == {"a.jpg": "answer"}
+    assert f"wrote 1 of 3 answers to {out_path} before stopping" in err
+    assert err.rstrip().endswith(line) and not error_lines(err), err
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # main leaves the process as it found it
+
+
+def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, dataset):
+    def interrupted(self, requests, params=None, on_finish=None):
+        if on_finish is None:
+            return [RequestOutput(0, "", text="warm", token_ids=[1])]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(InterruptedLLM, "generate", interrupted)
+    monkeypatch.setattr(run_pa, "LLM", InterruptedLLM)
+    out_path = tmp_path / "results.json"
+    out_path.write_text('{"old": "run"}')
+    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+                              "--results_save_path", out_path)
+    assert status == 130
+    assert out_path.read_text() == '{"old": "run"}'
+    assert "no answer was finished" in err
+
+
+# ---------------------------------------------------------------------------------------------- warm-up line
+
+def test_a_skipped_warm_up_is_no_error_about_a_request_and_the_run_says_why_once(capsys, tiny_checkpoint,
+                                                                                sample_image_path):
+    status, _, err = run_main(capsys, "--model_path", tiny_checkpoint(), "--input_image", sample_image_path,
+                              "--max_input_length", "16")
+    assert status == 1
+    warm_up = [line for line in err.splitlines() if "warm-up" in line]
+    assert len(warm_up) == 1 and "skipped" in warm_up[0], err
+    assert "request" not in warm_up[0] and not re.search(r"\d+ tokens", warm_up[0])
+    errors = error_lines(err)
+    assert len(errors) == 1 and "request 0" not in errors[0], err
+    assert len(re.findall(r"(\d+) tokens", errors[0])) == 1 and "--max_input_length 16" in errors[0]
+
+
+# ------------------------------------------------------------------------------------------------ the launcher
+
+def test_report_exit_status_hands_a_ranks_failed_entries_to_the_launcher(tmp_path, monkeypatch):
+    assert launch.report_exit_status(1) == 1  # not launched: the rank's own status
+    monkeypatch.setenv(launch.LAUNCHED_ENV, "1")
+    monkeypatch.setenv(launch.STATUS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert launch.report_exit_status(0) == 0 and launch._reported_status(str(tmp_path)) == 0
+    assert launch.report_exit_status(1) == 0  # torchrun sees a rank that finished
+    assert launch._reported_status(str(tmp_path)) == 1  # the launcher exits 1
+
+
+def test_a_busy_master_port_is_reported_in_one_line_before_ranks_start(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(["bash", str(RUN_PA_SH), "--world_size", "2", "--input_image", "x.jpg"],
+                                cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(port)},
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [line for line in result.stderr.splitlines() if line.strip()], result.stderr
+    [line] = error_lines(result.stderr)
+    assert f"MASTER_PORT {port} is in use" in line
+    assert re.search(rf"MASTER_PORT=\d+ bash {re.escape(str(RUN_PA_SH))}", line), line
+    assert "rank" not in line
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _launch(checkpoint: Path, cwd: Path, world_size: int, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", str(RUN_PA_SH), "--world_size", str(world_size), "--model_path", str(checkpoint), *CPU_ARGS,
+         *map(str, args)],
+        cwd=cwd, env={**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port())},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> list[str]:
+    """stderr lines up to the first matching `pattern`."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+        assert time.monotonic() < deadline, "".join(lines)
+    pytest.fail("the run ended before: " + "".join(lines))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sigterm_during_a_dataset_run_writes_the_answers_so_far_and_exits_143(world_size, tiny_checkpoint,
+                                                                              tmp_path, dataset):
+    """World size 1: run_pa itself; 2: the launcher, which stops its ranks, leaving no process or segment."""
+    proc = _launch(tiny_checkpoint(), tmp_path, world_size, "--dataset_path", dataset, "--results_save_path",
+                   "out.json", "--max_batch_size", "1", "--max_output_length", "200", "--ignore_eos")
+    try:
+        early = _wait_for(proc, r"a\.jpg: answered \(1 of 3\)")
+        ranks = _children(proc.pid) if world_size > 1 else [proc.pid]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = "".join(early) + err
+    assert proc.returncode == 143, err
+    written = re.search(r"wrote (\d) of 3 answers to out\.json before stopping", err)
+    assert written, err
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert "a.jpg" in results and len(results) == int(written.group(1)) < 3
+    assert err.count("Stopped by SIGTERM") == 1 and "Traceback" not in err and not error_lines(err), err
+    assert len(ranks) == world_size and not [pid for pid in ranks if Path(f"/proc/{pid}").exists()]
+    assert not [name for name in os.listdir("/dev/shm") if any(name.startswith(f"atbm_{pid}_") for pid in ranks)]
+
+
+def test_a_dataset_with_a_bad_file_at_world_size_2_ends_like_at_world_size_1(tiny_checkpoint, tmp_path,
+                                                                           sample_image_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(sample_image_path, folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    proc = _launch(tiny_checkpoint(), tmp_path, 2, "--dataset_path", folder, "--results_save_path", "out.json",
+                   "--max_output_length", "4")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "Answer[0]: " in out and "Question[1]: " in out and "Latency(s): " in out
+    assert error_lines(err) == [line for line in error_lines(err) if line.startswith("Error: b.jpg: ")], err
+    assert len(error_lines(err)) == 1 and "rank" not in error_lines(err)[0]
+    assert "results of 2 entries (1 answered, 1 failed or skipped) written to out.json" in err
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert isinstance(results["a.jpg"], str) and set(results["b.jpg"]) == {"error"}
