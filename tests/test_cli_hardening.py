@@ -145,23 +145,43 @@ def test_every_entry_of_a_dataset_folder_is_recorded_with_a_reason_and_a_fifo_is
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 
-    errors = {entry.name: entry.error for entry in entries}
-    assert list(errors) == sorted(os.listdir(folder))
-    assert errors["good.jpg"] is None and errors["link.jpg"] is None
-    expected = {".hidden.jpg": "hidden", "sub": "a folder", "dangling.jpg": "symbolic link to a missing file",
-                "loop.jpg": "symbolic link loop", "pipe.jpg": "a FIFO", "sock.jpg": "a socket",
-                "notes.txt": "unsupported file type"}
-    for name, reason in expected.items():
-        assert errors[name] is not None and reason in errors[name], (name, errors[name])
+    reasons = {entry.name: (entry.error, entry.skipped) for entry in entries}
+    assert list(reasons) == sorted(os.listdir(folder))
+    assert reasons["good.jpg"] == (None, None) and reasons["link.jpg"] == (None, None)
+    skipped = {".hidden.jpg": "hidden", "sub": "a folder"}
+    failed = {"dangling.jpg": "symbolic link to a missing file", "loop.jpg": "symbolic link loop",
+              "pipe.jpg": "a FIFO", "sock.jpg": "a socket", "notes.txt": "unsupported file type"}
+    for name, reason in skipped.items():
+        assert reasons[name][0] is None and reason in reasons[name][1], (name, reasons[name])
+    for name, reason in failed.items():
+        assert reasons[name][1] is None and reason in reasons[name][0], (name, reasons[name])
 
 
-def test_a_dataset_run_records_skipped_entries_in_the_results_and_exits_1(capsys, dataset_run_with_skipped_entries):
+def test_a_dataset_run_records_skipped_and_failed_entries_in_the_results_and_exits_1(
+        capsys, dataset_run_with_skipped_entries):
     status, out, err, results = dataset_run_with_skipped_entries
-    assert status == 1
+    assert status == 1  # the FIFO failed; the sub-folder alone would not fail the run
     assert isinstance(results["a.jpg"], str)
-    assert results["sub"] == {"error": "skipped: a folder (sub-folders are not searched)"}
+    assert results["sub"] == {"skipped": "a folder (sub-folders are not searched)"}
     assert set(results["pipe.jpg"]) == {"error"}
-    assert len(error_lines(err)) == 2 and "Answer[0]: " in out
+    assert "Skipped: sub: a folder" in err and "Question[" not in err
+    assert len(error_lines(err)) == 1 and "Answer[0]: " in out and "Question[2]" not in out
+
+
+def test_hidden_files_and_sub_folders_alone_do_not_fail_a_dataset_run(capsys, tiny_checkpoint, tmp_path,
+                                                                      sample_image_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(sample_image_path, folder / "a.jpg")
+    (folder / ".DS_Store").write_bytes(b"finder metadata")
+    (folder / "sub").mkdir()
+    out_path = tmp_path / "results.json"
+    status, out, err = run_main(capsys, "--model_path", tiny_checkpoint(), "--dataset_path", folder,
+                                "--results_save_path", out_path, "--max_output_length", "4")
+    results = json.loads(out_path.read_text())
+    assert status == 0 and not error_lines(err), err
+    assert set(results) == {"a.jpg", ".DS_Store", "sub"} and isinstance(results["a.jpg"], str)
+    assert results[".DS_Store"] == {"skipped": "a hidden file (its name starts with a dot)"}
 
 
 @pytest.fixture
@@ -369,6 +389,6 @@ def test_a_dataset_with_a_bad_file_at_world_size_2_ends_like_at_world_size_1(tin
     assert "Answer[0]: " in out and "Question[1]: " in out and "Latency(s): " in out
     assert error_lines(err) == [line for line in error_lines(err) if line.startswith("Error: b.jpg: ")], err
     assert len(error_lines(err)) == 1 and "rank" not in error_lines(err)[0]
-    assert "results of 2 entries (1 answered, 1 failed or skipped) written to out.json" in err
+    assert "results of 2 entries (1 answered, 1 failed, 0 skipped) written to out.json" in err
     results = json.loads((tmp_path / "out.json").read_text())
     assert isinstance(results["a.jpg"], str) and set(results["b.jpg"]) == {"error"}

@@ -5,7 +5,7 @@
 
 Single mode runs --max_batch_size copies of one prompt (its media in the order given, then --input_text); dataset mode
 runs one prompt per file of a folder and writes {file name: answer} to --results_save_path; an entry of the folder
-that is skipped or fails is recorded as {"error": why}. Without --model_path the kit's bundled demo reader (a tiny
+that fails is recorded as {"error": why}, a hidden file or a sub-folder as {"skipped": why}. Without --model_path the kit's bundled demo reader (a tiny
 Qwen2-VL trained to read words and numbers and name colours) answers, by default the question its sample picture
 goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found before the model loads where it
 can be (flags, the media files, the results path); --debug shows the traceback instead. Ctrl-C exits 130 and SIGTERM
@@ -140,12 +140,18 @@ def configure_logging(rank: int) -> None:
 
 @dataclass
 class Entry:
-    """One request of the run: its items, and its file name in dataset mode; `error` once it has failed."""
+    """One request of the run: its items, and its file name in dataset mode; `error` once it has failed.
+    A dataset entry that is no request by design (a hidden file, a sub-folder) has `skipped` set instead."""
 
     items: list
     name: str | None = None
     error: str | None = None
     output: RequestOutput | None = None
+    skipped: str | None = None
+
+
+class Skipped(UserError):
+    """A dataset entry left out by design, not a failure: a hidden file or a sub-folder."""
 
 
 def single_entries(paths: list[str], text: str, copies: int) -> list[Entry]:
@@ -155,9 +161,10 @@ def single_entries(paths: list[str], text: str, copies: int) -> list[Entry]:
 
 
 def dataset_entries(folder: str, text: str) -> list[Entry]:
-    """One entry per entry of the folder, sorted by name, each file checked before the model loads. What cannot
-    run (a sub-folder, a hidden file, a FIFO, a dangling link, a file that is no image or video) fails only its own
-    entry, with the reason recorded in the results instead of being dropped without a word."""
+    """One entry per entry of the folder, sorted by name, each file checked before the model loads. A hidden file
+    or a sub-folder is skipped, and what cannot run (a FIFO, a dangling link, a file that is no image or video)
+    fails only its own entry: either way the reason is recorded in the results instead of being dropped without a
+    word."""
     if not os.path.isdir(folder):
         raise UserError(f"--dataset_path {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     try:
@@ -171,6 +178,8 @@ def dataset_entries(folder: str, text: str) -> list[Entry]:
         path = os.path.join(folder, name)
         try:
             entries.append(Entry([{dataset_file_kind(name, path): path}, {"text": text}], name=name))
+        except Skipped as e:
+            entries.append(Entry([{"file": path}], name=name, skipped=str(e)))
         except UserError as e:
             entries.append(Entry([{"file": path}, {"text": text}], name=name, error=str(e)))
     return entries
@@ -180,22 +189,22 @@ def dataset_file_kind(name: str, path: str) -> str:
     """'image' or 'video' for a regular file of the dataset folder that probes well; a UserError saying why not
     otherwise. Only a regular file is ever opened: opening a FIFO would wait for a writer forever."""
     if name.startswith("."):
-        raise UserError("skipped: a hidden file (its name starts with a dot)")
+        raise Skipped("a hidden file (its name starts with a dot)")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise UserError("skipped: a symbolic link to a missing file" if os.path.islink(path)
-                        else "skipped: removed while the folder was read") from None
+        raise UserError("a symbolic link to a missing file" if os.path.islink(path)
+                        else "removed while the folder was read") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UserError("skipped: a symbolic link loop") from None
-        raise UserError(f"skipped: cannot read it: {e.strerror}") from None
+            raise UserError("a symbolic link loop") from None
+        raise UserError(f"cannot read it: {e.strerror}") from None
     if stat.S_ISDIR(mode):
-        raise UserError("skipped: a folder (sub-folders are not searched)")
+        raise Skipped("a folder (sub-folders are not searched)")
     if not stat.S_ISREG(mode):
         kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise UserError(f"skipped: {kind}, not a regular file")
+        raise UserError(f"{kind}, not a regular file")
     return probe_media_file(path)
 
 
@@ -296,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     if args.performance:
         return run_performance(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
 
-    runnable = [entry for entry in entries if entry.error is None]
+    runnable = [entry for entry in entries if entry.error is None and entry.skipped is None]
     finished = []
 
     def record(output: RequestOutput) -> None:  # as each request ends, so that an interrupted run keeps it
@@ -394,9 +403,13 @@ def run_performance(llm: LLM, items: list, params: SamplingParams, batch_sizes: 
 
 
 def print_report(entries: list[Entry], latency: float) -> None:
-    """MindIE's console lines; a failed dataset entry gets an `Error: name: why` line on stderr in its place."""
+    """MindIE's console lines; a failed dataset entry gets an `Error: name: why` line on stderr in its place, and a
+    skipped one a `Skipped: name: why` line instead of a question."""
     total_tokens = 0
-    for i, entry in enumerate(entries):
+    for entry in entries:
+        if entry.skipped is not None:
+            print(f"Skipped: {entry.name}: {entry.skipped}", file=sys.stderr, flush=True)
+    for i, entry in enumerate(entry for entry in entries if entry.skipped is None):
         print(f"Question[{i}]: {question(entry.items)}", flush=True)
         if entry.error is not None:
             print(f"Error: {entry.name}: {one_line(entry.error)}", file=sys.stderr, flush=True)
@@ -410,9 +423,17 @@ def print_report(entries: list[Entry], latency: float) -> None:
 
 
 def results_of(entries: list[Entry]) -> dict:
-    """{file name: answer}, {"error": why} for an entry that failed or was skipped; unfinished entries left out."""
-    return {entry.name: {"error": entry.error} if entry.error is not None else entry.output.text
-            for entry in entries if entry.error is not None or entry.output is not None}
+    """{file name: answer}, {"error": why} for an entry that failed, {"skipped": why} for one skipped; unfinished
+    entries left out."""
+    results = {}
+    for entry in entries:
+        if entry.skipped is not None:
+            results[entry.name] = {"skipped": entry.skipped}
+        elif entry.error is not None:
+            results[entry.name] = {"error": entry.error}
+        elif entry.output is not None:
+            results[entry.name] = entry.output.text
+    return results
 
 
 def save_results(entries: list[Entry], path: str, shown_path: str) -> None:
@@ -420,8 +441,9 @@ def save_results(entries: list[Entry], path: str, shown_path: str) -> None:
     results = results_of(entries)
     write_results(results, path, shown_path)
     failed = sum(entry.error is not None for entry in entries)
-    logger.info("results of %d entries (%d answered, %d failed or skipped) written to %s", len(results),
-                len(results) - failed, failed, shown_path)
+    skipped = sum(entry.skipped is not None for entry in entries)
+    logger.info("results of %d entries (%d answered, %d failed, %d skipped) written to %s", len(results),
+                len(results) - failed - skipped, failed, skipped, shown_path)
 
 
 def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> None:
@@ -432,7 +454,7 @@ def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> N
         print(f"no answer was finished; {shown_path} is left as it was", file=sys.stderr, flush=True)
         return
     write_results(results, path, shown_path)
-    failures = len(results) - answers
+    failures = sum(entry.error is not None for entry in entries)
     print(f"wrote {answers} of {len(entries)} answers to {shown_path} before stopping"
           + (f" (and {failures} failed entries)" if failures else ""), file=sys.stderr, flush=True)
 
