@@ -392,3 +392,15 @@ def test_a_dataset_with_a_bad_file_at_world_size_2_ends_like_at_world_size_1(tin
     assert "results of 2 entries (1 answered, 1 failed, 0 skipped) written to out.json" in err
     results = json.loads((tmp_path / "out.json").read_text())
     assert isinstance(results["a.jpg"], str) and set(results["b.jpg"]) == {"error"}
+
+
+def test_single_mode_runs_as_many_copies_as_the_capped_batch(capsys, monkeypatch, tiny_checkpoint, sample_image_path):
+    """--max_batch_size beyond memory (here, memory for two requests at the limits): the engine caps it, with a
+    warning, and single mode runs that many copies, not the five asked for."""
+    from atb_models.engine import llm as llm_module
+
+    monkeypatch.setattr(llm_module.LLM, "_affordable_blocks", lambda self, one_request: 2 * one_request)
+    status, out, err = run_main(capsys, "--model_path", tiny_checkpoint(), "--input_image", sample_image_path,
+                                "--max_batch_size", "5", "--max_output_length", "2")
+    assert status == 0, err
+    assert "Answer[1]: " in out and "Answer[2]: " not in out

@@ -301,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
               block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
               shm_name_save_path=args.shm_name_save_path)
+    if not dataset_mode:
+        entries = entries[:llm.max_batch_size]  # the copies of one batch, after memory capped it (logged)
     warm_up(llm)
     if args.performance:
         return run_performance(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
