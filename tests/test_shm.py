@@ -38,6 +38,13 @@ def segments(prefix: str) -> list[str]:
     return sorted(name for name in os.listdir(DEV_SHM) if name.startswith(prefix))
 
 
+def listed(name_file) -> list[str]:
+    """The segment names a name file lists, its header checked."""
+    header, *names = Path(name_file).read_text().splitlines()
+    assert header == shm.NAME_FILE_HEADER
+    return names
+
+
 @pytest.fixture
 def publisher(tmp_path):
     with SharedTensorPublisher(tmp_path / "shm_names.txt") as publisher:
@@ -146,13 +153,13 @@ def test_foreign_segment_names_are_refused():
 
 def test_name_file_lists_exactly_the_live_segments(publisher):
     name_file = Path(publisher.name_file)
-    assert name_file.read_text() == ""
+    assert listed(name_file) == []
     handles = [publisher.publish(torch.randn(2, 1176)) for _ in range(3)]
-    assert name_file.read_text().split() == [h.name for h in handles] == segments(publisher.prefix)
+    assert listed(name_file) == [h.name for h in handles] == segments(publisher.prefix)
     publisher.release(handles[1:2])
-    assert name_file.read_text().split() == [handles[0].name, handles[2].name] == segments(publisher.prefix)
+    assert listed(name_file) == [handles[0].name, handles[2].name] == segments(publisher.prefix)
     publisher.release(handles)  # releasing twice is harmless
-    assert name_file.read_text() == "" and segments(publisher.prefix) == []
+    assert listed(name_file) == [] and segments(publisher.prefix) == []
 
 
 def test_close_removes_every_segment_and_the_name_file_and_is_idempotent(tmp_path):
@@ -172,7 +179,7 @@ def test_oversized_tensor_is_refused_before_any_segment(publisher, monkeypatch):
     monkeypatch.setattr(shm, "MAX_SEGMENT_BYTES", 1000)
     with pytest.raises(SharedMemoryError, match="4704 bytes, over the 1000-byte limit"):
         publisher.publish(torch.randn(1, 1176))
-    assert segments(publisher.prefix) == [] and Path(publisher.name_file).read_text() == ""
+    assert segments(publisher.prefix) == [] and listed(publisher.name_file) == []
 
 
 def test_full_dev_shm_is_a_clear_error_and_leaves_nothing(publisher, monkeypatch):
@@ -182,7 +189,7 @@ def test_full_dev_shm_is_a_clear_error_and_leaves_nothing(publisher, monkeypatch
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(SharedMemoryError, match=r"cannot allocate 4704 bytes: No space left on device .*--shm-size"):
         publisher.publish(torch.randn(1, 1176))
-    assert segments(publisher.prefix) == [] and Path(publisher.name_file).read_text() == ""
+    assert segments(publisher.prefix) == [] and listed(publisher.name_file) == []
 
 
 def test_unwritable_name_file_is_a_user_error(tmp_path):
@@ -200,10 +207,10 @@ def test_new_publisher_clears_segments_a_dead_run_listed_and_ignores_foreign_nam
     name_file = tmp_path / "shm_names.txt"
     stale = f"{shm.SEGMENT_PREFIX}{dead_pid()}_0badc0de_0"
     shm._create_segment(stale, torch.zeros(8, dtype=torch.uint8))
-    name_file.write_text(f"{stale}\npsm_1a2b3c4d\n../etc/passwd\n")
+    name_file.write_text(f"{shm.NAME_FILE_HEADER}\n{stale}\npsm_1a2b3c4d\n../etc/passwd\n")
     with SharedTensorPublisher(name_file) as publisher:
         assert segments(stale) == []
-        assert name_file.read_text() == ""
+        assert listed(name_file) == []
         assert publisher.live_names == []
 
 
@@ -211,7 +218,7 @@ def test_stale_cleanup_leaves_a_live_process_segments_alone(publisher):
     handle = publisher.publish(torch.randn(2, 1176))
     assert remove_stale_segments(publisher.name_file) == []
     assert segments(publisher.prefix) == [handle.name]
-    assert Path(publisher.name_file).read_text().split() == [handle.name]
+    assert listed(publisher.name_file) == [handle.name]
 
 
 def test_install_cleanup_replaces_default_handlers_only_and_close_restores_them(tmp_path):
@@ -281,7 +288,7 @@ def test_leader_leaves_no_segment_whichever_way_it_ends(leaders, ending):
     ready = json.loads(process.stdout.readline() or "null")
     assert ready, process.stderr.read()
     assert segments(ready["prefix"]) == [ready["name"]]
-    assert name_file.read_text().split() == [ready["name"]]
+    assert listed(name_file) == [ready["name"]]
 
     if ending in ("exit", "raise"):
         process.stdin.write(f"{ending}\n")
@@ -306,3 +313,162 @@ def test_after_sigkill_the_name_file_is_enough_to_remove_the_segment(leaders):
     assert segments(ready["prefix"]) == [ready["name"]]
     assert remove_stale_segments(name_file) == [ready["name"]]
     assert segments(ready["prefix"]) == [] and not name_file.exists()
+
+
+# ---------------------------------------------------------------------------- the name file: ours only, shared
+
+FOREIGN = {
+    "notes": b"my notes, not a name file\n\x00\xff",
+    "empty": b"",
+    "headerless_names": b"atbm_1_0badc0de_0\n",  # what the kit wrote before the header existed
+}
+
+
+def node_state(world_size: int) -> "distributed.ParallelState":
+    from atb_models.distributed import ParallelState
+
+    return ParallelState(rank=0, world_size=world_size, local_rank=0, local_world_size=world_size)
+
+
+@pytest.mark.parametrize("contents", FOREIGN.values(), ids=FOREIGN.keys())
+def test_a_file_without_the_header_is_refused_by_a_publisher_and_by_cleanup_and_left_byte_for_byte(tmp_path,
+                                                                                                    contents):
+    from atb_models.multimodal.node_share import NodePreprocessor
+
+    name_file = tmp_path / "notes.txt"
+    name_file.write_bytes(contents)
+    with pytest.raises(UserError, match=rf"--shm_name_save_path {name_file} is not a shared-memory name file of "
+                                        rf"this kit .*left untouched"):
+        NodePreprocessor(None, node_state(2), str(name_file))  # the node leader of a world-size-2 run
+    with pytest.raises(UserError, match="is not a shared-memory name file of this kit"):
+        remove_stale_segments(name_file)
+    assert name_file.read_bytes() == contents
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_cleanup_shm_refuses_a_foreign_file_in_one_line_and_leaves_it(tmp_path, capsys):
+    from examples.models.qwen2_vl.run_pa import main
+
+    name_file = tmp_path / "shm_name.txt"
+    name_file.write_bytes(FOREIGN["notes"])
+    assert main(["--cleanup_shm", "--shm_name_save_path", str(name_file)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"Error: --shm_name_save_path {name_file} is not a shared-memory name file")
+    assert error.count("\n") == 1
+    assert name_file.read_bytes() == FOREIGN["notes"]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_what_is_not_a_regular_file_is_refused_without_being_opened(tmp_path, kind):
+    target = tmp_path / "target.txt"
+    target.write_bytes(b"keep me\n")
+    name_file = tmp_path / "shm_name.txt"
+    if kind == "symlink":
+        name_file.symlink_to(target)
+    elif kind == "directory":
+        name_file.mkdir()
+    else:
+        os.mkfifo(name_file)  # opening it to read would block
+    with pytest.raises(UserError, match=f"--shm_name_save_path {name_file} is "):
+        SharedTensorPublisher(name_file)
+    with pytest.raises(UserError, match=f"--shm_name_save_path {name_file} is "):
+        remove_stale_segments(name_file)
+    assert target.read_bytes() == b"keep me\n"
+    assert sorted(os.listdir(tmp_path)) == ["shm_name.txt", "target.txt"]
+
+
+def test_two_publishers_on_one_name_file_keep_each_others_names(tmp_path):
+    name_file = tmp_path / "shm_name.txt"
+    first = SharedTensorPublisher(name_file)
+    a = [first.publish(torch.randn(2, 8)) for _ in range(2)]
+    second = SharedTensorPublisher(name_file)  # a second run in the same folder: the first one's names stay
+    b = second.publish(torch.randn(2, 8))
+    assert listed(name_file) == [a[0].name, a[1].name, b.name]
+    first.release(a[:1])
+    assert listed(name_file) == [b.name, a[1].name]
+    first.close()  # the second run is still listed: the file stays
+    assert listed(name_file) == [b.name] and segments(first.prefix) == []
+    second.close()
+    assert not name_file.exists() and segments(second.prefix) == []
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+def test_cleanup_finds_the_segments_of_every_killed_run_that_shared_the_name_file(tmp_path, monkeypatch):
+    name_file = tmp_path / "shm_name.txt"
+    first, second = SharedTensorPublisher(name_file), SharedTensorPublisher(name_file)
+    names = [first.publish(torch.randn(3)).name, second.publish(torch.randn(3)).name,
+             first.publish(torch.randn(3)).name]
+    monkeypatch.setattr(shm, "_process_alive", lambda pid: False)  # both runs were SIGKILLed
+    assert sorted(remove_stale_segments(name_file)) == sorted(names)
+    assert segments(first.prefix) == segments(second.prefix) == [] and not name_file.exists()
+    first.close(), second.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_publishers_changing_one_name_file_at_once_lose_no_name(tmp_path):
+    import threading
+
+    name_file = tmp_path / "shm_name.txt"
+    publishers = [SharedTensorPublisher(name_file) for _ in range(3)]
+
+    def churn(publisher):
+        for i in range(40):
+            handle = publisher.publish(torch.randn(1))
+            if i % 2:
+                publisher.release([handle])
+
+    threads = [threading.Thread(target=churn, args=(publisher,)) for publisher in publishers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(listed(name_file)) == sorted(name for p in publishers for name in p.live_names)
+    assert len(listed(name_file)) == 3 * 20
+    for publisher in publishers:
+        publisher.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_close_from_a_signal_handler_in_the_middle_of_a_name_file_change_does_not_wait_for_its_own_lock(
+        tmp_path, monkeypatch):
+    publisher = SharedTensorPublisher(tmp_path / "shm_name.txt")
+    install_cleanup(publisher)
+    handle = publisher.publish(torch.randn(4))
+    replace = shm._replace_name_file
+
+    def signal_arrives(path, names):  # SIGTERM while the name file is locked for a change
+        shm._close_and_exit(signal.SIGTERM, None)
+        replace(path, names)
+
+    monkeypatch.setattr(shm, "_replace_name_file", signal_arrives)
+    monkeypatch.setattr(shm, "NAME_FILE_LOCK_TIMEOUT_S", 2.0)  # waiting on our own lock would fail, not hang
+    with pytest.raises(SystemExit) as exit_info:
+        publisher.publish(torch.randn(4))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert segments(publisher.prefix) == []
+    assert listed(tmp_path / "shm_name.txt") == [handle.name]  # stale names, dropped by the next run or cleanup
+    assert os.listdir(tmp_path) == ["shm_name.txt"]
+
+
+def test_a_world_size_1_run_removes_the_stale_segments_listed_at_the_path(tmp_path):
+    from atb_models.multimodal.node_share import NodePreprocessor
+
+    name_file = tmp_path / "shm_name.txt"
+    NodePreprocessor(None, node_state(1), str(name_file))
+    assert not name_file.exists()  # no name file at world size 1
+
+    stale = f"{shm.SEGMENT_PREFIX}{dead_pid()}_0badc0de_0"
+    shm._create_segment(stale, torch.zeros(8, dtype=torch.uint8))
+    name_file.write_text(f"{shm.NAME_FILE_HEADER}\n{stale}\n")
+    NodePreprocessor(None, node_state(1), str(name_file))
+    assert segments(stale) == [] and not name_file.exists()
+
+
+def test_a_world_size_1_run_warns_about_a_foreign_file_at_the_path_and_leaves_it(tmp_path, caplog):
+    from atb_models.multimodal.node_share import NodePreprocessor
+
+    name_file = tmp_path / "shm_name.txt"
+    name_file.write_bytes(FOREIGN["notes"])
+    NodePreprocessor(None, node_state(1), str(name_file))
+    assert "is not a shared-memory name file of this kit" in caplog.text
+    assert name_file.read_bytes() == FOREIGN["notes"]

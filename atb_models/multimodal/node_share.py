@@ -2,10 +2,20 @@
 the other ranks of the node read the pixel tensors from POSIX shared memory (`shm.py`) and the rest of the
 prompt from a small object collective. With one rank it is a plain loop over the Preprocessor."""
 import dataclasses
+import logging
+import os
 
 from atb_models import distributed
 from atb_models.errors import UserError
-from atb_models.multimodal.shm import SharedTensorPublisher, install_cleanup, read_shared_tensor
+from atb_models.multimodal.shm import (
+    SharedTensorPublisher,
+    install_cleanup,
+    log_removed_segments,
+    read_shared_tensor,
+    remove_stale_segments,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def node_name_file(path: str, state: distributed.ParallelState) -> str:
@@ -20,9 +30,18 @@ class NodePreprocessor:
         self.preprocessor = preprocessor
         self.state = state
         self.publisher = None
-        if state.world_size > 1 and state.is_leader and state.local_world_size > 1:
-            self.publisher = SharedTensorPublisher(node_name_file(shm_name_file, state))
+        if not state.is_leader:
+            return
+        name_file = node_name_file(shm_name_file, state)
+        if state.world_size > 1 and state.local_world_size > 1:
+            self.publisher = SharedTensorPublisher(name_file)
             install_cleanup(self.publisher)
+        elif os.path.lexists(name_file):
+            # No segments to share, but a killed earlier run's may be listed there: a new run removes them too.
+            try:
+                log_removed_segments(remove_stale_segments(name_file))
+            except UserError as error:  # the file is not needed here: a foreign one is only worth a warning
+                logger.warning("%s", error)
 
     def _run_all(self, requests: list) -> list:
         results = []

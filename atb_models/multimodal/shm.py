@@ -6,6 +6,15 @@ of returning garbage. The leader unlinks its segments when readers are done (`re
 closes, which `install_cleanup` arranges on every exit path a process can catch. For the one it cannot (SIGKILL),
 the live names are kept in a name file that the next publisher on that file, or `remove_stale_segments`, clears.
 
+The name file (`--shm_name_save_path`) is shared: every run given the same path lists its segments in it, so two
+runs in one folder never lose track of each other's, and one `--cleanup_shm` finds the stale segments of all of
+them. Its first line is `NAME_FILE_HEADER`; a file without it was not written by this kit and is never rewritten
+or removed (an error says so, and the file is left as it was). Each change (add or drop one publisher's names)
+is a read-modify-replace under an exclusive `flock` of the file: the new list is written to a temporary file
+beside it and renamed over it, so a crash never leaves it half-written, and whoever waited on the lock of a file
+that was replaced or removed meanwhile starts again on the one now at the path. The file goes when its last
+name does.
+
 Segments are opened with `_posixshmem` (the module `multiprocessing.shared_memory` is built on) and never touch
 the multiprocessing resource tracker. In Python 3.11 `SharedMemory` registers every segment it opens, attached ones
 included, as "/<name>": a reader in a process with its own tracker gets the leader's segment unlinked moments after
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import logging
 import math
 import mmap
@@ -24,9 +34,12 @@ import os
 import re
 import secrets
 import signal
+import stat
+import tempfile
+import time
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import _posixshmem
 import torch
@@ -38,6 +51,8 @@ logger = logging.getLogger(__name__)
 SEGMENT_PREFIX = "atbm_"
 SEGMENT_NAME = re.compile(rf"{SEGMENT_PREFIX}(\d+)_[0-9a-f]+_\d+")  # atbm_<pid>_<publisher token>_<counter>
 MAX_SEGMENT_BYTES = 4 << 30
+NAME_FILE_HEADER = "# atb_models shared-memory segments v1"
+NAME_FILE_LOCK_TIMEOUT_S = 30.0  # a change holds the lock for a few file operations; waiting longer means a hang
 
 # Signals whose default action ends the process; install_cleanup turns them into a clean exit.
 TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -100,9 +115,10 @@ def _create_segment(name: str, data: torch.Tensor) -> None:
 class SharedTensorPublisher:
     """Owned by the node leader: puts tensors into shared memory and owns every segment it creates.
 
-    The name file (if given) always lists the live segments, one per line; a name is listed before its segment
-    exists, so a crash at any point leaves nothing unlisted. Opening a name file first clears the segments of a
-    dead run listed in it. Not thread-safe: publish from one thread.
+    The name file (if given) always lists this publisher's live segments, beside those of the other runs that
+    share the file; a name is listed before its segment exists, so a crash at any point leaves nothing unlisted.
+    Opening a name file first clears the segments of dead runs listed in it. Not thread-safe: publish from one
+    thread.
     """
 
     def __init__(self, name_file: Optional[Union[str, os.PathLike]] = None):
@@ -111,13 +127,12 @@ class SharedTensorPublisher:
         self._live: dict[str, None] = {}  # insertion-ordered set
         self._count = 0
         self._closed = False
+        self._editing = False  # inside a name-file change: a signal handler's close() must not wait for our lock
         self._on_close: list = []
         if self.name_file is not None:
-            removed = remove_stale_segments(self.name_file)
-            if removed:
-                logger.warning("removed %d shared-memory segments left by an earlier run: %s",
-                               len(removed), " ".join(removed))
-            self._write_name_file()
+            removed = []
+            self._edit_name_file(lambda names: _drop_dead(names, removed), keep_empty=True)
+            log_removed_segments(removed)
 
     def publish(self, tensor: torch.Tensor) -> SharedTensorHandle:
         """Copy `tensor` into a new segment and return its handle."""
@@ -138,12 +153,12 @@ class SharedTensorPublisher:
         name = f"{self.prefix}{self._count}"
         self._count += 1
         self._live[name] = None
-        self._write_name_file()
+        self._list_live_names()
         try:
             _create_segment(name, data)
         except BaseException:
             self._live.pop(name, None)
-            self._write_name_file()
+            self._list_live_names()
             raise
         return SharedTensorHandle(name=name, shape=shape, dtype=dtype, nbytes=tensor.nbytes,
                                   crc32=zlib.crc32(data.numpy()))
@@ -155,23 +170,25 @@ class SharedTensorPublisher:
             _unlink(name)
             self._live.pop(name, None)
         if names:
-            self._write_name_file()
+            self._list_live_names()
 
     def close(self) -> None:
-        """Unlink every live segment and delete the name file. Idempotent, and safe to re-enter from a signal
-        handler: each segment is unlinked before it is forgotten."""
-        self._closed = True
+        """Unlink every live segment and take this publisher's names out of the name file (deleting it when no
+        other run's names remain). Idempotent, and safe to re-enter from a signal handler: each segment is unlinked
+        before it is forgotten, and a close that interrupts a name-file change leaves the file to list names whose
+        segments are gone, which the next publisher or cleanup drops."""
+        was_closed, self._closed = self._closed, True
         for name in list(self._live):
             try:
                 _unlink(name)
             except OSError as error:
                 logger.warning("cannot unlink shared-memory segment %s: %s", name, error.strerror)
             self._live.pop(name, None)
-        if self.name_file is not None:
+        if self.name_file is not None and not was_closed and not self._editing:
             try:
-                os.unlink(self.name_file)
-            except FileNotFoundError:
-                pass
+                self._edit_name_file(self._with_live_names, keep_empty=False)
+            except UserError as error:  # close runs at exit and in signal handlers: report, never raise
+                logger.warning("%s", error)
         while self._on_close:
             self._on_close.pop()()
 
@@ -185,17 +202,20 @@ class SharedTensorPublisher:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _write_name_file(self) -> None:
-        """Replace the name file atomically, so a crash never leaves it half-written."""
-        if self.name_file is None or self._closed:
-            return
-        temporary = f"{self.name_file}.{os.getpid()}.tmp"
+    def _with_live_names(self, names: list[str]) -> list[str]:
+        """The name file's list with this publisher's names replaced by its live ones."""
+        return [name for name in names if not name.startswith(self.prefix)] + list(self._live)
+
+    def _list_live_names(self) -> None:
+        if self.name_file is not None and not self._closed:
+            self._edit_name_file(self._with_live_names, keep_empty=True)
+
+    def _edit_name_file(self, edit: Callable[[list[str]], list[str]], keep_empty: bool) -> None:
+        self._editing = True
         try:
-            with open(temporary, "w") as file:
-                file.writelines(f"{name}\n" for name in self._live)
-            os.replace(temporary, self.name_file)
-        except OSError as error:
-            raise UserError(f"cannot write the shared-memory name file {self.name_file}: {error.strerror}") from error
+            _edit_name_file(self.name_file, edit, keep_empty)
+        finally:
+            self._editing = False
 
 
 def read_shared_tensor(handle: SharedTensorHandle) -> torch.Tensor:
@@ -240,18 +260,27 @@ def read_shared_tensor(handle: SharedTensorHandle) -> torch.Tensor:
 
 
 def remove_stale_segments(name_file: Union[str, os.PathLike]) -> list[str]:
-    """Unlink the segments listed in a name file left by a run that could not clean up (SIGKILL), and delete the
-    file. Only this kit's segment names are touched, and only those of processes no longer alive: a live run's
-    segments stay, and so does the file then. Returns the names unlinked."""
+    """Unlink the segments listed in a name file by runs that could not clean up (SIGKILL) and take their names
+    out of it; the file goes when no names remain. Only this kit's segment names are touched, and only those of
+    processes no longer alive: a live run's segments stay listed. Returns the names unlinked. A missing file is
+    nothing to do; a file that is not a name file of this kit raises UserError and stays as it was."""
     name_file = os.fspath(name_file)
-    try:
-        with open(name_file) as file:
-            names = file.read().split()
-    except FileNotFoundError:
-        return []
-    except OSError as error:
-        raise UserError(f"cannot read the shared-memory name file {name_file}: {error.strerror}") from error
-    removed, kept = [], []
+    removed = []
+    kept = _edit_name_file(name_file, lambda names: _drop_dead(names, removed), keep_empty=False)
+    if kept:
+        logger.warning("%s lists %d shared-memory segments of a live process; left in place", name_file, len(kept))
+    return removed
+
+
+def log_removed_segments(removed: list[str]) -> None:
+    if removed:
+        logger.warning("removed %d shared-memory segments left by an earlier run: %s", len(removed), " ".join(removed))
+
+
+def _drop_dead(names: list[str], removed: list[str]) -> list[str]:
+    """The names of live processes; the segments of dead ones are unlinked (appended to `removed`), and lines
+    that are no segment name of this kit dropped."""
+    kept = []
     for name in names:
         match = SEGMENT_NAME.fullmatch(name)
         if match is None:
@@ -260,11 +289,151 @@ def remove_stale_segments(name_file: Union[str, os.PathLike]) -> list[str]:
             kept.append(name)
         elif _unlink(name):
             removed.append(name)
-    if kept:
-        logger.warning("%s lists %d shared-memory segments of a live process; left in place", name_file, len(kept))
-    else:
-        os.unlink(name_file)
-    return removed
+    return kept
+
+
+def _edit_name_file(path: str, edit: Callable[[list[str]], list[str]], keep_empty: bool) -> list[str]:
+    """Replace the name list at `path` by `edit(list)` under the file's lock, and return the new list. Without
+    names left the file is removed, unless `keep_empty` (then one is created if there was none). `edit` may run
+    again if another process replaced the file meanwhile. UserError if the file is not ours or cannot be written."""
+    while True:
+        fd = _open_name_file(path)
+        if fd is None:
+            names = edit([])
+            if (names or keep_empty) and not _create_name_file(path, names):
+                continue  # another process created it meanwhile
+            return names
+        try:
+            _lock(fd, path)
+            if not _still_at(fd, path):
+                continue  # replaced or removed while we waited for its lock
+            names = edit(_read_names(fd))
+            if names or keep_empty:
+                _replace_name_file(path, names)
+            else:
+                os.unlink(path)
+            return names
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _name_file_error(path: str, reason: str) -> UserError:
+    return UserError(f"--shm_name_save_path {path} {reason}; left untouched: give the path of a new file or of a "
+                     f"name file of this kit (first line {NAME_FILE_HEADER!r})")
+
+
+def _open_name_file(path: str) -> Optional[int]:
+    """An open descriptor of the name file at `path`, its header checked; None when there is no file. Anything
+    else at the path (another file, a link, a directory, a device) is refused without being opened for writing."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot read the shared-memory name file {path}: {error.strerror}") from error
+    if stat.S_ISLNK(status.st_mode):
+        raise _name_file_error(path, "is a symbolic link")
+    if not stat.S_ISREG(status.st_mode):
+        raise _name_file_error(path, "is not a regular file")
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | flags)  # a read-only descriptor cannot take an exclusive lock over NFS
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | flags)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot read the shared-memory name file {path}: {error.strerror}") from error
+    header = (NAME_FILE_HEADER + "\n").encode()
+    if os.pread(fd, len(header), 0) != header:
+        os.close(fd)
+        raise _name_file_error(path, "is not a shared-memory name file of this kit (its first line is not the header)")
+    return fd
+
+
+def _lock(fd: int, path: str) -> None:
+    deadline = time.monotonic() + NAME_FILE_LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise UserError(f"--shm_name_save_path {path}: still locked by another process after "
+                                f"{NAME_FILE_LOCK_TIMEOUT_S:.0f} s") from None
+            time.sleep(0.005)
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether the open file is still the one at `path` (a change replaces the file, a last close removes it)."""
+    try:
+        at_path = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (at_path.st_dev, at_path.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read_names(fd: int) -> list[str]:
+    with os.fdopen(os.dup(fd), "rb") as file:
+        text = file.read().decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _name_file_text(names: list[str]) -> str:
+    return "".join(f"{line}\n" for line in [NAME_FILE_HEADER, *names])
+
+
+def _write_temporary(path: str, names: list[str]) -> str:
+    """A new file beside `path` holding the header and `names`; its path."""
+    folder, base = os.path.split(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise UserError(f"cannot write the shared-memory name file {path}: {error.strerror}") from error
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(_name_file_text(names))
+    except BaseException as error:
+        os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write the shared-memory name file {path}: {error.strerror}") from error
+        raise
+    return temporary
+
+
+def _replace_name_file(path: str, names: list[str]) -> None:
+    temporary = _write_temporary(path, names)
+    try:
+        os.replace(temporary, path)
+    except BaseException as error:
+        os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write the shared-memory name file {path}: {error.strerror}") from error
+        raise
+
+
+def _create_name_file(path: str, names: list[str]) -> bool:
+    """Create the name file at `path` whole, never over an existing file: False if one appeared meanwhile."""
+    temporary = _write_temporary(path, names)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise UserError(f"cannot write the shared-memory name file {path}: {error.strerror}") from error
+        # A filesystem without hard links: create in place, still never over an existing file.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as file:
+            file.write(_name_file_text(names))
+    finally:
+        os.unlink(temporary)
+    return True
 
 
 def _process_alive(pid: int) -> bool:
