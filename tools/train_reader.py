@@ -115,7 +115,7 @@ class Batches(torch.utils.data.Dataset):
     made it or when."""
 
     def __init__(self, model_dir: Path, config, seed: int, steps: int):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         self.preprocessor = Preprocessor(str(model_dir), config, tokenizer)
         self.tokenizer = tokenizer
         self.end_id = config.eos_token_id  # <|im_end|>

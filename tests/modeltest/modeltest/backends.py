@@ -66,15 +66,22 @@ class HFBackend:
         checkpoint = load_checkpoint_config(model.model_path)
         self.plan = resolve_plan(device, dtype, checkpoint.torch_dtype)
         logger.info(self.plan.describe())
+        # trust_remote_code=False: code in a model folder is never run, and transformers never asks whether to.
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model.model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(model.model_path, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the tokenizer from {model.model_path}: {e}") from None
         infer = model.infer_params
         self.preprocessor = Preprocessor(model.model_path, checkpoint.hf_config, self.tokenizer,
                                          min_pixels=infer.min_pixels, max_pixels=infer.max_pixels,
                                          video_fps=infer.video_fps, video_max_frames=infer.video_max_frames)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model.model_path, torch_dtype=self.plan.llm_dtype)
+        try:
+            # Safetensors only, as the kit reads them: a pickled checkpoint (pytorch_model.bin) is not loaded.
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+                model.model_path, torch_dtype=self.plan.llm_dtype, use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            reason = " ".join(str(e).split())
+            raise UserError(f"--backend hf: cannot load the model from {model.model_path}: {reason}") from None
         self.model.visual.to(self.plan.vision_dtype)
         self.model.to(self.plan.device).eval()
         self.eos_token_ids = list(checkpoint.eos_token_ids)

@@ -3,21 +3,23 @@
     python -m modeltest --model_config_path modeltest/config/model/qwen2_vl.yaml \\
         --task_config_path modeltest/config/task/textvqa.yaml --model_path DIR --dataset_path textvqa_val.jsonl
 
-scripts/mm_run.sh is the usual way in: it picks the two yaml files and starts one process per rank. Under torchrun
-every rank runs the model and rank 0 alone prints and writes. Bad input is one `Error: ...` line on stderr and exit
-status 1 (--debug shows the traceback).
+scripts/mm_run.sh is the usual way in: it picks the two yaml files and the world size. With --world_size above 1
+this command starts the ranks itself, through the kit's launcher (torchrun); every rank runs the model and rank 0
+alone prints and writes. Bad input is one `Error: ...` line on stderr and exit status 1 (--debug shows the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from datetime import datetime
 
 from atb_models import UserError, distributed
-from atb_models.launch import report_rank_failure
+from atb_models.launch import launched, report_rank_failure
 from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
 from modeltest.backends import HFBackend, KitBackend
@@ -28,14 +30,16 @@ from modeltest.report import (OutputLayout, append_debug, check_output_dir, metr
 from modeltest.tasks import make_task
 
 BACKENDS = ("pa", "hf")
+DEFAULT_MASTER_PORT = "20050"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modeltest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_config_path", required=True, metavar="YAML", help="model yaml, e.g. "
-                        "modeltest/config/model/qwen2_vl.yaml")
-    parser.add_argument("--task_config_path", required=True, metavar="YAML", help="task yaml, e.g. "
-                        "modeltest/config/task/textvqa.yaml")
+    required = parser.add_argument_group("required")
+    required.add_argument("--model_config_path", required=True, metavar="YAML", help="model yaml, e.g. "
+                          "modeltest/config/model/qwen2_vl.yaml")
+    required.add_argument("--task_config_path", required=True, metavar="YAML", help="task yaml, e.g. "
+                          "modeltest/config/task/textvqa.yaml")
     parser.add_argument("--model_path", metavar="DIR", help="checkpoint folder (default: the model yaml's model_path)")
     parser.add_argument("--dataset_path", metavar="PATH", help="TextVQA: textvqa_val.jsonl or its folder; VideoBench: "
                         "the Eval_QA folder (default: the task yaml's local_dataset_path)")
@@ -43,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only these subsets of the task yaml's subject_mapping")
     parser.add_argument("--output_dir", metavar="DIR", default="output",
                         help="results go under DIR/<date>/modeltest/<model>/precision_result/ (default: %(default)s)")
+    parser.add_argument("--world_size", type=int, metavar="N",
+                        help="ranks, one per device; above 1 this command starts them through python -m "
+                             f"atb_models.launch (torchrun, MASTER_PORT default {DEFAULT_MASTER_PORT}) (default: the "
+                             "launcher's WORLD_SIZE, else 1)")
     parser.add_argument("--batch_size", type=int, metavar="N", default=1,
                         help="requests the engine runs at once, with continuous batching (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="pa",
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = distributed.env_state()
     rank, world_size = ranks.rank, ranks.world_size
     configure_logging(rank)
+    if args.world_size is not None and args.world_size != world_size:
+        raise UserError(f"--world_size {args.world_size}, but this process is one of {world_size} ranks")
     model = load_model_config(args.model_config_path, args.model_path)
     task_config = load_task_config(args.task_config_path, args.dataset_path, args.subsets)
     max_new_tokens = model.infer_params.max_output_length if args.max_output_length is None else args.max_output_length
@@ -153,9 +163,22 @@ def say(rank: int, line: str) -> None:
         print(line, flush=True)
 
 
+def start_ranks(world_size: int, argv: list[str]) -> int:
+    """Run this same command line on `world_size` ranks of this node through the kit's launcher."""
+    from atb_models.launch import main as launch
+
+    return launch(["--nproc_per_node", str(world_size), "--master_port",
+                   os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT), "-m", "modeltest", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.world_size is not None and args.world_size < 1:
+            raise UserError(f"--world_size must be a positive integer, got {args.world_size}")
+        if args.world_size is not None and args.world_size > 1 and not launched():
+            return start_ranks(args.world_size, argv)
         return run(args)
     except UserError as e:
         if args.debug:

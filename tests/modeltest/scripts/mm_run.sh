@@ -3,14 +3,19 @@
 #
 #   bash scripts/mm_run.sh DATASET MODEL [--model_path DIR] [--dataset_path PATH] [--world_size N] [--output_dir DIR]
 #                          [other modeltest flags: --batch_size N --backend pa|hf --dtype ... --subsets ... --debug]
+#   bash scripts/mm_run.sh --help      this text; `python -m modeltest --help` (from tests/modeltest) lists every flag
 #
 # DATASET: textvqa | videobench; MODEL: qwen2_vl. The yaml files are modeltest/config/model/MODEL.yaml and
 # modeltest/config/task/DATASET.yaml; flags given here win over them. Results go under
 # OUTPUT_DIR/<date>/modeltest/MODEL/precision_result/ (OUTPUT_DIR: --output_dir, default tests/modeltest/output).
 # World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in
-# CUDA_VISIBLE_DEVICES, else 1; above 1 the run goes through torchrun (MASTER_PORT, default 20050).
+# CUDA_VISIBLE_DEVICES, else 1; above 1 modeltest starts the ranks through torchrun (MASTER_PORT, default 20050).
 # Works from any directory: relative paths in the flags are read from the current one.
 set -euo pipefail
+
+usage() { # the comment block above, without its "# "
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+}
 
 HARNESS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO_ROOT="$(cd "${HARNESS_DIR}/../.." && pwd)"
@@ -39,6 +44,10 @@ contains() { # contains WORD LIST...
     return 1
 }
 
+if (($# >= 1)) && [[ "$1" == -h || "$1" == --help ]]; then
+    usage
+    exit 0
+fi
 (($# >= 1)) && [[ -n "$1" ]] || fail "arg1: DATASET is required"
 dataset="$1"
 contains "${dataset}" "${DATASETS[@]}" || fail "Unsupported dataset : ${dataset}!"
@@ -72,13 +81,7 @@ source "${REPO_ROOT}/tools/world_size.sh"
 [[ -n "${world_size}" ]] || world_size="$(default_world_size)"
 [[ "${world_size}" =~ ^[1-9][0-9]*$ ]] || fail "Error: --world_size must be a positive integer, got '${world_size}'"
 
-run_args=(--model_config_path "${HARNESS_DIR}/modeltest/config/model/${model}.yaml"
-    --task_config_path "${HARNESS_DIR}/modeltest/config/task/${dataset}.yaml"
-    --output_dir "${output_dir}" "${modeltest_args[@]}")
-
-if ((world_size == 1)); then
-    exec "${PYTHON}" -m modeltest "${run_args[@]}"
-fi
-# atb_models.launch is torchrun (same options, same interpreter) reporting a failed rank in one line.
-exec "${PYTHON}" -m atb_models.launch --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20050}" \
-    -m modeltest "${run_args[@]}"
+# Above one rank, modeltest starts the others through atb_models.launch (torchrun reporting a failed rank in one line).
+exec "${PYTHON}" -m modeltest --model_config_path "${HARNESS_DIR}/modeltest/config/model/${model}.yaml" \
+    --task_config_path "${HARNESS_DIR}/modeltest/config/task/${dataset}.yaml" --world_size "${world_size}" \
+    --output_dir "${output_dir}" "${modeltest_args[@]}"
