@@ -1,4 +1,6 @@
-"""Peak host memory of each rank while it loads a checkpoint: run under the launcher, e.g.
+"""Peak host memory of each rank while it loads a checkpoint.
+
+Run it under the launcher, one process per rank, e.g.
 
     python -m atb_models.launch --nproc_per_node 4 tools/measure_load_memory.py MODEL_DIR [DTYPE]
 
@@ -8,6 +10,7 @@ rank really owns, i.e. its shard plus the replicated parts. It also prints the g
 cache, shared by the ranks of a node and reclaimable, touched in whole for the row-parallel tensors whose
 columns are cut.
 """
+import argparse
 import os
 import resource
 import sys
@@ -16,6 +19,10 @@ import time
 
 import torch  # noqa: F401  (imported before the baseline so its own memory is not counted as loading)
 import transformers  # noqa: F401
+
+from atb_models.errors import UserError
+from atb_models.launch import report_rank_failure
+from atb_models.platform import DTYPE_CHOICES
 
 
 def status_mib(field: str) -> float:
@@ -37,8 +44,30 @@ class PeakSampler(threading.Thread):
             time.sleep(0.005)
 
 
-def main() -> None:
-    model, dtype = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "auto")
+def build_parser() -> argparse.ArgumentParser:
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder to load (on the CPU)")
+    parser.add_argument("dtype", metavar="DTYPE", nargs="?", default="auto", choices=DTYPE_CHOICES,
+                        help=f"dtype to load it in: {', '.join(DTYPE_CHOICES)} (default: %(default)s, config.json's "
+                             "torch_dtype or a dtype this device runs fast)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        measure(args.model_dir, args.dtype)
+    except UserError as e:
+        message = " ".join(str(e).split())
+        if not report_rank_failure(message):  # under the launcher, the launcher prints it once
+            print(f"Error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def measure(model: str, dtype: str) -> None:
     from atb_models import LLM
 
     anon_before, rss_before = status_mib("RssAnon"), status_mib("VmRSS")
@@ -55,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
