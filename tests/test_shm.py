@@ -406,6 +406,19 @@ def test_cleanup_finds_the_segments_of_every_killed_run_that_shared_the_name_fil
     assert os.listdir(tmp_path) == []
 
 
+def test_cleanup_shm_also_clears_the_lists_of_a_jobs_other_nodes(tmp_path, capsys):
+    from examples.models.qwen2_vl.run_pa import main
+
+    name_file = tmp_path / "shm_name.txt"
+    stale = [f"{shm.SEGMENT_PREFIX}{dead_pid()}_0badc0de_{i}" for i in range(2)]
+    for name, path in zip(stale, (name_file, tmp_path / "shm_name.txt.node1")):
+        shm._create_segment(name, torch.zeros(8, dtype=torch.uint8))
+        path.write_text(f"{shm.NAME_FILE_HEADER}\n{name}\n")
+    assert main(["--cleanup_shm", "--shm_name_save_path", str(name_file)]) == 0
+    assert [segments(name) for name in stale] == [[], []] and os.listdir(tmp_path) == []
+    assert "listed in " + str(tmp_path / "shm_name.txt.node1") in capsys.readouterr().out
+
+
 def test_publishers_changing_one_name_file_at_once_lose_no_name(tmp_path):
     import threading
 

@@ -75,11 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
     parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
     parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
-                        help="file listing the shared-memory segments through which ranks share media; used when "
-                             "the world size is above 1")
+                        help="file listing the shared-memory segments through which ranks share media (world "
+                             "size above 1); runs given the same path share it under a lock; a file at the path "
+                             "that the kit did not write is refused and left untouched")
     parser.add_argument("--cleanup_shm", action="store_true",
-                        help="remove the shared-memory segments a killed earlier run left (listed in "
-                             "--shm_name_save_path), then exit")
+                        help="remove the shared-memory segments killed earlier runs left (listed in "
+                             "--shm_name_save_path and its PATH.node<N> siblings), then exit")
     parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
                         help="dataset mode: where {file name: answer} is written")
     sampling = parser.add_argument_group("sampling (greedy by default)")
@@ -247,10 +248,15 @@ def question(items: list) -> str:
 # --------------------------------------------------------------------------------------------------------- run
 
 def cleanup_shm(name_file: str) -> int:
+    """The segments listed at the path and at its siblings PATH.node<N> (the lists of a job's other nodes, where
+    the path lies on a filesystem they share)."""
+    import glob
+
     from atb_models.multimodal.shm import remove_stale_segments
 
-    removed = remove_stale_segments(name_file)
-    print(f"removed {len(removed)} shared-memory segment(s) listed in {name_file}")
+    for path in [name_file] + sorted(glob.glob(f"{glob.escape(name_file)}.node[0-9]*")):
+        removed = remove_stale_segments(path)
+        print(f"removed {len(removed)} shared-memory segment(s) listed in {path}")
     return 0
 
 
