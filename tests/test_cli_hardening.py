@@ -404,3 +404,18 @@ def test_single_mode_runs_as_many_copies_as_the_capped_batch(capsys, monkeypatch
                                 "--max_batch_size", "5", "--max_output_length", "2")
     assert status == 0, err
     assert "Answer[1]: " in out and "Answer[2]: " not in out
+
+
+def test_a_failure_of_one_rank_at_world_size_2_is_one_line_without_the_peers_traceback(tiny_checkpoint, tmp_path,
+                                                                                       sample_image_path):
+    """Rank 0 refuses a foreign name file while rank 1 waits in a collective: rank 1, stopped by the launcher while
+    it lingers, must not print a traceback; the foreign file is left as it was."""
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n")
+    proc = _launch(tiny_checkpoint(), tmp_path, 2, "--input_image", sample_image_path, "--shm_name_save_path",
+                   foreign, "--max_output_length", "2")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert error_lines(err) == [error_lines(err)[0]] and "is not a shared-memory name file" in error_lines(err)[0]
+    assert foreign.read_text() == "my notes\n"

@@ -546,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         except (UserError, distributed.RankLost) as e:
             if args.debug:
                 raise
-            if not report_rank_failure(one_line(str(e))):
+            try:
+                reported = report_rank_failure(one_line(str(e)))
+            except KeyboardInterrupt:  # the launcher stopped this rank while it lingered; its cause is recorded
+                return 1
+            if not reported:
                 print(f"Error: {one_line(str(e))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as e:
