@@ -18,9 +18,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atb_models.benchmark.floors import best_seconds  # noqa: E402
-from atb_models.layers.attention import _grouped_decode_attention, gather_context, store_kv  # noqa: E402
-from atb_models.platform import (OneDnnLinear, PanelLinear, decode_attention_kernel, linear_kernel,  # noqa: E402
-                                 resolve_plan)
+from atb_models.kernels import Kernels  # noqa: E402
+from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention,  # noqa: E402
+                                          grouped_decode_attention, store_kv)
+from atb_models.kernels.linear import OneDnnLinear, PanelLinear, linear_kernel  # noqa: E402
+from atb_models.platform import resolve_plan  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS = 896, 4864, 24  # Qwen2-0.5B's MLP
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
@@ -60,7 +62,9 @@ def bench_linear(repeats: int, row_counts: list) -> None:
 
 def bench_attention(repeats: int) -> None:
     """A decode step's attention for one layer, from the new token's q/k/v to the output, K/V store included."""
-    native = decode_attention_kernel(resolve_plan("cpu", "float32", "float32"))
+    native = Kernels.for_plan(resolve_plan("cpu", "float32", "float32")).decode_attention
+    native = native if isinstance(native, NativeDecodeAttention) else None
+    context = CpuDecodeAttention()  # its gather: the PyTorch paths' block gather
     print(f"decode attention, one layer, {HEADS}/{KV_HEADS} heads, contexts of 1-128 tokens in 128-slot blocks, "
           f"{torch.get_num_threads()} threads, best of {repeats} runs of 100 calls (us per call, store included)")
     for batch in (1, 2, 4, 16):
@@ -76,18 +80,18 @@ def bench_attention(repeats: int) -> None:
             def run():
                 for _ in range(100):
                     store_kv(k_cache, v_cache, k, v, slots)
-                    attend(gather_context(k_cache, tables, "k"), gather_context(v_cache, tables, "v"))
+                    attend(context.gather(k_cache, tables, "k"), context.gather(v_cache, tables, "v"))
             return run
 
         sdpa = pytorch(lambda kc, vc: F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask,
                                                                       scale=0.125, enable_gqa=True))
-        grouped = pytorch(lambda kc, vc: _grouped_decode_attention(q, kc, vc, mask, 0.125))
+        grouped = pytorch(lambda kc, vc: grouped_decode_attention(q, kc, vc, mask, 0.125))
         line = (f"batch {batch:2d}: SDPA {best_ms(sdpa, repeats) * 10:6.1f}, grouped matmuls "
                 f"{best_ms(grouped, repeats) * 10:6.1f}")
         if native is not None:
             def kit():
                 for _ in range(100):
-                    native(q, k, v, k_cache, v_cache, tables, lengths, 0.125)
+                    native.attend_paged(q, k, v, k_cache, v_cache, tables, lengths, 0.125)
             line += f", kit's native kernel {best_ms(kit, repeats) * 10:6.1f}"
         print(line)
 

@@ -72,7 +72,7 @@ def _packed(kernel, weight: torch.Tensor) -> torch.Tensor:
 def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) -> Machine:
     """The machine as a plan's device and dtype see it; the matrix rate with F.linear, oneDNN's linear and the kit's
     own kernel (whichever is fastest at 256 rows sets the rate)."""
-    from atb_models.platform import PLAIN_LINEAR, linear_kernel
+    from atb_models.kernels.linear import PLAIN_LINEAR, linear_kernel
 
     kernels = [F.linear]
     for kernel in (linear_kernel(plan, "onednn"), linear_kernel(plan)):

@@ -1,19 +1,21 @@
 // The kit's float32 CPU kernels (AVX-512), one library: built with the machine's C++ compiler on first use and
-// loaded with ctypes by atb_models/native.py; which of them run is atb_models/platform.py's decision.
+// loaded with ctypes by atb_models/kernels/native.py, where its functions and structs are declared for Python
+// (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
 //
 // Each header holds one kernel and its C entry point, called from Python one operator at a time. This file adds a
 // whole decoder layer's decode step as one call: in a decode step of a few rows every Python-level call costs 10-25
 // us with its caches cold from the weight stream, about 70-90 us a layer next to 1 ms of linears (docs/PERFORMANCE.md).
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "activation.h"
 #include "paged_decode_attention.h"
 #include "panel_linear.h"
 #include "rms_norm.h"
 
-// One Qwen2 decoder layer as loaded: the four linears in the panel kernel's layout (platform.panel_layout), the
-// norms' weights, the layer's KV cache. Mirrored by platform.LayerWeights, field for field.
+// One Qwen2 decoder layer as loaded: the four linears in the panel kernel's layout (kernels/linear.py's panel_layout), the
+// norms' weights, the layer's KV cache. Declared for Python in kernels/native.py's STRUCTS, field for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
     const float* qkv;            // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
@@ -29,7 +31,7 @@ struct LayerWeights {
 };
 
 // What every layer of one decode step shares: its sequences and rotary, and scratch for the layer's activations.
-// Mirrored by platform.DecodeStep.
+// Declared for Python in kernels/native.py's STRUCTS.
 struct DecodeStep {
     int64_t rows;                 // sequences in the step, one new token each
     const int64_t* block_tables;  // [rows, max_blocks]
@@ -45,7 +47,18 @@ struct DecodeStep {
     float* activated;             // [rows, intermediate]
 };
 
+// Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
+#define ATB_ABI_VERSION 1
+
 extern "C" {
+
+// The library's account of itself, checked by Python at load: "version=V LayerWeights=BYTES DecodeStep=BYTES".
+const char* atb_native_abi() {
+    static char report[128];
+    snprintf(report, sizeof report, "version=%d LayerWeights=%zu DecodeStep=%zu", ATB_ABI_VERSION,
+             sizeof(LayerWeights), sizeof(DecodeStep));
+    return report;
+}
 
 // x [rows, hidden], the residual stream, is updated in place: x += attention(norm(x)); x += mlp(norm(x)). The
 // same operators, in the same order, as DecoderLayer.forward's operator-by-operator path.

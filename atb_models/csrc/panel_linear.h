@@ -15,7 +15,7 @@
 // stream). With a single pass (6 rows or fewer) the prefetch runs a fixed distance ahead instead.
 //
 // Threads: OpenMP, through the libgomp PyTorch has already loaded, so the kernel shares torch's thread count and
-// pool. Compiled into cpu_kernels.cpp's library; chosen by atb_models/platform.py.
+// pool. Compiled into cpu_kernels.cpp's library; chosen by atb_models/kernels/linear.py.
 
 #pragma once
 
@@ -25,7 +25,7 @@
 
 namespace {
 
-constexpr int64_t GROUP = 64;          // output columns per group (platform.PANEL_GROUP)
+constexpr int64_t GROUP = 64;          // output columns per group (kernels/linear.py PANEL_GROUP)
 constexpr int64_t LINES = GROUP / 16;  // 64-byte lines per k-step of a group
 constexpr int64_t K_BLOCK = 128;       // k-steps per block: 32 KB of weights, inside L1
 constexpr int MAX_ROWS = 6;            // rows per register block

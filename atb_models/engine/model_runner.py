@@ -1,14 +1,15 @@
 """Tensors in, logits out: builds one step's inputs from the scheduled sequences and runs the model."""
+import logging
+
 import torch
 
-from atb_models.layers.activation import set_silu_and_mul_kernel
-from atb_models.layers.attention import StepContext, set_context, set_decode_attention_kernel
-from atb_models.layers.linear import pack_weights, set_linear_kernel
-from atb_models.layers.norm import set_rms_norm_kernel
-from atb_models.platform import (decode_attention_kernel, decoder_layer_kernel, linear_kernel, rms_norm_kernel,
-                                 silu_and_mul_kernel)
-from atb_models.models.qwen2_vl import Qwen2VLForCausalLM, set_decoder_layer_kernel
+from atb_models.kernels import Kernels
+from atb_models.layers.attention import StepContext
+from atb_models.layers.linear import pack_weights
+from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
 from atb_models.weights import load_weights
+
+logger = logging.getLogger("atb_models.runner")
 
 
 class ModelRunner:
@@ -16,22 +17,19 @@ class ModelRunner:
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
-        set_linear_kernel(linear_kernel(plan))
-        set_decode_attention_kernel(decode_attention_kernel(plan))
-        set_rms_norm_kernel(rms_norm_kernel(plan))
-        set_silu_and_mul_kernel(silu_and_mul_kernel(plan))
-        set_decoder_layer_kernel(decoder_layer_kernel(plan))
+        # This runner's kernels, chosen once: its model and no other uses them.
+        self.kernels = Kernels.for_plan(plan)
+        logger.debug("kernels: %s", self.kernels.describe())
         cfg = model_config.hf_config
         with torch.device(self.device):
             self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,
-                                            plan.upcast_attention)
+                                            plan.upcast_attention, kernels=self.kernels)
         load_weights(self.model, model_config.path)
         pack_weights(self.model)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         # Each rank caches only its own KV heads; layout in atb_models/layers/attention.py.
         self.block_shape = (self.model.head_layout.kv_per_rank, block_size, head_dim)
-        self.num_blocks = 0
 
     @property
     def bytes_per_block(self) -> int:
@@ -40,7 +38,6 @@ class ModelRunner:
         return 2 * len(self.model.model.layers) * per_layer
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
         for layer in self.model.model.layers:
             layer.k_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
             layer.v_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
@@ -71,7 +68,7 @@ class ModelRunner:
                 slots.extend(self._slots(seq, 0, seq.num_tokens))
                 starts.append(starts[-1] + seq.num_tokens)
                 last_rows.append(starts[-1] - 1)
-            set_context(StepContext(True, self._tensor(slots).t(), seq_starts=starts))
+            ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
             images = self._visual_batch(seqs, "image")
             videos = self._visual_batch(seqs, "video")
             if images is not None:
@@ -79,7 +76,7 @@ class ModelRunner:
             if videos is not None:
                 videos = (videos[0].to(self.device), videos[1])
             positions = torch.cat(positions, dim=1).to(self.device)
-            logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), images, videos)
+            logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, images, videos)
         else:
             bs = self.block_size
             ids = [seq.token_ids[-1] for seq in seqs]
@@ -90,9 +87,8 @@ class ModelRunner:
             tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
             positions_in_blocks = torch.arange(max_blocks * bs, device=self.device)
             mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
-            set_context(StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
-                                    context_lens=context_lens))
+            ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
+                              context_lens=context_lens)
             rows = torch.arange(len(seqs), device=self.device)
-            logits = self.model(self._tensor(ids), positions.to(self.device), rows)
-        set_context(None)
+            logits = self.model(self._tensor(ids), positions.to(self.device), rows, ctx)
         return logits

@@ -9,36 +9,23 @@ from torch import nn
 
 from atb_models import distributed
 from atb_models.errors import UserError
+from atb_models.kernels.linear import LinearKernel
 from atb_models.layers.sharding import HeadLayout, ceil_div, even_split
-from atb_models.platform import PLAIN_LINEAR, LinearKernel
-
-
-# The matrix product every layer here uses; the model runner sets it once from `platform.linear_kernel(plan)`.
-_kernel = PLAIN_LINEAR
-
-
-def set_linear_kernel(kernel: LinearKernel) -> None:
-    global _kernel
-    _kernel = kernel
 
 
 def pack_weights(model: nn.Module) -> int:
-    """Once the weights are loaded: put every linear weight the kernel reads faster in another layout into that
+    """Once the weights are loaded: put every linear weight its kernel reads faster in another layout into that
     layout (the loaded tensor is let go, so memory stays the same). Returns how many were packed. A weight shared
     with another module (an LM head tied to the embedding) stays as it is."""
     packed = 0
     for module in model.modules():
         if not isinstance(module, (Linear, VocabParallelLMHead)) or getattr(module, "shares_weight", False):
             continue
-        layout = _kernel.pack(module.weight.detach())
+        layout = module.kernel.pack(module.weight.detach())
         if layout is not None:
             module.weight = nn.Parameter(layout, requires_grad=False)
             packed += 1
     return packed
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    return _kernel(x, weight, bias)
 
 
 def _check_shape(name: str, expected: tuple, actual: tuple) -> None:
@@ -59,10 +46,12 @@ def _copy_padded(target: torch.Tensor, part: torch.Tensor, dim: int) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), replicated on every rank, parameters created in the compute dtype."""
+    """y = x W^T (+ b), replicated on every rank, parameters created in the compute dtype, computed by `kernel`
+    (the model's Kernels.linear)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, kernel: LinearKernel):
         super().__init__()
+        self.kernel = kernel
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
         if bias:
@@ -72,7 +61,7 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.kernel(x, self.weight, self.bias)
 
     def _set_loader(self, loader) -> None:
         self.weight.weight_loader = loader
@@ -84,12 +73,13 @@ class QKVParallelLinear(Linear):
     """q, k and v projections packed into one column-parallel matmul: this rank's query heads (zero heads
     included), then its key heads, then its value heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, layout: HeadLayout, bias: bool, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, head_dim: int, layout: HeadLayout, bias: bool, dtype: torch.dtype,
+                 kernel: LinearKernel):
         self.head_dim = head_dim
         self.layout = layout
         self.q_size = layout.q_per_rank * head_dim
         self.kv_size = layout.kv_per_rank * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, dtype)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, dtype, kernel)
         self._set_loader(self._load)
 
     def _load(self, param, source, name, shard_id) -> None:
@@ -107,12 +97,13 @@ class QKVParallelLinear(Linear):
 class MergedColumnParallelLinear(Linear):
     """Linears sharing one input (gate and up), each split by output rows, stored as one matmul."""
 
-    def __init__(self, in_features: int, out_features: int, shard_ids: tuple, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, shard_ids: tuple, dtype: torch.dtype,
+                 kernel: LinearKernel):
         self.full_size = out_features
         self.start, self.size = even_split(out_features, distributed.tp_size(), distributed.tp_rank(),
                                            "intermediate_size")
         self.shard_ids = shard_ids
-        super().__init__(in_features, self.size * len(shard_ids), False, dtype)
+        super().__init__(in_features, self.size * len(shard_ids), False, dtype, kernel)
         self._set_loader(self._load)
 
     def _load(self, param, source, name, shard_id) -> None:
@@ -130,10 +121,10 @@ class RowParallelLinear(Linear):
     `in_features` are zero padding."""
 
     def __init__(self, in_features_full: int, in_features: int, columns: tuple, out_features: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, kernel: LinearKernel):
         self.in_features_full = in_features_full
         self.columns = columns
-        super().__init__(in_features, out_features, False, dtype)
+        super().__init__(in_features, out_features, False, dtype, kernel)
         self._set_loader(self._load)
 
     def _load(self, param, source, name, shard_id=None) -> None:
@@ -142,14 +133,15 @@ class RowParallelLinear(Linear):
         _copy_padded(param.data, source.cols(first, first + count), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce(linear(x, self.weight))
+        return distributed.all_reduce(self.kernel(x, self.weight))
 
 
 class VocabParallelLMHead(nn.Module):
     """The LM head split by vocabulary rows; logits of all ranks are gathered so each rank can sample."""
 
-    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, vocab_size: int, dtype: torch.dtype, kernel: LinearKernel):
         super().__init__()
+        self.kernel = kernel
         self.vocab_size = vocab_size
         world, rank = distributed.tp_size(), distributed.tp_rank()
         self.rows_per_rank = ceil_div(vocab_size, world)
@@ -172,5 +164,5 @@ class VocabParallelLMHead(nn.Module):
             _copy_padded(self.weight.data, rows, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = distributed.all_gather_last_dim(linear(x, self.weight))
+        logits = distributed.all_gather_last_dim(self.kernel(x, self.weight))
         return logits[..., :self.vocab_size]

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atb_models.errors import UserError
-from atb_models.layers.activation import silu_and_mul
-from atb_models.layers.attention import get_context, rotary_paged_attention
-from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                      VocabParallelLMHead)
-from atb_models.layers.sharding import HeadLayout
 from atb_models import distributed
 from atb_models.config import mrope_section
+from atb_models.errors import UserError
+from atb_models.kernels import Kernels
+from atb_models.layers.attention import StepContext, prefill_attention
+from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelLMHead)
 from atb_models.layers.norm import RMSNorm
+from atb_models.layers.sharding import HeadLayout
 from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
 
 _ACTIVATIONS = {
@@ -45,19 +45,20 @@ class LayerNorm(nn.LayerNorm):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype,
+                 kernels: Kernels):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm1 = LayerNorm(dim, 1e-6, dtype)
         self.norm2 = LayerNorm(dim, 1e-6, dtype)
         self.attn = nn.Module()
-        self.attn.qkv = Linear(dim, 3 * dim, True, dtype)
-        self.attn.proj = Linear(dim, dim, True, dtype)
+        self.attn.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
+        self.attn.proj = Linear(dim, dim, True, dtype, kernels.linear)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Module()
-        self.mlp.fc1 = Linear(dim, hidden, True, dtype)
-        self.mlp.fc2 = Linear(hidden, dim, True, dtype)
+        self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
+        self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
         self.act = _activation(hidden_act)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
@@ -84,7 +85,7 @@ class VisionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, vc, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
         super().__init__()
         self.dtype = dtype
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
@@ -92,16 +93,17 @@ class VisionTransformer(nn.Module):
         self.merge = vc.spatial_merge_size
         self.patch_embed = nn.Module()
         # A Conv3d whose stride equals its kernel over pre-cut patches is a matmul with the flattened kernel.
-        self.patch_embed.proj = Linear(self.patch_dim, vc.embed_dim, False, dtype)
+        self.patch_embed.proj = Linear(self.patch_dim, vc.embed_dim, False, dtype, kernels.linear)
         self.patch_embed.proj.weight.weight_loader = self._load_conv_kernel
         self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
         self.blocks = nn.ModuleList(
-            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype) for _ in range(vc.depth))
+            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype, kernels)
+            for _ in range(vc.depth))
         merged = vc.embed_dim * self.merge ** 2
         self.merger = nn.Module()
         self.merger.ln_q = LayerNorm(vc.embed_dim, 1e-6, dtype)
-        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype), nn.GELU(),
-                                         Linear(merged, vc.hidden_size, True, dtype)])
+        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype, kernels.linear), nn.GELU(),
+                                         Linear(merged, vc.hidden_size, True, dtype, kernels.linear)])
 
     @staticmethod
     def _load_conv_kernel(param, source, name, shard_id=None):
@@ -130,18 +132,8 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- language model
 
-# The CPU's native decoder layer (platform.decoder_layer_kernel), set once by the model runner; None: the layers
-# run operator by operator.
-_native_layer = None
-
-
-def set_decoder_layer_kernel(kernel) -> None:
-    global _native_layer
-    _native_layer = kernel
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layout: HeadLayout, dtype: torch.dtype, upcast_attention: bool):
+    def __init__(self, config, layout: HeadLayout, dtype: torch.dtype, upcast_attention: bool, kernels: Kernels):
         super().__init__()
         hidden = config.hidden_size
         self.head_dim = hidden // config.num_attention_heads
@@ -149,57 +141,34 @@ class DecoderLayer(nn.Module):
         self.num_kv_heads = layout.kv_per_rank
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.upcast_attention = upcast_attention
-        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, kernels.rms_norm)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, kernels.rms_norm)
         self.self_attn = nn.Module()
-        self.self_attn.qkv_proj = QKVParallelLinear(hidden, self.head_dim, layout, True, dtype)
+        self.self_attn.qkv_proj = QKVParallelLinear(hidden, self.head_dim, layout, True, dtype, kernels.linear)
         first_q, count_q = layout.real_q_heads()
         self.self_attn.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, self.num_heads * self.head_dim,
-            (first_q * self.head_dim, count_q * self.head_dim), hidden, dtype)
+            (first_q * self.head_dim, count_q * self.head_dim), hidden, dtype, kernels.linear)
+        self.decode_attention = kernels.decode_attention
         self.mlp = nn.Module()
-        self.mlp.gate_up_proj = MergedColumnParallelLinear(hidden, config.intermediate_size, ("gate", "up"), dtype)
+        self.mlp.gate_up_proj = MergedColumnParallelLinear(hidden, config.intermediate_size, ("gate", "up"), dtype,
+                                                           kernels.linear)
         size = self.mlp.gate_up_proj.size
         self.mlp.down_proj = RowParallelLinear(config.intermediate_size, size,
-                                               (self.mlp.gate_up_proj.start, size), hidden, dtype)
+                                               (self.mlp.gate_up_proj.start, size), hidden, dtype, kernels.linear)
+        self.silu_and_mul = kernels.silu_and_mul
         self.k_cache = self.v_cache = None
-        self._native_weights = (None, None)  # (the KV cache it was made for, platform.LayerWeights or None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx = get_context()
-        if not ctx.is_prefill and _native_layer is not None:
-            weights = self._native_layer_weights()
-            if weights is not None and x.dtype == torch.float32 and x.is_contiguous():
-                if ctx.native_step is None:
-                    ctx.native_step = _native_layer.step(weights, x.shape[0], ctx.block_tables, ctx.context_lens,
-                                                         cos, sin)
-                return _native_layer(weights, ctx.native_step, x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         n = x.shape[0]
         h = self.input_layernorm(x)
         qkv = self.self_attn.qkv_proj(h).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        o = rotary_paged_attention(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache,
-                                   self.scale, self.upcast_attention)
+        attend = prefill_attention if ctx.is_prefill else self.decode_attention
+        o = attend(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, ctx, self.scale,
+                   self.upcast_attention)
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
-        return x + self.mlp.down_proj(silu_and_mul(gate, up))
-
-    def _native_layer_weights(self):
-        """The layer as the native decoder layer reads it (made once, again if the KV cache is reallocated), or
-        None where it is not that kernel's case: tensor parallelism (the kernel has no all-reduce), attention
-        upcast, norms of different eps (it takes one), weights not in the panel layout."""
-        made_for, weights = self._native_weights
-        if made_for is self.k_cache:
-            return weights
-        weights = None
-        one_eps = self.input_layernorm.eps == self.post_attention_layernorm.eps
-        if distributed.tp_size() == 1 and not self.upcast_attention and one_eps:
-            attn, mlp = self.self_attn, self.mlp
-            weights = _native_layer.weights(
-                self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight, self.k_cache,
-                self.v_cache, self.num_heads, self.num_kv_heads, self.input_layernorm.eps, self.scale)
-        self._native_weights = (self.k_cache, weights)
-        return weights
+        return x + self.mlp.down_proj(self.silu_and_mul(gate, up))
 
 
 class Qwen2VLForCausalLM(nn.Module):
@@ -218,22 +187,23 @@ class Qwen2VLForCausalLM(nn.Module):
     }
 
     def __init__(self, config, llm_dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.device,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, *, kernels: Kernels):
         super().__init__()
         self.config = config
         self.llm_dtype = llm_dtype
-        self.visual = VisionTransformer(config.vision_config, vision_dtype, device)
+        self.kernels = kernels
+        self.visual = VisionTransformer(config.vision_config, vision_dtype, device, kernels)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
         self.model.embed_tokens.weight.requires_grad_(False)
         self.head_layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads,
                                       distributed.tp_size(), distributed.tp_rank())
         self.model.layers = nn.ModuleList(
-            DecoderLayer(config, self.head_layout, llm_dtype, upcast_attention)
+            DecoderLayer(config, self.head_layout, llm_dtype, upcast_attention, kernels)
             for _ in range(config.num_hidden_layers))
-        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, llm_dtype)
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, llm_dtype, kernels.rms_norm)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
-        self.lm_head = VocabParallelLMHead(config.hidden_size, config.vocab_size, llm_dtype)
+        self.lm_head = VocabParallelLMHead(config.hidden_size, config.vocab_size, llm_dtype, kernels.linear)
         head_dim = config.hidden_size // config.num_attention_heads
         self.rotary = MRotaryEmbedding(head_dim, config.rope_theta, list(mrope_section(config)), device)
 
@@ -256,12 +226,13 @@ class Qwen2VLForCausalLM(nn.Module):
             x.index_copy_(0, rows, features)
         return x
 
-    def forward(self, input_ids, positions, logits_rows, images=None, videos=None) -> torch.Tensor:
-        """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for.
-        Returns float32 logits [len(logits_rows), vocab]."""
+    def forward(self, input_ids, positions, logits_rows, ctx: StepContext, images=None, videos=None) -> torch.Tensor:
+        """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for; ctx:
+        the step's paged-cache metadata. Returns float32 logits [len(logits_rows), vocab]."""
         x = self.embed(input_ids, images, videos)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            # The layer's own forward, or a fused form of it (the native decoder layer on the CPU).
+            x = self.kernels.decoder_layer(layer, x, cos, sin, ctx)
         x = self.model.norm(x.index_select(0, logits_rows))
         return self.lm_head(x).float()

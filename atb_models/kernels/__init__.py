@@ -1,0 +1,54 @@
+"""The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
+layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
+attention (kernels.attention) and how a decoder layer runs (kernels.decoder_layer). The kit's native CPU library
+(kernels.native) backs the float32 CPU ones.
+
+Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
+object: two models in one process never share or overwrite each other's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
+from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
+from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
+from atb_models.kernels.linear import PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel, linear_kernel
+from atb_models.kernels.native import NativeLibrary
+from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One model's kernels. The defaults are PyTorch's operators, right on every device."""
+
+    linear: LinearKernel = PLAIN_LINEAR
+    rms_norm: RMSNormKernel = field(default_factory=RMSNormKernel)
+    silu_and_mul: SiluAndMul = field(default_factory=SiluAndMul)
+    decode_attention: SdpaDecodeAttention = field(default_factory=SdpaDecodeAttention)
+    decoder_layer: LayerByLayer = field(default_factory=LayerByLayer)
+
+    @classmethod
+    def for_plan(cls, plan, choice: str | None = None) -> Kernels:
+        """The fastest kernels for a plan's device and dtype. On the CPU `choice` (default $ATB_MODELS_CPU_LINEAR,
+        see kernels.linear.cpu_kernel_choice) picks the linear; with "auto" or "panel" the kit's native library is
+        loaded (built on first use) and, for a float32 language model, runs attention, norms, activation and
+        whole decoder layers too. Where it cannot be used (no AVX-512, no compiler, a failed build, a library
+        that disagrees with its declaration) PyTorch's operators run, the reason logged."""
+        choice = cpu_kernel_choice(choice)
+        if plan.kind != "cpu":
+            return cls(linear=linear_kernel(plan, choice))
+        library = NativeLibrary.load() if choice in ("auto", "panel") else None
+        linear = cpu_linear_kernel(choice, library)
+        if library is None or plan.llm_dtype != torch.float32:
+            return cls(linear=linear, decode_attention=CpuDecodeAttention())
+        return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
+                   decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library))
+
+    def describe(self) -> str:
+        """One log line: which implementation each kernel is."""
+        return (f"linear {self.linear.name}, RMSNorm {self.rms_norm.name}, silu-and-mul {self.silu_and_mul.name}, "
+                f"decode attention {self.decode_attention.name}, decoder layers {self.decoder_layer.name}")

@@ -1,0 +1,41 @@
+"""The MLP's activation, silu(gate) * up over the halves of the packed gate/up projection: PyTorch's two operators,
+or the kit's native kernel on the CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class SiluAndMul:
+    """PyTorch's silu and product."""
+
+    name = "torch"
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
+class NativeSiluAndMul(SiluAndMul):
+    """One call of atb_models/csrc/activation.h: float32 on an AVX-512 CPU, where gate and up are the two halves of
+    the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes call costs
+    more than PyTorch's two operators, which then run instead."""
+
+    name = "native"
+    MIN_ELEMENTS = 16384
+
+    def __init__(self, library):
+        self._op = library.atb_silu_and_mul_f32
+
+    @classmethod
+    def suits(cls, gate: torch.Tensor, up: torch.Tensor) -> bool:
+        return (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
+                and gate.shape == up.shape and gate.stride() == up.stride() and gate.stride(1) == 1
+                and gate.numel() >= cls.MIN_ELEMENTS)
+
+    def __call__(self, gate, up):
+        if not self.suits(gate, up):
+            return super().__call__(gate, up)
+        out = torch.empty(gate.shape, dtype=torch.float32)
+        self._op(gate.data_ptr(), up.data_ptr(), gate.shape[0], gate.shape[1], gate.stride(0), out.data_ptr())
+        return out

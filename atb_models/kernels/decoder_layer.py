@@ -1,0 +1,102 @@
+"""How a decoder layer runs: its own forward (operator by operator), or the kit's native decoder layer, which does
+a whole Qwen2 decode step of a layer in one call (atb_models/csrc/cpu_kernels.cpp)."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from atb_models import distributed
+from atb_models.kernels.linear import PANEL_GROUP
+
+
+class LayerByLayer:
+    """The layer's own forward."""
+
+    name = "operator by operator"
+
+    def __call__(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        return layer(x, cos, sin, ctx)
+
+
+class NativeDecoderLayer(LayerByLayer):
+    """A Qwen2 decoder layer's (models.qwen2_vl.DecoderLayer's) whole decode step in one native call: the same
+    kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer. Float32 on an
+    AVX-512 CPU, for a layer that holds all its heads (one rank: the kernel has no all-reduce), softmax in the
+    activation dtype, one eps for both norms, and its four linears in the panel layout; any other layer, and every
+    prefill, runs its own forward.
+
+    The layer is read through its parts (norm weights, packed linears, KV cache), once per KV cache it is given."""
+
+    name = "native"
+
+    def __init__(self, library):
+        self._op = library.atb_decoder_layer_decode_f32
+        self._layer_weights = library.structs["LayerWeights"]
+        self._decode_step = library.structs["DecodeStep"]
+        self._weights = weakref.WeakKeyDictionary()  # layer -> (the KV cache they were made for, weights or None)
+
+    def __call__(self, layer, x, cos, sin, ctx):
+        if ctx.is_prefill or x.dtype != torch.float32 or not x.is_contiguous():
+            return layer(x, cos, sin, ctx)
+        weights = self.weights_of(layer)
+        if weights is None:
+            return layer(x, cos, sin, ctx)
+        step = ctx.kernel_state.get("decoder_layer")
+        if step is None:
+            step = ctx.kernel_state["decoder_layer"] = self.step(weights, x.shape[0], ctx.block_tables,
+                                                                 ctx.context_lens, cos, sin)
+        self._op(weights, step, x.data_ptr())  # the residual stream x goes through the layer in place
+        return x
+
+    def weights_of(self, layer):
+        """The layer as the kernel reads it (made once, again if its KV cache is reallocated), or None where the
+        layer is not the kernel's case."""
+        made_for, weights = self._weights.get(layer, (None, None))
+        if made_for is layer.k_cache and made_for is not None:
+            return weights
+        weights = None
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if distributed.tp_size() == 1 and not layer.upcast_attention and norms[0].eps == norms[1].eps:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights = self.pack_layer(
+                norms[0].weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, norms[1].weight,
+                mlp.gate_up_proj.weight, mlp.down_proj.weight, layer.k_cache, layer.v_cache, layer.num_heads,
+                layer.num_kv_heads, norms[0].eps, layer.scale)
+        self._weights[layer] = (layer.k_cache, weights)
+        return weights
+
+    def pack_layer(self, input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache, heads: int,
+                   kv_heads: int, eps: float, scale: float):
+        """The struct LayerWeights for these tensors, or None where they are not the kernel's case. It points into
+        the tensors: it is right while they are the layer's."""
+        tensors = (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache)
+        if any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+               for t in tensors) or any(w.dim() != 3 for w in (qkv, o, gate_up, down)):
+            return None
+        hidden, head_dim, intermediate = input_norm.shape[0], k_cache.shape[-1], down.shape[1]
+        # [out / 64, in, 64] each (kernels.linear.panel_layout), out and in as the heads and sizes say.
+        expected = ((qkv, (heads + 2 * kv_heads) * head_dim, hidden), (o, hidden, heads * head_dim),
+                    (gate_up, 2 * intermediate, hidden), (down, hidden, intermediate))
+        if head_dim % 16 or any(tuple(w.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP) or out % PANEL_GROUP
+                                for w, out, inp in expected):
+            return None
+        if qkv_bias.shape != ((heads + 2 * kv_heads) * head_dim,) or post_norm.shape != (hidden,):
+            return None
+        return self._layer_weights(*(t.data_ptr() for t in tensors), hidden, heads, kv_heads, head_dim,
+                                   intermediate, k_cache.shape[2], eps, scale)
+
+    def step(self, layer_weights, rows: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor):
+        """The struct DecodeStep of `rows` sequences for layers shaped like `layer_weights`, with its scratch. The
+        tensors it points to live as long as it does."""
+        lw = layer_weights
+        q_width = lw.heads * lw.head_dim
+        widths = (lw.hidden, q_width + 2 * lw.kv_heads * lw.head_dim, q_width, lw.hidden, 2 * lw.intermediate,
+                  lw.intermediate)
+        keep = [block_tables.contiguous(), context_lens.contiguous(), cos.float().contiguous(),
+                sin.float().contiguous(), *(torch.empty(rows, width, dtype=torch.float32) for width in widths)]
+        step = self._decode_step(rows, keep[0].data_ptr(), keep[0].shape[1], *(t.data_ptr() for t in keep[1:]))
+        step.keep = keep
+        return step

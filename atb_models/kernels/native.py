@@ -1,0 +1,170 @@
+"""The kit's own CPU kernels (atb_models/csrc), one library: compiled with the machine's C++ compiler on first use,
+cached, loaded with ctypes and checked against its declaration here.
+
+The library needs no PyTorch headers: the kernels work on raw float pointers, and link OpenMP against the libgomp
+PyTorch has already loaded. Its interface is declared once, in FUNCTIONS and STRUCTS below: the ctypes signatures
+and struct layouts are generated from them, and at load the library's own account of itself (`atb_native_abi`:
+its ABI version and the size of each struct as the compiler laid it out) must agree, else the library is not used.
+
+Nothing here raises: no AVX-512, no compiler, a failed build or a library that disagrees with its declaration gives
+None with the reason logged, and the caller keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from atb_models.config import kit_home
+
+logger = logging.getLogger("atb_models.native")
+
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
+LIBRARY = "cpu_kernels"  # csrc/cpu_kernels.cpp and its headers
+CXX_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+# --------------------------------------------------------------------------------------------- the declaration
+
+ABI_VERSION = 1  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+
+I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+# struct name -> its fields in order, (name, ctypes type), as csrc/cpu_kernels.cpp declares them.
+STRUCTS = {
+    "LayerWeights": (  # one Qwen2 decoder layer as loaded: packed linears, norms, its KV cache
+        ("input_norm", PTR), ("qkv", PTR), ("qkv_bias", PTR), ("o", PTR), ("post_norm", PTR), ("gate_up", PTR),
+        ("down", PTR), ("k_cache", PTR), ("v_cache", PTR), ("hidden", I64), ("heads", I64), ("kv_heads", I64),
+        ("head_dim", I64), ("intermediate", I64), ("block_size", I64), ("eps", F32), ("scale", F32)),
+    "DecodeStep": (  # what all layers of one decode step share, scratch included
+        ("rows", I64), ("block_tables", PTR), ("max_blocks", I64), ("context_lens", PTR), ("cos", PTR),
+        ("sin", PTR), ("normed", PTR), ("qkv", PTR), ("attention", PTR), ("projected", PTR), ("gate_up", PTR),
+        ("activated", PTR)),
+}
+
+# function name -> (return type, ((argument name, type), ...)), names as in csrc. A struct argument is the string
+# "<struct name>*": a pointer to that generated struct.
+FUNCTIONS = {
+    "atb_native_abi": (ctypes.c_char_p, ()),
+    "atb_panel_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_paged_decode_attention_f32": (None, (
+        ("q", PTR), ("q_stride", I64), ("k", PTR), ("k_stride", I64), ("v", PTR), ("v_stride", I64),
+        ("cos", PTR), ("sin", PTR), ("k_cache", PTR), ("v_cache", PTR), ("block_tables", PTR),
+        ("max_blocks", I64), ("context_lens", PTR), ("batch", I64), ("heads", I64), ("kv_heads", I64),
+        ("head_dim", I64), ("block_size", I64), ("scale", F32), ("out", PTR))),
+    "atb_rms_norm_f32": (None, (
+        ("x", PTR), ("delta", PTR), ("weight", PTR), ("rows", I64), ("hidden", I64), ("eps", F32), ("sum", PTR),
+        ("out", PTR))),
+    "atb_silu_and_mul_f32": (None, (
+        ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
+    "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x", PTR))),
+}
+
+
+class AbiMismatch(RuntimeError):
+    """The built library disagrees with FUNCTIONS / STRUCTS: calling it would corrupt memory."""
+
+
+class NativeLibrary:
+    """The loaded library: one attribute per function of FUNCTIONS, typed from it, and `structs`, the ctypes
+    Structure of each STRUCTS entry. Checked against the library's own ABI report when made."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self.structs = {name: type(name, (ctypes.Structure,), {"_fields_": list(fields)})
+                        for name, fields in STRUCTS.items()}
+        for name, (restype, arguments) in FUNCTIONS.items():
+            try:
+                function = getattr(library, name)
+            except AttributeError:
+                raise AbiMismatch(f"the library has no function {name}") from None
+            function.restype = restype
+            function.argtypes = [self._ctype(kind) for _, kind in arguments]
+            setattr(self, name, function)
+        self._check_abi()
+
+    def _ctype(self, kind):
+        if isinstance(kind, str):
+            return ctypes.POINTER(self.structs[kind.removesuffix("*")])
+        return kind
+
+    def _check_abi(self) -> None:
+        report = dict(item.split("=", 1) for item in self.atb_native_abi().decode().split())
+        if int(report.get("version", -1)) != ABI_VERSION:
+            raise AbiMismatch(f"ABI version {report.get('version')} in the library, {ABI_VERSION} declared")
+        for name, struct in self.structs.items():
+            built, declared = int(report.get(name, -1)), ctypes.sizeof(struct)
+            if built != declared:
+                raise AbiMismatch(f"struct {name} is {built} bytes in the library, {declared} declared")
+
+    @classmethod
+    def load(cls) -> NativeLibrary | None:
+        """The library, built if need be, or None (the reason logged) where it cannot be used here: it is built
+        with AVX-512 instructions (torch's own check of the CPU decides) and needs a C++ compiler."""
+        if torch.backends.cpu.get_cpu_capability() != "AVX512":
+            return None
+        path = build(LIBRARY)
+        if path is None:
+            return None
+        try:
+            return cls(ctypes.CDLL(str(path)))
+        except OSError as e:
+            logger.info("loading the kit's %s kernels failed: %s", LIBRARY, e)
+        except AbiMismatch as e:
+            logger.warning("the kit's %s kernels (%s) do not match their declaration in %s: %s; using PyTorch's "
+                           "operators instead", LIBRARY, path, __name__, e)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------- the build
+
+def cache_dir() -> Path:
+    """native/ under the kit's home (config.kit_home)."""
+    return kit_home() / "native"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build(name: str) -> Path | None:
+    """csrc/<name>.cpp compiled into the cache (named by a hash of the sources, csrc's headers included, flags and
+    compiler, so an edit or another compiler builds anew), or None where no compiler is found or the build fails."""
+    cxx = compiler()
+    if cxx is None:
+        logger.info("no C++ compiler found (set CXX): the kit's %s kernels are not built", name)
+        return None
+    source = SOURCE_DIR / f"{name}.cpp"
+    sources = [source, *sorted(SOURCE_DIR.glob("*.h"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)
+                            + " ".join((cxx, *CXX_FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{digest}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: ranks building at once never load a half-written library.
+        fd, staging = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run([cxx, *CXX_FLAGS, str(source), "-o", staging], capture_output=True, text=True,
+                                    timeout=300)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+                logger.info("building the kit's %s kernels failed (%s): %s", name, cxx, last)
+                return None
+            os.replace(staging, target)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("building the kit's %s kernels failed: %s", name, e)
+        return None
+    return target

@@ -1,0 +1,438 @@
+"""The compute kernels (atb_models.kernels): each native kernel against PyTorch's operators, the choice made once
+per model from its plan, the native library's declaration checked at load, and two models in one process."""
+
+import ast
+import ctypes
+import re
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atb_models.errors import UserError
+from atb_models.kernels import Kernels, native
+from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
+from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
+from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
+from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
+                                       linear_kernel)
+from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+from atb_models.platform import Capabilities, resolve_plan
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+CPU_FP32 = resolve_plan("cpu", "float32", "float32")
+GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
+
+
+def native_kernels() -> Kernels:
+    """The float32 CPU plan's kernels, checked: the native ones on an AVX-512 CPU (g++ builds them there), PyTorch's
+    on any other (built with AVX-512 instructions, they would die of SIGILL there)."""
+    kernels = Kernels.for_plan(CPU_FP32)
+    if not AVX512:
+        assert isinstance(kernels.decode_attention, CpuDecodeAttention)
+        assert not isinstance(kernels.decode_attention, NativeDecodeAttention)
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    assert isinstance(kernels.linear, PanelLinear), "g++ builds the kit's native kernels on an AVX-512 CPU"
+    return kernels
+
+
+# ------------------------------------------------------------------------------------------- choice per plan
+
+def test_kernels_are_chosen_from_the_plan_device_and_dtype():
+    gpu = Kernels.for_plan(resolve_plan("auto", "auto", "bfloat16", caps=GPU))
+    assert gpu.linear is PLAIN_LINEAR and type(gpu.decode_attention) is SdpaDecodeAttention
+    assert type(gpu.rms_norm) is RMSNormKernel and type(gpu.decoder_layer) is LayerByLayer
+    # A bfloat16 language model on the CPU: PyTorch's operators beside the linear (the native ones are float32).
+    bf16 = Kernels.for_plan(replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16))
+    assert type(bf16.decode_attention) is CpuDecodeAttention and type(bf16.rms_norm) is RMSNormKernel
+    assert type(bf16.silu_and_mul) is SiluAndMul and type(bf16.decoder_layer) is LayerByLayer
+    torch_only = Kernels.for_plan(CPU_FP32, "torch")
+    assert torch_only.linear is PLAIN_LINEAR and type(torch_only.decode_attention) is CpuDecodeAttention
+    assert "decode attention" in torch_only.describe()
+
+
+def test_two_kernels_objects_share_nothing():
+    a, b = Kernels.for_plan(CPU_FP32), Kernels.for_plan(CPU_FP32)
+    assert a.decode_attention is not b.decode_attention and a.decoder_layer is not b.decoder_layer
+    cache = torch.randn(4, 2, 4, 8)
+    tables = torch.tensor([[1, 2]])
+    first = a.decode_attention.gather(cache, tables, "k")
+    kept = first.clone()
+    b.decode_attention.gather(cache, torch.tensor([[3, 0]]), "k")
+    assert torch.equal(first, kept), "another model's gather does not write into this one's buffer"
+
+
+def test_no_module_of_the_kit_keeps_kernels_buffers_or_a_step_context_in_module_state():
+    """No `global` statement, no set_*_kernel, no module-level _context or _buffers: two engines in one process
+    never touch each other's kernels. distributed.py (the process group) and shm.py (signal handlers) are
+    process-wide by nature."""
+    package = Path(__file__).resolve().parents[1] / "atb_models"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name in ("distributed.py", "shm.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                offenders.append(f"{path.name}:{node.lineno} global {', '.join(node.names)}")
+            if isinstance(node, ast.FunctionDef) and re.fullmatch(r"set_\w+_kernel|set_context", node.name):
+                offenders.append(f"{path.name}:{node.lineno} {node.name}")
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if isinstance(target, ast.Name) and re.fullmatch(r"_(context|buffers|kernel|native\w*|loaded)",
+                                                                 target.id):
+                    offenders.append(f"{path.name}:{node.lineno} {target.id}")
+    assert not offenders
+
+
+# ---------------------------------------------------------------------------------------------------- linear
+
+def test_linear_kernel_matches_f_linear_on_the_cpu_and_is_f_linear_elsewhere():
+    kernel = linear_kernel(CPU_FP32)
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    assert torch.allclose(kernel(x, w, b), F.linear(x, w, b), atol=1e-5)
+    assert torch.allclose(kernel(x, w), F.linear(x, w), atol=1e-5)
+    assert kernel.pack(w) is None  # tiny: stays on F.linear
+    half = kernel(x.half(), w.half())  # float16 falls back to F.linear on the CPU
+    assert half.dtype == torch.float16
+    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256, 256)
+    assert kernel.pack(large.half()) is None
+    packed = kernel.pack(large)
+    if packed is not None:  # this build packs for oneDNN: same products on any row count
+        for rows in (1, 5, 40):
+            x = torch.randn(rows, 256)
+            assert torch.allclose(kernel(x, packed, None), F.linear(x, large), atol=1e-4)
+    assert linear_kernel(resolve_plan("auto", "auto", "bfloat16", caps=GPU)) is PLAIN_LINEAR
+    assert PLAIN_LINEAR.pack(large) is None
+
+
+def test_pack_weights_packs_large_linears_but_not_a_tied_lm_head():
+    from atb_models.layers import linear as linear_module
+
+    doubling = OneDnnLinear(None, lambda w, rows: w.clone().mul_(2))
+    model = torch.nn.ModuleList([linear_module.Linear(512, 512, False, torch.float32, doubling),
+                                 linear_module.Linear(8, 8, False, torch.float32, doubling),
+                                 linear_module.VocabParallelLMHead(512, 600, torch.float32, doubling)])
+    for module in model:
+        torch.nn.init.ones_(module.weight)
+    model[2].tie_to(torch.ones(600, 512))
+    assert linear_module.pack_weights(model) == 1
+    assert model[0].weight.eq(2).all() and model[1].weight.eq(1).all() and model[2].weight.eq(1).all()
+
+
+def _panel_packed(weight: torch.Tensor) -> torch.Tensor:
+    """The panel kernel's layout written out by hand: group g, step k holds the 64 outputs W[64g:64g+64, k]."""
+    out_features, in_features = weight.shape
+    packed = torch.empty(out_features // 64, in_features, 64)
+    for g in range(out_features // 64):
+        for k in range(in_features):
+            packed[g, k] = weight[64 * g:64 * g + 64, k]
+    return packed
+
+
+def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it_matches_f_linear():
+    kernel = linear_kernel(CPU_FP32, "auto")
+    if not AVX512:
+        # Built with AVX-512 instructions: another CPU must not get it (it would die of SIGILL).
+        assert not isinstance(kernel, PanelLinear) and isinstance(kernel, OneDnnLinear)
+        return
+    assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel on an AVX-512 CPU"
+    generator = torch.Generator().manual_seed(0)
+    # One group, uneven thread shares (3 and 37 groups); K off the 128-step blocks and over several of them.
+    for out_features, in_features in ((64, 40), (64 * 3, 200), (64 * 37, 130), (1024, 300)):
+        weight = torch.randn(out_features, in_features, generator=generator)
+        bias = torch.randn(out_features, generator=generator)
+        packed = _panel_packed(weight)
+        for rows in (1, 2, 3, 5, 6, 7, 12, 16, 17, 40, 300):  # partial register blocks; 300: two row chunks
+            x = torch.randn(rows, in_features, generator=generator)
+            for b in (None, bias):
+                expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
+                assert torch.allclose(kernel(x, packed, b), expected, atol=1e-4, rtol=1e-4), (out_features, rows)
+    # Rows of a strided 3-D activation (a view, as the model hands over), and no rows at all.
+    x = torch.randn(2, 5, 2 * 300, generator=generator)[:, :, ::2]
+    assert torch.allclose(kernel(x, packed, bias), F.linear(x, weight, bias), atol=1e-4)
+    assert kernel(torch.randn(0, 300), packed, bias).shape == (0, 1024)
+    # What it packs: large float32 weights with whole groups; the rest goes to oneDNN's layout or stays.
+    large = torch.randn(ONEDNN_MIN_WEIGHT_ELEMENTS // 256 + 64, 256, generator=generator)
+    assert torch.equal(kernel.pack(large), _panel_packed(large))
+    assert kernel.pack(large[:-16]).dim() == 2  # an output size off the groups: oneDNN's layout
+    assert kernel.pack(large.half()) is None
+    assert kernel.pack(large[:64]) is None  # small: F.linear
+    x = torch.randn(3, 256, generator=generator)
+    odd = large[:-16].contiguous()
+    assert torch.allclose(kernel(x, kernel.pack(odd)), F.linear(x, odd), atol=1e-4)
+
+
+def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "onednn")
+    kernel = linear_kernel(CPU_FP32)
+    assert isinstance(kernel, OneDnnLinear) and not isinstance(kernel, PanelLinear)
+    assert type(Kernels.for_plan(CPU_FP32).decode_attention) is CpuDecodeAttention  # no native kernels either
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "torch")
+    assert linear_kernel(CPU_FP32) is PLAIN_LINEAR
+    monkeypatch.setenv("ATB_MODELS_CPU_LINEAR", "fastest")
+    with pytest.raises(UserError, match="ATB_MODELS_CPU_LINEAR='fastest'"):
+        linear_kernel(CPU_FP32)
+
+
+@pytest.mark.parametrize("compiler", [None, "/bin/false"])
+def test_without_a_working_compiler_the_cpu_kernels_fall_back_to_onednn_and_pytorch(monkeypatch, tmp_path, caplog,
+                                                                                   compiler):
+    monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: compiler)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level("INFO", logger="atb_models.native"):
+        kernels = Kernels.for_plan(CPU_FP32, "panel")
+    assert isinstance(kernels.linear, OneDnnLinear) and not isinstance(kernels.linear, PanelLinear)
+    assert type(kernels.decode_attention) is CpuDecodeAttention and type(kernels.decoder_layer) is LayerByLayer
+    assert "no C++ compiler" in caplog.text if compiler is None else "failed" in caplog.text
+    assert not list(tmp_path.rglob("*.so")), "no library and no half-built file is left behind"
+
+
+# ------------------------------------------------------------------------------------ the native declaration
+
+def test_the_native_library_reports_the_struct_sizes_its_declaration_generates():
+    if not AVX512:
+        pytest.skip("the native library needs an AVX-512 CPU")
+    library = native.NativeLibrary.load()
+    assert library is not None
+    report = dict(item.split("=") for item in library.atb_native_abi().decode().split())
+    assert report == {"version": str(native.ABI_VERSION),
+                      **{name: str(ctypes.sizeof(struct)) for name, struct in library.structs.items()}}
+
+
+def test_a_struct_declared_unlike_the_library_is_refused_and_pytorch_runs(monkeypatch, caplog):
+    if not AVX512:
+        pytest.skip("the native library needs an AVX-512 CPU")
+    right = native.STRUCTS["LayerWeights"]
+    monkeypatch.setitem(native.STRUCTS, "LayerWeights", tuple(f for f in right if f[0] != "qkv_bias"))
+    with caplog.at_level("WARNING", logger="atb_models.native"):
+        assert native.NativeLibrary.load() is None
+        kernels = Kernels.for_plan(CPU_FP32)
+    message = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "struct LayerWeights is 128 bytes in the library, 120 declared" in message
+    assert "using PyTorch's operators instead" in message
+    assert isinstance(kernels.linear, OneDnnLinear) and not isinstance(kernels.linear, PanelLinear)
+    assert type(kernels.decode_attention) is CpuDecodeAttention and type(kernels.rms_norm) is RMSNormKernel
+    assert type(kernels.silu_and_mul) is SiluAndMul and type(kernels.decoder_layer) is LayerByLayer
+
+
+def test_a_function_or_an_abi_version_the_library_lacks_is_refused(monkeypatch, caplog):
+    if not AVX512:
+        pytest.skip("the native library needs an AVX-512 CPU")
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    with caplog.at_level("WARNING", logger="atb_models.native"):
+        assert native.NativeLibrary.load() is None
+    assert f"ABI version {native.ABI_VERSION - 1} in the library, {native.ABI_VERSION} declared" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setitem(native.FUNCTIONS, "atb_fused_everything_f32", (None, ()))
+    with caplog.at_level("WARNING", logger="atb_models.native"):
+        assert native.NativeLibrary.load() is None
+    assert "no function atb_fused_everything_f32" in caplog.text
+
+
+_C_TYPES = {"int64_t": native.I64, "float": native.F32}
+
+
+def test_the_function_table_names_every_argument_as_the_c_sources_declare_it():
+    """The declaration and csrc's extern "C" definitions: same functions, same argument names in the same order,
+    types that agree (pointers as void* or a declared struct, int64_t, float)."""
+    sources = "".join(path.read_text() for path in sorted(native.SOURCE_DIR.glob("*.[ch]*")))
+    definitions = dict(re.findall(r"^(?:const )?\w+\*? (atb_\w+)\(([^)]*)\) \{", sources, re.MULTILINE))
+    assert set(definitions) == set(native.FUNCTIONS)
+    for name, (_, arguments) in native.FUNCTIONS.items():
+        declared = [" ".join(a.split()) for a in definitions[name].split(",") if a.strip()]
+        assert [a.split()[-1].lstrip("*") for a in declared] == [n for n, _ in arguments], name
+        for text, (_, kind) in zip(declared, arguments):
+            c_type = text.rsplit(" ", 1)[0].removeprefix("const ")
+            pointer = "*" in text
+            if isinstance(kind, str):
+                assert c_type == kind, (name, text)
+            elif pointer:
+                assert kind is native.PTR, (name, text)
+            else:
+                assert _C_TYPES[c_type] is kind, (name, text)
+
+
+# ------------------------------------------------------------------------- native kernels against PyTorch
+
+def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int, generator):
+    """A decode step's context as the model runner makes it, for sequences of `lengths` (each counting its new
+    token), each in its own blocks in no order; and each new position's rotary, as the model computes it."""
+    from atb_models.layers.attention import StepContext
+    from atb_models.layers.rotary import MRotaryEmbedding
+
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(lengths), 10, dtype=torch.long)  # unused entries padded with 0 as the runner does
+    used = 0
+    for row, length in enumerate(lengths):
+        count = -(-length // block_size)
+        tables[row, :count] = order[used:used + count]
+        used += count
+    last = [n - 1 for n in lengths]
+    slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
+                          [t % block_size for t in last]])
+    context = torch.tensor(lengths)
+    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None])[:, None, None, :]
+    step = StepContext(False, slots, block_tables=tables, context_mask=mask, context_lens=context)
+    positions = torch.tensor(last).expand(3, -1)
+    cos, sin = MRotaryEmbedding(head_dim, 10000.0, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+                                torch.device("cpu")).cos_sin(positions, torch.float32)
+    return step, cos, sin
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48])
+def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(head_dim):
+    kernel = native_kernels().decode_attention
+    assert isinstance(kernel, NativeDecodeAttention)
+    generator = torch.Generator().manual_seed(head_dim)
+    heads, kv_heads, block_size, num_blocks = 14, 2, 4, 40
+    # One token, exactly a block, a block and one, 16 (one whole vector of scores), 37 (vectors and a tail).
+    lengths = [1, 4, 5, 16, 37]
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, head_dim, generator)
+    cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
+    # q, k, v as the model hands them over: strided views into one projection output.
+    qkv = 3 * torch.randn(len(lengths), heads + 2 * kv_heads, head_dim, generator=generator)  # scores over ~[-30, 30]
+    results = []
+    for attend in (CpuDecodeAttention(), kernel):
+        k_cache, v_cache = cache[0].clone(), cache[1].clone()
+        out = attend(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, step, head_dim ** -0.5, upcast=False)
+        results.append((out, k_cache, v_cache))
+    (expected, k_expected, v_expected), (got, k_got, v_got) = results
+    # Whole 16-float vectors per head row run natively; otherwise the kernel declines and PyTorch runs.
+    assert kernel.suits(qkv[:, :heads], k_got) == (head_dim % 16 == 0)
+    assert torch.equal(v_got, v_expected)
+    assert torch.allclose(k_got, k_expected, atol=1e-5, rtol=1e-5)  # rotated: rounding may differ in the last bit
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(k_expected, cache[0])  # the step did store its K
+
+
+def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add():
+    from atb_models.layers.norm import RMSNorm
+
+    kernel = native_kernels().rms_norm
+    assert isinstance(kernel, NativeRMSNorm)
+    generator = torch.Generator().manual_seed(0)
+    for rows, hidden in ((1, 896), (16, 40), (100, 1536)):  # 40: a partial vector; 100 rows: threaded
+        plain, fast = RMSNorm(hidden, 1e-6, torch.float32, RMSNormKernel()), RMSNorm(hidden, 1e-6, torch.float32,
+                                                                                      kernel)
+        weight = torch.randn(hidden, generator=generator)
+        plain.weight.copy_(weight)
+        fast.weight.copy_(weight)
+        x = torch.randn(rows, hidden, generator=generator)
+        delta = torch.randn(rows, hidden, generator=generator)
+        expected_sum = x + delta
+        expected = plain(expected_sum)
+        total, got = fast.add_and_norm(x, delta)
+        assert torch.equal(total, expected_sum)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fast(x.t().contiguous().t()), plain(x), atol=1e-5)  # not its case: PyTorch's
+
+
+def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_projection():
+    kernel = native_kernels().silu_and_mul
+    assert isinstance(kernel, NativeSiluAndMul)
+    generator = torch.Generator().manual_seed(0)
+    for rows, width in ((4, 4864), (500, 40), (300, 200)):  # 40, 200: partial vectors; 300 x 200: threaded
+        projection = 8 * torch.randn(rows, 2 * width, generator=generator)
+        projection[0, :4] = torch.tensor([0.0, -200.0, 200.0, -1e-30])  # zero, far on either side, tiny
+        gate, up = projection.split(width, dim=-1)
+        expected = F.silu(gate.double()) * up.double()
+        got = kernel(gate, up)
+        assert got.shape == (rows, width) and got.is_contiguous()
+        assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-5), (rows, width)
+    # Halves of different shapes or layouts, or too few values to repay the call, are not its case: PyTorch runs.
+    assert not kernel.suits(gate, up[:, :-1]) and not kernel.suits(gate.t(), up.t())
+    assert not kernel.suits(gate[:1], up[:1])
+    assert not kernel.suits(gate.double(), up.double())
+    assert torch.allclose(kernel(gate[:1], up[:1]), F.silu(gate[:1]) * up[:1])
+
+
+def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
+    from atb_models.layers.linear import pack_weights
+    from atb_models.layers.sharding import HeadLayout
+    from atb_models.models.qwen2_vl import DecoderLayer
+
+    kernels = native_kernels()
+    fused = kernels.decoder_layer
+    assert isinstance(fused, NativeDecoderLayer)
+    generator = torch.Generator().manual_seed(0)
+    # Large enough for every linear to be packed for the panel kernel (output sizes multiples of 64).
+    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                             intermediate_size=1024)
+    layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, kernels)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
+    block_size, num_blocks = 16, 12
+    lengths = [1, 17, 40, 5]
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
+    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
+    x = torch.randn(len(lengths), 512, generator=generator)
+    assert pack_weights(layer) == 4
+    results = []
+    for run in (LayerByLayer(), fused):
+        layer.k_cache, layer.v_cache = caches[0].clone(), caches[1].clone()
+        step.kernel_state.clear()
+        results.append((run(layer, x.clone(), cos, sin, step), layer.k_cache, layer.v_cache))
+    assert "decoder_layer" in step.kernel_state, "the layer was the native kernel's case"
+    (expected, k_expected, v_expected), (got, k_got, v_got) = results
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(k_got, k_expected, atol=1e-6) and torch.equal(v_got, v_expected)
+    assert not torch.equal(k_expected, caches[0])  # the step did store its K
+    # Not its case: the attention upcast (the layer's own forward runs), weights not in the panel layout.
+    layer.upcast_attention, layer.k_cache = True, caches[0].clone()
+    assert fused.weights_of(layer) is None
+    unpacked = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, kernels)
+    unpacked.k_cache, unpacked.v_cache = caches
+    assert fused.weights_of(unpacked) is None
+
+
+# ---------------------------------------------------------------------------------- two models in one process
+
+def test_two_llms_of_different_dtypes_in_one_process_each_keep_their_own_kernels(tiny_checkpoint, sample_image_path):
+    """A float32 and a bfloat16 engine generating in turn (A, B, A, B): each gives the tokens it gives alone, the
+    float32 one transformers' greedy tokens; neither's kernels are the other's."""
+    from atb_models import LLM, SamplingParams
+    from tests.parity_utils import reference_generate
+
+    path = tiny_checkpoint(shape=_packed_mlp_shape())
+    requests = [[{"text": "Hello, what colour is the sky?"}],
+                [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def make(dtype):
+        return LLM(str(path), dtype=dtype, device="cpu", max_batch_size=2, max_input_length=1024,
+                   max_output_length=8, block_size=16)
+
+    def tokens(llm):
+        outputs = llm.generate(requests, params)
+        assert all(o.error is None for o in outputs)
+        return [o.token_ids for o in outputs]
+
+    alone_b = tokens(make("bfloat16"))  # each reference made while no other engine exists
+    a = make("float32")
+    alone_a = tokens(a)
+    for request, got in zip(requests, alone_a):
+        assert got == reference_generate(path, a.preprocessor(request), 6)[0]
+    b = make("bfloat16")
+    assert a.runner.kernels is not b.runner.kernels
+    for _ in range(2):
+        assert tokens(a) == alone_a
+        assert tokens(b) == alone_b
+    # Each keeps the kernels chosen for its own dtype: the native float32 ones (on an AVX-512 CPU) are A's alone.
+    assert type(b.runner.kernels.decode_attention) is CpuDecodeAttention
+    assert isinstance(a.runner.kernels.decode_attention, NativeDecodeAttention) == AVX512
+    assert all(layer.decode_attention is a.runner.kernels.decode_attention for layer in a.runner.model.model.layers)
+
+
+def _packed_mlp_shape():
+    """test_parity's "packed_mlp" shape: MLP weights large enough for the CPU's packed linears."""
+    from atb_models.demo.checkpoint import TinyShape
+
+    return TinyShape(hidden_size=256, intermediate_size=1024, num_hidden_layers=1, vision_depth=1)
