@@ -1,7 +1,9 @@
 """Device, distributed backend and dtypes: decided here, once, and passed down as a `Plan`.
 
-This is the only module that asks which hardware it runs on, and the only one that imports torch_npu (and only when
-it is installed). Everything else receives a `Plan` and uses `plan.device`, `plan.llm_dtype`, `plan.vision_dtype`.
+This is the only module that decides which device and dtypes a rank computes in, and the only one that imports
+torch_npu (and only when it is installed). Everything else receives a `Plan` and uses `plan.device`,
+`plan.llm_dtype`, `plan.vision_dtype`; which kernels run on that device is `atb_models.kernels.Kernels.for_plan`'s
+choice, made from the plan.
 """
 
 from __future__ import annotations
