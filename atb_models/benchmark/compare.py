@@ -115,7 +115,7 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
               max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
     plan = llm.plan
     kit = KitEngine(llm)
-    reference = ReferenceEngine(model_path, plan, llm.preprocessor)
+    reference = ReferenceEngine(llm.model_config, plan, llm.preprocessor)
     requests = make_requests(w, benchmark_dir(preset) / "media")
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize)
 
