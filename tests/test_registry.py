@@ -1,9 +1,10 @@
 """The model registry: qwen2_vl's record names the classes the kit uses, an unknown model_type is one clear error,
 and a family registered later (a stand-in here) is found by config loading, the checkpoint loader, the
-preprocessor and the modeltest hf backend without any of them naming it."""
+preprocessor, the modeltest hf backend and the benchmark's presets without any of them naming it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,6 +17,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VL
 
 import atb_models.models as registry
 from atb_models import LLM, SamplingParams, UserError
+from atb_models.benchmark.presets import PRESETS, READY_MARKER, ensure_checkpoint
 from atb_models.config import load_model_config
 from atb_models.models import ModelFamily, model_family, register
 from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
@@ -43,6 +45,14 @@ class StandInImageProcessor(Qwen2VLImageProcessor):
     pass
 
 
+BUILT = []  # (folder, settings) of every call of fake_demo_checkpoint
+
+
+def fake_demo_checkpoint(out_dir, **settings):
+    BUILT.append((Path(out_dir), settings))
+    return out_dir
+
+
 # Qwen2-VL's computation under another model_type, its checkpoints naming every tensor under "stand_in.".
 STAND_IN = ModelFamily(
     model_type="stand_in_vl",
@@ -53,6 +63,7 @@ STAND_IN = ModelFamily(
     image_processor=f"{__name__}:StandInImageProcessor",
     special_token_keys=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
     checkpoint_prefixes=(("stand_in.", ""),),
+    demo_checkpoint=f"{__name__}:fake_demo_checkpoint",
 )
 
 
@@ -133,3 +144,24 @@ def test_a_registered_family_is_served_by_the_modeltest_hf_backend(tiny_checkpoi
     [answer] = backend.generate([PROMPT], lambda: None)
     kit = LLM(str(folder), **OPTIONS).generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS))[0]
     assert answer.error is None and (answer.text, answer.token_count) == (kit.text, len(kit.token_ids))
+
+
+def test_a_registered_family_builds_the_checkpoint_of_its_benchmark_preset(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
+    preset = dataclasses.replace(PRESETS["tiny"], name="stand_in", model_type=STAND_IN.model_type)
+    BUILT.clear()
+    folder = ensure_checkpoint(preset)
+    assert folder == tmp_path / "benchmark" / "stand_in" / "checkpoint" and (folder / READY_MARKER).is_file()
+    [(staging, settings)] = BUILT
+    assert staging.parent == folder.parent
+    assert settings == {"shape": preset.shape, "image_max_pixels": preset.image_max_pixels}
+
+
+def test_a_family_without_a_demo_builder_has_no_preset_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "FAMILIES", dict(registry.FAMILIES))
+    register(dataclasses.replace(STAND_IN, demo_checkpoint=None))
+    monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
+    preset = dataclasses.replace(PRESETS["tiny"], name="stand_in", model_type=STAND_IN.model_type)
+    with pytest.raises(UserError, match="^the kit has no demo checkpoint builder for Stand-in-VL: pass --model_path$"):
+        ensure_checkpoint(preset)
+    assert not (tmp_path / "benchmark" / "stand_in" / "checkpoint").exists()

@@ -37,6 +37,8 @@ class ModelFamily:
     # (checkpoint prefix, parameter prefix): newer checkpoints of the family nest tensors under other names than
     # the model's parameters; each checkpoint name starting with the first is read as starting with the second.
     checkpoint_prefixes: tuple = ()
+    # builder of tiny random checkpoints of the family (tests, the benchmark's presets): off the runtime path
+    demo_checkpoint: str | None = None
 
     def model_class(self) -> type:
         return _import(self.model)
@@ -49,6 +51,13 @@ class ModelFamily:
 
     def image_processor_class(self) -> type:
         return _import(self.image_processor)
+
+    def build_demo_checkpoint(self, out_dir, **settings):
+        """A tiny random checkpoint of the family in `out_dir`; `settings` are the family's builder's (its shape,
+        pixel bounds, ...)."""
+        if self.demo_checkpoint is None:
+            raise UserError(f"the kit has no demo checkpoint builder for {self.display_name}: pass --model_path")
+        return _import(self.demo_checkpoint)(out_dir, **settings)
 
     def parameter_name(self, checkpoint_name: str) -> str:
         """The model's parameter name for a checkpoint tensor name (before q/k/v and gate/up packing)."""
@@ -93,4 +102,5 @@ register(ModelFamily(
     # Newer transformers releases save the language model under model.language_model and the tower under
     # model.visual; the kit's parameters keep the classic layout (model.*, visual.*).
     checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+    demo_checkpoint="atb_models.demo.checkpoint:build_checkpoint",
 ))
