@@ -5,10 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models.errors import UserError
+from atb_models.models import ModelFamily, model_family
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-# The config's special token ids the prompt builder and the model use; each must index the embedding table.
-SPECIAL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 # The json files transformers reads from a model folder (config, tokenizer, image processor, processor).
 CODE_POINTER_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                       "preprocessor_config.json", "processor_config.json", "chat_template.json")
@@ -17,7 +15,8 @@ CODE_POINTER_FILES = ("config.json", "generation_config.json", "tokenizer_config
 @dataclass
 class ModelConfig:
     path: str
-    hf_config: object          # transformers.Qwen2VLConfig: a data holder, the kit's own model does the compute
+    family: ModelFamily        # the registry's record of the checkpoint's model_type
+    hf_config: object          # the family's transformers config: a data holder, the kit's own model does the compute
     torch_dtype: str           # the checkpoint's torch_dtype as written in config.json ("bfloat16", ...)
     eos_token_ids: tuple       # every id that ends generation (generation_config.json, else config.json)
 
@@ -62,15 +61,10 @@ def load_model_config(model_path) -> ModelConfig:
     if not os.path.isfile(config_file):
         raise UserError(f"--model_path {model_path}: the folder has no config.json")
     raw = _read_json(config_file, "model config")
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"unsupported model_type {model_type!r} in {config_file}: this kit serves "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    family = model_family(raw.get("model_type"), config_file)
     refuse_custom_code(model_path)
-    from transformers import Qwen2VLConfig
-
     try:
-        hf_config = Qwen2VLConfig.from_pretrained(model_path, trust_remote_code=False)
+        hf_config = family.config_class().from_pretrained(model_path, trust_remote_code=False)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"cannot interpret {config_file}: {e}") from None
     _check_shapes(hf_config, config_file)
@@ -81,7 +75,8 @@ def load_model_config(model_path) -> ModelConfig:
     if not eos:
         eos = _as_id_list(raw.get("eos_token_id"), config_file)
     vocab_size = hf_config.vocab_size
-    for key, value in [(key, getattr(hf_config, key, None)) for key in SPECIAL_TOKEN_KEYS] + [
+    # The special token ids the prompt builder and the model use must each index the embedding table.
+    for key, value in [(key, getattr(hf_config, key, None)) for key in family.special_token_keys] + [
             ("eos_token_id", i) for i in eos]:
         if value is None:
             raise UserError(f"{config_file} has no {key}")
@@ -91,7 +86,7 @@ def load_model_config(model_path) -> ModelConfig:
     if largest >= vocab_size:
         raise UserError(f"{where} holds token id {largest}, beyond the embedding table of {config_file} "
                         f"(vocab_size {vocab_size}): the tokenizer and the weights do not belong together")
-    return ModelConfig(model_path, hf_config, raw.get("torch_dtype") or "float32", tuple(eos))
+    return ModelConfig(model_path, family, hf_config, raw.get("torch_dtype") or "float32", tuple(eos))
 
 
 def refuse_custom_code(model_path: str) -> None:
@@ -104,7 +99,7 @@ def refuse_custom_code(model_path: str) -> None:
             found = _find_key(_read_json(path, name), "auto_map")
             if found is not None:
                 raise UserError(f"{path} asks for custom code ({found}); this kit runs no Python from a model "
-                                "folder: use a checkpoint that needs only transformers' own Qwen2-VL classes")
+                                "folder: use a checkpoint that transformers' own classes read")
 
 
 def _find_key(data, key: str, where: str = ""):

@@ -1,8 +1,9 @@
 """Loading safetensors checkpoints into the kit's model.
 
 Each tensor is read on its own (memory-mapped), converted to the dtype of the parameter it fills, and handed to
-that parameter's `weight_loader`; peak host memory is the model plus one tensor. Both the classic layout
-(`model.*`, `visual.*`) and the newer one (`model.language_model.*`, `model.visual.*`) are accepted.
+that parameter's `weight_loader`; peak host memory is the model plus one tensor. How a family's checkpoints name
+their tensors, in every layout they come in, is the registry's (`ModelFamily.parameter_name`, atb_models.models);
+which checkpoint tensors feed one packed parameter is the model's (`packed_modules`).
 """
 import json
 import os
@@ -13,8 +14,7 @@ from safetensors import safe_open
 
 from atb_models.errors import UserError
 from atb_models.layers.linear import default_weight_loader
-
-_NEW_LAYOUT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+from atb_models.models import model_family
 
 
 def checkpoint_files(model_path: str) -> dict:
@@ -104,15 +104,8 @@ class CheckpointTensor:
         return self._read((slice(None), slice(start, end)))
 
 
-def canonical_name(name: str) -> str:
-    for new, old in _NEW_LAYOUT_PREFIXES:
-        if name.startswith(new):
-            return old + name[len(new):]
-    return name
-
-
 def _expected_names(params: dict, packed: dict) -> set:
-    """The checkpoint names (classic layout) that together fill `params`."""
+    """The parameter names, packed ones split into their checkpoint pieces, that together fill `params`."""
     expected = set()
     for name in params:
         pieces = [piece for piece, (packed_piece, _) in packed.items() if packed_piece in name]
@@ -125,7 +118,8 @@ def _expected_names(params: dict, packed: dict) -> set:
 
 def load_weights(model, model_path: str) -> None:
     """Fill every parameter of `model` from the checkpoint; any tensor missing, unexpected or of the wrong shape
-    is a UserError naming it."""
+    is a UserError naming it. The tensors are named as the family of the model's config names them."""
+    family = model_family(model.config.model_type)
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
     skip = set()
@@ -140,7 +134,7 @@ def load_weights(model, model_path: str) -> None:
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as handle:
             for name in names:
-                canonical = canonical_name(name)
+                canonical = family.parameter_name(name)
                 if canonical in skip:
                     continue
                 target, shard_id = canonical, None
@@ -150,7 +144,8 @@ def load_weights(model, model_path: str) -> None:
                         break
                 param = params.get(target)
                 if param is None:
-                    raise UserError(f"unexpected tensor {name} in {path}: the Qwen2-VL model has no such weight")
+                    raise UserError(f"unexpected tensor {name} in {path}: the {family.display_name} model has no "
+                                    "such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, CheckpointTensor(handle, name, param.dtype, path), name, shard_id)
                 loaded.add(canonical)

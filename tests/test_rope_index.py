@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from atb_models.multimodal.rope_index import decode_position, rope_index
+from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.sequence import Sequence
+from atb_models.multimodal.prompt import ProcessedPrompt
+from atb_models.multimodal.rope_index import rope_index
 
 # The 4.46 config class has no defaults for these ids: they come from a checkpoint's config.json (Qwen2-VL's values).
 CONFIG = Qwen2VLConfig(
@@ -135,5 +138,12 @@ def test_decode_positions_continue_after_the_prompt_shifted_by_delta():
     positions, delta = rope_index(
         ids, [grid], None, image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START
     )
-    assert decode_position(len(ids), delta) == int(positions.max()) + 1
-    assert decode_position(len(ids) + 4, delta) == int(positions.max()) + 5
+    seq = Sequence(0, ProcessedPrompt(ids, [], positions, delta, ""), SamplingParams(max_tokens=8), max_tokens=8)
+    for token in range(5):
+        seq.append_token(token)
+    # What the runner feeds the model: the prompt's own positions, then generated tokens after its largest one,
+    # the same on all three axes.
+    assert torch.equal(seq.positions(0, len(ids)), positions)
+    after = int(positions.max()) + 1 + torch.arange(5)
+    assert torch.equal(seq.positions(len(ids), len(ids) + 5), after.expand(3, -1))
+    assert torch.equal(seq.positions(len(ids) - 2, len(ids) + 1)[:, 2], after[:1].expand(3))

@@ -29,6 +29,7 @@ from atb_models.benchmark import floors
 from atb_models.benchmark.engines import KitEngine, ReferenceEngine, Request, Timing
 from atb_models.benchmark.presets import Preset, Workloads, benchmark_dir
 from atb_models.demo.checkpoint import make_image
+from atb_models.platform import cpu_capabilities, read_cpuinfo
 
 logger = logging.getLogger("atb_models.benchmark")
 
@@ -115,7 +116,7 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
               max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
     plan = llm.plan
     kit = KitEngine(llm)
-    reference = ReferenceEngine(model_path, plan, llm.preprocessor)
+    reference = ReferenceEngine(llm.model_config, plan, llm.preprocessor)
     requests = make_requests(w, benchmark_dir(preset) / "media")
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize)
 
@@ -156,7 +157,7 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
         "preset": f"{preset.name}: {preset.description}",
         "checkpoint": model_path,
         "device": plan.describe(),
-        "host": f"{_cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        "host": f"{cpu_capabilities(read_cpuinfo()).name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}",
         "repeats": f"{repeats} per workload and side (medians), after one warm-up",
         # Other processes on the CPU slow both sides, and unevenly: a load above the core count flags such a run.
@@ -165,17 +166,6 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     return results, setup
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _ms(seconds: float) -> str:

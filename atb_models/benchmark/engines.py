@@ -1,5 +1,5 @@
-"""The two sides of `compare`, timed the same way: the kit's engine and transformers' Qwen2VLForConditionalGeneration
-(4.46) on the kit's own preprocessed prompts.
+"""The two sides of `compare`, timed the same way: the kit's engine and transformers' implementation of the
+checkpoint's family (the registry's reference class, atb_models.models) on the kit's own preprocessed prompts.
 
 Every timing is wall clock from the moment the requests are handed over, so both sides include preprocessing
 (image decoding, resizing, normalising, the chat template: the same code for both), and every host cost between
@@ -38,8 +38,6 @@ def _per_token(first: float, last: float, num_tokens: int) -> float:
 
 
 class KitEngine:
-    name = "kit"
-
     def __init__(self, llm: LLM):
         self.llm = llm
         self.plan = llm.plan
@@ -73,6 +71,22 @@ class _TokenClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def load_reference_model(model_config, plan):
+    """transformers' implementation of a checkpoint's family (`model_config.family.reference_class()`), read from
+    its safetensors as the kit reads them, computing as `plan` says (language model in plan.llm_dtype, vision tower
+    in plan.vision_dtype, on plan.device); a folder it cannot load is one UserError."""
+    reference_class = model_config.family.reference_class()
+    try:
+        # Safetensors only: a pickled checkpoint (pytorch_model.bin) is not loaded; code in the folder never runs.
+        model = reference_class.from_pretrained(model_config.path, torch_dtype=plan.llm_dtype, use_safetensors=True,
+                                                trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"cannot load the model from {model_config.path}: {reason}") from None
+    model.visual.to(plan.vision_dtype)
+    return model.to(plan.device).eval()
+
+
 def reference_inputs(prompts: list, pad_token_id: int, device: torch.device) -> dict:
     """generate() inputs for several preprocessed prompts: ids left-padded to the longest, its attention mask, and
     the images' and videos' patches and grids concatenated in prompt order."""
@@ -95,19 +109,13 @@ def reference_inputs(prompts: list, pad_token_id: int, device: torch.device) -> 
 class ReferenceEngine:
     """transformers' implementation, one request at a time or in left-padded static batches."""
 
-    name = "transformers"
-
-    def __init__(self, model_path: str, plan, preprocessor):
-        from transformers import Qwen2VLForConditionalGeneration
-
+    def __init__(self, model_config, plan, preprocessor):
+        """model_config: the kit's config.ModelConfig of the checkpoint (its family names the reference class)."""
         self.plan = plan
         self.preprocessor = preprocessor
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=plan.llm_dtype,
-                                                                trust_remote_code=False)
-        model.visual.to(plan.vision_dtype)
-        self.model = model.to(plan.device).eval()
+        self.model = load_reference_model(model_config, plan)
         # Left padding fills with generation_config.json's pad id (else an eos id): the attention mask hides it.
-        generation = model.generation_config
+        generation = self.model.generation_config
         eos = generation.eos_token_id
         self.pad_token_id = generation.pad_token_id
         if self.pad_token_id is None:

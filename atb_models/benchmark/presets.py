@@ -1,8 +1,9 @@
 """What `compare` runs: a checkpoint shape, the workloads' sizes and how many times each is repeated.
 
-A preset's random checkpoint and the workloads' images are built once with `atb_models.demo.build_checkpoint` into
-`$ATB_MODELS_HOME/benchmark/<preset>` (default `~/.cache/atb_models/benchmark/<preset>`) and reused;
-`--model_path` runs a preset's workloads on any checkpoint instead.
+A preset's random checkpoint is built once by its family's demo checkpoint builder (the registry's, for Qwen2-VL
+`atb_models.demo.build_checkpoint`) into `$ATB_MODELS_HOME/benchmark/<preset>` (default
+`~/.cache/atb_models/benchmark/<preset>`), as are the workloads' images, and reused; `--model_path` runs a preset's
+workloads on any checkpoint instead.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models.config import kit_home
-from atb_models.demo.checkpoint import TinyShape, build_checkpoint
+from atb_models.demo.checkpoint import TinyShape
 from atb_models.errors import UserError
+from atb_models.models import model_family
 
 logger = logging.getLogger("atb_models.benchmark")
 
@@ -55,7 +57,8 @@ def batch16_workloads(first: tuple[int, int], last: tuple[int, int], tokens: tup
 class Preset:
     name: str
     description: str
-    shape: TinyShape
+    model_type: str             # the registry's family whose demo builder makes the checkpoint
+    shape: TinyShape            # that builder's shape settings
     image_max_pixels: int       # the checkpoint's processor ceiling: every workload image keeps its size
     dtype: str                  # computed in
     device: str
@@ -68,11 +71,12 @@ class Preset:
 
 def _preset(name, description, shape, image_max_pixels, dtype, device, single, batch, decode, repeats,
             bandwidth_bytes, max_input_length) -> Preset:
+    """A Qwen2-VL preset (the only family with presets so far)."""
     batch_images, batch_tokens = batch
     workloads = Workloads(single[0], single[1], batch_images, batch_tokens, decode[0], decode[1])
     max_output = max(single[1], *batch_tokens, decode[1] + 1)
-    return Preset(name, description, shape, image_max_pixels, dtype, device, workloads, repeats, bandwidth_bytes,
-                  max_input_length, max_output)
+    return Preset(name, description, "qwen2_vl", shape, image_max_pixels, dtype, device, workloads, repeats,
+                  bandwidth_bytes, max_input_length, max_output)
 
 
 PRESETS = {
@@ -120,7 +124,8 @@ def ensure_checkpoint(preset: Preset) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=target.parent))
         try:
-            build_checkpoint(staging, shape=preset.shape, image_max_pixels=preset.image_max_pixels)
+            model_family(preset.model_type).build_demo_checkpoint(staging, shape=preset.shape,
+                                                                  image_max_pixels=preset.image_max_pixels)
             (staging / READY_MARKER).write_text(f"{preset.name}: {preset.description}\n")
             os.rename(staging, target)
         finally:

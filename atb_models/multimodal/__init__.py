@@ -3,14 +3,13 @@ expanded vision placeholders, and M-RoPE positions."""
 
 from atb_models.multimodal.media import classify_media, load_image, load_video
 from atb_models.multimodal.prompt import Preprocessor, ProcessedPrompt, VisualInput
-from atb_models.multimodal.rope_index import decode_position, rope_index
+from atb_models.multimodal.rope_index import rope_index
 
 __all__ = [
     "Preprocessor",
     "ProcessedPrompt",
     "VisualInput",
     "classify_media",
-    "decode_position",
     "load_image",
     "load_video",
     "rope_index",

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import Qwen2VLImageProcessor
 
 from atb_models.errors import UserError
 from atb_models.multimodal.media import describe, fit_to_grid, load_image, load_video
+from atb_models.models import model_family
 from atb_models.multimodal.rope_index import rope_index
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _check_pixel_bounds(processor, min_given: bool, max_given: bool, factor: int
 
 
 class Preprocessor:
-    """Turns requests into ProcessedPrompts for one checkpoint (its chat template, image processor and token ids)."""
+    """Turns requests into ProcessedPrompts for one checkpoint (its chat template, image processor and token ids).
+    The image processor class is the registry's for the config's model_type (atb_models.models)."""
 
     def __init__(
         self,
@@ -134,16 +135,17 @@ class Preprocessor:
         self.video_max_pixels = max_pixels
         self.chat_template = tokenizer.chat_template or self._read_chat_template(model_path)
 
+        image_processor_class = model_family(config.model_type).image_processor_class()
         if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
             # The concrete class reads only the JSON: unlike AutoImageProcessor it never follows an `auto_map` to
             # the folder's Python. transformers ignores the flag here; it states the rule of the kit's every load.
             try:
-                processor = Qwen2VLImageProcessor.from_pretrained(model_path, trust_remote_code=False)
+                processor = image_processor_class.from_pretrained(model_path, trust_remote_code=False)
             except (OSError, ValueError, TypeError) as err:
                 raise UserError(f"cannot read {model_path}/preprocessor_config.json: {err}") from None
         else:
             logger.warning("%s has no preprocessor_config.json; using the image processor's defaults", model_path)
-            processor = Qwen2VLImageProcessor()
+            processor = image_processor_class()
         if min_pixels is not None:
             processor.min_pixels = min_pixels
         if max_pixels is not None:
@@ -236,9 +238,10 @@ class Preprocessor:
         is_placeholder = (ids == self.image_token_id) | (ids == self.video_token_id)
         placeholder_kinds = ["image" if i == self.image_token_id else "video" for i in ids[is_placeholder].tolist()]
         if placeholder_kinds != [v.kind for v in visuals]:
+            image_pad, video_pad = self.tokenizer.convert_ids_to_tokens([self.image_token_id, self.video_token_id])
             raise UserError(
                 f"the prompt holds {len(placeholder_kinds)} image/video placeholders for {len(visuals)} images/videos; "
-                "text must not contain vision tokens such as <|image_pad|> or <|video_pad|>"
+                f"text must not contain vision tokens such as {image_pad} or {video_pad}"
             )
         repeats = torch.ones_like(ids)
         repeats[is_placeholder] = torch.tensor([v.num_tokens for v in visuals], dtype=torch.long)

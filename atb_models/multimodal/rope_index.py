@@ -82,8 +82,3 @@ def rope_index(
 
     positions = torch.cat(pieces, dim=1)
     return positions, next_pos - length
-
-
-def decode_position(num_tokens_so_far: int, rope_delta: int) -> int:
-    """Position (the same on all three axes) of the token at index `num_tokens_so_far` after an M-RoPE prompt."""
-    return num_tokens_so_far + rope_delta

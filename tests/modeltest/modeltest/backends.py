@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from atb_models import LLM, SamplingParams, UserError
-from atb_models.config import load_model_config as load_checkpoint_config
+from atb_models.benchmark.engines import load_reference_model, reference_inputs
+from atb_models.config import load_model_config as load_checkpoint_config, load_tokenizer
 from atb_models.multimodal.prompt import Preprocessor
 from atb_models.platform import resolve_plan
 
@@ -57,33 +58,24 @@ class KitBackend:
 
 
 class HFBackend:
+    """transformers' implementation of the checkpoint's family: the registry's reference class (atb_models.models)."""
+
     name = "hf"
-    description = "transformers Qwen2VLForConditionalGeneration, one sample at a time"
 
     def __init__(self, model: ModelConfig, task: TaskConfig, max_new_tokens: int, dtype: str, device: str):
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
         checkpoint = load_checkpoint_config(model.model_path)
+        self.description = f"transformers {checkpoint.family.reference_class().__name__}, one sample at a time"
         self.plan = resolve_plan(device, dtype, checkpoint.torch_dtype)
         logger.info(self.plan.describe())
-        # trust_remote_code=False: code in a model folder is never run, and transformers never asks whether to.
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model.model_path, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the tokenizer from {model.model_path}: {e}") from None
+        self.tokenizer = load_tokenizer(model.model_path)
         infer = model.infer_params
         self.preprocessor = Preprocessor(model.model_path, checkpoint.hf_config, self.tokenizer,
                                          min_pixels=infer.min_pixels, max_pixels=infer.max_pixels,
                                          video_fps=infer.video_fps, video_max_frames=infer.video_max_frames)
         try:
-            # Safetensors only, as the kit reads them: a pickled checkpoint (pytorch_model.bin) is not loaded.
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-                model.model_path, torch_dtype=self.plan.llm_dtype, use_safetensors=True, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            reason = " ".join(str(e).split())
-            raise UserError(f"--backend hf: cannot load the model from {model.model_path}: {reason}") from None
-        self.model.visual.to(self.plan.vision_dtype)
-        self.model.to(self.plan.device).eval()
+            self.model = load_reference_model(checkpoint, self.plan)
+        except UserError as e:
+            raise UserError(f"--backend hf: {e}") from None
         self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.max_input_length = task.requested_max_input_length
         self.max_new_tokens = max_new_tokens
@@ -106,26 +98,17 @@ class HFBackend:
         if len(prompt.token_ids) > self.max_input_length:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than the "
                             f"task's requested_max_input_length {self.max_input_length}")
-        device = self.plan.device
-        ids = torch.tensor([prompt.token_ids], device=device)
-        visual_inputs = {}
-        for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
-                                    ("video", "pixel_values_videos", "video_grid_thw")):
-            items = [v for v in prompt.visuals if v.kind == kind]
-            if items:
-                visual_inputs[pixels] = torch.cat([v.pixel_values for v in items]).to(device)
-                visual_inputs[grids] = torch.tensor([list(v.grid_thw) for v in items], device=device)
+        pad_token_id = self.eos_token_ids[0]  # one prompt: nothing is padded
+        inputs = reference_inputs([prompt], pad_token_id, self.plan.device)
         start = time.perf_counter()
         with torch.inference_mode():
             # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
-            sequences = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                            max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None,
-                                            top_p=None, top_k=None, repetition_penalty=1.0,
-                                            eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0],
-                                            **visual_inputs)
+            sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                            temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                            eos_token_id=self.eos_token_ids, pad_token_id=pad_token_id)
         self.plan.synchronize()
         seconds = time.perf_counter() - start
-        tokens = sequences[0, ids.shape[1]:].tolist()
+        tokens = sequences[0, len(prompt.token_ids):].tolist()
         finish_reason = "stop" if tokens and tokens[-1] in self.eos_token_ids else "length"
         return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens),
                           len(prompt.token_ids), seconds, finish_reason)
