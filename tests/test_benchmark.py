@@ -84,7 +84,7 @@ def test_csv_has_mindies_ten_columns_in_order_and_private_modes(tmp_path):
 
 
 def test_only_rank_0_writes_the_csv(tmp_path, monkeypatch):
-    from examples.models.qwen2_vl.run_pa import dump_benchmark
+    from atb_models.benchmark.timed_runs import dump_benchmark
 
     path = tmp_path / "benchmark.csv"
     monkeypatch.setenv("ATB_LLM_BENCHMARK_FILEPATH", str(path))

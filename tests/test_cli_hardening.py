@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 
 from atb_models import RequestOutput, UserError, launch
+from atb_models.cli import infer, inputs
+from atb_models.cli import results as run_results
+from atb_models.cli.entry import Stopped, run_entry_point
 from examples.models.qwen2_vl import run_pa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +143,7 @@ def test_every_entry_of_a_dataset_folder_is_recorded_with_a_reason_and_a_fifo_is
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("dataset_entries opened a FIFO"))
     signal.alarm(20)
     try:
-        entries = run_pa.dataset_entries(str(folder), "What is it?")
+        entries = inputs.dataset_entries(str(folder), "What is it?")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -201,7 +204,7 @@ def dataset_run_with_skipped_entries(capsys, tiny_checkpoint, tmp_path, sample_i
 # --------------------------------------------------------------------------------- results written atomically
 
 def _entries(*answers) -> list:
-    return [run_pa.Entry([], name=f"{i}.jpg", output=RequestOutput(i, "", text=answer))
+    return [inputs.Entry([], name=f"{i}.jpg", output=RequestOutput(i, "", text=answer))
             for i, answer in enumerate(answers)]
 
 
@@ -212,9 +215,9 @@ def test_a_failed_results_write_leaves_the_previous_file_and_no_temporary_file(t
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(run_pa.os, "fsync", disk_full)
+    monkeypatch.setattr(run_results.os, "fsync", disk_full)
     with pytest.raises(UserError, match="No space left on device; the previous results file is left as it was"):
-        run_pa.save_results(_entries("new"), str(path), "results.json")
+        run_results.save_results(_entries("new"), str(path), "results.json")
     assert path.read_text() == '{"old.jpg": "kept"}'
     assert os.listdir(tmp_path) == ["results.json"]
 
@@ -224,8 +227,8 @@ def test_results_replace_the_file_through_a_symbolic_link_keeping_its_mode(tmp_p
     target.write_text("{}")
     target.chmod(0o640)
     (tmp_path / "link.json").symlink_to(target)
-    path = run_pa.check_results_path(str(tmp_path / "link.json"))
-    run_pa.save_results(_entries("yes"), path, "link.json")
+    path = inputs.check_results_path(str(tmp_path / "link.json"))
+    run_results.save_results(_entries("yes"), path, "link.json")
     assert json.loads(target.read_text()) == {"0.jpg": "yes"}
     assert (tmp_path / "link.json").is_symlink() and (target.stat().st_mode & 0o777) == 0o640
     assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
@@ -254,7 +257,7 @@ class InterruptedLLM:
 def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path,
                                                                      dataset):
     monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: os.kill(os.getpid(), signum)))
-    monkeypatch.setattr(run_pa, "LLM", InterruptedLLM)
+    monkeypatch.setattr(infer, "LLM", InterruptedLLM)
     handler_before = signal.getsignal(signal.SIGTERM)
     out_path = tmp_path / "results.json"
     status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
@@ -273,7 +276,7 @@ def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(InterruptedLLM, "generate", interrupted)
-    monkeypatch.setattr(run_pa, "LLM", InterruptedLLM)
+    monkeypatch.setattr(infer, "LLM", InterruptedLLM)
     out_path = tmp_path / "results.json"
     out_path.write_text('{"old": "run"}')
     status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
@@ -419,3 +422,62 @@ def test_a_failure_of_one_rank_at_world_size_2_is_one_line_without_the_peers_tra
     assert "Traceback" not in err, err
     assert error_lines(err) == [error_lines(err)[0]] and "is not a shared-memory name file" in error_lines(err)[0]
     assert foreign.read_text() == "my notes\n"
+
+
+# ------------------------------------------------------------------------------------- the entry-point helper
+
+def _raises(error: BaseException):
+    def body(*args) -> int:
+        raise error
+    return body
+
+
+def test_a_user_error_of_several_lines_ends_an_entry_point_in_one_error_line(capsys):
+    assert run_entry_point(_raises(UserError("cannot load the model:\n    config.json: missing\tfield"))) == 1
+    assert capsys.readouterr().err == "Error: cannot load the model: config.json: missing field\n"
+
+
+def test_a_lost_rank_is_one_error_line_and_another_error_keeps_its_traceback(capsys):
+    from atb_models.distributed import RankLost
+
+    assert run_entry_point(_raises(RankLost("a collective failed"))) == 1
+    assert capsys.readouterr().err == "Error: a collective failed\n"
+    with pytest.raises(ZeroDivisionError):
+        run_entry_point(_raises(ZeroDivisionError("a bug")))
+
+
+def test_debug_lets_a_user_error_through_with_its_traceback():
+    with pytest.raises(UserError, match="bad flag"):
+        run_entry_point(_raises(UserError("bad flag")), debug=True)
+
+
+@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIGTERM")])
+def test_ctrl_c_exits_130_and_sigterm_143_with_one_line_and_the_handlers_restored(signum, line, capsys):
+    handlers_before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def body() -> int:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the signal arrives first
+        return 0
+
+    assert run_entry_point(body) == 128 + signum
+    assert capsys.readouterr().err == line + "\n"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
+
+
+def test_modeltest_and_the_benchmark_end_through_the_same_helper(capsys, monkeypatch):
+    """Each entry point once: modeltest on Ctrl-C (it printed `Interrupted` itself before), the benchmark on a bad
+    flag (its error was not one-lined before)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "modeltest"))
+    from modeltest import cli as modeltest_cli
+    from modeltest.config import CONFIG_DIR
+
+    from atb_models.benchmark.__main__ import main as benchmark_main
+
+    monkeypatch.setattr(modeltest_cli, "run", _raises(Stopped(signal.SIGTERM)))
+    argv = ["--model_config_path", str(CONFIG_DIR / "model" / "qwen2_vl.yaml"),
+            "--task_config_path", str(CONFIG_DIR / "task" / "textvqa.yaml")]
+    assert modeltest_cli.main(argv) == 143
+    assert capsys.readouterr().err == "Stopped by SIGTERM\n"
+    assert benchmark_main(["compare", "--preset", "tiny", "--workloads", "nothing"]) == 1
+    assert capsys.readouterr().err.startswith("Error: --workloads nothing: choose from ")

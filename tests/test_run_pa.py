@@ -179,3 +179,51 @@ def test_debug_shows_the_traceback(tmp_path, sample_image_path):
                     "--debug", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------- fast start
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`, this checkout first on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+HEAVY = ("torch", "cv2", "transformers.models.qwen2_vl.modeling_qwen2_vl", "atb_models.demo.checkpoint")
+
+
+def test_import_atb_models_loads_neither_torch_nor_opencv_nor_transformers_modeling_code():
+    modules = _modules_after("import atb_models")
+    assert not modules & set(HEAVY), modules & set(HEAVY)
+
+
+def test_run_pa_help_and_the_demo_reader_lookup_load_neither_torch_nor_the_checkpoint_builder():
+    modules = _modules_after(
+        "from examples.models.qwen2_vl.run_pa import QWEN2_VL\n"
+        "from atb_models.cli.run_pa import build_parser\n"
+        "build_parser(QWEN2_VL).format_help()\n"
+        "from atb_models.demo.reader import reader_samples\n"
+        "reader_samples()")
+    assert not modules & set(HEAVY), modules & set(HEAVY)
+    assert not [name for name in modules if name.startswith("atb_models.engine")]
+
+
+def test_media_loads_opencv_only_for_a_video(sample_video_path):
+    modules = _modules_after("import sys\n"
+                             "from atb_models.multimodal.media import probe_media_file\n"
+                             "assert 'cv2' not in sys.modules, 'imported with the module'\n"
+                             f"probe_media_file({str(sample_video_path)!r})")
+    assert "cv2" in modules
+
+
+def test_run_pa_sh_help_lists_the_launchers_flags_and_run_pas_and_exits_0(tmp_path):
+    result = subprocess.run(["bash", str(RUN_PA_SH), "--help"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    for flag in ("--world_size N", "--nnodes N", "--node_rank R", "--master_addr A", "MASTER_PORT",
+                 "--model_path DIR", "--input_image PATH", "--performance", "--debug"):
+        assert flag in result.stdout, flag
+    assert "set -euo" not in result.stdout

@@ -20,9 +20,8 @@ import time
 import torch  # noqa: F401  (imported before the baseline so its own memory is not counted as loading)
 import transformers  # noqa: F401
 
-from atb_models.errors import UserError
-from atb_models.launch import report_rank_failure
-from atb_models.platform import DTYPE_CHOICES
+from atb_models.cli.choices import DTYPE_CHOICES
+from atb_models.cli.entry import configure_logging, run_entry_point
 
 
 def status_mib(field: str) -> float:
@@ -57,18 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        measure(args.model_dir, args.dtype)
-    except UserError as e:
-        message = " ".join(str(e).split())
-        if not report_rank_failure(message):  # under the launcher, the launcher prints it once
-            print(f"Error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entry_point(lambda: measure(args.model_dir, args.dtype))
 
 
-def measure(model: str, dtype: str) -> None:
-    from atb_models import LLM
+def measure(model: str, dtype: str) -> int:
+    from atb_models import LLM, distributed
+
+    configure_logging(distributed.env_state().rank)
 
     anon_before, rss_before = status_mib("RssAnon"), status_mib("VmRSS")
     sampler = PeakSampler("RssAnon")
@@ -81,6 +75,7 @@ def measure(model: str, dtype: str) -> None:
     params = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters()) / 2**20
     print(f"rank {os.environ.get('RANK', '0')}: parameters held {params:.0f} MiB, private memory peak "
           f"+{sampler.peak - anon_before:.0f} MiB, resident set peak +{peak_rss - rss_before:.0f} MiB", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1],
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.errors import UserError
-from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-    kit_logger = logging.getLogger("atb_models")
-    kit_logger.handlers[:] = [handler]
-    kit_logger.setLevel(logging.INFO)
-    kit_logger.propagate = False
+    configure_logging()
+    return run_entry_point(lambda: compare(args))
+
+
+def compare(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # its generation-config notes say nothing about speed
@@ -54,25 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     from atb_models.benchmark.compare import WORKLOADS, report, run_compare
     from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
 
-    try:
-        preset = PRESETS[args.preset]
-        workloads = tuple(w for w in args.workloads.split(",") if w)
-        unknown = sorted(set(workloads) - set(WORKLOADS))
-        if unknown or not workloads:
-            raise UserError(f"--workloads {args.workloads}: choose from {','.join(WORKLOADS)}")
-        repeats = preset.repeats if args.repeats is None else args.repeats
-        if repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {repeats}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UserError(f"--threads must be at least 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        model_path = args.model_path or str(ensure_checkpoint(preset))
-        results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,
-                                     repeats, workloads)
-    except UserError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    preset = PRESETS[args.preset]
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown or not workloads:
+        raise UserError(f"--workloads {args.workloads}: choose from {','.join(WORKLOADS)}")
+    repeats = preset.repeats if args.repeats is None else args.repeats
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model_path = args.model_path or str(ensure_checkpoint(preset))
+    results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,
+                                 repeats, workloads)
     print(report(results, setup, preset), flush=True)
     return 0
 

@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformers.utils import logging as transformers_logging
-
-from atb_models.demo.checkpoint import build_demo
-from atb_models.errors import UserError
+from atb_models.cli.entry import configure_logging, run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,18 +16,22 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--output", type=Path, required=True, help="folder to build into (an earlier demo is rebuilt)")
     build.add_argument("--seed", type=int, default=0, help="seed for the random weights and sample media")
     args = parser.parse_args(argv)
+    configure_logging()
 
-    try:
+    def build_it() -> int:
+        from atb_models.demo.checkpoint import build_demo
+
         out_dir = build_demo(args.output, seed=args.seed)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"demo checkpoint written to {out_dir} (with sample.jpg and sample.mp4)")
-    print("its weights are random: it runs like Qwen2-VL, but its answers mean nothing")
-    return 0
+        print(f"demo checkpoint written to {out_dir} (with sample.jpg and sample.mp4)")
+        print("its weights are random: it runs like Qwen2-VL, but its answers mean nothing")
+        return 0
+
+    return run_entry_point(build_it)
 
 
 if __name__ == "__main__":
+    from transformers.utils import logging as transformers_logging
+
     # transformers 4.46 warns about its own Qwen2-VL rotary constructor; users can do nothing about it.
     transformers_logging.set_verbosity_error()
     sys.exit(main())

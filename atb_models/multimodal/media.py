@@ -10,19 +10,21 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
-# FFmpeg inside OpenCV prints its own complaints about a corrupt file ("moov atom not found") on stderr; the kit
-# reports the file itself, in one line. Must be set before OpenCV loads its video backend.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-
-import cv2  # noqa: E402
 import numpy as np
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from atb_models.errors import UserError
+
+if TYPE_CHECKING:
+    import cv2
+
+# FFmpeg inside OpenCV prints its own complaints about a corrupt file ("moov atom not found") on stderr; the kit
+# reports the file itself, in one line. Must be set before OpenCV loads its video backend.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
@@ -137,8 +139,15 @@ def load_image(source: ImageSource) -> Image.Image:
         return _to_rgb(image)
 
 
+def _opencv():
+    """OpenCV, imported with the first video: only videos need it, and it is slow to import."""
+    import cv2
+
+    return cv2
+
+
 def _open_video(path: str) -> cv2.VideoCapture:
-    capture = cv2.VideoCapture(path)
+    capture = _opencv().VideoCapture(path)
     if not capture.isOpened():
         capture.release()
         raise UserError(f"cannot open video {path}: corrupt or not a video")
@@ -163,6 +172,7 @@ def probe_media_file(path: Union[str, os.PathLike]) -> str:
     if kind == "image":
         with _open_image_file(path):
             return kind
+    cv2 = _opencv()
     capture = _open_video(path)
     try:
         native_fps = capture.get(cv2.CAP_PROP_FPS)
@@ -246,6 +256,7 @@ def _frame_size(height: int, width: int, num_frames: int, max_pixels, factor: in
 def _read_video_frames(path: str, indices: list[int], target_size) -> tuple[list[np.ndarray], int]:
     """Decode sequentially (no seeking, which is unreliable across codecs), keeping the frames at `indices` as RGB
     resized to `target_size(height, width)` of the first one; returns them and how many frames were decoded."""
+    cv2 = _opencv()
     capture = cv2.VideoCapture(path)
     wanted = set(indices)
     kept: dict[int, np.ndarray] = {}
@@ -275,6 +286,7 @@ def _count_frames(capture: cv2.VideoCapture) -> int:
 
 def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor: int) -> tuple[np.ndarray, float]:
     _check_file(path, "video")
+    cv2 = _opencv()
     capture = _open_video(path)
     try:
         native_fps = capture.get(cv2.CAP_PROP_FPS)

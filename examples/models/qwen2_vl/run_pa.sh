@@ -3,13 +3,18 @@
 #
 #   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
 #
-# Every other flag goes to run_pa.py unchanged, whose argparse is the one list of flags (see --help).
+# Launcher flags (this script's own; every other flag goes to run_pa.py unchanged, listed below):
+#   --world_size N     ranks on this node, one per device (default: the devices in ASCEND_RT_VISIBLE_DEVICES, else
+#                      in CUDA_VISIBLE_DEVICES, else 1)
+#   --nnodes N         nodes in the job (torchrun's, with --node_rank and --master_addr)
+#   --node_rank R      this node's rank among them; node 0 hosts the store
+#   --master_addr A    address of node 0 (default: MASTER_ADDR, else torchrun's 127.0.0.1)
+# Environment: MASTER_PORT, the store's port on node 0 (default 20031; a busy one is reported before any rank
+# starts); MASTER_ADDR; PYTHON, the interpreter (default: python3).
+#
 # Given --model_path but no --input_text, this script asks for a long answer (MindIE's prompt), so outputs reach
 # --max_output_length and the Latency/Throughput lines mean something. Without --model_path the demo reader runs and
-# run_pa.py asks it the question its sample goes with.
-# World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in CUDA_VISIBLE_DEVICES,
-# else 1. MASTER_PORT (default 20031) and MASTER_ADDR are passed to torchrun; a busy MASTER_PORT is reported before
-# any rank starts. Ctrl-C exits 130, SIGTERM 143, at any world size.
+# run_pa.py asks it the question its sample goes with. Ctrl-C exits 130, SIGTERM 143, at any world size.
 # Works from any directory: relative paths in the flags are read from the current one.
 set -euo pipefail
 
@@ -23,6 +28,10 @@ PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
 DEFAULT_INPUT_TEXT="Explain the contents of the picture with more than 500 words and do not Answer the question \
 using a single word or phrase."
 
+usage() { # the comment block above, without its "# "
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+}
+
 usage_error() {
     echo "Error: $1" >&2
     exit 2
@@ -33,8 +42,10 @@ torchrun_args=()
 run_pa_args=()
 has_input_text=0
 has_model_path=0
+show_help=0
 while (($#)); do
     case "$1" in
+        -h | --help) show_help=1 ;;
         --world_size | --nnodes | --node_rank | --master_addr)
             (($# >= 2)) || usage_error "$1 needs a value"
             if [[ "$1" == --world_size ]]; then
@@ -59,6 +70,12 @@ while (($#)); do
     esac
     shift
 done
+if ((show_help)); then
+    usage
+    echo
+    echo "run_pa.py's flags:"
+    exec "${PYTHON}" -m examples.models.qwen2_vl.run_pa --help
+fi
 if ((has_model_path && !has_input_text)); then
     run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
 fi

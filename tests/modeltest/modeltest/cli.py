@@ -6,21 +6,23 @@
 scripts/mm_run.sh is the usual way in: it picks the two yaml files and the world size. With --world_size above 1
 this command starts the ranks itself, through the kit's launcher (torchrun); every rank runs the model and rank 0
 alone prints and writes. Bad input is one `Error: ...` line on stderr and exit status 1 (--debug shows the
-traceback).
+traceback); Ctrl-C exits 130 and SIGTERM 143.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from datetime import datetime
 
+from transformers.utils import logging as transformers_logging
+
 from atb_models import UserError, distributed
-from atb_models.launch import launched, report_rank_failure
-from atb_models.platform import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.launch import launched
 
 from modeltest.backends import HFBackend, KitBackend
 from modeltest.config import load_model_config, load_task_config
@@ -66,20 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(rank: int) -> None:
-    """The kit's and the harness's log lines on stderr; only rank 0 speaks below WARNING."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()  # its notes on its own Qwen2-VL classes are nothing to act on
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%H:%M:%S"))
-    for name in ("atb_models", "modeltest"):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        log.propagate = False
-
-
 def make_backend(name: str, model, task_config, args, max_new_tokens: int):
     dtype = args.dtype or model.data_type
     if name == "hf":
@@ -90,7 +78,8 @@ def make_backend(name: str, model, task_config, args, max_new_tokens: int):
 def run(args: argparse.Namespace) -> int:
     ranks = distributed.env_state()
     rank, world_size = ranks.rank, ranks.world_size
-    configure_logging(rank)
+    transformers_logging.set_verbosity_error()  # its notes on its own Qwen2-VL classes are nothing to act on
+    configure_logging(rank, names=("atb_models", "modeltest"))
     if args.world_size is not None and args.world_size != world_size:
         raise UserError(f"--world_size {args.world_size}, but this process is one of {world_size} ranks")
     model = load_model_config(args.model_config_path, args.model_path)
@@ -174,19 +163,12 @@ def start_ranks(world_size: int, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
+
+    def start() -> int:
         if args.world_size is not None and args.world_size < 1:
             raise UserError(f"--world_size must be a positive integer, got {args.world_size}")
         if args.world_size is not None and args.world_size > 1 and not launched():
             return start_ranks(args.world_size, argv)
         return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        message = " ".join(str(e).split())
-        if not report_rank_failure(message):  # under atb_models.launch the launcher prints it, once
-            print(f"Error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("Interrupted", file=sys.stderr)
-        return 130
+
+    return run_entry_point(start, debug=args.debug)

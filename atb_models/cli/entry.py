@@ -1,0 +1,126 @@
+"""What every entry point of the kit shares: its log lines, and how it ends.
+
+    def main(argv=None) -> int:
+        args = build_parser().parse_args(argv)
+        return run_entry_point(lambda: run(args), debug=args.debug)
+
+`run_entry_point` turns the ways a run ends into one line and an exit status: a `UserError` (bad input) or a
+`RankLost` (a rank whose peer failed) into `Error: ...` and 1, Ctrl-C into `Interrupted` and 130, SIGTERM into
+`Stopped by SIGTERM` and 143, --debug showing the traceback instead. Under `atb_models.launch` a rank hands its
+error to the launcher, which prints it once for the job. Torch-free, so a parser's --help stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import signal
+import sys
+import threading
+from typing import Callable
+
+from atb_models.errors import UserError
+from atb_models.launch import launched, report_exit_status, report_rank_failure, stop_line
+
+LOG_FORMAT = "[%(asctime)s] [%(levelname)s] %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
+
+# MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls go the same way.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# A line break of a many-line message, with the indentation around it.
+_LINE_BREAK = re.compile(r"[ \t]*[\r\n]+[ \t]*")
+
+
+def configure_logging(rank: int = 0, names: tuple[str, ...] = ("atb_models",)) -> None:
+    """The kit's log lines on stderr for these loggers; only rank 0 speaks below WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    for name in names:
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        log.propagate = False
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character (a line break, a tab) shown as a space."""
+    return _CONTROL_CHARS.sub(" ", text)
+
+
+def error_line(error: BaseException) -> str:
+    """An error's message as one line: each line break, with its indentation, becomes one space."""
+    return one_line(_LINE_BREAK.sub(" ", str(error).strip()))
+
+
+def print_error(message: str) -> None:
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program was, so that it ends as on Ctrl-C (what was finished written, shared
+    memory removed) but says so and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM raises Stopped inside the block; SIGINT and SIGTERM get their handlers back after it. Installed
+    before an engine exists: shm.install_cleanup replaces only a default SIGTERM handler (the segments are still
+    removed at exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def ignore_further_stops() -> None:
+    """Once stopping, a second Ctrl-C or SIGTERM must not cut short the writing of what was finished."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors shown as one line. RankLost can only have been raised once atb_models.distributed is loaded,
+    and importing it here would load torch for every entry point."""
+    distributed = sys.modules.get("atb_models.distributed")
+    return (UserError,) if distributed is None else (UserError, distributed.RankLost)
+
+
+def run_entry_point(body: Callable[[], int], *, debug: bool = False) -> int:
+    """`body()`'s exit status, or the status of the way it ended, said in one line (see the module's docstring).
+    Under the launcher a rank's non-zero status is handed to it (`report_exit_status`)."""
+    with stop_signals():
+        try:
+            return report_exit_status(body())
+        except Exception as e:
+            if debug or not isinstance(e, _one_line_errors()):
+                raise
+            message = error_line(e)
+            try:
+                reported = report_rank_failure(message)
+            except KeyboardInterrupt:  # the launcher stopped this rank while it lingered; its cause is recorded
+                return 1
+            if not reported:  # under the launcher the launcher prints it, once
+                print_error(message)
+            return 1
+        except KeyboardInterrupt as e:
+            ignore_further_stops()
+            signum = getattr(e, "signum", signal.SIGINT)
+            if not launched():  # the launcher says it once for every rank
+                print(stop_line(signum), file=sys.stderr, flush=True)
+            return 128 + signum

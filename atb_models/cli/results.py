@@ -1,0 +1,109 @@
+"""What run_pa shows and keeps of its answers: MindIE's console lines, and the dataset results file, written
+atomically (also when a signal cuts the run short)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+import sys
+import tempfile
+
+from atb_models.cli.entry import one_line
+from atb_models.cli.inputs import Entry, question
+from atb_models.errors import UserError
+
+logger = logging.getLogger("atb_models.run_pa")
+
+
+def print_report(entries: list[Entry], latency: float) -> None:
+    """MindIE's console lines; a failed dataset entry gets an `Error: name: why` line on stderr in its place, and a
+    skipped one a `Skipped: name: why` line instead of a question."""
+    total_tokens = 0
+    for entry in entries:
+        if entry.skipped is not None:
+            print(f"Skipped: {entry.name}: {entry.skipped}", file=sys.stderr, flush=True)
+    for i, entry in enumerate(entry for entry in entries if entry.skipped is None):
+        print(f"Question[{i}]: {question(entry.items)}", flush=True)
+        if entry.error is not None:
+            print(f"Error: {entry.name}: {one_line(entry.error)}", file=sys.stderr, flush=True)
+            continue
+        num_tokens = len(entry.output.token_ids)  # the eos token included, as MindIE counts
+        total_tokens += num_tokens
+        print(f"Answer[{i}]: {entry.output.text}")
+        print(f"Generate[{i}] token num: {num_tokens}", flush=True)
+    print(f"Latency(s): {latency:.4f}")
+    print(f"Throughput(tokens/s): {total_tokens / latency if latency > 0 else 0.0:.4f}", flush=True)
+
+
+def results_of(entries: list[Entry]) -> dict:
+    """{file name: answer}, {"error": why} for an entry that failed, {"skipped": why} for one skipped; unfinished
+    entries left out."""
+    results = {}
+    for entry in entries:
+        if entry.skipped is not None:
+            results[entry.name] = {"skipped": entry.skipped}
+        elif entry.error is not None:
+            results[entry.name] = {"error": entry.error}
+        elif entry.output is not None:
+            results[entry.name] = entry.output.text
+    return results
+
+
+def save_results(entries: list[Entry], path: str, shown_path: str) -> None:
+    """Write every entry's result to `path` (`shown_path` is the flag's value, for messages)."""
+    results = results_of(entries)
+    write_results(results, path, shown_path)
+    failed = sum(entry.error is not None for entry in entries)
+    skipped = sum(entry.skipped is not None for entry in entries)
+    logger.info("results of %d entries (%d answered, %d failed, %d skipped) written to %s", len(results),
+                len(results) - failed - skipped, failed, skipped, shown_path)
+
+
+def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> None:
+    """On Ctrl-C or SIGTERM: the entries finished so far, so a long run cut short keeps its answers."""
+    results = results_of(entries)
+    answers = sum(not isinstance(result, dict) for result in results.values())
+    if not results:
+        print(f"no answer was finished; {shown_path} is left as it was", file=sys.stderr, flush=True)
+        return
+    write_results(results, path, shown_path)
+    failures = sum(entry.error is not None for entry in entries)
+    print(f"wrote {answers} of {len(entries)} answers to {shown_path} before stopping"
+          + (f" (and {failures} failed entries)" if failures else ""), file=sys.stderr, flush=True)
+
+
+def write_results(results: dict, path: str, shown_path: str) -> None:
+    """Atomically: a temporary file in the same folder, synced, then renamed over `path`, so that a full disk or
+    an interruption leaves the previous results file whole, and no temporary file behind."""
+    text = json.dumps(results, sort_keys=True, ensure_ascii=False)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not valid UTF-8: \u escapes keep the JSON valid
+        data = json.dumps(results, sort_keys=True).encode("ascii")
+    existed = os.path.isfile(path)
+    temp = None
+    try:
+        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode) if existed else 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException as e:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the previous results file is left as it was" if existed else "nothing was written"
+        raise UserError(f"--results_save_path {shown_path}: cannot write: {e.strerror or e}; {kept}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,125 @@
+"""run_pa, a model family's command line with MindIE's flags and console lines: its flags and `main`.
+
+    python -m examples.models.qwen2_vl.run_pa --model_path DIR --input_image cat.jpg [--input_image clip.mp4 ...]
+    python -m examples.models.qwen2_vl.run_pa --model_path DIR --dataset_path FOLDER
+
+Single mode runs --max_batch_size copies of one prompt (its media in the order given, then --input_text); dataset mode
+runs one prompt per file of a folder and writes {file name: answer} to --results_save_path; an entry of the folder
+that fails is recorded as {"error": why}, a hidden file or a sub-folder as {"skipped": why}. Without --model_path the
+kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
+the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found
+before the model loads where it can be (flags, the media files, the results path); --debug shows the traceback
+instead. Ctrl-C exits 130 and SIGTERM 143, in dataset mode after writing the answers finished so far.
+
+A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
+the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
+copies of the single-mode prompt, one CSV row each, and prints a table.
+
+This module imports neither torch nor the engine (`atb_models.cli.infer` runs the flags it parsed), so --help is
+instant; each family's examples/models/<family>/run_pa.py calls `main` with its `Family`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.entry import run_entry_point
+
+DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
+DEFAULT_INPUT_TEXT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Family:
+    """What run_pa says of the model family it runs."""
+
+    name: str  # as users write it: "Qwen2-VL"
+    example_checkpoint: str  # a real checkpoint of the family, suggested when the demo reader stands in
+
+
+def build_parser(family: Family) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_pa",
+        description=f"{family.name} inference with paged attention (single prompt or a folder of media).")
+    parser.add_argument("--model_path", metavar="DIR",
+                        help=f"{family.name} checkpoint folder; absent: the kit's demo reader (atb_models/demo/"
+                             "reader_model), a tiny Qwen2-VL trained to read a word or number and name colours")
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--input_image", action="append", metavar="PATH",
+                       help="an image (.jpg .jpeg .png .bmp) or video (.mp4 .wmv .avi) for the prompt; repeat it for "
+                            "several media in one prompt, in order")
+    media.add_argument("--dataset_path", metavar="DIR",
+                       help="a folder of images and videos: one prompt per file, in file-name order")
+    parser.add_argument("--input_text", metavar="TEXT",
+                        help=f"the text after the media (default {DEFAULT_INPUT_TEXT!r}; the demo reader's: the "
+                             "question its sample goes with; run_pa.sh asks real models for a long answer)")
+    parser.add_argument("--max_batch_size", type=int, metavar="N", default=1,
+                        help="requests running at once; single mode runs this many copies of the prompt")
+    parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
+                        help="prompt tokens, visual tokens included")
+    parser.add_argument("--max_output_length", type=int, metavar="N", default=256, help="generated tokens per request")
+    parser.add_argument("--max_prefill_tokens", type=int, metavar="N", default=-1,
+                        help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
+    parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
+    parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
+                        help="file listing the shared-memory segments through which ranks share media (world "
+                             "size above 1); runs given the same path share it under a lock; a file at the path "
+                             "that the kit did not write is refused and left untouched")
+    parser.add_argument("--cleanup_shm", action="store_true",
+                        help="remove the shared-memory segments killed earlier runs left (listed in "
+                             "--shm_name_save_path and its PATH.node<N> siblings), then exit")
+    parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
+                        help="dataset mode: where {file name: answer} is written")
+    sampling = parser.add_argument_group("sampling (greedy by default)")
+    sampling.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0: greedy")
+    sampling.add_argument("--top_k", type=int, metavar="N", default=0, help="0: no top-k cut")
+    sampling.add_argument("--top_p", type=float, metavar="X", default=1.0, help="1.0: no nucleus cut")
+    sampling.add_argument("--repetition_penalty", type=float, metavar="X", default=1.0, help="1.0: none")
+    sampling.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
+    sampling.add_argument("--ignore_eos", action="store_true", help="generate --max_output_length tokens every time")
+    kit = parser.add_argument_group("device and preprocessing")
+    kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                     help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
+    kit.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: npu, then cuda, then cpu")
+    kit.add_argument("--min_pixels", type=int, metavar="N", help="image pixel floor (default: the checkpoint's)")
+    kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
+    kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
+    kit.add_argument("--video_max_frames", type=int, metavar="N", default=768, help="most frames taken from one video")
+    benchmark = parser.add_argument_group(
+        "benchmark", "ATB_LLM_BENCHMARK_ENABLE=1 writes a run's step timings to ATB_LLM_BENCHMARK_FILEPATH "
+                     "(default ./benchmark_result/benchmark.csv); the warm-up request never does")
+    benchmark.add_argument("--performance", action="store_true",
+                           help="sweep --batch_sizes x --output_lengths on copies of the single-mode prompt, eos "
+                                "ignored: one benchmark CSV row per point (whatever ATB_LLM_BENCHMARK_ENABLE says) "
+                                "and a table on stdout instead of the answers")
+    benchmark.add_argument("--batch_sizes", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated batch sizes (default 1,2,4,8,16); the engine is "
+                                "sized for the largest, in place of --max_batch_size")
+    benchmark.add_argument("--output_lengths", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated output lengths (default --max_output_length); "
+                                "the engine is sized for the longest, in place of --max_output_length")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    return parser
+
+
+def positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None, family: Family) -> int:
+    args = build_parser(family).parse_args(argv)
+
+    def run() -> int:
+        from atb_models.cli import infer  # torch and the engine, once the flags parsed
+
+        return infer.run(args, family)
+
+    return run_entry_point(run, debug=args.debug)
