@@ -15,11 +15,9 @@ from types import ModuleType
 
 import torch
 
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
 from atb_models.errors import UserError
 from atb_models.host import available_memory_bytes, cpuinfo_field, read_cpuinfo
-
-DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 # The names a checkpoint's config.json may give its torch_dtype.
 _CHECKPOINT_DTYPES = {

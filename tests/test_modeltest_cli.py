@@ -118,10 +118,11 @@ def from_pretrained_calls(path: Path):
             yield node
 
 
-def test_every_transformers_load_in_the_harness_and_tools_refuses_code_from_the_model_folder():
-    files = [*sorted((HARNESS_DIR / "modeltest").rglob("*.py")), *sorted((ROOT / "tools").glob("*.py"))]
+def test_every_transformers_load_in_the_kit_the_harness_and_tools_refuses_code_from_the_model_folder():
+    files = [*sorted((HARNESS_DIR / "modeltest").rglob("*.py")), *sorted((ROOT / "tools").glob("*.py")),
+             *sorted((ROOT / "atb_models").rglob("*.py"))]
     calls = [(path, call) for path in files for call in from_pretrained_calls(path)]
-    assert len(calls) >= 3  # the harness's tokenizer and model, train_reader's tokenizer
+    assert len(calls) >= 3  # the kit's config, tokenizer, image processor and reference loads, train_reader's
     for path, call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}
         value = keywords.get("trust_remote_code")

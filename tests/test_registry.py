@@ -45,6 +45,10 @@ class StandInImageProcessor(Qwen2VLImageProcessor):
     pass
 
 
+class StandInModel(Qwen2VLForCausalLM):
+    pass
+
+
 BUILT = []  # (folder, settings) of every call of fake_demo_checkpoint
 
 
@@ -57,7 +61,7 @@ def fake_demo_checkpoint(out_dir, **settings):
 STAND_IN = ModelFamily(
     model_type="stand_in_vl",
     display_name="Stand-in-VL",
-    model="atb_models.models.qwen2_vl:Qwen2VLForCausalLM",
+    model=f"{__name__}:StandInModel",
     config=f"{__name__}:StandInConfig",
     reference=f"{__name__}:StandInReference",
     image_processor=f"{__name__}:StandInImageProcessor",
@@ -127,6 +131,7 @@ def test_a_registered_family_is_served_by_config_loading_the_loader_and_the_prep
     assert config.family is STAND_IN and type(config.hf_config) is StandInConfig
     llm = LLM(str(folder), **OPTIONS)
     assert type(llm.preprocessor.image_processor) is StandInImageProcessor
+    assert type(llm.runner.model) is StandInModel
     # Every tensor found under its stand-in name: the answers are the original checkpoint's.
     assert generated(llm) == generated(LLM(str(original), **OPTIONS))
 

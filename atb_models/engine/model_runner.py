@@ -6,7 +6,6 @@ import torch
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext
 from atb_models.layers.linear import pack_weights
-from atb_models.models.qwen2_vl import Qwen2VLForCausalLM
 from atb_models.weights import load_weights
 
 logger = logging.getLogger("atb_models.runner")
@@ -21,9 +20,10 @@ class ModelRunner:
         self.kernels = Kernels.for_plan(plan)
         logger.debug("kernels: %s", self.kernels.describe())
         cfg = model_config.hf_config
+        model_class = model_config.family.model_class()  # the registry's class for the checkpoint's model_type
         with torch.device(self.device):
-            self.model = Qwen2VLForCausalLM(cfg, plan.llm_dtype, plan.vision_dtype, self.device,
-                                            plan.upcast_attention, kernels=self.kernels)
+            self.model = model_class(cfg, plan.llm_dtype, plan.vision_dtype, self.device, plan.upcast_attention,
+                                     kernels=self.kernels)
         load_weights(self.model, model_config.path)
         pack_weights(self.model)
         self.model.eval()
