@@ -36,7 +36,6 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
-        seq.num_cached_tokens = 0
 
     def reset(self) -> None:
         """Every block free again, whoever held it: for an engine whose sequences were all dropped."""
