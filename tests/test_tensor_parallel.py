@@ -4,7 +4,6 @@ that need zero heads and replicated KV heads, give the tokens of one rank and of
 Each behaviour runs at 2 ranks in the default run; its 4- and 8-rank cases are marked slow (`-m slow`)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from atb_models.demo.checkpoint import TinyShape
-from tests.parity_utils import reference_generate
+from tests.parity_utils import free_port, reference_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 5
@@ -25,12 +24,6 @@ SHAPE_7B = TinyShape(hidden_size=224, intermediate_size=256, num_attention_heads
 # 3 query heads / 1 KV head: at 2 ranks the KV head is replicated and the second rank pads its one real query head
 # with a zero head, what 2B and 7B need only at 8 ranks.
 SHAPE_ZERO_HEAD_AT_2 = TinyShape(hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tmp_path, world_size: int, job: dict):
