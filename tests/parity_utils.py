@@ -5,6 +5,7 @@ transformers' modeling code is imported only when a reference model is loaded: t
 per rank, uses the recorder alone.
 """
 import functools
+import json
 import socket
 
 import torch
@@ -28,6 +29,27 @@ def reference_generate(path, prompt, max_new_tokens: int):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, eos_token_id=None)
     return out.sequences[0, len(prompt.token_ids):].tolist(), [s[0].float() for s in out.scores]
+
+
+@functools.lru_cache(maxsize=4)
+def kit_preprocessor(path: str):
+    """The kit's preprocessor for the checkpoint at path, as a float32 CPU LLM builds it (the LLM is not kept)."""
+    from atb_models import LLM
+
+    return LLM(path, dtype="float32", device="cpu", max_input_length=1024, max_output_length=16,
+               max_batch_size=1).preprocessor
+
+
+def reference_for_request(path, request: list, max_new_tokens: int) -> tuple[list, torch.Tensor]:
+    """transformers' greedy tokens and stacked per-step logits for one request in the kit's format, preprocessed by
+    the kit. Computed once per request: tests at several world sizes compare against the same reference."""
+    return _reference_for_request(str(path), json.dumps(request), max_new_tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_for_request(path: str, request_json: str, max_new_tokens: int) -> tuple[list, torch.Tensor]:
+    tokens, logits = reference_generate(path, kit_preprocessor(path)(json.loads(request_json)), max_new_tokens)
+    return tokens, torch.stack(logits)
 
 
 class LogitsRecorder:
