@@ -103,10 +103,6 @@ def init_distributed(plan, state: ParallelState) -> None:
     logger.info("rank %d of %d joined the %s process group", state.rank, state.world_size, plan.dist_backend)
 
 
-def get_state() -> ParallelState:
-    return _state
-
-
 def tp_rank() -> int:
     return _state.rank
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random Qwen2-VL checkpoints and sample media, built once per test session."""
+"""Shared fixtures: tiny random Qwen2-VL checkpoints and sample media, built once per test session; and the
+suite's progress display.
+
+The checkpoint builder is imported inside the fixtures that use it: it brings transformers' tokenizer trainers and
+OpenCV, which a run of tests that need no checkpoint should not wait for."""
 
 from __future__ import annotations
 
@@ -7,7 +11,14 @@ from typing import Callable
 
 import pytest
 
-from atb_models.demo.checkpoint import build_checkpoint, make_frames, make_image, make_video
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Name each test file as its tests start, even under -q (which alone prints nothing but dots), so that a
+    running suite shows where it is."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.showfspath = True
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +27,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 
     Treat the folder as read-only: other tests share it.
     """
+    from atb_models.demo.checkpoint import build_checkpoint
+
     built: dict[tuple, Path] = {}
 
     def get(**kwargs) -> Path:
@@ -30,6 +43,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 @pytest.fixture(scope="session")
 def sample_image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 320x240 RGB JPEG."""
+    from atb_models.demo.checkpoint import make_image
+
     path = tmp_path_factory.mktemp("media") / "sample.jpg"
     make_image(path, width=320, height=240, seed=0)
     return path
@@ -38,12 +53,16 @@ def sample_image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_video_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An 8-frame, 2 fps, 160x120 mp4."""
+    from atb_models.demo.checkpoint import make_video
+
     return make_video(tmp_path_factory.mktemp("media") / "sample.mp4", num_frames=8, fps=2.0, width=160, height=120)
 
 
 @pytest.fixture(scope="session")
 def sample_frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Four different 160x120 PNG frames, in order."""
+    from atb_models.demo.checkpoint import make_frames
+
     return make_frames(tmp_path_factory.mktemp("frames"), 4, width=160, height=120, seed=0)
 
 

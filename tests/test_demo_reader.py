@@ -1,7 +1,7 @@
 """The bundled demo reader end to end: a Qwen2-VL trained to read (tools/train_reader.py) keeps its skill through
 everything the kit does to a request. transformers' reference model answers its held-out sets; the modeltest
 harness, run as users run it, reports the same answers and accuracy through the kit; the kit at 1, 2 and 4 ranks
-gives the reference's tokens.
+gives the reference's tokens. (4 ranks and the trainer's determinism are marked slow: `-m slow` runs them.)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_mm_run_reports_the_reference_answers_and_accuracy(reference, task, tmp_
     assert float(overall["Value"]) == pytest.approx(accuracy)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_kit_gives_the_reference_tokens_at_every_world_size(reference, world_size, tmp_path):
     """Every held-out picture and clip, with the harness's prompts, through tensor-parallel ranks: the same tokens
     (answer, end token and beyond) and logits as transformers."""
@@ -107,6 +107,7 @@ def test_training_attention_computes_what_transformers_vision_attention_does():
         assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # three runs of the trainer
 def test_training_is_deterministic_given_its_seed(tmp_path):
     """Two short runs of the trainer with one seed write the same weights; another seed writes others."""
     def weights(name: str, seed: int) -> bytes:

@@ -10,6 +10,7 @@ from atb_models import LLM, SamplingParams, UserError
 from atb_models import distributed
 from atb_models.distributed import ParallelState
 from atb_models.engine import llm as llm_module
+from atb_models.layers.sharding import ceil_div
 
 OPTIONS = dict(dtype="float32", device="cpu", max_input_length=256, max_output_length=16, block_size=16)
 PROMPTS = ["The sky is blue and the grass is", "Count: one two three", "Describe a cat.", "Zebra xylophone quartz",
@@ -179,7 +180,7 @@ def test_malformed_generate_arguments_are_refused_before_any_work(llm, monkeypat
 
 def test_a_batch_size_beyond_memory_is_capped_before_anything_is_sized_by_it(tiny_checkpoint, monkeypatch, caplog):
     probe = LLM(str(tiny_checkpoint()), max_batch_size=1, **OPTIONS)
-    one_request = -(-(256 + 16) // 16)
+    one_request = ceil_div(256 + 16, 16)
     budget_blocks = 3 * one_request + 5  # room for three requests at the limits, and a few blocks
     monkeypatch.setattr(llm_module, "free_memory_bytes",
                         lambda plan: int(budget_blocks * probe.runner.bytes_per_block / 0.5))

@@ -5,6 +5,7 @@ import torch
 
 from atb_models import LLM, SamplingParams
 from atb_models.demo.checkpoint import TinyShape, make_image
+from atb_models.layers.sharding import ceil_div
 from tests.parity_utils import LogitsRecorder, reference_generate
 
 MAX_NEW = 6
@@ -119,7 +120,7 @@ def test_preemption_under_a_small_cache_keeps_outputs(tiny_checkpoint, sample_im
     roomy = make_llm(path, max_batch_size=4, max_output_length=17).generate(requests, params)
     # Room for three prompts and one spare block: the fourth request waits, and the three running ones
     # outgrow the cache, so the youngest is preempted and recomputed.
-    prompt_blocks = -(-roomy[0].prompt_token_count // 16)
+    prompt_blocks = ceil_div(roomy[0].prompt_token_count, 16)
     tight_llm = make_llm(path, max_batch_size=4, max_output_length=17, num_blocks=3 * prompt_blocks + 1)
     tight = tight_llm.generate(requests, params)
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]

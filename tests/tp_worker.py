@@ -14,6 +14,7 @@ from atb_models import LLM, SamplingParams, UserError
 from atb_models.distributed import RankLost
 from atb_models.launch import report_rank_failure
 from atb_models.weights import CheckpointTensor
+from tests.parity_utils import LogitsRecorder
 
 
 def main() -> None:
@@ -35,16 +36,7 @@ def main() -> None:
         return preprocess(request)
 
     llm.node_preprocessor.preprocessor = counting_preprocess
-    logits = {}
-    run = llm.runner.run
-
-    def recording_run(seqs, is_prefill):
-        out = run(seqs, is_prefill)
-        for seq, row in zip(seqs, out):
-            logits.setdefault(seq.seq_id, []).append(row.clone())
-        return out
-
-    llm.runner.run = recording_run
+    recorder = LogitsRecorder(llm)
     params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, **job.get("sampling", {}))
     outputs = llm.generate(job["requests"], params)
     out = job["out"]
@@ -55,7 +47,7 @@ def main() -> None:
     with open(os.path.join(out, f"preprocessed_rank{rank}.json"), "w") as f:
         json.dump(len(preprocessed), f)
     if rank == 0:
-        torch.save({i: torch.stack(rows) for i, rows in logits.items()}, os.path.join(out, "logits.pt"))
+        torch.save({i: torch.stack(rows) for i, rows in recorder.by_seq.items()}, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "outputs.json"), "w") as f:
             json.dump([{"token_ids": o.token_ids, "error": o.error} for o in outputs], f)
 

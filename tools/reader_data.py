@@ -92,10 +92,6 @@ def _jitter(rng: np.random.Generator, rgb: tuple, amount: int) -> tuple:
     return tuple(int(c) for c in np.clip(np.array(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255))
 
 
-def _overlaps(a: tuple, b: tuple, margin: int) -> bool:
-    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
-
-
 def draw_picture(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     """A light picture holding a dark word or number (a sign) or a coloured shape, and what it shows:
     {"sign": text} or {"shape": colour}.

@@ -2,6 +2,7 @@
 from collections import deque
 
 from atb_models.engine.sequence import Sequence
+from atb_models.layers.sharding import ceil_div
 
 
 class BlockManager:
@@ -15,7 +16,7 @@ class BlockManager:
         return len(self.free_blocks)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return ceil_div(num_tokens, self.block_size)
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self.blocks_for(seq.num_tokens) <= self.num_free_blocks
@@ -36,7 +37,6 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
-        seq.num_cached_tokens = 0
 
     def reset(self) -> None:
         """Every block free again, whoever held it: for an engine whose sequences were all dropped."""

@@ -14,6 +14,7 @@ from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence
 from atb_models.errors import UserError
 from atb_models.layers.sampler import sample
+from atb_models.layers.sharding import ceil_div
 from atb_models.multimodal.prompt import describe_request
 from atb_models.platform import free_memory_bytes, resolve_plan
 
@@ -83,7 +84,7 @@ class LLM:
         self.runner = ModelRunner(self.model_config, self.plan, block_size)
         # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
         # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
-        one_request = -(-(self.max_input_length + self.max_output_length) // self.block_size)
+        one_request = ceil_div(self.max_input_length + self.max_output_length, self.block_size)
         affordable = self._affordable_blocks(one_request)
         num_blocks = self._kv_cache_blocks(num_blocks, one_request, affordable)
         self.max_batch_size = self._batch_size_within(one_request, affordable)

@@ -83,7 +83,6 @@ class Scheduler:
         """Record each sequence's new token; return the sequences that finished (their blocks are freed)."""
         finished = []
         for seq, token in zip(seqs, token_ids):
-            seq.num_cached_tokens = seq.num_tokens
             seq.append_token(token)
             if not seq.params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "stop"

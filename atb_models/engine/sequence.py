@@ -21,7 +21,6 @@ class Sequence:
         self.max_tokens = max_tokens
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
-        self.num_cached_tokens = 0                # tokens whose K/V are in the cache
         self.block_table: list = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
