@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from atb_models.errors import UserError
+from atb_models.errors import RankLost, UserError
 
 logger = logging.getLogger("atb_models")
 
@@ -43,11 +43,6 @@ class ParallelState:
 _state = ParallelState()
 
 LOST_RANK_MESSAGE = "a collective failed, most likely because another rank stopped"
-
-
-class RankLost(RuntimeError):
-    """A collective failed: another rank died or stopped answering. The other rank's failure is the news; this
-    one is its consequence (the launcher reports the first real cause)."""
 
 
 def _collective(fn):

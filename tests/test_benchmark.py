@@ -210,6 +210,7 @@ def test_reference_inputs_left_pad_and_keep_the_images_in_order():
     assert inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
 
 
+@pytest.mark.slow
 def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
     env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny"],

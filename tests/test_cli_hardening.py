@@ -27,6 +27,7 @@ from atb_models.cli import infer, inputs
 from atb_models.cli import results as run_results
 from atb_models.cli.entry import Stopped, run_entry_point
 from examples.models.qwen2_vl import run_pa
+from tests.parity_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PA_SH = ROOT / "examples" / "models" / "qwen2_vl" / "run_pa.sh"
@@ -35,12 +36,6 @@ CPU_ARGS = ["--device", "cpu", "--dtype", "float32", "--max_input_length", "512"
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("Error:")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -355,7 +350,7 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> lis
     pytest.fail("the run ended before: " + "".join(lines))
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_during_a_dataset_run_writes_the_answers_so_far_and_exits_143(world_size, tiny_checkpoint,
                                                                               tmp_path, dataset):
     """World size 1: run_pa itself; 2: the launcher, which stops its ranks, leaving no process or segment."""
@@ -438,7 +433,7 @@ def test_a_user_error_of_several_lines_ends_an_entry_point_in_one_error_line(cap
 
 
 def test_a_lost_rank_is_one_error_line_and_another_error_keeps_its_traceback(capsys):
-    from atb_models.distributed import RankLost
+    from atb_models.errors import RankLost
 
     assert run_entry_point(_raises(RankLost("a collective failed"))) == 1
     assert capsys.readouterr().err == "Error: a collective failed\n"

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from atb_models.demo.__main__ import main as demo_main
-from atb_models.demo.checkpoint import SPECIAL_TOKENS, TinyShape, build_checkpoint, count_video_frames
+from atb_models.demo.checkpoint import SPECIAL_TOKENS, TinyShape, build_checkpoint
+from atb_models.multimodal.media import count_video_frames
 from atb_models.errors import UserError
 
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -262,6 +263,6 @@ def test_demo_cli_builds_and_rebuilds_in_place(tmp_path, capsys):
 
 def test_demo_cli_refuses_to_overwrite_a_folder_it_did_not_build(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert demo_main(["build", "--output", str(tmp_path)]) == 2
+    assert demo_main(["build", "--output", str(tmp_path)]) == 1
     assert "refusing" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -20,6 +20,7 @@ from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
                                        linear_kernel)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -270,7 +271,7 @@ def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int,
     tables = torch.zeros(len(lengths), 10, dtype=torch.long)  # unused entries padded with 0 as the runner does
     used = 0
     for row, length in enumerate(lengths):
-        count = -(-length // block_size)
+        count = ceil_div(length, block_size)
         tables[row, :count] = order[used:used + count]
         used += count
     last = [n - 1 for n in lengths]

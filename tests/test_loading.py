@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from atb_models import LLM, SamplingParams, UserError
 from atb_models.engine import llm as llm_module
+from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
 
 OPTIONS = dict(dtype="float32", device="cpu", max_batch_size=2, max_input_length=256, max_output_length=8,
@@ -86,7 +87,7 @@ def test_eos_ids_come_from_generation_config_as_int_or_list(checkpoint_copy):
 def test_kv_cache_shrinks_to_the_memory_budget_and_requests_still_complete(tiny_checkpoint, monkeypatch):
     # Pretend the host has room for a little over one request's blocks.
     probe = LLM(str(tiny_checkpoint()), **OPTIONS)
-    one_request = -(-(256 + 8) // 16)
+    one_request = ceil_div(256 + 8, 16)
     budget = int((one_request + 2) * probe.runner.bytes_per_block / 0.5)
     monkeypatch.setattr(llm_module, "free_memory_bytes", lambda plan: budget)
     llm = LLM(str(tiny_checkpoint()), **{**OPTIONS, "max_batch_size": 4})

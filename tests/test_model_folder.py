@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from atb_models import LLM, UserError
 from atb_models.weights import CheckpointTensor, checkpoint_files
+from tests.parity_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(dtype="float32", device="cpu", max_batch_size=1, max_input_length=256, max_output_length=8,
@@ -214,12 +214,6 @@ def test_tokenizer_json_that_tokenizers_cannot_parse_names_the_file_and_its_erro
     message = load_error(folder)
     assert f"cannot load the tokenizer from {folder}: {folder / 'tokenizer.json'}: " in message
     assert "protobuf" not in message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_vocabulary_mismatch_at_world_size_2_is_one_error_line(folder, sample_image_path):

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from atb_models import LLM, SamplingParams, UserError
-from atb_models.distributed import RankLost
+from atb_models.errors import RankLost
 from atb_models.launch import report_rank_failure
 from atb_models.weights import CheckpointTensor
 from tests.parity_utils import LogitsRecorder

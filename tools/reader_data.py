@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HARNESS_DIR = ROOT / "tests" / "modeltest"
 sys.path[:0] = [str(ROOT), str(HARNESS_DIR)]
 
-from atb_models.demo.checkpoint import count_video_frames  # noqa: E402
+from atb_models.multimodal.media import count_video_frames  # noqa: E402
 from modeltest.config import CONFIG_DIR  # noqa: E402
 from modeltest.tasks.videobench import choice_prompt  # noqa: E402
 

@@ -1,2 +1,3 @@
-"""Measuring the kit: the benchmark CSV of run_pa (`csv_report`) and `python -m atb_models.benchmark compare`, the
-kit against transformers and against the hardware's floor (`compare`, `engines`, `floors`, `presets`)."""
+"""Measuring the kit: the benchmark CSV of run_pa (`csv_report`; `timed_runs`: run_pa's untimed warm-up, its CSV
+and the --performance sweep) and `python -m atb_models.benchmark compare`, the kit against transformers and against
+the hardware's floor (`compare`, `engines`, `floors`, `presets`)."""

@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Callable
 
-from atb_models.errors import UserError
+from atb_models.errors import RankLost, UserError
 from atb_models.launch import launched, report_exit_status, report_rank_failure, stop_line
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] %(message)s"
@@ -94,21 +94,14 @@ def ignore_further_stops() -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
-def _one_line_errors() -> tuple[type[BaseException], ...]:
-    """The errors shown as one line. RankLost can only have been raised once atb_models.distributed is loaded,
-    and importing it here would load torch for every entry point."""
-    distributed = sys.modules.get("atb_models.distributed")
-    return (UserError,) if distributed is None else (UserError, distributed.RankLost)
-
-
 def run_entry_point(body: Callable[[], int], *, debug: bool = False) -> int:
     """`body()`'s exit status, or the status of the way it ended, said in one line (see the module's docstring).
     Under the launcher a rank's non-zero status is handed to it (`report_exit_status`)."""
     with stop_signals():
         try:
             return report_exit_status(body())
-        except Exception as e:
-            if debug or not isinstance(e, _one_line_errors()):
+        except (UserError, RankLost) as e:
+            if debug:
                 raise
             message = error_line(e)
             try:

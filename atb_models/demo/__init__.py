@@ -12,7 +12,6 @@ _CHECKPOINT_NAMES = (
     "build_checkpoint",
     "build_demo",
     "build_tokenizer",
-    "count_video_frames",
     "make_frames",
     "make_image",
     "make_video",

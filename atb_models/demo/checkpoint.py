@@ -22,6 +22,8 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2RMSNorm
 
 from atb_models.errors import UserError
+from atb_models.layers.sharding import ceil_div
+from atb_models.multimodal.media import count_video_frames
 
 # Qwen2's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs, newlines, spaces.
 QWEN2_SPLIT_PATTERN = (
@@ -319,7 +321,7 @@ def model_config(shape: TinyShape, tokenizer: Tokenizer) -> Qwen2VLConfig:
     return Qwen2VLConfig(
         architectures=["Qwen2VLForConditionalGeneration"],
         # padded like real checkpoints' embedding tables
-        vocab_size=max(-(-tokenizer_size // 64) * 64, shape.vocab_size or 0),
+        vocab_size=max(ceil_div(tokenizer_size, 64) * 64, shape.vocab_size or 0),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers,
@@ -463,16 +465,6 @@ def make_video(
     if frames_read != num_frames:
         raise RuntimeError(f"OpenCV wrote {path} but reads back {frames_read} frames, not {num_frames}")
     return path
-
-
-def count_video_frames(path: str | Path) -> int:
-    """Frames OpenCV actually decodes from path (the container's frame count can be an estimate)."""
-    capture = cv2.VideoCapture(str(path))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    capture.release()
-    return count
 
 
 def make_frames(out_dir: str | Path, n: int, width: int = 320, height: int = 240, seed: int = 0) -> list[Path]:

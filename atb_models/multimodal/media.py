@@ -284,6 +284,15 @@ def _count_frames(capture: cv2.VideoCapture) -> int:
     return count
 
 
+def count_video_frames(path: Union[str, os.PathLike]) -> int:
+    """Frames OpenCV reads from the file, counted one by one (the container's count can be an estimate)."""
+    capture = _opencv().VideoCapture(os.fspath(path))
+    try:
+        return _count_frames(capture)
+    finally:
+        capture.release()
+
+
 def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor: int) -> tuple[np.ndarray, float]:
     _check_file(path, "video")
     cv2 = _opencv()
