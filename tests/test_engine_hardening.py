@@ -1,6 +1,7 @@
 """The engine under hostile and careless use: a generate() call that ends by an exception leaves nothing behind for
 the next one, SamplingParams refuse bad values when made, generate() refuses malformed arguments before any work,
 a --max_batch_size beyond memory is capped, and per-request errors name no request number of their own."""
+import dataclasses
 import logging
 
 import numpy as np
@@ -139,6 +140,7 @@ def test_a_call_starts_without_what_an_earlier_one_left(llm, fresh_answers):
     ("max_tokens", 3.0), ("max_tokens", True), ("max_tokens", 0), ("max_tokens", -2), ("max_tokens", "8"),
     ("seed", 1.5), ("seed", 3.0), ("seed", -1), ("seed", 2**64), ("seed", True), ("seed", "42"),
     ("ignore_eos", 1), ("ignore_eos", "yes"), ("ignore_eos", None),
+    ("temperature", 10**400), ("repetition_penalty", 10**400),
 ])
 def test_sampling_params_refuse_a_bad_value_in_one_line_naming_the_field(field, value):
     with pytest.raises(UserError) as caught:
@@ -152,6 +154,33 @@ def test_sampling_params_accept_the_edges_of_each_range():
                           seed=2**64 - 1, ignore_eos=True)
     assert edge.max_tokens == 1 and type(edge.max_tokens) is int and edge.greedy
     assert SamplingParams(seed=np.uint64(0), temperature=np.float32(0.5)).temperature == 0.5
+
+
+def test_sampling_params_stay_as_checked():
+    params = SamplingParams(temperature=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.temperature = float("nan")
+    with pytest.raises(UserError, match="temperature must be"):
+        dataclasses.replace(params, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-40, seed=0),                           # greedy: below 1e-5
+    SamplingParams(temperature=1e-5, seed=0),                            # logits scaled up to 1e5 times
+    SamplingParams(temperature=1.0, repetition_penalty=1e-320, seed=0),  # seen tokens' logits beyond float32
+    SamplingParams(temperature=1e-5, repetition_penalty=1e-38, seed=0),
+], ids=["tiny_temperature", "smallest_sampled_temperature", "tiny_penalty", "both"])
+def test_extreme_sampling_values_fail_no_request(llm, params):
+    """Values SamplingParams accepts must sample: before, logits scaled past float32's range made the softmax nan
+    and torch.multinomial raise, losing the whole batch."""
+    outs = llm.generate(REQUESTS[:2], [dataclasses.replace(params, max_tokens=4), PARAMS[0]])
+    assert [o.error for o in outs] == [None, None] and all(o.token_ids for o in outs)
+
+
+def test_a_temperature_below_the_greedy_threshold_decodes_greedily(llm):
+    greedy = llm.generate(REQUESTS[:1], SamplingParams(max_tokens=6, ignore_eos=True))
+    tiny = llm.generate(REQUESTS[:1], SamplingParams(max_tokens=6, ignore_eos=True, temperature=1e-7, seed=3))
+    assert tiny[0].token_ids == greedy[0].token_ids
 
 
 # --------------------------------------------------------------------------------------------- generate() arguments

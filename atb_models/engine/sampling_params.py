@@ -6,12 +6,15 @@ from typing import Optional
 from atb_models.errors import UserError
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+# A temperature below this is greedy: dividing float32 logits by less would overflow them (vLLM's rule too).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. temperature 0 is greedy; every field is honoured. Values are checked when the
-    object is made, so a bad one fails here, in one line naming its field, and never inside a running batch."""
+    """How one request is decoded. temperature 0 (or below 1e-5) is greedy; every field is honoured. Values are
+    checked when the object is made, so a bad one fails here, in one line naming its field, and never inside a
+    running batch; the object is frozen, so it stays as checked (`dataclasses.replace` makes a checked copy)."""
 
     max_tokens: Optional[int] = None      # None: the engine's max_output_length
     temperature: float = 0.0
@@ -22,24 +25,27 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        def settle(name: str, value) -> None:  # the checked, normalised value (frozen: set through object)
+            object.__setattr__(self, name, value)
+
         if self.max_tokens is not None:
-            self.max_tokens = _integer("max_tokens", self.max_tokens, "an integer >= 1 (or None)")
+            settle("max_tokens", _integer("max_tokens", self.max_tokens, "an integer >= 1 (or None)"))
             if self.max_tokens < 1:
                 raise UserError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        self.temperature = _number("temperature", self.temperature, "a finite number >= 0 (0 is greedy)")
+        settle("temperature", _number("temperature", self.temperature, "a finite number >= 0 (0 is greedy)"))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}")
-        self.top_k = _integer("top_k", self.top_k, "an integer >= 0 (0 turns it off)")
+        settle("top_k", _integer("top_k", self.top_k, "an integer >= 0 (0 turns it off)"))
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        self.top_p = _number("top_p", self.top_p, "a number in (0, 1]")
+        settle("top_p", _number("top_p", self.top_p, "a number in (0, 1]"))
         if not 0 < self.top_p <= 1:  # false for nan too
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        settle("repetition_penalty", _number("repetition_penalty", self.repetition_penalty, "a finite number > 0"))
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.seed is not None:
-            self.seed = _integer("seed", self.seed, "an integer in 0..2**64-1 (or None)")
+            settle("seed", _integer("seed", self.seed, "an integer in 0..2**64-1 (or None)"))
             if not 0 <= self.seed < SEED_LIMIT:
                 raise UserError(f"seed must be in 0..2**64-1, got {self.seed}")
         if not isinstance(self.ignore_eos, bool):
@@ -47,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _integer(name: str, value, allowed: str) -> int:
@@ -60,4 +66,7 @@ def _integer(name: str, value, allowed: str) -> int:
 def _number(name: str, value, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UserError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise UserError(f"{name} must be {allowed}, got a number too large for a float") from None

@@ -1,7 +1,8 @@
 """Next-token choice for a batch of rows, each with its own SamplingParams.
 
 The order follows transformers' logits processors: repetition penalty, then temperature, top-k, top-p, then a
-draw (argmax when temperature is 0). The penalty covers the prompt and the output, as in transformers.
+draw (argmax when the temperature is greedy: SamplingParams.greedy). The penalty covers the prompt and the output,
+as in transformers.
 """
 import torch
 
@@ -10,7 +11,14 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list, penalty: flo
     seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
     scores = logits.index_select(0, seen)
     logits.index_copy_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
-    return logits
+    return _within_range(logits)
+
+
+def _within_range(logits: torch.Tensor) -> torch.Tensor:
+    """An extreme penalty or temperature can scale finite logits past float32's range; the largest finite values
+    keep their order, where an inf would turn the softmax into nan."""
+    finfo = torch.finfo(logits.dtype)
+    return torch.nan_to_num(logits, posinf=finfo.max, neginf=finfo.min)
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -41,7 +49,7 @@ def sample(logits: torch.Tensor, seqs: list) -> list:
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue
-        row = top_k_top_p_filter(row / p.temperature, p.top_k, p.top_p)
+        row = top_k_top_p_filter(_within_range(row / p.temperature), p.top_k, p.top_p)
         probs = row.softmax(-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return tokens
