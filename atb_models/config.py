@@ -1,6 +1,8 @@
 """Reading a checkpoint folder's config.json, generation_config.json and tokenizer, with the checks a user needs."""
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +195,8 @@ def _largest_tokenizer_id(model_path: str) -> tuple:
     config_file = os.path.join(model_path, "tokenizer_config.json")
     if os.path.isfile(config_file):
         decoder = _read_json(config_file, "tokenizer config").get("added_tokens_decoder") or {}
-        found.append(([int(i) if str(i).isdigit() else i for i in decoder], config_file))
+        # Keys are ids written as text; only ASCII digits make one (str.isdigit admits '²', which int refuses).
+        found.append(([int(i) if re.fullmatch(r"[0-9]+", str(i)) else i for i in decoder], config_file))
     largest, where = -1, tokenizer_file
     for ids, path in found:
         for i in ids:
@@ -210,7 +213,7 @@ def load_tokenizer(model_path: str):
 
     refuse_custom_code(model_path)
     try:
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except Exception as e:  # tokenizers and transformers' slow-to-fast converters raise their own error types
         reason = str(e).strip()
         tokenizer_file = os.path.join(model_path, "tokenizer.json")
@@ -224,6 +227,10 @@ def load_tokenizer(model_path: str):
             except Exception as parse_error:
                 reason = f"{tokenizer_file}: {parse_error}"
         raise UserError(f"cannot load the tokenizer from {model_path}: {reason}") from None
+    # The engine's limits (--max_input_length) decide what is too long; transformers' own warning about
+    # tokenizer_config.json's model_max_length would only precede the kit's error with a misleading line.
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def kit_home() -> Path:

@@ -198,6 +198,11 @@ def test_tokenizer_ids_beyond_the_embedding_table_are_refused_at_load(folder):
                    rf"{vocab_size}\)", load_error(folder))
 
 
+def test_an_added_token_key_that_is_no_id_is_one_clear_error(folder):
+    edit_json(folder / "tokenizer_config.json", lambda t: t["added_tokens_decoder"].__setitem__("²", {}))
+    assert_matches(r"tokenizer_config.json holds token id '²': ids are non-negative integers", load_error(folder))
+
+
 @pytest.mark.parametrize("damage, expected", [
     (lambda path: path.unlink(), "has no tokenizer.json"),
     (lambda path: path.write_text('{"version": "1.0", "model": {'), "tokenizer.json is not valid JSON"),
@@ -232,3 +237,11 @@ def test_vocabulary_mismatch_at_world_size_2_is_one_error_line(folder, sample_im
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     assert len(errors) == 1 and "outside the vocabulary (vocab_size 520)" in errors[0], result.stderr
+
+
+def test_a_long_prompt_brings_no_tokenizer_warning_before_the_kits_own_limit(tiny_checkpoint, capfd):
+    from atb_models.config import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_checkpoint()))
+    ids = tokenizer("word " * 40000)["input_ids"]
+    assert len(ids) > 32768 and "Token indices sequence length" not in capfd.readouterr().err

@@ -203,6 +203,12 @@ def dead_pid() -> int:
     return process.pid
 
 
+def test_a_damaged_list_naming_an_impossible_pid_is_cleaned_not_a_crash(tmp_path):
+    name_file = tmp_path / "shm_name.txt"
+    name_file.write_text(f"{shm.NAME_FILE_HEADER}\n{shm.SEGMENT_PREFIX}99999999999999999999_ab_0\n")
+    assert remove_stale_segments(name_file) == [] and not name_file.exists()
+
+
 def test_new_publisher_clears_segments_a_dead_run_listed_and_ignores_foreign_names(tmp_path):
     name_file = tmp_path / "shm_names.txt"
     stale = f"{shm.SEGMENT_PREFIX}{dead_pid()}_0badc0de_0"

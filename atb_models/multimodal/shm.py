@@ -439,7 +439,7 @@ def _create_name_file(path: str, names: list[str]) -> bool:
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number no process can have (a damaged list)
         return False
     except PermissionError:
         return True
