@@ -70,8 +70,10 @@ def _fifo(tmp_path: Path) -> Path:
 UNWRITABLE_RESULTS = {
     "a_folder": (lambda t: t, "is a folder"),
     "empty": (lambda t: "", "is empty"),
-    "under_proc": (lambda t: "/proc/results.json", "cannot create a file in /proc"),
-    "dev_full": (lambda t: "/dev/full", "not a regular file"),
+    "under_proc": (lambda t: "/proc/results.json", "is under /proc"),
+    "dev_full": (lambda t: "/dev/full", "is under /dev"),
+    # `--results_save_path /dev/stdout > so.txt` resolves to so.txt: refused as given, before links are followed
+    "dev_stdout": (lambda t: "/dev/stdout", "is under /dev"),
     "an_existing_fifo": (_fifo, "not a regular file"),
     "a_missing_folder": (lambda t: t / "missing" / "results.json", "does not exist"),
 }
@@ -115,6 +117,44 @@ def test_a_bad_input_image_is_refused_before_the_model_loads(name, data, capsys,
     assert status == 1
     errors = error_lines(err)
     assert len(errors) == 1 and name in errors[0] and "config.json" not in errors[0], err
+
+
+def _read_only_results(tmp_path: Path) -> Path:
+    path = tmp_path / "results.json"
+    path.write_text('{"old.jpg": "answer"}')
+    path.chmod(0o444)  # os.access says root may write it anyway: the mode bits say keep it
+    return path
+
+
+def _link_to_console_output(tmp_path: Path) -> Path:
+    """What `--results_save_path /proc/self/fd/1 > so.txt` would name, without /proc: the console's lines."""
+    (tmp_path / "so.txt").write_text("Question[0]: <image: a.jpg> What is it?\nAnswer[0]: a cat\n")
+    (tmp_path / "link.json").symlink_to(tmp_path / "so.txt")
+    return tmp_path / "so.txt"
+
+
+# case -> (make the file given tmp_path and the dataset folder, returning the file; the path to pass)
+FOREIGN_RESULTS = {
+    "an_image_of_the_dataset": (lambda t, d: d / "a.jpg", lambda t, d: d / "a.jpg"),
+    "a_read_only_results_file": (lambda t, d: _read_only_results(t), lambda t, d: t / "results.json"),
+    "a_link_to_a_text_file": (lambda t, d: _link_to_console_output(t), lambda t, d: t / "link.json"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_RESULTS)
+def test_a_results_path_naming_a_file_the_kit_did_not_write_is_refused_and_left_untouched(case, capsys, tmp_path,
+                                                                                       no_model, dataset):
+    make_file, make_path = FOREIGN_RESULTS[case]
+    foreign = make_file(tmp_path, dataset)
+    before = foreign.read_bytes(), foreign.stat().st_mode
+    status, _, err = run_main(capsys, "--model_path", no_model, "--dataset_path", dataset,
+                              "--results_save_path", make_path(tmp_path, dataset))
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and "--results_save_path" in errors[0] and "left untouched" in errors[0], err
+    assert "config.json" not in err  # refused before the model loads
+    assert (foreign.read_bytes(), foreign.stat().st_mode) == before
+    assert not [name for name in os.listdir(foreign.parent) if name.endswith(".tmp")]
 
 
 # ------------------------------------------------------------------------------ every dataset entry recorded
@@ -196,6 +236,45 @@ def dataset_run_with_skipped_entries(capsys, tiny_checkpoint, tmp_path, sample_i
     return status, out, err, json.loads(out_path.read_text())
 
 
+class AnsweringLLM:
+    """Stands in for LLM: answers every request; `during_run()` runs once the first request has finished."""
+
+    during_run = staticmethod(lambda: None)
+
+    def __init__(self, *args, **kwargs):
+        self.max_output_length = kwargs["max_output_length"]
+        self.step_records = []
+
+    def generate(self, requests, params=None, on_finish=None):
+        outputs = [RequestOutput(i, "", text="answer", token_ids=[1]) for i in range(len(requests))]
+        for output in outputs if on_finish is not None else []:
+            on_finish(output)
+            if output.request_id == 0:
+                type(self).during_run()
+        return outputs
+
+
+def test_file_names_with_a_line_break_or_esc_cannot_forge_or_colour_a_line(capsys, monkeypatch, tmp_path,
+                                                                           sample_image_path):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(sample_image_path, folder / "\x1b[31mred.jpg")
+    (folder / "bad\nError: fake.txt").write_text("not media")
+    (folder / "sub\nSkipped: fake\x1b[2J").mkdir()
+    monkeypatch.setattr(infer, "LLM", AnsweringLLM)
+    out_path = tmp_path / "results.json"
+    status, out, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", folder,
+                                "--results_save_path", out_path)
+    assert status == 1  # the text file failed
+    assert "\x1b" not in out + err, err
+    errors = error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith("Error: bad Error: fake.txt: "), err
+    skipped = [line for line in err.splitlines() if line.startswith("Skipped:")]
+    assert skipped == ["Skipped: sub Skipped: fake [2J: a folder (sub-folders are not searched)"], err
+    assert re.search(r"\[INFO\]  \[31mred\.jpg: answered \(1 of 1\)$", err, re.MULTILINE), err
+    assert set(json.loads(out_path.read_text())) == set(os.listdir(folder))  # the results keep the real names
+
+
 # --------------------------------------------------------------------------------- results written atomically
 
 def _entries(*answers) -> list:
@@ -229,6 +308,31 @@ def test_results_replace_the_file_through_a_symbolic_link_keeping_its_mode(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
 
 
+def test_a_previous_results_file_is_replaced(capsys, monkeypatch, tmp_path, dataset):
+    monkeypatch.setattr(infer, "LLM", AnsweringLLM)
+    out_path = tmp_path / "results.json"
+    out_path.write_text('{"old.jpg": "an earlier run"}')
+    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+                              "--results_save_path", out_path)
+    assert status == 0, err
+    assert json.loads(out_path.read_text()) == {"a.jpg": "answer", "b.jpg": "answer", "c.jpg": "answer"}
+
+
+def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path,
+                                                                                    dataset):
+    out_path = tmp_path / "results.json"
+    out_path.write_text('{"old.jpg": "an earlier run"}')
+    monkeypatch.setattr(AnsweringLLM, "during_run", staticmethod(lambda: out_path.write_text("my notes\n")))
+    monkeypatch.setattr(infer, "LLM", AnsweringLLM)
+    status, out, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+                                "--results_save_path", out_path)
+    assert status == 1 and "Answer[2]: answer" in out
+    errors = error_lines(err)
+    assert len(errors) == 1 and "is not a results file" in errors[0] and "left untouched" in errors[0], err
+    assert out_path.read_text() == "my notes\n"
+    assert sorted(os.listdir(tmp_path)) == ["dataset", "results.json"]  # no temporary file left
+
+
 # ------------------------------------------------------------------------------------- interrupted dataset runs
 
 class InterruptedLLM:
@@ -248,12 +352,32 @@ class InterruptedLLM:
         return outputs
 
 
-@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIGTERM")])
+STOP_SIGNALS = [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIGTERM"),
+                (signal.SIGHUP, "Stopped by SIGHUP")]  # SIGHUP: the terminal closed
+
+
+@pytest.fixture
+def default_sighup():
+    """SIGHUP with its default handler, as in a terminal (not under nohup), whatever pytest was started with."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
+def _send_if_handled(signum: int) -> None:
+    """`signum` to this process, unless its handler is the default one, which would kill the test run."""
+    if signal.getsignal(signum) == signal.SIG_DFL:
+        pytest.fail(f"{signal.Signals(signum).name} has its default handler: it would kill the process")
+    os.kill(os.getpid(), signum)
+    time.sleep(5)  # the signal arrives first
+
+
+@pytest.mark.parametrize("signum, line", STOP_SIGNALS)
 def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path,
-                                                                     dataset):
-    monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: os.kill(os.getpid(), signum)))
+                                                                     dataset, default_sighup):
+    monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: _send_if_handled(signum)))
     monkeypatch.setattr(infer, "LLM", InterruptedLLM)
-    handler_before = signal.getsignal(signal.SIGTERM)
+    handler_before = signal.getsignal(signum)
     out_path = tmp_path / "results.json"
     status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
                               "--results_save_path", out_path)
@@ -261,7 +385,38 @@ def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, lin
     assert json.loads(out_path.read_text()) == {"a.jpg": "answer"}
     assert f"wrote 1 of 3 answers to {out_path} before stopping" in err
     assert err.rstrip().endswith(line) and not error_lines(err), err
-    assert signal.getsignal(signal.SIGTERM) is handler_before  # main leaves the process as it found it
+    assert signal.getsignal(signum) is handler_before  # main leaves the process as it found it
+
+
+@pytest.mark.parametrize("signum, line", STOP_SIGNALS)
+def test_a_signal_during_the_imports_after_the_flags_are_parsed_ends_in_one_line(signum, line, capsys, monkeypatch,
+                                                                                 sample_image_path, default_sighup):
+    """The run's module (torch, the engine) is imported inside the entry helper, its handlers already in place:
+    here the signal arrives as that import starts."""
+    import atb_models.cli
+
+    class SignalOnImport:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "atb_models.cli.infer":
+                _send_if_handled(signum)
+            return None
+
+    monkeypatch.delitem(sys.modules, "atb_models.cli.infer")
+    monkeypatch.delattr(atb_models.cli, "infer")
+    monkeypatch.setattr(sys, "meta_path", [SignalOnImport(), *sys.meta_path])
+    status = run_pa.main(["--input_image", str(sample_image_path)])
+    assert status == 128 + signum
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_sighup_stays_ignored_under_nohup(capsys):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert run_entry_point(lambda: 0 if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else 1) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, dataset):
@@ -392,16 +547,30 @@ def test_a_dataset_with_a_bad_file_at_world_size_2_ends_like_at_world_size_1(tin
     assert isinstance(results["a.jpg"], str) and set(results["b.jpg"]) == {"error"}
 
 
-def test_single_mode_runs_as_many_copies_as_the_capped_batch(capsys, monkeypatch, tiny_checkpoint, sample_image_path):
-    """--max_batch_size beyond memory (here, memory for two requests at the limits): the engine caps it, with a
-    warning, and single mode runs that many copies, not the five asked for."""
+def test_single_mode_makes_as_many_copies_as_the_capped_batch_and_no_more(capsys, monkeypatch, tiny_checkpoint,
+                                                                          sample_image_path):
+    """--max_batch_size far beyond memory (here, memory for two requests at the limits): the engine caps it, with a
+    warning, and single mode makes and runs that many copies, never one per slot asked for (minutes and gigabytes
+    before the first line)."""
     from atb_models.engine import llm as llm_module
 
+    made = []
+
+    class CountedEntry(inputs.Entry):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            if len(made) > 100:
+                raise AssertionError("single mode builds an entry per slot of --max_batch_size")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "Entry", CountedEntry)
+    monkeypatch.setattr(infer, "Entry", CountedEntry)
     monkeypatch.setattr(llm_module.LLM, "_affordable_blocks", lambda self, one_request: 2 * one_request)
     status, out, err = run_main(capsys, "--model_path", tiny_checkpoint(), "--input_image", sample_image_path,
-                                "--max_batch_size", "5", "--max_output_length", "2")
+                                "--max_batch_size", str(10**8), "--max_output_length", "2")
     assert status == 0, err
     assert "Answer[1]: " in out and "Answer[2]: " not in out
+    assert len(made) == 2
 
 
 def test_a_failure_of_one_rank_at_world_size_2_is_one_line_without_the_peers_traceback(tiny_checkpoint, tmp_path,

@@ -6,8 +6,10 @@
 
 `run_entry_point` turns the ways a run ends into one line and an exit status: a `UserError` (bad input) or a
 `RankLost` (a rank whose peer failed) into `Error: ...` and 1, Ctrl-C into `Interrupted` and 130, SIGTERM into
-`Stopped by SIGTERM` and 143, --debug showing the traceback instead. Under `atb_models.launch` a rank hands its
-error to the launcher, which prints it once for the job. Torch-free, so a parser's --help stays instant.
+`Stopped by SIGTERM` and 143, SIGHUP (the terminal closed) into `Stopped by SIGHUP` and 129, --debug showing the
+traceback instead. The handlers are in place before `body` runs, so a signal during its heavy imports (torch) ends
+the same way. Under `atb_models.launch` a rank hands its error to the launcher, which prints it once for the job.
+Torch-free, so a parser's --help stays instant.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from atb_models.launch import launched, report_exit_status, report_rank_failure,
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
 
-# MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls go the same way.
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# MindIE prints questions with \n \r \t \f \v \b and DEL replaced by spaces; other C0 controls (ESC) go the same way,
+# and so do C1 controls (an 8-bit terminal's CSI) and Unicode's line and paragraph separators: a file name must not
+# break a line, nor steer the terminal.
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # A line break of a many-line message, with the indentation around it.
 _LINE_BREAK = re.compile(r"[ \t]*[\r\n]+[ \t]*")
 
@@ -44,7 +48,8 @@ def configure_logging(rank: int = 0, names: tuple[str, ...] = ("atb_models",)) -
 
 
 def one_line(text: str) -> str:
-    """`text` with every control character (a line break, a tab) shown as a space."""
+    """`text` with every control character (a line break, a tab, ESC) shown as a space: what every line showing a
+    file name or an error message goes through, so that neither can forge a line."""
     return _CONTROL_CHARS.sub(" ", text)
 
 
@@ -54,16 +59,19 @@ def error_line(error: BaseException) -> str:
 
 
 def print_error(message: str) -> None:
-    print(f"Error: {message}", file=sys.stderr, flush=True)
+    print(f"Error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised wherever the program was, so that it ends as on Ctrl-C (what was finished written, shared
-    memory removed) but says so and exits with 128 + the signal's number."""
+    """SIGTERM or SIGHUP, raised wherever the program was, so that it ends as on Ctrl-C (what was finished written,
+    shared memory removed) but says so and exits with 128 + the signal's number."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_stopped(signum: int, frame) -> None:
@@ -72,14 +80,16 @@ def _raise_stopped(signum: int, frame) -> None:
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM raises Stopped inside the block; SIGINT and SIGTERM get their handlers back after it. Installed
-    before an engine exists: shm.install_cleanup replaces only a default SIGTERM handler (the segments are still
-    removed at exit)."""
+    """SIGTERM, and SIGHUP unless it is ignored (nohup), raise Stopped inside the block; SIGINT, SIGTERM and SIGHUP
+    get their handlers back after it. Installed before an engine exists: shm.install_cleanup replaces only a default
+    SIGTERM handler (the segments are still removed at exit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     signal.signal(signal.SIGTERM, _raise_stopped)
+    if previous[signal.SIGHUP] == signal.SIG_DFL:  # a closed terminal ends the run as SIGTERM does
+        signal.signal(signal.SIGHUP, _raise_stopped)
     try:
         yield
     finally:
@@ -88,9 +98,9 @@ def stop_signals():
 
 
 def ignore_further_stops() -> None:
-    """Once stopping, a second Ctrl-C or SIGTERM must not cut short the writing of what was finished."""
+    """Once stopping, a second Ctrl-C, SIGTERM or SIGHUP must not cut short the writing of what was finished."""
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
 

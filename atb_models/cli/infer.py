@@ -11,8 +11,8 @@ import time
 
 from atb_models import distributed
 from atb_models.benchmark.timed_runs import check_csv_path, performance_sweep, record_run, warm_up
-from atb_models.cli.entry import configure_logging, error_line, ignore_further_stops, print_error
-from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_entries
+from atb_models.cli.entry import configure_logging, error_line, ignore_further_stops, one_line, print_error
+from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
 from atb_models.cli.results import print_report, save_finished_results, save_results
 from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family
 from atb_models.engine.llm import LLM, RequestOutput
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, family: Family) -> int:
     else:
         if not paths:
             raise UserError("give --input_image or --dataset_path")
-        entries = single_entries(paths, text, 1 if args.performance else args.max_batch_size)
+        prompt = single_prompt(paths, text)
 
     llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=max(batch_sizes),
               max_input_length=args.max_input_length, max_output_length=max(output_lengths),
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace, family: Family) -> int:
               max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
               shm_name_save_path=args.shm_name_save_path)
     if not dataset_mode:
-        entries = entries[:llm.max_batch_size]  # the copies of one batch, after memory capped it (logged)
+        # The copies of one batch, made once memory has capped it (logged): never one per slot of a huge
+        # --max_batch_size. --performance makes its own per point.
+        entries = [Entry(list(prompt)) for _ in range(1 if args.performance else llm.max_batch_size)]
     warm_up(llm)
     if args.performance:
         performance_sweep(llm, entries[0].items, params, batch_sizes, output_lengths, ranks.rank)
@@ -84,8 +86,8 @@ def run(args: argparse.Namespace, family: Family) -> int:
         entry.output, entry.error = output, output.error
         finished.append(entry)
         if dataset_mode:
-            logger.info("%s: %s (%d of %d)", entry.name, "failed" if output.error else "answered", len(finished),
-                        len(runnable))
+            logger.info("%s: %s (%d of %d)", one_line(entry.name), "failed" if output.error else "answered",
+                        len(finished), len(runnable))
 
     start = time.perf_counter()
     try:
@@ -132,5 +134,5 @@ def cleanup_shm(name_file: str) -> int:
 
     for path in [name_file] + sorted(glob.glob(f"{glob.escape(name_file)}.node[0-9]*")):
         removed = remove_stale_segments(path)
-        print(f"removed {len(removed)} shared-memory segment(s) listed in {path}")
+        print(f"removed {len(removed)} shared-memory segment(s) listed in {one_line(path)}")
     return 0

@@ -4,6 +4,7 @@ mode) or one prompt per entry of a folder (dataset mode), and the results file t
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import tempfile
@@ -32,10 +33,11 @@ class Skipped(UserError):
     """A dataset entry left out by design, not a failure: a hidden file or a sub-folder."""
 
 
-def single_entries(paths: list[str], text: str, copies: int) -> list[Entry]:
-    """The prompt's media checked now (exists, readable, known type, header decodes), before the model loads."""
-    items = [{probe_media_file(path): path} for path in paths] + [{"text": text}]
-    return [Entry(list(items)) for _ in range(copies)]
+def single_prompt(paths: list[str], text: str) -> list:
+    """The single-mode prompt's items, its media checked now (exists, readable, known type, header decodes), before
+    the model loads. run_pa copies it once the engine has capped --max_batch_size by memory, so a huge value costs
+    nothing before then."""
+    return [{probe_media_file(path): path} for path in paths] + [{"text": text}]
 
 
 def dataset_entries(folder: str, text: str) -> list[Entry]:
@@ -86,31 +88,88 @@ def dataset_file_kind(name: str, path: str) -> str:
     return probe_media_file(path)
 
 
+RESULTS_FLAG = "--results_save_path"
+# Where a path names no file of the user's but a device or the kernel's view of a process (/dev/stdout,
+# /proc/self/fd/1): resolved, it could name whatever the console is redirected to.
+SYSTEM_FOLDERS = ("dev", "proc")
+
+
 def check_results_path(path: str) -> str:
     """The file the results will replace, refused now rather than after the run when it cannot be: the results
     are written to a temporary file beside it, then renamed over it, so creating a file in its folder is probed
     the same way. Returns the path to write (a symbolic link is followed to its target)."""
-    flag = "--results_save_path"
     if not path:
-        raise UserError(f"{flag} is empty: give a file path such as ./results.json")
+        raise UserError(f"{RESULTS_FLAG} is empty: give a file path such as ./results.json")
+    top = ("/" + os.path.abspath(path).lstrip("/")).split("/")[1]  # as given: links not followed, // as /
+    if top in SYSTEM_FOLDERS:
+        raise UserError(f"{RESULTS_FLAG} {path} is under /{top}, not a results file; it is left untouched: give "
+                        "the path of a regular file elsewhere")
     target = os.path.realpath(path)
     if os.path.isdir(target):
-        raise UserError(f"{flag} {path} is a folder: give a file path, e.g. {os.path.join(path, 'results.json')}")
-    if os.path.lexists(target) and not os.path.isfile(target):
-        raise UserError(f"{flag} {path} exists and is not a regular file (a device, FIFO or socket): "
-                        "give the path of a regular file")
+        raise UserError(f"{RESULTS_FLAG} {path} is a folder: give a file path, e.g. "
+                        f"{os.path.join(path, 'results.json')}")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
-    if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise UserError(f"{flag} {path} is read-only")
+        raise UserError(f"{RESULTS_FLAG} {path}: the folder {folder} does not exist")
+    replaceable_results_file(target, path)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create a file in {folder}: {e.strerror}") from None
+        raise UserError(f"{RESULTS_FLAG} {path}: cannot create a file in {folder}: {e.strerror}") from None
     return target
+
+
+def replaceable_results_file(target: str, shown_path: str) -> os.stat_result | None:
+    """The status of the file at `target` that results may replace, None where there is none. Only what the kit
+    writes may be replaced: a regular file, writable by its mode bits, holding a JSON object. Anything else (an
+    image of the dataset, a file made read-only, the file the console is redirected to) is the user's: a UserError
+    says it is left untouched. Checked before the model loads and again right before the rename, since the file
+    may change during a long run."""
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"{RESULTS_FLAG} {shown_path}: cannot check it: {e.strerror}; it is left untouched") from None
+    if not stat.S_ISREG(status.st_mode):
+        why = "exists and is not a regular file (a device, FIFO or socket)"
+    elif not (_writable_by_mode(status) and os.access(target, os.W_OK)):
+        why = "is read-only"
+    elif not _holds_json_object(target):
+        why = "exists and is not a results file (a JSON object, as run_pa writes)"
+    else:
+        return status
+    raise UserError(f"{RESULTS_FLAG} {shown_path} {why}; it is left untouched: give another path, or remove it")
+
+
+def _writable_by_mode(status: os.stat_result) -> bool:
+    """The write bit that applies to this process: the owner's for the owner and for root (os.access grants root
+    every file, yet a chmod 444 says keep it), else the group's or the others'."""
+    uid = os.geteuid()
+    if uid in (0, status.st_uid):
+        return bool(status.st_mode & stat.S_IWUSR)
+    if status.st_gid == os.getegid() or status.st_gid in os.getgroups():
+        return bool(status.st_mode & stat.S_IWGRP)
+    return bool(status.st_mode & stat.S_IWOTH)
+
+
+def _holds_json_object(path: str) -> bool:
+    """Whether the regular file at `path` holds a JSON object. Opened without blocking, in case a FIFO took its
+    place; anything else (an image) is told by its first bytes, before the whole file is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not f.read(64).lstrip().startswith(b"{"):
+                return False
+            f.seek(0)
+            return isinstance(json.loads(f.read()), dict)
+        except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return False
 
 
 def question(items: list) -> str:

@@ -11,8 +11,8 @@ import stat
 import sys
 import tempfile
 
-from atb_models.cli.entry import one_line
-from atb_models.cli.inputs import Entry, question
+from atb_models.cli.entry import one_line, print_error
+from atb_models.cli.inputs import Entry, question, replaceable_results_file
 from atb_models.errors import UserError
 
 logger = logging.getLogger("atb_models.run_pa")
@@ -20,15 +20,16 @@ logger = logging.getLogger("atb_models.run_pa")
 
 def print_report(entries: list[Entry], latency: float) -> None:
     """MindIE's console lines; a failed dataset entry gets an `Error: name: why` line on stderr in its place, and a
-    skipped one a `Skipped: name: why` line instead of a question."""
+    skipped one a `Skipped: name: why` line instead of a question. A file name is shown through one_line, like the
+    question: a name holding a line break or ESC must not forge a line."""
     total_tokens = 0
     for entry in entries:
         if entry.skipped is not None:
-            print(f"Skipped: {entry.name}: {entry.skipped}", file=sys.stderr, flush=True)
+            print(f"Skipped: {one_line(entry.name)}: {one_line(entry.skipped)}", file=sys.stderr, flush=True)
     for i, entry in enumerate(entry for entry in entries if entry.skipped is None):
         print(f"Question[{i}]: {question(entry.items)}", flush=True)
         if entry.error is not None:
-            print(f"Error: {entry.name}: {one_line(entry.error)}", file=sys.stderr, flush=True)
+            print_error(f"{entry.name}: {entry.error}")
             continue
         num_tokens = len(entry.output.token_ids)  # the eos token included, as MindIE counts
         total_tokens += num_tokens
@@ -59,7 +60,7 @@ def save_results(entries: list[Entry], path: str, shown_path: str) -> None:
     failed = sum(entry.error is not None for entry in entries)
     skipped = sum(entry.skipped is not None for entry in entries)
     logger.info("results of %d entries (%d answered, %d failed, %d skipped) written to %s", len(results),
-                len(results) - failed - skipped, failed, skipped, shown_path)
+                len(results) - failed - skipped, failed, skipped, one_line(shown_path))
 
 
 def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> None:
@@ -67,17 +68,18 @@ def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> N
     results = results_of(entries)
     answers = sum(not isinstance(result, dict) for result in results.values())
     if not results:
-        print(f"no answer was finished; {shown_path} is left as it was", file=sys.stderr, flush=True)
+        print(f"no answer was finished; {one_line(shown_path)} is left as it was", file=sys.stderr, flush=True)
         return
     write_results(results, path, shown_path)
     failures = sum(entry.error is not None for entry in entries)
-    print(f"wrote {answers} of {len(entries)} answers to {shown_path} before stopping"
+    print(f"wrote {answers} of {len(entries)} answers to {one_line(shown_path)} before stopping"
           + (f" (and {failures} failed entries)" if failures else ""), file=sys.stderr, flush=True)
 
 
 def write_results(results: dict, path: str, shown_path: str) -> None:
     """Atomically: a temporary file in the same folder, synced, then renamed over `path`, so that a full disk or
-    an interruption leaves the previous results file whole, and no temporary file behind."""
+    an interruption leaves the previous results file whole, and no temporary file behind. Whatever is at `path`
+    right before the rename is checked again (the run may have been long): only a results file is replaced."""
     text = json.dumps(results, sort_keys=True, ensure_ascii=False)
     try:
         data = text.encode("utf-8")
@@ -91,7 +93,8 @@ def write_results(results: dict, path: str, shown_path: str) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode) if existed else 0o666 & ~_umask())
+        previous = replaceable_results_file(path, shown_path)
+        os.chmod(temp, stat.S_IMODE(previous.st_mode) if previous is not None else 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException as e:
         if temp is not None:

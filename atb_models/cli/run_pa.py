@@ -9,7 +9,9 @@ that fails is recorded as {"error": why}, a hidden file or a sub-folder as {"ski
 kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
 the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found
 before the model loads where it can be (flags, the media files, the results path); --debug shows the traceback
-instead. Ctrl-C exits 130 and SIGTERM 143, in dataset mode after writing the answers finished so far.
+instead. Ctrl-C exits 130, SIGTERM 143 and SIGHUP (the terminal closed) 129, in dataset mode after writing the
+answers finished so far; --results_save_path replaces only a results file of an earlier run, never a file of the
+user's.
 
 A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
 the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
@@ -71,7 +73,9 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
                         help="remove the shared-memory segments killed earlier runs left (listed in "
                              "--shm_name_save_path and its PATH.node<N> siblings), then exit")
     parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
-                        help="dataset mode: where {file name: answer} is written")
+                        help="dataset mode: where {file name: answer} is written; an existing file there that is not "
+                             "a results file (a JSON object), or is read-only, is refused and left untouched, and so "
+                             "is a path under /dev or /proc")
     sampling = parser.add_argument_group("sampling (greedy by default)")
     sampling.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0: greedy")
     sampling.add_argument("--top_k", type=int, metavar="N", default=0, help="0: no top-k cut")
@@ -118,7 +122,9 @@ def main(argv: list[str] | None, family: Family) -> int:
     args = build_parser(family).parse_args(argv)
 
     def run() -> int:
-        from atb_models.cli import infer  # torch and the engine, once the flags parsed
+        # torch and the engine, once the flags parsed; inside run_entry_point, so Ctrl-C, SIGTERM or SIGHUP during
+        # these imports already ends in its one line
+        from atb_models.cli import infer
 
         return infer.run(args, family)
 
