@@ -148,6 +148,30 @@ def test_performance_sweeps_batch_sizes_and_output_lengths_one_row_each(checkpoi
     assert "Answer[0]" not in result.stdout
 
 
+def test_a_sweep_leaves_out_batch_sizes_beyond_the_capped_batch(caplog, tmp_path, monkeypatch):
+    """--batch_sizes 1,100000000 on an engine whose memory holds 2: no hundred million copies, a warning instead."""
+    from atb_models import RequestOutput, SamplingParams, UserError
+    from atb_models.benchmark import timed_runs
+
+    class TwoRequestEngine:
+        max_batch_size = 2
+        step_records = []
+
+        def generate(self, requests, params):
+            assert len(requests) <= 2
+            return [RequestOutput(i, "", token_ids=[1, 2]) for i in range(len(requests))]
+
+    monkeypatch.setenv("ATB_LLM_BENCHMARK_FILEPATH", str(tmp_path / "perf.csv"))
+    monkeypatch.setattr(timed_runs.RunSummary, "from_run", staticmethod(lambda records, outputs: len(outputs)))
+    monkeypatch.setattr(timed_runs, "dump_benchmark", lambda summaries, rank, label: None)
+    monkeypatch.setattr(timed_runs, "markdown_table", lambda summaries: str(summaries))
+    with caplog.at_level("WARNING", logger="atb_models"):
+        timed_runs.performance_sweep(TwoRequestEngine(), [{"text": "hi"}], SamplingParams(), [1, 10**8], [2], 0)
+    assert any("--batch_sizes 100000000 left out" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="no --batch_sizes value fits"):
+        timed_runs.performance_sweep(TwoRequestEngine(), [{"text": "hi"}], SamplingParams(), [3], [2], 0)
+
+
 def test_sweep_flags_without_performance_are_refused(capsys):
     from examples.models.qwen2_vl.run_pa import main
 

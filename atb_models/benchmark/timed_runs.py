@@ -67,11 +67,18 @@ def performance_sweep(llm: LLM, items: list, params: SamplingParams, batch_sizes
                       output_lengths: list[int], rank: int) -> None:
     """Every (output length, batch size) point on copies of one prompt, eos ignored so outputs reach the length;
     a table of them on stdout (rank 0). The CSV is rewritten after each point, so a sweep cut short keeps the rows
-    it finished."""
+    it finished. Batch sizes beyond the batch the engine's memory allows (llm.max_batch_size, capped) are left out,
+    with a warning: they would measure queueing, not a batch."""
+    runnable = [size for size in batch_sizes if size <= llm.max_batch_size]
+    if len(runnable) < len(batch_sizes):
+        logger.warning("--batch_sizes %s left out: the engine's batch is capped at %d by memory",
+                       ",".join(str(size) for size in batch_sizes if size > llm.max_batch_size), llm.max_batch_size)
+    if not runnable:
+        raise UserError(f"no --batch_sizes value fits the engine's batch of {llm.max_batch_size} (capped by memory)")
     summaries = []
     for output_length in output_lengths:
         point = dataclasses.replace(params, max_tokens=output_length, ignore_eos=True)
-        for batch_size in batch_sizes:
+        for batch_size in runnable:
             outputs = llm.generate([list(items) for _ in range(batch_size)], point)
             failed = [output.error for output in outputs if output.error is not None]
             if failed:
