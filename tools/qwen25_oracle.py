@@ -10,8 +10,8 @@ Two halves in one file:
     python tools/qwen25_oracle.py venv      # create the venv (what .ci/run does)
 
 `build` writes a random tiny Qwen2.5-VL checkpoint, taking the tokenizer, chat template and processor files of a
-kit-built Qwen2-VL checkpoint (the two families share them). The vision tower's qkv gets a larger init scale, so its
-attention is sharp: a wrong window order changes the greedy tokens. `reference` reads prompts the kit preprocessed
+kit-built Qwen2-VL checkpoint (the two families share them). The vision tower's attention gets a larger init scale,
+so it is sharp: a wrong window order changes the greedy tokens. `reference` reads prompts the kit preprocessed
 (token ids, patches, grids, seconds per temporal grid step) and writes transformers' greedy tokens and float32
 logits to JSON.
 """
@@ -45,7 +45,8 @@ DEFAULT_SHAPE = {
     "window_size": 112,
     "tokens_per_second": 2,
     "rope_form": "default",      # "default": as transformers >= 4.49 saves it; "mrope": as the released configs
-    "vision_qkv_std": 0.3,
+    "vision_attention_std": 0.3,
+    "merger_std": 0.3,
 }
 
 
@@ -171,16 +172,20 @@ def _build(like: Path, out_dir: Path, settings: dict) -> None:
     model = Qwen2_5_VLForConditionalGeneration(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # Norm scales 1 + N(0, 0.1), everything else N(0, 0.02), the vision qkv N(0, vision_qkv_std): norms and
-        # biases that are not 1 and 0 catch a missing one, and sharp vision attention makes window order matter.
+        # Norm scales 1 + N(0, 0.1), everything else N(0, 0.02), but the vision qkv and proj
+        # N(0, vision_attention_std) and the merger's linears N(0, merger_std): norms and biases that are not 1 and
+        # 0 catch a missing one, sharp and strong vision attention makes window order matter, and image features as
+        # large as the token embeddings carry it to the tokens.
         for module_name, module in model.named_modules():
             is_norm = isinstance(module, (nn.LayerNorm, Qwen2RMSNorm))
             for name, param in module.named_parameters(recurse=False):
                 noise = torch.randn(param.shape, generator=generator)
                 if is_norm and name == "weight":
                     param.copy_(1 + 0.1 * noise)
-                elif module_name.endswith("attn.qkv") and name == "weight":
-                    param.copy_(shape["vision_qkv_std"] * noise)
+                elif module_name.endswith(("attn.qkv", "attn.proj")) and name == "weight":
+                    param.copy_(shape["vision_attention_std"] * noise)
+                elif module_name.startswith("visual.merger.mlp") and name == "weight":
+                    param.copy_(shape["merger_std"] * noise)
                 else:
                     param.copy_(0.02 * noise)
         tokenizer_size = len(json.loads((like / "tokenizer.json").read_text())["model"]["vocab"]) + len(

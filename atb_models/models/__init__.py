@@ -104,3 +104,16 @@ register(ModelFamily(
     checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
     demo_checkpoint="atb_models.demo.checkpoint:build_checkpoint",
 ))
+
+register(ModelFamily(
+    model_type="qwen2_5_vl",
+    display_name="Qwen2.5-VL",
+    model="atb_models.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+    # transformers 4.46 (the kit's pin) has no Qwen2.5-VL classes: the kit reads the config itself, and
+    # transformers' model (4.49 or later) is the reference where it is installed (tools/qwen25_oracle.py's venv).
+    config="atb_models.models.qwen2_5_vl:Qwen2_5_VLConfig",
+    reference="transformers:Qwen2_5_VLForConditionalGeneration",
+    image_processor="transformers:Qwen2VLImageProcessor",  # Qwen2.5-VL's processor is Qwen2-VL's image processor
+    special_token_keys=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+    checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+))

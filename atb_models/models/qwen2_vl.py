@@ -44,32 +44,26 @@ class LayerNorm(nn.LayerNorm):
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype,
-                 kernels: Kernels):
+class VisionAttention(nn.Module):
+    """The vision tower's attention over one step's patches, split into segments that each attend only to
+    themselves (no dense mask over all patches)."""
+
+    def __init__(self, dim: int, num_heads: int, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.norm1 = LayerNorm(dim, 1e-6, dtype)
-        self.norm2 = LayerNorm(dim, 1e-6, dtype)
-        self.attn = nn.Module()
-        self.attn.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
-        self.attn.proj = Linear(dim, dim, True, dtype, kernels.linear)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
-        self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
-        self.act = _activation(hidden_act)
+        self.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
+        self.proj = Linear(dim, dim, True, dtype, kernels.linear)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
+        """segments: (start, count, length) runs of `count` consecutive segments of `length` patches each; segments
+        of one run have the same length, so they go through attention as one batch."""
         n = x.shape[0]
-        q, k, v = self.attn.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         # The reference rotates in float32 whatever the tower's dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         outs = []
-        # Each image, and each 2-frame slice of a video, attends only to itself; the slices of one item have the
-        # same length, so they go through attention as one batch.
         for start, count, length in segments:
             end = start + count * length
             qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -77,10 +71,35 @@ class VisionBlock(nn.Module):
             o = F.scaled_dot_product_attention(qs, ks, vs)
             outs.append(o.transpose(1, 2).reshape(count * length, -1))
         o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return self.attn.proj(o)
+        return self.proj(o)
+
+
+def frame_segments(grid_thw: list) -> list:
+    """Attention segments (start, count, length) in which each image, and each temporal slice of a video, attends
+    only to itself."""
+    segments = []
+    start = 0
+    for t, h, w in grid_thw:
+        segments.append((start, t, h * w))
+        start += t * h * w
+    return segments
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype,
+                 kernels: Kernels):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, 1e-6, dtype)
+        self.norm2 = LayerNorm(dim, 1e-6, dtype)
+        self.attn = VisionAttention(dim, num_heads, dtype, kernels)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
+        self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
+        self.act = _activation(hidden_act)
 
     def forward(self, x, cos, sin, segments):
-        x = x + self.attention(self.norm1(x), cos, sin, segments)
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
 
 
@@ -117,11 +136,7 @@ class VisionTransformer(nn.Module):
         """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
         x = self.patch_embed.proj(pixel_values.to(self.dtype))
         cos, sin = self.rotary.cos_sin(grid_thw)
-        segments = []
-        start = 0
-        for t, h, w in grid_thw:
-            segments.append((start, t, h * w))
-            start += t * h * w
+        segments = frame_segments(grid_thw)
         for block in self.blocks:
             x = block(x, cos, sin, segments)
         x = self.merger.ln_q(x).view(-1, self.embed_dim * self.merge ** 2)
@@ -186,13 +201,15 @@ class Qwen2VLForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", "up"),
     }
 
+    vision_tower = VisionTransformer  # a family with another tower (Qwen2.5-VL) names its own
+
     def __init__(self, config, llm_dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.device,
                  upcast_attention: bool = False, *, kernels: Kernels):
         super().__init__()
         self.config = config
         self.llm_dtype = llm_dtype
         self.kernels = kernels
-        self.visual = VisionTransformer(config.vision_config, vision_dtype, device, kernels)
+        self.visual = self.vision_tower(config.vision_config, vision_dtype, device, kernels)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
         self.model.embed_tokens.weight.requires_grad_(False)
