@@ -4,6 +4,7 @@ identical greedy tokens and prompt lengths, float32 logits within 1e-3.
 transformers 4.51.3 lives in its own venv (tools/qwen25_oracle.py; .ci/run creates it): without it these tests skip,
 saying so. The kit preprocesses each request; the oracle runs transformers' model on exactly those inputs."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,26 @@ def test_frame_lists_default_to_two_frames_a_second_and_an_item_fps_reaches_the_
 
     # Two grid steps (4 frames), tokens_per_second 2: 1 s apart at 2 fps, 4 s apart at 0.5 fps.
     assert temporal_steps(default) == [0, 2] and temporal_steps(slow) == [0, 8]
+
+
+# Qwen2.5-VL-3B's 16 query heads on 2 key/value heads (head_dim 8 to stay tiny): at 4 ranks each KV head is
+# replicated on two ranks.
+SHAPE_3B_HEADS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=16, num_key_value_heads=2,
+                      tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media, sample_frames, tmp_path,
+                                                            world_size):
+    from tests.test_tensor_parallel import run_ranks
+
+    path = q25_checkpoint(**SHAPE_3B_HEADS)
+    requests = [
+        [{"image": media["windows"]}, {"text": "What is in the picture?"}],
+        [{"video": [str(f) for f in sample_frames]}, {"image": media["odd"]}, {"text": "Describe both."}],
+        [{"text": "Hello, what colour is the sky?"}],
+    ]
+    one_rank = assert_matches_oracle(make_llm(path), path, requests, tmp_path)
+    out = run_ranks(tmp_path, world_size, {"model": str(path), "requests": requests, "max_tokens": MAX_NEW})
+    per_rank = [json.loads((out / f"tokens_rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(tokens == [o.token_ids for o in one_rank] for tokens in per_rank)
