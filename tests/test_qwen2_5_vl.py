@@ -212,3 +212,28 @@ def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media
     out = run_ranks(tmp_path, world_size, {"model": str(path), "requests": requests, "max_tokens": MAX_NEW})
     per_rank = [json.loads((out / f"tokens_rank{r}.json").read_text()) for r in range(world_size)]
     assert all(tokens == [o.token_ids for o in one_rank] for tokens in per_rank)
+
+
+def test_run_pa_sh_runs_a_checkpoint_on_an_image_and_a_video_and_refuses_bad_input_as_for_qwen2_vl(
+        q25_checkpoint, media, sample_video_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_run_pa import COMMON_ARGS, assert_answers, assert_no_traceback, error_lines
+
+    def run_pa(*args):
+        return subprocess.run(["bash", str(ROOT / "examples" / "models" / "qwen2_5_vl" / "run_pa.sh"), *COMMON_ARGS,
+                               *map(str, args)], cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=300)
+
+    path = q25_checkpoint()
+    result = run_pa("--model_path", path, "--input_image", media["windows"], "--input_image", sample_video_path,
+                    "--max_batch_size", "1", "--max_input_length", "1024")
+    assert result.returncode == 0, result.stderr
+    assert_answers(result.stdout, 1)
+    assert f"<image: {media['windows']}> <video: {sample_video_path}>" in result.stdout
+    assert_no_traceback(result)
+    missing = run_pa("--model_path", path, "--input_image", tmp_path / "nowhere.jpg")
+    assert missing.returncode == 1 and error_lines(missing) == [f"Error: image file not found: {tmp_path}/nowhere.jpg"]
+    assert_no_traceback(missing)
