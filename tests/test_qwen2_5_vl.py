@@ -237,3 +237,34 @@ def test_run_pa_sh_runs_a_checkpoint_on_an_image_and_a_video_and_refuses_bad_inp
     missing = run_pa("--model_path", path, "--input_image", tmp_path / "nowhere.jpg")
     assert missing.returncode == 1 and error_lines(missing) == [f"Error: image file not found: {tmp_path}/nowhere.jpg"]
     assert_no_traceback(missing)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["no_bf16", "native_bf16"])
+def test_vision_tower_is_float32_where_bf16_is_not_native_and_bf16_where_it_is(q25_checkpoint, monkeypatch,
+                                                                               native_bf16):
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from atb_models.engine import llm as llm_module
+    from atb_models.platform import Capabilities, resolve_plan
+
+    gpu = Capabilities(kind="cuda", name="simulated GPU", native_bf16=native_bf16, native_fp16=True, device_count=1)
+    # The policy's decision for that GPU, carried out on this machine's CPU.
+    plan = dataclasses.replace(resolve_plan("auto", "auto", "bfloat16", caps=gpu), kind="cpu", index=None,
+                               dist_backend="gloo")
+    monkeypatch.setattr(llm_module, "resolve_plan", lambda *args: plan)
+    path = q25_checkpoint()
+    visual = make_llm(path, dtype="auto").runner.model.visual
+    expected = torch.bfloat16 if native_bf16 else torch.float32
+    names = {name for name, _ in visual.named_parameters()}
+    for part in ("patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.norm2.weight",
+                 "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight",
+                 "blocks.0.mlp.gate_up_proj.weight", "blocks.0.mlp.down_proj.weight", "merger.ln_q.weight",
+                 "merger.mlp.0.weight", "merger.mlp.2.weight"):
+        assert part in names
+    assert {name: p.dtype for name, p in visual.named_parameters()} == dict.fromkeys(names, expected)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as stored:
+        qkv = stored.get_tensor("visual.blocks.0.attn.qkv.weight")
+    assert qkv.dtype == torch.bfloat16
+    assert torch.equal(visual.blocks[0].attn.qkv.weight, qkv.to(expected))
