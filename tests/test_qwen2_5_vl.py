@@ -135,9 +135,8 @@ def test_window_order_matters_full_attention_everywhere_changes_the_tokens(q25_c
     path = q25_checkpoint()
     llm = make_llm(path)
     request = [{"image": media["windows"]}, {"text": "What is in the picture?"}]
-    inputs = [oracle_inputs(llm.preprocessor(request))]
-    (windowed, _), = oracle.reference(path, inputs, MAX_NEW, tmp_path)
-    (full, _), = oracle.reference(path, inputs, MAX_NEW, tmp_path, full_attention=True)
+    inputs = oracle_inputs(llm.preprocessor(request))
+    (windowed, _), (full, _) = oracle.reference(path, [inputs, dict(inputs, full_attention=True)], MAX_NEW, tmp_path)
     assert windowed != full, "the checkpoint's vision attention is too flat for window order to show"
     # The kit's tower with every block over the whole image gives transformers' full-attention tokens.
     llm.runner.model.visual.full_attention_blocks = frozenset(range(len(llm.runner.model.visual.blocks)))

@@ -104,17 +104,17 @@ def build_checkpoint(like: Path, out_dir: Path, seed: int = 0, max_pixels: int |
     return Path(out_dir)
 
 
-def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Path,
-              full_attention: bool = False) -> list:
+def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Path) -> list:
     """[(greedy tokens, [per-step float32 logits])] from transformers for each prompt, given as dicts of
-    input_ids (list), image / video patches and grids, and seconds_per_grid (one per video)."""
+    input_ids (list), image / video patches and grids, seconds_per_grid (one per video) and, optionally,
+    full_attention: True to run every vision block over the whole image (what a wrong window order amounts to)."""
     import torch
 
     inputs, out = Path(work_dir) / "oracle_inputs.pt", Path(work_dir) / "oracle_reference.json"
     torch.save(prompts, inputs)
     args = ["reference", "--model", str(model_dir), "--inputs", str(inputs), "--out", str(out),
             "--max_new_tokens", str(max_new_tokens)]
-    _run_oracle(*args, *(["--full_attention"] if full_attention else []))
+    _run_oracle(*args)
     return [(r["tokens"], torch.tensor(r["logits"])) for r in json.loads(out.read_text())]
 
 
@@ -204,15 +204,16 @@ def _build(like: Path, out_dir: Path, settings: dict) -> None:
         (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
-def _reference(model_dir: Path, inputs: Path, out: Path, max_new_tokens: int, full_attention: bool) -> None:
+def _reference(model_dir: Path, inputs: Path, out: Path, max_new_tokens: int) -> None:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    if full_attention:  # every vision block over the whole image: what a wrong window order amounts to
-        model.visual.fullatt_block_indexes = list(range(len(model.visual.blocks)))
+    windowed = model.visual.fullatt_block_indexes
     results = []
     for prompt in torch.load(inputs):
+        full = prompt.get("full_attention", False)
+        model.visual.fullatt_block_indexes = list(range(len(model.visual.blocks))) if full else windowed
         ids = torch.tensor([prompt["input_ids"]])
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if prompt.get("image_grid_thw") is not None:
@@ -243,14 +244,13 @@ def main(argv=None) -> None:
     ref.add_argument("--inputs", type=Path, required=True)
     ref.add_argument("--out", type=Path, required=True)
     ref.add_argument("--max_new_tokens", type=int, required=True)
-    ref.add_argument("--full_attention", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "venv":
         print(ensure_venv())
     elif args.command == "build":
         _build(args.like, args.out, json.loads(args.settings))
     else:
-        _reference(args.model, args.inputs, args.out, args.max_new_tokens, args.full_attention)
+        _reference(args.model, args.inputs, args.out, args.max_new_tokens)
 
 
 if __name__ == "__main__":
