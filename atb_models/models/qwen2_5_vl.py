@@ -20,7 +20,8 @@ from atb_models.kernels import Kernels
 from atb_models.layers.linear import Linear, MergedReplicatedLinear
 from atb_models.layers.norm import RMSNorm
 from atb_models.layers.rotary import VisionRotaryEmbedding
-from atb_models.models.qwen2_vl import Qwen2VLForCausalLM, VisionAttention, _activation, frame_segments
+from atb_models.models.qwen2_vl import (PatchEmbed, PatchMerger, Qwen2VLForCausalLM, VisionAttention, _activation,
+                                        frame_segments)
 
 
 class Qwen2_5_VLVisionConfig(PretrainedConfig):
@@ -124,27 +125,16 @@ class VisionBlock(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
         super().__init__()
-        self.dtype = dtype
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
-        self.embed_dim = vc.hidden_size
         self.merge = vc.spatial_merge_size
         self.window_merged = vc.window_size // vc.spatial_merge_size // vc.patch_size
         self.full_attention_blocks = frozenset(vc.fullatt_block_indexes)
-        self.patch_embed = nn.Module()
-        # A Conv3d whose stride equals its kernel over pre-cut patches is a matmul with the flattened kernel.
-        self.patch_embed.proj = Linear(self.patch_dim, vc.hidden_size, False, dtype, kernels.linear)
-        from atb_models.models.qwen2_vl import VisionTransformer as Qwen2VisionTransformer
-
-        self.patch_embed.proj.weight.weight_loader = Qwen2VisionTransformer._load_conv_kernel
+        self.patch_embed = PatchEmbed(vc, vc.hidden_size, dtype, kernels)
         self.rotary = VisionRotaryEmbedding(vc.hidden_size // vc.num_heads, vc.spatial_merge_size, device)
         self.blocks = nn.ModuleList(
             VisionBlock(vc.hidden_size, vc.num_heads, vc.intermediate_size, vc.hidden_act, dtype, kernels)
             for _ in range(vc.depth))
-        merged = vc.hidden_size * self.merge ** 2
-        self.merger = nn.Module()
-        self.merger.ln_q = RMSNorm(vc.hidden_size, 1e-6, dtype, kernels.rms_norm)
-        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype, kernels.linear), nn.GELU(),
-                                         Linear(merged, vc.out_hidden_size, True, dtype, kernels.linear)])
+        self.merger = PatchMerger(RMSNorm(vc.hidden_size, 1e-6, dtype, kernels.rms_norm), vc.hidden_size,
+                                  vc.spatial_merge_size, vc.out_hidden_size, dtype, kernels)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
         """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden] in
@@ -156,16 +146,13 @@ class VisionTransformer(nn.Module):
         def to_windows(t: torch.Tensor) -> torch.Tensor:
             return t.view(-1, unit, t.shape[-1])[order].view(-1, t.shape[-1])
 
-        x = to_windows(self.patch_embed.proj(pixel_values.to(self.dtype)))
+        x = to_windows(self.patch_embed(pixel_values))
         cos, sin = (to_windows(t) for t in self.rotary.cos_sin(grid_thw))
         # Windows never cross a temporal slice, so each slice stays contiguous in window order.
         full, windowed = frame_segments(grid_thw), window_segments(lengths, unit)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if i in self.full_attention_blocks else windowed)
-        x = self.merger.ln_q(x).view(-1, self.embed_dim * unit)
-        for layer in self.merger.mlp:
-            x = layer(x)
-        return x[torch.argsort(order)]
+        return self.merger(x)[torch.argsort(order)]
 
 
 class Qwen2_5_VLForCausalLM(Qwen2VLForCausalLM):

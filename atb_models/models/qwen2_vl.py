@@ -103,26 +103,16 @@ class VisionBlock(nn.Module):
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
 
 
-class VisionTransformer(nn.Module):
-    def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
+class PatchEmbed(nn.Module):
+    """Patches [n, C*T*P*P] to [n, embed_dim]: the checkpoint's Conv3d, whose stride equals its kernel over pre-cut
+    patches, is a matmul with the flattened kernel."""
+
+    def __init__(self, vc, embed_dim: int, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.dtype = dtype
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
-        self.embed_dim = vc.embed_dim
-        self.merge = vc.spatial_merge_size
-        self.patch_embed = nn.Module()
-        # A Conv3d whose stride equals its kernel over pre-cut patches is a matmul with the flattened kernel.
-        self.patch_embed.proj = Linear(self.patch_dim, vc.embed_dim, False, dtype, kernels.linear)
-        self.patch_embed.proj.weight.weight_loader = self._load_conv_kernel
-        self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
-        self.blocks = nn.ModuleList(
-            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype, kernels)
-            for _ in range(vc.depth))
-        merged = vc.embed_dim * self.merge ** 2
-        self.merger = nn.Module()
-        self.merger.ln_q = LayerNorm(vc.embed_dim, 1e-6, dtype)
-        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype, kernels.linear), nn.GELU(),
-                                         Linear(merged, vc.hidden_size, True, dtype, kernels.linear)])
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+        self.proj = Linear(patch_dim, embed_dim, False, dtype, kernels.linear)
+        self.proj.weight.weight_loader = self._load_conv_kernel
 
     @staticmethod
     def _load_conv_kernel(param, source, name, shard_id=None):
@@ -132,17 +122,47 @@ class VisionTransformer(nn.Module):
                             f"({param.shape[0]}, {param.shape[1]} values per kernel)")
         param.data.copy_(kernel.reshape(param.shape))
 
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values.to(self.dtype))
+
+
+class PatchMerger(nn.Module):
+    """Each 2x2 group of patches to one language-model token: `ln_q` (the family's norm), then a two-layer MLP."""
+
+    def __init__(self, ln_q: nn.Module, embed_dim: int, merge: int, out_dim: int, dtype: torch.dtype,
+                 kernels: Kernels):
+        super().__init__()
+        self.merged = embed_dim * merge ** 2
+        self.ln_q = ln_q
+        self.mlp = nn.ModuleList([Linear(self.merged, self.merged, True, dtype, kernels.linear), nn.GELU(),
+                                  Linear(self.merged, out_dim, True, dtype, kernels.linear)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(x).view(-1, self.merged)
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
+        super().__init__()
+        self.patch_embed = PatchEmbed(vc, vc.embed_dim, dtype, kernels)
+        self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
+        self.blocks = nn.ModuleList(
+            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype, kernels)
+            for _ in range(vc.depth))
+        self.merger = PatchMerger(LayerNorm(vc.embed_dim, 1e-6, dtype), vc.embed_dim, vc.spatial_merge_size,
+                                  vc.hidden_size, dtype, kernels)
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
         """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
-        x = self.patch_embed.proj(pixel_values.to(self.dtype))
+        x = self.patch_embed(pixel_values)
         cos, sin = self.rotary.cos_sin(grid_thw)
         segments = frame_segments(grid_thw)
         for block in self.blocks:
             x = block(x, cos, sin, segments)
-        x = self.merger.ln_q(x).view(-1, self.embed_dim * self.merge ** 2)
-        for layer in self.merger.mlp:
-            x = layer(x)
-        return x
+        return self.merger(x)
 
 
 # ----------------------------------------------------------------------------------------------- language model
