@@ -267,3 +267,29 @@ def test_vision_tower_is_float32_where_bf16_is_not_native_and_bf16_where_it_is(q
         qkv = stored.get_tensor("visual.blocks.0.attn.qkv.weight")
     assert qkv.dtype == torch.bfloat16
     assert torch.equal(visual.blocks[0].attn.qkv.weight, qkv.to(expected))
+
+
+def test_modeltest_harness_runs_textvqa_on_a_qwen2_5_vl_checkpoint(q25_checkpoint, media, tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    harness = ROOT / "tests" / "modeltest"
+    lines = [{"image": media["windows"], "question": "what is this?", "question_id": 1},
+             {"image": media["odd"], "question": "which colour?", "question_id": 2}]
+    (tmp_path / "textvqa_val.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    annotations = [{"question_id": line["question_id"], "answers": [{"answer": "zzz"}] * 10} for line in lines]
+    (tmp_path / "textvqa_val_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(harness), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", str(harness / "scripts" / "mm_run.sh"), "textvqa", "qwen2_5_vl", "--world_size", "1",
+                           "--device", "cpu", "--dtype", "float32", "--max_output_length", "4",
+                           "--model_path", str(q25_checkpoint()), "--dataset_path", str(tmp_path / "textvqa_val.jsonl"),
+                           "--output_dir", str(tmp_path / "out")],
+                          cwd=harness, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [result_csv] = (tmp_path / "out").glob("*/modeltest/qwen2_5_vl/precision_result/results/**/*_result.csv")
+    with open(result_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["Total"] == "2" and rows[-1]["Failed"] == "0"

@@ -208,7 +208,8 @@ def _reference(model_dir: Path, inputs: Path, out: Path, max_new_tokens: int) ->
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                               trust_remote_code=False).eval()
     windowed = model.visual.fullatt_block_indexes
     results = []
     for prompt in torch.load(inputs):
