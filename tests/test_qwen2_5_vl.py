@@ -109,8 +109,8 @@ def test_text_and_a_window_spanning_image_match_transformers(q25_checkpoint, med
     ], tmp_path)
 
 
-def test_two_images_a_tall_thin_one_and_a_frame_list_video_match_transformers(q25_checkpoint, media, sample_frames,
-                                                                               tmp_path):
+def test_two_images_a_tall_thin_one_and_videos_match_transformers(q25_checkpoint, media, sample_frames,
+                                                                   sample_video_path, tmp_path):
     path = q25_checkpoint()
     frames = [str(f) for f in sample_frames]
     assert_matches_oracle(make_llm(path), path, [
@@ -118,6 +118,7 @@ def test_two_images_a_tall_thin_one_and_a_frame_list_video_match_transformers(q2
         [{"image": media["tall"]}, {"text": "Read it."}],
         [{"video": frames}, {"text": "What happens in this video?"}],                 # 2 fps: qwen-vl-utils' rule
         [{"video": frames + frames, "fps": 0.5}, {"image": media["odd"]}, {"text": "Describe both."}],
+        [{"video": str(sample_video_path)}, {"text": "And this clip?"}],                # a file: --video_fps
     ], tmp_path)
 
 
@@ -172,10 +173,12 @@ def test_video_positions_follow_absolute_time_at_the_sampled_frame_rate():
 
 
 def test_frame_lists_default_to_two_frames_a_second_and_an_item_fps_reaches_the_positions(q25_checkpoint,
-                                                                                         sample_frames):
+                                                                                         sample_frames, caplog):
     llm = make_llm(q25_checkpoint())
     frames = [str(f) for f in sample_frames]
-    default = llm.preprocessor([{"video": frames}, {"text": "x"}])
+    with caplog.at_level("DEBUG", logger="atb_models"):
+        default = llm.preprocessor([{"video": frames}, {"text": "x"}])
+    assert "<video: 4 frames>: 4 frames at 2 fps, 1 s per temporal grid step" in caplog.text
     slow = llm.preprocessor([{"video": frames, "fps": 0.5}, {"text": "x"}])
     assert default.visuals[0].seconds_per_grid == 1.0 and slow.visuals[0].seconds_per_grid == 4.0
     assert default.token_ids == slow.token_ids
@@ -196,12 +199,20 @@ SHAPE_3B_HEADS = dict(hidden_size=128, intermediate_size=256, num_attention_head
                       tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media, sample_frames, tmp_path,
+# 72B's 64 query heads on 8 key/value heads, at 8 ranks.
+SHAPE_72B_HEADS = dict(hidden_size=512, intermediate_size=256, num_attention_heads=64, num_key_value_heads=8)
+
+
+@pytest.mark.parametrize("shape,world_size", [
+    pytest.param(SHAPE_3B_HEADS, 2, id="3b_at_two_ranks"),
+    pytest.param(SHAPE_3B_HEADS, 4, id="3b_at_four_ranks", marks=pytest.mark.slow),
+    pytest.param(SHAPE_72B_HEADS, 8, id="72b_at_eight_ranks", marks=pytest.mark.slow),
+])
+def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media, sample_frames, tmp_path, shape,
                                                             world_size):
     from tests.test_tensor_parallel import run_ranks
 
-    path = q25_checkpoint(**SHAPE_3B_HEADS)
+    path = q25_checkpoint(**shape)
     requests = [
         [{"image": media["windows"]}, {"text": "What is in the picture?"}],
         [{"video": [str(f) for f in sample_frames]}, {"image": media["odd"]}, {"text": "Describe both."}],
