@@ -304,3 +304,16 @@ def test_modeltest_harness_runs_textvqa_on_a_qwen2_5_vl_checkpoint(q25_checkpoin
     with open(result_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[-1]["Total"] == "2" and rows[-1]["Failed"] == "0"
+
+
+def test_without_transformers_qwen2_5_vl_the_reference_is_one_user_error():
+    import transformers
+
+    from atb_models import UserError
+    from atb_models.models import model_family
+
+    family = model_family("qwen2_5_vl")
+    if hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has Qwen2.5-VL")
+    with pytest.raises(UserError, match=r"has no Qwen2_5_VLForConditionalGeneration: comparing Qwen2.5-VL"):
+        family.reference_class()

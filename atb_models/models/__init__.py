@@ -47,7 +47,16 @@ class ModelFamily:
         return _import(self.config)
 
     def reference_class(self) -> type:
-        return _import(self.reference)
+        """transformers' implementation of the family; a transformers release without it is one UserError (the
+        kit's pin, 4.46, has no Qwen2.5-VL)."""
+        try:
+            return _import(self.reference)
+        except (AttributeError, ImportError):
+            import transformers
+
+            raise UserError(f"transformers {transformers.__version__} has no {self.reference.partition(':')[2]}: "
+                            f"comparing {self.display_name} with transformers needs a release that has it "
+                            "(tools/qwen25_oracle.py builds one in a venv of its own)") from None
 
     def image_processor_class(self) -> type:
         return _import(self.image_processor)
