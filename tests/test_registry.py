@@ -118,8 +118,8 @@ def test_an_unknown_model_type_is_one_error_listing_the_supported_ones(stand_in)
     with pytest.raises(UserError) as info:
         model_family("llava", "/models/llava/config.json")
     assert str(info.value) == ("unsupported model_type 'llava' in /models/llava/config.json: this kit serves "
-                               "qwen2_vl, stand_in_vl")
-    with pytest.raises(UserError, match=r"^unsupported model_type None: this kit serves qwen2_vl, stand_in_vl$"):
+                               "qwen2_5_vl, qwen2_vl, stand_in_vl")
+    with pytest.raises(UserError, match=r"^unsupported model_type None: this kit serves qwen2_5_vl, qwen2_vl, stand_in_vl$"):
         model_family(None)
 
 

@@ -115,6 +115,26 @@ class MergedColumnParallelLinear(Linear):
         return y.split(self.size, dim=-1)
 
 
+class MergedReplicatedLinear(Linear):
+    """Linears sharing one input (a replicated MLP's gate and up, with biases), stored as one matmul on every
+    rank: each checkpoint piece fills its block of output rows."""
+
+    def __init__(self, in_features: int, out_features: int, shard_ids: tuple, bias: bool, dtype: torch.dtype,
+                 kernel: LinearKernel):
+        self.size = out_features
+        self.shard_ids = shard_ids
+        super().__init__(in_features, out_features * len(shard_ids), bias, dtype, kernel)
+        self._set_loader(self._load)
+
+    def _load(self, param, source, name, shard_id) -> None:
+        block = param.data.narrow(0, self.shard_ids.index(shard_id) * self.size, self.size)
+        _check_shape(name, block.shape, source.shape)
+        block.copy_(source.full())
+
+    def split(self, y: torch.Tensor):
+        return y.split(self.size, dim=-1)
+
+
 class RowParallelLinear(Linear):
     """Split by input columns: each rank multiplies its share, then one all-reduce sums the partial outputs.
     `columns` is (first, count) of the checkpoint's input columns this rank holds; the rest of its

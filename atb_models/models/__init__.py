@@ -47,7 +47,16 @@ class ModelFamily:
         return _import(self.config)
 
     def reference_class(self) -> type:
-        return _import(self.reference)
+        """transformers' implementation of the family; a transformers release without it is one UserError (the
+        kit's pin, 4.46, has no Qwen2.5-VL)."""
+        try:
+            return _import(self.reference)
+        except (AttributeError, ImportError):
+            import transformers
+
+            raise UserError(f"transformers {transformers.__version__} has no {self.reference.partition(':')[2]}: "
+                            f"comparing {self.display_name} with transformers needs a release that has it "
+                            "(tools/qwen25_oracle.py builds one in a venv of its own)") from None
 
     def image_processor_class(self) -> type:
         return _import(self.image_processor)
@@ -103,4 +112,17 @@ register(ModelFamily(
     # model.visual; the kit's parameters keep the classic layout (model.*, visual.*).
     checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
     demo_checkpoint="atb_models.demo.checkpoint:build_checkpoint",
+))
+
+register(ModelFamily(
+    model_type="qwen2_5_vl",
+    display_name="Qwen2.5-VL",
+    model="atb_models.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+    # transformers 4.46 (the kit's pin) has no Qwen2.5-VL classes: the kit reads the config itself, and
+    # transformers' model (4.49 or later) is the reference where it is installed (tools/qwen25_oracle.py's venv).
+    config="atb_models.models.qwen2_5_vl:Qwen2_5_VLConfig",
+    reference="transformers:Qwen2_5_VLForConditionalGeneration",
+    image_processor="transformers:Qwen2VLImageProcessor",  # Qwen2.5-VL's processor is Qwen2-VL's image processor
+    special_token_keys=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+    checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
 ))

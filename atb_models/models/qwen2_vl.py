@@ -44,32 +44,26 @@ class LayerNorm(nn.LayerNorm):
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype,
-                 kernels: Kernels):
+class VisionAttention(nn.Module):
+    """The vision tower's attention over one step's patches, split into segments that each attend only to
+    themselves (no dense mask over all patches)."""
+
+    def __init__(self, dim: int, num_heads: int, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.norm1 = LayerNorm(dim, 1e-6, dtype)
-        self.norm2 = LayerNorm(dim, 1e-6, dtype)
-        self.attn = nn.Module()
-        self.attn.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
-        self.attn.proj = Linear(dim, dim, True, dtype, kernels.linear)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
-        self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
-        self.act = _activation(hidden_act)
+        self.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
+        self.proj = Linear(dim, dim, True, dtype, kernels.linear)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
+        """segments: (start, count, length) runs of `count` consecutive segments of `length` patches each; segments
+        of one run have the same length, so they go through attention as one batch."""
         n = x.shape[0]
-        q, k, v = self.attn.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         # The reference rotates in float32 whatever the tower's dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         outs = []
-        # Each image, and each 2-frame slice of a video, attends only to itself; the slices of one item have the
-        # same length, so they go through attention as one batch.
         for start, count, length in segments:
             end = start + count * length
             qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -77,33 +71,48 @@ class VisionBlock(nn.Module):
             o = F.scaled_dot_product_attention(qs, ks, vs)
             outs.append(o.transpose(1, 2).reshape(count * length, -1))
         o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return self.attn.proj(o)
+        return self.proj(o)
+
+
+def frame_segments(grid_thw: list) -> list:
+    """Attention segments (start, count, length) in which each image, and each temporal slice of a video, attends
+    only to itself."""
+    segments = []
+    start = 0
+    for t, h, w in grid_thw:
+        segments.append((start, t, h * w))
+        start += t * h * w
+    return segments
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, hidden_act: str, dtype: torch.dtype,
+                 kernels: Kernels):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, 1e-6, dtype)
+        self.norm2 = LayerNorm(dim, 1e-6, dtype)
+        self.attn = VisionAttention(dim, num_heads, dtype, kernels)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
+        self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
+        self.act = _activation(hidden_act)
 
     def forward(self, x, cos, sin, segments):
-        x = x + self.attention(self.norm1(x), cos, sin, segments)
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
 
 
-class VisionTransformer(nn.Module):
-    def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
+class PatchEmbed(nn.Module):
+    """Patches [n, C*T*P*P] to [n, embed_dim]: the checkpoint's Conv3d, whose stride equals its kernel over pre-cut
+    patches, is a matmul with the flattened kernel."""
+
+    def __init__(self, vc, embed_dim: int, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.dtype = dtype
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
-        self.embed_dim = vc.embed_dim
-        self.merge = vc.spatial_merge_size
-        self.patch_embed = nn.Module()
-        # A Conv3d whose stride equals its kernel over pre-cut patches is a matmul with the flattened kernel.
-        self.patch_embed.proj = Linear(self.patch_dim, vc.embed_dim, False, dtype, kernels.linear)
-        self.patch_embed.proj.weight.weight_loader = self._load_conv_kernel
-        self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
-        self.blocks = nn.ModuleList(
-            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype, kernels)
-            for _ in range(vc.depth))
-        merged = vc.embed_dim * self.merge ** 2
-        self.merger = nn.Module()
-        self.merger.ln_q = LayerNorm(vc.embed_dim, 1e-6, dtype)
-        self.merger.mlp = nn.ModuleList([Linear(merged, merged, True, dtype, kernels.linear), nn.GELU(),
-                                         Linear(merged, vc.hidden_size, True, dtype, kernels.linear)])
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+        self.proj = Linear(patch_dim, embed_dim, False, dtype, kernels.linear)
+        self.proj.weight.weight_loader = self._load_conv_kernel
 
     @staticmethod
     def _load_conv_kernel(param, source, name, shard_id=None):
@@ -113,21 +122,47 @@ class VisionTransformer(nn.Module):
                             f"({param.shape[0]}, {param.shape[1]} values per kernel)")
         param.data.copy_(kernel.reshape(param.shape))
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
-        """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
-        x = self.patch_embed.proj(pixel_values.to(self.dtype))
-        cos, sin = self.rotary.cos_sin(grid_thw)
-        segments = []
-        start = 0
-        for t, h, w in grid_thw:
-            segments.append((start, t, h * w))
-            start += t * h * w
-        for block in self.blocks:
-            x = block(x, cos, sin, segments)
-        x = self.merger.ln_q(x).view(-1, self.embed_dim * self.merge ** 2)
-        for layer in self.merger.mlp:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values.to(self.dtype))
+
+
+class PatchMerger(nn.Module):
+    """Each 2x2 group of patches to one language-model token: `ln_q` (the family's norm), then a two-layer MLP."""
+
+    def __init__(self, ln_q: nn.Module, embed_dim: int, merge: int, out_dim: int, dtype: torch.dtype,
+                 kernels: Kernels):
+        super().__init__()
+        self.merged = embed_dim * merge ** 2
+        self.ln_q = ln_q
+        self.mlp = nn.ModuleList([Linear(self.merged, self.merged, True, dtype, kernels.linear), nn.GELU(),
+                                  Linear(self.merged, out_dim, True, dtype, kernels.linear)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_q(x).view(-1, self.merged)
+        for layer in self.mlp:
             x = layer(x)
         return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, vc, dtype: torch.dtype, device: torch.device, kernels: Kernels):
+        super().__init__()
+        self.patch_embed = PatchEmbed(vc, vc.embed_dim, dtype, kernels)
+        self.rotary = VisionRotaryEmbedding(vc.embed_dim // vc.num_heads, vc.spatial_merge_size, device)
+        self.blocks = nn.ModuleList(
+            VisionBlock(vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_act, dtype, kernels)
+            for _ in range(vc.depth))
+        self.merger = PatchMerger(LayerNorm(vc.embed_dim, 1e-6, dtype), vc.embed_dim, vc.spatial_merge_size,
+                                  vc.hidden_size, dtype, kernels)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
+        """pixel_values: [patches, C*T*P*P]; grid_thw: list of (t, h, w). Returns [patches / merge^2, hidden]."""
+        x = self.patch_embed(pixel_values)
+        cos, sin = self.rotary.cos_sin(grid_thw)
+        segments = frame_segments(grid_thw)
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        return self.merger(x)
 
 
 # ----------------------------------------------------------------------------------------------- language model
@@ -186,13 +221,15 @@ class Qwen2VLForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", "up"),
     }
 
+    vision_tower = VisionTransformer  # a family with another tower (Qwen2.5-VL) names its own
+
     def __init__(self, config, llm_dtype: torch.dtype, vision_dtype: torch.dtype, device: torch.device,
                  upcast_attention: bool = False, *, kernels: Kernels):
         super().__init__()
         self.config = config
         self.llm_dtype = llm_dtype
         self.kernels = kernels
-        self.visual = VisionTransformer(config.vision_config, vision_dtype, device, kernels)
+        self.visual = self.vision_tower(config.vision_config, vision_dtype, device, kernels)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
         self.model.embed_tokens.weight.requires_grad_(False)

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 ITEM_KINDS = ("image", "video", "text")
 
+# The frame rate a video given as a list of frames is taken to be sampled at, unless its item names one
+# (qwen-vl-utils' rule); a video file is sampled at --video_fps.
+FRAME_LIST_FPS = 2.0
+
 
 @dataclass
 class VisualInput:
@@ -28,6 +32,7 @@ class VisualInput:
     pixel_values: torch.Tensor  # [num_patches, 3*2*14*14] float32, normalised, as the HF image processor outputs
     grid_thw: tuple[int, int, int]  # in patches
     num_tokens: int  # t*h*w // merge**2: the placeholder's length in the prompt
+    seconds_per_grid: float | None = None  # a video's seconds per temporal grid step (temporal_patch_size / fps)
 
 
 @dataclass
@@ -41,6 +46,11 @@ class ProcessedPrompt:
 
 def _item_kind(item, number: int) -> str:
     keys = list(item) if isinstance(item, dict) else []
+    if sorted(keys) == ["fps", "video"]:  # a video item may name its frame rate
+        fps = item["fps"]
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise UserError(f"request item {number}: fps must be a positive number of frames per second, got {fps!r}")
+        keys = ["video"]
     if len(keys) != 1 or keys[0] not in ITEM_KINDS:
         held = f"keys {keys}" if isinstance(item, dict) else f"a {type(item).__name__}"
         raise UserError(f"request item {number} must hold exactly one of image, video, text (it holds {held})")
@@ -67,7 +77,7 @@ def describe_request(request) -> str:
     """A request as people read it: "<image: cat.jpg> What is this?". Never fails, even on a malformed request
     (it names what it was given)."""
     try:
-        return " ".join(_display(kind, value) for item in request for kind, value in item.items())
+        return " ".join(_display(kind, value) for item in request for kind, value in item.items() if kind != "fps")
     except (TypeError, AttributeError):
         return repr(request)
 
@@ -130,6 +140,8 @@ class Preprocessor:
         self.video_token_id = config.video_token_id
         self.vision_start_token_id = config.vision_start_token_id
         self.spatial_merge_size = config.vision_config.spatial_merge_size
+        # Qwen2.5-VL places a video's grid steps at their time (rope_index); Qwen2-VL's config has no such field.
+        self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
         self.video_fps = video_fps
         self.video_max_frames = video_max_frames
         self.video_max_pixels = max_pixels
@@ -174,7 +186,8 @@ class Preprocessor:
         kinds = [_item_kind(item, number) for number, item in enumerate(request, start=1)]
         values = [item[kind] for item, kind in zip(request, kinds)]
 
-        visuals = [self._visual(kind, value) for kind, value in zip(kinds, values) if kind != "text"]
+        visuals = [self._visual(kind, value, item.get("fps"))
+                   for item, kind, value in zip(request, kinds, values) if kind != "text"]
         token_ids = self._expand_placeholders(self._tokenize(kinds, values), visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
         positions, rope_delta = rope_index(
@@ -185,11 +198,16 @@ class Preprocessor:
             video_token_id=self.video_token_id,
             vision_start_token_id=self.vision_start_token_id,
             spatial_merge_size=self.spatial_merge_size,
+            video_seconds_per_grid=[v.seconds_per_grid for v in visuals if v.kind == "video"],
+            tokens_per_second=self.tokens_per_second,
         )
         text = describe_request(request)
         return ProcessedPrompt(token_ids, visuals, positions, rope_delta, text)
 
-    def _visual(self, kind: str, source) -> VisualInput:
+    def _visual(self, kind: str, source, fps: float | None = None) -> VisualInput:
+        """One image or video; `fps`, the item's own frame rate, overrides the video's default (FRAME_LIST_FPS for a
+        list of frames, --video_fps for a file)."""
+        seconds_per_grid = None
         if kind == "image":
             image = load_image(source)
             # The processor's own resize refuses tiny or extreme images with a bare ValueError, and returns a
@@ -212,16 +230,21 @@ class Preprocessor:
             out = self.image_processor(images=[image], videos=None, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"][0]
         else:
-            frames, _ = load_video(
-                source, self.video_fps, self.video_max_frames, self.video_max_pixels, factor=self.factor
+            if fps is None:
+                fps = FRAME_LIST_FPS if isinstance(source, (list, tuple)) else self.video_fps
+            frames, sampled_fps = load_video(
+                source, fps, self.video_max_frames, self.video_max_pixels, factor=self.factor
             )
+            seconds_per_grid = self.image_processor.temporal_patch_size / sampled_fps
+            logger.debug("%s: %d frames at %g fps, %g s per temporal grid step", _display(kind, source), len(frames),
+                         sampled_fps, seconds_per_grid)
             # The frames are already sized for their pixel budget; resizing again would apply the image budget.
             out = self.image_processor(
                 images=None, videos=[frames], do_resize=False, input_data_format="channels_last", return_tensors="pt"
             )
             pixel_values, grid = out["pixel_values_videos"], out["video_grid_thw"][0]
         t, h, w = (int(x) for x in grid)
-        return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2)
+        return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid)
 
     def _tokenize(self, kinds: list[str], values: list) -> list[int]:
         content = [{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch Qwen2-VL inference (run_pa.py) on one rank or, through torchrun, on N ranks.
+# Launch Qwen2-VL inference (run_pa.py) on one rank or, through torchrun, on N ranks. Other families' run_pa.sh
+# (examples/models/qwen2_5_vl/) run this script with RUN_PA_MODULE naming their run_pa.py.
 #
 #   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
 #
@@ -24,6 +25,7 @@ export PYTHONPATH="${ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 # cannot stand in for the kit's own.
 export PYTHONSAFEPATH=1
 PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
+RUN_PA_MODULE="${RUN_PA_MODULE:-examples.models.qwen2_vl.run_pa}"
 
 DEFAULT_INPUT_TEXT="Explain the contents of the picture with more than 500 words and do not Answer the question \
 using a single word or phrase."
@@ -74,7 +76,7 @@ if ((show_help)); then
     usage
     echo
     echo "run_pa.py's flags:"
-    exec "${PYTHON}" -m examples.models.qwen2_vl.run_pa --help
+    exec "${PYTHON}" -m "${RUN_PA_MODULE}" --help
 fi
 if ((has_model_path && !has_input_text)); then
     run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
@@ -87,7 +89,7 @@ source "${ROOT}/tools/world_size.sh"
 
 if ((world_size == 1 && ${#torchrun_args[@]} == 0)); then
     # One rank needs no launcher: the process is the whole job.
-    exec "${PYTHON}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"
+    exec "${PYTHON}" -m "${RUN_PA_MODULE}" "${run_pa_args[@]}"
 fi
 
 if [[ -n "${MASTER_ADDR:-}" ]] && [[ " ${torchrun_args[*]} " != *" --master_addr"* ]]; then
@@ -96,6 +98,6 @@ fi
 # atb_models.launch is torchrun (torch.distributed.run, same options, same interpreter as the single-rank case)
 # that reports a failed rank in one line instead of torchrun's report with its own traceback.
 # It names this script in its hint when MASTER_PORT is busy.
-export ATB_MODELS_LAUNCH_SCRIPT="$0"
+export ATB_MODELS_LAUNCH_SCRIPT="${ATB_MODELS_LAUNCH_SCRIPT:-$0}"
 exec "${PYTHON}" -m atb_models.launch --nproc_per_node "${world_size}" --master_port "${MASTER_PORT:-20031}" \
-    "${torchrun_args[@]}" -m examples.models.qwen2_vl.run_pa "${run_pa_args[@]}"
+    "${torchrun_args[@]}" -m "${RUN_PA_MODULE}" "${run_pa_args[@]}"

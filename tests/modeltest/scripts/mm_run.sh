@@ -5,7 +5,7 @@
 #                          [other modeltest flags: --batch_size N --backend pa|hf --dtype ... --subsets ... --debug]
 #   bash scripts/mm_run.sh --help      this text; `python -m modeltest --help` (from tests/modeltest) lists every flag
 #
-# DATASET: textvqa | videobench; MODEL: qwen2_vl. The yaml files are modeltest/config/model/MODEL.yaml and
+# DATASET: textvqa | videobench; MODEL: qwen2_vl | qwen2_5_vl. The yaml files are modeltest/config/model/MODEL.yaml and
 # modeltest/config/task/DATASET.yaml; flags given here win over them. Results go under
 # OUTPUT_DIR/<date>/modeltest/MODEL/precision_result/ (OUTPUT_DIR: --output_dir, default tests/modeltest/output).
 # World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES, else in
@@ -28,7 +28,7 @@ export HCCL_DETERMINISTIC=true LCCL_DETERMINISTIC=1
 PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python)}"
 
 DATASETS=(textvqa videobench)
-MODELS=(qwen2_vl)
+MODELS=(qwen2_vl qwen2_5_vl)
 
 fail() {
     echo "$1" >&2
