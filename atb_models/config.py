@@ -152,6 +152,7 @@ def _check_shapes(hf_config, config_file: str) -> None:
     if vision.embed_dim % vision.num_heads:
         raise UserError(f"vision_config.num_heads {vision.num_heads} in {config_file} does not divide "
                         f"vision_config.embed_dim {vision.embed_dim}")
+    _check_vision_windows(vision, hidden, config_file)
     head_dim = hidden // heads
     section = mrope_section(hf_config)
     if (not isinstance(section, list) or len(section) != 3 or not all(_is_int(n) and n >= 0 for n in section)
@@ -159,6 +160,25 @@ def _check_shapes(hf_config, config_file: str) -> None:
         raise UserError(f"rope_scaling.mrope_section {section!r} in {config_file} does not fit the head size: it "
                         f"must be 3 counts summing to head_dim / 2 = {head_dim / 2:g} (hidden_size {hidden} / "
                         f"num_attention_heads {heads} = head_dim {head_dim})")
+
+
+def _check_vision_windows(vision, hidden: int, config_file: str) -> None:
+    """A windowed vision tower's settings (Qwen2.5-VL; absent from Qwen2-VL's config): a window of at least one
+    merged patch, full-attention blocks that exist, and merger outputs as wide as the language model."""
+    if not hasattr(vision, "window_size"):
+        return
+    merged_patch = vision.patch_size * vision.spatial_merge_size
+    if not _is_int(vision.window_size) or vision.window_size < merged_patch:
+        raise UserError(f"vision_config.window_size {vision.window_size!r} in {config_file} must be at least one "
+                        f"merged patch ({merged_patch} pixels)")
+    depth = vision.depth
+    outside = [i for i in vision.fullatt_block_indexes if not (_is_int(i) and 0 <= i < depth)]
+    if outside:
+        raise UserError(f"vision_config.fullatt_block_indexes {outside} in {config_file} name no block of the "
+                        f"{depth} (0..{depth - 1})")
+    if vision.out_hidden_size != hidden:
+        raise UserError(f"vision_config.out_hidden_size {vision.out_hidden_size!r} in {config_file} must equal "
+                        f"hidden_size {hidden}: the merger's outputs take the place of token embeddings")
 
 
 def mrope_section(hf_config) -> list:

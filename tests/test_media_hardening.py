@@ -286,3 +286,29 @@ def test_corrupt_preprocessor_config_is_one_line_naming_it(parts, tmp_path):
     (folder / "preprocessor_config.json").write_text("{ not json")
     with pytest.raises(UserError, match=r"cannot read .*model/preprocessor_config\.json"):
         Preprocessor(folder, parts.config, parts.tokenizer)
+
+
+def test_a_frame_list_cut_to_max_frames_reports_the_rate_of_the_frames_kept(sample_frames):
+    """Time-aligned positions follow the returned rate: 4 frames at 2 fps cut to 2 span the same time at 1 fps."""
+    from atb_models.multimodal.media import load_video
+
+    frames, fps = load_video([str(path) for path in sample_frames], fps=2.0, max_frames=2)
+    assert len(frames) == 2 and fps == 1.0
+    frames, fps = load_video([str(path) for path in sample_frames], fps=2.0, max_frames=8)
+    assert len(frames) == 4 and fps == 2.0
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(window_size=14), "window_size 14 .* at least one merged patch \\(28 pixels\\)"),
+    (dict(fullatt_block_indexes=[1, 9]), "fullatt_block_indexes \\[9\\] .* name no block of the 4"),
+    (dict(out_hidden_size=96), "out_hidden_size 96 .* must equal hidden_size 64"),
+])
+def test_a_windowed_vision_config_that_cannot_work_is_refused_at_load(change, expected):
+    from atb_models.config import _check_vision_windows
+    from atb_models.errors import UserError
+
+    vision = SimpleNamespace(window_size=112, patch_size=14, spatial_merge_size=2, depth=4,
+                             fullatt_block_indexes=[1, 3], out_hidden_size=64)
+    _check_vision_windows(vision, 64, "config.json")  # a sound one passes
+    with pytest.raises(UserError, match=expected):
+        _check_vision_windows(SimpleNamespace(**{**vars(vision), **change}), 64, "config.json")

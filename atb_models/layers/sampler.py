@@ -15,10 +15,10 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list, penalty: flo
 
 
 def _within_range(logits: torch.Tensor) -> torch.Tensor:
-    """An extreme penalty or temperature can scale finite logits past float32's range; the largest finite values
-    keep their order, where an inf would turn the softmax into nan."""
+    """An extreme penalty or temperature can scale finite logits past float32's range; held at the largest finite
+    values (in place) they keep their order, where an inf would turn the softmax into nan. A nan stays a nan."""
     finfo = torch.finfo(logits.dtype)
-    return torch.nan_to_num(logits, posinf=finfo.max, neginf=finfo.min)
+    return logits.clamp_(finfo.min, finfo.max)
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

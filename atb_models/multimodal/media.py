@@ -330,6 +330,7 @@ def _load_frame_list(frames: Sequence[ImageSource], fps: float, max_frames: int,
         raise UserError("a video given as a list of frames needs at least one frame")
     limit = max(FRAME_FACTOR, max_frames // FRAME_FACTOR * FRAME_FACTOR)
     if len(frames) > limit:  # more frames than allowed: an even spread of them, first and last included
+        fps = fps * limit / len(frames)  # the rate of the frames kept, which time-aligned positions follow
         frames = [frames[i] for i in video_frame_indices(len(frames), limit)]
     images = [load_image(frame) for frame in frames]
     images += [images[-1]] * (-len(images) % FRAME_FACTOR)  # whole temporal pairs

@@ -60,15 +60,19 @@ class NodePreprocessor:
         if self.state.is_leader:
             local = self._run_all(requests)
             payload = []
-            for result in local:
-                if isinstance(result, UserError):
-                    payload.append(str(result))
-                    continue
-                shared = []
-                for visual in result.visuals:
-                    handles.append(self.publisher.publish(visual.pixel_values))
-                    shared.append(dataclasses.replace(visual, pixel_values=handles[-1]))
-                payload.append(dataclasses.replace(result, visuals=shared))
+            try:
+                for result in local:
+                    if isinstance(result, UserError):
+                        payload.append(str(result))
+                        continue
+                    shared = []
+                    for visual in result.visuals:
+                        handles.append(self.publisher.publish(visual.pixel_values))
+                        shared.append(dataclasses.replace(visual, pixel_values=handles[-1]))
+                    payload.append(dataclasses.replace(result, visuals=shared))
+            except BaseException:  # this batch's segments go now, not at exit; the rank's failure ends the job
+                self.publisher.release(handles)
+                raise
         payload = distributed.gather_objects(payload)[self.state.node_leader]
         if local is None:
             local = []
