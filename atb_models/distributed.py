@@ -125,7 +125,8 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 @_collective
 def broadcast_from_rank0(values: list) -> list:
-    """Rank 0's list of ints, on every rank (sampled tokens: every rank must continue with the same ones)."""
+    """Rank 0's object on every rank: the sampled tokens (every rank must continue with the same ones), or the
+    error of a draw that failed there, which every rank then raises."""
     if _state.world_size == 1:
         return values
     box = [values]

@@ -3,8 +3,8 @@
 // (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
 //
 // Each header holds one kernel and its C entry point, called from Python one operator at a time. This file adds a
-// whole decoder layer's decode step as one call: in a decode step of a few rows every Python-level call costs 10-25
-// us with its caches cold from the weight stream, about 70-90 us a layer next to 1 ms of linears (docs/PERFORMANCE.md).
+// whole decoder layer's decode step as one call: in a decode step of a few rows the Python-level calls around each
+// operator cost more than their work (measured in docs/PERFORMANCE.md).
 
 #include <stdint.h>
 #include <stdio.h>

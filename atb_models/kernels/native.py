@@ -109,6 +109,7 @@ class NativeLibrary:
         """The library, built if need be, or None (the reason logged) where it cannot be used here: it is built
         with AVX-512 instructions (torch's own check of the CPU decides) and needs a C++ compiler."""
         if torch.backends.cpu.get_cpu_capability() != "AVX512":
+            logger.info("the kit's %s kernels need AVX-512, which this CPU lacks: using PyTorch's operators", LIBRARY)
             return None
         path = build(LIBRARY)
         if path is None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Launch Qwen2-VL inference (run_pa.py) on one rank or, through torchrun, on N ranks. Other families' run_pa.sh
-# (examples/models/qwen2_5_vl/) run this script with RUN_PA_MODULE naming their run_pa.py.
+# Launch a family's inference (Qwen2-VL's run_pa.py here) on one rank or, through torchrun, on N ranks. Other
+# families' run_pa.sh (examples/models/qwen2_5_vl/) run this script with RUN_PA_MODULE naming their run_pa.py.
 #
 #   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
 #
