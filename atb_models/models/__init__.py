@@ -100,6 +100,12 @@ def model_family(model_type, source: str | None = None) -> ModelFamily:
     return family
 
 
+# Both Qwen VL families name their placeholder tokens alike and are saved in the same two layouts: newer
+# transformers releases put the language model under model.language_model and the tower under model.visual, where
+# the kit's parameters keep the classic layout (model.*, visual.*).
+QWEN_VL_SPECIAL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+QWEN_VL_CHECKPOINT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
 register(ModelFamily(
     model_type="qwen2_vl",
     display_name="Qwen2-VL",
@@ -107,10 +113,8 @@ register(ModelFamily(
     config="transformers:Qwen2VLConfig",
     reference="transformers:Qwen2VLForConditionalGeneration",
     image_processor="transformers:Qwen2VLImageProcessor",
-    special_token_keys=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
-    # Newer transformers releases save the language model under model.language_model and the tower under
-    # model.visual; the kit's parameters keep the classic layout (model.*, visual.*).
-    checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+    special_token_keys=QWEN_VL_SPECIAL_TOKEN_KEYS,
+    checkpoint_prefixes=QWEN_VL_CHECKPOINT_PREFIXES,
     demo_checkpoint="atb_models.demo.checkpoint:build_checkpoint",
 ))
 
@@ -123,6 +127,6 @@ register(ModelFamily(
     config="atb_models.models.qwen2_5_vl:Qwen2_5_VLConfig",
     reference="transformers:Qwen2_5_VLForConditionalGeneration",
     image_processor="transformers:Qwen2VLImageProcessor",  # Qwen2.5-VL's processor is Qwen2-VL's image processor
-    special_token_keys=("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
-    checkpoint_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+    special_token_keys=QWEN_VL_SPECIAL_TOKEN_KEYS,
+    checkpoint_prefixes=QWEN_VL_CHECKPOINT_PREFIXES,
 ))
