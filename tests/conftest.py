@@ -66,6 +66,25 @@ def sample_frames(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_frames(tmp_path_factory.mktemp("frames"), 4, width=160, height=120, seed=0)
 
 
+@pytest.fixture
+def gpu_policy_on_cpu(monkeypatch) -> Callable[..., None]:
+    """gpu_policy_on_cpu(native_bf16=...): LLM takes the dtype decisions of a simulated GPU (with or without native
+    bf16, for a bfloat16 checkpoint) and carries them out on this machine's CPU."""
+    def simulate(native_bf16: bool) -> None:
+        import dataclasses
+
+        from atb_models.engine import llm as llm_module
+        from atb_models.platform import Capabilities, resolve_plan
+
+        gpu = Capabilities(kind="cuda", name="simulated GPU", native_bf16=native_bf16, native_fp16=True,
+                           device_count=1)
+        plan = dataclasses.replace(resolve_plan("auto", "auto", "bfloat16", caps=gpu), kind="cpu", index=None,
+                                   dist_backend="gloo")
+        monkeypatch.setattr(llm_module, "resolve_plan", lambda *args: plan)
+
+    return simulate
+
+
 @pytest.fixture(autouse=True)
 def restore_kit_logger():
     """run_pa's main(), called in-process by some tests, configures the "atb_models" logger for a console; the

@@ -1,6 +1,5 @@
 """Checkpoint loading and engine set-up: what a user sees when a checkpoint or a limit is wrong, and the dtype
 plans the model is built with."""
-import dataclasses
 import json
 import shutil
 
@@ -11,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from atb_models import LLM, SamplingParams, UserError
 from atb_models.engine import llm as llm_module
 from atb_models.layers.sharding import ceil_div
-from atb_models.platform import Capabilities, resolve_plan
 
 OPTIONS = dict(dtype="float32", device="cpu", max_batch_size=2, max_input_length=256, max_output_length=8,
                block_size=16)
@@ -102,13 +100,9 @@ def test_too_little_memory_for_one_request_is_a_clear_error(tiny_checkpoint, mon
         LLM(str(tiny_checkpoint()), **OPTIONS)
 
 
-def test_float16_fallback_plan_builds_a_float16_language_model_and_float32_vision(tiny_checkpoint, monkeypatch,
+def test_float16_fallback_plan_builds_a_float16_language_model_and_float32_vision(tiny_checkpoint, gpu_policy_on_cpu,
                                                                                   sample_image_path):
-    v100 = Capabilities(kind="cuda", name="simulated V100", native_bf16=False, native_fp16=True, device_count=1)
-    # The policy's decision for a GPU without bf16, carried out on this machine's CPU.
-    plan = dataclasses.replace(resolve_plan("auto", "auto", "bfloat16", caps=v100), kind="cpu", index=None,
-                               dist_backend="gloo")
-    monkeypatch.setattr(llm_module, "resolve_plan", lambda *args: plan)
+    gpu_policy_on_cpu(native_bf16=False)  # a V100's decision, carried out on this machine's CPU
     llm = LLM(str(tiny_checkpoint()), **{**OPTIONS, "dtype": "auto"})
     model = llm.runner.model
     assert model.model.embed_tokens.weight.dtype == torch.float16

@@ -250,20 +250,11 @@ def test_run_pa_sh_runs_a_checkpoint_on_an_image_and_a_video_and_refuses_bad_inp
 
 
 @pytest.mark.parametrize("native_bf16", [False, True], ids=["no_bf16", "native_bf16"])
-def test_vision_tower_is_float32_where_bf16_is_not_native_and_bf16_where_it_is(q25_checkpoint, monkeypatch,
+def test_vision_tower_is_float32_where_bf16_is_not_native_and_bf16_where_it_is(q25_checkpoint, gpu_policy_on_cpu,
                                                                                native_bf16):
-    import dataclasses
-
     from safetensors import safe_open
 
-    from atb_models.engine import llm as llm_module
-    from atb_models.platform import Capabilities, resolve_plan
-
-    gpu = Capabilities(kind="cuda", name="simulated GPU", native_bf16=native_bf16, native_fp16=True, device_count=1)
-    # The policy's decision for that GPU, carried out on this machine's CPU.
-    plan = dataclasses.replace(resolve_plan("auto", "auto", "bfloat16", caps=gpu), kind="cpu", index=None,
-                               dist_backend="gloo")
-    monkeypatch.setattr(llm_module, "resolve_plan", lambda *args: plan)
+    gpu_policy_on_cpu(native_bf16=native_bf16)
     path = q25_checkpoint()
     visual = make_llm(path, dtype="auto").runner.model.visual
     expected = torch.bfloat16 if native_bf16 else torch.float32
