@@ -213,12 +213,16 @@ def test_each_decode_run_is_held_against_the_floor_of_its_own_moment():
 
 
 def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
-    from tests.parity_utils import reference_model
+    from atb_models.benchmark.engines import LocalReference
+    from atb_models.config import load_model_config
+    from atb_models.platform import resolve_plan
 
-    model = reference_model(str(tiny_checkpoint()))
+    model_config = load_model_config(str(tiny_checkpoint()))
+    reference = LocalReference(model_config, resolve_plan("cpu", "float32", model_config.torch_dtype))
+    model = reference.model
     embedding = model.model.embed_tokens.weight.numel()
     language_model = sum(p.numel() for p in model.model.parameters())
-    assert floors.decode_params(model) == language_model - embedding + model.lm_head.weight.numel()
+    assert floors.decode_params(reference) == language_model - embedding + model.lm_head.weight.numel()
 
 
 def test_reference_inputs_left_pad_and_keep_the_images_in_order():
@@ -232,6 +236,20 @@ def test_reference_inputs_left_pad_and_keep_the_images_in_order():
     assert inputs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     assert torch.equal(inputs["pixel_values"], torch.cat([first, second]))
     assert inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
+    assert "second_per_grid_ts" not in inputs
+
+
+def test_reference_inputs_give_videos_seconds_only_to_a_family_that_counts_them():
+    def video(seconds):
+        return SimpleNamespace(kind="video", pixel_values=torch.zeros(8, 3), grid_thw=(2, 2, 2),
+                               seconds_per_grid=seconds)
+
+    prompts = [SimpleNamespace(token_ids=[5], visuals=[video(4.0), video(1.0)]),
+               SimpleNamespace(token_ids=[6], visuals=[video(2.0)])]
+    assert "second_per_grid_ts" not in reference_inputs(prompts, 0, torch.device("cpu"))  # Qwen2-VL's model refuses it
+    inputs = reference_inputs(prompts, 0, torch.device("cpu"), video_seconds=True)
+    assert inputs["second_per_grid_ts"].tolist() == [4.0, 1.0, 2.0]
+    assert inputs["video_grid_thw"].tolist() == [[2, 2, 2]] * 3
 
 
 @pytest.mark.slow

@@ -117,6 +117,15 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
     plan = llm.plan
     kit = KitEngine(llm)
     reference = ReferenceEngine(llm.model_config, plan, llm.preprocessor)
+    try:
+        return _run_workloads(preset, model_path, workloads, repeats, llm, kit, reference, load_before)
+    finally:
+        reference.close()
+
+
+def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], repeats: int, llm: LLM,
+                   kit: KitEngine, reference: ReferenceEngine, load_before: float) -> tuple[Results, dict]:
+    w, plan = preset.workloads, llm.plan
     requests = make_requests(w, benchmark_dir(preset) / "media")
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize)
 
@@ -157,6 +166,7 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
         "preset": f"{preset.name}: {preset.description}",
         "checkpoint": model_path,
         "device": plan.describe(),
+        "reference": reference.model.description,
         "host": f"{cpu_capabilities(read_cpuinfo()).name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}",
         "repeats": f"{repeats} per workload and side (medians), after one warm-up",

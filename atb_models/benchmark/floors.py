@@ -83,12 +83,12 @@ def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) 
                    measure_matmul_rate(kernels, plan.device, plan.llm_dtype, hidden, intermediate, plan.synchronize))
 
 
-def decode_params(reference_model) -> int:
+def decode_params(reference) -> int:
     """Parameters a decode step reads: transformers' language model without its embedding table, plus the LM head
-    (counted once when it shares the embedding's tensor)."""
-    language_model = sum(p.numel() for name, p in reference_model.model.named_parameters()
-                         if not name.startswith("embed_tokens."))
-    return language_model + reference_model.lm_head.weight.numel()
+    (counted once when it shares the embedding's tensor). `reference`: engines.LocalReference or
+    oracle.RemoteReference (its parameter sizes by name)."""
+    language_model = sum(size for name, size in reference.language_model_sizes if not name.startswith("embed_tokens."))
+    return language_model + reference.lm_head_size
 
 
 def decode_floor(params: int, bytes_per_param: int, batch_size: int, machine: Machine) -> float:

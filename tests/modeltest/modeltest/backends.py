@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from atb_models import LLM, SamplingParams, UserError
-from atb_models.benchmark.engines import load_reference_model, reference_inputs
+from atb_models.benchmark.engines import open_reference, reference_inputs
 from atb_models.config import load_model_config as load_checkpoint_config, load_tokenizer
 from atb_models.multimodal.prompt import Preprocessor
 from atb_models.platform import resolve_plan
@@ -58,13 +57,14 @@ class KitBackend:
 
 
 class HFBackend:
-    """transformers' implementation of the checkpoint's family: the registry's reference class (atb_models.models)."""
+    """transformers' implementation of the checkpoint's family: the registry's reference class (atb_models.models),
+    in this process or, where the pinned transformers lacks it (Qwen2.5-VL), in the reference venv's worker."""
 
     name = "hf"
 
     def __init__(self, model: ModelConfig, task: TaskConfig, max_new_tokens: int, dtype: str, device: str):
         checkpoint = load_checkpoint_config(model.model_path)
-        self.description = f"transformers {checkpoint.family.reference_class().__name__}, one sample at a time"
+        self.video_seconds = checkpoint.family.video_seconds
         self.plan = resolve_plan(device, dtype, checkpoint.torch_dtype)
         logger.info(self.plan.describe())
         self.tokenizer = load_tokenizer(model.model_path)
@@ -73,9 +73,10 @@ class HFBackend:
                                          min_pixels=infer.min_pixels, max_pixels=infer.max_pixels,
                                          video_fps=infer.video_fps, video_max_frames=infer.video_max_frames)
         try:
-            self.model = load_reference_model(checkpoint, self.plan)
+            self.model = open_reference(checkpoint, self.plan)
         except UserError as e:
             raise UserError(f"--backend hf: {e}") from None
+        self.description = f"{self.model.description}, one sample at a time"
         self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.max_input_length = task.requested_max_input_length
         self.max_new_tokens = max_new_tokens
@@ -99,13 +100,12 @@ class HFBackend:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than the "
                             f"task's requested_max_input_length {self.max_input_length}")
         pad_token_id = self.eos_token_ids[0]  # one prompt: nothing is padded
-        inputs = reference_inputs([prompt], pad_token_id, self.plan.device)
+        inputs = reference_inputs([prompt], pad_token_id, self.plan.device, self.video_seconds)
         start = time.perf_counter()
-        with torch.inference_mode():
-            # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
-            sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                            temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
-                                            eos_token_id=self.eos_token_ids, pad_token_id=pad_token_id)
+        # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
+        sequences = self.model.generate(inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                        temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                        eos_token_id=self.eos_token_ids, pad_token_id=pad_token_id)
         self.plan.synchronize()
         seconds = time.perf_counter() - start
         tokens = sequences[0, len(prompt.token_ids):].tolist()
