@@ -76,7 +76,7 @@ def _int8pack_mm_runs(device: torch.device) -> bool:
         x = torch.ones(1, 32, device=device)
         y = op(x, torch.ones(64, 32, dtype=torch.int8, device=device), torch.ones(64, device=device))
         return bool(torch.allclose(y.cpu(), torch.full((1, 64), 32.0)))
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # noqa: BLE001 - a build or device without the op, in whatever way it says so
         return False
 
 
