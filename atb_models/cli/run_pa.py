@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import run_entry_point
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
@@ -87,6 +87,9 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
     kit.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: npu, then cuda, then cpu")
+    kit.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                     help="w8a16: the language model's linears as int8, quantized as they load from a float "
+                          "checkpoint (a checkpoint written by `python -m atb_models.quantize` needs no flag)")
     kit.add_argument("--min_pixels", type=int, metavar="N", help="image pixel floor (default: the checkpoint's)")
     kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
     kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from atb_models import distributed
+from atb_models import distributed, quantization
 from atb_models.config import load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
@@ -58,7 +58,9 @@ class LLM:
                  max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
-                 shm_name_save_path: str = "./shm_name.txt"):
+                 shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None):
+        """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
+        checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking)."""
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
@@ -68,6 +70,7 @@ class LLM:
         if num_blocks is not None:
             _positive("num_blocks", num_blocks)
         self.model_config = load_model_config(model_path)
+        self.quantization = quantization.resolve(quantize, self.model_config.quantization)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
         self.parallel = distributed.env_state()
         self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, self.parallel.local_rank)
@@ -81,7 +84,7 @@ class LLM:
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                                          video_max_frames=video_max_frames, max_input_length=self.max_input_length)
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
-        self.runner = ModelRunner(self.model_config, self.plan, block_size)
+        self.runner = ModelRunner(self.model_config, self.plan, block_size, self.quantization)
         # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
         # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
         one_request = ceil_div(self.max_input_length + self.max_output_length, self.block_size)

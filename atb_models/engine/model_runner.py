@@ -6,13 +6,15 @@ import torch
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext
 from atb_models.layers.linear import pack_weights
+from atb_models.quantization import convert_to_w8a16
 from atb_models.weights import load_weights
 
 logger = logging.getLogger("atb_models.runner")
 
 
 class ModelRunner:
-    def __init__(self, model_config, plan, block_size: int):
+    def __init__(self, model_config, plan, block_size: int, quantization=None):
+        """quantization: the quantization.Quantization the language model runs in, or None for float."""
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
@@ -24,6 +26,9 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_class(cfg, plan.llm_dtype, plan.vision_dtype, self.device, plan.upcast_attention,
                                      kernels=self.kernels)
+        if quantization is not None:
+            convert_to_w8a16(self.model, quantization, self.kernels.w8a16)
+            logger.info("weights: %s", quantization.describe())
         load_weights(self.model, model_config.path)
         pack_weights(self.model)
         self.model.eval()
