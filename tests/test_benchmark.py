@@ -263,3 +263,29 @@ def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
     assert [line.split(": ")[0] for line in last] == names, result.stdout
     assert all(re.fullmatch(r"\S+: \d+\.\d\d", line) for line in last), last
     assert "single: kit and transformers tokens identical" in result.stdout  # same tokens, so the same work
+
+
+@pytest.mark.slow
+def test_compare_with_quantize_ends_with_the_three_w8a16_figures(tmp_path):
+    env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny",
+                             "--quantize", "w8a16", "--workloads", "single,decode", "--repeats", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = dict(line.split(": ") for line in result.stdout.strip().splitlines()[-6:])
+    assert list(figures)[-3:] == ["decode_vs_fp32[bs1]", "decode_vs_floor_w8a16[bs1]", "top1_agreement_w8a16"]
+    assert 0 < float(figures["top1_agreement_w8a16"]) <= 1
+    assert "kit_w8a16 per decode step (ms) / the float kit's" in result.stdout
+
+
+def test_a_quantized_models_decode_floor_counts_int8_weights_and_their_scales(tiny_checkpoint):
+    from atb_models import LLM
+
+    options = dict(dtype="float32", device="cpu", max_batch_size=1, max_input_length=64, max_output_length=4)
+    fp, q = (LLM(str(tiny_checkpoint()), quantize=quantize, **options) for quantize in (None, "w8a16"))
+    linears = [p for name, p in q.runner.model.model.named_parameters() if p.dtype == torch.int8]
+    scales = [p for name, p in q.runner.model.model.named_parameters() if name.endswith("weight_scale")]
+    saved = sum(p.numel() * 3 for p in linears) - sum(p.numel() * 4 for p in scales)  # 4 bytes became 1, plus scales
+    assert floors.kit_decode_bytes(fp.runner.model) - floors.kit_decode_bytes(q.runner.model) == saved
+    machine = floors.Machine(bandwidth=1e9, matmul_rate=1e15)
+    assert floors.decode_floor(1000, 4, 1, machine, weight_bytes=500) == pytest.approx(500 / 1e9)

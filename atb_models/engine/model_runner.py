@@ -63,8 +63,9 @@ class ModelRunner:
         return torch.cat([v.pixel_values for v in items]), [tuple(v.grid_thw) for v in items]
 
     @torch.inference_mode()
-    def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
-        """Float32 logits [len(seqs), vocab] for each sequence's next token."""
+    def run(self, seqs: list, is_prefill: bool, rows_from: int | None = None) -> torch.Tensor:
+        """Float32 logits [len(seqs), vocab] for each sequence's next token; with `rows_from` (a prefill of one
+        sequence), the logits after each of its tokens from that index on (teacher forcing, benchmark.engines)."""
         if is_prefill:
             ids, positions, slots, starts, last_rows = [], [], [], [0], []
             for seq in seqs:
@@ -72,7 +73,8 @@ class ModelRunner:
                 positions.append(seq.positions(0, seq.num_tokens))
                 slots.extend(self._slots(seq, 0, seq.num_tokens))
                 starts.append(starts[-1] + seq.num_tokens)
-                last_rows.append(starts[-1] - 1)
+                last_rows.extend(range(starts[-2] + rows_from, starts[-1]) if rows_from is not None
+                                 else [starts[-1] - 1])
             ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
             images = self._visual_batch(seqs, "image")
             videos = self._visual_batch(seqs, "video")
