@@ -145,3 +145,13 @@ def test_int8_ranks_give_the_tokens_of_one_rank_and_read_only_their_slices(tiny_
     for rank in range(world_size):
         read = json.loads((ranks / f"read_rank{rank}.json").read_text())
         assert read["model.layers.0.mlp.gate_proj.weight"] == full // world_size
+
+
+def test_run_pa_quantized_at_load_still_reads_the_demo_sign(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "examples" / "models" / "qwen2_vl" / "run_pa.sh"), "--quantize", "w8a16",
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Answer[0]: CAKE" in done.stdout and "w8a16 (per output channel, quantized as loaded)" in done.stderr
