@@ -340,3 +340,20 @@ def test_benchmark_compare_takes_a_qwen2_5_vl_checkpoint(q25_checkpoint, tmp_pat
     assert "single: kit and transformers tokens identical" in done.stdout
     figures = [line.split(":")[0] for line in done.stdout.strip().splitlines()[-3:]]
     assert figures == ["speedup_vs_hf[single]", "decode_vs_floor[bs1]", "decode_vs_floor[bs16]"]
+
+
+def test_a_quantized_qwen2_5_vl_keeps_its_vision_tower_float_and_matches_quantizing_at_load(q25_checkpoint, media,
+                                                                                             tmp_path):
+    from atb_models.quantize import main as quantize_main
+
+    path = q25_checkpoint()
+    out = tmp_path / "w8a16"
+    assert quantize_main(["--model_path", str(path), "--output_dir", str(out)]) == 0
+    saved, at_load = make_llm(out), make_llm(path, quantize="w8a16")
+    params = dict(saved.runner.model.named_parameters())
+    int8 = sorted(name for name, p in params.items() if p.dtype == torch.int8)
+    assert int8 and all(name.startswith("model.layers.") for name in int8)
+    assert all(p.dtype == torch.float32 for name, p in params.items() if name.startswith("visual."))
+    request = [[{"image": media["windows"]}, {"text": "What is in the picture?"}]]
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    assert saved.generate(request, params)[0].token_ids == at_load.generate(request, params)[0].token_ids
