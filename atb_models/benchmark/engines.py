@@ -69,7 +69,7 @@ class KitEngine:
         seq = Sequence(0, self.llm.preprocessor(items), SamplingParams(max_tokens=len(tokens)), len(tokens))
         for token in tokens[:-1]:
             seq.append_token(token)
-        self.llm.block_manager.allocate(seq)
+        self.llm.block_manager.allocate(seq, use_cache=False)  # every position computed, none read back
         try:
             logits = self.llm.runner.run([seq], True, rows_from=seq.num_prompt_tokens - 1)
         finally:
