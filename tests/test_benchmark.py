@@ -67,18 +67,21 @@ def test_a_request_that_failed_in_preprocessing_is_not_counted():
     assert summary.decode_token_time_ms == 0.0  # one token: no decode step
 
 
-def test_csv_has_mindies_ten_columns_in_order_and_private_modes(tmp_path):
+def test_csv_has_mindies_ten_columns_in_order_then_the_cache_counts_and_private_modes(tmp_path):
     records = [StepRecord(True, 1, 100, 0.25), StepRecord(False, 1, 1, 0.125), StepRecord(False, 1, 1, 0.0625)]
     path = tmp_path / "new_folder" / "benchmark.csv"
-    write_csv(str(path), [RunSummary.from_run(records, [output(100, 3)])])
+    cached = RequestOutput(1, "", token_ids=[1, 2], prompt_token_count=80, cached_prompt_tokens=64,
+                           cached_visual_items=1)
+    write_csv(str(path), [RunSummary.from_run(records, [output(100, 3), cached])])
     header, rows = read_csv(path)
     assert header == ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
                       "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
-                      "prefill_average_time(ms)"] == list(COLUMNS)
-    assert rows == [{"batch_size": "1", "input_seq_len": "100", "output_seq_len": "3", "e2e_time(ms)": "437.50",
+                      "prefill_average_time(ms)", "cached_prompt_tokens", "cached_visual_items"] == list(COLUMNS)
+    assert rows == [{"batch_size": "2", "input_seq_len": "100", "output_seq_len": "3", "e2e_time(ms)": "437.50",
                      "prefill_time(ms)": "250.00", "decoder_token_time(ms)": "93.75", "prefill_count": "1",
                      "prefill_token_times": "0.250000", "decode_token_times": "0.125000,0.062500",
-                     "prefill_average_time(ms)": "250.00"}]
+                     "prefill_average_time(ms)": "125.00", "cached_prompt_tokens": "64",
+                     "cached_visual_items": "1"}]
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert stat.S_IMODE(path.parent.stat().st_mode) & 0o7 == 0
 

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace, family: Family) -> int:
               max_input_length=args.max_input_length, max_output_length=max(output_lengths),
               block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
               max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
-              shm_name_save_path=args.shm_name_save_path, quantize=args.quantize)
+              shm_name_save_path=args.shm_name_save_path, quantize=args.quantize,
+              enable_prefix_caching=args.enable_prefix_caching, encoder_cache_mb=args.encoder_cache_mb)
     if not dataset_mode:
         # The copies of one batch, made once memory has capped it (logged): never one per slot of a huge
         # --max_batch_size. --performance makes its own per point.

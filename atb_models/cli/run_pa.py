@@ -87,6 +87,11 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
     kit.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: npu, then cuda, then cpu")
+    kit.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
+                     help="compute every prompt in full (by default full KV blocks a request shares with earlier "
+                          "ones, same tokens and same images, are reused)")
+    kit.add_argument("--encoder_cache_mb", type=int, metavar="N", default=256,
+                     help="MiB of vision-tower outputs kept for images and videos seen again (0: none)")
     kit.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                      help="w8a16: the language model's linears as int8, quantized as they load from a float "
                           "checkpoint (a checkpoint written by `python -m atb_models.quantize` needs no flag)")

@@ -29,6 +29,8 @@ class Generation:
     seconds: float = 0.0            # from the sample's first model step to its last
     finish_reason: str = "error"    # "stop", "length" or "error"
     error: str | None = None
+    cached_prompt_tokens: int = 0   # prompt tokens whose K/V came from the prefix cache (pa)
+    cached_visual_items: int = 0    # images / videos that skipped the vision tower (pa)
 
 
 class KitBackend:
@@ -55,7 +57,7 @@ class KitBackend:
         # Under continuous batching a request's own latency runs from its prefill step to its last token.
         return [Generation(out.text, len(out.token_ids), out.prompt_token_count,
                            0.0 if out.error is not None else out.finished_s - out.admitted_s, out.finish_reason,
-                           out.error)
+                           out.error, out.cached_prompt_tokens, out.cached_visual_items)
                 for out in outputs]
 
 
