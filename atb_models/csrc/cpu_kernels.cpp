@@ -1,6 +1,6 @@
-// The kit's float32 CPU kernels (AVX-512), one library: built with the machine's C++ compiler on first use and
-// loaded with ctypes by atb_models/kernels/native.py, where its functions and structs are declared for Python
-// (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
+// The kit's CPU kernels (AVX-512; float32 activations, float32 or int8 weights), one library: built with the
+// machine's C++ compiler on first use and loaded with ctypes by atb_models/kernels/native.py, where its functions
+// and structs are declared for Python (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
 //
 // Each header holds one kernel and its C entry point, called from Python one operator at a time. This file adds a
 // whole decoder layer's decode step as one call: in a decode step of a few rows the Python-level calls around each
@@ -13,6 +13,7 @@
 #include "paged_decode_attention.h"
 #include "panel_linear.h"
 #include "rms_norm.h"
+#include "w8a16_linear.h"
 
 // One Qwen2 decoder layer as loaded: the four linears in the panel kernel's layout (kernels/linear.py's panel_layout), the
 // norms' weights, the layer's KV cache. Declared for Python in kernels/native.py's STRUCTS, field for field.
@@ -48,7 +49,7 @@ struct DecodeStep {
 };
 
 // Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
-#define ATB_ABI_VERSION 1
+#define ATB_ABI_VERSION 2
 
 extern "C" {
 

@@ -33,7 +33,7 @@ CXX_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 1  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+ABI_VERSION = 2  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -55,6 +55,9 @@ FUNCTIONS = {
     "atb_native_abi": (ctypes.c_char_p, ()),
     "atb_panel_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_w8a16_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
+        ("bias", PTR), ("y", PTR))),
     "atb_paged_decode_attention_f32": (None, (
         ("q", PTR), ("q_stride", I64), ("k", PTR), ("k_stride", I64), ("v", PTR), ("v_stride", I64),
         ("cos", PTR), ("sin", PTR), ("k_cache", PTR), ("v_cache", PTR), ("block_tables", PTR),
