@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from atb_models import platform
 from atb_models.kernels import Kernels
-from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
+from atb_models.kernels.decoder_layer import NativeDecoderLayer
 from atb_models.kernels.w8a16 import NativeW8A16, NpuW8A16, TorchW8A16, dequantize, quantize, w8a16_kernel
 from atb_models.platform import Capabilities, resolve_plan
-from tests.test_kernels import AVX512, CPU_FP32, _decode_step, native_kernels
+from tests.test_kernels import (AVX512, CPU_FP32, _decode_layer_both_ways, _random_decoder_layer,
+                                native_kernels)
 
 NPU = Capabilities(kind="npu", name="Ascend910B3", native_bf16=True, native_fp16=True, device_count=1)
 
@@ -129,31 +130,12 @@ def _quantize_linears(layer, kernel, group_size):
 
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operator_by_operator(group_size):
-    from atb_models.layers.sharding import HeadLayout
-    from atb_models.models.qwen2_vl import DecoderLayer
-
     kernels = native_kernels()
-    fused, w8a16 = kernels.decoder_layer, native_w8a16()
+    fused = kernels.decoder_layer
     assert isinstance(fused, NativeDecoderLayer)
-    generator = torch.Generator().manual_seed(0)
-    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
-                             intermediate_size=1024)
-    layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, kernels)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
-    _quantize_linears(layer, w8a16, group_size)
-    block_size, num_blocks = 16, 12
-    lengths = [1, 17, 40, 5]
-    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
-    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
-    x = torch.randn(len(lengths), 512, generator=generator)
-    results = []
-    for run in (LayerByLayer(), fused):
-        layer.k_cache, layer.v_cache = caches[0].clone(), caches[1].clone()
-        step.kernel_state.clear()
-        results.append((run(layer, x.clone(), cos, sin, step), layer.k_cache, layer.v_cache))
-    assert "decoder_layer" in step.kernel_state, "the int8 layer was the native kernel's case"
+    layer, _ = _random_decoder_layer(kernels)
+    _quantize_linears(layer, native_w8a16(), group_size)
+    caches, results = _decode_layer_both_ways(layer, fused)
     (expected, k_expected, v_expected), (got, k_got, v_got) = results
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(k_got, k_expected, atol=1e-5) and torch.allclose(v_got, v_expected, atol=1e-5)
