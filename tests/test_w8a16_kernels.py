@@ -1,6 +1,8 @@
 """Weight-only int8 (W8A16) kernels: the kit's native CPU kernel against the dequantized weight's F.linear, its
 place in a fused decoder layer, and which kernel each plan gets (the NPU's by a stand-in torch_npu)."""
 
+import ctypes
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -70,8 +72,14 @@ def test_w8a16_kernel_follows_the_cpu_and_the_native_library():
     assert type(w8a16_kernel(CPU_FP32, None)) is TorchW8A16  # the library absent (no AVX-512, no compiler)
 
 
-def test_a_native_w8a16_kernel_that_multiplies_wrong_is_not_used(caplog):
-    library = SimpleNamespace(atb_w8a16_linear_f32=lambda *args: None)  # leaves y as torch.empty made it
+def test_a_native_w8a16_kernel_that_multiplies_wrong_is_not_used(monkeypatch, caplog):
+    # A CLI entry run earlier in this process (cli.entry.configure_logging) stops the kit's records reaching caplog.
+    monkeypatch.setattr(logging.getLogger("atb_models"), "propagate", True)
+
+    def wrong(x, rows, in_features, ldx, weight, out_features, scale, groups, bias, y):
+        ctypes.memset(y, 0xFF, rows * out_features * 4)  # NaNs: torch.empty's memory may hold the right product
+
+    library = SimpleNamespace(atb_w8a16_linear_f32=wrong)
     assert type(w8a16_kernel(CPU_FP32, library)) is TorchW8A16
     assert "W8A16 kernel gave wrong products" in caplog.text
 
