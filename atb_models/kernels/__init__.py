@@ -37,15 +37,16 @@ class Kernels:
     def for_plan(cls, plan, choice: str | None = None) -> Kernels:
         """The fastest kernels for a plan's device and dtype. On the CPU `choice` (default $ATB_MODELS_CPU_LINEAR,
         see kernels.linear.cpu_kernel_choice) picks the linear; with "auto" or "panel" the kit's native library is
-        loaded (built on first use) and, for a float32 language model, runs attention, norms, activation and
-        whole decoder layers too. Where it cannot be used (no AVX-512, no compiler, a failed build, a library
-        that disagrees with its declaration) PyTorch's operators run, the reason logged."""
+        loaded (built on first use), runs the int8 (W8A16) linears whatever the dtype and, for a float32 language
+        model, attention, norms, activation and whole decoder layers too. Where it cannot be used (no AVX-512, no
+        compiler, a failed build, a library that disagrees with its declaration) PyTorch's operators run, the reason
+        logged."""
         choice = cpu_kernel_choice(choice)
-        w8a16 = w8a16_kernel(plan)
         if plan.kind != "cpu":
-            return cls(linear=linear_kernel(plan, choice), w8a16=w8a16)
+            return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
         linear = cpu_linear_kernel(choice, library)
+        w8a16 = w8a16_kernel(plan, library)
         if library is None or plan.llm_dtype != torch.float32:
             return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
         return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
