@@ -27,7 +27,7 @@ PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prefix_media")
     paths = {}
-    for name, seed in (("cat", 1), ("dog", 2)):
+    for name, seed in (("cat", 1), ("dog", 2), ("bird", 3)):
         paths[name] = folder / f"{name}.png"
         make_image(paths[name], width=224, height=168, seed=seed)
     pixels = Image.open(paths["cat"]).convert("RGB")
@@ -113,18 +113,23 @@ def test_one_batch_sharing_an_image_and_a_later_batch_answer_as_without_caching(
     results = run_both(path, [batch, list(reversed(batch))])
     assert_same_answers(results)
     _, calls = results[True]
-    later = calls[1][0]
+    first, later = calls[0][0], calls[1][0]
+    # Admitted in one step, the second cat question reads the first one's blocks as they are written.
+    assert first[0].cached_prompt_tokens == 0 and first[1].cached_prompt_tokens > 0
+    assert first[1].cached_visual_items == 1 and first[2].cached_visual_items == 0
     assert all(out.cached_prompt_tokens > 0 for out in later)
 
 
 def test_preemption_with_caching_keeps_the_answers(path, images):
-    requests = [[{"image": images["cat"]}, {"text": f"Question {i}"}] for i in range(4)]
+    # Four different images (nothing shared to save blocks), then the first again while the others run.
+    requests = [[{"image": images[name]}, {"text": f"Question {i}"}]
+                for i, name in enumerate(("cat", "dog", "bird", "cat_one_pixel_off", "cat"))]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     probe = LLM(str(path), **OPTIONS)
     prompt_blocks = ceil_div(len(probe.preprocessor(requests[0]).token_ids), BLOCK)
     answers = {}
     for caching in (True, False):
-        llm = LLM(str(path), enable_prefix_caching=caching, num_blocks=3 * prompt_blocks + 1, **OPTIONS)
+        llm = LLM(str(path), enable_prefix_caching=caching, num_blocks=2 * prompt_blocks, **OPTIONS)
         answers[caching] = [o.token_ids for o in llm.generate(requests, params)]
         assert llm.scheduler.num_preemptions > 0
         assert llm.block_manager.num_used_blocks == 0
