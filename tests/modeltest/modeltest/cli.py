@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.now()
     clock = time.perf_counter()
     backend = make_backend(args.backend, model, task_config, args, max_new_tokens)
+    loaded = time.perf_counter()
     layout = None
     if rank == 0:
         layout = OutputLayout.for_run(args.output_dir, started, model.model_name, task.name, backend.plan,
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "video fps": model.infer_params.video_fps,
         "started": f"{started:%Y-%m-%d %H:%M:%S}",
         "seconds, model loading included": f"{time.perf_counter() - clock:.1f}",
+        "seconds answering (after loading)": f"{time.perf_counter() - loaded:.1f}",
         "samples / failed": f"{len(everything)} / {len(failures)}",
         "per-sample records": str(layout.samples_jsonl),
         "per-sample output lines": str(layout.outputs_txt),
