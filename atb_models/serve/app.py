@@ -88,6 +88,7 @@ class ChatService:
         self.config, self.engine, self.metrics = config, engine, metrics
         self.media = MediaResolver(config.allowed_local_media_path)
         self._ids = itertools.count()
+        self._admitting = 0  # requests being checked and preprocessed: they count against --max_queue too
         # One thread: the tokenizer is not meant for concurrent callers, and the engine needs the cores.
         self._preprocessing = ThreadPoolExecutor(1, thread_name_prefix="atb-preprocess")
 
@@ -112,24 +113,32 @@ class ChatService:
         if chat.model is not None and chat.model != self.config.model_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
-        if self.engine.queued() >= self.config.max_queue:
+        if self._admitting + self.engine.queued() >= self.config.max_queue:
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
+        self._admitting += 1
+        try:
+            answer = await self._admit(chat, arrival)
+        finally:
+            self._admitting -= 1
+        if chat.stream:
+            return StreamingResponse(answer.events(), media_type="text/event-stream")
+        return await answer.whole(request)
+
+    async def _admit(self, chat, arrival: float) -> "Answer":
+        """The request preprocessed and taken by the engine (its checks passed): its Answer to come."""
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
         request_id = next(self._ids)
         handle = RequestHandle(loop)
         self.engine.submit(NewRequest(request_id, prompt, chat.params), handle.put)
-        answer = Answer(self, chat, request_id, handle, arrival)
         try:
             await handle.accepted()
         except BaseException:
             self.engine.abort(request_id)  # a client gone meanwhile; a refused one is no longer there: no-op
             raise
         self.metrics.prompt_tokens.inc(len(prompt.token_ids))
-        if chat.stream:
-            return StreamingResponse(answer.events(), media_type="text/event-stream")
-        return await answer.whole(request)
+        return Answer(self, chat, request_id, handle, arrival)
 
     def _prepare(self, messages: list):
         """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
@@ -164,7 +173,6 @@ class Answer:
                 self.finished = True
                 if len(output.token_ids) > 1:
                     metrics.time_per_output_token.observe((now - first) / (len(output.token_ids) - 1))
-                metrics.requests_finished.labels(output.finish_reason).inc()
             yield output
 
     async def whole(self, request: Request) -> Response:

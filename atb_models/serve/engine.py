@@ -42,9 +42,10 @@ class StepPlan:
     stop: bool = False
 
 
-def apply_plan(llm, plan: StepPlan, on_added: Optional[Callable] = None) -> None:
+def apply_plan(llm, plan: StepPlan, on_added: Optional[Callable] = None, on_aborted: Optional[Callable] = None) -> None:
     """Adds and aborts, in the same order on every rank; `on_added(request_id, error)` hears how each add went
-    (error: the UserError's message, or None). A request that cannot run is refused alike on every rank."""
+    (error: the UserError's message, or None), `on_aborted(output)` of each request an abort ended. A request that
+    cannot run is refused alike on every rank."""
     for new in plan.adds:
         try:
             llm.add_request(new.prompt, new.params, request_id=new.request_id)
@@ -54,7 +55,9 @@ def apply_plan(llm, plan: StepPlan, on_added: Optional[Callable] = None) -> None
         if on_added is not None:
             on_added(new.request_id, error)
     for request_id in plan.aborts:
-        llm.abort(request_id)
+        aborted = llm.abort(request_id)
+        if aborted is not None and on_aborted is not None:
+            on_aborted(aborted)
 
 
 def follow(llm) -> None:
@@ -146,9 +149,7 @@ class EngineLoop:
             distributed.broadcast_from_rank0(plan)
         if plan.stop:
             return False
-        apply_plan(self.llm, plan, self._added)
-        for request_id in plan.aborts:
-            self._sinks.pop(request_id, None)
+        apply_plan(self.llm, plan, self._added, self._aborted)
         if self.llm.has_unfinished():
             self._step()
         self._publish_gauges()
@@ -181,6 +182,10 @@ class EngineLoop:
             del self._sinks[request_id]
             sink(EngineEvent("rejected", message=error))
 
+    def _aborted(self, output) -> None:
+        self._sinks.pop(output.request_id, None)  # its handler is gone: nobody to tell
+        self.metrics.requests_finished.labels(output.finish_reason).inc()
+
     def _step(self) -> None:
         outputs = self.llm.step()
         self.metrics.generation_tokens.inc(len(outputs))
@@ -190,6 +195,7 @@ class EngineLoop:
                 continue
             if output.finished:
                 del self._sinks[output.request_id]
+                self.metrics.requests_finished.labels(output.finish_reason).inc()
             sink(EngineEvent("output", output=dataclasses.replace(output)))
 
     def _publish_gauges(self) -> None:
