@@ -327,3 +327,35 @@ def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
     assert os.listdir(server.tmp / "tmpdir") == []
     assert not (server.tmp / "shm_names.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------- tensor parallelism
+
+
+@pytest.mark.slow
+def test_a_two_rank_server_under_torchrun_gives_the_same_answers_and_stops_cleanly(checkpoint, llm, media, tmp_path):
+    import openai
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    command = ["bash", str(ROOT / "examples" / "models" / "qwen2_vl" / "run_server.sh"), "--world_size", "2",
+               "--model_path", str(checkpoint), "--port", str(port), "--shm_name_save_path",
+               str(tmp_path / "shm_names.txt"), *SERVER_FLAGS]
+    process = start_server(command, env, url, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        cases = [(QUESTIONS[i], [None, media["large"], media["small"]][i % 3], i % 2 == 0) for i in range(6)]
+        expected = reference(llm, [kit_request(q, image) for q, image, _ in cases])
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(ask, client, checkpoint.name, chat_message(q, image), stream)
+                       for q, image, stream in cases]
+            for answer, want in zip(answers, expected):
+                assert_same(answer.result(), want)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    assert status == 128 + signal.SIGTERM, (tmp_path / "server.log").read_text()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
+    assert not (tmp_path / "shm_names.txt").exists()
