@@ -319,6 +319,17 @@ def test_a_busy_port_is_one_line_and_exit_1(server, checkpoint):
                                                 "(another server?): pick another --port"]
 
 
+def test_benchmark_serve_reports_each_concurrency_level_against_a_running_server(server, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "serve", "--url", server.url, "--api_key",
+                           API_KEY, "--preset", "tiny", "--concurrency", "1,4", "--num_requests", "4"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), ATB_MODELS_HOME=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("1", "4"), ("4", "4")]
+    assert all(float(row[3]) > 0 for row in rows)  # output tokens/s
+
+
 def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server):
     # Last in the module: it stops the module's server.
     server.process.send_signal(signal.SIGTERM)
