@@ -88,7 +88,7 @@ class ChatService:
         self.config, self.engine, self.metrics = config, engine, metrics
         self.media = MediaResolver(config.allowed_local_media_path)
         self._ids = itertools.count()
-        self._admitting = 0  # requests being checked and preprocessed: they count against --max_queue too
+        self._admitting = 0  # requests being preprocessed: they count against --max_queue too
         # One thread: the tokenizer is not meant for concurrent callers, and the engine needs the cores.
         self._preprocessing = ThreadPoolExecutor(1, thread_name_prefix="atb-preprocess")
 
@@ -116,11 +116,7 @@ class ChatService:
         if self._admitting + self.engine.queued() >= self.config.max_queue:
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
-        self._admitting += 1
-        try:
-            answer = await self._admit(chat, arrival)
-        finally:
-            self._admitting -= 1
+        answer = await self._admit(chat, arrival)
         if chat.stream:
             return StreamingResponse(answer.events(), media_type="text/event-stream")
         return await answer.whole(request)
@@ -128,7 +124,11 @@ class ChatService:
     async def _admit(self, chat, arrival: float) -> "Answer":
         """The request preprocessed and taken by the engine (its checks passed): its Answer to come."""
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
+        self._admitting += 1  # until the engine's queue counts it
+        try:
+            prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
+        finally:
+            self._admitting -= 1
         request_id = next(self._ids)
         handle = RequestHandle(loop)
         self.engine.submit(NewRequest(request_id, prompt, chat.params), handle.put)
