@@ -21,6 +21,7 @@ class ModelConfig:
     hf_config: object          # the family's transformers config: a data holder, the kit's own model does the compute
     torch_dtype: str           # the checkpoint's torch_dtype as written in config.json ("bfloat16", ...)
     eos_token_ids: tuple       # every id that ends generation (generation_config.json, else config.json)
+    quantization: object = None  # quantization.Quantization of a quantized checkpoint, None for a float one
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -88,7 +89,10 @@ def load_model_config(model_path) -> ModelConfig:
     if largest >= vocab_size:
         raise UserError(f"{where} holds token id {largest}, beyond the embedding table of {config_file} "
                         f"(vocab_size {vocab_size}): the tokenizer and the weights do not belong together")
-    return ModelConfig(model_path, family, hf_config, raw.get("torch_dtype") or "float32", tuple(eos))
+    from atb_models.quantization import checkpoint_quantization
+
+    return ModelConfig(model_path, family, hf_config, raw.get("torch_dtype") or "float32", tuple(eos),
+                       checkpoint_quantization(model_path, raw))
 
 
 def refuse_custom_code(model_path: str) -> None:

@@ -67,6 +67,11 @@ def _inside(path: str, roots: tuple) -> bool:
     return any(os.path.commonpath([real, root]) == root for root in roots)
 
 
+# safetensors' dtype names of the tensors a checkpoint may hold
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
 class CheckpointTensor:
     """One checkpoint tensor, read lazily: a rank asks only for the rows or columns it holds, and what it reads
     is converted to `dtype` as it arrives. `bytes_read` counts what this process read of each tensor (in the
@@ -79,6 +84,7 @@ class CheckpointTensor:
         self.path = path
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
+        self.file_dtype = _SAFETENSORS_DTYPES.get(self._slice.get_dtype(), torch.float32)
         self.dtype = dtype
 
     def _read(self, index) -> torch.Tensor:
@@ -102,6 +108,34 @@ class CheckpointTensor:
 
     def cols(self, start: int, end: int) -> torch.Tensor:
         return self._read((slice(None), slice(start, end)))
+
+
+class LoadedTensor:
+    """A tensor already in memory (an int8 weight or its scales quantized at load), read like a CheckpointTensor."""
+
+    def __init__(self, tensor: torch.Tensor, name: str):
+        self.name = name
+        self.shape = tuple(tensor.shape)
+        self._tensor = tensor
+
+    def full(self) -> torch.Tensor:
+        return self._tensor
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        return self._tensor[start:end]
+
+    def cols(self, start: int, end: int) -> torch.Tensor:
+        return self._tensor[:, start:end]
+
+
+def _quantized_at_load(source: CheckpointTensor, name: str) -> tuple[LoadedTensor, LoadedTensor]:
+    """A float checkpoint tensor as int8 and its per-channel scales (atb_models.quantize's function: the same bytes
+    as the tool writes). The whole tensor is read: a row's scale needs all of its columns."""
+    from atb_models.kernels.w8a16 import quantize
+
+    source.dtype = torch.float32
+    q, scale = quantize(source.full())
+    return LoadedTensor(q, name), LoadedTensor(scale, name + "_scale")
 
 
 def _expected_names(params: dict, packed: dict) -> set:
@@ -147,7 +181,13 @@ def load_weights(model, model_path: str) -> None:
                     raise UserError(f"unexpected tensor {name} in {path}: the {family.display_name} model has no "
                                     "such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, CheckpointTensor(handle, name, param.dtype, path), name, shard_id)
+                source = CheckpointTensor(handle, name, param.dtype, path)
+                scale = params.get(target + "_scale") if param.dtype == torch.int8 else None
+                if scale is not None and source.file_dtype.is_floating_point:
+                    source, scale_source = _quantized_at_load(source, name)
+                    scale.weight_loader(scale, scale_source, scale_source.name, shard_id)
+                    loaded.add(canonical + "_scale")
+                loader(param, source, name, shard_id)
                 loaded.add(canonical)
     missing = sorted(_expected_names(params, packed) - loaded)
     if missing:

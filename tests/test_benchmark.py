@@ -67,18 +67,21 @@ def test_a_request_that_failed_in_preprocessing_is_not_counted():
     assert summary.decode_token_time_ms == 0.0  # one token: no decode step
 
 
-def test_csv_has_mindies_ten_columns_in_order_and_private_modes(tmp_path):
+def test_csv_has_mindies_ten_columns_in_order_then_the_cache_counts_and_private_modes(tmp_path):
     records = [StepRecord(True, 1, 100, 0.25), StepRecord(False, 1, 1, 0.125), StepRecord(False, 1, 1, 0.0625)]
     path = tmp_path / "new_folder" / "benchmark.csv"
-    write_csv(str(path), [RunSummary.from_run(records, [output(100, 3)])])
+    cached = RequestOutput(1, "", token_ids=[1, 2], prompt_token_count=80, cached_prompt_tokens=64,
+                           cached_visual_items=1)
+    write_csv(str(path), [RunSummary.from_run(records, [output(100, 3), cached])])
     header, rows = read_csv(path)
     assert header == ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
                       "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
-                      "prefill_average_time(ms)"] == list(COLUMNS)
-    assert rows == [{"batch_size": "1", "input_seq_len": "100", "output_seq_len": "3", "e2e_time(ms)": "437.50",
+                      "prefill_average_time(ms)", "cached_prompt_tokens", "cached_visual_items"] == list(COLUMNS)
+    assert rows == [{"batch_size": "2", "input_seq_len": "100", "output_seq_len": "3", "e2e_time(ms)": "437.50",
                      "prefill_time(ms)": "250.00", "decoder_token_time(ms)": "93.75", "prefill_count": "1",
                      "prefill_token_times": "0.250000", "decode_token_times": "0.125000,0.062500",
-                     "prefill_average_time(ms)": "250.00"}]
+                     "prefill_average_time(ms)": "125.00", "cached_prompt_tokens": "64",
+                     "cached_visual_items": "1"}]
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert stat.S_IMODE(path.parent.stat().st_mode) & 0o7 == 0
 
@@ -213,12 +216,16 @@ def test_each_decode_run_is_held_against_the_floor_of_its_own_moment():
 
 
 def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
-    from tests.parity_utils import reference_model
+    from atb_models.benchmark.engines import LocalReference
+    from atb_models.config import load_model_config
+    from atb_models.platform import resolve_plan
 
-    model = reference_model(str(tiny_checkpoint()))
+    model_config = load_model_config(str(tiny_checkpoint()))
+    reference = LocalReference(model_config, resolve_plan("cpu", "float32", model_config.torch_dtype))
+    model = reference.model
     embedding = model.model.embed_tokens.weight.numel()
     language_model = sum(p.numel() for p in model.model.parameters())
-    assert floors.decode_params(model) == language_model - embedding + model.lm_head.weight.numel()
+    assert floors.decode_params(reference) == language_model - embedding + model.lm_head.weight.numel()
 
 
 def test_reference_inputs_left_pad_and_keep_the_images_in_order():
@@ -232,6 +239,20 @@ def test_reference_inputs_left_pad_and_keep_the_images_in_order():
     assert inputs["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     assert torch.equal(inputs["pixel_values"], torch.cat([first, second]))
     assert inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
+    assert "second_per_grid_ts" not in inputs
+
+
+def test_reference_inputs_give_videos_seconds_only_to_a_family_that_counts_them():
+    def video(seconds):
+        return SimpleNamespace(kind="video", pixel_values=torch.zeros(8, 3), grid_thw=(2, 2, 2),
+                               seconds_per_grid=seconds)
+
+    prompts = [SimpleNamespace(token_ids=[5], visuals=[video(4.0), video(1.0)]),
+               SimpleNamespace(token_ids=[6], visuals=[video(2.0)])]
+    assert "second_per_grid_ts" not in reference_inputs(prompts, 0, torch.device("cpu"))  # Qwen2-VL's model refuses it
+    inputs = reference_inputs(prompts, 0, torch.device("cpu"), video_seconds=True)
+    assert inputs["second_per_grid_ts"].tolist() == [4.0, 1.0, 2.0]
+    assert inputs["video_grid_thw"].tolist() == [[2, 2, 2]] * 3
 
 
 @pytest.mark.slow
@@ -245,3 +266,29 @@ def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
     assert [line.split(": ")[0] for line in last] == names, result.stdout
     assert all(re.fullmatch(r"\S+: \d+\.\d\d", line) for line in last), last
     assert "single: kit and transformers tokens identical" in result.stdout  # same tokens, so the same work
+
+
+@pytest.mark.slow
+def test_compare_with_quantize_ends_with_the_three_w8a16_figures(tmp_path):
+    env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny",
+                             "--quantize", "w8a16", "--workloads", "single,decode", "--repeats", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = dict(line.split(": ") for line in result.stdout.strip().splitlines()[-6:])
+    assert list(figures)[-3:] == ["decode_vs_fp32[bs1]", "decode_vs_floor_w8a16[bs1]", "top1_agreement_w8a16"]
+    assert 0 < float(figures["top1_agreement_w8a16"]) <= 1
+    assert "kit_w8a16 per decode step (ms) / the float kit's" in result.stdout
+
+
+def test_a_quantized_models_decode_floor_counts_int8_weights_and_their_scales(tiny_checkpoint):
+    from atb_models import LLM
+
+    options = dict(dtype="float32", device="cpu", max_batch_size=1, max_input_length=64, max_output_length=4)
+    fp, q = (LLM(str(tiny_checkpoint()), quantize=quantize, **options) for quantize in (None, "w8a16"))
+    linears = [p for name, p in q.runner.model.model.named_parameters() if p.dtype == torch.int8]
+    scales = [p for name, p in q.runner.model.model.named_parameters() if name.endswith("weight_scale")]
+    saved = sum(p.numel() * 3 for p in linears) - sum(p.numel() * 4 for p in scales)  # 4 bytes became 1, plus scales
+    assert floors.kit_decode_bytes(fp.runner.model) - floors.kit_decode_bytes(q.runner.model) == saved
+    machine = floors.Machine(bandwidth=1e9, matmul_rate=1e15)
+    assert floors.decode_floor(1000, 4, 1, machine, weight_bytes=500) == pytest.approx(500 / 1e9)

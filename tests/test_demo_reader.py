@@ -121,3 +121,16 @@ def test_training_is_deterministic_given_its_seed(tmp_path):
     first = weights("first", 7)
     assert weights("again", 7) == first
     assert weights("other", 8) != first
+
+
+@pytest.mark.parametrize("task", DATASETS)
+def test_the_reader_quantized_to_int8_gives_the_float_answers(reference, task, tmp_path):
+    """mm_run.sh --quantize w8a16 (the reader's linears in int8 as they load): every held-out picture and clip
+    answered with the float reference's tokens, reported under pa_w8a16."""
+    result = mm_run(task, "--task_config_path", TASK_CONFIGS[task], "--model_path", READER_MODEL_DIR,
+                    "--batch_size", 4, "--quantize", "w8a16", output_dir=tmp_path)
+    run = Run(result, tmp_path, task, "pa_w8a16", 4)
+    accuracy, expected = reference[task]
+    assert [(r["question_id"], r["answer"], r["output_tokens"]) for r in run.records()] == [
+        (r.question_id, r.answer, r.output_tokens) for r in expected]
+    assert "w8a16 (per output channel, quantized as loaded)" in run.result_txt.read_text()

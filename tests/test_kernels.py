@@ -215,7 +215,7 @@ def test_a_struct_declared_unlike_the_library_is_refused_and_pytorch_runs(monkey
         assert native.NativeLibrary.load() is None
         kernels = Kernels.for_plan(CPU_FP32)
     message = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "struct LayerWeights is 128 bytes in the library, 120 declared" in message
+    assert "struct LayerWeights is 192 bytes in the library, 184 declared" in message
     assert "using PyTorch's operators instead" in message
     assert isinstance(kernels.linear, OneDnnLinear) and not isinstance(kernels.linear, PanelLinear)
     assert type(kernels.decode_attention) is CpuDecodeAttention and type(kernels.rms_norm) is RMSNormKernel
@@ -354,6 +354,40 @@ def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_p
     assert torch.allclose(kernel(gate[:1], up[:1]), F.silu(gate[:1]) * up[:1])
 
 
+def _random_decoder_layer(kernels):
+    """A Qwen2 decoder layer large enough for every linear to be packed for the panel kernels (output sizes
+    multiples of 64), random weights; and its config."""
+    from atb_models.layers.sharding import HeadLayout
+    from atb_models.models.qwen2_vl import DecoderLayer
+
+    generator = torch.Generator().manual_seed(0)
+    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                             intermediate_size=1024)
+    layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, kernels)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
+    return layer, config
+
+
+def _decode_layer_both_ways(layer, fused):
+    """One decode step of four sequences through `layer`, operator by operator and by `fused`, each from the same
+    KV cache: the caches it started from, and (output, k_cache, v_cache) of each way."""
+    generator = torch.Generator().manual_seed(1)
+    block_size, num_blocks = 16, 12
+    lengths = [1, 17, 40, 5]
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
+    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
+    x = torch.randn(len(lengths), 512, generator=generator)
+    results = []
+    for run in (LayerByLayer(), fused):
+        layer.k_cache, layer.v_cache = caches[0].clone(), caches[1].clone()
+        step.kernel_state.clear()
+        results.append((run(layer, x.clone(), cos, sin, step), layer.k_cache, layer.v_cache))
+    assert "decoder_layer" in step.kernel_state, "the layer was the native kernel's case"
+    return caches, results
+
+
 def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
     from atb_models.layers.linear import pack_weights
     from atb_models.layers.sharding import HeadLayout
@@ -362,26 +396,9 @@ def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
     kernels = native_kernels()
     fused = kernels.decoder_layer
     assert isinstance(fused, NativeDecoderLayer)
-    generator = torch.Generator().manual_seed(0)
-    # Large enough for every linear to be packed for the panel kernel (output sizes multiples of 64).
-    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
-                             intermediate_size=1024)
-    layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, kernels)
-    with torch.no_grad():
-        for parameter in layer.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
-    block_size, num_blocks = 16, 12
-    lengths = [1, 17, 40, 5]
-    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
-    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
-    x = torch.randn(len(lengths), 512, generator=generator)
+    layer, config = _random_decoder_layer(kernels)
     assert pack_weights(layer) == 4
-    results = []
-    for run in (LayerByLayer(), fused):
-        layer.k_cache, layer.v_cache = caches[0].clone(), caches[1].clone()
-        step.kernel_state.clear()
-        results.append((run(layer, x.clone(), cos, sin, step), layer.k_cache, layer.v_cache))
-    assert "decoder_layer" in step.kernel_state, "the layer was the native kernel's case"
+    caches, results = _decode_layer_both_ways(layer, fused)
     (expected, k_expected, v_expected), (got, k_got, v_got) = results
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(k_got, k_expected, atol=1e-6) and torch.equal(v_got, v_expected)

@@ -38,7 +38,8 @@ MAX_TOKENS = 8
 COMMON_ARGS = ["--world_size", "1", "--device", "cpu", "--dtype", "float32", "--max_output_length", str(MAX_TOKENS)]
 CSV_COLUMNS = ["Tasks", "Total", "Failed", "Pass", "Metric", "Value"]
 RECORD_KEYS = {"subset", "question_id", "request", "prompt", "answer", "prediction", "gold", "scores",
-               "prompt_tokens", "output_tokens", "seconds", "finish_reason", "error"}
+               "prompt_tokens", "output_tokens", "seconds", "finish_reason", "error", "cached_prompt_tokens",
+               "cached_visual_items"}
 
 
 def mm_run(task: str, *args, output_dir: Path) -> subprocess.CompletedProcess:

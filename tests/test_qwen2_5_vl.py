@@ -1,16 +1,16 @@
 """The kit's Qwen2.5-VL against transformers 4.51.3's on random tiny checkpoints that transformers itself built:
 identical greedy tokens and prompt lengths, float32 logits within 1e-3.
 
-transformers 4.51.3 lives in its own venv (tools/qwen25_oracle.py; .ci/run creates it): without it these tests skip,
+transformers 4.51.3 lives in its own venv (atb_models.oracle; .ci/run creates it): without it these tests skip,
 saying so. The kit preprocesses each request; the oracle runs transformers' model on exactly those inputs."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from atb_models import LLM, SamplingParams
+from atb_models import LLM, SamplingParams, oracle
+from atb_models.benchmark.engines import reference_inputs
 from atb_models.demo.checkpoint import make_image
 from atb_models.models.qwen2_5_vl import window_order, window_segments
 from atb_models.multimodal.rope_index import rope_index
@@ -22,21 +22,11 @@ TOLERANCE = 1e-3
 WINDOW_IMAGE_MAX_PIXELS = 190_000  # a 420x300 image stays 420x308: 11x15 merged tokens, 3x4 windows of 4x4
 
 
-def _load_oracle():
-    spec = importlib.util.spec_from_file_location("qwen25_oracle", ROOT / "tools" / "qwen25_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle()
-
-
 @pytest.fixture(scope="session")
 def oracle_ready():
     if not oracle.venv_ready():
         pytest.skip(f"the Qwen2.5-VL oracle venv (transformers {oracle.TRANSFORMERS_VERSION}) is missing at "
-                    f"{oracle.venv_dir()}: create it with `python tools/qwen25_oracle.py venv` (.ci/run does)")
+                    f"{oracle.venv_dir()}: create it with `python -m atb_models.oracle venv` (.ci/run does)")
 
 
 @pytest.fixture(scope="session")
@@ -72,15 +62,8 @@ def make_llm(path, **kwargs):
 
 
 def oracle_inputs(prompt) -> dict:
-    """A kit-preprocessed prompt as the oracle's transformers model takes it."""
-    inputs = {"input_ids": list(prompt.token_ids)}
-    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        visuals = [v for v in prompt.visuals if v.kind == kind]
-        if visuals:
-            inputs[key] = torch.cat([v.pixel_values for v in visuals])
-            inputs[f"{kind}_grid_thw"] = [list(v.grid_thw) for v in visuals]
-    inputs["seconds_per_grid"] = [v.seconds_per_grid for v in prompt.visuals if v.kind == "video"]
-    return inputs
+    """A kit-preprocessed prompt as transformers' generate() takes it (the benchmark's own conversion)."""
+    return reference_inputs([prompt], 0, torch.device("cpu"), video_seconds=True)
 
 
 def assert_matches_oracle(llm, path, requests, work_dir):
@@ -271,7 +254,10 @@ def test_vision_tower_is_float32_where_bf16_is_not_native_and_bf16_where_it_is(q
     assert torch.equal(visual.blocks[0].attn.qkv.weight, qkv.to(expected))
 
 
-def test_modeltest_harness_runs_textvqa_on_a_qwen2_5_vl_checkpoint(q25_checkpoint, media, tmp_path):
+def test_modeltest_harness_runs_textvqa_on_a_qwen2_5_vl_checkpoint_with_both_backends(q25_checkpoint, media,
+                                                                                        tmp_path):
+    """`mm_run.sh textvqa qwen2_5_vl` with the kit (pa) and with transformers (hf, in the reference venv's worker):
+    every sample answered, and the two answer alike."""
     import csv
     import os
     import subprocess
@@ -285,16 +271,23 @@ def test_modeltest_harness_runs_textvqa_on_a_qwen2_5_vl_checkpoint(q25_checkpoin
     (tmp_path / "textvqa_val_annotations.json").write_text(json.dumps({"annotations": annotations}))
     env = {**os.environ, "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(harness), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(["bash", str(harness / "scripts" / "mm_run.sh"), "textvqa", "qwen2_5_vl", "--world_size", "1",
-                           "--device", "cpu", "--dtype", "float32", "--max_output_length", "4",
-                           "--model_path", str(q25_checkpoint()), "--dataset_path", str(tmp_path / "textvqa_val.jsonl"),
-                           "--output_dir", str(tmp_path / "out")],
-                          cwd=harness, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    [result_csv] = (tmp_path / "out").glob("*/modeltest/qwen2_5_vl/precision_result/results/**/*_result.csv")
-    with open(result_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows[-1]["Total"] == "2" and rows[-1]["Failed"] == "0"
+    answers = {}
+    for backend in ("pa", "hf"):
+        out = tmp_path / f"out_{backend}"
+        done = subprocess.run(["bash", str(harness / "scripts" / "mm_run.sh"), "textvqa", "qwen2_5_vl",
+                               "--world_size", "1", "--backend", backend, "--device", "cpu", "--dtype", "float32",
+                               "--max_output_length", "4", "--model_path", str(q25_checkpoint()),
+                               "--dataset_path", str(tmp_path / "textvqa_val.jsonl"), "--output_dir", str(out)],
+                              cwd=harness, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        [result_csv] = out.glob("*/modeltest/qwen2_5_vl/precision_result/results/**/*_result.csv")
+        with open(result_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows[-1]["Total"] == "2" and rows[-1]["Failed"] == "0"
+        [samples] = out.glob("*/modeltest/qwen2_5_vl/precision_result/**/*_debug_*.jsonl")
+        records = [json.loads(line) for line in samples.read_text().splitlines()]
+        answers[backend] = [(r["question_id"], r["answer"], r["output_tokens"]) for r in records]
+    assert answers["pa"] == answers["hf"] and len(answers["pa"]) == 2
 
 
 def test_without_transformers_qwen2_5_vl_the_reference_is_one_user_error():
@@ -308,3 +301,59 @@ def test_without_transformers_qwen2_5_vl_the_reference_is_one_user_error():
         pytest.skip(f"transformers {transformers.__version__} has Qwen2.5-VL")
     with pytest.raises(UserError, match=r"has no Qwen2_5_VLForConditionalGeneration: comparing Qwen2.5-VL"):
         family.reference_class()
+
+
+@pytest.mark.slow
+def test_a_reference_worker_that_cannot_load_the_folder_is_one_user_error_and_leaves_no_process(q25_checkpoint,
+                                                                                                tmp_path):
+    import shutil
+
+    from atb_models import UserError
+    from atb_models.benchmark.engines import open_reference
+    from atb_models.config import load_model_config
+    from atb_models.platform import resolve_plan
+
+    broken = tmp_path / "broken"
+    shutil.copytree(q25_checkpoint(), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    model_config = load_model_config(str(broken))
+    with pytest.raises(UserError, match=r"^the reference model failed: cannot load .*broken"):
+        open_reference(model_config, resolve_plan("cpu", "float32", model_config.torch_dtype))
+    import subprocess
+
+    workers = subprocess.run(["pgrep", "-f", f"worker.py serve .*{broken}"], capture_output=True, text=True)
+    assert workers.stdout == ""
+
+
+@pytest.mark.slow
+def test_benchmark_compare_takes_a_qwen2_5_vl_checkpoint(q25_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny", "--model_path",
+                           str(q25_checkpoint()), "--workloads", "single,decode", "--repeats", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "reference: transformers Qwen2_5_VLForConditionalGeneration (transformers 4.51.3" in done.stdout
+    assert "single: kit and transformers tokens identical" in done.stdout
+    figures = [line.split(":")[0] for line in done.stdout.strip().splitlines()[-3:]]
+    assert figures == ["speedup_vs_hf[single]", "decode_vs_floor[bs1]", "decode_vs_floor[bs16]"]
+
+
+def test_a_quantized_qwen2_5_vl_keeps_its_vision_tower_float_and_matches_quantizing_at_load(q25_checkpoint, media,
+                                                                                             tmp_path):
+    from atb_models.quantize import main as quantize_main
+
+    path = q25_checkpoint()
+    out = tmp_path / "w8a16"
+    assert quantize_main(["--model_path", str(path), "--output_dir", str(out)]) == 0
+    saved, at_load = make_llm(out), make_llm(path, quantize="w8a16")
+    params = dict(saved.runner.model.named_parameters())
+    int8 = sorted(name for name, p in params.items() if p.dtype == torch.int8)
+    assert int8 and all(name.startswith("model.layers.") for name in int8)
+    assert all(p.dtype == torch.float32 for name, p in params.items() if name.startswith("visual."))
+    request = [[{"image": media["windows"]}, {"text": "What is in the picture?"}]]
+    params = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
+    assert saved.generate(request, params)[0].token_ids == at_load.generate(request, params)[0].token_ids

@@ -144,7 +144,7 @@ def test_a_registered_family_is_served_by_the_modeltest_hf_backend(tiny_checkpoi
     task = TaskConfig("stand_in", str(folder), requested_max_input_length=256,
                       requested_max_output_length=MAX_TOKENS, subject_mapping={})
     backend = HFBackend(model, task, MAX_TOKENS, "float32", "cpu")
-    assert type(backend.model) is StandInReference and "StandInReference" in backend.description
+    assert type(backend.model.model) is StandInReference and "StandInReference" in backend.description
     assert type(backend.preprocessor.image_processor) is StandInImageProcessor
     [answer] = backend.generate([PROMPT], lambda: None)
     kit = LLM(str(folder), **OPTIONS).generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS))[0]

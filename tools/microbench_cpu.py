@@ -2,6 +2,7 @@
 
     python tools/microbench_cpu.py linear      # 24 MLP layers: oneDNN (plain, packed) vs the kit's panel kernel
     python tools/microbench_cpu.py attention   # one layer's decode attention: SDPA, grouped matmuls, native
+    python tools/microbench_cpu.py w8a16       # 24 layers' four linears: float32 panel kernel vs the int8 kernel
 
 Each figure is the best of several timed runs after one untimed run (other load only slows a run).
 """
@@ -17,15 +18,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atb_models.benchmark.floors import best_seconds  # noqa: E402
+from atb_models.benchmark.floors import best_seconds, measure_bandwidth  # noqa: E402
 from atb_models.kernels import Kernels  # noqa: E402
 from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention,  # noqa: E402
                                           grouped_decode_attention, store_kv)
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, linear_kernel  # noqa: E402
+from atb_models.kernels.w8a16 import NativeW8A16, quantize  # noqa: E402
 from atb_models.platform import resolve_plan  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS = 896, 4864, 24  # Qwen2-0.5B's MLP
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
+QKV = (HEADS + 2 * KV_HEADS) * HEAD_DIM
 
 
 def best_ms(work, repeats: int) -> float:
@@ -96,17 +99,69 @@ def bench_attention(repeats: int) -> None:
         print(line)
 
 
+def bench_w8a16(repeats: int, row_counts: list) -> None:
+    """A decode step's linears (qkv, o, gate_up, down of 24 layers: more than the last-level cache holds) in
+    float32 through the panel kernel and in int8 through the W8A16 kernel (per channel and per group of 128),
+    interleaved; the weight bytes each reads over its time, against the machine's read bandwidth."""
+    kernels = Kernels.for_plan(resolve_plan("cpu", "float32", "float32"))
+    panel, w8a16 = kernels.linear, kernels.w8a16
+    if not isinstance(panel, PanelLinear) or not isinstance(w8a16, NativeW8A16):
+        sys.exit("the kit's native kernels do not run here (AVX-512 and g++ needed)")
+    shapes = ((QKV, HIDDEN), (HIDDEN, HEADS * HEAD_DIM), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE))
+    float_layers, int8_layers = {"float32": []}, {"int8 per channel": [], "int8 group 128": []}
+    for _ in range(LAYERS):
+        weights = [torch.randn(shape) for shape in shapes]
+        float_layers["float32"].append([panel.pack(w) for w in weights])
+        for name, group_size in zip(int8_layers, (None, 128)):
+            int8_layers[name].append([(w8a16.pack(q), s) for q, s in (quantize(w, group_size) for w in weights)])
+    weight_bytes = {name: sum(t.numel() * t.element_size() for layer in layers for w in layer
+                              for t in (w if isinstance(w, tuple) else (w,)))
+                    for name, layers in {**float_layers, **int8_layers}.items()}
+
+    def run_float(x, layers):
+        for layer in layers:
+            for w in layer:
+                panel(x[:, :w.shape[1]], w)
+
+    def run_int8(x, layers):
+        for layer in layers:
+            for w, s in layer:
+                w8a16(x[:, :w.shape[1]], w, None, s)
+
+    bandwidth = measure_bandwidth(torch.device("cpu"), 1 << 30, lambda: None)
+    print(f"{LAYERS} layers' qkv, o, gate_up, down, {torch.get_num_threads()} threads, {repeats} interleaved runs; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (data.sum() of 1 GiB) before")
+    for rows in row_counts:
+        x = torch.randn(rows, INTERMEDIATE)
+        runs = {name: (run_float, layers) for name, layers in float_layers.items()}
+        runs.update({name: (run_int8, layers) for name, layers in int8_layers.items()})
+        times = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, (run, layers) in runs.items():
+                times[name].append(best_ms(lambda: run(x, layers), 1))
+        line = []
+        for name, ms in times.items():
+            best, median = min(ms), sorted(ms)[len(ms) // 2]
+            line.append(f"{name} {best:6.1f} / {median:6.1f} ms ({weight_bytes[name] / best / 1e6:5.1f} GB/s best)")
+        print(f"rows {rows:3d}: " + ", ".join(line))
+    after = measure_bandwidth(torch.device("cpu"), 1 << 30, lambda: None)
+    print(f"read bandwidth after: {after / 1e9:.1f} GB/s; int8 floor at the better reading "
+          f"{weight_bytes['int8 per channel'] / max(bandwidth, after) * 1e3:.1f} ms (per channel)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("linear", "attention"))
+    parser.add_argument("what", choices=("linear", "attention", "w8a16"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--rows", default="1,4,16,64,256", help="linear: row counts, comma-separated")
+    parser.add_argument("--rows", help="linear, w8a16: row counts, comma-separated (default 1,4,16,64,256 and 1,16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "linear":
-        bench_linear(args.repeats, [int(r) for r in args.rows.split(",")])
+        bench_linear(args.repeats, [int(r) for r in (args.rows or "1,4,16,64,256").split(",")])
+    elif args.what == "w8a16":
+        bench_w8a16(args.repeats, [int(r) for r in (args.rows or "1,16").split(",")])
     else:
         bench_attention(args.repeats)
 

@@ -1,8 +1,10 @@
-"""python -m atb_models.benchmark compare [--preset cpu-small|2b|tiny] [--model_path DIR] [--repeats N] [--threads N]
+"""python -m atb_models.benchmark compare [--preset NAME] [--model_path DIR] [--quantize w8a16] [--repeats N]
+                                          [--threads N]
 python -m atb_models.benchmark serve [--url URL | --model_path DIR] [--concurrency 1,4,16] [--compare_generate]
 
 Runs the same workloads through the kit and through transformers in one process and prints a table, then one line
-per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16].
+per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16]; with
+--quantize also decode_vs_fp32[bs1], decode_vs_floor_w8a16[bs1] and top1_agreement_w8a16.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.errors import UserError
 
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threads", type=int, metavar="N",
                          help="torch CPU threads (default: torch's, one per core); where other work shares the "
                               "cores, fewer threads keep them from waiting on a descheduled sibling")
+    compare.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                         help="also run the kit quantized at load beside its float self, and end with "
+                              "decode_vs_fp32[bs1], decode_vs_floor_<method>[bs1] and top1_agreement_<method>")
     compare.add_argument("--workloads", default=",".join(WORKLOADS), metavar="LIST",
                          help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     add_serve_parser(commands)
@@ -106,7 +111,7 @@ def compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model_path = args.model_path or str(ensure_checkpoint(preset))
     results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,
-                                 repeats, workloads)
+                                 repeats, workloads, args.quantize)
     print(report(results, setup, preset), flush=True)
     return 0
 

@@ -67,6 +67,8 @@ class Results:
     decode_params: int = 0
     bytes_per_param: int = 4
     tokens_match: dict = field(default_factory=dict)
+    decode_bytes: dict = field(default_factory=dict)  # mode -> bytes a decode step reads, where not params * width
+    top1_agreement: float | None = None  # w8a16's teacher-forced argmax against the float kit's greedy tokens
 
     def add(self, workload: str, mode: str, timing: Timing) -> None:
         self.runs.setdefault((workload, mode), []).append(timing)
@@ -77,16 +79,17 @@ class Results:
     def has(self, workload: str) -> bool:
         return any(key[0] == workload for key in self.runs)
 
-    def floor(self, batch_size: int, machine: floors.Machine | None = None) -> float:
-        return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, machine or self.machine)
+    def floor(self, batch_size: int, machine: floors.Machine | None = None, mode: str = "kit") -> float:
+        return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, machine or self.machine,
+                                   self.decode_bytes.get(mode))
 
-    def paired_floor(self, workload: str, batch_size: int) -> float:
-        """The median floor of the moments the kit's runs of a workload were timed in."""
-        return statistics.median(self.floor(batch_size, m) for m in self.probes[(workload, "kit")])
+    def paired_floor(self, workload: str, batch_size: int, mode: str = "kit") -> float:
+        """The median floor of the moments a mode's runs of a workload were timed in."""
+        return statistics.median(self.floor(batch_size, m, mode) for m in self.probes[(workload, mode)])
 
     def per_step_vs_floor(self, workload: str, mode: str, batch_size: int) -> float:
-        """The median over runs of the decode step against the floor of the run's own moment."""
-        return statistics.median(timing.per_token / self.floor(batch_size, machine)
+        """The median over runs of the decode step against the floor (of the mode's bytes) of the run's moment."""
+        return statistics.median(timing.per_token / self.floor(batch_size, machine, mode)
                                  for timing, machine in zip(self.runs[(workload, mode)],
                                                             self.probes[(workload, mode)]))
 
@@ -108,55 +111,82 @@ def _alternate(results: Results, workload: str, runs: dict, repeats: int,
 
 
 def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeats: int,
-                workloads: tuple[str, ...]) -> tuple[Results, dict]:
-    """Runs the chosen workloads; returns the results and a description of the set-up for the report."""
+                workloads: tuple[str, ...], quantize: str | None = None) -> tuple[Results, dict]:
+    """Runs the chosen workloads; returns the results and a description of the set-up for the report. With
+    `quantize`, the kit also runs quantized at load (mode "kit_w8a16") beside its float self."""
     load_before = os.getloadavg()[0]
     w = preset.workloads
-    llm = LLM(model_path, dtype=dtype, device=device, max_batch_size=max(len(w.batch_images), *w.decode_batch_sizes),
-              max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
-    plan = llm.plan
-    kit = KitEngine(llm)
-    reference = ReferenceEngine(llm.model_config, plan, llm.preprocessor)
+    settings = dict(dtype=dtype, device=device, max_batch_size=max(len(w.batch_images), *w.decode_batch_sizes),
+                    max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
+    llm = LLM(model_path, **settings)
+    if llm.quantization is not None:
+        raise UserError(f"{model_path} is quantized ({llm.quantization.method}): compare takes the float checkpoint "
+                        "(and --quantize to run the kit quantized beside it)")
+    kits = {"kit": KitEngine(llm)}
+    if quantize:
+        kits[f"kit_{quantize}"] = KitEngine(LLM(model_path, quantize=quantize, **settings))
+    reference = ReferenceEngine(llm.model_config, llm.plan, llm.preprocessor)
+    try:
+        return _run_workloads(preset, model_path, workloads, repeats, kits, reference, load_before)
+    finally:
+        reference.close()
+
+
+def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], repeats: int, kits: dict,
+                   reference: ReferenceEngine, load_before: float) -> tuple[Results, dict]:
+    w, kit = preset.workloads, kits["kit"]
+    llm, plan = kit.llm, kit.plan
     requests = make_requests(w, benchmark_dir(preset) / "media")
-    results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize)
+    results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize,
+                      decode_bytes={mode: floors.kit_decode_bytes(engine.llm.runner.model)
+                                    for mode, engine in kits.items() if mode != "kit"})
 
     def measure_machine() -> floors.Machine:
         config = llm.model_config.hf_config
         return floors.measure_machine(plan, config.hidden_size, config.intermediate_size, preset.bandwidth_bytes)
 
     results.machine = measure_machine()
-    logger.info("warm-up: every workload's first request, a few tokens, on both sides")
+    logger.info("warm-up: every workload's first request, a few tokens, on every side")
     warm = [Request(requests["single"][0].items, 2)]
-    kit.run(warm)
+    for engine in kits.values():
+        engine.run(warm)
     reference.run_one_at_a_time(warm)
     for batch_size in w.decode_batch_sizes:
         short = [Request(r.items, 2) for r in requests[f"decode_bs{batch_size}"]]
-        kit.run(short)
+        for engine in kits.values():
+            engine.run(short)
         reference.run_batched(short, batch_size)
+
+    def kit_runs(batch) -> dict:
+        return {mode: partial(engine.run, batch) for mode, engine in kits.items()}
 
     if "single" in workloads:
         single = requests["single"]
-        _alternate(results, "single", {"kit": partial(kit.run, single),
-                                       "hf": partial(reference.run_one_at_a_time, single)}, repeats)
+        _alternate(results, "single", {**kit_runs(single), "hf": partial(reference.run_one_at_a_time, single)},
+                   repeats)
         results.tokens_match["single"] = (results.runs[("single", "kit")][-1].token_ids
                                           == results.runs[("single", "hf")][-1].token_ids)
     if "batch16" in workloads:
         batch = requests["batch16"]
-        _alternate(results, "batch16", {"kit": partial(kit.run, batch),
+        _alternate(results, "batch16", {**kit_runs(batch),
                                         "hf_one_at_a_time": partial(reference.run_one_at_a_time, batch),
                                         "hf_batched": partial(reference.run_batched, batch, len(batch))}, repeats)
     if "decode" in workloads:
         for batch_size in w.decode_batch_sizes:
             batch = requests[f"decode_bs{batch_size}"]
             _alternate(results, f"decode_bs{batch_size}",
-                       {"kit": partial(kit.run, batch), "hf": partial(reference.run_batched, batch, batch_size)},
+                       {**kit_runs(batch), "hf": partial(reference.run_batched, batch, batch_size)},
                        repeats, probe=measure_machine)
     results.machine = results.machine.best_of(measure_machine())
+    quantized = [mode for mode in kits if mode != "kit"]
+    if quantized:
+        results.top1_agreement = _top1_agreement(results, requests, kits[quantized[0]])
 
     setup = {
         "preset": f"{preset.name}: {preset.description}",
         "checkpoint": model_path,
         "device": plan.describe(),
+        "reference": reference.model.description,
         "host": f"{cpu_capabilities(read_cpuinfo()).name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}",
         "repeats": f"{repeats} per workload and side (medians), after one warm-up",
@@ -166,6 +196,20 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     return results, setup
+
+
+def _top1_agreement(results: Results, requests: dict, engine: KitEngine) -> float | None:
+    """Over the float kit's greedy outputs of single and batch16 (their last timed runs), the fraction of positions
+    where `engine`'s teacher-forced argmax is the same token."""
+    same = total = 0
+    for workload in ("single", "batch16"):
+        if not results.has(workload):
+            continue
+        for request, tokens in zip(requests[workload], results.runs[(workload, "kit")][-1].token_ids):
+            chosen = engine.teacher_forced_argmax(request.items, tokens)
+            same += sum(a == b for a, b in zip(chosen, tokens))
+            total += len(tokens)
+    return same / total if total else None
 
 
 def _ms(seconds: float) -> str:
@@ -185,6 +229,13 @@ def figures(results: Results, decode_batch_sizes: tuple[int, ...]) -> dict[str, 
         if results.has(f"decode_bs{batch_size}"):
             out[f"decode_vs_floor[bs{batch_size}]"] = results.per_step_vs_floor(f"decode_bs{batch_size}", "kit",
                                                                                batch_size)
+    for method in [mode.removeprefix("kit_") for mode in results.decode_bytes]:
+        if results.has("decode_bs1"):
+            out[f"decode_vs_fp32[bs1]"] = (results.median("decode_bs1", f"kit_{method}", "per_token")
+                                           / results.median("decode_bs1", "kit", "per_token"))
+            out[f"decode_vs_floor_{method}[bs1]"] = results.per_step_vs_floor("decode_bs1", f"kit_{method}", 1)
+        if results.top1_agreement is not None:
+            out[f"top1_agreement_{method}"] = results.top1_agreement
     return out
 
 
@@ -234,6 +285,16 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
                          f"{kit_step / best:.2f}", f"{hf_step / best:.2f}", ""))
             rows.append((workload, "kit forward + sampling only (ms)", _ms(results.median(workload, "kit", "in_step")),
                          "", ""))
+    for mode, weight_bytes in results.decode_bytes.items():
+        lines.append(f"{mode}: the kit with its language model's linears quantized at load; a decode step reads "
+                     f"{weight_bytes / 1e6:.1f} MB of weights")
+        for workload in [key[0] for key in results.runs if key[1] == mode]:
+            figure = "seconds" if workload in ("single", "batch16") else "per_token"
+            unit = "end-to-end (s)" if figure == "seconds" else "per decode step (ms)"
+            scale = 1 if figure == "seconds" else 1000
+            ours, fp = (scale * results.median(workload, m, figure) for m in (mode, "kit"))
+            rows.append((workload, f"{mode} {unit} / the float kit's", f"{ours:.2f}", f"{fp:.2f}",
+                         f"{ours / fp:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines.append("")
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]

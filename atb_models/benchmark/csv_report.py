@@ -11,6 +11,9 @@ Definitions, where MindIE's differ said so:
   `prefill_average_time` is prefill_time divided by it;
 - `input_seq_len` is the longest prompt (visual tokens included) and `output_seq_len` the most tokens any request
   generated (MindIE writes the first request's prompt and the configured maximum).
+
+After MindIE's ten columns come the kit's own two: the run's prompt tokens whose K/V came from the prefix cache and
+its images / videos that skipped the vision tower (RequestOutput.cached_prompt_tokens, cached_visual_items, summed).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ DEFAULT_PATH = os.path.join(".", "benchmark_result", "benchmark.csv")
 
 COLUMNS = ("batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
            "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
-           "prefill_average_time(ms)")
+           "prefill_average_time(ms)", "cached_prompt_tokens", "cached_visual_items")
 
 
 def benchmark_enabled() -> bool:
@@ -47,6 +50,8 @@ class RunSummary:
     prefill_seconds: list[float]
     decode_seconds: list[float]
     output_tokens: int              # all requests' generated tokens, for the throughput
+    cached_prompt_tokens: int = 0   # prompt tokens read from the prefix cache, all requests
+    cached_visual_items: int = 0    # images / videos that skipped the vision tower, all requests
 
     @classmethod
     def from_run(cls, step_records: list, outputs: list) -> "RunSummary":
@@ -57,7 +62,9 @@ class RunSummary:
                    output_seq_len=max((len(out.token_ids) for out in done), default=0),
                    prefill_seconds=[r.seconds for r in step_records if r.is_prefill],
                    decode_seconds=[r.seconds for r in step_records if not r.is_prefill],
-                   output_tokens=sum(len(out.token_ids) for out in done))
+                   output_tokens=sum(len(out.token_ids) for out in done),
+                   cached_prompt_tokens=sum(out.cached_prompt_tokens for out in done),
+                   cached_visual_items=sum(out.cached_visual_items for out in done))
 
     @property
     def prefill_time_ms(self) -> float:
@@ -91,7 +98,7 @@ class RunSummary:
         return [self.batch_size, self.input_seq_len, self.output_seq_len, f"{self.e2e_time_ms:.2f}",
                 f"{self.prefill_time_ms:.2f}", f"{self.decode_token_time_ms:.2f}", len(self.prefill_seconds),
                 ",".join(f"{s:.6f}" for s in self.prefill_seconds), ",".join(f"{s:.6f}" for s in self.decode_seconds),
-                f"{self.prefill_average_time_ms:.2f}"]
+                f"{self.prefill_average_time_ms:.2f}", self.cached_prompt_tokens, self.cached_visual_items]
 
 
 def prepare_folder(path: str) -> None:

@@ -8,6 +8,7 @@ tokens. Outputs always reach their requested length: the kit ignores eos, transf
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -16,6 +17,8 @@ import torch
 
 from atb_models import LLM, SamplingParams
 from atb_models.errors import UserError
+
+logger = logging.getLogger("atb_models.benchmark")
 
 
 @dataclass
@@ -58,6 +61,22 @@ class KitEngine:
                       sum(decode_steps) / len(decode_steps) if decode_steps else None)
 
 
+    def teacher_forced_argmax(self, items: list, tokens: list) -> list:
+        """The engine's greedy choice at each position of `tokens` given the prompt and the tokens before it (one
+        prefill over all of them): where it agrees with `tokens`, this engine would have decoded them too."""
+        from atb_models.engine.sequence import Sequence
+
+        seq = Sequence(0, self.llm.preprocessor(items), SamplingParams(max_tokens=len(tokens)), len(tokens))
+        for token in tokens[:-1]:
+            seq.append_token(token)
+        self.llm.block_manager.allocate(seq, use_cache=False)  # every position computed, none read back
+        try:
+            logits = self.llm.runner.run([seq], True, rows_from=seq.num_prompt_tokens - 1)
+        finally:
+            self.llm.block_manager.free(seq)
+        return logits.argmax(dim=-1).tolist()
+
+
 class _TokenClock:
     """A stopping criterion that never stops: it notes when each generated token is ready (device synchronised)."""
 
@@ -87,9 +106,45 @@ def load_reference_model(model_config, plan):
     return model.to(plan.device).eval()
 
 
-def reference_inputs(prompts: list, pad_token_id: int, device: torch.device) -> dict:
+class LocalReference:
+    """transformers' model in this process (the kit's pinned release has the family's class)."""
+
+    def __init__(self, model_config, plan):
+        self.model = load_reference_model(model_config, plan)
+        generation = self.model.generation_config
+        self.pad_token_id, self.eos_token_id = generation.pad_token_id, generation.eos_token_id
+        self.language_model_sizes = [(name, p.numel()) for name, p in self.model.model.named_parameters()]
+        self.lm_head_size = self.model.lm_head.weight.numel()
+        self.description = f"transformers {type(self.model).__name__}"
+
+    def generate(self, inputs: dict, clock=None, **kwargs) -> torch.Tensor:
+        """model.generate(**inputs, **kwargs); `clock` (a _TokenClock) notes when each token is ready."""
+        with torch.inference_mode():
+            return self.model.generate(**inputs, **kwargs, stopping_criteria=[clock] if clock is not None else None)
+
+    def close(self) -> None:
+        pass
+
+
+def open_reference(model_config, plan):
+    """transformers' implementation of the checkpoint's family: in this process where the kit's pinned release has
+    it, else in a worker process of the reference venv (transformers 4.51.3, made on first use: atb_models.oracle),
+    as Qwen2.5-VL needs. Both answer `generate(inputs, clock, **kwargs)` alike."""
+    try:
+        model_config.family.reference_class()
+    except UserError:
+        from atb_models.oracle import RemoteReference
+
+        class_name = model_config.family.reference.partition(":")[2]
+        logger.info("transformers here has no %s: the reference runs in the venv of atb_models.oracle", class_name)
+        return RemoteReference(model_config.path, plan.llm_dtype, plan.vision_dtype, plan.device, class_name)
+    return LocalReference(model_config, plan)
+
+
+def reference_inputs(prompts: list, pad_token_id: int, device: torch.device, video_seconds: bool = False) -> dict:
     """generate() inputs for several preprocessed prompts: ids left-padded to the longest, its attention mask, and
-    the images' and videos' patches and grids concatenated in prompt order."""
+    the images' and videos' patches and grids concatenated in prompt order; with `video_seconds` (a family whose
+    video positions count seconds: Qwen2.5-VL), each video's seconds per temporal grid step too."""
     length = max(len(p.token_ids) for p in prompts)
     ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -103,6 +158,10 @@ def reference_inputs(prompts: list, pad_token_id: int, device: torch.device) -> 
         if items:
             inputs[pixels] = torch.cat([v.pixel_values for v in items]).to(device)
             inputs[grids] = torch.tensor([list(v.grid_thw) for v in items], device=device)
+    videos = [v for p in prompts for v in p.visuals if v.kind == "video"]
+    if video_seconds and videos:
+        inputs["second_per_grid_ts"] = torch.tensor([v.seconds_per_grid for v in videos], dtype=torch.float32,
+                                                    device=device)
     return inputs
 
 
@@ -113,23 +172,22 @@ class ReferenceEngine:
         """model_config: the kit's config.ModelConfig of the checkpoint (its family names the reference class)."""
         self.plan = plan
         self.preprocessor = preprocessor
-        self.model = load_reference_model(model_config, plan)
+        self.model = open_reference(model_config, plan)
+        self.video_seconds = model_config.family.video_seconds
         # Left padding fills with generation_config.json's pad id (else an eos id): the attention mask hides it.
-        generation = self.model.generation_config
-        eos = generation.eos_token_id
-        self.pad_token_id = generation.pad_token_id
+        eos = self.model.eos_token_id
+        self.pad_token_id = self.model.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = (eos[0] if isinstance(eos, list) else eos) or 0
 
     def _generate(self, requests: list[Request], clock: _TokenClock) -> list:
         """The requests as one left-padded batch: every row generates the longest request's length."""
         prompts = [self.preprocessor(r.items) for r in requests]
-        inputs = reference_inputs(prompts, self.pad_token_id, self.plan.device)
+        inputs = reference_inputs(prompts, self.pad_token_id, self.plan.device, self.video_seconds)
         max_tokens = max(r.max_tokens for r in requests)
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
-                                            top_p=None, top_k=None, repetition_penalty=1.0, eos_token_id=None,
-                                            pad_token_id=self.pad_token_id, stopping_criteria=[clock])
+        sequences = self.model.generate(inputs, clock, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                                        top_p=None, top_k=None, repetition_penalty=1.0, eos_token_id=None,
+                                        pad_token_id=self.pad_token_id)
         width = inputs["input_ids"].shape[1]
         return [sequences[row, width:width + r.max_tokens].tolist() for row, r in enumerate(requests)]
 
@@ -147,3 +205,6 @@ class ReferenceEngine:
 
     def run_one_at_a_time(self, requests: list[Request]) -> Timing:
         return self.run_batched(requests, 1)
+
+    def close(self) -> None:
+        self.model.close()

@@ -83,14 +83,26 @@ def measure_machine(plan, hidden: int, intermediate: int, bandwidth_bytes: int) 
                    measure_matmul_rate(kernels, plan.device, plan.llm_dtype, hidden, intermediate, plan.synchronize))
 
 
-def decode_params(reference_model) -> int:
+def decode_params(reference) -> int:
     """Parameters a decode step reads: transformers' language model without its embedding table, plus the LM head
-    (counted once when it shares the embedding's tensor)."""
-    language_model = sum(p.numel() for name, p in reference_model.model.named_parameters()
+    (counted once when it shares the embedding's tensor). `reference`: engines.LocalReference or
+    oracle.RemoteReference (its parameter sizes by name)."""
+    language_model = sum(size for name, size in reference.language_model_sizes if not name.startswith("embed_tokens."))
+    return language_model + reference.lm_head_size
+
+
+def kit_decode_bytes(model) -> int:
+    """Bytes a decode step of the kit's model reads, counted as decode_params counts parameters but in the
+    parameters' own widths: int8 weights, their float32 scales, float norms and LM head (a quantized model)."""
+    language_model = sum(p.numel() * p.element_size() for name, p in model.model.named_parameters()
                          if not name.startswith("embed_tokens."))
-    return language_model + reference_model.lm_head.weight.numel()
+    head = model.lm_head
+    return language_model + sum(p.numel() * p.element_size() for p in head.parameters())
 
 
-def decode_floor(params: int, bytes_per_param: int, batch_size: int, machine: Machine) -> float:
-    """Seconds a decode step of batch_size sequences cannot beat."""
-    return max(params * bytes_per_param / machine.bandwidth, 2 * params * batch_size / machine.matmul_rate)
+def decode_floor(params: int, bytes_per_param: int, batch_size: int, machine: Machine,
+                 weight_bytes: int | None = None) -> float:
+    """Seconds a decode step of batch_size sequences cannot beat: reading the weights (params * bytes_per_param,
+    or `weight_bytes` where the widths differ: int8) or their multiply-adds at the matrix rate, whichever is more."""
+    read = params * bytes_per_param if weight_bytes is None else weight_bytes
+    return max(read / machine.bandwidth, 2 * params * batch_size / machine.matmul_rate)

@@ -1,7 +1,7 @@
 """What `compare` runs: a checkpoint shape, the workloads' sizes and how many times each is repeated.
 
-A preset's random checkpoint is built once by its family's demo checkpoint builder (the registry's, for Qwen2-VL
-`atb_models.demo.build_checkpoint`) into `$ATB_MODELS_HOME/benchmark/<preset>` (default
+A preset's random checkpoint is built once by its family's demo checkpoint builder (the registry's: for Qwen2-VL
+`atb_models.demo.build_checkpoint`, for Qwen2.5-VL `atb_models.oracle.build_demo_checkpoint`) into `$ATB_MODELS_HOME/benchmark/<preset>` (default
 `~/.cache/atb_models/benchmark/<preset>`), as are the workloads' images, and reused; `--model_path` runs a preset's
 workloads on any checkpoint instead.
 """
@@ -58,7 +58,7 @@ class Preset:
     name: str
     description: str
     model_type: str             # the registry's family whose demo builder makes the checkpoint
-    shape: TinyShape            # that builder's shape settings
+    shape: object               # that builder's shape settings (a TinyShape for Qwen2-VL, a dict for Qwen2.5-VL)
     image_max_pixels: int       # the checkpoint's processor ceiling: every workload image keeps its size
     dtype: str                  # computed in
     device: str
@@ -70,12 +70,11 @@ class Preset:
 
 
 def _preset(name, description, shape, image_max_pixels, dtype, device, single, batch, decode, repeats,
-            bandwidth_bytes, max_input_length) -> Preset:
-    """A Qwen2-VL preset (the only family with presets so far)."""
+            bandwidth_bytes, max_input_length, model_type="qwen2_vl") -> Preset:
     batch_images, batch_tokens = batch
     workloads = Workloads(single[0], single[1], batch_images, batch_tokens, decode[0], decode[1])
     max_output = max(single[1], *batch_tokens, decode[1] + 1)
-    return Preset(name, description, "qwen2_vl", shape, image_max_pixels, dtype, device, workloads, repeats,
+    return Preset(name, description, model_type, shape, image_max_pixels, dtype, device, workloads, repeats,
                   bandwidth_bytes, max_input_length, max_output)
 
 
@@ -94,6 +93,17 @@ PRESETS = {
                 672 * 672, "float32", "cpu",
                 single=((448, 448), 64), batch=batch16_workloads((224, 224), (672, 448), (16, 128)),
                 decode=((1, 16), 32), repeats=3, bandwidth_bytes=1 << 30, max_input_length=1024),
+        _preset("cpu-small-qwen25", "cpu-small's workloads and language model in Qwen2.5-VL form (tied embeddings) "
+                "with an 8-block windowed vision tower of 640 dims / 8 heads, 1712 intermediate, full attention in "
+                "blocks 3 and 7; built by transformers 4.51.3 in the reference venv",
+                {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                 "num_key_value_heads": 2, "tie_word_embeddings": True, "vision_depth": 8, "vision_hidden_size": 640,
+                 "vision_intermediate_size": 1712, "vision_num_heads": 8, "fullatt_block_indexes": [3, 7],
+                 "vision_attention_std": 0.02, "merger_std": 0.02},
+                672 * 672, "float32", "cpu",
+                single=((448, 448), 64), batch=batch16_workloads((224, 224), (672, 448), (16, 128)),
+                decode=((1, 16), 32), repeats=3, bandwidth_bytes=1 << 30, max_input_length=1024,
+                model_type="qwen2_5_vl"),
         _preset("2b", "Qwen2-VL-2B shapes (1536 hidden, 28 layers, 12/2 heads, 8960 intermediate, vision 32 x "
                 "1280/16, vocabulary 151936) in bfloat16, for a GPU",
                 TinyShape(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import run_entry_point
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
@@ -111,6 +111,14 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
     kit.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: npu, then cuda, then cpu")
+    kit.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
+                     help="compute every prompt in full (by default full KV blocks a request shares with earlier "
+                          "ones, same tokens and same images, are reused)")
+    kit.add_argument("--encoder_cache_mb", type=int, metavar="N", default=256,
+                     help="MiB of vision-tower outputs kept for images and videos seen again (0: none)")
+    kit.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                     help="w8a16: the language model's linears as int8, quantized as they load from a float "
+                          "checkpoint (a checkpoint written by `python -m atb_models.quantize` needs no flag)")
     kit.add_argument("--min_pixels", type=int, metavar="N", help="image pixel floor (default: the checkpoint's)")
     kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
     kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
@@ -121,7 +129,8 @@ def engine_options(args: argparse.Namespace, **overrides) -> dict:
     """LLM's keyword arguments from the flags of `add_engine_arguments` and `add_device_arguments`; `overrides`
     replace some (run_pa's --performance sizes the engine for its largest point)."""
     names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
-             "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path")
+             "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
+             "quantize", "enable_prefix_caching", "encoder_cache_mb")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 

@@ -1,30 +1,101 @@
-"""KV-cache blocks: which are free, which belong to whom."""
-from collections import deque
+"""KV-cache blocks: which are free, which belong to whom, and which hold a prefix another request can reuse.
+
+Prefix caching: a full block whose K/V are all written is identified by a hash chain over the tokens up to its end
+(`block_hashes`): its parent block's hash, its token ids and, for image and video placeholder tokens, the content
+hash of their medium and where in it they lie. Two different images never share a block; the same image at the
+same place after the same tokens always does, with the same M-RoPE positions by construction (positions are a
+function of the tokens and grids before them).
+
+A block is held by a count of sequences. When the count drops to zero a hashed block stays cached, reusable until
+its memory is needed: allocation takes never-hashed free blocks first, then evicts cached ones least recently used
+first. A new sequence reuses the longest run of its leading blocks found in the cache and computes only the rest
+(at least its last token, whose logits it needs). Every decision is a function of the sequences' tokens and media,
+so every rank of a tensor-parallel group decides alike.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
 
 from atb_models.engine.sequence import Sequence
 from atb_models.layers.sharding import ceil_div
 
 
+def block_hashes(seq: Sequence, block_size: int, count: int) -> list[str]:
+    """The hash chain of the sequence's first `count` blocks (each full: count * block_size <= its tokens), made
+    once and extended as the sequence grows (seq.block_hash_cache)."""
+    known = seq.block_hash_cache
+    visuals = seq.visual_spans
+    while len(known) < count:
+        index = len(known)
+        begin, end = index * block_size, (index + 1) * block_size
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update((known[-1] if known else "root").encode())
+        digest.update(",".join(map(str, seq.token_ids[begin:end])).encode())
+        for start, length, content in visuals:
+            if start < end and start + length > begin:  # a medium's tokens lie in this block: which of them
+                digest.update(f"|{content}@{start - begin}".encode())
+        known.append(digest.hexdigest())
+    return known[:count]
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.reset()
+
+    def reset(self) -> None:
+        """Every block free again and nothing cached, whoever held what: for an engine whose sequences were all
+        dropped (a step cut short may have left blocks half written)."""
+        self.free_blocks = deque(range(self.num_blocks))  # never hashed, or hash dropped: no one holds them
+        self.ref_counts = [0] * self.num_blocks
+        self.block_hash: dict[int, str] = {}               # hashed block -> its hash
+        self.cached: dict[str, int] = {}                   # hash -> block holding it
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # hashed blocks no one holds, least recently used first
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Blocks a sequence can be given: free ones and cached ones no one holds."""
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks some sequence holds (a shared block counted once)."""
+        return self.num_blocks - self.num_free_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return ceil_div(num_tokens, self.block_size)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_for(seq.num_tokens) <= self.num_free_blocks
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks the sequence's leading full blocks are, as many as match; the last token is always
+        left to compute (its logits pick the next token)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for digest in block_hashes(seq, self.block_size, (seq.num_tokens - 1) // self.block_size):
+            block = self.cached.get(digest)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
 
-    def allocate(self, seq: Sequence) -> None:
-        """Blocks for every token the sequence holds now (its prefill writes them all)."""
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self.cached_prefix(seq)
+        taken_from_pool = self.blocks_for(seq.num_tokens) - len(hits) + sum(1 for b in hits if b in self.evictable)
+        return taken_from_pool <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
+        """Blocks for every token the sequence holds now: its cached prefix shared (unless not `use_cache`), new
+        blocks for the rest (which its prefill writes). Sets seq.num_cached_tokens."""
         assert not seq.block_table, "sequence already holds blocks"
-        seq.block_table = [self.free_blocks.popleft() for _ in range(self.blocks_for(seq.num_tokens))]
+        hits = self.cached_prefix(seq) if use_cache else []
+        for block in hits:
+            self._hold(block)
+        seq.block_table = hits + [self._take() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
 
     def can_append(self, seq: Sequence) -> bool:
         """A decode step writes the last token's K/V: is there room, or a free block to make room?"""
@@ -32,12 +103,45 @@ class BlockManager:
 
     def append(self, seq: Sequence) -> None:
         if len(seq.block_table) < self.blocks_for(seq.num_tokens):
-            seq.block_table.append(self.free_blocks.popleft())
+            seq.block_table.append(self._take())
+
+    def register_written(self, seq: Sequence) -> None:
+        """After a step: the sequence's blocks whose K/V are now all written (every token but its newest, which no
+        step has computed yet) join the cache. A block whose hash is already cached (another sequence computed the
+        same tokens at the same time) stays the sequence's own."""
+        if not self.enable_prefix_caching:
+            return
+        full = (seq.num_tokens - 1) // self.block_size
+        for index, digest in enumerate(block_hashes(seq, self.block_size, full)[seq.num_hashed_blocks:],
+                                       start=seq.num_hashed_blocks):
+            block = seq.block_table[index]
+            if digest not in self.cached and block not in self.block_hash:
+                self.cached[digest] = block
+                self.block_hash[block] = digest
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
+        """The sequence lets its blocks go: hashed ones stay cached (most recently used last), the others are free."""
+        for block in reversed(seq.block_table):  # the tail last: a prefix outlives its continuations
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                if block in self.block_hash:
+                    self.evictable[block] = None  # most recently used: evicted after everything cached before
+                else:
+                    self.free_blocks.append(block)
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
-    def reset(self) -> None:
-        """Every block free again, whoever held it: for an engine whose sequences were all dropped."""
-        self.free_blocks = deque(range(self.num_blocks))
+    def _hold(self, block: int) -> None:
+        self.evictable.pop(block, None)
+        self.ref_counts[block] += 1
+
+    def _take(self) -> int:
+        """A block for new K/V: a free one, else the least recently used cached one, its hash forgotten."""
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.block_hash.pop(block)]
+        self.ref_counts[block] = 1
+        return block

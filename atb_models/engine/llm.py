@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from atb_models import distributed
+from atb_models import distributed, quantization
 from atb_models.config import load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
@@ -39,6 +39,11 @@ class RequestOutput:
     admitted_s: Optional[float] = None
     first_token_s: Optional[float] = None
     finished_s: Optional[float] = None
+    # Prefix caching: prompt tokens whose K/V came from the cache, and images / videos whose vision-tower run was
+    # skipped (their tokens all cached, or their features in the vision-encoder cache); at the request's last
+    # admission (a preempted request is admitted again).
+    cached_prompt_tokens: int = 0
+    cached_visual_items: int = 0
 
     @property
     def finished(self) -> bool:
@@ -65,7 +70,13 @@ class LLM:
                  max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
-                 shm_name_save_path: str = "./shm_name.txt"):
+                 shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
+                 enable_prefix_caching: bool = True, encoder_cache_mb: int = 256):
+        """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
+        checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
+        enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
+        images) instead of computing them again, and keep the vision tower's outputs in an LRU of
+        encoder_cache_mb MiB; the tokens are the same either way."""
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
@@ -74,7 +85,11 @@ class LLM:
             _positive("max_prefill_tokens", max_prefill_tokens)
         if num_blocks is not None:
             _positive("num_blocks", num_blocks)
+        if isinstance(encoder_cache_mb, bool) or not isinstance(encoder_cache_mb, int) or encoder_cache_mb < 0:
+            raise UserError(f"--encoder_cache_mb must be a whole number of MiB, 0 or more, got {encoder_cache_mb!r}")
+        self.enable_prefix_caching = bool(enable_prefix_caching)
         self.model_config = load_model_config(model_path)
+        self.quantization = quantization.resolve(quantize, self.model_config.quantization)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
         self.parallel = distributed.env_state()
         self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, self.parallel.local_rank)
@@ -88,7 +103,8 @@ class LLM:
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                                          video_max_frames=video_max_frames, max_input_length=self.max_input_length)
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
-        self.runner = ModelRunner(self.model_config, self.plan, block_size)
+        self.runner = ModelRunner(self.model_config, self.plan, block_size, self.quantization,
+                                  encoder_cache_mb << 20 if self.enable_prefix_caching else 0)
         # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
         # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
         one_request = ceil_div(self.max_input_length + self.max_output_length, self.block_size)
@@ -101,7 +117,7 @@ class LLM:
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * self.runner.bytes_per_block / 2**20)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, self.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids)
         self.step_records: list = []  # the steps of the latest generate() call
@@ -180,8 +196,10 @@ class LLM:
         if not self._generating.acquire(blocking=False):
             raise UserError("generate() is already running on this engine; it cannot be called again from "
                             "on_finish or from another thread")
-        # Nothing from before may be answered as this call's own: a call starts with no sequence and every block.
-        self._abort_all()
+        # Nothing from before may be answered as this call's own: a call starts with no sequence and every block
+        # free (the prefix cache is kept: it holds no sequence).
+        if self.scheduler.has_work() or self.block_manager.num_used_blocks:
+            self._abort_all()
         try:
             return self._generate(requests, params_list, on_finish)
         except BaseException:
@@ -305,6 +323,8 @@ class LLM:
     def _record(self, seq: Sequence, output: RequestOutput) -> None:
         """What a sequence's output says after a step or an abort: its tokens, and once finished why and when."""
         output.token_ids = seq.completion_token_ids
+        output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+        output.cached_visual_items = seq.cached_visual_items
         if seq.status is SequenceStatus.FINISHED:
             output.finish_reason = seq.finish_reason
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done

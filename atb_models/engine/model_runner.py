@@ -3,16 +3,21 @@ import logging
 
 import torch
 
+from atb_models.engine.encoder_cache import EncoderCache
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext
 from atb_models.layers.linear import pack_weights
+from atb_models.quantization import convert_to_w8a16
 from atb_models.weights import load_weights
 
 logger = logging.getLogger("atb_models.runner")
 
 
 class ModelRunner:
-    def __init__(self, model_config, plan, block_size: int):
+    def __init__(self, model_config, plan, block_size: int, quantization=None, encoder_cache_bytes: int = 0):
+        """quantization: the quantization.Quantization the language model runs in, or None for float;
+        encoder_cache_bytes: the vision-encoder cache's budget (0: none kept)."""
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
@@ -24,6 +29,9 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_class(cfg, plan.llm_dtype, plan.vision_dtype, self.device, plan.upcast_attention,
                                      kernels=self.kernels)
+        if quantization is not None:
+            convert_to_w8a16(self.model, quantization, self.kernels.w8a16)
+            logger.info("weights: %s", quantization.describe())
         load_weights(self.model, model_config.path)
         pack_weights(self.model)
         self.model.eval()
@@ -50,33 +58,69 @@ class ModelRunner:
         bs = self.block_size
         return [(seq.block_table[j // bs], j % bs) for j in range(start, end)]
 
-    @staticmethod
-    def _visual_batch(seqs, kind: str):
-        items = [v for seq in seqs for v in seq.prompt.visuals if v.kind == kind]
-        if not items:
+    def _visual_embeds(self, seqs: list, starts: list):
+        """(rows, features) for the placeholder rows of a prefill's computed tokens, or None. Each image or video
+        with tokens to compute takes its features from the encoder cache, else from one vision-tower call per kind
+        (the missing ones batched); one whose tokens all lie in the cached prefix needs none. Counts, per sequence,
+        the media whose vision-tower run was skipped (seq.cached_visual_items)."""
+        needed, missing = [], {"image": [], "video": []}
+        for seq, offset in zip(seqs, starts):
+            first = seq.num_cached_tokens
+            seq.cached_visual_items = 0
+            for visual in seq.prompt.visuals:
+                begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.num_tokens)
+                features = self.encoder_cache.get(visual.content_hash) if begin < end else None
+                if begin >= end or features is not None:
+                    seq.cached_visual_items += 1
+                if begin >= end:
+                    continue
+                if features is None:
+                    missing[visual.kind].append(visual)
+                needed.append((visual, begin - visual.start, end - visual.start, offset + begin - first))
+        computed = {}
+        for items in missing.values():
+            unique = list({v.content_hash: v for v in items}.values())  # the same medium twice: one run
+            if not unique:
+                continue
+            pixels = torch.cat([v.pixel_values for v in unique]).to(self.device)
+            features = self.model.visual(pixels, [tuple(v.grid_thw) for v in unique])
+            for visual, part in zip(unique, features.split([v.num_tokens for v in unique])):
+                computed[visual.content_hash] = part
+                self.encoder_cache.put(visual.content_hash, part)
+        if not needed:
             return None
-        return torch.cat([v.pixel_values for v in items]), [tuple(v.grid_thw) for v in items]
+        rows, parts = [], []
+        for visual, begin, end, row in needed:
+            features = computed.get(visual.content_hash)
+            if features is None:
+                features = self.encoder_cache.get(visual.content_hash)
+            parts.append(features[begin:end])
+            rows.append(torch.arange(row, row + end - begin))
+        return torch.cat(rows).to(self.device), torch.cat(parts)
 
     @torch.inference_mode()
-    def run(self, seqs: list, is_prefill: bool) -> torch.Tensor:
-        """Float32 logits [len(seqs), vocab] for each sequence's next token."""
+    def run(self, seqs: list, is_prefill: bool, rows_from: int | None = None) -> torch.Tensor:
+        """Float32 logits [len(seqs), vocab] for each sequence's next token; with `rows_from` (a prefill of one
+        sequence), the logits after each of its tokens from that index on (teacher forcing, benchmark.engines).
+        A prefill computes each sequence's tokens from seq.num_cached_tokens on: those before are in the cache."""
         if is_prefill:
             ids, positions, slots, starts, last_rows = [], [], [], [0], []
             for seq in seqs:
-                ids.extend(seq.token_ids)
-                positions.append(seq.positions(0, seq.num_tokens))
-                slots.extend(self._slots(seq, 0, seq.num_tokens))
-                starts.append(starts[-1] + seq.num_tokens)
-                last_rows.append(starts[-1] - 1)
+                first = seq.num_cached_tokens
+                ids.extend(seq.token_ids[first:])
+                positions.append(seq.positions(first, seq.num_tokens))
+                slots.extend(self._slots(seq, first, seq.num_tokens))
+                starts.append(starts[-1] + seq.num_tokens - first)
+                last_rows.extend(range(starts[-2] + rows_from - first, starts[-1]) if rows_from is not None
+                                 else [starts[-1] - 1])
+            prefixes = [seq.num_cached_tokens for seq in seqs]
             ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
-            images = self._visual_batch(seqs, "image")
-            videos = self._visual_batch(seqs, "video")
-            if images is not None:
-                images = (images[0].to(self.device), images[1])
-            if videos is not None:
-                videos = (videos[0].to(self.device), videos[1])
+            if any(prefixes):
+                ctx.prefix_lens = prefixes
+                ctx.prefix_tables = [self._tensor(seq.block_table) for seq in seqs]
+            visual_embeds = self._visual_embeds(seqs, starts[:-1])
             positions = torch.cat(positions, dim=1).to(self.device)
-            logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, images, videos)
+            logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, visual_embeds)
         else:
             bs = self.block_size
             ids = [seq.token_ids[-1] for seq in seqs]

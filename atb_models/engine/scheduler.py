@@ -1,8 +1,8 @@
 """Who runs in the next step.
 
 Step-level continuous batching: a step is either a prefill of newly admitted sequences or one decode step for
-every running sequence. Waiting sequences are admitted while `max_batch_size`, the prefill token budget and free
-KV blocks allow; when a decode step finds no block for a sequence, the youngest running sequence is preempted
+every running sequence. Waiting sequences are admitted while `max_batch_size`, the prefill token budget (the tokens
+to compute: a prefix found in the cache is not computed again, engine.block_manager) and free KV blocks allow; when a decode step finds no block for a sequence, the youngest running sequence is preempted
 (its blocks freed) and recomputed later from its prompt and the tokens it already generated.
 """
 from collections import deque
@@ -32,9 +32,10 @@ class Scheduler:
         admitted, tokens = [], 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
-            # A sequence alone may exceed the token budget (a preempted one recomputing its output), else it
-            # could never run.
-            if admitted and tokens + seq.num_tokens > self.max_prefill_tokens:
+            # The budget counts the tokens a prefill computes: a cached prefix costs nothing. A sequence alone may
+            # exceed it (a preempted one recomputing its output), else it could never run.
+            to_compute = seq.num_tokens - len(self.block_manager.cached_prefix(seq)) * self.block_manager.block_size
+            if admitted and tokens + to_compute > self.max_prefill_tokens:
                 break
             if not self.block_manager.can_allocate(seq):
                 break
@@ -42,7 +43,7 @@ class Scheduler:
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             admitted.append(seq)
-            tokens += seq.num_tokens
+            tokens += seq.num_tokens - seq.num_cached_tokens
         if admitted:
             self.running.extend(admitted)
             return admitted, True
@@ -95,6 +96,7 @@ class Scheduler:
         finished = []
         for seq, token in zip(seqs, token_ids):
             seq.append_token(token)
+            self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
             if not seq.params.ignore_eos and token in self.eos_token_ids:
                 self.finish(seq, "stop")
             elif len(seq.completion_token_ids) >= seq.max_tokens:

@@ -22,6 +22,14 @@ class Sequence:
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.block_table: list = []
+        # Prefix caching (engine.block_manager): where each image / video's tokens lie and what it is, the hash
+        # chain of the full blocks so far, the prompt tokens whose K/V came from the cache at admission, and how
+        # many leading blocks of the table are in the cache.
+        self.visual_spans = [(v.start, v.num_tokens, v.content_hash) for v in prompt.visuals]
+        self.block_hash_cache: list = []
+        self.num_cached_tokens = 0
+        self.num_hashed_blocks = 0
+        self.cached_visual_items = 0  # images / videos whose vision-tower run was skipped at admission
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None

@@ -19,6 +19,7 @@ from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel, linear_kernel
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
 
 
 @dataclass(frozen=True)
@@ -30,25 +31,30 @@ class Kernels:
     silu_and_mul: SiluAndMul = field(default_factory=SiluAndMul)
     decode_attention: SdpaDecodeAttention = field(default_factory=SdpaDecodeAttention)
     decoder_layer: LayerByLayer = field(default_factory=LayerByLayer)
+    w8a16: TorchW8A16 = field(default_factory=TorchW8A16)  # weight-only int8 linears (kernels.w8a16)
 
     @classmethod
     def for_plan(cls, plan, choice: str | None = None) -> Kernels:
         """The fastest kernels for a plan's device and dtype. On the CPU `choice` (default $ATB_MODELS_CPU_LINEAR,
         see kernels.linear.cpu_kernel_choice) picks the linear; with "auto" or "panel" the kit's native library is
-        loaded (built on first use) and, for a float32 language model, runs attention, norms, activation and
-        whole decoder layers too. Where it cannot be used (no AVX-512, no compiler, a failed build, a library
-        that disagrees with its declaration) PyTorch's operators run, the reason logged."""
+        loaded (built on first use), runs the int8 (W8A16) linears whatever the dtype and, for a float32 language
+        model, attention, norms, activation and whole decoder layers too. Where it cannot be used (no AVX-512, no
+        compiler, a failed build, a library that disagrees with its declaration) PyTorch's operators run, the reason
+        logged."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
-            return cls(linear=linear_kernel(plan, choice))
+            return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
         linear = cpu_linear_kernel(choice, library)
+        w8a16 = w8a16_kernel(plan, library)
         if library is None or plan.llm_dtype != torch.float32:
-            return cls(linear=linear, decode_attention=CpuDecodeAttention())
+            return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
         return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
-                   decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library))
+                   decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
+                   w8a16=w8a16)
 
     def describe(self) -> str:
         """One log line: which implementation each kernel is."""
         return (f"linear {self.linear.name}, RMSNorm {self.rms_norm.name}, silu-and-mul {self.silu_and_mul.name}, "
-                f"decode attention {self.decode_attention.name}, decoder layers {self.decoder_layer.name}")
+                f"decode attention {self.decode_attention.name}, decoder layers {self.decoder_layer.name}, "
+                f"int8 weights {self.w8a16.name}")

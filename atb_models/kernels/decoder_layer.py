@@ -24,8 +24,8 @@ class NativeDecoderLayer(LayerByLayer):
     """A Qwen2 decoder layer's (models.qwen2_vl.DecoderLayer's) whole decode step in one native call: the same
     kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer. Float32 on an
     AVX-512 CPU, for a layer that holds all its heads (one rank: the kernel has no all-reduce), softmax in the
-    activation dtype, one eps for both norms, and its four linears in the panel layout; any other layer, and every
-    prefill, runs its own forward.
+    activation dtype, one eps for both norms, and its four linears in the panel layout, float32 or int8 (W8A16,
+    kernels.w8a16, each with its float32 scales); any other layer, and every prefill, runs its own forward.
 
     The layer is read through its parts (norm weights, packed linears, KV cache), once per KV cache it is given."""
 
@@ -52,7 +52,7 @@ class NativeDecoderLayer(LayerByLayer):
 
     def weights_of(self, layer):
         """The layer as the kernel reads it (made once, again if its KV cache is reallocated), or None where the
-        layer is not the kernel's case."""
+        layer is not the kernel's case. An int8 linear (W8A16) is one with a `weight_scale`."""
         made_for, weights = self._weights.get(layer, (None, None))
         if made_for is layer.k_cache and made_for is not None:
             return weights
@@ -60,32 +60,47 @@ class NativeDecoderLayer(LayerByLayer):
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if distributed.tp_size() == 1 and not layer.upcast_attention and norms[0].eps == norms[1].eps:
             attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             weights = self.pack_layer(
                 norms[0].weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, norms[1].weight,
                 mlp.gate_up_proj.weight, mlp.down_proj.weight, layer.k_cache, layer.v_cache, layer.num_heads,
-                layer.num_kv_heads, norms[0].eps, layer.scale)
+                layer.num_kv_heads, norms[0].eps, layer.scale,
+                scales=tuple(getattr(linear, "weight_scale", None) for linear in linears))
         self._weights[layer] = (layer.k_cache, weights)
         return weights
 
     def pack_layer(self, input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache, heads: int,
-                   kv_heads: int, eps: float, scale: float):
-        """The struct LayerWeights for these tensors, or None where they are not the kernel's case. It points into
-        the tensors: it is right while they are the layer's."""
-        tensors = (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache)
+                   kv_heads: int, eps: float, scale: float, scales=(None, None, None, None)):
+        """The struct LayerWeights for these tensors, or None where they are not the kernel's case. `scales` are
+        the four linears' (qkv, o, gate_up, down) W8A16 scales [out, groups], None for a float32 linear: a linear
+        with scales has int8 weights in the same layout. It points into the tensors: it is right while they are
+        the layer's."""
+        linears = (qkv, o, gate_up, down)
+        tensors = (input_norm, qkv_bias, post_norm, k_cache, v_cache,
+                   *(w for w, s in zip(linears, scales) if s is None), *(s for s in scales if s is not None))
         if any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
-               for t in tensors) or any(w.dim() != 3 for w in (qkv, o, gate_up, down)):
+               for t in tensors):
+            return None
+        if any(s is not None and (w.dtype != torch.int8 or not w.is_contiguous()) for w, s in zip(linears, scales)):
             return None
         hidden, head_dim, intermediate = input_norm.shape[0], k_cache.shape[-1], down.shape[1]
-        # [out / 64, in, 64] each (kernels.linear.panel_layout), out and in as the heads and sizes say.
+        # [out / 64, in, 64] each (kernels.linear.panel_layout), out and in as the heads and sizes say; scales
+        # [out, groups] with groups dividing in.
         expected = ((qkv, (heads + 2 * kv_heads) * head_dim, hidden), (o, hidden, heads * head_dim),
                     (gate_up, 2 * intermediate, hidden), (down, hidden, intermediate))
-        if head_dim % 16 or any(tuple(w.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP) or out % PANEL_GROUP
-                                for w, out, inp in expected):
+        if head_dim % 16 or any(w.dim() != 3 or tuple(w.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP)
+                                or out % PANEL_GROUP for w, out, inp in expected):
+            return None
+        if any(s is not None and (s.dim() != 2 or s.shape[0] != out or inp % s.shape[1])
+               for s, (_, out, inp) in zip(scales, expected)):
             return None
         if qkv_bias.shape != ((heads + 2 * kv_heads) * head_dim,) or post_norm.shape != (hidden,):
             return None
-        return self._layer_weights(*(t.data_ptr() for t in tensors), hidden, heads, kv_heads, head_dim,
-                                   intermediate, k_cache.shape[2], eps, scale)
+        pointers = (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, k_cache, v_cache)
+        return self._layer_weights(*(t.data_ptr() for t in pointers),
+                                   *(None if s is None else s.data_ptr() for s in scales),
+                                   *(0 if s is None else s.shape[1] for s in scales), hidden, heads, kv_heads,
+                                   head_dim, intermediate, k_cache.shape[2], eps, scale)
 
     def step(self, layer_weights, rows: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
              cos: torch.Tensor, sin: torch.Tensor):

@@ -33,16 +33,18 @@ CXX_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 1  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+ABI_VERSION = 3  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 # struct name -> its fields in order, (name, ctypes type), as csrc/cpu_kernels.cpp declares them.
 STRUCTS = {
-    "LayerWeights": (  # one Qwen2 decoder layer as loaded: packed linears, norms, its KV cache
+    "LayerWeights": (  # one Qwen2 decoder layer as loaded: packed linears (and int8 ones' scales), norms, KV cache
         ("input_norm", PTR), ("qkv", PTR), ("qkv_bias", PTR), ("o", PTR), ("post_norm", PTR), ("gate_up", PTR),
-        ("down", PTR), ("k_cache", PTR), ("v_cache", PTR), ("hidden", I64), ("heads", I64), ("kv_heads", I64),
-        ("head_dim", I64), ("intermediate", I64), ("block_size", I64), ("eps", F32), ("scale", F32)),
+        ("down", PTR), ("k_cache", PTR), ("v_cache", PTR), ("qkv_scale", PTR), ("o_scale", PTR),
+        ("gate_up_scale", PTR), ("down_scale", PTR), ("qkv_groups", I64), ("o_groups", I64), ("gate_up_groups", I64),
+        ("down_groups", I64), ("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
+        ("intermediate", I64), ("block_size", I64), ("eps", F32), ("scale", F32)),
     "DecodeStep": (  # what all layers of one decode step share, scratch included
         ("rows", I64), ("block_tables", PTR), ("max_blocks", I64), ("context_lens", PTR), ("cos", PTR),
         ("sin", PTR), ("normed", PTR), ("qkv", PTR), ("attention", PTR), ("projected", PTR), ("gate_up", PTR),
@@ -55,6 +57,9 @@ FUNCTIONS = {
     "atb_native_abi": (ctypes.c_char_p, ()),
     "atb_panel_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_w8a16_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
+        ("bias", PTR), ("y", PTR))),
     "atb_paged_decode_attention_f32": (None, (
         ("q", PTR), ("q_stride", I64), ("k", PTR), ("k_stride", I64), ("v", PTR), ("v_stride", I64),
         ("cos", PTR), ("sin", PTR), ("k_cache", PTR), ("v_cache", PTR), ("block_tables", PTR),

@@ -26,15 +26,18 @@ class StepContext:
     block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
     context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
     context_lens: Optional[torch.Tensor] = None   # decode: [batch] int64, each sequence's length with its new token
+    prefix_lens: Optional[list] = None            # prefill: tokens of each sequence already in the cache (prefix
+    prefix_tables: Optional[list] = None          # caching), and each one's block table; None when none has any
     kernel_state: dict = field(default_factory=dict)  # what a kernel keeps for the rest of this step
 
 
 def prefill_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float,
                       upcast: bool) -> torch.Tensor:
-    """qkv: [tokens, heads + 2 * kv_heads, dim], one layer's projection of every prompt token of the step. Rotates
-    q and k by (cos, sin) [tokens, dim], stores K and V, and attends causally within each sequence's own tokens
-    (the whole prompt is computed in this step). Returns [tokens, heads, dim]; softmax in float32 when `upcast`."""
+    """qkv: [tokens, heads + 2 * kv_heads, dim], one layer's projection of the prompt tokens the step computes.
+    Rotates q and k by (cos, sin) [tokens, dim], stores K and V, and attends causally within each sequence: over its
+    own new tokens, and where its prefix came from the cache (ctx.prefix_lens), over that prefix's K/V read back
+    from the cache too. Returns [tokens, heads, dim]; softmax in float32 when `upcast`."""
     # q and k heads sit side by side: one rotation for both.
     qk = apply_rotary(qkv[:, :num_heads + num_kv_heads], cos, sin)
     q, k, v = qk[:, :num_heads], qk[:, num_heads:], qkv[:, num_heads + num_kv_heads:]
@@ -43,9 +46,29 @@ def prefill_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos:
         q, k, v = q.float(), k.float(), v.float()
     outs = []
     starts = ctx.seq_starts
-    for begin, end in zip(starts[:-1], starts[1:]):
+    for i, (begin, end) in enumerate(zip(starts[:-1], starts[1:])):
+        prefix = ctx.prefix_lens[i] if ctx.prefix_lens is not None else 0
+        if prefix:
+            outs.append(_attend_after_prefix(q[begin:end], k_cache, v_cache, ctx.prefix_tables[i], prefix + end - begin,
+                                             scale))
+            continue
         qi, ki, vi = (t[begin:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         outs.append(oi[0].transpose(0, 1))
     out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
     return out.to(qkv.dtype)
+
+
+def _attend_after_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                         length: int, scale: float) -> torch.Tensor:
+    """q [new, heads, dim] of a sequence's last `new` tokens, whose K/V (prefix and new alike) are in the cache:
+    token i attends to the first length - new + i + 1 of them. Returns [new, heads, dim] in q's dtype."""
+    new = q.shape[0]
+    kv_heads, block_size, dim = k_cache.shape[1:]
+    keys, values = (cache[block_table].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :length].to(q.dtype)
+                    for cache in (k_cache, v_cache))
+    visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length,
+                                                                              device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                         attn_mask=visible, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

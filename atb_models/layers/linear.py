@@ -152,6 +152,22 @@ class RowParallelLinear(Linear):
         first, count = self.columns
         _copy_padded(param.data, source.cols(first, first + count), 1)
 
+    def load_scale(self, param, source, name, shard_id=None) -> None:
+        """The scales [out, groups] of an int8 weight (atb_models.quantization): one per output channel is whole on
+        every rank; per-group scales are split with their columns, which must hold whole groups."""
+        groups = source.shape[1] if len(source.shape) == 2 else 0
+        if groups == 1:
+            default_weight_loader(param, source, name)
+            return
+        group = self.in_features_full // groups if groups else 0
+        first, count = self.columns
+        if not group or first % group or count % group:
+            raise UserError(f"{name}: scales of shape {source.shape} do not split into whole groups at this world "
+                            f"size (input columns {first}..{first + count}); use per-channel scales or another "
+                            "world size")
+        _check_shape(name, (param.shape[0], self.in_features_full // group), source.shape)
+        _copy_padded(param.data, source.cols(first // group, (first + count) // group), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.all_reduce(self.kernel(x, self.weight))
 

@@ -39,6 +39,9 @@ class ModelFamily:
     checkpoint_prefixes: tuple = ()
     # builder of tiny random checkpoints of the family (tests, the benchmark's presets): off the runtime path
     demo_checkpoint: str | None = None
+    # its videos' temporal positions count seconds (Qwen2.5-VL): transformers' model takes each video's seconds per
+    # temporal grid step (second_per_grid_ts) beside the grids
+    video_seconds: bool = False
 
     def model_class(self) -> type:
         return _import(self.model)
@@ -56,7 +59,7 @@ class ModelFamily:
 
             raise UserError(f"transformers {transformers.__version__} has no {self.reference.partition(':')[2]}: "
                             f"comparing {self.display_name} with transformers needs a release that has it "
-                            "(tools/qwen25_oracle.py builds one in a venv of its own)") from None
+                            "(atb_models.oracle runs one in a venv of its own)") from None
 
     def image_processor_class(self) -> type:
         return _import(self.image_processor)
@@ -123,10 +126,13 @@ register(ModelFamily(
     display_name="Qwen2.5-VL",
     model="atb_models.models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
     # transformers 4.46 (the kit's pin) has no Qwen2.5-VL classes: the kit reads the config itself, and
-    # transformers' model (4.49 or later) is the reference where it is installed (tools/qwen25_oracle.py's venv).
+    # transformers' model (4.49 or later) is the reference, run in a venv of its own (atb_models.oracle), which also
+    # builds the demo checkpoints of the benchmark's presets.
     config="atb_models.models.qwen2_5_vl:Qwen2_5_VLConfig",
     reference="transformers:Qwen2_5_VLForConditionalGeneration",
     image_processor="transformers:Qwen2VLImageProcessor",  # Qwen2.5-VL's processor is Qwen2-VL's image processor
     special_token_keys=QWEN_VL_SPECIAL_TOKEN_KEYS,
     checkpoint_prefixes=QWEN_VL_CHECKPOINT_PREFIXES,
+    demo_checkpoint="atb_models.oracle:build_demo_checkpoint",
+    video_seconds=True,
 ))

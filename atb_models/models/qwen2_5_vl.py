@@ -9,7 +9,7 @@ What differs from Qwen2-VL (atb_models/models/qwen2_vl.py, whose language model,
 
 transformers' `modeling_qwen2_5_vl.py` (4.51) is the reference; its classes are not in the kit's transformers pin,
 so the config is read by the kit's own config classes below and the parity tests run transformers in a venv of
-their own (tools/qwen25_oracle.py).
+their own (atb_models.oracle).
 """
 import torch
 import torch.nn.functional as F

@@ -248,25 +248,20 @@ class Qwen2VLForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens.weight)
 
-    def embed(self, input_ids: torch.Tensor, images, videos) -> torch.Tensor:
-        """Token embeddings with visual features scattered into the image / video placeholder rows.
-        images, videos: (pixel_values, grid_thw list) or None, each covering every placeholder of its kind."""
+    def embed(self, input_ids: torch.Tensor, visual_embeds=None) -> torch.Tensor:
+        """Token embeddings with visual features in the image / video placeholder rows. visual_embeds: (rows
+        [n], features [n, hidden]) or None; the model runner computes the features (model.visual, through its
+        vision-encoder cache) for the placeholder rows this step computes."""
         x = self.model.embed_tokens(input_ids)
-        for visuals, token_id in ((images, self.config.image_token_id), (videos, self.config.video_token_id)):
-            if visuals is None:
-                continue
-            pixel_values, grid_thw = visuals
-            features = self.visual(pixel_values, grid_thw).to(x.dtype)
-            rows = (input_ids == token_id).nonzero().squeeze(1)
-            if rows.numel() != features.shape[0]:
-                raise ValueError(f"{rows.numel()} placeholder tokens but {features.shape[0]} visual features")
-            x.index_copy_(0, rows, features)
+        if visual_embeds is not None:
+            rows, features = visual_embeds
+            x.index_copy_(0, rows, features.to(x.dtype))
         return x
 
-    def forward(self, input_ids, positions, logits_rows, ctx: StepContext, images=None, videos=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, logits_rows, ctx: StepContext, visual_embeds=None) -> torch.Tensor:
         """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for; ctx:
-        the step's paged-cache metadata. Returns float32 logits [len(logits_rows), vocab]."""
-        x = self.embed(input_ids, images, videos)
+        the step's paged-cache metadata; visual_embeds: see embed. Returns float32 logits [len(logits_rows), vocab]."""
+        x = self.embed(input_ids, visual_embeds)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
             # The layer's own forward, or a fused form of it (the native decoder layer on the CPU).

@@ -3,6 +3,7 @@ placeholder expanded, each visual's normalised patches and grid, and the M-RoPE 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ class VisualInput:
     grid_thw: tuple[int, int, int]  # in patches
     num_tokens: int  # t*h*w // merge**2: the placeholder's length in the prompt
     seconds_per_grid: float | None = None  # a video's seconds per temporal grid step (temporal_patch_size / fps)
+    content_hash: str = ""  # of the pixels, grid and seconds per grid step: the same medium gives the same hash
+    start: int = 0          # index of its first placeholder token in the prompt
 
 
 @dataclass
@@ -71,6 +74,15 @@ def conversation(request) -> list[Message]:
 def _items(request) -> list:
     """Every item of a request in prompt order, its turns' items one after another."""
     return [item for part in request for item in (part.items if isinstance(part, Message) else [part])]
+
+
+def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw: tuple, seconds_per_grid: float | None) -> str:
+    """What identifies a preprocessed image or video for the caches (engine.block_manager, the vision-encoder
+    cache): its patches' bytes, its grid and, for a video, the seconds per grid step its positions count."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{kind} {tuple(grid_thw)} {seconds_per_grid!r} {pixel_values.dtype}".encode())
+    digest.update(pixel_values.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _item_kind(item, number: int) -> str:
@@ -277,7 +289,8 @@ class Preprocessor:
             )
             pixel_values, grid = out["pixel_values_videos"], out["video_grid_thw"][0]
         t, h, w = (int(x) for x in grid)
-        return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid)
+        return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid,
+                           content_hash(kind, pixel_values, (t, h, w), seconds_per_grid))
 
     def _tokenize(self, turns: list[Message], kinds: list[str], values: list) -> list[int]:
         parts = iter([{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)])
@@ -302,4 +315,7 @@ class Preprocessor:
             )
         repeats = torch.ones_like(ids)
         repeats[is_placeholder] = torch.tensor([v.num_tokens for v in visuals], dtype=torch.long)
+        starts = (repeats.cumsum(0) - repeats)[is_placeholder].tolist()
+        for visual, start in zip(visuals, starts):
+            visual.start = start
         return ids.repeat_interleave(repeats).tolist()

@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from atb_models import LLM, SamplingParams, UserError
-from atb_models.benchmark.engines import load_reference_model, reference_inputs
+from atb_models.benchmark.engines import open_reference, reference_inputs
 from atb_models.config import load_model_config as load_checkpoint_config, load_tokenizer
 from atb_models.multimodal.prompt import Preprocessor
 from atb_models.platform import resolve_plan
@@ -30,6 +29,8 @@ class Generation:
     seconds: float = 0.0            # from the sample's first model step to its last
     finish_reason: str = "error"    # "stop", "length" or "error"
     error: str | None = None
+    cached_prompt_tokens: int = 0   # prompt tokens whose K/V came from the prefix cache (pa)
+    cached_visual_items: int = 0    # images / videos that skipped the vision tower (pa)
 
 
 class KitBackend:
@@ -37,15 +38,18 @@ class KitBackend:
     description = "atb_models paged-attention engine, continuous batching"
 
     def __init__(self, model: ModelConfig, task: TaskConfig, batch_size: int, max_new_tokens: int, dtype: str,
-                 device: str):
+                 device: str, quantize: str | None = None):
         infer = model.infer_params
         # The task's requested lengths size the KV cache; max_new_tokens is what each answer may use.
         self.llm = LLM(model.model_path, dtype=dtype, device=device, max_batch_size=batch_size,
                        max_input_length=task.requested_max_input_length,
                        max_output_length=task.requested_max_output_length, block_size=model.block_size,
                        min_pixels=infer.min_pixels, max_pixels=infer.max_pixels, video_fps=infer.video_fps,
-                       video_max_frames=infer.video_max_frames)
+                       video_max_frames=infer.video_max_frames, quantize=quantize)
         self.plan = self.llm.plan
+        if self.llm.quantization is not None:
+            self.name = f"pa_{self.llm.quantization.method}"
+            self.description = f"{self.description}, weights {self.llm.quantization.describe()}"
         self.params = SamplingParams(max_tokens=max_new_tokens)
 
     def generate(self, requests: list, on_done: Callable[[], None]) -> list[Generation]:
@@ -53,18 +57,19 @@ class KitBackend:
         # Under continuous batching a request's own latency runs from its prefill step to its last token.
         return [Generation(out.text, len(out.token_ids), out.prompt_token_count,
                            0.0 if out.error is not None else out.finished_s - out.admitted_s, out.finish_reason,
-                           out.error)
+                           out.error, out.cached_prompt_tokens, out.cached_visual_items)
                 for out in outputs]
 
 
 class HFBackend:
-    """transformers' implementation of the checkpoint's family: the registry's reference class (atb_models.models)."""
+    """transformers' implementation of the checkpoint's family: the registry's reference class (atb_models.models),
+    in this process or, where the pinned transformers lacks it (Qwen2.5-VL), in the reference venv's worker."""
 
     name = "hf"
 
     def __init__(self, model: ModelConfig, task: TaskConfig, max_new_tokens: int, dtype: str, device: str):
         checkpoint = load_checkpoint_config(model.model_path)
-        self.description = f"transformers {checkpoint.family.reference_class().__name__}, one sample at a time"
+        self.video_seconds = checkpoint.family.video_seconds
         self.plan = resolve_plan(device, dtype, checkpoint.torch_dtype)
         logger.info(self.plan.describe())
         self.tokenizer = load_tokenizer(model.model_path)
@@ -73,9 +78,10 @@ class HFBackend:
                                          min_pixels=infer.min_pixels, max_pixels=infer.max_pixels,
                                          video_fps=infer.video_fps, video_max_frames=infer.video_max_frames)
         try:
-            self.model = load_reference_model(checkpoint, self.plan)
+            self.model = open_reference(checkpoint, self.plan)
         except UserError as e:
             raise UserError(f"--backend hf: {e}") from None
+        self.description = f"{self.model.description}, one sample at a time"
         self.eos_token_ids = list(checkpoint.eos_token_ids)
         self.max_input_length = task.requested_max_input_length
         self.max_new_tokens = max_new_tokens
@@ -99,13 +105,12 @@ class HFBackend:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than the "
                             f"task's requested_max_input_length {self.max_input_length}")
         pad_token_id = self.eos_token_ids[0]  # one prompt: nothing is padded
-        inputs = reference_inputs([prompt], pad_token_id, self.plan.device)
+        inputs = reference_inputs([prompt], pad_token_id, self.plan.device, self.video_seconds)
         start = time.perf_counter()
-        with torch.inference_mode():
-            # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
-            sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                            temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
-                                            eos_token_id=self.eos_token_ids, pad_token_id=pad_token_id)
+        # Plain greedy decoding as the kit does it, whatever sampling settings generation_config.json holds.
+        sequences = self.model.generate(inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                        temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                        eos_token_id=self.eos_token_ids, pad_token_id=pad_token_id)
         self.plan.synchronize()
         seconds = time.perf_counter() - start
         tokens = sequences[0, len(prompt.token_ids):].tolist()

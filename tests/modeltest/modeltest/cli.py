@@ -20,7 +20,7 @@ from datetime import datetime
 from transformers.utils import logging as transformers_logging
 
 from atb_models import UserError, distributed
-from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.launch import launched
 
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype (default: the model yaml's data_type)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: npu, then cuda, then cpu (default: %(default)s)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="pa only: the language model's linears in int8 (quantized as they load); results are "
+                             "named pa_w8a16 beside the float run's pa")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return parser
 
@@ -71,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def make_backend(name: str, model, task_config, args, max_new_tokens: int):
     dtype = args.dtype or model.data_type
     if name == "hf":
+        if args.quantize:
+            raise UserError("--quantize runs the kit's engine: it does not apply to --backend hf")
         return HFBackend(model, task_config, max_new_tokens, dtype, args.device)
-    return KitBackend(model, task_config, args.batch_size, max_new_tokens, dtype, args.device)
+    return KitBackend(model, task_config, args.batch_size, max_new_tokens, dtype, args.device, args.quantize)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ class SampleResult:
     seconds: float
     finish_reason: str
     error: str | None
+    cached_prompt_tokens: int = 0   # prompt tokens whose K/V came from the prefix cache
+    cached_visual_items: int = 0    # images / videos that skipped the vision tower
 
 
 @dataclass
@@ -54,7 +56,8 @@ def run_subset(task: Task, subset: Subset, backend, rank_zero: bool) -> list[Sam
         results.append(SampleResult(subset.name, sample.question_id, sample.request, sample.prompt, generation.text,
                                     score.prediction, sample.gold, score.values, generation.prompt_token_count,
                                     generation.token_count, generation.seconds, generation.finish_reason,
-                                    generation.error))
+                                    generation.error, generation.cached_prompt_tokens,
+                                    generation.cached_visual_items))
     return results
 
 

@@ -1,33 +1,24 @@
-"""The Qwen2.5-VL parity oracle: transformers 4.51.3 in a venv of its own, since the kit's pin (4.46) has no
-Qwen2.5-VL.
+"""The reference's side of atb_models.oracle: run by the venv's Python (transformers 4.51.3), it imports nothing of
+the kit, since the venv does not have the kit's other dependencies and the kit's pin is another transformers.
 
-Two halves in one file:
-- the kit side (imported by the tests, run by the kit's Python): `ensure_venv()` creates the venv under the kit's
-  cache folder (reused when present), `build_checkpoint()` and `reference()` run this file inside it;
-- the oracle side (`python tools/qwen25_oracle.py build|reference ...`, run by the venv's Python): it imports
-  transformers 4.51.3 and nothing of the kit.
+    worker.py build --like DIR --out DIR --settings JSON      a random tiny Qwen2.5-VL checkpoint
+    worker.py reference --model DIR --inputs PT --out JSON     greedy tokens and float32 logits of prompts
+    worker.py serve --fd N --settings JSON                     a loaded model answering generate() calls
 
-    python tools/qwen25_oracle.py venv      # create the venv (what .ci/run does)
-
-`build` writes a random tiny Qwen2.5-VL checkpoint, taking the tokenizer, chat template and processor files of a
-kit-built Qwen2-VL checkpoint (the two families share them). The vision tower's attention gets a larger init scale,
-so it is sharp: a wrong window order changes the greedy tokens. `reference` reads prompts the kit preprocessed
-(token ids, patches, grids, seconds per temporal grid step) and writes transformers' greedy tokens and float32
-logits to JSON.
+`build` takes the tokenizer, chat template and processor files of a kit-built Qwen2-VL checkpoint (the two families
+share them). The vision tower's attention gets a larger init scale, so it is sharp: a wrong window order changes the
+greedy tokens. `reference` reads prompts the kit preprocessed (token ids, patches, grids, seconds per temporal grid
+step). `serve` keeps one model loaded for the benchmark's and modeltest's timed runs, over a socket inherited from
+the kit's process (atb_models.oracle.RemoteReference).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import shutil
-import subprocess
-import sys
+import time
 from pathlib import Path
-
-TRANSFORMERS_VERSION = "4.51.3"
-TORCH_VERSION = "2.13.0"
-VENV_NAME = f"oracle-qwen25-transformers{TRANSFORMERS_VERSION}"
 
 # The sizes of a tiny Qwen2.5-VL; a build may override any of them.
 DEFAULT_SHAPE = {
@@ -50,83 +41,16 @@ DEFAULT_SHAPE = {
 }
 
 
-# ------------------------------------------------------------------------------------------------- kit side
-
-def venv_dir() -> Path:
-    from atb_models.config import kit_home
-
-    return kit_home() / VENV_NAME
-
-
-def venv_python() -> Path:
-    return venv_dir() / "bin" / "python"
-
-
-def venv_ready() -> bool:
-    python = venv_python()
-    if not python.is_file():
-        return False
-    probe = subprocess.run([str(python), "-c", "import transformers, torch; print(transformers.__version__)"],
-                           capture_output=True, text=True)
-    return probe.returncode == 0 and probe.stdout.strip() == TRANSFORMERS_VERSION
-
-
-def ensure_venv() -> Path:
-    """The oracle venv's Python, creating the venv first when it is missing or incomplete. torch comes from the
-    CPU wheel pip finds locally for the pinned version."""
-    if not venv_ready():
-        target = venv_dir()
-        shutil.rmtree(target, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
-        subprocess.run([str(venv_python()), "-m", "pip", "install", "-q", f"torch=={TORCH_VERSION}",
-                        f"transformers=={TRANSFORMERS_VERSION}"], check=True)
-        if not venv_ready():
-            raise RuntimeError(f"{target}: transformers {TRANSFORMERS_VERSION} does not import after installing")
-    return venv_python()
-
-
-def _run_oracle(*args: str) -> None:
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([str(venv_python()), __file__, *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the Qwen2.5-VL oracle failed ({' '.join(args[:1])}):\n{done.stderr[-4000:]}")
-
-
-def build_checkpoint(like: Path, out_dir: Path, seed: int = 0, max_pixels: int | None = None, **shape) -> Path:
-    """A random tiny Qwen2.5-VL checkpoint in out_dir, built by transformers 4.51.3, with the tokenizer and
-    processor files of the Qwen2-VL checkpoint `like`; `shape` overrides DEFAULT_SHAPE."""
-    unknown = set(shape) - set(DEFAULT_SHAPE)
-    if unknown:
-        raise ValueError(f"unknown shape keys {sorted(unknown)}")
-    settings = {"shape": {**DEFAULT_SHAPE, **shape}, "seed": seed, "max_pixels": max_pixels}
-    _run_oracle("build", "--like", str(like), "--out", str(out_dir), "--settings", json.dumps(settings))
-    return Path(out_dir)
-
-
-def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Path) -> list:
-    """[(greedy tokens, [per-step float32 logits])] from transformers for each prompt, given as dicts of
-    input_ids (list), image / video patches and grids, seconds_per_grid (one per video) and, optionally,
-    full_attention: True to run every vision block over the whole image (what a wrong window order amounts to)."""
-    import torch
-
-    inputs, out = Path(work_dir) / "oracle_inputs.pt", Path(work_dir) / "oracle_reference.json"
-    torch.save(prompts, inputs)
-    args = ["reference", "--model", str(model_dir), "--inputs", str(inputs), "--out", str(out),
-            "--max_new_tokens", str(max_new_tokens)]
-    _run_oracle(*args)
-    return [(r["tokens"], torch.tensor(r["logits"])) for r in json.loads(out.read_text())]
-
-
-# ---------------------------------------------------------------------------------------------- oracle side
-
 def _build(like: Path, out_dir: Path, settings: dict) -> None:
     import torch
     from torch import nn
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2RMSNorm
 
-    shape, seed = settings["shape"], settings["seed"]
+    unknown = set(settings["shape"]) - set(DEFAULT_SHAPE)
+    if unknown:
+        raise ValueError(f"unknown shape keys {sorted(unknown)}")
+    shape, seed = {**DEFAULT_SHAPE, **settings["shape"]}, settings["seed"]
     base = json.loads((like / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in like.iterdir():
@@ -213,45 +137,103 @@ def _reference(model_dir: Path, inputs: Path, out: Path, max_new_tokens: int) ->
     windowed = model.visual.fullatt_block_indexes
     results = []
     for prompt in torch.load(inputs):
-        full = prompt.get("full_attention", False)
+        full = prompt.pop("full_attention", False)
         model.visual.fullatt_block_indexes = list(range(len(model.visual.blocks))) if full else windowed
-        ids = torch.tensor([prompt["input_ids"]])
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if prompt.get("image_grid_thw") is not None:
-            kwargs["pixel_values"] = prompt["pixel_values"].float()
-            kwargs["image_grid_thw"] = torch.tensor(prompt["image_grid_thw"])
-        if prompt.get("video_grid_thw") is not None:
-            kwargs["pixel_values_videos"] = prompt["pixel_values_videos"].float()
-            kwargs["video_grid_thw"] = torch.tensor(prompt["video_grid_thw"])
-            kwargs["second_per_grid_ts"] = torch.tensor(prompt["seconds_per_grid"], dtype=torch.float32)
         with torch.no_grad():
-            generated = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+            generated = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                                        return_dict_in_generate=True, eos_token_id=None)
-        results.append({"tokens": generated.sequences[0, ids.shape[1]:].tolist(),
+        results.append({"tokens": generated.sequences[0, prompt["input_ids"].shape[1]:].tolist(),
                         "logits": [score[0].float().tolist() for score in generated.scores]})
     out.write_text(json.dumps(results))
+
+
+def _serve(fd: int, settings: dict) -> None:
+    """Loads the model, says it is ready (with what the kit's side needs: pad and eos ids, the parameter sizes the
+    decode floor counts), then answers ("generate", inputs, kwargs, timed) messages until ("close",) or EOF."""
+    from multiprocessing.connection import Connection
+
+    import torch
+    import transformers
+
+    connection = Connection(fd)
+
+    def send(message) -> None:  # torch.save's bytes, as the kit's side reads them (torch.load, weights only)
+        buffer = io.BytesIO()
+        torch.save(message, buffer)
+        connection.send_bytes(buffer.getvalue())
+
+    try:
+        torch.set_num_threads(settings["threads"])
+        model_class = getattr(transformers, settings["class"])
+        model = model_class.from_pretrained(settings["model"], torch_dtype=getattr(torch, settings["dtype"]),
+                                            use_safetensors=True, trust_remote_code=False)
+        model.visual.to(getattr(torch, settings["vision_dtype"]))
+        device = torch.device(settings["device"])
+        model = model.to(device).eval()
+    except Exception as e:  # noqa: BLE001 - told to the kit's side as one line
+        send(("error", f"cannot load {settings['model']}: {type(e).__name__}: {e}"))
+        return
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generation = model.generation_config
+    send(("ok", {
+        "pad_token_id": generation.pad_token_id,
+        "eos_token_id": generation.eos_token_id,
+        "language_model_sizes": [(name, p.numel()) for name, p in model.model.named_parameters()],
+        "lm_head_size": model.lm_head.weight.numel(),
+        "description": f"transformers {model_class.__name__}",
+    }))
+
+    class Clock:
+        """A stopping criterion that never stops: the time each token is ready."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            synchronize()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    while True:
+        try:
+            message = torch.load(io.BytesIO(connection.recv_bytes()), weights_only=True)
+        except EOFError:
+            return
+        if message[0] == "close":
+            return
+        _, inputs, kwargs, timed = message
+        clock = Clock()
+        try:
+            inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+            with torch.inference_mode():
+                sequences = model.generate(**inputs, **kwargs, stopping_criteria=[clock] if timed else None)
+            send(("ok", (sequences.cpu(), clock.times)))
+        except Exception as e:  # noqa: BLE001 - this request fails; the kit's side decides what that means
+            send(("error", f"{type(e).__name__}: {e}"))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("venv", help="create the oracle venv under the kit's cache folder (kit side)")
-    build = commands.add_parser("build", help="write a tiny random Qwen2.5-VL checkpoint (oracle side)")
+    build = commands.add_parser("build", help="write a tiny random Qwen2.5-VL checkpoint")
     build.add_argument("--like", type=Path, required=True)
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--settings", required=True)
-    ref = commands.add_parser("reference", help="greedy tokens and logits for preprocessed prompts (oracle side)")
+    ref = commands.add_parser("reference", help="greedy tokens and logits for preprocessed prompts")
     ref.add_argument("--model", type=Path, required=True)
     ref.add_argument("--inputs", type=Path, required=True)
     ref.add_argument("--out", type=Path, required=True)
     ref.add_argument("--max_new_tokens", type=int, required=True)
+    serve = commands.add_parser("serve", help="keep a model loaded for generate() calls over an inherited socket")
+    serve.add_argument("--fd", type=int, required=True)
+    serve.add_argument("--settings", required=True)
     args = parser.parse_args(argv)
-    if args.command == "venv":
-        print(ensure_venv())
-    elif args.command == "build":
+    if args.command == "build":
         _build(args.like, args.out, json.loads(args.settings))
-    else:
+    elif args.command == "reference":
         _reference(args.model, args.inputs, args.out, args.max_new_tokens)
+    else:
+        _serve(args.fd, json.loads(args.settings))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Weight-only int8 linears (W8A16): y = x (W_int8 * scale)^T + b, activations in the compute dtype.
+
+The weights are symmetric int8 with float32 scales, one per output channel or per group of `group_size` input
+columns: `quantize` makes them (the quantize tool and quantize-at-load share it), scale [out, groups] where groups
+= in / group_size (1 for per-channel). A decode step reads a quarter of float32's weight bytes.
+
+Kernels take (x, weight, bias, scale) where weight is the int8 [out, in] tensor or the layout `pack` made of it:
+- NativeW8A16: the kit's own CPU kernel (atb_models/csrc/w8a16_linear.h, AVX-512), on weights packed like the
+  panel kernel's, [out / 64, in, 64] int8, widened to float32 in registers;
+- NpuW8A16: the NPU's fused op, torch_npu.npu_weight_quant_batchmatmul;
+- TorchW8A16: PyTorch's `_weight_int8pack_mm` for per-channel scales where it runs (CPU, and accelerators whose
+  build has it), else the weight dequantized in the activation dtype on each call: right everywhere, not fast.
+`w8a16_kernel` chooses among them for a plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from atb_models import platform
+from atb_models.kernels.linear import PANEL_GROUP, panel_layout
+
+logger = logging.getLogger("atb_models.kernels")
+
+QMAX = 127  # symmetric: -127..127, so the scale maps max |w| to 127 exactly
+
+
+def quantize(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], float32 scale [out, groups]) for a float weight [out, in]; computed in float32, whatever
+    the weight's dtype, so the tool and quantize-at-load give the same bytes. A row (or group) of zeros gets scale
+    1 and zeros."""
+    w = weight.float()
+    out_features, in_features = w.shape
+    group = in_features if group_size is None else group_size
+    if in_features % group:
+        raise ValueError(f"group size {group} does not divide {in_features} input columns")
+    grouped = w.reshape(out_features, in_features // group, group)
+    amax = grouped.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    q = torch.round(grouped / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.reshape(out_features, in_features), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [out, in] an int8 weight and its scales stand for."""
+    out_features, in_features = q.shape
+    groups = scale.shape[-1]
+    w = q.float().reshape(out_features, groups, in_features // groups) * scale.float().unsqueeze(-1)
+    return w.reshape(out_features, in_features).to(dtype)
+
+
+class TorchW8A16:
+    """PyTorch's operators: `_weight_int8pack_mm` (per-channel scales; x of float32, bf16 or fp16), else the
+    dequantized weight through F.linear."""
+
+    name = "torch"
+
+    def __init__(self, int8pack_mm=None):
+        self._int8pack_mm = int8pack_mm
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 scale: torch.Tensor) -> torch.Tensor:
+        if self._int8pack_mm is not None and scale.shape[-1] == 1:
+            rows = x.reshape(-1, x.shape[-1])
+            y = self._int8pack_mm(rows.contiguous(), weight, scale.reshape(-1).to(x.dtype))
+            y = y.view(*x.shape[:-1], weight.shape[0])
+            return y if bias is None else y + bias
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+def _int8pack_mm_runs(device: torch.device) -> bool:
+    op = getattr(torch, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    try:
+        x = torch.ones(1, 32, device=device)
+        y = op(x, torch.ones(64, 32, dtype=torch.int8, device=device), torch.ones(64, device=device))
+        return bool(torch.allclose(y.cpu(), torch.full((1, 64), 32.0)))
+    except Exception:  # noqa: BLE001 - a build or device without the op, in whatever way it says so
+        return False
+
+
+class NativeW8A16:
+    """The kit's W8A16 kernel for the CPU (atb_models/csrc/w8a16_linear.h): int8 weights packed in groups of 64
+    output columns (`pack`, panel_layout's [out / 64, in, 64]), streamed and widened to float32 in registers, scales
+    per channel or per group. Activations of other dtypes (bfloat16) are computed in float32 and returned in theirs.
+    Weights it did not pack (an output size off the groups) go to `fallback`."""
+
+    name = "native"
+
+    def __init__(self, native_op, fallback: TorchW8A16):
+        self._native = native_op
+        self._fallback = fallback
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 scale: torch.Tensor) -> torch.Tensor:
+        if weight.dim() != 3:
+            return self._fallback(x, weight, bias, scale)
+        column_groups, in_features, _ = weight.shape
+        out_features = column_groups * PANEL_GROUP
+        rows = x.reshape(-1, in_features)
+        if rows.stride(-1) != 1 or rows.dtype != torch.float32:
+            rows = rows.contiguous().float()
+        scale = scale.float().contiguous()
+        if bias is not None:
+            bias = bias.float().contiguous()
+        y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        if rows.shape[0]:
+            self._native(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(),
+                         out_features, scale.data_ptr(), scale.shape[-1], None if bias is None else bias.data_ptr(),
+                         y.data_ptr())
+        return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[0] % PANEL_GROUP:
+            return None
+        return panel_layout(weight)
+
+
+class NpuW8A16:
+    """The NPU's fused W8A16 matmul, torch_npu.npu_weight_quant_batchmatmul: x [M, K] (float16 or bfloat16)
+    against the int8 weight as (K, N) (the [out, in] weight transposed, a view, as Ascend recommends for per-channel
+    scales), antiquant_scale in x's dtype, (N,) per channel or (groups, N) with antiquant_group_size per group."""
+
+    name = "npu_weight_quant_batchmatmul"
+
+    def __init__(self, op):
+        self._op = op
+        # id(scale) -> (a reference to it, dtype, scale as the op takes it), made once (tensors compare by value,
+        # so they cannot key a WeakKeyDictionary)
+        self._scales = {}
+
+    def __call__(self, x, weight, bias, scale):
+        rows = x.reshape(-1, x.shape[-1])
+        groups = scale.shape[-1]
+        y = self._op(rows, weight.t(), self._antiquant_scale(scale, x.dtype),
+                     antiquant_group_size=0 if groups == 1 else weight.shape[1] // groups)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        # Added here, not passed to the op: its bias must be float32 for bfloat16 activations on some chips.
+        return y if bias is None else y + bias
+
+    def _antiquant_scale(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ref, made_for, converted = self._scales.get(id(scale), (None, None, None))
+        if ref is None or ref() is not scale or made_for != dtype:
+            converted = (scale.reshape(-1) if scale.shape[-1] == 1 else scale.t()).to(dtype).contiguous()
+            self._scales[id(scale)] = (weakref.ref(scale), dtype, converted)
+        return converted
+
+    def pack(self, weight):
+        return None
+
+
+def w8a16_kernel(plan, library=None):
+    """The W8A16 kernel for a plan's device: on the CPU the kit's native kernel where `library` (the loaded
+    kernels.native.NativeLibrary, or None) is there and multiplies right, on an NPU the fused op where torch_npu
+    has it, else PyTorch's operators (TorchW8A16)."""
+    if plan.kind == "npu":
+        torch_npu = platform._import_torch_npu()
+        op = getattr(torch_npu, "npu_weight_quant_batchmatmul", None)
+        if op is not None:
+            return NpuW8A16(op)
+        logger.info("this torch_npu has no npu_weight_quant_batchmatmul: int8 weights are dequantized on each call")
+        return TorchW8A16()  # PyTorch's int8 matmul has no NPU kernel
+    fallback = TorchW8A16(torch._weight_int8pack_mm if _int8pack_mm_runs(plan.device) else None)
+    if plan.kind == "cpu" and library is not None and _native_products_right(library.atb_w8a16_linear_f32, fallback):
+        return NativeW8A16(library.atb_w8a16_linear_f32, fallback)
+    return fallback
+
+
+def _native_products_right(op, fallback: TorchW8A16) -> bool:
+    """A wrong build must not reach the model: one small product (two column groups, five scale groups, a bias)
+    against the dequantized weight first."""
+    kernel = NativeW8A16(op, fallback)
+    generator = torch.Generator().manual_seed(0)
+    q, s = quantize(torch.randn(2 * PANEL_GROUP, 40, generator=generator), group_size=8)
+    x, b = torch.randn(3, 40, generator=generator), torch.randn(2 * PANEL_GROUP, generator=generator)
+    if torch.allclose(kernel(x, kernel.pack(q), b, s), F.linear(x, dequantize(q, s), b), atol=1e-4):
+        return True
+    logger.warning("the kit's W8A16 kernel gave wrong products here: using PyTorch's operators")
+    return False

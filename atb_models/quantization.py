@@ -1,0 +1,131 @@
+"""Weight-only int8 (W8A16): which linears are int8, how a checkpoint says so, and the model's int8 form.
+
+A quantized checkpoint (written by `python -m atb_models.quantize`) follows MindIE's convention: config.json holds
+`"quantize": "w8a16"`, and quant_model_description.json names each tensor's format (`"W8A16"` or `"FLOAT"`), with
+the kit's `"group_size"` (0: one scale per output channel). An int8 tensor `X.weight` comes with its float32 scales
+`X.weight_scale` [out, groups]. The language model's linears (q/k/v, o, gate/up, down) are quantized, the LM head
+only when asked; embeddings, norms and the vision tower stay as they were.
+
+`LLM(path, quantize="w8a16")` on a float checkpoint builds the same int8 model and quantizes each tensor as it is
+read (atb_models.weights), with the same function as the tool, so the two give identical bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atb_models.cli.choices import QUANTIZE_CHOICES
+from atb_models.errors import UserError
+
+METHODS = QUANTIZE_CHOICES  # what --quantize offers
+DESCRIPTION_FILE = "quant_model_description.json"
+# The language model's quantizable linears, as the kit's module names end (q/k/v and gate/up are packed).
+LAYER_LINEARS = (".self_attn.qkv_proj", ".self_attn.o_proj", ".mlp.gate_up_proj", ".mlp.down_proj")
+# The checkpoint tensors behind them, as the checkpoint's classic names end.
+CHECKPOINT_LINEARS = tuple(f".{part}.weight" for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                           "mlp.down_proj"))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    method: str                   # "w8a16"
+    group_size: int | None        # None: one scale per output channel
+    lm_head: bool = False         # the LM head quantized too
+    from_float: bool = False      # the checkpoint is float: each tensor is quantized as it is read
+
+    def describe(self) -> str:
+        scales = "per output channel" if self.group_size is None else f"per group of {self.group_size}"
+        head = ", LM head included" if self.lm_head else ""
+        made = "quantized as loaded" if self.from_float else "from a quantized checkpoint"
+        return f"{self.method} ({scales}{head}, {made})"
+
+
+def check_method(method) -> str:
+    if method not in METHODS:
+        raise UserError(f"quantize {method!r}: the kit knows {', '.join(METHODS)}")
+    return method
+
+
+def checkpoint_quantization(model_path: str, raw_config: dict) -> Quantization | None:
+    """The quantization a checkpoint folder holds (config.json's "quantize"), or None for a float checkpoint."""
+    method = raw_config.get("quantize")
+    if method is None:
+        return None
+    check_method(str(method).lower())
+    path = os.path.join(model_path, DESCRIPTION_FILE)
+    try:
+        with open(path) as f:
+            description = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_path} says quantize {method!r} but {DESCRIPTION_FILE} cannot be read: {e}") from None
+    group = description.get("group_size", 0) if isinstance(description, dict) else None
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        raise UserError(f"{path}: group_size must be 0 (per channel) or a positive integer, got {group!r}")
+    lm_head = any(name.endswith("lm_head.weight") and kind == "W8A16" for name, kind in description.items())
+    return Quantization(str(method).lower(), group or None, lm_head)
+
+
+def resolve(requested: str | None, stored: Quantization | None) -> Quantization | None:
+    """What the model runs: the checkpoint's quantization, or `requested` applied at load to a float checkpoint."""
+    if requested in (None, "none", ""):
+        return stored
+    method = check_method(requested)
+    if stored is not None:
+        if stored.method != method:
+            raise UserError(f"the checkpoint is quantized {stored.method}; it cannot run as {method}")
+        return stored
+    return Quantization(method, None, from_float=True)
+
+
+def quantized_module_names(model: nn.Module, quantization: Quantization) -> list[str]:
+    names = [name for name, _ in model.named_modules()
+             if name.startswith("model.layers.") and name.endswith(LAYER_LINEARS)]
+    return names + (["lm_head"] if quantization.lm_head else [])
+
+
+def convert_to_w8a16(model: nn.Module, quantization: Quantization, kernel) -> int:
+    """Before loading: give each quantized linear an int8 weight and float32 scales [out, groups] in place of its
+    float weight, computed by `kernel` (Kernels.w8a16). Returns how many were converted."""
+    modules = dict(model.named_modules())
+    names = quantized_module_names(model, quantization)
+    if quantization.lm_head and getattr(model, "tie_word_embeddings", False):
+        raise UserError("the checkpoint quantizes its LM head, but the LM head is tied to the embedding table: "
+                        "quantize it without --quantize_lm_head")
+    for name in names:
+        module = modules[name]
+        out_features, in_features = module.weight.shape
+        group = quantization.group_size or in_features
+        if in_features % group:
+            raise UserError(f"{name}: group size {group} does not divide its {in_features} input columns on this "
+                            "rank; use per-channel scales or another world size")
+        loader = module.weight.weight_loader
+        module.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                 device=module.weight.device), requires_grad=False)
+        module.weight.weight_loader = loader
+        module.weight_scale = nn.Parameter(torch.zeros(out_features, in_features // group, dtype=torch.float32,
+                                                       device=module.weight.device), requires_grad=False)
+        module.weight_scale.weight_loader = getattr(module, "load_scale", loader)
+        module.weight_scale.group_size = group
+        module.kernel = ScaledKernel(kernel, module.weight_scale)
+    return len(names)
+
+
+class ScaledKernel:
+    """A quantized linear's kernel as its module calls it, kernel(x, weight, bias): the W8A16 kernel with the
+    module's scales."""
+
+    def __init__(self, kernel, scale: nn.Parameter):
+        self.kernel = kernel
+        self.scale = scale
+        self.name = f"w8a16 {kernel.name}"
+
+    def __call__(self, x, weight, bias=None):
+        return self.kernel(x, weight, bias, self.scale)
+
+    def pack(self, weight):
+        return self.kernel.pack(weight)

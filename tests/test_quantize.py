@@ -1,0 +1,157 @@
+"""Weight-only int8 (W8A16): the quantization itself, `python -m atb_models.quantize` (its output, its refusals),
+loading that output and quantizing at load (the same bytes, the same tokens), and tensor parallelism in int8."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from atb_models import LLM, SamplingParams
+from atb_models.kernels.w8a16 import dequantize, quantize
+from atb_models.quantize import main as quantize_main
+from tests.test_tensor_parallel import SHAPE_2B, run_ranks
+
+OPTIONS = dict(dtype="float32", device="cpu", max_batch_size=2, max_input_length=512, max_output_length=8,
+               block_size=16)
+LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_quantization_is_symmetric_with_one_scale_per_row_or_group():
+    w = torch.randn(6, 256)
+    w[2] = 0
+    q, scale = quantize(w)
+    assert q.dtype == torch.int8 and scale.shape == (6, 1) and scale.dtype == torch.float32
+    assert q.abs().amax(dim=1).tolist() == [127, 127, 0, 127, 127, 127]  # every row's largest maps to +-127
+    assert scale[2].item() == 1.0  # a zero row: zeros, and a scale that divides by nothing
+    assert ((dequantize(q, scale) - w).abs() <= scale / 2 + 1e-7).all()  # round to nearest
+    q, scale = quantize(w.bfloat16(), group_size=64)
+    assert scale.shape == (6, 4)
+    assert torch.equal(q, quantize(w.bfloat16().float(), group_size=64)[0])  # computed in float32 from any dtype
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(w, group_size=100)
+
+
+@pytest.fixture(scope="module")
+def float_and_quantized(tiny_checkpoint, tmp_path_factory):
+    """A two-shard float checkpoint and the tool's per-channel output of it."""
+    float_dir = tiny_checkpoint(shards=2)
+    out = tmp_path_factory.mktemp("w8a16") / "out"
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(out), "--method", "w8a16"]) == 0
+    return float_dir, out
+
+
+def test_the_tool_writes_int8_linears_scales_a_description_and_an_index(float_and_quantized):
+    float_dir, out = float_and_quantized
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantize"] == "w8a16"
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["model_quant_type"] == "W8A16" and description["group_size"] == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == {p.name for p in float_dir.glob("*.safetensors")}  # one shard out per shard in
+    for layer in range(2):
+        for linear in LAYER_LINEARS:
+            name = f"model.layers.{layer}.{'self_attn' if 'proj' in linear and linear[0] in 'qkvo' else 'mlp'}" \
+                   f".{linear}.weight"
+            assert description[name] == description[name + "_scale"] == "W8A16" and name + "_scale" in index
+    floats = [name for name, kind in description.items() if kind == "FLOAT"]
+    assert "lm_head.weight" in floats and "model.embed_tokens.weight" in floats
+    assert not any(name.startswith("visual.") and description[name] == "W8A16" for name in index)
+    assert (out / "tokenizer.json").read_bytes() == (float_dir / "tokenizer.json").read_bytes()
+
+
+def test_the_tools_output_and_quantizing_at_load_hold_the_same_int8_weights_and_give_the_same_tokens(
+        float_and_quantized, sample_image_path):
+    float_dir, out = float_and_quantized
+    saved, at_load = LLM(str(out), **OPTIONS), LLM(str(float_dir), quantize="w8a16", **OPTIONS)
+    assert saved.quantization.from_float is False and at_load.quantization.from_float is True
+    ours, theirs = dict(saved.runner.model.named_parameters()), dict(at_load.runner.model.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    qkv = ours["model.layers.0.self_attn.qkv_proj.weight_scale"]
+    assert qkv.dtype == torch.float32 and qkv.shape[1] == 1
+    requests = [[{"image": str(sample_image_path)}, {"text": "What is this?"}], [{"text": "Hello there"}]]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in saved.generate(requests, params)] == [
+        o.token_ids for o in at_load.generate(requests, params)]
+
+
+def test_per_group_scales_load_and_follow_the_float_model_closely(tiny_checkpoint, tmp_path, sample_image_path):
+    float_dir = tiny_checkpoint()
+    out = tmp_path / "g32"
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(out), "--group_size", "32"]) == 0
+    llm = LLM(str(out), **OPTIONS)
+    scale = dict(llm.runner.model.named_parameters())["model.layers.0.mlp.down_proj.weight_scale"]
+    assert scale.shape == (64, 128 // 32)
+    float_llm = LLM(str(float_dir), **OPTIONS)
+    from tests.parity_utils import LogitsRecorder
+
+    recorders = [LogitsRecorder(engine) for engine in (llm, float_llm)]
+    request = [[{"image": str(sample_image_path)}, {"text": "What is this?"}]]
+    for engine in (llm, float_llm):
+        engine.generate(request, SamplingParams(max_tokens=4, ignore_eos=True))
+    int8_logits, float_logits = (torch.stack(r.by_seq[0]) for r in recorders)
+    assert (int8_logits - float_logits).abs().max().item() < 0.05 * float_logits.abs().max().item()
+
+
+@pytest.mark.parametrize("case", ["already_quantized", "output_not_empty", "unknown_model_type", "tied_head"])
+def test_the_tool_refuses_in_one_line_and_writes_nothing(case, float_and_quantized, tiny_checkpoint, tmp_path,
+                                                          capsys):
+    float_dir, quantized = float_and_quantized
+    source, out, extra = float_dir, tmp_path / "out", []
+    if case == "already_quantized":
+        source, expected = quantized, "is already quantized (w8a16)"
+    elif case == "output_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        expected = "exists and is not empty"
+    elif case == "unknown_model_type":
+        source = tmp_path / "llama"
+        shutil.copytree(float_dir, source)
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+        expected = "llama"
+    else:
+        from atb_models.demo.checkpoint import TinyShape
+
+        source, extra = tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True)), ["--quantize_lm_head"]
+        expected = "tied to the embedding table"
+    assert quantize_main(["--model_path", str(source), "--output_dir", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: ") and expected in err[-1] and "Traceback" not in "\n".join(err)
+    if case == "output_not_empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_int8_ranks_give_the_tokens_of_one_rank_and_read_only_their_slices(tiny_checkpoint, sample_image_path,
+                                                                           tmp_path, world_size):
+    """Qwen2-VL-2B's head ratio (12 / 2): zero heads and replicated KV heads with int8 weights and their scales."""
+    float_dir = tiny_checkpoint(shape=SHAPE_2B)
+    out = tmp_path / "w8a16"
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(out)]) == 0
+    requests = [[{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
+                [{"text": "Hello, what colour is the sky?"}]]
+    one = LLM(str(out), **dict(OPTIONS, max_batch_size=4))
+    expected = [o.token_ids for o in one.generate(requests, SamplingParams(max_tokens=5, ignore_eos=True))]
+    ranks = run_ranks(tmp_path, world_size, {"model": str(out), "requests": requests, "max_tokens": 5})
+    assert [o["token_ids"] for o in json.loads((ranks / "outputs.json").read_text())] == expected
+    full = 256 * 192  # gate_proj: int8 [intermediate, hidden], split by rows
+    for rank in range(world_size):
+        read = json.loads((ranks / f"read_rank{rank}.json").read_text())
+        assert read["model.layers.0.mlp.gate_proj.weight"] == full // world_size
+
+
+def test_run_pa_quantized_at_load_still_reads_the_demo_sign(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "examples" / "models" / "qwen2_vl" / "run_pa.sh"), "--quantize", "w8a16",
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Answer[0]: CAKE" in done.stdout and "w8a16 (per output channel, quantized as loaded)" in done.stderr

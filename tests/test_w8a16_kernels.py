@@ -1,0 +1,158 @@
+"""Weight-only int8 (W8A16) kernels: the kit's native CPU kernel against the dequantized weight's F.linear, its
+place in a fused decoder layer, and which kernel each plan gets (the NPU's by a stand-in torch_npu)."""
+
+import ctypes
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atb_models import platform
+from atb_models.kernels import Kernels
+from atb_models.kernels.decoder_layer import NativeDecoderLayer
+from atb_models.kernels.w8a16 import NativeW8A16, NpuW8A16, TorchW8A16, dequantize, quantize, w8a16_kernel
+from atb_models.platform import Capabilities, resolve_plan
+from tests.test_kernels import (AVX512, CPU_FP32, _decode_layer_both_ways, _random_decoder_layer,
+                                native_kernels)
+
+NPU = Capabilities(kind="npu", name="Ascend910B3", native_bf16=True, native_fp16=True, device_count=1)
+
+
+def native_w8a16() -> NativeW8A16:
+    kernel = native_kernels().w8a16
+    assert isinstance(kernel, NativeW8A16), "the native library runs the int8 linears on an AVX-512 CPU"
+    return kernel
+
+
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+def test_native_w8a16_matches_f_linear_of_the_dequantized_weight(group_size):
+    kernel = native_w8a16()
+    generator = torch.Generator().manual_seed(group_size or 0)
+    # One column group; uneven thread shares (3 groups); K over several 128-step blocks, and K odd per channel.
+    shapes = [(64, 256), (192, 384), (640, 1280)] + ([(128, 131)] if group_size is None else [])
+    for out_features, in_features in shapes:
+        q, s = quantize(torch.randn(out_features, in_features, generator=generator), group_size)
+        packed, bias = kernel.pack(q), torch.randn(out_features, generator=generator)
+        assert packed.shape == (out_features // 64, in_features, 64) and packed.dtype == torch.int8
+        weight = dequantize(q, s).double()
+        for rows in (1, 3, 6, 7, 16, 300):  # direct register blocks up to 6 rows; widened K blocks beyond; 2 chunks
+            x = torch.randn(rows, in_features, generator=generator)
+            for b in (None, bias):
+                expected = F.linear(x.double(), weight, None if b is None else b.double()).float()
+                got = kernel(x, packed, b, s)
+                assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (out_features, in_features, rows)
+
+
+def test_native_w8a16_takes_views_and_bfloat16_and_leaves_unpackable_weights_to_pytorch():
+    kernel = native_w8a16()
+    generator = torch.Generator().manual_seed(1)
+    q, s = quantize(torch.randn(128, 96, generator=generator), 32)
+    packed = kernel.pack(q)
+    x = torch.randn(2, 5, 2 * 96, generator=generator)[:, :, ::2]  # strided rows of a 3-D activation
+    assert torch.allclose(kernel(x, packed, None, s), F.linear(x, dequantize(q, s)), atol=1e-4)
+    y = kernel(x.bfloat16(), packed, None, s)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 128)
+    assert torch.allclose(y.float(), F.linear(x.bfloat16().float(), dequantize(q, s)), atol=0.1, rtol=0.02)
+    assert kernel(torch.randn(0, 96), packed, None, s).shape == (0, 128)
+    # An output size off the 64-column groups is not packed: PyTorch's operators run on the [out, in] weight.
+    odd_q, odd_s = quantize(torch.randn(100, 96, generator=generator))
+    assert kernel.pack(odd_q) is None and kernel.pack(torch.randn(128, 96)) is None
+    assert torch.allclose(kernel(x, odd_q, None, odd_s), F.linear(x, dequantize(odd_q, odd_s)), atol=1e-4)
+
+
+def test_w8a16_kernel_follows_the_cpu_and_the_native_library():
+    if AVX512:
+        assert isinstance(Kernels.for_plan(CPU_FP32).w8a16, NativeW8A16)
+        bf16 = resolve_plan("cpu", "bfloat16", "bfloat16")
+        assert isinstance(Kernels.for_plan(bf16).w8a16, NativeW8A16)
+    for choice in ("torch", "onednn"):  # no native library loaded
+        assert type(Kernels.for_plan(CPU_FP32, choice).w8a16) is TorchW8A16
+    assert type(w8a16_kernel(CPU_FP32, None)) is TorchW8A16  # the library absent (no AVX-512, no compiler)
+
+
+def test_a_native_w8a16_kernel_that_multiplies_wrong_is_not_used(monkeypatch, caplog):
+    # A CLI entry run earlier in this process (cli.entry.configure_logging) stops the kit's records reaching caplog.
+    monkeypatch.setattr(logging.getLogger("atb_models"), "propagate", True)
+
+    def wrong(x, rows, in_features, ldx, weight, out_features, scale, groups, bias, y):
+        ctypes.memset(y, 0xFF, rows * out_features * 4)  # NaNs: torch.empty's memory may hold the right product
+
+    library = SimpleNamespace(atb_w8a16_linear_f32=wrong)
+    assert type(w8a16_kernel(CPU_FP32, library)) is TorchW8A16
+    assert "W8A16 kernel gave wrong products" in caplog.text
+
+
+def _fake_torch_npu(monkeypatch, with_op: bool):
+    calls = []
+
+    def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_group_size=0):
+        calls.append((x, weight, antiquant_scale, antiquant_group_size))
+        group = antiquant_group_size or weight.shape[0]
+        scale = antiquant_scale.reshape(-1, weight.shape[1]).repeat_interleave(group, dim=0)
+        return x @ (weight.to(x.dtype) * scale)
+
+    fake = SimpleNamespace(npu=SimpleNamespace())
+    if with_op:
+        fake.npu_weight_quant_batchmatmul = npu_weight_quant_batchmatmul
+    monkeypatch.setattr(platform, "_import_torch_npu", lambda: fake)
+    return calls
+
+
+def test_on_an_npu_the_fused_op_gets_the_weight_as_k_by_n_and_scales_in_the_activation_dtype(monkeypatch):
+    calls = _fake_torch_npu(monkeypatch, with_op=True)
+    kernel = Kernels.for_plan(resolve_plan("auto", "auto", "bfloat16", caps=NPU)).w8a16
+    assert isinstance(kernel, NpuW8A16) and kernel.pack(torch.zeros(64, 8, dtype=torch.int8)) is None
+    generator = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(2, 3, 256, generator=generator), torch.randn(64, generator=generator)
+    for group_size, scale_shape, op_group in ((None, (64,), 0), (128, (2, 64), 128)):
+        q, s = quantize(torch.randn(64, 256, generator=generator), group_size)
+        y = kernel(x, q, bias, s)
+        rows, weight, antiquant_scale, antiquant_group_size = calls[-1]
+        assert rows.shape == (6, 256) and weight.shape == (256, 64) and torch.equal(weight, q.t())
+        assert antiquant_scale.shape == scale_shape and antiquant_scale.dtype == x.dtype
+        assert antiquant_group_size == op_group
+        assert y.shape == (2, 3, 64)
+        assert torch.allclose(y, F.linear(x, dequantize(q, s), bias), atol=1e-4)
+        assert kernel(x, q, bias, s) is not None and calls[-1][2] is antiquant_scale  # converted once
+
+
+def test_on_an_npu_whose_torch_npu_lacks_the_op_int8_weights_are_dequantized(monkeypatch):
+    _fake_torch_npu(monkeypatch, with_op=False)
+    kernel = w8a16_kernel(resolve_plan("auto", "auto", "bfloat16", caps=NPU))
+    assert type(kernel) is TorchW8A16
+    q, s = quantize(torch.randn(64, 32))
+    x = torch.randn(3, 32)
+    assert torch.allclose(kernel(x, q, None, s), F.linear(x, dequantize(q, s)))
+
+
+def _quantize_linears(layer, kernel, group_size):
+    """The layer's four linears as the int8 checkpoint loads them: weight int8 (packed), weight_scale [out, groups]."""
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        q, s = quantize(linear.weight.detach(), group_size)
+        linear.weight = torch.nn.Parameter(kernel.pack(q), requires_grad=False)
+        linear.weight_scale = s
+        linear.forward = lambda x, linear=linear: kernel(x, linear.weight, linear.bias, linear.weight_scale)
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operator_by_operator(group_size):
+    kernels = native_kernels()
+    fused = kernels.decoder_layer
+    assert isinstance(fused, NativeDecoderLayer)
+    layer, _ = _random_decoder_layer(kernels)
+    _quantize_linears(layer, native_w8a16(), group_size)
+    caches, results = _decode_layer_both_ways(layer, fused)
+    (expected, k_expected, v_expected), (got, k_got, v_got) = results
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(k_got, k_expected, atol=1e-5) and torch.allclose(v_got, v_expected, atol=1e-5)
+    # Scales of another shape, or an int8 linear left unpacked ([out, in]), are not its case.
+    layer.k_cache = caches[0].clone()
+    down = layer.mlp.down_proj
+    down.weight_scale = down.weight_scale[:-1]
+    assert fused.weights_of(layer) is None
+    q, down.weight_scale = quantize(torch.randn(512, 1024), group_size)
+    down.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.k_cache = caches[0].clone()
+    assert fused.weights_of(layer) is None
