@@ -21,6 +21,30 @@ def pytest_configure(config: pytest.Config) -> None:
         reporter.showfspath = True
 
 
+def _kit_loggers():
+    import logging
+
+    return [logging.getLogger(name) for name in ("atb_models", "modeltest")]
+
+
+# The kit's loggers as the suite found them, before any test (or fixture) ran a CLI entry in this process.
+_ORIGINAL_LOGGING = [(log.handlers[:], log.level, log.propagate) for log in _kit_loggers()]
+
+
+@pytest.fixture(autouse=True)
+def kit_logging_restored():
+    """A CLI entry run in this process (cli.entry.configure_logging) gives the kit's loggers a handler of their own
+    and stops them propagating, which would hide their records from caplog in every later test: each test starts
+    and ends with the loggers as the suite found them."""
+    def restore():
+        for log, (handlers, level, propagate) in zip(_kit_loggers(), _ORIGINAL_LOGGING):
+            log.handlers[:], log.level, log.propagate = handlers, level, propagate
+
+    restore()
+    yield
+    restore()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """tiny_checkpoint(**build_checkpoint_kwargs) -> checkpoint folder; built once per distinct set of kwargs.

@@ -12,8 +12,11 @@ from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.layers.sampler import sample, top_k_top_p_filter
 
 
-def text_seq(seq_id: int, length: int, max_tokens: int = 4, **params) -> Sequence:
-    prompt = SimpleNamespace(token_ids=list(range(1, length + 1)), visuals=[], rope_delta=0,
+def text_seq(seq_id: int, length: int, max_tokens: int = 4, first_token: int | None = None, **params) -> Sequence:
+    """A text prompt of `length` tokens; each sequence's are its own (no prefix to share) unless first_token is
+    given."""
+    first = 1000 * seq_id + 1 if first_token is None else first_token
+    prompt = SimpleNamespace(token_ids=list(range(first, first + length)), visuals=[], rope_delta=0,
                              positions=torch.arange(length).expand(3, -1))
     return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens, **params), max_tokens)
 
@@ -66,6 +69,23 @@ def test_requests_wait_when_blocks_run_out():
     sched.finish_step(batch, [7, 7])  # both finish (max_tokens 1) and free their blocks
     batch, is_prefill = sched.schedule()
     assert is_prefill and [s.seq_id for s in batch] == [2]
+
+
+def test_identical_prompts_share_their_blocks_counted_once():
+    """With prefix caching the same three prompts (two blocks each, the second holding the last token) fit in four
+    blocks: the first block is shared, each keeps its own last block; the budget counts what is computed."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_batch_size=8, max_prefill_tokens=100, eos_token_ids=[])
+    seqs = [text_seq(i, length=8, max_tokens=1, first_token=1) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and [s.seq_id for s in batch] == [0, 1, 2]
+    assert [s.num_cached_tokens for s in seqs] == [0, 4, 4]
+    assert len({s.block_table[0] for s in seqs}) == 1 and len({s.block_table[1] for s in seqs}) == 3
+    assert bm.num_used_blocks == 4
+    sched.finish_step(batch, [7, 7, 7])
+    assert bm.num_used_blocks == 0 and len(bm.evictable) == 2  # seq 0's two blocks stay cached
 
 
 def test_max_batch_size_and_prefill_budget_limit_admission():

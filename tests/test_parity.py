@@ -119,9 +119,11 @@ def test_preemption_under_a_small_cache_keeps_outputs(tiny_checkpoint, sample_im
     params = SamplingParams(max_tokens=17, ignore_eos=True)
     roomy = make_llm(path, max_batch_size=4, max_output_length=17).generate(requests, params)
     # Room for three prompts and one spare block: the fourth request waits, and the three running ones
-    # outgrow the cache, so the youngest is preempted and recomputed.
+    # outgrow the cache, so the youngest is preempted and recomputed. (Prefix caching off: the shared image would
+    # save the blocks; tests/test_prefix_cache.py preempts with it on.)
     prompt_blocks = ceil_div(roomy[0].prompt_token_count, 16)
-    tight_llm = make_llm(path, max_batch_size=4, max_output_length=17, num_blocks=3 * prompt_blocks + 1)
+    tight_llm = make_llm(path, max_batch_size=4, max_output_length=17, num_blocks=3 * prompt_blocks + 1,
+                         enable_prefix_caching=False)
     tight = tight_llm.generate(requests, params)
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
     assert tight_llm.scheduler.num_preemptions > 0

@@ -96,6 +96,10 @@ class BlockManager:
         seq.block_table = hits + [self._take() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
+        # Its prefill writes every one of its tokens' K/V, and within a layer stores all of a step's K/V before any
+        # sequence attends: a sequence admitted into the same step reads these blocks as a cached prefix already.
+        if use_cache:
+            self._register(seq, seq.num_tokens // self.block_size)
 
     def can_append(self, seq: Sequence) -> bool:
         """A decode step writes the last token's K/V: is there room, or a free block to make room?"""
@@ -106,12 +110,15 @@ class BlockManager:
             seq.block_table.append(self._take())
 
     def register_written(self, seq: Sequence) -> None:
-        """After a step: the sequence's blocks whose K/V are now all written (every token but its newest, which no
-        step has computed yet) join the cache. A block whose hash is already cached (another sequence computed the
-        same tokens at the same time) stays the sequence's own."""
+        """After a decode step: the sequence's blocks whose K/V are now all written (every token but its newest,
+        which no step has computed yet) join the cache."""
+        self._register(seq, (seq.num_tokens - 1) // self.block_size)
+
+    def _register(self, seq: Sequence, full: int) -> None:
+        """The sequence's first `full` blocks join the cache, those not in it yet. A block whose hash is already
+        cached (another sequence computed the same tokens) stays the sequence's own."""
         if not self.enable_prefix_caching:
             return
-        full = (seq.num_tokens - 1) // self.block_size
         for index, digest in enumerate(block_hashes(seq, self.block_size, full)[seq.num_hashed_blocks:],
                                        start=seq.num_hashed_blocks):
             block = seq.block_table[index]

@@ -63,23 +63,24 @@ class ModelRunner:
         with tokens to compute takes its features from the encoder cache, else from one vision-tower call per kind
         (the missing ones batched); one whose tokens all lie in the cached prefix needs none. Counts, per sequence,
         the media whose vision-tower run was skipped (seq.cached_visual_items)."""
-        needed, missing = [], {"image": [], "video": []}
+        needed, missing, pending = [], {"image": [], "video": []}, set()
         for seq, offset in zip(seqs, starts):
             first = seq.num_cached_tokens
             seq.cached_visual_items = 0
             for visual in seq.prompt.visuals:
                 begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.num_tokens)
                 features = self.encoder_cache.get(visual.content_hash) if begin < end else None
-                if begin >= end or features is not None:
+                # Skipped: all its tokens cached, its features cached, or the same medium run for another here.
+                if begin >= end or features is not None or visual.content_hash in pending:
                     seq.cached_visual_items += 1
                 if begin >= end:
                     continue
-                if features is None:
+                if features is None and visual.content_hash not in pending:
                     missing[visual.kind].append(visual)
+                    pending.add(visual.content_hash)
                 needed.append((visual, begin - visual.start, end - visual.start, offset + begin - first))
         computed = {}
-        for items in missing.values():
-            unique = list({v.content_hash: v for v in items}.values())  # the same medium twice: one run
+        for unique in missing.values():
             if not unique:
                 continue
             pixels = torch.cat([v.pixel_values for v in unique]).to(self.device)

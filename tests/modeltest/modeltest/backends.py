@@ -38,15 +38,18 @@ class KitBackend:
     description = "atb_models paged-attention engine, continuous batching"
 
     def __init__(self, model: ModelConfig, task: TaskConfig, batch_size: int, max_new_tokens: int, dtype: str,
-                 device: str, quantize: str | None = None):
+                 device: str, quantize: str | None = None, enable_prefix_caching: bool = True):
         infer = model.infer_params
         # The task's requested lengths size the KV cache; max_new_tokens is what each answer may use.
         self.llm = LLM(model.model_path, dtype=dtype, device=device, max_batch_size=batch_size,
                        max_input_length=task.requested_max_input_length,
                        max_output_length=task.requested_max_output_length, block_size=model.block_size,
                        min_pixels=infer.min_pixels, max_pixels=infer.max_pixels, video_fps=infer.video_fps,
-                       video_max_frames=infer.video_max_frames, quantize=quantize)
+                       video_max_frames=infer.video_max_frames, quantize=quantize,
+                       enable_prefix_caching=enable_prefix_caching)
         self.plan = self.llm.plan
+        if not enable_prefix_caching:
+            self.description = f"{self.description}, prefix caching off"
         if self.llm.quantization is not None:
             self.name = f"pa_{self.llm.quantization.method}"
             self.description = f"{self.description}, weights {self.llm.quantization.describe()}"

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                         help="pa only: the language model's linears in int8 (quantized as they load); results are "
                              "named pa_w8a16 beside the float run's pa")
+    parser.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
+                        help="pa only: compute every prompt in full instead of reusing the KV blocks and image features "
+                             "a sample shares with earlier ones (the answers are the same either way)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return parser
 
@@ -77,7 +80,8 @@ def make_backend(name: str, model, task_config, args, max_new_tokens: int):
         if args.quantize:
             raise UserError("--quantize runs the kit's engine: it does not apply to --backend hf")
         return HFBackend(model, task_config, max_new_tokens, dtype, args.device)
-    return KitBackend(model, task_config, args.batch_size, max_new_tokens, dtype, args.device, args.quantize)
+    return KitBackend(model, task_config, args.batch_size, max_new_tokens, dtype, args.device, args.quantize,
+                      args.enable_prefix_caching)
 
 
 def run(args: argparse.Namespace) -> int:
