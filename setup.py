@@ -31,6 +31,6 @@ setup(
                                        "requirements/models/requirements_qwen2_vl.txt"),
     extras_require={
         "npu": ["torch-npu"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "openai>=1.0"],  # openai: the server tests use the real client
     },
 )

@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "atb_models.engine.llm",
+    "Message": "atb_models.multimodal.prompt",
     "RequestOutput": "atb_models.engine.llm",
     "SamplingParams": "atb_models.engine.sampling_params",
     "UserError": "atb_models.errors",

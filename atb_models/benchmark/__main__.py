@@ -1,5 +1,6 @@
 """python -m atb_models.benchmark compare [--preset NAME] [--model_path DIR] [--quantize w8a16] [--repeats N]
                                           [--threads N]
+python -m atb_models.benchmark serve [--url URL | --model_path DIR] [--concurrency 1,4,16] [--compare_generate]
 
 Runs the same workloads through the kit and through transformers in one process and prints a table, then one line
 per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16]; with
@@ -40,13 +41,51 @@ def build_parser() -> argparse.ArgumentParser:
                               "decode_vs_fp32[bs1], decode_vs_floor_<method>[bs1] and top1_agreement_<method>")
     compare.add_argument("--workloads", default=",".join(WORKLOADS), metavar="LIST",
                          help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    from atb_models.benchmark.presets import PRESETS
+    from atb_models.cli.run_pa import positive_int_list
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server under load (like vllm bench serve)")
+    serve.add_argument("--url", help="a running server (http://HOST:PORT); default: start one on the preset's "
+                                     "checkpoint or --model_path, stopped at the end")
+    serve.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                       help="the requests' sizes and, without --model_path or --url, the checkpoint to serve")
+    serve.add_argument("--model_path", metavar="DIR", help="serve this checkpoint instead of the preset's")
+    serve.add_argument("--api_key", metavar="KEY", help="the server's --api_key, if it has one")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, help="a started server's (default: the preset's)")
+    serve.add_argument("--device", choices=DEVICE_CHOICES, help="a started server's (default: the preset's)")
+    serve.add_argument("--concurrency", type=positive_int_list, default=[1, 4, 16], metavar="LIST",
+                       help="requests in flight at most, one run per value (default 1,4,16)")
+    serve.add_argument("--num_requests", type=int, default=16, metavar="N", help="requests per run (default 16)")
+    serve.add_argument("--request_rate", type=float, default=float("inf"), metavar="R",
+                       help="mean arrivals per second, exponentially spaced (default inf: all at once)")
+    serve.add_argument("--compare_generate", action="store_true",
+                       help="with a started server and concurrency 16: LLM.generate on the same 16 requests as "
+                            "one batch, and the server's output tokens/s against it")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    return run_entry_point(lambda: compare(args))
+    return run_entry_point(lambda: serve(args) if args.command == "serve" else compare(args))
+
+
+def serve(args: argparse.Namespace) -> int:
+    from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
+    from atb_models.benchmark.serve_bench import run_serve_benchmark
+
+    preset = PRESETS[args.preset]
+    if args.num_requests < 1 or not args.request_rate > 0:
+        raise UserError("--num_requests must be at least 1 and --request_rate above 0")
+    model_path = None if args.url else args.model_path or str(ensure_checkpoint(preset))
+    print(run_serve_benchmark(preset, model_path, args.url.rstrip("/") if args.url else None, args.api_key,
+                              args.dtype or preset.dtype, args.device or preset.device, args.concurrency,
+                              args.num_requests, args.request_rate, args.compare_generate), flush=True)
+    return 0
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from atb_models.benchmark.timed_runs import check_csv_path, performance_sweep, r
 from atb_models.cli.entry import configure_logging, error_line, ignore_further_stops, one_line, print_error
 from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
 from atb_models.cli.results import print_report, save_finished_results, save_results
-from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family
+from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family, engine_options
 from atb_models.engine.llm import LLM, RequestOutput
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
@@ -64,12 +64,7 @@ def run(args: argparse.Namespace, family: Family) -> int:
             raise UserError("give --input_image or --dataset_path")
         prompt = single_prompt(paths, text)
 
-    llm = LLM(model_path, dtype=args.dtype, device=args.device, max_batch_size=max(batch_sizes),
-              max_input_length=args.max_input_length, max_output_length=max(output_lengths),
-              block_size=args.block_size, max_prefill_tokens=args.max_prefill_tokens, min_pixels=args.min_pixels,
-              max_pixels=args.max_pixels, video_fps=args.video_fps, video_max_frames=args.video_max_frames,
-              shm_name_save_path=args.shm_name_save_path, quantize=args.quantize,
-              enable_prefix_caching=args.enable_prefix_caching, encoder_cache_mb=args.encoder_cache_mb)
+    llm = LLM(model_path, **engine_options(args, max_batch_size=max(batch_sizes), max_output_length=max(output_lengths)))
     if not dataset_mode:
         # The copies of one batch, made once memory has capped it (logged): never one per slot of a huge
         # --max_batch_size. --performance makes its own per point.

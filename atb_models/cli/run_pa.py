@@ -57,18 +57,7 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--input_text", metavar="TEXT",
                         help=f"the text after the media (default {DEFAULT_INPUT_TEXT!r}; the demo reader's: the "
                              "question its sample goes with; run_pa.sh asks real models for a long answer)")
-    parser.add_argument("--max_batch_size", type=int, metavar="N", default=1,
-                        help="requests running at once; single mode runs this many copies of the prompt")
-    parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
-                        help="prompt tokens, visual tokens included")
-    parser.add_argument("--max_output_length", type=int, metavar="N", default=256, help="generated tokens per request")
-    parser.add_argument("--max_prefill_tokens", type=int, metavar="N", default=-1,
-                        help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
-    parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
-    parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
-                        help="file listing the shared-memory segments through which ranks share media (world "
-                             "size above 1); runs given the same path share it under a lock; a file at the path "
-                             "that the kit did not write is refused and left untouched")
+    add_engine_arguments(parser, batch_help="requests running at once; single mode runs this many copies of the prompt")
     parser.add_argument("--cleanup_shm", action="store_true",
                         help="remove the shared-memory segments killed earlier runs left (listed in "
                              "--shm_name_save_path and its PATH.node<N> siblings), then exit")
@@ -83,6 +72,41 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     sampling.add_argument("--repetition_penalty", type=float, metavar="X", default=1.0, help="1.0: none")
     sampling.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
     sampling.add_argument("--ignore_eos", action="store_true", help="generate --max_output_length tokens every time")
+    add_device_arguments(parser)
+    benchmark = parser.add_argument_group(
+        "benchmark", "ATB_LLM_BENCHMARK_ENABLE=1 writes a run's step timings to ATB_LLM_BENCHMARK_FILEPATH "
+                     "(default ./benchmark_result/benchmark.csv); the warm-up request never does")
+    benchmark.add_argument("--performance", action="store_true",
+                           help="sweep --batch_sizes x --output_lengths on copies of the single-mode prompt, eos "
+                                "ignored: one benchmark CSV row per point (whatever ATB_LLM_BENCHMARK_ENABLE says) "
+                                "and a table on stdout instead of the answers")
+    benchmark.add_argument("--batch_sizes", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated batch sizes (default 1,2,4,8,16); the engine is "
+                                "sized for the largest, in place of --max_batch_size")
+    benchmark.add_argument("--output_lengths", type=positive_int_list, metavar="LIST",
+                           help="with --performance: comma-separated output lengths (default --max_output_length); "
+                                "the engine is sized for the longest, in place of --max_output_length")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, batch_help: str, batch_default: int = 1) -> None:
+    """The flags that size the engine (LLM's limits and its shared-memory list): run_pa's and the server's. The
+    device flags follow in their own group (`add_device_arguments`)."""
+    parser.add_argument("--max_batch_size", type=int, metavar="N", default=batch_default, help=batch_help)
+    parser.add_argument("--max_input_length", type=int, metavar="N", default=4096,
+                        help="prompt tokens, visual tokens included")
+    parser.add_argument("--max_output_length", type=int, metavar="N", default=256, help="generated tokens per request")
+    parser.add_argument("--max_prefill_tokens", type=int, metavar="N", default=-1,
+                        help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
+    parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
+    parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
+                        help="file listing the shared-memory segments through which ranks share media (world "
+                             "size above 1); runs given the same path share it under a lock; a file at the path "
+                             "that the kit did not write is refused and left untouched")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     kit = parser.add_argument_group("device and preprocessing")
     kit.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: config.json's torch_dtype, or a dtype this device runs fast (logged)")
@@ -99,21 +123,15 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
     kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
     kit.add_argument("--video_max_frames", type=int, metavar="N", default=768, help="most frames taken from one video")
-    benchmark = parser.add_argument_group(
-        "benchmark", "ATB_LLM_BENCHMARK_ENABLE=1 writes a run's step timings to ATB_LLM_BENCHMARK_FILEPATH "
-                     "(default ./benchmark_result/benchmark.csv); the warm-up request never does")
-    benchmark.add_argument("--performance", action="store_true",
-                           help="sweep --batch_sizes x --output_lengths on copies of the single-mode prompt, eos "
-                                "ignored: one benchmark CSV row per point (whatever ATB_LLM_BENCHMARK_ENABLE says) "
-                                "and a table on stdout instead of the answers")
-    benchmark.add_argument("--batch_sizes", type=positive_int_list, metavar="LIST",
-                           help="with --performance: comma-separated batch sizes (default 1,2,4,8,16); the engine is "
-                                "sized for the largest, in place of --max_batch_size")
-    benchmark.add_argument("--output_lengths", type=positive_int_list, metavar="LIST",
-                           help="with --performance: comma-separated output lengths (default --max_output_length); "
-                                "the engine is sized for the longest, in place of --max_output_length")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    return parser
+
+
+def engine_options(args: argparse.Namespace, **overrides) -> dict:
+    """LLM's keyword arguments from the flags of `add_engine_arguments` and `add_device_arguments`; `overrides`
+    replace some (run_pa's --performance sizes the engine for its largest point)."""
+    names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
+             "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
+             "quantize", "enable_prefix_caching", "encoder_cache_mb")
+    return {**{name: getattr(args, name) for name in names}, **overrides}
 
 
 def positive_int_list(text: str) -> list[int]:

@@ -11,11 +11,11 @@ from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.engine.scheduler import Scheduler
-from atb_models.engine.sequence import Sequence
+from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.errors import UserError
 from atb_models.layers.sampler import sample
 from atb_models.layers.sharding import ceil_div
-from atb_models.multimodal.prompt import describe_request
+from atb_models.multimodal.prompt import ProcessedPrompt, describe_request
 from atb_models.platform import free_memory_bytes, resolve_plan
 
 logger = logging.getLogger("atb_models")
@@ -28,11 +28,14 @@ class RequestOutput:
     text: str = ""
     token_ids: list = field(default_factory=list)
     prompt_token_count: int = 0
-    finish_reason: str = "error"    # "stop" (an eos token), "length" (max tokens) or "error"
+    # "stop" (an eos token or a stop string), "length" (max tokens), "abort" (LLM.abort) or "error"; None while the
+    # request runs (the outputs LLM.step returns for each token).
+    finish_reason: Optional[str] = "error"
     error: Optional[str] = None     # why this request failed; the other requests are unaffected
-    # Seconds since generate() was called: when the request's prefill step began, when its first token and its
-    # last token were ready. Under continuous batching, first_token_s - admitted_s is the request's own
-    # time to first token and finished_s - admitted_s its own latency.
+    # Seconds since generate() was called (for add_request's requests: since the engine was built or the last
+    # generate() began): when the request's prefill step began, when its first token and its last token were ready.
+    # Under continuous batching, first_token_s - admitted_s is the request's own time to first token and
+    # finished_s - admitted_s its own latency.
     admitted_s: Optional[float] = None
     first_token_s: Optional[float] = None
     finished_s: Optional[float] = None
@@ -41,6 +44,10 @@ class RequestOutput:
     # admission (a preempted request is admitted again).
     cached_prompt_tokens: int = 0
     cached_visual_items: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -115,6 +122,10 @@ class LLM:
                                    self.model_config.eos_token_ids)
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
+        # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
+        self._requests: dict = {}
+        self._next_request_id = 0
+        self._time_origin = time.perf_counter()
 
     def _affordable_blocks(self, one_request: int) -> int:
         """KV blocks that fit in the memory left after the weights: 90% of the device's free memory, half the
@@ -179,7 +190,8 @@ class LLM:
         A request that cannot run (a bad file, too long a prompt) gets an output with `error` set.
         `on_finish(output)`, when given, is called as each request ends (in completion order).
         A call that ends by an exception (an interrupt, an error from `on_finish`) drops all its sequences and
-        frees their KV blocks before the exception leaves: the next call starts from a clean engine."""
+        frees their KV blocks before the exception leaves: the next call starts from a clean engine. It is built on
+        the incremental API's primitives (`_admit`, `step`), so a request answers the same either way."""
         params_list = _params_per_request(requests, sampling_params)
         if not self._generating.acquire(blocking=False):
             raise UserError("generate() is already running on this engine; it cannot be called again from "
@@ -187,22 +199,22 @@ class LLM:
         # Nothing from before may be answered as this call's own: a call starts with no sequence and every block
         # free (the prefix cache is kept: it holds no sequence).
         if self.scheduler.has_work() or self.block_manager.num_used_blocks:
-            self.scheduler.abort_all()
+            self._abort_all()
         try:
             return self._generate(requests, params_list, on_finish)
         except BaseException:
-            self.scheduler.abort_all()
+            self._abort_all()
             raise
         finally:
             self._generating.release()
 
     def _generate(self, requests: list, params_list: list, on_finish) -> list:
         outputs = [RequestOutput(i, describe_request(r)) for i, r in enumerate(requests)]
-        started = time.perf_counter()
+        self._time_origin = time.perf_counter()
         self.step_records = []
         pending = list(enumerate(requests))
         pending.reverse()
-        while pending or self.scheduler.has_work():
+        while pending or self.has_unfinished():
             # Preprocess lazily, a little ahead of admission, so pixel tensors of a long dataset are not all
             # held at once.
             while pending and len(self.scheduler.waiting) <= self.max_batch_size:
@@ -212,32 +224,121 @@ class LLM:
                     try:
                         if isinstance(prompt, UserError):
                             raise prompt
-                        self.scheduler.add(self._make_sequence(i, prompt, params_list[i], outputs[i]))
+                        self._admit(i, prompt, params_list[i], outputs[i])
                     except UserError as e:
                         outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
                         if on_finish is not None:
                             on_finish(outputs[i])
-            if not self.scheduler.has_work():
+            if not self.has_unfinished():
                 continue
-            for seq in self.step():
-                out = outputs[seq.seq_id]
-                out.token_ids = seq.completion_token_ids
-                out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-                out.finish_reason = seq.finish_reason
-                out.admitted_s, out.first_token_s, out.finished_s = (
-                    t - started for t in (seq.admitted_at, seq.first_token_at, seq.finished_at))
-                out.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
-                out.cached_visual_items = seq.cached_visual_items
-                if on_finish is not None:
+            for out in self.step():
+                if out.finished and on_finish is not None:
                     on_finish(out)
         return outputs
+
+    # ------------------------------------------------------------------------------------------ incremental API
+    def add_request(self, request, params: Optional[SamplingParams] = None, request_id: Optional[int] = None) -> int:
+        """Queue one request; it joins the running batch at the next `step`. Returns its id (`request_id` when
+        given, which must not belong to an unfinished request). `request` is a list of items (or a conversation of
+        `Message`s), preprocessed here, so under torchrun every rank adds the same requests in the same order; or a
+        `ProcessedPrompt` already made by `self.preprocessor`, which a caller preprocessing on one rank hands to the
+        others (the server). A request that cannot run raises UserError and leaves nothing behind."""
+        if self._generating.locked():
+            raise UserError("add_request() cannot be used while generate() runs on this engine")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise UserError(f"add_request(): params must be a SamplingParams, got {params!r}")
+        if request_id is None:
+            request_id = self._next_request_id
+        if request_id in self._requests:
+            raise UserError(f"request id {request_id} belongs to a request that has not finished")
+        self._next_request_id = max(self._next_request_id, request_id + 1)
+        if isinstance(request, ProcessedPrompt):
+            prompt = request
+        else:
+            _params_per_request([request], None)  # the request's shape, checked before any work
+            [prompt] = self.node_preprocessor([request])
+            if isinstance(prompt, UserError):
+                raise prompt
+        self._admit(request_id, prompt, params, RequestOutput(request_id, prompt.text))
+        return request_id
+
+    def abort(self, request_id: int) -> Optional[RequestOutput]:
+        """End an unfinished request now, waiting or running: its KV blocks are free at once. Its output, with
+        finish_reason "abort"; None for an id that is unknown or already finished."""
+        entry = self._requests.pop(request_id, None)
+        if entry is None:
+            return None
+        seq, output = entry
+        self.scheduler.finish(seq, "abort")
+        self._record(seq, output)
+        return output
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list:
+        """One scheduler step. Returns the output of every request it advanced by one token: `token_ids` and
+        `text` so far (while it runs, less a trailing incomplete character or a partial stop string, so that the
+        text only ever grows), and for one that finished its `finish_reason` and times."""
+        seqs = self._run_step()
+        outputs = []
+        for seq in seqs:
+            seq_output = self._requests.get(seq.seq_id)
+            if seq_output is None:  # a sequence added to the scheduler directly (a test's)
+                continue
+            output = seq_output[1]
+            output.text = self._text_so_far(seq)
+            self._record(seq, output)
+            if output.finished:
+                del self._requests[seq.seq_id]
+            outputs.append(output)
+        return outputs
+
+    def _admit(self, request_id: int, prompt, params: SamplingParams, output: RequestOutput) -> None:
+        seq = self._make_sequence(request_id, prompt, params, output)
+        output.finish_reason = None
+        self.scheduler.add(seq)
+        self._requests[request_id] = (seq, output)
+
+    def _abort_all(self) -> None:
+        self.scheduler.abort_all()
+        self._requests.clear()
+
+    def _text_so_far(self, seq: Sequence) -> str:
+        """The sequence's text; the first stop string in it ends the request ("stop") and the text before it."""
+        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        stops = seq.params.stop
+        if stops:
+            found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+            if found:
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.finish(seq, "stop")
+                seq.finish_reason = "stop"
+                return text[:min(found)]
+        if seq.status is SequenceStatus.FINISHED:
+            return text
+        return _without_partial_stop(text.rstrip("\ufffd"), stops)
+
+    def _record(self, seq: Sequence, output: RequestOutput) -> None:
+        """What a sequence's output says after a step or an abort: its tokens, and once finished why and when."""
+        output.token_ids = seq.completion_token_ids
+        output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+        output.cached_visual_items = seq.cached_visual_items
+        if seq.status is SequenceStatus.FINISHED:
+            output.finish_reason = seq.finish_reason
+            seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
+        finished_at = seq.finished_at if output.finished else None
+        output.admitted_s, output.first_token_s, output.finished_s = (
+            None if t is None else t - self._time_origin for t in (seq.admitted_at, seq.first_token_at, finished_at))
 
     def close(self) -> None:
         """Remove this engine's shared-memory segments (also done at exit)."""
         self.node_preprocessor.close()
 
-    def step(self) -> list:
-        """One scheduler step; returns the sequences that finished in it."""
+    def _run_step(self) -> list:
+        """One scheduler step; returns the sequences it ran, each one token longer (finished ones have their
+        blocks freed)."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler produced an empty step while work remains")
@@ -247,15 +348,14 @@ class LLM:
         self.plan.synchronize()
         end = time.perf_counter()
         num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
-        self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, end - start))
+        if self._generating.locked():  # the steps of generate() alone: a server's would pile up for ever
+            self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, end - start))
         for seq in seqs:
             if seq.admitted_at is None:
                 seq.admitted_at, seq.first_token_at = start, end
-        finished = self.scheduler.finish_step(seqs, tokens)
-        for seq in finished:
-            seq.finished_at = end
-            seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
-        return finished
+            seq.finished_at = end  # the time of its latest token, kept once it finishes
+        self.scheduler.finish_step(seqs, tokens)
+        return seqs
 
     def _sample_on_rank0(self, logits, seqs: list) -> list:
         """Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
@@ -273,6 +373,14 @@ class LLM:
         if isinstance(drawn, str):
             raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
         return drawn
+
+
+def _without_partial_stop(text: str, stops: tuple) -> str:
+    """text less a tail that may be the start of a stop string: it is shown once the next tokens tell."""
+    for cut in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(stop.startswith(text[-cut:]) for stop in stops):
+            return text[:-cut]
+    return text
 
 
 def _params_per_request(requests, sampling_params) -> list:

@@ -23,6 +23,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
     ignore_eos: bool = False
+    # Strings that end the answer where they first appear (finish_reason "stop"); the text stops before them, the
+    # token ids keep every token generated. A string or a sequence of strings; kept as a tuple.
+    stop: tuple = ()
 
     def __post_init__(self):
         def settle(name: str, value) -> None:  # the checked, normalised value (frozen: set through object)
@@ -50,6 +53,7 @@ class SamplingParams:
                 raise UserError(f"seed must be in 0..2**64-1, got {self.seed}")
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        settle("stop", _stop_strings(self.stop))
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +65,14 @@ def _integer(name: str, value, allowed: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise UserError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def _stop_strings(value) -> tuple:
+    """stop as a tuple of non-empty strings; a lone string is one stop string."""
+    strings = (value,) if isinstance(value, str) else value
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+        raise UserError(f"stop must be a non-empty string or a list of them, got {value!r}")
+    return tuple(strings)
 
 
 def _number(name: str, value, allowed: str) -> float:

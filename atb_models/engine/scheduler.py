@@ -80,6 +80,17 @@ class Scheduler:
         self.block_manager.free(seq)
         self.waiting.appendleft(seq)
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence, waiting or running, between steps: it leaves its queue and its KV blocks are free at
+        once. The one way a sequence ends: an eos token or max_tokens (finish_step), a stop string, an abort."""
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
     def finish_step(self, seqs: list, token_ids: list) -> list:
         """Record each sequence's new token; return the sequences that finished (their blocks are freed)."""
         finished = []
@@ -87,13 +98,10 @@ class Scheduler:
             seq.append_token(token)
             self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
             if not seq.params.ignore_eos and token in self.eos_token_ids:
-                seq.finish_reason = "stop"
+                self.finish(seq, "stop")
             elif len(seq.completion_token_ids) >= seq.max_tokens:
-                seq.finish_reason = "length"
+                self.finish(seq, "length")
             else:
                 continue
-            seq.status = SequenceStatus.FINISHED
-            self.block_manager.free(seq)
-            self.running.remove(seq)
             finished.append(seq)
         return finished

@@ -33,7 +33,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
-        # perf_counter() times: the first prefill step's start, the first token, the last token.
+        # perf_counter() times: the first prefill step's start, the first token, the latest token.
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None
         self.finished_at: Optional[float] = None

@@ -2,10 +2,11 @@
 expanded vision placeholders, and M-RoPE positions."""
 
 from atb_models.multimodal.media import classify_media, load_image, load_video
-from atb_models.multimodal.prompt import Preprocessor, ProcessedPrompt, VisualInput
+from atb_models.multimodal.prompt import Message, Preprocessor, ProcessedPrompt, VisualInput
 from atb_models.multimodal.rope_index import rope_index
 
 __all__ = [
+    "Message",
     "Preprocessor",
     "ProcessedPrompt",
     "VisualInput",

@@ -21,6 +21,7 @@ from atb_models.multimodal.rope_index import rope_index
 logger = logging.getLogger(__name__)
 
 ITEM_KINDS = ("image", "video", "text")
+ROLES = ("system", "user", "assistant")
 
 # The frame rate a video given as a list of frames is taken to be sampled at, unless its item names one
 # (qwen-vl-utils' rule); a video file is sampled at --video_fps.
@@ -45,6 +46,34 @@ class ProcessedPrompt:
     positions: torch.Tensor  # [3, L] int64 M-RoPE positions
     rope_delta: int  # max(positions) + 1 - L
     text: str  # the request as shown to people, e.g. "<image: cat.jpg> What is this?"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: who speaks ("system", "user" or "assistant") and what, as a request's items.
+    A request may be a list of Messages (a chat with its history, as the server receives it); a system turn
+    replaces the chat template's default system prompt. A plain list of items is one user turn."""
+
+    role: str
+    items: tuple
+
+
+def conversation(request) -> list[Message]:
+    """The request as turns: its Messages, or one user turn holding its items."""
+    is_message = [isinstance(part, Message) for part in request]
+    if not any(is_message):
+        return [Message("user", tuple(request))]
+    if not all(is_message):
+        raise UserError("a request is either a list of items or a list of Messages, not a mix of both")
+    for message in request:
+        if message.role not in ROLES:
+            raise UserError(f"a message's role must be one of {', '.join(ROLES)}, got {message.role!r}")
+    return list(request)
+
+
+def _items(request) -> list:
+    """Every item of a request in prompt order, its turns' items one after another."""
+    return [item for part in request for item in (part.items if isinstance(part, Message) else [part])]
 
 
 def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw: tuple, seconds_per_grid: float | None) -> str:
@@ -89,7 +118,8 @@ def describe_request(request) -> str:
     """A request as people read it: "<image: cat.jpg> What is this?". Never fails, even on a malformed request
     (it names what it was given)."""
     try:
-        return " ".join(_display(kind, value) for item in request for kind, value in item.items() if kind != "fps")
+        return " ".join(_display(kind, value) for item in _items(request) for kind, value in item.items()
+                        if kind != "fps")
     except (TypeError, AttributeError):
         return repr(request)
 
@@ -192,15 +222,18 @@ class Preprocessor:
         with open(path, encoding="utf-8") as f:
             return json.load(f)["chat_template"]
 
-    def __call__(self, request: list[dict]) -> ProcessedPrompt:
-        if not request:
+    def __call__(self, request: list) -> ProcessedPrompt:
+        """`request`: a list of items (one user turn) or of Messages (a conversation)."""
+        turns = conversation(request)
+        items = _items(turns)
+        if not items:
             raise UserError("the request is empty: give at least one image, video or text item")
-        kinds = [_item_kind(item, number) for number, item in enumerate(request, start=1)]
-        values = [item[kind] for item, kind in zip(request, kinds)]
+        kinds = [_item_kind(item, number) for number, item in enumerate(items, start=1)]
+        values = [item[kind] for item, kind in zip(items, kinds)]
 
         visuals = [self._visual(kind, value, item.get("fps"))
-                   for item, kind, value in zip(request, kinds, values) if kind != "text"]
-        token_ids = self._expand_placeholders(self._tokenize(kinds, values), visuals)
+                   for item, kind, value in zip(items, kinds, values) if kind != "text"]
+        token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values), visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
         positions, rope_delta = rope_index(
             token_ids,
@@ -259,10 +292,11 @@ class Preprocessor:
         return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid,
                            content_hash(kind, pixel_values, (t, h, w), seconds_per_grid))
 
-    def _tokenize(self, kinds: list[str], values: list) -> list[int]:
-        content = [{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)]
+    def _tokenize(self, turns: list[Message], kinds: list[str], values: list) -> list[int]:
+        parts = iter([{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)])
+        chat = [{"role": turn.role, "content": [next(parts) for _ in turn.items]} for turn in turns]
         rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
+            chat,
             chat_template=self.chat_template,
             tokenize=False,
             add_generation_prompt=True,

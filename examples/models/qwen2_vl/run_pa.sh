@@ -75,10 +75,11 @@ done
 if ((show_help)); then
     usage
     echo
-    echo "run_pa.py's flags:"
+    echo "${RUN_PA_MODULE}'s flags:"
     exec "${PYTHON}" -m "${RUN_PA_MODULE}" --help
 fi
-if ((has_model_path && !has_input_text)); then
+# The long-answer prompt is run_pa's; a module with no --input_text (the server, run_server.sh) gets none.
+if ((has_model_path && !has_input_text)) && [[ "${RUN_PA_MODULE}" == *.run_pa ]]; then
     run_pa_args+=(--input_text "${DEFAULT_INPUT_TEXT}")
 fi
 

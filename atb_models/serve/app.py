@@ -1,0 +1,294 @@
+"""The HTTP side: a FastAPI app whose handlers check a request, preprocess it off the event loop, hand it to the
+engine thread (`engine.EngineLoop`) and answer from the events it sends back, whole or as server-sent events.
+
+A request's handler owns its request until the engine says it finished: a client that goes away (a dropped
+stream, a closed connection while waiting) gets its request aborted, which frees its KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from atb_models.errors import UserError
+from atb_models.serve.engine import EngineLoop, NewRequest
+from atb_models.serve.media import MediaResolver
+from atb_models.serve.metrics import ServerMetrics
+from atb_models.serve.protocol import (
+    ApiError,
+    bad_request,
+    chunk_body,
+    completion_body,
+    parse_chat_request,
+    usage_chunk_body,
+)
+
+logger = logging.getLogger("atb_models.serve")
+
+RETRY_AFTER_S = 1
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    api_key: Optional[str]
+    allowed_local_media_path: Optional[str]
+    max_queue: int
+
+
+class EngineGone(Exception):
+    """The engine stopped (a shutdown or a failure) before the request finished."""
+
+
+class RequestHandle:
+    """One request's events from the engine thread, delivered on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event) -> None:  # called from the engine thread
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def accepted(self) -> None:
+        event = await self._events.get()
+        if event.kind == "rejected":
+            raise bad_request(event.message)
+        if event.kind == "failed":
+            raise ApiError(503, event.message, "server_error", "engine_unavailable")
+
+    async def outputs(self):
+        """The request's outputs, step by step, to the finished one."""
+        while True:
+            event = await self._events.get()
+            if event.kind == "failed":
+                raise EngineGone(event.message)
+            yield event.output
+            if event.output.finished:
+                return
+
+
+class ChatService:
+    def __init__(self, config: ServerConfig, engine: EngineLoop, metrics: ServerMetrics):
+        self.config, self.engine, self.metrics = config, engine, metrics
+        self.media = MediaResolver(config.allowed_local_media_path)
+        self._ids = itertools.count()
+        self._admitting = 0  # requests being preprocessed: they count against --max_queue too
+        # One thread: the tokenizer is not meant for concurrent callers, and the engine needs the cores.
+        self._preprocessing = ThreadPoolExecutor(1, thread_name_prefix="atb-preprocess")
+
+    def check_key(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: send the header Authorization: Bearer <key>",
+                           "authentication_error", "invalid_api_key")
+
+    def check_ready(self) -> None:
+        if not self.engine.ready.is_set():
+            raise ApiError(503, "the model is loading; try again shortly", "server_error", "model_loading",
+                           {"Retry-After": str(RETRY_AFTER_S)})
+
+    async def chat(self, request: Request) -> Response:
+        arrival = time.perf_counter()
+        self.check_key(request)
+        self.check_ready()
+        chat = parse_chat_request(await _json_body(request))
+        if chat.model is not None and chat.model != self.config.model_name:
+            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
+                                f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
+        if self._admitting + self.engine.queued() >= self.config.max_queue:
+            raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
+                                "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
+        answer = await self._admit(chat, arrival)
+        if chat.stream:
+            return StreamingResponse(answer.events(), media_type="text/event-stream")
+        return await answer.whole(request)
+
+    async def _admit(self, chat, arrival: float) -> "Answer":
+        """The request preprocessed and taken by the engine (its checks passed): its Answer to come."""
+        loop = asyncio.get_running_loop()
+        self._admitting += 1  # until the engine's queue counts it
+        try:
+            prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
+        finally:
+            self._admitting -= 1
+        request_id = next(self._ids)
+        handle = RequestHandle(loop)
+        self.engine.submit(NewRequest(request_id, prompt, chat.params), handle.put)
+        try:
+            await handle.accepted()
+        except BaseException:
+            self.engine.abort(request_id)  # a client gone meanwhile; a refused one is no longer there: no-op
+            raise
+        self.metrics.prompt_tokens.inc(len(prompt.token_ids))
+        return Answer(self, chat, request_id, handle, arrival)
+
+    def _prepare(self, messages: list):
+        """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
+        removed once preprocessed, whatever happened; a bad medium is a 400 naming it by its part, not its path."""
+        with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
+            items = self.media.messages(messages, folder)
+            try:
+                return self.engine.llm.preprocessor(items)
+            except UserError as e:
+                raise bad_request(str(e).replace(folder + os.sep, "")) from None
+
+
+class Answer:
+    """One accepted request's answer: its outputs turned into a body or a stream, its metrics observed, and an
+    abort sent when its client leaves before the end."""
+
+    def __init__(self, service: ChatService, chat, request_id: int, handle: RequestHandle, arrival: float):
+        self.service, self.chat, self.request_id, self.handle, self.arrival = (
+            service, chat, request_id, handle, arrival)
+        self.completion_id = f"chatcmpl-{request_id}-{int(arrival * 1e6) % 10**9}"
+        self.finished = False
+
+    async def outputs(self):
+        """The engine's outputs, timed for the metrics as they come."""
+        metrics, first = self.service.metrics, None
+        async for output in self.handle.outputs():
+            now = time.perf_counter()
+            if first is None:
+                first = now
+                metrics.time_to_first_token.observe(now - self.arrival)
+            if output.finished:
+                self.finished = True
+                if len(output.token_ids) > 1:
+                    metrics.time_per_output_token.observe((now - first) / (len(output.token_ids) - 1))
+            yield output
+
+    async def whole(self, request: Request) -> Response:
+        collecting = asyncio.ensure_future(self._last_output())
+        leaving = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            if not collecting.done():
+                collecting.cancel()
+                self.service.engine.abort(self.request_id)
+        if not collecting.done() or collecting.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        try:
+            output = collecting.result()
+        except EngineGone as e:
+            raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
+        return JSONResponse(completion_body(self.completion_id, self.service.config.model_name,
+                                            self.chat.created, output))
+
+    async def _last_output(self):
+        output = None
+        async for output in self.outputs():
+            pass
+        return output
+
+    async def events(self):
+        """Server-sent events: the role, then text deltas as the engine's text grows, the finish reason, usage
+        when asked, [DONE]. Closed early (the client left), it aborts the request."""
+        chat, model, with_usage = self.chat, self.service.config.model_name, self.chat.include_usage
+
+        def chunk(delta: dict, finish_reason=None) -> str:
+            return _sse(chunk_body(self.completion_id, model, chat.created, delta, finish_reason, with_usage))
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            sent = ""
+            async for output in self.outputs():
+                delta = output.text[len(sent):]
+                sent = output.text
+                if delta or output.finished:
+                    yield chunk({"content": delta} if delta else {}, output.finish_reason)
+            if with_usage:
+                yield _sse(usage_chunk_body(self.completion_id, model, chat.created, output))
+        except EngineGone as e:
+            self.finished = True
+            yield _sse(ApiError(503, str(e), "server_error", "engine_unavailable").body())
+        finally:
+            if not self.finished:
+                self.service.engine.abort(self.request_id)
+        yield "data: [DONE]\n\n"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _json_body(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(service: ChatService) -> FastAPI:
+    engine, config, metrics = service.engine, service.config, service.metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)  # connections have closed, or the grace period is over
+
+    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(error.status_code, str(error.detail), kind).body(),
+                            status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", "server_error").body(),
+                            status_code=500)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.chat(request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        service.check_key(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "atb_models"}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.ready.is_set():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,207 @@
+"""The engine side of the server: one thread owns the LLM and runs its steps; the asyncio side talks to it through
+a thread-safe command queue (requests to add, requests to abort, stop) and per-request callbacks.
+
+Between two steps the thread takes every command that arrived, so a request joins the running batch at the next
+step and an abort frees its KV blocks before it. Under torchrun rank 0 runs this thread; before each step it
+broadcasts the step's `StepPlan` (the new requests, preprocessed on rank 0, pixels included, and the aborts) and
+every other rank applies the same plan to its own LLM (`follow`), so all schedulers stay in step. When idle, rank 0
+still sends an empty plan every HEARTBEAT_S, so the followers' collective never waits out its timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from atb_models import distributed
+from atb_models.errors import UserError
+
+logger = logging.getLogger("atb_models.serve")
+
+HEARTBEAT_S = 1.0
+STOP_JOIN_S = 30.0  # how long stopping waits for the thread (a model still loading finishes first)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    request_id: int
+    prompt: object  # a ProcessedPrompt
+    params: object  # a SamplingParams
+
+
+@dataclass
+class StepPlan:
+    """What every rank applies to its LLM before the next step."""
+
+    adds: list = field(default_factory=list)  # NewRequests
+    aborts: list = field(default_factory=list)  # request ids
+    stop: bool = False
+
+
+def apply_plan(llm, plan: StepPlan, on_added: Optional[Callable] = None, on_aborted: Optional[Callable] = None) -> None:
+    """Adds and aborts, in the same order on every rank; `on_added(request_id, error)` hears how each add went
+    (error: the UserError's message, or None), `on_aborted(output)` of each request an abort ended. A request that
+    cannot run is refused alike on every rank."""
+    for new in plan.adds:
+        try:
+            llm.add_request(new.prompt, new.params, request_id=new.request_id)
+            error = None
+        except UserError as e:
+            error = str(e)
+        if on_added is not None:
+            on_added(new.request_id, error)
+    for request_id in plan.aborts:
+        aborted = llm.abort(request_id)
+        if aborted is not None and on_aborted is not None:
+            on_aborted(aborted)
+
+
+def follow(llm) -> None:
+    """A rank other than 0: apply rank 0's plans and run the same steps until it says stop."""
+    while True:
+        plan = distributed.broadcast_from_rank0(None)
+        if plan.stop:
+            return
+        apply_plan(llm, plan)
+        if llm.has_unfinished():
+            llm.step()
+
+
+@dataclass
+class EngineEvent:
+    """What the engine tells a request's handler: "accepted", "rejected" (message), "output" (a RequestOutput
+    snapshot, after every step that advanced it; the last one is finished) or "failed" (message)."""
+
+    kind: str
+    output: object = None
+    message: Optional[str] = None
+
+
+class EngineLoop:
+    """The LLM's thread. `build_llm` runs in it (the server answers /health with 503 meanwhile)."""
+
+    def __init__(self, build_llm: Callable, metrics, world_size: int, on_fatal: Callable[[], None]):
+        self._build_llm = build_llm
+        self.metrics = metrics
+        self.world_size = world_size
+        self._on_fatal = on_fatal  # tells the HTTP server to stop: the engine is gone
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict = {}  # request id -> callable(EngineEvent), called from this thread
+        self.llm = None
+        self.ready = threading.Event()
+        self.failure: Optional[BaseException] = None
+        self.num_waiting = 0  # requests queued or waiting for a batch slot, as of the latest step
+        self._thread = threading.Thread(target=self._run, name="atb-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------------------ the asyncio side
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: NewRequest, sink: Callable) -> None:
+        self._commands.put(("add", request, sink))
+
+    def abort(self, request_id: int) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def queued(self) -> int:
+        """Requests not yet running: submitted but not yet taken, and waiting for a batch slot."""
+        return self._commands.qsize() + self.num_waiting
+
+    def stop(self) -> None:
+        """Abort what still runs, tell the other ranks to stop, release the engine (its shared memory)."""
+        self._commands.put(("stop", None, None))
+        self._thread.join(STOP_JOIN_S)
+        if self._thread.is_alive():
+            logger.warning("the engine thread did not stop within %.0f s", STOP_JOIN_S)
+
+    # ------------------------------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        try:
+            self.llm = self._build_llm()
+        except BaseException as e:  # a bad model folder: the server exits with its one line
+            self.failure = e
+            self._on_fatal()
+            return
+        self.metrics.kv_blocks_total.set(self.llm.block_manager.num_blocks)
+        self.ready.set()
+        logger.info("the model is loaded; serving")
+        try:
+            while self._one_iteration():
+                pass
+        except BaseException as e:  # a failed step or a lost rank: every request hears it, the server stops
+            logger.error("the engine failed: %s", e)
+            self.failure = e
+            self._on_fatal()
+        finally:
+            why = "the server is shutting down" if self.failure is None else f"the engine failed: {self.failure}"
+            for sink in self._sinks.values():
+                sink(EngineEvent("failed", message=why))
+            self._sinks.clear()
+            self.llm.close()
+
+    def _one_iteration(self) -> bool:
+        plan = self._next_plan()
+        if self.world_size > 1:
+            distributed.broadcast_from_rank0(plan)
+        if plan.stop:
+            return False
+        apply_plan(self.llm, plan, self._added, self._aborted)
+        if self.llm.has_unfinished():
+            self._step()
+        self._publish_gauges()
+        return True
+
+    def _next_plan(self) -> StepPlan:
+        """Every command that arrived; when nothing runs, the first one is waited for (up to a heartbeat)."""
+        plan = StepPlan()
+        block = not self.llm.has_unfinished()
+        while True:
+            try:
+                kind, value, sink = self._commands.get(block=block, timeout=HEARTBEAT_S if block else None)
+            except queue.Empty:
+                return plan
+            block = False
+            if kind == "add":
+                plan.adds.append(value)
+                self._sinks[value.request_id] = sink
+            elif kind == "abort":
+                plan.aborts.append(value)
+            else:
+                plan.stop = True
+                return plan
+
+    def _added(self, request_id: int, error: Optional[str]) -> None:
+        sink = self._sinks[request_id]
+        if error is None:
+            sink(EngineEvent("accepted"))
+        else:
+            del self._sinks[request_id]
+            sink(EngineEvent("rejected", message=error))
+
+    def _aborted(self, output) -> None:
+        self._sinks.pop(output.request_id, None)  # its handler is gone: nobody to tell
+        self.metrics.requests_finished.labels(output.finish_reason).inc()
+
+    def _step(self) -> None:
+        outputs = self.llm.step()
+        self.metrics.generation_tokens.inc(len(outputs))
+        for output in outputs:
+            sink = self._sinks.get(output.request_id)
+            if sink is None:  # aborted meanwhile
+                continue
+            if output.finished:
+                del self._sinks[output.request_id]
+                self.metrics.requests_finished.labels(output.finish_reason).inc()
+            sink(EngineEvent("output", output=dataclasses.replace(output)))
+
+    def _publish_gauges(self) -> None:
+        scheduler = self.llm.scheduler
+        self.num_waiting = len(scheduler.waiting)
+        self.metrics.requests_running.set(len(scheduler.running))
+        self.metrics.requests_waiting.set(len(scheduler.waiting) + self._commands.qsize())
+        manager = self.llm.block_manager
+        self.metrics.kv_blocks_used.set(manager.num_blocks - manager.num_free_blocks)

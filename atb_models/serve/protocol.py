@@ -1,0 +1,157 @@
+"""The OpenAI chat-completions wire format: a request body checked and turned into the kit's terms, and the
+bodies of answers, stream chunks and errors. No I/O here: `app.py` receives and sends, `media.py` resolves urls."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from atb_models.engine.sampling_params import SamplingParams
+from atb_models.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+# Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
+UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
+               "functions": None, "function_call": None, "logit_bias": None, "presence_penalty": 0,
+               "frequency_penalty": 0, "response_format": {"type": "text"}}
+
+
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape: {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+@dataclass
+class MediaPart:
+    """An image or video part of a message, its url not yet resolved (`media.py` does that)."""
+
+    kind: str  # "image" | "video"
+    url: str
+
+
+@dataclass
+class ChatRequest:
+    model: Optional[str]
+    # Each message as (role, parts): a part is {"text": ...} or a MediaPart.
+    messages: list
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_chat_request(body) -> ChatRequest:
+    """The request body checked field by field; a bad one is one 400 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    for name, neutral in UNSUPPORTED.items():
+        if body.get(name) not in (None, neutral):
+            raise bad_request(f"{name} is not supported by this server (got {body[name]!r})")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and stream):
+        raise bad_request("stream_options must be an object, given with stream: true")
+    include_usage = _flag(options or {}, "include_usage")
+    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _messages(messages) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list")
+    return [_message(message, i) for i, message in enumerate(messages)]
+
+
+def _message(message, index: int) -> tuple:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{where} must be an object with a role and a content")
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return role, [{"text": content}]
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{where}.content must be a string or a non-empty list of parts")
+    return role, [_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+
+
+def _part(part, where: str):
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.text must be a string")
+        return {"text": part["text"]}
+    if kind in ("image_url", "video_url"):
+        holder = part.get(kind)
+        url = holder.get("url") if isinstance(holder, dict) else holder
+        if not isinstance(url, str):
+            raise bad_request(f"{where}.{kind}.url must be a string")
+        return MediaPart(kind.removesuffix("_url"), url)
+    raise bad_request(f"{where}: unknown content part type {kind!r}; expected text, image_url or video_url")
+
+
+def _sampling_params(body: dict) -> SamplingParams:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+              "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
+              "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop")}
+    given = {name: value for name, value in values.items() if value is not None}
+    for name, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad_request(f"{name} must be a finite number")
+    try:
+        return SamplingParams(**given)  # its checks name the field; the kit's defaults (greedy) for the rest
+    except UserError as e:
+        raise bad_request(str(e)) from None
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(completion_id: str, model: str, created: int, output) -> dict:
+    """The whole answer of a request that was not streamed; `output` is the engine's final RequestOutput."""
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+                         "logprobs": None, "finish_reason": output.finish_reason}],
+            "usage": usage(output.prompt_token_count, len(output.token_ids))}
+
+
+def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
+               with_usage_field: bool) -> dict:
+    """One streamed chunk; with stream_options.include_usage every chunk carries "usage": null but the last."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk_body(completion_id: str, model: str, created: int, output) -> dict:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage(output.prompt_token_count, len(output.token_ids))}

@@ -1,0 +1,372 @@
+"""The OpenAI-compatible server (python -m atb_models.serve), driven by the real `openai` client: its greedy
+answers are LLM.generate's, plain, streamed and under 16 concurrent clients; bad requests get OpenAI's error JSON
+with the right status and disturb nobody; a dropped stream is aborted and its KV blocks freed; /metrics parses;
+SIGTERM exits 0 leaving nothing behind. One server serves the whole module (started once: the default run's time
+is short); its 2-rank torchrun twin is in the slow set."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.parity_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+LIMITS = dict(max_input_length=512, max_output_length=64, block_size=16)
+SERVER_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max_input_length", "512", "--max_output_length", "64",
+                "--block_size", "16", "--max_batch_size", "4", "--max_queue", "16"]
+MAX_TOKENS = 10
+QUESTIONS = ["What is in the picture?", "Hello, what colour is the sky?", "Count: one two three", "Describe a cat.",
+             "Zebra xylophone quartz", "12345", "Tell me a story.", "Why?"]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, url: str, model: str, log: Path, tmp: Path):
+        self.process, self.url, self.model, self.log, self.tmp = process, url, model, log, tmp
+
+    def post(self, body: dict, key: str | None = API_KEY, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=60, **kwargs)
+
+    def metrics(self) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        return {sample.name + _labels(sample.labels): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _labels(labels: dict) -> str:
+    return "".join(f"[{k}={v}]" for k, v in sorted(labels.items()))
+
+
+def start_server(command: list, env: dict, url: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(log.parent))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not come up: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory, sample_image_path) -> dict:
+    """Two images and the folder file:// urls may name (one image inside; a link inside pointing out)."""
+    from atb_models.demo.checkpoint import make_image
+
+    allowed = tmp_path_factory.mktemp("allowed")
+    small = allowed / "small.png"
+    make_image(small, width=96, height=72, seed=3)
+    outside = tmp_path_factory.mktemp("outside") / "secret.png"
+    make_image(outside, width=64, height=64, seed=4)
+    (allowed / "link.png").symlink_to(outside)
+    return {"allowed": allowed, "small": small, "large": Path(sample_image_path), "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, media, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "tmpdir").mkdir()  # the server's TMPDIR: its request folders must all be gone at the end
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp / "tmpdir"))
+    command = [sys.executable, "-m", "atb_models.serve", "--model_path", str(checkpoint), "--port", str(port),
+               "--api_key", API_KEY, "--allowed_local_media_path", str(media["allowed"]),
+               "--shm_name_save_path", str(tmp / "shm_names.txt"), *SERVER_FLAGS]
+    process = start_server(command, env, url, tmp / "server.log")
+    yield Server(process, url, checkpoint.name, tmp / "server.log", tmp)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    from atb_models import LLM
+
+    return LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=16, **LIMITS)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def data_url(path: Path) -> str:
+    kind = "png" if path.suffix == ".png" else "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def chat_message(question: str, image: Path | None = None, url: str | None = None) -> dict:
+    if image is None and url is None:
+        return {"role": "user", "content": question}
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or data_url(image)}},
+                                        {"type": "text", "text": question}]}
+
+
+def kit_request(question: str, image: Path | None = None) -> list:
+    return ([{"image": str(image)}] if image is not None else []) + [{"text": question}]
+
+
+def reference(llm, requests_: list, max_tokens: int = MAX_TOKENS, **params) -> list:
+    from atb_models import SamplingParams
+
+    return llm.generate(requests_, SamplingParams(max_tokens=max_tokens, **params))
+
+
+def ask(client, model: str, message: dict, stream: bool, max_tokens: int = MAX_TOKENS, **extra):
+    """(text, finish_reason, usage) of one chat completion, plain or streamed (deltas joined)."""
+    messages = message if isinstance(message, list) else [message]
+    if not stream:
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                temperature=0, **extra)
+        return answer.choices[0].message.content, answer.choices[0].finish_reason, answer.usage
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, **extra))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(reasons) == 1 and chunks[-1].choices == []
+    return text, reasons[0], chunks[-1].usage
+
+
+def assert_same(answer: tuple, expected) -> None:
+    text, finish_reason, usage = answer
+    assert text == expected.text
+    assert finish_reason == expected.finish_reason
+    assert usage.prompt_tokens == expected.prompt_token_count
+    assert usage.completion_tokens == len(expected.token_ids)
+
+
+def error_of(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+    assert "Traceback" not in error["message"]
+    return error
+
+
+# --------------------------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_greedy_answers_equal_generate_with_text_and_with_an_image(server, client, llm, media, stream):
+    expected = reference(llm, [kit_request(QUESTIONS[1]), kit_request(QUESTIONS[0], media["large"])])
+    assert_same(ask(client, server.model, chat_message(QUESTIONS[1]), stream), expected[0])
+    assert_same(ask(client, server.model, chat_message(QUESTIONS[0], media["large"]), stream), expected[1])
+
+
+def test_sixteen_concurrent_clients_with_text_and_images_get_generates_answers(server, client, llm, media):
+    images = [None, media["small"], media["large"], None]
+    cases = [(QUESTIONS[i % len(QUESTIONS)], images[i % 4], i % 2 == 1) for i in range(16)]
+    expected = reference(llm, [kit_request(q, image) for q, image, _ in cases])
+    with ThreadPoolExecutor(17) as pool:
+        answers = [pool.submit(ask, client, server.model, chat_message(q, image), stream)
+                   for q, image, stream in cases]
+        # A bad request among them fails alone.
+        bad = pool.submit(server.post, {"messages": [chat_message("x", url="data:image/png;base64,@@@")]})
+        for answer, want in zip(answers, expected):
+            assert_same(answer.result(), want)
+        error_of(bad.result(), 400)
+
+
+def test_a_system_prompt_and_a_multi_turn_history_answer_as_generate_on_the_conversation(server, client, llm):
+    from atb_models import Message
+
+    chat = [{"role": "system", "content": "You answer in one word."}, chat_message("Hello"),
+            {"role": "assistant", "content": "Hi"}, chat_message(QUESTIONS[2])]
+    conversation = [Message("system", ({"text": "You answer in one word."},)), Message("user", ({"text": "Hello"},)),
+                    Message("assistant", ({"text": "Hi"},)), Message("user", ({"text": QUESTIONS[2]},))]
+    expected, default_system = reference(llm, [conversation, kit_request(QUESTIONS[2])])
+    assert_same(ask(client, server.model, chat, stream=False), expected)
+    assert expected.prompt_token_count != default_system.prompt_token_count  # the system prompt was replaced
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_stop_string_ends_the_answer_before_it(server, client, llm, stream):
+    full = reference(llm, [kit_request(QUESTIONS[3])], max_tokens=24, ignore_eos=True)[0].text
+    stop = full[6:9]
+    text, finish_reason, _ = ask(client, server.model, chat_message(QUESTIONS[3]), stream, max_tokens=24,
+                                 stop=[stop], extra_body={"ignore_eos": True})
+    assert (text, finish_reason) == (full[:full.index(stop)], "stop")
+
+
+def test_a_file_url_inside_the_allowed_folder_is_read(server, client, llm, media):
+    expected = reference(llm, [kit_request(QUESTIONS[0], media["small"])])[0]
+    message = chat_message(QUESTIONS[0], url=media["small"].as_uri())
+    assert_same(ask(client, server.model, message, stream=False), expected)
+
+
+def test_models_lists_the_served_name_and_health_is_ok(server, client):
+    assert [m.id for m in client.models.list().data] == [server.model]
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def bad_bodies(media) -> dict:
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really an image").decode()
+    return {
+        "invalid base64": [chat_message("?", url="data:image/png;base64,not*base64")],
+        "corrupt image": [chat_message("?", url=corrupt)],
+        "http url": [chat_message("?", url="http://example.com/cat.png")],
+        "file outside the folder": [chat_message("?", url=media["outside"].as_uri())],
+        "link out of the folder": [chat_message("?", url=(media["allowed"] / "link.png").as_uri())],
+        "prompt too long": [chat_message("x " * 600)],
+        "empty messages": [],
+        "unknown part": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:,"}}]}],
+    }
+
+
+@pytest.mark.parametrize("case", ["invalid base64", "corrupt image", "http url", "file outside the folder",
+                                  "link out of the folder", "prompt too long", "empty messages", "unknown part"])
+def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
+    error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3])
+def test_max_tokens_below_one_is_a_400(server, max_tokens):
+    assert "max_tokens" in error_of(server.post({"messages": [chat_message("hi")], "max_tokens": max_tokens}),
+                                    400)["message"]
+
+
+def test_an_unknown_model_is_a_404_and_a_missing_or_wrong_key_a_401(server):
+    assert error_of(server.post({"model": "gpt-4", "messages": [chat_message("hi")]}), 404)["code"] == \
+        "model_not_found"
+    error_of(server.post({"messages": [chat_message("hi")]}, key=None), 401)
+    error_of(server.post({"messages": [chat_message("hi")]}, key="wrong"), 401)
+    assert requests.get(f"{server.url}/v1/models", timeout=10).status_code == 401
+
+
+def test_a_full_waiting_queue_is_a_503_with_retry_after(server):
+    # 4 run at once and 16 may wait: of 28 long requests arriving together, some must be refused.
+    body = {"messages": [chat_message("Tell me a long story.")], "max_tokens": 64, "ignore_eos": True}
+    with ThreadPoolExecutor(28) as pool:
+        responses = list(pool.map(lambda _: server.post(body), range(28)))
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and all(r.headers.get("Retry-After") for r in refused)
+    assert error_of(refused[0], 503)["code"] == "queue_full"
+    assert all(r.status_code == 200 for r in responses if r.status_code != 503)
+
+
+# --------------------------------------------------------------------------------------------- aborts and metrics
+
+
+def wait_for(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_dropped_stream_is_aborted_its_blocks_freed_and_the_server_still_answers(server, client, llm):
+    aborted = 'atb_requests_finished_total[finish_reason=abort]'
+    before = server.metrics().get(aborted, 0)
+    body = {"messages": [chat_message(QUESTIONS[6])], "max_tokens": 64, "ignore_eos": True, "stream": True}
+    with server.post(body, stream=True) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(5)]  # a few chunks, then the client goes
+    assert wait_for(lambda: server.metrics().get(aborted, 0) == before + 1)
+    assert wait_for(lambda: server.metrics()["atb_kv_cache_blocks_used"] == 0)
+    assert server.metrics()["atb_requests_running"] == 0
+    assert_same(ask(client, server.model, chat_message(QUESTIONS[1]), stream=True),
+                reference(llm, [kit_request(QUESTIONS[1])])[0])
+
+
+def test_metrics_parse_and_count_tokens_and_latencies(server):
+    metrics = server.metrics()
+    assert metrics["atb_prompt_tokens_total"] > 0 and metrics["atb_generation_tokens_total"] > 0
+    assert metrics["atb_time_to_first_token_seconds_count"] > 0
+    assert metrics["atb_time_per_output_token_seconds_count"] > 0
+    assert metrics["atb_kv_cache_blocks_total"] > 0
+    assert {"atb_requests_running", "atb_requests_waiting", "atb_kv_cache_blocks_used"} <= set(metrics)
+
+
+def test_a_busy_port_is_one_line_and_exit_1(server, checkpoint):
+    port = int(server.url.rsplit(":", 1)[1])
+    done = subprocess.run([sys.executable, "-m", "atb_models.serve", "--model_path", str(checkpoint), "--port",
+                           str(port)], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"Error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                                "(another server?): pick another --port"]
+
+
+def test_benchmark_serve_reports_each_concurrency_level_against_a_running_server(server, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "serve", "--url", server.url, "--api_key",
+                           API_KEY, "--preset", "tiny", "--concurrency", "1,4", "--num_requests", "4"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), ATB_MODELS_HOME=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("1", "4"), ("4", "4")]
+    assert all(float(row[3]) > 0 for row in rows)  # output tokens/s
+
+
+def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server):
+    # Last in the module: it stops the module's server.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0, server.log.read_text()
+    assert "Traceback" not in server.log.read_text()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
+    assert os.listdir(server.tmp / "tmpdir") == []
+    assert not (server.tmp / "shm_names.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------- tensor parallelism
+
+
+@pytest.mark.slow
+def test_a_two_rank_server_under_torchrun_gives_the_same_answers_and_stops_cleanly(checkpoint, llm, media, tmp_path):
+    import openai
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    command = ["bash", str(ROOT / "examples" / "models" / "qwen2_vl" / "run_server.sh"), "--world_size", "2",
+               "--model_path", str(checkpoint), "--port", str(port), "--shm_name_save_path",
+               str(tmp_path / "shm_names.txt"), *SERVER_FLAGS]
+    process = start_server(command, env, url, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        cases = [(QUESTIONS[i], [None, media["large"], media["small"]][i % 3], i % 2 == 0) for i in range(6)]
+        expected = reference(llm, [kit_request(q, image) for q, image, _ in cases])
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(ask, client, checkpoint.name, chat_message(q, image), stream)
+                       for q, image, stream in cases]
+            for answer, want in zip(answers, expected):
+                assert_same(answer.result(), want)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    assert status == 128 + signal.SIGTERM, (tmp_path / "server.log").read_text()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
+    assert not (tmp_path / "shm_names.txt").exists()
