@@ -182,3 +182,27 @@ def test_two_ranks_with_caching_give_one_ranks_uncached_tokens(path, images, tmp
     outputs = json.loads((out / "outputs.json").read_text())
     assert [o["token_ids"] for o in outputs] == expected
     assert [o["cached_prompt_tokens"] > 0 for o in outputs] == [False, True, True]
+
+
+def test_the_fourth_turn_of_a_chat_about_one_image_computes_only_its_new_tokens(path, images):
+    from atb_models.multimodal.prompt import Message
+
+    llm = LLM(str(path), **OPTIONS)
+    plain = LLM(str(path), enable_prefix_caching=False, **OPTIONS)
+    history = [Message("user", ({"image": images["cat"]}, {"text": "What is this?"}))]
+    questions = ["Which colour is it?", "Is it big?", "Where is it?"]
+    for turn in range(4):
+        out, expected = llm.generate([history], PARAMS)[0], plain.generate([history], PARAMS)[0]
+        assert out.token_ids == expected.token_ids and out.error is None
+        if turn == 3:
+            break
+        computed_before = llm.preprocessor(history).token_ids + out.token_ids[:-1]  # K/V written in this turn
+        history = history + [Message("assistant", ({"text": out.text},)), Message("user", ({"text": questions[turn]},))]
+    prompt = llm.preprocessor(history).token_ids
+    common = next((i for i, (a, b) in enumerate(zip(prompt, computed_before)) if a != b),
+                  min(len(prompt), len(computed_before)))
+    # Every full block of what the third turn computed that the fourth prompt repeats is reused; the rest of the
+    # fourth prompt is its new turn (plus the part of a block that was not full).
+    assert out.cached_prompt_tokens == min(common // BLOCK, (len(prompt) - 1) // BLOCK) * BLOCK
+    assert len(prompt) - out.cached_prompt_tokens < len(prompt) - common + BLOCK
+    assert common > len(prompt) // 2
