@@ -121,6 +121,9 @@ def test_benchmark_env_writes_the_timed_run_with_honest_decode_time(checkpoint, 
     assert float(row["decoder_token_time(ms)"]) == pytest.approx(1000 * sum(decode) / len(decode), abs=0.01)
     assert float(row["e2e_time(ms)"]) == pytest.approx(1000 * (sum(prefill) + sum(decode)), abs=0.01)
     assert float(row["prefill_average_time(ms)"]) == pytest.approx(1000 * sum(prefill) / 3, abs=0.01)
+    # The three copies of one prompt are each prefilled, as MindIE times them: none from the prefix cache.
+    assert "prefix caching off for the timed copies of one prompt" in result.stderr
+    assert (row["cached_prompt_tokens"], row["cached_visual_items"]) == ("0", "0")
 
 
 def test_the_warm_up_alone_never_writes_the_csv(checkpoint, tmp_path):

@@ -180,6 +180,15 @@ def test_greedy_answers_equal_generate_with_text_and_with_an_image(server, clien
     assert_same(ask(client, server.model, chat_message(QUESTIONS[0], media["large"]), stream), expected[1])
 
 
+def test_usage_counts_the_prompt_tokens_a_repeated_image_took_from_the_prefix_cache(server, client, llm, media):
+    question = "Which shapes are in this picture, exactly?"
+    first, second = (ask(client, server.model, chat_message(question, media["large"]), False) for _ in range(2))
+    expected = reference(llm, [kit_request(question, media["large"])])[0]
+    assert_same(second, expected)
+    assert second[2].prompt_tokens_details.cached_tokens > 0
+    assert second[2].prompt_tokens_details.cached_tokens >= first[2].prompt_tokens_details.cached_tokens
+
+
 def test_sixteen_concurrent_clients_with_text_and_images_get_generates_answers(server, client, llm, media):
     images = [None, media["small"], media["large"], None]
     cases = [(QUESTIONS[i % len(QUESTIONS)], images[i % 4], i % 2 == 1) for i in range(16)]

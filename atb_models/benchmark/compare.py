@@ -116,8 +116,10 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
     `quantize`, the kit also runs quantized at load (mode "kit_w8a16") beside its float self."""
     load_before = os.getloadavg()[0]
     w = preset.workloads
+    # Prefix caching off: transformers has none, and the kit would answer each repeat's prompt from its cache.
     settings = dict(dtype=dtype, device=device, max_batch_size=max(len(w.batch_images), *w.decode_batch_sizes),
-                    max_input_length=preset.max_input_length, max_output_length=preset.max_output_length)
+                    max_input_length=preset.max_input_length, max_output_length=preset.max_output_length,
+                    enable_prefix_caching=False)
     llm = LLM(model_path, **settings)
     if llm.quantization is not None:
         raise UserError(f"{model_path} is quantized ({llm.quantization.method}): compare takes the float checkpoint "
@@ -186,6 +188,7 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
         "preset": f"{preset.name}: {preset.description}",
         "checkpoint": model_path,
         "device": plan.describe(),
+        "kit": "prefix caching off (repeats would be answered from the cache; tools/bench_prefix_cache.py times it)",
         "reference": reference.model.description,
         "host": f"{cpu_capabilities(read_cpuinfo()).name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}",

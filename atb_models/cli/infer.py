@@ -10,6 +10,7 @@ import sys
 import time
 
 from atb_models import distributed
+from atb_models.benchmark.csv_report import benchmark_enabled
 from atb_models.benchmark.timed_runs import check_csv_path, performance_sweep, record_run, warm_up
 from atb_models.cli.entry import configure_logging, error_line, ignore_further_stops, one_line, print_error
 from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
@@ -64,7 +65,13 @@ def run(args: argparse.Namespace, family: Family) -> int:
             raise UserError("give --input_image or --dataset_path")
         prompt = single_prompt(paths, text)
 
-    llm = LLM(model_path, **engine_options(args, max_batch_size=max(batch_sizes), max_output_length=max(output_lengths)))
+    overrides = dict(max_batch_size=max(batch_sizes), max_output_length=max(output_lengths))
+    if not dataset_mode and (args.performance or benchmark_enabled()) and args.enable_prefix_caching:
+        # Timed copies of one prompt would share one prefill through the prefix cache: MindIE's figures time each.
+        logger.info("prefix caching off for the timed copies of one prompt (each one's prefill is timed, as MindIE "
+                    "times it)")
+        overrides["enable_prefix_caching"] = False
+    llm = LLM(model_path, **engine_options(args, **overrides))
     if not dataset_mode:
         # The copies of one batch, made once memory has capped it (logged): never one per slot of a huge
         # --max_batch_size. --performance makes its own per point.

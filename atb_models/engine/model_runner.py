@@ -61,40 +61,44 @@ class ModelRunner:
     def _visual_embeds(self, seqs: list, starts: list):
         """(rows, features) for the placeholder rows of a prefill's computed tokens, or None. Each image or video
         with tokens to compute takes its features from the encoder cache, else from one vision-tower call per kind
-        (the missing ones batched); one whose tokens all lie in the cached prefix needs none. Counts, per sequence,
-        the media whose vision-tower run was skipped (seq.cached_visual_items)."""
-        needed, missing, pending = [], {"image": [], "video": []}, set()
+        (the missing ones batched, a medium twice in the step run once); one whose tokens all lie in the cached
+        prefix needs none. Counts, per sequence, the media whose vision-tower run was skipped
+        (seq.cached_visual_items). Without an encoder cache (caching off) nothing is shared: each medium runs."""
+        sharing = self.encoder_cache.max_bytes > 0
+        needed, missing, pending = [], {"image": [], "video": []}, {}
         for seq, offset in zip(seqs, starts):
             first = seq.num_cached_tokens
             seq.cached_visual_items = 0
             for visual in seq.prompt.visuals:
+                key = visual.content_hash if sharing else id(visual)
                 begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.num_tokens)
-                features = self.encoder_cache.get(visual.content_hash) if begin < end else None
+                features = self.encoder_cache.get(key) if begin < end and sharing else None
                 # Skipped: all its tokens cached, its features cached, or the same medium run for another here.
-                if begin >= end or features is not None or visual.content_hash in pending:
+                if begin >= end or features is not None or key in pending:
                     seq.cached_visual_items += 1
                 if begin >= end:
                     continue
-                if features is None and visual.content_hash not in pending:
-                    missing[visual.kind].append(visual)
-                    pending.add(visual.content_hash)
-                needed.append((visual, begin - visual.start, end - visual.start, offset + begin - first))
+                if features is None and key not in pending:
+                    missing[visual.kind].append((key, visual))
+                    pending[key] = None
+                needed.append((key, visual, begin - visual.start, end - visual.start, offset + begin - first))
         computed = {}
         for unique in missing.values():
             if not unique:
                 continue
-            pixels = torch.cat([v.pixel_values for v in unique]).to(self.device)
-            features = self.model.visual(pixels, [tuple(v.grid_thw) for v in unique])
-            for visual, part in zip(unique, features.split([v.num_tokens for v in unique])):
-                computed[visual.content_hash] = part
-                self.encoder_cache.put(visual.content_hash, part)
+            pixels = torch.cat([v.pixel_values for _, v in unique]).to(self.device)
+            features = self.model.visual(pixels, [tuple(v.grid_thw) for _, v in unique])
+            for (key, visual), part in zip(unique, features.split([v.num_tokens for _, v in unique])):
+                computed[key] = part
+                if sharing:
+                    self.encoder_cache.put(key, part)
         if not needed:
             return None
         rows, parts = [], []
-        for visual, begin, end, row in needed:
-            features = computed.get(visual.content_hash)
+        for key, visual, begin, end, row in needed:
+            features = computed.get(key)
             if features is None:
-                features = self.encoder_cache.get(visual.content_hash)
+                features = self.encoder_cache.get(key)
             parts.append(features[begin:end])
             rows.append(torch.arange(row, row + end - begin))
         return torch.cat(rows).to(self.device), torch.cat(parts)

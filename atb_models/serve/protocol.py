@@ -129,9 +129,13 @@ def _sampling_params(body: dict) -> SamplingParams:
         raise bad_request(str(e)) from None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(output) -> dict:
+    """OpenAI's usage of a finished RequestOutput: prompt tokens (visual ones included), of which those whose K/V
+    came from the prefix cache (prompt_tokens_details.cached_tokens), and completion tokens."""
+    prompt_tokens, completion_tokens = output.prompt_token_count, len(output.token_ids)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": output.cached_prompt_tokens}}
 
 
 def completion_body(completion_id: str, model: str, created: int, output) -> dict:
@@ -139,7 +143,7 @@ def completion_body(completion_id: str, model: str, created: int, output) -> dic
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
                          "logprobs": None, "finish_reason": output.finish_reason}],
-            "usage": usage(output.prompt_token_count, len(output.token_ids))}
+            "usage": usage(output)}
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
@@ -154,4 +158,4 @@ def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish
 
 def usage_chunk_body(completion_id: str, model: str, created: int, output) -> dict:
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage(output.prompt_token_count, len(output.token_ids))}
+            "choices": [], "usage": usage(output)}
