@@ -129,11 +129,10 @@ class LoadedTensor:
 
 
 def _quantized_at_load(source: CheckpointTensor, name: str) -> tuple[LoadedTensor, LoadedTensor]:
-    """A float checkpoint tensor as int8 and its per-channel scales (atb_models.quantize's function: the same bytes
-    as the tool writes). The whole tensor is read: a row's scale needs all of its columns."""
+    """A float checkpoint tensor (read as float32) as int8 and its per-channel scales (atb_models.quantize's
+    function: the same bytes as the tool writes). The whole tensor is read: a row's scale needs all its columns."""
     from atb_models.kernels.w8a16 import quantize
 
-    source.dtype = torch.float32
     q, scale = quantize(source.full())
     return LoadedTensor(q, name), LoadedTensor(scale, name + "_scale")
 
@@ -184,7 +183,8 @@ def load_weights(model, model_path: str) -> None:
                 source = CheckpointTensor(handle, name, param.dtype, path)
                 scale = params.get(target + "_scale") if param.dtype == torch.int8 else None
                 if scale is not None and source.file_dtype.is_floating_point:
-                    source, scale_source = _quantized_at_load(source, name)
+                    source, scale_source = _quantized_at_load(CheckpointTensor(handle, name, torch.float32, path),
+                                                              name)
                     scale.weight_loader(scale, scale_source, scale_source.name, shard_id)
                     loaded.add(canonical + "_scale")
                 loader(param, source, name, shard_id)
