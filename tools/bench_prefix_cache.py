@@ -88,8 +88,8 @@ def textvqa(model_path: str, repeats: int, images: int, work: Path) -> dict:
                 raise SystemExit(f"mm_run.sh failed:\n{done.stderr[-3000:]}")
             [report] = out.glob("**/*_result.txt")
             text = report.read_text()
-            total, answering = (float(re.search(rf"{label}\W+([\d.]+)", text).group(1))
-                                for label in (r"seconds, model loading included", r"seconds answering \(after loading\)"))
+            labels = (r"seconds, model loading included", r"seconds answering \(after loading\)")
+            total, answering = (float(re.search(rf"{label}\W+([\d.]+)", text).group(1)) for label in labels)
             seconds[caching].append((answering, total))
             print(f"textvqa repeat {repeat + 1}, caching {'on' if caching else 'off'}: answering {answering:.1f} s, "
                   f"{total:.1f} s with loading, {wall:.1f} s wall", flush=True)

@@ -1,7 +1,8 @@
 """What `compare` runs: a checkpoint shape, the workloads' sizes and how many times each is repeated.
 
 A preset's random checkpoint is built once by its family's demo checkpoint builder (the registry's: for Qwen2-VL
-`atb_models.demo.build_checkpoint`, for Qwen2.5-VL `atb_models.oracle.build_demo_checkpoint`) into `$ATB_MODELS_HOME/benchmark/<preset>` (default
+`atb_models.demo.build_checkpoint`, for Qwen2.5-VL `atb_models.oracle.build_demo_checkpoint`) into
+`$ATB_MODELS_HOME/benchmark/<preset>` (default
 `~/.cache/atb_models/benchmark/<preset>`), as are the workloads' images, and reused; `--model_path` runs a preset's
 workloads on any checkpoint instead.
 """

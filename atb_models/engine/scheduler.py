@@ -2,8 +2,9 @@
 
 Step-level continuous batching: a step is either a prefill of newly admitted sequences or one decode step for
 every running sequence. Waiting sequences are admitted while `max_batch_size`, the prefill token budget (the tokens
-to compute: a prefix found in the cache is not computed again, engine.block_manager) and free KV blocks allow; when a decode step finds no block for a sequence, the youngest running sequence is preempted
-(its blocks freed) and recomputed later from its prompt and the tokens it already generated.
+to compute: a prefix found in the cache is not computed again, engine.block_manager) and free KV blocks allow;
+when a decode step finds no block for a sequence, the youngest running sequence is preempted (its blocks freed)
+and recomputed later from its prompt and the tokens it already generated.
 """
 from collections import deque
 

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pa only: the language model's linears in int8 (quantized as they load); results are "
                              "named pa_w8a16 beside the float run's pa")
     parser.add_argument("--no_prefix_caching", dest="enable_prefix_caching", action="store_false",
-                        help="pa only: compute every prompt in full instead of reusing the KV blocks and image features "
-                             "a sample shares with earlier ones (the answers are the same either way)")
+                        help="pa only: compute every prompt in full instead of reusing the KV blocks and image "
+                             "features a sample shares with earlier ones (the answers are the same either way)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     return parser
 
