@@ -110,7 +110,6 @@ def convert_to_w8a16(model: nn.Module, quantization: Quantization, kernel) -> in
         module.weight_scale = nn.Parameter(torch.zeros(out_features, in_features // group, dtype=torch.float32,
                                                        device=module.weight.device), requires_grad=False)
         module.weight_scale.weight_loader = getattr(module, "load_scale", loader)
-        module.weight_scale.group_size = group
         module.kernel = ScaledKernel(kernel, module.weight_scale)
     return len(names)
 

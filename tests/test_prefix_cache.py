@@ -206,3 +206,18 @@ def test_the_fourth_turn_of_a_chat_about_one_image_computes_only_its_new_tokens(
     assert out.cached_prompt_tokens == min(common // BLOCK, (len(prompt) - 1) // BLOCK) * BLOCK
     assert len(prompt) - out.cached_prompt_tokens < len(prompt) - common + BLOCK
     assert common > len(prompt) // 2
+
+
+def test_features_taken_from_the_encoder_cache_survive_their_eviction_within_the_step(path, images):
+    """A budget of one medium: the cat's features come from the cache in a step that also runs the dog's, whose
+    put evicts the cat's; the step still uses the cat's features it took."""
+    llm = LLM(str(path), **OPTIONS)
+    plain = LLM(str(path), enable_prefix_caching=False, **OPTIONS)
+    llm.generate([[{"text": "First:"}, {"image": images["cat"]}]], PARAMS)
+    llm.runner.encoder_cache.max_bytes = llm.runner.encoder_cache.bytes  # room for the cat's features alone
+    batch = [[{"text": "A different question comes first here:"}, {"image": images["cat"]}],
+             [{"image": images["dog"]}, {"text": "What is this?"}]]
+    outputs = llm.generate(batch, PARAMS)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in plain.generate(batch, PARAMS)]
+    assert [o.cached_visual_items for o in outputs] == [1, 0]
+    assert len(llm.runner.encoder_cache) == 1  # the dog's replaced the cat's

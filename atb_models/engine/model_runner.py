@@ -65,42 +65,42 @@ class ModelRunner:
         prefix needs none. Counts, per sequence, the media whose vision-tower run was skipped
         (seq.cached_visual_items). Without an encoder cache (caching off) nothing is shared: each medium runs."""
         sharing = self.encoder_cache.max_bytes > 0
-        needed, missing, pending = [], {"image": [], "video": []}, {}
+        # key -> the features in hand (taken from the cache once: a later put may evict them), and the media to run
+        features_of, queued, missing, needed = {}, set(), {"image": [], "video": []}, []
         for seq, offset in zip(seqs, starts):
             first = seq.num_cached_tokens
             seq.cached_visual_items = 0
             for visual in seq.prompt.visuals:
                 key = visual.content_hash if sharing else id(visual)
                 begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.num_tokens)
-                features = self.encoder_cache.get(key) if begin < end and sharing else None
-                # Skipped: all its tokens cached, its features cached, or the same medium run for another here.
-                if begin >= end or features is not None or key in pending:
+                if begin >= end:  # all its tokens cached
                     seq.cached_visual_items += 1
-                if begin >= end:
                     continue
-                if features is None and key not in pending:
-                    missing[visual.kind].append((key, visual))
-                    pending[key] = None
-                needed.append((key, visual, begin - visual.start, end - visual.start, offset + begin - first))
-        computed = {}
+                runs_here = False
+                if key not in features_of and key not in queued:
+                    cached = self.encoder_cache.get(key) if sharing else None
+                    if cached is None:
+                        missing[visual.kind].append((key, visual))
+                        queued.add(key)
+                        runs_here = True
+                    else:
+                        features_of[key] = cached
+                if not runs_here:  # its features cached, or the same medium run for another request of this step
+                    seq.cached_visual_items += 1
+                needed.append((key, begin - visual.start, end - visual.start, offset + begin - first))
         for unique in missing.values():
             if not unique:
                 continue
             pixels = torch.cat([v.pixel_values for _, v in unique]).to(self.device)
             features = self.model.visual(pixels, [tuple(v.grid_thw) for _, v in unique])
             for (key, visual), part in zip(unique, features.split([v.num_tokens for _, v in unique])):
-                computed[key] = part
+                features_of[key] = part
                 if sharing:
                     self.encoder_cache.put(key, part)
         if not needed:
             return None
-        rows, parts = [], []
-        for key, visual, begin, end, row in needed:
-            features = computed.get(key)
-            if features is None:
-                features = self.encoder_cache.get(key)
-            parts.append(features[begin:end])
-            rows.append(torch.arange(row, row + end - begin))
+        rows = [torch.arange(row, row + end - begin) for _, begin, end, row in needed]
+        parts = [features_of[key][begin:end] for key, begin, end, _ in needed]
         return torch.cat(rows).to(self.device), torch.cat(parts)
 
     @torch.inference_mode()
