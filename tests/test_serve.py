@@ -339,6 +339,43 @@ def test_benchmark_serve_reports_each_concurrency_level_against_a_running_server
     assert all(float(row[3]) > 0 for row in rows)  # output tokens/s
 
 
+def test_compare_generate_alternates_server_and_generate_runs_and_reports_the_median_ratio(server):
+    from atb_models.benchmark import serve_bench
+
+    calls = []
+
+    class Generate:  # stands for GenerateRun: records when it ran, between the server's runs
+        def tokens_per_second(self) -> float:
+            calls.append(time.perf_counter())
+            return 10.0 * len(calls)
+
+    bodies = [{"model": server.model, "messages": [chat_message(q)], "max_tokens": 4, "temperature": 0,
+               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+              for q in QUESTIONS * 2]
+    line = serve_bench.compare_with_generate(server.url, server.model, bodies, API_KEY, Generate(), repeats=2)
+    assert len(calls) == 2
+    served = [float(x) for x in line.split("(median of 2 paired runs: ")[1].rstrip(")").split(", ")]
+    assert line.startswith("serve_vs_generate[c16]: server ") and served[0] > 0 and served[1] > 0
+
+
+def test_the_serve_vs_generate_line_takes_medians_of_the_pairs():
+    from atb_models.benchmark.serve_bench import serve_vs_generate_line
+
+    assert serve_vs_generate_line([(40.0, 50.0), (45.0, 45.0), (30.0, 20.0)]) == (
+        "serve_vs_generate[c16]: server 40.0 output tok/s, LLM.generate 45.0 output tok/s, ratio 1.000 (median of 3 "
+        "paired runs: 0.800, 1.000, 1.500)")
+
+
+def test_compare_generate_against_a_server_it_did_not_start_is_one_line_and_exit_1(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "serve", "--url", "http://127.0.0.1:9",
+                           "--preset", "tiny", "--compare_generate"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), ATB_MODELS_HOME=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["Error: --compare_generate needs a server the benchmark starts (no "
+                                                "--url) and --num_requests of at least 16"]
+
+
 def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server):
     # Last in the module: it stops the module's server.
     server.process.send_signal(signal.SIGTERM)
@@ -350,6 +387,18 @@ def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server
 
 
 # --------------------------------------------------------------------------------------------- tensor parallelism
+
+
+@pytest.mark.slow
+def test_benchmark_serve_starts_its_server_and_compares_it_with_generate(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "serve", "--preset", "tiny",
+                           "--concurrency", "16", "--compare_generate", "--repeats", "2"],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), ATB_MODELS_HOME=str(tmp_path)),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    closing = done.stdout.strip().splitlines()[-1]
+    assert closing.startswith("serve_vs_generate[c16]: server ") and "(median of 2 paired runs: " in closing
+    assert float(closing.split(" ratio ")[1].split()[0]) > 0
 
 
 @pytest.mark.slow

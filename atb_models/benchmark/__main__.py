@@ -1,6 +1,7 @@
 """python -m atb_models.benchmark compare [--preset NAME] [--model_path DIR] [--quantize w8a16] [--repeats N]
                                           [--threads N]
 python -m atb_models.benchmark serve [--url URL | --model_path DIR] [--concurrency 1,4,16] [--compare_generate]
+                                        [--repeats N]
 
 Runs the same workloads through the kit and through transformers in one process and prints a table, then one line
 per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16]; with
@@ -64,8 +65,11 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--request_rate", type=float, default=float("inf"), metavar="R",
                        help="mean arrivals per second, exponentially spaced (default inf: all at once)")
     serve.add_argument("--compare_generate", action="store_true",
-                       help="with a started server and concurrency 16: LLM.generate on the same 16 requests as "
-                            "one batch, and the server's output tokens/s against it")
+                       help="with a started server: the server at concurrency 16 and LLM.generate on the same 16 "
+                            "requests as one batch, timed in turn (--repeats times), and the median ratio of their "
+                            "output tokens/s")
+    serve.add_argument("--repeats", type=int, default=3, metavar="N",
+                       help="paired runs of --compare_generate (default 3)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,12 +83,13 @@ def serve(args: argparse.Namespace) -> int:
     from atb_models.benchmark.serve_bench import run_serve_benchmark
 
     preset = PRESETS[args.preset]
-    if args.num_requests < 1 or not args.request_rate > 0:
-        raise UserError("--num_requests must be at least 1 and --request_rate above 0")
+    if args.num_requests < 1 or args.repeats < 1 or not args.request_rate > 0:
+        raise UserError("--num_requests and --repeats must be at least 1 and --request_rate above 0")
     model_path = None if args.url else args.model_path or str(ensure_checkpoint(preset))
     print(run_serve_benchmark(preset, model_path, args.url.rstrip("/") if args.url else None, args.api_key,
                               args.dtype or preset.dtype, args.device or preset.device, args.concurrency,
-                              args.num_requests, args.request_rate, args.compare_generate), flush=True)
+                              args.num_requests, args.request_rate, args.compare_generate, args.repeats),
+          flush=True)
     return 0
 
 

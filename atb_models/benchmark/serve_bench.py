@@ -1,8 +1,8 @@
 """`serve`: the analogue of `vllm bench serve`. Sends N chat requests (a mix of image and text-only prompts, every
 output run to its length) to a running server, or to one it starts, at a given arrival rate and concurrency, and
 reports requests/s, output tokens/s, and TTFT and TPOT percentiles per concurrency level. Given no --url it can
-then run the same first 16 requests through `LLM.generate` as one batch, in this process once the server has
-stopped, and report the server's output tokens/s at concurrency 16 against it: the batcher, not the HTTP layer,
+then compare the server at concurrency 16 with `LLM.generate` running the same first 16 requests as one batch in
+this process, the two timed in turn a few times while the (idle) server stays up: the batcher, not the HTTP layer,
 should set the pace.
 
 The requests are `compare`'s batch16 workload (growing images, mixed output lengths), every second one without
@@ -200,41 +200,75 @@ def served_model(url: str, api_key: Optional[str]) -> str:
         raise UserError(f"cannot list the models of {url}: {e}") from None
 
 
-def generate_tokens_per_second(model_path: str, preset: Preset, dtype: str, device: str, batch: list) -> float:
-    """Output tokens/s of LLM.generate on `batch` as one batch (after an untimed run of the same batch)."""
-    from atb_models import LLM, SamplingParams
+class GenerateRun:
+    """`LLM.generate` on the compared requests as one batch, in this process, the way a script runs it (after one
+    untimed run of the same batch: lazily built kernels and buffers)."""
 
-    llm = LLM(model_path, dtype=dtype, device=device, max_batch_size=len(batch),
-              max_input_length=preset.max_input_length, max_output_length=preset.max_output_length,
-              enable_prefix_caching=False)  # as the server the benchmark starts: the timed run repeats the warm-up
-    params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in batch]
-    try:
-        llm.generate([r.items for r in batch], params)  # warm-up: lazily built kernels and buffers
+    def __init__(self, model_path: str, preset: Preset, dtype: str, device: str, batch: list):
+        from atb_models import LLM, SamplingParams
+
+        # Prefix caching off, as in the server the benchmark starts: every timed run repeats the warm-up.
+        self.llm = LLM(model_path, dtype=dtype, device=device, max_batch_size=len(batch),
+                       max_input_length=preset.max_input_length, max_output_length=preset.max_output_length,
+                       enable_prefix_caching=False)
+        self.prompts = [r.items for r in batch]
+        self.params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in batch]
+        try:
+            self.llm.generate(self.prompts, self.params)
+        except BaseException:
+            self.close()
+            raise
+
+    def tokens_per_second(self) -> float:
         start = time.perf_counter()
-        outputs = llm.generate([r.items for r in batch], params)
-        seconds = time.perf_counter() - start
-    finally:
-        llm.close()
-    return sum(len(out.token_ids) for out in outputs) / seconds
+        outputs = self.llm.generate(self.prompts, self.params)
+        return sum(len(out.token_ids) for out in outputs) / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def compare_with_generate(url: str, model: str, bodies: list, api_key: Optional[str], generate: GenerateRun,
+                          repeats: int) -> str:
+    """The server at concurrency 16 and generate on the same 16 requests, timed in turn `repeats` times: on a
+    machine whose load drifts, a pair shares its minutes, so the figure is the median of the pairs' ratios."""
+    pairs = []
+    for _ in range(repeats):
+        results, seconds = run_level(url, model, bodies, COMPARED_CONCURRENCY, float("inf"), api_key)
+        pairs.append((sum(r.output_tokens for r in results) / seconds, generate.tokens_per_second()))
+        logger.info("paired run: server %.1f, LLM.generate %.1f output tokens/s", *pairs[-1])
+    return serve_vs_generate_line(pairs)
+
+
+def serve_vs_generate_line(pairs: list) -> str:
+    """The closing line for (server, generate) output tokens/s pairs: medians, and the median of the ratios."""
+    ratios = [served / generated for served, generated in pairs]
+    listed = ", ".join(f"{r:.3f}" for r in ratios)
+    return (f"serve_vs_generate[c{COMPARED_CONCURRENCY}]: server {statistics.median(p[0] for p in pairs):.1f} "
+            f"output tok/s, LLM.generate {statistics.median(p[1] for p in pairs):.1f} output tok/s, ratio "
+            f"{statistics.median(ratios):.3f} (median of {len(pairs)} paired runs: {listed})")
 
 
 def run_serve_benchmark(preset: Preset, model_path: Optional[str], url: Optional[str], api_key: Optional[str],
                         dtype: str, device: str, concurrencies: list, num_requests: int, rate: float,
-                        compare_generate: bool) -> str:
+                        compare_generate: bool, repeats: int = 3) -> str:
     from tabulate import tabulate
 
     batch = workload(preset, num_requests)
+    if compare_generate and (url is not None or len(batch) < COMPARED_CONCURRENCY):
+        raise UserError(f"--compare_generate needs a server the benchmark starts (no --url) and --num_requests of "
+                        f"at least {COMPARED_CONCURRENCY}")
     server = None
     if url is None:
         server = StartedServer(model_path, ["--dtype", dtype, "--device", device,
-                                            "--max_batch_size", str(max(concurrencies)),
+                                            "--max_batch_size", str(max(*concurrencies, COMPARED_CONCURRENCY)),
                                             "--max_input_length", str(preset.max_input_length),
                                             "--max_output_length", str(preset.max_output_length),
                                             "--max_queue", str(max(num_requests, 1)),
                                             # each concurrency level sends the same requests: none from the cache
                                             "--no_prefix_caching"])
         url = server.url
-    rows = []
+    rows, closing = [], None
     try:
         model = served_model(url, api_key)
         bodies = [chat_body(r, model) for r in batch]
@@ -243,15 +277,18 @@ def run_serve_benchmark(preset: Preset, model_path: Optional[str], url: Optional
             results, seconds = run_level(url, model, bodies, concurrency, rate, api_key)
             rows.append(summary_row(concurrency, results, seconds))
             logger.info("concurrency %d: %.1f output tokens/s", concurrency, rows[-1][3])
+        if compare_generate:
+            compared = bodies[:COMPARED_CONCURRENCY]
+            if COMPARED_CONCURRENCY not in concurrencies:  # the server warmed at that batch too, untimed
+                run_level(url, model, compared, COMPARED_CONCURRENCY, float("inf"), api_key)
+            # The server stays up, idle while generate runs: the pairs alternate within the same minutes.
+            generate = GenerateRun(model_path, preset, dtype, device, batch[:COMPARED_CONCURRENCY])
+            try:
+                closing = compare_with_generate(url, model, compared, api_key, generate, repeats)
+            finally:
+                generate.close()
     finally:
         if server is not None:
             server.stop()
     lines = [tabulate(rows, headers=HEADERS, floatfmt=".1f")]
-    compared = next((row for row in rows if row[0] == COMPARED_CONCURRENCY), None)
-    if compare_generate and compared is not None and server is not None:
-        if len(batch) < COMPARED_CONCURRENCY:
-            raise UserError(f"--compare_generate needs --num_requests of at least {COMPARED_CONCURRENCY}")
-        generate_rate = generate_tokens_per_second(model_path, preset, dtype, device, batch[:COMPARED_CONCURRENCY])
-        lines.append(f"serve_vs_generate[c{COMPARED_CONCURRENCY}]: server {compared[3]:.1f} output tok/s, "
-                     f"LLM.generate {generate_rate:.1f} output tok/s, ratio {compared[3] / generate_rate:.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines if closing is None else [*lines, closing])
