@@ -127,4 +127,4 @@ class ScaledKernel:
         return self.kernel(x, weight, bias, self.scale)
 
     def pack(self, weight):
-        return self.kernel.pack(weight)
+        return self.kernel.pack(weight, self.scale)

@@ -25,39 +25,69 @@ def native_w8a16() -> NativeW8A16:
     return kernel
 
 
+def int16_activations(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the native kernel multiplies with (csrc/w8a16_linear.h), computed as it does in float32: each row cut
+    into blocks of at most 512 columns inside each of `groups` scale groups, each block rounded (half to even) to
+    int16 steps of its largest magnitude / 32767. Returns (the rows as the kernel sees them, in float64; the size
+    of each column's step)."""
+    rows, in_features = x.shape
+    group = in_features // groups
+    seen = torch.empty(rows, in_features, dtype=torch.float64)
+    step = torch.empty(rows, in_features, dtype=torch.float64)
+    for g in range(groups):
+        for k0 in range(g * group, (g + 1) * group, 512):
+            k1 = min(k0 + 512, (g + 1) * group)
+            block = x[:, k0:k1].float()
+            amax = block.abs().amax(dim=1, keepdim=True)
+            inverse = torch.where(amax > 0, torch.full_like(amax, 32767.0) / amax, 0.0)  # not reciprocal * 32767
+            q = torch.round(block * inverse).clamp(-32767, 32767)
+            s = (amax / 32767.0).double()
+            seen[:, k0:k1], step[:, k0:k1] = q.double() * s, s.expand(-1, k1 - k0)
+    return seen, step
+
+
 @pytest.mark.parametrize("group_size", [None, 64, 128])
-def test_native_w8a16_matches_f_linear_of_the_dequantized_weight(group_size):
+def test_native_w8a16_multiplies_its_int16_activations_exactly_within_their_step(group_size):
     kernel = native_w8a16()
     generator = torch.Generator().manual_seed(group_size or 0)
-    # One column group; uneven thread shares (3 groups); K over several 128-step blocks, and K odd per channel.
-    shapes = [(64, 256), (192, 384), (640, 1280)] + ([(128, 131)] if group_size is None else [])
-    for out_features, in_features in shapes:
+    # One column group; uneven thread shares (3 groups); K over several 512-column blocks per channel.
+    for out_features, in_features in [(64, 256), (192, 384), (640, 1280)]:
         q, s = quantize(torch.randn(out_features, in_features, generator=generator), group_size)
-        packed, bias = kernel.pack(q), torch.randn(out_features, generator=generator)
-        assert packed.shape == (out_features // 64, in_features, 64) and packed.dtype == torch.int8
+        packed, bias = kernel.pack(q, s), torch.randn(out_features, generator=generator)
+        assert packed.shape == (out_features // 64, in_features // 2, 64, 2) and packed.dtype == torch.int8
         weight = dequantize(q, s).double()
-        for rows in (1, 3, 6, 7, 16, 300):  # direct register blocks up to 6 rows; widened K blocks beyond; 2 chunks
+        for rows in (1, 3, 6, 7, 16, 300):  # one register block up to 6 rows; several passes beyond; 2 chunks
             x = torch.randn(rows, in_features, generator=generator)
+            x[0, 5] = 40.0  # an outlier: only its own block's steps grow
+            seen, step = int16_activations(x, s.shape[1])
             for b in (None, bias):
-                expected = F.linear(x.double(), weight, None if b is None else b.double()).float()
-                got = kernel(x, packed, b, s)
-                assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (out_features, in_features, rows)
+                got = kernel(x, packed, b, s).double()
+                bias64 = None if b is None else b.double()
+                # The products of the 16-bit activations, to float32's rounding of the sums...
+                assert torch.allclose(got, F.linear(seen, weight, bias64), atol=1e-4, rtol=1e-5), (in_features, rows)
+                # ...which are the float activations' to within half a step a column.
+                bound = F.linear(step / 2, weight.abs()) + 1e-4
+                assert ((got - F.linear(x.double(), weight, bias64)).abs() <= bound).all()
 
 
 def test_native_w8a16_takes_views_and_bfloat16_and_leaves_unpackable_weights_to_pytorch():
     kernel = native_w8a16()
     generator = torch.Generator().manual_seed(1)
     q, s = quantize(torch.randn(128, 96, generator=generator), 32)
-    packed = kernel.pack(q)
+    packed = kernel.pack(q, s)
     x = torch.randn(2, 5, 2 * 96, generator=generator)[:, :, ::2]  # strided rows of a 3-D activation
-    assert torch.allclose(kernel(x, packed, None, s), F.linear(x, dequantize(q, s)), atol=1e-4)
+    assert torch.allclose(kernel(x, packed, None, s), F.linear(x, dequantize(q, s)), atol=1e-3)
     y = kernel(x.bfloat16(), packed, None, s)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 128)
     assert torch.allclose(y.float(), F.linear(x.bfloat16().float(), dequantize(q, s)), atol=0.1, rtol=0.02)
     assert kernel(torch.randn(0, 96), packed, None, s).shape == (0, 128)
-    # An output size off the 64-column groups is not packed: PyTorch's operators run on the [out, in] weight.
+    # Not packed: an output size off the 64-column groups, an odd input size or an odd scale group, a float
+    # weight. PyTorch's operators run on the [out, in] weight.
     odd_q, odd_s = quantize(torch.randn(100, 96, generator=generator))
     assert kernel.pack(odd_q) is None and kernel.pack(torch.randn(128, 96)) is None
+    assert kernel.pack(quantize(torch.randn(64, 131))[0]) is None
+    odd_group_q, odd_group_s = quantize(torch.randn(64, 90, generator=generator), 15)
+    assert kernel.pack(odd_group_q, odd_group_s) is None and kernel.pack(odd_group_q) is not None
     assert torch.allclose(kernel(x, odd_q, None, odd_s), F.linear(x, dequantize(odd_q, odd_s)), atol=1e-4)
 
 
@@ -128,7 +158,7 @@ def _quantize_linears(layer, kernel, group_size):
     """The layer's four linears as the int8 checkpoint loads them: weight int8 (packed), weight_scale [out, groups]."""
     for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         q, s = quantize(linear.weight.detach(), group_size)
-        linear.weight = torch.nn.Parameter(kernel.pack(q), requires_grad=False)
+        linear.weight = torch.nn.Parameter(kernel.pack(q, s), requires_grad=False)
         linear.weight_scale = s
         linear.forward = lambda x, linear=linear: kernel(x, linear.weight, linear.bias, linear.weight_scale)
 

@@ -113,7 +113,7 @@ def bench_w8a16(repeats: int, row_counts: list) -> None:
         weights = [torch.randn(shape) for shape in shapes]
         float_layers["float32"].append([panel.pack(w) for w in weights])
         for name, group_size in zip(int8_layers, (None, 128)):
-            int8_layers[name].append([(w8a16.pack(q), s) for q, s in (quantize(w, group_size) for w in weights)])
+            int8_layers[name].append([(w8a16.pack(q, s), s) for q, s in (quantize(w, group_size) for w in weights)])
     weight_bytes = {name: sum(t.numel() * t.element_size() for layer in layers for w in layer
                               for t in (w if isinstance(w, tuple) else (w,)))
                     for name, layers in {**float_layers, **int8_layers}.items()}
@@ -126,7 +126,7 @@ def bench_w8a16(repeats: int, row_counts: list) -> None:
     def run_int8(x, layers):
         for layer in layers:
             for w, s in layer:
-                w8a16(x[:, :w.shape[1]], w, None, s)
+                w8a16(x[:, :2 * w.shape[1]], w, None, s)  # [out / 64, in / 2, 64, 2]
 
     bandwidth = measure_bandwidth(torch.device("cpu"), 1 << 30, lambda: None)
     print(f"{LAYERS} layers' qkv, o, gate_up, down, {torch.get_num_threads()} threads, {repeats} interleaved runs; "

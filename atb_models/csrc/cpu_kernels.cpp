@@ -1,4 +1,5 @@
-// The kit's CPU kernels (AVX-512; float32 activations, float32 or int8 weights), one library: built with the
+// The kit's CPU kernels (AVX-512; float32 activations, float32 or int8 weights, int8 linears quantizing their
+// inputs to int16 per block: w8a16_linear.h), one library: built with the
 // machine's C++ compiler on first use and loaded with ctypes by atb_models/kernels/native.py, where its functions
 // and structs are declared for Python (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
 //

@@ -1,78 +1,125 @@
-// y = x (W_int8 * scale)^T + b, weight-only int8 (W8A16): float32 activations, int8 weights widened in registers.
+// y = x (W_int8 * scale)^T + b, weight-only int8 (W8A16): int8 weights, 16-bit activations, int32 products.
 //
-// W is packed like the panel kernel's float32 weights (panel_linear.h), in groups of 64 output columns,
-// wp[N / 64][K][64], but one byte a weight: a k-step of a group is one 64-byte line, and a thread's groups are one
-// sequential stream of a quarter of float32's bytes. Scales are the quantizer's own [N, groups] (kernels/w8a16.py):
-// per output channel (groups = 1) or per group of K / groups input columns.
+// W is packed in groups of 64 output columns like the panel kernel's float32 weights (panel_linear.h), with each
+// column's two weights of a pair of input columns side by side: wp[N / 64][K / 2][64][2] (kernels/w8a16.py's
+// pack). A pair of k-steps of a group is 128 bytes, and a thread's groups are one sequential stream of a quarter of
+// float32's bytes. Scales are the quantizer's own [N, groups] (kernels/w8a16.py): per output channel (groups = 1)
+// or per group of K / groups input columns.
 //
-// Up to 6 rows (decode) read the int8 weights directly: each line is widened to four zmm of float32
-// (_mm512_cvtepi8_epi32 + _mm512_cvtepi32_ps, two instructions per 16 weights) and feeds 4 fused multiply-adds
-// a row. A group's products accumulate unscaled and are scaled once at the group's end (per channel: once). At one
-// row the widening is two thirds of the instructions, so a core widens about 64 bytes in 6 cycles: near what
-// memory delivers on this kit's VM (docs/PERFORMANCE.md), so the prefetch runs a fixed distance ahead to keep both
-// busy.
+// The activations are quantized on entry, per row and per block of at most BLOCK_PAIRS pairs of input columns
+// inside one scale group, to int16 with a float32 scale (amax / 32767): 16-bit activations, about 2^-16 of each
+// block's largest value, next to the int8 weights' 2^-8 of each row's. Then a product is integer arithmetic:
+// 32 weights are sign-extended to int16 in one instruction (_mm512_cvtepi8_epi16) and multiplied with a row's
+// broadcast pair of activations and summed into 16 int32 columns in one more (_mm512_dpwssd_epi32, AVX512-VNNI;
+// _mm512_madd_epi16 + _mm512_add_epi32 without it), where float32 activations took six instructions for the same
+// 32 weights (widen to int32, convert, multiply-add, twice). A block's int32 sums are turned to float32 and scaled
+// (the block's activation scale times the column's weight scale) into y once per block. A block is at most 256
+// pairs: |sum| <= 256 * 2 * 127 * 32767 < 2^31, no overflow.
 //
-// More rows (batched decode, prefill) widen each K block once, scaled, into an L1 buffer of float32 and run the
-// panel kernel's register blocks over it (panel_linear.h's register_block), prefetching the next int8 block while
-// they do, so the widening is paid once per block instead of once per 6 rows.
+// Each group's K blocks stay in L1 (256 pairs x 128 B = 32 KB) while every chunk of up to 6 rows passes over them,
+// so the weights are read from memory once whatever the row count; the passes prefetch the next block, a single
+// pass a fixed distance ahead.
 
 #pragma once
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+
+#include <vector>
 
 #include "panel_linear.h"
 
 namespace {
 
-constexpr int64_t W8_AHEAD = 32;  // direct path: prefetch this many k-steps (lines) ahead
+constexpr int64_t PAIR_BYTES = 2 * GROUP;  // one pair of k-steps of a column group: 128 bytes, two lines
+constexpr int64_t BLOCK_PAIRS = 256;       // pairs per int32 block: no overflow (see above), 32 KB of weights
+constexpr int64_t W8_AHEAD = 16;           // single pass: prefetch this many pairs (two lines each) ahead
+constexpr float INT16_MAX_F = 32767.0f;
 
-// The 64 int8 weights of one k-step as four zmm of float32.
-inline void widen(const int8_t* wk, __m512 w[4]) {
-    for (int j = 0; j < 4; j++)
-        w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + 16 * j))));
+#ifdef __AVX512VNNI__
+inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) { return _mm512_dpwssd_epi32(acc, w, x); }
+#else
+inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
+#endif
+
+// Where row i's block b starts and ends: blocks never cross a scale group, and hold at most BLOCK_PAIRS pairs.
+struct Blocks {
+    int64_t group_pairs, per_group, count;  // pairs per scale group, blocks per group, blocks per row
+    Blocks(int64_t K, int64_t groups) {
+        group_pairs = K / 2 / groups;
+        per_group = (group_pairs + BLOCK_PAIRS - 1) / BLOCK_PAIRS;
+        count = groups * per_group;
+    }
+    int64_t first_pair(int64_t b) const {
+        return b / per_group * group_pairs + (b % per_group) * BLOCK_PAIRS;
+    }
+    int64_t end_pair(int64_t b) const {
+        const int64_t end = first_pair(b) + BLOCK_PAIRS, group_end = (b / per_group + 1) * group_pairs;
+        return end < group_end ? end : group_end;
+    }
+};
+
+// Row x[K] as int16 q[K] with one scale per block: q = round(x / s), s = amax / 32767 over the block.
+void quantize_row(const float* x, int64_t K, const Blocks& blocks, int16_t* q, float* s) {
+    for (int64_t b = 0; b < blocks.count; b++) {
+        const int64_t k0 = 2 * blocks.first_pair(b), k1 = 2 * blocks.end_pair(b);
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+        if (!(amax < INFINITY)) amax = NAN;  // an inf or NaN activation makes the block's outputs NaN, as in float
+        s[b] = amax / INT16_MAX_F;
+        const float inverse = amax > 0.0f ? INT16_MAX_F / amax : 0.0f;
+        for (int64_t k = k0; k < k1; k++) {
+            const float v = nearbyintf(x[k] * inverse);  // round to nearest even, |v| <= 32767
+            q[k] = static_cast<int16_t>(v > INT16_MAX_F ? INT16_MAX_F : (v < -INT16_MAX_F ? -INT16_MAX_F : v));
+        }
+    }
 }
 
-// The scales of group `group` for the 64 output columns from n0: column n's is scales[n * groups + group].
+// The weight scales of group `group` for the 64 output columns from n0: column n's is scales[n * groups + group].
 inline void load_scales(const float* scales, int64_t groups, int64_t n0, int64_t group, __m512 s[4]) {
     const __m512i stride = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)groups));
     for (int j = 0; j < 4; j++) s[j] = _mm512_i32gather_ps(stride, scales + (n0 + 16 * j) * groups + group, 4);
 }
 
-// Rows x[MR, K] against one group of 64 columns w[K][64]: y[MR][64] = bias + sum over groups of scale * products.
+// Rows q[MR] (int16, row stride ldq, block scales sx with row stride lds) against one column group's pairs
+// [p0, p1) (block b) of w: y[MR][64] = (first ? bias : y) + sx * sw * products. While it runs, prefetch `share`
+// lines from `pf` on, spread evenly over the pairs.
 template <int MR>
-void w8_register_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scales, int64_t groups,
-                       int64_t n0, const float* bias, float* y, int64_t ldy) {
-    const int64_t group_size = K / groups;
-    for (int64_t group = 0; group < groups; group++) {
-        __m512 acc[MR][4];
-        for (int i = 0; i < MR; i++)
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
-        for (int64_t k = group * group_size; k < (group + 1) * group_size; k++) {
-            const int8_t* wk = w + k * GROUP;
-            _mm_prefetch(reinterpret_cast<const char*>(wk + W8_AHEAD * GROUP), _MM_HINT_T0);
-            __m512 wf[4];
-            widen(wk, wf);
-            for (int i = 0; i < MR; i++) {
-                const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(wf[j], b, acc[i][j]);
-            }
+void w8_register_block(const int16_t* q, int64_t ldq, const float* sx, int64_t lds, int64_t b, const int8_t* w,
+                       int64_t p0, int64_t p1, const __m512 sw[4], const float* bias, bool first, float* y,
+                       int64_t ldy, const char* pf, int64_t share) {
+    __m512i acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_si512();
+    const int64_t len = p1 - p0;
+    int64_t owed = 0;  // share / len lines per pair, kept in whole lines by counting in units of 1 / len
+    for (int64_t p = p0; p < p1; p++) {
+        const int8_t* wp = w + p * PAIR_BYTES;
+        for (owed += share; owed >= len; owed -= len, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        __m512i wv[4];
+        for (int j = 0; j < 4; j++)
+            wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j)));
+        for (int i = 0; i < MR; i++) {
+            const __m512i xp = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + i * ldq + 2 * p));
+            for (int j = 0; j < 4; j++) acc[i][j] = dot_pairs(acc[i][j], wv[j], xp);
         }
-        __m512 s[4];
-        load_scales(scales, groups, n0, group, s);
-        for (int i = 0; i < MR; i++)
-            for (int j = 0; j < 4; j++) {
-                const __m512 base = group ? _mm512_loadu_ps(y + i * ldy + 16 * j)
-                                          : (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps());
-                _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(acc[i][j], s[j], base));
-            }
+    }
+    for (int i = 0; i < MR; i++) {
+        const __m512 row_scale = _mm512_set1_ps(sx[i * lds + b]);
+        for (int j = 0; j < 4; j++) {
+            const __m512 base = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
+                                      : _mm512_loadu_ps(y + i * ldy + 16 * j);
+            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
+            _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), scale, base));
+        }
     }
 }
 
-using W8BlockFn = void (*)(const float*, int64_t, const int8_t*, int64_t, const float*, int64_t, int64_t,
-                           const float*, float*, int64_t);
+using W8BlockFn = void (*)(const int16_t*, int64_t, const float*, int64_t, int64_t, const int8_t*, int64_t,
+                           int64_t, const __m512*, const float*, bool, float*, int64_t, const char*, int64_t);
 
 W8BlockFn w8_block_for(int rows) {
     switch (rows) {
@@ -85,55 +132,58 @@ W8BlockFn w8_block_for(int rows) {
     }
 }
 
-// buffer[k - k0][64] = w[k][64] * scale of k's group, for k0 <= k < k1: the block in float32 for register_block.
-void widen_block(const int8_t* w, int64_t k0, int64_t k1, int64_t group_size, const float* scales, int64_t groups,
-                 int64_t n0, float* buffer) {
-    __m512 s[4];
-    for (int64_t k = k0; k < k1; k++) {
-        if (k == k0 || k % group_size == 0) load_scales(scales, groups, n0, k / group_size, s);
-        __m512 wf[4];
-        widen(w + k * GROUP, wf);
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(buffer + (k - k0) * GROUP + 16 * j, _mm512_mul_ps(wf[j], s[j]));
-    }
+// The calling thread's buffers for the quantized activations, grown as needed and kept (prefill's are large).
+struct QuantizedRows {
+    std::vector<int16_t> q;
+    std::vector<float> scales;
+};
+
+QuantizedRows& quantized_rows() {
+    static thread_local QuantizedRows rows;
+    return rows;
 }
 
 }  // namespace
 
 extern "C" {
 
-// x: [M, K] with row stride ldx; wp: int8 [N / 64][K][64]; scales: [N, groups], groups dividing K; bias: [N] or
-// null; y: [M, N]. N must be a multiple of 64.
+// x: [M, K] with row stride ldx; wp: int8 [N / 64][K / 2][64][2]; scales: [N, groups], groups dividing K into an
+// even number of columns each; bias: [N] or null; y: [M, N]. N must be a multiple of 64, K even.
 void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* wp, int64_t N,
                           const float* scales, int64_t groups, const float* bias, float* y) {
-    const int64_t column_groups = N / GROUP, group_size = K / groups;
+    const Blocks blocks(K, groups);
+    QuantizedRows& rows = quantized_rows();
+    if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
+    if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
+    int16_t* const q = rows.q.data();
+    float* const sx = rows.scales.data();
+    const int64_t column_groups = N / GROUP, pairs = K / 2;
 #pragma omp parallel
     {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, blocks, q + m * K, sx + m * blocks.count);
         // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        if (M <= MAX_ROWS) {
-            for (int64_t g = first; g < end; g++)
-                w8_block_for(static_cast<int>(M))(x, ldx, wp + g * K * GROUP, K, scales, groups, g * GROUP,
-                                                  bias ? bias + g * GROUP : nullptr, y + g * GROUP, N);
-        } else {
-            alignas(64) float buffer[K_BLOCK * GROUP];
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-                const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-                const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
-                for (int64_t g = first; g < end; g++) {
-                    const int8_t* w = wp + g * K * GROUP;
-                    for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
-                        const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK, lines = k1 - k0;
-                        widen_block(w, k0, k1, group_size, scales, groups, g * GROUP, buffer);
-                        for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
-                            const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
-                            // The passes share the next block's int8 lines (one a k-step), which follow this one.
-                            const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
-                            const float* pf = reinterpret_cast<const float*>(w + (k1 + from) * GROUP);
-                            block_for(rows)(x + m * ldx + k0, ldx, buffer, 0, lines,
-                                            bias ? bias + g * GROUP : nullptr, k0 == 0, y + m * N + g * GROUP, N, pf,
-                                            to - from);
-                        }
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+            const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+            const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
+            for (int64_t g = first; g < end; g++) {
+                const int8_t* w = wp + g * pairs * PAIR_BYTES;
+                __m512 sw[4];
+                for (int64_t b = 0; b < blocks.count; b++) {
+                    if (b % blocks.per_group == 0) load_scales(scales, groups, g * GROUP, b / blocks.per_group, sw);
+                    const int64_t p0 = blocks.first_pair(b), p1 = blocks.end_pair(b), lines = 2 * (p1 - p0);
+                    for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
+                        const int rows_here = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
+                        // One pass runs W8_AHEAD pairs ahead of its own reads; several share the next block's
+                        // lines, which follow this block in memory (into the next group at the end).
+                        const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                        const char* pf = reinterpret_cast<const char*>(
+                            passes == 1 ? w + (p0 + W8_AHEAD) * PAIR_BYTES : w + p1 * PAIR_BYTES + from * 64);
+                        w8_block_for(rows_here)(q + m * K, K, sx + m * blocks.count, blocks.count, b, w, p0, p1, sw,
+                                                bias ? bias + g * GROUP : nullptr, b == 0, y + m * N + g * GROUP, N,
+                                                pf, passes == 1 ? lines : to - from);
                     }
                 }
             }

@@ -73,7 +73,7 @@ class NativeDecoderLayer(LayerByLayer):
                    kv_heads: int, eps: float, scale: float, scales=(None, None, None, None)):
         """The struct LayerWeights for these tensors, or None where they are not the kernel's case. `scales` are
         the four linears' (qkv, o, gate_up, down) W8A16 scales [out, groups], None for a float32 linear: a linear
-        with scales has int8 weights in the same layout. It points into the tensors: it is right while they are
+        with scales has int8 weights (in kernels.w8a16's pair layout). It points into the tensors: it is right while they are
         the layer's."""
         linears = (qkv, o, gate_up, down)
         tensors = (input_norm, qkv_bias, post_norm, k_cache, v_cache,
@@ -83,15 +83,17 @@ class NativeDecoderLayer(LayerByLayer):
             return None
         if any(s is not None and (w.dtype != torch.int8 or not w.is_contiguous()) for w, s in zip(linears, scales)):
             return None
-        hidden, head_dim, intermediate = input_norm.shape[0], k_cache.shape[-1], down.shape[1]
-        # [out / 64, in, 64] each (kernels.linear.panel_layout), out and in as the heads and sizes say; scales
-        # [out, groups] with groups dividing in.
+        hidden, head_dim = input_norm.shape[0], k_cache.shape[-1]
+        intermediate = gate_up.shape[0] * PANEL_GROUP // 2  # gate's and up's columns, in either layout
+        # Float32: [out / 64, in, 64] (kernels.linear.panel_layout); int8: [out / 64, in / 2, 64, 2]
+        # (kernels.w8a16.pair_layout) with scales [out, groups], groups dividing in into even sizes; out and in as
+        # the heads and sizes say.
         expected = ((qkv, (heads + 2 * kv_heads) * head_dim, hidden), (o, hidden, heads * head_dim),
                     (gate_up, 2 * intermediate, hidden), (down, hidden, intermediate))
-        if head_dim % 16 or any(w.dim() != 3 or tuple(w.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP)
-                                or out % PANEL_GROUP for w, out, inp in expected):
+        if head_dim % 16 or any(out % PANEL_GROUP or tuple(w.shape) != _packed_shape(out, inp, s)
+                                for (w, out, inp), s in zip(expected, scales)):
             return None
-        if any(s is not None and (s.dim() != 2 or s.shape[0] != out or inp % s.shape[1])
+        if any(s is not None and (s.dim() != 2 or s.shape[0] != out or inp % s.shape[1] or (inp // s.shape[1]) % 2)
                for s, (_, out, inp) in zip(scales, expected)):
             return None
         if qkv_bias.shape != ((heads + 2 * kv_heads) * head_dim,) or post_norm.shape != (hidden,):
@@ -115,3 +117,10 @@ class NativeDecoderLayer(LayerByLayer):
         step = self._decode_step(rows, keep[0].data_ptr(), keep[0].shape[1], *(t.data_ptr() for t in keep[1:]))
         step.keep = keep
         return step
+
+
+def _packed_shape(out_features: int, in_features: int, scale) -> tuple:
+    """The shape a linear's packed weight has for the native layer: float32 (no scale) or int8."""
+    if scale is None:
+        return (out_features // PANEL_GROUP, in_features, PANEL_GROUP)
+    return (out_features // PANEL_GROUP, in_features // 2, PANEL_GROUP, 2)

@@ -24,12 +24,18 @@ from pathlib import Path
 import torch
 
 from atb_models.config import kit_home
+from atb_models.host import cpuinfo_field, read_cpuinfo
 
 logger = logging.getLogger("atb_models.native")
 
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "csrc"
 LIBRARY = "cpu_kernels"  # csrc/cpu_kernels.cpp and its headers
-CXX_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# AVX-512 F, BW, VL and DQ: what torch's "AVX512" capability, checked before building, guarantees.
+CXX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
+             "-std=c++17")
+# Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
+# compiler flag.
+OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"),)
 
 # --------------------------------------------------------------------------------------------- the declaration
 
@@ -136,6 +142,12 @@ def cache_dir() -> Path:
     return kit_home() / "native"
 
 
+def compile_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """CXX_FLAGS plus the OPTIONAL_ISA this CPU (its /proc/cpuinfo text, default read here) reports."""
+    flags = set(cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
+    return CXX_FLAGS + tuple(option for flag, option in OPTIONAL_ISA if flag in flags)
+
+
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
@@ -147,10 +159,11 @@ def build(name: str) -> Path | None:
     if cxx is None:
         logger.info("no C++ compiler found (set CXX): the kit's %s kernels are not built", name)
         return None
+    flags = compile_flags()
     source = SOURCE_DIR / f"{name}.cpp"
     sources = [source, *sorted(SOURCE_DIR.glob("*.h"))]
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)
-                            + " ".join((cxx, *CXX_FLAGS)).encode()).hexdigest()[:16]
+                            + " ".join((cxx, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     if target.is_file():
         return target
@@ -160,7 +173,7 @@ def build(name: str) -> Path | None:
         fd, staging = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run([cxx, *CXX_FLAGS, str(source), "-o", staging], capture_output=True, text=True,
+            result = subprocess.run([cxx, *flags, str(source), "-o", staging], capture_output=True, text=True,
                                     timeout=300)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["no message"])[-1]

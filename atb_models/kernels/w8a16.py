@@ -5,8 +5,9 @@ columns: `quantize` makes them (the quantize tool and quantize-at-load share it)
 = in / group_size (1 for per-channel). A decode step reads a quarter of float32's weight bytes.
 
 Kernels take (x, weight, bias, scale) where weight is the int8 [out, in] tensor or the layout `pack` made of it:
-- NativeW8A16: the kit's own CPU kernel (atb_models/csrc/w8a16_linear.h, AVX-512), on weights packed like the
-  panel kernel's, [out / 64, in, 64] int8, widened to float32 in registers;
+- NativeW8A16: the kit's own CPU kernel (atb_models/csrc/w8a16_linear.h, AVX-512), on weights packed in groups
+  of 64 output columns with pairs of input columns side by side, [out / 64, in / 2, 64, 2] int8, against the
+  activations quantized per block to int16 (16-bit activations) in integer multiply-adds;
 - NpuW8A16: the NPU's fused op, torch_npu.npu_weight_quant_batchmatmul;
 - TorchW8A16: PyTorch's `_weight_int8pack_mm` for per-channel scales where it runs (CPU, and accelerators whose
   build has it), else the weight dequantized in the activation dtype on each call: right everywhere, not fast.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models import platform
-from atb_models.kernels.linear import PANEL_GROUP, panel_layout
+from atb_models.kernels.linear import PANEL_GROUP
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -71,7 +72,7 @@ class TorchW8A16:
             return y if bias is None else y + bias
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def pack(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
 
@@ -88,10 +89,14 @@ def _int8pack_mm_runs(device: torch.device) -> bool:
 
 
 class NativeW8A16:
-    """The kit's W8A16 kernel for the CPU (atb_models/csrc/w8a16_linear.h): int8 weights packed in groups of 64
-    output columns (`pack`, panel_layout's [out / 64, in, 64]), streamed and widened to float32 in registers, scales
-    per channel or per group. Activations of other dtypes (bfloat16) are computed in float32 and returned in theirs.
-    Weights it did not pack (an output size off the groups) go to `fallback`."""
+    """The kit's W8A16 kernel for the CPU (atb_models/csrc/w8a16_linear.h): int8 weights packed by `pack` in groups
+    of 64 output columns, each column's weights of a pair of input columns side by side ([out / 64, in / 2, 64, 2]),
+    streamed and sign-extended to int16 in registers; the activations quantized on entry to int16, per row and per
+    block of up to 512 input columns within a scale group (scale: the block's largest magnitude / 32767), so that a
+    product is VNNI's int16 multiply-add into int32; each block's sums scaled into float32 by the activation's and
+    the weights' scales (per channel or per group). Activations of other dtypes (bfloat16) are read as float32 and
+    the result returned in theirs. Weights it did not pack (an output size off the groups, an odd input size or
+    scale group) go to `fallback`."""
 
     name = "native"
 
@@ -101,10 +106,10 @@ class NativeW8A16:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  scale: torch.Tensor) -> torch.Tensor:
-        if weight.dim() != 3:
+        if weight.dim() != 4:
             return self._fallback(x, weight, bias, scale)
-        column_groups, in_features, _ = weight.shape
-        out_features = column_groups * PANEL_GROUP
+        column_groups, pairs, _, _ = weight.shape
+        in_features, out_features = 2 * pairs, column_groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
             rows = rows.contiguous().float()
@@ -118,10 +123,23 @@ class NativeW8A16:
                          y.data_ptr())
         return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def pack(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[out, in] int8 -> [out / 64, in / 2, 64, 2]: group g, pair p, column c holds W[64g + c, 2p : 2p + 2].
+        None where the kernel does not take the weight: out not a multiple of 64, in (or, given `scale`
+        [out, groups], a scale group) of an odd size."""
         if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[0] % PANEL_GROUP:
             return None
-        return panel_layout(weight)
+        out_features, in_features = weight.shape
+        if in_features % 2 or (scale is not None and (in_features // scale.shape[-1]) % 2):
+            return None
+        return pair_layout(weight)
+
+
+def pair_layout(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out / 64, in / 2, 64, 2] (out a multiple of PANEL_GROUP, in even): NativeW8A16's layout."""
+    out_features, in_features = weight.shape
+    return (weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2)
+            .contiguous())
 
 
 class NpuW8A16:
@@ -153,7 +171,7 @@ class NpuW8A16:
             self._scales[id(scale)] = (weakref.ref(scale), dtype, converted)
         return converted
 
-    def pack(self, weight):
+    def pack(self, weight, scale=None):
         return None
 
 
@@ -181,7 +199,8 @@ def _native_products_right(op, fallback: TorchW8A16) -> bool:
     generator = torch.Generator().manual_seed(0)
     q, s = quantize(torch.randn(2 * PANEL_GROUP, 40, generator=generator), group_size=8)
     x, b = torch.randn(3, 40, generator=generator), torch.randn(2 * PANEL_GROUP, generator=generator)
-    if torch.allclose(kernel(x, kernel.pack(q), b, s), F.linear(x, dequantize(q, s), b), atol=1e-4):
+    # Its activations are 16-bit: within about 1e-4 of float32's product here.
+    if torch.allclose(kernel(x, kernel.pack(q, s), b, s), F.linear(x, dequantize(q, s), b), atol=1e-3, rtol=1e-3):
         return True
     logger.warning("the kit's W8A16 kernel gave wrong products here: using PyTorch's operators")
     return False
