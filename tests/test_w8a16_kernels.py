@@ -183,3 +183,34 @@ def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operat
     down.weight = torch.nn.Parameter(q, requires_grad=False)
     layer.k_cache = caches[0].clone()
     assert fused.weights_of(layer) is None
+
+
+def test_the_native_library_is_built_with_vnni_only_where_the_cpu_reports_it():
+    from atb_models.kernels.native import CXX_FLAGS, compile_flags
+
+    with_vnni = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni avx512_bf16\n"
+    without = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n"
+    assert compile_flags(with_vnni) == (*CXX_FLAGS, "-mavx512vnni")
+    assert compile_flags(without) == CXX_FLAGS and "-mavx512bw" in CXX_FLAGS
+
+
+@pytest.mark.slow
+def test_without_vnni_the_library_multiplies_int8_weights_with_avx512bw_alone(monkeypatch, tmp_path):
+    """An AVX-512 CPU without VNNI (Skylake-X): the library built for it takes the multiply-add path."""
+    if not AVX512:
+        pytest.skip("needs an AVX-512 CPU to run the library")
+    from atb_models.kernels import native
+
+    cpuinfo = native.read_cpuinfo().replace(" avx512_vnni", "")
+    monkeypatch.setattr(native, "read_cpuinfo", lambda: cpuinfo)
+    monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
+    library = native.NativeLibrary.load()
+    assert library is not None and [p.name for p in (tmp_path / "native").glob("*.so")]
+    kernel = w8a16_kernel(CPU_FP32, library)
+    assert isinstance(kernel, NativeW8A16)  # its products checked right before use
+    generator = torch.Generator().manual_seed(3)
+    q, s = quantize(torch.randn(128, 1100, generator=generator))
+    x = torch.randn(9, 1100, generator=generator)
+    seen, _ = int16_activations(x, 1)
+    assert torch.allclose(kernel(x, kernel.pack(q, s), None, s).double(), F.linear(seen, dequantize(q, s).double()),
+                          atol=1e-4, rtol=1e-5)
