@@ -68,15 +68,9 @@ def _import_torch_npu() -> ModuleType | None:
     return importlib.import_module("torch_npu")
 
 
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The first processor's flags in /proc/cpuinfo text (avx512f, avx512_bf16, amx_bf16, ...): what the dtype
-    decisions here and the native kernels' variants (kernels.native.NativeLibrary.cpu_flags) are decided from."""
-    return frozenset(cpuinfo_field(cpuinfo, "flags").split())
-
-
 def cpu_capabilities(cpuinfo: str) -> Capabilities:
     """Parse /proc/cpuinfo text: the first processor's model name and flags."""
-    flags = cpu_flags(cpuinfo)
+    flags = set(cpuinfo_field(cpuinfo, "flags").split())
     model = cpuinfo_field(cpuinfo, "model name") or "unknown CPU"
     matrix_flags = [f for f in _CPU_BF16_FLAGS + _CPU_FP16_FLAGS if f in flags]
     name = f"{model} ({', '.join(matrix_flags)})" if matrix_flags else model

@@ -1,6 +1,6 @@
-"""bfloat16 on the CPU's native path: the bf16 panel kernels (widened and AVX512-BF16 dot products) against a float
-reference, the fused decoder layer on bf16 weights, residual stream and KV cache against PyTorch's bf16 operators,
-and which variant each CPU gets by its flags (simulated)."""
+"""bfloat16 on the CPU's native path: the bf16 panel kernel against a float reference, the fused decoder layer on
+bf16 weights, residual stream and KV cache against PyTorch's bf16 operators, and which kernels a bf16 model gets
+on CPUs of other flags (simulated)."""
 
 import dataclasses
 
@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atb_models import platform
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
-from atb_models.kernels.linear import Bf16Product, OneDnnLinear, PanelLinear, bf16_panel_layout
-from atb_models.platform import resolve_plan
-from tests.test_kernels import AVX512, CPU_FP32, _decode_step
+from atb_models.kernels.linear import OneDnnLinear, PanelLinear
+from atb_models.platform import cpu_capabilities, resolve_plan
+from tests.test_kernels import AVX512, CPU_FP32, _decode_step, _panel_packed
 
 CPU_BF16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
 
@@ -22,73 +21,47 @@ def native_bf16_kernels() -> Kernels:
     if not AVX512:
         pytest.skip("the native kernels need an AVX-512 CPU")
     kernels = Kernels.for_plan(CPU_BF16)
-    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16 is not None
+    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is not None
     return kernels
 
 
-def bf16_products() -> list:
-    """Each variant this CPU runs: widened to float32 always, AVX512-BF16 dot products where it has the flag."""
-    library = native.NativeLibrary.load() if AVX512 else None
-    if library is None:
-        pytest.skip("the native kernels need an AVX-512 CPU")
-    products = [Bf16Product(library.atb_bf16_linear_f32, dot=False)]
-    if "avx512_bf16" in library.cpu_flags:
-        products.append(Bf16Product(library.atb_bf16_linear_dpbf16, dot=True))
-    return products
-
-
-def _bf16_packed(weight: torch.Tensor) -> torch.Tensor:
-    """The bf16 panel layout written out by hand: group g, pair-step p holds W[64g + n, 2p + j] at [g, p, n, j]."""
-    out_features, in_features = weight.shape
-    packed = torch.zeros(out_features // 64, (in_features + 1) // 2, 64, 2, dtype=weight.dtype)
-    for k in range(in_features):
-        packed[:, k // 2, :, k % 2] = weight[:, k].view(-1, 64)
-    return packed
-
-
-def test_bf16_panel_layout_pairs_input_columns_and_pads_an_odd_one():
-    weight = torch.randn(128, 7).bfloat16()
-    packed = bf16_panel_layout(weight)
-    assert packed.shape == (2, 4, 64, 2) and packed.dtype == torch.bfloat16
-    assert torch.equal(packed, _bf16_packed(weight))
-    assert torch.equal(packed[:, 3, :, 1], torch.zeros(2, 64, dtype=torch.bfloat16))
-
-
-@pytest.mark.parametrize("variant", ["widened", "dpbf16"])
-def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values(variant):
-    products = {"dpbf16" if p.dot else "widened": p for p in bf16_products()}
-    if variant not in products:
-        pytest.skip("this CPU has no AVX512-BF16")
-    kernel = PanelLinear(None, None, None, products[variant])
+def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
+    kernel = native_bf16_kernels().linear
     generator = torch.Generator().manual_seed(0)
-    # One group; uneven thread shares (3, 37 groups); K odd (a padded pair), off the 128-pair blocks, over several.
+    # One group; uneven thread shares (3, 37 groups); K odd and off 16, off the 128-step blocks, over several.
     for out_features, in_features in ((64, 40), (128, 7), (64 * 3, 201), (64 * 37, 130), (1024, 300)):
         weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
         bias = torch.randn(out_features, generator=generator)
-        packed = bf16_panel_layout(weight)
-        for rows in (1, 2, 5, 6, 7, 16, 17, 300):  # partial register blocks, several passes, two row chunks
+        packed = _panel_packed(weight).bfloat16()
+        for rows in (1, 2, 5, 6, 7, 16, 17, 300):  # partial register blocks, widened K blocks beyond 6, 2 chunks
             x = torch.randn(rows, in_features, generator=generator).bfloat16()
             for b in (None, bias):
                 expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                # Exact products summed in float32; returned in the activation's dtype (bf16: rounded once).
+                assert torch.allclose(kernel(x.float(), packed, b).double(), expected, atol=1e-4, rtol=1e-4), \
+                    (out_features, in_features, rows)
                 got = kernel(x, packed, b)
                 assert got.dtype == torch.bfloat16
-                # Exact products summed in float32, then rounded to bf16 as the output dtype.
-                assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3), (out_features, in_features, rows)
-                assert torch.allclose(kernel(x.float(), packed, b).double(), expected, atol=1e-4, rtol=1e-4)
+                assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
+    # Float32 activations are rounded to bf16 first, as PyTorch's bf16 linear is given them.
+    x = torch.randn(3, 300, generator=generator)
+    assert torch.equal(kernel(x, packed, bias), kernel(x.bfloat16().float(), packed, bias))
     # Rows of a strided activation (a view), and no rows.
     x = torch.randn(2, 5, 2 * 300, generator=generator).bfloat16()[:, :, ::2]
     assert torch.allclose(kernel(x.float(), packed, bias), F.linear(x.float(), weight.float(), bias), atol=1e-4)
     assert kernel(torch.randn(0, 300).bfloat16(), packed, bias).shape == (0, 1024)
 
 
-def test_the_panel_kernel_packs_large_bf16_weights_by_pairs_and_leaves_the_rest_to_onednn():
+def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the_rest_to_onednn():
     kernel = native_bf16_kernels().linear
     large = torch.randn(1024, 512).bfloat16()
-    assert torch.equal(kernel.pack(large), _bf16_packed(large))
-    assert kernel.pack(large[:-16]).dim() != 4  # an output size off the groups: oneDNN's layout or none
+    packed = kernel.pack(large)
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed, _panel_packed(large.float()).bfloat16())
+    assert kernel.pack(large[:-16]).dim() != 3  # an output size off the groups: oneDNN's layout or none
     assert kernel.pack(large[:64]) is None  # small: F.linear
-    without_bf16 = PanelLinear(kernel._native, kernel._linear, kernel._reorder, bf16=None)
-    assert without_bf16.pack(large).dim() != 4
+    assert kernel.pack(large.half()) is None
+    without_bf16 = PanelLinear(kernel._native, kernel._linear, kernel._reorder, bf16_op=None)
+    assert without_bf16.pack(large).dim() != 3
 
 
 # ---------------------------------------------------------------------------------- the fused decoder layer
@@ -172,24 +145,23 @@ def test_a_bf16_layer_the_kernel_cannot_take_runs_its_own_forward():
     assert fused.weights_of(native_layer) is None
 
 
-# --------------------------------------------------------------------------------- dispatch by the CPU's flags
+# ----------------------------------------------------------------------------- which kernels a bf16 model gets
 
-def _cpuinfo_with_flags(flags) -> str:
-    return f"processor\t: 0\nmodel name\t: Simulated CPU\nflags\t\t: {' '.join(sorted(flags))}\n"
+def _simulated_cpu(flags: str):
+    return cpu_capabilities(f"processor\t: 0\nmodel name\t: Simulated CPU\nflags\t\t: {flags}\n")
 
 
-def test_a_cpu_without_avx512_bf16_gets_the_widened_bf16_kernel_and_one_with_it_the_dot_products(monkeypatch):
-    real = platform.cpu_flags(platform.read_cpuinfo())
-    if not AVX512:
-        pytest.skip("the native kernels need an AVX-512 CPU")
-    monkeypatch.setattr(platform, "read_cpuinfo", lambda: _cpuinfo_with_flags(real - {"avx512_bf16"}))
-    widened = Kernels.for_plan(CPU_BF16)
-    assert widened.linear.bf16.dot is False and widened.decoder_layer._bf16_dot is False
-    if "avx512_bf16" not in real:
-        return  # the dot products would raise SIGILL here: only a CPU with the flag can run that branch
-    monkeypatch.setattr(platform, "read_cpuinfo", lambda: _cpuinfo_with_flags(real))
-    dot = Kernels.for_plan(CPU_BF16)
-    assert dot.linear.bf16.dot is True and dot.decoder_layer._bf16_dot is True
+def test_a_cpu_with_avx512_bf16_runs_a_bf16_checkpoint_natively_and_one_without_in_float32():
+    """The flags decide the plan (platform), the plan and this CPU's AVX-512 the kernels: on a CPU with native bf16
+    a bf16 checkpoint stays bf16 and gets the native bf16 decode path; without, it computes in float32 and gets
+    the float32 one."""
+    with_bf16 = resolve_plan("cpu", "auto", "bfloat16", caps=_simulated_cpu("fpu avx2 avx512f avx512bw avx512_bf16"))
+    without = resolve_plan("cpu", "auto", "bfloat16", caps=_simulated_cpu("fpu avx2 avx512f avx512bw"))
+    assert with_bf16.llm_dtype == torch.bfloat16 and without.llm_dtype == torch.float32
+    for plan in (with_bf16, without):
+        kernels = Kernels.for_plan(plan)
+        assert isinstance(kernels.decoder_layer, NativeDecoderLayer) == AVX512
+        assert isinstance(kernels.linear, PanelLinear) == AVX512
 
 
 def test_a_cpu_without_avx512_runs_a_bf16_model_on_pytorchs_operators(monkeypatch):
@@ -202,14 +174,14 @@ def test_a_cpu_without_avx512_runs_a_bf16_model_on_pytorchs_operators(monkeypatc
 def test_a_bf16_panel_kernel_that_multiplies_wrong_is_not_used(monkeypatch, caplog):
     if not AVX512:
         pytest.skip("the native kernels need an AVX-512 CPU")
-    from atb_models.kernels import linear
-
-    monkeypatch.setattr(linear, "_bf16_products_right", lambda product: False)
+    library = native.NativeLibrary.load()
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    monkeypatch.setattr(library, "atb_bf16_linear_f32", lambda *args: None)  # writes nothing: wrong products
     with caplog.at_level("WARNING", logger="atb_models.kernels"):
         kernels = Kernels.for_plan(CPU_BF16)
-    assert "bfloat16 panel kernel" in caplog.text and "wrong products" in caplog.text
-    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16 is None
+    assert "bfloat16 panel kernel gave wrong products" in caplog.text
+    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is None
     assert type(kernels.decoder_layer) is LayerByLayer
-    assert kernels.linear.pack(torch.randn(1024, 512).bfloat16()).dim() != 4
-    # float32 models keep their own native kernels
-    assert isinstance(Kernels.for_plan(resolve_plan("cpu", "float32", "float32")).decoder_layer, NativeDecoderLayer)
+    assert kernels.linear.pack(torch.randn(1024, 512).bfloat16()).dim() != 3
+    # A float32 model keeps its native kernels.
+    assert isinstance(Kernels.for_plan(CPU_FP32).decoder_layer, NativeDecoderLayer)

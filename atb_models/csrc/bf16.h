@@ -48,6 +48,16 @@ inline void store_bf16(const float* x, int64_t n, uint16_t* out) {
     for (; i < n; i++) out[i] = float_to_bf16(x[i]);
 }
 
+// x[0:n] = float32(bfloat16(x[0:n])), in place: the values a bfloat16 tensor would hold.
+inline void round_to_bf16_values(float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i narrow = _mm512_cvtepu16_epi32(round_to_bf16(_mm512_loadu_ps(x + i)));
+        _mm512_storeu_ps(x + i, _mm512_castsi512_ps(_mm512_slli_epi32(narrow, 16)));
+    }
+    for (; i < n; i++) x[i] = bf16_to_float(float_to_bf16(x[i]));
+}
+
 // out[0:n] = float32(x[0:n]).
 inline void load_bf16_row(const uint16_t* x, int64_t n, float* out) {
     int64_t i = 0;

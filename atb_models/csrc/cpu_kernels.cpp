@@ -11,22 +11,21 @@
 
 #include "activation.h"
 #include "bf16.h"
-#include "bf16_linear.h"
 #include "paged_decode_attention.h"
 #include "panel_linear.h"
 #include "rms_norm.h"
-#include "w8a16_linear.h"
+#include "widened_linear.h"
 
 // How a weight or activation tensor is stored: kernels/native.py's FORMATS.
 enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
 
-// One Qwen2 decoder layer as loaded: the four linears in their kernel's layout, each float32 (panel_linear.h),
-// int8 (W8A16, w8a16_linear.h, with scales) or bfloat16 (bf16_linear.h); the norms' weights and the qkv bias in
+// One Qwen2 decoder layer as loaded: the four linears in the panel layout (kernels/linear.py's panel_layout), each
+// float32 (panel_linear.h), int8 (W8A16, with scales) or bfloat16 (widened_linear.h); the norms' weights and the qkv bias in
 // float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's STRUCTS, field
 // for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
-    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64] (bf16: by pairs)
+    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
     const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
     const void* o;               // packed [hidden / 64][heads * head_dim][64]
     const float* post_norm;      // [hidden]
@@ -42,7 +41,6 @@ struct LayerWeights {
     int64_t qkv_groups, o_groups, gate_up_groups, down_groups;  // scale groups of each int8 linear
     int64_t qkv_format, o_format, gate_up_format, down_format;  // each linear's weights: a Format
     int64_t kv_format;           // the KV cache's: FORMAT_F32 or FORMAT_BF16
-    int64_t bf16_dot;            // bfloat16 linears by atb_bf16_linear_dpbf16 (AVX512-BF16), else widened
     int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
     float eps, scale;
 };
@@ -64,7 +62,6 @@ struct DecodeStep {
     float* gate_up;               // [rows, 2 intermediate]
     float* activated;             // [rows, intermediate]
     float* residual;              // [rows, hidden]: a bfloat16 residual stream in float32 through the layer
-    uint16_t* rounded;            // [rows, max(hidden, heads * head_dim, intermediate)]: a bf16 linear's input
 };
 
 // Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
@@ -72,20 +69,15 @@ struct DecodeStep {
 
 namespace {
 
-// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. A bfloat16 linear takes its input
-// rounded to bfloat16 (into `rounded`), as PyTorch's bfloat16 linear is given it.
-void layer_linear(const LayerWeights* w, const DecodeStep* s, const float* x, int64_t K, const void* weights,
-                  int64_t format, const float* scales, int64_t groups, int64_t N, const float* bias, float* y) {
-    const int64_t rows = s->rows;
+// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. A bfloat16 linear's input (the layer's
+// scratch, read by this linear alone) is first rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it.
+void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float* scales,
+                  int64_t groups, int64_t N, const float* bias, float* y) {
     if (format == FORMAT_INT8) {
         atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
     } else if (format == FORMAT_BF16) {
-        store_bf16(x, rows * K, s->rounded);
-        const auto* packed = static_cast<const uint16_t*>(weights);
-        if (w->bf16_dot)
-            atb_bf16_linear_dpbf16(s->rounded, rows, K, K, packed, N, bias, y);
-        else
-            atb_bf16_linear_f32(s->rounded, rows, K, K, packed, N, bias, y);
+        round_to_bf16_values(x, rows * K);
+        atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
     } else {
         atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(weights), N, bias, y);
     }
@@ -114,7 +106,7 @@ void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, vo
     float* x = bf16_stream ? s->residual : static_cast<float*>(x_io);
     if (bf16_stream) load_bf16_row(static_cast<const uint16_t*>(x_io), rows * hidden, x);
     atb_rms_norm_f32(x, nullptr, w->input_norm, rows, hidden, w->eps, nullptr, s->normed);
-    layer_linear(w, s, s->normed, hidden, w->qkv, w->qkv_format, w->qkv_scale, w->qkv_groups, qkv_width,
+    layer_linear(rows, s->normed, hidden, w->qkv, w->qkv_format, w->qkv_scale, w->qkv_groups, qkv_width,
                  w->qkv_bias, s->qkv);
     const float* k = s->qkv + q_width;
     const float* v = k + w->kv_heads * head_dim;
@@ -128,15 +120,15 @@ void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, vo
                                static_cast<float*>(w->k_cache), static_cast<float*>(w->v_cache), s->block_tables,
                                s->max_blocks, s->context_lens, rows, w->heads, w->kv_heads, head_dim,
                                w->block_size, w->scale, s->attention);
-    layer_linear(w, s, s->attention, q_width, w->o, w->o_format, w->o_scale, w->o_groups, hidden, nullptr,
+    layer_linear(rows, s->attention, q_width, w->o, w->o_format, w->o_scale, w->o_groups, hidden, nullptr,
                  s->projected);
     // x += o; normed = norm(x) (the sum is written over x, each element after it is read).
     atb_rms_norm_f32(x, s->projected, w->post_norm, rows, hidden, w->eps, x, s->normed);
-    layer_linear(w, s, s->normed, hidden, w->gate_up, w->gate_up_format, w->gate_up_scale, w->gate_up_groups,
+    layer_linear(rows, s->normed, hidden, w->gate_up, w->gate_up_format, w->gate_up_scale, w->gate_up_groups,
                  2 * w->intermediate, nullptr, s->gate_up);
     atb_silu_and_mul_f32(s->gate_up, s->gate_up + w->intermediate, rows, w->intermediate, 2 * w->intermediate,
                          s->activated);
-    layer_linear(w, s, s->activated, w->intermediate, w->down, w->down_format, w->down_scale, w->down_groups, hidden,
+    layer_linear(rows, s->activated, w->intermediate, w->down, w->down_format, w->down_scale, w->down_groups, hidden,
                  nullptr, s->projected);
     for (int64_t i = 0; i < rows * hidden; i++) x[i] += s->projected[i];
     if (bf16_stream) store_bf16(x, rows * hidden, static_cast<uint16_t*>(x_io));

@@ -52,10 +52,10 @@ class Kernels:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
                        decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
                        w8a16=w8a16)
-        bf16 = getattr(linear, "bf16", None)  # the native bfloat16 linears, where the library multiplies right
-        if library is not None and plan.llm_dtype == torch.bfloat16 and bf16 is not None:
-            return cls(linear=linear, decode_attention=CpuDecodeAttention(),
-                       decoder_layer=NativeDecoderLayer(library, bf16_dot=bf16.dot), w8a16=w8a16)
+        # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
+        if plan.llm_dtype == torch.bfloat16 and getattr(linear, "bf16_op", None) is not None:
+            return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
+                       w8a16=w8a16)
         return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
 
     def describe(self) -> str:

@@ -10,7 +10,6 @@ import torch
 from atb_models import distributed
 from atb_models.kernels.linear import PANEL_GROUP
 from atb_models.kernels.native import FORMATS
-from atb_models.layers.sharding import ceil_div
 
 
 class LayerByLayer:
@@ -32,16 +31,14 @@ class NativeDecoderLayer(LayerByLayer):
     bfloat16 linear's input rounded to bfloat16 as PyTorch's bfloat16 path rounds it. Any other layer, and every
     prefill, runs its own forward.
 
-    The layer is read through its parts (norm weights, packed linears, KV cache), once per KV cache it is given.
-    `bf16_dot`: the bfloat16 linears by AVX512-BF16's dot products (kernels.linear.Bf16Product), else widened."""
+    The layer is read through its parts (norm weights, packed linears, KV cache), once per KV cache it is given."""
 
     name = "native"
 
-    def __init__(self, library, bf16_dot: bool = False):
+    def __init__(self, library):
         self._op = library.atb_decoder_layer_decode_f32
         self._layer_weights = library.structs["LayerWeights"]
         self._decode_step = library.structs["DecodeStep"]
-        self._bf16_dot = bf16_dot
         self._weights = weakref.WeakKeyDictionary()  # layer -> (the KV cache they were made for, weights or None)
 
     def __call__(self, layer, x, cos, sin, ctx):
@@ -90,7 +87,7 @@ class NativeDecoderLayer(LayerByLayer):
             return None
         hidden, head_dim = input_norm.shape[0], k_cache.shape[-1]
         weights, scales = zip(*linears)
-        intermediate = _in_features(weights[3], scales[3])
+        intermediate = weights[3].shape[1] if weights[3].dim() == 3 else None
         if intermediate is None or head_dim % 16:
             return None
         # Each linear's (out, in) as the heads and sizes say; scales [out, groups] with groups dividing in.
@@ -105,8 +102,7 @@ class NativeDecoderLayer(LayerByLayer):
         pointers = (keep[0], weights[0], keep[1], weights[1], keep[2], weights[2], weights[3], k_cache, v_cache)
         layer_weights = self._layer_weights(
             *(t.data_ptr() for t in pointers), *(None if s is None else s.data_ptr() for s in scales),
-            *(0 if s is None else s.shape[1] for s in scales), *formats, FORMATS[k_cache.dtype],
-            int(self._bf16_dot), hidden, heads, kv_heads, head_dim, intermediate, k_cache.shape[2], eps, scale)
+            *(0 if s is None else s.shape[1] for s in scales), *formats, FORMATS[k_cache.dtype], hidden, heads, kv_heads, head_dim, intermediate, k_cache.shape[2], eps, scale)
         layer_weights.keep = keep
         return layer_weights
 
@@ -119,8 +115,7 @@ class NativeDecoderLayer(LayerByLayer):
         widths = (lw.hidden, q_width + 2 * lw.kv_heads * lw.head_dim, q_width, lw.hidden, 2 * lw.intermediate,
                   lw.intermediate, lw.hidden)
         keep = [block_tables.contiguous(), context_lens.contiguous(), cos.float().contiguous(),
-                sin.float().contiguous(), *(torch.empty(rows, width, dtype=torch.float32) for width in widths),
-                torch.empty(rows, max(lw.hidden, q_width, lw.intermediate), dtype=torch.bfloat16)]
+                sin.float().contiguous(), *(torch.empty(rows, width, dtype=torch.float32) for width in widths)]
         step = self._decode_step(rows, FORMATS[x.dtype], keep[0].data_ptr(), keep[0].shape[1],
                                  *(t.data_ptr() for t in keep[1:]))
         step.keep = keep
@@ -130,28 +125,16 @@ class NativeDecoderLayer(LayerByLayer):
 STREAM_DTYPES = (torch.float32, torch.bfloat16)  # the residual stream's, the KV cache's, the norms'
 
 
-def _in_features(weight: torch.Tensor, scale) -> int | None:
-    """The input size of a weight packed by kernels.linear (float32 and int8: [out / 64, in, 64]; bfloat16:
-    [out / 64, ceil(in / 2), 64, 2], where an odd in cannot be told from the next even one: the shapes' check
-    catches it)."""
-    if weight.dim() == 3:
-        return weight.shape[1]
-    if weight.dim() == 4 and scale is None:
-        return 2 * weight.shape[1]
-    return None
-
-
 def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | None:
     """The library's format of a linear packed for its kernel with `out` x `inp` weights, or None where it is not
     packed so (or not contiguous, or its scales are off its shape)."""
     if weight.device.type != "cpu" or not weight.is_contiguous() or out % PANEL_GROUP:
         return None
-    if scale is not None:
+    if tuple(weight.shape) != (out // PANEL_GROUP, inp, PANEL_GROUP):
+        return None
+    if scale is not None:  # int8 with its scales
         right = (weight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
                  and scale.dim() == 2 and scale.shape[0] == out and inp % scale.shape[1] == 0)
-        shape = (out // PANEL_GROUP, inp, PANEL_GROUP)
-    elif weight.dtype == torch.bfloat16:
-        right, shape = True, (out // PANEL_GROUP, ceil_div(inp, 2), PANEL_GROUP, 2)
     else:
-        right, shape = weight.dtype == torch.float32, (out // PANEL_GROUP, inp, PANEL_GROUP)
-    return FORMATS[weight.dtype] if right and tuple(weight.shape) == shape else None
+        right = weight.dtype in (torch.float32, torch.bfloat16)
+    return FORMATS[weight.dtype] if right else None

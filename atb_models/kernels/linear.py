@@ -1,7 +1,7 @@
 """The matrix product behind every linear layer, y = x W^T + b, and the layout each kernel packs weights into.
 
 F.linear everywhere (the vendor's GEMM on accelerators); on the CPU, oneDNN's linear or the kit's own panel kernels
-(atb_models/csrc/panel_linear.h for float32 weights, bf16_linear.h for bfloat16 ones), chosen by
+(atb_models/csrc/panel_linear.h for float32 weights, widened_linear.h for bfloat16 ones), chosen by
 $ATB_MODELS_CPU_LINEAR (`cpu_kernel_choice`).
 """
 
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
-from atb_models.layers.sharding import ceil_div
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -68,36 +65,27 @@ class OneDnnLinear(LinearKernel):
         return self._reorder(weight.contiguous(), ONEDNN_PACK_ROWS)
 
 
-@dataclass(frozen=True)
-class Bf16Product:
-    """The native bfloat16 panel product this CPU runs (`bf16_product` chooses it): `op` is the library's
-    atb_bf16_linear_dpbf16 where `dot` (AVX512-BF16's vdpbf16ps), else atb_bf16_linear_f32 (widened to float32)."""
-
-    op: Callable
-    dot: bool
-
-
 class PanelLinear(OneDnnLinear):
     """The kit's own kernels for the CPU (AVX-512): weights packed in groups of 64 output columns so that each
     thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
-    oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h; bfloat16
-    ones, where `bf16` (a Bf16Product) is given, to csrc/bf16_linear.h, packed by pairs of input columns
-    (`bf16_panel_layout`: half the bytes, products accumulated in float32, bfloat16 activations as PyTorch's
-    bfloat16 linear takes them). Weights it does not pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS,
-    output size not a multiple of 64) go to oneDNN as before."""
+    oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
+    bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/widened_linear.h in the same
+    layout at half the bytes, widened to float32 in registers (bfloat16 activations, as PyTorch's bfloat16 linear
+    takes them, products and sums in float32). Weights it does not pack (another dtype, fewer than
+    ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64) go to oneDNN as before."""
 
     name = "panel"
 
-    def __init__(self, native_op, linear_op, reorder_op, bf16: Bf16Product | None = None):
+    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None):
         super().__init__(linear_op, reorder_op)
         self._native = native_op
-        self.bf16 = bf16
+        self.bf16_op = bf16_op
 
     def __call__(self, x, weight, bias=None):
-        if weight.dim() == 4:
-            return self._bf16_product(x, weight, bias)
         if weight.dim() != 3:
             return super().__call__(x, weight, bias)
+        if weight.dtype == torch.bfloat16:
+            return self._bf16_product(x, weight, bias)
         groups, in_features, _ = weight.shape
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
@@ -110,46 +98,32 @@ class PanelLinear(OneDnnLinear):
         return y.view(*x.shape[:-1], out_features)
 
     def _bf16_product(self, x, weight, bias):
-        """x [..., in] against a bf16_panel_layout weight; returned in x's dtype."""
-        groups, pairs = weight.shape[:2]
-        in_features, out_features = x.shape[-1], groups * PANEL_GROUP
-        if ceil_div(in_features, 2) != pairs:
-            raise ValueError(f"input of {in_features} features against a weight packed for {2 * pairs}")
+        """x [..., in] against a bfloat16 weight in panel_layout, x rounded to bfloat16 first; in x's dtype."""
+        groups, in_features, _ = weight.shape
+        out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
-        if rows.stride(-1) != 1 or rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16).contiguous()
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        rows = rows.float()  # bfloat16 values, which the kernel reads as float32
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
         if rows.shape[0]:
-            self.bf16.op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
+            self.bf16_op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
                          None if bias is None else bias.data_ptr(), y.data_ptr())
         return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
     def pack(self, weight):
-        if not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
+        packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
+        if not packs or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
             return super().pack(weight)
-        if weight.dtype == torch.float32:
-            return panel_layout(weight)
-        if weight.dtype == torch.bfloat16 and self.bf16 is not None:
-            return bf16_panel_layout(weight)
-        return super().pack(weight)
+        return panel_layout(weight)
 
 
 def panel_layout(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k] (out a multiple of PANEL_GROUP)."""
     out_features, in_features = weight.shape
     return weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2).contiguous()
-
-
-def bf16_panel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] bfloat16 -> [out / 64, ceil(in / 2), 64, 2]: group g, pair-step p holds W[64g:64g+64, 2p:2p+2] (an
-    odd in padded with a zero column; out a multiple of PANEL_GROUP)."""
-    out_features, in_features = weight.shape
-    if in_features % 2:
-        weight = F.pad(weight, (0, 1))
-    pairs = weight.shape[1] // 2
-    return weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, pairs, 2).transpose(1, 2).contiguous()
 
 
 PLAIN_LINEAR = LinearKernel()
@@ -191,23 +165,9 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
     if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
-        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_product(library))
+        bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
+        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op)
     return OneDnnLinear(onednn, reorder)
-
-
-def bf16_product(library) -> Bf16Product | None:
-    """The bfloat16 panel product for this CPU, by its flags (library.cpu_flags): AVX512-BF16's dot products where
-    it has them, else weights widened to float32 (any AVX-512F CPU); each checked on a small product before use.
-    None where neither multiplies right (bfloat16 weights then stay on oneDNN)."""
-    candidates = [Bf16Product(library.atb_bf16_linear_f32, dot=False)]
-    if "avx512_bf16" in library.cpu_flags:
-        candidates.insert(0, Bf16Product(library.atb_bf16_linear_dpbf16, dot=True))
-    for product in candidates:
-        if _bf16_products_right(product):
-            return product
-        logger.warning("the kit's bfloat16 panel kernel (%s) gave wrong products here",
-                       "AVX512-BF16 dot products" if product.dot else "widened to float32")
-    return None
 
 
 def _panel_products_right(op) -> bool:
@@ -220,14 +180,17 @@ def _panel_products_right(op) -> bool:
     return False
 
 
-def _bf16_products_right(product: Bf16Product) -> bool:
-    """One small product (an odd input size: the padded pair) against F.linear in float32 on the same values."""
-    kernel = PanelLinear(None, None, None, product)
+def _bf16_products_right(op) -> bool:
+    """The same for the bfloat16 kernel (bfloat16 weights and rows, against F.linear in float32 on their values),
+    where a wrong one leaves bfloat16 weights to oneDNN."""
+    kernel = PanelLinear(None, None, None, op)
     generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((3, 41), (2 * PANEL_GROUP, 41)))
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((3, 40), (2 * PANEL_GROUP, 40)))
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
-    got = kernel(x.float(), bf16_panel_layout(w), b)
-    return torch.allclose(got, F.linear(x.float(), w.float(), b), atol=1e-4)
+    if torch.allclose(kernel(x.float(), panel_layout(w), b), F.linear(x.float(), w.float(), b), atol=1e-4):
+        return True
+    logger.warning("the kit's bfloat16 panel kernel gave wrong products here: bfloat16 weights stay on oneDNN")
+    return False
 
 
 def _runs(call) -> bool:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from atb_models import platform
 from atb_models.config import kit_home
 
 logger = logging.getLogger("atb_models.native")
@@ -48,12 +47,12 @@ STRUCTS = {
         ("down", PTR), ("k_cache", PTR), ("v_cache", PTR), ("qkv_scale", PTR), ("o_scale", PTR),
         ("gate_up_scale", PTR), ("down_scale", PTR), ("qkv_groups", I64), ("o_groups", I64), ("gate_up_groups", I64),
         ("down_groups", I64), ("qkv_format", I64), ("o_format", I64), ("gate_up_format", I64), ("down_format", I64),
-        ("kv_format", I64), ("bf16_dot", I64), ("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
+        ("kv_format", I64), ("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
         ("intermediate", I64), ("block_size", I64), ("eps", F32), ("scale", F32)),
     "DecodeStep": (  # what all layers of one decode step share, scratch included
         ("rows", I64), ("x_format", I64), ("block_tables", PTR), ("max_blocks", I64), ("context_lens", PTR),
         ("cos", PTR), ("sin", PTR), ("normed", PTR), ("qkv", PTR), ("attention", PTR), ("projected", PTR),
-        ("gate_up", PTR), ("activated", PTR), ("residual", PTR), ("rounded", PTR)),
+        ("gate_up", PTR), ("activated", PTR), ("residual", PTR)),
 }
 
 # function name -> (return type, ((argument name, type), ...)), names as in csrc. A struct argument is the string
@@ -63,8 +62,6 @@ FUNCTIONS = {
     "atb_panel_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_linear_f32": (None, (
-        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
-    "atb_bf16_linear_dpbf16": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
@@ -89,13 +86,9 @@ class AbiMismatch(RuntimeError):
 
 class NativeLibrary:
     """The loaded library: one attribute per function of FUNCTIONS, typed from it, and `structs`, the ctypes
-    Structure of each STRUCTS entry. Checked against the library's own ABI report when made. `cpu_flags`: the CPU's
-    (platform.cpu_flags), by which the kernels choose among variants of a function (kernels.linear.bf16_product):
-    the library is built for AVX-512F alone, its functions for later extensions named so (`_dpbf16`) and run only
-    where the flag is."""
+    Structure of each STRUCTS entry. Checked against the library's own ABI report when made."""
 
-    def __init__(self, library: ctypes.CDLL, cpu_flags: frozenset[str] = frozenset()):
-        self.cpu_flags = frozenset(cpu_flags)
+    def __init__(self, library: ctypes.CDLL):
         self.structs = {name: type(name, (ctypes.Structure,), {"_fields_": list(fields)})
                         for name, fields in STRUCTS.items()}
         for name, (restype, arguments) in FUNCTIONS.items():
@@ -133,7 +126,7 @@ class NativeLibrary:
         if path is None:
             return None
         try:
-            return cls(ctypes.CDLL(str(path)), platform.cpu_flags(platform.read_cpuinfo()))
+            return cls(ctypes.CDLL(str(path)))
         except OSError as e:
             logger.info("loading the kit's %s kernels failed: %s", LIBRARY, e)
         except AbiMismatch as e:
