@@ -5,7 +5,7 @@ columns: `quantize` makes them (the quantize tool and quantize-at-load share it)
 = in / group_size (1 for per-channel). A decode step reads a quarter of float32's weight bytes.
 
 Kernels take (x, weight, bias, scale) where weight is the int8 [out, in] tensor or the layout `pack` made of it:
-- NativeW8A16: the kit's own CPU kernel (atb_models/csrc/w8a16_linear.h, AVX-512), on weights packed like the
+- NativeW8A16: the kit's own CPU kernel (atb_models/csrc/widened_linear.h, AVX-512), on weights packed like the
   panel kernel's, [out / 64, in, 64] int8, widened to float32 in registers;
 - NpuW8A16: the NPU's fused op, torch_npu.npu_weight_quant_batchmatmul;
 - TorchW8A16: PyTorch's `_weight_int8pack_mm` for per-channel scales where it runs (CPU, and accelerators whose
@@ -88,7 +88,7 @@ def _int8pack_mm_runs(device: torch.device) -> bool:
 
 
 class NativeW8A16:
-    """The kit's W8A16 kernel for the CPU (atb_models/csrc/w8a16_linear.h): int8 weights packed in groups of 64
+    """The kit's W8A16 kernel for the CPU (atb_models/csrc/widened_linear.h): int8 weights packed in groups of 64
     output columns (`pack`, panel_layout's [out / 64, in, 64]), streamed and widened to float32 in registers, scales
     per channel or per group. Activations of other dtypes (bfloat16) are computed in float32 and returned in theirs.
     Weights it did not pack (an output size off the groups) go to `fallback`."""
