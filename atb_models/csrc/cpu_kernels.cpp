@@ -20,9 +20,9 @@
 enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
 
 // One Qwen2 decoder layer as loaded: the four linears in the panel layout (kernels/linear.py's panel_layout), each
-// float32 (panel_linear.h), int8 (W8A16, with scales) or bfloat16 (widened_linear.h); the norms' weights and the qkv bias in
-// float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's STRUCTS, field
-// for field.
+// float32 (panel_linear.h), int8 (W8A16, with scales) or bfloat16 (widened_linear.h); the norms' weights and the
+// qkv bias in float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's
+// STRUCTS, field for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
     const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]

@@ -102,7 +102,8 @@ class NativeDecoderLayer(LayerByLayer):
         pointers = (keep[0], weights[0], keep[1], weights[1], keep[2], weights[2], weights[3], k_cache, v_cache)
         layer_weights = self._layer_weights(
             *(t.data_ptr() for t in pointers), *(None if s is None else s.data_ptr() for s in scales),
-            *(0 if s is None else s.shape[1] for s in scales), *formats, FORMATS[k_cache.dtype], hidden, heads, kv_heads, head_dim, intermediate, k_cache.shape[2], eps, scale)
+            *(0 if s is None else s.shape[1] for s in scales), *formats, FORMATS[k_cache.dtype], hidden, heads,
+            kv_heads, head_dim, intermediate, k_cache.shape[2], eps, scale)
         layer_weights.keep = keep
         return layer_weights
 
