@@ -14,16 +14,16 @@ from atb_models.benchmark.engines import reference_inputs
 
 
 @functools.lru_cache(maxsize=8)
-def reference_model(path: str):
-    """transformers' Qwen2VLForConditionalGeneration for the checkpoint at path, in float32, loaded once."""
+def reference_model(path: str, dtype: torch.dtype = torch.float32):
+    """transformers' Qwen2VLForConditionalGeneration for the checkpoint at path, in `dtype`, loaded once."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    return Qwen2VLForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return Qwen2VLForConditionalGeneration.from_pretrained(path, torch_dtype=dtype).eval()
 
 
-def reference_generate(path, prompt, max_new_tokens: int):
-    """Greedy tokens and per-step float32 logits from transformers for one preprocessed prompt."""
-    model = reference_model(str(path))
+def reference_generate(path, prompt, max_new_tokens: int, dtype: torch.dtype = torch.float32):
+    """Greedy tokens and per-step logits (as float32) from transformers in `dtype` for one preprocessed prompt."""
+    model = reference_model(str(path), dtype)
     inputs = reference_inputs([prompt], pad_token_id=0, device=torch.device("cpu"))  # one prompt: no padding
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,

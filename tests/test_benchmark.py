@@ -218,6 +218,20 @@ def test_each_decode_run_is_held_against_the_floor_of_its_own_moment():
     assert results.paired_floor("decode_bs1", 1) == pytest.approx(0.05)
 
 
+def test_a_bf16_kits_decode_step_is_held_against_the_float32_kits_of_the_same_run():
+    from atb_models.benchmark.compare import FLOAT32_KIT, Results, figures
+    from atb_models.benchmark.engines import Timing
+
+    results = Results(decode_params=10**9, bytes_per_param=2)
+    for mode, step in (("kit", 0.03), (FLOAT32_KIT, 0.06)):
+        results.runs[("decode_bs1", mode)] = [Timing(1.0, 0.1, step, []) for _ in range(3)]
+        results.probes[("decode_bs1", mode)] = [floors.Machine(20e9, 1e15)] * 3
+    out = figures(results, (1,))
+    assert out["decode_bf16_vs_fp32[bs1]"] == pytest.approx(0.5)
+    assert out["decode_vs_floor[bs1]"] == pytest.approx(0.03 / 0.1)  # 2 GB of bf16 weights at 20 GB/s
+    assert not any(name.startswith(("decode_vs_fp32", "top1")) for name in out), "the float32 kit is not quantized"
+
+
 def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
     from atb_models.benchmark.engines import LocalReference
     from atb_models.config import load_model_config
@@ -258,30 +272,42 @@ def test_reference_inputs_give_videos_seconds_only_to_a_family_that_counts_them(
     assert inputs["video_grid_thw"].tolist() == [[2, 2, 2]] * 3
 
 
-@pytest.mark.slow
-def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
+def run_compare_command(tmp_path, *flags: str) -> str:
+    """`python -m atb_models.benchmark compare --preset tiny FLAGS` in a fresh kit home: its output, checked to
+    have succeeded."""
     env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny"],
+    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny", *flags],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-4:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_compare_runs_end_to_end_and_ends_with_the_four_figures(tmp_path):
+    stdout = run_compare_command(tmp_path)
+    last = stdout.strip().splitlines()[-4:]
     names = ["speedup_vs_hf[single]", "speedup_vs_hf[batch16]", "decode_vs_floor[bs1]", "decode_vs_floor[bs16]"]
-    assert [line.split(": ")[0] for line in last] == names, result.stdout
+    assert [line.split(": ")[0] for line in last] == names, stdout
     assert all(re.fullmatch(r"\S+: \d+\.\d\d", line) for line in last), last
-    assert "single: kit and transformers tokens identical" in result.stdout  # same tokens, so the same work
+    assert "single: kit and transformers tokens identical" in stdout  # same tokens, so the same work
 
 
 @pytest.mark.slow
 def test_compare_with_quantize_ends_with_the_three_w8a16_figures(tmp_path):
-    env = {**os.environ, "ATB_MODELS_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-m", "atb_models.benchmark", "compare", "--preset", "tiny",
-                             "--quantize", "w8a16", "--workloads", "single,decode", "--repeats", "1"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    figures = dict(line.split(": ") for line in result.stdout.strip().splitlines()[-6:])
+    stdout = run_compare_command(tmp_path, "--quantize", "w8a16", "--workloads", "single,decode", "--repeats", "1")
+    figures = dict(line.split(": ") for line in stdout.strip().splitlines()[-6:])
     assert list(figures)[-3:] == ["decode_vs_fp32[bs1]", "decode_vs_floor_w8a16[bs1]", "top1_agreement_w8a16"]
     assert 0 < float(figures["top1_agreement_w8a16"]) <= 1
-    assert "kit_w8a16 per decode step (ms) / the float kit's" in result.stdout
+    assert "kit_w8a16 per decode step (ms) / the float kit's" in stdout
+
+
+@pytest.mark.slow
+def test_compare_in_bf16_ends_with_the_bf16_step_over_the_float32_one(tmp_path):
+    stdout = run_compare_command(tmp_path, "--dtype", "bfloat16", "--workloads", "decode", "--repeats", "1")
+    figures = dict(line.split(": ") for line in stdout.strip().splitlines()[-3:])
+    assert list(figures) == ["decode_vs_floor[bs1]", "decode_vs_floor[bs16]", "decode_bf16_vs_fp32[bs1]"]
+    assert float(figures["decode_bf16_vs_fp32[bs1]"]) > 0
+    assert "(16-bit floats)" in stdout and "kit per decode step (ms) / kit_fp32's" in stdout
 
 
 def test_a_quantized_models_decode_floor_counts_int8_weights_and_their_scales(tiny_checkpoint):

@@ -46,10 +46,13 @@ def test_kernels_are_chosen_from_the_plan_device_and_dtype():
     gpu = Kernels.for_plan(resolve_plan("auto", "auto", "bfloat16", caps=GPU))
     assert gpu.linear is PLAIN_LINEAR and type(gpu.decode_attention) is SdpaDecodeAttention
     assert type(gpu.rms_norm) is RMSNormKernel and type(gpu.decoder_layer) is LayerByLayer
-    # A bfloat16 language model on the CPU: PyTorch's operators beside the linear (the native ones are float32).
+    # A bfloat16 language model on the CPU: bf16 panel linears and the native decoder layer for decode steps (on an
+    # AVX-512 CPU); the operator-by-operator path (prefill) keeps PyTorch's bfloat16 operators.
     bf16 = Kernels.for_plan(replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16))
     assert type(bf16.decode_attention) is CpuDecodeAttention and type(bf16.rms_norm) is RMSNormKernel
-    assert type(bf16.silu_and_mul) is SiluAndMul and type(bf16.decoder_layer) is LayerByLayer
+    assert type(bf16.silu_and_mul) is SiluAndMul
+    assert isinstance(bf16.decoder_layer, NativeDecoderLayer) == AVX512
+    assert isinstance(bf16.linear, PanelLinear) == AVX512 and (not AVX512 or bf16.linear.bf16_op is not None)
     torch_only = Kernels.for_plan(CPU_FP32, "torch")
     assert torch_only.linear is PLAIN_LINEAR and type(torch_only.decode_attention) is CpuDecodeAttention
     assert "decode attention" in torch_only.describe()
@@ -215,7 +218,7 @@ def test_a_struct_declared_unlike_the_library_is_refused_and_pytorch_runs(monkey
         assert native.NativeLibrary.load() is None
         kernels = Kernels.for_plan(CPU_FP32)
     message = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert "struct LayerWeights is 192 bytes in the library, 184 declared" in message
+    assert "struct LayerWeights is 232 bytes in the library, 224 declared" in message
     assert "using PyTorch's operators instead" in message
     assert isinstance(kernels.linear, OneDnnLinear) and not isinstance(kernels.linear, PanelLinear)
     assert type(kernels.decode_attention) is CpuDecodeAttention and type(kernels.rms_norm) is RMSNormKernel

@@ -5,7 +5,8 @@ python -m atb_models.benchmark serve [--url URL | --model_path DIR] [--concurren
 
 Runs the same workloads through the kit and through transformers in one process and prints a table, then one line
 per figure: speedup_vs_hf[single], speedup_vs_hf[batch16], decode_vs_floor[bs1], decode_vs_floor[bs16]; with
---quantize also decode_vs_fp32[bs1], decode_vs_floor_w8a16[bs1] and top1_agreement_w8a16.
+--quantize also decode_vs_fp32[bs1], decode_vs_floor_w8a16[bs1] and top1_agreement_w8a16; with a bfloat16 language
+model (--dtype bfloat16) also decode_bf16_vs_fp32[bs1], against a float32 kit timed in the same run.
 """
 
 from __future__ import annotations

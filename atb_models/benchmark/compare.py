@@ -8,6 +8,10 @@ warm-up, medians over repeats; plus the decode floor from the machine measured i
            swings by half within minutes, so every decode run is bracketed by its own measurement of the machine
            and divided by the floor of that moment (the better of the two readings); the figure is the median of
            those ratios. The table also gives the steps against the run's best floor of all.
+
+Beside the kit, in the same alternation: with `quantize`, the kit quantized at load (every workload); with a
+bfloat16 language model, the kit in float32 on decode_bs1 (FLOAT32_KIT), so that the bf16 step is measured against
+the float32 one of the same minutes.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from atb_models.benchmark import floors
 from atb_models.benchmark.engines import KitEngine, ReferenceEngine, Request, Timing
 from atb_models.benchmark.presets import Preset, Workloads, benchmark_dir
 from atb_models.demo.checkpoint import make_image
+from atb_models.errors import UserError
 from atb_models.platform import cpu_capabilities, read_cpuinfo
 
 logger = logging.getLogger("atb_models.benchmark")
 
 WORKLOADS = ("single", "batch16", "decode")
+FLOAT32_KIT = "kit_fp32"  # the mode of the float32 kit beside a bfloat16 one; it runs decode_bs1 only
 
 
 def make_requests(workloads: Workloads, media_dir: Path) -> dict[str, list[Request]]:
@@ -67,7 +73,7 @@ class Results:
     decode_params: int = 0
     bytes_per_param: int = 4
     tokens_match: dict = field(default_factory=dict)
-    decode_bytes: dict = field(default_factory=dict)  # mode -> bytes a decode step reads, where not params * width
+    decode_bytes: dict = field(default_factory=dict)  # quantized mode -> bytes a decode step reads
     top1_agreement: float | None = None  # w8a16's teacher-forced argmax against the float kit's greedy tokens
 
     def add(self, workload: str, mode: str, timing: Timing) -> None:
@@ -113,7 +119,8 @@ def _alternate(results: Results, workload: str, runs: dict, repeats: int,
 def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeats: int,
                 workloads: tuple[str, ...], quantize: str | None = None) -> tuple[Results, dict]:
     """Runs the chosen workloads; returns the results and a description of the set-up for the report. With
-    `quantize`, the kit also runs quantized at load (mode "kit_w8a16") beside its float self."""
+    `quantize`, the kit also runs quantized at load (mode "kit_w8a16") beside its float self; where the language
+    model computes in bfloat16, a float32 kit (FLOAT32_KIT) runs decode_bs1 beside it."""
     load_before = os.getloadavg()[0]
     w = preset.workloads
     # Prefix caching off: transformers has none, and the kit would answer each repeat's prompt from its cache.
@@ -127,6 +134,8 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
     kits = {"kit": KitEngine(llm)}
     if quantize:
         kits[f"kit_{quantize}"] = KitEngine(LLM(model_path, quantize=quantize, **settings))
+    if llm.plan.llm_dtype == torch.bfloat16 and "decode" in workloads:
+        kits[FLOAT32_KIT] = KitEngine(LLM(model_path, **{**settings, "dtype": "float32"}))
     reference = ReferenceEngine(llm.model_config, llm.plan, llm.preprocessor)
     try:
         return _run_workloads(preset, model_path, workloads, repeats, kits, reference, load_before)
@@ -139,9 +148,9 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
     w, kit = preset.workloads, kits["kit"]
     llm, plan = kit.llm, kit.plan
     requests = make_requests(w, benchmark_dir(preset) / "media")
+    quantized = [mode for mode in kits if mode not in ("kit", FLOAT32_KIT)]
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize,
-                      decode_bytes={mode: floors.kit_decode_bytes(engine.llm.runner.model)
-                                    for mode, engine in kits.items() if mode != "kit"})
+                      decode_bytes={mode: floors.kit_decode_bytes(kits[mode].llm.runner.model) for mode in quantized})
 
     def measure_machine() -> floors.Machine:
         config = llm.model_config.hf_config
@@ -149,38 +158,41 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
 
     results.machine = measure_machine()
     logger.info("warm-up: every workload's first request, a few tokens, on every side")
+    def kits_of(workload: str) -> dict:
+        return {mode: engine for mode, engine in kits.items() if mode != FLOAT32_KIT or workload == "decode_bs1"}
+
     warm = [Request(requests["single"][0].items, 2)]
-    for engine in kits.values():
+    for engine in kits_of("single").values():
         engine.run(warm)
     reference.run_one_at_a_time(warm)
     for batch_size in w.decode_batch_sizes:
         short = [Request(r.items, 2) for r in requests[f"decode_bs{batch_size}"]]
-        for engine in kits.values():
+        for engine in kits_of(f"decode_bs{batch_size}").values():
             engine.run(short)
         reference.run_batched(short, batch_size)
 
-    def kit_runs(batch) -> dict:
-        return {mode: partial(engine.run, batch) for mode, engine in kits.items()}
+    def kit_runs(workload: str, batch) -> dict:
+        return {mode: partial(engine.run, batch) for mode, engine in kits_of(workload).items()}
 
     if "single" in workloads:
         single = requests["single"]
-        _alternate(results, "single", {**kit_runs(single), "hf": partial(reference.run_one_at_a_time, single)},
-                   repeats)
+        _alternate(results, "single", {**kit_runs("single", single),
+                                       "hf": partial(reference.run_one_at_a_time, single)}, repeats)
         results.tokens_match["single"] = (results.runs[("single", "kit")][-1].token_ids
                                           == results.runs[("single", "hf")][-1].token_ids)
     if "batch16" in workloads:
         batch = requests["batch16"]
-        _alternate(results, "batch16", {**kit_runs(batch),
+        _alternate(results, "batch16", {**kit_runs("batch16", batch),
                                         "hf_one_at_a_time": partial(reference.run_one_at_a_time, batch),
                                         "hf_batched": partial(reference.run_batched, batch, len(batch))}, repeats)
     if "decode" in workloads:
         for batch_size in w.decode_batch_sizes:
             batch = requests[f"decode_bs{batch_size}"]
             _alternate(results, f"decode_bs{batch_size}",
-                       {**kit_runs(batch), "hf": partial(reference.run_batched, batch, batch_size)},
+                       {**kit_runs(f"decode_bs{batch_size}", batch),
+                        "hf": partial(reference.run_batched, batch, batch_size)},
                        repeats, probe=measure_machine)
     results.machine = results.machine.best_of(measure_machine())
-    quantized = [mode for mode in kits if mode != "kit"]
     if quantized:
         results.top1_agreement = _top1_agreement(results, requests, kits[quantized[0]])
 
@@ -239,6 +251,9 @@ def figures(results: Results, decode_batch_sizes: tuple[int, ...]) -> dict[str, 
             out[f"decode_vs_floor_{method}[bs1]"] = results.per_step_vs_floor("decode_bs1", f"kit_{method}", 1)
         if results.top1_agreement is not None:
             out[f"top1_agreement_{method}"] = results.top1_agreement
+    if ("decode_bs1", FLOAT32_KIT) in results.runs:
+        out["decode_bf16_vs_fp32[bs1]"] = (results.median("decode_bs1", "kit", "per_token")
+                                           / results.median("decode_bs1", FLOAT32_KIT, "per_token"))
     return out
 
 
@@ -298,6 +313,12 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
             ours, fp = (scale * results.median(workload, m, figure) for m in (mode, "kit"))
             rows.append((workload, f"{mode} {unit} / the float kit's", f"{ours:.2f}", f"{fp:.2f}",
                          f"{ours / fp:.2f}"))
+    if ("decode_bs1", FLOAT32_KIT) in results.runs:
+        lines.append(f"{FLOAT32_KIT}: the kit with its language model in float32, timed on decode_bs1 beside the "
+                     "bfloat16 kit")
+        ours, fp = (1000 * results.median("decode_bs1", m, "per_token") for m in ("kit", FLOAT32_KIT))
+        rows.append(("decode_bs1", f"kit per decode step (ms) / {FLOAT32_KIT}'s", f"{ours:.2f}", f"{fp:.2f}",
+                     f"{ours / fp:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines.append("")
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]

@@ -1,5 +1,5 @@
-// The kit's CPU kernels (AVX-512; float32 activations, float32 or int8 weights, int8 linears quantizing their
-// inputs to int16 per block: w8a16_linear.h), one library: built with the
+// The kit's CPU kernels (AVX-512; float32 arithmetic, float32, bfloat16 or int8 weights: int8 linears quantize
+// their inputs to int16 per block, w8a16_linear.h), one library: built with the
 // machine's C++ compiler on first use and loaded with ctypes by atb_models/kernels/native.py, where its functions
 // and structs are declared for Python (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
 //
@@ -11,30 +11,38 @@
 #include <stdio.h>
 
 #include "activation.h"
+#include "bf16.h"
+#include "bf16_linear.h"
 #include "paged_decode_attention.h"
 #include "panel_linear.h"
 #include "rms_norm.h"
 #include "w8a16_linear.h"
 
-// One Qwen2 decoder layer as loaded: the four linears in the panel kernel's layout (kernels/linear.py's panel_layout),
-// float32 or int8 (W8A16: a linear with scales), the norms' weights, the layer's KV cache. Declared for Python in
-// kernels/native.py's STRUCTS, field for field.
+// How a weight or activation tensor is stored: kernels/native.py's FORMATS.
+enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
+
+// One Qwen2 decoder layer as loaded: the four linears packed in groups of 64 output columns, each float32
+// (panel_linear.h), bfloat16 (bf16_linear.h; both kernels/linear.py's panel_layout) or int8 (W8A16, with scales;
+// w8a16_linear.h's pair layout); the norms' weights and the qkv bias in float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's
+// STRUCTS, field for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
-    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
+    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64] (int8: [..][hidden / 2][64][2])
     const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
     const void* o;               // packed [hidden / 64][heads * head_dim][64]
     const float* post_norm;      // [hidden]
     const void* gate_up;         // packed [2 intermediate / 64][hidden][64]: gate's columns, then up's
     const void* down;            // packed [hidden / 64][intermediate][64]
-    float* k_cache;              // [blocks, kv_heads, block_size, head_dim]
-    float* v_cache;
-    // Each linear's scales [out, groups] where its weights are int8 (w8a16_linear.h), null where they are float32.
+    void* k_cache;               // [blocks, kv_heads, block_size, head_dim] of kv_format
+    void* v_cache;
+    // Each linear's scales [out, groups] where its weights are int8, null otherwise.
     const float* qkv_scale;
     const float* o_scale;
     const float* gate_up_scale;
     const float* down_scale;
     int64_t qkv_groups, o_groups, gate_up_groups, down_groups;  // scale groups of each int8 linear
+    int64_t qkv_format, o_format, gate_up_format, down_format;  // each linear's weights: a Format
+    int64_t kv_format;           // the KV cache's: FORMAT_F32 or FORMAT_BF16
     int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
     float eps, scale;
 };
@@ -43,6 +51,7 @@ struct LayerWeights {
 // Declared for Python in kernels/native.py's STRUCTS.
 struct DecodeStep {
     int64_t rows;                 // sequences in the step, one new token each
+    int64_t x_format;             // the residual stream's: FORMAT_F32, or FORMAT_BF16 (then read into `residual`)
     const int64_t* block_tables;  // [rows, max_blocks]
     int64_t max_blocks;
     const int64_t* context_lens;  // [rows], each counting the new token
@@ -54,20 +63,26 @@ struct DecodeStep {
     float* projected;             // [rows, hidden]
     float* gate_up;               // [rows, 2 intermediate]
     float* activated;             // [rows, intermediate]
+    float* residual;              // [rows, hidden]: a bfloat16 residual stream in float32 through the layer
 };
 
 // Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
-#define ATB_ABI_VERSION 3
+#define ATB_ABI_VERSION 4
 
 namespace {
 
-// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format: int8 where they have scales.
-void layer_linear(const float* x, int64_t rows, int64_t K, const void* w, const float* scales, int64_t groups,
-                  int64_t N, const float* bias, float* y) {
-    if (scales)
-        atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(w), N, scales, groups, bias, y);
-    else
-        atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(w), N, bias, y);
+// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. A bfloat16 linear's input (the layer's
+// scratch, read by this linear alone) is first rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it.
+void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float* scales,
+                  int64_t groups, int64_t N, const float* bias, float* y) {
+    if (format == FORMAT_INT8) {
+        atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
+    } else if (format == FORMAT_BF16) {
+        round_to_bf16_values(x, rows * K);
+        atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
+    } else {
+        atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(weights), N, bias, y);
+    }
 }
 
 }  // namespace
@@ -82,27 +97,43 @@ const char* atb_native_abi() {
     return report;
 }
 
-// x [rows, hidden], the residual stream, is updated in place: x += attention(norm(x)); x += mlp(norm(x)). The
-// same operators, in the same order, as DecoderLayer.forward's operator-by-operator path.
-void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, float* x) {
+// x_io [rows, hidden], the residual stream (float32, or bfloat16 as x_format says), is updated in place:
+// x += attention(norm(x)); x += mlp(norm(x)). The same operators, in the same order, as DecoderLayer.forward's
+// operator-by-operator path, in float32 between the linears; a bfloat16 stream is read into float32 at the start
+// and rounded back at the end.
+void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, void* x_io) {
     const int64_t rows = s->rows, hidden = w->hidden, head_dim = w->head_dim;
     const int64_t q_width = w->heads * head_dim, qkv_width = (w->heads + 2 * w->kv_heads) * head_dim;
+    const bool bf16_stream = s->x_format == FORMAT_BF16;
+    float* x = bf16_stream ? s->residual : static_cast<float*>(x_io);
+    if (bf16_stream) load_bf16_row(static_cast<const uint16_t*>(x_io), rows * hidden, x);
     atb_rms_norm_f32(x, nullptr, w->input_norm, rows, hidden, w->eps, nullptr, s->normed);
-    layer_linear(s->normed, rows, hidden, w->qkv, w->qkv_scale, w->qkv_groups, qkv_width, w->qkv_bias, s->qkv);
+    layer_linear(rows, s->normed, hidden, w->qkv, w->qkv_format, w->qkv_scale, w->qkv_groups, qkv_width,
+                 w->qkv_bias, s->qkv);
     const float* k = s->qkv + q_width;
-    atb_paged_decode_attention_f32(s->qkv, qkv_width, k, qkv_width, k + w->kv_heads * head_dim, qkv_width, s->cos,
-                                   s->sin, w->k_cache, w->v_cache, s->block_tables, s->max_blocks, s->context_lens,
-                                   rows, w->heads, w->kv_heads, head_dim, w->block_size, w->scale, s->attention);
-    layer_linear(s->attention, rows, q_width, w->o, w->o_scale, w->o_groups, hidden, nullptr, s->projected);
+    const float* v = k + w->kv_heads * head_dim;
+    if (w->kv_format == FORMAT_BF16)
+        paged_decode_attention(s->qkv, qkv_width, k, qkv_width, v, qkv_width, s->cos, s->sin,
+                               static_cast<uint16_t*>(w->k_cache), static_cast<uint16_t*>(w->v_cache),
+                               s->block_tables, s->max_blocks, s->context_lens, rows, w->heads, w->kv_heads,
+                               head_dim, w->block_size, w->scale, s->attention);
+    else
+        paged_decode_attention(s->qkv, qkv_width, k, qkv_width, v, qkv_width, s->cos, s->sin,
+                               static_cast<float*>(w->k_cache), static_cast<float*>(w->v_cache), s->block_tables,
+                               s->max_blocks, s->context_lens, rows, w->heads, w->kv_heads, head_dim,
+                               w->block_size, w->scale, s->attention);
+    layer_linear(rows, s->attention, q_width, w->o, w->o_format, w->o_scale, w->o_groups, hidden, nullptr,
+                 s->projected);
     // x += o; normed = norm(x) (the sum is written over x, each element after it is read).
     atb_rms_norm_f32(x, s->projected, w->post_norm, rows, hidden, w->eps, x, s->normed);
-    layer_linear(s->normed, rows, hidden, w->gate_up, w->gate_up_scale, w->gate_up_groups, 2 * w->intermediate,
-                 nullptr, s->gate_up);
+    layer_linear(rows, s->normed, hidden, w->gate_up, w->gate_up_format, w->gate_up_scale, w->gate_up_groups,
+                 2 * w->intermediate, nullptr, s->gate_up);
     atb_silu_and_mul_f32(s->gate_up, s->gate_up + w->intermediate, rows, w->intermediate, 2 * w->intermediate,
                          s->activated);
-    layer_linear(s->activated, rows, w->intermediate, w->down, w->down_scale, w->down_groups, hidden, nullptr,
-                 s->projected);
+    layer_linear(rows, s->activated, w->intermediate, w->down, w->down_format, w->down_scale, w->down_groups, hidden,
+                 nullptr, s->projected);
     for (int64_t i = 0; i < rows * hidden; i++) x[i] += s->projected[i];
+    if (bf16_stream) store_bf16(x, rows * hidden, static_cast<uint16_t*>(x_io));
 }
 
 }  // extern "C"

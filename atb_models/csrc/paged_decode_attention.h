@@ -1,4 +1,6 @@
-// One decode step of attention over the paged KV cache, float32, AVX-512, in one call per layer.
+// One decode step of attention over the paged KV cache, float32 arithmetic, AVX-512, in one call per layer; the
+// cache in float32 or bfloat16 (bf16.h: half the bytes to read, each row widened as it is loaded, the new K and V
+// rounded to nearest even when stored, as PyTorch stores them).
 //
 // For every (sequence, KV head) pair: rotate the step's new K row and the queries by the position's rotary, write
 // the new K and V rows into the cache slot of the sequence's last position, then attend from the query heads that
@@ -21,11 +23,28 @@
 #include <cmath>
 #include <vector>
 
+#include "bf16.h"
 #include "vector_exp.h"
 
 namespace {
 
 constexpr int64_t PREFETCH_ROWS = 32;  // context rows prefetched ahead of the ones being scored
+
+// 16 cache values from p as float32, and a row stored into the cache: a float32 cache is read and written as it
+// is, a bfloat16 one widened and rounded.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return load_bf16(p); }
+inline void store_row(const float* row, int64_t n, float* out) {
+    for (int64_t d = 0; d < n; d++) out[d] = row[d];
+}
+inline void store_row(const float* row, int64_t n, uint16_t* out) { store_bf16(row, n, out); }
+
+// Prefetch a cache row of n values.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+    const char* bytes = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
 
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]), as layers/rotary.py rotates.
 inline void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* out) {
@@ -92,15 +111,15 @@ inline __m512 sum_lanes(__m512* v, const LaneFolds& folds) {
 }
 
 // out[h] = inverse[h] * sum over t of s[h * length + t] * values[t], for NH heads of VEC vectors each.
-template <int NH, int VEC>
-void weighted_sum(const float* s, int64_t length, const float* const* values, const float* inverse, float* out,
+template <int NH, int VEC, typename T>
+void weighted_sum(const float* s, int64_t length, const T* const* values, const float* inverse, float* out,
                   int64_t head_dim) {
     __m512 acc[NH][VEC];
     for (int h = 0; h < NH; h++)
         for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; t++) {
         __m512 row[VEC];
-        for (int c = 0; c < VEC; c++) row[c] = _mm512_loadu_ps(values[t] + 16 * c);
+        for (int c = 0; c < VEC; c++) row[c] = load16(values[t] + 16 * c);
         for (int h = 0; h < NH; h++) {
             const __m512 weight = _mm512_set1_ps(s[h * length + t]);
             for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_fmadd_ps(weight, row[c], acc[h][c]);
@@ -113,8 +132,8 @@ void weighted_sum(const float* s, int64_t length, const float* const* values, co
 
 // weighted_sum for a group's heads, 16 / VEC at a time: each V row is loaded once for all of them, and 16
 // accumulators are in flight (one head's VEC chains alone would wait on the multiply-add latency).
-template <int VEC>
-void weighted_sums(const float* scores, int64_t group, int64_t length, const float* const* values,
+template <int VEC, typename T>
+void weighted_sums(const float* scores, int64_t group, int64_t length, const T* const* values,
                    const float* inverse, float* out, int64_t head_dim) {
     constexpr int HEADS = 16 / VEC;
     int64_t i = 0;
@@ -134,30 +153,29 @@ void weighted_sums(const float* scores, int64_t group, int64_t length, const flo
 // `vectors` at run time when VEC is 0. Scores 16 context rows at a time, the rows after next prefetched (K now, V
 // for the weighted sum after the softmax): a context is a few short runs of the cache, too short for the hardware
 // prefetcher to ramp up on.
-template <int VEC>
-void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const float* const* keys,
-            const float* const* values, int64_t length, float scale, float* scores, float* weights_inverse,
+template <int VEC, typename T>
+void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const T* const* keys,
+            const T* const* values, int64_t length, float scale, float* scores, float* weights_inverse,
             float* out) {
     static const LaneFolds folds;
     const int64_t vectors = VEC ? VEC : vectors_rt;
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t t0 = 0; t0 < length; t0 += 16) {
         const int64_t n = length - t0 < 16 ? length - t0 : 16;
-        for (int64_t t = t0 + PREFETCH_ROWS; t < t0 + PREFETCH_ROWS + 16 && t < length; t++)
-            for (int64_t c = 0; c < vectors; c++) {
-                _mm_prefetch(reinterpret_cast<const char*>(keys[t] + 16 * c), _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(values[t] + 16 * c), _MM_HINT_T0);
-            }
+        for (int64_t t = t0 + PREFETCH_ROWS; t < t0 + PREFETCH_ROWS + 16 && t < length; t++) {
+            prefetch_row(keys[t], head_dim);
+            prefetch_row(values[t], head_dim);
+        }
         // A short last block reads its missing rows from the first: their scores are never stored.
-        const float* rows[16];
+        const T* rows[16];
         for (int64_t t = 0; t < 16; t++) rows[t] = keys[t0 + (t < n ? t : 0)];
         for (int64_t i = 0; i < group; i++) {
             const float* query = q_group + i * head_dim;
             __m512 dots[16];
             for (int t = 0; t < 16; t++) {
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(query), _mm512_loadu_ps(rows[t]));
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(query), load16(rows[t]));
                 for (int64_t c = 1; c < vectors; c++)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), _mm512_loadu_ps(rows[t] + 16 * c), acc);
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), load16(rows[t] + 16 * c), acc);
                 dots[t] = acc;
             }
             const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
@@ -175,24 +193,21 @@ void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vecto
             for (int64_t c = 0; c < vectors; c++) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t t = 0; t < length; t++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_loadu_ps(values[t] + 16 * c), acc);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values[t] + 16 * c), acc);
                 _mm512_storeu_ps(out + i * head_dim + 16 * c, _mm512_mul_ps(acc, inv));
             }
         }
     }
 }
 
-}  // namespace
 
-extern "C" {
-
-// cos, sin: [batch, head_dim] contiguous, the rotary of each sequence's new position, applied to q and the new k
-// here (rotate-half convention, as layers/rotary.py); both null: q and k arrive rotated.
-void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
-                                    const float* v, int64_t v_stride, const float* cos, const float* sin,
-                                    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t max_blocks,
-                                    const int64_t* context_lens, int64_t batch, int64_t heads, int64_t kv_heads,
-                                    int64_t head_dim, int64_t block_size, float scale, float* out) {
+// The step for a cache of T (float, or uint16_t holding bfloat16): see atb_paged_decode_attention_f32.
+template <typename T>
+void paged_decode_attention(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v,
+                            int64_t v_stride, const float* cos, const float* sin, T* k_cache, T* v_cache,
+                            const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
+                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                            float scale, float* out) {
     const int64_t group = heads / kv_heads, vectors = head_dim / 16;
 #pragma omp parallel
     {
@@ -201,7 +216,7 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
         const unsigned int saved_csr = _mm_getcsr();
         _mm_setcsr(saved_csr | 0x8040);  // FTZ | DAZ
         std::vector<float> scores, rotated, inverse;
-        std::vector<const float*> keys, values;
+        std::vector<const T*> keys, values;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * kv_heads; task++) {
             const int64_t b = task / kv_heads, g = task % kv_heads, length = context_lens[b];
@@ -223,28 +238,28 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
                 for (int64_t t = 0; t < rows; t++) {
                     const int64_t at = ((block_tables[nb * max_blocks + t / block_size] * kv_heads + ng) * block_size +
                                         t % block_size) * head_dim;
-                    for (int64_t d = 0; d < head_dim; d += 16) {
-                        _mm_prefetch(reinterpret_cast<const char*>(k_cache + at + d), _MM_HINT_T0);
-                        _mm_prefetch(reinterpret_cast<const char*>(v_cache + at + d), _MM_HINT_T0);
-                    }
+                    prefetch_row(k_cache + at, head_dim);
+                    prefetch_row(v_cache + at, head_dim);
                 }
             }
             // The new token's K and V go to its slot first: it attends to itself.
             const float* k_new = k + b * k_stride + g * head_dim;
             const float* v_new = v + b * v_stride + g * head_dim;
-            float* k_slot = const_cast<float*>(keys[length - 1]);
-            float* v_slot = const_cast<float*>(values[length - 1]);
-            for (int64_t d = 0; d < head_dim; d++) v_slot[d] = v_new[d];
+            T* k_slot = const_cast<T*>(keys[length - 1]);
+            T* v_slot = const_cast<T*>(values[length - 1]);
+            store_row(v_new, head_dim, v_slot);
             const float* q_group = q + b * q_stride + g * group * head_dim;
+            rotated.resize((group + 1) * head_dim);
             if (cos) {
-                rotate(k_new, cos + b * head_dim, sin + b * head_dim, head_dim, k_slot);
-                rotated.resize(group * head_dim);
+                float* k_rotated = rotated.data() + group * head_dim;
+                rotate(k_new, cos + b * head_dim, sin + b * head_dim, head_dim, k_rotated);
+                store_row(k_rotated, head_dim, k_slot);
                 for (int64_t i = 0; i < group; i++)
                     rotate(q_group + i * head_dim, cos + b * head_dim, sin + b * head_dim, head_dim,
                            rotated.data() + i * head_dim);
                 q_group = rotated.data();
             } else {
-                for (int64_t d = 0; d < head_dim; d++) k_slot[d] = k_new[d];
+                store_row(k_new, head_dim, k_slot);
             }
             scores.resize(group * length);
             inverse.resize(group);
@@ -261,6 +276,21 @@ void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const floa
         }
         _mm_setcsr(saved_csr);
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// cos, sin: [batch, head_dim] contiguous, the rotary of each sequence's new position, applied to q and the new k
+// here (rotate-half convention, as layers/rotary.py); both null: q and k arrive rotated.
+void atb_paged_decode_attention_f32(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
+                                    const float* v, int64_t v_stride, const float* cos, const float* sin,
+                                    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t max_blocks,
+                                    const int64_t* context_lens, int64_t batch, int64_t heads, int64_t kv_heads,
+                                    int64_t head_dim, int64_t block_size, float scale, float* out) {
+    paged_decode_attention(q, q_stride, k, k_stride, v, v_stride, cos, sin, k_cache, v_cache, block_tables,
+                           max_blocks, context_lens, batch, heads, kv_heads, head_dim, block_size, scale, out);
 }
 
 }  // extern "C"

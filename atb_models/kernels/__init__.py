@@ -1,7 +1,7 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
 attention (kernels.attention) and how a decoder layer runs (kernels.decoder_layer). The kit's native CPU library
-(kernels.native) backs the float32 CPU ones.
+(kernels.native) backs the CPU ones for float32 and bfloat16 language models.
 
 Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
 object: two models in one process never share or overwrite each other's.
@@ -37,21 +37,26 @@ class Kernels:
     def for_plan(cls, plan, choice: str | None = None) -> Kernels:
         """The fastest kernels for a plan's device and dtype. On the CPU `choice` (default $ATB_MODELS_CPU_LINEAR,
         see kernels.linear.cpu_kernel_choice) picks the linear; with "auto" or "panel" the kit's native library is
-        loaded (built on first use), runs the int8 (W8A16) linears whatever the dtype and, for a float32 language
-        model, attention, norms, activation and whole decoder layers too. Where it cannot be used (no AVX-512, no
-        compiler, a failed build, a library that disagrees with its declaration) PyTorch's operators run, the reason
-        logged."""
+        loaded (built on first use) and runs the int8 (W8A16) linears whatever the dtype; for a float32 language
+        model attention, norms, activation and whole decoder layers too; for a bfloat16 one its linears (bfloat16
+        panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
+        path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
+        build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
         linear = cpu_linear_kernel(choice, library)
         w8a16 = w8a16_kernel(plan, library)
-        if library is None or plan.llm_dtype != torch.float32:
-            return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
-        return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
-                   decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
-                   w8a16=w8a16)
+        if library is not None and plan.llm_dtype == torch.float32:
+            return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
+                       decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
+                       w8a16=w8a16)
+        # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
+        if plan.llm_dtype == torch.bfloat16 and getattr(linear, "bf16_op", None) is not None:
+            return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
+                       w8a16=w8a16)
+        return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
 
     def describe(self) -> str:
         """One log line: which implementation each kernel is."""

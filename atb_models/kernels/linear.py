@@ -1,7 +1,8 @@
 """The matrix product behind every linear layer, y = x W^T + b, and the layout each kernel packs weights into.
 
-F.linear everywhere (the vendor's GEMM on accelerators); on the CPU, oneDNN's linear or the kit's own panel kernel
-(atb_models/csrc/panel_linear.h), chosen by $ATB_MODELS_CPU_LINEAR (`cpu_kernel_choice`).
+F.linear everywhere (the vendor's GEMM on accelerators); on the CPU, oneDNN's linear or the kit's own panel kernels
+(atb_models/csrc/panel_linear.h for float32 weights, bf16_linear.h for bfloat16 ones), chosen by
+$ATB_MODELS_CPU_LINEAR (`cpu_kernel_choice`).
 """
 
 from __future__ import annotations
@@ -65,21 +66,26 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own float32 kernel for the CPU (atb_models/csrc/panel_linear.h, AVX-512): weights packed in
-    groups of 64 output columns so that each thread reads one sequential stream, and the next weights streamed in
-    while the current ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md).
-    Weights it does not pack (not float32, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of
-    64) go to oneDNN as before."""
+    """The kit's own kernels for the CPU (AVX-512): weights packed in groups of 64 output columns so that each
+    thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
+    oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
+    bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in the same
+    layout at half the bytes, widened to float32 in registers (bfloat16 activations, as PyTorch's bfloat16 linear
+    takes them, products and sums in float32). Weights it does not pack (another dtype, fewer than
+    ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64) go to oneDNN as before."""
 
     name = "panel"
 
-    def __init__(self, native_op, linear_op, reorder_op):
+    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None):
         super().__init__(linear_op, reorder_op)
         self._native = native_op
+        self.bf16_op = bf16_op
 
     def __call__(self, x, weight, bias=None):
         if weight.dim() != 3:
             return super().__call__(x, weight, bias)
+        if weight.dtype == torch.bfloat16:
+            return self._bf16_product(x, weight, bias)
         groups, in_features, _ = weight.shape
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
@@ -91,8 +97,25 @@ class PanelLinear(OneDnnLinear):
                          out_features, None if bias is None else bias.data_ptr(), y.data_ptr())
         return y.view(*x.shape[:-1], out_features)
 
+    def _bf16_product(self, x, weight, bias):
+        """x [..., in] against a bfloat16 weight in panel_layout, x rounded to bfloat16 first; in x's dtype."""
+        groups, in_features, _ = weight.shape
+        out_features = groups * PANEL_GROUP
+        rows = x.reshape(-1, in_features)
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        rows = rows.float()  # bfloat16 values, which the kernel reads as float32
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        if rows.shape[0]:
+            self.bf16_op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
+                         None if bias is None else bias.data_ptr(), y.data_ptr())
+        return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
     def pack(self, weight):
-        if weight.dtype != torch.float32 or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
+        packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
+        if not packs or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
             return super().pack(weight)
         return panel_layout(weight)
 
@@ -142,7 +165,8 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
     if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
-        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder)
+        bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
+        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op)
     return OneDnnLinear(onednn, reorder)
 
 
@@ -153,6 +177,19 @@ def _panel_products_right(op) -> bool:
     if torch.allclose(kernel(x, panel_layout(w), b), F.linear(x, w, b), atol=1e-4):
         return True
     logger.warning("the kit's panel linear kernel gave wrong products here: using oneDNN")
+    return False
+
+
+def _bf16_products_right(op) -> bool:
+    """The same for the bfloat16 kernel (bfloat16 weights and rows, against F.linear in float32 on their values),
+    where a wrong one leaves bfloat16 weights to oneDNN."""
+    kernel = PanelLinear(None, None, None, op)
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((3, 40), (2 * PANEL_GROUP, 40)))
+    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    if torch.allclose(kernel(x.float(), panel_layout(w), b), F.linear(x.float(), w.float(), b), atol=1e-4):
+        return True
+    logger.warning("the kit's bfloat16 panel kernel gave wrong products here: bfloat16 weights stay on oneDNN")
     return False
 
 

@@ -39,9 +39,12 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"),)
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 3  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+ABI_VERSION = 4  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+# How a tensor the library reads is stored (csrc/cpu_kernels.cpp's enum Format).
+FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
 
 # struct name -> its fields in order, (name, ctypes type), as csrc/cpu_kernels.cpp declares them.
 STRUCTS = {
@@ -49,12 +52,13 @@ STRUCTS = {
         ("input_norm", PTR), ("qkv", PTR), ("qkv_bias", PTR), ("o", PTR), ("post_norm", PTR), ("gate_up", PTR),
         ("down", PTR), ("k_cache", PTR), ("v_cache", PTR), ("qkv_scale", PTR), ("o_scale", PTR),
         ("gate_up_scale", PTR), ("down_scale", PTR), ("qkv_groups", I64), ("o_groups", I64), ("gate_up_groups", I64),
-        ("down_groups", I64), ("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
+        ("down_groups", I64), ("qkv_format", I64), ("o_format", I64), ("gate_up_format", I64), ("down_format", I64),
+        ("kv_format", I64), ("hidden", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64),
         ("intermediate", I64), ("block_size", I64), ("eps", F32), ("scale", F32)),
     "DecodeStep": (  # what all layers of one decode step share, scratch included
-        ("rows", I64), ("block_tables", PTR), ("max_blocks", I64), ("context_lens", PTR), ("cos", PTR),
-        ("sin", PTR), ("normed", PTR), ("qkv", PTR), ("attention", PTR), ("projected", PTR), ("gate_up", PTR),
-        ("activated", PTR)),
+        ("rows", I64), ("x_format", I64), ("block_tables", PTR), ("max_blocks", I64), ("context_lens", PTR),
+        ("cos", PTR), ("sin", PTR), ("normed", PTR), ("qkv", PTR), ("attention", PTR), ("projected", PTR),
+        ("gate_up", PTR), ("activated", PTR), ("residual", PTR)),
 }
 
 # function name -> (return type, ((argument name, type), ...)), names as in csrc. A struct argument is the string
@@ -62,6 +66,8 @@ STRUCTS = {
 FUNCTIONS = {
     "atb_native_abi": (ctypes.c_char_p, ()),
     "atb_panel_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_bf16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
@@ -76,7 +82,7 @@ FUNCTIONS = {
         ("out", PTR))),
     "atb_silu_and_mul_f32": (None, (
         ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
-    "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x", PTR))),
+    "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x_io", PTR))),
 }
 
 

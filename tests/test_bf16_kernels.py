@@ -1,0 +1,187 @@
+"""bfloat16 on the CPU's native path: the bf16 panel kernel against a float reference, the fused decoder layer on
+bf16 weights, residual stream and KV cache against PyTorch's bf16 operators, and which kernels a bf16 model gets
+on CPUs of other flags (simulated)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atb_models.kernels import Kernels, native
+from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
+from atb_models.kernels.linear import OneDnnLinear, PanelLinear
+from atb_models.platform import cpu_capabilities, resolve_plan
+from tests.test_kernels import AVX512, CPU_FP32, _decode_step, _panel_packed
+
+CPU_BF16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
+
+
+def native_bf16_kernels() -> Kernels:
+    if not AVX512:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    kernels = Kernels.for_plan(CPU_BF16)
+    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is not None
+    return kernels
+
+
+def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
+    kernel = native_bf16_kernels().linear
+    generator = torch.Generator().manual_seed(0)
+    # One group; uneven thread shares (3, 37 groups); K odd and off 16, off the 128-step blocks, over several.
+    for out_features, in_features in ((64, 40), (128, 7), (64 * 3, 201), (64 * 37, 130), (1024, 300)):
+        weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+        bias = torch.randn(out_features, generator=generator)
+        packed = _panel_packed(weight).bfloat16()
+        for rows in (1, 2, 5, 6, 7, 16, 17, 300):  # partial register blocks, widened K blocks beyond 6, 2 chunks
+            x = torch.randn(rows, in_features, generator=generator).bfloat16()
+            for b in (None, bias):
+                expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                # Exact products summed in float32; returned in the activation's dtype (bf16: rounded once).
+                assert torch.allclose(kernel(x.float(), packed, b).double(), expected, atol=1e-4, rtol=1e-4), \
+                    (out_features, in_features, rows)
+                got = kernel(x, packed, b)
+                assert got.dtype == torch.bfloat16
+                assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
+    # Float32 activations are rounded to bf16 first, as PyTorch's bf16 linear is given them.
+    x = torch.randn(3, 300, generator=generator)
+    assert torch.equal(kernel(x, packed, bias), kernel(x.bfloat16().float(), packed, bias))
+    # Rows of a strided activation (a view), and no rows.
+    x = torch.randn(2, 5, 2 * 300, generator=generator).bfloat16()[:, :, ::2]
+    assert torch.allclose(kernel(x.float(), packed, bias), F.linear(x.float(), weight.float(), bias), atol=1e-4)
+    assert kernel(torch.randn(0, 300).bfloat16(), packed, bias).shape == (0, 1024)
+
+
+def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the_rest_to_onednn():
+    kernel = native_bf16_kernels().linear
+    large = torch.randn(1024, 512).bfloat16()
+    packed = kernel.pack(large)
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed, _panel_packed(large.float()).bfloat16())
+    assert kernel.pack(large[:-16]).dim() != 3  # an output size off the groups: oneDNN's layout or none
+    assert kernel.pack(large[:64]) is None  # small: F.linear
+    assert kernel.pack(large.half()) is None
+    without_bf16 = PanelLinear(kernel._native, kernel._linear, kernel._reorder, bf16_op=None)
+    assert without_bf16.pack(large).dim() != 3
+
+
+# ---------------------------------------------------------------------------------- the fused decoder layer
+
+def _bf16_layers(kernels):
+    """The same random bf16 decoder layer twice: with PyTorch's operators (weights as loaded) and with `kernels`
+    (weights packed), plus a float32 copy of it as the truth both approximate."""
+    from types import SimpleNamespace
+
+    from atb_models.layers.linear import pack_weights
+    from atb_models.layers.sharding import HeadLayout
+    from atb_models.models.qwen2_vl import DecoderLayer
+
+    config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                             intermediate_size=1024)
+    generator = torch.Generator().manual_seed(0)
+    torch_ops = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.bfloat16, False, Kernels())
+    with torch.no_grad():
+        for parameter in torch_ops.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
+    native_layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.bfloat16, False, kernels)
+    native_layer.load_state_dict(torch_ops.state_dict())
+    assert pack_weights(native_layer) == 4
+    truth = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, Kernels())
+    truth.load_state_dict({name: t.float() for name, t in torch_ops.state_dict().items()})
+    return torch_ops, native_layer, truth
+
+
+def test_native_decoder_layer_on_bf16_weights_stream_and_cache_decodes_as_pytorchs_bf16_operators():
+    kernels = native_bf16_kernels()
+    fused = kernels.decoder_layer
+    assert isinstance(fused, NativeDecoderLayer)
+    torch_ops, native_layer, truth = _bf16_layers(kernels)
+    generator = torch.Generator().manual_seed(1)
+    block_size, num_blocks = 16, 12
+    step, cos, sin = _decode_step([1, 17, 40, 5], block_size, num_blocks, 64, generator)
+    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator).bfloat16() for _ in range(2)]
+    x = torch.randn(4, 512, generator=generator).bfloat16()
+    results = {}
+    for name, layer, run, dtype in (("torch", torch_ops, LayerByLayer(), torch.bfloat16),
+                                    ("native", native_layer, fused, torch.bfloat16),
+                                    ("truth", truth, LayerByLayer(), torch.float32)):
+        layer.k_cache, layer.v_cache = (cache.to(dtype, copy=True) for cache in caches)
+        step.kernel_state.clear()
+        stream = x.to(dtype, copy=True)
+        out = run(layer, stream, cos.to(dtype), sin.to(dtype), step)
+        results[name] = (out, layer.k_cache, layer.v_cache)
+        if name == "native":
+            assert "decoder_layer" in step.kernel_state, "the bf16 layer was the native kernel's case"
+            assert out is stream and out.dtype == torch.bfloat16, "the bf16 residual stream is updated in place"
+    (out, k, v), (expected, k_expected, v_expected), (true, k_true, v_true) = (
+        results["native"], results["torch"], results["truth"])
+    # Both bf16 paths round at their own points: each within bf16's resolution (2^-8 relative) of the float32
+    # truth, and of each other.
+    for got in (out, expected):
+        assert torch.allclose(got.float(), true, atol=2e-2, rtol=1e-2)
+    assert torch.allclose(out.float(), expected.float(), atol=3e-2, rtol=1e-2)
+    assert k.dtype == v.dtype == torch.bfloat16
+    assert torch.allclose(k.float(), k_true, atol=1e-2, rtol=8e-3) and torch.allclose(v.float(), v_true, atol=1e-2,
+                                                                                     rtol=8e-3)
+    stored = ~torch.isclose(k_expected.float(), caches[0].float())
+    assert stored.any() and torch.equal(stored, ~torch.isclose(k.float(), caches[0].float())), \
+        "the step stores its K in the same slots, and nothing else changes"
+    # The stored rows are rounded to nearest, not truncated: on average no further from the truth than PyTorch's.
+    assert (v.float() - v_true).abs().mean() <= 1.2 * (v_expected.float() - v_true).abs().mean()
+
+
+def test_a_bf16_layer_the_kernel_cannot_take_runs_its_own_forward():
+    kernels = native_bf16_kernels()
+    fused = kernels.decoder_layer
+    torch_ops, native_layer, _ = _bf16_layers(kernels)
+    native_layer.k_cache = native_layer.v_cache = torch.zeros(4, 2, 16, 64, dtype=torch.bfloat16)
+    assert fused.weights_of(native_layer) is not None
+    # Weights as loaded (not packed), a float16 cache, caches of two dtypes: not its case.
+    torch_ops.k_cache = torch_ops.v_cache = native_layer.k_cache
+    assert fused.weights_of(torch_ops) is None
+    native_layer.k_cache = native_layer.v_cache = torch.zeros(4, 2, 16, 64, dtype=torch.float16)
+    assert fused.weights_of(native_layer) is None
+    native_layer.k_cache = torch.zeros(4, 2, 16, 64, dtype=torch.bfloat16)
+    native_layer.v_cache = torch.zeros(4, 2, 16, 64)
+    assert fused.weights_of(native_layer) is None
+
+
+# ----------------------------------------------------------------------------- which kernels a bf16 model gets
+
+def _simulated_cpu(flags: str):
+    return cpu_capabilities(f"processor\t: 0\nmodel name\t: Simulated CPU\nflags\t\t: {flags}\n")
+
+
+def test_a_cpu_with_avx512_bf16_runs_a_bf16_checkpoint_natively_and_one_without_in_float32():
+    """The flags decide the plan (platform), the plan and this CPU's AVX-512 the kernels: on a CPU with native bf16
+    a bf16 checkpoint stays bf16 and gets the native bf16 decode path; without, it computes in float32 and gets
+    the float32 one."""
+    with_bf16 = resolve_plan("cpu", "auto", "bfloat16", caps=_simulated_cpu("fpu avx2 avx512f avx512bw avx512_bf16"))
+    without = resolve_plan("cpu", "auto", "bfloat16", caps=_simulated_cpu("fpu avx2 avx512f avx512bw"))
+    assert with_bf16.llm_dtype == torch.bfloat16 and without.llm_dtype == torch.float32
+    for plan in (with_bf16, without):
+        kernels = Kernels.for_plan(plan)
+        assert isinstance(kernels.decoder_layer, NativeDecoderLayer) == AVX512
+        assert isinstance(kernels.linear, PanelLinear) == AVX512
+
+
+def test_a_cpu_without_avx512_runs_a_bf16_model_on_pytorchs_operators(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    kernels = Kernels.for_plan(CPU_BF16)
+    assert not isinstance(kernels.linear, PanelLinear) and type(kernels.decoder_layer) is LayerByLayer
+    assert isinstance(kernels.linear, OneDnnLinear) or kernels.linear.name == "torch"
+
+
+def test_a_bf16_panel_kernel_that_multiplies_wrong_is_not_used(monkeypatch, caplog):
+    if not AVX512:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    library = native.NativeLibrary.load()
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    monkeypatch.setattr(library, "atb_bf16_linear_f32", lambda *args: None)  # writes nothing: wrong products
+    with caplog.at_level("WARNING", logger="atb_models.kernels"):
+        kernels = Kernels.for_plan(CPU_BF16)
+    assert "bfloat16 panel kernel gave wrong products" in caplog.text
+    assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is None
+    assert type(kernels.decoder_layer) is LayerByLayer
+    assert kernels.linear.pack(torch.randn(1024, 512).bfloat16()).dim() != 3
+    # A float32 model keeps its native kernels.
+    assert isinstance(Kernels.for_plan(CPU_FP32).decoder_layer, NativeDecoderLayer)
