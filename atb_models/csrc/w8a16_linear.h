@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t PAIR_BYTES = 2 * GROUP;  // one pair of k-steps of a column group: 128 bytes, two lines
 constexpr int64_t BLOCK_PAIRS = 256;       // pairs per int32 block: no overflow (see above), 32 KB of weights
-constexpr int64_t W8_AHEAD = 16;           // single pass: prefetch this many pairs (two lines each) ahead
+constexpr int64_t W8_AHEAD = 64;           // single pass: prefetch this many pairs (two lines each, 8 KB) ahead
 constexpr float INT16_MAX_F = 32767.0f;
 
 #ifdef __AVX512VNNI__
