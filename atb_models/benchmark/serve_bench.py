@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import statistics
@@ -35,6 +36,7 @@ logger = logging.getLogger("atb_models.benchmark")
 
 SERVER_START_TIMEOUT_S = 600
 COMPARED_CONCURRENCY = 16
+CLIENT_NICENESS = 10  # the benchmark process's, once it has started its server
 
 
 @dataclass
@@ -268,6 +270,11 @@ def run_serve_benchmark(preset: Preset, model_path: Optional[str], url: Optional
                                             # each concurrency level sends the same requests: none from the cache
                                             "--no_prefix_caching"])
         url = server.url
+        # The load generator yields the cores to the server it measures: with two cores and no others, the 16
+        # clients' threads would otherwise preempt the engine's OpenMP threads at every chunk, which a remote
+        # client does not (vllm bench serve is run from another machine or other cores). The server started
+        # before this keeps its priority; LLM.generate below runs here with nothing else to yield to.
+        os.nice(CLIENT_NICENESS)
     rows, closing = [], None
     try:
         model = served_model(url, api_key)
