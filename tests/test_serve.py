@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -428,3 +429,65 @@ def test_a_two_rank_server_under_torchrun_gives_the_same_answers_and_stops_clean
     assert "Traceback" not in (tmp_path / "server.log").read_text()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
     assert not (tmp_path / "shm_names.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------- the engine loop
+
+
+class _IdleOrBusyLLM:
+    def __init__(self, busy: bool):
+        self.busy = busy
+
+    def has_unfinished(self) -> bool:
+        return self.busy
+
+
+def _engine_loop(busy: bool):
+    from atb_models.serve.engine import EngineLoop
+
+    engine = EngineLoop(lambda: None, metrics=None, world_size=1, on_fatal=lambda: None)
+    engine.llm = _IdleOrBusyLLM(busy)
+    return engine
+
+
+def _submit_later(engine, request, seconds: float, then_prepared: bool) -> threading.Timer:
+    def arrive():
+        engine.submit(request, lambda event: None)
+        if then_prepared:
+            engine.preparing -= 1
+
+    timer = threading.Timer(seconds, arrive)
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("busy, preparing, joined", [(False, 1, True), (False, 0, False), (True, 1, False)],
+                         ids=["idle, one being preprocessed", "idle, none being preprocessed", "running"])
+def test_an_idle_engine_holds_its_first_step_for_requests_still_being_preprocessed(busy, preparing, joined):
+    from atb_models.serve.engine import NewRequest
+
+    engine = _engine_loop(busy)
+    first, second = NewRequest(1, None, None), NewRequest(2, None, None)
+    engine.submit(first, lambda event: None)
+    engine.preparing = preparing
+    timer = _submit_later(engine, second, 0.1, then_prepared=preparing > 0)
+    plan = engine._next_plan()
+    timer.join()
+    assert [r.request_id for r in plan.adds] == ([1, 2] if joined else [1])
+
+
+def test_the_admission_window_is_bounded_and_a_stop_ends_it():
+    from atb_models.serve import engine as engine_module
+    from atb_models.serve.engine import NewRequest
+
+    engine = _engine_loop(busy=False)
+    engine.submit(NewRequest(1, None, None), lambda event: None)
+    engine.preparing = 1  # never submitted: a request whose preprocessing hangs
+    start = time.monotonic()
+    assert [r.request_id for r in engine._next_plan().adds] == [1]
+    assert time.monotonic() - start < engine_module.ADMISSION_WINDOW_S + 0.3
+    engine.submit(NewRequest(2, None, None), lambda event: None)
+    engine._commands.put(("stop", None, None))  # what EngineLoop.stop sends
+    start = time.monotonic()
+    plan = engine._next_plan()
+    assert plan.stop and [r.request_id for r in plan.adds] == [2] and time.monotonic() - start < 0.1

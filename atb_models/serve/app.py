@@ -88,7 +88,6 @@ class ChatService:
         self.config, self.engine, self.metrics = config, engine, metrics
         self.media = MediaResolver(config.allowed_local_media_path)
         self._ids = itertools.count()
-        self._admitting = 0  # requests being preprocessed: they count against --max_queue too
         # One thread: the tokenizer is not meant for concurrent callers, and the engine needs the cores.
         self._preprocessing = ThreadPoolExecutor(1, thread_name_prefix="atb-preprocess")
 
@@ -113,7 +112,7 @@ class ChatService:
         if chat.model is not None and chat.model != self.config.model_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
-        if self._admitting + self.engine.queued() >= self.config.max_queue:
+        if self.engine.preparing + self.engine.queued() >= self.config.max_queue:  # being preprocessed counts too
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
         answer = await self._admit(chat, arrival)
@@ -124,11 +123,11 @@ class ChatService:
     async def _admit(self, chat, arrival: float) -> "Answer":
         """The request preprocessed and taken by the engine (its checks passed): its Answer to come."""
         loop = asyncio.get_running_loop()
-        self._admitting += 1  # until the engine's queue counts it
+        self.engine.preparing += 1  # until the engine's queue counts it (an idle engine waits for it: engine.py)
         try:
             prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
         finally:
-            self._admitting -= 1
+            self.engine.preparing -= 1
         request_id = next(self._ids)
         handle = RequestHandle(loop)
         self.engine.submit(NewRequest(request_id, prompt, chat.params), handle.put)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -23,6 +24,11 @@ from atb_models.errors import UserError
 logger = logging.getLogger("atb_models.serve")
 
 HEARTBEAT_S = 1.0
+# How long an idle engine holds its first step for requests that arrived with the first one and are still being
+# preprocessed, so that they are prefilled together (as one generate() call would) rather than one step later, each
+# of the next prefills pausing the decodes already running. Never waited while anything runs.
+ADMISSION_WINDOW_S = 0.5
+ADMISSION_POLL_S = 0.005
 STOP_JOIN_S = 30.0  # how long stopping waits for the thread (a model still loading finishes first)
 
 
@@ -95,6 +101,8 @@ class EngineLoop:
         self.ready = threading.Event()
         self.failure: Optional[BaseException] = None
         self.num_waiting = 0  # requests queued or waiting for a batch slot, as of the latest step
+        self.preparing = 0  # requests the HTTP side is preprocessing for this engine (it counts them)
+        self._held = 0  # requests taken from the queue into the next step's plan, not yet added to the LLM
         self._thread = threading.Thread(target=self._run, name="atb-engine", daemon=True)
 
     # ------------------------------------------------------------------------------------------ the asyncio side
@@ -108,8 +116,9 @@ class EngineLoop:
         self._commands.put(("abort", request_id, None))
 
     def queued(self) -> int:
-        """Requests not yet running: submitted but not yet taken, and waiting for a batch slot."""
-        return self._commands.qsize() + self.num_waiting
+        """Requests not yet running: submitted but not yet taken, held for the next step, and waiting for a batch
+        slot."""
+        return self._commands.qsize() + self._held + self.num_waiting
 
     def stop(self) -> None:
         """Abort what still runs, tell the other ranks to stop, release the engine (its shared memory)."""
@@ -150,29 +159,41 @@ class EngineLoop:
         if plan.stop:
             return False
         apply_plan(self.llm, plan, self._added, self._aborted)
+        self._held = 0
         if self.llm.has_unfinished():
             self._step()
         self._publish_gauges()
         return True
 
     def _next_plan(self) -> StepPlan:
-        """Every command that arrived; when nothing runs, the first one is waited for (up to a heartbeat)."""
+        """Every command that arrived; when nothing runs, the first one is waited for (up to a heartbeat), and then
+        the requests still being preprocessed beside it (up to ADMISSION_WINDOW_S)."""
         plan = StepPlan()
-        block = not self.llm.has_unfinished()
-        while True:
+        idle = not self.llm.has_unfinished()
+        self._take(plan, HEARTBEAT_S if idle else None)
+        if idle and plan.adds:
+            deadline = time.monotonic() + ADMISSION_WINDOW_S
+            while not plan.stop and self.preparing > 0 and time.monotonic() < deadline:
+                self._take(plan, ADMISSION_POLL_S)
+        return plan
+
+    def _take(self, plan: StepPlan, wait: Optional[float]) -> None:
+        """Every command queued, into `plan`; with `wait`, the first one waited for up to that many seconds."""
+        block = wait is not None
+        while not plan.stop:
             try:
-                kind, value, sink = self._commands.get(block=block, timeout=HEARTBEAT_S if block else None)
+                kind, value, sink = self._commands.get(block=block, timeout=wait if block else None)
             except queue.Empty:
-                return plan
+                return
             block = False
             if kind == "add":
                 plan.adds.append(value)
                 self._sinks[value.request_id] = sink
+                self._held = len(plan.adds)
             elif kind == "abort":
                 plan.aborts.append(value)
             else:
                 plan.stop = True
-                return plan
 
     def _added(self, request_id: int, error: Optional[str]) -> None:
         sink = self._sinks[request_id]
