@@ -37,6 +37,7 @@ constexpr int64_t PAIR_BYTES = 2 * GROUP;  // one pair of k-steps of a column gr
 constexpr int64_t BLOCK_PAIRS = 256;       // pairs per int32 block: no overflow (see above), 32 KB of weights
 constexpr int64_t W8_AHEAD = 64;           // single pass: prefetch this many pairs (two lines each, 8 KB) ahead
 constexpr float INT16_MAX_F = 32767.0f;
+constexpr int64_t W8_L2_AHEAD = 32768;  // bytes: each line prefetched into L2 this far ahead of its L1 prefetch
 
 #ifdef __AVX512VNNI__
 inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) { return _mm512_dpwssd_epi32(acc, w, x); }
@@ -98,7 +99,10 @@ void w8_register_block(const int16_t* q, int64_t ldq, const float* sx, int64_t l
     int64_t owed = 0;  // share / len lines per pair, kept in whole lines by counting in units of 1 / len
     for (int64_t p = p0; p < p1; p++) {
         const int8_t* wp = w + p * PAIR_BYTES;
-        for (owed += share; owed >= len; owed -= len, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        for (owed += share; owed >= len; owed -= len, pf += 64) {
+            _mm_prefetch(pf, _MM_HINT_T0);
+            _mm_prefetch(pf + W8_L2_AHEAD, _MM_HINT_T1);
+        }
         __m512i wv[4];
         for (int j = 0; j < 4; j++)
             wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j)));
