@@ -18,7 +18,8 @@
 //
 // Each group's K blocks stay in L1 (256 pairs x 128 B = 32 KB) while every chunk of up to 6 rows passes over them,
 // so the weights are read from memory once whatever the row count; the passes prefetch the next block, a single
-// pass a fixed distance ahead.
+// pass a fixed distance ahead, and every line is prefetched into L2 a further 32 KB ahead first (one row's int8
+// stream is too thin for the L1 prefetches alone to keep memory busy: docs/PERFORMANCE.md).
 
 #pragma once
 
