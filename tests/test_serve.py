@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -435,8 +436,10 @@ def test_a_two_rank_server_under_torchrun_gives_the_same_answers_and_stops_clean
 
 
 class _IdleOrBusyLLM:
-    def __init__(self, busy: bool):
+    def __init__(self, busy: bool, max_batch_size: int = 4):
         self.busy = busy
+        self.scheduler = SimpleNamespace(max_batch_size=max_batch_size, running=[object()] if busy else [],
+                                         waiting=[])
 
     def has_unfinished(self) -> bool:
         return self.busy
@@ -491,3 +494,14 @@ def test_the_admission_window_is_bounded_and_a_stop_ends_it():
     start = time.monotonic()
     plan = engine._next_plan()
     assert plan.stop and [r.request_id for r in plan.adds] == [2] and time.monotonic() - start < 0.1
+
+
+def test_requests_held_for_the_first_step_count_against_the_queue_beyond_the_free_batch_slots():
+    from atb_models.serve.engine import NewRequest
+
+    engine = _engine_loop(busy=False)  # 4 free slots
+    for i in range(6):
+        engine.submit(NewRequest(i, None, None), lambda event: None)
+    assert engine.queued() == 6  # all still in the command queue
+    plan = engine._next_plan()
+    assert len(plan.adds) == 6 and engine.queued() == 2  # 4 will run at once, 2 will wait

@@ -102,7 +102,8 @@ class EngineLoop:
         self.failure: Optional[BaseException] = None
         self.num_waiting = 0  # requests queued or waiting for a batch slot, as of the latest step
         self.preparing = 0  # requests the HTTP side is preprocessing for this engine (it counts them)
-        self._held = 0  # requests taken from the queue into the next step's plan, not yet added to the LLM
+        self._held = 0  # requests taken into the next step's plan beyond the free batch slots: they will wait
+        self._free_slots = 0  # batch slots free as the plan is made
         self._thread = threading.Thread(target=self._run, name="atb-engine", daemon=True)
 
     # ------------------------------------------------------------------------------------------ the asyncio side
@@ -170,6 +171,8 @@ class EngineLoop:
         the requests still being preprocessed beside it (up to ADMISSION_WINDOW_S)."""
         plan = StepPlan()
         idle = not self.llm.has_unfinished()
+        scheduler = self.llm.scheduler
+        self._free_slots = max(0, scheduler.max_batch_size - len(scheduler.running) - len(scheduler.waiting))
         self._take(plan, HEARTBEAT_S if idle else None)
         if idle and plan.adds:
             deadline = time.monotonic() + ADMISSION_WINDOW_S
@@ -189,7 +192,7 @@ class EngineLoop:
             if kind == "add":
                 plan.adds.append(value)
                 self._sinks[value.request_id] = sink
-                self._held = len(plan.adds)
+                self._held = max(0, len(plan.adds) - self._free_slots)  # those that will wait, not run
             elif kind == "abort":
                 plan.aborts.append(value)
             else:
