@@ -1,10 +1,14 @@
 """python -m atb_models.quantize --model_path IN --output_dir OUT --method w8a16 [--group_size N] [--quantize_lm_head]
+                                [--algorithm rtn|gptq [--calib_data FOLDER] [--calib_prompt TEXT] [--calib_tokens N]]
 
 Writes a weight-only int8 checkpoint: the language model's linear weights (q/k/v, o, gate/up, down; the LM head with
 --quantize_lm_head) as symmetric int8 with float32 scales per output channel (or per group of N input columns),
-everything else as in IN. One output shard per input shard, config.json with "quantize": "w8a16", and
+everything else as in IN. `--algorithm rtn` (the default) rounds each weight to the nearest step, with no data;
+`--algorithm gptq` first runs the float model over calibration prompts (a built-in set of drawn pictures and
+questions, or the images and videos of --calib_data) and rounds so that the error reaching each linear's output is
+smallest (atb_models.calibration): closer to float, at the cost of minutes. One output shard per input shard, config.json with "quantize": "w8a16", and
 quant_model_description.json naming each tensor's format (MindIE's convention). `LLM(OUT)` and
-`run_pa.sh --model_path OUT` load it as it is; `--quantize w8a16` on IN gives the same int8 weights at load.
+`run_pa.sh --model_path OUT` load it as it is; `--quantize w8a16` on IN gives rtn's int8 weights at load.
 
 The output appears whole or not at all: it is written to a staging folder beside OUT and renamed when complete.
 """
@@ -16,9 +20,10 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from atb_models.cli.choices import QUANTIZE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.errors import UserError
 
@@ -32,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group_size", type=int, metavar="N",
                         help="one scale per N input columns (e.g. 128) instead of one per output channel")
     parser.add_argument("--quantize_lm_head", action="store_true", help="quantize the LM head too")
+    parser.add_argument("--algorithm", choices=QUANT_ALGORITHM_CHOICES, default="rtn",
+                        help="rtn: round to nearest, no data (as quantize-at-load); gptq: calibrated on prompts")
+    calibration = parser.add_argument_group("calibration (--algorithm gptq)")
+    calibration.add_argument("--calib_data", metavar="FOLDER",
+                             help="images and videos to calibrate on (default: a built-in set of drawn pictures and "
+                                  "text prompts)")
+    calibration.add_argument("--calib_prompt", metavar="TEXT",
+                             help="the question asked of each --calib_data file (default: Describe this image.)")
+    calibration.add_argument("--calib_tokens", type=int, default=None, metavar="N",
+                             help="the greedy answer generated for each prompt and calibrated on too (default 64)")
+    calibration.add_argument("--device", choices=DEVICE_CHOICES,
+                             help="where the float model runs for calibration (default auto)")
     return parser
 
 
@@ -51,9 +68,20 @@ def _is_quantized(canonical: str, quantize_lm_head: bool) -> bool:
     return canonical.startswith("model.layers.") and canonical.endswith(CHECKPOINT_LINEARS)
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """--algorithm gptq's calibration: the prompts (None: the built-in set), and where the float model runs."""
+    data: str | None = None
+    prompt: str = "Describe this image."
+    tokens: int | None = None
+    device: str = "auto"
+
+
 def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_size: int | None,
-                        quantize_lm_head: bool) -> dict:
-    """Writes OUT; returns the description written: the settings, then each tensor name -> "W8A16" or "FLOAT"."""
+                        quantize_lm_head: bool, algorithm: str = "rtn",
+                        calibration: CalibrationSettings | None = None) -> dict:
+    """Writes OUT; returns the description written: the settings, then each tensor name -> "W8A16" or "FLOAT".
+    With algorithm "gptq", `calibration` says what to calibrate on (default: the built-in set)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -72,6 +100,9 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     if quantize_lm_head and model_config.hf_config.tie_word_embeddings:
         raise UserError("--quantize_lm_head: this checkpoint's LM head is tied to the embedding table, which stays "
                         "float; quantize without it")
+    if algorithm != "gptq" and calibration is not None:
+        raise UserError("--calib_data, --calib_prompt, --calib_tokens and --device calibrate --algorithm gptq; "
+                        "rtn uses no data")
     out = Path(output_dir)
     _check_output_dir(out)
     family = model_config.family
@@ -79,7 +110,16 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     by_file: dict[str, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
-    description = {"model_quant_type": method.upper(), "group_size": group_size or 0}
+    quantized = [name for name in files if _is_quantized(family.parameter_name(name), quantize_lm_head)]
+    if group_size is not None:
+        for name in quantized:
+            columns = _shape(files[name], name)[1]
+            if columns % group_size:
+                raise UserError(f"--group_size {group_size} does not divide the {columns} input columns of {name}")
+    calibrated = {}
+    if algorithm == "gptq":
+        calibrated = _gptq(model_path, files, family, quantized, group_size, calibration or CalibrationSettings())
+    description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
     weight_map = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
@@ -90,10 +130,10 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
                 with safe_open(path, framework="pt") as handle:
                     for name in names:
                         tensor = handle.get_tensor(name)
-                        if _is_quantized(family.parameter_name(name), quantize_lm_head):
-                            if group_size is not None and tensor.shape[1] % group_size:
-                                raise UserError(f"--group_size {group_size} does not divide the {tensor.shape[1]} "
-                                                f"input columns of {name}")
+                        if name in calibrated:
+                            tensors[name], tensors[name + "_scale"] = calibrated.pop(name)
+                            description[name] = description[name + "_scale"] = "W8A16"
+                        elif _is_quantized(family.parameter_name(name), quantize_lm_head):
                             tensors[name], tensors[name + "_scale"] = quantize(tensor, group_size)
                             description[name] = description[name + "_scale"] = "W8A16"
                         else:
@@ -110,6 +150,44 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return description
+
+
+def _shape(path: str, name: str) -> list:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return handle.get_slice(name).get_shape()
+
+
+def _gptq(model_path: str, files: dict, family, names: list[str], group_size: int | None,
+          settings: CalibrationSettings) -> dict:
+    """Each quantized tensor's (int8, scale) by GPTQ, the layers taken in passes whose Hessians fit the budget."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    from atb_models.calibration import CALIBRATION_TOKENS, Calibration, gptq_quantize, module_of, passes
+
+    module = {name: module_of(family.parameter_name(name)) for name in names}
+    in_features = {module[name]: _shape(files[name], name)[1] for name in names}
+    order = sorted(in_features, key=_model_order)
+    results = {}
+    tokens = CALIBRATION_TOKENS if settings.tokens is None else settings.tokens
+    with Calibration(model_path, settings.data, settings.prompt, tokens, settings.device) as calibration, \
+            tqdm(total=len(names), desc="GPTQ", unit="tensor", file=sys.stderr) as bar:
+        for modules in passes(order, in_features):
+            hessians = calibration.hessians(modules)
+            for name in [n for n in names if module[n] in modules]:
+                with safe_open(files[name], framework="pt") as handle:
+                    weight = handle.get_tensor(name)
+                results[name] = gptq_quantize(weight, hessians.mean(module[name]), group_size)
+                bar.update(1)
+    return results
+
+
+def _model_order(module: str) -> tuple:
+    """model.layers.N.* by N, then the LM head."""
+    parts = module.split(".")
+    return (int(parts[2]), module) if module.startswith("model.layers.") else (1 << 30, module)
 
 
 def _write_beside_weights(model_path: Path, staging: Path, method: str, description: dict, weight_map: dict,
@@ -134,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
 
     def run() -> int:
+        given = {"data": args.calib_data, "prompt": args.calib_prompt, "tokens": args.calib_tokens,
+                 "device": args.device}
+        given = {key: value for key, value in given.items() if value is not None}
+        calibration = CalibrationSettings(**given) if given else None
         description = quantize_checkpoint(args.model_path, args.output_dir, args.method, args.group_size,
-                                          args.quantize_lm_head)
+                                          args.quantize_lm_head, args.algorithm, calibration)
         tensors = {name: kind for name, kind in description.items() if name.endswith((".weight", ".bias"))}
         int8 = sum(1 for kind in tensors.values() if kind == "W8A16")
         floats = len(tensors) - int8
-        print(f"wrote {args.output_dir}: {int8} weights in int8 ({args.method}), {floats} tensors as they were",
-              flush=True)
+        print(f"wrote {args.output_dir}: {int8} weights in int8 ({args.method}, {args.algorithm}), {floats} tensors "
+              "as they were", flush=True)
         return 0
 
     return run_entry_point(run)

@@ -299,6 +299,9 @@ def test_compare_with_quantize_ends_with_the_three_w8a16_figures(tmp_path):
     assert list(figures)[-3:] == ["decode_vs_fp32[bs1]", "decode_vs_floor_w8a16[bs1]", "top1_agreement_w8a16"]
     assert 0 < float(figures["top1_agreement_w8a16"]) <= 1
     assert "kit_w8a16 per decode step (ms) / the float kit's" in stdout
+    # calibrated by the quantize tool, once, beside the preset's checkpoint
+    assert "quantized: w8a16 by gptq" in stdout
+    assert (tmp_path / "home" / "benchmark" / "tiny" / "checkpoint-w8a16-gptq-v1" / "config.json").is_file()
 
 
 @pytest.mark.slow

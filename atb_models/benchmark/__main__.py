@@ -1,5 +1,5 @@
-"""python -m atb_models.benchmark compare [--preset NAME] [--model_path DIR] [--quantize w8a16] [--repeats N]
-                                          [--threads N]
+"""python -m atb_models.benchmark compare [--preset NAME] [--model_path DIR] [--quantize w8a16 [--quant_algorithm A]]
+                                          [--repeats N] [--threads N]
 python -m atb_models.benchmark serve [--url URL | --model_path DIR] [--concurrency 1,4,16] [--compare_generate]
                                         [--repeats N]
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
+from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.errors import UserError
 
@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="torch CPU threads (default: torch's, one per core); where other work shares the "
                               "cores, fewer threads keep them from waiting on a descheduled sibling")
     compare.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                         help="also run the kit quantized at load beside its float self, and end with "
+                         help="also run the kit quantized beside its float self, and end with "
                               "decode_vs_fp32[bs1], decode_vs_floor_<method>[bs1] and top1_agreement_<method>")
+    compare.add_argument("--quant_algorithm", choices=QUANT_ALGORITHM_CHOICES, default="gptq",
+                         help="with --quantize: gptq (default) runs the quantize tool's calibrated checkpoint (made "
+                              "once for a preset's checkpoint, minutes); rtn quantizes at load, no data")
     compare.add_argument("--workloads", default=",".join(WORKLOADS), metavar="LIST",
                          help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     add_serve_parser(commands)
@@ -117,7 +120,7 @@ def compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model_path = args.model_path or str(ensure_checkpoint(preset))
     results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,
-                                 repeats, workloads, args.quantize)
+                                 repeats, workloads, args.quantize, args.quant_algorithm)
     print(report(results, setup, preset), flush=True)
     return 0
 

@@ -20,7 +20,9 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial, reduce
 from pathlib import Path
@@ -32,6 +34,7 @@ from atb_models import LLM
 from atb_models.benchmark import floors
 from atb_models.benchmark.engines import KitEngine, ReferenceEngine, Request, Timing
 from atb_models.benchmark.presets import Preset, Workloads, benchmark_dir
+from atb_models.config import kit_home
 from atb_models.demo.checkpoint import make_image
 from atb_models.errors import UserError
 from atb_models.platform import cpu_capabilities, read_cpuinfo
@@ -117,10 +120,12 @@ def _alternate(results: Results, workload: str, runs: dict, repeats: int,
 
 
 def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeats: int,
-                workloads: tuple[str, ...], quantize: str | None = None) -> tuple[Results, dict]:
+                workloads: tuple[str, ...], quantize: str | None = None,
+                quant_algorithm: str = "gptq") -> tuple[Results, dict]:
     """Runs the chosen workloads; returns the results and a description of the set-up for the report. With
-    `quantize`, the kit also runs quantized at load (mode "kit_w8a16") beside its float self; where the language
-    model computes in bfloat16, a float32 kit (FLOAT32_KIT) runs decode_bs1 beside it."""
+    `quantize`, the kit also runs quantized (mode "kit_w8a16") beside its float self: on the quantize tool's output
+    with `quant_algorithm` "gptq", quantized at load with "rtn". Where the language model computes in bfloat16, a
+    float32 kit (FLOAT32_KIT) runs decode_bs1 beside it."""
     load_before = os.getloadavg()[0]
     w = preset.workloads
     # Prefix caching off: transformers has none, and the kit would answer each repeat's prompt from its cache.
@@ -132,15 +137,44 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
         raise UserError(f"{model_path} is quantized ({llm.quantization.method}): compare takes the float checkpoint "
                         "(and --quantize to run the kit quantized beside it)")
     kits = {"kit": KitEngine(llm)}
-    if quantize:
-        kits[f"kit_{quantize}"] = KitEngine(LLM(model_path, quantize=quantize, **settings))
-    if llm.plan.llm_dtype == torch.bfloat16 and "decode" in workloads:
-        kits[FLOAT32_KIT] = KitEngine(LLM(model_path, **{**settings, "dtype": "float32"}))
-    reference = ReferenceEngine(llm.model_config, llm.plan, llm.preprocessor)
-    try:
-        return _run_workloads(preset, model_path, workloads, repeats, kits, reference, load_before)
-    finally:
-        reference.close()
+    quantized_by = None
+    with ExitStack() as cleanup:
+        if quantize and quant_algorithm == "rtn":
+            kits[f"kit_{quantize}"] = KitEngine(LLM(model_path, quantize=quantize, **settings))
+            quantized_by = f"{quantize}, round-to-nearest at load"
+        elif quantize:
+            path = quantized_checkpoint(preset, model_path, quantize, quant_algorithm, cleanup)
+            kits[f"kit_{quantize}"] = KitEngine(LLM(str(path), **settings))
+            quantized_by = f"{quantize} by {quant_algorithm} (the quantize tool, built-in calibration set): {path}"
+        if llm.plan.llm_dtype == torch.bfloat16 and "decode" in workloads:
+            kits[FLOAT32_KIT] = KitEngine(LLM(model_path, **{**settings, "dtype": "float32"}))
+        reference = ReferenceEngine(llm.model_config, llm.plan, llm.preprocessor)
+        try:
+            results, setup = _run_workloads(preset, model_path, workloads, repeats, kits, reference, load_before)
+        finally:
+            reference.close()
+    if quantized_by:
+        setup["quantized"] = quantized_by
+    return results, setup
+
+
+def quantized_checkpoint(preset: Preset, model_path: str, method: str, algorithm: str, cleanup: ExitStack) -> Path:
+    """The quantize tool's output of `model_path`: kept beside the preset's own checkpoint (written once, reused),
+    or, for another checkpoint, written into a temporary folder that `cleanup` removes."""
+    from atb_models.calibration import VERSION
+    from atb_models.quantize import quantize_checkpoint
+
+    own = benchmark_dir(preset) / "checkpoint"
+    if Path(model_path).resolve() == own.resolve():
+        target = benchmark_dir(preset) / f"checkpoint-{method}-{algorithm}-v{VERSION}"
+        if not target.is_dir():
+            logger.info("quantizing the %s checkpoint by %s into %s (once)", preset.name, algorithm, target)
+            quantize_checkpoint(model_path, str(target), method, None, False, algorithm)
+        return target
+    temporary = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="atb-compare-", dir=kit_home())))
+    logger.info("quantizing %s by %s for this run", model_path, algorithm)
+    quantize_checkpoint(model_path, str(temporary / "quantized"), method, None, False, algorithm)
+    return temporary / "quantized"
 
 
 def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], repeats: int, kits: dict,

@@ -64,16 +64,7 @@ class KitEngine:
     def teacher_forced_argmax(self, items: list, tokens: list) -> list:
         """The engine's greedy choice at each position of `tokens` given the prompt and the tokens before it (one
         prefill over all of them): where it agrees with `tokens`, this engine would have decoded them too."""
-        from atb_models.engine.sequence import Sequence
-
-        seq = Sequence(0, self.llm.preprocessor(items), SamplingParams(max_tokens=len(tokens)), len(tokens))
-        for token in tokens[:-1]:
-            seq.append_token(token)
-        self.llm.block_manager.allocate(seq, use_cache=False)  # every position computed, none read back
-        try:
-            logits = self.llm.runner.run([seq], True, rows_from=seq.num_prompt_tokens - 1)
-        finally:
-            self.llm.block_manager.free(seq)
+        logits = self.llm.teacher_forced_logits(items, tokens)
         return logits.argmax(dim=-1).tolist()
 
 

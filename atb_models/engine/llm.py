@@ -332,6 +332,19 @@ class LLM:
         output.admitted_s, output.first_token_s, output.finished_s = (
             None if t is None else t - self._time_origin for t in (seq.admitted_at, seq.first_token_at, finished_at))
 
+    def teacher_forced_logits(self, request: list, tokens: list):
+        """The logits [len(tokens), vocab] at each position of `tokens` given the request's prompt and the tokens
+        before it, in one prefill over all of them (nothing cached, nothing sampled): the quantities a quantized
+        model is checked against, and what a calibration pass runs its activations through."""
+        seq = Sequence(0, self.preprocessor(request), SamplingParams(max_tokens=len(tokens)), len(tokens))
+        for token in tokens[:-1]:
+            seq.append_token(token)
+        self.block_manager.allocate(seq, use_cache=False)  # every position computed, none read back
+        try:
+            return self.runner.run([seq], True, rows_from=seq.num_prompt_tokens - 1)
+        finally:
+            self.block_manager.free(seq)
+
     def close(self) -> None:
         """Remove this engine's shared-memory segments (also done at exit)."""
         self.node_preprocessor.close()
