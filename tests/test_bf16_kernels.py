@@ -43,9 +43,11 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
                 got = kernel(x, packed, b)
                 assert got.dtype == torch.bfloat16
                 assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
-    # Float32 activations are rounded to bf16 first, as PyTorch's bf16 linear is given them.
+    # Float32 activations are taken as they are (a float32 model whose weights are bf16 values): float32 products.
     x = torch.randn(3, 300, generator=generator)
-    assert torch.equal(kernel(x, packed, bias), kernel(x.bfloat16().float(), packed, bias))
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    assert torch.allclose(kernel(x, packed, bias).double(), exact, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(kernel(x.bfloat16().float(), packed, bias).double(), exact, atol=1e-4, rtol=1e-4)
     # Rows of a strided activation (a view), and no rows.
     x = torch.randn(2, 5, 2 * 300, generator=generator).bfloat16()[:, :, ::2]
     assert torch.allclose(kernel(x.float(), packed, bias), F.linear(x.float(), weight.float(), bias), atol=1e-4)
@@ -66,26 +68,32 @@ def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the
 
 # ---------------------------------------------------------------------------------- the fused decoder layer
 
-def _bf16_layers(kernels):
-    """The same random bf16 decoder layer twice: with PyTorch's operators (weights as loaded) and with `kernels`
-    (weights packed), plus a float32 copy of it as the truth both approximate."""
+def _layer(dtype: torch.dtype, kernels: Kernels):
+    """A decoder layer of 512 hidden, 8/2 heads, 1024 intermediate."""
     from types import SimpleNamespace
 
-    from atb_models.layers.linear import pack_weights
     from atb_models.layers.sharding import HeadLayout
     from atb_models.models.qwen2_vl import DecoderLayer
 
     config = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
                              intermediate_size=1024)
+    return DecoderLayer(config, HeadLayout(8, 2, 1, 0), dtype, False, kernels)
+
+
+def _bf16_layers(kernels):
+    """The same random bf16 decoder layer twice: with PyTorch's operators (weights as loaded) and with `kernels`
+    (weights packed), plus a float32 copy of it as the truth both approximate."""
+    from atb_models.layers.linear import pack_weights
+
     generator = torch.Generator().manual_seed(0)
-    torch_ops = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.bfloat16, False, Kernels())
+    torch_ops = _layer(torch.bfloat16, Kernels())
     with torch.no_grad():
         for parameter in torch_ops.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
-    native_layer = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.bfloat16, False, kernels)
+    native_layer = _layer(torch.bfloat16, kernels)
     native_layer.load_state_dict(torch_ops.state_dict())
     assert pack_weights(native_layer) == 4
-    truth = DecoderLayer(config, HeadLayout(8, 2, 1, 0), torch.float32, False, Kernels())
+    truth = _layer(torch.float32, Kernels())
     truth.load_state_dict({name: t.float() for name, t in torch_ops.state_dict().items()})
     return torch_ops, native_layer, truth
 
@@ -145,7 +153,56 @@ def test_a_bf16_layer_the_kernel_cannot_take_runs_its_own_forward():
     assert fused.weights_of(native_layer) is None
 
 
-# ----------------------------------------------------------------------------- which kernels a bf16 model gets
+# ---------------------------------------------------- a float32 model of a bf16 checkpoint: bf16 panels, exact
+
+def native_fp32_kernels(choice: str = "auto") -> Kernels:
+    if not AVX512:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    return Kernels.for_plan(CPU_FP32, choice)
+
+
+def test_a_float32_weight_of_bf16_values_is_packed_as_bf16_and_multiplies_as_float32():
+    from atb_models.kernels.linear import holds_bf16_values
+
+    kernel = native_fp32_kernels().linear
+    exact = torch.randn(1024, 512).bfloat16().float()
+    inexact = exact.clone()
+    inexact[3, 7] += 1e-6
+    assert holds_bf16_values(exact) and not holds_bf16_values(inexact)
+    packed = kernel.pack(exact)
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed.float(), _panel_packed(exact))
+    assert kernel.pack(inexact).dtype == torch.float32  # a value off bf16 keeps the whole weight float32
+    x, bias = torch.randn(7, 512), torch.randn(1024)
+    products = kernel(x, packed, bias)
+    assert products.dtype == torch.float32
+    assert torch.allclose(products, kernel(x, kernel.pack(inexact), bias), atol=1e-4, rtol=1e-5)
+    assert torch.allclose(products.double(), F.linear(x.double(), exact.double(), bias.double()), atol=1e-4)
+    # ATB_MODELS_CPU_LINEAR=panel (the benchmark's float32-weights reference) keeps float32 weights float32.
+    assert native_fp32_kernels("panel").linear.pack(exact).dtype == torch.float32
+
+
+def test_the_fused_float32_layer_on_bf16_panels_decodes_as_on_float32_ones():
+    from atb_models.layers.linear import pack_weights
+
+    state = {name: t.float() for name, t in _bf16_layers(native_bf16_kernels())[0].state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    block_size, num_blocks = 16, 12
+    step, cos, sin = _decode_step([1, 17, 40, 5], block_size, num_blocks, 64, generator)
+    caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
+    x = torch.randn(4, 512, generator=generator)
+    results = {}
+    for choice, width in (("auto", torch.bfloat16), ("panel", torch.float32)):
+        kernels = native_fp32_kernels(choice)
+        layer = _layer(torch.float32, kernels)
+        layer.load_state_dict(state)
+        assert pack_weights(layer) == 4 and layer.mlp.down_proj.weight.dtype == width
+        layer.k_cache, layer.v_cache = (cache.clone() for cache in caches)
+        step.kernel_state.clear()
+        results[choice] = (kernels.decoder_layer(layer, x.clone(), cos, sin, step), layer.k_cache, layer.v_cache)
+        assert "decoder_layer" in step.kernel_state, "the layer was the native kernel's case"
+    # The same float32 arithmetic on the same values: no bf16 rounding of the activations anywhere.
+    for got, expected in zip(results["auto"], results["panel"]):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 def _simulated_cpu(flags: str):
     return cpu_capabilities(f"processor\t: 0\nmodel name\t: Simulated CPU\nflags\t\t: {flags}\n")

@@ -9,9 +9,11 @@ warm-up, medians over repeats; plus the decode floor from the machine measured i
            and divided by the floor of that moment (the better of the two readings); the figure is the median of
            those ratios. The table also gives the steps against the run's best floor of all.
 
-Beside the kit, in the same alternation: with `quantize`, the kit quantized at load (every workload); with a
-bfloat16 language model, the kit in float32 on decode_bs1 (FLOAT32_KIT), so that the bf16 step is measured against
-the float32 one of the same minutes.
+Beside the kit, in the same alternation: with `quantize`, the kit quantized (every workload); where the kit does not
+stream float32 weights (a bfloat16 language model, or a float32 one whose weights are bfloat16 values, packed at
+half the bytes), the kit in float32 with float32 weights on decode_bs1 (FLOAT32_KIT), so that the bf16 and int8
+steps are measured against the float32 weights' step of the same minutes. Each kit mode's floor counts the bytes
+its own weights take.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from atb_models.platform import cpu_capabilities, read_cpuinfo
 logger = logging.getLogger("atb_models.benchmark")
 
 WORKLOADS = ("single", "batch16", "decode")
-FLOAT32_KIT = "kit_fp32"  # the mode of the float32 kit beside a bfloat16 one; it runs decode_bs1 only
+FLOAT32_KIT = "kit_fp32"  # the kit in float32 with float32 weights, beside one that reads fewer; decode_bs1 only
 
 
 def make_requests(workloads: Workloads, media_dir: Path) -> dict[str, list[Request]]:
@@ -76,7 +78,7 @@ class Results:
     decode_params: int = 0
     bytes_per_param: int = 4
     tokens_match: dict = field(default_factory=dict)
-    decode_bytes: dict = field(default_factory=dict)  # quantized mode -> bytes a decode step reads
+    decode_bytes: dict = field(default_factory=dict)  # kit mode -> bytes of weights a decode step reads
     top1_agreement: float | None = None  # w8a16's teacher-forced argmax against the float kit's greedy tokens
 
     def add(self, workload: str, mode: str, timing: Timing) -> None:
@@ -87,6 +89,14 @@ class Results:
 
     def has(self, workload: str) -> bool:
         return any(key[0] == workload for key in self.runs)
+
+    @property
+    def quantized_modes(self) -> list[str]:
+        return [mode for mode in self.decode_bytes if mode not in ("kit", FLOAT32_KIT)]
+
+    def float_reference(self) -> str:
+        """The mode the *_vs_fp32 figures divide by: the float32-weights kit where it ran, else the kit."""
+        return FLOAT32_KIT if ("decode_bs1", FLOAT32_KIT) in self.runs else "kit"
 
     def floor(self, batch_size: int, machine: floors.Machine | None = None, mode: str = "kit") -> float:
         return floors.decode_floor(self.decode_params, self.bytes_per_param, batch_size, machine or self.machine,
@@ -124,8 +134,8 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
                 quant_algorithm: str = "gptq") -> tuple[Results, dict]:
     """Runs the chosen workloads; returns the results and a description of the set-up for the report. With
     `quantize`, the kit also runs quantized (mode "kit_w8a16") beside its float self: on the quantize tool's output
-    with `quant_algorithm` "gptq", quantized at load with "rtn". Where the language model computes in bfloat16, a
-    float32 kit (FLOAT32_KIT) runs decode_bs1 beside it."""
+    with `quant_algorithm` "gptq", quantized at load with "rtn". Where the kit does not stream float32 weights, a
+    float32 kit with float32 weights (FLOAT32_KIT) runs decode_bs1 beside it."""
     load_before = os.getloadavg()[0]
     w = preset.workloads
     # Prefix caching off: transformers has none, and the kit would answer each repeat's prompt from its cache.
@@ -146,8 +156,8 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
             path = quantized_checkpoint(preset, model_path, quantize, quant_algorithm, cleanup)
             kits[f"kit_{quantize}"] = KitEngine(LLM(str(path), **settings))
             quantized_by = f"{quantize} by {quant_algorithm} (the quantize tool, built-in calibration set): {path}"
-        if llm.plan.llm_dtype == torch.bfloat16 and "decode" in workloads:
-            kits[FLOAT32_KIT] = KitEngine(LLM(model_path, **{**settings, "dtype": "float32"}))
+        if not _streams_float32_weights(llm) and "decode" in workloads:
+            kits[FLOAT32_KIT] = KitEngine(LLM(model_path, **{**settings, "dtype": "float32"}, cpu_linear="panel"))
         reference = ReferenceEngine(llm.model_config, llm.plan, llm.preprocessor)
         try:
             results, setup = _run_workloads(preset, model_path, workloads, repeats, kits, reference, load_before)
@@ -156,6 +166,12 @@ def run_compare(preset: Preset, model_path: str, dtype: str, device: str, repeat
     if quantized_by:
         setup["quantized"] = quantized_by
     return results, setup
+
+
+def _streams_float32_weights(llm: LLM) -> bool:
+    """Whether the language model's decoder layers hold their linear weights in float32."""
+    return all(p.dtype == torch.float32 for name, p in llm.runner.model.model.named_parameters()
+               if name.startswith("layers.") and p.dim() >= 2)
 
 
 def quantized_checkpoint(preset: Preset, model_path: str, method: str, algorithm: str, cleanup: ExitStack) -> Path:
@@ -184,7 +200,8 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
     requests = make_requests(w, benchmark_dir(preset) / "media")
     quantized = [mode for mode in kits if mode not in ("kit", FLOAT32_KIT)]
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize,
-                      decode_bytes={mode: floors.kit_decode_bytes(kits[mode].llm.runner.model) for mode in quantized})
+                      decode_bytes={mode: floors.kit_decode_bytes(engine.llm.runner.model)
+                                    for mode, engine in kits.items()})
 
     def measure_machine() -> floors.Machine:
         config = llm.model_config.hf_config
@@ -278,14 +295,14 @@ def figures(results: Results, decode_batch_sizes: tuple[int, ...]) -> dict[str, 
         if results.has(f"decode_bs{batch_size}"):
             out[f"decode_vs_floor[bs{batch_size}]"] = results.per_step_vs_floor(f"decode_bs{batch_size}", "kit",
                                                                                batch_size)
-    for method in [mode.removeprefix("kit_") for mode in results.decode_bytes]:
+    for method in [mode.removeprefix("kit_") for mode in results.quantized_modes]:
         if results.has("decode_bs1"):
             out[f"decode_vs_fp32[bs1]"] = (results.median("decode_bs1", f"kit_{method}", "per_token")
-                                           / results.median("decode_bs1", "kit", "per_token"))
+                                           / results.median("decode_bs1", results.float_reference(), "per_token"))
             out[f"decode_vs_floor_{method}[bs1]"] = results.per_step_vs_floor("decode_bs1", f"kit_{method}", 1)
         if results.top1_agreement is not None:
             out[f"top1_agreement_{method}"] = results.top1_agreement
-    if ("decode_bs1", FLOAT32_KIT) in results.runs:
+    if ("decode_bs1", FLOAT32_KIT) in results.runs and results.bytes_per_param == 2:
         out["decode_bf16_vs_fp32[bs1]"] = (results.median("decode_bs1", "kit", "per_token")
                                            / results.median("decode_bs1", FLOAT32_KIT, "per_token"))
     return out
@@ -337,9 +354,10 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
                          f"{kit_step / best:.2f}", f"{hf_step / best:.2f}", ""))
             rows.append((workload, "kit forward + sampling only (ms)", _ms(results.median(workload, "kit", "in_step")),
                          "", ""))
-    for mode, weight_bytes in results.decode_bytes.items():
-        lines.append(f"{mode}: the kit with its language model's linears quantized at load; a decode step reads "
-                     f"{weight_bytes / 1e6:.1f} MB of weights")
+    lines.append(f"kit: a decode step reads {results.decode_bytes.get('kit', 0) / 1e6:.1f} MB of weights")
+    for mode in results.quantized_modes:
+        lines.append(f"{mode}: the kit with its language model's linears quantized; a decode step reads "
+                     f"{results.decode_bytes[mode] / 1e6:.1f} MB of weights")
         for workload in [key[0] for key in results.runs if key[1] == mode]:
             figure = "seconds" if workload in ("single", "batch16") else "per_token"
             unit = "end-to-end (s)" if figure == "seconds" else "per decode step (ms)"
@@ -348,8 +366,9 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
             rows.append((workload, f"{mode} {unit} / the float kit's", f"{ours:.2f}", f"{fp:.2f}",
                          f"{ours / fp:.2f}"))
     if ("decode_bs1", FLOAT32_KIT) in results.runs:
-        lines.append(f"{FLOAT32_KIT}: the kit with its language model in float32, timed on decode_bs1 beside the "
-                     "bfloat16 kit")
+        lines.append(f"{FLOAT32_KIT}: the kit with its language model in float32 and float32 weights (reading "
+                     f"{results.decode_bytes.get(FLOAT32_KIT, 0) / 1e6:.1f} MB a step), timed on decode_bs1 beside the "
+                     "others: the reference of the *_vs_fp32 figures")
         ours, fp = (1000 * results.median("decode_bs1", m, "per_token") for m in ("kit", FLOAT32_KIT))
         rows.append(("decode_bs1", f"kit per decode step (ms) / {FLOAT32_KIT}'s", f"{ours:.2f}", f"{fp:.2f}",
                      f"{ours / fp:.2f}"))

@@ -71,14 +71,16 @@ struct DecodeStep {
 
 namespace {
 
-// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. A bfloat16 linear's input (the layer's
-// scratch, read by this linear alone) is first rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it.
+// y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. In a bfloat16 model (`bf16_model`: its
+// residual stream is bfloat16) a bfloat16 linear's input (the layer's scratch, read by this linear alone) is first
+// rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it; a float32 model's bfloat16 weights (exact
+// bfloat16 values of a float32 weight) take the float32 input as it is.
 void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float* scales,
-                  int64_t groups, int64_t N, const float* bias, float* y) {
+                  int64_t groups, int64_t N, const float* bias, float* y, bool bf16_model) {
     if (format == FORMAT_INT8) {
         atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
     } else if (format == FORMAT_BF16) {
-        round_to_bf16_values(x, rows * K);
+        if (bf16_model) round_to_bf16_values(x, rows * K);
         atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
     } else {
         atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(weights), N, bias, y);
@@ -109,7 +111,7 @@ void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, vo
     if (bf16_stream) load_bf16_row(static_cast<const uint16_t*>(x_io), rows * hidden, x);
     atb_rms_norm_f32(x, nullptr, w->input_norm, rows, hidden, w->eps, nullptr, s->normed);
     layer_linear(rows, s->normed, hidden, w->qkv, w->qkv_format, w->qkv_scale, w->qkv_groups, qkv_width,
-                 w->qkv_bias, s->qkv);
+                 w->qkv_bias, s->qkv, bf16_stream);
     const float* k = s->qkv + q_width;
     const float* v = k + w->kv_heads * head_dim;
     if (w->kv_format == FORMAT_BF16)
@@ -123,15 +125,15 @@ void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, vo
                                s->max_blocks, s->context_lens, rows, w->heads, w->kv_heads, head_dim,
                                w->block_size, w->scale, s->attention);
     layer_linear(rows, s->attention, q_width, w->o, w->o_format, w->o_scale, w->o_groups, hidden, nullptr,
-                 s->projected);
+                 s->projected, bf16_stream);
     // x += o; normed = norm(x) (the sum is written over x, each element after it is read).
     atb_rms_norm_f32(x, s->projected, w->post_norm, rows, hidden, w->eps, x, s->normed);
     layer_linear(rows, s->normed, hidden, w->gate_up, w->gate_up_format, w->gate_up_scale, w->gate_up_groups,
-                 2 * w->intermediate, nullptr, s->gate_up);
+                 2 * w->intermediate, nullptr, s->gate_up, bf16_stream);
     atb_silu_and_mul_f32(s->gate_up, s->gate_up + w->intermediate, rows, w->intermediate, 2 * w->intermediate,
                          s->activated);
     layer_linear(rows, s->activated, w->intermediate, w->down, w->down_format, w->down_scale, w->down_groups, hidden,
-                 nullptr, s->projected);
+                 nullptr, s->projected, bf16_stream);
     for (int64_t i = 0; i < rows * hidden; i++) x[i] += s->projected[i];
     if (bf16_stream) store_bf16(x, rows * hidden, static_cast<uint16_t*>(x_io));
 }

@@ -71,12 +71,15 @@ class LLM:
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
                  shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
-                 enable_prefix_caching: bool = True, encoder_cache_mb: int = 256):
+                 enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None):
         """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
         checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
         enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
         images) instead of computing them again, and keep the vision tower's outputs in an LRU of
-        encoder_cache_mb MiB; the tokens are the same either way."""
+        encoder_cache_mb MiB; the tokens are the same either way.
+        cpu_linear: the CPU's kernels (kernels.linear.CPU_LINEAR_CHOICES; default $ATB_MODELS_CPU_LINEAR, else
+        "auto"): "panel" keeps float32 weights in float32 where "auto" packs those that are exact bfloat16 values
+        at half the bytes (the benchmark's float32-weights reference)."""
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.max_input_length = _positive("max_input_length", max_input_length)
         self.max_output_length = _positive("max_output_length", max_output_length)
@@ -104,7 +107,7 @@ class LLM:
                                          video_max_frames=video_max_frames, max_input_length=self.max_input_length)
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
         self.runner = ModelRunner(self.model_config, self.plan, block_size, self.quantization,
-                                  encoder_cache_mb << 20 if self.enable_prefix_caching else 0)
+                                  encoder_cache_mb << 20 if self.enable_prefix_caching else 0, cpu_linear)
         # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
         # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
         one_request = ceil_div(self.max_input_length + self.max_output_length, self.block_size)

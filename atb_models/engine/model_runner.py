@@ -14,15 +14,17 @@ logger = logging.getLogger("atb_models.runner")
 
 
 class ModelRunner:
-    def __init__(self, model_config, plan, block_size: int, quantization=None, encoder_cache_bytes: int = 0):
+    def __init__(self, model_config, plan, block_size: int, quantization=None, encoder_cache_bytes: int = 0,
+                 kernel_choice: str | None = None):
         """quantization: the quantization.Quantization the language model runs in, or None for float;
-        encoder_cache_bytes: the vision-encoder cache's budget (0: none kept)."""
+        encoder_cache_bytes: the vision-encoder cache's budget (0: none kept); kernel_choice: the CPU's kernels
+        (Kernels.for_plan's choice; None: $ATB_MODELS_CPU_LINEAR)."""
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.plan = plan
         self.device = plan.device
         self.block_size = block_size
         # This runner's kernels, chosen once: its model and no other uses them.
-        self.kernels = Kernels.for_plan(plan)
+        self.kernels = Kernels.for_plan(plan, kernel_choice)
         logger.debug("kernels: %s", self.kernels.describe())
         cfg = model_config.hf_config
         model_class = model_config.family.model_class()  # the registry's class for the checkpoint's model_type

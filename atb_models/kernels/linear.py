@@ -70,16 +70,19 @@ class PanelLinear(OneDnnLinear):
     thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
     oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
     bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in the same
-    layout at half the bytes, widened to float32 in registers (bfloat16 activations, as PyTorch's bfloat16 linear
-    takes them, products and sums in float32). Weights it does not pack (another dtype, fewer than
+    layout at half the bytes, widened to float32 in registers (products and sums in float32 on the input's values:
+    a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them). With `narrow_exact`, a
+    float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as
+    bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype, fewer than
     ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64) go to oneDNN as before."""
 
     name = "panel"
 
-    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None):
+    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False):
         super().__init__(linear_op, reorder_op)
         self._native = native_op
         self.bf16_op = bf16_op
+        self.narrow_exact = narrow_exact and bf16_op is not None
 
     def __call__(self, x, weight, bias=None):
         if weight.dim() != 3:
@@ -98,13 +101,13 @@ class PanelLinear(OneDnnLinear):
         return y.view(*x.shape[:-1], out_features)
 
     def _bf16_product(self, x, weight, bias):
-        """x [..., in] against a bfloat16 weight in panel_layout, x rounded to bfloat16 first; in x's dtype."""
+        """x [..., in] against a bfloat16 weight in panel_layout, on x's values (the kernel reads float32); in x's
+        dtype."""
         groups, in_features, _ = weight.shape
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        rows = rows.float()  # bfloat16 values, which the kernel reads as float32
+        if rows.stride(-1) != 1 or rows.dtype != torch.float32:
+            rows = rows.contiguous().float()
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
@@ -117,7 +120,14 @@ class PanelLinear(OneDnnLinear):
         packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
         if not packs or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
             return super().pack(weight)
+        if weight.dtype == torch.float32 and self.narrow_exact and holds_bf16_values(weight):
+            weight = weight.bfloat16()  # exact: every value keeps its bits
         return panel_layout(weight)
+
+
+def holds_bf16_values(weight: torch.Tensor) -> bool:
+    """Whether every value of a float32 tensor is a bfloat16 value: the low 16 bits of each are zero."""
+    return not torch.any(weight.contiguous().view(torch.int32) & 0xFFFF).item()
 
 
 def panel_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -151,8 +161,9 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
 
 def cpu_linear_kernel(choice: str, library) -> LinearKernel:
     """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, or None)
-    is there, else oneDNN where this build has a working one, else F.linear; "panel" and "onednn" ask for one
-    (falling back the same way when it is missing), "torch" is F.linear."""
+    is there (packing float32 weights that hold bfloat16 values as bfloat16), else oneDNN where this build has a
+    working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask for one (falling back the
+    same way when it is missing), "torch" is F.linear."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -166,7 +177,7 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
-        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op)
+        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto")
     return OneDnnLinear(onednn, reorder)
 
 
