@@ -86,10 +86,19 @@ def test_layers_go_in_passes_whose_hessians_fit_the_budget():
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_checkpoint, tmp_path_factory):
+    """The tool's gptq output of a tiny checkpoint, calibrated on a folder of two pictures (the built-in set runs in
+    the slow compare test), and its rtn output."""
+    from atb_models.demo.checkpoint import make_image
+
     float_dir = tiny_checkpoint()
     root = tmp_path_factory.mktemp("gptq")
+    pictures = root / "pictures"
+    pictures.mkdir()
+    for seed in range(2):
+        make_image(pictures / f"{seed}.png", width=84, height=56, seed=seed)
+    (pictures / ".hidden").write_text("skipped, as run_pa's dataset mode skips it")
     assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(root / "gptq"), "--algorithm", "gptq",
-                          "--calib_tokens", "8"]) == 0
+                          "--calib_data", str(pictures), "--calib_tokens", "8"]) == 0
     assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(root / "rtn")]) == 0
     return float_dir, root / "gptq", root / "rtn"
 
