@@ -61,7 +61,7 @@ def start_server(command: list, env: dict, url: str, log: Path) -> subprocess.Po
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return process
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a probe slowed by the load
             pass
         time.sleep(0.2)
     process.kill()
