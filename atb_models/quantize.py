@@ -6,9 +6,10 @@ Writes a weight-only int8 checkpoint: the language model's linear weights (q/k/v
 everything else as in IN. `--algorithm rtn` (the default) rounds each weight to the nearest step, with no data;
 `--algorithm gptq` first runs the float model over calibration prompts (a built-in set of drawn pictures and
 questions, or the images and videos of --calib_data) and rounds so that the error reaching each linear's output is
-smallest (atb_models.calibration): closer to float, at the cost of minutes. One output shard per input shard, config.json with "quantize": "w8a16", and
-quant_model_description.json naming each tensor's format (MindIE's convention). `LLM(OUT)` and
-`run_pa.sh --model_path OUT` load it as it is; `--quantize w8a16` on IN gives rtn's int8 weights at load.
+smallest (atb_models.calibration): closer to float, at the cost of minutes. One output shard per input shard,
+config.json with "quantize": "w8a16", and quant_model_description.json naming each tensor's format (MindIE's
+convention). `LLM(OUT)` and `run_pa.sh --model_path OUT` load it as it is; `--quantize w8a16` on IN gives rtn's
+int8 weights at load.
 
 The output appears whole or not at all: it is written to a staging folder beside OUT and renamed when complete.
 """
