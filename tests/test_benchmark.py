@@ -232,6 +232,24 @@ def test_a_bf16_kits_decode_step_is_held_against_the_float32_kits_of_the_same_ru
     assert not any(name.startswith(("decode_vs_fp32", "top1")) for name in out), "the float32 kit is not quantized"
 
 
+def test_a_float32_kit_on_bf16_panels_is_held_against_its_own_bytes_and_int8_against_float32_weights():
+    from atb_models.benchmark.compare import FLOAT32_KIT, Results, figures
+    from atb_models.benchmark.engines import Timing
+
+    # A float32 kit whose linears are bf16 panels (2 GB a step), its float32-weights twin (4 GB), an int8 kit (1 GB).
+    results = Results(decode_params=10**9, bytes_per_param=4,
+                      decode_bytes={"kit": 2 * 10**9, FLOAT32_KIT: 4 * 10**9, "kit_w8a16": 10**9})
+    for mode, step in (("kit", 0.12), (FLOAT32_KIT, 0.24), ("kit_w8a16", 0.06)):
+        results.runs[("decode_bs1", mode)] = [Timing(1.0, 0.1, step, []) for _ in range(3)]
+        results.probes[("decode_bs1", mode)] = [floors.Machine(20e9, 1e15)] * 3
+    out = figures(results, (1,))
+    assert out["decode_vs_floor[bs1]"] == pytest.approx(0.12 / 0.1)  # its own 2 GB at 20 GB/s, not 4 GB
+    assert out["decode_vs_fp32[bs1]"] == pytest.approx(0.25)  # int8 over float32 weights, not over the bf16 panels
+    assert out["decode_vs_floor_w8a16[bs1]"] == pytest.approx(0.06 / 0.05)
+    assert "decode_bf16_vs_fp32[bs1]" not in out, "a float32 model: no bf16 figure"
+    assert results.quantized_modes == ["kit_w8a16"]
+
+
 def test_decode_params_leave_out_the_embedding_and_count_the_lm_head(tiny_checkpoint):
     from atb_models.benchmark.engines import LocalReference
     from atb_models.config import load_model_config
