@@ -112,14 +112,16 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     quantized = [name for name in files if _is_quantized(family.parameter_name(name), quantize_lm_head)]
+    # Shapes from the shard headers, where something needs them before the tensors are read.
+    columns = _input_columns(files, quantized) if group_size is not None or algorithm == "gptq" else {}
     if group_size is not None:
         for name in quantized:
-            columns = _shape(files[name], name)[1]
-            if columns % group_size:
-                raise UserError(f"--group_size {group_size} does not divide the {columns} input columns of {name}")
+            if columns[name] % group_size:
+                raise UserError(f"--group_size {group_size} does not divide the {columns[name]} input columns of "
+                                f"{name}")
     calibrated = {}
     if algorithm == "gptq":
-        calibrated = _gptq(model_path, files, family, quantized, group_size, calibration or CalibrationSettings())
+        calibrated = _gptq(model_path, files, family, columns, group_size, calibration or CalibrationSettings())
     description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
     weight_map = {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,23 +155,29 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     return description
 
 
-def _shape(path: str, name: str) -> list:
+def _input_columns(files: dict, names: list[str]) -> dict:
+    """Each named tensor's second dimension, read from the shard headers (each shard opened once)."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as handle:
-        return handle.get_slice(name).get_shape()
+    columns = {}
+    for path in {files[name] for name in names}:
+        with safe_open(path, framework="pt") as handle:
+            columns.update((name, handle.get_slice(name).get_shape()[1]) for name in names if files[name] == path)
+    return columns
 
 
-def _gptq(model_path: str, files: dict, family, names: list[str], group_size: int | None,
+def _gptq(model_path: str, files: dict, family, columns: dict, group_size: int | None,
           settings: CalibrationSettings) -> dict:
-    """Each quantized tensor's (int8, scale) by GPTQ, the layers taken in passes whose Hessians fit the budget."""
+    """Each quantized tensor's (int8, scale) by GPTQ (`columns`: the quantized tensors' names and input columns),
+    the layers taken in passes whose Hessians fit the budget."""
     from safetensors import safe_open
     from tqdm import tqdm
 
     from atb_models.calibration import CALIBRATION_TOKENS, Calibration, gptq_quantize, module_of, passes
 
+    names = list(columns)
     module = {name: module_of(family.parameter_name(name)) for name in names}
-    in_features = {module[name]: _shape(files[name], name)[1] for name in names}
+    in_features = {module[name]: columns[name] for name in names}
     order = sorted(in_features, key=_model_order)
     results = {}
     tokens = CALIBRATION_TOKENS if settings.tokens is None else settings.tokens

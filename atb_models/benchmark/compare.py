@@ -198,7 +198,6 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
     w, kit = preset.workloads, kits["kit"]
     llm, plan = kit.llm, kit.plan
     requests = make_requests(w, benchmark_dir(preset) / "media")
-    quantized = [mode for mode in kits if mode not in ("kit", FLOAT32_KIT)]
     results = Results(decode_params=floors.decode_params(reference.model), bytes_per_param=plan.llm_dtype.itemsize,
                       decode_bytes={mode: floors.kit_decode_bytes(engine.llm.runner.model)
                                     for mode, engine in kits.items()})
@@ -244,8 +243,8 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
                         "hf": partial(reference.run_batched, batch, batch_size)},
                        repeats, probe=measure_machine)
     results.machine = results.machine.best_of(measure_machine())
-    if quantized:
-        results.top1_agreement = _top1_agreement(results, requests, kits[quantized[0]])
+    if results.quantized_modes:
+        results.top1_agreement = _top1_agreement(results, requests, kits[results.quantized_modes[0]])
 
     setup = {
         "preset": f"{preset.name}: {preset.description}",

@@ -85,24 +85,11 @@ class PanelLinear(OneDnnLinear):
         self.narrow_exact = narrow_exact and bf16_op is not None
 
     def __call__(self, x, weight, bias=None):
+        """x [..., in] against a weight in panel_layout, on x's values (both kernels read float32 rows): float32
+        out for float32 weights, x's dtype for bfloat16 ones."""
         if weight.dim() != 3:
             return super().__call__(x, weight, bias)
-        if weight.dtype == torch.bfloat16:
-            return self._bf16_product(x, weight, bias)
-        groups, in_features, _ = weight.shape
-        out_features = groups * PANEL_GROUP
-        rows = x.reshape(-1, in_features)
-        if rows.stride(-1) != 1 or rows.dtype != torch.float32:
-            rows = rows.contiguous().float()
-        y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-        if rows.shape[0]:
-            self._native(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(),
-                         out_features, None if bias is None else bias.data_ptr(), y.data_ptr())
-        return y.view(*x.shape[:-1], out_features)
-
-    def _bf16_product(self, x, weight, bias):
-        """x [..., in] against a bfloat16 weight in panel_layout, on x's values (the kernel reads float32); in x's
-        dtype."""
+        bf16 = weight.dtype == torch.bfloat16
         groups, in_features, _ = weight.shape
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
@@ -112,9 +99,11 @@ class PanelLinear(OneDnnLinear):
             bias = bias.float()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
         if rows.shape[0]:
-            self.bf16_op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
-                         None if bias is None else bias.data_ptr(), y.data_ptr())
-        return y.view(*x.shape[:-1], out_features).to(x.dtype)
+            (self.bf16_op if bf16 else self._native)(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0),
+                                                     weight.data_ptr(), out_features,
+                                                     None if bias is None else bias.data_ptr(), y.data_ptr())
+        y = y.view(*x.shape[:-1], out_features)
+        return y.to(x.dtype) if bf16 else y
 
     def pack(self, weight):
         packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
