@@ -43,6 +43,17 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
                 got = kernel(x, packed, b)
                 assert got.dtype == torch.bfloat16
                 assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
+    # The dot-product kernel a bfloat16 model's inputs take (AVX512-BF16 where the library has it, past 6 rows):
+    # the same exact products summed in float32, by pairs of k-steps (K odd: the last pairs with zero).
+    dot = PanelLinear(None, None, None, kernel.bf16_dot_op)
+    for out_features, in_features in ((64, 41), (64 * 3, 201), (64 * 5, 300)):
+        w = torch.randn(out_features, in_features, generator=generator).bfloat16()
+        b = torch.randn(out_features, generator=generator)
+        for rows in (2, 7, 16, 300):
+            x = torch.randn(rows, in_features, generator=generator).bfloat16()
+            expected = F.linear(x.double(), w.double(), b.double())
+            assert torch.allclose(dot(x.float(), _panel_packed(w).bfloat16(), b).double(), expected, atol=1e-4,
+                                  rtol=1e-4), (out_features, in_features, rows)
     # Float32 activations are taken as they are (a float32 model whose weights are bf16 values): float32 products.
     x = torch.randn(3, 300, generator=generator)
     exact = F.linear(x.double(), weight.double(), bias.double())
@@ -98,16 +109,19 @@ def _bf16_layers(kernels):
     return torch_ops, native_layer, truth
 
 
-def test_native_decoder_layer_on_bf16_weights_stream_and_cache_decodes_as_pytorchs_bf16_operators():
+# 4 sequences: the linears' direct path; 9: past the register block's 6 rows, the batched path (AVX512-BF16's dot
+# product where the library has it).
+@pytest.mark.parametrize("lengths", ([1, 17, 40, 5], [1, 17, 40, 5, 3, 9, 2, 30, 11]))
+def test_native_decoder_layer_on_bf16_weights_stream_and_cache_decodes_as_pytorchs_bf16_operators(lengths):
     kernels = native_bf16_kernels()
     fused = kernels.decoder_layer
     assert isinstance(fused, NativeDecoderLayer)
     torch_ops, native_layer, truth = _bf16_layers(kernels)
     generator = torch.Generator().manual_seed(1)
-    block_size, num_blocks = 16, 12
-    step, cos, sin = _decode_step([1, 17, 40, 5], block_size, num_blocks, 64, generator)
+    block_size, num_blocks = 16, 16
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
     caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator).bfloat16() for _ in range(2)]
-    x = torch.randn(4, 512, generator=generator).bfloat16()
+    x = torch.randn(len(lengths), 512, generator=generator).bfloat16()
     results = {}
     for name, layer, run, dtype in (("torch", torch_ops, LayerByLayer(), torch.bfloat16),
                                     ("native", native_layer, fused, torch.bfloat16),
@@ -236,9 +250,27 @@ def test_a_bf16_panel_kernel_that_multiplies_wrong_is_not_used(monkeypatch, capl
     monkeypatch.setattr(library, "atb_bf16_linear_f32", lambda *args: None)  # writes nothing: wrong products
     with caplog.at_level("WARNING", logger="atb_models.kernels"):
         kernels = Kernels.for_plan(CPU_BF16)
-    assert "bfloat16 panel kernel gave wrong products" in caplog.text
+    assert "bfloat16 kernel <lambda> gave wrong products" in caplog.text
     assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is None
+    assert kernels.linear.bf16_dot_op is None
     assert type(kernels.decoder_layer) is LayerByLayer
     assert kernels.linear.pack(torch.randn(1024, 512).bfloat16()).dim() != 3
     # A float32 model keeps its native kernels.
     assert isinstance(Kernels.for_plan(CPU_FP32).decoder_layer, NativeDecoderLayer)
+
+
+def test_the_dot_product_kernel_is_built_where_the_cpu_has_avx512_bf16_and_is_checked_before_use(monkeypatch,
+                                                                                                  caplog):
+    if not AVX512:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    library = native.NativeLibrary.load()
+    has_bf16 = "avx512_bf16" in native.cpuinfo_field(native.read_cpuinfo(), "flags").split()
+    assert library.atb_bf16_dot_available() == int(has_bf16)
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_dot_linear_f32
+    monkeypatch.setattr(library, "atb_bf16_dot_linear_f32", lambda *args: None)  # writes nothing: wrong products
+    with caplog.at_level("WARNING", logger="atb_models.kernels"):
+        linear = Kernels.for_plan(CPU_BF16).linear
+    assert "gave wrong products" in caplog.text
+    # The widening kernel takes the bfloat16 model's products instead.
+    assert linear.bf16_op is library.atb_bf16_linear_f32 and linear.bf16_dot_op is linear.bf16_op

@@ -185,13 +185,16 @@ def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operat
     assert fused.weights_of(layer) is None
 
 
-def test_the_native_library_is_built_with_vnni_only_where_the_cpu_reports_it():
+def test_the_native_library_is_built_with_vnni_and_avx512_bf16_only_where_the_cpu_reports_them():
     from atb_models.kernels.native import CXX_FLAGS, compile_flags
 
-    with_vnni = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni avx512_bf16\n"
-    without = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n"
-    assert compile_flags(with_vnni) == (*CXX_FLAGS, "-mavx512vnni")
-    assert compile_flags(without) == CXX_FLAGS and "-mavx512bw" in CXX_FLAGS
+    both = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni avx512_bf16\n"
+    vnni = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni\n"
+    bf16 = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n"
+    assert compile_flags(both) == (*CXX_FLAGS, "-mavx512vnni", "-mavx512bf16")
+    assert compile_flags(vnni) == (*CXX_FLAGS, "-mavx512vnni")
+    assert compile_flags(bf16) == (*CXX_FLAGS, "-mavx512bf16")
+    assert compile_flags("flags\t\t: fpu avx512f avx512bw\n") == CXX_FLAGS and "-mavx512bw" in CXX_FLAGS
 
 
 @pytest.mark.slow

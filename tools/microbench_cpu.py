@@ -1,6 +1,7 @@
 """Microbenchmarks behind the CPU optimisation steps of docs/PERFORMANCE.md, on cpu-small's shapes (float32).
 
     python tools/microbench_cpu.py linear      # 24 MLP layers: oneDNN (plain, packed) vs the kit's panel kernel
+    python tools/microbench_cpu.py linear --dtype bfloat16   # the same on bf16 weights: widened, dot product
     python tools/microbench_cpu.py attention   # one layer's decode attention: SDPA, grouped matmuls, native
     python tools/microbench_cpu.py w8a16       # 24 layers' four linears: float32 panel kernel vs the int8 kernel
 
@@ -35,32 +36,42 @@ def best_ms(work, repeats: int) -> float:
     return best_seconds(work, lambda: None, repeats) * 1000
 
 
-def bench_linear(repeats: int, row_counts: list) -> None:
+def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
+    """float32: oneDNN (plain, packed) against the kit's float32 panels. bfloat16 weights: oneDNN's bfloat16 linear
+    against the kit's bf16 panels with float32 inputs (a float32 model of a bf16 checkpoint: widened in registers)
+    and with bfloat16 inputs (a bfloat16 model: AVX512-BF16's dot product where the library has it)."""
     plan = resolve_plan("cpu", "float32", "float32")
     onednn, panel = linear_kernel(plan, "onednn"), linear_kernel(plan, "panel")
     if not isinstance(onednn, OneDnnLinear):
         sys.exit("this torch build has no working oneDNN linear")
-    ups = [torch.randn(2 * INTERMEDIATE, HIDDEN) for _ in range(LAYERS)]
-    downs = [torch.randn(HIDDEN, INTERMEDIATE) for _ in range(LAYERS)]
-    layouts = {"oneDNN, plain weights": (onednn, ups, downs),
-               "oneDNN, packed": (onednn, [onednn.pack(w) for w in ups], [onednn.pack(w) for w in downs])}
+    ups = [torch.randn(2 * INTERMEDIATE, HIDDEN).to(dtype) for _ in range(LAYERS)]
+    downs = [torch.randn(HIDDEN, INTERMEDIATE).to(dtype) for _ in range(LAYERS)]
+    layouts = {"oneDNN, plain weights": (onednn, ups, downs, dtype),
+               "oneDNN, packed": (onednn, [onednn.pack(w) for w in ups], [onednn.pack(w) for w in downs], dtype)}
     if isinstance(panel, PanelLinear):
-        layouts["kit's panel kernel"] = (panel, [panel.pack(w) for w in ups], [panel.pack(w) for w in downs])
+        panels = (panel, [panel.pack(w) for w in ups], [panel.pack(w) for w in downs])
+        if dtype == torch.float32:
+            layouts["kit's panel kernel"] = (*panels, dtype)
+        else:
+            layouts["kit, float32 inputs (widened)"] = (*panels, torch.float32)
+            layouts["kit, bf16 inputs (dot product)"] = (*panels, dtype)
 
-    def mlps(x, kernel, up_weights, down_weights):
+    def mlps(x, kernel, up_weights, down_weights, _):
         for up, down in zip(up_weights, down_weights):
             kernel(kernel(x, up)[:, :INTERMEDIATE].contiguous(), down)
 
-    print(f"{LAYERS} MLP layers ({2 * INTERMEDIATE}x{HIDDEN} and {HIDDEN}x{INTERMEDIATE}), "
-          f"{torch.get_num_threads()} threads, best of {repeats} (ms)")
+    print(f"{LAYERS} MLP layers ({2 * INTERMEDIATE}x{HIDDEN} and {HIDDEN}x{INTERMEDIATE}), {dtype} weights, "
+          f"{torch.get_num_threads()} threads, best of {repeats} (ms; GFLOP/s)")
     for rows in row_counts:
-        x = torch.randn(rows, HIDDEN)
+        flops = 2 * rows * LAYERS * 3 * INTERMEDIATE * HIDDEN
+        x = torch.randn(rows, HIDDEN).to(dtype)
         # One run of each layout in turn per repeat, so a change in the machine's speed hits all alike.
         best = dict.fromkeys(layouts, float("inf"))
         for _ in range(repeats):
             for name, layout in layouts.items():
-                best[name] = min(best[name], best_ms(lambda: mlps(x, *layout), 1))
-        print(f"rows {rows:4d}: " + ", ".join(f"{name} {ms:7.1f}" for name, ms in best.items()))
+                best[name] = min(best[name], best_ms(lambda: mlps(x.to(layout[3]), *layout), 1))
+        print(f"rows {rows:4d}: " + ", ".join(f"{name} {ms:7.1f} ({flops / ms / 1e6:.0f})"
+                                             for name, ms in best.items()))
 
 
 def bench_attention(repeats: int) -> None:
@@ -155,11 +166,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--rows", help="linear, w8a16: row counts, comma-separated (default 1,4,16,64,256 and 1,16)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="linear: the weights'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "linear":
-        bench_linear(args.repeats, [int(r) for r in (args.rows or "1,4,16,64,256").split(",")])
+        bench_linear(args.repeats, [int(r) for r in (args.rows or "1,4,16,64,256").split(",")],
+                     getattr(torch, args.dtype))
     elif args.what == "w8a16":
         bench_w8a16(args.repeats, [int(r) for r in (args.rows or "1,16").split(",")])
     else:

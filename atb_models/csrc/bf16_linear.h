@@ -8,7 +8,8 @@
 // (_mm512_cvtepu16_epi32 + a 16-bit shift, bf16.h: two instructions per 16 weights) and feeds 4 fused
 // multiply-adds a row: a core widens 128 bytes in about 6 cycles, well within what memory delivers on this kit's VM
 // (docs/PERFORMANCE.md); the prefetch runs a fixed distance ahead. (AVX512-BF16's dot product was measured no
-// faster on this kit's Xeon: it issues on one port where FMAs issue on two.)
+// faster here on this kit's Xeon: it issues on one port where FMAs issue on two. A bfloat16 model's batched rows
+// take it below, atb_bf16_dot_linear_f32.)
 //
 // More rows (batched decode, prefill) widen each K block once into an L1 buffer of float32 and run the panel
 // kernel's register blocks over it (panel_linear.h's register_block), prefetching the next block while they do, so
@@ -19,6 +20,9 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
+
+#include <vector>
 
 #include "bf16.h"
 #include "panel_linear.h"
@@ -129,6 +133,175 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
             }
         }
     }
+}
+
+}  // extern "C"
+
+// --------------------------------------------------------------------------------------------------------------
+// A bfloat16 model's products by AVX512-BF16's dot product (vdpbf16ps), where the compiler targets it
+// (kernels/native.py adds -mavx512bf16 where /proc/cpuinfo reports avx512_bf16).
+//
+// In a bfloat16 model a linear's input holds bfloat16 values, so the products need no widening: vdpbf16ps takes
+// 32 bfloat16 pairs of weights and inputs and adds each pair's two exact products into one of 16 float32 sums.
+// One instruction does the work of two float32 fused multiply-adds with no widening: on AMD Zen 4, whose 512-bit
+// FMAs issue once a cycle, it doubles the arithmetic rate (24 MLP layers of cpu-small at 300 rows: 339 GFLOP/s
+// against the widening kernel's 173, docs/PERFORMANCE.md); on an Intel Xeon, whose FMAs issue twice a cycle and
+// vdpbf16ps once, the instruction tables make the two even (not measured by this kit yet). Decode's few rows
+// (M <= MAX_ROWS) are memory-bound and keep the direct widening path above; more rows pair each K block's weights
+// once into an L1 buffer, [k / 2][64][2] (the two k-steps of each column side by side, as vdpbf16ps reads them),
+// and run register blocks over it.
+
+namespace {
+
+#ifdef __AVX512BF16__
+
+// k-steps per block paired into L1: 16 KB with the next block's prefetched lines and the rows' inputs for a few
+// passes (batched decode), 32 KB for more (prefill), whose longer blocks read and write the outputs less often:
+// 42.9 ms against 44.5 (64) and 47.3 (256) at 16 rows, 555 ms against 580 (128) at 300 rows (24 MLP layers of
+// cpu-small, AMD EPYC, docs/PERFORMANCE.md).
+constexpr int64_t DOT_FEW_PASSES_K_BLOCK = 128, DOT_K_BLOCK = 256;
+typedef int32_t aliased_i32 __attribute__((may_alias));  // two bfloat16 inputs read as one 32-bit value
+
+// The word index vpermt2w needs for column half h (0: columns 0-15 of a 32-column register, 1: columns 16-31):
+// out[2c] = a[16h + c], out[2c + 1] = b[16h + c].
+inline __m512i pair_index(int half) {
+    alignas(64) uint16_t index[32];
+    for (int c = 0; c < 16; c++) {
+        index[2 * c] = static_cast<uint16_t>(16 * half + c);
+        index[2 * c + 1] = static_cast<uint16_t>(32 + 16 * half + c);
+    }
+    return _mm512_load_si512(index);
+}
+
+// buffer[(k - k0) / 2][64][2] = (w[k][c], w[k + 1][c]) for k0 <= k < k1, k0 even; a k + 1 at K pairs with zero.
+void pair_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, int64_t K, uint16_t* buffer) {
+    const __m512i low = pair_index(0), high = pair_index(1);
+    for (int64_t k = k0; k < k1; k += 2) {
+        const uint16_t* a = w + k * GROUP;
+        const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
+        const bool pair = k + 1 < K;
+        const __m512i b0 = pair ? _mm512_loadu_si512(a + GROUP) : _mm512_setzero_si512();
+        const __m512i b1 = pair ? _mm512_loadu_si512(a + GROUP + 32) : _mm512_setzero_si512();
+        uint16_t* out = buffer + (k - k0) * GROUP;
+        _mm512_store_si512(out, _mm512_permutex2var_epi16(a0, low, b0));
+        _mm512_store_si512(out + 32, _mm512_permutex2var_epi16(a0, high, b0));
+        _mm512_store_si512(out + 64, _mm512_permutex2var_epi16(a1, low, b1));
+        _mm512_store_si512(out + 96, _mm512_permutex2var_epi16(a1, high, b1));
+    }
+}
+
+// acc[MR][4] (+)= xb[MR rows, pairs] . buffer[pairs][64][2], then stored to y: xb holds each row's bfloat16 inputs
+// from the block's first k-step on (row stride ldxb). Prefetches `share` lines from `pf` on, spread over the pairs.
+template <int MR>
+void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* buffer, int64_t pairs, const float* bias,
+                        bool first, float* y, int64_t ldy, const char* pf, int64_t share) {
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
+                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+    int64_t owed = 0;
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint16_t* wp = buffer + p * 2 * GROUP;
+        const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 32), w2 = _mm512_load_si512(wp + 64),
+                      w3 = _mm512_load_si512(wp + 96);
+        for (owed += share; owed >= pairs; owed -= pairs, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        for (int i = 0; i < MR; i++) {
+            // The row's two inputs of this pair, as one 32-bit value broadcast to every lane.
+            const __m512i b = _mm512_set1_epi32(reinterpret_cast<const aliased_i32*>(xb + i * ldxb)[p]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)b);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)b);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], (__m512bh)w2, (__m512bh)b);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], (__m512bh)w3, (__m512bh)b);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+}
+
+using DotBlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, bool, float*, int64_t,
+                            const char*, int64_t);
+
+DotBlockFn dot_block_for(int rows) {
+    switch (rows) {
+        case 1: return dot_register_block<1>;
+        case 2: return dot_register_block<2>;
+        case 3: return dot_register_block<3>;
+        case 4: return dot_register_block<4>;
+        case 5: return dot_register_block<5>;
+        default: return dot_register_block<6>;
+    }
+}
+
+#endif  // __AVX512BF16__
+
+}  // namespace
+
+extern "C" {
+
+// Whether atb_bf16_dot_linear_f32 runs AVX512-BF16's dot product (this build targets it), else it is
+// atb_bf16_linear_f32.
+int64_t atb_bf16_dot_available() {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
+// ties to even), the products are exact and summed in float32, by vdpbf16ps where the build has it. Same arguments.
+void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
+                             const float* bias, float* y) {
+#ifdef __AVX512BF16__
+    if (M > MAX_ROWS) {
+        const int64_t column_groups = N / GROUP, ldxb = (K + 1) / 2 * 2;
+        constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
+        // A chunk's rows in bfloat16, each padded to an even length (kept for the calling thread's next call).
+        thread_local std::vector<uint16_t> inputs;
+        const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
+        if (static_cast<int64_t>(inputs.size()) < chunk_rows * ldxb) inputs.resize(chunk_rows * ldxb);
+        uint16_t* xb = inputs.data();
+#pragma omp parallel
+        {
+            const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+            const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
+            alignas(64) uint16_t buffer[DOT_K_BLOCK * GROUP];
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+                const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+                const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
+#pragma omp for
+                for (int64_t m = 0; m < chunk; m++) {
+                    store_bf16(x + (m0 + m) * ldx, K, xb + m * ldxb);
+                    if (ldxb > K) xb[m * ldxb + K] = 0;
+                }
+                // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
+                for (int64_t g = first; g < end; g++) {
+                    const uint16_t* w = wp + g * K * GROUP;
+                    const int64_t k_block = passes <= FEW_PASSES ? DOT_FEW_PASSES_K_BLOCK : DOT_K_BLOCK;
+                    for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+                        const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
+                        const int64_t lines = (k1 - k0) * LINES_PER_STEP;
+                        pair_bf16_block(w, k0, k1, K, buffer);
+                        for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
+                            const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
+                            // The passes share the next block's lines, which follow this one.
+                            const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                            dot_block_for(rows)(xb + m * ldxb + k0, ldxb, buffer, (k1 - k0 + 1) / 2,
+                                                bias ? bias + g * GROUP : nullptr, k0 == 0,
+                                                y + (m0 + m) * N + g * GROUP, N,
+                                                reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from);
+                        }
+                    }
+                }
+#pragma omp barrier
+                // (every thread is done with this chunk's rows before the next chunk overwrites them)
+            }
+        }
+        return;
+    }
+#endif
+    atb_bf16_linear_f32(x, M, K, ldx, wp, N, bias, y);
 }
 
 }  // extern "C"

@@ -73,15 +73,20 @@ namespace {
 
 // y [rows, N] = x [rows, K] W^T + b by the kernel for the weights' format. In a bfloat16 model (`bf16_model`: its
 // residual stream is bfloat16) a bfloat16 linear's input (the layer's scratch, read by this linear alone) is first
-// rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it; a float32 model's bfloat16 weights (exact
-// bfloat16 values of a float32 weight) take the float32 input as it is.
+// rounded to bfloat16 values, as PyTorch's bfloat16 linear is given it (and multiplied by AVX512-BF16's dot
+// product where the build has it: bf16_linear.h); a float32 model's bfloat16 weights (exact bfloat16 values of a
+// float32 weight) take the float32 input as it is.
 void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float* scales,
                   int64_t groups, int64_t N, const float* bias, float* y, bool bf16_model) {
     if (format == FORMAT_INT8) {
         atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
     } else if (format == FORMAT_BF16) {
-        if (bf16_model) round_to_bf16_values(x, rows * K);
-        atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
+        if (bf16_model) {
+            round_to_bf16_values(x, rows * K);
+            atb_bf16_dot_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
+        } else {
+            atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
+        }
     } else {
         atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(weights), N, bias, y);
     }

@@ -71,18 +71,24 @@ class PanelLinear(OneDnnLinear):
     oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
     bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in the same
     layout at half the bytes, widened to float32 in registers (products and sums in float32 on the input's values:
-    a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them). With `narrow_exact`, a
+    a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them; for such inputs
+    `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies them by AVX512-BF16's dot product where the library was built
+    with it, at twice the float32 rate on AMD Zen 4). With `narrow_exact`, a
     float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as
     bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype, fewer than
     ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64) go to oneDNN as before."""
 
     name = "panel"
 
-    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False):
+    def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False,
+                 bf16_dot_op=None):
         super().__init__(linear_op, reorder_op)
         self._native = native_op
         self.bf16_op = bf16_op
         self.narrow_exact = narrow_exact and bf16_op is not None
+        # bfloat16 inputs (a bfloat16 model's) against bfloat16 weights: AVX512-BF16's dot product where the
+        # library has it (atb_bf16_dot_linear_f32), else the widening kernel
+        self.bf16_dot_op = bf16_dot_op or bf16_op
 
     def __call__(self, x, weight, bias=None):
         """x [..., in] against a weight in panel_layout, on x's values (both kernels read float32 rows): float32
@@ -90,6 +96,7 @@ class PanelLinear(OneDnnLinear):
         if weight.dim() != 3:
             return super().__call__(x, weight, bias)
         bf16 = weight.dtype == torch.bfloat16
+        op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
         groups, in_features, _ = weight.shape
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
@@ -99,9 +106,8 @@ class PanelLinear(OneDnnLinear):
             bias = bias.float()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
         if rows.shape[0]:
-            (self.bf16_op if bf16 else self._native)(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0),
-                                                     weight.data_ptr(), out_features,
-                                                     None if bias is None else bias.data_ptr(), y.data_ptr())
+            op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
+               None if bias is None else bias.data_ptr(), y.data_ptr())
         y = y.view(*x.shape[:-1], out_features)
         return y.to(x.dtype) if bf16 else y
 
@@ -166,7 +172,10 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
-        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto")
+        dot_op = library.atb_bf16_dot_linear_f32
+        dot_op = dot_op if bf16_op is not None and _bf16_products_right(dot_op, rows=2 * 8 + 3) else None
+        return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
+                           bf16_dot_op=dot_op)
     return OneDnnLinear(onednn, reorder)
 
 
@@ -180,16 +189,17 @@ def _panel_products_right(op) -> bool:
     return False
 
 
-def _bf16_products_right(op) -> bool:
-    """The same for the bfloat16 kernel (bfloat16 weights and rows, against F.linear in float32 on their values),
-    where a wrong one leaves bfloat16 weights to oneDNN."""
+def _bf16_products_right(op, rows: int = 3) -> bool:
+    """The same for a bfloat16 kernel (bfloat16 weights and rows, against F.linear in float32 on their values;
+    `rows` past the register block's 6 for the dot product's own path), where a wrong one leaves bfloat16 weights to
+    oneDNN (or, for the dot product, to the widening kernel)."""
     kernel = PanelLinear(None, None, None, op)
     generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((3, 40), (2 * PANEL_GROUP, 40)))
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, 41), (2 * PANEL_GROUP, 41)))
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
     if torch.allclose(kernel(x.float(), panel_layout(w), b), F.linear(x.float(), w.float(), b), atol=1e-4):
         return True
-    logger.warning("the kit's bfloat16 panel kernel gave wrong products here: bfloat16 weights stay on oneDNN")
+    logger.warning("the kit's bfloat16 kernel %s gave wrong products here: not using it", getattr(op, "__name__", op))
     return False
 
 

@@ -35,7 +35,7 @@ CXX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfm
              "-std=c++17")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
-OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"),)
+OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
 
 # --------------------------------------------------------------------------------------------- the declaration
 
@@ -69,6 +69,9 @@ FUNCTIONS = {
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_bf16_dot_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_bf16_dot_available": (I64, ()),
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
         ("bias", PTR), ("y", PTR))),
