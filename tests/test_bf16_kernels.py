@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from atb_models.errors import UserError
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear
@@ -43,17 +44,24 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
                 got = kernel(x, packed, b)
                 assert got.dtype == torch.bfloat16
                 assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
-    # The dot-product kernel a bfloat16 model's inputs take (AVX512-BF16 where the library has it, past 6 rows):
-    # the same exact products summed in float32, by pairs of k-steps (K odd: the last pairs with zero).
-    dot = PanelLinear(None, None, None, kernel.bf16_dot_op)
-    for out_features, in_features in ((64, 41), (64 * 3, 201), (64 * 5, 300)):
-        w = torch.randn(out_features, in_features, generator=generator).bfloat16()
-        b = torch.randn(out_features, generator=generator)
-        for rows in (2, 7, 16, 300):
-            x = torch.randn(rows, in_features, generator=generator).bfloat16()
-            expected = F.linear(x.double(), w.double(), b.double())
-            assert torch.allclose(dot(x.float(), _panel_packed(w).bfloat16(), b).double(), expected, atol=1e-4,
-                                  rtol=1e-4), (out_features, in_features, rows)
+    # The dot-product kernel a bfloat16 model's inputs may take (AVX512-BF16 where the library has it, past 6
+    # rows; turned on here whatever this CPU's measurement chose): the same exact products summed in float32, by
+    # pairs of k-steps (K odd: the last pairs with zero).
+    library = native.NativeLibrary.load()
+    chosen = library.atb_bf16_use_dot(-1)
+    library.atb_bf16_use_dot(1)
+    try:
+        dot = PanelLinear(None, None, None, library.atb_bf16_dot_linear_f32)
+        for out_features, in_features in ((64, 41), (64 * 3, 201), (64 * 5, 300)):
+            w = torch.randn(out_features, in_features, generator=generator).bfloat16()
+            b = torch.randn(out_features, generator=generator)
+            for rows in (2, 7, 16, 300):
+                x = torch.randn(rows, in_features, generator=generator).bfloat16()
+                expected = F.linear(x.double(), w.double(), b.double())
+                assert torch.allclose(dot(x.float(), _panel_packed(w).bfloat16(), b).double(), expected, atol=1e-4,
+                                      rtol=1e-4), (out_features, in_features, rows)
+    finally:
+        library.atb_bf16_use_dot(chosen)
     # Float32 activations are taken as they are (a float32 model whose weights are bf16 values): float32 products.
     x = torch.randn(3, 300, generator=generator)
     exact = F.linear(x.double(), weight.double(), bias.double())
@@ -259,18 +267,42 @@ def test_a_bf16_panel_kernel_that_multiplies_wrong_is_not_used(monkeypatch, capl
     assert isinstance(Kernels.for_plan(CPU_FP32).decoder_layer, NativeDecoderLayer)
 
 
-def test_the_dot_product_kernel_is_built_where_the_cpu_has_avx512_bf16_and_is_checked_before_use(monkeypatch,
-                                                                                                  caplog):
+def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is_checked_and_faster(monkeypatch,
+                                                                                                   caplog):
+    from atb_models.kernels import linear
+
     if not AVX512:
         pytest.skip("the native kernels need an AVX-512 CPU")
     library = native.NativeLibrary.load()
     has_bf16 = "avx512_bf16" in native.cpuinfo_field(native.read_cpuinfo(), "flags").split()
     assert library.atb_bf16_dot_available() == int(has_bf16)
     monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
-    assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_dot_linear_f32
-    monkeypatch.setattr(library, "atb_bf16_dot_linear_f32", lambda *args: None)  # writes nothing: wrong products
-    with caplog.at_level("WARNING", logger="atb_models.kernels"):
-        linear = Kernels.for_plan(CPU_BF16).linear
-    assert "gave wrong products" in caplog.text
-    # The widening kernel takes the bfloat16 model's products instead.
-    assert linear.bf16_op is library.atb_bf16_linear_f32 and linear.bf16_dot_op is linear.bf16_op
+    dot, widening = library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32
+    try:
+        # Forced off, the library is told too; forced on, it runs the dot product where the build has it.
+        monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
+        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is widening and library.atb_bf16_use_dot(-1) == 0
+        monkeypatch.setenv(linear.BF16_DOT_ENV, "1")
+        assert (Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot) == has_bf16
+        assert library.atb_bf16_use_dot(-1) == int(has_bf16)
+        monkeypatch.setenv(linear.BF16_DOT_ENV, "yes")
+        with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_DOT='yes'"):
+            Kernels.for_plan(CPU_BF16)
+        monkeypatch.delenv(linear.BF16_DOT_ENV)
+        if has_bf16:
+            # Measured: chosen only when clearly faster (the measurement itself stubbed).
+            for timings, chosen in (((1.0, 2.0), True), ((1.0, 1.1), False), ((2.0, 1.0), False)):
+                monkeypatch.setattr(linear, "_bf16_dot_measured", {})
+                monkeypatch.setattr(linear, "_time_bf16_products", lambda *args, t=timings: t)
+                assert (Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot) == chosen
+                assert library.atb_bf16_use_dot(-1) == int(chosen)
+        # A dot product that multiplies wrong is not used, whatever is asked.
+        monkeypatch.setenv(linear.BF16_DOT_ENV, "1")
+        monkeypatch.setattr(library, "atb_bf16_dot_linear_f32", lambda *args: None)  # writes nothing
+        with caplog.at_level("WARNING", logger="atb_models.kernels"):
+            kernel = Kernels.for_plan(CPU_BF16).linear
+        assert not has_bf16 or "gave wrong products" in caplog.text
+        assert kernel.bf16_op is widening and kernel.bf16_dot_op is widening and library.atb_bf16_use_dot(-1) == 0
+    finally:
+        monkeypatch.undo()
+        Kernels.for_plan(CPU_BF16)  # the library's choice as this process measured it, for the tests after

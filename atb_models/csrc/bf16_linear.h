@@ -4,12 +4,13 @@
 // wp[N / 64][K][64], at bfloat16's width: a k-step of a group is two 64-byte lines, and a thread's groups are one
 // sequential stream of half of float32's bytes.
 //
-// Up to 6 rows (decode) read the weights directly: each k-step is widened to four zmm of float32
-// (_mm512_cvtepu16_epi32 + a 16-bit shift, bf16.h: two instructions per 16 weights) and feeds 4 fused
-// multiply-adds a row: a core widens 128 bytes in about 6 cycles, well within what memory delivers on this kit's VM
-// (docs/PERFORMANCE.md); the prefetch runs a fixed distance ahead. (AVX512-BF16's dot product was measured no
-// faster here on this kit's Xeon: it issues on one port where FMAs issue on two. A bfloat16 model's batched rows
-// take it below, atb_bf16_dot_linear_f32.)
+// Up to 6 rows (decode) read the weights directly: each k-step is widened to four zmm of float32 (a shift or a mask
+// per 16 weights, in-lane: bf16_register_block) and feeds 4 fused multiply-adds a row; the prefetch runs a fixed
+// distance ahead. The fewer instructions a byte, the farther ahead a core's out-of-order window reaches and the more
+// lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s this way against 18-19 with the
+// earlier two instructions per 16 weights (a cross-lane zero-extension and a shift; docs/PERFORMANCE.md).
+// (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
+// issue on two. A bfloat16 model's batched rows take it below, atb_bf16_dot_linear_f32.)
 //
 // More rows (batched decode, prefill) widen each K block once into an L1 buffer of float32 and run the panel
 // kernel's register blocks over it (panel_linear.h's register_block), prefetching the next block while they do, so
@@ -41,28 +42,48 @@ inline void widen_bf16(const uint16_t* wk, __m512 w[4]) {
     for (int j = 0; j < 4; j++) w[j] = load_bf16(wk + 16 * j);
 }
 
-// Rows x[MR, K] against one group of 64 columns w[K][64]: y[MR][64] = products + bias.
+// Rows x[MR, K] against one group of 64 columns w[K][64]: y[MR][64] = products + bias. A 32-bit lane of a k-step's
+// weights holds columns 2l (its low half) and 2l + 1 (its high half), so a shift widens the even columns and a mask
+// the odd ones, one in-lane instruction per 16 weights; the even and odd columns' sums are put back in column order
+// once, at the end.
 template <int MR>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
-    __m512 acc[MR][4];
+    __m512 acc[MR][4];  // columns 0, 2, .., 30; 1, 3, .., 31; 32, 34, .., 62; 33, 35, .., 63
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t k = 0; k < K; k++) {
         const uint16_t* wk = w + k * GROUP;
         _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64, _MM_HINT_T0);
-        __m512 wf[4];
-        widen_bf16(wk, wf);
+        const __m512i v0 = _mm512_loadu_si512(wk), v1 = _mm512_loadu_si512(wk + 32);
+        const __m512 wf[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)),
+                              _mm512_castsi512_ps(_mm512_and_si512(v0, high)),
+                              _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)),
+                              _mm512_castsi512_ps(_mm512_and_si512(v1, high))};
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
             for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(wf[j], b, acc[i][j]);
         }
     }
-    for (int i = 0; i < MR; i++)  // the bias added to the products
-        for (int j = 0; j < 4; j++)
-            _mm512_storeu_ps(y + i * ldy + 16 * j, bias ? _mm512_add_ps(acc[i][j], _mm512_loadu_ps(bias + 16 * j))
-                                                        : acc[i][j]);
+    // Column c of a 32-column half: the even sums' lane c / 2 for even c, the odd sums' (index 16 + c / 2) for odd.
+    alignas(64) int32_t first[16], second[16];
+    for (int c = 0; c < 16; c++) {
+        first[c] = (c % 2 ? 16 : 0) + c / 2;
+        second[c] = (c % 2 ? 16 : 0) + 8 + c / 2;
+    }
+    const __m512i first_index = _mm512_load_si512(first), second_index = _mm512_load_si512(second);
+    for (int i = 0; i < MR; i++)
+        for (int h = 0; h < 2; h++) {
+            __m512 columns[2] = {_mm512_permutex2var_ps(acc[i][2 * h], first_index, acc[i][2 * h + 1]),
+                                 _mm512_permutex2var_ps(acc[i][2 * h], second_index, acc[i][2 * h + 1])};
+            for (int j = 0; j < 2; j++) {
+                float* out = y + i * ldy + 32 * h + 16 * j;
+                _mm512_storeu_ps(out, bias ? _mm512_add_ps(columns[j], _mm512_loadu_ps(bias + 32 * h + 16 * j))
+                                           : columns[j]);
+            }
+        }
 }
 
 using Bf16BlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
@@ -235,12 +256,15 @@ DotBlockFn dot_block_for(int rows) {
 
 #endif  // __AVX512BF16__
 
+// Whether atb_bf16_dot_linear_f32 multiplies by the dot product: off until atb_bf16_use_dot turns it on (Python
+// does, where it measured the dot product faster on this CPU: kernels/linear.py). One CPU's choice, process-wide.
+int64_t bf16_dot_on = 0;
+
 }  // namespace
 
 extern "C" {
 
-// Whether atb_bf16_dot_linear_f32 runs AVX512-BF16's dot product (this build targets it), else it is
-// atb_bf16_linear_f32.
+// Whether this build has AVX512-BF16's dot product.
 int64_t atb_bf16_dot_available() {
 #ifdef __AVX512BF16__
     return 1;
@@ -249,12 +273,20 @@ int64_t atb_bf16_dot_available() {
 #endif
 }
 
+// Turns the dot product on (1) or off (0) for atb_bf16_dot_linear_f32, where the build has it (a negative `on`
+// changes nothing); returns whether it is on.
+int64_t atb_bf16_use_dot(int64_t on) {
+    if (on >= 0) bf16_dot_on = on && atb_bf16_dot_available();
+    return bf16_dot_on;
+}
+
 // atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
-// ties to even), the products are exact and summed in float32, by vdpbf16ps where the build has it. Same arguments.
+// ties to even), the products are exact and summed in float32, by vdpbf16ps past MAX_ROWS rows where the build has
+// it and atb_bf16_use_dot turned it on, else by atb_bf16_linear_f32. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
 #ifdef __AVX512BF16__
-    if (M > MAX_ROWS) {
+    if (M > MAX_ROWS && bf16_dot_on) {
         const int64_t column_groups = N / GROUP, ldxb = (K + 1) / 2 * 2;
         constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
         // A chunk's rows in bfloat16, each padded to an even length (kept for the calling thread's next call).

@@ -7,6 +7,7 @@ $ATB_MODELS_CPU_LINEAR (`cpu_kernel_choice`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -72,8 +73,8 @@ class PanelLinear(OneDnnLinear):
     bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in the same
     layout at half the bytes, widened to float32 in registers (products and sums in float32 on the input's values:
     a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them; for such inputs
-    `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies them by AVX512-BF16's dot product where the library was built
-    with it, at twice the float32 rate on AMD Zen 4). With `narrow_exact`, a
+    `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot product where the library
+    has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With `narrow_exact`, a
     float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as
     bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype, fewer than
     ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64) go to oneDNN as before."""
@@ -172,8 +173,7 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
-        dot_op = library.atb_bf16_dot_linear_f32
-        dot_op = dot_op if bf16_op is not None and _bf16_products_right(dot_op, rows=2 * 8 + 3) else None
+        dot_op = library.atb_bf16_dot_linear_f32 if bf16_op is not None and bf16_dot_chosen(library) else None
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op)
     return OneDnnLinear(onednn, reorder)
@@ -201,6 +201,60 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
         return True
     logger.warning("the kit's bfloat16 kernel %s gave wrong products here: not using it", getattr(op, "__name__", op))
     return False
+
+
+BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"
+BF16_DOT_GAIN = 1.25  # how much faster the dot product must measure to be chosen: a clear win, the same every run
+_bf16_dot_measured: dict = {}  # the library's dot function (its address) -> (dot seconds, widening seconds)
+
+
+def bf16_dot_chosen(library) -> bool:
+    """Whether a bfloat16 model's batched products (more than 6 rows) take AVX512-BF16's dot product
+    (atb_bf16_dot_linear_f32) instead of the widening kernel; the library is told (atb_bf16_use_dot). Where the
+    build has it and its products check right: $ATB_MODELS_CPU_BF16_DOT=1 or 0 decides, else a measurement, once a
+    process: the dot product must run BF16_DOT_GAIN times as fast. Which is faster is not a CPU flag: AMD Zen 4
+    issues one 512-bit FMA a cycle and the dot product doubles its rate, an Intel Xeon issues two and measured the
+    dot product slower (docs/PERFORMANCE.md)."""
+    forced = os.environ.get(BF16_DOT_ENV)
+    if forced not in (None, "", "0", "1"):
+        raise UserError(f"{BF16_DOT_ENV}={forced!r}: expected 1 (use AVX512-BF16's dot product) or 0 (do not)")
+    if not library.atb_bf16_dot_available() or forced == "0":
+        library.atb_bf16_use_dot(0)
+        return False
+    library.atb_bf16_use_dot(1)
+    if not _bf16_products_right(library.atb_bf16_dot_linear_f32, rows=19):
+        library.atb_bf16_use_dot(0)
+        return False
+    if forced != "1":
+        key = ctypes.cast(library.atb_bf16_dot_linear_f32, ctypes.c_void_p).value
+        if key not in _bf16_dot_measured:
+            _bf16_dot_measured[key] = _time_bf16_products(library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32)
+        dot, widening = _bf16_dot_measured[key]
+        logger.info("bfloat16 products at 32 rows: AVX512-BF16 dot product %.0f us, widened to float32 %.0f us: %s",
+                    dot * 1e6, widening * 1e6, "dot product" if dot * BF16_DOT_GAIN <= widening else "widened")
+        if dot * BF16_DOT_GAIN > widening:
+            library.atb_bf16_use_dot(0)
+            return False
+    return True
+
+
+def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -> tuple:
+    """The best seconds of each op on `rows` rows against a 512x1024 bfloat16 weight (1 MB: the cache's, not
+    memory's speed), alternating."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
+    weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
+    y = torch.empty(rows, 512)
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, op in enumerate((dot_op, widening_op)):
+            start = time.perf_counter()
+            for _ in range(10):
+                op(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512, None, y.data_ptr())
+            best[i] = min(best[i], (time.perf_counter() - start) / 10)
+    return tuple(best)
 
 
 def _runs(call) -> bool:
