@@ -228,10 +228,12 @@ def bf16_dot_chosen(library) -> bool:
     if forced != "1":
         key = ctypes.cast(library.atb_bf16_dot_linear_f32, ctypes.c_void_p).value
         if key not in _bf16_dot_measured:
-            _bf16_dot_measured[key] = _time_bf16_products(library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32)
+            dot, widening = _time_bf16_products(library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32)
+            _bf16_dot_measured[key] = dot, widening
+            logger.info("bfloat16 products at 32 rows: AVX512-BF16 dot product %.0f us, widened to float32 %.0f us: "
+                        "%s", dot * 1e6, widening * 1e6,
+                        "the dot product" if dot * BF16_DOT_GAIN <= widening else "widened")
         dot, widening = _bf16_dot_measured[key]
-        logger.info("bfloat16 products at 32 rows: AVX512-BF16 dot product %.0f us, widened to float32 %.0f us: %s",
-                    dot * 1e6, widening * 1e6, "dot product" if dot * BF16_DOT_GAIN <= widening else "widened")
         if dot * BF16_DOT_GAIN > widening:
             library.atb_bf16_use_dot(0)
             return False
