@@ -296,6 +296,10 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
                 monkeypatch.setattr(linear, "_time_bf16_products", lambda *args, t=timings: t)
                 assert (Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot) == chosen
                 assert library.atb_bf16_use_dot(-1) == int(chosen)
+            # A float32 model never gives its linears bfloat16 inputs: nothing to measure.
+            monkeypatch.setattr(linear, "_bf16_dot_measured", {})
+            monkeypatch.setattr(linear, "_time_bf16_products", lambda *args: pytest.fail("measured for float32"))
+            assert Kernels.for_plan(CPU_FP32).linear.bf16_dot_op is widening
         # A dot product that multiplies wrong is not used, whatever is asked.
         monkeypatch.setenv(linear.BF16_DOT_ENV, "1")
         monkeypatch.setattr(library, "atb_bf16_dot_linear_f32", lambda *args: None)  # writes nothing

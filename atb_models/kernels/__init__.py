@@ -46,7 +46,7 @@ class Kernels:
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
-        linear = cpu_linear_kernel(choice, library)
+        linear = cpu_linear_kernel(choice, library, bf16_inputs=torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype))
         w8a16 = w8a16_kernel(plan, library)
         if library is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),

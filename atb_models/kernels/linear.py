@@ -152,14 +152,17 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
         return PLAIN_LINEAR
     from atb_models.kernels.native import NativeLibrary
 
-    return cpu_linear_kernel(choice, NativeLibrary.load() if choice in ("auto", "panel") else None)
+    return cpu_linear_kernel(choice, NativeLibrary.load() if choice in ("auto", "panel") else None,
+                             bf16_inputs=torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype))
 
 
-def cpu_linear_kernel(choice: str, library) -> LinearKernel:
+def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
     """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, or None)
     is there (packing float32 weights that hold bfloat16 values as bfloat16), else oneDNN where this build has a
     working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask for one (falling back the
-    same way when it is missing), "torch" is F.linear."""
+    same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's) the panel kernel
+    also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears bfloat16
+    inputs, so it spares the measurement."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -173,7 +176,8 @@ def cpu_linear_kernel(choice: str, library) -> LinearKernel:
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
-        dot_op = library.atb_bf16_dot_linear_f32 if bf16_op is not None and bf16_dot_chosen(library) else None
+        dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
+                  else None)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op)
     return OneDnnLinear(onednn, reorder)
