@@ -39,8 +39,10 @@ def best_ms(work, repeats: int) -> float:
 def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
     """float32: oneDNN (plain, packed) against the kit's float32 panels. bfloat16 weights: oneDNN's bfloat16 linear
     against the kit's bf16 panels with float32 inputs (a float32 model of a bf16 checkpoint: widened in registers)
-    and with bfloat16 inputs (a bfloat16 model: AVX512-BF16's dot product where the library has it)."""
-    plan = resolve_plan("cpu", "float32", "float32")
+    and with bfloat16 inputs (a bfloat16 model: AVX512-BF16's dot product where the kit chose it). At one row,
+    also the weights' bytes over the time against the read probe (a float32 sum of 1 GiB) of the same repeat."""
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    plan = resolve_plan("cpu", name, name)
     onednn, panel = linear_kernel(plan, "onednn"), linear_kernel(plan, "panel")
     if not isinstance(onednn, OneDnnLinear):
         sys.exit("this torch build has no working oneDNN linear")
@@ -54,7 +56,9 @@ def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
             layouts["kit's panel kernel"] = (*panels, dtype)
         else:
             layouts["kit, float32 inputs (widened)"] = (*panels, torch.float32)
-            layouts["kit, bf16 inputs (dot product)"] = (*panels, dtype)
+            dot = panel.bf16_dot_op is not panel.bf16_op
+            layouts[f"kit, bf16 inputs ({'dot product' if dot else 'widened: the dot product not chosen here'})"] = (
+                *panels, dtype)
 
     def mlps(x, kernel, up_weights, down_weights, _):
         for up, down in zip(up_weights, down_weights):
@@ -67,11 +71,18 @@ def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
         x = torch.randn(rows, HIDDEN).to(dtype)
         # One run of each layout in turn per repeat, so a change in the machine's speed hits all alike.
         best = dict.fromkeys(layouts, float("inf"))
+        probe = 0.0
         for _ in range(repeats):
+            if rows == 1:
+                probe = max(probe, measure_bandwidth(torch.device("cpu"), 1 << 30, lambda: None, repeats=1))
             for name, layout in layouts.items():
                 best[name] = min(best[name], best_ms(lambda: mlps(x.to(layout[3]), *layout), 1))
         print(f"rows {rows:4d}: " + ", ".join(f"{name} {ms:7.1f} ({flops / ms / 1e6:.0f})"
                                              for name, ms in best.items()))
+        if rows == 1:
+            print(f"  one row, GB/s of weights read: " + ", ".join(
+                f"{name} {sum(w.numel() * w.element_size() for w in layout[1] + layout[2]) / ms / 1e6:.1f}"
+                for (name, layout), ms in zip(layouts.items(), best.values())) + f" (probe {probe / 1e9:.1f})")
 
 
 def bench_attention(repeats: int) -> None:
