@@ -138,5 +138,6 @@ def test_a_failing_rank_ends_the_job_quickly_with_one_line(tiny_checkpoint, tmp_
     assert time.monotonic() - start < 120
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: rank 1: {cause}"]
-    assert "Traceback" not in done.stderr
+    # (the launcher's output in the message: one run in many dozens ended with status 1 and no Error line, cause unseen)
+    assert errors == [f"Error: rank 1: {cause}"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
