@@ -21,7 +21,6 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <vector>
 
@@ -167,7 +166,8 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 // One instruction does the work of two float32 fused multiply-adds with no widening: on AMD Zen 4, whose 512-bit
 // FMAs issue once a cycle, it doubles the arithmetic rate (24 MLP layers of cpu-small at 300 rows: 339 GFLOP/s
 // against the widening kernel's 173, docs/PERFORMANCE.md); on an Intel Xeon, whose FMAs issue twice a cycle and
-// vdpbf16ps once, the instruction tables make the two even (not measured by this kit yet). Decode's few rows
+// vdpbf16ps once, an earlier version measured slower, so kernels/linear.py's bf16_dot_chosen times the two at load
+// and turns this path on only where it wins (atb_bf16_use_dot). Decode's few rows
 // (M <= MAX_ROWS) are memory-bound and keep the direct widening path above; more rows pair each K block's weights
 // once into an L1 buffer, [k / 2][64][2] (the two k-steps of each column side by side, as vdpbf16ps reads them),
 // and run register blocks over it.

@@ -16,7 +16,8 @@ import torch
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
-from atb_models.kernels.linear import PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel, linear_kernel
+from atb_models.kernels.linear import (PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel,
+                                       has_bf16_inputs, linear_kernel)
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
@@ -46,7 +47,7 @@ class Kernels:
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
-        linear = cpu_linear_kernel(choice, library, bf16_inputs=torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype))
+        linear = cpu_linear_kernel(choice, library, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
         if library is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),

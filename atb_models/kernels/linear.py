@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +154,12 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
     from atb_models.kernels.native import NativeLibrary
 
     return cpu_linear_kernel(choice, NativeLibrary.load() if choice in ("auto", "panel") else None,
-                             bf16_inputs=torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype))
+                             bf16_inputs=has_bf16_inputs(plan))
+
+
+def has_bf16_inputs(plan) -> bool:
+    """Whether a plan's linears are given bfloat16 inputs (its language model or vision tower is bfloat16)."""
+    return torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype)
 
 
 def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
@@ -249,8 +255,6 @@ def bf16_dot_chosen(library) -> bool:
 def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -> tuple:
     """The best seconds of each op on `rows` rows against a 512x1024 bfloat16 weight (1 MB: the cache's, not
     memory's speed), alternating."""
-    import time
-
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
     weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
