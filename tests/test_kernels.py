@@ -18,7 +18,7 @@ from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
-                                       linear_kernel)
+                                       linear_kernel, panel_layout)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
@@ -457,3 +457,45 @@ def _packed_mlp_shape():
     from atb_models.demo.checkpoint import TinyShape
 
     return TinyShape(hidden_size=256, intermediate_size=1024, num_hidden_layers=1, vision_depth=1)
+
+
+
+def _mapping_of(address: int) -> dict:
+    """The /proc/self/smaps entry (its address range and fields) of the mapping holding `address`, or {}."""
+    for entry in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        start, end = (int(part, 16) for part in entry.split(None, 1)[0].split("-"))
+        if start <= address < end:
+            return {"range": (start, end), **dict(re.findall(r"^(\w+):\s+(.*)$", entry, re.M))}
+    return {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_packed_weights_of_whole_huge_pages_are_laid_out_as_before_on_memory_advised_for_them(monkeypatch):
+    from atb_models.host import HUGE_PAGE
+    from atb_models.kernels.w8a16 import pair_layout
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1) if thp.exists() else "never"
+    weight = torch.randn(1024, 1536).bfloat16()  # 3 MB: one whole huge page and a tail
+    packed = panel_layout(weight)
+    assert torch.equal(packed, weight.reshape(16, 64, 1536).transpose(1, 2))
+    assert packed.is_contiguous() and packed.data_ptr() % HUGE_PAGE == 0
+    mapping = _mapping_of(packed.data_ptr())
+    if mode != "never":
+        assert mapping["THPeligible"] == "1"
+    del packed  # the mapping goes with the tensor
+    assert _mapping_of(mapping["range"][0]).get("range") != mapping["range"]
+
+    int8 = torch.randint(-128, 128, (256, 8192), dtype=torch.int8)  # 2 MB
+    paired = pair_layout(int8)
+    assert torch.equal(paired, int8.reshape(4, 64, 4096, 2).transpose(1, 2))
+    assert paired.data_ptr() % HUGE_PAGE == 0
+
+    monkeypatch.setenv("ATB_MODELS_HUGE_PAGES", "0")  # torch's allocator, not advised
+    plain = panel_layout(weight)
+    assert torch.equal(plain, weight.reshape(16, 64, 1536).transpose(1, 2))
+    if mode == "madvise":
+        assert _mapping_of(plain.data_ptr()).get("THPeligible") == "0"
+    monkeypatch.setenv("ATB_MODELS_HUGE_PAGES", "yes")
+    with pytest.raises(UserError, match="ATB_MODELS_HUGE_PAGES"):
+        panel_layout(weight)

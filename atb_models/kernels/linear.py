@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
+from atb_models.host import empty_on_huge_pages
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -128,9 +129,11 @@ def holds_bf16_values(weight: torch.Tensor) -> bool:
 
 
 def panel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k] (out a multiple of PANEL_GROUP)."""
+    """[out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k] (out a multiple of PANEL_GROUP), on
+    huge pages where it can (host.empty_on_huge_pages: the decode step streams it)."""
     out_features, in_features = weight.shape
-    return weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2).contiguous()
+    packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features, PANEL_GROUP), weight.dtype)
+    return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
 
 
 PLAIN_LINEAR = LinearKernel()
