@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from atb_models.errors import UserError
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
-from atb_models.kernels.linear import OneDnnLinear, PanelLinear
+from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
 from atb_models.platform import cpu_capabilities, resolve_plan
-from tests.test_kernels import AVX512, CPU_FP32, _decode_step, _panel_packed
+from tests.test_kernels import AVX512, CPU_FP32, _decode_step
 
 CPU_BF16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
 
@@ -26,14 +26,25 @@ def native_bf16_kernels() -> Kernels:
     return kernels
 
 
+def _pair_packed(weight: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 panel layout written out by hand: group g, pair p, column c holds W[64g + c, 2p : 2p + 2]."""
+    out_features, in_features = weight.shape
+    packed = torch.empty(out_features // 64, in_features // 2, 64, 2, dtype=weight.dtype)
+    for g in range(out_features // 64):
+        for p in range(in_features // 2):
+            packed[g, p] = weight[64 * g:64 * g + 64, 2 * p:2 * p + 2]
+    return packed
+
+
 def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
     kernel = native_bf16_kernels().linear
     generator = torch.Generator().manual_seed(0)
-    # One group; uneven thread shares (3, 37 groups); K odd and off 16, off the 128-step blocks, over several.
-    for out_features, in_features in ((64, 40), (128, 7), (64 * 3, 201), (64 * 37, 130), (1024, 300)):
+    # One group; uneven thread shares (3, 37 groups); K off 16 (an odd number of pairs), off the 64- and 128-step
+    # blocks, over several.
+    for out_features, in_features in ((64, 40), (128, 6), (64 * 3, 202), (64 * 37, 130), (1024, 300)):
         weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
         bias = torch.randn(out_features, generator=generator)
-        packed = _panel_packed(weight).bfloat16()
+        packed = _pair_packed(weight)
         for rows in (1, 2, 5, 6, 7, 16, 17, 300):  # partial register blocks, widened K blocks beyond 6, 2 chunks
             x = torch.randn(rows, in_features, generator=generator).bfloat16()
             for b in (None, bias):
@@ -46,19 +57,19 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
                 assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
     # The dot-product kernel a bfloat16 model's inputs may take (AVX512-BF16 where the library has it, past 6
     # rows; turned on here whatever this CPU's measurement chose): the same exact products summed in float32, by
-    # pairs of k-steps (K odd: the last pairs with zero).
+    # pairs of k-steps.
     library = native.NativeLibrary.load()
     chosen = library.atb_bf16_use_dot(-1)
     library.atb_bf16_use_dot(1)
     try:
         dot = PanelLinear(None, None, None, library.atb_bf16_dot_linear_f32)
-        for out_features, in_features in ((64, 41), (64 * 3, 201), (64 * 5, 300)):
+        for out_features, in_features in ((64, 42), (64 * 3, 202), (64 * 5, 300)):
             w = torch.randn(out_features, in_features, generator=generator).bfloat16()
             b = torch.randn(out_features, generator=generator)
             for rows in (2, 7, 16, 300):
                 x = torch.randn(rows, in_features, generator=generator).bfloat16()
                 expected = F.linear(x.double(), w.double(), b.double())
-                assert torch.allclose(dot(x.float(), _panel_packed(w).bfloat16(), b).double(), expected, atol=1e-4,
+                assert torch.allclose(dot(x.float(), _pair_packed(w), b).double(), expected, atol=1e-4,
                                       rtol=1e-4), (out_features, in_features, rows)
     finally:
         library.atb_bf16_use_dot(chosen)
@@ -77,12 +88,13 @@ def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the
     kernel = native_bf16_kernels().linear
     large = torch.randn(1024, 512).bfloat16()
     packed = kernel.pack(large)
-    assert packed.dtype == torch.bfloat16 and torch.equal(packed, _panel_packed(large.float()).bfloat16())
-    assert kernel.pack(large[:-16]).dim() != 3  # an output size off the groups: oneDNN's layout or none
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed, _pair_packed(large))
+    assert not is_panel_packed(kernel.pack(large[:-16]))  # an output size off the groups: oneDNN's layout or none
+    assert not is_panel_packed(kernel.pack(large[:, :-1]))  # an odd input size: no pairs
     assert kernel.pack(large[:64]) is None  # small: F.linear
     assert kernel.pack(large.half()) is None
     without_bf16 = PanelLinear(kernel._native, kernel._linear, kernel._reorder, bf16_op=None)
-    assert without_bf16.pack(large).dim() != 3
+    assert not is_panel_packed(without_bf16.pack(large))
 
 
 # ---------------------------------------------------------------------------------- the fused decoder layer
@@ -192,7 +204,7 @@ def test_a_float32_weight_of_bf16_values_is_packed_as_bf16_and_multiplies_as_flo
     inexact[3, 7] += 1e-6
     assert holds_bf16_values(exact) and not holds_bf16_values(inexact)
     packed = kernel.pack(exact)
-    assert packed.dtype == torch.bfloat16 and torch.equal(packed.float(), _panel_packed(exact))
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed.float(), _pair_packed(exact))
     assert kernel.pack(inexact).dtype == torch.float32  # a value off bf16 keeps the whole weight float32
     x, bias = torch.randn(7, 512), torch.randn(1024)
     products = kernel(x, packed, bias)
@@ -262,7 +274,7 @@ def test_a_bf16_panel_kernel_that_multiplies_wrong_is_not_used(monkeypatch, capl
     assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is None
     assert kernels.linear.bf16_dot_op is None
     assert type(kernels.decoder_layer) is LayerByLayer
-    assert kernels.linear.pack(torch.randn(1024, 512).bfloat16()).dim() != 3
+    assert not is_panel_packed(kernels.linear.pack(torch.randn(1024, 512).bfloat16()))
     # A float32 model keeps its native kernels.
     assert isinstance(Kernels.for_plan(CPU_FP32).decoder_layer, NativeDecoderLayer)
 

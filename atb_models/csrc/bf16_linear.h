@@ -1,20 +1,25 @@
 // y = x W^T + b for bfloat16 weights widened to float32 in registers: float32 activations and accumulation.
 //
-// W is packed like the panel kernel's float32 weights (panel_linear.h), in groups of 64 output columns,
-// wp[N / 64][K][64], at bfloat16's width: a k-step of a group is two 64-byte lines, and a thread's groups are one
-// sequential stream of half of float32's bytes.
+// W is packed in groups of 64 output columns like the panel kernel's float32 weights (panel_linear.h), with each
+// column's two weights of a pair of k-steps side by side: wp[N / 64][K / 2][64][2] (K even; kernels/linear.py's
+// pair_layout, the W8A16 kernel's layout). A pair of k-steps of a group is four 64-byte lines, and a thread's groups
+// are one sequential stream of half of float32's bytes. A 32-bit lane holds one column's weights of k-steps 2p (its
+// low half) and 2p + 1 (its high half): a shift widens the first and a mask the second, one in-lane instruction per
+// 16 weights, in column order; and the lane is the pair AVX512-BF16's dot product (vdpbf16ps) multiplies, so a
+// bfloat16 model's batched rows read the weights as they are (atb_bf16_dot_linear_f32 below).
 //
-// Up to 6 rows (decode) read the weights directly: each k-step is widened to four zmm of float32 (a shift or a mask
-// per 16 weights, in-lane: bf16_register_block) and feeds 4 fused multiply-adds a row; the prefetch runs a fixed
-// distance ahead. The fewer instructions a byte, the farther ahead a core's out-of-order window reaches and the more
-// lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s this way against 18-19 with the
-// earlier two instructions per 16 weights (a cross-lane zero-extension and a shift; docs/PERFORMANCE.md).
+// Up to 6 rows (decode) read the weights directly: each pair of k-steps is widened to eight zmm of float32 and
+// feeds 8 fused multiply-adds a row, k-step 2p's then 2p + 1's into the same sums (so every column's products are
+// added in k order, as a plain float32 product adds them); the prefetch runs a fixed distance ahead. The fewer
+// instructions a byte, the farther ahead a core's out-of-order window reaches and the more lines it has in flight:
+// one thread on this kit's AMD EPYC read 21-22 GB/s with one in-lane instruction per 16 weights against 18-19 with
+// two (a cross-lane zero-extension and a shift; docs/PERFORMANCE.md).
 // (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
-// issue on two. A bfloat16 model's batched rows take it below, atb_bf16_dot_linear_f32.)
+// issue on two.)
 //
-// More rows (batched decode, prefill) widen each K block once into an L1 buffer of float32 and run the panel
-// kernel's register blocks over it (panel_linear.h's register_block), prefetching the next block while they do, so
-// the widening is paid once per block instead of once per 6 rows.
+// More rows (batched decode, prefill) widen each K block once into an L1 buffer of float32 ([k][64]) and run the
+// panel kernel's register blocks over it (panel_linear.h's register_block), prefetching the next block while they
+// do, so the widening is paid once per block instead of once per 6 rows.
 
 #pragma once
 
@@ -36,52 +41,35 @@ constexpr int64_t BF16_AHEAD = 32;  // direct path: prefetch this many k-steps a
 // faster at 256 rows).
 constexpr int64_t FEW_PASSES = 4, FEW_PASSES_K_BLOCK = 64;
 
-// The 64 weights of one k-step as four zmm of float32.
-inline void widen_bf16(const uint16_t* wk, __m512 w[4]) {
-    for (int j = 0; j < 4; j++) w[j] = load_bf16(wk + 16 * j);
-}
-
-// Rows x[MR, K] against one group of 64 columns w[K][64]: y[MR][64] = products + bias. A 32-bit lane of a k-step's
-// weights holds columns 2l (its low half) and 2l + 1 (its high half), so a shift widens the even columns and a mask
-// the odd ones, one in-lane instruction per 16 weights; the even and odd columns' sums are put back in column order
-// once, at the end.
+// Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = products + bias.
 template <int MR>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
-    __m512 acc[MR][4];  // columns 0, 2, .., 30; 1, 3, .., 31; 32, 34, .., 62; 33, 35, .., 63
+    __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (int64_t k = 0; k < K; k++) {
-        const uint16_t* wk = w + k * GROUP;
-        _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64, _MM_HINT_T0);
-        const __m512i v0 = _mm512_loadu_si512(wk), v1 = _mm512_loadu_si512(wk + 32);
-        const __m512 wf[4] = {_mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)),
-                              _mm512_castsi512_ps(_mm512_and_si512(v0, high)),
-                              _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)),
-                              _mm512_castsi512_ps(_mm512_and_si512(v1, high))};
+    for (int64_t k = 0; k < K; k += 2) {
+        const uint16_t* wk = w + k * GROUP;  // the pair's 4 lines
+        for (int line = 0; line < 4; line++)
+            _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64 * line, _MM_HINT_T0);
+        __m512 even[4], odd[4];  // k-step k's and k + 1's weights, 16 columns each
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512(wk + 32 * j);
+            even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(wf[j], b, acc[i][j]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
+            const __m512 c = _mm512_set1_ps(x[i * ldx + k + 1]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
         }
     }
-    // Column c of a 32-column half: the even sums' lane c / 2 for even c, the odd sums' (index 16 + c / 2) for odd.
-    alignas(64) int32_t first[16], second[16];
-    for (int c = 0; c < 16; c++) {
-        first[c] = (c % 2 ? 16 : 0) + c / 2;
-        second[c] = (c % 2 ? 16 : 0) + 8 + c / 2;
-    }
-    const __m512i first_index = _mm512_load_si512(first), second_index = _mm512_load_si512(second);
     for (int i = 0; i < MR; i++)
-        for (int h = 0; h < 2; h++) {
-            __m512 columns[2] = {_mm512_permutex2var_ps(acc[i][2 * h], first_index, acc[i][2 * h + 1]),
-                                 _mm512_permutex2var_ps(acc[i][2 * h], second_index, acc[i][2 * h + 1])};
-            for (int j = 0; j < 2; j++) {
-                float* out = y + i * ldy + 32 * h + 16 * j;
-                _mm512_storeu_ps(out, bias ? _mm512_add_ps(columns[j], _mm512_loadu_ps(bias + 32 * h + 16 * j))
-                                           : columns[j]);
-            }
+        for (int j = 0; j < 4; j++) {
+            float* out = y + i * ldy + 16 * j;
+            _mm512_storeu_ps(out, bias ? _mm512_add_ps(acc[i][j], _mm512_loadu_ps(bias + 16 * j)) : acc[i][j]);
         }
 }
 
@@ -98,12 +86,16 @@ Bf16BlockFn bf16_block_for(int rows) {
     }
 }
 
-// buffer[k - k0][64] = w[k][64] for k0 <= k < k1: the block in float32 for register_block.
+// buffer[k - k0][64] = w's k-step k for k0 <= k < k1 (both even): the block in float32 for register_block.
 void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) {
-    for (int64_t k = k0; k < k1; k++) {
-        __m512 wf[4];
-        widen_bf16(w + k * GROUP, wf);
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(buffer + (k - k0) * GROUP + 16 * j, wf[j]);
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t k = k0; k < k1; k += 2) {
+        float* even = buffer + (k - k0) * GROUP;
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512(w + k * GROUP + 32 * j);
+            _mm512_storeu_ps(even + 16 * j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+            _mm512_storeu_ps(even + GROUP + 16 * j, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+        }
     }
 }
 
@@ -111,8 +103,8 @@ void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) 
 
 extern "C" {
 
-// x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K][64] (uint16_t bits); bias: [N] or null; y: [M, N]. N
-// must be a multiple of 64. The products are float32's of the bfloat16 weights: x as given (callers wanting
+// x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
+// [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16 weights: x as given (callers wanting
 // PyTorch's bfloat16 linear round x to bfloat16 first).
 void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                          const float* bias, float* y) {
@@ -162,59 +154,31 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 // (kernels/native.py adds -mavx512bf16 where /proc/cpuinfo reports avx512_bf16).
 //
 // In a bfloat16 model a linear's input holds bfloat16 values, so the products need no widening: vdpbf16ps takes
-// 32 bfloat16 pairs of weights and inputs and adds each pair's two exact products into one of 16 float32 sums.
-// One instruction does the work of two float32 fused multiply-adds with no widening: on AMD Zen 4, whose 512-bit
-// FMAs issue once a cycle, it doubles the arithmetic rate (24 MLP layers of cpu-small at 300 rows: 339 GFLOP/s
-// against the widening kernel's 173, docs/PERFORMANCE.md); on an Intel Xeon, whose FMAs issue twice a cycle and
-// vdpbf16ps once, an earlier version measured slower, so kernels/linear.py's bf16_dot_chosen times the two at load
-// and turns this path on only where it wins (atb_bf16_use_dot). Decode's few rows
-// (M <= MAX_ROWS) are memory-bound and keep the direct widening path above; more rows pair each K block's weights
-// once into an L1 buffer, [k / 2][64][2] (the two k-steps of each column side by side, as vdpbf16ps reads them),
-// and run register blocks over it.
+// 32 bfloat16 pairs of weights and inputs and adds each pair's two exact products into one of 16 float32 sums, and
+// the packed layout's lanes are those pairs. One instruction does the work of two float32 fused multiply-adds with
+// no widening: on AMD Zen 4, whose 512-bit FMAs issue once a cycle, it doubles the arithmetic rate (24 MLP layers of
+// cpu-small at 300 rows: 339 GFLOP/s against the widening kernel's 173, docs/PERFORMANCE.md); on an Intel Xeon,
+// whose FMAs issue twice a cycle and vdpbf16ps once, an earlier version measured slower, so kernels/linear.py's
+// bf16_dot_chosen times the two at load and turns this path on only where it wins (atb_bf16_use_dot). Decode's
+// few rows (M <= MAX_ROWS) are memory-bound and keep the direct widening path above; more rows run register blocks
+// over each K block of the weights as they lie (the first pass reads what the passes over the block before
+// prefetched, the rest find it in L1).
 
 namespace {
 
 #ifdef __AVX512BF16__
 
-// k-steps per block paired into L1: 16 KB with the next block's prefetched lines and the rows' inputs for a few
-// passes (batched decode), 32 KB for more (prefill), whose longer blocks read and write the outputs less often:
-// 42.9 ms against 44.5 (64) and 47.3 (256) at 16 rows, 555 ms against 580 (128) at 300 rows (24 MLP layers of
-// cpu-small, AMD EPYC, docs/PERFORMANCE.md).
+// k-steps per block: 16 KB of weights with the next block's prefetched lines and the rows' inputs for a few passes
+// (batched decode), 32 KB for more (prefill), whose longer blocks read and write the outputs less often: 42.9 ms
+// against 44.5 (64) and 47.3 (256) at 16 rows, 555 ms against 580 (128) at 300 rows (24 MLP layers of cpu-small,
+// AMD EPYC, docs/PERFORMANCE.md; measured with an earlier version that copied each block into L1 first).
 constexpr int64_t DOT_FEW_PASSES_K_BLOCK = 128, DOT_K_BLOCK = 256;
 typedef int32_t aliased_i32 __attribute__((may_alias));  // two bfloat16 inputs read as one 32-bit value
 
-// The word index vpermt2w needs for column half h (0: columns 0-15 of a 32-column register, 1: columns 16-31):
-// out[2c] = a[16h + c], out[2c + 1] = b[16h + c].
-inline __m512i pair_index(int half) {
-    alignas(64) uint16_t index[32];
-    for (int c = 0; c < 16; c++) {
-        index[2 * c] = static_cast<uint16_t>(16 * half + c);
-        index[2 * c + 1] = static_cast<uint16_t>(32 + 16 * half + c);
-    }
-    return _mm512_load_si512(index);
-}
-
-// buffer[(k - k0) / 2][64][2] = (w[k][c], w[k + 1][c]) for k0 <= k < k1, k0 even; a k + 1 at K pairs with zero.
-void pair_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, int64_t K, uint16_t* buffer) {
-    const __m512i low = pair_index(0), high = pair_index(1);
-    for (int64_t k = k0; k < k1; k += 2) {
-        const uint16_t* a = w + k * GROUP;
-        const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
-        const bool pair = k + 1 < K;
-        const __m512i b0 = pair ? _mm512_loadu_si512(a + GROUP) : _mm512_setzero_si512();
-        const __m512i b1 = pair ? _mm512_loadu_si512(a + GROUP + 32) : _mm512_setzero_si512();
-        uint16_t* out = buffer + (k - k0) * GROUP;
-        _mm512_store_si512(out, _mm512_permutex2var_epi16(a0, low, b0));
-        _mm512_store_si512(out + 32, _mm512_permutex2var_epi16(a0, high, b0));
-        _mm512_store_si512(out + 64, _mm512_permutex2var_epi16(a1, low, b1));
-        _mm512_store_si512(out + 96, _mm512_permutex2var_epi16(a1, high, b1));
-    }
-}
-
-// acc[MR][4] (+)= xb[MR rows, pairs] . buffer[pairs][64][2], then stored to y: xb holds each row's bfloat16 inputs
-// from the block's first k-step on (row stride ldxb). Prefetches `share` lines from `pf` on, spread over the pairs.
+// acc[MR][4] (+)= xb[MR rows, pairs] . w[pairs][64][2], then stored to y: xb holds each row's bfloat16 inputs from
+// the block's first k-step on (row stride ldxb). Prefetches `share` lines from `pf` on, spread over the pairs.
 template <int MR>
-void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* buffer, int64_t pairs, const float* bias,
+void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int64_t pairs, const float* bias,
                         bool first, float* y, int64_t ldy, const char* pf, int64_t share) {
     __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
@@ -223,9 +187,9 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* buffer
                               : _mm512_loadu_ps(y + i * ldy + 16 * j);
     int64_t owed = 0;
     for (int64_t p = 0; p < pairs; p++) {
-        const uint16_t* wp = buffer + p * 2 * GROUP;
-        const __m512i w0 = _mm512_load_si512(wp), w1 = _mm512_load_si512(wp + 32), w2 = _mm512_load_si512(wp + 64),
-                      w3 = _mm512_load_si512(wp + 96);
+        const uint16_t* wp = w + p * 2 * GROUP;
+        const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 32), w2 = _mm512_loadu_si512(wp + 64),
+                      w3 = _mm512_loadu_si512(wp + 96);
         for (owed += share; owed >= pairs; owed -= pairs, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
         for (int i = 0; i < MR; i++) {
             // The row's two inputs of this pair, as one 32-bit value broadcast to every lane.
@@ -287,26 +251,22 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
                              const float* bias, float* y) {
 #ifdef __AVX512BF16__
     if (M > MAX_ROWS && bf16_dot_on) {
-        const int64_t column_groups = N / GROUP, ldxb = (K + 1) / 2 * 2;
+        const int64_t column_groups = N / GROUP;
         constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
-        // A chunk's rows in bfloat16, each padded to an even length (kept for the calling thread's next call).
+        // A chunk's rows in bfloat16 (kept for the calling thread's next call).
         thread_local std::vector<uint16_t> inputs;
         const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
-        if (static_cast<int64_t>(inputs.size()) < chunk_rows * ldxb) inputs.resize(chunk_rows * ldxb);
+        if (static_cast<int64_t>(inputs.size()) < chunk_rows * K) inputs.resize(chunk_rows * K);
         uint16_t* xb = inputs.data();
 #pragma omp parallel
         {
             const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
             const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-            alignas(64) uint16_t buffer[DOT_K_BLOCK * GROUP];
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
                 const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
 #pragma omp for
-                for (int64_t m = 0; m < chunk; m++) {
-                    store_bf16(x + (m0 + m) * ldx, K, xb + m * ldxb);
-                    if (ldxb > K) xb[m * ldxb + K] = 0;
-                }
+                for (int64_t m = 0; m < chunk; m++) store_bf16(x + (m0 + m) * ldx, K, xb + m * K);
                 // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
                 for (int64_t g = first; g < end; g++) {
                     const uint16_t* w = wp + g * K * GROUP;
@@ -314,12 +274,11 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
                     for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                         const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
                         const int64_t lines = (k1 - k0) * LINES_PER_STEP;
-                        pair_bf16_block(w, k0, k1, K, buffer);
                         for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
                             const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
                             // The passes share the next block's lines, which follow this one.
                             const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
-                            dot_block_for(rows)(xb + m * ldxb + k0, ldxb, buffer, (k1 - k0 + 1) / 2,
+                            dot_block_for(rows)(xb + m * K + k0, K, w + k0 * GROUP, (k1 - k0) / 2,
                                                 bias ? bias + g * GROUP : nullptr, k0 == 0,
                                                 y + (m0 + m) * N + g * GROUP, N,
                                                 reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from);

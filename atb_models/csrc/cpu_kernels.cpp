@@ -27,7 +27,7 @@ enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
 // STRUCTS, field for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
-    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64] (int8: [..][hidden / 2][64][2])
+    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64] (bfloat16, int8: [..][hidden / 2][64][2])
     const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
     const void* o;               // packed [hidden / 64][heads * head_dim][64]
     const float* post_norm;      // [hidden]

@@ -129,8 +129,8 @@ STREAM_DTYPES = (torch.float32, torch.bfloat16)  # the residual stream's, the KV
 
 def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | None:
     """The library's format of a linear packed for its kernel with `out` x `inp` weights, or None where it is not
-    packed so (or not contiguous, or its scales are off its shape). Float32 and bfloat16: kernels.linear's panel
-    layout [out / 64, in, 64]; int8: kernels.w8a16's pair layout [out / 64, in / 2, 64, 2], with scales [out,
+    packed so (or not contiguous, or its scales are off its shape). Float32: kernels.linear's panel layout
+    [out / 64, in, 64]; bfloat16 and int8: its pair layout [out / 64, in / 2, 64, 2], int8 with scales [out,
     groups], groups dividing in into even sizes."""
     if weight.device.type != "cpu" or not weight.is_contiguous() or out % PANEL_GROUP:
         return None
@@ -139,6 +139,7 @@ def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | Non
                  and scale.dtype == torch.float32 and scale.is_contiguous() and scale.dim() == 2
                  and scale.shape[0] == out and inp % scale.shape[1] == 0 and (inp // scale.shape[1]) % 2 == 0)
     else:
-        right = (weight.dtype in (torch.float32, torch.bfloat16)
-                 and tuple(weight.shape) == (out // PANEL_GROUP, inp, PANEL_GROUP))
+        right = ((weight.dtype == torch.float32 and tuple(weight.shape) == (out // PANEL_GROUP, inp, PANEL_GROUP))
+                 or (weight.dtype == torch.bfloat16
+                     and tuple(weight.shape) == (out // PANEL_GROUP, inp // 2, PANEL_GROUP, 2) and inp % 2 == 0))
     return FORMATS[weight.dtype] if right else None

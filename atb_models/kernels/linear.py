@@ -96,11 +96,11 @@ class PanelLinear(OneDnnLinear):
     def __call__(self, x, weight, bias=None):
         """x [..., in] against a weight in panel_layout, on x's values (both kernels read float32 rows): float32
         out for float32 weights, x's dtype for bfloat16 ones."""
-        if weight.dim() != 3:
+        if not is_panel_packed(weight):
             return super().__call__(x, weight, bias)
         bf16 = weight.dtype == torch.bfloat16
         op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
-        groups, in_features, _ = weight.shape
+        groups, in_features = weight.shape[0], weight.shape[1] * (2 if bf16 else 1)
         out_features = groups * PANEL_GROUP
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
@@ -118,8 +118,10 @@ class PanelLinear(OneDnnLinear):
         packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
         if not packs or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
             return super().pack(weight)
-        if weight.dtype == torch.float32 and self.narrow_exact and holds_bf16_values(weight):
+        if weight.dtype == torch.float32 and self.narrow_exact and holds_bf16_values(weight) and weight.shape[1] % 2 == 0:
             weight = weight.bfloat16()  # exact: every value keeps its bits
+        if weight.dtype == torch.bfloat16 and weight.shape[1] % 2:
+            return super().pack(weight)  # the pair layout needs an even input size
         return panel_layout(weight)
 
 
@@ -129,11 +131,32 @@ def holds_bf16_values(weight: torch.Tensor) -> bool:
 
 
 def panel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k] (out a multiple of PANEL_GROUP), on
-    huge pages where it can (host.empty_on_huge_pages: the decode step streams it)."""
+    """The layout of PanelLinear's kernels, on huge pages where it can (host.empty_on_huge_pages: the decode step
+    streams it). float32 [out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k]. bfloat16 (in
+    even) -> pair_layout's [out / 64, in / 2, 64, 2]. out a multiple of PANEL_GROUP."""
+    if weight.dtype != torch.float32:
+        return pair_layout(weight)
     out_features, in_features = weight.shape
     packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features, PANEL_GROUP), weight.dtype)
     return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
+
+
+def pair_layout(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out / 64, in / 2, 64, 2] (out a multiple of PANEL_GROUP, in even): group g, pair p, column c
+    holds W[64g + c, 2p : 2p + 2], the two weights a 32-bit lane of the kernels holds (bfloat16: the pair
+    AVX512-BF16's dot product multiplies; int8: kernels.w8a16's). On huge pages where it can."""
+    out_features, in_features = weight.shape
+    packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features // 2, PANEL_GROUP, 2), weight.dtype)
+    return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
+
+
+def is_panel_packed(weight: torch.Tensor | None) -> bool:
+    """Whether a weight is in panel_layout: float32 [groups, in, 64] or bfloat16 [groups, in / 2, 64, 2]."""
+    if weight is None or weight.is_mkldnn:
+        return False
+    if weight.dtype == torch.float32:
+        return weight.dim() == 3 and weight.shape[-1] == PANEL_GROUP
+    return weight.dtype == torch.bfloat16 and weight.dim() == 4 and weight.shape[-2:] == (PANEL_GROUP, 2)
 
 
 PLAIN_LINEAR = LinearKernel()
@@ -208,7 +231,7 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
     oneDNN (or, for the dot product, to the widening kernel)."""
     kernel = PanelLinear(None, None, None, op)
     generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, 41), (2 * PANEL_GROUP, 41)))
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, 42), (2 * PANEL_GROUP, 42)))
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
     if torch.allclose(kernel(x.float(), panel_layout(w), b), F.linear(x.float(), w.float(), b), atol=1e-4):
         return True

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models import platform
-from atb_models.host import empty_on_huge_pages
-from atb_models.kernels.linear import PANEL_GROUP
+from atb_models.kernels.linear import PANEL_GROUP, pair_layout
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -134,14 +133,6 @@ class NativeW8A16:
         if in_features % 2 or (scale is not None and (in_features // scale.shape[-1]) % 2):
             return None
         return pair_layout(weight)
-
-
-def pair_layout(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [out / 64, in / 2, 64, 2] (out a multiple of PANEL_GROUP, in even): NativeW8A16's layout,
-    on huge pages where it can (host.empty_on_huge_pages)."""
-    out_features, in_features = weight.shape
-    packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features // 2, PANEL_GROUP, 2), weight.dtype)
-    return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
 
 
 class NpuW8A16:
