@@ -22,12 +22,14 @@
 enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
 
 // One Qwen2 decoder layer as loaded: the four linears packed in groups of 64 output columns, each float32
-// (panel_linear.h), bfloat16 (bf16_linear.h; both kernels/linear.py's panel_layout) or int8 (W8A16, with scales;
-// w8a16_linear.h's pair layout); the norms' weights and the qkv bias in float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's
-// STRUCTS, field for field.
+// (panel_linear.h), bfloat16 (bf16_linear.h) or int8 (W8A16, with scales; w8a16_linear.h), bfloat16 and int8 in
+// pairs of k-steps (kernels/linear.py's panel_layout and pair_layout); the norms' weights and the qkv bias in
+// float32; the layer's KV cache in float32 or bfloat16. Declared for Python in kernels/native.py's STRUCTS, field
+// for field.
 struct LayerWeights {
     const float* input_norm;     // [hidden]
-    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64] (bfloat16, int8: [..][hidden / 2][64][2])
+    const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
+                                 // (bfloat16, int8: [..][hidden / 2][64][2])
     const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
     const void* o;               // packed [hidden / 64][heads * head_dim][64]
     const float* post_norm;      // [hidden]
