@@ -1,0 +1,122 @@
+"""A/B of the kit's native kernels on one real decode step: the working tree's library against the csrc of another
+git revision, on this machine in one process.
+
+    python tools/replay_decode_step.py --against HEAD~1 --dtype bfloat16 --batch 16
+
+The memory speed of the VMs these kernels were tuned on swings by half within a second (docs/PERFORMANCE.md), so
+two runs minutes apart say little about a change of 5-10%. This loads cpu-small's benchmark checkpoint (or
+--checkpoint), runs one short generate at the batch size, keeps the 24 native decoder-layer calls of its last decode
+step, then replays that step through both libraries in turn (the order flipping every pair, the residual stream
+restored before each) and prints the median time of each and the median ratio of the pairs. The other revision's
+kernels read this tree's packed weights: where the layouts differ its outputs do (the line "same outputs" says so),
+but its memory access pattern is the one it would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atb_models import LLM, SamplingParams  # noqa: E402
+from atb_models.benchmark.presets import PRESETS, benchmark_dir  # noqa: E402
+from atb_models.kernels import native  # noqa: E402
+from atb_models.kernels.decoder_layer import NativeDecoderLayer  # noqa: E402
+
+
+def build_revision(revision: str, into: Path):
+    """The decoder-layer function of the library built from `revision`'s atb_models/csrc, and its library."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "atb_models/csrc"], capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"git archive {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    target = into / "cpu_kernels.so"
+    built = subprocess.run([native.compiler(), *native.compile_flags(), str(into / "atb_models/csrc/cpu_kernels.cpp"),
+                            "-o", str(target)], capture_output=True, text=True)
+    if built.returncode != 0:
+        sys.exit(f"building {revision}'s kernels failed: {built.stderr.strip().splitlines()[-1]}")
+    library = ctypes.CDLL(str(target))
+    layer = library.atb_decoder_layer_decode_f32
+    layer.argtypes, layer.restype = [ctypes.c_void_p] * 3, None
+    return layer, library
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", default="HEAD", help="git revision whose csrc to compare (default HEAD)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=150)
+    parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint")
+    args = parser.parse_args()
+    checkpoint = Path(args.checkpoint or benchmark_dir(PRESETS["cpu-small"]) / "checkpoint")
+    if not checkpoint.is_dir():
+        sys.exit(f"no checkpoint at {checkpoint}: `python -m atb_models.benchmark compare --preset cpu-small` "
+                 "builds it")
+
+    with tempfile.TemporaryDirectory(prefix="atb-replay-") as scratch:
+        other, library = build_revision(args.against, Path(scratch))
+        llm = LLM(str(checkpoint), dtype=args.dtype, max_batch_size=args.batch, enable_prefix_caching=False)
+        kernel = llm.runner.model.kernels.decoder_layer
+        if not isinstance(kernel, NativeDecoderLayer):
+            sys.exit("this machine runs the layers operator by operator: no native decoder layer to compare")
+        calls, own = [], kernel._op
+
+        def capture(weights, decode_step, x: int) -> None:
+            # The structs (they keep their step's tensors alive) and the residual stream's bytes as the layer got
+            # them: the stream itself is the forward's, freed after it.
+            width = 2 if decode_step.x_format == native.FORMATS[torch.bfloat16] else 4
+            size = decode_step.rows * weights.hidden * width
+            calls.append((weights, decode_step, ctypes.string_at(x, size)))
+            own(weights, decode_step, x)
+
+        kernel._op = capture
+        prompt = [{"text": PRESETS["cpu-small"].workloads.decode_prompt}]
+        llm.generate([prompt] * args.batch, [SamplingParams(max_tokens=3, ignore_eos=True)] * args.batch)
+        kernel._op = own
+        step = calls[-len(llm.runner.model.model.layers):]
+        start = step[0][2]
+        x_bytes = len(start)
+        stream = ctypes.create_string_buffer(x_bytes)  # the residual stream of the replays
+        x = ctypes.addressof(stream)
+
+        # The dot product on or off as the kit chose it for this tree's library.
+        library.atb_bf16_use_dot.argtypes, library.atb_bf16_use_dot.restype = [ctypes.c_int64], ctypes.c_int64
+        linear = llm.runner.model.kernels.linear
+        library.atb_bf16_use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
+        sides = {"working tree": own, args.against: other}
+
+        def replay(op) -> float:
+            ctypes.memmove(x, start, x_bytes)
+            began = time.perf_counter()
+            for layer_weights, layer_step, _ in step:
+                op(ctypes.byref(layer_weights), ctypes.byref(layer_step), x)
+            return time.perf_counter() - began
+
+        outputs = {}
+        for name, op in sides.items():
+            replay(op)
+            outputs[name] = stream.raw
+        print(f"same outputs: {outputs['working tree'] == outputs[args.against]}")
+        times = {name: [] for name in sides}
+        for pair in range(args.pairs):
+            for name in (list(sides) if pair % 2 == 0 else list(sides)[::-1]):
+                times[name].append(replay(sides[name]))
+        ratios = [ours / theirs for ours, theirs in zip(times["working tree"], times[args.against])]
+        print(f"{args.dtype}, batch {args.batch}, {len(step)} layers, {args.pairs} pairs: "
+              + ", ".join(f"{name} median {statistics.median(t) * 1e3:.2f} ms" for name, t in times.items())
+              + f"; working tree / {args.against}: median of pairs {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
