@@ -4,6 +4,7 @@ still available (empty answers where there is no /proc: not Linux); and memory o
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 from pathlib import Path
@@ -62,10 +63,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     hardware prefetcher stops at each; on the kit's AMD EPYC one core read 10-30% more a second from such pages
     (docs/PERFORMANCE.md). Where the tensor is under one huge page, the system has no MADV_HUGEPAGE or
     $ATB_MODELS_HUGE_PAGES is 0, an ordinary torch.empty. The mapping lives as long as the tensor (and its views)."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < HUGE_PAGE or advice is None or not huge_pages_wanted():
         return torch.empty(shape, dtype=dtype)

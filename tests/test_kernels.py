@@ -472,7 +472,7 @@ def _mapping_of(address: int) -> dict:
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
 def test_packed_weights_of_whole_huge_pages_are_laid_out_as_before_on_memory_advised_for_them(monkeypatch):
     from atb_models.host import HUGE_PAGE
-    from atb_models.kernels.w8a16 import pair_layout
+    from atb_models.kernels.linear import pair_layout
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1) if thp.exists() else "never"

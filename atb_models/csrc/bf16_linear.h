@@ -41,6 +41,13 @@ constexpr int64_t BF16_AHEAD = 32;  // direct path: prefetch this many k-steps a
 // faster at 256 rows).
 constexpr int64_t FEW_PASSES = 4, FEW_PASSES_K_BLOCK = 64;
 
+// A 32-bit lane of the layout, 16 at once, as float32: k-step 2p's weights (the low halves, shifted up) and
+// 2p + 1's (the high halves, masked).
+inline void widen_pairs(__m512i lanes, __m512& even, __m512& odd) {
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(lanes, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = products + bias.
 template <int MR>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
@@ -48,17 +55,12 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
     __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t* wk = w + k * GROUP;  // the pair's 4 lines
         for (int line = 0; line < 4; line++)
             _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64 * line, _MM_HINT_T0);
         __m512 even[4], odd[4];  // k-step k's and k + 1's weights, 16 columns each
-        for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_loadu_si512(wk + 32 * j);
-            even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-        }
+        for (int j = 0; j < 4; j++) widen_pairs(_mm512_loadu_si512(wk + 32 * j), even[j], odd[j]);
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
             for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
@@ -88,13 +90,13 @@ Bf16BlockFn bf16_block_for(int rows) {
 
 // buffer[k - k0][64] = w's k-step k for k0 <= k < k1 (both even): the block in float32 for register_block.
 void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) {
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t k = k0; k < k1; k += 2) {
-        float* even = buffer + (k - k0) * GROUP;
+        float* row = buffer + (k - k0) * GROUP;  // k-step k's; k + 1's follows
         for (int j = 0; j < 4; j++) {
-            const __m512i v = _mm512_loadu_si512(w + k * GROUP + 32 * j);
-            _mm512_storeu_ps(even + 16 * j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-            _mm512_storeu_ps(even + GROUP + 16 * j, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
+            __m512 even, odd;
+            widen_pairs(_mm512_loadu_si512(w + k * GROUP + 32 * j), even, odd);
+            _mm512_storeu_ps(row + 16 * j, even);
+            _mm512_storeu_ps(row + GROUP + 16 * j, odd);
         }
     }
 }

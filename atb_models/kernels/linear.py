@@ -73,8 +73,9 @@ class PanelLinear(OneDnnLinear):
     thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
     oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
     bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups
-    too, each column's weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in registers (products and sums in float32 on the input's values:
-    a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them; for such inputs
+    too, each column's weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in
+    registers (products and sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values,
+    as PyTorch's bfloat16 linear takes them; for such inputs
     `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot product where the library
     has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With `narrow_exact`, a
     float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as
@@ -139,8 +140,7 @@ def panel_layout(weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.float32:
         return pair_layout(weight)
     out_features, in_features = weight.shape
-    packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features, PANEL_GROUP), weight.dtype)
-    return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
+    return _packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
 
 
 def pair_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -148,8 +148,12 @@ def pair_layout(weight: torch.Tensor) -> torch.Tensor:
     holds W[64g + c, 2p : 2p + 2], the two weights a 32-bit lane of the kernels holds (bfloat16: the pair
     AVX512-BF16's dot product multiplies; int8: kernels.w8a16's). On huge pages where it can."""
     out_features, in_features = weight.shape
-    packed = empty_on_huge_pages((out_features // PANEL_GROUP, in_features // 2, PANEL_GROUP, 2), weight.dtype)
-    return packed.copy_(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
+    return _packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
+
+
+def _packed_copy(view: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a packing's strided view, on huge pages where it can."""
+    return empty_on_huge_pages(tuple(view.shape), view.dtype).copy_(view)
 
 
 def is_panel_packed(weight: torch.Tensor | None) -> bool:
