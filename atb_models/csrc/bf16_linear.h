@@ -170,18 +170,22 @@ namespace {
 
 #ifdef __AVX512BF16__
 
-// k-steps per block: 16 KB of weights with the next block's prefetched lines and the rows' inputs for a few passes
-// (batched decode), 32 KB for more (prefill), whose longer blocks read and write the outputs less often: 555 ms
-// against 580 (128) at 300 rows (24 MLP layers of cpu-small, AMD EPYC, docs/PERFORMANCE.md, with an earlier
-// version that copied each block into L1 first). At 16 rows 64 to 512 k-steps were within 2% of each other.
+// k-steps per block: 16 KB of weights for a few passes (batched decode), 32 KB for more (prefill), whose longer
+// blocks read and write the outputs less often: 555 ms against 580 (128) at 300 rows (24 MLP layers of cpu-small,
+// AMD EPYC, docs/PERFORMANCE.md, with an earlier version that copied each block into L1 first). At 16 rows, with
+// the next block prefetched into L2, 64 and 256 k-steps took 1.07 and 1.03 times 128's.
+// The next block's lines are prefetched into L2 for a few passes and into L1 for more: at 16 rows (3 passes) into
+// L1 they evict the lines the block's later passes read (the 24 layers of a bfloat16 decode step at batch 16 took
+// 0.88 of the time with L2, replayed on the AMD EPYC Zen 4), at 64 rows (11 passes) L2 took 1.03 of L1's.
 constexpr int64_t DOT_FEW_PASSES_K_BLOCK = 128, DOT_K_BLOCK = 256;
 typedef int32_t aliased_i32 __attribute__((may_alias));  // two bfloat16 inputs read as one 32-bit value
 
 // acc[MR][4] (+)= xb[MR rows, pairs] . w[pairs][64][2], then stored to y: xb holds each row's bfloat16 inputs from
-// the block's first k-step on (row stride ldxb). Prefetches `share` lines from `pf` on, spread over the pairs.
+// the block's first k-step on (row stride ldxb). Prefetches `share` lines from `pf` on, spread over the pairs, into
+// L2 (to_l2) or L1.
 template <int MR>
 void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int64_t pairs, const float* bias,
-                        bool first, float* y, int64_t ldy, const char* pf, int64_t share) {
+                        bool first, float* y, int64_t ldy, const char* pf, int64_t share, bool to_l2) {
     __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++)
@@ -192,7 +196,12 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int
         const uint16_t* wp = w + p * 2 * GROUP;
         const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 32), w2 = _mm512_loadu_si512(wp + 64),
                       w3 = _mm512_loadu_si512(wp + 96);
-        for (owed += share; owed >= pairs; owed -= pairs, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        for (owed += share; owed >= pairs; owed -= pairs, pf += 64) {
+            if (to_l2)
+                _mm_prefetch(pf, _MM_HINT_T1);
+            else
+                _mm_prefetch(pf, _MM_HINT_T0);
+        }
         for (int i = 0; i < MR; i++) {
             // The row's two inputs of this pair, as one 32-bit value broadcast to every lane.
             const __m512i b = _mm512_set1_epi32(reinterpret_cast<const aliased_i32*>(xb + i * ldxb)[p]);
@@ -207,7 +216,7 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int
 }
 
 using DotBlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, bool, float*, int64_t,
-                            const char*, int64_t);
+                            const char*, int64_t, bool);
 
 DotBlockFn dot_block_for(int rows) {
     switch (rows) {
@@ -283,7 +292,8 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
                             dot_block_for(rows)(xb + m * K + k0, K, w + k0 * GROUP, (k1 - k0) / 2,
                                                 bias ? bias + g * GROUP : nullptr, k0 == 0,
                                                 y + (m0 + m) * N + g * GROUP, N,
-                                                reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from);
+                                                reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from,
+                                                passes <= FEW_PASSES);
                         }
                     }
                 }
