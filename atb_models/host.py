@@ -47,6 +47,20 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of the first CPU's largest-level cache as sysfs reports it ("32768K"), or 0 where it does not."""
+    best_level, size = 0, 0
+    for index in caches.glob("index*"):
+        try:
+            level, text = int((index / "level").read_text()), (index / "size").read_text().strip()
+            value = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        if level > best_level:
+            best_level, size = level, value
+    return size
+
+
 def huge_pages_wanted() -> bool:
     """$ATB_MODELS_HUGE_PAGES: 1 (the default) or 0, checked."""
     value = os.environ.get("ATB_MODELS_HUGE_PAGES", "1")

@@ -183,6 +183,69 @@ def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):
         linear_kernel(CPU_FP32)
 
 
+def test_decode_streams_prefetch_as_chosen_and_multiply_the_same_either_way(monkeypatch, caplog):
+    from atb_models.kernels import linear
+    from atb_models.kernels.w8a16 import quantize
+
+    kernels = native_kernels()
+    library = native.NativeLibrary.load()
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    chosen, measure = library.atb_use_stream_prefetch(-1), linear._time_stream_prefetch
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64 * 5, 300, generator=generator)
+    q, scales = quantize(weight, None)
+    cases = [(kernels.linear, panel_layout(weight), None),  # float32 panels
+             (kernels.linear, panel_layout(weight.bfloat16()), None),  # bfloat16 pairs, widened
+             (kernels.w8a16, kernels.w8a16.pack(q, scales), scales)]  # int8 pairs
+    assert kernels.linear.bf16_op is not None
+    try:
+        for kernel, packed, scale in cases:
+            for rows in (1, 5, 16):  # one pass (the switch's) and several (not switched)
+                x = torch.randn(rows, 300, generator=generator)
+                outputs = []
+                for on in (1, 0):
+                    library.atb_use_stream_prefetch(on)
+                    outputs.append(kernel(x, packed, None) if scale is None else kernel(x, packed, None, scale))
+                assert torch.equal(*outputs), (type(kernel).__name__, rows)
+        # The environment decides where set; a value it does not know is refused in one line.
+        for value in ("0", "1"):
+            monkeypatch.setenv(linear.STREAM_PREFETCH_ENV, value)
+            monkeypatch.setattr(linear, "_time_stream_prefetch", lambda *a: pytest.fail("measured though set"))
+            assert linear.stream_prefetch_chosen(library) is (value == "1")
+            assert library.atb_use_stream_prefetch(-1) == int(value)
+        monkeypatch.setenv(linear.STREAM_PREFETCH_ENV, "fast")
+        with pytest.raises(UserError, match="ATB_MODELS_CPU_PREFETCH='fast'"):
+            Kernels.for_plan(CPU_FP32)
+        monkeypatch.delenv(linear.STREAM_PREFETCH_ENV)
+        # Else measured once a process (the timing stubbed): off only where the stream is faster without.
+        for timings, on in (((2.0, 1.0), False), ((1.0, 2.0), True), ((1.0, 1.0), True)):
+            monkeypatch.setattr(linear, "_stream_prefetch_measured", {})
+            monkeypatch.setattr(linear, "_time_stream_prefetch", lambda *a, t=timings: t)
+            with caplog.at_level("INFO", logger="atb_models.kernels"):
+                Kernels.for_plan(CPU_FP32)
+                Kernels.for_plan(CPU_FP32)
+            assert library.atb_use_stream_prefetch(-1) == int(on)
+            assert caplog.text.count("software prefetches") == 1, caplog.text
+            caplog.clear()
+        # The real measurement: two positive medians.
+        assert all(seconds > 0 for seconds in measure(library, pairs=1))
+    finally:
+        monkeypatch.undo()
+        library.atb_use_stream_prefetch(chosen)  # this process's measured choice, for the tests after
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
+    from atb_models.host import last_level_cache_bytes
+
+    for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K"), (3, "junk")]):
+        folder = tmp_path / "cpu0" / "cache" / f"index{index}"
+        folder.mkdir(parents=True)
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path / "cpu0" / "cache") == 32 << 20
+    assert last_level_cache_bytes(tmp_path / "none") == 0
+
+
 @pytest.mark.parametrize("compiler", [None, "/bin/false"])
 def test_without_a_working_compiler_the_cpu_kernels_fall_back_to_onednn_and_pytorch(monkeypatch, tmp_path, caplog,
                                                                                    compiler):

@@ -94,6 +94,11 @@ def main() -> None:
         library.atb_bf16_use_dot.argtypes, library.atb_bf16_use_dot.restype = [ctypes.c_int64], ctypes.c_int64
         linear = llm.runner.model.kernels.linear
         library.atb_bf16_use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
+        # And the stream prefetches as this tree's library chose them, where the other library can choose.
+        if hasattr(library, "atb_use_stream_prefetch"):
+            library.atb_use_stream_prefetch.argtypes = [ctypes.c_int64]
+            library.atb_use_stream_prefetch.restype = ctypes.c_int64
+            library.atb_use_stream_prefetch(native.NativeLibrary.load().atb_use_stream_prefetch(-1))
         sides = {"working tree": own, args.against: other}
 
         def replay(op) -> float:

@@ -10,10 +10,11 @@
 //
 // Up to 6 rows (decode) read the weights directly: each pair of k-steps is widened to eight zmm of float32 and
 // feeds 8 fused multiply-adds a row, k-step 2p's then 2p + 1's into the same sums (so every column's products are
-// added in k order, as a plain float32 product adds them); the prefetch runs a fixed distance ahead. The fewer
-// instructions a byte, the farther ahead a core's out-of-order window reaches and the more lines it has in flight:
-// one thread on this kit's AMD EPYC read 21-22 GB/s with one in-lane instruction per 16 weights against 18-19 with
-// two (a cross-lane zero-extension and a shift; docs/PERFORMANCE.md).
+// added in k order, as a plain float32 product adds them); the prefetch, where it is on (stream_prefetch_on,
+// panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the farther ahead a core's
+// out-of-order window reaches and the more lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s
+// with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane zero-extension and a shift;
+// docs/PERFORMANCE.md).
 // (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
 // issue on two.)
 //
@@ -48,8 +49,9 @@ inline void widen_pairs(__m512i lanes, __m512& even, __m512& odd) {
     odd = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = products + bias.
-template <int MR>
+// Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = products + bias. PREFETCH: the
+// stream BF16_AHEAD k-steps ahead (where stream_prefetch_on, panel_linear.h).
+template <int MR, bool PREFETCH>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
     __m512 acc[MR][4];
@@ -57,8 +59,9 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t* wk = w + k * GROUP;  // the pair's 4 lines
-        for (int line = 0; line < 4; line++)
-            _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64 * line, _MM_HINT_T0);
+        if (PREFETCH)
+            for (int line = 0; line < 4; line++)
+                _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64 * line, _MM_HINT_T0);
         __m512 even[4], odd[4];  // k-step k's and k + 1's weights, 16 columns each
         for (int j = 0; j < 4; j++) widen_pairs(_mm512_loadu_si512(wk + 32 * j), even[j], odd[j]);
         for (int i = 0; i < MR; i++) {
@@ -77,14 +80,15 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
 
 using Bf16BlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
 
+template <bool PREFETCH>
 Bf16BlockFn bf16_block_for(int rows) {
     switch (rows) {
-        case 1: return bf16_register_block<1>;
-        case 2: return bf16_register_block<2>;
-        case 3: return bf16_register_block<3>;
-        case 4: return bf16_register_block<4>;
-        case 5: return bf16_register_block<5>;
-        default: return bf16_register_block<6>;
+        case 1: return bf16_register_block<1, PREFETCH>;
+        case 2: return bf16_register_block<2, PREFETCH>;
+        case 3: return bf16_register_block<3, PREFETCH>;
+        case 4: return bf16_register_block<4, PREFETCH>;
+        case 5: return bf16_register_block<5, PREFETCH>;
+        default: return bf16_register_block<6, PREFETCH>;
     }
 }
 
@@ -118,9 +122,10 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
         if (M <= MAX_ROWS) {
+            const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true>(static_cast<int>(M))
+                                                         : bf16_block_for<false>(static_cast<int>(M));
             for (int64_t g = first; g < end; g++)
-                bf16_block_for(static_cast<int>(M))(x, ldx, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr,
-                                                    y + g * GROUP, N);
+                block(x, ldx, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP, N);
         } else {
             alignas(64) float buffer[K_BLOCK * GROUP];
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {

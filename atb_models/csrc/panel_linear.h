@@ -12,7 +12,8 @@
 //
 // At 16 rows a decode step is about as much arithmetic as memory traffic, so the memory stream must run while the
 // multiply-adds do: every pass over a block prefetches its share of the next block (the next 32 KB of the same
-// stream). With a single pass (6 rows or fewer) the prefetch runs a fixed distance ahead instead.
+// stream). With a single pass (6 rows or fewer) the prefetch runs a fixed distance ahead instead, where
+// stream_prefetch_on says so (below).
 //
 // Threads: OpenMP, through the libgomp PyTorch has already loaded, so the kernel shares torch's thread count and
 // pool. Compiled into cpu_kernels.cpp's library; chosen by atb_models/kernels/linear.py.
@@ -31,6 +32,13 @@ constexpr int64_t K_BLOCK = 128;       // k-steps per block: 32 KB of weights, i
 constexpr int MAX_ROWS = 6;            // rows per register block
 constexpr int64_t ROW_CHUNK = 256;     // rows per pass over the weights (prefill)
 constexpr int64_t AHEAD = 16;          // single pass: prefetch this many k-steps ahead
+
+// Whether a single pass over the weights (decode's few rows: this kernel's, bf16_linear.h's and w8a16_linear.h's)
+// prefetches its stream in software (1) or leaves it to the hardware prefetchers (0). Which is faster is not a CPU
+// flag: on this kit's AMD EPYC (Zen 4) the 24 layers of a decode step at batch 1 took 0.90-0.94 of the time without
+// (float32, bfloat16 and int8 weights), where the kernels were written with them on an Intel Xeon. Python measures
+// it once a process (kernels/linear.py's stream_prefetch_chosen) and sets it with atb_use_stream_prefetch.
+int64_t stream_prefetch_on = 1;
 
 // acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y. While it runs, prefetch `share` lines from
 // `pf` on, spread evenly over the k-steps.
@@ -80,6 +88,13 @@ BlockFn block_for(int rows) {
 
 extern "C" {
 
+// Turns single-pass prefetching on (1) or off (0) for every kernel (a negative `on` changes nothing); returns
+// whether it is on.
+int64_t atb_use_stream_prefetch(int64_t on) {
+    if (on >= 0) stream_prefetch_on = on != 0;
+    return stream_prefetch_on;
+}
+
 // x: [M, K] with row stride ldx; wp: [N / 64][K][64]; bias: [N] or null; y: [M, N].
 // N must be a multiple of 64.
 void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* wp, int64_t N,
@@ -103,12 +118,14 @@ void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
                     const int64_t lines = (k1 - k0) * LINES;
                     for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
                         const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
-                        // What to prefetch: one pass runs AHEAD k-steps ahead of its own reads; several share the
-                        // next block's lines, which follow this block in memory (into the next group at the end).
+                        // What to prefetch: one pass runs AHEAD k-steps ahead of its own reads (if it prefetches);
+                        // several share the next block's lines, which follow this block in memory (into the next
+                        // group at the end).
                         const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                        const int64_t share = passes > 1 ? to - from : stream_prefetch_on ? lines : 0;
                         const float* pf = passes == 1 ? w + (k0 + AHEAD) * GROUP : w + k1 * GROUP + from * 16;
                         block_for(rows)(x + m * ldx, ldx, w, k0, k1, bias ? bias + g * GROUP : nullptr, k0 == 0,
-                                        y + m * N + g * GROUP, N, pf, passes == 1 ? lines : to - from);
+                                        y + m * N + g * GROUP, N, pf, share);
                     }
                 }
             }

@@ -18,8 +18,9 @@
 //
 // Each group's K blocks stay in L1 (256 pairs x 128 B = 32 KB) while every chunk of up to 6 rows passes over them,
 // so the weights are read from memory once whatever the row count; the passes prefetch the next block, a single
-// pass a fixed distance ahead, and every line is prefetched into L2 a further 32 KB ahead first (one row's int8
-// stream is too thin for the L1 prefetches alone to keep memory busy: docs/PERFORMANCE.md).
+// pass (where it prefetches: panel_linear.h's stream_prefetch_on) a fixed distance ahead, and every line is
+// prefetched into L2 a further 32 KB ahead first (on this kit's Xeon one row's int8 stream was too thin for the L1
+// prefetches alone to keep memory busy: docs/PERFORMANCE.md).
 
 #pragma once
 
@@ -181,14 +182,16 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
                     const int64_t p0 = blocks.first_pair(b), p1 = blocks.end_pair(b), lines = 2 * (p1 - p0);
                     for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
                         const int rows_here = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
-                        // One pass runs W8_AHEAD pairs ahead of its own reads; several share the next block's
-                        // lines, which follow this block in memory (into the next group at the end).
+                        // One pass runs W8_AHEAD pairs ahead of its own reads (if it prefetches: panel_linear.h's
+                        // stream_prefetch_on); several share the next block's lines, which follow this block in
+                        // memory (into the next group at the end).
                         const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                        const int64_t share = passes > 1 ? to - from : stream_prefetch_on ? lines : 0;
                         const char* pf = reinterpret_cast<const char*>(
                             passes == 1 ? w + (p0 + W8_AHEAD) * PAIR_BYTES : w + p1 * PAIR_BYTES + from * 64);
                         w8_block_for(rows_here)(q + m * K, K, sx + m * blocks.count, blocks.count, b, w, p0, p1, sw,
                                                 bias ? bias + g * GROUP : nullptr, b == 0, y + m * N + g * GROUP, N,
-                                                pf, passes == 1 ? lines : to - from);
+                                                pf, share);
                     }
                 }
             }

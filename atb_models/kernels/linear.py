@@ -10,13 +10,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
-from atb_models.host import empty_on_huge_pages
+from atb_models.host import empty_on_huge_pages, last_level_cache_bytes
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -213,6 +214,7 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
+        stream_prefetch_chosen(library)
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
                   else None)
@@ -299,6 +301,59 @@ def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -
                 op(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512, None, y.data_ptr())
             best[i] = min(best[i], (time.perf_counter() - start) / 10)
     return tuple(best)
+
+
+STREAM_PREFETCH_ENV = "ATB_MODELS_CPU_PREFETCH"
+_stream_prefetch_measured: dict = {}  # the library's setter (its address) -> (seconds with, seconds without)
+
+
+def stream_prefetch_chosen(library) -> bool:
+    """Whether decode's single passes over the weights (up to 6 rows, every native linear) prefetch their stream in
+    software or leave it to the hardware prefetchers; the library is told (atb_use_stream_prefetch). The products
+    are the same either way. $ATB_MODELS_CPU_PREFETCH=1 or 0 decides, else a measurement, once a process: off
+    where one row's product streams faster without. Which is faster is not a CPU flag: the kernels were written
+    with the prefetches on an Intel Xeon, and on an AMD EPYC (Zen 4) a decode step at batch 1 took 0.90-0.94 of the
+    time without them (docs/PERFORMANCE.md)."""
+    forced = os.environ.get(STREAM_PREFETCH_ENV)
+    if forced not in (None, "", "0", "1"):
+        raise UserError(f"{STREAM_PREFETCH_ENV}={forced!r}: expected 1 (decode's weight streams prefetch in "
+                        "software) or 0 (the hardware prefetchers alone)")
+    if forced:
+        return bool(library.atb_use_stream_prefetch(int(forced)))
+    key = ctypes.cast(library.atb_use_stream_prefetch, ctypes.c_void_p).value
+    if key not in _stream_prefetch_measured:
+        with_prefetch, without = _time_stream_prefetch(library)
+        _stream_prefetch_measured[key] = with_prefetch, without
+        logger.info("one row against %d MB of weights: %.2f ms with software prefetches, %.2f ms without: %s",
+                    _stream_bytes() >> 20, with_prefetch * 1e3, without * 1e3,
+                    "without" if without < with_prefetch else "with")
+    with_prefetch, without = _stream_prefetch_measured[key]
+    return bool(library.atb_use_stream_prefetch(int(with_prefetch <= without)))
+
+
+def _stream_bytes() -> int:
+    """Weight bytes of the prefetch measurement: twice the last-level cache (so the stream comes from memory), at
+    least 64 MB and at most 256 MB."""
+    return min(max(2 * last_level_cache_bytes(), 64 << 20), 256 << 20)
+
+
+def _time_stream_prefetch(library, pairs: int = 7) -> tuple:
+    """The median seconds of one row against _stream_bytes() of float32 panels with the stream prefetched and
+    without, alternating (the order flipping every pair: this memory's speed drifts)."""
+    in_features = 1024
+    groups = _stream_bytes() // (in_features * PANEL_GROUP * 4)
+    weight = empty_on_huge_pages((groups, in_features, PANEL_GROUP), torch.float32).fill_(0.5)
+    x, y = torch.ones(in_features), torch.empty(groups * PANEL_GROUP)
+    times: tuple = ([], [])
+    for pair in range(pairs + 1):
+        for on in ((1, 0) if pair % 2 else (0, 1)):
+            library.atb_use_stream_prefetch(on)
+            start = time.perf_counter()
+            library.atb_panel_linear_f32(x.data_ptr(), 1, in_features, in_features, weight.data_ptr(),
+                                         groups * PANEL_GROUP, None, y.data_ptr())
+            if pair:  # the first pair warms up
+                times[1 - on].append(time.perf_counter() - start)
+    return tuple(statistics.median(t) for t in times)
 
 
 def _runs(call) -> bool:
