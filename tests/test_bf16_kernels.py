@@ -84,6 +84,53 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
     assert kernel(torch.randn(0, 300).bfloat16(), packed, bias).shape == (0, 1024)
 
 
+def test_batched_rows_widen_in_registers_or_in_blocks_to_the_same_sums_as_chosen(monkeypatch, caplog):
+    from atb_models.kernels import linear
+
+    kernel = native_bf16_kernels().linear
+    library = native.NativeLibrary.load()
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    chosen = library.atb_bf16_widen_in_registers(-1)
+    generator = torch.Generator().manual_seed(1)
+    try:
+        for out_features, in_features in ((64, 40), (64 * 3, 202), (64 * 37, 130)):
+            weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+            bias = torch.randn(out_features, generator=generator)
+            packed = _pair_packed(weight)
+            for rows in (3, 7, 16, 17, 40, 300):  # one pass; a few and many (blocks: the longer K blocks); 2 chunks
+                x = torch.randn(rows, in_features, generator=generator)
+                for b in (None, bias):
+                    ways = []
+                    for on in (1, 0):
+                        library.atb_bf16_widen_in_registers(on)
+                        ways.append(kernel(x, packed, b))
+                    assert torch.equal(*ways), (out_features, in_features, rows)
+                    expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+                    assert torch.allclose(ways[0].double(), expected, atol=1e-4, rtol=1e-4)
+        # The environment decides where set; a value it does not know is refused in one line.
+        for value, on in (("registers", 1), ("blocks", 0)):
+            monkeypatch.setenv(linear.BF16_WIDENING_ENV, value)
+            monkeypatch.setattr(linear, "_time_bf16_widening", lambda *a: pytest.fail("measured though set"))
+            assert linear.bf16_widening_chosen(library) == value and library.atb_bf16_widen_in_registers(-1) == on
+        monkeypatch.setenv(linear.BF16_WIDENING_ENV, "fastest")
+        with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_WIDEN='fastest'"):
+            Kernels.for_plan(CPU_FP32)
+        monkeypatch.delenv(linear.BF16_WIDENING_ENV)
+        # Else measured once a process (stubbed): the faster way.
+        for timings, on in (((1.0, 2.0), 1), ((2.0, 1.0), 0)):
+            monkeypatch.setattr(linear, "_bf16_widening_measured", {})
+            monkeypatch.setattr(linear, "_time_bf16_widening", lambda *a, t=timings: t)
+            with caplog.at_level("INFO", logger="atb_models.kernels"):
+                Kernels.for_plan(CPU_FP32)
+                Kernels.for_plan(CPU_FP32)
+            assert library.atb_bf16_widen_in_registers(-1) == on
+            assert caplog.text.count("bfloat16 weights widened for 16 rows") == 1, caplog.text
+            caplog.clear()
+    finally:
+        monkeypatch.undo()
+        library.atb_bf16_widen_in_registers(chosen)  # this process's measured choice, for the tests after
+
+
 def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the_rest_to_onednn():
     kernel = native_bf16_kernels().linear
     large = torch.randn(1024, 512).bfloat16()

@@ -18,9 +18,16 @@
 // (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
 // issue on two.)
 //
-// More rows (batched decode, prefill) widen each K block once into an L1 buffer of float32 ([k][64]) and run the
-// panel kernel's register blocks over it (panel_linear.h's register_block), prefetching the next block while they
-// do, so the widening is paid once per block instead of once per 6 rows.
+// More rows (batched decode, prefill) take one of two ways, as atb_bf16_widen_in_registers says (Python measures
+// which is faster once a process: kernels/linear.py's bf16_widening_chosen):
+// - in registers: the same direct register blocks, one pass of up to 6 rows after another over a whole column group
+//   (the later passes find its bfloat16 weights in L2), widening each pair again in each pass. On AMD Zen 4, whose
+//   vector shifts and masks issue beside its FMAs, this ran 16 rows 1.2x and 256 rows 1.04x as fast as blocks
+//   (24 MLP layers of cpu-small), and the float32 model's 24 layers at batch 16 took 0.84-0.90 of the time.
+// - in blocks: each K block widened once into an L1 buffer of float32 ([k][64]) and the panel kernel's register
+//   blocks run over it (panel_linear.h's register_block), prefetching the next block while they do, so the widening
+//   is paid once per block instead of once per 6 rows: for a CPU whose widening takes FMA issue slots.
+// Both ways add the same products in the same order from the bias on: the same sums, bit for bit.
 
 #pragma once
 
@@ -49,14 +56,14 @@ inline void widen_pairs(__m512i lanes, __m512& even, __m512& odd) {
     odd = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = products + bias. PREFETCH: the
+// Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = bias + products. PREFETCH: the
 // stream BF16_AHEAD k-steps ahead (where stream_prefetch_on, panel_linear.h).
 template <int MR, bool PREFETCH>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
-    __m512 acc[MR][4];
+    __m512 acc[MR][4];  // from the bias, as the blocks' way starts (the same sums either way)
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) acc[i][j] = bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t* wk = w + k * GROUP;  // the pair's 4 lines
         if (PREFETCH)
@@ -72,10 +79,7 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) {
-            float* out = y + i * ldy + 16 * j;
-            _mm512_storeu_ps(out, bias ? _mm512_add_ps(acc[i][j], _mm512_loadu_ps(bias + 16 * j)) : acc[i][j]);
-        }
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
 }
 
 using Bf16BlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
@@ -105,9 +109,18 @@ void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) 
     }
 }
 
+// Whether batched rows widen in registers (1) or in blocks (0); see the top of this file.
+int64_t bf16_widen_in_registers = 0;
+
 }  // namespace
 
 extern "C" {
+
+// Batched rows widen in registers (1) or in blocks (0) from now on (a negative `on` changes nothing); returns which.
+int64_t atb_bf16_widen_in_registers(int64_t on) {
+    if (on >= 0) bf16_widen_in_registers = on != 0;
+    return bf16_widen_in_registers;
+}
 
 // x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
 // [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16
@@ -121,11 +134,19 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
         // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        if (M <= MAX_ROWS) {
-            const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true>(static_cast<int>(M))
-                                                         : bf16_block_for<false>(static_cast<int>(M));
-            for (int64_t g = first; g < end; g++)
-                block(x, ldx, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP, N);
+        if (M <= MAX_ROWS || bf16_widen_in_registers) {
+            // Chunks of rows small enough to stay in the caches while every group passes over them (prefill).
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+                const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+                for (int64_t g = first; g < end; g++)
+                    for (int64_t m = m0; m < m0 + chunk; m += MAX_ROWS) {
+                        const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
+                        const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true>(rows)
+                                                                     : bf16_block_for<false>(rows);
+                        block(x + m * ldx, ldx, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr,
+                              y + m * N + g * GROUP, N);
+                    }
+            }
         } else {
             alignas(64) float buffer[K_BLOCK * GROUP];
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {

@@ -216,6 +216,8 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         stream_prefetch_chosen(library)
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
+        if bf16_op is not None:
+            bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
                   else None)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
@@ -289,18 +291,74 @@ def bf16_dot_chosen(library) -> bool:
 def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -> tuple:
     """The best seconds of each op on `rows` rows against a 512x1024 bfloat16 weight (1 MB: the cache's, not
     memory's speed), alternating."""
+    return _alternating([_bf16_product(op, rows) for op in (dot_op, widening_op)], repeats, min)
+
+
+def _bf16_product(op, rows: int, calls: int = 10):
+    """A function running `calls` of a bfloat16 linear op on `rows` rows against a 512x1024 bfloat16 weight (1 MB:
+    the cache's, not memory's speed), and returning the seconds of one."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
     weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
     y = torch.empty(rows, 512)
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, op in enumerate((dot_op, widening_op)):
-            start = time.perf_counter()
-            for _ in range(10):
-                op(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512, None, y.data_ptr())
-            best[i] = min(best[i], (time.perf_counter() - start) / 10)
-    return tuple(best)
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            op(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512, None, y.data_ptr())
+        return (time.perf_counter() - start) / calls
+    return run
+
+
+def _alternating(variants: list, rounds: int, statistic) -> tuple:
+    """`statistic` of each variant's seconds (what each call returns) over `rounds`, the variants run in turn, the
+    order flipping every round (this memory's speed drifts), after one untimed round."""
+    times: list = [[] for _ in variants]
+    for round_ in range(rounds + 1):
+        for i in (range(len(variants)) if round_ % 2 == 0 else reversed(range(len(variants)))):
+            seconds = variants[i]()
+            if round_:
+                times[i].append(seconds)
+    return tuple(statistic(t) for t in times)
+
+
+BF16_WIDENING_ENV = "ATB_MODELS_CPU_BF16_WIDEN"
+_bf16_widening_measured: dict = {}  # the library's switch (its address) -> (seconds in registers, in blocks)
+
+
+def bf16_widening_chosen(library) -> str:
+    """How batched rows (more than 6) against bfloat16 panels widen the weights to float32: "registers" (each pass
+    of 6 rows widens again) or "blocks" (each K block once, into L1); the library is told
+    (atb_bf16_widen_in_registers). The sums are the same bit for bit. $ATB_MODELS_CPU_BF16_WIDEN decides, else a
+    measurement at 16 rows, once a process. Which is faster is not a CPU flag: on AMD Zen 4 the widening issues
+    beside the FMAs and registers ran 1.2x as fast at 16 rows (docs/PERFORMANCE.md); blocks were written for a Xeon,
+    whose widening takes FMA issue slots."""
+    forced = os.environ.get(BF16_WIDENING_ENV)
+    if forced not in (None, "", "registers", "blocks"):
+        raise UserError(f"{BF16_WIDENING_ENV}={forced!r}: expected registers or blocks (how batched rows widen "
+                        "bfloat16 weights)")
+    if not forced:
+        key = ctypes.cast(library.atb_bf16_widen_in_registers, ctypes.c_void_p).value
+        if key not in _bf16_widening_measured:
+            _bf16_widening_measured[key] = _time_bf16_widening(library)
+            logger.info("bfloat16 weights widened for 16 rows: in registers %.0f us, in blocks %.0f us",
+                        *(seconds * 1e6 for seconds in _bf16_widening_measured[key]))
+        registers, blocks = _bf16_widening_measured[key]
+        forced = "registers" if registers < blocks else "blocks"
+    library.atb_bf16_widen_in_registers(int(forced == "registers"))
+    return forced
+
+
+def _time_bf16_widening(library, rows: int = 16, repeats: int = 7) -> tuple:
+    """The best seconds of the widening kernel on `rows` rows widening in registers and in blocks, alternating."""
+    product = _bf16_product(library.atb_bf16_linear_f32, rows)
+
+    def way(on: int):
+        def run() -> float:
+            library.atb_bf16_widen_in_registers(on)
+            return product()
+        return run
+    return _alternating([way(1), way(0)], repeats, min)
 
 
 STREAM_PREFETCH_ENV = "ATB_MODELS_CPU_PREFETCH"
@@ -344,16 +402,16 @@ def _time_stream_prefetch(library, pairs: int = 7) -> tuple:
     groups = _stream_bytes() // (in_features * PANEL_GROUP * 4)
     weight = empty_on_huge_pages((groups, in_features, PANEL_GROUP), torch.float32).fill_(0.5)
     x, y = torch.ones(in_features), torch.empty(groups * PANEL_GROUP)
-    times: tuple = ([], [])
-    for pair in range(pairs + 1):
-        for on in ((1, 0) if pair % 2 else (0, 1)):
+
+    def way(on: int):
+        def run() -> float:
             library.atb_use_stream_prefetch(on)
             start = time.perf_counter()
             library.atb_panel_linear_f32(x.data_ptr(), 1, in_features, in_features, weight.data_ptr(),
                                          groups * PANEL_GROUP, None, y.data_ptr())
-            if pair:  # the first pair warms up
-                times[1 - on].append(time.perf_counter() - start)
-    return tuple(statistics.median(t) for t in times)
+            return time.perf_counter() - start
+        return run
+    return _alternating([way(1), way(0)], pairs, statistics.median)
 
 
 def _runs(call) -> bool:

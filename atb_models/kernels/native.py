@@ -74,6 +74,7 @@ FUNCTIONS = {
     "atb_bf16_dot_available": (I64, ()),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
+    "atb_bf16_widen_in_registers": (I64, (("on", I64),)),
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
         ("bias", PTR), ("y", PTR))),
