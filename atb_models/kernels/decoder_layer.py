@@ -8,7 +8,7 @@ import weakref
 import torch
 
 from atb_models import distributed
-from atb_models.kernels.linear import PANEL_GROUP
+from atb_models.kernels.linear import PANEL_GROUP, packed_shape
 from atb_models.kernels.native import FORMATS
 
 
@@ -129,17 +129,15 @@ STREAM_DTYPES = (torch.float32, torch.bfloat16)  # the residual stream's, the KV
 
 def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | None:
     """The library's format of a linear packed for its kernel with `out` x `inp` weights, or None where it is not
-    packed so (or not contiguous, or its scales are off its shape). Float32: kernels.linear's panel layout
-    [out / 64, in, 64]; bfloat16 and int8: its pair layout [out / 64, in / 2, 64, 2], int8 with scales [out,
-    groups], groups dividing in into even sizes."""
-    if weight.device.type != "cpu" or not weight.is_contiguous() or out % PANEL_GROUP:
+    packed so (kernels.linear.packed_shape: float32 or bfloat16 without scales, int8 with scales [out, groups],
+    groups dividing in into even sizes), or not contiguous."""
+    shape = packed_shape(weight.dtype, out, inp)
+    if weight.device.type != "cpu" or not weight.is_contiguous() or tuple(weight.shape) != shape:
         return None
     if scale is not None:  # int8 with its scales
-        right = (weight.dtype == torch.int8 and tuple(weight.shape) == (out // PANEL_GROUP, inp // 2, PANEL_GROUP, 2)
-                 and scale.dtype == torch.float32 and scale.is_contiguous() and scale.dim() == 2
-                 and scale.shape[0] == out and inp % scale.shape[1] == 0 and (inp // scale.shape[1]) % 2 == 0)
+        right = (weight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
+                 and scale.dim() == 2 and scale.shape[0] == out and inp % scale.shape[1] == 0
+                 and (inp // scale.shape[1]) % 2 == 0)
     else:
-        right = ((weight.dtype == torch.float32 and tuple(weight.shape) == (out // PANEL_GROUP, inp, PANEL_GROUP))
-                 or (weight.dtype == torch.bfloat16
-                     and tuple(weight.shape) == (out // PANEL_GROUP, inp // 2, PANEL_GROUP, 2) and inp % 2 == 0))
+        right = weight.dtype != torch.int8
     return FORMATS[weight.dtype] if right else None

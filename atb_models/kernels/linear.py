@@ -119,13 +119,11 @@ class PanelLinear(OneDnnLinear):
 
     def pack(self, weight):
         packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
-        if not packs or not self._suits(weight) or weight.shape[0] % PANEL_GROUP:
-            return super().pack(weight)
-        even = weight.shape[1] % 2 == 0  # bfloat16 panels pair the k-steps
-        if weight.dtype == torch.float32 and self.narrow_exact and even and holds_bf16_values(weight):
+        if not packs or not self._suits(weight) or packed_shape(weight.dtype, *weight.shape) is None:
+            return super().pack(weight)  # (bfloat16 panels pair the k-steps: an odd input size has none)
+        if (weight.dtype == torch.float32 and self.narrow_exact and packed_shape(torch.bfloat16, *weight.shape)
+                and holds_bf16_values(weight)):
             weight = weight.bfloat16()  # exact: every value keeps its bits
-        if weight.dtype == torch.bfloat16 and not even:
-            return super().pack(weight)
         return panel_layout(weight)
 
 
@@ -157,13 +155,23 @@ def _packed_copy(view: torch.Tensor) -> torch.Tensor:
     return empty_on_huge_pages(tuple(view.shape), view.dtype).copy_(view)
 
 
+def packed_shape(dtype: torch.dtype, out_features: int, in_features: int) -> tuple | None:
+    """The shape of an [out, in] weight of `dtype` packed for the native kernels (panel_layout, pair_layout), or
+    None where it has none: float32 [out / 64, in, 64]; bfloat16 and int8 in pairs of k-steps, [out / 64, in / 2,
+    64, 2] (in even); out a multiple of PANEL_GROUP."""
+    if out_features % PANEL_GROUP or dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        return None
+    if dtype == torch.float32:
+        return out_features // PANEL_GROUP, in_features, PANEL_GROUP
+    return (out_features // PANEL_GROUP, in_features // 2, PANEL_GROUP, 2) if in_features % 2 == 0 else None
+
+
 def is_panel_packed(weight: torch.Tensor | None) -> bool:
-    """Whether a weight is in panel_layout: float32 [groups, in, 64] or bfloat16 [groups, in / 2, 64, 2]."""
-    if weight is None or weight.is_mkldnn:
+    """Whether a weight is in panel_layout (packed_shape's float32 or bfloat16 shape of some out, in)."""
+    if weight is None or weight.is_mkldnn or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dim() < 3:
         return False
-    if weight.dtype == torch.float32:
-        return weight.dim() == 3 and weight.shape[-1] == PANEL_GROUP
-    return weight.dtype == torch.bfloat16 and weight.dim() == 4 and weight.shape[-2:] == (PANEL_GROUP, 2)
+    in_features = weight.shape[1] * (2 if weight.dtype == torch.bfloat16 else 1)
+    return tuple(weight.shape) == packed_shape(weight.dtype, weight.shape[0] * PANEL_GROUP, in_features)
 
 
 PLAIN_LINEAR = LinearKernel()
