@@ -5,6 +5,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from atb_models.errors import UserError
 from atb_models.models import ModelFamily, model_family
@@ -255,6 +256,19 @@ def load_tokenizer(model_path: str):
     # tokenizer_config.json's model_max_length would only precede the kit's error with a misleading line.
     tokenizer.model_max_length = sys.maxsize
     return tokenizer
+
+
+def completion_decoder(tokenizer) -> Callable[[list], str]:
+    """tokenizer.decode(ids, skip_special_tokens=True) for a list of ints, the same text, without transformers'
+    conversion of the list item by item (to_py_obj: about 120 us for 32 ids against the fast tokenizer's own 5 us).
+    The engine decodes each running sequence's whole completion every step, so at batch 16 that conversion took a
+    millisecond or more of each decode step, growing with the completion."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
+    if backend is None:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    if tokenizer.clean_up_tokenization_spaces:
+        return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=True))
+    return lambda ids: backend.decode(ids, skip_special_tokens=True)
 
 
 def kit_home() -> Path:

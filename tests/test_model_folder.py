@@ -245,3 +245,20 @@ def test_a_long_prompt_brings_no_tokenizer_warning_before_the_kits_own_limit(tin
     tokenizer = load_tokenizer(str(tiny_checkpoint()))
     ids = tokenizer("word " * 40000)["input_ids"]
     assert len(ids) > 32768 and "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_completions_decode_as_the_tokenizer_decodes_them_with_and_without_clean_up(tiny_checkpoint):
+    from atb_models.config import completion_decoder, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_checkpoint()))
+    words = tokenizer("Describe it , please ! It's a cat 's toy .\n<|im_end|>")["input_ids"]
+    special = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|vision_start|>"])
+    cases = [[], words, special + words + special, words[:3], list(range(tokenizer.vocab_size - 5,
+                                                                          tokenizer.vocab_size))]
+    for clean_up in (False, True):
+        tokenizer.clean_up_tokenization_spaces = clean_up
+        decode = completion_decoder(tokenizer)
+        for ids in cases:
+            assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert tokenizer.decode(words, skip_special_tokens=True) != tokenizer.decode(words, skip_special_tokens=True,
+                                                                                 clean_up_tokenization_spaces=False)

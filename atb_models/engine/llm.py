@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from atb_models import distributed, quantization
-from atb_models.config import load_model_config, load_tokenizer
+from atb_models.config import completion_decoder, load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
@@ -99,6 +99,7 @@ class LLM:
         distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())
         self.tokenizer = load_tokenizer(model_path)
+        self._decode_completion = completion_decoder(self.tokenizer)
         from atb_models.multimodal.node_share import NodePreprocessor
         from atb_models.multimodal.prompt import Preprocessor
 
@@ -310,7 +311,7 @@ class LLM:
 
     def _text_so_far(self, seq: Sequence) -> str:
         """The sequence's text; the first stop string in it ends the request ("stop") and the text before it."""
-        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        text = self._decode_completion(seq.completion_token_ids)
         stops = seq.params.stop
         if stops:
             found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
