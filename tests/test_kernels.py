@@ -477,6 +477,52 @@ def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
     assert fused.weights_of(unpacked) is None
 
 
+def test_native_decoder_layers_run_a_stack_in_one_call_as_layer_by_layer_and_fall_back_where_one_is_not_its_case():
+    from atb_models.layers.linear import pack_weights
+
+    kernels = native_kernels()
+    fused = kernels.decoder_layer
+    layers = [_random_decoder_layer(kernels)[0] for _ in range(3)]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for parameter in layer.parameters():
+                parameter.mul_(1 + 0.25 * i)  # three different layers
+            assert pack_weights(layer) == 4
+    generator = torch.Generator().manual_seed(2)
+    lengths, block_size, num_blocks = [3, 20, 9], 16, 8
+    step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
+    caches = [[torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)] for _ in layers]
+    x = torch.randn(len(lengths), 512, generator=generator)
+    calls = {"one": 0, "each": 0}
+    one, each = fused._layers_op, fused._op
+    fused._layers_op = lambda *args: (calls.__setitem__("one", calls["one"] + 1), one(*args))
+    fused._op = lambda *args: (calls.__setitem__("each", calls["each"] + 1), each(*args))
+
+    def run(way):
+        for layer, (k, v) in zip(layers, caches):
+            layer.k_cache, layer.v_cache = k.clone(), v.clone()
+        step.kernel_state.clear()
+        return way.run_layers(layers, x.clone(), cos, sin, step), [(l.k_cache, l.v_cache) for l in layers]
+
+    expected, expected_caches = run(LayerByLayer())
+    got, got_caches = run(fused)
+    assert calls == {"one": 1, "each": 0}
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # (The later layers' inputs differ in the last bits, and so do their caches.)
+    for (k_got, v_got), (k_expected, v_expected) in zip(got_caches, expected_caches):
+        assert torch.allclose(k_got, k_expected, atol=1e-5) and torch.allclose(v_got, v_expected, atol=1e-5)
+    # New KV caches: new weights for the layers, and a stack of them (the outputs as before).
+    again, _ = run(fused)
+    assert calls == {"one": 2, "each": 0} and torch.equal(again, got)
+    assert all(a is b for a, b in zip(fused._stack[0], (fused.weights_of(layer) for layer in layers)))
+    # One layer not the kernel's case (the attention upcast): each layer runs alone, that one by its own forward.
+    layers[1].upcast_attention = True
+    alone, _ = run(fused)
+    assert calls == {"one": 2, "each": 2}
+    layers[1].upcast_attention = False
+    assert torch.allclose(alone, expected, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- two models in one process
 
 def test_two_llms_of_different_dtypes_in_one_process_each_keep_their_own_kernels(tiny_checkpoint, sample_image_path):

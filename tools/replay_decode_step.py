@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from atb_models import LLM, SamplingParams  # noqa: E402
 from atb_models.benchmark.presets import PRESETS, benchmark_dir  # noqa: E402
 from atb_models.kernels import native  # noqa: E402
-from atb_models.kernels.decoder_layer import NativeDecoderLayer  # noqa: E402
+from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer  # noqa: E402
 
 
 def build_revision(revision: str, into: Path):
@@ -80,10 +81,12 @@ def main() -> None:
             calls.append((weights, decode_step, ctypes.string_at(x, size)))
             own(weights, decode_step, x)
 
-        kernel._op = capture
+        # The layers one call each (the model runs them in one), each call captured.
+        kernel._op, kernel.run_layers = capture, types.MethodType(LayerByLayer.run_layers, kernel)
         prompt = [{"text": PRESETS["cpu-small"].workloads.decode_prompt}]
         llm.generate([prompt] * args.batch, [SamplingParams(max_tokens=3, ignore_eos=True)] * args.batch)
         kernel._op = own
+        del kernel.run_layers
         step = calls[-len(llm.runner.model.model.layers):]
         start = step[0][2]
         x_bytes = len(start)

@@ -69,7 +69,7 @@ struct DecodeStep {
 };
 
 // Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
-#define ATB_ABI_VERSION 4
+#define ATB_ABI_VERSION 5
 
 namespace {
 
@@ -143,6 +143,13 @@ void atb_decoder_layer_decode_f32(const LayerWeights* w, const DecodeStep* s, vo
                  nullptr, s->projected, bf16_stream);
     for (int64_t i = 0; i < rows * hidden; i++) x[i] += s->projected[i];
     if (bf16_stream) store_bf16(x, rows * hidden, static_cast<uint16_t*>(x_io));
+}
+
+// A decode step's layers[0:n] one after another, each as atb_decoder_layer_decode_f32 (a bfloat16 stream rounded
+// back between them, as there), in one call: Python is not re-entered between the layers, where each visit found
+// the interpreter's state evicted by the layer's weights streaming through the caches (docs/PERFORMANCE.md).
+void atb_decoder_layers_decode_f32(const LayerWeights* const* layers, int64_t n, const DecodeStep* s, void* x_io) {
+    for (int64_t i = 0; i < n; i++) atb_decoder_layer_decode_f32(layers[i], s, x_io);
 }
 
 }  // extern "C"

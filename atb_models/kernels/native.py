@@ -39,7 +39,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 4  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+ABI_VERSION = 5  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -89,6 +89,7 @@ FUNCTIONS = {
     "atb_silu_and_mul_f32": (None, (
         ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
     "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x_io", PTR))),
+    "atb_decoder_layers_decode_f32": (None, (("layers", PTR), ("n", I64), ("s", "DecodeStep*"), ("x_io", PTR))),
 }
 
 

@@ -263,8 +263,7 @@ class Qwen2VLForCausalLM(nn.Module):
         the step's paged-cache metadata; visual_embeds: see embed. Returns float32 logits [len(logits_rows), vocab]."""
         x = self.embed(input_ids, visual_embeds)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.model.layers:
-            # The layer's own forward, or a fused form of it (the native decoder layer on the CPU).
-            x = self.kernels.decoder_layer(layer, x, cos, sin, ctx)
+        # Each layer's own forward, or a fused form of the layers (the native decoder layers on the CPU).
+        x = self.kernels.decoder_layer.run_layers(self.model.layers, x, cos, sin, ctx)
         x = self.model.norm(x.index_select(0, logits_rows))
         return self.lm_head(x).float()
