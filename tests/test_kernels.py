@@ -18,7 +18,7 @@ from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
-                                       linear_kernel, panel_layout)
+                                       is_panel_packed, linear_kernel, panel_layout)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
@@ -123,9 +123,45 @@ def test_pack_weights_packs_large_linears_but_not_a_tied_lm_head():
                                  linear_module.VocabParallelLMHead(512, 600, torch.float32, doubling)])
     for module in model:
         torch.nn.init.ones_(module.weight)
-    model[2].tie_to(torch.ones(600, 512))
-    assert linear_module.pack_weights(model) == 1
+    table = linear_module.Embedding(600, 512, torch.float32)
+    torch.nn.init.ones_(table.weight)
+    model[2].tie_to(table)
+    assert linear_module.pack_weights(model) == 1  # (oneDNN's layout has no rows for the embedding to read)
     assert model[0].weight.eq(2).all() and model[1].weight.eq(1).all() and model[2].weight.eq(1).all()
+    assert table.packed_head is None and table.weight.eq(1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tied_lm_head_holding_the_whole_table_is_packed_for_the_panel_kernel_and_the_embedding_reads_its_rows(
+        dtype):
+    from atb_models.layers import linear as linear_module
+
+    kernel = native_kernels().linear
+    generator = torch.Generator().manual_seed(0)
+    # float32 weights of bfloat16 values, as a bfloat16 checkpoint's: packed as bfloat16 (narrowed exactly)
+    values = torch.randn(640, 512, generator=generator).bfloat16().to(dtype)
+    table = linear_module.Embedding(640, 512, dtype)
+    head = linear_module.VocabParallelLMHead(512, 640, dtype, kernel)
+    table.weight.data.copy_(values)
+    head.tie_to(table)
+    assert head.weight.data_ptr() == table.weight.data_ptr()  # shared until packed
+    assert linear_module.pack_weights(torch.nn.ModuleList([table, head])) == 1
+    assert is_panel_packed(head.weight) and head.weight.dtype == torch.bfloat16 and table.weight is None
+    ids = torch.tensor([[0, 63, 64], [639, 5, 0]])
+    rows = table(ids)
+    assert rows.dtype == dtype and rows.shape == (2, 3, 512) and torch.equal(rows, values[ids])
+    x = torch.randn(3, 512, generator=generator).to(dtype)
+    expected = F.linear(x.float(), values.float())
+    assert torch.allclose(head(x).float(), expected, atol=1e-3 if dtype == torch.float32 else 0.1, rtol=1e-2)
+    # Not the whole table (another rank's share of the vocabulary), or a vocabulary off the 64-row groups: as before.
+    for vocab, first in ((640, 64), (600, 0)):
+        table = linear_module.Embedding(vocab, 512, dtype)
+        table.weight.data.copy_(torch.randn(vocab, 512, generator=generator).to(dtype))
+        head = linear_module.VocabParallelLMHead(512, vocab, dtype, kernel)
+        head.tie_to(table)
+        head.first = first
+        assert linear_module.pack_weights(torch.nn.ModuleList([table, head])) == 0
+        assert table.packed_head is None and head.weight.data_ptr() == table.weight.data_ptr()
 
 
 def _panel_packed(weight: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ SHAPES = {
     "mqa_3layers": TinyShape(num_key_value_heads=1, num_hidden_layers=3, vision_depth=1),
     # MLP weights of >= 256K elements: on the CPU they run through oneDNN in its packed layout, the rest F.linear.
     "packed_mlp": TinyShape(hidden_size=256, intermediate_size=1024, num_hidden_layers=1, vision_depth=1),
+    # A tied LM head of >= 256K elements in 64-row groups: packed for the CPU's panel kernel, the embedding reading
+    # its rows from there.
+    "packed_tied_head": TinyShape(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, vision_depth=1,
+                                  num_attention_heads=8, tie_word_embeddings=True, vocab_size=640),
 }
 
 
@@ -56,6 +60,12 @@ def media(tmp_path_factory):
 def test_text_and_one_image_match_transformers(tiny_checkpoint, sample_image_path, shape_name):
     path = tiny_checkpoint(shape=SHAPES[shape_name])
     llm = make_llm(path)
+    if shape_name == "packed_tied_head":
+        from atb_models.kernels.linear import PanelLinear, is_panel_packed
+
+        model = llm.runner.model
+        packs = isinstance(model.lm_head.kernel, PanelLinear)  # (an AVX-512 CPU's: elsewhere oneDNN keeps it tied)
+        assert is_panel_packed(model.lm_head.weight) == packs and (model.model.embed_tokens.weight is None) == packs
     assert_matches_reference(llm, path, [
         [{"text": "Hello, what colour is the sky?"}],
         [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],

@@ -174,6 +174,18 @@ def is_panel_packed(weight: torch.Tensor | None) -> bool:
     return tuple(weight.shape) == packed_shape(weight.dtype, weight.shape[0] * PANEL_GROUP, in_features)
 
 
+def packed_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (ids, any shape) of the [out, in] weight that panel_layout packed into `weight`, as [*rows.shape,
+    in] of the packed dtype (the values themselves: packing moves them, a float32 weight narrowed to bfloat16 only
+    where each value is one)."""
+    groups, columns = rows.reshape(-1) // PANEL_GROUP, rows.reshape(-1) % PANEL_GROUP
+    if weight.dtype == torch.float32:  # [out / 64, in, 64]
+        picked = weight[groups, :, columns]
+    else:  # [out / 64, in / 2, 64, 2]
+        picked = weight[groups, :, columns, :]
+    return picked.reshape(*rows.shape, -1)
+
+
 PLAIN_LINEAR = LinearKernel()
 
 

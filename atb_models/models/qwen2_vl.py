@@ -15,8 +15,8 @@ from atb_models.config import mrope_section
 from atb_models.errors import UserError
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext, prefill_attention
-from atb_models.layers.linear import (Linear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                      VocabParallelLMHead)
+from atb_models.layers.linear import (Embedding, Linear, MergedColumnParallelLinear, QKVParallelLinear,
+                                      RowParallelLinear, VocabParallelLMHead)
 from atb_models.layers.norm import RMSNorm
 from atb_models.layers.sharding import HeadLayout
 from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
@@ -231,8 +231,7 @@ class Qwen2VLForCausalLM(nn.Module):
         self.kernels = kernels
         self.visual = self.vision_tower(config.vision_config, vision_dtype, device, kernels)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=llm_dtype)
-        self.model.embed_tokens.weight.requires_grad_(False)
+        self.model.embed_tokens = Embedding(config.vocab_size, config.hidden_size, llm_dtype)
         self.head_layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads,
                                       distributed.tp_size(), distributed.tp_rank())
         self.model.layers = nn.ModuleList(
@@ -246,7 +245,7 @@ class Qwen2VLForCausalLM(nn.Module):
 
     def after_loading(self) -> None:
         if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens.weight)
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     def embed(self, input_ids: torch.Tensor, visual_embeds=None) -> torch.Tensor:
         """Token embeddings with visual features in the image / video placeholder rows. visual_embeds: (rows
