@@ -140,6 +140,5 @@ class ModelRunner:
             mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
             ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
                               context_lens=context_lens)
-            rows = torch.arange(len(seqs), device=self.device)
-            logits = self.model(self._tensor(ids), positions.to(self.device), rows, ctx)
+            logits = self.model(self._tensor(ids), positions.to(self.device), None, ctx)  # logits of every row
         return logits

@@ -258,11 +258,12 @@ class Qwen2VLForCausalLM(nn.Module):
         return x
 
     def forward(self, input_ids, positions, logits_rows, ctx: StepContext, visual_embeds=None) -> torch.Tensor:
-        """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for; ctx:
-        the step's paged-cache metadata; visual_embeds: see embed. Returns float32 logits [len(logits_rows), vocab]."""
+        """input_ids: [tokens]; positions: [3, tokens]; logits_rows: indices of the rows to compute logits for, or
+        None for every row (a decode step's); ctx: the step's paged-cache metadata; visual_embeds: see embed.
+        Returns float32 logits [rows, vocab]."""
         x = self.embed(input_ids, visual_embeds)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         # Each layer's own forward, or a fused form of the layers (the native decoder layers on the CPU).
         x = self.kernels.decoder_layer.run_layers(self.model.layers, x, cos, sin, ctx)
-        x = self.model.norm(x.index_select(0, logits_rows))
+        x = self.model.norm(x if logits_rows is None else x.index_select(0, logits_rows))
         return self.lm_head(x).float()
