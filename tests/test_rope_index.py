@@ -147,3 +147,4 @@ def test_decode_positions_continue_after_the_prompt_shifted_by_delta():
     after = int(positions.max()) + 1 + torch.arange(5)
     assert torch.equal(seq.positions(len(ids), len(ids) + 5), after.expand(3, -1))
     assert torch.equal(seq.positions(len(ids) - 2, len(ids) + 1)[:, 2], after[:1].expand(3))
+    assert seq.decode_position() == int(after[-1])  # a decode step's, the latest token's, as a number

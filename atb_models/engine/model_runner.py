@@ -131,7 +131,7 @@ class ModelRunner:
         else:
             bs = self.block_size
             ids = [seq.token_ids[-1] for seq in seqs]
-            positions = torch.cat([seq.positions(seq.num_tokens - 1, seq.num_tokens) for seq in seqs], dim=1)
+            positions = self._tensor([seq.decode_position() for seq in seqs]).expand(3, -1)
             slots = [self._slots(seq, seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs]
             context_lens = self._tensor([seq.num_tokens for seq in seqs])
             max_blocks = max(len(seq.block_table) for seq in seqs)
@@ -140,5 +140,5 @@ class ModelRunner:
             mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
             ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
                               context_lens=context_lens)
-            logits = self.model(self._tensor(ids), positions.to(self.device), None, ctx)  # logits of every row
+            logits = self.model(self._tensor(ids), positions, None, ctx)  # logits of every row
         return logits

@@ -51,6 +51,11 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    def decode_position(self) -> int:
+        """The M-RoPE position of the latest token, a generated one in a decode step: the same on all three axes
+        (positions(num_tokens - 1, num_tokens)'s value, without a tensor per sequence per step)."""
+        return self.num_tokens - 1 + self.prompt.rope_delta
+
     def positions(self, start: int, end: int) -> torch.Tensor:
         """M-RoPE positions [3, end - start] of tokens start..end-1: the prompt's come from `rope_index`, a
         generated token at index j sits at j + delta on all three axes."""
