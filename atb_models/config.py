@@ -260,9 +260,9 @@ def load_tokenizer(model_path: str):
 
 def completion_decoder(tokenizer) -> Callable[[list], str]:
     """tokenizer.decode(ids, skip_special_tokens=True) for a list of ints, the same text, without transformers'
-    conversion of the list item by item (to_py_obj: about 120 us for 32 ids against the fast tokenizer's own 5 us).
-    The engine decodes each running sequence's whole completion every step, so at batch 16 that conversion took a
-    millisecond or more of each decode step, growing with the completion."""
+    conversion of the list item by item (to_py_obj), which costs many times the fast tokenizer's own decoding. The
+    engine decodes each running sequence's whole completion every step, so that conversion was a visible part of a
+    batched decode step, growing with the completion (docs/PERFORMANCE.md)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
     if backend is None:
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

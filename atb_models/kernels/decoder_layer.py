@@ -63,8 +63,8 @@ class NativeDecoderLayer(LayerByLayer):
     def run_layers(self, layers, x, cos, sin, ctx):
         """A decode step's layers in one native call (atb_decoder_layers_decode_f32) where every one is the kernel's
         case, else layer by layer. After each layer's weights have streamed through the caches, Python's code and
-        objects are read back from memory: entered once instead of once a layer, a decode step of cpu-small took
-        0.987 of the time at batch 1 and 0.992 at 16 (AMD EPYC Zen 4, steps alternating; docs/PERFORMANCE.md)."""
+        objects are read back from memory: in one call Python is entered once a step instead of once a layer
+        (measured in docs/PERFORMANCE.md)."""
         if ctx.is_prefill or x.dtype not in STREAM_DTYPES or not x.is_contiguous():
             return super().run_layers(layers, x, cos, sin, ctx)
         weights = tuple(self.weights_of(layer) for layer in layers)

@@ -390,8 +390,8 @@ def stream_prefetch_chosen(library) -> bool:
     software or leave it to the hardware prefetchers; the library is told (atb_use_stream_prefetch). The products
     are the same either way. $ATB_MODELS_CPU_PREFETCH=1 or 0 decides, else a measurement, once a process: off
     where one row's product streams faster without. Which is faster is not a CPU flag: the kernels were written
-    with the prefetches on an Intel Xeon, and on an AMD EPYC (Zen 4) a decode step at batch 1 took 0.90-0.94 of the
-    time without them (docs/PERFORMANCE.md)."""
+    with the prefetches on an Intel Xeon, and on an AMD EPYC (Zen 4) a decode step at batch 1 is faster without them
+    (docs/PERFORMANCE.md)."""
     forced = os.environ.get(STREAM_PREFETCH_ENV)
     if forced not in (None, "", "0", "1"):
         raise UserError(f"{STREAM_PREFETCH_ENV}={forced!r}: expected 1 (decode's weight streams prefetch in "

@@ -182,8 +182,8 @@ class RowParallelLinear(Linear):
 class Embedding(nn.Module):
     """The token embedding table, replicated on every rank. Where the LM head tied to it holds the whole table and
     packs it for the kit's kernels (pack_weights), the rows are read from the head's packed weight instead and the
-    plain table is let go: one copy in memory, and the head streamed by the kit's panel kernel (a Qwen2-VL-2B-sized
-    tied head at batch 1 took 9.9 ms a step there against oneDNN's 35.7 on the plain table; docs/PERFORMANCE.md)."""
+    plain table is let go: one copy in memory, and the head streamed by the kit's panel kernel, several times as fast
+    as oneDNN on the plain table at Qwen2-VL-2B's size (docs/PERFORMANCE.md)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
         super().__init__()
