@@ -51,8 +51,13 @@ class NativeDecoderLayer(LayerByLayer):
         self._weights = weakref.WeakKeyDictionary()  # layer -> (the KV cache they were made for, weights or None)
         self._stack = ((), None)  # the latest stack's weights, and the array of pointers to them
 
+    @staticmethod
+    def _step_suits(x: torch.Tensor, ctx) -> bool:
+        """Whether the step is the kernel's case: a decode step of a contiguous float32 or bfloat16 stream."""
+        return not ctx.is_prefill and x.dtype in STREAM_DTYPES and x.is_contiguous()
+
     def __call__(self, layer, x, cos, sin, ctx):
-        if ctx.is_prefill or x.dtype not in STREAM_DTYPES or not x.is_contiguous():
+        if not self._step_suits(x, ctx):
             return layer(x, cos, sin, ctx)
         weights = self.weights_of(layer)
         if weights is None:
@@ -65,7 +70,7 @@ class NativeDecoderLayer(LayerByLayer):
         case, else layer by layer. After each layer's weights have streamed through the caches, Python's code and
         objects are read back from memory: in one call Python is entered once a step instead of once a layer
         (measured in docs/PERFORMANCE.md)."""
-        if ctx.is_prefill or x.dtype not in STREAM_DTYPES or not x.is_contiguous():
+        if not self._step_suits(x, ctx):
             return super().run_layers(layers, x, cos, sin, ctx)
         weights = tuple(self.weights_of(layer) for layer in layers)
         if not weights or None in weights:

@@ -39,6 +39,11 @@ class LinearKernel:
         """The loaded weight in the layout this kernel reads fastest, or None to keep it as it is."""
         return None
 
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The loaded weight in panel_layout, whose rows can be read back (packed_rows), where this kernel streams
+        it so; else None."""
+        return None
+
 
 class OneDnnLinear(LinearKernel):
     """oneDNN's linear on the CPU (the kernel PyTorch's own compiler uses for frozen CPU models). It beats the MKL
@@ -118,9 +123,13 @@ class PanelLinear(OneDnnLinear):
         return y.to(x.dtype) if bf16 else y
 
     def pack(self, weight):
+        panels = self.pack_panels(weight)
+        return panels if panels is not None else super().pack(weight)
+
+    def pack_panels(self, weight):
         packs = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and self.bf16_op is not None)
         if not packs or not self._suits(weight) or packed_shape(weight.dtype, *weight.shape) is None:
-            return super().pack(weight)  # (bfloat16 panels pair the k-steps: an odd input size has none)
+            return None  # (bfloat16 panels pair the k-steps: an odd input size has none)
         if (weight.dtype == torch.float32 and self.narrow_exact and packed_shape(torch.bfloat16, *weight.shape)
                 and holds_bf16_values(weight)):
             weight = weight.bfloat16()  # exact: every value keeps its bits
@@ -178,7 +187,8 @@ def packed_rows(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` (ids, any shape) of the [out, in] weight that panel_layout packed into `weight`, as [*rows.shape,
     in] of the packed dtype (the values themselves: packing moves them, a float32 weight narrowed to bfloat16 only
     where each value is one)."""
-    groups, columns = rows.reshape(-1) // PANEL_GROUP, rows.reshape(-1) % PANEL_GROUP
+    flat = rows.reshape(-1)
+    groups, columns = flat // PANEL_GROUP, flat % PANEL_GROUP
     if weight.dtype == torch.float32:  # [out / 64, in, 64]
         picked = weight[groups, :, columns]
     else:  # [out / 64, in / 2, 64, 2]

@@ -9,15 +9,15 @@ from torch import nn
 
 from atb_models import distributed
 from atb_models.errors import UserError
-from atb_models.kernels.linear import LinearKernel, is_panel_packed, packed_rows
+from atb_models.kernels.linear import LinearKernel, packed_rows
 from atb_models.layers.sharding import HeadLayout, ceil_div, even_split
 
 
 def pack_weights(model: nn.Module) -> int:
     """Once the weights are loaded: put every linear weight its kernel reads faster in another layout into that
     layout (the loaded tensor is let go, so memory stays the same). Returns how many were packed. An LM head tied
-    to the embedding table is packed where it holds the whole table (one rank) and its kernel's layout is the kit's
-    panels, whose rows the embedding then reads (Embedding.read_rows_from); else it stays as it is."""
+    to the embedding table is packed where it holds the whole table (one rank) and its kernel streams the kit's
+    panels (pack_panels), whose rows the embedding then reads (Embedding.read_rows_from); else it stays as it is."""
     packed = 0
     for module in model.modules():
         if not isinstance(module, (Linear, VocabParallelLMHead)):
@@ -25,8 +25,9 @@ def pack_weights(model: nn.Module) -> int:
         tied = getattr(module, "shares_weight", False)
         if tied and not module.holds_whole_table():
             continue
-        layout = module.kernel.pack(module.weight.detach())
-        if layout is None or (tied and not is_panel_packed(layout)):
+        # A tied head takes panels or nothing: another layout (oneDNN's) would have no rows for the embedding.
+        layout = (module.kernel.pack_panels if tied else module.kernel.pack)(module.weight.detach())
+        if layout is None:
             continue
         module.weight = nn.Parameter(layout, requires_grad=False)
         if tied:
