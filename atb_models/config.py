@@ -56,17 +56,8 @@ def load_model_config(model_path) -> ModelConfig:
     """Read and check a checkpoint folder's configuration: everything a later stage would trip over (custom code,
     head counts, the rotary split, token ids beyond the embedding table, the tokenizer file) is refused here, as
     one UserError, before transformers or any rank's process group is involved."""
-    if not isinstance(model_path, (str, os.PathLike)):
-        raise UserError(f"model_path must be a folder path (str or os.PathLike), got {type(model_path).__name__}")
-    model_path = os.fspath(model_path)
-    if not os.path.isdir(model_path):
-        raise UserError(f"--model_path {model_path}: no such folder")
+    model_path, raw, family = check_model_folder(model_path)
     config_file = os.path.join(model_path, "config.json")
-    if not os.path.isfile(config_file):
-        raise UserError(f"--model_path {model_path}: the folder has no config.json")
-    raw = _read_json(config_file, "model config")
-    family = model_family(raw.get("model_type"), config_file)
-    refuse_custom_code(model_path)
     try:
         hf_config = family.config_class().from_pretrained(model_path, trust_remote_code=False)
     except (ValueError, TypeError, KeyError) as e:
@@ -94,6 +85,24 @@ def load_model_config(model_path) -> ModelConfig:
 
     return ModelConfig(model_path, family, hf_config, raw.get("torch_dtype") or "float32", tuple(eos),
                        checkpoint_quantization(model_path, raw))
+
+
+def check_model_folder(model_path) -> tuple[str, dict, ModelFamily]:
+    """The checks of a checkpoint folder that need neither torch nor transformers (a command line runs them before
+    those load): a folder with a config.json that parses, of a model_type the kit serves, asking for no custom code.
+    Returns the path as a str, config.json's contents and the family."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise UserError(f"model_path must be a folder path (str or os.PathLike), got {type(model_path).__name__}")
+    model_path = os.fspath(model_path)
+    if not os.path.isdir(model_path):
+        raise UserError(f"--model_path {model_path}: no such folder")
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise UserError(f"--model_path {model_path}: the folder has no config.json")
+    raw = _read_json(config_file, "model config")
+    family = model_family(raw.get("model_type"), config_file)
+    refuse_custom_code(model_path)
+    return model_path, raw, family
 
 
 def refuse_custom_code(model_path: str) -> None:

@@ -2,43 +2,25 @@
 
 torchrun starts one process per device and sets RANK, LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT); `init_distributed` joins the torch.distributed process group with the backend the
-platform plan chose (hccl, nccl or gloo). With one rank nothing is initialised and every collective is a no-op.
+platform plan chose (hccl, nccl or gloo); `atb_models.ranks` reads those variables. With one rank nothing is
+initialised and every collective is a no-op.
 """
 import atexit
 import functools
 import logging
 import os
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from atb_models.errors import RankLost, UserError
+from atb_models.errors import RankLost
+from atb_models.ranks import ParallelState, env_int
 
 logger = logging.getLogger("atb_models")
 
 # How long a collective may wait for a missing rank before the job fails instead of hanging.
 DEFAULT_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class ParallelState:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def node_leader(self) -> int:
-        """The global rank of this node's LOCAL_RANK 0 (torchrun numbers a node's ranks contiguously)."""
-        return self.rank - self.local_rank
-
-    @property
-    def is_leader(self) -> bool:
-        return self.local_rank == 0
-
 
 _state = ParallelState()
 
@@ -56,28 +38,6 @@ def _collective(fn):
     return guarded
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def env_state() -> ParallelState:
-    """The ranks torchrun describes in the environment (a plain `python` run is one rank)."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if world < 1 or not 0 <= rank < world or not 0 <= local_rank < local_world:
-        raise UserError(f"inconsistent torchrun environment: RANK={rank} LOCAL_RANK={local_rank} "
-                        f"WORLD_SIZE={world} LOCAL_WORLD_SIZE={local_world}")
-    return ParallelState(rank, world, local_rank, local_world)
-
-
 def init_distributed(plan, state: ParallelState) -> None:
     """Join the process group (once per process) and share this node's CPU cores among its ranks."""
     global _state
@@ -90,7 +50,7 @@ def init_distributed(plan, state: ParallelState) -> None:
     if dist.is_initialized():
         return
     plan.make_current()
-    timeout = timedelta(seconds=_env_int("ATB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = timedelta(seconds=env_int("ATB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group(plan.dist_backend, rank=state.rank, world_size=state.world_size, timeout=timeout)
     # A process group left to the interpreter's teardown can abort the process ("terminate called without an
     # active exception" from gloo's threads): leave it explicitly.

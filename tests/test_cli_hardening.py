@@ -46,6 +46,15 @@ def no_model(tmp_path) -> Path:
 
 
 @pytest.fixture
+def fake_model(tmp_path) -> Path:
+    """A model folder that passes the checks made before torch loads (a config.json of a family the kit serves),
+    for the tests whose engine is faked and never reads it."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    return tmp_path / "model"
+
+
+@pytest.fixture
 def dataset(tmp_path, sample_image_path) -> Path:
     folder = tmp_path / "dataset"
     folder.mkdir()
@@ -254,7 +263,7 @@ class AnsweringLLM:
         return outputs
 
 
-def test_file_names_with_a_line_break_or_esc_cannot_forge_or_colour_a_line(capsys, monkeypatch, tmp_path,
+def test_file_names_with_a_line_break_or_esc_cannot_forge_or_colour_a_line(capsys, monkeypatch, tmp_path, fake_model,
                                                                            sample_image_path):
     folder = tmp_path / "dataset"
     folder.mkdir()
@@ -263,7 +272,7 @@ def test_file_names_with_a_line_break_or_esc_cannot_forge_or_colour_a_line(capsy
     (folder / "sub\nSkipped: fake\x1b[2J").mkdir()
     monkeypatch.setattr(infer, "LLM", AnsweringLLM)
     out_path = tmp_path / "results.json"
-    status, out, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", folder,
+    status, out, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", folder,
                                 "--results_save_path", out_path)
     assert status == 1  # the text file failed
     assert "\x1b" not in out + err, err
@@ -308,29 +317,29 @@ def test_results_replace_the_file_through_a_symbolic_link_keeping_its_mode(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
 
 
-def test_a_previous_results_file_is_replaced(capsys, monkeypatch, tmp_path, dataset):
+def test_a_previous_results_file_is_replaced(capsys, monkeypatch, tmp_path, fake_model, dataset):
     monkeypatch.setattr(infer, "LLM", AnsweringLLM)
     out_path = tmp_path / "results.json"
     out_path.write_text('{"old.jpg": "an earlier run"}')
-    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+    status, _, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
                               "--results_save_path", out_path)
     assert status == 0, err
     assert json.loads(out_path.read_text()) == {"a.jpg": "answer", "b.jpg": "answer", "c.jpg": "answer"}
 
 
-def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path,
+def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path, fake_model,
                                                                                     dataset):
     out_path = tmp_path / "results.json"
     out_path.write_text('{"old.jpg": "an earlier run"}')
     monkeypatch.setattr(AnsweringLLM, "during_run", staticmethod(lambda: out_path.write_text("my notes\n")))
     monkeypatch.setattr(infer, "LLM", AnsweringLLM)
-    status, out, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+    status, out, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
                                 "--results_save_path", out_path)
     assert status == 1 and "Answer[2]: answer" in out
     errors = error_lines(err)
     assert len(errors) == 1 and "is not a results file" in errors[0] and "left untouched" in errors[0], err
     assert out_path.read_text() == "my notes\n"
-    assert sorted(os.listdir(tmp_path)) == ["dataset", "results.json"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["dataset", "model", "results.json"]  # no temporary file left
 
 
 # ------------------------------------------------------------------------------------- interrupted dataset runs
@@ -356,6 +365,15 @@ STOP_SIGNALS = [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIG
                 (signal.SIGHUP, "Stopped by SIGHUP")]  # SIGHUP: the terminal closed
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, even where pytest was started in the background of a
+    non-interactive shell (which starts it with SIGINT ignored, and Python then installs no handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def default_sighup():
     """SIGHUP with its default handler, as in a terminal (not under nohup), whatever pytest was started with."""
@@ -373,13 +391,13 @@ def _send_if_handled(signum: int) -> None:
 
 
 @pytest.mark.parametrize("signum, line", STOP_SIGNALS)
-def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path,
+def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path, fake_model,
                                                                      dataset, default_sighup):
     monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: _send_if_handled(signum)))
     monkeypatch.setattr(infer, "LLM", InterruptedLLM)
     handler_before = signal.getsignal(signum)
     out_path = tmp_path / "results.json"
-    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+    status, _, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
                               "--results_save_path", out_path)
     assert status == 128 + signum
     assert json.loads(out_path.read_text()) == {"a.jpg": "answer"}
@@ -390,7 +408,8 @@ def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, lin
 
 @pytest.mark.parametrize("signum, line", STOP_SIGNALS)
 def test_a_signal_during_the_imports_after_the_flags_are_parsed_ends_in_one_line(signum, line, capsys, monkeypatch,
-                                                                                 sample_image_path, default_sighup):
+                                                                                 fake_model, sample_image_path,
+                                                                                 default_sighup):
     """The run's module (torch, the engine) is imported inside the entry helper, its handlers already in place:
     here the signal arrives as that import starts."""
     import atb_models.cli
@@ -405,7 +424,7 @@ def test_a_signal_during_the_imports_after_the_flags_are_parsed_ends_in_one_line
     monkeypatch.delitem(sys.modules, "atb_models.cli.infer")
     monkeypatch.delattr(atb_models.cli, "infer")
     monkeypatch.setattr(sys, "meta_path", [SignalOnImport(), *sys.meta_path])
-    status = run_pa.main(["--input_image", str(sample_image_path)])
+    status = run_pa.main(["--model_path", str(fake_model), "--input_image", str(sample_image_path)])
     assert status == 128 + signum
     assert capsys.readouterr().err == line + "\n"
 
@@ -419,7 +438,7 @@ def test_sighup_stays_ignored_under_nohup(capsys):
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, dataset):
+def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, fake_model, dataset):
     def interrupted(self, requests, params=None, on_finish=None):
         if on_finish is None:
             return [RequestOutput(0, "", text="warm", token_ids=[1])]
@@ -429,7 +448,7 @@ def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, mon
     monkeypatch.setattr(infer, "LLM", InterruptedLLM)
     out_path = tmp_path / "results.json"
     out_path.write_text('{"old": "run"}')
-    status, _, err = run_main(capsys, "--model_path", tmp_path, "--dataset_path", dataset,
+    status, _, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
                               "--results_save_path", out_path)
     assert status == 130
     assert out_path.read_text() == '{"old": "run"}'

@@ -332,7 +332,7 @@ FOREIGN = {
 
 def node_state(world_size: int):
     """The parallel state of a node leader with `world_size` ranks on its node."""
-    from atb_models.distributed import ParallelState
+    from atb_models.ranks import ParallelState
 
     return ParallelState(rank=0, world_size=world_size, local_rank=0, local_world_size=world_size)
 

@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(model: str, dtype: str) -> int:
-    from atb_models import LLM, distributed
+    from atb_models import LLM
+    from atb_models.ranks import env_state
 
-    configure_logging(distributed.env_state().rank)
+    configure_logging(env_state().rank)
 
     anon_before, rss_before = status_mib("RssAnon"), status_mib("VmRSS")
     sampler = PeakSampler("RssAnon")

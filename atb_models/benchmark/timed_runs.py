@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from atb_models.benchmark.csv_report import (PATH_VARIABLE, RunSummary, benchmark_enabled, benchmark_path,
                                              markdown_table, prepare_folder, write_csv)
-from atb_models.engine.llm import LLM, RequestOutput
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
+
+if TYPE_CHECKING:  # the engine (torch) is not imported for check_csv_path, which runs before the model loads
+    from atb_models.engine.llm import LLM, RequestOutput
 
 logger = logging.getLogger("atb_models.benchmark")
 

@@ -1,5 +1,6 @@
 """run_pa's requests, made from its flags and checked before the model loads: the copies of one prompt (single
-mode) or one prompt per entry of a folder (dataset mode), and the results file they will be written to."""
+mode) or one prompt per entry of a folder (dataset mode), and the results file they will be written to. Torch-free
+(`atb_models.cli.prepare` runs these checks before torch loads)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from atb_models.cli.entry import one_line
-from atb_models.engine.llm import RequestOutput
 from atb_models.errors import UserError
 from atb_models.multimodal.media import probe_media_file
-from atb_models.multimodal.prompt import describe_request
+
+if TYPE_CHECKING:
+    from atb_models.engine.llm import RequestOutput
 
 
 @dataclass
@@ -174,4 +177,6 @@ def _holds_json_object(path: str) -> bool:
 
 def question(items: list) -> str:
     """The request as the Question[i] line shows it: media as <kind: path>, then the text."""
+    from atb_models.multimodal.prompt import describe_request
+
     return one_line(describe_request(items))

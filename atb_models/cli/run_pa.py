@@ -8,8 +8,8 @@ runs one prompt per file of a folder and writes {file name: answer} to --results
 that fails is recorded as {"error": why}, a hidden file or a sub-folder as {"skipped": why}. Without --model_path the
 kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
 the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found
-before the model loads where it can be (flags, the media files, the results path); --debug shows the traceback
-instead. Ctrl-C exits 130, SIGTERM 143 and SIGHUP (the terminal closed) 129, in dataset mode after writing the
+before torch and the model load where it can be (flags, the checkpoint's config.json, the media files, the results
+path: `atb_models.cli.prepare`); --debug shows the traceback instead. Ctrl-C exits 130, SIGTERM 143 and SIGHUP (the terminal closed) 129, in dataset mode after writing the
 answers finished so far; --results_save_path replaces only a results file of an earlier run, never a file of the
 user's.
 
@@ -17,8 +17,8 @@ A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_EN
 the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
 copies of the single-mode prompt, one CSV row each, and prints a table.
 
-This module imports neither torch nor the engine (`atb_models.cli.infer` runs the flags it parsed), so --help is
-instant; each family's examples/models/<family>/run_pa.py calls `main` with its `Family`.
+This module imports neither torch nor the engine (`atb_models.cli.prepare` checks the flags it parsed,
+`atb_models.cli.infer` runs them), so --help is instant; each family's examples/models/<family>/run_pa.py calls `main` with its `Family`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import argparse
 from dataclasses import dataclass
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import run_entry_point
+from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.ranks import env_state
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
 DEFAULT_INPUT_TEXT = "Describe the image."
@@ -148,10 +149,20 @@ def main(argv: list[str] | None, family: Family) -> int:
     args = build_parser(family).parse_args(argv)
 
     def run() -> int:
-        # torch and the engine, once the flags parsed; inside run_entry_point, so Ctrl-C, SIGTERM or SIGHUP during
-        # these imports already ends in its one line
+        rank = env_state().rank
+        configure_logging(rank)
+        if args.cleanup_shm:
+            from atb_models.cli.infer import cleanup_shm
+
+            return cleanup_shm(args.shm_name_save_path)
+        # Bad input is news in a moment: the flags and files are checked before torch loads (prepare is torch-free)
+        from atb_models.cli.prepare import plan_run
+
+        plan = plan_run(args, family, rank)
+        # torch and the engine; inside run_entry_point, so Ctrl-C, SIGTERM or SIGHUP during these imports already
+        # ends in its one line
         from atb_models.cli import infer
 
-        return infer.run(args, family)
+        return infer.run(args, plan)
 
     return run_entry_point(run, debug=args.debug)

@@ -17,6 +17,7 @@ from atb_models.layers.sampler import sample
 from atb_models.layers.sharding import ceil_div
 from atb_models.multimodal.prompt import ProcessedPrompt, describe_request
 from atb_models.platform import free_memory_bytes, resolve_plan
+from atb_models.ranks import env_state
 
 logger = logging.getLogger("atb_models")
 
@@ -94,7 +95,7 @@ class LLM:
         self.model_config = load_model_config(model_path)
         self.quantization = quantization.resolve(quantize, self.model_config.quantization)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
-        self.parallel = distributed.env_state()
+        self.parallel = env_state()
         self.plan = resolve_plan(device, dtype, self.model_config.torch_dtype, self.parallel.local_rank)
         distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())

@@ -1,17 +1,5 @@
-"""Turning a request of images, videos and text into model inputs: media loading and sizing, the chat prompt with
-expanded vision placeholders, and M-RoPE positions."""
+"""Turning a request of images, videos and text into model inputs: media loading and sizing (media.py), the chat
+prompt with expanded vision placeholders (prompt.py), M-RoPE positions (rope_index.py), and sharing preprocessed
+media between the ranks of a node (shm.py, node_share.py).
 
-from atb_models.multimodal.media import classify_media, load_image, load_video
-from atb_models.multimodal.prompt import Message, Preprocessor, ProcessedPrompt, VisualInput
-from atb_models.multimodal.rope_index import rope_index
-
-__all__ = [
-    "Message",
-    "Preprocessor",
-    "ProcessedPrompt",
-    "VisualInput",
-    "classify_media",
-    "load_image",
-    "load_video",
-    "rope_index",
-]
+The package itself imports nothing, so that checking a media file (`media.probe_media_file`) stays torch-free."""

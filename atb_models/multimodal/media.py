@@ -2,6 +2,9 @@
 
 Images come back as RGB PIL images at their own size (the image processor resizes them). Videos come back as a
 uint8 array of sampled frames already resized to their grid, following the qwen-vl-utils sampling rule.
+
+Checking a file (`probe_media_file`) needs neither torch nor transformers, which are imported where a video is
+sampled and sized: run_pa refuses a bad file before they load.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from atb_models.errors import UserError
 
@@ -193,6 +194,8 @@ def fit_to_grid(
 ) -> tuple[int, int]:
     """smart_resize's (height, width); its refusals (a side under `factor`, aspect ratio over 200) as UserErrors,
     and so is a size it would return with a side of 0 (an elongated image under a small max_pixels)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     try:
         resized = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as err:
@@ -221,6 +224,8 @@ def video_frame_count(total_frames: int, native_fps: float, fps: float, max_fram
 
 def video_frame_indices(total_frames: int, count: int) -> list[int]:
     """Evenly spread frame indices, first and last included (torch's linspace and rounding, as qwen-vl-utils)."""
+    import torch
+
     return torch.linspace(0, total_frames - 1, count).round().long().tolist()
 
 

@@ -14,11 +14,12 @@ from atb_models.multimodal.shm import (
     read_shared_tensor,
     remove_stale_segments,
 )
+from atb_models.ranks import ParallelState
 
 logger = logging.getLogger(__name__)
 
 
-def node_name_file(path: str, state: distributed.ParallelState) -> str:
+def node_name_file(path: str, state: ParallelState) -> str:
     """The live-segment list of this node: --shm_name_save_path itself on the first node, a sibling file on the
     others (the path may lie on a filesystem the nodes share)."""
     node = state.rank // state.local_world_size
@@ -26,7 +27,7 @@ def node_name_file(path: str, state: distributed.ParallelState) -> str:
 
 
 class NodePreprocessor:
-    def __init__(self, preprocessor, state: distributed.ParallelState, shm_name_file: str):
+    def __init__(self, preprocessor, state: ParallelState, shm_name_file: str):
         self.preprocessor = preprocessor
         self.state = state
         self.publisher = None

@@ -14,11 +14,11 @@ import socket
 
 import uvicorn
 
-from atb_models import distributed
 from atb_models.cli.entry import configure_logging
 from atb_models.cli.run_pa import engine_options
 from atb_models.config import load_model_config
 from atb_models.errors import UserError
+from atb_models.ranks import env_state
 from atb_models.serve.app import ChatService, ServerConfig, create_app
 from atb_models.serve.engine import EngineLoop, follow
 from atb_models.serve.metrics import ServerMetrics
@@ -29,7 +29,7 @@ SHUTDOWN_GRACE_S = 5  # after a signal, how long running requests may take to fi
 
 
 def serve(args: argparse.Namespace) -> int:
-    ranks = distributed.env_state()
+    ranks = env_state()
     configure_logging(ranks.rank)
     config = server_config(args)
 

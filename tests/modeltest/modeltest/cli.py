@@ -19,10 +19,11 @@ from datetime import datetime
 
 from transformers.utils import logging as transformers_logging
 
-from atb_models import UserError, distributed
+from atb_models import UserError
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import configure_logging, run_entry_point
 from atb_models.launch import launched
+from atb_models.ranks import env_state
 
 from modeltest.backends import HFBackend, KitBackend
 from modeltest.config import load_model_config, load_task_config
@@ -85,7 +86,7 @@ def make_backend(name: str, model, task_config, args, max_new_tokens: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    ranks = distributed.env_state()
+    ranks = env_state()
     rank, world_size = ranks.rank, ranks.world_size
     transformers_logging.set_verbosity_error()  # its notes on its own Qwen2-VL classes are nothing to act on
     configure_logging(rank, names=("atb_models", "modeltest"))
