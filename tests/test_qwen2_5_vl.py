@@ -30,7 +30,14 @@ def oracle_ready():
 
 
 @pytest.fixture(scope="session")
-def q25_checkpoint(oracle_ready, tiny_checkpoint, tmp_path_factory):
+def oracle_worker(oracle_ready):
+    """One oracle process for the session's builds and references (the venv's imports paid once)."""
+    with oracle.OracleWorker() as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def q25_checkpoint(oracle_worker, tiny_checkpoint, tmp_path_factory):
     """q25_checkpoint(**shape) -> a Qwen2.5-VL folder built by transformers 4.51.3; once per distinct shape."""
     built = {}
 
@@ -38,7 +45,8 @@ def q25_checkpoint(oracle_ready, tiny_checkpoint, tmp_path_factory):
         key = tuple(sorted((k, str(v)) for k, v in shape.items()))
         if key not in built:
             out = tmp_path_factory.mktemp("qwen2_5_vl")
-            built[key] = oracle.build_checkpoint(tiny_checkpoint(), out, max_pixels=WINDOW_IMAGE_MAX_PIXELS, **shape)
+            built[key] = oracle.build_checkpoint(tiny_checkpoint(), out, max_pixels=WINDOW_IMAGE_MAX_PIXELS,
+                                                   worker=oracle_worker, **shape)
         return built[key]
 
     return get
@@ -66,11 +74,11 @@ def oracle_inputs(prompt) -> dict:
     return reference_inputs([prompt], 0, torch.device("cpu"), video_seconds=True)
 
 
-def assert_matches_oracle(llm, path, requests, work_dir):
+def assert_matches_oracle(llm, path, requests, work_dir, worker):
     recorder = LogitsRecorder(llm)
     outputs = llm.generate(requests, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True))
     prompts = [llm.preprocessor(request) for request in requests]
-    references = oracle.reference(path, [oracle_inputs(p) for p in prompts], MAX_NEW, work_dir)
+    references = oracle.reference(path, [oracle_inputs(p) for p in prompts], MAX_NEW, work_dir, worker)
     for i, (prompt, out, (ref_tokens, ref_logits)) in enumerate(zip(prompts, outputs, references)):
         assert out.error is None, out.error
         assert out.prompt_token_count == len(prompt.token_ids)
@@ -81,7 +89,7 @@ def assert_matches_oracle(llm, path, requests, work_dir):
     return outputs
 
 
-def test_text_and_a_window_spanning_image_match_transformers(q25_checkpoint, media, tmp_path):
+def test_text_and_a_window_spanning_image_match_transformers(q25_checkpoint, oracle_worker, media, tmp_path):
     path = q25_checkpoint()
     llm = make_llm(path)
     image = llm.preprocessor([{"image": media["windows"]}]).visuals[0]
@@ -89,10 +97,10 @@ def test_text_and_a_window_spanning_image_match_transformers(q25_checkpoint, med
     assert_matches_oracle(llm, path, [
         [{"text": "Hello, what colour is the sky?"}],
         [{"image": media["windows"]}, {"text": "What is in the picture?"}],
-    ], tmp_path)
+    ], tmp_path, oracle_worker)
 
 
-def test_two_images_a_tall_thin_one_and_videos_match_transformers(q25_checkpoint, media, sample_frames,
+def test_two_images_a_tall_thin_one_and_videos_match_transformers(q25_checkpoint, oracle_worker, media, sample_frames,
                                                                    sample_video_path, tmp_path):
     path = q25_checkpoint()
     frames = [str(f) for f in sample_frames]
@@ -102,25 +110,29 @@ def test_two_images_a_tall_thin_one_and_videos_match_transformers(q25_checkpoint
         [{"video": frames}, {"text": "What happens in this video?"}],                 # 2 fps: qwen-vl-utils' rule
         [{"video": frames + frames, "fps": 0.5}, {"image": media["odd"]}, {"text": "Describe both."}],
         [{"video": str(sample_video_path)}, {"text": "And this clip?"}],                # a file: --video_fps
-    ], tmp_path)
+    ], tmp_path, oracle_worker)
 
 
-def test_tied_embeddings_and_the_released_mrope_config_form_match_transformers(q25_checkpoint, media, tmp_path):
+def test_tied_embeddings_and_the_released_mrope_config_form_match_transformers(q25_checkpoint, oracle_worker, media,
+                                                                              tmp_path):
     # 8 query heads on 2 key/value heads (3B's ratio), the head tied to the embedding (as 3B's), and rope_scaling
     # written {"type": "mrope", ...} as the released configs have it.
     path = q25_checkpoint(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, rope_form="mrope",
                           fullatt_block_indexes=[0, 2], vision_depth=3)
     llm = make_llm(path)
     assert llm.runner.model.tie_word_embeddings
-    assert_matches_oracle(llm, path, [[{"image": media["windows"]}, {"text": "What is this?"}]], tmp_path)
+    assert_matches_oracle(llm, path, [[{"image": media["windows"]}, {"text": "What is this?"}]], tmp_path,
+                          oracle_worker)
 
 
-def test_window_order_matters_full_attention_everywhere_changes_the_tokens(q25_checkpoint, media, tmp_path):
+def test_window_order_matters_full_attention_everywhere_changes_the_tokens(q25_checkpoint, oracle_worker, media,
+                                                                            tmp_path):
     path = q25_checkpoint()
     llm = make_llm(path)
     request = [{"image": media["windows"]}, {"text": "What is in the picture?"}]
     inputs = oracle_inputs(llm.preprocessor(request))
-    (windowed, _), (full, _) = oracle.reference(path, [inputs, dict(inputs, full_attention=True)], MAX_NEW, tmp_path)
+    (windowed, _), (full, _) = oracle.reference(path, [inputs, dict(inputs, full_attention=True)], MAX_NEW, tmp_path,
+                                                  oracle_worker)
     assert windowed != full, "the checkpoint's vision attention is too flat for window order to show"
     # The kit's tower with every block over the whole image gives transformers' full-attention tokens.
     llm.runner.model.visual.full_attention_blocks = frozenset(range(len(llm.runner.model.visual.blocks)))
@@ -186,13 +198,29 @@ SHAPE_3B_HEADS = dict(hidden_size=128, intermediate_size=256, num_attention_head
 SHAPE_72B_HEADS = dict(hidden_size=512, intermediate_size=256, num_attention_heads=64, num_key_value_heads=8)
 
 
+@pytest.fixture(scope="module")
+def one_rank_outputs(oracle_worker, tmp_path_factory):
+    """one_rank_outputs(path, requests) -> the kit's outputs at one rank, checked against transformers once per
+    checkpoint and requests: the tests at several world sizes compare their ranks with the same ones."""
+    checked = {}
+
+    def get(path, requests):
+        key = (str(path), json.dumps(requests))
+        if key not in checked:
+            checked[key] = assert_matches_oracle(make_llm(path), path, requests, tmp_path_factory.mktemp("oracle"),
+                                                 oracle_worker)
+        return checked[key]
+
+    return get
+
+
 @pytest.mark.parametrize("shape,world_size", [
     pytest.param(SHAPE_3B_HEADS, 2, id="3b_at_two_ranks"),
     pytest.param(SHAPE_3B_HEADS, 4, id="3b_at_four_ranks"),  # the issue's 2 and 4 ranks stay in the default run
     pytest.param(SHAPE_72B_HEADS, 8, id="72b_at_eight_ranks", marks=pytest.mark.slow),
 ])
-def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media, sample_frames, tmp_path, shape,
-                                                            world_size):
+def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, one_rank_outputs, media, sample_frames,
+                                                            tmp_path, shape, world_size):
     from tests.test_tensor_parallel import run_ranks
 
     path = q25_checkpoint(**shape)
@@ -201,7 +229,7 @@ def test_tensor_parallel_ranks_give_the_tokens_of_one_rank(q25_checkpoint, media
         [{"video": [str(f) for f in sample_frames]}, {"image": media["odd"]}, {"text": "Describe both."}],
         [{"text": "Hello, what colour is the sky?"}],
     ]
-    one_rank = assert_matches_oracle(make_llm(path), path, requests, tmp_path)
+    one_rank = one_rank_outputs(path, requests)
     out = run_ranks(tmp_path, world_size, {"model": str(path), "requests": requests, "max_tokens": MAX_NEW})
     per_rank = [json.loads((out / f"tokens_rank{r}.json").read_text()) for r in range(world_size)]
     assert all(tokens == [o.token_ids for o in one_rank] for tokens in per_rank)
@@ -301,6 +329,16 @@ def test_without_transformers_qwen2_5_vl_the_reference_is_one_user_error():
         pytest.skip(f"transformers {transformers.__version__} has Qwen2.5-VL")
     with pytest.raises(UserError, match=r"has no Qwen2_5_VLForConditionalGeneration: comparing Qwen2.5-VL"):
         family.reference_class()
+
+
+def test_a_failed_job_of_the_oracle_worker_says_why_and_the_worker_goes_on(oracle_worker, tiny_checkpoint,
+                                                                           tmp_path):
+    with pytest.raises(RuntimeError, match=r"oracle failed \(build\):(.|\n)*unknown shape keys \['hidden_sizes'\]"):
+        oracle.build_checkpoint(tiny_checkpoint(), tmp_path / "bad", worker=oracle_worker, hidden_sizes=64)
+    with pytest.raises(RuntimeError, match=r"oracle failed \(reference\)"):
+        oracle.reference(tmp_path / "nowhere", [], MAX_NEW, tmp_path, oracle_worker)
+    built = oracle.build_checkpoint(tiny_checkpoint(), tmp_path / "good", worker=oracle_worker, vision_depth=2)
+    assert json.loads((built / "config.json").read_text())["vision_config"]["depth"] == 2
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ run as a separate process. Qwen2.5-VL's parity tests, the benchmark's `compare` 
 This module is the kit's side: it makes the venv under the kit's cache folder (`ensure_venv`; `python -m
 atb_models.oracle venv` is what .ci/run calls), builds random tiny checkpoints there (`build_checkpoint`), asks for
 greedy tokens and logits of preprocessed prompts (`reference`, for the parity tests) and keeps a model loaded in a
-worker process for timed runs (`RemoteReference`). `worker.py` is the other side: run by the venv's Python, it imports
+worker process for timed runs (`RemoteReference`). Builds and references run in a process of their own each, or in
+one `OracleWorker` given to them (a test session's many calls pay the venv's imports once). `worker.py` is the other side: run by the venv's Python, it imports
 transformers 4.51.3 and nothing of the kit.
 """
 from __future__ import annotations
@@ -78,11 +79,53 @@ def _run_worker(*args: str) -> None:
         raise RuntimeError(f"the Qwen2.5-VL oracle failed ({' '.join(args[:1])}):\n{done.stderr[-4000:]}")
 
 
-def build_checkpoint(like: Path, out_dir: Path, seed: int = 0, max_pixels: int | None = None, **shape) -> Path:
+class OracleWorker:
+    """One process of the venv running builds and references on request (worker.py's `jobs`), one at a time: the
+    imports of torch and transformers, seconds each time, are paid once. Close it (or use it as a context manager);
+    a worker that dies is a RuntimeError at the next request."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen([str(venv_python()), str(WORKER), "jobs", "--fd", str(theirs.fileno())],
+                                             pass_fds=(theirs.fileno(),), env=_worker_env())
+        self._connection = Connection(ours.detach())
+
+    def run(self, command: str, *arguments) -> None:
+        try:
+            self._connection.send_bytes(json.dumps([command, *arguments]).encode())
+            status, detail = json.loads(self._connection.recv_bytes())
+        except (EOFError, OSError):
+            raise RuntimeError(f"the Qwen2.5-VL oracle worker ended (exit code {self._process.wait()})") from None
+        if status != "ok":
+            raise RuntimeError(f"the Qwen2.5-VL oracle failed ({command}):\n{detail}")
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                self._connection.send_bytes(json.dumps(["close"]).encode())
+                self._process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait()
+        self._connection.close()
+
+    def __enter__(self) -> OracleWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def build_checkpoint(like: Path, out_dir: Path, seed: int = 0, max_pixels: int | None = None,
+                     worker: OracleWorker | None = None, **shape) -> Path:
     """A random tiny Qwen2.5-VL checkpoint in out_dir, built by transformers 4.51.3, with the tokenizer and
     processor files of the Qwen2-VL checkpoint `like`; `shape` overrides worker.DEFAULT_SHAPE."""
     settings = {"shape": shape, "seed": seed, "max_pixels": max_pixels}
-    _run_worker("build", "--like", str(like), "--out", str(out_dir), "--settings", json.dumps(settings))
+    if worker is not None:
+        worker.run("build", str(like), str(out_dir), settings)
+    else:
+        _run_worker("build", "--like", str(like), "--out", str(out_dir), "--settings", json.dumps(settings))
     return Path(out_dir)
 
 
@@ -99,7 +142,8 @@ def build_demo_checkpoint(out_dir, shape: dict | None = None, image_max_pixels: 
         return build_checkpoint(Path(like), Path(out_dir), seed=seed, max_pixels=image_max_pixels, **(shape or {}))
 
 
-def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Path) -> list:
+def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Path,
+              worker: OracleWorker | None = None) -> list:
     """[(greedy tokens, [per-step float32 logits])] from transformers for each prompt, given as generate()'s
     inputs (benchmark.engines.reference_inputs of one prompt) and, optionally, full_attention: True to run every
     vision block over the whole image (what a wrong window order amounts to)."""
@@ -107,8 +151,11 @@ def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Pat
 
     inputs, out = Path(work_dir) / "oracle_inputs.pt", Path(work_dir) / "oracle_reference.json"
     torch.save(prompts, inputs)
-    _run_worker("reference", "--model", str(model_dir), "--inputs", str(inputs), "--out", str(out),
-                "--max_new_tokens", str(max_new_tokens))
+    if worker is not None:
+        worker.run("reference", str(model_dir), str(inputs), str(out), max_new_tokens)
+    else:
+        _run_worker("reference", "--model", str(model_dir), "--inputs", str(inputs), "--out", str(out),
+                    "--max_new_tokens", str(max_new_tokens))
     return [(r["tokens"], torch.tensor(r["logits"])) for r in json.loads(out.read_text())]
 
 

@@ -4,12 +4,14 @@ the kit, since the venv does not have the kit's other dependencies and the kit's
     worker.py build --like DIR --out DIR --settings JSON      a random tiny Qwen2.5-VL checkpoint
     worker.py reference --model DIR --inputs PT --out JSON     greedy tokens and float32 logits of prompts
     worker.py serve --fd N --settings JSON                     a loaded model answering generate() calls
+    worker.py jobs --fd N                                      builds and references on request, one at a time
 
 `build` takes the tokenizer, chat template and processor files of a kit-built Qwen2-VL checkpoint (the two families
 share them). The vision tower's attention gets a larger init scale, so it is sharp: a wrong window order changes the
 greedy tokens. `reference` reads prompts the kit preprocessed (token ids, patches, grids, seconds per temporal grid
 step). `serve` keeps one model loaded for the benchmark's and modeltest's timed runs, over a socket inherited from
-the kit's process (atb_models.oracle.RemoteReference).
+the kit's process (atb_models.oracle.RemoteReference). `jobs` runs builds and references sent over such a socket
+(atb_models.oracle.OracleWorker), so a test session pays the imports of torch and transformers once.
 """
 from __future__ import annotations
 
@@ -212,6 +214,35 @@ def _serve(fd: int, settings: dict) -> None:
             send(("error", f"{type(e).__name__}: {e}"))
 
 
+def _jobs(fd: int) -> None:
+    """Answers ["build", like, out, settings] and ["reference", model, inputs, out, max_new_tokens] (JSON) with
+    ["ok", ""] or ["error", the traceback's end], one at a time, until ["close"] or EOF."""
+    import traceback
+    from multiprocessing.connection import Connection
+
+    connection = Connection(fd)
+    while True:
+        try:
+            command, *arguments = json.loads(connection.recv_bytes())
+        except EOFError:
+            return
+        if command == "close":
+            return
+        try:
+            if command == "build":
+                like, out, settings = arguments
+                _build(Path(like), Path(out), settings)
+            elif command == "reference":
+                model, inputs, out, max_new_tokens = arguments
+                _reference(Path(model), Path(inputs), Path(out), max_new_tokens)
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            reply = ["ok", ""]
+        except Exception:  # noqa: BLE001 - the kit's side raises it, with this traceback
+            reply = ["error", traceback.format_exc()[-4000:]]
+        connection.send_bytes(json.dumps(reply).encode())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,11 +258,15 @@ def main(argv=None) -> None:
     serve = commands.add_parser("serve", help="keep a model loaded for generate() calls over an inherited socket")
     serve.add_argument("--fd", type=int, required=True)
     serve.add_argument("--settings", required=True)
+    jobs = commands.add_parser("jobs", help="run builds and references sent over an inherited socket")
+    jobs.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
     if args.command == "build":
         _build(args.like, args.out, json.loads(args.settings))
     elif args.command == "reference":
         _reference(args.model, args.inputs, args.out, args.max_new_tokens)
+    elif args.command == "jobs":
+        _jobs(args.fd)
     else:
         _serve(args.fd, json.loads(args.settings))
 
