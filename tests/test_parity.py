@@ -192,3 +192,38 @@ def test_bf16_checkpoint_is_converted_to_the_compute_dtype_on_load(tiny_checkpoi
     llm = make_llm(tiny_checkpoint())  # stored as bfloat16, computed in float32
     assert {p.dtype for p in llm.runner.model.parameters()} == {torch.float32}
     assert llm.runner.model.model.layers[0].k_cache.dtype == torch.float32
+
+
+# torch's and oneDNN's own switches: their operators run as on a CPU without AVX-512.
+AVX2_ONLY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape_name", ["gqa", "packed_mlp"])
+def test_a_cpu_without_avx512_runs_pytorchs_operators_and_matches_transformers(tiny_checkpoint, sample_image_path,
+                                                                               shape_name):
+    """The fallback path as an AVX2-only CPU runs it, emulated here by limiting torch and oneDNN to AVX2 in a fresh
+    process: the kit's native kernels stay unloaded (saying why) and tokens and logits match transformers under the
+    same limits (packed_mlp: the MLP through oneDNN's packed layout)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    path = tiny_checkpoint(shape=SHAPES[shape_name])
+    code = (
+        "import torch\n"
+        "from atb_models.cli.entry import configure_logging\n"
+        "from tests.test_parity import assert_matches_reference, make_llm\n"
+        "configure_logging()\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
+        f"llm = make_llm({str(path)!r})\n"
+        "print(llm.runner.kernels.describe())\n"
+        f"assert_matches_reference(llm, {str(path)!r}, [[{{'text': 'Hello, what colour is the sky?'}}],\n"
+        f"    [{{'image': {str(sample_image_path)!r}}}, {{'text': 'What is in the picture?'}}]])\n")
+    env = {**os.environ, **AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "native" not in done.stdout, done.stdout
+    assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2): using PyTorch's operators" in done.stderr

@@ -132,8 +132,11 @@ class NativeLibrary:
     def load(cls) -> NativeLibrary | None:
         """The library, built if need be, or None (the reason logged) where it cannot be used here: it is built
         with AVX-512 instructions (torch's own check of the CPU decides) and needs a C++ compiler."""
-        if torch.backends.cpu.get_cpu_capability() != "AVX512":
-            logger.info("the kit's %s kernels need AVX-512, which this CPU lacks: using PyTorch's operators", LIBRARY)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability != "AVX512":
+            forced = os.environ.get("ATEN_CPU_CAPABILITY")
+            logger.info("the kit's %s kernels need AVX-512; torch reports %s for this CPU%s: using PyTorch's "
+                        "operators", LIBRARY, capability, f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
             return None
         path = build(LIBRARY)
         if path is None:
