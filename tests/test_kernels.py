@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
+from atb_models.host import cpuinfo_field, read_cpuinfo
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
@@ -24,6 +25,9 @@ from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+# AVX2 and FMA, what the AVX2 library is built for: every AVX-512 CPU has them too, so its tests run there as well
+HAS_AVX2 = {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split())
 CPU_FP32 = resolve_plan("cpu", "float32", "float32")
 GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 
@@ -174,13 +178,24 @@ def _panel_packed(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it_matches_f_linear():
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_or_avx2_and_it_matches_f_linear(
+        isa, monkeypatch):
+    """The AVX-512 library's panel kernel, and the AVX2 library's for a CPU without AVX-512 (tested here on any
+    CPU with AVX2 and FMA by reporting torch's capability as AVX2)."""
+    if isa == "avx2" and AVX512:
+        if not HAS_AVX2:
+            pytest.skip("this CPU has no AVX2 and FMA")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    elif isa == "avx512" and not AVX512:
+        pytest.skip("the AVX-512 library needs an AVX-512 CPU" + (" (the avx2 case tests this one)" if AVX2 else ""))
     kernel = linear_kernel(CPU_FP32, "auto")
-    if not AVX512:
-        # Built with AVX-512 instructions: another CPU must not get it (it would die of SIGILL).
+    if isa == "avx2" and not (AVX512 or AVX2):
+        # Built with AVX2 instructions: a CPU without them must not get it (it would die of SIGILL).
         assert not isinstance(kernel, PanelLinear) and isinstance(kernel, OneDnnLinear)
         return
-    assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel on an AVX-512 CPU"
+    assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel"
+    assert kernel.name == {"avx512": "panel", "avx2": "panel (AVX2)"}[isa]
     generator = torch.Generator().manual_seed(0)
     # One group, uneven thread shares (3 and 37 groups); K off the 128-step blocks and over several of them.
     for out_features, in_features in ((64, 40), (64 * 3, 200), (64 * 37, 130), (1024, 300)):
@@ -205,6 +220,17 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_and_it
     x = torch.randn(3, 256, generator=generator)
     odd = large[:-16].contiguous()
     assert torch.allclose(kernel(x, kernel.pack(odd)), F.linear(x, odd), atol=1e-4)
+    # bfloat16 panels (a bfloat16 checkpoint's values, packed at half the bytes): the same products
+    for out_features, in_features in ((64, 40), (64 * 37, 130), (1024, 300)):
+        weight = torch.randn(out_features, in_features, generator=generator).bfloat16().float()
+        bias = torch.randn(out_features, generator=generator)
+        packed = kernel.pack(weight) if weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS else panel_layout(
+            weight.bfloat16())
+        assert packed.dtype == torch.bfloat16
+        for rows in (1, 2, 3, 5, 7, 16, 17):
+            x = torch.randn(rows, in_features, generator=generator)
+            expected = F.linear(x.double(), weight.double(), bias.double()).float()
+            assert torch.allclose(kernel(x, packed, bias), expected, atol=1e-4, rtol=1e-4), (out_features, rows)
 
 
 def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):
@@ -297,6 +323,22 @@ def test_without_a_working_compiler_the_cpu_kernels_fall_back_to_onednn_and_pyto
 
 
 # ------------------------------------------------------------------------------------ the native declaration
+
+def test_the_avx2_library_holds_the_two_linears_and_is_refused_as_the_whole_library(monkeypatch):
+    if not HAS_AVX2:
+        pytest.skip("this CPU has no AVX2 and FMA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    library = native.NativeLibrary.load_avx2()
+    assert library is not None and library.isa == "avx2" and library.structs == {}
+    report = dict(item.split("=") for item in library.atb_native_abi().decode().split())
+    assert report == {"version": str(native.ABI_VERSION), "isa": "avx2"}
+    assert not hasattr(library, "atb_decoder_layers_decode_f32")
+    path = native.build(native.AVX2_LIBRARY, native.AVX2_CXX_FLAGS)
+    with pytest.raises(native.AbiMismatch, match="has no function"):
+        native.NativeLibrary(ctypes.CDLL(str(path)))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: none
+    assert native.NativeLibrary.load_avx2() is None
+
 
 def test_the_native_library_reports_the_struct_sizes_its_declaration_generates():
     if not AVX512:

@@ -199,12 +199,13 @@ AVX2_ONLY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape_name", ["gqa", "packed_mlp"])
-def test_a_cpu_without_avx512_runs_pytorchs_operators_and_matches_transformers(tiny_checkpoint, sample_image_path,
-                                                                               shape_name):
-    """The fallback path as an AVX2-only CPU runs it, emulated here by limiting torch and oneDNN to AVX2 in a fresh
-    process: the kit's native kernels stay unloaded (saying why) and tokens and logits match transformers under the
-    same limits (packed_mlp: the MLP through oneDNN's packed layout)."""
+@pytest.mark.parametrize("shape_name", ["gqa", "packed_mlp", "packed_tied_head"])
+def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tiny_checkpoint, sample_image_path,
+                                                                             shape_name):
+    """The path of a CPU with AVX2 but not AVX-512, emulated here by limiting torch and oneDNN to AVX2 in a fresh
+    process: the AVX-512 library stays unloaded (saying why), the AVX2 one runs the packed linears (the MLP, the tied
+    head: bfloat16 panels of the checkpoint's values), PyTorch's operators the rest, and tokens and logits match
+    transformers under the same limits."""
     import os
     import subprocess
     import sys
@@ -220,10 +221,13 @@ def test_a_cpu_without_avx512_runs_pytorchs_operators_and_matches_transformers(t
         "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
         f"llm = make_llm({str(path)!r})\n"
         "print(llm.runner.kernels.describe())\n"
+        "from atb_models.kernels.linear import is_panel_packed\n"
+        f"assert any(is_panel_packed(p) for p in llm.runner.model.parameters()) == ({shape_name!r} != 'gqa')\n"
         f"assert_matches_reference(llm, {str(path)!r}, [[{{'text': 'Hello, what colour is the sky?'}}],\n"
         f"    [{{'image': {str(sample_image_path)!r}}}, {{'text': 'What is in the picture?'}}]])\n")
     env = {**os.environ, **AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "native" not in done.stdout, done.stdout
-    assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2): using PyTorch's operators" in done.stderr
+    assert done.stdout.startswith("linear panel (AVX2), RMSNorm torch") and "native" not in done.stdout, done.stdout
+    assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2)" in done.stderr
+    assert "the kit's AVX2 linear kernels (cpu_kernels_avx2) run the linears" in done.stderr

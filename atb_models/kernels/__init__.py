@@ -42,12 +42,16 @@ class Kernels:
         model attention, norms, activation and whole decoder layers too; for a bfloat16 one its linears (bfloat16
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
-        build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged."""
+        build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged; on a CPU
+        with AVX2 but not AVX-512 a float32 model's linears run the kit's AVX2 library (NativeLibrary.load_avx2)."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
-        linear = cpu_linear_kernel(choice, library, bf16_inputs=has_bf16_inputs(plan))
+        linears = library
+        if library is None and choice in ("auto", "panel") and not has_bf16_inputs(plan):
+            linears = NativeLibrary.load_avx2()  # no AVX-512: the kit's linears for AVX2, for a float32 model
+        linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
         if library is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),

@@ -75,7 +75,7 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own kernels for the CPU (AVX-512): weights packed in groups of 64 output columns so that each
+    """The kit's own kernels for the CPU (AVX-512, or AVX2 for the linears alone): weights packed in groups of 64 output columns so that each
     thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
     oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
     bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups
@@ -92,8 +92,9 @@ class PanelLinear(OneDnnLinear):
     name = "panel"
 
     def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False,
-                 bf16_dot_op=None):
+                 bf16_dot_op=None, name: str = "panel"):
         super().__init__(linear_op, reorder_op)
+        self.name = name  # "panel (AVX2)": the ops of the AVX2 library (kernels.native.NativeLibrary.load_avx2)
         self._native = native_op
         self.bf16_op = bf16_op
         self.narrow_exact = narrow_exact and bf16_op is not None
@@ -216,8 +217,10 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
         return PLAIN_LINEAR
     from atb_models.kernels.native import NativeLibrary
 
-    return cpu_linear_kernel(choice, NativeLibrary.load() if choice in ("auto", "panel") else None,
-                             bf16_inputs=has_bf16_inputs(plan))
+    library = NativeLibrary.load() if choice in ("auto", "panel") else None
+    if library is None and choice in ("auto", "panel") and not has_bf16_inputs(plan):
+        library = NativeLibrary.load_avx2()  # as Kernels.for_plan: the AVX2 linears for a float32 model
+    return cpu_linear_kernel(choice, library, bf16_inputs=has_bf16_inputs(plan))
 
 
 def has_bf16_inputs(plan) -> bool:
@@ -226,8 +229,8 @@ def has_bf16_inputs(plan) -> bool:
 
 
 def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
-    """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, or None)
-    is there (packing float32 weights that hold bfloat16 values as bfloat16), else oneDNN where this build has a
+    """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, its
+    AVX-512 build or the AVX2 one of the linears alone, or None) is there (packing float32 weights that hold bfloat16 values as bfloat16), else oneDNN where this build has a
     working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask for one (falling back the
     same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's) the panel kernel
     also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears bfloat16
@@ -244,6 +247,10 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
+        if library.isa == "avx2":  # the two linears alone, nothing measured: an AVX2 CPU's model is float32
+            bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
+            return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
+                               name="panel (AVX2)")
         stream_prefetch_chosen(library)
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
         if bf16_op is not None:

@@ -33,6 +33,11 @@ LIBRARY = "cpu_kernels"  # csrc/cpu_kernels.cpp and its headers
 # AVX-512 F, BW, VL and DQ: what torch's "AVX512" capability, checked before building, guarantees.
 CXX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
              "-std=c++17")
+# A CPU without AVX-512 but with AVX2 and FMA (torch's "AVX2" capability) gets the linear kernels alone, from a
+# library of their own (csrc/cpu_kernels_avx2.cpp): the functions below, declared in FUNCTIONS like the rest.
+AVX2_LIBRARY = "cpu_kernels_avx2"
+AVX2_CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
@@ -99,12 +104,17 @@ class AbiMismatch(RuntimeError):
 
 class NativeLibrary:
     """The loaded library: one attribute per function of FUNCTIONS, typed from it, and `structs`, the ctypes
-    Structure of each STRUCTS entry. Checked against the library's own ABI report when made."""
+    Structure of each STRUCTS entry. Checked against the library's own ABI report when made. `isa` says which:
+    "avx512", the whole library, or "avx2", the linear kernels alone (AVX2_FUNCTIONS, no structs)."""
 
-    def __init__(self, library: ctypes.CDLL):
+    def __init__(self, library: ctypes.CDLL, isa: str = "avx512"):
+        self.isa = isa
+        full = isa == "avx512"
         self.structs = {name: type(name, (ctypes.Structure,), {"_fields_": list(fields)})
-                        for name, fields in STRUCTS.items()}
+                        for name, fields in STRUCTS.items() if full}
         for name, (restype, arguments) in FUNCTIONS.items():
+            if not full and name not in AVX2_FUNCTIONS:
+                continue
             try:
                 function = getattr(library, name)
             except AttributeError:
@@ -123,6 +133,8 @@ class NativeLibrary:
         report = dict(item.split("=", 1) for item in self.atb_native_abi().decode().split())
         if int(report.get("version", -1)) != ABI_VERSION:
             raise AbiMismatch(f"ABI version {report.get('version')} in the library, {ABI_VERSION} declared")
+        if report.get("isa", "avx512") != self.isa:
+            raise AbiMismatch(f"the library is built for {report.get('isa', 'avx512')}, loaded as {self.isa}")
         for name, struct in self.structs.items():
             built, declared = int(report.get(name, -1)), ctypes.sizeof(struct)
             if built != declared:
@@ -135,19 +147,36 @@ class NativeLibrary:
         capability = torch.backends.cpu.get_cpu_capability()
         if capability != "AVX512":
             forced = os.environ.get("ATEN_CPU_CAPABILITY")
-            logger.info("the kit's %s kernels need AVX-512; torch reports %s for this CPU%s: using PyTorch's "
-                        "operators", LIBRARY, capability, f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+            logger.info("the kit's %s kernels need AVX-512; torch reports %s for this CPU%s: PyTorch's operators "
+                        "run instead (and the kit's AVX2 linears where they apply)", LIBRARY, capability,
+                        f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
             return None
-        path = build(LIBRARY)
+        return cls._built(LIBRARY, compile_flags(), "avx512")
+
+    @classmethod
+    def load_avx2(cls) -> NativeLibrary | None:
+        """The linear kernels alone for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built
+        if need be, or None (the reason logged)."""
+        if torch.backends.cpu.get_cpu_capability() != "AVX2":
+            return None
+        library = cls._built(AVX2_LIBRARY, AVX2_CXX_FLAGS, "avx2")
+        if library is not None:
+            logger.info("the kit's AVX2 linear kernels (%s) run the linears; PyTorch's operators the rest",
+                        AVX2_LIBRARY)
+        return library
+
+    @classmethod
+    def _built(cls, name: str, flags: tuple[str, ...], isa: str) -> NativeLibrary | None:
+        path = build(name, flags)
         if path is None:
             return None
         try:
-            return cls(ctypes.CDLL(str(path)))
+            return cls(ctypes.CDLL(str(path)), isa)
         except OSError as e:
-            logger.info("loading the kit's %s kernels failed: %s", LIBRARY, e)
+            logger.info("loading the kit's %s kernels failed: %s", name, e)
         except AbiMismatch as e:
             logger.warning("the kit's %s kernels (%s) do not match their declaration in %s: %s; using PyTorch's "
-                           "operators instead", LIBRARY, path, __name__, e)
+                           "operators instead", name, path, __name__, e)
         return None
 
 
@@ -168,14 +197,15 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def build(name: str) -> Path | None:
-    """csrc/<name>.cpp compiled into the cache (named by a hash of the sources, csrc's headers included, flags and
-    compiler, so an edit or another compiler builds anew), or None where no compiler is found or the build fails."""
+def build(name: str, flags: tuple[str, ...] | None = None) -> Path | None:
+    """csrc/<name>.cpp compiled with `flags` (default compile_flags()) into the cache (named by a hash of the
+    sources, csrc's headers included, flags and compiler, so an edit or another compiler builds anew), or None where
+    no compiler is found or the build fails."""
     cxx = compiler()
     if cxx is None:
         logger.info("no C++ compiler found (set CXX): the kit's %s kernels are not built", name)
         return None
-    flags = compile_flags()
+    flags = compile_flags() if flags is None else flags
     source = SOURCE_DIR / f"{name}.cpp"
     sources = [source, *sorted(SOURCE_DIR.glob("*.h"))]
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)
