@@ -40,14 +40,18 @@ constexpr int64_t K_BLOCK = 128; // k-steps per block of batched rows: 32 KB of 
         _mm256_storeu_ps(y + i * ldy + 24, a##i##3);                                                    \
     }
 
+// A register block's sums to start from, 8 columns (j-th 8 of a half) of a row: the bias on the first K block (or
+// zero), the row's sums so far on the later ones.
+inline __m256 block_start(bool first, const float* bias, const float* y_row, int j) {
+    return first ? (bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps()) : _mm256_loadu_ps(y_row + 8 * j);
+}
+
 // y[MR, 32] = (first ? bias : y) + x[MR, k0:k1] * w[k0:k1] over one half group of float32 weights (k stride 64).
 template <int MR>
 void f32_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, const float* bias, bool first,
                float* y, int64_t ldy) {
     auto start = [&](int i, int j) {
-        if (i >= MR) return _mm256_setzero_ps();
-        return first ? (bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps())
-                     : _mm256_loadu_ps(y + i * ldy + 8 * j);
+        return i < MR ? block_start(first, bias, y + i * ldy, j) : _mm256_setzero_ps();
     };
     ATB_ROW_ACCUMULATORS(0);
     ATB_ROW_ACCUMULATORS(1);
@@ -76,9 +80,7 @@ template <int MR>
 void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t k0, int64_t k1, const float* bias,
                 bool first, float* y, int64_t ldy) {
     auto start = [&](int i, int j) {
-        if (i >= MR) return _mm256_setzero_ps();
-        return first ? (bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps())
-                     : _mm256_loadu_ps(y + i * ldy + 8 * j);
+        return i < MR ? block_start(first, bias, y + i * ldy, j) : _mm256_setzero_ps();
     };
     ATB_ROW_ACCUMULATORS(0);
     ATB_ROW_ACCUMULATORS(1);
