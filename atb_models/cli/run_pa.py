@@ -9,16 +9,17 @@ that fails is recorded as {"error": why}, a hidden file or a sub-folder as {"ski
 kit's bundled demo reader (a tiny Qwen2-VL trained to read words and numbers and name colours) answers, by default
 the question its sample picture goes with. Bad input is one `Error: ...` line on stderr and exit status 1, found
 before torch and the model load where it can be (flags, the checkpoint's config.json, the media files, the results
-path: `atb_models.cli.prepare`); --debug shows the traceback instead. Ctrl-C exits 130, SIGTERM 143 and SIGHUP (the terminal closed) 129, in dataset mode after writing the
-answers finished so far; --results_save_path replaces only a results file of an earlier run, never a file of the
-user's.
+path: `atb_models.cli.prepare`); --debug shows the traceback instead. Ctrl-C exits 130, SIGTERM 143 and SIGHUP (the
+terminal closed) 129, in dataset mode after writing the answers finished so far; --results_save_path replaces only a
+results file of an earlier run, never a file of the user's.
 
 A short warm-up request runs first and is never timed. With ATB_LLM_BENCHMARK_ENABLE=1 the run's step timings go to
 the benchmark CSV (atb_models/benchmark/csv_report.py); --performance sweeps batch sizes and output lengths on
 copies of the single-mode prompt, one CSV row each, and prints a table.
 
 This module imports neither torch nor the engine (`atb_models.cli.prepare` checks the flags it parsed,
-`atb_models.cli.infer` runs them), so --help is instant; each family's examples/models/<family>/run_pa.py calls `main` with its `Family`.
+`atb_models.cli.infer` runs them), so --help is instant; each family's examples/models/<family>/run_pa.py calls `main`
+with its `Family`.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
 void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                          const float* bias, float* y) {
     // Rows of three would need 12 accumulators, 6 broadcasts and the widened pair: more than AVX2's 16 registers.
-    run_linear<uint16_t, 2, bf16_row, bf16_block<1>, bf16_block<2>, bf16_block<2>>(x, M, K, ldx, wp, N, bias, y, 2 * HALF);
+    run_linear<uint16_t, 2, bf16_row, bf16_block<1>, bf16_block<2>, bf16_block<2>>(x, M, K, ldx, wp, N, bias, y,
+                                                                              2 * HALF);
 }
 
 }  // extern "C"

@@ -75,19 +75,19 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own kernels for the CPU (AVX-512, or AVX2 for the linears alone): weights packed in groups of 64 output columns so that each
-    thread reads one sequential stream, and the next weights streamed in while the current ones are multiplied, where
-    oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to csrc/panel_linear.h;
-    bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups
-    too, each column's weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in
-    registers (products and sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values,
-    as PyTorch's bfloat16 linear takes them; for such inputs
-    `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot product where the library
-    has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With `narrow_exact`, a
-    float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as
-    bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype, fewer than
-    ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN
-    as before."""
+    """The kit's own kernels for the CPU (AVX-512, or AVX2 for the linears alone): weights packed in groups of 64
+    output columns so that each thread reads one sequential stream, and the next weights streamed in while the current
+    ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to
+    csrc/panel_linear.h; bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to
+    csrc/bf16_linear.h in groups too, each column's weights of two k-steps side by side (pair_layout), at half the
+    bytes, widened to float32 in registers (products and sums in float32 on the input's values: a bfloat16 model's
+    inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them; for such inputs `bf16_dot_op`,
+    atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot product where the library has it and it
+    measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With `narrow_exact`, a float32 weight
+    whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32) is packed as bfloat16 too: the
+    same products, half the bytes to stream. Weights it does not pack (another dtype, fewer than
+    ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN as
+    before."""
 
     name = "panel"
 
@@ -229,12 +229,12 @@ def has_bf16_inputs(plan) -> bool:
 
 
 def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
-    """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, its
-    AVX-512 build or the AVX2 one of the linears alone, or None) is there (packing float32 weights that hold bfloat16 values as bfloat16), else oneDNN where this build has a
-    working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask for one (falling back the
-    same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's) the panel kernel
-    also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears bfloat16
-    inputs, so it spares the measurement."""
+    """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, its AVX-512
+    build or the AVX2 one of the linears alone, or None) is there (packing float32 weights that hold bfloat16 values
+    as bfloat16), else oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept
+    float32) and "onednn" ask for one (falling back the same way when it is missing), "torch" is F.linear. With
+    `bf16_inputs` (a bfloat16 model's) the panel kernel also gets the dot product where bf16_dot_chosen says so; a
+    float32 model never gives its linears bfloat16 inputs, so it spares the measurement."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)

@@ -4,9 +4,9 @@ run as a separate process. Qwen2.5-VL's parity tests, the benchmark's `compare` 
 This module is the kit's side: it makes the venv under the kit's cache folder (`ensure_venv`; `python -m
 atb_models.oracle venv` is what .ci/run calls), builds random tiny checkpoints there (`build_checkpoint`), asks for
 greedy tokens and logits of preprocessed prompts (`reference`, for the parity tests) and keeps a model loaded in a
-worker process for timed runs (`RemoteReference`). Builds and references run in a process of their own each, or in
-one `OracleWorker` given to them (a test session's many calls pay the venv's imports once). `worker.py` is the other side: run by the venv's Python, it imports
-transformers 4.51.3 and nothing of the kit.
+worker process for timed runs (`RemoteReference`). Builds and references run in a process of their own each, or in one
+`OracleWorker` given to them (a test session's many calls pay the venv's imports once). `worker.py` is the other side:
+run by the venv's Python, it imports transformers 4.51.3 and nothing of the kit.
 """
 from __future__ import annotations
 
