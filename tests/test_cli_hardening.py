@@ -327,7 +327,8 @@ def test_a_previous_results_file_is_replaced(capsys, monkeypatch, tmp_path, fake
     assert json.loads(out_path.read_text()) == {"a.jpg": "answer", "b.jpg": "answer", "c.jpg": "answer"}
 
 
-def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path, fake_model,
+def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path,
+                                                                                    fake_model,
                                                                                     dataset):
     out_path = tmp_path / "results.json"
     out_path.write_text('{"old.jpg": "an earlier run"}')
@@ -391,7 +392,8 @@ def _send_if_handled(signum: int) -> None:
 
 
 @pytest.mark.parametrize("signum, line", STOP_SIGNALS)
-def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path, fake_model,
+def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, line, capsys, monkeypatch, tmp_path,
+                                                                     fake_model,
                                                                      dataset, default_sighup):
     monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lambda: _send_if_handled(signum)))
     monkeypatch.setattr(infer, "LLM", InterruptedLLM)
@@ -438,7 +440,8 @@ def test_sighup_stays_ignored_under_nohup(capsys):
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, fake_model, dataset):
+def test_a_signal_before_any_answer_leaves_the_previous_results_file(capsys, monkeypatch, tmp_path, fake_model,
+                                                                     dataset):
     def interrupted(self, requests, params=None, on_finish=None):
         if on_finish is None:
             return [RequestOutput(0, "", text="warm", token_ids=[1])]
