@@ -9,7 +9,7 @@ import pytest
 
 from atb_models import LLM, SamplingParams, UserError
 from atb_models import distributed
-from atb_models.distributed import ParallelState
+from atb_models.ranks import ParallelState
 from atb_models.engine import llm as llm_module
 from atb_models.layers.sharding import ceil_div
 

@@ -211,6 +211,11 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
     import sys
     from pathlib import Path
 
+    from atb_models.host import cpuinfo_field, read_cpuinfo
+    from atb_models.kernels.native import compiler
+
+    if not {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split()) or compiler() is None:
+        pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA and a C++ compiler")
     root = Path(__file__).resolve().parent.parent
     path = tiny_checkpoint(shape=SHAPES[shape_name])
     code = (

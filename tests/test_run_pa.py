@@ -212,8 +212,8 @@ def test_run_pa_help_and_the_demo_reader_lookup_load_neither_torch_nor_the_check
 
 
 def test_bad_input_is_refused_before_torch_loads(checkpoint, sample_image_path, sample_video_path, tmp_path):
-    """A missing or corrupt file, an empty dataset folder, a model folder without config.json: each is one Error
-    line at once, without waiting for torch, transformers and the weights; and a good run's plan is made without
+    """A missing or corrupt file, an empty dataset folder, a model folder without config.json, an engine limit that
+    is no positive integer: each is one Error line at once, without waiting for torch, transformers and the weights; and a good run's plan is made without
     them too (the engine imports them next)."""
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     (tmp_path / "empty").mkdir()
@@ -224,14 +224,16 @@ def test_bad_input_is_refused_before_torch_loads(checkpoint, sample_image_path, 
         f"ckpt, image, video, t = {str(checkpoint)!r}, {str(sample_image_path)!r}, {str(sample_video_path)!r}, "
         f"{str(tmp_path)!r}\n"
         "for bad in (['--input_image', t + '/missing.jpg'], ['--input_image', t + '/broken.mp4'],\n"
-        "            ['--dataset_path', t + '/empty'], ['--input_image', image, '--model_path', t]):\n"
+        "            ['--dataset_path', t + '/empty'], ['--input_image', image, '--model_path', t],\n"
+        "            ['--input_image', image, '--max_batch_size', '0']):\n"
         "    assert main(['--model_path', ckpt, *bad]) == 1, bad\n"
         "plan = plan_run(build_parser(QWEN2_VL).parse_args(['--model_path', ckpt, '--input_image', video,\n"
         "                                                   '--input_image', image]), QWEN2_VL, 0)\n"
         "assert [list(item) for item in plan.prompt] == [['video'], ['image'], ['text']], plan.prompt\n")
     heavy = {"torch", "transformers.models.qwen2_vl.modeling_qwen2_vl", "atb_models.demo.checkpoint"}
     assert not modules & heavy, modules & heavy
-    assert not [name for name in modules if name.startswith("atb_models.engine.") and "sampling" not in name]
+    torch_free = {"atb_models.engine.sampling_params", "atb_models.engine.limits"}
+    assert not [name for name in modules if name.startswith("atb_models.engine.") and name not in torch_free]
 
 
 def test_media_loads_opencv_only_for_a_video(sample_video_path):

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "abi.h"
 #include "activation.h"
 #include "bf16.h"
 #include "bf16_linear.h"
@@ -67,9 +68,6 @@ struct DecodeStep {
     float* activated;             // [rows, intermediate]
     float* residual;              // [rows, hidden]: a bfloat16 residual stream in float32 through the layer
 };
-
-// Raised with kernels/native.py's ABI_VERSION whenever a signature or a struct changes.
-#define ATB_ABI_VERSION 5
 
 namespace {
 

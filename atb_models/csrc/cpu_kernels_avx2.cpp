@@ -3,7 +3,7 @@
 // (the same names, signatures and packed layouts, so kernels/linear.py's PanelLinear runs either library's).
 //
 // A decode step streams every weight once; on such a CPU PyTorch's own linears (oneDNN, MKL) read a float32 weight
-// of a few rows at about half the memory's rate (docs/PERFORMANCE.md), and a float32 model of a bfloat16 checkpoint
+// of a few rows well below the memory's rate (docs/PERFORMANCE.md), and a float32 model of a bfloat16 checkpoint
 // holds twice the bytes it needs. These kernels read the packed panels as one sequential stream a thread, and
 // bfloat16 panels (a bfloat16 checkpoint's weights, exact) at half the bytes, widened to float32 in registers.
 // Everything else of the model runs on PyTorch's operators on such a CPU.
@@ -14,18 +14,20 @@
 //
 // A group of 64 columns runs as two halves of 32 (four ymm of accumulators a row): AVX2 has 16 registers, so a
 // register block holds 3 rows of a float32 half (12 accumulators) or 2 of a bfloat16 one (8, and the widened
-// weights). Several passes over a group (batched rows) go over K blocks that stay in L1.
+// weights). Several passes over a group (batched rows) go over K blocks that stay in the caches while they do.
 
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdio.h>
+
+#include "abi.h"
 
 namespace {
 
-constexpr int ABI_VERSION = 5;   // kernels/native.py's ABI_VERSION: these two functions' signatures are the same
 constexpr int64_t GROUP = 64;    // output columns per packed group
 constexpr int64_t HALF = 32;     // columns per register block: four ymm
-constexpr int64_t K_BLOCK = 128; // k-steps per block of batched rows: 32 KB of float32 weights, inside L1
+constexpr int64_t K_BLOCK = 128; // k-steps per block of batched rows: 32 KB of float32 weights (16 of a half)
 
 // The accumulators of a register block are named variables, not an array: GCC keeps an array of vectors updated in a
 // loop in memory as well (a store per update, which made these kernels store-bound), named ones in registers only.
@@ -105,7 +107,8 @@ void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t k0, int6
 }
 
 // One row against a whole group (eight accumulators), the group's k-steps read in order: decode's single pass is
-// one sequential stream a thread.
+// one sequential stream a thread. An array of accumulators is fine here: with one row GCC keeps it in registers
+// (the compiled loop stores nothing).
 void f32_row(const float* x, const float* w, int64_t K, const float* bias, float* y) {
     __m256 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps();
@@ -134,11 +137,12 @@ void bf16_row(const float* x, const uint16_t* w, int64_t K, const float* bias, f
 // One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
 // K block's two halves in turn (so that the block is read from memory once), rows in passes of up to ROWS; a
 // single row runs ROW over the whole group instead. `half_offset` is a half's offset inside a k-step (or pair).
-template <typename T, int ROWS, void (*ROW)(const float*, const T*, int64_t, const float*, float*),
-          void (*BLOCK1)(const float*, int64_t, const T*, int64_t, int64_t, const float*, bool,
-                                              float*, int64_t),
-          void (*BLOCK2)(const float*, int64_t, const T*, int64_t, int64_t, const float*, bool, float*, int64_t),
-          void (*BLOCK3)(const float*, int64_t, const T*, int64_t, int64_t, const float*, bool, float*, int64_t)>
+template <typename T>
+using RowFn = void (*)(const float*, const T*, int64_t, const float*, float*);
+template <typename T>
+using BlockFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, const float*, bool, float*, int64_t);
+
+template <typename T, int ROWS, RowFn<T> ROW, BlockFn<T> BLOCK1, BlockFn<T> BLOCK2, BlockFn<T> BLOCK3>
 void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const T* wp, int64_t N, const float* bias,
                 float* y, int64_t half_offset) {
     const int64_t groups = N / GROUP;
@@ -176,8 +180,8 @@ extern "C" {
 
 // The library's account of itself, checked by Python at load (kernels/native.py).
 const char* atb_native_abi() {
-    static const char report[] = "version=5 isa=avx2";
-    static_assert(ABI_VERSION == 5, "the report above names the version");
+    static char report[64];
+    snprintf(report, sizeof report, "version=%d isa=avx2", ATB_ABI_VERSION);
     return report;
 }
 

@@ -8,6 +8,7 @@ from typing import Optional
 from atb_models import distributed, quantization
 from atb_models.config import completion_decoder, load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
+from atb_models.engine.limits import check_limits
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.engine.scheduler import Scheduler
@@ -60,12 +61,6 @@ class StepRecord:
     seconds: float
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"--{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class LLM:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
                  max_input_length: int = 4096, max_output_length: int = 256, block_size: int = 128,
@@ -81,16 +76,10 @@ class LLM:
         cpu_linear: the CPU's kernels (kernels.linear.CPU_LINEAR_CHOICES; default $ATB_MODELS_CPU_LINEAR, else
         "auto"): "panel" keeps float32 weights in float32 where "auto" packs those that are exact bfloat16 values
         at half the bytes (the benchmark's float32-weights reference)."""
-        self.max_batch_size = _positive("max_batch_size", max_batch_size)
-        self.max_input_length = _positive("max_input_length", max_input_length)
-        self.max_output_length = _positive("max_output_length", max_output_length)
-        self.block_size = _positive("block_size", block_size)
-        if max_prefill_tokens != -1:  # -1: sized from the batch once memory has capped it (below)
-            _positive("max_prefill_tokens", max_prefill_tokens)
-        if num_blocks is not None:
-            _positive("num_blocks", num_blocks)
-        if isinstance(encoder_cache_mb, bool) or not isinstance(encoder_cache_mb, int) or encoder_cache_mb < 0:
-            raise UserError(f"--encoder_cache_mb must be a whole number of MiB, 0 or more, got {encoder_cache_mb!r}")
+        check_limits(max_batch_size, max_input_length, max_output_length, block_size, max_prefill_tokens, num_blocks,
+                     encoder_cache_mb)
+        self.max_batch_size, self.max_input_length = max_batch_size, max_input_length
+        self.max_output_length, self.block_size = max_output_length, block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.model_config = load_model_config(model_path)
         self.quantization = quantization.resolve(quantize, self.model_config.quantization)

@@ -17,7 +17,7 @@ from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel,
-                                       has_bf16_inputs, linear_kernel)
+                                       has_bf16_inputs, linear_kernel, linear_library)
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
@@ -48,17 +48,14 @@ class Kernels:
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
-        linears = library
-        if library is None and choice in ("auto", "panel") and not has_bf16_inputs(plan):
-            linears = NativeLibrary.load_avx2()  # no AVX-512: the kit's linears for AVX2, for a float32 model
-        linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
+        linear = cpu_linear_kernel(choice, linear_library(choice, plan, library), bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
         if library is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
                        decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
                        w8a16=w8a16)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
-        if plan.llm_dtype == torch.bfloat16 and getattr(linear, "bf16_op", None) is not None:
+        if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
                        w8a16=w8a16)
         return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)

@@ -78,7 +78,7 @@ class PanelLinear(OneDnnLinear):
     """The kit's own kernels for the CPU (AVX-512, or AVX2 for the linears alone): weights packed in groups of 64
     output columns so that each thread reads one sequential stream, and the next weights streamed in while the current
     ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to
-    csrc/panel_linear.h; bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to
+    csrc/panel_linear.h (csrc/cpu_kernels_avx2.cpp's for the AVX2 build, both layouts); bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to
     csrc/bf16_linear.h in groups too, each column's weights of two k-steps side by side (pair_layout), at half the
     bytes, widened to float32 in registers (products and sums in float32 on the input's values: a bfloat16 model's
     inputs are bfloat16 values, as PyTorch's bfloat16 linear takes them; for such inputs `bf16_dot_op`,
@@ -218,9 +218,18 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
     from atb_models.kernels.native import NativeLibrary
 
     library = NativeLibrary.load() if choice in ("auto", "panel") else None
-    if library is None and choice in ("auto", "panel") and not has_bf16_inputs(plan):
-        library = NativeLibrary.load_avx2()  # as Kernels.for_plan: the AVX2 linears for a float32 model
-    return cpu_linear_kernel(choice, library, bf16_inputs=has_bf16_inputs(plan))
+    return cpu_linear_kernel(choice, linear_library(choice, plan, library), bf16_inputs=has_bf16_inputs(plan))
+
+
+def linear_library(choice: str, plan, library):
+    """The native library a CPU's linears take: `library` (NativeLibrary.load's AVX-512 build) where there is one;
+    else, for a model without bfloat16 inputs and a choice that may use it, the AVX2 build of the linears alone
+    (NativeLibrary.load_avx2: None on a CPU without AVX2)."""
+    if library is not None or choice not in ("auto", "panel") or has_bf16_inputs(plan):
+        return library
+    from atb_models.kernels.native import NativeLibrary
+
+    return NativeLibrary.load_avx2()
 
 
 def has_bf16_inputs(plan) -> bool:
@@ -247,12 +256,11 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     if reorder is not None and not _runs(lambda: reorder(torch.ones(3, 2), ONEDNN_PACK_ROWS)):
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
+        bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
         if library.isa == "avx2":  # the two linears alone, nothing measured: an AVX2 CPU's model is float32
-            bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
             return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                                name="panel (AVX2)")
         stream_prefetch_chosen(library)
-        bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
         if bf16_op is not None:
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)

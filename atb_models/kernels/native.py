@@ -1,12 +1,14 @@
-"""The kit's own CPU kernels (atb_models/csrc), one library: compiled with the machine's C++ compiler on first use,
-cached, loaded with ctypes and checked against its declaration here.
+"""The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second of the
+linear kernels alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with the machine's C++
+compiler on first use, cached, loaded with ctypes and checked against its declaration here.
 
 The library needs no PyTorch headers: the kernels work on raw float pointers, and link OpenMP against the libgomp
 PyTorch has already loaded. Its interface is declared once, in FUNCTIONS and STRUCTS below: the ctypes signatures
 and struct layouts are generated from them, and at load the library's own account of itself (`atb_native_abi`:
-its ABI version and the size of each struct as the compiler laid it out) must agree, else the library is not used.
+its ABI version, the size of each struct as the compiler laid it out, the instruction set it was built for) must
+agree, else the library is not used.
 
-Nothing here raises: no AVX-512, no compiler, a failed build or a library that disagrees with its declaration gives
+Nothing here raises: no AVX-512 (or AVX2), no compiler, a failed build or a library that disagrees with its declaration gives
 None with the reason logged, and the caller keeps its PyTorch path.
 """
 
@@ -44,7 +46,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 5  # csrc/cpu_kernels.cpp's ATB_ABI_VERSION: raise both when a signature or a struct changes
+ABI_VERSION = 5  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -156,7 +158,7 @@ class NativeLibrary:
     @classmethod
     def load_avx2(cls) -> NativeLibrary | None:
         """The linear kernels alone for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built
-        if need be, or None (the reason logged)."""
+        if need be; None for another capability, or where the build or the load fails (the reason logged)."""
         if torch.backends.cpu.get_cpu_capability() != "AVX2":
             return None
         library = cls._built(AVX2_LIBRARY, AVX2_CXX_FLAGS, "avx2")
