@@ -47,6 +47,9 @@ class RunPlan:
 
 
 def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
+    """The run's plan from run_pa's flags on this rank, or a UserError at the first check that fails: the flags
+    that go together, the sampling values, the benchmark and results paths, the media (single mode) or the folder's
+    entries (dataset mode: a bad entry fails only itself), the engine's limits, the checkpoint folder."""
     if (args.batch_sizes or args.output_lengths) and not args.performance:
         raise UserError("--batch_sizes and --output_lengths go with --performance")
     if args.performance and args.dataset_path is not None:
