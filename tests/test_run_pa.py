@@ -213,8 +213,9 @@ def test_run_pa_help_and_the_demo_reader_lookup_load_neither_torch_nor_the_check
 
 def test_bad_input_is_refused_before_torch_loads(checkpoint, sample_image_path, sample_video_path, tmp_path):
     """A missing or corrupt file, an empty dataset folder, a model folder without config.json, an engine limit that
-    is no positive integer: each is one Error line at once, without waiting for torch, transformers and the weights; and a good run's plan is made without
-    them too (the engine imports them next)."""
+    is no positive integer: each is one Error line at once, without waiting for torch, transformers and the
+    weights; --cleanup_shm runs without them, and a good run's plan is made without them too (the engine imports
+    them next)."""
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     (tmp_path / "empty").mkdir()
     modules = _modules_after(
@@ -227,6 +228,7 @@ def test_bad_input_is_refused_before_torch_loads(checkpoint, sample_image_path, 
         "            ['--dataset_path', t + '/empty'], ['--input_image', image, '--model_path', t],\n"
         "            ['--input_image', image, '--max_batch_size', '0']):\n"
         "    assert main(['--model_path', ckpt, *bad]) == 1, bad\n"
+        "assert main(['--cleanup_shm', '--shm_name_save_path', t + '/names.txt']) == 0\n"
         "plan = plan_run(build_parser(QWEN2_VL).parse_args(['--model_path', ckpt, '--input_image', video,\n"
         "                                                   '--input_image', image]), QWEN2_VL, 0)\n"
         "assert [list(item) for item in plan.prompt] == [['video'], ['image'], ['text']], plan.prompt\n")

@@ -74,16 +74,3 @@ def run(args: argparse.Namespace, plan: RunPlan) -> int:
         if dataset_mode:
             save_results(entries, plan.results_path, args.results_save_path)
     return 1 if failed else 0
-
-
-def cleanup_shm(name_file: str) -> int:
-    """The segments listed at the path and at its siblings PATH.node<N> (the lists of a job's other nodes, where
-    the path lies on a filesystem they share)."""
-    import glob
-
-    from atb_models.multimodal.shm import remove_stale_segments
-
-    for path in [name_file] + sorted(glob.glob(f"{glob.escape(name_file)}.node[0-9]*")):
-        removed = remove_stale_segments(path)
-        print(f"removed {len(removed)} shared-memory segment(s) listed in {one_line(path)}")
-    return 0

@@ -25,10 +25,11 @@ with its `Family`.
 from __future__ import annotations
 
 import argparse
+import glob
 from dataclasses import dataclass
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import configure_logging, one_line, run_entry_point
 from atb_models.ranks import env_state
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
@@ -153,8 +154,6 @@ def main(argv: list[str] | None, family: Family) -> int:
         rank = env_state().rank
         configure_logging(rank)
         if args.cleanup_shm:
-            from atb_models.cli.infer import cleanup_shm
-
             return cleanup_shm(args.shm_name_save_path)
         # Bad input is news in a moment: the flags and files are checked before torch loads (prepare is torch-free)
         from atb_models.cli.prepare import plan_run
@@ -167,3 +166,14 @@ def main(argv: list[str] | None, family: Family) -> int:
         return infer.run(args, plan)
 
     return run_entry_point(run, debug=args.debug)
+
+
+def cleanup_shm(name_file: str) -> int:
+    """The segments listed at the path and at its siblings PATH.node<N> (the lists of a job's other nodes, where
+    the path lies on a filesystem they share)."""
+    from atb_models.multimodal.shm import remove_stale_segments  # torch-free, as this module
+
+    for path in [name_file] + sorted(glob.glob(f"{glob.escape(name_file)}.node[0-9]*")):
+        removed = remove_stale_segments(path)
+        print(f"removed {len(removed)} shared-memory segment(s) listed in {one_line(path)}")
+    return 0

@@ -39,12 +39,14 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 import _posixshmem
-import torch
 
 from atb_models.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: --cleanup_shm runs without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def _unlink(name: str) -> bool:
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous CPU tensor's storage."""
+    import torch
+
     return tensor.reshape(-1).view(torch.uint8)
 
 
@@ -221,6 +225,7 @@ class SharedTensorPublisher:
 def read_shared_tensor(handle: SharedTensorHandle) -> torch.Tensor:
     """A new tensor holding a copy of the published one, checked against the handle's size and crc32.
     The segment itself is left for its publisher to release."""
+    import torch
 
     def fail(reason: str) -> SharedMemoryError:
         return SharedMemoryError(f"shared-memory segment {handle.name or '(none)'}: {reason}")
