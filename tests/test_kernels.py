@@ -456,10 +456,20 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     assert not torch.equal(k_expected, cache[0])  # the step did store its K
 
 
-def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add():
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add(isa, monkeypatch):
     from atb_models.layers.norm import RMSNorm
 
-    kernel = native_kernels().rms_norm
+    if isa == "avx2":
+        if not (AVX2 or (AVX512 and HAS_AVX2)):
+            pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        kernels = Kernels.for_plan(CPU_FP32)
+        assert kernels.linear.name == "panel (AVX2)" and kernels.rms_norm.name == "native (AVX2)"
+        assert type(kernels.decoder_layer) is LayerByLayer
+        kernel = kernels.rms_norm
+    else:
+        kernel = native_kernels().rms_norm
     assert isinstance(kernel, NativeRMSNorm)
     generator = torch.Generator().manual_seed(0)
     for rows, hidden in ((1, 896), (16, 40), (100, 1536)):  # 40: a partial vector; 100 rows: threaded

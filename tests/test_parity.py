@@ -204,7 +204,7 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
                                                                              shape_name):
     """The path of a CPU with AVX2 but not AVX-512, emulated here by limiting torch and oneDNN to AVX2 in a fresh
     process: the AVX-512 library stays unloaded (saying why), the AVX2 one runs the packed linears (the MLP, the tied
-    head: bfloat16 panels of the checkpoint's values), PyTorch's operators the rest, and tokens and logits match
+    head: bfloat16 panels of the checkpoint's values) and the norms, PyTorch's operators the rest, and tokens and logits match
     transformers under the same limits."""
     import os
     import subprocess
@@ -233,6 +233,7 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
     env = {**os.environ, **AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("linear panel (AVX2), RMSNorm torch") and "native" not in done.stdout, done.stdout
+    assert done.stdout.startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul torch"), done.stdout
+    assert "decoder layers operator by operator" in done.stdout, done.stdout
     assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2)" in done.stderr
     assert "the kit's AVX2 linear kernels (cpu_kernels_avx2) run the linears" in done.stderr

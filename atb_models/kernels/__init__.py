@@ -43,12 +43,14 @@ class Kernels:
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
         build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged; on a CPU
-        with AVX2 but not AVX-512 a float32 model's linears run the kit's AVX2 library (NativeLibrary.load_avx2)."""
+        with AVX2 but not AVX-512 a float32 model's linears and norms run the kit's AVX2 library
+        (NativeLibrary.load_avx2)."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
         library = NativeLibrary.load() if choice in ("auto", "panel") else None
-        linear = cpu_linear_kernel(choice, linear_library(choice, plan, library), bf16_inputs=has_bf16_inputs(plan))
+        linears = linear_library(choice, plan, library)
+        linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
         if library is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
@@ -57,6 +59,9 @@ class Kernels:
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
+                       w8a16=w8a16)
+        if linears is not None and linears.isa == "avx2":  # a float32 model on a CPU with AVX2 but not AVX-512
+            return cls(linear=linear, rms_norm=NativeRMSNorm(linears), decode_attention=CpuDecodeAttention(),
                        w8a16=w8a16)
         return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
 

@@ -75,7 +75,7 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own kernels for the CPU (AVX-512, or AVX2 for the linears alone): weights packed in groups of 64
+    """The kit's own kernels for the CPU (AVX-512, or AVX2: the linears and norms alone): weights packed in groups of 64
     output columns so that each thread reads one sequential stream, and the next weights streamed in while the current
     ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights go to
     csrc/panel_linear.h (csrc/cpu_kernels_avx2.cpp's for the AVX2 build, both layouts); bfloat16 ones, where `bf16_op` (the library's atb_bf16_linear_f32) is given, to
@@ -223,7 +223,7 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
 
 def linear_library(choice: str, plan, library):
     """The native library a CPU's linears take: `library` (NativeLibrary.load's AVX-512 build) where there is one;
-    else, for a model without bfloat16 inputs and a choice that may use it, the AVX2 build of the linears alone
+    else, for a model without bfloat16 inputs and a choice that may use it, the AVX2 build (the linears and RMSNorm alone)
     (NativeLibrary.load_avx2: None on a CPU without AVX2)."""
     if library is not None or choice not in ("auto", "panel") or has_bf16_inputs(plan):
         return library
@@ -239,7 +239,7 @@ def has_bf16_inputs(plan) -> bool:
 
 def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
     """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, its AVX-512
-    build or the AVX2 one of the linears alone, or None) is there (packing float32 weights that hold bfloat16 values
+    build or the AVX2 one, or None) is there (packing float32 weights that hold bfloat16 values
     as bfloat16), else oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept
     float32) and "onednn" ask for one (falling back the same way when it is missing), "torch" is F.linear. With
     `bf16_inputs` (a bfloat16 model's) the panel kernel also gets the dot product where bf16_dot_chosen says so; a

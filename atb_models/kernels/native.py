@@ -1,5 +1,5 @@
 """The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second of the
-linear kernels alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with the machine's C++
+linear kernels and RMSNorm alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with the machine's C++
 compiler on first use, cached, loaded with ctypes and checked against its declaration here.
 
 The library needs no PyTorch headers: the kernels work on raw float pointers, and link OpenMP against the libgomp
@@ -35,11 +35,11 @@ LIBRARY = "cpu_kernels"  # csrc/cpu_kernels.cpp and its headers
 # AVX-512 F, BW, VL and DQ: what torch's "AVX512" capability, checked before building, guarantees.
 CXX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
              "-std=c++17")
-# A CPU without AVX-512 but with AVX2 and FMA (torch's "AVX2" capability) gets the linear kernels alone, from a
-# library of their own (csrc/cpu_kernels_avx2.cpp): the functions below, declared in FUNCTIONS like the rest.
+# A CPU without AVX-512 but with AVX2 and FMA (torch's "AVX2" capability) gets the linear kernels and RMSNorm, from
+# a library of their own (csrc/cpu_kernels_avx2.cpp): the functions below, declared in FUNCTIONS like the rest.
 AVX2_LIBRARY = "cpu_kernels_avx2"
 AVX2_CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32")
+AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32", "atb_rms_norm_f32")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
@@ -107,7 +107,7 @@ class AbiMismatch(RuntimeError):
 class NativeLibrary:
     """The loaded library: one attribute per function of FUNCTIONS, typed from it, and `structs`, the ctypes
     Structure of each STRUCTS entry. Checked against the library's own ABI report when made. `isa` says which:
-    "avx512", the whole library, or "avx2", the linear kernels alone (AVX2_FUNCTIONS, no structs)."""
+    "avx512", the whole library, or "avx2", the linear kernels and RMSNorm alone (AVX2_FUNCTIONS, no structs)."""
 
     def __init__(self, library: ctypes.CDLL, isa: str = "avx512"):
         self.isa = isa
@@ -157,7 +157,7 @@ class NativeLibrary:
 
     @classmethod
     def load_avx2(cls) -> NativeLibrary | None:
-        """The linear kernels alone for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built
+        """The linear kernels and RMSNorm for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built
         if need be; None for another capability, or where the build or the load fails (the reason logged)."""
         if torch.backends.cpu.get_cpu_capability() != "AVX2":
             return None

@@ -25,13 +25,15 @@ class RMSNormKernel:
 
 
 class NativeRMSNorm(RMSNormKernel):
-    """One call of atb_models/csrc/rms_norm.h, the residual add included: float32 rows, contiguous, on an AVX-512
-    CPU; other inputs go through PyTorch's operators."""
+    """One call of atb_models/csrc/rms_norm.h (cpu_kernels_avx2.cpp's on a CPU with AVX2 but not AVX-512), the
+    residual add included: float32 rows, contiguous; other inputs go through PyTorch's operators."""
 
     name = "native"
 
     def __init__(self, library):
         self._op = library.atb_rms_norm_f32
+        if library.isa == "avx2":
+            self.name = "native (AVX2)"
 
     @staticmethod
     def suits(x: torch.Tensor) -> bool:
