@@ -22,9 +22,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include <cmath>
-
 #include "abi.h"
+#include "rms_norm.h"  // its atb_rms_norm_f32, at AVX2's 8 lanes (lanes.h)
 
 namespace {
 
@@ -200,42 +199,6 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
     // Rows of three would need 12 accumulators, 6 broadcasts and the widened pair: more than AVX2's 16 registers.
     run_linear<uint16_t, 2, bf16_row, bf16_block<1>, bf16_block<2>, bf16_block<2>>(x, M, K, ldx, wp, N, bias, y,
                                                                               2 * HALF);
-}
-
-// Qwen2's RMSNorm, optionally after the residual add (rms_norm.h's, 8 lanes at a time): s = x + delta,
-// out = weight * (s / rms(s)). x, delta (or null), sum (or null: not written), out: [rows, hidden] contiguous.
-void atb_rms_norm_f32(const float* x, const float* delta, const float* weight, int64_t rows, int64_t hidden,
-                      float eps, float* sum, float* out) {
-    const int64_t whole = hidden / 8 * 8;
-#pragma omp parallel for if (rows >= 64) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float* xr = x + r * hidden;
-        const float* s = xr;  // with a residual, the row's sum is formed first (into `sum`) and normalised
-        if (delta) {
-            const float* dr = delta + r * hidden;
-            float* sr = sum + r * hidden;
-            for (int64_t i = 0; i < whole; i += 8)
-                _mm256_storeu_ps(sr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(dr + i)));
-            for (int64_t i = whole; i < hidden; i++) sr[i] = xr[i] + dr[i];
-            s = sr;
-        }
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < whole; i += 8) {
-            const __m256 v = _mm256_loadu_ps(s + i);
-            acc = _mm256_fmadd_ps(v, v, acc);
-        }
-        const __m128 pair = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        const __m128 quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-        float squares = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
-        for (int64_t i = whole; i < hidden; i++) squares += s[i] * s[i];
-        const float scale = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-        const __m256 vscale = _mm256_set1_ps(scale);
-        float* o = out + r * hidden;
-        for (int64_t i = 0; i < whole; i += 8)
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i),
-                                                  _mm256_mul_ps(_mm256_loadu_ps(s + i), vscale)));
-        for (int64_t i = whole; i < hidden; i++) o[i] = weight[i] * (s[i] * scale);
-    }
 }
 
 }  // extern "C"
