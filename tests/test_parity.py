@@ -203,9 +203,9 @@ AVX2_ONLY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tiny_checkpoint, sample_image_path,
                                                                              shape_name):
     """The path of a CPU with AVX2 but not AVX-512, emulated here by limiting torch and oneDNN to AVX2 in a fresh
-    process: the AVX-512 library stays unloaded (saying why), the AVX2 one runs the packed linears (the MLP, the tied
-    head: bfloat16 panels of the checkpoint's values) and the norms, PyTorch's operators the rest, and tokens and logits match
-    transformers under the same limits."""
+    process: the AVX-512 library stays unloaded (saying why), the AVX2 one runs the packed linears (the MLP, the
+    tied head: bfloat16 panels of the checkpoint's values) and the norms, PyTorch's operators the rest, and tokens
+    and logits match transformers under the same limits."""
     import os
     import subprocess
     import sys

@@ -14,17 +14,12 @@ from dataclasses import dataclass
 
 from atb_models.benchmark.timed_runs import check_csv_path
 from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
-from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family, engine_options
+from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family
 from atb_models.config import check_model_folder
 from atb_models.engine.limits import check_limits
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
 from atb_models.multimodal.media import classify_media
-
-
-# engine_options' names that check_limits takes
-LIMIT_FLAGS = ("max_batch_size", "max_input_length", "max_output_length", "block_size", "max_prefill_tokens",
-               "encoder_cache_mb")
 
 
 @dataclass
@@ -84,9 +79,8 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
         raise UserError("give --input_image or --dataset_path")
     # The engine's limits, then the folder (the order LLM checks them in): what is wrong with the request is said
     # even where the folder is wrong too.
-    check_limits(**{name: value for name, value in engine_options(args, max_batch_size=max(plan.batch_sizes),
-                                                                  max_output_length=max(plan.output_lengths)).items()
-                    if name in LIMIT_FLAGS})
+    check_limits(max(plan.batch_sizes), args.max_input_length, max(plan.output_lengths), args.block_size,
+                 args.max_prefill_tokens, encoder_cache_mb=args.encoder_cache_mb)
     if args.model_path is not None:
         check_model_folder(model_path)
     return plan

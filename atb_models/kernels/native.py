@@ -1,6 +1,6 @@
-"""The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second of the
-linear kernels and RMSNorm alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with the machine's C++
-compiler on first use, cached, loaded with ctypes and checked against its declaration here.
+"""The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second of
+the linear kernels and RMSNorm alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with
+the machine's C++ compiler on first use, cached, loaded with ctypes and checked against its declaration here.
 
 The library needs no PyTorch headers: the kernels work on raw float pointers, and link OpenMP against the libgomp
 PyTorch has already loaded. Its interface is declared once, in FUNCTIONS and STRUCTS below: the ctypes signatures
@@ -8,8 +8,8 @@ and struct layouts are generated from them, and at load the library's own accoun
 its ABI version, the size of each struct as the compiler laid it out, the instruction set it was built for) must
 agree, else the library is not used.
 
-Nothing here raises: no AVX-512 (or AVX2), no compiler, a failed build or a library that disagrees with its declaration gives
-None with the reason logged, and the caller keeps its PyTorch path.
+Nothing here raises: no AVX-512 (or AVX2), no compiler, a failed build or a library that disagrees with its
+declaration gives None with the reason logged, and the caller keeps its PyTorch path.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ class NativeLibrary:
 
     @classmethod
     def load_avx2(cls) -> NativeLibrary | None:
-        """The linear kernels and RMSNorm for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built
-        if need be; None for another capability, or where the build or the load fails (the reason logged)."""
+        """The linear kernels and RMSNorm for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"),
+        built if need be; None for another capability, or where the build or the load fails (the reason logged)."""
         if torch.backends.cpu.get_cpu_capability() != "AVX2":
             return None
         library = cls._built(AVX2_LIBRARY, AVX2_CXX_FLAGS, "avx2")
