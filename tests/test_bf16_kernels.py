@@ -177,11 +177,17 @@ def _bf16_layers(kernels):
 
 
 # 4 sequences: the linears' direct path; 9: past the register block's 6 rows, the batched path (AVX512-BF16's dot
-# product where the library has it).
+# product where the library has it). "avx2": the AVX2 library's decoder layer on the same packed layer (its bfloat16
+# conversions at 8 lanes; the kit gives it float32 models only, on a CPU without AVX-512).
+@pytest.mark.parametrize("library", ["avx512", "avx2"])
 @pytest.mark.parametrize("lengths", ([1, 17, 40, 5], [1, 17, 40, 5, 3, 9, 2, 30, 11]))
-def test_native_decoder_layer_on_bf16_weights_stream_and_cache_decodes_as_pytorchs_bf16_operators(lengths):
+def test_native_decoder_layer_on_bf16_weights_stream_and_cache_decodes_as_pytorchs_bf16_operators(lengths, library,
+                                                                                                  monkeypatch):
     kernels = native_bf16_kernels()
     fused = kernels.decoder_layer
+    if library == "avx2":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        fused = NativeDecoderLayer(native.NativeLibrary.load_avx2())  # every AVX-512 CPU has AVX2 and FMA
     assert isinstance(fused, NativeDecoderLayer)
     torch_ops, native_layer, truth = _bf16_layers(kernels)
     generator = torch.Generator().manual_seed(1)

@@ -44,6 +44,21 @@ def native_kernels() -> Kernels:
     return kernels
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def any_native_kernels(request, monkeypatch) -> Kernels:
+    """The float32 CPU plan's native kernels from each library: the AVX-512 one (native_kernels), and the AVX2 one of
+    a CPU without AVX-512, tested on any CPU with AVX2 and FMA by reporting torch's capability as AVX2."""
+    if request.param == "avx512":
+        return native_kernels()
+    if not (AVX2 or (AVX512 and HAS_AVX2)):
+        pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    kernels = Kernels.for_plan(CPU_FP32)
+    assert kernels.describe().startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul native (AVX2), "
+                                         "decode attention native (AVX2), decoder layers native (AVX2)")
+    return kernels
+
+
 # ------------------------------------------------------------------------------------------- choice per plan
 
 def test_kernels_are_chosen_from_the_plan_device_and_dtype():
@@ -324,15 +339,18 @@ def test_without_a_working_compiler_the_cpu_kernels_fall_back_to_onednn_and_pyto
 
 # ------------------------------------------------------------------------------------ the native declaration
 
-def test_the_avx2_library_holds_the_two_linears_and_is_refused_as_the_whole_library(monkeypatch):
+def test_the_avx2_library_holds_its_functions_and_structs_and_is_refused_as_the_whole_library(monkeypatch):
     if not HAS_AVX2:
         pytest.skip("this CPU has no AVX2 and FMA")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     library = native.NativeLibrary.load_avx2()
-    assert library is not None and library.isa == "avx2" and library.structs == {}
+    assert library is not None and library.isa == "avx2"
     report = dict(item.split("=") for item in library.atb_native_abi().decode().split())
-    assert report == {"version": str(native.ABI_VERSION), "isa": "avx2"}
-    assert not hasattr(library, "atb_decoder_layers_decode_f32")
+    assert report == {"version": str(native.ABI_VERSION), "isa": "avx2",
+                      **{name: str(ctypes.sizeof(struct)) for name, struct in library.structs.items()}}
+    assert set(library.structs) == set(native.STRUCTS)
+    assert all(hasattr(library, name) for name in native.AVX2_FUNCTIONS)
+    assert not hasattr(library, "atb_w8a16_linear_f32") and not hasattr(library, "atb_bf16_dot_linear_f32")
     path = native.build(native.AVX2_LIBRARY, native.AVX2_CXX_FLAGS)
     with pytest.raises(native.AbiMismatch, match="has no function"):
         native.NativeLibrary(ctypes.CDLL(str(path)))
@@ -346,7 +364,7 @@ def test_the_native_library_reports_the_struct_sizes_its_declaration_generates()
     library = native.NativeLibrary.load()
     assert library is not None
     report = dict(item.split("=") for item in library.atb_native_abi().decode().split())
-    assert report == {"version": str(native.ABI_VERSION),
+    assert report == {"version": str(native.ABI_VERSION), "isa": "avx512",
                       **{name: str(ctypes.sizeof(struct)) for name, struct in library.structs.items()}}
 
 
@@ -431,12 +449,12 @@ def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int,
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 48])
-def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(head_dim):
-    kernel = native_kernels().decode_attention
+def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(head_dim, any_native_kernels):
+    kernel = any_native_kernels.decode_attention
     assert isinstance(kernel, NativeDecodeAttention)
     generator = torch.Generator().manual_seed(head_dim)
     heads, kv_heads, block_size, num_blocks = 14, 2, 4, 40
-    # One token, exactly a block, a block and one, 16 (one whole vector of scores), 37 (vectors and a tail).
+    # One token, exactly a block, a block and one, 16 (whole vectors of scores), 37 (vectors and a tail).
     lengths = [1, 4, 5, 16, 37]
     step, cos, sin = _decode_step(lengths, block_size, num_blocks, head_dim, generator)
     cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator) for _ in range(2)]
@@ -456,20 +474,10 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     assert not torch.equal(k_expected, cache[0])  # the step did store its K
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add(isa, monkeypatch):
+def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add(any_native_kernels):
     from atb_models.layers.norm import RMSNorm
 
-    if isa == "avx2":
-        if not (AVX2 or (AVX512 and HAS_AVX2)):
-            pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-        kernels = Kernels.for_plan(CPU_FP32)
-        assert kernels.linear.name == "panel (AVX2)" and kernels.rms_norm.name == "native (AVX2)"
-        assert type(kernels.decoder_layer) is LayerByLayer
-        kernel = kernels.rms_norm
-    else:
-        kernel = native_kernels().rms_norm
+    kernel = any_native_kernels.rms_norm
     assert isinstance(kernel, NativeRMSNorm)
     generator = torch.Generator().manual_seed(0)
     for rows, hidden in ((1, 896), (16, 40), (100, 1536)):  # 40: a partial vector; 100 rows: threaded
@@ -489,8 +497,8 @@ def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_resi
         assert torch.allclose(fast(x.t().contiguous().t()), plain(x), atol=1e-5)  # not its case: PyTorch's
 
 
-def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_projection():
-    kernel = native_kernels().silu_and_mul
+def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_projection(any_native_kernels):
+    kernel = any_native_kernels.silu_and_mul
     assert isinstance(kernel, NativeSiluAndMul)
     generator = torch.Generator().manual_seed(0)
     for rows, width in ((4, 4864), (500, 40), (300, 200)):  # 40, 200: partial vectors; 300 x 200: threaded
@@ -542,12 +550,12 @@ def _decode_layer_both_ways(layer, fused):
     return caches, results
 
 
-def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
+def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator(any_native_kernels):
     from atb_models.layers.linear import pack_weights
     from atb_models.layers.sharding import HeadLayout
     from atb_models.models.qwen2_vl import DecoderLayer
 
-    kernels = native_kernels()
+    kernels = any_native_kernels
     fused = kernels.decoder_layer
     assert isinstance(fused, NativeDecoderLayer)
     layer, config = _random_decoder_layer(kernels)
@@ -565,10 +573,11 @@ def test_native_decoder_layer_decodes_as_the_layer_does_operator_by_operator():
     assert fused.weights_of(unpacked) is None
 
 
-def test_native_decoder_layers_run_a_stack_in_one_call_as_layer_by_layer_and_fall_back_where_one_is_not_its_case():
+def test_native_decoder_layers_run_a_stack_in_one_call_as_layer_by_layer_and_fall_back_where_one_is_not_its_case(
+        any_native_kernels):
     from atb_models.layers.linear import pack_weights
 
-    kernels = native_kernels()
+    kernels = any_native_kernels
     fused = kernels.decoder_layer
     layers = [_random_decoder_layer(kernels)[0] for _ in range(3)]
     with torch.no_grad():

@@ -204,8 +204,9 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
                                                                              shape_name):
     """The path of a CPU with AVX2 but not AVX-512, emulated here by limiting torch and oneDNN to AVX2 in a fresh
     process: the AVX-512 library stays unloaded (saying why), the AVX2 one runs the packed linears (the MLP, the
-    tied head: bfloat16 panels of the checkpoint's values) and the norms, PyTorch's operators the rest, and tokens
-    and logits match transformers under the same limits."""
+    tied head: bfloat16 panels of the checkpoint's values), the norms, the activation, the decode attention and,
+    where all four of a layer's linears are packed (packed_tied_head), whole decode steps of the decoder layers;
+    and tokens and logits match transformers under the same limits."""
     import os
     import subprocess
     import sys
@@ -228,12 +229,15 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
         "print(llm.runner.kernels.describe())\n"
         "from atb_models.kernels.linear import is_panel_packed\n"
         f"assert any(is_panel_packed(p) for p in llm.runner.model.parameters()) == ({shape_name!r} != 'gqa')\n"
+        "fused = llm.runner.kernels.decoder_layer\n"
+        f"assert all(fused.weights_of(layer) is not None for layer in llm.runner.model.model.layers) == "
+        f"({shape_name!r} == 'packed_tied_head')\n"
         f"assert_matches_reference(llm, {str(path)!r}, [[{{'text': 'Hello, what colour is the sky?'}}],\n"
         f"    [{{'image': {str(sample_image_path)!r}}}, {{'text': 'What is in the picture?'}}]])\n")
     env = {**os.environ, **AVX2_ONLY_ENV, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul torch"), done.stdout
-    assert "decoder layers operator by operator" in done.stdout, done.stdout
+    assert done.stdout.startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul native (AVX2), decode "
+                                  "attention native (AVX2), decoder layers native (AVX2), int8 weights torch"), done.stdout
     assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2)" in done.stderr
-    assert "the kit's AVX2 linear kernels (cpu_kernels_avx2) run the linears" in done.stderr
+    assert "the kit's AVX2 kernels (cpu_kernels_avx2) run a float32 model's" in done.stderr

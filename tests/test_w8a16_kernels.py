@@ -13,7 +13,9 @@ from atb_models.kernels import Kernels
 from atb_models.kernels.decoder_layer import NativeDecoderLayer
 from atb_models.kernels.w8a16 import NativeW8A16, NpuW8A16, TorchW8A16, dequantize, quantize, w8a16_kernel
 from atb_models.platform import Capabilities, resolve_plan
-from tests.test_kernels import (AVX512, CPU_FP32, _decode_layer_both_ways, _random_decoder_layer,
+from atb_models.kernels.native import NativeLibrary
+from atb_models.layers.linear import pack_weights
+from tests.test_kernels import (AVX512, CPU_FP32, HAS_AVX2, _decode_layer_both_ways, _random_decoder_layer,
                                 native_kernels)
 
 NPU = Capabilities(kind="npu", name="Ascend910B3", native_bf16=True, native_fp16=True, device_count=1)
@@ -183,6 +185,23 @@ def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operat
     down.weight = torch.nn.Parameter(q, requires_grad=False)
     layer.k_cache = caches[0].clone()
     assert fused.weights_of(layer) is None
+
+
+def test_the_avx2_librarys_decoder_layer_leaves_a_layer_with_int8_linears_to_its_own_forward(monkeypatch):
+    """The AVX2 library has no int8 linear: its decoder layer declines such a layer rather than read int8 weights
+    as another format; the float32 layer it does run (tests/test_kernels.py)."""
+    if not HAS_AVX2:
+        pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+    kernels = Kernels.for_plan(CPU_FP32)
+    plain, int8 = _random_decoder_layer(kernels)[0], _random_decoder_layer(kernels)[0]
+    pack_weights(plain)
+    _quantize_linears(int8, NativeW8A16(None, TorchW8A16()), 64)  # packed as the AVX-512 library's kernel takes
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    fused = NativeDecoderLayer(NativeLibrary.load_avx2())
+    assert fused.name == "native (AVX2)"
+    for layer in (plain, int8):
+        layer.k_cache, layer.v_cache = (torch.zeros(4, 2, 16, 64) for _ in range(2))
+    assert fused.weights_of(plain) is not None and fused.weights_of(int8) is None
 
 
 def test_the_native_library_is_built_with_vnni_and_avx512_bf16_only_where_the_cpu_reports_them():

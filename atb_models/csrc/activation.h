@@ -1,4 +1,5 @@
-// The MLP's activation, out = silu(gate) * up, float32, AVX-512, in one pass over the gate/up projection's output.
+// The MLP's activation, out = silu(gate) * up, float32, in one pass over the gate/up projection's output. Written
+// once over the library's vector (lanes.h): AVX-512's in cpu_kernels.cpp, AVX2's in cpu_kernels_avx2.cpp.
 //
 // PyTorch spends two operators and a temporary on it (silu, then the product), and its silu over a strided half of
 // the projection runs on one thread: 24-62 us a layer at 16 rows of Qwen2-0.5B's 4864 columns, up to 1.5 ms of a
@@ -6,20 +7,19 @@
 
 #pragma once
 
-#include <immintrin.h>
 #include <stdint.h>
 
+#include "lanes.h"
 #include "vector_exp.h"
 
 namespace {
 
-inline __m512 silu(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.f);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  // e^-|x|
+inline Lanes::V silu(Lanes::V x) {
+    using L = Lanes;
+    const L::V one = L::set1(1.f);
+    const L::V e = exp_nonpositive(L::sub(L::zero(), L::abs(x)));  // e^-|x|
     // sigmoid(x) = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) for x < 0: both are (x >= 0 ? 1 : e) / (1 + e).
-    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 numerator = _mm512_mask_blend_ps(negative, one, e);
-    return _mm512_mul_ps(x, _mm512_div_ps(numerator, _mm512_add_ps(one, e)));
+    return L::mul(x, L::div(L::where_negative(x, e, one), L::add(one, e)));
 }
 
 }  // namespace
@@ -28,18 +28,17 @@ extern "C" {
 
 // gate, up: [rows, width], rows `ld` floats apart (two halves of one projection output); out: [rows, width].
 void atb_silu_and_mul_f32(const float* gate, const float* up, int64_t rows, int64_t width, int64_t ld, float* out) {
-    const int64_t whole = width / 16 * 16;
+    using L = Lanes;
+    const int64_t whole = width / L::N * L::N;
 #pragma omp parallel for if (rows * width >= 32768) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float* g = gate + r * ld;
         const float* u = up + r * ld;
         float* o = out + r * width;
-        for (int64_t i = 0; i < whole; i += 16)
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(silu(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
+        for (int64_t i = 0; i < whole; i += L::N) L::store(o + i, L::mul(silu(L::load(g + i)), L::load(u + i)));
         if (whole < width) {
-            const __mmask16 tail = static_cast<__mmask16>((1u << (width - whole)) - 1);
-            _mm512_mask_storeu_ps(o + whole, tail, _mm512_mul_ps(silu(_mm512_maskz_loadu_ps(tail, g + whole)),
-                                                                 _mm512_maskz_loadu_ps(tail, u + whole)));
+            const L::Mask tail = L::first(width - whole);
+            L::store(o + whole, tail, L::mul(silu(L::load(tail, g + whole)), L::load(tail, u + whole)));
         }
     }
 }

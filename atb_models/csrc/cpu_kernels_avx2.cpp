@@ -1,13 +1,14 @@
-// The kit's linear kernels and RMSNorm for a CPU without AVX-512 (AVX2 and FMA): a library of its own, built and
-// loaded by atb_models/kernels/native.py where torch reports the AVX2 capability, with three of cpu_kernels.cpp's
-// entry points (the same names, signatures and packed layouts, so kernels/linear.py's PanelLinear and
-// kernels/norm.py's NativeRMSNorm run either library's).
+// The kit's CPU kernels for a CPU without AVX-512 (AVX2 and FMA), for a float32 model: a library of its own, built
+// and loaded by atb_models/kernels/native.py where torch reports the AVX2 capability, with cpu_kernels.cpp's entry
+// points but the int8 (W8A16) linear and AVX512-BF16's dot products (the same names, signatures, structs and packed
+// layouts, so atb_models/kernels run either library's). The linears are this file's; RMSNorm, the activation, the
+// decode attention and the whole decoder layer are the same headers as the AVX-512 library's, compiled at AVX2's 8
+// lanes (lanes.h).
 //
 // A decode step streams every weight once; on such a CPU PyTorch's own linears (oneDNN, MKL) read a float32 weight
 // of a few rows well below the memory's rate (docs/PERFORMANCE.md), and a float32 model of a bfloat16 checkpoint
 // holds twice the bytes it needs. These kernels read the packed panels as one sequential stream a thread, and
 // bfloat16 panels (a bfloat16 checkpoint's weights, exact) at half the bytes, widened to float32 in registers.
-// Everything else of the model runs on PyTorch's operators on such a CPU.
 //
 // Layouts (panel_linear.h, bf16_linear.h): float32 wp[N / 64][K][64]; bfloat16 wp[N / 64][K / 2][64][2], a 32-bit
 // lane holding one column's weights of k-steps 2p (low half) and 2p + 1 (high half). Products are added in k order
@@ -20,10 +21,9 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdio.h>
 
-#include "abi.h"
-#include "rms_norm.h"  // its atb_rms_norm_f32, at AVX2's 8 lanes (lanes.h)
+#include "bf16.h"
+#include "decoder_layer.h"  // and through it the kernels between the linears, at AVX2's 8 lanes
 
 namespace {
 
@@ -180,13 +180,6 @@ void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const T* wp, 
 
 extern "C" {
 
-// The library's account of itself, checked by Python at load (kernels/native.py).
-const char* atb_native_abi() {
-    static char report[64];
-    snprintf(report, sizeof report, "version=%d isa=avx2", ATB_ABI_VERSION);
-    return report;
-}
-
 // x: [M, K] with row stride ldx; wp: [N / 64][K][64]; bias: [N] or null; y: [M, N]. N a multiple of 64.
 void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* wp, int64_t N,
                           const float* bias, float* y) {
@@ -202,3 +195,20 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 }
 
 }  // extern "C"
+
+namespace {
+
+// The linears of atb_decoder_layer_decode_f32 (decoder_layer.h): float32 or bfloat16 panels. Int8 (W8A16) layers are
+// not given to this library (kernels/decoder_layer.py declines them); a bfloat16 stream's linear inputs are rounded
+// to bfloat16 values, as in cpu_kernels.cpp's, and multiplied by the widening kernel.
+void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float*, int64_t,
+                  int64_t N, const float* bias, float* y, bool bf16_model) {
+    if (format == FORMAT_BF16) {
+        if (bf16_model) round_to_bf16_values(x, rows * K);
+        atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);
+    } else {
+        atb_panel_linear_f32(x, rows, K, K, static_cast<const float*>(weights), N, bias, y);
+    }
+}
+
+}  // namespace

@@ -1,13 +1,14 @@
-// One decode step of attention over the paged KV cache, float32 arithmetic, AVX-512, in one call per layer; the
-// cache in float32 or bfloat16 (bf16.h: half the bytes to read, each row widened as it is loaded, the new K and V
-// rounded to nearest even when stored, as PyTorch stores them).
+// One decode step of attention over the paged KV cache, float32 arithmetic, in one call per layer, written once
+// over the library's vector (lanes.h: AVX-512's 16 lanes or AVX2's 8); the cache in float32 or bfloat16 (bf16.h:
+// half the bytes to read, each row widened as it is loaded, the new K and V rounded to nearest even when stored, as
+// PyTorch stores them).
 //
 // For every (sequence, KV head) pair: rotate the step's new K row and the queries by the position's rotary, write
 // the new K and V rows into the cache slot of the sequence's last position, then attend from the query heads that
 // share the KV head to the sequence's context, read in place through its block table. PyTorch would spend the
 // rotation's five operators, two index_puts, two block gathers into a contiguous copy, a mask and a softmax on the
-// same work (about fifteen operator calls a layer, each a few microseconds); this reads each context
-// row once, straight from the cache.
+// same work (about fifteen operator calls a layer, each a few microseconds); this reads each context row
+// once, straight from the cache.
 //
 // Layouts (atb_models/layers/attention.py): cache [num_blocks, kv_heads, block_size, head_dim]; q [batch, heads,
 // head_dim] and k, v [batch, kv_heads, head_dim], each with its own row (batch) stride and contiguous inside a row;
@@ -16,7 +17,6 @@
 
 #pragma once
 
-#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 
@@ -24,16 +24,17 @@
 #include <vector>
 
 #include "bf16.h"
+#include "lanes.h"
 #include "vector_exp.h"
 
 namespace {
 
 constexpr int64_t PREFETCH_ROWS = 32;  // context rows prefetched ahead of the ones being scored
 
-// 16 cache values from p as float32, and a row stored into the cache: a float32 cache is read and written as it
-// is, a bfloat16 one widened and rounded.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) { return load_bf16(p); }
+// A vector of cache values from p as float32, and a row stored into the cache: a float32 cache is read and written
+// as it is, a bfloat16 one widened and rounded.
+inline Lanes::V load_lanes(const float* p) { return Lanes::load(p); }
+inline Lanes::V load_lanes(const uint16_t* p) { return Lanes::load_bf16(p); }
 inline void store_row(const float* row, int64_t n, float* out) {
     for (int64_t d = 0; d < n; d++) out[d] = row[d];
 }
@@ -48,14 +49,13 @@ inline void prefetch_row(const T* row, int64_t n) {
 
 // out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]), as layers/rotary.py rotates.
 inline void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* out) {
+    using L = Lanes;
     const int64_t half = dim / 2;
     int64_t d = 0;
-    for (; d + 16 <= half; d += 16) {
-        const __m512 lo = _mm512_loadu_ps(x + d), hi = _mm512_loadu_ps(x + d + half);
-        _mm512_storeu_ps(out + d, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(cos + d)),
-                                                _mm512_mul_ps(hi, _mm512_loadu_ps(sin + d))));
-        _mm512_storeu_ps(out + d + half, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(cos + d + half)),
-                                                       _mm512_mul_ps(lo, _mm512_loadu_ps(sin + d + half))));
+    for (; d + L::N <= half; d += L::N) {
+        const L::V lo = L::load(x + d), hi = L::load(x + d + half);
+        L::store(out + d, L::sub(L::mul(lo, L::load(cos + d)), L::mul(hi, L::load(sin + d))));
+        L::store(out + d + half, L::add(L::mul(hi, L::load(cos + d + half)), L::mul(lo, L::load(sin + d + half))));
     }
     for (; d < half; d++) {
         out[d] = x[d] * cos[d] - x[d + half] * sin[d];
@@ -65,121 +65,102 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
 
 // In place over s[0:length]: s = exp(s - max(s)); returns the sum.
 inline float softmax_numerators(float* s, int64_t length) {
-    __m512 top = _mm512_set1_ps(-INFINITY);
+    using L = Lanes;
+    L::V top = L::set1(-INFINITY);
     int64_t t = 0;
-    for (; t + 16 <= length; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + t));
-    float m = _mm512_reduce_max_ps(top);
+    for (; t + L::N <= length; t += L::N) top = L::max(top, L::load(s + t));
+    float m = L::max_of(top);
     for (; t < length; t++) m = s[t] > m ? s[t] : m;
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 total = _mm512_setzero_ps();
-    for (t = 0; t < length; t += 16) {
-        const __mmask16 live = length - t >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                                : static_cast<__mmask16>((1u << (length - t)) - 1);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), vm));
-        _mm512_mask_storeu_ps(s + t, live, e);
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+    const L::V vm = L::set1(m);
+    L::V total = L::zero();
+    for (t = 0; t < length; t += L::N) {
+        const L::Mask live = L::first(length - t);
+        const L::V e = exp_nonpositive(L::sub(L::load(live, s + t), vm));
+        L::store(s + t, live, e);
+        total = L::add(total, L::keep(live, e));
     }
-    return _mm512_reduce_add_ps(total);
+    return L::sum(total);
 }
 
-// Lane t of the result: the sum of v[t]'s 16 lanes. Four rounds fold pairs of vectors into one, halving the lanes
-// each source keeps (16 sources x 16 lanes -> ... -> 16 x 1): 15 folds of two permutes and an add, where reducing
-// each vector alone would take 16 horizontal reductions of about nine instructions each.
-struct LaneFolds {
-    __m512i low[4], high[4];
-    LaneFolds() {
-        for (int round = 0, keep = 16, sources = 1; round < 4; round++, keep /= 2, sources *= 2) {
-            alignas(64) int lo[16], hi[16];
-            for (int lane = 0; lane < 16; lane++) {
-                // Output lane: source `k` (a's sources first, then b's), element `e` of its keep / 2.
-                const int k = lane / (keep / 2), e = lane % (keep / 2);
-                lo[lane] = k < sources ? k * keep + e : 16 + (k - sources) * keep + e;
-                hi[lane] = lo[lane] + keep / 2;
-            }
-            low[round] = _mm512_load_si512(lo);
-            high[round] = _mm512_load_si512(hi);
-        }
-    }
-};
-
-inline __m512 sum_lanes(__m512* v, const LaneFolds& folds) {
-    for (int round = 0, count = 16; round < 4; round++, count /= 2)
-        for (int j = 0; j < count / 2; j++)
-            v[j] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * j], folds.low[round], v[2 * j + 1]),
-                                 _mm512_permutex2var_ps(v[2 * j], folds.high[round], v[2 * j + 1]));
-    return v[0];
-}
-
-// out[h] = inverse[h] * sum over t of s[h * length + t] * values[t], for NH heads of VEC vectors each.
+// out[h] = inverse[h] * sum over t of s[h * length + t] * values[t][column:column + VEC * N], for NH heads (rows of
+// `out` head_dim apart) and VEC vectors of columns from `column`.
 template <int NH, int VEC, typename T>
-void weighted_sum(const float* s, int64_t length, const T* const* values, const float* inverse, float* out,
-                  int64_t head_dim) {
-    __m512 acc[NH][VEC];
+void weighted_sum(const float* s, int64_t length, const T* const* values, int64_t column, const float* inverse,
+                  float* out, int64_t head_dim) {
+    using L = Lanes;
+    L::V acc[NH][VEC];
     for (int h = 0; h < NH; h++)
-        for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_setzero_ps();
+        for (int c = 0; c < VEC; c++) acc[h][c] = L::zero();
     for (int64_t t = 0; t < length; t++) {
-        __m512 row[VEC];
-        for (int c = 0; c < VEC; c++) row[c] = load16(values[t] + 16 * c);
+        L::V row[VEC];
+        for (int c = 0; c < VEC; c++) row[c] = load_lanes(values[t] + column + L::N * c);
         for (int h = 0; h < NH; h++) {
-            const __m512 weight = _mm512_set1_ps(s[h * length + t]);
-            for (int c = 0; c < VEC; c++) acc[h][c] = _mm512_fmadd_ps(weight, row[c], acc[h][c]);
+            const L::V weight = L::set1(s[h * length + t]);
+            for (int c = 0; c < VEC; c++) acc[h][c] = L::fmadd(weight, row[c], acc[h][c]);
         }
     }
     for (int h = 0; h < NH; h++)
         for (int c = 0; c < VEC; c++)
-            _mm512_storeu_ps(out + h * head_dim + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inverse[h])));
+            L::store(out + h * head_dim + column + L::N * c, L::mul(acc[h][c], L::set1(inverse[h])));
 }
 
-// weighted_sum for a group's heads, 16 / VEC at a time: each V row is loaded once for all of them, and 16
-// accumulators are in flight (one head's VEC chains alone would wait on the multiply-add latency).
+// weighted_sum for a group's heads of VEC vectors: Lanes::ACCUMULATORS / VEC heads at a time, so that each V row is
+// loaded once for all of them and that many accumulators are in flight (one head's VEC chains alone would wait on
+// the multiply-add latency); a head row wider than the accumulators (AVX2's 16 vectors of a 128-wide head) in
+// column blocks of them, one head at a time.
 template <int VEC, typename T>
 void weighted_sums(const float* scores, int64_t group, int64_t length, const T* const* values,
                    const float* inverse, float* out, int64_t head_dim) {
-    constexpr int HEADS = 16 / VEC;
+    constexpr int WIDE = VEC > Lanes::ACCUMULATORS;
+    constexpr int HEADS = WIDE ? 1 : Lanes::ACCUMULATORS / VEC;
+    constexpr int BLOCK = WIDE ? Lanes::ACCUMULATORS : VEC;  // vectors a pass accumulates
+    static_assert(VEC % BLOCK == 0, "a head row is whole blocks of columns");
     int64_t i = 0;
     for (; i + HEADS <= group; i += HEADS)
-        weighted_sum<HEADS, VEC>(scores + i * length, length, values, inverse + i, out + i * head_dim, head_dim);
+        for (int c = 0; c < VEC; c += BLOCK)
+            weighted_sum<HEADS, BLOCK>(scores + i * length, length, values, c * Lanes::N, inverse + i,
+                                       out + i * head_dim, head_dim);
     const float* s = scores + i * length;
     float* o = out + i * head_dim;
     switch (group - i) {  // the rest: fewer than HEADS
-        case 3: if constexpr (HEADS > 3) weighted_sum<3, VEC>(s, length, values, inverse + i, o, head_dim); break;
-        case 2: if constexpr (HEADS > 2) weighted_sum<2, VEC>(s, length, values, inverse + i, o, head_dim); break;
-        case 1: weighted_sum<1, VEC>(s, length, values, inverse + i, o, head_dim); break;
+        case 3: if constexpr (HEADS > 3) weighted_sum<3, VEC>(s, length, values, 0, inverse + i, o, head_dim); break;
+        case 2: if constexpr (HEADS > 2) weighted_sum<2, VEC>(s, length, values, 0, inverse + i, o, head_dim); break;
+        case 1: if constexpr (HEADS > 1) weighted_sum<1, VEC>(s, length, values, 0, inverse + i, o, head_dim); break;
         default: break;
     }
 }
 
-// Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors of 16 per head row, or
-// `vectors` at run time when VEC is 0. Scores 16 context rows at a time, the rows after next prefetched (K now, V
-// for the weighted sum after the softmax): a context is a few short runs of the cache, too short for the hardware
+// Dot products, softmax and the weighted sum for one (sequence, KV head): VEC vectors per head row, or `vectors`
+// at run time when VEC is 0. Scores N context rows at a time, the rows after next prefetched (K now, V for the
+// weighted sum after the softmax): a context is a few short runs of the cache, too short for the hardware
 // prefetcher to ramp up on.
 template <int VEC, typename T>
 void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vectors_rt, const T* const* keys,
             const T* const* values, int64_t length, float scale, float* scores, float* weights_inverse,
             float* out) {
-    static const LaneFolds folds;
+    using L = Lanes;
+    static const L::Folds folds;
     const int64_t vectors = VEC ? VEC : vectors_rt;
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t t0 = 0; t0 < length; t0 += 16) {
-        const int64_t n = length - t0 < 16 ? length - t0 : 16;
-        for (int64_t t = t0 + PREFETCH_ROWS; t < t0 + PREFETCH_ROWS + 16 && t < length; t++) {
+    const L::V vscale = L::set1(scale);
+    for (int64_t t0 = 0; t0 < length; t0 += L::N) {
+        const int64_t n = length - t0 < L::N ? length - t0 : L::N;
+        for (int64_t t = t0 + PREFETCH_ROWS; t < t0 + PREFETCH_ROWS + L::N && t < length; t++) {
             prefetch_row(keys[t], head_dim);
             prefetch_row(values[t], head_dim);
         }
         // A short last block reads its missing rows from the first: their scores are never stored.
-        const T* rows[16];
-        for (int64_t t = 0; t < 16; t++) rows[t] = keys[t0 + (t < n ? t : 0)];
+        const T* rows[L::N];
+        for (int64_t t = 0; t < L::N; t++) rows[t] = keys[t0 + (t < n ? t : 0)];
         for (int64_t i = 0; i < group; i++) {
             const float* query = q_group + i * head_dim;
-            __m512 dots[16];
-            for (int t = 0; t < 16; t++) {
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(query), load16(rows[t]));
+            L::V dots[L::N];
+            for (int t = 0; t < L::N; t++) {
+                L::V acc = L::mul(L::load(query), load_lanes(rows[t]));
                 for (int64_t c = 1; c < vectors; c++)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(query + 16 * c), load16(rows[t] + 16 * c), acc);
+                    acc = L::fmadd(L::load(query + L::N * c), load_lanes(rows[t] + L::N * c), acc);
                 dots[t] = acc;
             }
-            const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
-            _mm512_mask_storeu_ps(scores + i * length + t0, live, _mm512_mul_ps(sum_lanes(dots, folds), vscale));
+            L::store(scores + i * length + t0, L::first(n), L::mul(L::sum_lanes(dots, folds), vscale));
         }
     }
     for (int64_t i = 0; i < group; i++)
@@ -189,12 +170,12 @@ void attend(const float* q_group, int64_t group, int64_t head_dim, int64_t vecto
     } else {
         for (int64_t i = 0; i < group; i++) {
             const float* s = scores + i * length;
-            const __m512 inv = _mm512_set1_ps(weights_inverse[i]);
+            const L::V inv = L::set1(weights_inverse[i]);
             for (int64_t c = 0; c < vectors; c++) {
-                __m512 acc = _mm512_setzero_ps();
+                L::V acc = L::zero();
                 for (int64_t t = 0; t < length; t++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values[t] + 16 * c), acc);
-                _mm512_storeu_ps(out + i * head_dim + 16 * c, _mm512_mul_ps(acc, inv));
+                    acc = L::fmadd(L::set1(s[t]), load_lanes(values[t] + L::N * c), acc);
+                L::store(out + i * head_dim + L::N * c, L::mul(acc, inv));
             }
         }
     }
@@ -208,7 +189,7 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k, in
                             const int64_t* block_tables, int64_t max_blocks, const int64_t* context_lens,
                             int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                             float scale, float* out) {
-    const int64_t group = heads / kv_heads, vectors = head_dim / 16;
+    const int64_t group = heads / kv_heads, vectors = head_dim / Lanes::N;
 #pragma omp parallel
     {
         // Flush denormals to zero here: a softmax over a wide spread of scores yields weights below 1e-38, and
@@ -264,11 +245,11 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k, in
             scores.resize(group * length);
             inverse.resize(group);
             float* o = out + (b * heads + g * group) * head_dim;
-            if (vectors == 4)
-                attend<4>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
+            if (head_dim == 64)
+                attend<64 / Lanes::N>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
                           scores.data(), inverse.data(), o);
-            else if (vectors == 8)
-                attend<8>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
+            else if (head_dim == 128)
+                attend<128 / Lanes::N>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,
                           scores.data(), inverse.data(), o);
             else
                 attend<0>(q_group, group, head_dim, vectors, keys.data(), values.data(), length, scale,

@@ -43,8 +43,8 @@ class Kernels:
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
         build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged; on a CPU
-        with AVX2 but not AVX-512 a float32 model's linears and norms run the kit's AVX2 library
-        (NativeLibrary.load_avx2)."""
+        with AVX2 but not AVX-512 a float32 model gets the same kernels from the kit's AVX2 library
+        (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
@@ -52,16 +52,15 @@ class Kernels:
         linears = linear_library(choice, plan, library)
         linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
-        if library is not None and plan.llm_dtype == torch.float32:
-            return cls(linear=linear, rms_norm=NativeRMSNorm(library), silu_and_mul=NativeSiluAndMul(library),
-                       decode_attention=NativeDecodeAttention(library), decoder_layer=NativeDecoderLayer(library),
+        # float32: the AVX-512 library, or on a CPU without AVX-512 the AVX2 one (linear_library's choice)
+        native = library if library is not None else linears
+        if native is not None and plan.llm_dtype == torch.float32:
+            return cls(linear=linear, rms_norm=NativeRMSNorm(native), silu_and_mul=NativeSiluAndMul(native),
+                       decode_attention=NativeDecodeAttention(native), decoder_layer=NativeDecoderLayer(native),
                        w8a16=w8a16)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
-                       w8a16=w8a16)
-        if linears is not None and linears.isa == "avx2":  # a float32 model on a CPU with AVX2 but not AVX-512
-            return cls(linear=linear, rms_norm=NativeRMSNorm(linears), decode_attention=CpuDecodeAttention(),
                        w8a16=w8a16)
         return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from atb_models.kernels.native import kernel_name
+
 
 class SiluAndMul:
     """PyTorch's silu and product."""
@@ -17,8 +19,8 @@ class SiluAndMul:
 
 
 class NativeSiluAndMul(SiluAndMul):
-    """One call of atb_models/csrc/activation.h: float32 on an AVX-512 CPU, where gate and up are the two halves of
-    the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes call costs
+    """One call of atb_models/csrc/activation.h (either native library's): float32, where gate and up are the two
+    halves of the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes call costs
     more than PyTorch's two operators, which then run instead."""
 
     name = "native"
@@ -26,6 +28,7 @@ class NativeSiluAndMul(SiluAndMul):
 
     def __init__(self, library):
         self._op = library.atb_silu_and_mul_f32
+        self.name = kernel_name(self.name, library)
 
     @classmethod
     def suits(cls, gate: torch.Tensor, up: torch.Tensor) -> bool:

@@ -2,8 +2,8 @@
 token's q and k, store its K and V, attend from q to each sequence's context read through its block table.
 
 Three implementations, one chosen per model by `Kernels.for_plan`: SDPA over the gathered context
-(accelerators), the CPU's grouped matmuls (SDPA at batch 1), and the kit's native kernel on an AVX-512 CPU in
-float32, which does the whole step in one call.
+(accelerators), the CPU's grouped matmuls (SDPA at batch 1), and the kit's native kernel on a CPU with AVX-512
+or AVX2 in float32, which does the whole step in one call.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from atb_models.kernels.native import kernel_name
 from atb_models.layers.rotary import apply_rotary
 
 
@@ -114,6 +115,7 @@ class NativeDecodeAttention(CpuDecodeAttention):
     def __init__(self, library):
         super().__init__()
         self._op = library.atb_paged_decode_attention_f32
+        self.name = kernel_name(self.name, library)
 
     @staticmethod
     def suits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

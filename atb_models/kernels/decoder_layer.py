@@ -1,5 +1,5 @@
 """How a decoder layer runs: its own forward (operator by operator), or the kit's native decoder layer, which does
-a whole Qwen2 decode step of a layer in one call (atb_models/csrc/cpu_kernels.cpp)."""
+a whole Qwen2 decode step of a layer in one call (atb_models/csrc/decoder_layer.h)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from atb_models import distributed
 from atb_models.kernels.linear import PANEL_GROUP, packed_shape
-from atb_models.kernels.native import FORMATS
+from atb_models.kernels.native import FORMATS, kernel_name
 
 
 class LayerByLayer:
@@ -30,10 +30,11 @@ class LayerByLayer:
 
 class NativeDecoderLayer(LayerByLayer):
     """A Qwen2 decoder layer's (models.qwen2_vl.DecoderLayer's) whole decode step in one native call: the same
-    kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer. On an AVX-512 CPU, for
-    a layer that holds all its heads (one rank: the kernel has no all-reduce), softmax in the activation dtype, one
-    eps for both norms, and its four linears packed for the kit's kernels: float32 or bfloat16 panels
-    (kernels.linear.PanelLinear) or int8 ones (W8A16, kernels.w8a16, each with its float32 scales). The residual
+    kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer. On a CPU with AVX-512
+    (or AVX2: the AVX2 library, which has no int8 linear), for a layer that holds all its heads (one rank: the
+    kernel has no all-reduce), softmax in the activation dtype, one eps for both norms, and its four linears packed
+    for the kit's kernels: float32 or bfloat16 panels (kernels.linear.PanelLinear) or int8 ones (W8A16,
+    kernels.w8a16, each with its float32 scales). The residual
     stream and the KV cache are float32 or bfloat16; the arithmetic between the linears is float32 either way. In a
     bfloat16 model a linear's input is rounded to bfloat16 as PyTorch's bfloat16 path rounds it; a float32 model's
     bfloat16 panels (float32 weights that are bfloat16 values, kernels.linear.PanelLinear.pack) take it unrounded.
@@ -48,6 +49,8 @@ class NativeDecoderLayer(LayerByLayer):
         self._layers_op = library.atb_decoder_layers_decode_f32
         self._layer_weights = library.structs["LayerWeights"]
         self._decode_step = library.structs["DecodeStep"]
+        self._int8 = hasattr(library, "atb_w8a16_linear_f32")  # the library multiplies int8 (W8A16) weights
+        self.name = kernel_name(self.name, library)
         self._weights = weakref.WeakKeyDictionary()  # layer -> (the KV cache they were made for, weights or None)
         self._stack = ((), None)  # the latest stack's weights, and the array of pointers to them
 
@@ -132,7 +135,7 @@ class NativeDecoderLayer(LayerByLayer):
         sizes = (((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden),
                  (hidden, intermediate))
         formats = [_packed_format(w, s, out, inp) for (w, s), (out, inp) in zip(linears, sizes)]
-        if None in formats:
+        if None in formats or (not self._int8 and FORMATS[torch.int8] in formats):
             return None
         if qkv_bias.shape != (sizes[0][0],) or post_norm.shape != (hidden,):
             return None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from atb_models.errors import UserError
 from atb_models.host import empty_on_huge_pages, last_level_cache_bytes
+from atb_models.kernels.native import NativeLibrary, kernel_name
 
 logger = logging.getLogger("atb_models.kernels")
 
@@ -215,20 +216,16 @@ def linear_kernel(plan, choice: str | None = None) -> LinearKernel:
     choice = cpu_kernel_choice(choice)
     if plan.kind != "cpu":
         return PLAIN_LINEAR
-    from atb_models.kernels.native import NativeLibrary
-
     library = NativeLibrary.load() if choice in ("auto", "panel") else None
     return cpu_linear_kernel(choice, linear_library(choice, plan, library), bf16_inputs=has_bf16_inputs(plan))
 
 
 def linear_library(choice: str, plan, library):
     """The native library a CPU's linears take: `library` (NativeLibrary.load's AVX-512 build) where there is one;
-    else, for a model without bfloat16 inputs and a choice that may use it, the AVX2 build (the linears and RMSNorm
-    alone) (NativeLibrary.load_avx2: None on a CPU without AVX2)."""
+    else, for a model without bfloat16 inputs and a choice that may use it, the AVX2 build (NativeLibrary.load_avx2:
+    None on a CPU without AVX2)."""
     if library is not None or choice not in ("auto", "panel") or has_bf16_inputs(plan):
         return library
-    from atb_models.kernels.native import NativeLibrary
-
     return NativeLibrary.load_avx2()
 
 
@@ -257,9 +254,9 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         reorder = None
     if choice in ("auto", "panel") and library is not None and _panel_products_right(library.atb_panel_linear_f32):
         bf16_op = library.atb_bf16_linear_f32 if _bf16_products_right(library.atb_bf16_linear_f32) else None
-        if library.isa == "avx2":  # the two linears alone, nothing measured: an AVX2 CPU's model is float32
+        if library.isa == "avx2":  # nothing to measure: an AVX2 CPU's model is float32, its library has no switches
             return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
-                               name="panel (AVX2)")
+                               name=kernel_name("panel", library))
         stream_prefetch_chosen(library)
         if bf16_op is not None:
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening

@@ -1,6 +1,7 @@
-"""The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second of
-the linear kernels and RMSNorm alone for a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp); each compiled with
-the machine's C++ compiler on first use, cached, loaded with ctypes and checked against its declaration here.
+"""The kit's own CPU kernels (atb_models/csrc): one library for an AVX-512 CPU (cpu_kernels.cpp), and a second for
+a CPU with AVX2 but not AVX-512 (cpu_kernels_avx2.cpp: the same but the int8 linear and AVX512-BF16's dot products);
+each compiled with the machine's C++ compiler on first use, cached, loaded with ctypes and checked against its
+declaration here.
 
 The library needs no PyTorch headers: the kernels work on raw float pointers, and link OpenMP against the libgomp
 PyTorch has already loaded. Its interface is declared once, in FUNCTIONS and STRUCTS below: the ctypes signatures
@@ -35,25 +36,28 @@ LIBRARY = "cpu_kernels"  # csrc/cpu_kernels.cpp and its headers
 # AVX-512 F, BW, VL and DQ: what torch's "AVX512" capability, checked before building, guarantees.
 CXX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
              "-std=c++17")
-# A CPU without AVX-512 but with AVX2 and FMA (torch's "AVX2" capability) gets the linear kernels and RMSNorm, from
-# a library of their own (csrc/cpu_kernels_avx2.cpp): the functions below, declared in FUNCTIONS like the rest.
+# A CPU without AVX-512 but with AVX2 and FMA (torch's "AVX2" capability) gets a library of its own
+# (csrc/cpu_kernels_avx2.cpp) for float32 models: the functions below, declared in FUNCTIONS like the rest, and the
+# same STRUCTS.
 AVX2_LIBRARY = "cpu_kernels_avx2"
 AVX2_CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32", "atb_rms_norm_f32")
+AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32", "atb_rms_norm_f32",
+                  "atb_silu_and_mul_f32", "atb_paged_decode_attention_f32", "atb_decoder_layer_decode_f32",
+                  "atb_decoder_layers_decode_f32")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 5  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 6  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
-# How a tensor the library reads is stored (csrc/cpu_kernels.cpp's enum Format).
+# How a tensor the library reads is stored (csrc/decoder_layer.h's enum Format).
 FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
 
-# struct name -> its fields in order, (name, ctypes type), as csrc/cpu_kernels.cpp declares them.
+# struct name -> its fields in order, (name, ctypes type), as csrc/decoder_layer.h declares them.
 STRUCTS = {
     "LayerWeights": (  # one Qwen2 decoder layer as loaded: packed linears (and int8 ones' scales), norms, KV cache
         ("input_norm", PTR), ("qkv", PTR), ("qkv_bias", PTR), ("o", PTR), ("post_norm", PTR), ("gate_up", PTR),
@@ -107,15 +111,14 @@ class AbiMismatch(RuntimeError):
 class NativeLibrary:
     """The loaded library: one attribute per function of FUNCTIONS, typed from it, and `structs`, the ctypes
     Structure of each STRUCTS entry. Checked against the library's own ABI report when made. `isa` says which:
-    "avx512", the whole library, or "avx2", the linear kernels and RMSNorm alone (AVX2_FUNCTIONS, no structs)."""
+    "avx512", the whole library, or "avx2", the functions of AVX2_FUNCTIONS."""
 
     def __init__(self, library: ctypes.CDLL, isa: str = "avx512"):
         self.isa = isa
-        full = isa == "avx512"
         self.structs = {name: type(name, (ctypes.Structure,), {"_fields_": list(fields)})
-                        for name, fields in STRUCTS.items() if full}
+                        for name, fields in STRUCTS.items()}
         for name, (restype, arguments) in FUNCTIONS.items():
-            if not full and name not in AVX2_FUNCTIONS:
+            if isa == "avx2" and name not in AVX2_FUNCTIONS:
                 continue
             try:
                 function = getattr(library, name)
@@ -135,8 +138,8 @@ class NativeLibrary:
         report = dict(item.split("=", 1) for item in self.atb_native_abi().decode().split())
         if int(report.get("version", -1)) != ABI_VERSION:
             raise AbiMismatch(f"ABI version {report.get('version')} in the library, {ABI_VERSION} declared")
-        if report.get("isa", "avx512") != self.isa:
-            raise AbiMismatch(f"the library is built for {report.get('isa', 'avx512')}, loaded as {self.isa}")
+        if report.get("isa") != self.isa:
+            raise AbiMismatch(f"the library is built for {report.get('isa')}, loaded as {self.isa}")
         for name, struct in self.structs.items():
             built, declared = int(report.get(name, -1)), ctypes.sizeof(struct)
             if built != declared:
@@ -150,21 +153,21 @@ class NativeLibrary:
         if capability != "AVX512":
             forced = os.environ.get("ATEN_CPU_CAPABILITY")
             logger.info("the kit's %s kernels need AVX-512; torch reports %s for this CPU%s: PyTorch's operators "
-                        "run instead (and the kit's AVX2 linears where they apply)", LIBRARY, capability,
+                        "run instead (and the kit's AVX2 kernels where they apply)", LIBRARY, capability,
                         f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
             return None
         return cls._built(LIBRARY, compile_flags(), "avx512")
 
     @classmethod
     def load_avx2(cls) -> NativeLibrary | None:
-        """The linear kernels and RMSNorm for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"),
-        built if need be; None for another capability, or where the build or the load fails (the reason logged)."""
+        """The kernels for a CPU with AVX2 and FMA but not AVX-512 (torch's capability "AVX2"), built if need be;
+        None for another capability, or where the build or the load fails (the reason logged)."""
         if torch.backends.cpu.get_cpu_capability() != "AVX2":
             return None
         library = cls._built(AVX2_LIBRARY, AVX2_CXX_FLAGS, "avx2")
         if library is not None:
-            logger.info("the kit's AVX2 linear kernels (%s) run the linears; PyTorch's operators the rest",
-                        AVX2_LIBRARY)
+            logger.info("the kit's AVX2 kernels (%s) run a float32 model's linears, norms, activation and decode "
+                        "steps", AVX2_LIBRARY)
         return library
 
     @classmethod
@@ -180,6 +183,11 @@ class NativeLibrary:
             logger.warning("the kit's %s kernels (%s) do not match their declaration in %s: %s; using PyTorch's "
                            "operators instead", name, path, __name__, e)
         return None
+
+
+def kernel_name(name: str, library: NativeLibrary) -> str:
+    """A native kernel's name as Kernels.describe shows it: `name`, with " (AVX2)" for the AVX2 library's."""
+    return f"{name} (AVX2)" if library.isa == "avx2" else name
 
 
 # --------------------------------------------------------------------------------------------------- the build

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from atb_models.kernels.native import kernel_name
+
 
 class RMSNormKernel:
     """PyTorch's operators: statistics in float32 whatever the activation dtype, scale applied in the input dtype
@@ -32,8 +34,7 @@ class NativeRMSNorm(RMSNormKernel):
 
     def __init__(self, library):
         self._op = library.atb_rms_norm_f32
-        if library.isa == "avx2":
-            self.name = "native (AVX2)"
+        self.name = kernel_name(self.name, library)
 
     @staticmethod
     def suits(x: torch.Tensor) -> bool:
