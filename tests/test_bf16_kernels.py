@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
+from atb_models.host import cpuinfo_field, read_cpuinfo
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
@@ -36,8 +37,15 @@ def _pair_packed(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
-    kernel = native_bf16_kernels().linear
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values(isa, monkeypatch):
+    if isa == "avx2":  # the AVX2 library's widening kernel (tested on any CPU with AVX2 and FMA)
+        if not {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split()):
+            pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        kernel = PanelLinear(None, None, None, native.NativeLibrary.load_avx2().atb_bf16_linear_f32)
+    else:
+        kernel = native_bf16_kernels().linear
     generator = torch.Generator().manual_seed(0)
     # One group; uneven thread shares (3, 37 groups); K off 16 (an odd number of pairs), off the 64- and 128-step
     # blocks, over several.
@@ -45,7 +53,9 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
         weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
         bias = torch.randn(out_features, generator=generator)
         packed = _pair_packed(weight)
-        for rows in (1, 2, 5, 6, 7, 16, 17, 300):  # partial register blocks, widened K blocks beyond 6, 2 chunks
+        # partial register blocks, widened K blocks beyond 6, 2 chunks; AVX2: 3 and 17 uneven passes, 40 past the
+        # passes that prefetch the next block
+        for rows in (1, 2, 3, 5, 6, 7, 16, 17, 40, 300):
             x = torch.randn(rows, in_features, generator=generator).bfloat16()
             for b in (None, bias):
                 expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
@@ -55,6 +65,8 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values():
                 got = kernel(x, packed, b)
                 assert got.dtype == torch.bfloat16
                 assert torch.allclose(got.double(), expected, atol=1e-2, rtol=8e-3)
+    if isa == "avx2":
+        return
     # The dot-product kernel a bfloat16 model's inputs may take (AVX512-BF16 where the library has it, past 6
     # rows; turned on here whatever this CPU's measurement chose): the same exact products summed in float32, by
     # pairs of k-steps.

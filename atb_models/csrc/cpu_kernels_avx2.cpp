@@ -50,10 +50,25 @@ inline __m256 block_start(bool first, const float* bias, const float* y_row, int
     return first ? (bias ? _mm256_loadu_ps(bias + 8 * j) : _mm256_setzero_ps()) : _mm256_loadu_ps(y_row + 8 * j);
 }
 
-// y[MR, 32] = (first ? bias : y) + x[MR, k0:k1] * w[k0:k1] over one half group of float32 weights (k stride 64).
-template <int MR>
+// The next K block's cache lines (the packed weights are one stream a thread: the next block follows the current one
+// in memory, in this group or the next), prefetched into L2 a few at a time over the passes of the current block, so
+// that its passes start from the caches: the memory's latency overlaps the arithmetic instead of stalling the first
+// pass of each block.
+struct Ahead {
+    const char* next;  // the next line to prefetch
+    int64_t lines;     // lines to prefetch during this pass
+    int64_t steps;     // k-steps (pairs of them for bfloat16) of this pass
+    int64_t credit;
+    void step() {
+        for (credit += lines; credit >= steps; credit -= steps, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+    }
+};
+
+// y[MR, 32] = (first ? bias : y) + x[MR, k0:k1] * w[k0:k1] over one half group of float32 weights (k stride 64);
+// with AHEAD, `ahead`'s lines prefetched along the way.
+template <int MR, bool AHEAD>
 void f32_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, const float* bias, bool first,
-               float* y, int64_t ldy) {
+               float* y, int64_t ldy, Ahead ahead) {
     auto start = [&](int i, int j) {
         return i < MR ? block_start(first, bias, y + i * ldy, j) : _mm256_setzero_ps();
     };
@@ -62,6 +77,7 @@ void f32_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t 
     ATB_ROW_ACCUMULATORS(2);
     for (int64_t k = k0; k < k1; k++) {
         const float* wk = w + k * GROUP;
+        if constexpr (AHEAD) ahead.step();
         // 12 accumulators, 3 broadcasts and one weight vector: AVX2's 16 registers
         const __m256 b0 = _mm256_broadcast_ss(x + k);
         const __m256 b1 = MR > 1 ? _mm256_broadcast_ss(x + ldx + k) : b0;
@@ -80,9 +96,9 @@ void f32_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t 
 }
 
 // The same for a half group of bfloat16 pairs (pair stride 128 values), k0 and k1 even; up to 2 rows.
-template <int MR>
+template <int MR, bool AHEAD>
 void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t k0, int64_t k1, const float* bias,
-                bool first, float* y, int64_t ldy) {
+                bool first, float* y, int64_t ldy, Ahead ahead) {
     auto start = [&](int i, int j) {
         return i < MR ? block_start(first, bias, y + i * ldy, j) : _mm256_setzero_ps();
     };
@@ -91,6 +107,7 @@ void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t k0, int6
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int64_t k = k0; k < k1; k += 2) {
         const uint16_t* wk = w + k * GROUP;  // the pair's 64 values of this half: 8 columns a ymm
+        if constexpr (AHEAD) ahead.step();
         const __m256 b00 = _mm256_broadcast_ss(x + k), b01 = _mm256_broadcast_ss(x + k + 1);
         const __m256 b10 = MR > 1 ? _mm256_broadcast_ss(x + ldx + k) : b00;
         const __m256 b11 = MR > 1 ? _mm256_broadcast_ss(x + ldx + k + 1) : b01;
@@ -136,39 +153,90 @@ void bf16_row(const float* x, const uint16_t* w, int64_t K, const float* bias, f
     for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + 8 * j, acc[j]);
 }
 
-// One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
-// K block's two halves in turn (so that the block is read from memory once), rows in passes of up to ROWS; a
-// single row runs ROW over the whole group instead. `half_offset` is a half's offset inside a k-step (or pair).
-template <typename T>
-using RowFn = void (*)(const float*, const T*, int64_t, const float*, float*);
-template <typename T>
-using BlockFn = void (*)(const float*, int64_t, const T*, int64_t, int64_t, const float*, bool, float*, int64_t);
+// How each weight format runs: its kernels, the rows of its largest register block, and where a half group starts
+// inside a k-step (float32) or a pair of them (bfloat16).
+struct F32Panels {
+    using T = float;
+    static constexpr int ROWS = 3;
+    static constexpr int64_t K_PER_STEP = 1, HALF_OFFSET = HALF;
+    static void row(const float* x, const T* w, int64_t K, const float* bias, float* y) { f32_row(x, w, K, bias, y); }
+    template <int MR, bool AHEAD>
+    static void block(const float* x, int64_t ldx, const T* w, int64_t k0, int64_t k1, const float* bias, bool first,
+                      float* y, int64_t ldy, Ahead ahead) {
+        f32_block<MR, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
+    }
+};
 
-template <typename T, int ROWS, RowFn<T> ROW, BlockFn<T> BLOCK1, BlockFn<T> BLOCK2, BlockFn<T> BLOCK3>
-void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const T* wp, int64_t N, const float* bias,
-                float* y, int64_t half_offset) {
+struct Bf16Panels {
+    using T = uint16_t;
+    // Rows of three would need 12 accumulators, 6 broadcasts and the widened pair: more than AVX2's 16 registers.
+    static constexpr int ROWS = 2;
+    static constexpr int64_t K_PER_STEP = 2, HALF_OFFSET = 2 * HALF;
+    static void row(const float* x, const T* w, int64_t K, const float* bias, float* y) { bf16_row(x, w, K, bias, y); }
+    template <int MR, bool AHEAD>
+    static void block(const float* x, int64_t ldx, const T* w, int64_t k0, int64_t k1, const float* bias, bool first,
+                      float* y, int64_t ldy, Ahead ahead) {
+        bf16_block<MR, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
+    }
+};
+
+// One pass of `rows` (1 to P::ROWS) over a half group's K block.
+template <typename P, bool AHEAD>
+void run_pass(int64_t rows, const float* x, int64_t ldx, const typename P::T* w, int64_t k0, int64_t k1,
+              const float* bias, bool first, float* y, int64_t ldy, Ahead ahead) {
+    if (rows == 1) P::template block<1, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
+    else if (rows == 2 || P::ROWS == 2) P::template block<2, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
+    else P::template block<P::ROWS, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
+}
+
+// Up to this many passes over a K block, the next block is prefetched during them (Ahead); with more, the first
+// pass's wait for memory is a small part of the block's time, and the prefetching's bookkeeping in the inner loop
+// measured slower (docs/PERFORMANCE.md).
+constexpr int64_t AHEAD_PASSES = 8;
+
+// One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
+// K block's two halves in turn (so that the block is read from memory once), rows in passes of up to P::ROWS, as
+// equal as can be (16 rows of 3: 3 3 3 3 2 2, not five of 3 and a latency-bound one of 1); a single row runs
+// P::row over the whole group instead, one sequential stream.
+template <typename P>
+void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typename P::T* wp, int64_t N,
+                const float* bias, float* y) {
     const int64_t groups = N / GROUP;
+    const int64_t passes = (M + P::ROWS - 1) / P::ROWS, calls = 2 * passes;
+    const bool ahead_on = passes <= AHEAD_PASSES;
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first_group = groups * thread / threads, end_group = groups * (thread + 1) / threads;
         for (int64_t g = first_group; g < end_group; g++) {
             if (M == 1) {
-                ROW(x, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP);
+                P::row(x, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP);
                 continue;
             }
             for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
                 const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
-                for (int64_t h = 0; h < 2; h++) {
-                    const T* w = wp + g * K * GROUP + h * half_offset;
+                // The block after this one, right after it in memory: the rest of this group's K, or the next
+                // group's first block (none after the thread's last group).
+                const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
+                                                  : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
+                const int64_t next_lines = next_steps * GROUP * static_cast<int64_t>(sizeof(typename P::T)) / 64;
+                Ahead ahead{reinterpret_cast<const char*>(wp + g * K * GROUP + k1 * GROUP), 0,
+                            (k1 - k0) / P::K_PER_STEP, 0};
+                for (int64_t h = 0, call = 0; h < 2; h++) {
+                    const typename P::T* w = wp + g * K * GROUP + h * P::HALF_OFFSET;
                     const float* b = bias ? bias + g * GROUP + h * HALF : nullptr;
-                    for (int64_t m = 0; m < M; m += ROWS) {
-                        const int64_t rows = M - m < ROWS ? M - m : ROWS;
+                    for (int64_t pass = 0, m = 0; pass < passes; pass++, call++) {
+                        const int64_t rows = M / passes + (pass < M % passes);
                         float* out = y + m * N + g * GROUP + h * HALF;
-                        const float* in = x + m * ldx;
-                        if (rows == 1) BLOCK1(in, ldx, w, k0, k1, b, k0 == 0, out, N);
-                        else if (rows == 2) BLOCK2(in, ldx, w, k0, k1, b, k0 == 0, out, N);
-                        else BLOCK3(in, ldx, w, k0, k1, b, k0 == 0, out, N);
+                        if (ahead_on) {
+                            ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
+                            ahead.credit = 0;
+                            run_pass<P, true>(rows, x + m * ldx, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
+                            ahead.next += ahead.lines * 64;
+                        } else {
+                            run_pass<P, false>(rows, x + m * ldx, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
+                        }
+                        m += rows;
                     }
                 }
             }
@@ -183,15 +251,13 @@ extern "C" {
 // x: [M, K] with row stride ldx; wp: [N / 64][K][64]; bias: [N] or null; y: [M, N]. N a multiple of 64.
 void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* wp, int64_t N,
                           const float* bias, float* y) {
-    run_linear<float, 3, f32_row, f32_block<1>, f32_block<2>, f32_block<3>>(x, M, K, ldx, wp, N, bias, y, HALF);
+    run_linear<F32Panels>(x, M, K, ldx, wp, N, bias, y);
 }
 
 // x: [M, K] with row stride ldx; wp: [N / 64][K / 2][64][2] bfloat16 bits; bias: [N] or null; y: [M, N]. K even.
 void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                          const float* bias, float* y) {
-    // Rows of three would need 12 accumulators, 6 broadcasts and the widened pair: more than AVX2's 16 registers.
-    run_linear<uint16_t, 2, bf16_row, bf16_block<1>, bf16_block<2>, bf16_block<2>>(x, M, K, ldx, wp, N, bias, y,
-                                                                              2 * HALF);
+    run_linear<Bf16Panels>(x, M, K, ldx, wp, N, bias, y);
 }
 
 }  // extern "C"
