@@ -97,11 +97,13 @@ def main() -> None:
         library.atb_bf16_use_dot.argtypes, library.atb_bf16_use_dot.restype = [ctypes.c_int64], ctypes.c_int64
         linear = llm.runner.model.kernels.linear
         library.atb_bf16_use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
-        # And the stream prefetches as this tree's library chose them, where the other library can choose.
-        if hasattr(library, "atb_use_stream_prefetch"):
-            library.atb_use_stream_prefetch.argtypes = [ctypes.c_int64]
-            library.atb_use_stream_prefetch.restype = ctypes.c_int64
-            library.atb_use_stream_prefetch(native.NativeLibrary.load().atb_use_stream_prefetch(-1))
+        # And the stream prefetches and the bfloat16 widening as this tree's library chose them, where the other
+        # library can choose (a switch left at the library's default would compare the two choices, not the code).
+        for switch in ("atb_use_stream_prefetch", "atb_bf16_widen_in_registers"):
+            if hasattr(library, switch):
+                getattr(library, switch).argtypes = [ctypes.c_int64]
+                getattr(library, switch).restype = ctypes.c_int64
+                getattr(library, switch)(getattr(native.NativeLibrary.load(), switch)(-1))
         sides = {"working tree": own, args.against: other}
 
         def replay(op) -> float:

@@ -16,7 +16,8 @@
 //
 // A group of 64 columns runs as two halves of 32 (four ymm of accumulators a row): AVX2 has 16 registers, so a
 // register block holds 3 rows of a float32 half (12 accumulators) or 2 of a bfloat16 one (8, and the widened
-// weights). Several passes over a group (batched rows) go over K blocks that stay in the caches while they do.
+// weights). Several passes over a group (batched rows) go over K blocks that stay in the caches while they do, and
+// prefetch the next block while they do (Ahead, as panel_linear.h's passes do on AVX-512).
 
 #include <immintrin.h>
 #include <omp.h>
