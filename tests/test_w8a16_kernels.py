@@ -202,6 +202,10 @@ def test_the_avx2_librarys_decoder_layer_leaves_a_layer_with_int8_linears_to_its
     for layer in (plain, int8):
         layer.k_cache, layer.v_cache = (torch.zeros(4, 2, 16, 64) for _ in range(2))
     assert fused.weights_of(plain) is not None and fused.weights_of(int8) is None
+    # The int8 layer is packed as a layer the AVX-512 library takes: declined for the library, not its layout.
+    fused._int8 = True
+    int8.k_cache = int8.k_cache.clone()
+    assert fused.weights_of(int8) is not None
 
 
 def test_the_native_library_is_built_with_vnni_and_avx512_bf16_only_where_the_cpu_reports_them():

@@ -1,5 +1,6 @@
 """A/B of the kit's native kernels on one real decode step: the working tree's library against the csrc of another
-git revision, on this machine in one process.
+git revision, on this machine in one process (the library the model runs on, the AVX-512 one or on a CPU without
+AVX-512 the AVX2 one, against the same library of the other revision).
 
     python tools/replay_decode_step.py --against HEAD~1 --dtype bfloat16 --batch 16
 
@@ -35,19 +36,24 @@ from atb_models.kernels import native  # noqa: E402
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer  # noqa: E402
 
 
-def build_revision(revision: str, into: Path):
-    """The decoder-layer function of the library built from `revision`'s atb_models/csrc, and its library."""
+def build_revision(revision: str, into: Path, avx2: bool):
+    """The decoder-layer function of the library built from `revision`'s atb_models/csrc (its AVX2 library where
+    `avx2`: the one this tree's model runs on a CPU without AVX-512), and its library."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "atb_models/csrc"], capture_output=True)
     if archive.returncode != 0:
         sys.exit(f"git archive {revision}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    target = into / "cpu_kernels.so"
-    built = subprocess.run([native.compiler(), *native.compile_flags(), str(into / "atb_models/csrc/cpu_kernels.cpp"),
-                            "-o", str(target)], capture_output=True, text=True)
+    name, flags = (native.AVX2_LIBRARY, native.AVX2_CXX_FLAGS) if avx2 else (native.LIBRARY, native.compile_flags())
+    source, target = into / f"atb_models/csrc/{name}.cpp", into / f"{name}.so"
+    if not source.is_file():
+        sys.exit(f"{revision} has no atb_models/csrc/{name}.cpp")
+    built = subprocess.run([native.compiler(), *flags, str(source), "-o", str(target)], capture_output=True, text=True)
     if built.returncode != 0:
         sys.exit(f"building {revision}'s kernels failed: {built.stderr.strip().splitlines()[-1]}")
     library = ctypes.CDLL(str(target))
-    layer = library.atb_decoder_layer_decode_f32
+    layer = getattr(library, "atb_decoder_layer_decode_f32", None)
+    if layer is None:
+        sys.exit(f"{revision}'s {name} has no decoder layer to compare")
     layer.argtypes, layer.restype = [ctypes.c_void_p] * 3, None
     return layer, library
 
@@ -66,11 +72,12 @@ def main() -> None:
                  "builds it")
 
     with tempfile.TemporaryDirectory(prefix="atb-replay-") as scratch:
-        other, library = build_revision(args.against, Path(scratch))
         llm = LLM(str(checkpoint), dtype=args.dtype, max_batch_size=args.batch, enable_prefix_caching=False)
         kernel = llm.runner.model.kernels.decoder_layer
         if not isinstance(kernel, NativeDecoderLayer):
             sys.exit("this machine runs the layers operator by operator: no native decoder layer to compare")
+        avx2 = kernel.name.endswith("(AVX2)")
+        other, library = build_revision(args.against, Path(scratch), avx2)
         calls, own = [], kernel._op
 
         def capture(weights, decode_step, x: int) -> None:
@@ -93,17 +100,20 @@ def main() -> None:
         stream = ctypes.create_string_buffer(x_bytes)  # the residual stream of the replays
         x = ctypes.addressof(stream)
 
-        # The dot product on or off as the kit chose it for this tree's library.
-        library.atb_bf16_use_dot.argtypes, library.atb_bf16_use_dot.restype = [ctypes.c_int64], ctypes.c_int64
-        linear = llm.runner.model.kernels.linear
-        library.atb_bf16_use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
-        # And the stream prefetches and the bfloat16 widening as this tree's library chose them, where the other
-        # library can choose (a switch left at the library's default would compare the two choices, not the code).
-        for switch in ("atb_use_stream_prefetch", "atb_bf16_widen_in_registers"):
-            if hasattr(library, switch):
-                getattr(library, switch).argtypes = [ctypes.c_int64]
-                getattr(library, switch).restype = ctypes.c_int64
-                getattr(library, switch)(getattr(native.NativeLibrary.load(), switch)(-1))
+        if not avx2:  # (the AVX2 library has no switches)
+            # The dot product on or off as the kit chose it for this tree's library.
+            use_dot = library.atb_bf16_use_dot
+            use_dot.argtypes, use_dot.restype = [ctypes.c_int64], ctypes.c_int64
+            linear = llm.runner.model.kernels.linear
+            use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
+            # And the stream prefetches and the bfloat16 widening as this tree's library chose them, where the other
+            # library can choose (a switch left at its default would compare the two choices, not the code).
+            ours = native.NativeLibrary.load()
+            for switch in ("atb_use_stream_prefetch", "atb_bf16_widen_in_registers"):
+                if hasattr(library, switch):
+                    getattr(library, switch).argtypes = [ctypes.c_int64]
+                    getattr(library, switch).restype = ctypes.c_int64
+                    getattr(library, switch)(getattr(ours, switch)(-1))
         sides = {"working tree": own, args.against: other}
 
         def replay(op) -> float:

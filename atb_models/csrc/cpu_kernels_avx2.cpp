@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "bf16.h"
 #include "decoder_layer.h"  // and through it the kernels between the linears, at AVX2's 8 lanes
@@ -266,10 +268,15 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 namespace {
 
 // The linears of atb_decoder_layer_decode_f32 (decoder_layer.h): float32 or bfloat16 panels. Int8 (W8A16) layers are
-// not given to this library (kernels/decoder_layer.py declines them); a bfloat16 stream's linear inputs are rounded
+// not given to this library (kernels/decoder_layer.py declines them): one that is stops the process with a message,
+// rather than read its int8 panels as float32 ones (past their end). A bfloat16 stream's linear inputs are rounded
 // to bfloat16 values, as in cpu_kernels.cpp's, and multiplied by the widening kernel.
 void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float*, int64_t,
                   int64_t N, const float* bias, float* y, bool bf16_model) {
+    if (format == FORMAT_INT8) {
+        fprintf(stderr, "atb_decoder_layer_decode_f32: the AVX2 library has no int8 linear\n");
+        abort();
+    }
     if (format == FORMAT_BF16) {
         if (bf16_model) round_to_bf16_values(x, rows * K);
         atb_bf16_linear_f32(x, rows, K, K, static_cast<const uint16_t*>(weights), N, bias, y);

@@ -44,8 +44,10 @@ struct Lanes {
     // v * 2^n for whole numbers n >= -150 (a result below float's range is 0).
     static V scale2(V v, V n) { return _mm512_scalef_ps(v, n); }
 
-    // The first n lanes (all of them for n >= N).
-    static Mask first(int64_t n) { return n >= N ? static_cast<Mask>(0xFFFF) : static_cast<Mask>((1u << n) - 1); }
+    // The first n lanes (none for n <= 0, all of them for n >= N).
+    static Mask first(int64_t n) {
+        return n >= N ? static_cast<Mask>(0xFFFF) : n <= 0 ? static_cast<Mask>(0) : static_cast<Mask>((1u << n) - 1);
+    }
     static V load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }  // the other lanes 0
     static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
     static V keep(Mask m, V v) { return _mm512_maskz_mov_ps(m, v); }                // the other lanes 0
@@ -142,7 +144,7 @@ struct Lanes {
     }
 
     static Mask first(int64_t n) {
-        return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < N ? n : N)),
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 0 ? 0 : n < N ? n : N)),
                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
     static V load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }  // masked lanes are not read

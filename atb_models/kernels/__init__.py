@@ -43,8 +43,8 @@ class Kernels:
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
         build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged; on a CPU
-        with AVX2 but not AVX-512 a float32 model gets the same kernels from the kit's AVX2 library
-        (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
+        with AVX2 but not AVX-512 a float32 model (both towers: kernels.linear.linear_library) gets the same
+        kernels from the kit's AVX2 library (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))

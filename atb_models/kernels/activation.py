@@ -20,8 +20,8 @@ class SiluAndMul:
 
 class NativeSiluAndMul(SiluAndMul):
     """One call of atb_models/csrc/activation.h (either native library's): float32, where gate and up are the two
-    halves of the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes call costs
-    more than PyTorch's two operators, which then run instead."""
+    halves of the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes
+    call costs more than PyTorch's two operators, which then run instead."""
 
     name = "native"
     MIN_ELEMENTS = 16384

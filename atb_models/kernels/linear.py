@@ -76,19 +76,19 @@ class OneDnnLinear(LinearKernel):
 
 
 class PanelLinear(OneDnnLinear):
-    """The kit's own kernels for the CPU (AVX-512, or AVX2: the linears and norms alone): weights packed in groups
-    of 64 output columns so that each thread reads one sequential stream, and the next weights streamed in while the
-    current ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32 weights
-    go to csrc/panel_linear.h (csrc/cpu_kernels_avx2.cpp's for the AVX2 build, both layouts); bfloat16 ones, where
-    `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups too, each column's
-    weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in registers (products
-    and sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16
-    linear takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by
-    AVX512-BF16's dot product where the library has it and it measured faster, bf16_dot_chosen: twice the float32
-    rate on AMD Zen 4). With `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16
-    checkpoint computed in float32) is packed as bfloat16 too: the same products, half the bytes to stream. Weights
-    it does not pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a
-    bfloat16 input size that is odd) go to oneDNN as before."""
+    """The kit's own kernels for the CPU (the AVX-512 library's, or on a CPU without AVX-512 the AVX2 one's): weights
+    packed in groups of 64 output columns so that each thread reads one sequential stream, and the next weights streamed
+    in while the current ones are multiplied, where oneDNN multiplies and streams in turn (docs/PERFORMANCE.md). Float32
+    weights go to csrc/panel_linear.h (csrc/cpu_kernels_avx2.cpp's for the AVX2 build, both layouts); bfloat16 ones,
+    where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups too, each column's
+    weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in registers (products and
+    sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear
+    takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot
+    product where the library has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With
+    `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
+    is packed as bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype,
+    fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input size that is odd) go to
+    oneDNN as before."""
 
     name = "panel"
 

@@ -79,17 +79,39 @@ def _run_worker(*args: str) -> None:
         raise RuntimeError(f"the Qwen2.5-VL oracle failed ({' '.join(args[:1])}):\n{done.stderr[-4000:]}")
 
 
-class OracleWorker:
+class _WorkerProcess:
+    """A process of the venv running worker.py's `command`, reached over a private socket pair (its end passed to
+    the worker as --fd); `close` asks it to end (the subclass's `_send_close`), then kills it if it does not go
+    within seconds."""
+
+    def __init__(self, command: str, *arguments: str, env: dict | None = None):
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen([str(venv_python()), str(WORKER), command, "--fd", str(theirs.fileno()),
+                                              *arguments], pass_fds=(theirs.fileno(),), env=env or _worker_env())
+        self._connection = Connection(ours.detach())
+
+    def _send_close(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            try:
+                self._send_close()
+                self._process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait()
+        self._connection.close()
+
+
+class OracleWorker(_WorkerProcess):
     """One process of the venv running builds and references on request (worker.py's `jobs`), one at a time: the
     imports of torch and transformers, seconds each time, are paid once. Close it (or use it as a context manager);
     a worker that dies is a RuntimeError at the next request."""
 
     def __init__(self):
-        ours, theirs = socket.socketpair()
-        with theirs:
-            self._process = subprocess.Popen([str(venv_python()), str(WORKER), "jobs", "--fd", str(theirs.fileno())],
-                                             pass_fds=(theirs.fileno(),), env=_worker_env())
-        self._connection = Connection(ours.detach())
+        super().__init__("jobs")
 
     def run(self, command: str, *arguments) -> None:
         try:
@@ -100,15 +122,8 @@ class OracleWorker:
         if status != "ok":
             raise RuntimeError(f"the Qwen2.5-VL oracle failed ({command}):\n{detail}")
 
-    def close(self) -> None:
-        if self._process.poll() is None:
-            try:
-                self._connection.send_bytes(json.dumps(["close"]).encode())
-                self._process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._process.kill()
-                self._process.wait()
-        self._connection.close()
+    def _send_close(self) -> None:
+        self._connection.send_bytes(json.dumps(["close"]).encode())
 
     def __enter__(self) -> OracleWorker:
         return self
@@ -159,7 +174,7 @@ def reference(model_dir: Path, prompts: list, max_new_tokens: int, work_dir: Pat
     return [(r["tokens"], torch.tensor(r["logits"])) for r in json.loads(out.read_text())]
 
 
-class RemoteReference:
+class RemoteReference(_WorkerProcess):
     """transformers' model of a checkpoint, loaded once in a worker process of the venv and driven like
     `engines.LocalReference`: `generate(inputs, clock, **kwargs)` returns the sequences, and the worker's token
     times (time.perf_counter reads CLOCK_MONOTONIC, one clock for every process) fill `clock.times`.
@@ -172,17 +187,11 @@ class RemoteReference:
         import torch
 
         ensure_venv()
-        ours, theirs = socket.socketpair()
         settings = {"model": str(model_path), "class": class_name, "dtype": str(dtype).removeprefix("torch."),
                     "vision_dtype": str(vision_dtype).removeprefix("torch."), "device": str(device),
                     "threads": torch.get_num_threads()}
-        env = _worker_env()
-        env["TRANSFORMERS_VERBOSITY"] = "error"
-        with theirs:
-            self._process = subprocess.Popen([str(venv_python()), str(WORKER), "serve", "--fd", str(theirs.fileno()),
-                                              "--settings", json.dumps(settings)], pass_fds=(theirs.fileno(),),
-                                             env=env)
-        self._connection = Connection(ours.detach())
+        super().__init__("serve", "--settings", json.dumps(settings),
+                         env={**_worker_env(), "TRANSFORMERS_VERBOSITY": "error"})
         try:
             ready = self._receive()
         except BaseException:
@@ -220,16 +229,8 @@ class RemoteReference:
             clock.times += times
         return sequences
 
-    def close(self) -> None:
-        """Ends the worker: asked first, then killed if it does not go within seconds."""
-        if self._process.poll() is None:
-            try:
-                self._send(("close",))
-                self._process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._process.kill()
-                self._process.wait()
-        self._connection.close()
+    def _send_close(self) -> None:
+        self._send(("close",))
 
     def __del__(self):
         if getattr(self, "_connection", None) is not None:
