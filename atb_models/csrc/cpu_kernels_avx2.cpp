@@ -192,58 +192,67 @@ void run_pass(int64_t rows, const float* x, int64_t ldx, const typename P::T* w,
     else P::template block<P::ROWS, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
 }
 
-// Up to this many passes over a K block, the next block is prefetched during them (Ahead); with more, the first
-// pass's wait for memory is a small part of the block's time, and the prefetching's bookkeeping in the inner loop
-// measured slower (docs/PERFORMANCE.md).
+// The next block is prefetched during the first passes over a K block, up to this many of each half (Ahead); the
+// later passes run without the prefetch's bookkeeping in their inner loop, which measured slower where every pass of
+// many carried it (docs/PERFORMANCE.md).
 constexpr int64_t AHEAD_PASSES = 8;
 
+// Prefill's many rows go in chunks of this many, so that a K block of their inputs (128 KB) stays in L2 while every
+// group passes over it (as panel_linear.h's on AVX-512): at 1024 rows in one chunk the inputs came from L3 and the
+// linears ran at 144-149 GFLOP/s against 164-169 at 256 rows (docs/PERFORMANCE.md).
+constexpr int64_t ROW_CHUNK = 256;
+
 // One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
-// K block's two halves in turn (so that the block is read from memory once), rows in passes of up to P::ROWS, as
-// equal as can be (16 rows of 3: 3 3 3 3 2 2, not five of 3 and a latency-bound one of 1); a single row runs
-// P::row over the whole group instead, one sequential stream.
+// K block's two halves in turn (so that the block is read from memory once per chunk of rows), rows in passes of up
+// to P::ROWS, as equal as can be (16 rows of 3: 3 3 3 3 2 2, not five of 3 and a latency-bound one of 1); a single
+// row runs P::row over the whole group instead, one sequential stream.
 template <typename P>
 void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typename P::T* wp, int64_t N,
                 const float* bias, float* y) {
     const int64_t groups = N / GROUP;
-    const int64_t passes = (M + P::ROWS - 1) / P::ROWS, calls = 2 * passes;
-    const bool ahead_on = passes <= AHEAD_PASSES;
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first_group = groups * thread / threads, end_group = groups * (thread + 1) / threads;
-        for (int64_t g = first_group; g < end_group; g++) {
-            if (M == 1) {
-                P::row(x, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP);
-                continue;
-            }
-            for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
-                const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
-                // The block after this one, right after it in memory: the rest of this group's K, or the next
-                // group's first block (none after the thread's last group).
-                const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
-                                                  : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
-                const int64_t next_lines = next_steps * GROUP * static_cast<int64_t>(sizeof(typename P::T)) / 64;
-                Ahead ahead{reinterpret_cast<const char*>(wp + g * K * GROUP + k1 * GROUP), 0,
-                            (k1 - k0) / P::K_PER_STEP, 0};
-                for (int64_t h = 0, call = 0; h < 2; h++) {
-                    const typename P::T* w = wp + g * K * GROUP + h * P::HALF_OFFSET;
-                    const float* b = bias ? bias + g * GROUP + h * HALF : nullptr;
-                    for (int64_t pass = 0, m = 0; pass < passes; pass++, call++) {
-                        const int64_t rows = M / passes + (pass < M % passes);
-                        float* out = y + m * N + g * GROUP + h * HALF;
-                        if (ahead_on) {
-                            ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
-                            ahead.credit = 0;
-                            run_pass<P, true>(rows, x + m * ldx, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
-                            ahead.next += ahead.lines * 64;
-                        } else {
-                            run_pass<P, false>(rows, x + m * ldx, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
+        for (int64_t m0 = 0; m0 < M && M > 1; m0 += ROW_CHUNK) {
+            const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+            const int64_t passes = (chunk + P::ROWS - 1) / P::ROWS;
+            // The calls (passes of both halves) that prefetch the next block: the first ones, up to 2 AHEAD_PASSES.
+            const int64_t calls = 2 * passes < 2 * AHEAD_PASSES ? 2 * passes : 2 * AHEAD_PASSES;
+            for (int64_t g = first_group; g < end_group; g++) {
+                for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
+                    const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
+                    // The block after this one, right after it in memory: the rest of this group's K, or the next
+                    // group's first block (none after the thread's last group).
+                    const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
+                                                      : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
+                    const int64_t next_lines = next_steps * GROUP * static_cast<int64_t>(sizeof(typename P::T)) / 64;
+                    Ahead ahead{reinterpret_cast<const char*>(wp + g * K * GROUP + k1 * GROUP), 0,
+                                (k1 - k0) / P::K_PER_STEP, 0};
+                    for (int64_t h = 0, call = 0; h < 2; h++) {
+                        const typename P::T* w = wp + g * K * GROUP + h * P::HALF_OFFSET;
+                        const float* b = bias ? bias + g * GROUP + h * HALF : nullptr;
+                        for (int64_t pass = 0, m = m0; pass < passes; pass++, call++) {
+                            const int64_t rows = chunk / passes + (pass < chunk % passes);
+                            const float* in = x + m * ldx;
+                            float* out = y + m * N + g * GROUP + h * HALF;
+                            if (call < calls) {
+                                ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
+                                ahead.credit = 0;
+                                run_pass<P, true>(rows, in, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
+                                ahead.next += ahead.lines * 64;
+                            } else {
+                                run_pass<P, false>(rows, in, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
+                            }
+                            m += rows;
                         }
-                        m += rows;
                     }
                 }
             }
         }
+        if (M == 1)
+            for (int64_t g = first_group; g < end_group; g++)
+                P::row(x, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP);
     }
 }
 
