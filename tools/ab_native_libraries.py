@@ -2,12 +2,12 @@
 
     python tools/ab_native_libraries.py --batch 16
 
-Two engines of cpu-small's benchmark checkpoint (or --checkpoint) in float32: one with the kernels the machine
-chooses (the AVX-512 library), one made while torch's capability is reported as AVX2 (the library a CPU without
-AVX-512 gets; PyTorch's own operators stay the machine's). Their generates alternate, the order flipping each round,
-and the medians of each engine's decode steps and prefills are printed, with whether the tokens agree. On a VM whose
-memory speed swings (docs/PERFORMANCE.md) this says what the narrower vectors cost where two compare runs minutes
-apart cannot.
+Two engines of cpu-small's benchmark checkpoint (built if missing, or --checkpoint) in float32: one with the kernels
+the machine chooses (the AVX-512 library), one made while torch's capability is reported as AVX2 (the library a CPU
+without AVX-512 gets; PyTorch's own operators stay the machine's). Their generates alternate, the order flipping
+each round, and the medians of each engine's decode steps and prefills are printed, with whether the tokens agree.
+On a VM whose memory speed swings (docs/PERFORMANCE.md) this says what the narrower vectors cost where two compare
+runs minutes apart cannot.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atb_models import LLM, SamplingParams  # noqa: E402
-from atb_models.benchmark.presets import PRESETS, benchmark_dir  # noqa: E402
+from atb_models.benchmark.presets import PRESETS, ensure_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -31,12 +31,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens a sequence")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint")
+    parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint (built if missing)")
     args = parser.parse_args()
-    checkpoint = Path(args.checkpoint or benchmark_dir(PRESETS["cpu-small"]) / "checkpoint")
-    if not checkpoint.is_dir():
-        sys.exit(f"no checkpoint at {checkpoint}: `python -m atb_models.benchmark compare --preset cpu-small` "
-                 "builds it")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(PRESETS["cpu-small"])
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         sys.exit("this compares both libraries, which needs an AVX-512 CPU")
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atb_models import LLM, SamplingParams  # noqa: E402
-from atb_models.benchmark.presets import PRESETS, benchmark_dir  # noqa: E402
+from atb_models.benchmark.presets import PRESETS, ensure_checkpoint  # noqa: E402
 from atb_models.kernels import native  # noqa: E402
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer  # noqa: E402
 
@@ -64,12 +64,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=150)
-    parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint")
+    parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint (built if missing)")
     args = parser.parse_args()
-    checkpoint = Path(args.checkpoint or benchmark_dir(PRESETS["cpu-small"]) / "checkpoint")
-    if not checkpoint.is_dir():
-        sys.exit(f"no checkpoint at {checkpoint}: `python -m atb_models.benchmark compare --preset cpu-small` "
-                 "builds it")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(PRESETS["cpu-small"])
 
     with tempfile.TemporaryDirectory(prefix="atb-replay-") as scratch:
         llm = LLM(str(checkpoint), dtype=args.dtype, max_batch_size=args.batch, enable_prefix_caching=False)
