@@ -198,8 +198,8 @@ void run_pass(int64_t rows, const float* x, int64_t ldx, const typename P::T* w,
 constexpr int64_t AHEAD_PASSES = 8;
 
 // Prefill's many rows go in chunks of this many, so that a K block of their inputs (128 KB) stays in L2 while every
-// group passes over it (as panel_linear.h's on AVX-512): at 1024 rows in one chunk the inputs came from L3 and the
-// linears ran at 144-149 GFLOP/s against 164-169 at 256 rows (docs/PERFORMANCE.md).
+// group passes over it (as panel_linear.h's on AVX-512): with all of a prefill's rows at once, the inputs came from
+// L3 and the linears ran measurably slower (docs/PERFORMANCE.md).
 constexpr int64_t ROW_CHUNK = 256;
 
 // One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
