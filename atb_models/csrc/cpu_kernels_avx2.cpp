@@ -192,9 +192,10 @@ void run_pass(int64_t rows, const float* x, int64_t ldx, const typename P::T* w,
     else P::template block<P::ROWS, AHEAD>(x, ldx, w, k0, k1, bias, first, y, ldy, ahead);
 }
 
-// The next block is prefetched during the first passes over a K block, up to this many of each half (Ahead); the
-// later passes run without the prefetch's bookkeeping in their inner loop, which measured slower where every pass of
-// many carried it (docs/PERFORMANCE.md).
+// The next block is prefetched during a K block's first 2 * AHEAD_PASSES passes, counted over its two halves in turn
+// (Ahead): every pass where a half takes up to AHEAD_PASSES, else the first half's first ones. The later passes run
+// without the prefetch's bookkeeping in their inner loop, which measured slower where every pass of many carried it
+// (docs/PERFORMANCE.md).
 constexpr int64_t AHEAD_PASSES = 8;
 
 // Prefill's many rows go in chunks of this many, so that a K block of their inputs (128 KB) stays in L2 while every

@@ -29,16 +29,15 @@ class LayerByLayer:
 
 
 class NativeDecoderLayer(LayerByLayer):
-    """A Qwen2 decoder layer's (models.qwen2_vl.DecoderLayer's) whole decode step in one native call: the same
-    kernels as the operator-by-operator path, without its ten-odd Python-level calls a layer. On a CPU with AVX-512
-    (or AVX2: the AVX2 library, which has no int8 linear), for a layer that holds all its heads (one rank: the
-    kernel has no all-reduce), softmax in the activation dtype, one eps for both norms, and its four linears packed
-    for the kit's kernels: float32 or bfloat16 panels (kernels.linear.PanelLinear) or int8 ones (W8A16,
-    kernels.w8a16, each with its float32 scales). The residual
-    stream and the KV cache are float32 or bfloat16; the arithmetic between the linears is float32 either way. In a
-    bfloat16 model a linear's input is rounded to bfloat16 as PyTorch's bfloat16 path rounds it; a float32 model's
-    bfloat16 panels (float32 weights that are bfloat16 values, kernels.linear.PanelLinear.pack) take it unrounded.
-    Any other layer, and every prefill, runs its own forward.
+    """A Qwen2 decoder layer's (models.qwen2_vl.DecoderLayer's) whole decode step in one native call: the same kernels
+    as the operator-by-operator path, without its ten-odd Python-level calls a layer. On a CPU with AVX-512 (or AVX2:
+    the AVX2 library, which has no int8 linear), for a layer that holds all its heads (one rank: the kernel has no
+    all-reduce), softmax in the activation dtype, one eps for both norms, and its four linears packed for the kit's
+    kernels: float32 or bfloat16 panels (kernels.linear.PanelLinear) or int8 ones (W8A16, kernels.w8a16, each with its
+    float32 scales). The residual stream and the KV cache are float32 or bfloat16; the arithmetic between the linears is
+    float32 either way. In a bfloat16 model a linear's input is rounded to bfloat16 as PyTorch's bfloat16 path rounds
+    it; a float32 model's bfloat16 panels (float32 weights that are bfloat16 values, kernels.linear.PanelLinear.pack)
+    take it unrounded. Any other layer, and every prefill, runs its own forward.
 
     The layer is read through its parts (norm weights, packed linears, KV cache), once per KV cache it is given."""
 

@@ -236,11 +236,11 @@ def has_bf16_inputs(plan) -> bool:
 
 def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> LinearKernel:
     """By `choice`: "auto" takes the kit's panel kernel where `library` (a kernels.native.NativeLibrary, its AVX-512
-    build or the AVX2 one, or None) is there (packing float32 weights that hold bfloat16 values
-    as bfloat16), else oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept
-    float32) and "onednn" ask for one (falling back the same way when it is missing), "torch" is F.linear. With
-    `bf16_inputs` (a bfloat16 model's) the panel kernel also gets the dot product where bf16_dot_chosen says so; a
-    float32 model never gives its linears bfloat16 inputs, so it spares the measurement."""
+    build or the AVX2 one, or None) is there (packing float32 weights that hold bfloat16 values as bfloat16), else
+    oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask
+    for one (falling back the same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's)
+    the panel kernel also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears
+    bfloat16 inputs, so it spares the measurement."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)

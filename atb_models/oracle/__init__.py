@@ -10,6 +10,7 @@ run by the venv's Python, it imports transformers 4.51.3 and nothing of the kit.
 """
 from __future__ import annotations
 
+import abc
 import io
 import json
 import logging
@@ -79,10 +80,10 @@ def _run_worker(*args: str) -> None:
         raise RuntimeError(f"the Qwen2.5-VL oracle failed ({' '.join(args[:1])}):\n{done.stderr[-4000:]}")
 
 
-class _WorkerProcess:
+class _WorkerProcess(abc.ABC):
     """A process of the venv running worker.py's `command`, reached over a private socket pair (its end passed to
-    the worker as --fd); `close` asks it to end (the subclass's `_send_close`), then kills it if it does not go
-    within seconds."""
+    the worker as --fd); `close` asks it to end (`_send_close`, in the wire format of the subclass's command), then
+    kills it if it does not go within seconds."""
 
     def __init__(self, command: str, *arguments: str, env: dict | None = None):
         ours, theirs = socket.socketpair()
@@ -91,8 +92,9 @@ class _WorkerProcess:
                                               *arguments], pass_fds=(theirs.fileno(),), env=env or _worker_env())
         self._connection = Connection(ours.detach())
 
+    @abc.abstractmethod
     def _send_close(self) -> None:
-        raise NotImplementedError
+        """Sends the worker its command's request to end."""
 
     def close(self) -> None:
         if self._process.poll() is None:
