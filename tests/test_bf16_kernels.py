@@ -156,6 +156,83 @@ def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the
     assert not is_panel_packed(without_bf16.pack(large))
 
 
+
+@pytest.mark.parametrize("shape", [(128, 42), (192, 34), (64, 2), (1024, 64)])
+def test_bf16_panels_unpack_to_the_weights_transpose(shape):
+    native_bf16_kernels()  # (skips where there is no AVX-512 library)
+    library = native.NativeLibrary.load()
+    weight = torch.randn(shape).bfloat16()
+    packed, transposed = _pair_packed(weight), torch.full(shape[::-1], float("nan"), dtype=torch.bfloat16)
+    library.atb_bf16_unpack_pairs(packed.data_ptr(), *shape, transposed.data_ptr())
+    assert torch.equal(transposed, weight.t())
+
+
+def test_bf16_inputs_of_many_rows_go_to_onednn_on_unpacked_weights_where_it_was_chosen():
+    from atb_models.kernels.linear import ONEDNN_PREFILL_ROWS
+
+    kernel = native_bf16_kernels().linear
+    library = native.NativeLibrary.load()
+    unpacked = []
+
+    def unpack(*args):
+        unpacked.append(args[1:3])
+        library.atb_bf16_unpack_pairs(*args)
+    onednn = PanelLinear(kernel._native, kernel._linear, kernel._reorder, kernel.bf16_op, bf16_dot_op=kernel.bf16_dot_op,
+                         unpack_op=unpack)
+    assert "by oneDNN" in onednn.name and "oneDNN" not in PanelLinear(None, None, None, kernel.bf16_op).name
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 512, generator=generator).bfloat16()
+    bias = torch.randn(1024, generator=generator).bfloat16()
+    packed = onednn.pack(weight)
+    for rows in (ONEDNN_PREFILL_ROWS, 3 * ONEDNN_PREFILL_ROWS):
+        x = torch.randn(rows, 512, generator=generator).bfloat16()
+        y = onednn(x.view(rows // 2, 2, 512), packed, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows // 2, 2, 1024) and unpacked.pop() == (1024, 512)
+        # oneDNN's own sums: PyTorch's bfloat16 linear on the weight as loaded, within its rounding of the outputs
+        torch.testing.assert_close(y.view(rows, 1024).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2)
+    # Fewer rows (a decode step's) and float32 inputs (a float32 model's) stay on the kit's kernels.
+    x = torch.randn(ONEDNN_PREFILL_ROWS - 1, 512, generator=generator).bfloat16()
+    torch.testing.assert_close(onednn(x, packed), kernel(x, packed), rtol=0, atol=0)
+    x = torch.randn(2 * ONEDNN_PREFILL_ROWS, 512, generator=generator)
+    assert onednn(x, packed).dtype == torch.float32
+    assert unpacked == []
+
+
+def test_onednn_for_bf16_prefill_is_chosen_where_asked_or_measured_clearly_faster(monkeypatch, caplog):
+    from atb_models.kernels import linear
+
+    if not AVX512:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    try:
+        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "onednn")
+        assert Kernels.for_plan(CPU_BF16).linear.unpack_op is not None
+        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "kit")
+        assert Kernels.for_plan(CPU_BF16).linear.unpack_op is None
+        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "amx")
+        with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_PREFILL='amx'"):
+            Kernels.for_plan(CPU_BF16)
+        monkeypatch.delenv(linear.BF16_PREFILL_ENV)
+        # Measured (the measurement stubbed: oneDNN's seconds, the kit's): chosen only when clearly faster.
+        for timings, chosen in (((1.0, 3.0), True), ((1.0, 1.1), False), ((2.0, 1.0), False)):
+            monkeypatch.setattr(linear, "_bf16_prefill_measured", {})
+            monkeypatch.setattr(linear, "_time_bf16_prefill", lambda *args, t=timings: t)
+            assert (Kernels.for_plan(CPU_BF16).linear.unpack_op is not None) == chosen
+        # A float32 model never gives its linears bfloat16 inputs: nothing to measure.
+        monkeypatch.setattr(linear, "_bf16_prefill_measured", {})
+        monkeypatch.setattr(linear, "_time_bf16_prefill", lambda *args: pytest.fail("measured for float32"))
+        assert Kernels.for_plan(CPU_FP32).linear.unpack_op is None
+        # An unpacking that gives wrong weights is not used, whatever is asked.
+        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "onednn")
+        library = native.NativeLibrary.load()
+        monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+        monkeypatch.setattr(library, "atb_bf16_unpack_pairs", lambda *args: None)  # writes nothing
+        with caplog.at_level("WARNING", logger="atb_models.kernels"):
+            assert Kernels.for_plan(CPU_BF16).linear.unpack_op is None
+        assert "unpacking gave wrong weights" in caplog.text
+    finally:
+        monkeypatch.undo()
+
+
 # ---------------------------------------------------------------------------------- the fused decoder layer
 
 def _layer(dtype: torch.dtype, kernels: Kernels):

@@ -333,4 +333,31 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
     atb_bf16_linear_f32(x, M, K, ldx, wp, N, bias, y);
 }
 
+// wt [K][N] = W^T, the plain transpose of the [N, K] weight pair_layout packed into wp [N / 64][K / 2][64][2]: a
+// 32-bit lane's low half (k-step 2p) goes to row 2p, its high half to row 2p + 1. What a bfloat16 model's many-row
+// products hand oneDNN where its linear measured faster than the kernels above (an AMX CPU's: kernels/linear.py's
+// bf16_prefill_chosen), in a scratch buffer, so that the weights are held once, in the decode step's layout. Each
+// thread writes whole rows (a few pairs' two rows at a time) and reads each group's lanes of those pairs, 4 KB
+// in a row.
+void atb_bf16_unpack_pairs(const uint16_t* wp, int64_t N, int64_t K, uint16_t* wt) {
+    constexpr int64_t PAIRS_AT_ONCE = 16;
+    const int64_t groups = N / GROUP, pairs = K / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t p0 = 0; p0 < pairs; p0 += PAIRS_AT_ONCE) {
+        const int64_t p1 = pairs - p0 < PAIRS_AT_ONCE ? pairs : p0 + PAIRS_AT_ONCE;
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t p = p0; p < p1; p++) {
+                const uint16_t* lanes = wp + (g * pairs + p) * 2 * GROUP;
+                uint16_t* even = wt + 2 * p * N + g * GROUP;
+                for (int64_t j = 0; j < GROUP; j += 16) {
+                    const __m512i v = _mm512_loadu_si512(lanes + 2 * j);
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even + j), _mm512_cvtepi32_epi16(v));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even + N + j),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+                }
+            }
+        }
+    }
+}
+
 }  // extern "C"

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -26,6 +27,10 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
 PANEL_GROUP = 64       # output columns per group of PanelLinear's layout (four AVX-512 registers of float32)
 CPU_LINEAR_CHOICES = ("auto", "panel", "onednn", "torch")
+# Rows from which a bfloat16 model's products may go to oneDNN on unpacked weights (prefill, the vision tower; a
+# decode step's rows stay on the kit's kernels): bf16_prefill_chosen measures at this count, where unpacking costs
+# most against the product, so the choice holds for every count above it.
+ONEDNN_PREFILL_ROWS = 128
 
 
 class LinearKernel:
@@ -86,22 +91,28 @@ class PanelLinear(OneDnnLinear):
     takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot
     product where the library has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
-    is packed as bfloat16 too: the same products, half the bytes to stream. Weights it does not pack (another dtype,
-    fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input size that is odd) go to
-    oneDNN as before."""
+    is packed as bfloat16 too: the same products, half the bytes to stream. With `unpack_op` (atb_bf16_unpack_pairs,
+    where bf16_prefill_chosen says so: an AMX CPU's oneDNN), bfloat16 inputs of ONEDNN_PREFILL_ROWS rows or more
+    go to oneDNN's bfloat16 linear on the weight unpacked into a scratch buffer (the size of the largest such
+    weight, one per thread), so that the weights are held once, in the decode step's layout. Weights it does not
+    pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input
+    size that is odd) go to oneDNN as before."""
 
     name = "panel"
 
     def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False,
-                 bf16_dot_op=None, name: str = "panel"):
+                 bf16_dot_op=None, name: str = "panel", unpack_op=None):
         super().__init__(linear_op, reorder_op)
-        self.name = name  # "panel (AVX2)": the ops of the AVX2 library (kernels.native.NativeLibrary.load_avx2)
+        # "panel (AVX2)": the ops of the AVX2 library (kernels.native.NativeLibrary.load_avx2)
+        self.name = name if unpack_op is None else f"{name}, bfloat16 from {ONEDNN_PREFILL_ROWS} rows by oneDNN"
         self._native = native_op
         self.bf16_op = bf16_op
         self.narrow_exact = narrow_exact and bf16_op is not None
         # bfloat16 inputs (a bfloat16 model's) against bfloat16 weights: AVX512-BF16's dot product where the
         # library has it (atb_bf16_dot_linear_f32), else the widening kernel
         self.bf16_dot_op = bf16_dot_op or bf16_op
+        self.unpack_op = unpack_op if bf16_op is not None else None
+        self._unpacked = threading.local()  # .buffer: this thread's scratch for unpacked weights
 
     def __call__(self, x, weight, bias=None):
         """x [..., in] against a weight in panel_layout, on x's values (both kernels read float32 rows): float32
@@ -112,6 +123,9 @@ class PanelLinear(OneDnnLinear):
         op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
         groups, in_features = weight.shape[0], weight.shape[1] * (2 if bf16 else 1)
         out_features = groups * PANEL_GROUP
+        if (bf16 and self.unpack_op is not None and x.dtype == torch.bfloat16
+                and x.numel() >= ONEDNN_PREFILL_ROWS * in_features):
+            return F.linear(x, self.unpacked(weight).t(), None if bias is None else bias.to(x.dtype))
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
             rows = rows.contiguous().float()
@@ -123,6 +137,17 @@ class PanelLinear(OneDnnLinear):
                None if bias is None else bias.data_ptr(), y.data_ptr())
         y = y.view(*x.shape[:-1], out_features)
         return y.to(x.dtype) if bf16 else y
+
+    def unpacked(self, weight: torch.Tensor) -> torch.Tensor:
+        """W^T [in, out] of a bfloat16 panel weight, in this thread's scratch buffer (valid until its next call)."""
+        groups, pairs = weight.shape[0], weight.shape[1]
+        out_features, in_features = groups * PANEL_GROUP, 2 * pairs
+        buffer = getattr(self._unpacked, "buffer", None)
+        if buffer is None or buffer.numel() < weight.numel():
+            buffer = self._unpacked.buffer = torch.empty(weight.numel(), dtype=torch.bfloat16)
+        transposed = buffer[:weight.numel()].view(in_features, out_features)
+        self.unpack_op(weight.data_ptr(), out_features, in_features, transposed.data_ptr())
+        return transposed
 
     def pack(self, weight):
         panels = self.pack_panels(weight)
@@ -262,8 +287,10 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
                   else None)
+        unpack_op = (library.atb_bf16_unpack_pairs if bf16_inputs and bf16_op is not None
+                     and bf16_prefill_chosen(library, dot_op or bf16_op) else None)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
-                           bf16_dot_op=dot_op)
+                           bf16_dot_op=dot_op, unpack_op=unpack_op)
     return OneDnnLinear(onednn, reorder)
 
 
@@ -362,6 +389,66 @@ def _alternating(variants: list, rounds: int, statistic) -> tuple:
             if round_:
                 times[i].append(seconds)
     return tuple(statistic(t) for t in times)
+
+
+BF16_PREFILL_ENV = "ATB_MODELS_CPU_BF16_PREFILL"
+BF16_PREFILL_GAIN = 1.25  # as BF16_DOT_GAIN: a clear margin, so that noise does not flip the choice between runs
+_bf16_prefill_measured: dict = {}  # the library's unpack function (its address) -> (oneDNN seconds, the kit's)
+
+
+def bf16_prefill_chosen(library, kit_op) -> bool:
+    """Whether a bfloat16 model's products of ONEDNN_PREFILL_ROWS rows or more (prefill, the vision tower) go to
+    oneDNN's bfloat16 linear on the weight unpacked into a scratch buffer (atb_bf16_unpack_pairs) instead of the
+    kit's bfloat16 kernel `kit_op` (the one bf16_dot_chosen left for batched rows). Where the unpacking checks right:
+    $ATB_MODELS_CPU_BF16_PREFILL=onednn or kit decides, else a measurement, once a process, at ONEDNN_PREFILL_ROWS
+    rows, the unpacking included: oneDNN must run BF16_PREFILL_GAIN times as fast. Which is faster is not a CPU
+    flag alone: where the CPU has AMX, oneDNN multiplies bfloat16 tiles at several times the vector rate; on the kit's
+    AMD EPYC (AVX512-BF16, no AMX) oneDNN and the kit's dot product run even (docs/PERFORMANCE.md)."""
+    forced = os.environ.get(BF16_PREFILL_ENV)
+    if forced not in (None, "", "onednn", "kit"):
+        raise UserError(f"{BF16_PREFILL_ENV}={forced!r}: expected onednn (a bfloat16 model's products of "
+                        f"{ONEDNN_PREFILL_ROWS} rows or more by oneDNN) or kit (by the kit's kernels)")
+    if forced == "kit" or not _unpacks_right(library.atb_bf16_unpack_pairs):
+        return False
+    if forced == "onednn":
+        return True
+    key = ctypes.cast(library.atb_bf16_unpack_pairs, ctypes.c_void_p).value
+    if key not in _bf16_prefill_measured:
+        _bf16_prefill_measured[key] = _time_bf16_prefill(library.atb_bf16_unpack_pairs, kit_op)
+        onednn, kit = _bf16_prefill_measured[key]
+        logger.info("bfloat16 products at %d rows: oneDNN on unpacked weights %.0f us, the kit's kernel %.0f us: %s",
+                    ONEDNN_PREFILL_ROWS, onednn * 1e6, kit * 1e6,
+                    "oneDNN" if onednn * BF16_PREFILL_GAIN <= kit else "the kit's")
+    onednn, kit = _bf16_prefill_measured[key]
+    return onednn * BF16_PREFILL_GAIN <= kit
+
+
+def _unpacks_right(op) -> bool:
+    """A wrong build must not reach the model: one small weight unpacked against its transpose first."""
+    kernel = PanelLinear(None, None, None, bf16_op=op, unpack_op=op)
+    weight = torch.randn(2 * PANEL_GROUP, 42, generator=torch.Generator().manual_seed(0)).bfloat16()
+    if torch.equal(kernel.unpacked(panel_layout(weight)), weight.t()):
+        return True
+    logger.warning("the kit's bfloat16 unpacking gave wrong weights here: bfloat16 products stay on its kernels")
+    return False
+
+
+def _time_bf16_prefill(unpack_op, kit_op, repeats: int = 5) -> tuple:
+    """The best seconds of a bfloat16 product of ONEDNN_PREFILL_ROWS rows against a 2048x2048 weight (8 MB) by
+    oneDNN on the weight unpacked (the unpacking timed too) and by `kit_op` on its panels, alternating."""
+    generator = torch.Generator().manual_seed(0)
+    weight = panel_layout(torch.randn(2048, 2048, generator=generator).bfloat16())
+    x = torch.randn(ONEDNN_PREFILL_ROWS, 2048, generator=generator).bfloat16()
+    kernels = {"onednn": PanelLinear(None, None, None, bf16_op=kit_op, unpack_op=unpack_op),
+               "kit": PanelLinear(None, None, None, bf16_op=kit_op)}
+
+    def timed(kernel):
+        def run() -> float:
+            start = time.perf_counter()
+            kernel(x, weight)
+            return time.perf_counter() - start
+        return run
+    return _alternating([timed(kernels["onednn"]), timed(kernels["kit"])], repeats, min)
 
 
 BF16_WIDENING_ENV = "ATB_MODELS_CPU_BF16_WIDEN"

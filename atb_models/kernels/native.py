@@ -50,7 +50,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 6  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 7  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -82,6 +82,7 @@ FUNCTIONS = {
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_dot_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
+    "atb_bf16_unpack_pairs": (None, (("wp", PTR), ("N", I64), ("K", I64), ("wt", PTR))),
     "atb_bf16_dot_available": (I64, ()),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
