@@ -157,6 +157,32 @@ def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the
 
 
 
+# 3 rows: the widening kernel on float32 copies; 19 and 300 (past a chunk of 256): the dot product where chosen.
+@pytest.mark.parametrize("rows", [3, 19, 300])
+def test_bf16_rows_in_and_out_give_the_float32_path_s_sums_rounded_once(rows, monkeypatch, caplog):
+    kernel = native_bf16_kernels().linear
+    assert kernel.bf16_rows_op is not None
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(1024, 512, generator=generator).bfloat16(), torch.randn(1024, generator=generator)
+    packed = kernel.pack(weight)
+    wide = torch.randn(rows, 520, generator=generator).bfloat16()
+    x = wide[:, 6:518]  # rows 520 apart: the kernel reads them where they lie
+    y = kernel(x, packed, bias.bfloat16())
+    float_path = PanelLinear(None, None, None, kernel.bf16_op, bf16_dot_op=kernel.bf16_dot_op)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, float_path(x, packed, bias.bfloat16()))
+    torch.testing.assert_close(y.float(), F.linear(x.float(), weight.float(), bias.bfloat16().float()), rtol=1e-2,
+                               atol=2e-2)
+    # A kernel that multiplies wrong is not used: bfloat16 rows go to the float32 path.
+    from atb_models.kernels import linear
+
+    library = native.NativeLibrary.load()
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    monkeypatch.setattr(library, "atb_bf16_dot_linear_bf16", lambda *args: None)  # writes nothing
+    with caplog.at_level("WARNING", logger="atb_models.kernels"):
+        assert linear.linear_kernel(CPU_BF16).bf16_rows_op is None
+    assert "on bfloat16 rows gave wrong products" in caplog.text
+
+
 @pytest.mark.parametrize("shape", [(128, 42), (192, 34), (64, 2), (1024, 64)])
 def test_bf16_panels_unpack_to_the_weights_transpose(shape):
     native_bf16_kernels()  # (skips where there is no AVX-512 library)
@@ -178,7 +204,7 @@ def test_bf16_inputs_of_many_rows_go_to_onednn_on_unpacked_weights_where_it_was_
         unpacked.append(args[1:3])
         library.atb_bf16_unpack_pairs(*args)
     onednn = PanelLinear(kernel._native, kernel._linear, kernel._reorder, kernel.bf16_op, bf16_dot_op=kernel.bf16_dot_op,
-                         unpack_op=unpack)
+                         unpack_op=unpack, bf16_rows_op=kernel.bf16_rows_op)
     assert "by oneDNN" in onednn.name and "oneDNN" not in PanelLinear(None, None, None, kernel.bf16_op).name
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1024, 512, generator=generator).bfloat16()

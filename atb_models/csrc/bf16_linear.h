@@ -281,6 +281,78 @@ int64_t atb_bf16_use_dot(int64_t on) {
     return bf16_dot_on;
 }
 
+}  // extern "C"
+
+namespace {
+
+#ifdef __AVX512BF16__
+
+// The dot product's batched rows (M > MAX_ROWS) for the two entries below. The rows' inputs as float32 (x32: each
+// chunk converted to bfloat16 first) or as bfloat16 (x16, read where they lie, row stride ldx even); the sums to y32
+// (float32, row stride N) or to y16 (bfloat16, rounded to nearest even), by way of a thread's float32 sums of one
+// column group for a chunk's rows (at most 64 KB: they stay in L2 over the K blocks), rounded into y16 when whole.
+void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
+                     int64_t N, const float* bias, float* y32, uint16_t* y16) {
+    const int64_t column_groups = N / GROUP;
+    constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
+    // A chunk's rows in bfloat16 (kept for the calling thread's next call).
+    thread_local std::vector<uint16_t> inputs;
+    const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
+    if (x16 == nullptr && static_cast<int64_t>(inputs.size()) < chunk_rows * K) inputs.resize(chunk_rows * K);
+    uint16_t* converted = inputs.data();  // (the calling thread's buffer, shared with the team)
+#pragma omp parallel
+    {
+        const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+        const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
+        thread_local std::vector<float> group_sums;  // (each OpenMP thread's own)
+        if (y16 != nullptr && static_cast<int64_t>(group_sums.size()) < chunk_rows * GROUP)
+            group_sums.resize(chunk_rows * GROUP);
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+            const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+            const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
+            const uint16_t* xb = x16 != nullptr ? x16 + m0 * ldx : converted;
+            const int64_t ldxb = x16 != nullptr ? ldx : K;
+            if (x16 == nullptr) {
+#pragma omp for
+                for (int64_t m = 0; m < chunk; m++) store_bf16(x32 + (m0 + m) * ldx, K, converted + m * K);
+                // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
+            }
+            for (int64_t g = first; g < end; g++) {
+                const uint16_t* w = wp + g * K * GROUP;
+                float* sums = y16 != nullptr ? group_sums.data() : y32 + m0 * N + g * GROUP;
+                const int64_t lds = y16 != nullptr ? GROUP : N;
+                const int64_t k_block = passes <= FEW_PASSES ? DOT_FEW_PASSES_K_BLOCK : DOT_K_BLOCK;
+                for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+                    const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
+                    const int64_t lines = (k1 - k0) * LINES_PER_STEP;
+                    for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
+                        const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
+                        // The passes share the next block's lines, which follow this one.
+                        const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                        dot_block_for(rows)(xb + m * ldxb + k0, ldxb, w + k0 * GROUP, (k1 - k0) / 2,
+                                            bias ? bias + g * GROUP : nullptr, k0 == 0, sums + m * lds, lds,
+                                            reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from,
+                                            passes <= FEW_PASSES);
+                    }
+                }
+                if (y16 != nullptr)
+                    for (int64_t m = 0; m < chunk; m++)
+                        store_bf16(sums + m * GROUP, GROUP, y16 + (m0 + m) * N + g * GROUP);
+            }
+            if (x16 == nullptr) {
+#pragma omp barrier
+                // (every thread is done with this chunk's rows before the next chunk overwrites them)
+            }
+        }
+    }
+}
+
+#endif  // __AVX512BF16__
+
+}  // namespace
+
+extern "C" {
+
 // atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
 // ties to even), the products are exact and summed in float32, by vdpbf16ps past MAX_ROWS rows where the build has
 // it and atb_bf16_use_dot turned it on, else by atb_bf16_linear_f32. Same arguments.
@@ -288,49 +360,34 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
                              const float* bias, float* y) {
 #ifdef __AVX512BF16__
     if (M > MAX_ROWS && bf16_dot_on) {
-        const int64_t column_groups = N / GROUP;
-        constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
-        // A chunk's rows in bfloat16 (kept for the calling thread's next call).
-        thread_local std::vector<uint16_t> inputs;
-        const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
-        if (static_cast<int64_t>(inputs.size()) < chunk_rows * K) inputs.resize(chunk_rows * K);
-        uint16_t* xb = inputs.data();
-#pragma omp parallel
-        {
-            const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-            const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-                const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-                const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
-#pragma omp for
-                for (int64_t m = 0; m < chunk; m++) store_bf16(x + (m0 + m) * ldx, K, xb + m * K);
-                // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
-                for (int64_t g = first; g < end; g++) {
-                    const uint16_t* w = wp + g * K * GROUP;
-                    const int64_t k_block = passes <= FEW_PASSES ? DOT_FEW_PASSES_K_BLOCK : DOT_K_BLOCK;
-                    for (int64_t k0 = 0; k0 < K; k0 += k_block) {
-                        const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
-                        const int64_t lines = (k1 - k0) * LINES_PER_STEP;
-                        for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
-                            const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
-                            // The passes share the next block's lines, which follow this one.
-                            const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
-                            dot_block_for(rows)(xb + m * K + k0, K, w + k0 * GROUP, (k1 - k0) / 2,
-                                                bias ? bias + g * GROUP : nullptr, k0 == 0,
-                                                y + (m0 + m) * N + g * GROUP, N,
-                                                reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from,
-                                                passes <= FEW_PASSES);
-                        }
-                    }
-                }
-#pragma omp barrier
-                // (every thread is done with this chunk's rows before the next chunk overwrites them)
-            }
-        }
+        dot_linear_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr);
         return;
     }
 #endif
     atb_bf16_linear_f32(x, M, K, ldx, wp, N, bias, y);
+}
+
+// atb_bf16_dot_linear_f32 on bfloat16 rows and outputs, a bfloat16 model's products outside the decode step
+// (prefill, the vision tower) with no float32 copies of either: x [M, K] bfloat16 (row stride ldx, even), y [M, N]
+// bfloat16, each the float32 sum rounded to nearest even (as PyTorch's bfloat16 linear rounds it). Where the dot
+// product does not run, the widening kernel on float32 copies made here.
+void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
+                              const float* bias, uint16_t* y) {
+#ifdef __AVX512BF16__
+    if (M > MAX_ROWS && bf16_dot_on) {
+        dot_linear_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y);
+        return;
+    }
+#endif
+    thread_local std::vector<float> row_buffer, sum_buffer;  // (kept for the calling thread's next call)
+    if (static_cast<int64_t>(row_buffer.size()) < M * K) row_buffer.resize(M * K);
+    if (static_cast<int64_t>(sum_buffer.size()) < M * N) sum_buffer.resize(M * N);
+    float *rows = row_buffer.data(), *sums = sum_buffer.data();  // (the calling thread's, shared with the team)
+#pragma omp parallel for
+    for (int64_t m = 0; m < M; m++) load_bf16_row(x + m * ldx, K, rows + m * K);
+    atb_bf16_linear_f32(rows, M, K, K, wp, N, bias, sums);
+#pragma omp parallel for
+    for (int64_t m = 0; m < M; m++) store_bf16(sums + m * N, N, y + m * N);
 }
 
 // wt [K][N] = W^T, the plain transpose of the [N, K] weight pair_layout packed into wp [N / 64][K / 2][64][2]: a

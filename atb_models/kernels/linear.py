@@ -89,7 +89,9 @@ class PanelLinear(OneDnnLinear):
     weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in registers (products and
     sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear
     takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot
-    product where the library has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4). With
+    product where the library has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4;
+    `bf16_rows_op`, atb_bf16_dot_linear_bf16, is the same product on bfloat16 rows into bfloat16 outputs, with no
+    float32 copies of either: a bfloat16 model's prefill and vision tower, past the fused decode step). With
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
     is packed as bfloat16 too: the same products, half the bytes to stream. With `unpack_op` (atb_bf16_unpack_pairs,
     where bf16_prefill_chosen says so: an AMX CPU's oneDNN), bfloat16 inputs of ONEDNN_PREFILL_ROWS rows or more
@@ -101,7 +103,7 @@ class PanelLinear(OneDnnLinear):
     name = "panel"
 
     def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False,
-                 bf16_dot_op=None, name: str = "panel", unpack_op=None):
+                 bf16_dot_op=None, name: str = "panel", unpack_op=None, bf16_rows_op=None):
         super().__init__(linear_op, reorder_op)
         # "panel (AVX2)": the ops of the AVX2 library (kernels.native.NativeLibrary.load_avx2)
         self.name = name if unpack_op is None else f"{name}, bfloat16 from {ONEDNN_PREFILL_ROWS} rows by oneDNN"
@@ -111,21 +113,24 @@ class PanelLinear(OneDnnLinear):
         # bfloat16 inputs (a bfloat16 model's) against bfloat16 weights: AVX512-BF16's dot product where the
         # library has it (atb_bf16_dot_linear_f32), else the widening kernel
         self.bf16_dot_op = bf16_dot_op or bf16_op
+        self.bf16_rows_op = bf16_rows_op
         self.unpack_op = unpack_op if bf16_op is not None else None
         self._unpacked = threading.local()  # .buffer: this thread's scratch for unpacked weights
 
     def __call__(self, x, weight, bias=None):
-        """x [..., in] against a weight in panel_layout, on x's values (both kernels read float32 rows): float32
-        out for float32 weights, x's dtype for bfloat16 ones."""
+        """x [..., in] against a weight in panel_layout, on x's values: float32 out for float32 weights, x's dtype
+        for bfloat16 ones."""
         if not is_panel_packed(weight):
             return super().__call__(x, weight, bias)
         bf16 = weight.dtype == torch.bfloat16
-        op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
         groups, in_features = weight.shape[0], weight.shape[1] * (2 if bf16 else 1)
         out_features = groups * PANEL_GROUP
-        if (bf16 and self.unpack_op is not None and x.dtype == torch.bfloat16
-                and x.numel() >= ONEDNN_PREFILL_ROWS * in_features):
-            return F.linear(x, self.unpacked(weight).t(), None if bias is None else bias.to(x.dtype))
+        if bf16 and x.dtype == torch.bfloat16:
+            if self.unpack_op is not None and x.numel() >= ONEDNN_PREFILL_ROWS * in_features:
+                return F.linear(x, self.unpacked(weight).t(), None if bias is None else bias.to(x.dtype))
+            if self.bf16_rows_op is not None:
+                return self._bf16_rows(x, weight, bias, out_features)
+        op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
             rows = rows.contiguous().float()
@@ -137,6 +142,19 @@ class PanelLinear(OneDnnLinear):
                None if bias is None else bias.data_ptr(), y.data_ptr())
         y = y.view(*x.shape[:-1], out_features)
         return y.to(x.dtype) if bf16 else y
+
+    def _bf16_rows(self, x, weight, bias, out_features: int) -> torch.Tensor:
+        """bf16_rows_op: bfloat16 rows in, bfloat16 sums out (the kernel reads rows whose stride is even)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1 or rows.stride(0) % 2:
+            rows = rows.contiguous()
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        y = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+        if rows.shape[0]:
+            self.bf16_rows_op(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), weight.data_ptr(),
+                              out_features, None if bias is None else bias.data_ptr(), y.data_ptr())
+        return y.view(*x.shape[:-1], out_features)
 
     def unpacked(self, weight: torch.Tensor) -> torch.Tensor:
         """W^T [in, out] of a bfloat16 panel weight, in this thread's scratch buffer (valid until its next call)."""
@@ -287,10 +305,12 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
                   else None)
+        rows_op = (library.atb_bf16_dot_linear_bf16 if bf16_inputs and bf16_op is not None
+                   and _bf16_rows_right(library.atb_bf16_dot_linear_bf16) else None)
         unpack_op = (library.atb_bf16_unpack_pairs if bf16_inputs and bf16_op is not None
-                     and bf16_prefill_chosen(library, dot_op or bf16_op) else None)
+                     and bf16_prefill_chosen(library, dot_op or bf16_op, rows_op) else None)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
-                           bf16_dot_op=dot_op, unpack_op=unpack_op)
+                           bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op)
     return OneDnnLinear(onednn, reorder)
 
 
@@ -316,6 +336,22 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
         return True
     logger.warning("the kit's bfloat16 kernel %s gave wrong products here: not using it", getattr(op, "__name__", op))
     return False
+
+
+def _bf16_rows_right(op) -> bool:
+    """The same for the kernel on bfloat16 rows and outputs (atb_bf16_dot_linear_bf16), at 3 rows and at 19 (its
+    two paths), within the outputs' bfloat16 rounding; a wrong one leaves such rows to the float32 kernels."""
+    kernel = PanelLinear(None, None, None, bf16_rows_op=op)
+    generator = torch.Generator().manual_seed(0)
+    w, b = torch.randn(2 * PANEL_GROUP, 42, generator=generator).bfloat16(), torch.randn(2 * PANEL_GROUP)
+    for rows in (3, 19):
+        x = torch.randn(rows, 42, generator=generator).bfloat16()
+        y = kernel(x, panel_layout(w), b)
+        if y.dtype != torch.bfloat16 or not torch.allclose(y.float(), F.linear(x.float(), w.float(), b), rtol=1e-2,
+                                                           atol=1e-2):
+            logger.warning("the kit's bfloat16 kernel on bfloat16 rows gave wrong products here: not using it")
+            return False
+    return True
 
 
 BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"
@@ -396,10 +432,11 @@ BF16_PREFILL_GAIN = 1.25  # as BF16_DOT_GAIN: a clear margin, so that noise does
 _bf16_prefill_measured: dict = {}  # the library's unpack function (its address) -> (oneDNN seconds, the kit's)
 
 
-def bf16_prefill_chosen(library, kit_op) -> bool:
+def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
     """Whether a bfloat16 model's products of ONEDNN_PREFILL_ROWS rows or more (prefill, the vision tower) go to
     oneDNN's bfloat16 linear on the weight unpacked into a scratch buffer (atb_bf16_unpack_pairs) instead of the
-    kit's bfloat16 kernel `kit_op` (the one bf16_dot_chosen left for batched rows). Where the unpacking checks right:
+    kit's bfloat16 kernel `kit_op` (the one bf16_dot_chosen left for batched rows; on bfloat16 rows, `rows_op`, where
+    there is one). Where the unpacking checks right:
     $ATB_MODELS_CPU_BF16_PREFILL=onednn or kit decides, else a measurement, once a process, at ONEDNN_PREFILL_ROWS
     rows, the unpacking included: oneDNN must run BF16_PREFILL_GAIN times as fast. Which is faster is not a CPU
     flag alone: where the CPU has AMX, oneDNN multiplies bfloat16 tiles at several times the vector rate; on the kit's
@@ -414,7 +451,7 @@ def bf16_prefill_chosen(library, kit_op) -> bool:
         return True
     key = ctypes.cast(library.atb_bf16_unpack_pairs, ctypes.c_void_p).value
     if key not in _bf16_prefill_measured:
-        _bf16_prefill_measured[key] = _time_bf16_prefill(library.atb_bf16_unpack_pairs, kit_op)
+        _bf16_prefill_measured[key] = _time_bf16_prefill(library.atb_bf16_unpack_pairs, kit_op, rows_op)
         onednn, kit = _bf16_prefill_measured[key]
         logger.info("bfloat16 products at %d rows: oneDNN on unpacked weights %.0f us, the kit's kernel %.0f us: %s",
                     ONEDNN_PREFILL_ROWS, onednn * 1e6, kit * 1e6,
@@ -433,14 +470,14 @@ def _unpacks_right(op) -> bool:
     return False
 
 
-def _time_bf16_prefill(unpack_op, kit_op, repeats: int = 5) -> tuple:
+def _time_bf16_prefill(unpack_op, kit_op, rows_op=None, repeats: int = 5) -> tuple:
     """The best seconds of a bfloat16 product of ONEDNN_PREFILL_ROWS rows against a 2048x2048 weight (8 MB) by
-    oneDNN on the weight unpacked (the unpacking timed too) and by `kit_op` on its panels, alternating."""
+    oneDNN on the weight unpacked (the unpacking timed too) and by the kit's kernels on its panels, alternating."""
     generator = torch.Generator().manual_seed(0)
     weight = panel_layout(torch.randn(2048, 2048, generator=generator).bfloat16())
     x = torch.randn(ONEDNN_PREFILL_ROWS, 2048, generator=generator).bfloat16()
     kernels = {"onednn": PanelLinear(None, None, None, bf16_op=kit_op, unpack_op=unpack_op),
-               "kit": PanelLinear(None, None, None, bf16_op=kit_op)}
+               "kit": PanelLinear(None, None, None, bf16_op=kit_op, bf16_rows_op=rows_op)}
 
     def timed(kernel):
         def run() -> float:

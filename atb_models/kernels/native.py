@@ -83,6 +83,8 @@ FUNCTIONS = {
     "atb_bf16_dot_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_unpack_pairs": (None, (("wp", PTR), ("N", I64), ("K", I64), ("wt", PTR))),
+    "atb_bf16_dot_linear_bf16": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_dot_available": (I64, ()),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
