@@ -157,25 +157,38 @@ def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the
 
 
 
-# 3 rows: the widening kernel on float32 copies; 19 and 300 (past a chunk of 256): the dot product where chosen.
+# 3 rows: the widening kernel on float32 copies; 19 and 300 (past a chunk of 256): the dot product where the build
+# has it (turned on here whatever this CPU measured), and the widening kernel on float32 copies with it off.
+@pytest.mark.parametrize("dot", [True, False])
 @pytest.mark.parametrize("rows", [3, 19, 300])
-def test_bf16_rows_in_and_out_give_the_float32_path_s_sums_rounded_once(rows, monkeypatch, caplog):
-    kernel = native_bf16_kernels().linear
-    assert kernel.bf16_rows_op is not None
+def test_bf16_rows_in_and_out_give_the_float32_path_s_sums_rounded_once(rows, dot, monkeypatch, caplog):
+    loaded = native_bf16_kernels().linear
+    library = native.NativeLibrary.load()
+    if dot and not library.atb_bf16_dot_available():
+        pytest.skip("this library has no AVX512-BF16 dot product")
+    kernel = PanelLinear(None, None, None, loaded.bf16_op, bf16_dot_op=library.atb_bf16_dot_linear_f32,
+                         bf16_rows_op=library.atb_bf16_dot_linear_bf16)
     generator = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(1024, 512, generator=generator).bfloat16(), torch.randn(1024, generator=generator)
-    packed = kernel.pack(weight)
+    packed = loaded.pack(weight)
     wide = torch.randn(rows, 520, generator=generator).bfloat16()
     x = wide[:, 6:518]  # rows 520 apart: the kernel reads them where they lie
-    y = kernel(x, packed, bias.bfloat16())
-    float_path = PanelLinear(None, None, None, kernel.bf16_op, bf16_dot_op=kernel.bf16_dot_op)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, float_path(x, packed, bias.bfloat16()))
+    float_path = PanelLinear(None, None, None, loaded.bf16_op, bf16_dot_op=library.atb_bf16_dot_linear_f32)
+    was = library.atb_bf16_use_dot(-1)
+    try:
+        library.atb_bf16_use_dot(int(dot))
+        y = kernel(x, packed, bias.bfloat16())
+        assert y.dtype == torch.bfloat16 and torch.equal(y, float_path(x, packed, bias.bfloat16()))
+        assert torch.equal(kernel(wide[:, 1:513], packed), float_path(wide[:, 1:513], packed))  # rows off 4 bytes
+    finally:
+        library.atb_bf16_use_dot(was)
     torch.testing.assert_close(y.float(), F.linear(x.float(), weight.float(), bias.bfloat16().float()), rtol=1e-2,
                                atol=2e-2)
+    with pytest.raises(ValueError, match="inputs of 510 features against a weight of 512"):
+        kernel(x[:, :510], packed)
     # A kernel that multiplies wrong is not used: bfloat16 rows go to the float32 path.
     from atb_models.kernels import linear
 
-    library = native.NativeLibrary.load()
     monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
     monkeypatch.setattr(library, "atb_bf16_dot_linear_bf16", lambda *args: None)  # writes nothing
     with caplog.at_level("WARNING", logger="atb_models.kernels"):
@@ -193,33 +206,41 @@ def test_bf16_panels_unpack_to_the_weights_transpose(shape):
     assert torch.equal(transposed, weight.t())
 
 
-def test_bf16_inputs_of_many_rows_go_to_onednn_on_unpacked_weights_where_it_was_chosen():
-    from atb_models.kernels.linear import ONEDNN_PREFILL_ROWS
+# The whole weight in one slice, and in slices of 3 column groups (the last one shorter).
+@pytest.mark.parametrize("slice_elements", [1 << 22, 3 * 64 * 512])
+def test_bf16_inputs_of_many_rows_go_to_onednn_on_unpacked_weights_where_it_was_chosen(slice_elements, monkeypatch):
+    from atb_models.kernels import linear
 
-    kernel = native_bf16_kernels().linear
+    loaded = native_bf16_kernels().linear
     library = native.NativeLibrary.load()
+    monkeypatch.setattr(linear, "UNPACK_SLICE_ELEMENTS", slice_elements)
     unpacked = []
 
     def unpack(*args):
         unpacked.append(args[1:3])
         library.atb_bf16_unpack_pairs(*args)
-    onednn = PanelLinear(kernel._native, kernel._linear, kernel._reorder, kernel.bf16_op, bf16_dot_op=kernel.bf16_dot_op,
-                         unpack_op=unpack, bf16_rows_op=kernel.bf16_rows_op)
-    assert "by oneDNN" in onednn.name and "oneDNN" not in PanelLinear(None, None, None, kernel.bf16_op).name
+    kit = PanelLinear(None, None, None, loaded.bf16_op, bf16_dot_op=loaded.bf16_dot_op,
+                      bf16_rows_op=loaded.bf16_rows_op)
+    onednn = PanelLinear(None, None, None, loaded.bf16_op, bf16_dot_op=loaded.bf16_dot_op, unpack_op=unpack,
+                         bf16_rows_op=loaded.bf16_rows_op)
+    assert "by oneDNN" in onednn.name and "oneDNN" not in kit.name
+    slices = [(1024, 512)] if slice_elements >= 1024 * 512 else [(192, 512)] * 5 + [(64, 512)]
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1024, 512, generator=generator).bfloat16()
     bias = torch.randn(1024, generator=generator).bfloat16()
-    packed = onednn.pack(weight)
-    for rows in (ONEDNN_PREFILL_ROWS, 3 * ONEDNN_PREFILL_ROWS):
+    packed = loaded.pack(weight)
+    for rows in (linear.ONEDNN_PREFILL_ROWS, 3 * linear.ONEDNN_PREFILL_ROWS):
         x = torch.randn(rows, 512, generator=generator).bfloat16()
         y = onednn(x.view(rows // 2, 2, 512), packed, bias)
-        assert y.dtype == torch.bfloat16 and y.shape == (rows // 2, 2, 1024) and unpacked.pop() == (1024, 512)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows // 2, 2, 1024) and unpacked == slices
+        unpacked.clear()
         # oneDNN's own sums: PyTorch's bfloat16 linear on the weight as loaded, within its rounding of the outputs
-        torch.testing.assert_close(y.view(rows, 1024).float(), F.linear(x, weight, bias).float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(y.view(rows, 1024).float(), F.linear(x, weight, bias).float(), rtol=2e-2,
+                                   atol=2e-2)
     # Fewer rows (a decode step's) and float32 inputs (a float32 model's) stay on the kit's kernels.
-    x = torch.randn(ONEDNN_PREFILL_ROWS - 1, 512, generator=generator).bfloat16()
-    torch.testing.assert_close(onednn(x, packed), kernel(x, packed), rtol=0, atol=0)
-    x = torch.randn(2 * ONEDNN_PREFILL_ROWS, 512, generator=generator)
+    x = torch.randn(linear.ONEDNN_PREFILL_ROWS - 1, 512, generator=generator).bfloat16()
+    assert torch.equal(onednn(x, packed), kit(x, packed))
+    x = torch.randn(2 * linear.ONEDNN_PREFILL_ROWS, 512, generator=generator)
     assert onednn(x, packed).dtype == torch.float32
     assert unpacked == []
 

@@ -288,7 +288,7 @@ namespace {
 #ifdef __AVX512BF16__
 
 // The dot product's batched rows (M > MAX_ROWS) for the two entries below. The rows' inputs as float32 (x32: each
-// chunk converted to bfloat16 first) or as bfloat16 (x16, read where they lie, row stride ldx even); the sums to y32
+// chunk converted to bfloat16 first) or as bfloat16 (x16, read where they lie, rows 4-byte aligned); the sums to y32
 // (float32, row stride N) or to y16 (bfloat16, rounded to nearest even), by way of a thread's float32 sums of one
 // column group for a chunk's rows (at most 64 KB: they stay in L2 over the K blocks), rounded into y16 when whole.
 void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
@@ -368,9 +368,11 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
 }
 
 // atb_bf16_dot_linear_f32 on bfloat16 rows and outputs, a bfloat16 model's products outside the decode step
-// (prefill, the vision tower) with no float32 copies of either: x [M, K] bfloat16 (row stride ldx, even), y [M, N]
-// bfloat16, each the float32 sum rounded to nearest even (as PyTorch's bfloat16 linear rounds it). Where the dot
-// product does not run, the widening kernel on float32 copies made here.
+// (prefill, the vision tower): x [M, K] bfloat16 (row stride ldx; rows 4-byte aligned), y [M, N] bfloat16, each the
+// float32 sum rounded to nearest even (as PyTorch's bfloat16 linear rounds it). The dot product reads the rows where
+// they lie and keeps no float32 copy of them or of the outputs; where it does not run (a few rows, or the widening
+// chosen), the widening kernel runs on float32 copies of ROW_CHUNK rows at a time, made here in buffers of at most
+// ROW_CHUNK * (K + N) floats (a row's sums are the same in any chunk: every way above adds its products in k order).
 void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                               const float* bias, uint16_t* y) {
 #ifdef __AVX512BF16__
@@ -380,14 +382,18 @@ void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t l
     }
 #endif
     thread_local std::vector<float> row_buffer, sum_buffer;  // (kept for the calling thread's next call)
-    if (static_cast<int64_t>(row_buffer.size()) < M * K) row_buffer.resize(M * K);
-    if (static_cast<int64_t>(sum_buffer.size()) < M * N) sum_buffer.resize(M * N);
+    const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
+    if (static_cast<int64_t>(row_buffer.size()) < chunk_rows * K) row_buffer.resize(chunk_rows * K);
+    if (static_cast<int64_t>(sum_buffer.size()) < chunk_rows * N) sum_buffer.resize(chunk_rows * N);
     float *rows = row_buffer.data(), *sums = sum_buffer.data();  // (the calling thread's, shared with the team)
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+        const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
 #pragma omp parallel for
-    for (int64_t m = 0; m < M; m++) load_bf16_row(x + m * ldx, K, rows + m * K);
-    atb_bf16_linear_f32(rows, M, K, K, wp, N, bias, sums);
+        for (int64_t m = 0; m < chunk; m++) load_bf16_row(x + (m0 + m) * ldx, K, rows + m * K);
+        atb_bf16_linear_f32(rows, chunk, K, K, wp, N, bias, sums);
 #pragma omp parallel for
-    for (int64_t m = 0; m < M; m++) store_bf16(sums + m * N, N, y + m * N);
+        for (int64_t m = 0; m < chunk; m++) store_bf16(sums + m * N, N, y + (m0 + m) * N);
+    }
 }
 
 // wt [K][N] = W^T, the plain transpose of the [N, K] weight pair_layout packed into wp [N / 64][K / 2][64][2]: a

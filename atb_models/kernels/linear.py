@@ -27,10 +27,13 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
 PANEL_GROUP = 64       # output columns per group of PanelLinear's layout (four AVX-512 registers of float32)
 CPU_LINEAR_CHOICES = ("auto", "panel", "onednn", "torch")
-# Rows from which a bfloat16 model's products may go to oneDNN on unpacked weights (prefill, the vision tower; a
-# decode step's rows stay on the kit's kernels): bf16_prefill_chosen measures at this count, where unpacking costs
+# Rows from which a bfloat16 model's products may go to oneDNN on unpacked weights (prefill, the vision tower; the
+# fused decode step's stay on the kit's kernels): bf16_prefill_chosen measures at this count, where unpacking costs
 # most against the product, so the choice holds for every count above it.
 ONEDNN_PREFILL_ROWS = 128
+# Weights are unpacked for oneDNN a slice of column groups at a time, into a scratch of at most this many values
+# (8 MB of bfloat16: it stays in the last-level cache for oneDNN to read, and a large LM head needs no copy of itself)
+UNPACK_SLICE_ELEMENTS = 1 << 22
 
 
 class LinearKernel:
@@ -95,8 +98,8 @@ class PanelLinear(OneDnnLinear):
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
     is packed as bfloat16 too: the same products, half the bytes to stream. With `unpack_op` (atb_bf16_unpack_pairs,
     where bf16_prefill_chosen says so: an AMX CPU's oneDNN), bfloat16 inputs of ONEDNN_PREFILL_ROWS rows or more
-    go to oneDNN's bfloat16 linear on the weight unpacked into a scratch buffer (the size of the largest such
-    weight, one per thread), so that the weights are held once, in the decode step's layout. Weights it does not
+    go to oneDNN's bfloat16 linear on the weight unpacked, a slice of UNPACK_SLICE_ELEMENTS at a time, into a
+    scratch buffer (one per thread), so that the weights are held once, in the decode step's layout. Weights it does not
     pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input
     size that is odd) go to oneDNN as before."""
 
@@ -106,7 +109,6 @@ class PanelLinear(OneDnnLinear):
                  bf16_dot_op=None, name: str = "panel", unpack_op=None, bf16_rows_op=None):
         super().__init__(linear_op, reorder_op)
         # "panel (AVX2)": the ops of the AVX2 library (kernels.native.NativeLibrary.load_avx2)
-        self.name = name if unpack_op is None else f"{name}, bfloat16 from {ONEDNN_PREFILL_ROWS} rows by oneDNN"
         self._native = native_op
         self.bf16_op = bf16_op
         self.narrow_exact = narrow_exact and bf16_op is not None
@@ -116,6 +118,7 @@ class PanelLinear(OneDnnLinear):
         self.bf16_rows_op = bf16_rows_op
         self.unpack_op = unpack_op if bf16_op is not None else None
         self._unpacked = threading.local()  # .buffer: this thread's scratch for unpacked weights
+        self.name = name if self.unpack_op is None else f"{name}, bfloat16 from {ONEDNN_PREFILL_ROWS} rows by oneDNN"
 
     def __call__(self, x, weight, bias=None):
         """x [..., in] against a weight in panel_layout, on x's values: float32 out for float32 weights, x's dtype
@@ -127,9 +130,9 @@ class PanelLinear(OneDnnLinear):
         out_features = groups * PANEL_GROUP
         if bf16 and x.dtype == torch.bfloat16:
             if self.unpack_op is not None and x.numel() >= ONEDNN_PREFILL_ROWS * in_features:
-                return F.linear(x, self.unpacked(weight).t(), None if bias is None else bias.to(x.dtype))
+                return self._by_onednn(x, weight, bias)
             if self.bf16_rows_op is not None:
-                return self._bf16_rows(x, weight, bias, out_features)
+                return self._bf16_rows(x, weight, bias, in_features, out_features)
         op = (self.bf16_dot_op if x.dtype == torch.bfloat16 else self.bf16_op) if bf16 else self._native
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
@@ -143,18 +146,36 @@ class PanelLinear(OneDnnLinear):
         y = y.view(*x.shape[:-1], out_features)
         return y.to(x.dtype) if bf16 else y
 
-    def _bf16_rows(self, x, weight, bias, out_features: int) -> torch.Tensor:
-        """bf16_rows_op: bfloat16 rows in, bfloat16 sums out (the kernel reads rows whose stride is even)."""
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1 or rows.stride(0) % 2:
+    def _bf16_rows(self, x, weight, bias, in_features: int, out_features: int) -> torch.Tensor:
+        """bf16_rows_op: bfloat16 rows in, bfloat16 sums out (the kernel reads a row's inputs in pairs, 32 bits at a
+        time: rows that start off a 4-byte boundary are copied first)."""
+        if x.shape[-1] != in_features:
+            raise ValueError(f"inputs of {x.shape[-1]} features against a weight of {in_features}")
+        rows = x.reshape(-1, in_features)
+        if rows.stride(-1) != 1 or rows.stride(0) % 2 or rows.data_ptr() % 4:
             rows = rows.contiguous()
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
         if rows.shape[0]:
-            self.bf16_rows_op(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), weight.data_ptr(),
+            self.bf16_rows_op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(),
                               out_features, None if bias is None else bias.data_ptr(), y.data_ptr())
         return y.view(*x.shape[:-1], out_features)
+
+    def _by_onednn(self, x, weight, bias) -> torch.Tensor:
+        """PyTorch's bfloat16 linear (oneDNN) on the weight unpacked a slice of column groups at a time."""
+        groups, in_features = weight.shape[0], 2 * weight.shape[1]
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        per_slice = max(1, UNPACK_SLICE_ELEMENTS // (in_features * PANEL_GROUP))
+        if groups <= per_slice:
+            return F.linear(x, self.unpacked(weight).t(), bias)
+        y = torch.empty(*x.shape[:-1], groups * PANEL_GROUP, dtype=x.dtype)
+        for first in range(0, groups, per_slice):
+            part = weight[first:first + per_slice]  # (contiguous: the groups lie one after another)
+            columns = slice(first * PANEL_GROUP, (first + part.shape[0]) * PANEL_GROUP)
+            y[..., columns] = F.linear(x, self.unpacked(part).t(), None if bias is None else bias[columns])
+        return y
 
     def unpacked(self, weight: torch.Tensor) -> torch.Tensor:
         """W^T [in, out] of a bfloat16 panel weight, in this thread's scratch buffer (valid until its next call)."""
@@ -341,14 +362,14 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
 def _bf16_rows_right(op) -> bool:
     """The same for the kernel on bfloat16 rows and outputs (atb_bf16_dot_linear_bf16), at 3 rows and at 19 (its
     two paths), within the outputs' bfloat16 rounding; a wrong one leaves such rows to the float32 kernels."""
-    kernel = PanelLinear(None, None, None, bf16_rows_op=op)
     generator = torch.Generator().manual_seed(0)
     w, b = torch.randn(2 * PANEL_GROUP, 42, generator=generator).bfloat16(), torch.randn(2 * PANEL_GROUP)
+    packed = panel_layout(w)
     for rows in (3, 19):
         x = torch.randn(rows, 42, generator=generator).bfloat16()
-        y = kernel(x, panel_layout(w), b)
-        if y.dtype != torch.bfloat16 or not torch.allclose(y.float(), F.linear(x.float(), w.float(), b), rtol=1e-2,
-                                                           atol=1e-2):
+        y = torch.full((rows, 2 * PANEL_GROUP), float("nan"), dtype=torch.bfloat16)
+        op(x.data_ptr(), rows, 42, 42, packed.data_ptr(), 2 * PANEL_GROUP, b.data_ptr(), y.data_ptr())
+        if not torch.allclose(y.float(), F.linear(x.float(), w.float(), b), rtol=1e-2, atol=1e-2):
             logger.warning("the kit's bfloat16 kernel on bfloat16 rows gave wrong products here: not using it")
             return False
     return True
@@ -429,7 +450,7 @@ def _alternating(variants: list, rounds: int, statistic) -> tuple:
 
 BF16_PREFILL_ENV = "ATB_MODELS_CPU_BF16_PREFILL"
 BF16_PREFILL_GAIN = 1.25  # as BF16_DOT_GAIN: a clear margin, so that noise does not flip the choice between runs
-_bf16_prefill_measured: dict = {}  # the library's unpack function (its address) -> (oneDNN seconds, the kit's)
+_bf16_prefill_measured: dict = {}  # (the ops' addresses, the dot product's switch) -> (oneDNN seconds, the kit's)
 
 
 def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
@@ -440,7 +461,7 @@ def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
     $ATB_MODELS_CPU_BF16_PREFILL=onednn or kit decides, else a measurement, once a process, at ONEDNN_PREFILL_ROWS
     rows, the unpacking included: oneDNN must run BF16_PREFILL_GAIN times as fast. Which is faster is not a CPU
     flag alone: where the CPU has AMX, oneDNN multiplies bfloat16 tiles at several times the vector rate; on the kit's
-    AMD EPYC (AVX512-BF16, no AMX) oneDNN and the kit's dot product run even (docs/PERFORMANCE.md)."""
+    AMD EPYC (AVX512-BF16, no AMX) the kit's dot product measured faster, unpacking counted (docs/PERFORMANCE.md)."""
     forced = os.environ.get(BF16_PREFILL_ENV)
     if forced not in (None, "", "onednn", "kit"):
         raise UserError(f"{BF16_PREFILL_ENV}={forced!r}: expected onednn (a bfloat16 model's products of "
@@ -449,7 +470,8 @@ def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
         return False
     if forced == "onednn":
         return True
-    key = ctypes.cast(library.atb_bf16_unpack_pairs, ctypes.c_void_p).value
+    key = tuple(ctypes.cast(op, ctypes.c_void_p).value if op is not None else None
+                for op in (library.atb_bf16_unpack_pairs, kit_op, rows_op)) + (library.atb_bf16_use_dot(-1),)
     if key not in _bf16_prefill_measured:
         _bf16_prefill_measured[key] = _time_bf16_prefill(library.atb_bf16_unpack_pairs, kit_op, rows_op)
         onednn, kit = _bf16_prefill_measured[key]
@@ -462,9 +484,10 @@ def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
 
 def _unpacks_right(op) -> bool:
     """A wrong build must not reach the model: one small weight unpacked against its transpose first."""
-    kernel = PanelLinear(None, None, None, bf16_op=op, unpack_op=op)
     weight = torch.randn(2 * PANEL_GROUP, 42, generator=torch.Generator().manual_seed(0)).bfloat16()
-    if torch.equal(kernel.unpacked(panel_layout(weight)), weight.t()):
+    packed, transposed = panel_layout(weight), torch.full((42, 2 * PANEL_GROUP), float("nan"), dtype=torch.bfloat16)
+    op(packed.data_ptr(), 2 * PANEL_GROUP, 42, transposed.data_ptr())
+    if torch.equal(transposed, weight.t()):
         return True
     logger.warning("the kit's bfloat16 unpacking gave wrong weights here: bfloat16 products stay on its kernels")
     return False
