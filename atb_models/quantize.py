@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models.cli.choices import DEVICE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m atb_models.quantize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="python -m atb_models.quantize", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, metavar="IN", help="a float checkpoint folder")
     parser.add_argument("--output_dir", required=True, metavar="OUT", help="a new (or empty) folder")
     parser.add_argument("--method", choices=QUANTIZE_CHOICES, default="w8a16")

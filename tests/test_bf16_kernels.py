@@ -245,31 +245,30 @@ def test_bf16_inputs_of_many_rows_go_to_onednn_on_unpacked_weights_where_it_was_
     assert unpacked == []
 
 
-def test_onednn_for_bf16_prefill_is_chosen_where_asked_or_measured_clearly_faster(monkeypatch, caplog):
+def test_onednn_for_bf16_prefill_runs_only_where_asked(monkeypatch, caplog):
     from atb_models.kernels import linear
 
     if not AVX512:
         pytest.skip("the native kernels need an AVX-512 CPU")
     try:
+        # Not measured, not chosen by default: its sums would make a prompt's tokens depend on its batch.
+        monkeypatch.delenv(linear.BF16_PREFILL_ENV, raising=False)
+        assert Kernels.for_plan(CPU_BF16).linear.unpack_op is None
         monkeypatch.setenv(linear.BF16_PREFILL_ENV, "onednn")
         assert Kernels.for_plan(CPU_BF16).linear.unpack_op is not None
+        assert "by oneDNN" in Kernels.for_plan(CPU_BF16).describe()
         monkeypatch.setenv(linear.BF16_PREFILL_ENV, "kit")
         assert Kernels.for_plan(CPU_BF16).linear.unpack_op is None
-        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "amx")
-        with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_PREFILL='amx'"):
-            Kernels.for_plan(CPU_BF16)
-        monkeypatch.delenv(linear.BF16_PREFILL_ENV)
-        # Measured (the measurement stubbed: oneDNN's seconds, the kit's): chosen only when clearly faster.
-        for timings, chosen in (((1.0, 3.0), True), ((1.0, 1.1), False), ((2.0, 1.0), False)):
-            monkeypatch.setattr(linear, "_bf16_prefill_measured", {})
-            monkeypatch.setattr(linear, "_time_bf16_prefill", lambda *args, t=timings: t)
-            assert (Kernels.for_plan(CPU_BF16).linear.unpack_op is not None) == chosen
-        # A float32 model never gives its linears bfloat16 inputs: nothing to measure.
-        monkeypatch.setattr(linear, "_bf16_prefill_measured", {})
-        monkeypatch.setattr(linear, "_time_bf16_prefill", lambda *args: pytest.fail("measured for float32"))
+        # A float32 model never gives its linears bfloat16 inputs, but a bad value is refused for it too.
+        for name, value in ((linear.BF16_PREFILL_ENV, "amx"), (linear.BF16_DOT_ENV, "2")):
+            monkeypatch.setenv(name, value)
+            for plan in (CPU_BF16, CPU_FP32):
+                with pytest.raises(UserError, match=f"{name}='{value}': expected"):
+                    Kernels.for_plan(plan)
+            monkeypatch.delenv(name)
+        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "onednn")
         assert Kernels.for_plan(CPU_FP32).linear.unpack_op is None
         # An unpacking that gives wrong weights is not used, whatever is asked.
-        monkeypatch.setenv(linear.BF16_PREFILL_ENV, "onednn")
         library = native.NativeLibrary.load()
         monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
         monkeypatch.setattr(library, "atb_bf16_unpack_pairs", lambda *args: None)  # writes nothing

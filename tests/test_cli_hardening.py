@@ -109,6 +109,27 @@ def test_a_non_finite_sampling_flag_is_refused_by_name_before_the_model_loads(fl
     assert len(errors) == 1 and errors[0].startswith(f"Error: {flag} must be a finite number"), err
 
 
+# argparse's own refusals (a value off the choices, not a number, a flag it does not know), one line each, exit 1,
+# for run_pa and for the other commands built on the same parser
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "bf16"], "Error: argument --dtype: invalid choice: 'bf16'"),
+    (["--max_batch_size", "abc"], "Error: argument --max_batch_size: invalid int value: 'abc'"),
+    (["--no_such_flag"], "Error: unrecognized arguments: --no_such_flag"),
+    (["serve", "--port", "abc"], "Error: argument --port: invalid int value: 'abc'"),
+    (["benchmark", "compare", "--preset", "nope"], "Error: argument --preset: invalid choice: 'nope'")])
+def test_a_flag_argparse_refuses_is_one_error_line_and_exit_1(argv, message, capsys):
+    from atb_models.benchmark import __main__ as benchmark
+    from atb_models.serve import __main__ as serve
+
+    commands = {"serve": serve.main, "benchmark": benchmark.main}
+    main = commands.get(argv[0], run_pa.main)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv[1:] if argv[0] in commands else argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message) and "--help` lists the flags" in err, err
+
+
 def test_a_negative_temperature_is_refused_before_the_model_loads(capsys, no_model, sample_image_path):
     status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", sample_image_path,
                               "--temperature", "-1")

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.errors import UserError
 
 
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     from atb_models.benchmark.compare import WORKLOADS
     from atb_models.benchmark.presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="python -m atb_models.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="python -m atb_models.benchmark", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compare = commands.add_parser("compare", help="the kit against transformers and against the decode floor")
     compare.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",

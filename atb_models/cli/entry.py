@@ -14,6 +14,7 @@ Torch-free, so a parser's --help stays instant.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import re
@@ -60,6 +61,15 @@ def error_line(error: BaseException) -> str:
 
 def print_error(message: str) -> None:
     print(f"Error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse's parser for the kit's commands, a bad flag being bad input like any other: one `Error: ...` line
+    naming it and where the flags are listed, exit status 1 (argparse prints its whole usage and exits 2)."""
+
+    def error(self, message: str):
+        print_error(f"{message} (`{self.prog} --help` lists the flags)")
+        sys.exit(1)
 
 
 class Stopped(KeyboardInterrupt):

@@ -29,7 +29,7 @@ import glob
 from dataclasses import dataclass
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import configure_logging, one_line, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, one_line, run_entry_point
 from atb_models.ranks import env_state
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
@@ -45,7 +45,7 @@ class Family:
 
 
 def build_parser(family: Family) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="run_pa",
         description=f"{family.name} inference with paged attention (single prompt or a folder of media).")
     parser.add_argument("--model_path", metavar="DIR",

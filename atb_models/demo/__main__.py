@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atb_models.demo", description=__doc__)
+    parser = FlagParser(prog="python -m atb_models.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the demo checkpoint with sample.jpg and sample.mp4")
     build.add_argument("--output", type=Path, required=True, help="folder to build into (an earlier demo is rebuilt)")

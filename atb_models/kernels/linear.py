@@ -27,9 +27,9 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
 PANEL_GROUP = 64       # output columns per group of PanelLinear's layout (four AVX-512 registers of float32)
 CPU_LINEAR_CHOICES = ("auto", "panel", "onednn", "torch")
-# Rows from which a bfloat16 model's products may go to oneDNN on unpacked weights (prefill, the vision tower; the
-# fused decode step's stay on the kit's kernels): bf16_prefill_chosen measures at this count, where unpacking costs
-# most against the product, so the choice holds for every count above it.
+# Rows from which a bfloat16 model's products go to oneDNN on unpacked weights where $ATB_MODELS_CPU_BF16_PREFILL asks
+# for it (bf16_prefill_chosen: prefill, the vision tower); fewer (an LM head's in a decode step, say) would unpack a
+# whole weight for a few rows' work.
 ONEDNN_PREFILL_ROWS = 128
 # Weights are unpacked for oneDNN a slice of column groups at a time, into a scratch of at most this many values
 # (8 MB of bfloat16: it stays in the last-level cache for oneDNN to read, and a large LM head needs no copy of itself)
@@ -322,6 +322,9 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
             return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                                name=kernel_name("panel", library))
         stream_prefetch_chosen(library)
+        # A float32 model never reads the bfloat16 switches, but a bad value is bad input all the same.
+        for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
+            _pinned(name, *values)
         if bf16_op is not None:
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
         dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
@@ -329,7 +332,7 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         rows_op = (library.atb_bf16_dot_linear_bf16 if bf16_inputs and bf16_op is not None
                    and _bf16_rows_right(library.atb_bf16_dot_linear_bf16) else None)
         unpack_op = (library.atb_bf16_unpack_pairs if bf16_inputs and bf16_op is not None
-                     and bf16_prefill_chosen(library, dot_op or bf16_op, rows_op) else None)
+                     and bf16_prefill_chosen(library) else None)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op)
     return OneDnnLinear(onednn, reorder)
@@ -376,6 +379,7 @@ def _bf16_rows_right(op) -> bool:
 
 
 BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"
+BF16_DOT_VALUES = (("0", "1"), "1 (use AVX512-BF16's dot product) or 0 (do not)")
 # How much faster the dot product must measure to be chosen: a clear margin, so that timing noise does not make the
 # choice (and with it the bfloat16 sums' order) differ from run to run where the two kernels are close.
 BF16_DOT_GAIN = 1.25
@@ -389,9 +393,7 @@ def bf16_dot_chosen(library) -> bool:
     process: the dot product must run BF16_DOT_GAIN times as fast. Which is faster is not a CPU flag: AMD Zen 4
     issues one 512-bit FMA a cycle and the dot product doubles its rate, an Intel Xeon issues two and measured the
     dot product slower (docs/PERFORMANCE.md)."""
-    forced = os.environ.get(BF16_DOT_ENV)
-    if forced not in (None, "", "0", "1"):
-        raise UserError(f"{BF16_DOT_ENV}={forced!r}: expected 1 (use AVX512-BF16's dot product) or 0 (do not)")
+    forced = _pinned(BF16_DOT_ENV, *BF16_DOT_VALUES)
     if not library.atb_bf16_dot_available() or forced == "0":
         library.atb_bf16_use_dot(0)
         return False
@@ -449,37 +451,32 @@ def _alternating(variants: list, rounds: int, statistic) -> tuple:
 
 
 BF16_PREFILL_ENV = "ATB_MODELS_CPU_BF16_PREFILL"
-BF16_PREFILL_GAIN = 1.25  # as BF16_DOT_GAIN: a clear margin, so that noise does not flip the choice between runs
-_bf16_prefill_measured: dict = {}  # (the ops' addresses, the dot product's switch) -> (oneDNN seconds, the kit's)
+BF16_PREFILL_VALUES = (("onednn", "kit"), f"onednn (a bfloat16 model's products of {ONEDNN_PREFILL_ROWS} rows or "
+                       "more by oneDNN) or kit (by the kit's kernels)")
 
 
-def bf16_prefill_chosen(library, kit_op, rows_op=None) -> bool:
+def bf16_prefill_chosen(library) -> bool:
     """Whether a bfloat16 model's products of ONEDNN_PREFILL_ROWS rows or more (prefill, the vision tower) go to
     oneDNN's bfloat16 linear on the weight unpacked into a scratch buffer (atb_bf16_unpack_pairs) instead of the
-    kit's bfloat16 kernel `kit_op` (the one bf16_dot_chosen left for batched rows; on bfloat16 rows, `rows_op`, where
-    there is one). Where the unpacking checks right:
-    $ATB_MODELS_CPU_BF16_PREFILL=onednn or kit decides, else a measurement, once a process, at ONEDNN_PREFILL_ROWS
-    rows, the unpacking included: oneDNN must run BF16_PREFILL_GAIN times as fast. Which is faster is not a CPU
-    flag alone: where the CPU has AMX, oneDNN multiplies bfloat16 tiles at several times the vector rate; on the kit's
-    AMD EPYC (AVX512-BF16, no AMX) the kit's dot product measured faster, unpacking counted (docs/PERFORMANCE.md)."""
-    forced = os.environ.get(BF16_PREFILL_ENV)
-    if forced not in (None, "", "onednn", "kit"):
-        raise UserError(f"{BF16_PREFILL_ENV}={forced!r}: expected onednn (a bfloat16 model's products of "
-                        f"{ONEDNN_PREFILL_ROWS} rows or more by oneDNN) or kit (by the kit's kernels)")
-    if forced == "kit" or not _unpacks_right(library.atb_bf16_unpack_pairs):
-        return False
-    if forced == "onednn":
-        return True
-    key = tuple(ctypes.cast(op, ctypes.c_void_p).value if op is not None else None
-                for op in (library.atb_bf16_unpack_pairs, kit_op, rows_op)) + (library.atb_bf16_use_dot(-1),)
-    if key not in _bf16_prefill_measured:
-        _bf16_prefill_measured[key] = _time_bf16_prefill(library.atb_bf16_unpack_pairs, kit_op, rows_op)
-        onednn, kit = _bf16_prefill_measured[key]
-        logger.info("bfloat16 products at %d rows: oneDNN on unpacked weights %.0f us, the kit's kernel %.0f us: %s",
-                    ONEDNN_PREFILL_ROWS, onednn * 1e6, kit * 1e6,
-                    "oneDNN" if onednn * BF16_PREFILL_GAIN <= kit else "the kit's")
-    onednn, kit = _bf16_prefill_measured[key]
-    return onednn * BF16_PREFILL_GAIN <= kit
+    kit's bfloat16 kernels: only where $ATB_MODELS_CPU_BF16_PREFILL=onednn asks for it (and the unpacking checks
+    right). Where the CPU has AMX, oneDNN multiplies bfloat16 tiles at several times the vector rate; but its sums
+    are not the kit kernels', rounded differently in the last bit now and then, so a prompt's tokens would depend on
+    how many rows its product had: on what it was batched with and how much of it the prefix cache held. The kit's
+    kernels give a row the same sums in any batch, so they stay the default. (On the kit's AMD EPYC, AVX512-BF16 and
+    no AMX, oneDNN with the unpacking was the slower anyway: docs/PERFORMANCE.md.)"""
+    forced = _pinned(BF16_PREFILL_ENV, *BF16_PREFILL_VALUES)
+    return forced == "onednn" and _unpacks_right(library.atb_bf16_unpack_pairs)
+
+
+def _pinned(name: str, allowed: tuple, expected: str) -> str | None:
+    """The value of the environment variable `name` where it is set (one of `allowed`), else None; any other value
+    is bad input."""
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    if value not in allowed:
+        raise UserError(f"{name}={value!r}: expected {expected}")
+    return value
 
 
 def _unpacks_right(op) -> bool:
@@ -493,24 +490,6 @@ def _unpacks_right(op) -> bool:
     return False
 
 
-def _time_bf16_prefill(unpack_op, kit_op, rows_op=None, repeats: int = 5) -> tuple:
-    """The best seconds of a bfloat16 product of ONEDNN_PREFILL_ROWS rows against a 2048x2048 weight (8 MB) by
-    oneDNN on the weight unpacked (the unpacking timed too) and by the kit's kernels on its panels, alternating."""
-    generator = torch.Generator().manual_seed(0)
-    weight = panel_layout(torch.randn(2048, 2048, generator=generator).bfloat16())
-    x = torch.randn(ONEDNN_PREFILL_ROWS, 2048, generator=generator).bfloat16()
-    kernels = {"onednn": PanelLinear(None, None, None, bf16_op=kit_op, unpack_op=unpack_op),
-               "kit": PanelLinear(None, None, None, bf16_op=kit_op, bf16_rows_op=rows_op)}
-
-    def timed(kernel):
-        def run() -> float:
-            start = time.perf_counter()
-            kernel(x, weight)
-            return time.perf_counter() - start
-        return run
-    return _alternating([timed(kernels["onednn"]), timed(kernels["kit"])], repeats, min)
-
-
 BF16_WIDENING_ENV = "ATB_MODELS_CPU_BF16_WIDEN"
 _bf16_widening_measured: dict = {}  # the library's switch (its address) -> (seconds in registers, in blocks)
 
@@ -522,10 +501,8 @@ def bf16_widening_chosen(library) -> str:
     measurement at 16 rows, once a process. Which is faster is not a CPU flag: on AMD Zen 4 the widening issues
     beside the FMAs and registers ran 1.2x as fast at 16 rows (docs/PERFORMANCE.md); blocks were written for a Xeon,
     whose widening takes FMA issue slots."""
-    forced = os.environ.get(BF16_WIDENING_ENV)
-    if forced not in (None, "", "registers", "blocks"):
-        raise UserError(f"{BF16_WIDENING_ENV}={forced!r}: expected registers or blocks (how batched rows widen "
-                        "bfloat16 weights)")
+    forced = _pinned(BF16_WIDENING_ENV, ("registers", "blocks"),
+                     "registers or blocks (how batched rows widen bfloat16 weights)")
     if not forced:
         key = ctypes.cast(library.atb_bf16_widen_in_registers, ctypes.c_void_p).value
         if key not in _bf16_widening_measured:
@@ -561,10 +538,8 @@ def stream_prefetch_chosen(library) -> bool:
     where one row's product streams faster without. Which is faster is not a CPU flag: the kernels were written
     with the prefetches on an Intel Xeon, and on an AMD EPYC (Zen 4) a decode step at batch 1 is faster without them
     (docs/PERFORMANCE.md)."""
-    forced = os.environ.get(STREAM_PREFETCH_ENV)
-    if forced not in (None, "", "0", "1"):
-        raise UserError(f"{STREAM_PREFETCH_ENV}={forced!r}: expected 1 (decode's weight streams prefetch in "
-                        "software) or 0 (the hardware prefetchers alone)")
+    forced = _pinned(STREAM_PREFETCH_ENV, ("0", "1"),
+                     "1 (decode's weight streams prefetch in software) or 0 (the hardware prefetchers alone)")
     if forced:
         return bool(library.atb_use_stream_prefetch(int(forced)))
     key = ctypes.cast(library.atb_use_stream_prefetch, ctypes.c_void_p).value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atb_models.cli.entry import run_entry_point
+from atb_models.cli.entry import FlagParser, run_entry_point
 from atb_models.cli.run_pa import add_device_arguments, add_engine_arguments
 
 DEFAULT_PORT = 1025  # MindIE Service's
@@ -19,8 +19,8 @@ DEFAULT_MAX_QUEUE = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m atb_models.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="python -m atb_models.serve", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", metavar="DIR", required=True, help="the checkpoint folder to serve")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

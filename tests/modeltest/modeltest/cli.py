@@ -21,7 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from atb_models import UserError
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.launch import launched
 from atb_models.ranks import env_state
 
@@ -37,7 +37,7 @@ DEFAULT_MASTER_PORT = "20050"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modeltest", description=__doc__.split("\n\n")[0])
+    parser = FlagParser(prog="modeltest", description=__doc__.split("\n\n")[0])
     required = parser.add_argument_group("required")
     required.add_argument("--model_config_path", required=True, metavar="YAML", help="model yaml, e.g. "
                           "modeltest/config/model/qwen2_vl.yaml")
