@@ -464,8 +464,11 @@ def bf16_prefill_chosen(library) -> bool:
     how many rows its product had: on what it was batched with and how much of it the prefix cache held. The kit's
     kernels give a row the same sums in any batch, so they stay the default. (On the kit's AMD EPYC, AVX512-BF16 and
     no AMX, oneDNN with the unpacking was the slower anyway: docs/PERFORMANCE.md.)"""
-    forced = _pinned(BF16_PREFILL_ENV, *BF16_PREFILL_VALUES)
-    return forced == "onednn" and _unpacks_right(library.atb_bf16_unpack_pairs)
+    if _pinned(BF16_PREFILL_ENV, *BF16_PREFILL_VALUES) != "onednn" or not _unpacks_right(library.atb_bf16_unpack_pairs):
+        return False
+    logger.info("a bfloat16 model's products of %d rows or more by oneDNN, as %s asks", ONEDNN_PREFILL_ROWS,
+                BF16_PREFILL_ENV)
+    return True
 
 
 def _pinned(name: str, allowed: tuple, expected: str) -> str | None:
