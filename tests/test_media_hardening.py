@@ -56,6 +56,15 @@ def test_probe_refuses_what_is_not_a_readable_media_file(tmp_path, make, expecte
         probe_media_file(make(tmp_path))
 
 
+def test_a_video_given_as_an_image_is_refused_with_what_to_do(sample_video_path, sample_image_path, tmp_path):
+    with pytest.raises(UserError, match="corrupt or not an image .*: a video is given as a video, not as an image"):
+        load_image(str(sample_video_path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=r"corrupt or not an image \(.*\)$"):  # (no video hint for a .jpg)
+        load_image(str(broken))
+
+
 def test_probe_refuses_an_image_whose_header_does_not_decode(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8 this is not a jpeg")

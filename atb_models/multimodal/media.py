@@ -101,7 +101,11 @@ def _open_image_file(path: str) -> Iterator[Image.Image]:
     except Image.DecompressionBombError:
         raise UserError(f"image {path} is larger than the limit of {MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt, truncated or not an image"
-        raise UserError(f"cannot read image {path}: corrupt or not an image ({err})") from None
+        # A video given as an image (the Python API's item key and the server's content type name the medium, not
+        # the file's extension, which only run_pa goes by): say so.
+        video = os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+        hint = ": a video is given as a video, not as an image" if video else ""
+        raise UserError(f"cannot read image {path}: corrupt or not an image ({err}){hint}") from None
 
 
 def _deep_to_8bit(image: Image.Image) -> np.ndarray:
