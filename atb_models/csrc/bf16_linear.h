@@ -349,6 +349,18 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
 
 #endif  // __AVX512BF16__
 
+// dot_linear_rows where the build has the dot product, it is on and the rows are more than MAX_ROWS; whether it ran.
+bool ran_dot_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
+                  int64_t N, const float* bias, float* y32, uint16_t* y16) {
+#ifdef __AVX512BF16__
+    if (M > MAX_ROWS && bf16_dot_on) {
+        dot_linear_rows(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
+        return true;
+    }
+#endif
+    return false;
+}
+
 }  // namespace
 
 extern "C" {
@@ -358,12 +370,7 @@ extern "C" {
 // it and atb_bf16_use_dot turned it on, else by atb_bf16_linear_f32. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
-#ifdef __AVX512BF16__
-    if (M > MAX_ROWS && bf16_dot_on) {
-        dot_linear_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr);
-        return;
-    }
-#endif
+    if (ran_dot_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
     atb_bf16_linear_f32(x, M, K, ldx, wp, N, bias, y);
 }
 
@@ -375,12 +382,7 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
 // ROW_CHUNK * (K + N) floats (a row's sums are the same in any chunk: every way above adds its products in k order).
 void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                               const float* bias, uint16_t* y) {
-#ifdef __AVX512BF16__
-    if (M > MAX_ROWS && bf16_dot_on) {
-        dot_linear_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y);
-        return;
-    }
-#endif
+    if (ran_dot_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
     thread_local std::vector<float> row_buffer, sum_buffer;  // (kept for the calling thread's next call)
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
     if (static_cast<int64_t>(row_buffer.size()) < chunk_rows * K) row_buffer.resize(chunk_rows * K);
