@@ -400,10 +400,9 @@ void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t l
 
 // wt [K][N] = W^T, the plain transpose of the [N, K] weight pair_layout packed into wp [N / 64][K / 2][64][2]: a
 // 32-bit lane's low half (k-step 2p) goes to row 2p, its high half to row 2p + 1. What a bfloat16 model's many-row
-// products hand oneDNN where its linear measured faster than the kernels above (an AMX CPU's: kernels/linear.py's
-// bf16_prefill_chosen), in a scratch buffer, so that the weights are held once, in the decode step's layout. Each
-// thread writes whole rows (a few pairs' two rows at a time) and reads each group's lanes of those pairs, 4 KB
-// in a row.
+// products hand oneDNN where the user asks for it (for an AMX CPU's tiles: kernels/linear.py's bf16_prefill_chosen),
+// in a scratch buffer, so that the weights are held once, in the decode step's layout. Each thread writes whole
+// rows (a few pairs' two rows at a time) and reads each group's lanes of those pairs, 4 KB in a row.
 void atb_bf16_unpack_pairs(const uint16_t* wp, int64_t N, int64_t K, uint16_t* wt) {
     constexpr int64_t PAIRS_AT_ONCE = 16;
     const int64_t groups = N / GROUP, pairs = K / 2;
