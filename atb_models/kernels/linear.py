@@ -97,11 +97,11 @@ class PanelLinear(OneDnnLinear):
     float32 copies of either: a bfloat16 model's prefill and vision tower, past the fused decode step). With
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
     is packed as bfloat16 too: the same products, half the bytes to stream. With `unpack_op` (atb_bf16_unpack_pairs,
-    where bf16_prefill_chosen says so: asked for, for an AMX CPU's oneDNN), bfloat16 inputs of ONEDNN_PREFILL_ROWS rows or more
-    go to oneDNN's bfloat16 linear on the weight unpacked, a slice of UNPACK_SLICE_ELEMENTS at a time, into a
-    scratch buffer (one per thread), so that the weights are held once, in the decode step's layout. Weights it does not
-    pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output size not a multiple of 64, a bfloat16 input
-    size that is odd) go to oneDNN as before."""
+    where bf16_prefill_chosen says the user asked for it, for an AMX CPU's oneDNN), bfloat16 inputs of
+    ONEDNN_PREFILL_ROWS rows or more go to oneDNN's bfloat16 linear on the weight unpacked, a slice of
+    UNPACK_SLICE_ELEMENTS at a time, into a scratch buffer (one per thread), so that the weights are held once, in
+    the decode step's layout. Weights it does not pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output
+    size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN as before."""
 
     name = "panel"
 
