@@ -322,17 +322,17 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
             return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                                name=kernel_name("panel", library))
         stream_prefetch_chosen(library)
-        # A float32 model never reads the bfloat16 switches, but a bad value is bad input all the same.
-        for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
-            _pinned(name, *values)
         if bf16_op is not None:
             bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
-        dot_op = (library.atb_bf16_dot_linear_f32 if bf16_inputs and bf16_op is not None and bf16_dot_chosen(library)
-                  else None)
-        rows_op = (library.atb_bf16_dot_linear_bf16 if bf16_inputs and bf16_op is not None
-                   and _bf16_rows_right(library.atb_bf16_dot_linear_bf16) else None)
-        unpack_op = (library.atb_bf16_unpack_pairs if bf16_inputs and bf16_op is not None
-                     and bf16_prefill_chosen(library) else None)
+        dot_op = rows_op = unpack_op = None
+        if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
+            dot_op = library.atb_bf16_dot_linear_f32 if bf16_dot_chosen(library) else None
+            rows_op = (library.atb_bf16_dot_linear_bf16 if _bf16_rows_right(library.atb_bf16_dot_linear_bf16)
+                       else None)
+            unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
+        else:  # the bfloat16 switches go unread, but a bad value is bad input all the same
+            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
+                _pinned(name, *values)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op)
     return OneDnnLinear(onednn, reorder)
