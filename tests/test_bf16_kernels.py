@@ -512,3 +512,78 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     finally:
         monkeypatch.undo()
         Kernels.for_plan(CPU_BF16)  # the library's choice as this process measured it, for the tests after
+
+
+# ------------------------------------------------------------------------ bfloat16 attention within segments
+
+# (n_q, n_k, heads, kv_heads, head_dim, causal, count): one token; a prompt with grouped-query heads, its rows not a
+# multiple of any block; the last 3 of 70 positions (a cached prefix before them); an image, rows past a query block;
+# three frames (or windows) in one call
+BF16_ATTENTION_CASES = [(1, 1, 2, 1, 64, True, 1), (37, 37, 14, 2, 64, True, 1), (3, 70, 4, 2, 128, True, 1),
+                        (129, 129, 3, 3, 80, False, 1), (64, 64, 8, 8, 80, False, 3)]
+
+
+def _segment_inputs(n_q, n_k, heads, kv_heads, head_dim, count, dtype=torch.bfloat16):
+    """q, k, v as a projection's strided views: each row one token's heads side by side (q's rows the last n_q of
+    each segment's n_k positions)."""
+    torch.manual_seed(n_q * 1000 + n_k)
+    qkv = torch.randn(count, n_k, (heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    q = qkv[:, n_k - n_q:, :heads * head_dim].reshape(count * n_q, heads, head_dim)
+    k, v = (qkv[:, :, (heads + i * kv_heads) * head_dim:(heads + (i + 1) * kv_heads) * head_dim].reshape(
+        count * n_k, kv_heads, head_dim) for i in (0, 1))
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", BF16_ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_bf16_attention_is_pytorchs_bf16_attention_with_sums_in_another_order(case):
+    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
+
+    kernels = native_bf16_kernels()
+    if not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    n_q, n_k, heads, kv_heads, head_dim, causal, count = case
+    q, k, v = _segment_inputs(n_q, n_k, heads, kv_heads, head_dim, count)
+    # Read where they lie: rows a projection's row apart (a lone row's stride means nothing).
+    assert all(t.shape[0] == 1 or t.stride(0) == (heads + 2 * kv_heads) * head_dim for t in (q, k, v))
+    ours = kernels.attention(q, k, v, None, causal, torch.empty(count * n_q, heads, head_dim, dtype=q.dtype), count)
+    pytorchs = SegmentAttention()(q, k, v, None, causal, torch.empty_like(ours), count)
+    exact = SegmentAttention()(q.float(), k.float(), v.float(), None, causal, torch.empty(ours.shape), count)
+    # Rounded where PyTorch rounds, summed in another order: most outputs the same bfloat16, the rest apart by
+    # about a bfloat16 step of the values they weigh, and no further from the float32 result than PyTorch's.
+    assert (ours == pytorchs).float().mean() >= 0.95
+    assert (ours.float() - pytorchs.float()).abs().max() <= v.float().abs().max() * 2 ** -7
+    assert (ours.float() - exact).abs().max() <= 1.5 * (pytorchs.float() - exact).abs().max() + 2 ** -10
+
+
+def test_bf16_attention_leaves_what_it_cannot_take_to_pytorch():
+    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
+
+    kernels = native_bf16_kernels()
+    if not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32)):  # float32 rows; heads of another size
+        q, k, v = _segment_inputs(20, 20, 4, 2, head_dim, 1, dtype)
+        ours = kernels.attention(q, k, v, None, True, torch.empty(20, 4, head_dim, dtype=dtype))
+        assert torch.equal(ours, SegmentAttention()(q, k, v, None, True, torch.empty_like(ours)))
+
+
+def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run_pytorchs():
+    from types import SimpleNamespace
+
+    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention, segment_attention
+
+    def library(isa="avx512", dot=1):
+        return SimpleNamespace(isa=isa, atb_bf16_dot_available=lambda: dot, atb_bf16_attention=None)
+
+    zen4 = {"avx512f", "avx512_bf16"}
+    assert isinstance(segment_attention(CPU_BF16, library(), zen4), NativeBf16Attention)
+    # Only the vision tower in bfloat16 is enough: its blocks attend within images.
+    vision_only = dataclasses.replace(CPU_FP32, vision_dtype=torch.bfloat16)
+    assert isinstance(segment_attention(vision_only, library(), zen4), NativeBf16Attention)
+    for plan, lib, flags in ((CPU_BF16, library(), zen4 | {"amx_bf16"}),  # PyTorch's kernel multiplies in AMX tiles
+                             (CPU_FP32, library(), zen4),                  # nothing in bfloat16
+                             (CPU_BF16, library(dot=0), zen4),             # a build without AVX512-BF16
+                             (CPU_BF16, library(isa="avx2"), zen4),        # the AVX2 library
+                             (CPU_BF16, None, zen4),                       # no library
+                             (dataclasses.replace(CPU_BF16, kind="cuda"), library(), zen4)):
+        assert type(segment_attention(plan, lib, flags)) is SegmentAttention

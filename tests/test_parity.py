@@ -5,6 +5,7 @@ import torch
 
 from atb_models import LLM, SamplingParams
 from atb_models.demo.checkpoint import TinyShape, make_image
+from atb_models.host import cpuinfo_field, read_cpuinfo
 from atb_models.layers.sharding import ceil_div
 from tests.parity_utils import LogitsRecorder, reference_generate
 
@@ -153,15 +154,18 @@ def test_checkpoint_layouts_load_the_same_model(tiny_checkpoint, sample_image_pa
 
 # Every linear of the language model large enough for the CPU's packed kernels: on an AVX-512 CPU a bfloat16 decode
 # step then runs the native decoder layer (kernels.decoder_layer.NativeDecoderLayer) on bf16 panels and KV cache.
+# Heads of 64 (language model) and 80 (vision tower): sizes the kit's bfloat16 attention takes.
 NATIVE_BF16_SHAPE = TinyShape(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-                              num_key_value_heads=2, vision_depth=1)
+                              num_key_value_heads=2, vision_depth=1, vision_embed_dim=160, vision_num_heads=2)
 # Logits of about 1.5 after two bf16 layers: bf16 steps there are 2^-7, and the two sides round at different points.
 BF16_TOLERANCE = 0.04
 
 
 def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
     """Greedy tokens identical to transformers' bf16 where its own bf16 is deterministic (the same tokens twice),
-    logits within bf16's resolution; on an AVX-512 CPU through the native bf16 decode path."""
+    logits within bf16's resolution; on an AVX-512 CPU through the native bf16 decode path, and where the CPU has
+    AVX512-BF16 (no AMX) the prompt's and the image's attention through the kit's bfloat16 kernel."""
+    from atb_models.kernels.attention import NativeBf16Attention
     from atb_models.kernels.decoder_layer import NativeDecoderLayer
 
     path = tiny_checkpoint(shape=NATIVE_BF16_SHAPE)
@@ -170,6 +174,9 @@ def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         assert isinstance(kernels.decoder_layer, NativeDecoderLayer)
         assert all(kernels.decoder_layer.weights_of(layer) is not None for layer in llm.runner.model.model.layers)
+    flags = set(cpuinfo_field(read_cpuinfo(), "flags").split())
+    assert isinstance(kernels.attention, NativeBf16Attention) == (
+        torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags and "amx_bf16" not in flags)
     requests = [[{"text": "Hello, what colour is the sky?"}],
                 [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}]]
     recorder = LogitsRecorder(llm)

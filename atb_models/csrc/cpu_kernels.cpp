@@ -1,7 +1,8 @@
 // The kit's CPU kernels for an AVX-512 CPU (float32 arithmetic; float32, bfloat16 or int8 weights: int8 linears
-// quantize their inputs to int16 per block, w8a16_linear.h), one library: built with the machine's C++ compiler on
-// first use and loaded with ctypes by atb_models/kernels/native.py, where its functions and structs are declared for
-// Python (FUNCTIONS, STRUCTS); which of them run is atb_models/kernels' decision.
+// quantize their inputs to int16 per block, w8a16_linear.h; bfloat16 attention by AVX512-BF16's dot product where
+// the CPU has it, bf16_attention.h), one library: built with the machine's C++ compiler on first use and loaded
+// with ctypes by atb_models/kernels/native.py, where its functions and structs are declared for Python (FUNCTIONS,
+// STRUCTS); which of them run is atb_models/kernels' decision.
 //
 // Each header holds one kernel and its C entry point, called from Python one operator at a time; decoder_layer.h
 // adds a whole decoder layer's decode step as one call, over this file's layer_linear.
@@ -9,6 +10,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "bf16_attention.h"
 #include "bf16_linear.h"
 #include "decoder_layer.h"
 #include "panel_linear.h"

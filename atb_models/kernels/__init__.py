@@ -1,6 +1,7 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
-attention (kernels.attention) and how a decoder layer runs (kernels.decoder_layer). The kit's native CPU library
+attention and attention within segments (prefill, vision blocks: kernels.attention) and how a decoder layer runs
+(kernels.decoder_layer). The kit's native CPU library
 (kernels.native) backs the CPU ones for float32 and bfloat16 language models.
 
 Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
-from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
+from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention,
+                                          SegmentAttention, segment_attention)
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel,
                                        has_bf16_inputs, linear_kernel, linear_library)
+from atb_models.host import cpuinfo_field, read_cpuinfo
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
@@ -31,6 +34,7 @@ class Kernels:
     rms_norm: RMSNormKernel = field(default_factory=RMSNormKernel)
     silu_and_mul: SiluAndMul = field(default_factory=SiluAndMul)
     decode_attention: SdpaDecodeAttention = field(default_factory=SdpaDecodeAttention)
+    attention: SegmentAttention = field(default_factory=SegmentAttention)  # within segments: prefill, vision
     decoder_layer: LayerByLayer = field(default_factory=LayerByLayer)
     w8a16: TorchW8A16 = field(default_factory=TorchW8A16)  # weight-only int8 linears (kernels.w8a16)
 
@@ -41,10 +45,12 @@ class Kernels:
         loaded (built on first use) and runs the int8 (W8A16) linears whatever the dtype; for a float32 language
         model attention, norms, activation and whole decoder layers too; for a bfloat16 one its linears (bfloat16
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
-        path (prefill) keeps PyTorch's bfloat16 operators. Where it cannot be used (no AVX-512, no compiler, a failed
-        build, a library that disagrees with its declaration) PyTorch's operators run, the reason logged; on a CPU
-        with AVX2 but not AVX-512 a float32 model (both towers: kernels.linear.linear_library) gets the same
-        kernels from the kit's AVX2 library (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
+        path (prefill) keeps PyTorch's bfloat16 operators but attention: the kit's where the CPU has AVX512-BF16
+        and no AMX, the vision tower's too (kernels.attention.segment_attention). Where the library cannot be used
+        (no AVX-512, no compiler, a failed build, a library that disagrees with its declaration) PyTorch's
+        operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model (both towers:
+        kernels.linear.linear_library) gets the same kernels from the kit's AVX2 library
+        (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":
             return cls(linear=linear_kernel(plan, choice), w8a16=w8a16_kernel(plan))
@@ -52,20 +58,21 @@ class Kernels:
         linears = linear_library(choice, plan, library)
         linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
+        attention = segment_attention(plan, library, set(cpuinfo_field(read_cpuinfo(), "flags").split()))
         # float32: the AVX-512 library, or on a CPU without AVX-512 the AVX2 one (linear_library's choice)
         native = library if library is not None else linears
         if native is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(native), silu_and_mul=NativeSiluAndMul(native),
                        decode_attention=NativeDecodeAttention(native), decoder_layer=NativeDecoderLayer(native),
-                       w8a16=w8a16)
+                       attention=attention, w8a16=w8a16)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
-                       w8a16=w8a16)
-        return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16)
+                       attention=attention, w8a16=w8a16)
+        return cls(linear=linear, decode_attention=CpuDecodeAttention(), attention=attention, w8a16=w8a16)
 
     def describe(self) -> str:
         """One log line: which implementation each kernel is."""
         return (f"linear {self.linear.name}, RMSNorm {self.rms_norm.name}, silu-and-mul {self.silu_and_mul.name}, "
-                f"decode attention {self.decode_attention.name}, decoder layers {self.decoder_layer.name}, "
-                f"int8 weights {self.w8a16.name}")
+                f"decode attention {self.decode_attention.name}, attention within segments {self.attention.name}, "
+                f"decoder layers {self.decoder_layer.name}, int8 weights {self.w8a16.name}")

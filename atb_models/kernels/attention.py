@@ -150,3 +150,71 @@ class NativeDecodeAttention(CpuDecodeAttention):
                  k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
                  batch, heads, k_cache.shape[1], dim, k_cache.shape[2], scale, out.data_ptr())
         return out
+
+
+# ------------------------------------------------------------------------------------ attention within segments
+
+class SegmentAttention:
+    """Attention within segments: each of a prefill's sequences (causal), each image or video frame of a vision
+    block (not), by PyTorch's SDPA. The kit's bfloat16 kernel (NativeBf16Attention) takes its place where it
+    runs."""
+
+    name = "sdpa"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+                 out: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """q [count * n_q, heads, dim], k and v [count * n_k, kv_heads, dim]: `count` segments of n_q queries and
+        n_k keys, one after another; segment s's queries attend to its own keys only, with `causal` query i to its
+        keys 0..n_k - n_q + i. Writes out [count * n_q, heads, dim] (q's dtype) and returns it. scale None: 1 /
+        sqrt(dim)."""
+        n_q, n_k = q.shape[0] // count, k.shape[0] // count
+        qs, ks, vs = (t.view(count, n, *t.shape[1:]).transpose(1, 2) for t, n in ((q, n_q), (k, n_k), (v, n_k)))
+        if causal and n_q != n_k:  # the last n_q of n_k positions (a prefix in the cache before them)
+            visible = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k,
+                                                                                  device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=True)
+        out.view(count, n_q, *out.shape[1:]).copy_(o.transpose(1, 2))
+        return out
+
+
+class NativeBf16Attention(SegmentAttention):
+    """The kit's attention within segments for bfloat16 rows, by AVX512-BF16's dot product
+    (atb_models/csrc/bf16_attention.h): PyTorch's arithmetic (float32 scores and softmax, bfloat16 weights times
+    the values summed in float32), its sums in another order. Heads of 64, 80 or 128 values; anything else runs
+    PyTorch's SDPA."""
+
+    name = "native bf16 (AVX512-BF16)"
+    HEAD_DIMS = (64, 80, 128)
+
+    def __init__(self, library):
+        self._op = library.atb_bf16_attention
+
+    def suits(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+        dim = q.shape[-1]
+        return (dim in self.HEAD_DIMS and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and
+                                              t.stride(2) == 1 and t.stride(1) == dim for t in (q, k, v, out)))
+
+    def __call__(self, q, k, v, scale, causal, out, count=1):
+        n_q, n_k = q.shape[0] // count, k.shape[0] // count
+        if not self.suits(q, k, v, out) or (causal and n_q > n_k):
+            return super().__call__(q, k, v, scale, causal, out, count)
+        heads, dim = q.shape[1], q.shape[2]
+        done = self._op(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), count, n_q,
+                        n_k, heads, k.shape[1], dim, int(causal), dim ** -0.5 if scale is None else scale,
+                        out.data_ptr(), out.stride(0))
+        if done != 0:
+            raise RuntimeError(f"the kit's bfloat16 attention refused q {tuple(q.shape)}, k {tuple(k.shape)}")
+        return out
+
+
+def segment_attention(plan, library, cpu_flags: set) -> SegmentAttention:
+    """The attention within segments for a plan: the kit's bfloat16 kernel where a tower computes in bfloat16 on a
+    CPU whose library has AVX512-BF16's dot product and which has no AMX (there PyTorch's flash attention
+    multiplies in AMX tiles; the kit's kernel is unmeasured on such a CPU); PyTorch's SDPA elsewhere. cpu_flags:
+    /proc/cpuinfo's flags."""
+    if (plan.kind == "cpu" and library is not None and library.isa == "avx512" and library.atb_bf16_dot_available()
+            and "amx_bf16" not in cpu_flags and torch.bfloat16 in (plan.llm_dtype, plan.vision_dtype)):
+        return NativeBf16Attention(library)
+    return SegmentAttention()

@@ -50,7 +50,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 7  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 8  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -86,6 +86,10 @@ FUNCTIONS = {
     "atb_bf16_dot_linear_bf16": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("bias", PTR), ("y", PTR))),
     "atb_bf16_dot_available": (I64, ()),
+    "atb_bf16_attention": (I64, (
+        ("q", PTR), ("q_stride", I64), ("k", PTR), ("k_stride", I64), ("v", PTR), ("v_stride", I64), ("count", I64),
+        ("n_q", I64), ("n_k", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64), ("causal", I64),
+        ("scale", F32), ("out", PTR), ("out_stride", I64))),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
     "atb_bf16_widen_in_registers": (I64, (("on", I64),)),

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from atb_models.kernels.attention import store_kv
+from atb_models.kernels.attention import SegmentAttention, store_kv
 from atb_models.layers.rotary import apply_rotary
 
 
@@ -33,29 +33,27 @@ class StepContext:
 
 def prefill_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float,
-                      upcast: bool) -> torch.Tensor:
+                      upcast: bool, attention: SegmentAttention = SegmentAttention()) -> torch.Tensor:
     """qkv: [tokens, heads + 2 * kv_heads, dim], one layer's projection of the prompt tokens the step computes.
     Rotates q and k by (cos, sin) [tokens, dim], stores K and V, and attends causally within each sequence: over its
-    own new tokens, and where its prefix came from the cache (ctx.prefix_lens), over that prefix's K/V read back
-    from the cache too. Returns [tokens, heads, dim]; softmax in float32 when `upcast`."""
+    own new tokens (by `attention`, the model's Kernels.attention), and where its prefix came from the cache
+    (ctx.prefix_lens), over that prefix's K/V read back from the cache too. Returns [tokens, heads, dim]; softmax in
+    float32 when `upcast`."""
     # q and k heads sit side by side: one rotation for both.
     qk = apply_rotary(qkv[:, :num_heads + num_kv_heads], cos, sin)
     q, k, v = qk[:, :num_heads], qk[:, num_heads:], qkv[:, num_heads + num_kv_heads:]
     store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    outs = []
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = ctx.seq_starts
     for i, (begin, end) in enumerate(zip(starts[:-1], starts[1:])):
         prefix = ctx.prefix_lens[i] if ctx.prefix_lens is not None else 0
         if prefix:
-            outs.append(_attend_after_prefix(q[begin:end], k_cache, v_cache, ctx.prefix_tables[i], prefix + end - begin,
-                                             scale))
-            continue
-        qi, ki, vi = (t[begin:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
-        outs.append(oi[0].transpose(0, 1))
-    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+            out[begin:end] = _attend_after_prefix(q[begin:end], k_cache, v_cache, ctx.prefix_tables[i],
+                                                  prefix + end - begin, scale)
+        else:
+            attention(q[begin:end], k[begin:end], v[begin:end], scale, True, out[begin:end])
     return out.to(qkv.dtype)
 
 

@@ -54,6 +54,7 @@ class VisionAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
         self.proj = Linear(dim, dim, True, dtype, kernels.linear)
+        self.attention = kernels.attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
         """segments: (start, count, length) runs of `count` consecutive segments of `length` patches each; segments
@@ -63,15 +64,13 @@ class VisionAttention(nn.Module):
         # The reference rotates in float32 whatever the tower's dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        outs = []
+        if sum(count * length for _, count, length in segments) != n:
+            raise ValueError(f"attention segments cover {sum(c * l for _, c, l in segments)} of {n} patches")
+        o = torch.empty(n, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for start, count, length in segments:
             end = start + count * length
-            qs, ks, vs = (t[start:end].view(count, length, self.num_heads, self.head_dim).transpose(1, 2)
-                          for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs)
-            outs.append(o.transpose(1, 2).reshape(count * length, -1))
-        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return self.proj(o)
+            self.attention(q[start:end], k[start:end], v[start:end], None, False, o[start:end], count)
+        return self.proj(o.view(n, -1))
 
 
 def frame_segments(grid_thw: list) -> list:
@@ -185,6 +184,7 @@ class DecoderLayer(nn.Module):
             config.num_attention_heads * self.head_dim, self.num_heads * self.head_dim,
             (first_q * self.head_dim, count_q * self.head_dim), hidden, dtype, kernels.linear)
         self.decode_attention = kernels.decode_attention
+        self.segment_attention = kernels.attention
         self.mlp = nn.Module()
         self.mlp.gate_up_proj = MergedColumnParallelLinear(hidden, config.intermediate_size, ("gate", "up"), dtype,
                                                            kernels.linear)
@@ -198,9 +198,12 @@ class DecoderLayer(nn.Module):
         n = x.shape[0]
         h = self.input_layernorm(x)
         qkv = self.self_attn.qkv_proj(h).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        attend = prefill_attention if ctx.is_prefill else self.decode_attention
-        o = attend(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, ctx, self.scale,
-                   self.upcast_attention)
+        if ctx.is_prefill:
+            o = prefill_attention(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache, ctx,
+                                  self.scale, self.upcast_attention, self.segment_attention)
+        else:
+            o = self.decode_attention(qkv, self.num_heads, self.num_kv_heads, cos, sin, self.k_cache, self.v_cache,
+                                      ctx, self.scale, self.upcast_attention)
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn.o_proj(o.reshape(n, -1)))
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
         return x + self.mlp.down_proj(self.silu_and_mul(gate, up))
