@@ -561,10 +561,27 @@ def test_bf16_attention_leaves_what_it_cannot_take_to_pytorch():
     kernels = native_bf16_kernels()
     if not isinstance(kernels.attention, NativeBf16Attention):
         pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
-    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32)):  # float32 rows; heads of another size
-        q, k, v = _segment_inputs(20, 20, 4, 2, head_dim, 1, dtype)
-        ours = kernels.attention(q, k, v, None, True, torch.empty(20, 4, head_dim, dtype=dtype))
+    for dtype, head_dim, rows in ((torch.float32, 64, 20), (torch.bfloat16, 32, 20), (torch.bfloat16, 64, 0)):
+        # float32 rows; heads of another size; no rows at all
+        q, k, v = _segment_inputs(rows, rows, 4, 2, head_dim, 1, dtype)
+        ours = kernels.attention(q, k, v, None, True, torch.empty(rows, 4, head_dim, dtype=dtype))
         assert torch.equal(ours, SegmentAttention()(q, k, v, None, True, torch.empty_like(ours)))
+
+
+def test_bf16_attention_gives_nan_where_a_score_is_nan_as_pytorch_does():
+    from atb_models.kernels.attention import NativeBf16Attention
+
+    kernels = native_bf16_kernels()
+    if not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    for causal in (False, True):
+        q, k, v = _segment_inputs(40, 40, 2, 1, 64, 1)
+        k[30, 0, 5] = float("nan")  # key 30: seen by every query without causality, from query 30 on with it
+        out = kernels.attention(q, k, v, None, causal, torch.empty(40, 2, 64, dtype=torch.bfloat16))
+        nan_rows = out.isnan().flatten(1).all(dim=1)
+        finite_rows = out.isfinite().flatten(1).all(dim=1)
+        first = 30 if causal else 0
+        assert nan_rows[first:].all() and finite_rows[:first].all()
 
 
 def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run_pytorchs():
@@ -587,3 +604,18 @@ def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run
                              (CPU_BF16, None, zen4),                       # no library
                              (dataclasses.replace(CPU_BF16, kind="cuda"), library(), zen4)):
         assert type(segment_attention(plan, lib, flags)) is SegmentAttention
+
+
+def test_bf16_silu_and_mul_rounds_where_pytorchs_two_bf16_operators_round():
+    kernel = native_bf16_kernels().silu_and_mul
+    generator = torch.Generator().manual_seed(0)
+    for rows, width in ((300, 200), (40, 4864), (1000, 20)):  # partial vectors; a layer's width; threaded, narrow
+        projection = (4 * torch.randn(rows, 2 * width, generator=generator)).to(torch.bfloat16)
+        projection[0, :3] = torch.tensor([0.0, -100.0, 100.0])  # zero, far on either side
+        gate, up = projection.split(width, dim=-1)
+        assert kernel.suits(gate, up)
+        ours, pytorchs = kernel(gate, up), F.silu(gate) * up
+        assert ours.dtype == torch.bfloat16 and ours.shape == (rows, width)
+        # silu's float32 value may differ in its last bit from PyTorch's, and then (rarely) its bfloat16 rounding
+        assert (ours == pytorchs).float().mean() >= 0.99
+        assert torch.all((ours.float() - pytorchs.float()).abs() <= pytorchs.float().abs() * 2 ** -6)

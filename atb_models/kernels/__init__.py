@@ -45,8 +45,9 @@ class Kernels:
         loaded (built on first use) and runs the int8 (W8A16) linears whatever the dtype; for a float32 language
         model attention, norms, activation and whole decoder layers too; for a bfloat16 one its linears (bfloat16
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
-        path (prefill) keeps PyTorch's bfloat16 operators but attention: the kit's where the CPU has AVX512-BF16
-        and no AMX, the vision tower's too (kernels.attention.segment_attention). Where the library cannot be used
+        path (prefill) keeps PyTorch's bfloat16 operators but SiLU-and-multiply and attention: the kit's attention
+        where the CPU has AVX512-BF16 and no AMX, the vision tower's too (kernels.attention.segment_attention).
+        Where the library cannot be used
         (no AVX-512, no compiler, a failed build, a library that disagrees with its declaration) PyTorch's
         operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model (both towers:
         kernels.linear.linear_library) gets the same kernels from the kit's AVX2 library
@@ -67,8 +68,8 @@ class Kernels:
                        attention=attention, w8a16=w8a16)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
-            return cls(linear=linear, decode_attention=CpuDecodeAttention(), decoder_layer=NativeDecoderLayer(library),
-                       attention=attention, w8a16=w8a16)
+            return cls(linear=linear, silu_and_mul=NativeSiluAndMul(library), decode_attention=CpuDecodeAttention(),
+                       decoder_layer=NativeDecoderLayer(library), attention=attention, w8a16=w8a16)
         return cls(linear=linear, decode_attention=CpuDecodeAttention(), attention=attention, w8a16=w8a16)
 
     def describe(self) -> str:

@@ -19,26 +19,29 @@ class SiluAndMul:
 
 
 class NativeSiluAndMul(SiluAndMul):
-    """One call of atb_models/csrc/activation.h (either native library's): float32, where gate and up are the two
-    halves of the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the ctypes
-    call costs more than PyTorch's two operators, which then run instead."""
+    """One call of atb_models/csrc/activation.h (either native library's): float32, or bfloat16 rows rounded where
+    PyTorch's two bfloat16 operators round (the AVX-512 library's: a bfloat16 model's prefill), where gate and up are
+    the two halves of the gate/up projection's output (same shape, rows equally far apart). Below MIN_ELEMENTS the
+    ctypes call costs more than PyTorch's two operators, which then run instead."""
 
     name = "native"
     MIN_ELEMENTS = 16384
 
     def __init__(self, library):
-        self._op = library.atb_silu_and_mul_f32
+        self._ops = {torch.float32: library.atb_silu_and_mul_f32}
+        if library.isa == "avx512":
+            self._ops[torch.bfloat16] = library.atb_silu_and_mul_bf16
         self.name = kernel_name(self.name, library)
 
-    @classmethod
-    def suits(cls, gate: torch.Tensor, up: torch.Tensor) -> bool:
-        return (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.float32 and gate.dim() == 2
+    def suits(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
+        return (gate.device.type == "cpu" and gate.dtype == up.dtype and gate.dtype in self._ops and gate.dim() == 2
                 and gate.shape == up.shape and gate.stride() == up.stride() and gate.stride(1) == 1
-                and gate.numel() >= cls.MIN_ELEMENTS)
+                and gate.numel() >= self.MIN_ELEMENTS)
 
     def __call__(self, gate, up):
         if not self.suits(gate, up):
             return super().__call__(gate, up)
-        out = torch.empty(gate.shape, dtype=torch.float32)
-        self._op(gate.data_ptr(), up.data_ptr(), gate.shape[0], gate.shape[1], gate.stride(0), out.data_ptr())
+        out = torch.empty(gate.shape, dtype=gate.dtype)
+        self._ops[gate.dtype](gate.data_ptr(), up.data_ptr(), gate.shape[0], gate.shape[1], gate.stride(0),
+                              out.data_ptr())
         return out

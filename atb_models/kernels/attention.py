@@ -193,8 +193,9 @@ class NativeBf16Attention(SegmentAttention):
 
     def suits(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
         dim = q.shape[-1]
-        return (dim in self.HEAD_DIMS and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and
-                                              t.stride(2) == 1 and t.stride(1) == dim for t in (q, k, v, out)))
+        return (dim in self.HEAD_DIMS and q.shape[0] > 0 and k.shape[0] > 0
+                and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(2) == 1 and t.stride(1) == dim
+                        for t in (q, k, v, out)))
 
     def __call__(self, q, k, v, scale, causal, out, count=1):
         n_q, n_k = q.shape[0] // count, k.shape[0] // count

@@ -106,6 +106,8 @@ FUNCTIONS = {
         ("out", PTR))),
     "atb_silu_and_mul_f32": (None, (
         ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
+    "atb_silu_and_mul_bf16": (None, (
+        ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
     "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x_io", PTR))),
     "atb_decoder_layers_decode_f32": (None, (("layers", PTR), ("n", I64), ("s", "DecodeStep*"), ("x_io", PTR))),
 }
