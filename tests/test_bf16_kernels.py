@@ -619,3 +619,37 @@ def test_bf16_silu_and_mul_rounds_where_pytorchs_two_bf16_operators_round():
         # silu's float32 value may differ in its last bit from PyTorch's, and then (rarely) its bfloat16 rounding
         assert (ours == pytorchs).float().mean() >= 0.99
         assert torch.all((ours.float() - pytorchs.float()).abs() <= pytorchs.float().abs() * 2 ** -6)
+
+
+def test_a_vision_block_s_attention_over_runs_of_windows_is_sdpa_s_through_the_kit_s_kernel():
+    """Qwen2.5-VL's windows come as runs of equal windows (one call each) and images as single segments: the
+    model's VisionAttention gives, through the kit's kernel, what it gives through PyTorch's SDPA."""
+    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
+    from atb_models.models.qwen2_5_vl import window_segments
+    from atb_models.models.qwen2_vl import VisionAttention
+
+    kernels = native_bf16_kernels()
+    if not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    torch.manual_seed(0)
+    attention = VisionAttention(160, 2, torch.bfloat16, kernels)  # heads of 80, as Qwen2-VL's and Qwen2.5-VL's
+    for parameter in attention.parameters():
+        parameter.data.normal_(0, 0.08)
+    # The projection after attention an identity, so that the attention's own outputs are compared.
+    attention.proj.weight.data.copy_(torch.eye(160))
+    attention.proj.bias.data.zero_()
+    segments = window_segments([16, 16, 16, 9, 16, 4, 4], 4)  # windows of 64, 36 and 16 patches, in runs
+    assert [count for _, count, _ in segments] == [3, 1, 1, 2]
+    patches = 4 * (16 * 4 + 9 + 4 * 2)
+    x = torch.randn(patches, 160).to(torch.bfloat16)
+    angles = torch.randn(patches, 40)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    ours = attention(x, cos, sin, segments)
+    attention.attention = SegmentAttention()
+    pytorchs = attention(x, cos, sin, segments)
+    # Near-uniform weights over short windows average values towards zero, where a bfloat16 step is finer than the
+    # sums' difference more often than in the kernel's own test.
+    assert (ours == pytorchs).float().mean() >= 0.9
+    assert (ours.float() - pytorchs.float()).abs().max() <= pytorchs.float().abs().max() * 2 ** -7
+    with pytest.raises(ValueError, match="cover 308 of 324 patches"):
+        attention(x, cos, sin, segments[:-1] + [(segments[-1][0], 1, segments[-1][2])])
