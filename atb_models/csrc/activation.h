@@ -1,6 +1,6 @@
 // The MLP's activation, out = silu(gate) * up, in float32 (or over bfloat16 rows), in one pass over the gate/up
-// projection's output. Written
-// once over the library's vector (lanes.h): AVX-512's in cpu_kernels.cpp, AVX2's in cpu_kernels_avx2.cpp.
+// projection's output. Written once over the library's vector (lanes.h): AVX-512's in cpu_kernels.cpp, AVX2's in
+// cpu_kernels_avx2.cpp.
 //
 // PyTorch spends two operators and a temporary on it (silu, then the product), and its silu over a strided half of
 // the projection runs on one thread: 24-62 us a layer at 16 rows of Qwen2-0.5B's 4864 columns, up to 1.5 ms of a
@@ -24,50 +24,42 @@ inline Lanes::V silu(Lanes::V x) {
     return L::mul(x, L::div(L::where_negative(x, e, one), L::add(one, e)));
 }
 
-}  // namespace
-
-extern "C" {
-
-// gate, up: [rows, width], rows `ld` floats apart (two halves of one projection output); out: [rows, width].
-void atb_silu_and_mul_f32(const float* gate, const float* up, int64_t rows, int64_t width, int64_t ld, float* out) {
+// out = silu(gate) * up over rows of T: float32, or bfloat16 (uint16_t) rounded where PyTorch's two bfloat16
+// operators round (silu to bfloat16, then the product). gate, up: [rows, width], rows `ld` values apart (two halves
+// of one projection output); out: [rows, width].
+template <typename T>
+void silu_and_mul(const T* gate, const T* up, int64_t rows, int64_t width, int64_t ld, T* out) {
     using L = Lanes;
     const int64_t whole = width / L::N * L::N;
 #pragma omp parallel for if (rows * width >= 32768) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float* g = gate + r * ld;
-        const float* u = up + r * ld;
-        float* o = out + r * width;
-        for (int64_t i = 0; i < whole; i += L::N) L::store(o + i, L::mul(silu(L::load(g + i)), L::load(u + i)));
-        if (whole < width) {
-            const L::Mask tail = L::first(width - whole);
-            L::store(o + whole, tail, L::mul(silu(L::load(tail, g + whole)), L::load(tail, u + whole)));
+        const T* g = gate + r * ld;
+        const T* u = up + r * ld;
+        T* o = out + r * width;
+        for (int64_t i = 0; i < whole; i += L::N)
+            store_lanes(o + i, L::mul(as_stored(silu(load_lanes(g + i)), o), load_lanes(u + i)));
+        if (whole < width) {  // the tail through full vectors' buffers
+            alignas(64) float gt[L::N] = {}, ut[L::N] = {}, ot[L::N];
+            load_row(g + whole, width - whole, gt);
+            load_row(u + whole, width - whole, ut);
+            L::store(ot, L::mul(as_stored(silu(L::load(gt)), o), L::load(ut)));
+            store_row(ot, width - whole, o + whole);
         }
     }
 }
 
-// The same over bfloat16 rows (a bfloat16 model's prefill), rounded where PyTorch's two bfloat16 operators round:
-// silu(gate) to bfloat16, then its product with up.
+}  // namespace
+
+extern "C" {
+
+void atb_silu_and_mul_f32(const float* gate, const float* up, int64_t rows, int64_t width, int64_t ld, float* out) {
+    silu_and_mul(gate, up, rows, width, ld, out);
+}
+
+// The same over a bfloat16 model's rows (its prefill).
 void atb_silu_and_mul_bf16(const uint16_t* gate, const uint16_t* up, int64_t rows, int64_t width, int64_t ld,
                            uint16_t* out) {
-    using L = Lanes;
-    const int64_t whole = width / L::N * L::N;
-#pragma omp parallel for if (rows * width >= 32768) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t* g = gate + r * ld;
-        const uint16_t* u = up + r * ld;
-        uint16_t* o = out + r * width;
-        for (int64_t i = 0; i < whole; i += L::N)
-            L::store_bf16(o + i, L::mul(L::round_bf16(silu(L::load_bf16(g + i))), L::load_bf16(u + i)));
-        if (whole < width) {  // the tail through full vectors' buffers
-            alignas(64) float gt[L::N] = {}, ut[L::N] = {}, ot[L::N];
-            for (int64_t i = whole; i < width; i++) {
-                gt[i - whole] = bf16_to_float(g[i]);
-                ut[i - whole] = bf16_to_float(u[i]);
-            }
-            L::store(ot, L::mul(L::round_bf16(silu(L::load(gt))), L::load(ut)));
-            for (int64_t i = whole; i < width; i++) o[i] = float_to_bf16(ot[i - whole]);
-        }
-    }
+    silu_and_mul(gate, up, rows, width, ld, out);
 }
 
 }  // extern "C"

@@ -51,4 +51,22 @@ inline void load_bf16_row(const uint16_t* x, int64_t n, float* out) {
     for (; i < n; i++) out[i] = bf16_to_float(x[i]);
 }
 
+// Values stored as float32 or as bfloat16 (uint16_t), for kernels written once over both: a vector of them as
+// float32, a float32 vector or row stored as them (a float32 one as it is, a bfloat16 one rounded), and a float32
+// vector rounded as storing it would round it.
+inline Lanes::V load_lanes(const float* p) { return Lanes::load(p); }
+inline Lanes::V load_lanes(const uint16_t* p) { return Lanes::load_bf16(p); }
+inline void store_lanes(float* p, Lanes::V v) { Lanes::store(p, v); }
+inline void store_lanes(uint16_t* p, Lanes::V v) { Lanes::store_bf16(p, v); }
+inline void load_row(const float* x, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; i++) out[i] = x[i];
+}
+inline void load_row(const uint16_t* x, int64_t n, float* out) { load_bf16_row(x, n, out); }
+inline void store_row(const float* row, int64_t n, float* out) {
+    for (int64_t d = 0; d < n; d++) out[d] = row[d];
+}
+inline void store_row(const float* row, int64_t n, uint16_t* out) { store_bf16(row, n, out); }
+inline Lanes::V as_stored(Lanes::V v, const float*) { return v; }
+inline Lanes::V as_stored(Lanes::V v, const uint16_t*) { return Lanes::round_bf16(v); }
+
 }  // namespace

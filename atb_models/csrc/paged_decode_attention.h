@@ -31,15 +31,6 @@ namespace {
 
 constexpr int64_t PREFETCH_ROWS = 32;  // context rows prefetched ahead of the ones being scored
 
-// A vector of cache values from p as float32, and a row stored into the cache: a float32 cache is read and written
-// as it is, a bfloat16 one widened and rounded.
-inline Lanes::V load_lanes(const float* p) { return Lanes::load(p); }
-inline Lanes::V load_lanes(const uint16_t* p) { return Lanes::load_bf16(p); }
-inline void store_row(const float* row, int64_t n, float* out) {
-    for (int64_t d = 0; d < n; d++) out[d] = row[d];
-}
-inline void store_row(const float* row, int64_t n, uint16_t* out) { store_bf16(row, n, out); }
-
 // Prefetch a cache row of n values.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
