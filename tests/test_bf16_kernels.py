@@ -653,3 +653,30 @@ def test_a_vision_block_s_attention_over_runs_of_windows_is_sdpa_s_through_the_k
     assert (ours.float() - pytorchs.float()).abs().max() <= pytorchs.float().abs().max() * 2 ** -7
     with pytest.raises(ValueError, match="cover 308 of 324 patches"):
         attention(x, cos, sin, segments[:-1] + [(segments[-1][0], 1, segments[-1][2])])
+
+
+@pytest.mark.parametrize("kit_attention", [True, False], ids=["kit", "sdpa"])
+def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache(kit_attention):
+    """Prefix caching must not change a repeated request's tokens: the rows after a cached prefix, attending to K/V
+    read back from the cache, get bit for bit what they get when the whole prompt is computed."""
+    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
+    from atb_models.layers.attention import StepContext, prefill_attention
+
+    kernels = native_bf16_kernels()
+    if kit_attention and not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    attention = kernels.attention if kit_attention else SegmentAttention()
+    heads, kv_heads, dim, block_size, n, cached = 8, 2, 64, 16, 300, 256
+    torch.manual_seed(0)
+    table = torch.randperm(n // block_size + 1)  # the sequence's blocks, anywhere in the cache
+    k_cache, v_cache = (torch.zeros(len(table), kv_heads, block_size, dim, dtype=torch.bfloat16) for _ in range(2))
+    qkv = (2 * torch.randn(n, heads + 2 * kv_heads, dim)).to(torch.bfloat16)
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * torch.rand(dim // 2)
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    slots = torch.stack([table[torch.arange(n) // block_size], torch.arange(n) % block_size])
+    whole = prefill_attention(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, StepContext(True, slots, [0, n]),
+                              dim ** -0.5, False, attention)
+    after = StepContext(True, slots[:, cached:], [0, n - cached], prefix_lens=[cached], prefix_tables=[table])
+    tail = prefill_attention(qkv[cached:], heads, kv_heads, cos[cached:], sin[cached:], k_cache, v_cache, after,
+                             dim ** -0.5, False, attention)
+    assert torch.equal(tail, whole[cached:])

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from atb_models.kernels.attention import SegmentAttention, store_kv
 from atb_models.layers.rotary import apply_rotary
@@ -50,23 +49,17 @@ def prefill_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos:
     for i, (begin, end) in enumerate(zip(starts[:-1], starts[1:])):
         prefix = ctx.prefix_lens[i] if ctx.prefix_lens is not None else 0
         if prefix:
-            out[begin:end] = _attend_after_prefix(q[begin:end], k_cache, v_cache, ctx.prefix_tables[i],
-                                                  prefix + end - begin, scale)
+            # K/V of the prefix and the new tokens alike read back from the cache, through the same kernel as a
+            # prompt computed whole: a row's result does not depend on how much of its prompt was cached.
+            keys, values = (_cached_rows(cache, ctx.prefix_tables[i], prefix + end - begin).to(q.dtype)
+                            for cache in (k_cache, v_cache))
+            attention(q[begin:end], keys, values, scale, True, out[begin:end])
         else:
             attention(q[begin:end], k[begin:end], v[begin:end], scale, True, out[begin:end])
     return out.to(qkv.dtype)
 
 
-def _attend_after_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                         length: int, scale: float) -> torch.Tensor:
-    """q [new, heads, dim] of a sequence's last `new` tokens, whose K/V (prefix and new alike) are in the cache:
-    token i attends to the first length - new + i + 1 of them. Returns [new, heads, dim] in q's dtype."""
-    new = q.shape[0]
-    kv_heads, block_size, dim = k_cache.shape[1:]
-    keys, values = (cache[block_table].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :length].to(q.dtype)
-                    for cache in (k_cache, v_cache))
-    visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length,
-                                                                              device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                                         attn_mask=visible, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+def _cached_rows(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens' rows [length, kv_heads, dim] of a sequence's blocks in a cache."""
+    kv_heads, _, dim = cache.shape[1:]
+    return cache[block_table].transpose(1, 2).reshape(-1, kv_heads, dim)[:length]
