@@ -680,3 +680,39 @@ def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache(
     tail = prefill_attention(qkv[cached:], heads, kv_heads, cos[cached:], sin[cached:], k_cache, v_cache, after,
                              dim ** -0.5, False, attention)
     assert torch.equal(tail, whole[cached:])
+
+
+def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_either_way(monkeypatch):
+    """Decode's few rows widen the weights, more rows may take the dot product (a choice timed at load): both add a
+    pair of k-steps in vdpbf16ps's order, so a request's tokens depend neither on its batch nor on that timing."""
+    from atb_models.kernels.linear import panel_layout
+
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    library = native.NativeLibrary.load()
+
+    generator = torch.Generator().manual_seed(0)
+    weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
+    bias = torch.randn(512, generator=generator)
+    x = torch.randn(40, 1024, generator=generator).bfloat16()
+    x32 = x.float()
+    dot_before, registers_before = library.atb_bf16_use_dot(-1), library.atb_bf16_widen_in_registers(-1)
+    results = {}
+    try:
+        for dot in (0, 1):
+            for registers in (0, 1):
+                library.atb_bf16_use_dot(dot)
+                library.atb_bf16_widen_in_registers(registers)
+                for rows in (1, 6, 7, 40):
+                    y32, y16 = torch.empty(rows, 512), torch.empty(rows, 512, dtype=torch.bfloat16)
+                    library.atb_bf16_dot_linear_f32(x32.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512,
+                                                    bias.data_ptr(), y32.data_ptr())
+                    library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512,
+                                                     bias.data_ptr(), y16.data_ptr())
+                    results[dot, registers, rows] = y32, y16
+    finally:
+        library.atb_bf16_use_dot(dot_before)
+        library.atb_bf16_widen_in_registers(registers_before)
+    y32, y16 = results[1, 1, 40]
+    assert torch.equal(y16, y32.bfloat16())
+    for (dot, registers, rows), (a, b) in results.items():
+        assert torch.equal(a, y32[:rows]) and torch.equal(b, y16[:rows]), (dot, registers, rows)

@@ -10,8 +10,9 @@
 //
 // Up to 6 rows (decode) read the weights directly: each pair of k-steps is widened to eight zmm of float32 and
 // feeds 8 fused multiply-adds a row, k-step 2p's then 2p + 1's into the same sums (so every column's products are
-// added in k order, as a plain float32 product adds them); the prefetch, where it is on (stream_prefetch_on,
-// panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the farther ahead a core's
+// added in k order, as a plain float32 product adds them; in a bfloat16 model 2p + 1's first, as the dot product
+// below adds a pair, so that its sums are the same whichever kernel runs, at any row count); the prefetch, where it
+// is on (stream_prefetch_on, panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the farther ahead a core's
 // out-of-order window reaches and the more lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s
 // with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane zero-extension and a shift;
 // docs/PERFORMANCE.md).
@@ -57,8 +58,10 @@ inline void widen_pairs(__m512i lanes, __m512& even, __m512& odd) {
 }
 
 // Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = bias + products. PREFETCH: the
-// stream BF16_AHEAD k-steps ahead (where stream_prefetch_on, panel_linear.h).
-template <int MR, bool PREFETCH>
+// stream BF16_AHEAD k-steps ahead (where stream_prefetch_on, panel_linear.h). PAIR_ORDER: each pair's k-step 2p + 1
+// added before 2p, the order in which vdpbf16ps adds a pair (Intel's definition of the instruction; measured bit for
+// bit on AMD Zen 4 too), so that a bfloat16 model's sums are the dot product's whichever way a product runs.
+template <int MR, bool PREFETCH, bool PAIR_ORDER>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
     __m512 acc[MR][4];  // from the bias, as the blocks' way starts (the same sums either way)
@@ -73,9 +76,12 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
         for (int j = 0; j < 4; j++) widen_pairs(_mm512_loadu_si512(wk + 32 * j), even[j], odd[j]);
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
             const __m512 c = _mm512_set1_ps(x[i * ldx + k + 1]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+            if (PAIR_ORDER)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
+            if (!PAIR_ORDER)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
         }
     }
     for (int i = 0; i < MR; i++)
@@ -84,15 +90,15 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
 
 using Bf16BlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
 
-template <bool PREFETCH>
+template <bool PREFETCH, bool PAIR_ORDER>
 Bf16BlockFn bf16_block_for(int rows) {
     switch (rows) {
-        case 1: return bf16_register_block<1, PREFETCH>;
-        case 2: return bf16_register_block<2, PREFETCH>;
-        case 3: return bf16_register_block<3, PREFETCH>;
-        case 4: return bf16_register_block<4, PREFETCH>;
-        case 5: return bf16_register_block<5, PREFETCH>;
-        default: return bf16_register_block<6, PREFETCH>;
+        case 1: return bf16_register_block<1, PREFETCH, PAIR_ORDER>;
+        case 2: return bf16_register_block<2, PREFETCH, PAIR_ORDER>;
+        case 3: return bf16_register_block<3, PREFETCH, PAIR_ORDER>;
+        case 4: return bf16_register_block<4, PREFETCH, PAIR_ORDER>;
+        case 5: return bf16_register_block<5, PREFETCH, PAIR_ORDER>;
+        default: return bf16_register_block<6, PREFETCH, PAIR_ORDER>;
     }
 }
 
@@ -112,37 +118,30 @@ void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) 
 // Whether batched rows widen in registers (1) or in blocks (0); see the top of this file.
 int64_t bf16_widen_in_registers = 0;
 
-}  // namespace
-
-extern "C" {
-
-// Batched rows widen in registers (1) or in blocks (0) from now on (a negative `on` changes nothing); returns which.
-int64_t atb_bf16_widen_in_registers(int64_t on) {
-    if (on >= 0) bf16_widen_in_registers = on != 0;
-    return bf16_widen_in_registers;
-}
-
-// x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
-// [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16
-// weights: x as given (callers wanting PyTorch's bfloat16 linear round x to bfloat16 first).
-void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
-                         const float* bias, float* y) {
+// atb_bf16_linear_f32 below; with PAIR_ORDER (a bfloat16 model's products) each pair added in the dot product's
+// order, in registers whatever bf16_widen_in_registers says (the blocks' register_block adds in k order), with
+// denormals flushed as vdpbf16ps flushes them.
+template <bool PAIR_ORDER>
+void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
+                    const float* bias, float* y) {
     const int64_t column_groups = N / GROUP;
     constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
 #pragma omp parallel
     {
+        const unsigned int saved_csr = _mm_getcsr();
+        if (PAIR_ORDER) _mm_setcsr(saved_csr | 0x8040);  // FTZ | DAZ
         // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        if (M <= MAX_ROWS || bf16_widen_in_registers) {
+        if (M <= MAX_ROWS || bf16_widen_in_registers || PAIR_ORDER) {
             // Chunks of rows small enough to stay in the caches while every group passes over them (prefill).
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
                 for (int64_t g = first; g < end; g++)
                     for (int64_t m = m0; m < m0 + chunk; m += MAX_ROWS) {
                         const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
-                        const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true>(rows)
-                                                                     : bf16_block_for<false>(rows);
+                        const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true, PAIR_ORDER>(rows)
+                                                                     : bf16_block_for<false, PAIR_ORDER>(rows);
                         block(x + m * ldx, ldx, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr,
                               y + m * N + g * GROUP, N);
                     }
@@ -172,7 +171,26 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
                 }
             }
         }
+        _mm_setcsr(saved_csr);
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Batched rows widen in registers (1) or in blocks (0) from now on (a negative `on` changes nothing); returns which.
+int64_t atb_bf16_widen_in_registers(int64_t on) {
+    if (on >= 0) bf16_widen_in_registers = on != 0;
+    return bf16_widen_in_registers;
+}
+
+// x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
+// [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16
+// weights, added in k order (a float32 model's: the float32 panels' sums): x as given.
+void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
+                         const float* bias, float* y) {
+    widened_linear<false>(x, M, K, ldx, wp, N, bias, y);
 }
 
 }  // extern "C"
@@ -367,11 +385,12 @@ extern "C" {
 
 // atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
 // ties to even), the products are exact and summed in float32, by vdpbf16ps past MAX_ROWS rows where the build has
-// it and atb_bf16_use_dot turned it on, else by atb_bf16_linear_f32. Same arguments.
+// it and atb_bf16_use_dot turned it on, else widened in registers, each pair in vdpbf16ps's order: the same sums
+// either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
     if (ran_dot_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
-    atb_bf16_linear_f32(x, M, K, ldx, wp, N, bias, y);
+    widened_linear<true>(x, M, K, ldx, wp, N, bias, y);
 }
 
 // atb_bf16_dot_linear_f32 on bfloat16 rows and outputs, a bfloat16 model's products outside the decode step
@@ -379,7 +398,8 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
 // float32 sum rounded to nearest even (as PyTorch's bfloat16 linear rounds it). The dot product reads the rows where
 // they lie and keeps no float32 copy of them or of the outputs; where it does not run (a few rows, or the widening
 // chosen), the widening kernel runs on float32 copies of ROW_CHUNK rows at a time, made here in buffers of at most
-// ROW_CHUNK * (K + N) floats (a row's sums are the same in any chunk: every way above adds its products in k order).
+// ROW_CHUNK * (K + N) floats (a row's sums are the same in any chunk and either way: both add a pair's products in
+// vdpbf16ps's order, pair after pair).
 void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                               const float* bias, uint16_t* y) {
     if (ran_dot_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
@@ -392,7 +412,7 @@ void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t l
         const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
 #pragma omp parallel for
         for (int64_t m = 0; m < chunk; m++) load_bf16_row(x + (m0 + m) * ldx, K, rows + m * K);
-        atb_bf16_linear_f32(rows, chunk, K, K, wp, N, bias, sums);
+        widened_linear<true>(rows, chunk, K, K, wp, N, bias, sums);
 #pragma omp parallel for
         for (int64_t m = 0; m < chunk; m++) store_bf16(sums + m * N, N, y + (m0 + m) * N);
     }
