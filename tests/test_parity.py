@@ -245,7 +245,8 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul native (AVX2), decode "
-                                  "attention native (AVX2), decoder layers native (AVX2), int8 weights torch"), \
+                                  "attention native (AVX2), attention within segments sdpa, decoder layers native "
+                                  "(AVX2), int8 weights torch"), \
         done.stdout
     assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2)" in done.stderr
     assert "the kit's AVX2 kernels (cpu_kernels_avx2) run a float32 model's" in done.stderr
