@@ -713,3 +713,14 @@ def test_packed_weights_of_whole_huge_pages_are_laid_out_as_before_on_memory_adv
     monkeypatch.setenv("ATB_MODELS_HUGE_PAGES", "yes")
     with pytest.raises(UserError, match="ATB_MODELS_HUGE_PAGES"):
         panel_layout(weight)
+
+
+def test_native_decode_attention_gives_nan_for_the_heads_that_see_a_nan_key_as_pytorch_does():
+    attention = native_kernels().decode_attention
+    assert isinstance(attention, NativeDecodeAttention)
+    k_cache, v_cache = torch.randn(4, 2, 16, 64), torch.randn(4, 2, 16, 64)
+    k_cache[1, 0, 3, 7] = float("nan")  # sequence 0's context, KV head 0 (query heads 0 and 1)
+    qkv = torch.randn(2, 8, 64)
+    out = attention.attend_paged(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], k_cache, v_cache, torch.tensor([[1], [2]]),
+                                 torch.tensor([10, 10]), 0.125)
+    assert out[0, :2].isnan().all() and out[0, 2:].isfinite().all() and out[1].isfinite().all()

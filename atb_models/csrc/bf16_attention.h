@@ -75,27 +75,15 @@ inline void score_tile(const uint16_t* const* q, const uint32_t* keys, int64_t p
 }
 
 // Over s[0:length]: the bfloat16 weights exp(s - max) into w[0:length], zeros after them up to w[padded]; returns
-// the float32 sum of the weights before rounding, or NaN where a score is NaN (so is the row's output then, as
-// PyTorch's: exp_nonpositive would take a NaN for a very negative score).
+// the float32 sum of the weights before rounding (NaN where a score is NaN, and so is the row's output then, as
+// PyTorch's: exp_nonpositive keeps a NaN).
 inline float softmax_row(const float* s, int64_t length, int64_t padded, uint16_t* w) {
     using L = Lanes;
     L::V top = L::set1(-INFINITY);
-    __mmask16 nan = 0;
     int64_t t = 0;
-    for (; t + L::N <= length; t += L::N) {
-        const L::V v = L::load(s + t);
-        top = L::max(top, v);
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
+    for (; t + L::N <= length; t += L::N) top = L::max(top, L::load(s + t));
     float m = L::max_of(top);
-    for (; t < length; t++) {
-        m = s[t] > m ? s[t] : m;
-        nan |= s[t] != s[t];
-    }
-    if (nan) {
-        for (t = 0; t < padded; t++) w[t] = 0;
-        return NAN;
-    }
+    for (; t < length; t++) m = s[t] > m ? s[t] : m;
     const L::V vm = L::set1(m);
     L::V total = L::zero();
     for (t = 0; t + L::N <= length; t += L::N) {

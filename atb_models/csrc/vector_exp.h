@@ -8,10 +8,11 @@ namespace {
 
 // e^x for x <= 0 (softmax scores minus their maximum, -|x| for a sigmoid): 2^(x log2 e) split into 2^n * 2^f,
 // |f| <= 1/2, with 2^f from its Taylor series to the 7th power (relative error under 1e-8, below float's resolution)
-// and 2^n applied by Lanes::scale2, which also takes very negative x to 0.
+// and 2^n applied by Lanes::scale2, which also takes very negative x to 0. A NaN stays NaN, as in PyTorch's
+// softmax: the clamp's max returns its second operand where either is NaN, so x goes second.
 inline Lanes::V exp_nonpositive(Lanes::V x) {
     using L = Lanes;
-    const L::V t = L::mul(L::max(x, L::set1(-104.f)), L::set1(1.44269504088896341f));
+    const L::V t = L::mul(L::max(L::set1(-104.f), x), L::set1(1.44269504088896341f));
     const L::V n = L::round(t);
     const L::V f = L::sub(t, n);
     L::V p = L::set1(1.5252733804059841e-05f);
