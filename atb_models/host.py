@@ -35,6 +35,12 @@ def cpuinfo_field(cpuinfo: str, key: str) -> str:
     return ""
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The first processor's flags ("avx2", "avx512_bf16", "amx_bf16", ...) in /proc/cpuinfo text (default: this
+    machine's), empty where there is none."""
+    return set(cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
+
+
 def available_memory_bytes() -> int:
     """Memory the operating system can still hand out (MemAvailable: page cache it can drop included)."""
     try:

@@ -17,7 +17,7 @@ import torch
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
 from atb_models.errors import UserError
-from atb_models.host import available_memory_bytes, cpuinfo_field, read_cpuinfo
+from atb_models.host import available_memory_bytes, cpu_flags, cpuinfo_field, read_cpuinfo
 
 # The names a checkpoint's config.json may give its torch_dtype.
 _CHECKPOINT_DTYPES = {
@@ -70,7 +70,7 @@ def _import_torch_npu() -> ModuleType | None:
 
 def cpu_capabilities(cpuinfo: str) -> Capabilities:
     """Parse /proc/cpuinfo text: the first processor's model name and flags."""
-    flags = set(cpuinfo_field(cpuinfo, "flags").split())
+    flags = cpu_flags(cpuinfo)
     model = cpuinfo_field(cpuinfo, "model name") or "unknown CPU"
     matrix_flags = [f for f in _CPU_BF16_FLAGS + _CPU_FP16_FLAGS if f in flags]
     name = f"{model} ({', '.join(matrix_flags)})" if matrix_flags else model

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
-from atb_models.host import cpuinfo_field, read_cpuinfo
+from atb_models.host import cpu_flags
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
@@ -40,7 +40,7 @@ def _pair_packed(weight: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values(isa, monkeypatch):
     if isa == "avx2":  # the AVX2 library's widening kernel (tested on any CPU with AVX2 and FMA)
-        if not {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split()):
+        if not {"avx2", "fma"} <= cpu_flags():
             pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
         kernel = PanelLinear(None, None, None, native.NativeLibrary.load_avx2().atb_bf16_linear_f32)
@@ -476,7 +476,7 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     if not AVX512:
         pytest.skip("the native kernels need an AVX-512 CPU")
     library = native.NativeLibrary.load()
-    has_bf16 = "avx512_bf16" in native.cpuinfo_field(native.read_cpuinfo(), "flags").split()
+    has_bf16 = "avx512_bf16" in cpu_flags()
     assert library.atb_bf16_dot_available() == int(has_bf16)
     monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
     dot, widening = library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
-from atb_models.host import cpuinfo_field, read_cpuinfo
+from atb_models.host import cpu_flags
 from atb_models.kernels import Kernels, native
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
@@ -27,7 +27,7 @@ from atb_models.platform import Capabilities, resolve_plan
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 # AVX2 and FMA, what the AVX2 library is built for: every AVX-512 CPU has them too, so its tests run there as well
-HAS_AVX2 = {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split())
+HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
 CPU_FP32 = resolve_plan("cpu", "float32", "float32")
 GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 

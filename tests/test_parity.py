@@ -5,7 +5,7 @@ import torch
 
 from atb_models import LLM, SamplingParams
 from atb_models.demo.checkpoint import TinyShape, make_image
-from atb_models.host import cpuinfo_field, read_cpuinfo
+from atb_models.host import cpu_flags
 from atb_models.layers.sharding import ceil_div
 from tests.parity_utils import LogitsRecorder, reference_generate
 
@@ -174,7 +174,7 @@ def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         assert isinstance(kernels.decoder_layer, NativeDecoderLayer)
         assert all(kernels.decoder_layer.weights_of(layer) is not None for layer in llm.runner.model.model.layers)
-    flags = set(cpuinfo_field(read_cpuinfo(), "flags").split())
+    flags = cpu_flags()
     assert isinstance(kernels.attention, NativeBf16Attention) == (
         torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags and "amx_bf16" not in flags)
     requests = [[{"text": "Hello, what colour is the sky?"}],
@@ -219,10 +219,9 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
     import sys
     from pathlib import Path
 
-    from atb_models.host import cpuinfo_field, read_cpuinfo
     from atb_models.kernels.native import compiler
 
-    if not {"avx2", "fma"} <= set(cpuinfo_field(read_cpuinfo(), "flags").split()) or compiler() is None:
+    if not {"avx2", "fma"} <= cpu_flags() or compiler() is None:
         pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA and a C++ compiler")
     root = Path(__file__).resolve().parent.parent
     path = tiny_checkpoint(shape=SHAPES[shape_name])

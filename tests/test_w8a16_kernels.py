@@ -225,10 +225,11 @@ def test_without_vnni_the_library_multiplies_int8_weights_with_avx512bw_alone(mo
     """An AVX-512 CPU without VNNI (Skylake-X): the library built for it takes the multiply-add path."""
     if not AVX512:
         pytest.skip("needs an AVX-512 CPU to run the library")
+    from atb_models import host
     from atb_models.kernels import native
 
-    cpuinfo = native.read_cpuinfo().replace(" avx512_vnni", "")
-    monkeypatch.setattr(native, "read_cpuinfo", lambda: cpuinfo)
+    cpuinfo = host.read_cpuinfo().replace(" avx512_vnni", "")
+    monkeypatch.setattr(host, "read_cpuinfo", lambda: cpuinfo)
     monkeypatch.setenv("ATB_MODELS_HOME", str(tmp_path))
     library = native.NativeLibrary.load()
     assert library is not None and [p.name for p in (tmp_path / "native").glob("*.so")]

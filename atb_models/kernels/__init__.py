@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atb_models.host import cpu_flags
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention,
                                           SegmentAttention, segment_attention)
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (PLAIN_LINEAR, LinearKernel, cpu_kernel_choice, cpu_linear_kernel,
                                        has_bf16_inputs, linear_kernel, linear_library)
-from atb_models.host import cpuinfo_field, read_cpuinfo
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
@@ -59,7 +59,7 @@ class Kernels:
         linears = linear_library(choice, plan, library)
         linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
-        attention = segment_attention(plan, library, set(cpuinfo_field(read_cpuinfo(), "flags").split()))
+        attention = segment_attention(plan, library, cpu_flags())
         # float32: the AVX-512 library, or on a CPU without AVX-512 the AVX2 one (linear_library's choice)
         native = library if library is not None else linears
         if native is not None and plan.llm_dtype == torch.float32:

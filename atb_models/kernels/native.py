@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from atb_models.config import kit_home
-from atb_models.host import cpuinfo_field, read_cpuinfo
+from atb_models.host import cpu_flags
 
 logger = logging.getLogger("atb_models.native")
 
@@ -208,7 +208,7 @@ def cache_dir() -> Path:
 
 def compile_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
     """CXX_FLAGS plus the OPTIONAL_ISA this CPU (its /proc/cpuinfo text, default read here) reports."""
-    flags = set(cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
+    flags = cpu_flags(cpuinfo)
     return CXX_FLAGS + tuple(option for flag, option in OPTIONAL_ISA if flag in flags)
 
 
