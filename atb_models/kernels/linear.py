@@ -323,7 +323,7 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
                                name=kernel_name("panel", library))
         stream_prefetch_chosen(library)
         if bf16_op is not None:
-            bf16_widening_chosen(library)  # before the dot product's measurement, which times the widening
+            bf16_widening_chosen(library)  # float32 rows' way (a bfloat16 model's own rows widen in registers)
         dot_op = rows_op = unpack_op = None
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
             dot_op = library.atb_bf16_dot_linear_f32 if bf16_dot_chosen(library) else None
@@ -381,7 +381,8 @@ def _bf16_rows_right(op) -> bool:
 BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"
 BF16_DOT_VALUES = (("0", "1"), "1 (use AVX512-BF16's dot product) or 0 (do not)")
 # How much faster the dot product must measure to be chosen: a clear margin, so that timing noise does not make the
-# choice (and with it the bfloat16 sums' order) differ from run to run where the two kernels are close.
+# choice differ from run to run where the two kernels are close (it changes the speed only: both give a row the same
+# sums, csrc/bf16_linear.h).
 BF16_DOT_GAIN = 1.25
 _bf16_dot_measured: dict = {}  # the library's dot function (its address) -> (dot seconds, widening seconds)
 
@@ -404,7 +405,7 @@ def bf16_dot_chosen(library) -> bool:
     if forced != "1":
         key = ctypes.cast(library.atb_bf16_dot_linear_f32, ctypes.c_void_p).value
         if key not in _bf16_dot_measured:
-            dot, widening = _time_bf16_products(library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32)
+            dot, widening = _time_bf16_products(library.atb_bf16_dot_linear_f32, _without_dot(library))
             _bf16_dot_measured[key] = dot, widening
             logger.info("bfloat16 products at 32 rows: AVX512-BF16 dot product %.0f us, widened to float32 %.0f us: "
                         "%s", dot * 1e6, widening * 1e6,
@@ -414,6 +415,18 @@ def bf16_dot_chosen(library) -> bool:
             library.atb_bf16_use_dot(0)
             return False
     return True
+
+
+def _without_dot(library):
+    """atb_bf16_dot_linear_f32 with the dot product off for the call: the widening a bfloat16 model's rows take in
+    its place (in registers, each pair in the dot product's order), the one to time it against."""
+    def op(*args):
+        library.atb_bf16_use_dot(0)
+        try:
+            library.atb_bf16_dot_linear_f32(*args)
+        finally:
+            library.atb_bf16_use_dot(1)
+    return op
 
 
 def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -> tuple:
