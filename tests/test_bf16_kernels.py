@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from atb_models.errors import UserError
 from atb_models.host import cpu_flags
 from atb_models.kernels import Kernels, native
+from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
 from atb_models.platform import cpu_capabilities, resolve_plan
@@ -24,6 +25,14 @@ def native_bf16_kernels() -> Kernels:
         pytest.skip("the native kernels need an AVX-512 CPU")
     kernels = Kernels.for_plan(CPU_BF16)
     assert isinstance(kernels.linear, PanelLinear) and kernels.linear.bf16_op is not None
+    return kernels
+
+
+def native_bf16_attention_kernels() -> Kernels:
+    """native_bf16_kernels whose attention within segments is the kit's (skips where it is not)."""
+    kernels = native_bf16_kernels()
+    if not isinstance(kernels.attention, NativeBf16Attention):
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
     return kernels
 
 
@@ -536,11 +545,7 @@ def _segment_inputs(n_q, n_k, heads, kv_heads, head_dim, count, dtype=torch.bflo
 
 @pytest.mark.parametrize("case", BF16_ATTENTION_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_bf16_attention_is_pytorchs_bf16_attention_with_sums_in_another_order(case):
-    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
-
-    kernels = native_bf16_kernels()
-    if not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    kernels = native_bf16_attention_kernels()
     n_q, n_k, heads, kv_heads, head_dim, causal, count = case
     q, k, v = _segment_inputs(n_q, n_k, heads, kv_heads, head_dim, count)
     # Read where they lie: rows a projection's row apart (a lone row's stride means nothing).
@@ -556,11 +561,7 @@ def test_bf16_attention_is_pytorchs_bf16_attention_with_sums_in_another_order(ca
 
 
 def test_bf16_attention_leaves_what_it_cannot_take_to_pytorch():
-    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
-
-    kernels = native_bf16_kernels()
-    if not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    kernels = native_bf16_attention_kernels()
     for dtype, head_dim, rows in ((torch.float32, 64, 20), (torch.bfloat16, 32, 20), (torch.bfloat16, 64, 0)):
         # float32 rows; heads of another size; no rows at all
         q, k, v = _segment_inputs(rows, rows, 4, 2, head_dim, 1, dtype)
@@ -569,11 +570,7 @@ def test_bf16_attention_leaves_what_it_cannot_take_to_pytorch():
 
 
 def test_bf16_attention_gives_nan_where_a_score_is_nan_as_pytorch_does():
-    from atb_models.kernels.attention import NativeBf16Attention
-
-    kernels = native_bf16_kernels()
-    if not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    kernels = native_bf16_attention_kernels()
     for causal in (False, True):
         q, k, v = _segment_inputs(40, 40, 2, 1, 64, 1)
         k[30, 0, 5] = float("nan")  # key 30: seen by every query without causality, from query 30 on with it
@@ -587,7 +584,7 @@ def test_bf16_attention_gives_nan_where_a_score_is_nan_as_pytorch_does():
 def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run_pytorchs():
     from types import SimpleNamespace
 
-    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention, segment_attention
+    from atb_models.kernels.attention import segment_attention
 
     def library(isa="avx512", dot=1):
         return SimpleNamespace(isa=isa, atb_bf16_dot_available=lambda: dot, atb_bf16_attention=None)
@@ -624,13 +621,10 @@ def test_bf16_silu_and_mul_rounds_where_pytorchs_two_bf16_operators_round():
 def test_a_vision_block_s_attention_over_runs_of_windows_is_sdpa_s_through_the_kit_s_kernel():
     """Qwen2.5-VL's windows come as runs of equal windows (one call each) and images as single segments: the
     model's VisionAttention gives, through the kit's kernel, what it gives through PyTorch's SDPA."""
-    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
     from atb_models.models.qwen2_5_vl import window_segments
     from atb_models.models.qwen2_vl import VisionAttention
 
-    kernels = native_bf16_kernels()
-    if not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    kernels = native_bf16_attention_kernels()
     torch.manual_seed(0)
     attention = VisionAttention(160, 2, torch.bfloat16, kernels)  # heads of 80, as Qwen2-VL's and Qwen2.5-VL's
     for parameter in attention.parameters():
@@ -659,12 +653,9 @@ def test_a_vision_block_s_attention_over_runs_of_windows_is_sdpa_s_through_the_k
 def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache(kit_attention):
     """Prefix caching must not change a repeated request's tokens: the rows after a cached prefix, attending to K/V
     read back from the cache, get bit for bit what they get when the whole prompt is computed."""
-    from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
     from atb_models.layers.attention import StepContext, prefill_attention
 
-    kernels = native_bf16_kernels()
-    if kit_attention and not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+    kernels = native_bf16_attention_kernels() if kit_attention else native_bf16_kernels()
     attention = kernels.attention if kit_attention else SegmentAttention()
     heads, kv_heads, dim, block_size, n, cached = 8, 2, 64, 16, 300, 256
     torch.manual_seed(0)

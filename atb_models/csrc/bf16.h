@@ -58,14 +58,12 @@ inline Lanes::V load_lanes(const float* p) { return Lanes::load(p); }
 inline Lanes::V load_lanes(const uint16_t* p) { return Lanes::load_bf16(p); }
 inline void store_lanes(float* p, Lanes::V v) { Lanes::store(p, v); }
 inline void store_lanes(uint16_t* p, Lanes::V v) { Lanes::store_bf16(p, v); }
-inline void load_row(const float* x, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; i++) out[i] = x[i];
-}
-inline void load_row(const uint16_t* x, int64_t n, float* out) { load_bf16_row(x, n, out); }
 inline void store_row(const float* row, int64_t n, float* out) {
     for (int64_t d = 0; d < n; d++) out[d] = row[d];
 }
 inline void store_row(const float* row, int64_t n, uint16_t* out) { store_bf16(row, n, out); }
+inline void load_row(const float* x, int64_t n, float* out) { store_row(x, n, out); }  // float32 both ways: a copy
+inline void load_row(const uint16_t* x, int64_t n, float* out) { load_bf16_row(x, n, out); }
 inline Lanes::V as_stored(Lanes::V v, const float*) { return v; }
 inline Lanes::V as_stored(Lanes::V v, const uint16_t*) { return Lanes::round_bf16(v); }
 

@@ -79,14 +79,10 @@ inline void score_tile(const uint16_t* const* q, const uint32_t* keys, int64_t p
 // PyTorch's: exp_nonpositive keeps a NaN).
 inline float softmax_row(const float* s, int64_t length, int64_t padded, uint16_t* w) {
     using L = Lanes;
-    L::V top = L::set1(-INFINITY);
-    int64_t t = 0;
-    for (; t + L::N <= length; t += L::N) top = L::max(top, L::load(s + t));
-    float m = L::max_of(top);
-    for (; t < length; t++) m = s[t] > m ? s[t] : m;
-    const L::V vm = L::set1(m);
+    const L::V vm = L::set1(row_max(s, length));
     L::V total = L::zero();
-    for (t = 0; t + L::N <= length; t += L::N) {
+    int64_t t = 0;
+    for (; t + L::N <= length; t += L::N) {
         const L::V e = exp_nonpositive(L::sub(L::load(s + t), vm));
         L::store_bf16(w + t, e);
         total = L::add(total, e);

@@ -12,10 +12,10 @@
 // feeds 8 fused multiply-adds a row, k-step 2p's then 2p + 1's into the same sums (so every column's products are
 // added in k order, as a plain float32 product adds them; in a bfloat16 model 2p + 1's first, as the dot product
 // below adds a pair, so that its sums are the same whichever kernel runs, at any row count); the prefetch, where it
-// is on (stream_prefetch_on, panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the farther ahead a core's
-// out-of-order window reaches and the more lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s
-// with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane zero-extension and a shift;
-// docs/PERFORMANCE.md).
+// is on (stream_prefetch_on, panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the
+// farther ahead a core's out-of-order window reaches and the more lines it has in flight: one thread on this kit's
+// AMD EPYC read 21-22 GB/s with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane
+// zero-extension and a shift; docs/PERFORMANCE.md).
 // (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
 // issue on two.)
 //

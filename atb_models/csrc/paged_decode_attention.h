@@ -57,14 +57,9 @@ inline void rotate(const float* x, const float* cos, const float* sin, int64_t d
 // In place over s[0:length]: s = exp(s - max(s)); returns the sum.
 inline float softmax_numerators(float* s, int64_t length) {
     using L = Lanes;
-    L::V top = L::set1(-INFINITY);
-    int64_t t = 0;
-    for (; t + L::N <= length; t += L::N) top = L::max(top, L::load(s + t));
-    float m = L::max_of(top);
-    for (; t < length; t++) m = s[t] > m ? s[t] : m;
-    const L::V vm = L::set1(m);
+    const L::V vm = L::set1(row_max(s, length));
     L::V total = L::zero();
-    for (t = 0; t < length; t += L::N) {
+    for (int64_t t = 0; t < length; t += L::N) {
         const L::Mask live = L::first(length - t);
         const L::V e = exp_nonpositive(L::sub(L::load(live, s + t), vm));
         L::store(s + t, live, e);

@@ -1,6 +1,11 @@
-// e^x a vector at a time (lanes.h: AVX-512's 16 lanes or AVX2's 8), shared by the kit's native kernels.
+// e^x a vector at a time (lanes.h: AVX-512's 16 lanes or AVX2's 8), and a row's maximum before it, shared by the
+// kit's native kernels.
 
 #pragma once
+
+#include <stdint.h>
+
+#include <cmath>
 
 #include "lanes.h"
 
@@ -24,6 +29,17 @@ inline Lanes::V exp_nonpositive(Lanes::V x) {
     p = L::fmadd(p, f, L::set1(6.9314718055994531e-01f));
     p = L::fmadd(p, f, L::set1(1.f));
     return L::scale2(p, n);
+}
+
+// The largest of s[0:length]: a softmax's maximum, subtracted before exp_nonpositive.
+inline float row_max(const float* s, int64_t length) {
+    using L = Lanes;
+    L::V top = L::set1(-INFINITY);
+    int64_t t = 0;
+    for (; t + L::N <= length; t += L::N) top = L::max(top, L::load(s + t));
+    float m = L::max_of(top);
+    for (; t < length; t++) m = s[t] > m ? s[t] : m;
+    return m;
 }
 
 }  // namespace

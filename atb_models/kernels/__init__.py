@@ -1,8 +1,8 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
 attention and attention within segments (prefill, vision blocks: kernels.attention) and how a decoder layer runs
-(kernels.decoder_layer). The kit's native CPU library
-(kernels.native) backs the CPU ones for float32 and bfloat16 language models.
+(kernels.decoder_layer). The kit's native CPU library (kernels.native) backs the CPU ones for float32 and bfloat16
+language models.
 
 Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
 object: two models in one process never share or overwrite each other's.
@@ -47,10 +47,9 @@ class Kernels:
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators but SiLU-and-multiply and attention: the kit's attention
         where the CPU has AVX512-BF16 and no AMX, the vision tower's too (kernels.attention.segment_attention).
-        Where the library cannot be used
-        (no AVX-512, no compiler, a failed build, a library that disagrees with its declaration) PyTorch's
-        operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model (both towers:
-        kernels.linear.linear_library) gets the same kernels from the kit's AVX2 library
+        Where the library cannot be used (no AVX-512, no compiler, a failed build, a library that disagrees with its
+        declaration) PyTorch's operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model
+        (both towers: kernels.linear.linear_library) gets the same kernels from the kit's AVX2 library
         (NativeLibrary.load_avx2), its int8 linears PyTorch's."""
         choice = cpu_kernel_choice(choice)
         if plan.kind != "cpu":

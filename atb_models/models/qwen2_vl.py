@@ -64,8 +64,9 @@ class VisionAttention(nn.Module):
         # The reference rotates in float32 whatever the tower's dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        if sum(count * length for _, count, length in segments) != n:
-            raise ValueError(f"attention segments cover {sum(c * l for _, c, l in segments)} of {n} patches")
+        covered = sum(count * length for _, count, length in segments)
+        if covered != n:
+            raise ValueError(f"attention segments cover {covered} of {n} patches")
         o = torch.empty(n, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for start, count, length in segments:
             end = start + count * length
