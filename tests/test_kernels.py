@@ -21,6 +21,8 @@ from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
                                        is_panel_packed, linear_kernel, panel_layout)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+from atb_models.kernels.vision import NativeQuickGelu, NativeVisionRotary, QuickGelu
+from atb_models.layers.rotary import apply_rotary
 from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, resolve_plan
 
@@ -515,6 +517,69 @@ def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_p
     assert not kernel.suits(gate[:1], up[:1])
     assert not kernel.suits(gate.double(), up.double())
     assert torch.allclose(kernel(gate[:1], up[:1]), F.silu(gate[:1]) * up[:1])
+
+
+def test_native_vision_rotary_rotates_q_and_k_in_place_as_pytorchs_operators_do_bit_for_bit(any_native_kernels):
+    """Each product and the sum rounded to float32 (no fused multiply-add), then to the tower's dtype: PyTorch's
+    float32 rotation of the same values exactly."""
+    kernel = any_native_kernels.vision_rotary
+    assert isinstance(kernel, NativeVisionRotary)
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, heads, dim in ((700, 4, 80), (300, 3, 36), (2000, 2, 64)):  # 80, 36: partial vectors of a half
+            qkv = (4 * torch.randn(rows, 3, heads, dim, generator=generator)).to(dtype)
+            qkv[0, 0, 0, :3] = torch.tensor([0.0, -1e30, 1e-30])
+            angles = torch.rand(rows, dim // 2, generator=generator) * 100
+            cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+            q, k, v = qkv.unbind(1)
+            v_before = v.clone()
+            expected = [apply_rotary(t.float(), cos, sin).to(dtype) for t in (q, k)]
+            got = kernel(q, k, cos, sin)
+            assert all(g.data_ptr() == t.data_ptr() for g, t in zip(got, (q, k))), "rotated where they lie"
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (dtype, rows, heads, dim)
+            assert torch.equal(v, v_before)
+    # Other layouts or cos of another dtype: PyTorch's rotation, out of place.
+    q, k = torch.randn(2, 64, 4, 80).unbind(0)
+    cos, sin = torch.randn(2, 64, 80).unbind(0)
+    assert kernel.suits(q, k, cos, sin)
+    assert not kernel.suits(q, k[:, :, :-1], cos, sin) and not kernel.suits(q, k, cos[:, :-1], sin[:, :-1])
+    assert not kernel.suits(q, k, cos.double(), sin.double()) and not kernel.suits(q, k, cos.t(), sin.t())
+    k_strided = torch.randn(64, 4, 160)[:, :, :80]
+    assert not kernel.suits(q, k_strided, cos, sin)
+    q_before = q.clone()
+    got, _ = kernel(q, k_strided, cos, sin)
+    assert torch.equal(got, apply_rotary(q_before, cos, sin)) and torch.equal(q, q_before)
+
+
+def test_native_quick_gelu_matches_pytorchs_three_operators_in_place(any_native_kernels):
+    """float32 within float32's rounding of the exact value (as PyTorch's, from 1.702 x in float32); bfloat16 rounded after each operator as PyTorch's: its
+    bits but where the two exponentials round either side of a bfloat16 boundary, there one bfloat16 step apart."""
+    kernel = any_native_kernels.quick_gelu
+    assert isinstance(kernel, NativeQuickGelu)
+    generator = torch.Generator().manual_seed(0)
+    extremes = torch.tensor([0.0, -200.0, 200.0, -1e-30, -60.0, 60.0, float("inf"), float("-inf"), float("nan")])
+    for n in (5 * 4096 + 5, 40000, 200_003):  # a partial vector and a partial task; threaded
+        x = 6 * torch.randn(n, generator=generator)
+        x[:len(extremes)] = extremes
+        exact = x.double() * torch.sigmoid((1.702 * x).double())  # of 1.702 x in float32, as PyTorch's
+        assert torch.allclose((x * torch.sigmoid(1.702 * x)).double(), exact, rtol=2e-6, atol=1e-30, equal_nan=True)
+        got = kernel(x.clone())
+        assert torch.allclose(got.double(), exact, rtol=2e-6, atol=1e-30, equal_nan=True), n
+        assert torch.equal(got.isnan(), exact.isnan())
+        xb = x.bfloat16()
+        reference = QuickGelu()(xb)
+        buffer = xb.clone()
+        got = kernel(buffer)
+        assert got.data_ptr() == buffer.data_ptr(), "in place"
+        same = (got == reference) | (got.isnan() & reference.isnan())
+        assert same.float().mean() > 0.999, (n, same.float().mean())
+        assert torch.allclose(got.float(), reference.float(), rtol=2 ** -7, atol=0, equal_nan=True), n
+    # A strided tensor: PyTorch's operators, out of place; a small one native too.
+    x = torch.randn(64, 512)
+    view = x[:, :256]
+    before = view.clone()
+    assert torch.equal(kernel(view), QuickGelu()(before)) and torch.equal(view, before)
+    assert torch.allclose(kernel(x[:1].clone()), QuickGelu()(x[:1]), rtol=2e-6, atol=1e-30)
 
 
 def _random_decoder_layer(kernels):

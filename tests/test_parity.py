@@ -67,6 +67,10 @@ def test_text_and_one_image_match_transformers(tiny_checkpoint, sample_image_pat
         model = llm.runner.model
         packs = isinstance(model.lm_head.kernel, PanelLinear)  # (an AVX-512 CPU's: elsewhere oneDNN keeps it tied)
         assert is_panel_packed(model.lm_head.weight) == packs and (model.model.embed_tokens.weight is None) == packs
+    # The image goes through the kit's own rotary and quick-GELU where a native library loads (any AVX-512 CPU).
+    native = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert ("vision rotary native" in llm.runner.kernels.describe()) == native
+    assert ("quick-GELU native" in llm.runner.kernels.describe()) == native
     assert_matches_reference(llm, path, [
         [{"text": "Hello, what colour is the sky?"}],
         [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
@@ -174,6 +178,7 @@ def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
         assert isinstance(kernels.decoder_layer, NativeDecoderLayer)
         assert all(kernels.decoder_layer.weights_of(layer) is not None for layer in llm.runner.model.model.layers)
+    assert ("vision rotary native" in kernels.describe()) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
     flags = cpu_flags()
     assert isinstance(kernels.attention, NativeBf16Attention) == (
         torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags and "amx_bf16" not in flags)

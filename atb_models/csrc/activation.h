@@ -19,7 +19,7 @@ namespace {
 inline Lanes::V silu(Lanes::V x) {
     using L = Lanes;
     const L::V one = L::set1(1.f);
-    const L::V e = exp_nonpositive(L::sub(L::zero(), L::abs(x)));  // e^-|x|
+    const L::V e = exp_lanes(L::sub(L::zero(), L::abs(x)));  // e^-|x|
     // sigmoid(x) = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) for x < 0: both are (x >= 0 ? 1 : e) / (1 + e).
     return L::mul(x, L::div(L::where_negative(x, e, one), L::add(one, e)));
 }

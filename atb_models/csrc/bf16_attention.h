@@ -76,21 +76,21 @@ inline void score_tile(const uint16_t* const* q, const uint32_t* keys, int64_t p
 
 // Over s[0:length]: the bfloat16 weights exp(s - max) into w[0:length], zeros after them up to w[padded]; returns
 // the float32 sum of the weights before rounding (NaN where a score is NaN, and so is the row's output then, as
-// PyTorch's: exp_nonpositive keeps a NaN).
+// PyTorch's: exp_lanes keeps a NaN).
 inline float softmax_row(const float* s, int64_t length, int64_t padded, uint16_t* w) {
     using L = Lanes;
     const L::V vm = L::set1(row_max(s, length));
     L::V total = L::zero();
     int64_t t = 0;
     for (; t + L::N <= length; t += L::N) {
-        const L::V e = exp_nonpositive(L::sub(L::load(s + t), vm));
+        const L::V e = exp_lanes(L::sub(L::load(s + t), vm));
         L::store_bf16(w + t, e);
         total = L::add(total, e);
     }
     if (t < length) {  // the tail through a full vector's buffer
         alignas(64) float e[L::N];
         const L::Mask live = L::first(length - t);
-        const L::V ev = L::keep(live, exp_nonpositive(L::sub(L::load(live, s + t), vm)));
+        const L::V ev = L::keep(live, exp_lanes(L::sub(L::load(live, s + t), vm)));
         L::store(e, ev);
         total = L::add(total, ev);
         for (int64_t j = t; j < length; j++) w[j] = float_to_bf16(e[j - t]);

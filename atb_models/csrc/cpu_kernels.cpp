@@ -14,6 +14,7 @@
 #include "bf16_linear.h"
 #include "decoder_layer.h"
 #include "panel_linear.h"
+#include "vision.h"
 #include "w8a16_linear.h"
 
 namespace {

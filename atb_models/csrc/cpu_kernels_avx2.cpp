@@ -27,6 +27,7 @@
 
 #include "bf16.h"
 #include "decoder_layer.h"  // and through it the kernels between the linears, at AVX2's 8 lanes
+#include "vision.h"
 
 namespace {
 

@@ -61,7 +61,7 @@ inline float softmax_numerators(float* s, int64_t length) {
     L::V total = L::zero();
     for (int64_t t = 0; t < length; t += L::N) {
         const L::Mask live = L::first(length - t);
-        const L::V e = exp_nonpositive(L::sub(L::load(live, s + t), vm));
+        const L::V e = exp_lanes(L::sub(L::load(live, s + t), vm));
         L::store(s + t, live, e);
         total = L::add(total, L::keep(live, e));
     }

@@ -1,7 +1,7 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
-attention and attention within segments (prefill, vision blocks: kernels.attention) and how a decoder layer runs
-(kernels.decoder_layer). The kit's native CPU library (kernels.native) backs the CPU ones for float32 and bfloat16
+attention and attention within segments (prefill, vision blocks: kernels.attention), how a decoder layer runs
+(kernels.decoder_layer) and the vision tower's rotary and quick-GELU (kernels.vision). The kit's native CPU library (kernels.native) backs the CPU ones for float32 and bfloat16
 language models.
 
 Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
@@ -23,6 +23,7 @@ from atb_models.kernels.linear import (PLAIN_LINEAR, LinearKernel, cpu_kernel_ch
                                        has_bf16_inputs, linear_kernel, linear_library)
 from atb_models.kernels.native import NativeLibrary
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
+from atb_models.kernels.vision import NativeQuickGelu, NativeVisionRotary, QuickGelu, VisionRotary
 from atb_models.kernels.w8a16 import TorchW8A16, w8a16_kernel
 
 
@@ -37,6 +38,8 @@ class Kernels:
     attention: SegmentAttention = field(default_factory=SegmentAttention)  # within segments: prefill, vision
     decoder_layer: LayerByLayer = field(default_factory=LayerByLayer)
     w8a16: TorchW8A16 = field(default_factory=TorchW8A16)  # weight-only int8 linears (kernels.w8a16)
+    vision_rotary: VisionRotary = field(default_factory=VisionRotary)  # the vision tower's (kernels.vision)
+    quick_gelu: QuickGelu = field(default_factory=QuickGelu)
 
     @classmethod
     def for_plan(cls, plan, choice: str | None = None) -> Kernels:
@@ -47,6 +50,7 @@ class Kernels:
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators but SiLU-and-multiply and attention: the kit's attention
         where the CPU has AVX512-BF16 and no AMX, the vision tower's too (kernels.attention.segment_attention).
+        The vision tower's rotary and quick-GELU are native in either dtype wherever a library loaded.
         Where the library cannot be used (no AVX-512, no compiler, a failed build, a library that disagrees with its
         declaration) PyTorch's operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model
         (both towers: kernels.linear.linear_library) gets the same kernels from the kit's AVX2 library
@@ -61,18 +65,22 @@ class Kernels:
         attention = segment_attention(plan, library, cpu_flags())
         # float32: the AVX-512 library, or on a CPU without AVX-512 the AVX2 one (linear_library's choice)
         native = library if library is not None else linears
+        # The vision tower's rotary and quick-GELU, in whichever dtype it runs, wherever a library loaded.
+        vision = ({"vision_rotary": NativeVisionRotary(native), "quick_gelu": NativeQuickGelu(native)}
+                  if native is not None else {})
         if native is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(native), silu_and_mul=NativeSiluAndMul(native),
                        decode_attention=NativeDecodeAttention(native), decoder_layer=NativeDecoderLayer(native),
-                       attention=attention, w8a16=w8a16)
+                       attention=attention, w8a16=w8a16, **vision)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, silu_and_mul=NativeSiluAndMul(library), decode_attention=CpuDecodeAttention(),
-                       decoder_layer=NativeDecoderLayer(library), attention=attention, w8a16=w8a16)
-        return cls(linear=linear, decode_attention=CpuDecodeAttention(), attention=attention, w8a16=w8a16)
+                       decoder_layer=NativeDecoderLayer(library), attention=attention, w8a16=w8a16, **vision)
+        return cls(linear=linear, decode_attention=CpuDecodeAttention(), attention=attention, w8a16=w8a16, **vision)
 
     def describe(self) -> str:
         """One log line: which implementation each kernel is."""
         return (f"linear {self.linear.name}, RMSNorm {self.rms_norm.name}, silu-and-mul {self.silu_and_mul.name}, "
                 f"decode attention {self.decode_attention.name}, attention within segments {self.attention.name}, "
-                f"decoder layers {self.decoder_layer.name}, int8 weights {self.w8a16.name}")
+                f"decoder layers {self.decoder_layer.name}, int8 weights {self.w8a16.name}, vision rotary "
+                f"{self.vision_rotary.name}, quick-GELU {self.quick_gelu.name}")

@@ -43,14 +43,15 @@ AVX2_LIBRARY = "cpu_kernels_avx2"
 AVX2_CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32", "atb_rms_norm_f32",
                   "atb_silu_and_mul_f32", "atb_paged_decode_attention_f32", "atb_decoder_layer_decode_f32",
-                  "atb_decoder_layers_decode_f32")
+                  "atb_decoder_layers_decode_f32", "atb_vision_rotary_f32", "atb_vision_rotary_bf16",
+                  "atb_quick_gelu_f32", "atb_quick_gelu_bf16")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 8  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 9  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -108,6 +109,14 @@ FUNCTIONS = {
         ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
     "atb_silu_and_mul_bf16": (None, (
         ("gate", PTR), ("up", PTR), ("rows", I64), ("width", I64), ("ld", I64), ("out", PTR))),
+    "atb_vision_rotary_f32": (None, (
+        ("q", PTR), ("k", PTR), ("rows", I64), ("heads", I64), ("dim", I64), ("row_stride", I64), ("cos", PTR),
+        ("sin", PTR))),
+    "atb_vision_rotary_bf16": (None, (
+        ("q", PTR), ("k", PTR), ("rows", I64), ("heads", I64), ("dim", I64), ("row_stride", I64), ("cos", PTR),
+        ("sin", PTR))),
+    "atb_quick_gelu_f32": (None, (("x", PTR), ("n", I64))),
+    "atb_quick_gelu_bf16": (None, (("x", PTR), ("n", I64))),
     "atb_decoder_layer_decode_f32": (None, (("w", "LayerWeights*"), ("s", "DecodeStep*"), ("x_io", PTR))),
     "atb_decoder_layers_decode_f32": (None, (("layers", PTR), ("n", I64), ("s", "DecodeStep*"), ("x_io", PTR))),
 }

@@ -114,12 +114,15 @@ class VisionBlock(nn.Module):
                                                        kernels.linear)
         self.mlp.down_proj = Linear(intermediate_size, dim, True, dtype, kernels.linear)
         self.act = _activation(hidden_act)
+        # SiLU's product with up in one pass where a kernel has it (the language model's, kernels.activation)
+        self.silu_and_mul = kernels.silu_and_mul if hidden_act == "silu" else None
 
     def forward(self, x, cos, sin, segments):
         x = x + self.attn(self.norm1(x), cos, sin, segments)
         h = self.norm2(x)
         gate, up = self.mlp.gate_up_proj.split(self.mlp.gate_up_proj(h))
-        return x + self.mlp.down_proj(self.act(gate) * up)
+        activated = self.silu_and_mul(gate, up) if self.silu_and_mul is not None else self.act(gate) * up
+        return x + self.mlp.down_proj(activated)
 
 
 class VisionTransformer(nn.Module):

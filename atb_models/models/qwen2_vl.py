@@ -14,15 +14,16 @@ from atb_models import distributed
 from atb_models.config import mrope_section
 from atb_models.errors import UserError
 from atb_models.kernels import Kernels
+from atb_models.kernels.vision import QuickGelu
 from atb_models.layers.attention import StepContext, prefill_attention
 from atb_models.layers.linear import (Embedding, Linear, MergedColumnParallelLinear, QKVParallelLinear,
                                       RowParallelLinear, VocabParallelLMHead)
 from atb_models.layers.norm import RMSNorm
 from atb_models.layers.sharding import HeadLayout
-from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, apply_rotary
+from atb_models.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding
 
 _ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "quick_gelu": QuickGelu(),
     "gelu": F.gelu,
     "silu": F.silu,
 }
@@ -55,15 +56,16 @@ class VisionAttention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
         self.proj = Linear(dim, dim, True, dtype, kernels.linear)
         self.attention = kernels.attention
+        self.rotary = kernels.vision_rotary
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
         """segments: (start, count, length) runs of `count` consecutive segments of `length` patches each; segments
         of one run have the same length, so they go through attention as one batch."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        # The reference rotates in float32 whatever the tower's dtype.
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
+        # The reference rotates in float32 whatever the tower's dtype (the native kernel in place: q and k are views
+        # of the projection's fresh output).
+        q, k = self.rotary(q, k, cos, sin)
         covered = sum(count * length for _, count, length in segments)
         if covered != n:
             raise ValueError(f"attention segments cover {covered} of {n} patches")
@@ -96,7 +98,8 @@ class VisionBlock(nn.Module):
         self.mlp = nn.Module()
         self.mlp.fc1 = Linear(dim, hidden, True, dtype, kernels.linear)
         self.mlp.fc2 = Linear(hidden, dim, True, dtype, kernels.linear)
-        self.act = _activation(hidden_act)
+        # (quick-GELU's kernel may work in place: fc1's output is this block's own)
+        self.act = kernels.quick_gelu if hidden_act == "quick_gelu" else _activation(hidden_act)
 
     def forward(self, x, cos, sin, segments):
         x = x + self.attn(self.norm1(x), cos, sin, segments)
