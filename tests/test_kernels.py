@@ -517,6 +517,13 @@ def test_native_silu_and_mul_matches_pytorchs_silu_times_up_on_the_halves_of_a_p
     assert not kernel.suits(gate[:1], up[:1])
     assert not kernel.suits(gate.double(), up.double())
     assert torch.allclose(kernel(gate[:1], up[:1]), F.silu(gate[:1]) * up[:1])
+    # PyTorch's formula, x / (1 + e^-x): -0 where e^-x overflows; and in bfloat16 every value's silu PyTorch's.
+    assert str(kernel(torch.full((64, 512), -100.0), torch.ones(64, 512))[0, 0].item()) == "-0.0"
+    if torch.bfloat16 in kernel._ops:
+        every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).view(64, 1024)
+        halves = torch.cat((every, torch.ones_like(every)), -1).split(1024, dim=-1)
+        got, expected = kernel(*halves), F.silu(halves[0]) * halves[1]
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got[~got.isnan()], expected[~got.isnan()])
 
 
 def test_native_vision_rotary_rotates_q_and_k_in_place_as_pytorchs_operators_do_bit_for_bit(any_native_kernels):
@@ -544,6 +551,10 @@ def test_native_vision_rotary_rotates_q_and_k_in_place_as_pytorchs_operators_do_
     assert kernel.suits(q, k, cos, sin)
     assert not kernel.suits(q, k[:, :, :-1], cos, sin) and not kernel.suits(q, k, cos[:, :-1], sin[:, :-1])
     assert not kernel.suits(q, k, cos.double(), sin.double()) and not kernel.suits(q, k, cos.t(), sin.t())
+    # q and k overlapping (the same heads, or rows that run into each other): threads would race.
+    assert not kernel.suits(q, q, cos, sin)
+    overlapping = torch.randn(64 * 4 * 80 + 40)
+    assert not kernel.suits(overlapping[:-40].view(64, 4, 80), overlapping[40:].view(64, 4, 80), cos, sin)
     k_strided = torch.randn(64, 4, 160)[:, :, :80]
     assert not kernel.suits(q, k_strided, cos, sin)
     q_before = q.clone()

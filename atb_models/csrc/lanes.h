@@ -37,10 +37,6 @@ struct Lanes {
     static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
     static float max_of(V v) { return _mm512_reduce_max_ps(v); }
-    // Lane by lane: x < 0 ? if_negative : otherwise.
-    static V where_negative(V x, V if_negative, V otherwise) {
-        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_negative);
-    }
     static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     // v * 2^n for whole numbers n >= -150 (a result below float's range is 0).
     static V scale2(V v, V n) { return _mm512_scalef_ps(v, n); }
@@ -129,9 +125,6 @@ struct Lanes {
         const __m128 pair = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         const __m128 quad = _mm_max_ps(pair, _mm_movehl_ps(pair, pair));
         return _mm_cvtss_f32(_mm_max_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
-    }
-    static V where_negative(V x, V if_negative, V otherwise) {
-        return _mm256_blendv_ps(otherwise, if_negative, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
     }
     static V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     // AVX2 has no vscalefps: 2^n is built in the exponent bits, in two factors 2^a 2^b (a = floor(n / 2), b = n - a,

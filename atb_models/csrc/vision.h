@@ -4,9 +4,8 @@
 // cpu_kernels_avx2.cpp.
 //
 // PyTorch spends five operators and a float32 copy on each rotation (the reference rotates in float32 whatever the
-// tower's dtype) and three on quick-GELU, each a fresh tensor of the whole step's patches: in a batch of 16 images
-// (13,040 patches, 8 blocks) 0.6-1.4 s of rotation and 0.6-4.3 s of quick-GELU, the most where fresh pages were
-// slow to come (docs/PERFORMANCE.md).
+// tower's dtype) and three on quick-GELU, each a fresh tensor of the whole step's patches: in a batch of many images
+// a large share of the tower's time, the more where fresh pages are slow to come (docs/PERFORMANCE.md).
 
 #pragma once
 
