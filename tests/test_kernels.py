@@ -563,8 +563,9 @@ def test_native_vision_rotary_rotates_q_and_k_in_place_as_pytorchs_operators_do_
 
 
 def test_native_quick_gelu_matches_pytorchs_three_operators_in_place(any_native_kernels):
-    """float32 within float32's rounding of the exact value (as PyTorch's, from 1.702 x in float32); bfloat16 rounded after each operator as PyTorch's: its
-    bits but where the two exponentials round either side of a bfloat16 boundary, there one bfloat16 step apart."""
+    """float32 within float32's rounding of the exact value (as PyTorch's, from 1.702 x in float32); bfloat16
+    rounded after each operator as PyTorch's: its bits, but where the two exponentials could round either side of
+    a bfloat16 boundary one bfloat16 step apart (none of 2 M random values was)."""
     kernel = any_native_kernels.quick_gelu
     assert isinstance(kernel, NativeQuickGelu)
     generator = torch.Generator().manual_seed(0)

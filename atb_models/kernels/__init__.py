@@ -1,8 +1,8 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
 attention and attention within segments (prefill, vision blocks: kernels.attention), how a decoder layer runs
-(kernels.decoder_layer) and the vision tower's rotary and quick-GELU (kernels.vision). The kit's native CPU library (kernels.native) backs the CPU ones for float32 and bfloat16
-language models.
+(kernels.decoder_layer) and the vision tower's rotary and quick-GELU (kernels.vision). The kit's native CPU
+library (kernels.native) backs the CPU ones for float32 and bfloat16 language models.
 
 Everything a kernel keeps (a loaded library, gather buffers, a layer's packed view) belongs to its `Kernels`
 object: two models in one process never share or overwrite each other's.
