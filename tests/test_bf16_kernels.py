@@ -489,6 +489,7 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     assert library.atb_bf16_dot_available() == int(has_bf16)
     monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
     dot, widening = library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32
+    monkeypatch.setenv(linear.BF16_AMX_ENV, "0")  # (with AMX tiles every product takes atb_bf16_dot_linear_f32)
     try:
         # Forced off, the library is told too; forced on, it runs the dot product where the build has it.
         monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
@@ -581,7 +582,7 @@ def test_bf16_attention_gives_nan_where_a_score_is_nan_as_pytorch_does():
         assert nan_rows[first:].all() and finite_rows[:first].all()
 
 
-def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run_pytorchs():
+def test_bf16_attention_is_the_kits_where_avx512_bf16_runs_it_but_an_amx_cpu_s_vision_tower_runs_pytorchs():
     from types import SimpleNamespace
 
     from atb_models.kernels.attention import segment_attention
@@ -589,18 +590,23 @@ def test_bf16_attention_is_chosen_where_avx512_bf16_runs_it_and_amx_does_not_run
     def library(isa="avx512", dot=1):
         return SimpleNamespace(isa=isa, atb_bf16_dot_available=lambda: dot, atb_bf16_attention=None)
 
-    zen4 = {"avx512f", "avx512_bf16"}
-    assert isinstance(segment_attention(CPU_BF16, library(), zen4), NativeBf16Attention)
-    # Only the vision tower in bfloat16 is enough: its blocks attend within images.
-    vision_only = dataclasses.replace(CPU_FP32, vision_dtype=torch.bfloat16)
-    assert isinstance(segment_attention(vision_only, library(), zen4), NativeBf16Attention)
-    for plan, lib, flags in ((CPU_BF16, library(), zen4 | {"amx_bf16"}),  # PyTorch's kernel multiplies in AMX tiles
-                             (CPU_FP32, library(), zen4),                  # nothing in bfloat16
+    zen4, amx = {"avx512f", "avx512_bf16"}, {"avx512f", "avx512_bf16", "amx_bf16"}
+    for vision in (False, True):
+        assert isinstance(segment_attention(CPU_BF16, library(), zen4, vision), NativeBf16Attention)
+        # Only the vision tower in bfloat16 is enough: its blocks attend within images.
+        vision_only = dataclasses.replace(CPU_FP32, vision_dtype=torch.bfloat16)
+        assert isinstance(segment_attention(vision_only, library(), zen4, vision), NativeBf16Attention)
+    # With AMX: a prompt's attention stays the kit's (the same rows whether its prefix came from the cache), an
+    # image's is PyTorch's, whose flash attention multiplies in AMX tiles.
+    assert isinstance(segment_attention(CPU_BF16, library(), amx), NativeBf16Attention)
+    assert type(segment_attention(CPU_BF16, library(), amx, vision=True)) is SegmentAttention
+    for plan, lib, flags in ((CPU_FP32, library(), zen4),                  # nothing in bfloat16
                              (CPU_BF16, library(dot=0), zen4),             # a build without AVX512-BF16
                              (CPU_BF16, library(isa="avx2"), zen4),        # the AVX2 library
                              (CPU_BF16, None, zen4),                       # no library
                              (dataclasses.replace(CPU_BF16, kind="cuda"), library(), zen4)):
-        assert type(segment_attention(plan, lib, flags)) is SegmentAttention
+        for vision in (False, True):
+            assert type(segment_attention(plan, lib, flags, vision)) is SegmentAttention
 
 
 def test_bf16_silu_and_mul_rounds_where_pytorchs_two_bf16_operators_round():
@@ -649,14 +655,14 @@ def test_a_vision_block_s_attention_over_runs_of_windows_is_sdpa_s_through_the_k
         attention(x, cos, sin, segments[:-1] + [(segments[-1][0], 1, segments[-1][2])])
 
 
-@pytest.mark.parametrize("kit_attention", [True, False], ids=["kit", "sdpa"])
-def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache(kit_attention):
+def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache():
     """Prefix caching must not change a repeated request's tokens: the rows after a cached prefix, attending to K/V
-    read back from the cache, get bit for bit what they get when the whole prompt is computed."""
+    read back from the cache, get bit for bit what they get when the whole prompt is computed, by the prompt
+    attention a bfloat16 model runs. (PyTorch's SDPA did on an AMD EPYC, and did not on an Intel Xeon with AMX,
+    whose flash attention's sums differ with the rows computed: why the kit's kernel runs there.)"""
     from atb_models.layers.attention import StepContext, prefill_attention
 
-    kernels = native_bf16_attention_kernels() if kit_attention else native_bf16_kernels()
-    attention = kernels.attention if kit_attention else SegmentAttention()
+    attention = native_bf16_kernels().attention
     heads, kv_heads, dim, block_size, n, cached = 8, 2, 64, 16, 300, 256
     torch.manual_seed(0)
     table = torch.randperm(n // block_size + 1)  # the sequence's blocks, anywhere in the cache
@@ -687,6 +693,7 @@ def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_ei
     x = torch.randn(40, 1024, generator=generator).bfloat16()
     x32 = x.float()
     dot_before, registers_before = library.atb_bf16_use_dot(-1), library.atb_bf16_widen_in_registers(-1)
+    amx_before = library.atb_bf16_use_amx(0)  # (the tiles' sums are their own: test_amx_tiles_...)
     results = {}
     try:
         for dot in (0, 1):
@@ -703,7 +710,155 @@ def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_ei
     finally:
         library.atb_bf16_use_dot(dot_before)
         library.atb_bf16_widen_in_registers(registers_before)
+        library.atb_bf16_use_amx(amx_before)
     y32, y16 = results[1, 1, 40]
     assert torch.equal(y16, y32.bfloat16())
     for (dot, registers, rows), (a, b) in results.items():
         assert torch.equal(a, y32[:rows]) and torch.equal(b, y16[:rows]), (dot, registers, rows)
+
+
+# ------------------------------------------------------------------------------------------------- AMX tiles
+
+def amx_library():
+    """The AVX-512 library with its AMX tiles usable (skips where the CPU has no AMX-BF16 or Linux refuses them)."""
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    library = native.NativeLibrary.load()
+    if not library.atb_bf16_amx_available():
+        pytest.skip("this CPU has no AMX-BF16 (or Linux did not let the process use its tiles)")
+    return library
+
+
+# K: one tile's 32 k-steps, three, cpu-small's hidden size; rows: one (decode), a tile less one, a tile, a tile and
+# one, 40, and 300 (past a chunk of 256 rows); N: one group and three.
+@pytest.mark.parametrize("in_features, out_features", [(32, 64), (96, 192), (896, 128)])
+def test_amx_tiles_give_a_row_the_same_sums_at_any_row_count_close_to_the_exact_ones(in_features, out_features):
+    library = amx_library()
+    from atb_models.kernels.linear import panel_layout
+
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator)
+    packed = panel_layout(weight)
+    wide = torch.randn(300, in_features + 6, generator=generator).bfloat16()
+    x = wide[:, 2:in_features + 2]  # rows read where they lie, (in_features + 6) apart
+    exact, x32 = F.linear(x.double(), weight.double(), bias.double()), x.float().contiguous()
+    before = library.atb_bf16_use_amx(1)
+    try:
+        results = {}
+        for rows in (1, 15, 16, 17, 40, 300):
+            for with_bias in (True, False):
+                y32 = torch.full((rows, out_features), float("nan"))
+                y16 = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)
+                b = bias.data_ptr() if with_bias else None
+                library.atb_bf16_dot_linear_f32(x32.data_ptr(), rows, in_features,
+                                                in_features, packed.data_ptr(), out_features, b, y32.data_ptr())
+                library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, in_features, in_features + 6, packed.data_ptr(),
+                                                 out_features, b, y16.data_ptr())
+                results[rows, with_bias] = y32, y16
+    finally:
+        library.atb_bf16_use_amx(before)
+    full, full16 = results[300, True]
+    # float32 sums of exact products: within float32's rounding of the sums of their sizes
+    scale = F.linear(x.double().abs(), weight.double().abs(), bias.double().abs())
+    assert ((full.double() - exact).abs() <= scale * in_features * 2 ** -23).all()
+    assert torch.equal(full16, full.bfloat16())
+    for (rows, with_bias), (y32, y16) in results.items():
+        expected = full[:rows] if with_bias else results[300, False][0][:rows]
+        assert torch.equal(y32, expected) and torch.equal(y16, expected.bfloat16()), (rows, with_bias)
+
+
+def test_with_the_tiles_on_an_input_size_off_32_stays_on_the_vector_kernels():
+    library = amx_library()
+    from atb_models.kernels.linear import panel_layout
+
+    weight = panel_layout(torch.randn(128, 42).bfloat16())
+    x = torch.randn(19, 42).bfloat16().float()
+    outputs = []
+    before = library.atb_bf16_use_amx(-1)
+    try:
+        for amx in (1, 0):
+            library.atb_bf16_use_amx(amx)
+            y = torch.empty(19, 128)
+            library.atb_bf16_dot_linear_f32(x.data_ptr(), 19, 42, 42, weight.data_ptr(), 128, None, y.data_ptr())
+            outputs.append(y)
+    finally:
+        library.atb_bf16_use_amx(before)
+    assert torch.equal(*outputs)
+
+
+class _TileLibrary:
+    """The library's AMX switches and products as a bfloat16 model's loading reads them, simulated: `available`
+    (the CPU and Linux allow the tiles), `right` (the products are F.linear's)."""
+
+    def __init__(self, available: bool, right: bool = True):
+        self.available, self.right, self.on = available, right, 0
+
+    def atb_bf16_amx_available(self):
+        return int(self.available)
+
+    def atb_bf16_use_amx(self, on):
+        if on >= 0:
+            self.on = int(on and self.available)
+        return self.on
+
+    def _product(self, x, M, K, ldx, wp, N, bias, y, dtype):
+        import ctypes
+
+        from atb_models.kernels.linear import PANEL_GROUP
+
+        if not self.right:
+            return
+        size = ctypes.sizeof(ctypes.c_uint16 if dtype == torch.bfloat16 else ctypes.c_float)
+        rows = torch.frombuffer((ctypes.c_byte * (M * ldx * size)).from_address(x), dtype=dtype).view(M, ldx)
+        packed = torch.frombuffer((ctypes.c_byte * (N * K * 2)).from_address(wp), dtype=torch.bfloat16)
+        weight = packed.view(N // PANEL_GROUP, K // 2, PANEL_GROUP, 2).permute(0, 2, 1, 3).reshape(N, K)
+        b = torch.frombuffer((ctypes.c_float * N).from_address(bias), dtype=torch.float32) if bias else None
+        out = torch.frombuffer((ctypes.c_byte * (M * N * size)).from_address(y), dtype=dtype).view(M, N)
+        # (in float64: each row's sums the same at any row count, as the tiles' are)
+        out.copy_(F.linear(rows[:, :K].double(), weight.double(), None if b is None else b.double()))
+
+    def atb_bf16_dot_linear_f32(self, *args):
+        self._product(*args, torch.float32)
+
+    def atb_bf16_dot_linear_bf16(self, *args):
+        self._product(*args, torch.bfloat16)
+
+
+def test_amx_tiles_are_chosen_where_the_cpu_has_them_unless_switched_off_or_wrong(monkeypatch, caplog):
+    from atb_models.kernels import linear
+
+    monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
+    for available, right, chosen in ((True, True, True), (False, True, False), (True, False, False)):
+        library = _TileLibrary(available, right)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="atb_models.kernels"):
+            assert linear.bf16_amx_chosen(library) == chosen and library.on == int(chosen)
+        assert ("AMX kernel gave wrong products" in caplog.text) == (available and not right)
+    library = _TileLibrary(True)
+    monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
+    assert not linear.bf16_amx_chosen(library) and library.on == 0
+    monkeypatch.setenv(linear.BF16_AMX_ENV, "1")
+    assert linear.bf16_amx_chosen(library) and library.on == 1
+    monkeypatch.setenv(linear.BF16_AMX_ENV, "yes")
+    with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_AMX='yes': expected 1"):
+        linear.bf16_amx_chosen(library)
+
+
+def test_a_bf16_model_names_its_tiles_and_a_float32_model_leaves_them_alone(monkeypatch):
+    from atb_models.kernels import linear
+
+    library = native.NativeLibrary.load() if AVX512 else None
+    if library is None:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
+    tiles = bool(library.atb_bf16_amx_available())
+    try:
+        assert ("on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
+        assert library.atb_bf16_use_amx(-1) == int(tiles)
+        assert "AMX" not in Kernels.for_plan(CPU_FP32).describe()
+        assert library.atb_bf16_use_amx(-1) == int(tiles)  # (a float32 model's products never read the switch)
+        monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
+        assert "AMX" not in Kernels.for_plan(CPU_BF16).describe() and library.atb_bf16_use_amx(-1) == 0
+    finally:
+        monkeypatch.undo()
+        Kernels.for_plan(CPU_BF16)  # the library's choice as this process makes it, for the tests after

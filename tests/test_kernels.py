@@ -57,8 +57,8 @@ def any_native_kernels(request, monkeypatch) -> Kernels:
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     kernels = Kernels.for_plan(CPU_FP32)
     assert kernels.describe().startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul native (AVX2), "
-                                         "decode attention native (AVX2), attention within segments sdpa, "
-                                         "decoder layers native (AVX2)")
+                                         "decode attention native (AVX2), prompt attention sdpa, vision attention "
+                                         "sdpa, decoder layers native (AVX2)")
     return kernels
 
 

@@ -167,8 +167,9 @@ BF16_TOLERANCE = 0.04
 
 def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
     """Greedy tokens identical to transformers' bf16 where its own bf16 is deterministic (the same tokens twice),
-    logits within bf16's resolution; on an AVX-512 CPU through the native bf16 decode path, and where the CPU has
-    AVX512-BF16 (no AMX) the prompt's and the image's attention through the kit's bfloat16 kernel."""
+    logits within bf16's resolution; on an AVX-512 CPU through the native bf16 decode path, where the CPU has
+    AVX512-BF16 the prompt's attention through the kit's bfloat16 kernel (the image's too where it has no AMX), and
+    where it has AMX-BF16 every product on the kit's AMX tiles."""
     from atb_models.kernels.attention import NativeBf16Attention
     from atb_models.kernels.decoder_layer import NativeDecoderLayer
 
@@ -180,8 +181,11 @@ def test_bf16_matches_transformers_in_bf16(tiny_checkpoint, sample_image_path):
         assert all(kernels.decoder_layer.weights_of(layer) is not None for layer in llm.runner.model.model.layers)
     assert ("vision rotary native" in kernels.describe()) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
     flags = cpu_flags()
-    assert isinstance(kernels.attention, NativeBf16Attention) == (
-        torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags and "amx_bf16" not in flags)
+    native_attention = torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in flags
+    assert isinstance(kernels.attention, NativeBf16Attention) == native_attention
+    assert isinstance(kernels.vision_attention, NativeBf16Attention) == (native_attention and "amx_bf16" not in flags)
+    if "amx_bf16" in flags and native_attention:
+        assert "on AMX tiles" in kernels.describe()
     requests = [[{"text": "Hello, what colour is the sky?"}],
                 [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}]]
     recorder = LogitsRecorder(llm)
@@ -249,8 +253,8 @@ def test_a_cpu_without_avx512_runs_the_avx2_linears_and_matches_transformers(tin
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("linear panel (AVX2), RMSNorm native (AVX2), silu-and-mul native (AVX2), decode "
-                                  "attention native (AVX2), attention within segments sdpa, decoder layers native "
-                                  "(AVX2), int8 weights torch"), \
+                                  "attention native (AVX2), prompt attention sdpa, vision attention sdpa, decoder "
+                                  "layers native (AVX2), int8 weights torch"), \
         done.stdout
     assert "torch reports AVX2 for this CPU (ATEN_CPU_CAPABILITY=avx2)" in done.stderr
     assert "the kit's AVX2 kernels (cpu_kernels_avx2) run a float32 model's" in done.stderr

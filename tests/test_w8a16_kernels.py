@@ -208,7 +208,7 @@ def test_the_avx2_librarys_decoder_layer_leaves_a_layer_with_int8_linears_to_its
     assert fused.weights_of(int8) is not None
 
 
-def test_the_native_library_is_built_with_vnni_and_avx512_bf16_only_where_the_cpu_reports_them():
+def test_the_native_library_is_built_with_vnni_avx512_bf16_and_amx_only_where_the_cpu_reports_them():
     from atb_models.kernels.native import CXX_FLAGS, compile_flags
 
     both = "processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni avx512_bf16\n"
@@ -218,6 +218,8 @@ def test_the_native_library_is_built_with_vnni_and_avx512_bf16_only_where_the_cp
     assert compile_flags(vnni) == (*CXX_FLAGS, "-mavx512vnni")
     assert compile_flags(bf16) == (*CXX_FLAGS, "-mavx512bf16")
     assert compile_flags("flags\t\t: fpu avx512f avx512bw\n") == CXX_FLAGS and "-mavx512bw" in CXX_FLAGS
+    amx = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8\n"
+    assert compile_flags(amx) == (*CXX_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@
 
 #include <vector>
 
+#include "amx_linear.h"
 #include "bf16.h"
 #include "panel_linear.h"
 
@@ -389,6 +390,7 @@ extern "C" {
 // either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
+    if (ran_amx(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
     if (ran_dot_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
     widened_linear<true>(x, M, K, ldx, wp, N, bias, y);
 }
@@ -402,6 +404,7 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
 // vdpbf16ps's order, pair after pair).
 void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                               const float* bias, uint16_t* y) {
+    if (ran_amx(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
     if (ran_dot_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
     thread_local std::vector<float> row_buffer, sum_buffer;  // (kept for the calling thread's next call)
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;

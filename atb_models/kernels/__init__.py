@@ -1,6 +1,6 @@
 """The compute kernels a model runs with, chosen once from its `Plan` and handed to the model, which hands each
 layer its own: linear (kernels.linear), RMSNorm (kernels.norm), silu-and-multiply (kernels.activation), decode
-attention and attention within segments (prefill, vision blocks: kernels.attention), how a decoder layer runs
+attention and attention within segments (a prompt's, an image's: kernels.attention), how a decoder layer runs
 (kernels.decoder_layer) and the vision tower's rotary and quick-GELU (kernels.vision). The kit's native CPU
 library (kernels.native) backs the CPU ones for float32 and bfloat16 language models.
 
@@ -35,7 +35,8 @@ class Kernels:
     rms_norm: RMSNormKernel = field(default_factory=RMSNormKernel)
     silu_and_mul: SiluAndMul = field(default_factory=SiluAndMul)
     decode_attention: SdpaDecodeAttention = field(default_factory=SdpaDecodeAttention)
-    attention: SegmentAttention = field(default_factory=SegmentAttention)  # within segments: prefill, vision
+    attention: SegmentAttention = field(default_factory=SegmentAttention)  # within segments: the prompt's
+    vision_attention: SegmentAttention = field(default_factory=SegmentAttention)  # within images and frames
     decoder_layer: LayerByLayer = field(default_factory=LayerByLayer)
     w8a16: TorchW8A16 = field(default_factory=TorchW8A16)  # weight-only int8 linears (kernels.w8a16)
     vision_rotary: VisionRotary = field(default_factory=VisionRotary)  # the vision tower's (kernels.vision)
@@ -49,7 +50,8 @@ class Kernels:
         model attention, norms, activation and whole decoder layers too; for a bfloat16 one its linears (bfloat16
         panels, kernels.linear.PanelLinear) and whole decoder layers' decode steps, while the operator-by-operator
         path (prefill) keeps PyTorch's bfloat16 operators but SiLU-and-multiply and attention: the kit's attention
-        where the CPU has AVX512-BF16 and no AMX, the vision tower's too (kernels.attention.segment_attention).
+        where the CPU has AVX512-BF16, the vision tower's too where it has no AMX (kernels.attention.segment_attention),
+        and on a CPU with AMX-BF16 every bfloat16 product on AMX tiles (kernels.linear.bf16_amx_chosen).
         The vision tower's rotary and quick-GELU are native in either dtype wherever a library loaded.
         Where the library cannot be used (no AVX-512, no compiler, a failed build, a library that disagrees with its
         declaration) PyTorch's operators run, the reason logged; on a CPU with AVX2 but not AVX-512 a float32 model
@@ -62,7 +64,9 @@ class Kernels:
         linears = linear_library(choice, plan, library)
         linear = cpu_linear_kernel(choice, linears, bf16_inputs=has_bf16_inputs(plan))
         w8a16 = w8a16_kernel(plan, library)
-        attention = segment_attention(plan, library, cpu_flags())
+        flags = cpu_flags()
+        attention = {"attention": segment_attention(plan, library, flags),
+                     "vision_attention": segment_attention(plan, library, flags, vision=True)}
         # float32: the AVX-512 library, or on a CPU without AVX-512 the AVX2 one (linear_library's choice)
         native = library if library is not None else linears
         # The vision tower's rotary and quick-GELU, in whichever dtype it runs, wherever a library loaded.
@@ -71,16 +75,17 @@ class Kernels:
         if native is not None and plan.llm_dtype == torch.float32:
             return cls(linear=linear, rms_norm=NativeRMSNorm(native), silu_and_mul=NativeSiluAndMul(native),
                        decode_attention=NativeDecodeAttention(native), decoder_layer=NativeDecoderLayer(native),
-                       attention=attention, w8a16=w8a16, **vision)
+                       w8a16=w8a16, **attention, **vision)
         # bfloat16: the native decoder layer where the linear packs bfloat16 weights (its check passed)
         if plan.llm_dtype == torch.bfloat16 and library is not None and getattr(linear, "bf16_op", None) is not None:
             return cls(linear=linear, silu_and_mul=NativeSiluAndMul(library), decode_attention=CpuDecodeAttention(),
-                       decoder_layer=NativeDecoderLayer(library), attention=attention, w8a16=w8a16, **vision)
-        return cls(linear=linear, decode_attention=CpuDecodeAttention(), attention=attention, w8a16=w8a16, **vision)
+                       decoder_layer=NativeDecoderLayer(library), w8a16=w8a16, **attention, **vision)
+        return cls(linear=linear, decode_attention=CpuDecodeAttention(), w8a16=w8a16, **attention, **vision)
 
     def describe(self) -> str:
         """One log line: which implementation each kernel is."""
         return (f"linear {self.linear.name}, RMSNorm {self.rms_norm.name}, silu-and-mul {self.silu_and_mul.name}, "
-                f"decode attention {self.decode_attention.name}, attention within segments {self.attention.name}, "
+                f"decode attention {self.decode_attention.name}, prompt attention {self.attention.name}, vision "
+                f"attention {self.vision_attention.name}, "
                 f"decoder layers {self.decoder_layer.name}, int8 weights {self.w8a16.name}, vision rotary "
                 f"{self.vision_rotary.name}, quick-GELU {self.quick_gelu.name}")

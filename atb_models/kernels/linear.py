@@ -325,16 +325,22 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         if bf16_op is not None:
             bf16_widening_chosen(library)  # float32 rows' way (a bfloat16 model's own rows widen in registers)
         dot_op = rows_op = unpack_op = None
+        amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
-            dot_op = library.atb_bf16_dot_linear_f32 if bf16_dot_chosen(library) else None
+            library.atb_bf16_use_amx(0)  # (the dot product is timed against the widening, not the tiles)
+            dot = bf16_dot_chosen(library)
+            amx = bf16_amx_chosen(library)
+            dot_op = library.atb_bf16_dot_linear_f32 if dot or amx else None
             rows_op = (library.atb_bf16_dot_linear_bf16 if _bf16_rows_right(library.atb_bf16_dot_linear_bf16)
                        else None)
             unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
         else:  # the bfloat16 switches go unread, but a bad value is bad input all the same
-            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
+            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES),
+                                 (BF16_AMX_ENV, BF16_AMX_VALUES)):
                 _pinned(name, *values)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
-                           bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op)
+                           bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op,
+                           name="panel, bfloat16 on AMX tiles" if amx else "panel")
     return OneDnnLinear(onednn, reorder)
 
 
@@ -376,6 +382,57 @@ def _bf16_rows_right(op) -> bool:
             logger.warning("the kit's bfloat16 kernel on bfloat16 rows gave wrong products here: not using it")
             return False
     return True
+
+
+BF16_AMX_ENV = "ATB_MODELS_CPU_BF16_AMX"
+BF16_AMX_VALUES = (("0", "1"), "1 (a bfloat16 model's products on AMX tiles, where the CPU has them) or 0 (on the "
+                   "vector kernels)")
+
+
+def bf16_amx_chosen(library) -> bool:
+    """Whether a bfloat16 model's products (every linear whose input size is a multiple of 32, at every row count)
+    run on AMX tiles (csrc/amx_linear.h); the library is told (atb_bf16_use_amx). Where the CPU has AMX-BF16, Linux
+    lets the process use the tiles and their products check right (_amx_products_right), they do unless
+    $ATB_MODELS_CPU_BF16_AMX=0. The tiles add a pair's products in their own way, so a row's sums are not the
+    vector kernels' (both within bfloat16's rounding of the exact sums): the choice is all or nothing, never by row
+    count, so that a row's sums do not depend on its batch. Decode's few rows gain nothing from the tiles (memory
+    decides), prefill's many gain several times (docs/PERFORMANCE.md)."""
+    forced = _pinned(BF16_AMX_ENV, *BF16_AMX_VALUES)
+    if forced == "0" or not library.atb_bf16_amx_available():
+        library.atb_bf16_use_amx(0)
+        return False
+    library.atb_bf16_use_amx(1)
+    if not _amx_products_right(library):
+        library.atb_bf16_use_amx(0)
+        return False
+    logger.info("a bfloat16 model's products on AMX tiles")
+    return True
+
+
+def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
+    """A wrong build must not reach the model: the tiles' products on float32 and on bfloat16 rows against F.linear
+    (within float32 sums' rounding, and bfloat16 outputs' rounding), and each row's sums the same, bit for bit, in a
+    product of 1, 19 (a tile and a part) and 40 rows (two chunks' worth of tiles and a part)."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, in_features),
+                                                                           (2 * PANEL_GROUP, in_features)))
+    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    x32, packed = x.float(), panel_layout(w)
+    expected = F.linear(x32, w.float(), b)
+    outputs = []
+    for count in (1, 19, rows):
+        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
+        library.atb_bf16_dot_linear_f32(x32.data_ptr(), count, in_features, in_features, packed.data_ptr(),
+                                        2 * PANEL_GROUP, b.data_ptr(), y.data_ptr())
+        outputs.append(y)
+    y16 = torch.full((rows, 2 * PANEL_GROUP), float("nan"), dtype=torch.bfloat16)
+    library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), 2 * PANEL_GROUP,
+                                     b.data_ptr(), y16.data_ptr())
+    if (torch.allclose(outputs[-1], expected, atol=1e-4) and torch.equal(y16, outputs[-1].bfloat16())
+            and all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])):
+        return True
+    logger.warning("the kit's AMX kernel gave wrong products here: bfloat16 products stay on its vector kernels")
+    return False
 
 
 BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"

@@ -47,11 +47,12 @@ AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32
                   "atb_quick_gelu_f32", "atb_quick_gelu_bf16")
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
-OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"))
+OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"), ("amx_tile", "-mamx-tile"),
+                ("amx_bf16", "-mamx-bf16"))
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 9  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 10  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -92,6 +93,8 @@ FUNCTIONS = {
         ("n_q", I64), ("n_k", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64), ("causal", I64),
         ("scale", F32), ("out", PTR), ("out_stride", I64))),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
+    "atb_bf16_amx_available": (I64, ()),
+    "atb_bf16_use_amx": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
     "atb_bf16_widen_in_registers": (I64, (("on", I64),)),
     "atb_w8a16_linear_f32": (None, (

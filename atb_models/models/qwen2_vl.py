@@ -55,7 +55,7 @@ class VisionAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = Linear(dim, 3 * dim, True, dtype, kernels.linear)
         self.proj = Linear(dim, dim, True, dtype, kernels.linear)
-        self.attention = kernels.attention
+        self.attention = kernels.vision_attention
         self.rotary = kernels.vision_rotary
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list) -> torch.Tensor:
