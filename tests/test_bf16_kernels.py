@@ -152,6 +152,26 @@ def test_batched_rows_widen_in_registers_or_in_blocks_to_the_same_sums_as_chosen
         library.atb_bf16_widen_in_registers(chosen)  # this process's measured choice, for the tests after
 
 
+def test_the_widening_is_timed_on_weights_evicted_from_the_caches_as_a_decode_step_meets_them(monkeypatch):
+    from atb_models.kernels import linear
+
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    library = native.NativeLibrary.load()
+    values = torch.randn(100_000)
+    kept = values.clone()
+    library.atb_evict_from_caches(values.data_ptr(), values.numel() * 4)
+    assert torch.equal(values, kept)  # evicted, not changed
+    evicted, evict = [], library.atb_evict_from_caches
+    monkeypatch.setattr(library, "atb_evict_from_caches", lambda p, n: (evicted.append(n), evict(p, n)))
+    was = library.atb_bf16_widen_in_registers(-1)
+    try:
+        registers, blocks = linear._time_bf16_widening(library, repeats=2)
+    finally:
+        library.atb_bf16_widen_in_registers(was)
+    assert registers > 0 and blocks > 0
+    assert evicted == [2048 * 1024 * 2] * 6  # before every call, the untimed round's too: 4 MB of bfloat16
+
+
 def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the_rest_to_onednn():
     kernel = native_bf16_kernels().linear
     large = torch.randn(1024, 512).bfloat16()

@@ -95,6 +95,14 @@ int64_t atb_use_stream_prefetch(int64_t on) {
     return stream_prefetch_on;
 }
 
+// Evicts bytes from p on from every cache level (clflush), so that the next read of them comes from memory: how
+// Python times a kernel as a decode step meets its weights (kernels/linear.py's _time_bf16_widening).
+void atb_evict_from_caches(const void* p, int64_t bytes) {
+    const char* line = static_cast<const char*>(p);
+    for (int64_t i = 0; i < bytes; i += 64) _mm_clflush(line + i);
+    _mm_mfence();
+}
+
 // x: [M, K] with row stride ldx; wp: [N / 64][K][64]; bias: [N] or null; y: [M, N].
 // N must be a multiple of 64.
 void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* wp, int64_t N,

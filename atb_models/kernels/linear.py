@@ -571,9 +571,9 @@ def bf16_widening_chosen(library) -> str:
     """How batched rows (more than 6) against bfloat16 panels widen the weights to float32: "registers" (each pass
     of 6 rows widens again) or "blocks" (each K block once, into L1); the library is told
     (atb_bf16_widen_in_registers). The sums are the same bit for bit. $ATB_MODELS_CPU_BF16_WIDEN decides, else a
-    measurement at 16 rows, once a process. Which is faster is not a CPU flag: on AMD Zen 4 the widening issues
-    beside the FMAs and registers ran 1.2x as fast at 16 rows (docs/PERFORMANCE.md); blocks were written for a Xeon,
-    whose widening takes FMA issue slots."""
+    measurement at 16 rows on weights evicted from the caches (_time_bf16_widening), once a process. Which is faster
+    is not a CPU flag: on AMD Zen 4 the widening issues beside the FMAs and registers ran 1.2x as fast at 16 rows, on
+    an Intel Xeon with AMX blocks 1.26x (docs/PERFORMANCE.md)."""
     forced = _pinned(BF16_WIDENING_ENV, ("registers", "blocks"),
                      "registers or blocks (how batched rows widen bfloat16 weights)")
     if not forced:
@@ -589,13 +589,23 @@ def bf16_widening_chosen(library) -> str:
 
 
 def _time_bf16_widening(library, rows: int = 16, repeats: int = 7) -> tuple:
-    """The best seconds of the widening kernel on `rows` rows widening in registers and in blocks, alternating."""
-    product = _bf16_product(library.atb_bf16_linear_f32, rows)
+    """The best seconds of the widening kernel on `rows` rows widening in registers and in blocks, alternating, each
+    call on 4 MB of weights evicted from the caches first (atb_evict_from_caches): a decode step streams its weights
+    from memory, and what tells the two ways apart is how each overlaps that stream with its arithmetic. (On an
+    Intel Xeon with AMX, 16 rows in registers took 0.91 of the blocks' time on weights in the caches and 1.27 on
+    evicted ones, as on the 24 layers of a model: 1.26; docs/PERFORMANCE.md.)"""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
+    weight = panel_layout(torch.randn(2048, 1024, generator=generator).bfloat16())
+    y = torch.empty(rows, 2048)
 
     def way(on: int):
         def run() -> float:
             library.atb_bf16_widen_in_registers(on)
-            return product()
+            library.atb_evict_from_caches(weight.data_ptr(), weight.numel() * weight.element_size())
+            start = time.perf_counter()
+            library.atb_bf16_linear_f32(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 2048, None, y.data_ptr())
+            return time.perf_counter() - start
         return run
     return _alternating([way(1), way(0)], repeats, min)
 

@@ -52,7 +52,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 10  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 11  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -96,6 +96,7 @@ FUNCTIONS = {
     "atb_bf16_amx_available": (I64, ()),
     "atb_bf16_use_amx": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
+    "atb_evict_from_caches": (None, (("p", PTR), ("bytes", I64))),
     "atb_bf16_widen_in_registers": (I64, (("on", I64),)),
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
