@@ -109,10 +109,7 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
 void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
                 int64_t N, const float* bias, float* y32, uint16_t* y16) {
     const int64_t column_groups = N / GROUP;
-    thread_local std::vector<uint16_t> inputs;  // a chunk's float32 rows in bfloat16
-    const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
-    if (x16 == nullptr && static_cast<int64_t>(inputs.size()) < chunk_rows * K) inputs.resize(chunk_rows * K);
-    uint16_t* converted = inputs.data();  // (the calling thread's buffer, shared with the team)
+    uint16_t* converted = conversion_buffer(x32, M < ROW_CHUNK ? M : ROW_CHUNK, K);
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
@@ -121,13 +118,8 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
         int configured = 0;  // the rows the tiles are configured for (0: not yet, in this call)
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-            const uint16_t* xb = x16 != nullptr ? x16 + m0 * ldx : converted;
-            const int64_t ldxb = x16 != nullptr ? ldx : K;
-            if (x16 == nullptr) {
-#pragma omp for
-                for (int64_t m = 0; m < chunk; m++) store_bf16(x32 + (m0 + m) * ldx, K, converted + m * K);
-                // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
-            }
+            int64_t ldxb;
+            const uint16_t* xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
             for (int64_t g = first; g < end; g++) {
                 const uint16_t* w = wp + g * K * GROUP;
                 for (int64_t r = 0; r < (chunk < AMX_ROWS ? chunk : AMX_ROWS); r++)
@@ -163,18 +155,6 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
 // Whether a bfloat16 model's products run on the tiles: off until atb_bf16_use_amx turns it on (kernels/linear.py).
 int64_t bf16_amx_on = 0;
 
-// amx_linear where the tiles are on and K is a multiple of 32; whether it ran.
-bool ran_amx(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
-             const float* bias, float* y32, uint16_t* y16) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (bf16_amx_on && K % AMX_STEPS == 0) {
-        amx_linear(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
-        return true;
-    }
-#endif
-    return false;
-}
-
 }  // namespace
 
 extern "C" {
@@ -191,9 +171,6 @@ int64_t atb_bf16_amx_available() {
 // Turns the tiles on (1) or off (0) for a bfloat16 model's products (atb_bf16_dot_linear_f32 and _bf16, whose K is
 // a multiple of 32: every row count), where they are available (a negative `on` changes nothing); returns whether
 // they are on.
-int64_t atb_bf16_use_amx(int64_t on) {
-    if (on >= 0) bf16_amx_on = on && atb_bf16_amx_available();
-    return bf16_amx_on;
-}
+int64_t atb_bf16_use_amx(int64_t on) { return set_switch(bf16_amx_on, on, atb_bf16_amx_available()); }
 
 }  // extern "C"

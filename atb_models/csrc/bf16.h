@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #include "lanes.h"
 
 namespace {
@@ -33,6 +35,26 @@ inline void store_bf16(const float* x, int64_t n, uint16_t* out) {
     int64_t i = 0;
     for (; i + L::N <= n; i += L::N) L::store_bf16(out + i, L::load(x + i));
     for (; i < n; i++) out[i] = float_to_bf16(x[i]);
+}
+
+// The calling thread's buffer for chunk_in_bf16's conversions of up to `rows` rows of K (where x32 is given), kept
+// for its next call and shared with the team it starts.
+inline uint16_t* conversion_buffer(const float* x32, int64_t rows, int64_t K) {
+    thread_local std::vector<uint16_t> inputs;
+    if (x32 != nullptr && static_cast<int64_t>(inputs.size()) < rows * K) inputs.resize(rows * K);
+    return inputs.data();
+}
+
+// Called by every thread of a parallel region: a chunk's rows m0 .. m0 + chunk as bfloat16, and their stride in
+// `ld`: x16's where they lie, or x32's (ldx apart) converted into `converted` (K apart), shared by the team (the
+// conversion's loop ends when every thread is done with it).
+inline const uint16_t* chunk_in_bf16(const float* x32, const uint16_t* x16, int64_t m0, int64_t chunk, int64_t ldx,
+                                     int64_t K, uint16_t* converted, int64_t& ld) {
+    ld = x16 != nullptr ? ldx : K;
+    if (x16 != nullptr) return x16 + m0 * ldx;
+#pragma omp for
+    for (int64_t m = 0; m < chunk; m++) store_bf16(x32 + (m0 + m) * ldx, K, converted + m * K);
+    return converted;
 }
 
 // x[0:n] = float32(bfloat16(x[0:n])), in place: the values a bfloat16 tensor would hold.

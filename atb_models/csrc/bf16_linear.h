@@ -183,10 +183,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
 extern "C" {
 
 // Batched rows widen in registers (1) or in blocks (0) from now on (a negative `on` changes nothing); returns which.
-int64_t atb_bf16_widen_in_registers(int64_t on) {
-    if (on >= 0) bf16_widen_in_registers = on != 0;
-    return bf16_widen_in_registers;
-}
+int64_t atb_bf16_widen_in_registers(int64_t on) { return set_switch(bf16_widen_in_registers, on); }
 
 // x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
 // [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16
@@ -297,10 +294,7 @@ int64_t atb_bf16_dot_available() {
 
 // Turns the dot product on (1) or off (0) for atb_bf16_dot_linear_f32, where the build has it (a negative `on`
 // changes nothing); returns whether it is on.
-int64_t atb_bf16_use_dot(int64_t on) {
-    if (on >= 0) bf16_dot_on = on && atb_bf16_dot_available();
-    return bf16_dot_on;
-}
+int64_t atb_bf16_use_dot(int64_t on) { return set_switch(bf16_dot_on, on, atb_bf16_dot_available()); }
 
 }  // extern "C"
 
@@ -316,11 +310,8 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
                      int64_t N, const float* bias, float* y32, uint16_t* y16) {
     const int64_t column_groups = N / GROUP;
     constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
-    // A chunk's rows in bfloat16 (kept for the calling thread's next call).
-    thread_local std::vector<uint16_t> inputs;
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
-    if (x16 == nullptr && static_cast<int64_t>(inputs.size()) < chunk_rows * K) inputs.resize(chunk_rows * K);
-    uint16_t* converted = inputs.data();  // (the calling thread's buffer, shared with the team)
+    uint16_t* converted = conversion_buffer(x32, chunk_rows, K);
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
@@ -331,13 +322,8 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
             const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
-            const uint16_t* xb = x16 != nullptr ? x16 + m0 * ldx : converted;
-            const int64_t ldxb = x16 != nullptr ? ldx : K;
-            if (x16 == nullptr) {
-#pragma omp for
-                for (int64_t m = 0; m < chunk; m++) store_bf16(x32 + (m0 + m) * ldx, K, converted + m * K);
-                // (the loop's end waits for every thread: the chunk is all in bfloat16 from here on)
-            }
+            int64_t ldxb;
+            const uint16_t* xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
             for (int64_t g = first; g < end; g++) {
                 const uint16_t* w = wp + g * K * GROUP;
                 float* sums = y16 != nullptr ? group_sums.data() : y32 + m0 * N + g * GROUP;
@@ -370,9 +356,17 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
 
 #endif  // __AVX512BF16__
 
-// dot_linear_rows where the build has the dot product, it is on and the rows are more than MAX_ROWS; whether it ran.
-bool ran_dot_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
-                  int64_t N, const float* bias, float* y32, uint16_t* y16) {
+// amx_linear where the build has the tiles, they are on and K is a multiple of 32 (every row count: amx_linear.h),
+// else dot_linear_rows where the build has the dot product, it is on and the rows are more than MAX_ROWS; whether
+// either ran.
+bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
+                      int64_t N, const float* bias, float* y32, uint16_t* y16) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (bf16_amx_on && K % AMX_STEPS == 0) {
+        amx_linear(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
+        return true;
+    }
+#endif
 #ifdef __AVX512BF16__
     if (M > MAX_ROWS && bf16_dot_on) {
         dot_linear_rows(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
@@ -392,8 +386,7 @@ extern "C" {
 // either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
-    if (ran_amx(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
-    if (ran_dot_rows(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
+    if (ran_tiles_or_dot(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;
     widened_linear<true>(x, M, K, ldx, wp, N, bias, y);
 }
 
@@ -406,8 +399,7 @@ void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, 
 // vdpbf16ps's order, pair after pair).
 void atb_bf16_dot_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                               const float* bias, uint16_t* y) {
-    if (ran_amx(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
-    if (ran_dot_rows(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
+    if (ran_tiles_or_dot(nullptr, x, M, K, ldx, wp, N, bias, nullptr, y)) return;
     thread_local std::vector<float> row_buffer, sum_buffer;  // (kept for the calling thread's next call)
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
     if (static_cast<int64_t>(row_buffer.size()) < chunk_rows * K) row_buffer.resize(chunk_rows * K);

@@ -40,6 +40,13 @@ constexpr int64_t AHEAD = 16;          // single pass: prefetch this many k-step
 // it once a process (kernels/linear.py's stream_prefetch_chosen) and sets it with atb_use_stream_prefetch.
 int64_t stream_prefetch_on = 1;
 
+// A process-wide switch of the library's (Python's choice, made once): set to whether `on`, where `on` is not
+// negative and the build can (`able`); its value.
+inline int64_t set_switch(int64_t& value, int64_t on, bool able = true) {
+    if (on >= 0) value = on != 0 && able;
+    return value;
+}
+
 // acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y. While it runs, prefetch `share` lines from
 // `pf` on, spread evenly over the k-steps.
 template <int MR>
@@ -90,10 +97,7 @@ extern "C" {
 
 // Turns single-pass prefetching on (1) or off (0) for every kernel (a negative `on` changes nothing); returns
 // whether it is on.
-int64_t atb_use_stream_prefetch(int64_t on) {
-    if (on >= 0) stream_prefetch_on = on != 0;
-    return stream_prefetch_on;
-}
+int64_t atb_use_stream_prefetch(int64_t on) { return set_switch(stream_prefetch_on, on); }
 
 // Evicts bytes from p on from every cache level (clflush), so that the next read of them comes from memory: how
 // Python times a kernel as a decode step meets its weights (kernels/linear.py's _time_bf16_widening).
