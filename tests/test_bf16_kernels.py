@@ -32,7 +32,7 @@ def native_bf16_attention_kernels() -> Kernels:
     """native_bf16_kernels whose attention within segments is the kit's (skips where it is not)."""
     kernels = native_bf16_kernels()
     if not isinstance(kernels.attention, NativeBf16Attention):
-        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16 (and runs where the CPU has no AMX)")
+        pytest.skip("the kit's bfloat16 attention needs AVX512-BF16")
     return kernels
 
 
@@ -157,10 +157,6 @@ def test_the_widening_is_timed_on_weights_evicted_from_the_caches_as_a_decode_st
 
     native_bf16_kernels()  # (skips where the native kernels cannot run)
     library = native.NativeLibrary.load()
-    values = torch.randn(100_000)
-    kept = values.clone()
-    library.atb_evict_from_caches(values.data_ptr(), values.numel() * 4)
-    assert torch.equal(values, kept)  # evicted, not changed
     evicted, evict = [], library.atb_evict_from_caches
     monkeypatch.setattr(library, "atb_evict_from_caches", lambda p, n: (evicted.append(n), evict(p, n)))
     was = library.atb_bf16_widen_in_registers(-1)
@@ -509,7 +505,9 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     assert library.atb_bf16_dot_available() == int(has_bf16)
     monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
     dot, widening = library.atb_bf16_dot_linear_f32, library.atb_bf16_linear_f32
-    monkeypatch.setenv(linear.BF16_AMX_ENV, "0")  # (with AMX tiles every product takes atb_bf16_dot_linear_f32)
+    # (with AMX tiles every product takes atb_bf16_dot_linear_f32: off here, as if this process had started so)
+    monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
+    monkeypatch.setattr(linear, "_bf16_amx_decided", {})
     try:
         # Forced off, the library is told too; forced on, it runs the dot product where the build has it.
         monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
@@ -613,9 +611,13 @@ def test_bf16_attention_is_the_kits_where_avx512_bf16_runs_it_but_an_amx_cpu_s_v
     zen4, amx = {"avx512f", "avx512_bf16"}, {"avx512f", "avx512_bf16", "amx_bf16"}
     for vision in (False, True):
         assert isinstance(segment_attention(CPU_BF16, library(), zen4, vision), NativeBf16Attention)
-        # Only the vision tower in bfloat16 is enough: its blocks attend within images.
-        vision_only = dataclasses.replace(CPU_FP32, vision_dtype=torch.bfloat16)
-        assert isinstance(segment_attention(vision_only, library(), zen4, vision), NativeBf16Attention)
+    # Each tower by its own dtype: a float32 language model with a bfloat16 vision tower, and the other way round.
+    vision_only = dataclasses.replace(CPU_FP32, vision_dtype=torch.bfloat16)
+    assert isinstance(segment_attention(vision_only, library(), zen4, vision=True), NativeBf16Attention)
+    assert type(segment_attention(vision_only, library(), zen4)) is SegmentAttention
+    language_only = dataclasses.replace(CPU_BF16, vision_dtype=torch.float32)
+    assert isinstance(segment_attention(language_only, library(), zen4), NativeBf16Attention)
+    assert type(segment_attention(language_only, library(), zen4, vision=True)) is SegmentAttention
     # With AMX: a prompt's attention stays the kit's (the same rows whether its prefix came from the cache), an
     # image's is PyTorch's, whose flash attention multiplies in AMX tiles.
     assert isinstance(segment_attention(CPU_BF16, library(), amx), NativeBf16Attention)
@@ -848,20 +850,31 @@ def test_amx_tiles_are_chosen_where_the_cpu_has_them_unless_switched_off_or_wron
     from atb_models.kernels import linear
 
     monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
+    monkeypatch.setattr(linear, "_bf16_amx_decided", {})
     for available, right, chosen in ((True, True, True), (False, True, False), (True, False, False)):
         library = _TileLibrary(available, right)
         caplog.clear()
         with caplog.at_level("WARNING", logger="atb_models.kernels"):
             assert linear.bf16_amx_chosen(library) == chosen and library.on == int(chosen)
         assert ("AMX kernel gave wrong products" in caplog.text) == (available and not right)
-    library = _TileLibrary(True)
     monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
-    assert not linear.bf16_amx_chosen(library) and library.on == 0
+    off = _TileLibrary(True)
+    assert not linear.bf16_amx_chosen(off) and off.on == 0
     monkeypatch.setenv(linear.BF16_AMX_ENV, "1")
-    assert linear.bf16_amx_chosen(library) and library.on == 1
+    on = _TileLibrary(True)
+    assert linear.bf16_amx_chosen(on) and on.on == 1
+    # Once a process: a later load neither changes an earlier model's sums nor fails; the other value is logged.
+    for library, value, chosen in ((on, "0", True), (off, "1", False)):
+        monkeypatch.setenv(linear.BF16_AMX_ENV, value)
+        library.on = 1 - library.on  # (whatever the library's switch was left at, the process's choice is set)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="atb_models.kernels"):
+            assert linear.bf16_amx_chosen(library) == chosen and library.on == int(chosen)
+        assert f"ATB_MODELS_CPU_BF16_AMX={value} is read once a process" in caplog.text
     monkeypatch.setenv(linear.BF16_AMX_ENV, "yes")
     with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_AMX='yes': expected 1"):
-        linear.bf16_amx_chosen(library)
+        linear.bf16_amx_chosen(on)
+    assert on.on == 1
 
 
 def test_a_bf16_model_names_its_tiles_and_a_float32_model_leaves_them_alone(monkeypatch):
@@ -877,8 +890,27 @@ def test_a_bf16_model_names_its_tiles_and_a_float32_model_leaves_them_alone(monk
         assert library.atb_bf16_use_amx(-1) == int(tiles)
         assert "AMX" not in Kernels.for_plan(CPU_FP32).describe()
         assert library.atb_bf16_use_amx(-1) == int(tiles)  # (a float32 model's products never read the switch)
+        # A later bfloat16 model asking otherwise does not move the first one's products (once a process).
         monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
-        assert "AMX" not in Kernels.for_plan(CPU_BF16).describe() and library.atb_bf16_use_amx(-1) == 0
+        assert ("on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
+        assert library.atb_bf16_use_amx(-1) == int(tiles)
     finally:
         monkeypatch.undo()
         Kernels.for_plan(CPU_BF16)  # the library's choice as this process makes it, for the tests after
+
+
+def test_a_compiler_without_amx_still_builds_the_avx512_library_without_the_tiles(monkeypatch, caplog):
+    """GCC before 11 refuses -mamx-tile: that must not cost an AMX CPU every other native kernel."""
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    real_build, tried = native.build, []
+
+    def build(name, flags=None):
+        tried.append(flags)
+        return None if "-mamx-tile" in flags else real_build(name, flags)
+    monkeypatch.setattr(native, "compile_flags", lambda: (*native.CXX_FLAGS, "-mamx-tile", "-mamx-bf16"))
+    monkeypatch.setattr(native, "build", build)
+    with caplog.at_level("INFO", logger="atb_models.native"):
+        library = native.NativeLibrary.load()
+    assert library is not None and library.atb_bf16_amx_available() == 0
+    assert tried == [(*native.CXX_FLAGS, "-mamx-tile", "-mamx-bf16"), native.CXX_FLAGS]
+    assert "without AMX (-mamx-tile -mamx-bf16)" in caplog.text

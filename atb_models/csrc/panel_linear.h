@@ -102,8 +102,9 @@ int64_t atb_use_stream_prefetch(int64_t on) { return set_switch(stream_prefetch_
 // Evicts bytes from p on from every cache level (clflush), so that the next read of them comes from memory: how
 // Python times a kernel as a decode step meets its weights (kernels/linear.py's _time_bf16_widening).
 void atb_evict_from_caches(const void* p, int64_t bytes) {
-    const char* line = static_cast<const char*>(p);
-    for (int64_t i = 0; i < bytes; i += 64) _mm_clflush(line + i);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+    for (uintptr_t line = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; line < end; line += 64)
+        _mm_clflush(reinterpret_cast<const void*>(line));
     _mm_mfence();
 }
 

@@ -327,7 +327,6 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         dot_op = rows_op = unpack_op = None
         amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
-            library.atb_bf16_use_amx(0)  # (the dot product is timed against the widening, not the tiles)
             dot = bf16_dot_chosen(library)
             amx = bf16_amx_chosen(library)
             dot_op = library.atb_bf16_dot_linear_f32 if dot or amx else None
@@ -389,24 +388,47 @@ BF16_AMX_VALUES = (("0", "1"), "1 (a bfloat16 model's products on AMX tiles, whe
                    "vector kernels)")
 
 
+_bf16_amx_decided: dict = {}  # the library's switch (its address) -> whether the tiles are on: once a process
+
+
 def bf16_amx_chosen(library) -> bool:
     """Whether a bfloat16 model's products (every linear whose input size is a multiple of 32, at every row count)
     run on AMX tiles (csrc/amx_linear.h); the library is told (atb_bf16_use_amx). Where the CPU has AMX-BF16, Linux
     lets the process use the tiles and their products check right (_amx_products_right), they do unless
     $ATB_MODELS_CPU_BF16_AMX=0. The tiles add a pair's products in their own way, so a row's sums are not the
     vector kernels' (both within bfloat16's rounding of the exact sums): the choice is all or nothing, never by row
-    count, so that a row's sums do not depend on its batch. Decode's few rows gain nothing from the tiles (memory
-    decides), prefill's many gain several times (docs/PERFORMANCE.md)."""
+    count, so that a row's sums do not depend on its batch; and it is made once a process, by the first bfloat16
+    model's load, since the switch is the library's and a later load must not change the sums of a model already
+    serving (a later value that differs is logged and not followed). Decode's few rows gain nothing from the tiles
+    (memory decides), prefill's many gain several times (docs/PERFORMANCE.md)."""
     forced = _pinned(BF16_AMX_ENV, *BF16_AMX_VALUES)
-    if forced == "0" or not library.atb_bf16_amx_available():
+    key = _switch_key(library, "atb_bf16_use_amx")
+    if key in _bf16_amx_decided:
+        on = _bf16_amx_decided[key]
+        if forced is not None and (forced == "1") != on and (forced == "0" or library.atb_bf16_amx_available()):
+            logger.warning("%s=%s is read once a process: a bfloat16 model's products stay %s AMX tiles, as the "
+                           "first bfloat16 model of this process has them", BF16_AMX_ENV, forced,
+                           "on" if on else "off")
+        library.atb_bf16_use_amx(int(on))
+        return on
+    on = forced != "0" and bool(library.atb_bf16_amx_available())
+    library.atb_bf16_use_amx(int(on))
+    if on and not _amx_products_right(library):
         library.atb_bf16_use_amx(0)
-        return False
-    library.atb_bf16_use_amx(1)
-    if not _amx_products_right(library):
-        library.atb_bf16_use_amx(0)
-        return False
-    logger.info("a bfloat16 model's products on AMX tiles")
-    return True
+        on = False
+    _bf16_amx_decided[key] = on
+    if on:
+        logger.info("a bfloat16 model's products on AMX tiles")
+    return on
+
+
+def _switch_key(library, name: str):
+    """What identifies a library's switch `name` across its loads: the C function's address (the library object
+    itself where it is not a loaded one)."""
+    try:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    except (ctypes.ArgumentError, TypeError):
+        return library
 
 
 def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
@@ -487,23 +509,23 @@ def _without_dot(library):
 
 
 def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -> tuple:
-    """The best seconds of each op on `rows` rows against a 512x1024 bfloat16 weight (1 MB: the cache's, not
-    memory's speed), alternating."""
+    """The best seconds of each op on `rows` rows against a 512x1008 bfloat16 weight (1 MB: the cache's, not
+    memory's speed), alternating. (1008 k-steps, not a multiple of 32: never the AMX tiles' product.)"""
     return _alternating([_bf16_product(op, rows) for op in (dot_op, widening_op)], repeats, min)
 
 
 def _bf16_product(op, rows: int, calls: int = 10):
-    """A function running `calls` of a bfloat16 linear op on `rows` rows against a 512x1024 bfloat16 weight (1 MB:
+    """A function running `calls` of a bfloat16 linear op on `rows` rows against a 512x1008 bfloat16 weight (1 MB:
     the cache's, not memory's speed), and returning the seconds of one."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
-    weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
+    x = torch.randn(rows, 1008, generator=generator).bfloat16().float()
+    weight = panel_layout(torch.randn(512, 1008, generator=generator).bfloat16())
     y = torch.empty(rows, 512)
 
     def run() -> float:
         start = time.perf_counter()
         for _ in range(calls):
-            op(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512, None, y.data_ptr())
+            op(x.data_ptr(), rows, 1008, 1008, weight.data_ptr(), 512, None, y.data_ptr())
         return (time.perf_counter() - start) / calls
     return run
 

@@ -178,7 +178,14 @@ class NativeLibrary:
                         "run instead (and the kit's AVX2 kernels where they apply)", LIBRARY, capability,
                         f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
             return None
-        return cls._built(LIBRARY, compile_flags(), "avx512")
+        flags = compile_flags()
+        library = cls._built(LIBRARY, flags, "avx512")
+        tiles = tuple(option for flag, option in OPTIONAL_ISA if flag.startswith("amx_"))
+        if library is None and set(tiles) & set(flags):
+            # A compiler too old for AMX (GCC before 11) must not cost the CPU every other native kernel.
+            logger.info("building the kit's %s kernels without AMX (%s)", LIBRARY, " ".join(tiles))
+            library = cls._built(LIBRARY, tuple(f for f in flags if f not in tiles), "avx512")
+        return library
 
     @classmethod
     def load_avx2(cls) -> NativeLibrary | None:
