@@ -342,3 +342,11 @@ def test_a_quantized_models_decode_floor_counts_int8_weights_and_their_scales(ti
     assert floors.kit_decode_bytes(fp.runner.model) - floors.kit_decode_bytes(q.runner.model) == saved
     machine = floors.Machine(bandwidth=1e9, matmul_rate=1e15)
     assert floors.decode_floor(1000, 4, 1, machine, weight_bytes=500) == pytest.approx(500 / 1e9)
+
+
+def test_compare_says_from_which_step_the_kit_s_tokens_part_from_transformers():
+    from atb_models.benchmark.compare import first_difference
+
+    assert first_difference([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert first_difference([5, 6], [7, 6]) == 0
+    assert first_difference([1, 2], [1, 2, 3]) == 2  # one output longer: from the shorter one's end

@@ -78,6 +78,7 @@ class Results:
     decode_params: int = 0
     bytes_per_param: int = 4
     tokens_match: dict = field(default_factory=dict)
+    first_difference: dict = field(default_factory=dict)  # workload -> (the first differing step, of how many)
     decode_bytes: dict = field(default_factory=dict)  # kit mode -> bytes of weights a decode step reads
     top1_agreement: float | None = None  # w8a16's teacher-forced argmax against the float kit's greedy tokens
 
@@ -228,8 +229,10 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
         single = requests["single"]
         _alternate(results, "single", {**kit_runs("single", single),
                                        "hf": partial(reference.run_one_at_a_time, single)}, repeats)
-        results.tokens_match["single"] = (results.runs[("single", "kit")][-1].token_ids
-                                          == results.runs[("single", "hf")][-1].token_ids)
+        ours, theirs = (results.runs[("single", side)][-1].token_ids[0] for side in ("kit", "hf"))  # its one request
+        results.tokens_match["single"] = ours == theirs
+        if ours != theirs:
+            results.first_difference["single"] = first_difference(ours, theirs), max(len(ours), len(theirs))
     if "batch16" in workloads:
         batch = requests["batch16"]
         _alternate(results, "batch16", {**kit_runs("batch16", batch),
@@ -261,6 +264,11 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     return results, setup
+
+
+def first_difference(ours: list, theirs: list) -> int:
+    """The index of the first token where two outputs part (the shorter one's length where one extends the other)."""
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
 
 
 def _top1_agreement(results: Results, requests: dict, engine: KitEngine) -> float | None:
@@ -332,7 +340,10 @@ def report(results: Results, setup: dict, preset: Preset) -> str:
         for figure, label in (("seconds", "end-to-end (ms)"), ("first_token", "first token (ms)"),
                               ("per_token", "per decode step (ms)")):
             row("single", label, results.median("single", "kit", figure), results.median("single", "hf", figure))
-        same = "identical" if results.tokens_match.get("single") else "differ (random weights: near-ties)"
+        same = "identical"
+        if not results.tokens_match.get("single"):
+            step, count = results.first_difference["single"]
+            same = f"differ from step {step + 1} of {count} (random weights: near-ties)"
         lines.append(f"single: kit and transformers tokens {same}")
     if results.has("batch16"):
         kit_s = results.median("batch16", "kit", "seconds")
