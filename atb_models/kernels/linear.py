@@ -423,8 +423,8 @@ def bf16_amx_chosen(library) -> bool:
 
 
 def _switch_key(library, name: str):
-    """What identifies a library's switch `name` across its loads: the C function's address (the library object
-    itself where it is not a loaded one)."""
+    """What identifies a library's function `name` across its loads, for the choices measured or made once a
+    process: the C function's address (the library object itself where it is not a loaded one)."""
     try:
         return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
     except (ctypes.ArgumentError, TypeError):
@@ -482,7 +482,7 @@ def bf16_dot_chosen(library) -> bool:
         library.atb_bf16_use_dot(0)
         return False
     if forced != "1":
-        key = ctypes.cast(library.atb_bf16_dot_linear_f32, ctypes.c_void_p).value
+        key = _switch_key(library, "atb_bf16_dot_linear_f32")
         if key not in _bf16_dot_measured:
             dot, widening = _time_bf16_products(library.atb_bf16_dot_linear_f32, _without_dot(library))
             _bf16_dot_measured[key] = dot, widening
@@ -514,19 +514,24 @@ def _time_bf16_products(dot_op, widening_op, rows: int = 32, repeats: int = 7) -
     return _alternating([_bf16_product(op, rows) for op in (dot_op, widening_op)], repeats, min)
 
 
-def _bf16_product(op, rows: int, calls: int = 10):
-    """A function running `calls` of a bfloat16 linear op on `rows` rows against a 512x1008 bfloat16 weight (1 MB:
-    the cache's, not memory's speed), and returning the seconds of one."""
+def _bf16_product(op, rows: int, calls: int = 10, out_features: int = 512, in_features: int = 1008, evict=None):
+    """A function running `calls` of a bfloat16 linear op on `rows` rows against an out_features x in_features
+    bfloat16 weight (by default 1 MB: the cache's, not memory's speed), and returning the seconds of one; with
+    `evict` (the library's atb_evict_from_caches) the weight is evicted from the caches before each call, untimed."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 1008, generator=generator).bfloat16().float()
-    weight = panel_layout(torch.randn(512, 1008, generator=generator).bfloat16())
-    y = torch.empty(rows, 512)
+    x = torch.randn(rows, in_features, generator=generator).bfloat16().float()
+    weight = panel_layout(torch.randn(out_features, in_features, generator=generator).bfloat16())
+    y = torch.empty(rows, out_features)
 
     def run() -> float:
-        start = time.perf_counter()
+        seconds = 0.0
         for _ in range(calls):
-            op(x.data_ptr(), rows, 1008, 1008, weight.data_ptr(), 512, None, y.data_ptr())
-        return (time.perf_counter() - start) / calls
+            if evict is not None:
+                evict(weight.data_ptr(), weight.numel() * weight.element_size())
+            start = time.perf_counter()
+            op(x.data_ptr(), rows, in_features, in_features, weight.data_ptr(), out_features, None, y.data_ptr())
+            seconds += time.perf_counter() - start
+        return seconds / calls
     return run
 
 
@@ -599,7 +604,7 @@ def bf16_widening_chosen(library) -> str:
     forced = _pinned(BF16_WIDENING_ENV, ("registers", "blocks"),
                      "registers or blocks (how batched rows widen bfloat16 weights)")
     if not forced:
-        key = ctypes.cast(library.atb_bf16_widen_in_registers, ctypes.c_void_p).value
+        key = _switch_key(library, "atb_bf16_widen_in_registers")
         if key not in _bf16_widening_measured:
             _bf16_widening_measured[key] = _time_bf16_widening(library)
             logger.info("bfloat16 weights widened for 16 rows: in registers %.0f us, in blocks %.0f us",
@@ -616,18 +621,13 @@ def _time_bf16_widening(library, rows: int = 16, repeats: int = 7) -> tuple:
     from memory, and what tells the two ways apart is how each overlaps that stream with its arithmetic. (On an
     Intel Xeon with AMX, 16 rows in registers took 0.91 of the blocks' time on weights in the caches and 1.27 on
     evicted ones, as on the 24 layers of a model: 1.26; docs/PERFORMANCE.md.)"""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 1024, generator=generator).bfloat16().float()
-    weight = panel_layout(torch.randn(2048, 1024, generator=generator).bfloat16())
-    y = torch.empty(rows, 2048)
+    product = _bf16_product(library.atb_bf16_linear_f32, rows, calls=1, out_features=2048, in_features=1024,
+                            evict=library.atb_evict_from_caches)
 
     def way(on: int):
         def run() -> float:
             library.atb_bf16_widen_in_registers(on)
-            library.atb_evict_from_caches(weight.data_ptr(), weight.numel() * weight.element_size())
-            start = time.perf_counter()
-            library.atb_bf16_linear_f32(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 2048, None, y.data_ptr())
-            return time.perf_counter() - start
+            return product()
         return run
     return _alternating([way(1), way(0)], repeats, min)
 
@@ -647,7 +647,7 @@ def stream_prefetch_chosen(library) -> bool:
                      "1 (decode's weight streams prefetch in software) or 0 (the hardware prefetchers alone)")
     if forced:
         return bool(library.atb_use_stream_prefetch(int(forced)))
-    key = ctypes.cast(library.atb_use_stream_prefetch, ctypes.c_void_p).value
+    key = _switch_key(library, "atb_use_stream_prefetch")
     if key not in _stream_prefetch_measured:
         with_prefetch, without = _time_stream_prefetch(library)
         _stream_prefetch_measured[key] = with_prefetch, without
