@@ -165,7 +165,7 @@ def test_the_widening_is_timed_on_weights_evicted_from_the_caches_as_a_decode_st
     finally:
         library.atb_bf16_widen_in_registers(was)
     assert registers > 0 and blocks > 0
-    assert evicted == [2048 * 1024 * 2] * 6  # before every call, the untimed round's too: 4 MB of bfloat16
+    assert evicted == [2048 * 1008 * 2] * 6  # before every call, the untimed round's too: 4 MB of bfloat16
 
 
 def test_the_panel_kernel_packs_large_bf16_weights_at_their_width_and_leaves_the_rest_to_onednn():
@@ -789,6 +789,75 @@ def test_amx_tiles_give_a_row_the_same_sums_at_any_row_count_close_to_the_exact_
         assert torch.equal(y32, expected) and torch.equal(y16, expected.bfloat16()), (rows, with_bias)
 
 
+# A float32 model's products of bfloat16 weights on the tiles, each input in three parts. Rows: one, two and five
+# (the parts in one block of tiles), six (three blocks), a tile, a tile and one, 40, 300 (past a chunk of 256).
+@pytest.mark.parametrize("in_features, out_features", [(32, 64), (96, 192), (896, 128)])
+def test_a_float32_model_s_tiles_give_a_row_the_same_sums_at_any_row_count_within_float32_s_rounding(
+        in_features, out_features):
+    library = amx_library()
+    from atb_models.kernels.linear import panel_layout
+
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator)
+    packed = panel_layout(weight)
+    # inputs of every size, read where they lie (in_features + 6 apart): each needs all three of its parts
+    wide = torch.randn(300, in_features + 6, generator=generator) * torch.logspace(-6, 6, in_features + 6)
+    x = wide[:, 2:in_features + 2]
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    scale = F.linear(x.double().abs(), weight.double().abs(), bias.double().abs())
+    before = library.atb_f32_use_amx(1)
+    try:
+        results = {}
+        for rows in (1, 2, 5, 6, 16, 17, 40, 300):
+            for with_bias in (True, False):
+                y = torch.full((rows, out_features), float("nan"))
+                library.atb_bf16_linear_f32(x.data_ptr(), rows, in_features, in_features + 6, packed.data_ptr(),
+                                            out_features, bias.data_ptr() if with_bias else None, y.data_ptr())
+                results[rows, with_bias] = y
+        library.atb_f32_use_amx(0)
+        k_order = torch.empty(300, out_features)
+        library.atb_bf16_linear_f32(x.data_ptr(), 300, in_features, in_features + 6, packed.data_ptr(),
+                                    out_features, bias.data_ptr(), k_order.data_ptr())
+    finally:
+        library.atb_f32_use_amx(before)
+    full = results[300, True]
+    # float32 sums of the exact products of float32 inputs: within float32's rounding of the sums of their sizes,
+    # as the vector kernels' k order is
+    assert ((full.double() - exact).abs() <= scale * in_features * 2 ** -23).all()
+    assert ((k_order.double() - exact).abs() <= scale * in_features * 2 ** -23).all()
+    assert not torch.equal(full, k_order) or in_features == 32  # (the tiles' own order: these are theirs)
+    for (rows, with_bias), y in results.items():
+        expected = full[:rows] if with_bias else results[300, False][:rows]
+        assert torch.equal(y, expected), (rows, with_bias)
+
+
+def test_a_float32_model_s_tiles_lose_no_bit_of_an_input_in_its_three_parts():
+    """Weights that pick one input each (one 1.0 a row): every output is one exact product, the sum of the input's
+    three parts, which must give back the input, bit for bit, at sizes from 1e-25 to 1e30 (a part below float32's
+    normal range, 2^-126, would be flushed: an input under about 2^-102)."""
+    library = amx_library()
+    from atb_models.kernels.linear import panel_layout
+
+    generator = torch.Generator().manual_seed(3)
+    in_features = 64
+    picks = torch.zeros(in_features, in_features)
+    picks[torch.arange(in_features), torch.randperm(in_features, generator=generator)] = 1.0
+    sizes = torch.logspace(-25, 30, in_features) * torch.randn(in_features, generator=generator).sign()
+    x = torch.randn(7, in_features, generator=generator) * sizes
+    x[0, :4] = torch.tensor([1 + 2 ** -23, -(1 + 2 ** -16 + 2 ** -23), 3.1415927, -2.0 ** 100])
+    packed = panel_layout(picks.bfloat16())  # (held: the library reads it by address)
+    before = library.atb_f32_use_amx(1)
+    try:
+        for rows in (1, 7):  # the parts in one block, and a block per part
+            y = torch.full((rows, in_features), float("nan"))
+            library.atb_bf16_linear_f32(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), in_features,
+                                        None, y.data_ptr())
+            assert torch.equal(y, F.linear(x[:rows], picks)), rows
+    finally:
+        library.atb_f32_use_amx(before)
+
+
 def test_with_the_tiles_on_an_input_size_off_32_stays_on_the_vector_kernels():
     library = amx_library()
     from atb_models.kernels.linear import panel_layout
@@ -813,7 +882,7 @@ class _TileLibrary:
     (the CPU and Linux allow the tiles), `right` (the products are F.linear's)."""
 
     def __init__(self, available: bool, right: bool = True):
-        self.available, self.right, self.on = available, right, 0
+        self.available, self.right, self.on, self.f32_on = available, right, 0, 0
 
     def atb_bf16_amx_available(self):
         return int(self.available)
@@ -822,6 +891,14 @@ class _TileLibrary:
         if on >= 0:
             self.on = int(on and self.available)
         return self.on
+
+    def atb_f32_use_amx(self, on):
+        if on >= 0:
+            self.f32_on = int(on and self.available)
+        return self.f32_on
+
+    def atb_bf16_linear_f32(self, *args):
+        self._product(*args, torch.float32)
 
     def _product(self, x, M, K, ldx, wp, N, bias, y, dtype):
         import ctypes
@@ -846,38 +923,44 @@ class _TileLibrary:
         self._product(*args, torch.bfloat16)
 
 
-def test_amx_tiles_are_chosen_where_the_cpu_has_them_unless_switched_off_or_wrong(monkeypatch, caplog):
+@pytest.mark.parametrize("model", ["bfloat16", "float32"])
+def test_amx_tiles_are_chosen_where_the_cpu_has_them_unless_switched_off_or_wrong(model, monkeypatch, caplog):
+    """Either model's choice (a bfloat16 model's products, a float32 model's of bfloat16 weights), each its own
+    switch of the library's, each made once a process, both by $ATB_MODELS_CPU_BF16_AMX."""
     from atb_models.kernels import linear
 
+    chosen_for, switch = {"bfloat16": (linear.bf16_amx_chosen, "on"), "float32": (linear.f32_amx_chosen, "f32_on")}[model]
+    other = "f32_on" if switch == "on" else "on"
     monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
     monkeypatch.setattr(linear, "_bf16_amx_decided", {})
     for available, right, chosen in ((True, True, True), (False, True, False), (True, False, False)):
         library = _TileLibrary(available, right)
         caplog.clear()
         with caplog.at_level("WARNING", logger="atb_models.kernels"):
-            assert linear.bf16_amx_chosen(library) == chosen and library.on == int(chosen)
-        assert ("AMX kernel gave wrong products" in caplog.text) == (available and not right)
+            assert chosen_for(library) == chosen and getattr(library, switch) == int(chosen)
+        assert getattr(library, other) == 0  # (the other model's switch is left alone)
+        assert ("AMX kernel gave wrong" in caplog.text) == (available and not right)
     monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
     off = _TileLibrary(True)
-    assert not linear.bf16_amx_chosen(off) and off.on == 0
+    assert not chosen_for(off) and getattr(off, switch) == 0
     monkeypatch.setenv(linear.BF16_AMX_ENV, "1")
     on = _TileLibrary(True)
-    assert linear.bf16_amx_chosen(on) and on.on == 1
+    assert chosen_for(on) and getattr(on, switch) == 1
     # Once a process: a later load neither changes an earlier model's sums nor fails; the other value is logged.
     for library, value, chosen in ((on, "0", True), (off, "1", False)):
         monkeypatch.setenv(linear.BF16_AMX_ENV, value)
-        library.on = 1 - library.on  # (whatever the library's switch was left at, the process's choice is set)
+        setattr(library, switch, 1 - getattr(library, switch))  # (whatever the switch was left at, the choice is set)
         caplog.clear()
         with caplog.at_level("WARNING", logger="atb_models.kernels"):
-            assert linear.bf16_amx_chosen(library) == chosen and library.on == int(chosen)
+            assert chosen_for(library) == chosen and getattr(library, switch) == int(chosen)
         assert f"ATB_MODELS_CPU_BF16_AMX={value} is read once a process" in caplog.text
     monkeypatch.setenv(linear.BF16_AMX_ENV, "yes")
     with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_AMX='yes': expected 1"):
-        linear.bf16_amx_chosen(on)
-    assert on.on == 1
+        chosen_for(on)
+    assert getattr(on, switch) == 1
 
 
-def test_a_bf16_model_names_its_tiles_and_a_float32_model_leaves_them_alone(monkeypatch):
+def test_each_model_names_its_tiles_and_leaves_the_other_model_s_switch_alone(monkeypatch):
     from atb_models.kernels import linear
 
     library = native.NativeLibrary.load() if AVX512 else None
@@ -886,17 +969,22 @@ def test_a_bf16_model_names_its_tiles_and_a_float32_model_leaves_them_alone(monk
     monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
     tiles = bool(library.atb_bf16_amx_available())
     try:
-        assert ("on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
+        assert ("bfloat16 on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
         assert library.atb_bf16_use_amx(-1) == int(tiles)
-        assert "AMX" not in Kernels.for_plan(CPU_FP32).describe()
-        assert library.atb_bf16_use_amx(-1) == int(tiles)  # (a float32 model's products never read the switch)
-        # A later bfloat16 model asking otherwise does not move the first one's products (once a process).
+        described = Kernels.for_plan(CPU_FP32).describe()
+        assert (linear.F32_TILES_NAME in described) == tiles and "bfloat16 on AMX" not in described
+        assert library.atb_bf16_use_amx(-1) == int(tiles) and library.atb_f32_use_amx(-1) == int(tiles)
+        # float32 weights kept float32 (ATB_MODELS_CPU_LINEAR=panel) never meet the tiles, and say so
+        assert "AMX" not in Kernels.for_plan(CPU_FP32, "panel").describe()
+        # A later model asking otherwise does not move the first one's products (once a process).
         monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
-        assert ("on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
-        assert library.atb_bf16_use_amx(-1) == int(tiles)
+        assert ("bfloat16 on AMX tiles" in Kernels.for_plan(CPU_BF16).describe()) == tiles
+        assert (linear.F32_TILES_NAME in Kernels.for_plan(CPU_FP32).describe()) == tiles
+        assert library.atb_bf16_use_amx(-1) == int(tiles) and library.atb_f32_use_amx(-1) == int(tiles)
     finally:
         monkeypatch.undo()
-        Kernels.for_plan(CPU_BF16)  # the library's choice as this process makes it, for the tests after
+        Kernels.for_plan(CPU_BF16)  # the library's choices as this process makes them, for the tests after
+        Kernels.for_plan(CPU_FP32)
 
 
 def test_a_compiler_without_amx_still_builds_the_avx512_library_without_the_tiles(monkeypatch, caplog):

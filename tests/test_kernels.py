@@ -18,8 +18,8 @@ from atb_models.kernels import Kernels, native
 from atb_models.kernels.activation import NativeSiluAndMul, SiluAndMul
 from atb_models.kernels.attention import CpuDecodeAttention, NativeDecodeAttention, SdpaDecodeAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
-from atb_models.kernels.linear import (ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear, PanelLinear,
-                                       is_panel_packed, linear_kernel, panel_layout)
+from atb_models.kernels.linear import (F32_TILES_NAME, ONEDNN_MIN_WEIGHT_ELEMENTS, PLAIN_LINEAR, OneDnnLinear,
+                                       PanelLinear, is_panel_packed, linear_kernel, panel_layout)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.vision import NativeQuickGelu, NativeVisionRotary, QuickGelu
 from atb_models.layers.rotary import apply_rotary
@@ -213,7 +213,9 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_or_avx
         assert not isinstance(kernel, PanelLinear) and isinstance(kernel, OneDnnLinear)
         return
     assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel"
-    assert kernel.name == {"avx512": "panel", "avx2": "panel (AVX2)"}[isa]
+    # (on a CPU with AMX a float32 model's bfloat16-valued weights multiply on its tiles, kernels.linear.f32_amx_chosen)
+    amx = isa == "avx512" and native.NativeLibrary.load().atb_bf16_amx_available()
+    assert kernel.name == {"avx512": F32_TILES_NAME if amx else "panel", "avx2": "panel (AVX2)"}[isa]
     generator = torch.Generator().manual_seed(0)
     # One group, uneven thread shares (3 and 37 groups); K off the 128-step blocks and over several of them.
     for out_features, in_features in ((64, 40), (64 * 3, 200), (64 * 37, 130), (1024, 300)):

@@ -1,5 +1,7 @@
-// A bfloat16 model's products by AMX tiles (TDPBF16PS), where the compiler targets AMX-BF16 (kernels/native.py adds
-// -mamx-tile -mamx-bf16 where /proc/cpuinfo reports amx_bf16) and Linux lets the process use the tiles.
+// Products of bfloat16 weights by AMX tiles (TDPBF16PS), where the compiler targets AMX-BF16 (kernels/native.py adds
+// -mamx-tile -mamx-bf16 where /proc/cpuinfo reports amx_bf16) and Linux lets the process use the tiles: a bfloat16
+// model's, and a float32 model's whose weights hold bfloat16 values (a bfloat16 checkpoint computed in float32), its
+// float32 inputs split exactly in three bfloat16 parts (split_in_three, amx_linear).
 //
 // The packed layout wp[N / 64][K / 2][64][2] (bf16_linear.h) is already what a tile multiplies: a B tile is 16 pairs
 // of k-steps (rows) by 16 columns' pairs (64 bytes), and pair p's 16 columns q..q+15 of a group lie 256 bytes after
@@ -12,7 +14,8 @@
 // batch (what it was batched with, how much of its prompt the prefix cache held), so where the tiles are on
 // (atb_bf16_use_amx: kernels/linear.py's bf16_amx_chosen) every product of a bfloat16 model runs on them, at any
 // row count, decode's single rows included: a tile's rows are multiplied apart, each row's sums the same in any
-// tile, from the bias on, 32 k-steps after 32 k-steps. Decode's few rows take tiles of as many rows.
+// tile, from the bias on, 32 k-steps after 32 k-steps. Decode's few rows take tiles of as many rows. The same holds
+// for a float32 model's products (atb_f32_use_amx: f32_amx_chosen), whose sums are then not k order's.
 //
 // Work: each thread takes a share of the column groups; for each, its rows in blocks of 16 (ROW_CHUNK rows at a
 // time, so the group's weights stay in L2 over a chunk's blocks): four C tiles hold the block's 16 x 64 sums over
@@ -23,6 +26,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -103,40 +107,119 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
     _tile_stored(3, sums + 48, GROUP * 4);
 }
 
-// y = x W^T + bias by the tiles, for the two entries of bf16_linear.h: x as float32 (x32: bfloat16 values, the
-// decode step's; converted ROW_CHUNK rows at a time for the threads to share) or bfloat16 (x16, read where they lie),
-// rows ldx apart; y as float32 (y32) or bfloat16 (y16, rounded to nearest even), rows N apart.
+// x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
+// significand (truncated), mid the next 8 of what is left, lo the last 8 (the remainders are exact float32
+// subtractions). Where a float32 model's weights hold bfloat16 values, each of the three products is exact too, so
+// the tiles' three sums are a float32 product's on the input as it is (only added in another order).
+inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+    const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        const __m512 h = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), top));
+        const __m512 r = _mm512_sub_ps(v, h);
+        const __m512 m = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), top));
+        const __m512 l = _mm512_sub_ps(r, m);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(h), 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(m), 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(l), 16)));
+    }
+    for (; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        hi[i] = static_cast<uint16_t>(bits >> 16);
+        const float r = x[i] - bf16_to_float(hi[i]);
+        memcpy(&bits, &r, sizeof bits);
+        mid[i] = static_cast<uint16_t>(bits >> 16);
+        const float l = r - bf16_to_float(mid[i]);
+        memcpy(&bits, &l, sizeof bits);
+        lo[i] = static_cast<uint16_t>(bits >> 16);
+    }
+}
+
+// y = x W^T + bias by the tiles, for the entries of bf16_linear.h: x as float32 (x32; rows ldx apart) or bfloat16
+// (x16, read where they lie); y as float32 (y32) or bfloat16 (y16, rounded to nearest even), rows N apart.
+// With parts == 1, x32 holds bfloat16 values (a bfloat16 model's decode step), converted ROW_CHUNK rows at a time for
+// the threads to share. With parts == 3 (a float32 model's products of bfloat16 weights), each row of x32 is split
+// in three (split_in_three) and each part multiplied on the tiles apart: the row's sums are hi's (from the bias on)
+// + (mid's + lo's). A chunk of up to 5 rows (decode) takes its 3 x rows parts in one block of tiles, as many rows as a
+// bfloat16 model's 16 would take; more rows take three blocks of up to 16, one a part, one after another over the
+// group's weights (the later two find them in L2). Tiles multiply a row apart from the others in the block, so a
+// row's three sums are the same either way.
 void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
-                int64_t N, const float* bias, float* y32, uint16_t* y16) {
+                int64_t N, const float* bias, float* y32, uint16_t* y16, int parts = 1) {
     const int64_t column_groups = N / GROUP;
-    uint16_t* converted = conversion_buffer(x32, M < ROW_CHUNK ? M : ROW_CHUNK, K);
+    const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
+    uint16_t* converted = conversion_buffer(x32, parts * chunk_rows, K);
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        alignas(64) float start[AMX_ROWS * GROUP], sums[AMX_ROWS * GROUP];
+        alignas(64) float start[AMX_ROWS * GROUP], zeros[AMX_ROWS * GROUP] = {}, sums[3][AMX_ROWS * GROUP];
         int configured = 0;  // the rows the tiles are configured for (0: not yet, in this call)
+        auto block = [&](const uint16_t* x, int64_t ldxb, const uint16_t* w, int rows, const float* from, float* to,
+                         bool stream) {
+            if (rows != configured) {
+                configure_tiles(rows);
+                configured = rows;
+            }
+            amx_group_block(x, ldxb, w, K, from, to, stream);
+        };
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-            int64_t ldxb;
-            const uint16_t* xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
+            int64_t ldxb = K;
+            const uint16_t* xb;
+            if (parts == 3) {
+#pragma omp for
+                for (int64_t m = 0; m < chunk; m++)
+                    split_in_three(x32 + (m0 + m) * ldx, K, converted + m * K, converted + (chunk + m) * K,
+                                   converted + (2 * chunk + m) * K);
+                xb = converted;
+            } else {
+                xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
+            }
+            // parts == 3 in one block: rows 0 .. chunk - 1 of the tiles are hi's (from the bias), the rest mid's and
+            // lo's (from zero)
+            const bool one_block = parts == 3 && 3 * chunk <= AMX_ROWS;
             for (int64_t g = first; g < end; g++) {
                 const uint16_t* w = wp + g * K * GROUP;
-                for (int64_t r = 0; r < (chunk < AMX_ROWS ? chunk : AMX_ROWS); r++)
-                    for (int64_t c = 0; c < GROUP; c++) start[r * GROUP + c] = bias ? bias[g * GROUP + c] : 0.0f;
+                const int64_t biased = one_block ? chunk : (chunk < AMX_ROWS ? chunk : AMX_ROWS);
+                const int64_t tile_rows = one_block ? 3 * chunk : biased;  // (the rows a block's tiles load)
+                for (int64_t r = 0; r < tile_rows; r++)
+                    for (int64_t c = 0; c < GROUP; c++)
+                        start[r * GROUP + c] = r < biased && bias ? bias[g * GROUP + c] : 0.0f;
                 for (int64_t m = 0; m < chunk; m += AMX_ROWS) {
                     const int rows = chunk - m < AMX_ROWS ? static_cast<int>(chunk - m) : AMX_ROWS;
-                    if (rows != configured) {
-                        configure_tiles(rows);
-                        configured = rows;
+                    const float* row_sums[3];
+                    if (parts == 1) {
+                        block(xb + m * ldxb, ldxb, w, rows, start, sums[0], chunk <= AMX_ROWS);
+                        row_sums[0] = sums[0];
+                    } else if (one_block) {
+                        block(xb, K, w, 3 * rows, start, sums[0], true);
+                        for (int p = 0; p < 3; p++) row_sums[p] = sums[0] + p * rows * GROUP;
+                    } else {
+                        for (int p = 0; p < 3; p++) {
+                            block(xb + (p * chunk + m) * K, K, w, rows, p == 0 ? start : zeros, sums[p],
+                                  p == 0 && chunk <= AMX_ROWS);
+                            row_sums[p] = sums[p];
+                        }
                     }
-                    amx_group_block(xb + m * ldxb, ldxb, w, K, start, sums, chunk <= AMX_ROWS);
                     for (int64_t r = 0; r < rows; r++) {
+                        alignas(64) float combined[GROUP];
+                        const float* row = row_sums[0] + r * GROUP;
+                        if (parts == 3) {
+                            for (int64_t c = 0; c < GROUP; c++)
+                                combined[c] = row[c] + (row_sums[1][r * GROUP + c] + row_sums[2][r * GROUP + c]);
+                            row = combined;
+                        }
                         const int64_t at = (m0 + m + r) * N + g * GROUP;
                         if (y16 != nullptr) {
-                            store_bf16(sums + r * GROUP, GROUP, y16 + at);
+                            store_bf16(row, GROUP, y16 + at);
                         } else {
-                            for (int64_t c = 0; c < GROUP; c++) y32[at + c] = sums[r * GROUP + c];
+                            for (int64_t c = 0; c < GROUP; c++) y32[at + c] = row[c];
                         }
                     }
                 }
@@ -154,6 +237,9 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
 
 // Whether a bfloat16 model's products run on the tiles: off until atb_bf16_use_amx turns it on (kernels/linear.py).
 int64_t bf16_amx_on = 0;
+// Whether a float32 model's products of bfloat16 weights (atb_bf16_linear_f32, K a multiple of 32: every row count)
+// run on the tiles in three parts: off until atb_f32_use_amx turns it on (kernels/linear.py's f32_amx_chosen).
+int64_t f32_amx_on = 0;
 
 }  // namespace
 
@@ -172,5 +258,9 @@ int64_t atb_bf16_amx_available() {
 // a multiple of 32: every row count), where they are available (a negative `on` changes nothing); returns whether
 // they are on.
 int64_t atb_bf16_use_amx(int64_t on) { return set_switch(bf16_amx_on, on, atb_bf16_amx_available()); }
+
+// The same for a float32 model's products of bfloat16 weights (atb_bf16_linear_f32), each input split in three
+// bfloat16 parts (amx_linear).
+int64_t atb_f32_use_amx(int64_t on) { return set_switch(f32_amx_on, on, atb_bf16_amx_available()); }
 
 }  // extern "C"

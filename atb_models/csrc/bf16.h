@@ -38,11 +38,14 @@ inline void store_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 // The calling thread's buffer for chunk_in_bf16's conversions of up to `rows` rows of K (where x32 is given), kept
-// for its next call and shared with the team it starts.
+// for its next call and shared with the team it starts; 64-byte aligned, so that rows of a multiple of 32 values
+// start on a cache line (an AMX tile row that straddles two lines costs two loads).
 inline uint16_t* conversion_buffer(const float* x32, int64_t rows, int64_t K) {
+    constexpr int64_t LINE = 32;  // bfloat16 values a 64-byte line
     thread_local std::vector<uint16_t> inputs;
-    if (x32 != nullptr && static_cast<int64_t>(inputs.size()) < rows * K) inputs.resize(rows * K);
-    return inputs.data();
+    if (x32 != nullptr && static_cast<int64_t>(inputs.size()) < rows * K + LINE) inputs.resize(rows * K + LINE);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(inputs.data());
+    return inputs.data() + ((64 - at % 64) % 64) / 2;
 }
 
 // Called by every thread of a parallel region: a chunk's rows m0 .. m0 + chunk as bfloat16, and their stride in

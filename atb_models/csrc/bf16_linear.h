@@ -187,9 +187,16 @@ int64_t atb_bf16_widen_in_registers(int64_t on) { return set_switch(bf16_widen_i
 
 // x: [M, K] with row stride ldx; wp: bfloat16 [N / 64][K / 2][64][2] (uint16_t bits); bias: [N] or null; y:
 // [M, N]. N must be a multiple of 64, K even (and so every K block). The products are float32's of the bfloat16
-// weights, added in k order (a float32 model's: the float32 panels' sums): x as given.
+// weights on x as given, added in k order (a float32 model's: the float32 panels' sums), or where atb_f32_use_amx
+// turned the tiles on and K is a multiple of 32, on the tiles in three parts (amx_linear.h), at every row count.
 void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                          const float* bias, float* y) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (f32_amx_on && K % AMX_STEPS == 0) {
+        amx_linear(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr, 3);
+        return;
+    }
+#endif
     widened_linear<false>(x, M, K, ldx, wp, N, bias, y);
 }
 

@@ -304,7 +304,8 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask
     for one (falling back the same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's)
     the panel kernel also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears
-    bfloat16 inputs, so it spares the measurement."""
+    bfloat16 inputs, so it spares the measurement. Where the CPU has AMX, either model's products of bfloat16 weights
+    run on its tiles (bf16_amx_chosen, f32_amx_chosen)."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -322,8 +323,10 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
             return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                                name=kernel_name("panel", library))
         stream_prefetch_chosen(library)
+        f32_amx = False
         if bf16_op is not None:
             bf16_widening_chosen(library)  # float32 rows' way (a bfloat16 model's own rows widen in registers)
+            f32_amx = f32_amx_chosen(library)
         dot_op = rows_op = unpack_op = None
         amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
@@ -334,12 +337,12 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
                        else None)
             unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
         else:  # the bfloat16 switches go unread, but a bad value is bad input all the same
-            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES),
-                                 (BF16_AMX_ENV, BF16_AMX_VALUES)):
+            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
                 _pinned(name, *values)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op,
-                           name="panel, bfloat16 on AMX tiles" if amx else "panel")
+                           name="panel, bfloat16 on AMX tiles" if amx else F32_TILES_NAME if f32_amx and
+                           choice == "auto" else "panel")
     return OneDnnLinear(onednn, reorder)
 
 
@@ -383,8 +386,10 @@ def _bf16_rows_right(op) -> bool:
     return True
 
 
+# A float32 model's panel kernel where its bfloat16-valued weights (narrow_exact) multiply on the tiles
+F32_TILES_NAME = "panel, bfloat16 weights on AMX tiles (float32 inputs in three parts)"
 BF16_AMX_ENV = "ATB_MODELS_CPU_BF16_AMX"
-BF16_AMX_VALUES = (("0", "1"), "1 (a bfloat16 model's products on AMX tiles, where the CPU has them) or 0 (on the "
+BF16_AMX_VALUES = (("0", "1"), "1 (products of bfloat16 weights on AMX tiles, where the CPU has them) or 0 (on the "
                    "vector kernels)")
 
 
@@ -401,24 +406,42 @@ def bf16_amx_chosen(library) -> bool:
     model's load, since the switch is the library's and a later load must not change the sums of a model already
     serving (a later value that differs is logged and not followed). Decode's few rows gain nothing from the tiles
     (memory decides), prefill's many gain several times (docs/PERFORMANCE.md)."""
+    return _tiles_chosen(library, "atb_bf16_use_amx", "a bfloat16 model's products", _amx_products_right)
+
+
+def f32_amx_chosen(library) -> bool:
+    """Whether a float32 model's products of bfloat16 weights (a bfloat16 checkpoint computed in float32, whose
+    weights PanelLinear packs as bfloat16: every linear whose input size is a multiple of 32, at every row count) run
+    on AMX tiles, each float32 input split in three bfloat16 parts whose products with the weights are exact
+    (csrc/amx_linear.h): float32 products of the input as given, only summed in the tiles' order, not k order
+    (closer to the exact sums than k order, measured). Chosen as bf16_amx_chosen chooses, by the same switch
+    ($ATB_MODELS_CPU_BF16_AMX), once a process by the first float32 model's load, and told to the library
+    (atb_f32_use_amx). Three parts cost three times the tiles' work, which decode's memory-bound rows hide and
+    prefill's many rows still run at about twice the vector kernels' rate (docs/PERFORMANCE.md)."""
+    return _tiles_chosen(library, "atb_f32_use_amx", "a float32 model's products of bfloat16 weights",
+                         _amx_f32_products_right)
+
+
+def _tiles_chosen(library, switch: str, products: str, products_right) -> bool:
+    """bf16_amx_chosen's and f32_amx_chosen's choice, made once a process for the library's `switch`."""
     forced = _pinned(BF16_AMX_ENV, *BF16_AMX_VALUES)
-    key = _switch_key(library, "atb_bf16_use_amx")
+    use = getattr(library, switch)
+    key = _switch_key(library, switch)
     if key in _bf16_amx_decided:
         on = _bf16_amx_decided[key]
         if forced is not None and (forced == "1") != on and (forced == "0" or library.atb_bf16_amx_available()):
-            logger.warning("%s=%s is read once a process: a bfloat16 model's products stay %s AMX tiles, as the "
-                           "first bfloat16 model of this process has them", BF16_AMX_ENV, forced,
-                           "on" if on else "off")
-        library.atb_bf16_use_amx(int(on))
+            logger.warning("%s=%s is read once a process: %s stay %s AMX tiles, as the first such model of this "
+                           "process has them", BF16_AMX_ENV, forced, products, "on" if on else "off")
+        use(int(on))
         return on
     on = forced != "0" and bool(library.atb_bf16_amx_available())
-    library.atb_bf16_use_amx(int(on))
-    if on and not _amx_products_right(library):
-        library.atb_bf16_use_amx(0)
+    use(int(on))
+    if on and not products_right(library):
+        use(0)
         on = False
     _bf16_amx_decided[key] = on
     if on:
-        logger.info("a bfloat16 model's products on AMX tiles")
+        logger.info("%s on AMX tiles", products)
     return on
 
 
@@ -428,7 +451,7 @@ def _switch_key(library, name: str):
     try:
         return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
     except (ctypes.ArgumentError, TypeError):
-        return library
+        return library, name
 
 
 def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
@@ -454,6 +477,30 @@ def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
             and all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])):
         return True
     logger.warning("the kit's AMX kernel gave wrong products here: bfloat16 products stay on its vector kernels")
+    return False
+
+
+def _amx_f32_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
+    """The same for a float32 model's products on the tiles (atb_bf16_linear_f32 with float32 inputs of every
+    size of value, split in three parts): within float32 sums' rounding of F.linear's in float64, and each row's sums
+    the same, bit for bit, in a product of 1 and 5 rows (the parts in one block of tiles), 19 and 40 (a block per
+    part: a tile's worth and a part, and two chunks' worth)."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(2 * PANEL_GROUP, in_features, generator=generator).bfloat16()
+    x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-4, 4, in_features)
+    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    packed, expected = panel_layout(w), F.linear(x.double(), w.double(), b.double())
+    outputs = []
+    for count in (1, 5, 19, rows):
+        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
+        library.atb_bf16_linear_f32(x.data_ptr(), count, in_features, in_features, packed.data_ptr(),
+                                    2 * PANEL_GROUP, b.data_ptr(), y.data_ptr())
+        outputs.append(y)
+    scale = F.linear(x.double().abs(), w.double().abs(), b.double().abs())  # what float32 rounding is relative to
+    if (bool(((outputs[-1].double() - expected).abs() <= 1e-5 * scale).all())
+            and all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])):
+        return True
+    logger.warning("the kit's AMX kernel gave wrong float32 products here: they stay on its vector kernels")
     return False
 
 
@@ -621,7 +668,8 @@ def _time_bf16_widening(library, rows: int = 16, repeats: int = 7) -> tuple:
     from memory, and what tells the two ways apart is how each overlaps that stream with its arithmetic. (On an
     Intel Xeon with AMX, 16 rows in registers took 0.91 of the blocks' time on weights in the caches and 1.27 on
     evicted ones, as on the 24 layers of a model: 1.26; docs/PERFORMANCE.md.)"""
-    product = _bf16_product(library.atb_bf16_linear_f32, rows, calls=1, out_features=2048, in_features=1024,
+    # (1008 k-steps, not a multiple of 32: never the AMX tiles' product, f32_amx_chosen)
+    product = _bf16_product(library.atb_bf16_linear_f32, rows, calls=1, out_features=2048, in_features=1008,
                             evict=library.atb_evict_from_caches)
 
     def way(on: int):

@@ -52,7 +52,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 11  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 12  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -95,6 +95,7 @@ FUNCTIONS = {
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_bf16_amx_available": (I64, ()),
     "atb_bf16_use_amx": (I64, (("on", I64),)),
+    "atb_f32_use_amx": (I64, (("on", I64),)),
     "atb_use_stream_prefetch": (I64, (("on", I64),)),
     "atb_evict_from_caches": (None, (("p", PTR), ("bytes", I64))),
     "atb_bf16_widen_in_registers": (I64, (("on", I64),)),
