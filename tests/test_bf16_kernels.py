@@ -790,7 +790,8 @@ def test_amx_tiles_give_a_row_the_same_sums_at_any_row_count_close_to_the_exact_
 
 
 # A float32 model's products of bfloat16 weights on the tiles, each input in three parts. Rows: one, two and five
-# (the parts in one block of tiles), six (three blocks), a tile, a tile and one, 40, 300 (past a chunk of 256).
+# (the parts in one block of tiles), six (three blocks), a tile, a tile and one, 40, 258 (a chunk of 256 and two rows
+# in one block), 300.
 @pytest.mark.parametrize("in_features, out_features", [(32, 64), (96, 192), (896, 128)])
 def test_a_float32_model_s_tiles_give_a_row_the_same_sums_at_any_row_count_within_float32_s_rounding(
         in_features, out_features):
@@ -809,7 +810,7 @@ def test_a_float32_model_s_tiles_give_a_row_the_same_sums_at_any_row_count_withi
     before = library.atb_f32_use_amx(1)
     try:
         results = {}
-        for rows in (1, 2, 5, 6, 16, 17, 40, 300):
+        for rows in (1, 2, 5, 6, 16, 17, 40, 258, 300):
             for with_bias in (True, False):
                 y = torch.full((rows, out_features), float("nan"))
                 library.atb_bf16_linear_f32(x.data_ptr(), rows, in_features, in_features + 6, packed.data_ptr(),
@@ -845,35 +846,46 @@ def test_a_float32_model_s_tiles_lose_no_bit_of_an_input_in_its_three_parts():
     picks[torch.arange(in_features), torch.randperm(in_features, generator=generator)] = 1.0
     sizes = torch.logspace(-25, 30, in_features) * torch.randn(in_features, generator=generator).sign()
     x = torch.randn(7, in_features, generator=generator) * sizes
-    x[0, :4] = torch.tensor([1 + 2 ** -23, -(1 + 2 ** -16 + 2 ** -23), 3.1415927, -2.0 ** 100])
+    x[0, :6] = torch.tensor([1 + 2 ** -23, -(1 + 2 ** -16 + 2 ** -23), 3.1415927, -2.0 ** 100, 0.0, -0.0])
+    # a row with an infinity of each sign (every other output 0 x inf: NaN, as in F.linear), and one with a NaN
+    special = x[:3].clone()
+    special[1, 5], special[1, 9], special[2, 7] = float("inf"), float("-inf"), float("nan")
     packed = panel_layout(picks.bfloat16())  # (held: the library reads it by address)
     before = library.atb_f32_use_amx(1)
     try:
-        for rows in (1, 7):  # the parts in one block, and a block per part
-            y = torch.full((rows, in_features), float("nan"))
-            library.atb_bf16_linear_f32(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), in_features,
-                                        None, y.data_ptr())
-            assert torch.equal(y, F.linear(x[:rows], picks)), rows
+        for inputs in (x[:1], x, special):  # the parts in one block, a block per part, and the special values
+            y = torch.full((len(inputs), in_features), float("nan"))
+            library.atb_bf16_linear_f32(inputs.data_ptr(), len(inputs), in_features, in_features, packed.data_ptr(),
+                                        in_features, None, y.data_ptr())
+            expected = F.linear(inputs, picks)
+            torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+            numbers = ~expected.isnan()
+            assert torch.equal(y.signbit()[numbers], expected.signbit()[numbers])  # (-0.0 kept too)
     finally:
         library.atb_f32_use_amx(before)
 
 
-def test_with_the_tiles_on_an_input_size_off_32_stays_on_the_vector_kernels():
+@pytest.mark.parametrize("model", ["bfloat16", "float32"])
+def test_with_the_tiles_on_an_input_size_off_32_stays_on_the_vector_kernels(model):
     library = amx_library()
     from atb_models.kernels.linear import panel_layout
 
+    switch, product = ((library.atb_bf16_use_amx, library.atb_bf16_dot_linear_f32) if model == "bfloat16" else
+                       (library.atb_f32_use_amx, library.atb_bf16_linear_f32))
     weight = panel_layout(torch.randn(128, 42).bfloat16())
-    x = torch.randn(19, 42).bfloat16().float()
+    x = torch.randn(19, 42)
+    if model == "bfloat16":
+        x = x.bfloat16().float()
     outputs = []
-    before = library.atb_bf16_use_amx(-1)
+    before = switch(-1)
     try:
         for amx in (1, 0):
-            library.atb_bf16_use_amx(amx)
+            switch(amx)
             y = torch.empty(19, 128)
-            library.atb_bf16_dot_linear_f32(x.data_ptr(), 19, 42, 42, weight.data_ptr(), 128, None, y.data_ptr())
+            product(x.data_ptr(), 19, 42, 42, weight.data_ptr(), 128, None, y.data_ptr())
             outputs.append(y)
     finally:
-        library.atb_bf16_use_amx(before)
+        switch(before)
     assert torch.equal(*outputs)
 
 
@@ -929,7 +941,8 @@ def test_amx_tiles_are_chosen_where_the_cpu_has_them_unless_switched_off_or_wron
     switch of the library's, each made once a process, both by $ATB_MODELS_CPU_BF16_AMX."""
     from atb_models.kernels import linear
 
-    chosen_for, switch = {"bfloat16": (linear.bf16_amx_chosen, "on"), "float32": (linear.f32_amx_chosen, "f32_on")}[model]
+    chosen_for, switch = {"bfloat16": (linear.bf16_amx_chosen, "on"),
+                          "float32": (linear.f32_amx_chosen, "f32_on")}[model]
     other = "f32_on" if switch == "on" else "on"
     monkeypatch.delenv(linear.BF16_AMX_ENV, raising=False)
     monkeypatch.setattr(linear, "_bf16_amx_decided", {})
@@ -984,6 +997,39 @@ def test_each_model_names_its_tiles_and_leaves_the_other_model_s_switch_alone(mo
     finally:
         monkeypatch.undo()
         Kernels.for_plan(CPU_BF16)  # the library's choices as this process makes them, for the tests after
+        Kernels.for_plan(CPU_FP32)
+
+
+@pytest.mark.parametrize("first", ["bfloat16", "float32"])
+def test_a_bf16_model_and_a_float32_model_each_make_their_own_tiles_choice(first, monkeypatch, caplog):
+    """In a fresh process (the once-a-process choices reset here), the first model of each dtype decides its own
+    switch, whatever the other dtype's model asked before it; a bfloat16 model is never named by the float32 tiles."""
+    from atb_models.kernels import linear
+
+    library = native.NativeLibrary.load() if AVX512 else None
+    if library is None:
+        pytest.skip("the native kernels need an AVX-512 CPU")
+    tiles = bool(library.atb_bf16_amx_available())
+    asked = {"bfloat16": "0", "float32": "1"} if first == "bfloat16" else {"float32": "0", "bfloat16": "1"}
+    monkeypatch.setattr(linear, "_bf16_amx_decided", {})
+    try:
+        for model in (first, "float32" if first == "bfloat16" else "bfloat16"):
+            monkeypatch.setenv(linear.BF16_AMX_ENV, asked[model])
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="atb_models.kernels"):
+                described = Kernels.for_plan(CPU_BF16 if model == "bfloat16" else CPU_FP32).describe()
+            assert "read once a process" not in caplog.text
+            on = tiles and asked[model] == "1"
+            if model == "bfloat16":
+                assert ("bfloat16 on AMX tiles" in described) == on and linear.F32_TILES_NAME not in described
+                assert library.atb_bf16_use_amx(-1) == int(on)
+            else:
+                assert (linear.F32_TILES_NAME in described) == on and library.atb_f32_use_amx(-1) == int(on)
+        assert library.atb_bf16_use_amx(-1) == int(tiles and asked["bfloat16"] == "1")
+        assert library.atb_f32_use_amx(-1) == int(tiles and asked["float32"] == "1")
+    finally:
+        monkeypatch.undo()
+        Kernels.for_plan(CPU_BF16)  # the library's choices as this process made them, for the tests after
         Kernels.for_plan(CPU_FP32)
 
 

@@ -213,8 +213,8 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_or_avx
         assert not isinstance(kernel, PanelLinear) and isinstance(kernel, OneDnnLinear)
         return
     assert isinstance(kernel, PanelLinear), "g++ builds the panel kernel"
-    # (on a CPU with AMX a float32 model's bfloat16-valued weights multiply on its tiles, kernels.linear.f32_amx_chosen)
-    amx = isa == "avx512" and native.NativeLibrary.load().atb_bf16_amx_available()
+    # (where this process put a float32 model's bfloat16-valued weights on AMX tiles: kernels.linear.f32_amx_chosen)
+    amx = isa == "avx512" and native.NativeLibrary.load().atb_f32_use_amx(-1)
     assert kernel.name == {"avx512": F32_TILES_NAME if amx else "panel", "avx2": "panel (AVX2)"}[isa]
     generator = torch.Generator().manual_seed(0)
     # One group, uneven thread shares (3 and 37 groups); K off the 128-step blocks and over several of them.

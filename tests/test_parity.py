@@ -68,11 +68,15 @@ def test_text_and_one_image_match_transformers(tiny_checkpoint, sample_image_pat
         packs = isinstance(model.lm_head.kernel, PanelLinear)  # (an AVX-512 CPU's: elsewhere oneDNN keeps it tied)
         assert is_panel_packed(model.lm_head.weight) == packs and (model.model.embed_tokens.weight is None) == packs
         # where the CPU has AMX, the float32 products of these bfloat16-valued weights run on its tiles in three parts
-        from atb_models.kernels.linear import F32_TILES_NAME
+        import os
+
+        from atb_models.kernels.linear import BF16_AMX_ENV, F32_TILES_NAME
         from atb_models.kernels.native import NativeLibrary
 
-        tiles = packs and bool(NativeLibrary.load().atb_bf16_amx_available())
+        library = NativeLibrary.load() if packs else None
+        tiles = packs and bool(library.atb_bf16_amx_available()) and os.environ.get(BF16_AMX_ENV) != "0"
         assert (F32_TILES_NAME in llm.runner.kernels.describe()) == tiles
+        assert not packs or library.atb_f32_use_amx(-1) == int(tiles)
     # The image goes through the kit's own rotary and quick-GELU where a native library loads (any AVX-512 CPU).
     native = torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert ("vision rotary native" in llm.runner.kernels.describe()) == native

@@ -110,14 +110,17 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
 // x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
 // significand (truncated), mid the next 8 of what is left, lo the last 8 (the remainders are exact float32
 // subtractions). Where a float32 model's weights hold bfloat16 values, each of the three products is exact too, so
-// the tiles' three sums are a float32 product's on the input as it is (only added in another order).
+// the tiles' three sums are a float32 product's on the input as it is (only added in another order). An infinity is
+// its own hi, with no remainder (inf - inf would make the others NaN); a NaN stays a NaN. Parts below float32's
+// normal range (of inputs under about 2^-103) are flushed to zero by the tiles.
 inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
     const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    constexpr int INFINITIES = 0x08 | 0x10;  // vfpclassps: +inf, -inf
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 v = _mm512_loadu_ps(x + i);
         const __m512 h = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), top));
-        const __m512 r = _mm512_sub_ps(v, h);
+        const __m512 r = _mm512_maskz_sub_ps(~_mm512_fpclass_ps_mask(v, INFINITIES), v, h);
         const __m512 m = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), top));
         const __m512 l = _mm512_sub_ps(r, m);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i),
@@ -131,7 +134,7 @@ inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mi
         uint32_t bits;
         memcpy(&bits, x + i, sizeof bits);
         hi[i] = static_cast<uint16_t>(bits >> 16);
-        const float r = x[i] - bf16_to_float(hi[i]);
+        const float r = (bits & 0x7fffffffu) == 0x7f800000u ? 0.0f : x[i] - bf16_to_float(hi[i]);
         memcpy(&bits, &r, sizeof bits);
         mid[i] = static_cast<uint16_t>(bits >> 16);
         const float l = r - bf16_to_float(mid[i]);

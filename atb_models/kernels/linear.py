@@ -96,12 +96,13 @@ class PanelLinear(OneDnnLinear):
     `bf16_rows_op`, atb_bf16_dot_linear_bf16, is the same product on bfloat16 rows into bfloat16 outputs, with no
     float32 copies of either: a bfloat16 model's prefill and vision tower, past the fused decode step). With
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
-    is packed as bfloat16 too: the same products, half the bytes to stream. With `unpack_op` (atb_bf16_unpack_pairs,
-    where bf16_prefill_chosen says the user asked for it, for an AMX CPU's oneDNN), bfloat16 inputs of
-    ONEDNN_PREFILL_ROWS rows or more go to oneDNN's bfloat16 linear on the weight unpacked, a slice of
-    UNPACK_SLICE_ELEMENTS at a time, into a scratch buffer (one per thread), so that the weights are held once, in
-    the decode step's layout. Weights it does not pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS, output
-    size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN as before."""
+    is packed as bfloat16 too: the same products, half the bytes to stream. Where the CPU has AMX, either model's
+    products of bfloat16 weights run on its tiles instead (bf16_amx_chosen, f32_amx_chosen: csrc/amx_linear.h).
+    With `unpack_op` (atb_bf16_unpack_pairs, where bf16_prefill_chosen says the user asked for it, for an AMX CPU's
+    oneDNN), bfloat16 inputs of ONEDNN_PREFILL_ROWS rows or more go to oneDNN's bfloat16 linear on the weight unpacked,
+    a slice of UNPACK_SLICE_ELEMENTS at a time, into a scratch buffer (one per thread), so that the weights are held
+    once, in the decode step's layout. Weights it does not pack (another dtype, fewer than ONEDNN_MIN_WEIGHT_ELEMENTS,
+    output size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN as before."""
 
     name = "panel"
 
@@ -326,7 +327,8 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         f32_amx = False
         if bf16_op is not None:
             bf16_widening_chosen(library)  # float32 rows' way (a bfloat16 model's own rows widen in registers)
-            f32_amx = f32_amx_chosen(library)
+            if choice == "auto" and not bf16_inputs:  # a float32 model whose weights may be narrowed
+                f32_amx = f32_amx_chosen(library)
         dot_op = rows_op = unpack_op = None
         amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
@@ -337,12 +339,12 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
                        else None)
             unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
         else:  # the bfloat16 switches go unread, but a bad value is bad input all the same
-            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES)):
+            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES),
+                                 (BF16_AMX_ENV, BF16_AMX_VALUES)):
                 _pinned(name, *values)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op,
-                           name="panel, bfloat16 on AMX tiles" if amx else F32_TILES_NAME if f32_amx and
-                           choice == "auto" else "panel")
+                           name="panel, bfloat16 on AMX tiles" if amx else F32_TILES_NAME if f32_amx else "panel")
     return OneDnnLinear(onednn, reorder)
 
 
@@ -457,7 +459,7 @@ def _switch_key(library, name: str):
 def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
     """A wrong build must not reach the model: the tiles' products on float32 and on bfloat16 rows against F.linear
     (within float32 sums' rounding, and bfloat16 outputs' rounding), and each row's sums the same, bit for bit, in a
-    product of 1, 19 (a tile and a part) and 40 rows (two chunks' worth of tiles and a part)."""
+    product of 1, 19 (a tile and a part) and 40 rows (two tiles and a part)."""
     generator = torch.Generator().manual_seed(0)
     x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, in_features),
                                                                            (2 * PANEL_GROUP, in_features)))
@@ -484,7 +486,7 @@ def _amx_f32_products_right(library, in_features: int = 96, rows: int = 40) -> b
     """The same for a float32 model's products on the tiles (atb_bf16_linear_f32 with float32 inputs of every
     size of value, split in three parts): within float32 sums' rounding of F.linear's in float64, and each row's sums
     the same, bit for bit, in a product of 1 and 5 rows (the parts in one block of tiles), 19 and 40 (a block per
-    part: a tile's worth and a part, and two chunks' worth)."""
+    part: a tile and a part, two tiles and a part)."""
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(2 * PANEL_GROUP, in_features, generator=generator).bfloat16()
     x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-4, 4, in_features)
