@@ -39,8 +39,8 @@ inline void store_bf16(const float* x, int64_t n, uint16_t* out) {
 
 // The calling thread's buffer for up to `rows` rows of K bfloat16 inputs converted from x32 (where x32 is given:
 // chunk_in_bf16's conversions, amx_linear.h's three parts), kept for its next call and shared with the team it
-// starts; 64-byte aligned, so that rows of a multiple of 32 values
-// start on a cache line (an AMX tile row that straddles two lines costs two loads).
+// starts; 64-byte aligned, so that rows of a multiple of 32 values start on a cache line (an AMX tile row that
+// straddles two lines costs two loads).
 inline uint16_t* conversion_buffer(const float* x32, int64_t rows, int64_t K) {
     constexpr int64_t LINE = 32;  // bfloat16 values a 64-byte line
     thread_local std::vector<uint16_t> inputs;

@@ -418,8 +418,8 @@ def f32_amx_chosen(library) -> bool:
     (csrc/amx_linear.h): float32 products of the input as given, only summed in the tiles' order, not k order
     (closer to the exact sums than k order, measured). Chosen as bf16_amx_chosen chooses, by the same switch
     ($ATB_MODELS_CPU_BF16_AMX), once a process by the first float32 model's load, and told to the library
-    (atb_f32_use_amx). Three parts cost three times the tiles' work, which decode's memory-bound rows hide and
-    prefill's many rows still run at about twice the vector kernels' rate (docs/PERFORMANCE.md)."""
+    (atb_f32_use_amx). Three parts cost three times the tiles' work, which decode's memory-bound rows mostly hide
+    (one row about 1.06x the widening kernel's time, 16 rows 0.88x, 64 rows 0.64x, streamed; docs/PERFORMANCE.md)."""
     return _tiles_chosen(library, "atb_f32_use_amx", "a float32 model's products of bfloat16 weights",
                          _amx_f32_products_right)
 
