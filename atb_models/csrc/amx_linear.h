@@ -30,8 +30,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <vector>
-
 #include "bf16.h"
 #include "panel_linear.h"
 

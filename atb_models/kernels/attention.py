@@ -211,14 +211,14 @@ class NativeBf16Attention(SegmentAttention):
 
 
 def segment_attention(plan, library, cpu_flags: set, vision: bool = False) -> SegmentAttention:
-    """The attention within segments for a plan: the kit's bfloat16 kernel where the tower (the language model's
-    prompt, or with `vision` the vision tower) computes in bfloat16 on a CPU whose library has AVX512-BF16's dot
-    product, PyTorch's SDPA elsewhere. `vision`: the vision tower's (within
-    images and frames), which on a CPU with AMX is PyTorch's: its flash attention multiplies in AMX tiles, 2-4 times
-    as fast as the kit's kernel there (docs/PERFORMANCE.md). Not the language model's: PyTorch's sums there differ
-    with how many of a prompt's rows are computed (measured on an AMX CPU), so a prompt whose prefix came from the
-    cache would get other tokens than the same prompt computed whole; the kit's kernel gives a row the same sums
-    either way (for the head sizes and shapes it takes: NativeBf16Attention). cpu_flags: /proc/cpuinfo's flags."""
+    """The attention within segments for a plan: the kit's bfloat16 kernel where the tower (the language model's prompt,
+    or with `vision` the vision tower) computes in bfloat16 on a CPU whose library has AVX512-BF16's dot product,
+    PyTorch's SDPA elsewhere. `vision`: the vision tower's (within images and frames), which on a CPU with AMX is
+    PyTorch's: its flash attention multiplies in AMX tiles, 2-4 times as fast as the kit's kernel there
+    (docs/PERFORMANCE.md). Not the language model's: PyTorch's sums there differ with how many of a prompt's rows are
+    computed (measured on an AMX CPU), so a prompt whose prefix came from the cache would get other tokens than the same
+    prompt computed whole; the kit's kernel gives a row the same sums either way (for the head sizes and shapes it
+    takes: NativeBf16Attention). cpu_flags: /proc/cpuinfo's flags."""
     if (plan.kind == "cpu" and library is not None and library.isa == "avx512" and library.atb_bf16_dot_available()
             and (plan.vision_dtype if vision else plan.llm_dtype) == torch.bfloat16
             and not (vision and "amx_bf16" in cpu_flags)):

@@ -449,7 +449,7 @@ def _tiles_chosen(library, switch: str, products: str, products_right) -> bool:
 
 def _switch_key(library, name: str):
     """What identifies a library's function `name` across its loads, for the choices measured or made once a
-    process: the C function's address (the library object itself where it is not a loaded one)."""
+    process: the C function's address (the library object and `name` where it is not a loaded one)."""
     try:
         return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
     except (ctypes.ArgumentError, TypeError):
@@ -466,17 +466,12 @@ def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
     x32, packed = x.float(), panel_layout(w)
     expected = F.linear(x32, w.float(), b)
-    outputs = []
-    for count in (1, 19, rows):
-        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
-        library.atb_bf16_dot_linear_f32(x32.data_ptr(), count, in_features, in_features, packed.data_ptr(),
-                                        2 * PANEL_GROUP, b.data_ptr(), y.data_ptr())
-        outputs.append(y)
+    outputs = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, (1, 19, rows))
     y16 = torch.full((rows, 2 * PANEL_GROUP), float("nan"), dtype=torch.bfloat16)
     library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), 2 * PANEL_GROUP,
                                      b.data_ptr(), y16.data_ptr())
     if (torch.allclose(outputs[-1], expected, atol=1e-4) and torch.equal(y16, outputs[-1].bfloat16())
-            and all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])):
+            and _rows_alike(outputs)):
         return True
     logger.warning("the kit's AMX kernel gave wrong products here: bfloat16 products stay on its vector kernels")
     return False
@@ -492,18 +487,29 @@ def _amx_f32_products_right(library, in_features: int = 96, rows: int = 40) -> b
     x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-4, 4, in_features)
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
     packed, expected = panel_layout(w), F.linear(x.double(), w.double(), b.double())
-    outputs = []
-    for count in (1, 5, 19, rows):
-        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
-        library.atb_bf16_linear_f32(x.data_ptr(), count, in_features, in_features, packed.data_ptr(),
-                                    2 * PANEL_GROUP, b.data_ptr(), y.data_ptr())
-        outputs.append(y)
+    outputs = _at_row_counts(library.atb_bf16_linear_f32, x, packed, b, (1, 5, 19, rows))
     scale = F.linear(x.double().abs(), w.double().abs(), b.double().abs())  # what float32 rounding is relative to
-    if (bool(((outputs[-1].double() - expected).abs() <= 1e-5 * scale).all())
-            and all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])):
+    if bool(((outputs[-1].double() - expected).abs() <= 1e-5 * scale).all()) and _rows_alike(outputs):
         return True
     logger.warning("the kit's AMX kernel gave wrong float32 products here: they stay on its vector kernels")
     return False
+
+
+def _at_row_counts(op, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, counts: tuple) -> list:
+    """A float32-output linear op's products of x's first `count` rows (x contiguous float32) against a packed
+    weight of two column groups, for each count."""
+    outputs = []
+    for count in counts:
+        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
+        op(x.data_ptr(), count, x.shape[1], x.shape[1], packed.data_ptr(), 2 * PANEL_GROUP, bias.data_ptr(),
+           y.data_ptr())
+        outputs.append(y)
+    return outputs
+
+
+def _rows_alike(outputs: list) -> bool:
+    """Whether each row's sums are the same, bit for bit, in every one of _at_row_counts' products."""
+    return all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs[:-1])
 
 
 BF16_DOT_ENV = "ATB_MODELS_CPU_BF16_DOT"
