@@ -3,6 +3,7 @@ bf16 weights, residual stream and KV cache against PyTorch's bf16 operators, and
 on CPUs of other flags (simulated)."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -508,6 +509,7 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     # (with AMX tiles every product takes atb_bf16_dot_linear_f32: off here, as if this process had started so)
     monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
     monkeypatch.setattr(linear, "_bf16_amx_decided", {})
+    monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "0")  # (decode's rows: the next test's)
     try:
         # Forced off, the library is told too; forced on, it runs the dot product where the build has it.
         monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
@@ -540,6 +542,126 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     finally:
         monkeypatch.undo()
         Kernels.for_plan(CPU_BF16)  # the library's choice as this process measured it, for the tests after
+
+
+def _dot_product_library():
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    library = native.NativeLibrary.load()
+    if not library.atb_bf16_dot_available():
+        pytest.skip("this library has no AVX512-BF16 dot product")
+    return library
+
+
+def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_count():
+    library = _dot_product_library()
+    op = library.atb_bf16_dot_linear_f32
+    was = (library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_use_dot(-1), library.atb_bf16_use_amx(-1),
+           library.atb_use_stream_prefetch(-1))
+    generator = torch.Generator().manual_seed(3)
+    try:
+        library.atb_bf16_use_amx(0)  # (the tiles would take K = 896)
+        for out_features, in_features in ((64, 42), (64 * 3, 202), (64 * 37, 896)):
+            w = torch.randn(out_features, in_features, generator=generator).bfloat16()
+            b = torch.randn(out_features, generator=generator)
+            packed = _pair_packed(w)
+            x = torch.randn(16, in_features, generator=generator).bfloat16().float()
+
+            def product(rows):
+                y = torch.full((rows, out_features), float("nan"))
+                op(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), out_features, b.data_ptr(),
+                   y.data_ptr())
+                return y
+            library.atb_bf16_dot_decode_rows(0)
+            library.atb_bf16_use_dot(0)
+            widened = product(16)
+            assert torch.allclose(widened.double(), F.linear(x.double(), w.double(), b.double()), atol=1e-4,
+                                  rtol=1e-4)
+            # Decode's dot product up to 1 or 6 rows, the batched one on or off, prefetching or not: each row's sums
+            # the same, bit for bit, at every row count (1-6 a pass, 7 and 16 batched).
+            for decode_rows, batched, prefetch in itertools.product((0, 1, 6), (0, 1), (0, 1)):
+                assert library.atb_bf16_dot_decode_rows(decode_rows) == decode_rows
+                library.atb_bf16_use_dot(batched)
+                library.atb_use_stream_prefetch(prefetch)
+                for rows in (1, 2, 5, 6, 7, 16):
+                    assert torch.equal(product(rows), widened[:rows]), (in_features, decode_rows, batched, rows)
+        assert library.atb_bf16_dot_decode_rows(9) == 6  # at most a register block's rows
+    finally:
+        library.atb_bf16_dot_decode_rows(was[0])
+        library.atb_bf16_use_dot(was[1])
+        library.atb_bf16_use_amx(was[2])
+        library.atb_use_stream_prefetch(was[3])
+
+
+def test_decode_s_dot_product_is_chosen_up_to_the_rows_it_measured_faster_at(monkeypatch, caplog):
+    from atb_models.kernels import linear
+
+    library = _dot_product_library()
+    was = library.atb_bf16_dot_decode_rows(-1)
+    monkeypatch.setattr(native.NativeLibrary, "load", classmethod(lambda cls: library))
+    try:
+        # Pinned: nothing measured; a value it does not know is refused in one line, for either model.
+        monkeypatch.setattr(linear, "_time_bf16_decode", lambda *a: pytest.fail("measured though set"))
+        for value in "0136":
+            monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, value)
+            assert linear.bf16_dot_decode_chosen(library) == int(value) == library.atb_bf16_dot_decode_rows(-1)
+        for plan in (CPU_BF16, CPU_FP32):
+            monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "7")
+            with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_DOT_DECODE='7'"):
+                Kernels.for_plan(plan)
+        monkeypatch.delenv(linear.BF16_DOT_DECODE_ENV)
+        # The model's kernel runs the dot product's entry for decode's rows even where batched rows widen.
+        monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
+        monkeypatch.setattr(linear, "_bf16_amx_decided", {})
+        monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
+        monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "1")
+        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_dot_linear_f32
+        assert library.atb_bf16_use_dot(-1) == 0 and library.atb_bf16_dot_decode_rows(-1) == 1
+        monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "0")
+        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_linear_f32
+        monkeypatch.delenv(linear.BF16_DOT_ENV)
+        monkeypatch.delenv(linear.BF16_AMX_ENV)
+        monkeypatch.delenv(linear.BF16_DOT_DECODE_ENV)
+        # Where the AMX tiles take decode's products: none, unmeasured.
+        library.atb_bf16_dot_decode_rows(6)
+        assert linear.bf16_dot_decode_chosen(library, tiles=True) == 0 == library.atb_bf16_dot_decode_rows(-1)
+        # Measured once a process (stubbed: (dot, widened) seconds at 1 and at 6 rows): 6 rows where clearly faster
+        # at both, 1 where at one row only, else none.
+        for at_1, at_6, chosen in (((1.0, 2.0), (1.0, 2.0), 6), ((1.0, 2.0), (2.0, 1.0), 1),
+                                   ((2.0, 1.0), (1.0, 2.0), 0), ((1.0, 1.02), (1.0, 1.02), 0)):
+            monkeypatch.setattr(linear, "_bf16_dot_decode_measured", {})
+            monkeypatch.setattr(linear, "_time_bf16_decode", lambda lib, rows, t={1: at_1, 6: at_6}: t[rows])
+            with caplog.at_level("INFO", logger="atb_models.kernels"):
+                assert linear.bf16_dot_decode_chosen(library) == chosen
+                assert linear.bf16_dot_decode_chosen(library) == chosen == library.atb_bf16_dot_decode_rows(-1)
+            assert caplog.text.count("AVX512-BF16 dot product against widened") == 1, caplog.text
+            caplog.clear()
+        # A dot product whose decode rows' sums differ from the widening's is not used, whatever is asked.
+        monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "6")
+        real = library.atb_bf16_dot_linear_f32
+        monkeypatch.setattr(library, "atb_bf16_dot_linear_f32",
+                            lambda *args: None if library.atb_bf16_dot_decode_rows(-1) else real(*args))
+        with caplog.at_level("WARNING", logger="atb_models.kernels"):
+            assert linear.bf16_dot_decode_chosen(library) == 0 == library.atb_bf16_dot_decode_rows(-1)
+        assert "other sums than the widening" in caplog.text
+    finally:
+        monkeypatch.undo()
+        library.atb_bf16_dot_decode_rows(was)
+        Kernels.for_plan(CPU_BF16)  # the library's choices as this process made them, for the tests after
+
+
+def test_decode_s_dot_product_is_timed_on_weights_evicted_from_the_caches(monkeypatch):
+    from atb_models.kernels import linear
+
+    library = _dot_product_library()
+    evicted, evict = [], library.atb_evict_from_caches
+    monkeypatch.setattr(library, "atb_evict_from_caches", lambda p, n: (evicted.append(n), evict(p, n)))
+    was = library.atb_bf16_dot_decode_rows(-1)
+    try:
+        dot, widened = linear._time_bf16_decode(library, 6, repeats=2)
+    finally:
+        library.atb_bf16_dot_decode_rows(was)
+    assert dot > 0 and widened > 0
+    assert evicted == [4096 * 2016 * 2] * 6  # before every call, the untimed round's too: 16 MB of bfloat16
 
 
 # ------------------------------------------------------------------------ bfloat16 attention within segments

@@ -3,4 +3,4 @@
 
 #pragma once
 
-#define ATB_ABI_VERSION 12
+#define ATB_ABI_VERSION 13

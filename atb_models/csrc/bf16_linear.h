@@ -212,10 +212,17 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 // no widening: on AMD Zen 4, whose 512-bit FMAs issue once a cycle, it doubles the arithmetic rate (24 MLP layers of
 // cpu-small at 300 rows: 339 GFLOP/s against the widening kernel's 173, docs/PERFORMANCE.md); on an Intel Xeon,
 // whose FMAs issue twice a cycle and vdpbf16ps once, an earlier version measured slower, so kernels/linear.py's
-// bf16_dot_chosen times the two at load and turns this path on only where it wins (atb_bf16_use_dot). Decode's
-// few rows (M <= MAX_ROWS) are memory-bound and keep the direct widening path above; more rows run register blocks
-// over each K block of the weights as they lie (the first pass reads what the passes over the block before
-// prefetched, the rest find it in L1).
+// bf16_dot_chosen times the two at load and turns this path on only where it wins (atb_bf16_use_dot). More rows than
+// MAX_ROWS run register blocks over each K block of the weights as they lie (the first pass reads what the passes
+// over the block before prefetched, the rest find it in L1).
+// Decode's few rows (M <= MAX_ROWS) are memory-bound: they take the dot product only up to the rows
+// atb_bf16_dot_decode_rows set (bf16_dot_decode_chosen times 1 and MAX_ROWS rows on weights evicted from the
+// caches), in one pass over each column group, prefetching in software (dot_linear_rows). The dot product
+// reads a line of weights with one instruction where the widening takes a shift, a mask and two FMAs, so a core's
+// out-of-order window reaches farther ahead in the stream: on AMD Zen 4 one row's widened stream read 27-28 GB/s
+// where the probe read 53 (the dot product not measured there yet); on this kit's Xeon, its AMX tiles off, one row
+// took 0.9 of the widening's time and 2-6 rows about the same, vdpbf16ps's one port holding the arithmetic back
+// (docs/PERFORMANCE.md).
 
 namespace {
 
@@ -282,9 +289,11 @@ DotBlockFn dot_block_for(int rows) {
 
 #endif  // __AVX512BF16__
 
-// Whether atb_bf16_dot_linear_f32 multiplies by the dot product: off until atb_bf16_use_dot turns it on (Python
-// does, where it measured the dot product faster on this CPU: kernels/linear.py). One CPU's choice, process-wide.
-int64_t bf16_dot_on = 0;
+// Whether atb_bf16_dot_linear_f32 multiplies more than MAX_ROWS rows by the dot product (bf16_dot_on), and up to how
+// many rows of decode's (bf16_dot_decode_rows, at most MAX_ROWS): off (0) until atb_bf16_use_dot and
+// atb_bf16_dot_decode_rows set them (Python does, where it measured the dot product faster on this CPU:
+// kernels/linear.py). One CPU's choices, process-wide.
+int64_t bf16_dot_on = 0, bf16_dot_decode_rows = 0;
 
 }  // namespace
 
@@ -303,13 +312,20 @@ int64_t atb_bf16_dot_available() {
 // changes nothing); returns whether it is on.
 int64_t atb_bf16_use_dot(int64_t on) { return set_switch(bf16_dot_on, on, atb_bf16_dot_available()); }
 
+// Decode's products of 1 to `rows` rows (at most MAX_ROWS) take the dot product from now on, where the build has it
+// (0: none; a negative `rows` changes nothing); returns up to how many rows do.
+int64_t atb_bf16_dot_decode_rows(int64_t rows) {
+    if (rows >= 0) bf16_dot_decode_rows = atb_bf16_dot_available() ? (rows < MAX_ROWS ? rows : MAX_ROWS) : 0;
+    return bf16_dot_decode_rows;
+}
+
 }  // extern "C"
 
 namespace {
 
 #ifdef __AVX512BF16__
 
-// The dot product's batched rows (M > MAX_ROWS) for the two entries below. The rows' inputs as float32 (x32: each
+// The dot product's rows for the two entries below. The rows' inputs as float32 (x32: each
 // chunk converted to bfloat16 first) or as bfloat16 (x16, read where they lie, rows 4-byte aligned); the sums to y32
 // (float32, row stride N) or to y16 (bfloat16, rounded to nearest even), by way of a thread's float32 sums of one
 // column group for a chunk's rows (at most 64 KB: they stay in L2 over the K blocks), rounded into y16 when whole.
@@ -335,18 +351,25 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
                 const uint16_t* w = wp + g * K * GROUP;
                 float* sums = y16 != nullptr ? group_sums.data() : y32 + m0 * N + g * GROUP;
                 const int64_t lds = y16 != nullptr ? GROUP : N;
-                const int64_t k_block = passes <= FEW_PASSES ? DOT_FEW_PASSES_K_BLOCK : DOT_K_BLOCK;
+                // One pass needs no K blocks: nothing else reads the weights again.
+                const int64_t k_block = passes == 1 ? K : passes <= FEW_PASSES ? DOT_FEW_PASSES_K_BLOCK : DOT_K_BLOCK;
                 for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                     const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;
                     const int64_t lines = (k1 - k0) * LINES_PER_STEP;
                     for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
                         const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
-                        // The passes share the next block's lines, which follow this one.
+                        // One pass prefetches BF16_AHEAD k-steps ahead of its own reads into L1, as the
+                        // widening's direct path does where stream_prefetch_on, but always: on this kit's Xeon
+                        // (tiles off) one row's 24 layers took 34.1 ms without against 24.4 with, where the
+                        // widening took 26.1 and 26.6. Several passes share the next block's lines, which follow
+                        // this one.
                         const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                        const int64_t share = passes > 1 ? to - from : lines;
+                        const uint16_t* pf = passes == 1 ? w + BF16_AHEAD * GROUP : w + k1 * GROUP;
                         dot_block_for(rows)(xb + m * ldxb + k0, ldxb, w + k0 * GROUP, (k1 - k0) / 2,
                                             bias ? bias + g * GROUP : nullptr, k0 == 0, sums + m * lds, lds,
-                                            reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64, to - from,
-                                            passes <= FEW_PASSES);
+                                            reinterpret_cast<const char*>(pf) + from * 64, share,
+                                            passes > 1 && passes <= FEW_PASSES);
                     }
                 }
                 if (y16 != nullptr)
@@ -364,8 +387,8 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
 #endif  // __AVX512BF16__
 
 // amx_linear where the build has the tiles, they are on and K is a multiple of 32 (every row count: amx_linear.h),
-// else dot_linear_rows where the build has the dot product, it is on and the rows are more than MAX_ROWS; whether
-// either ran.
+// else dot_linear_rows where the build has the dot product and it is on for this many rows (more than MAX_ROWS:
+// bf16_dot_on; fewer: bf16_dot_decode_rows); whether either ran.
 bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
                       int64_t N, const float* bias, float* y32, uint16_t* y16) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -375,7 +398,7 @@ bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t 
     }
 #endif
 #ifdef __AVX512BF16__
-    if (M > MAX_ROWS && bf16_dot_on) {
+    if (M > MAX_ROWS ? bf16_dot_on != 0 : M <= bf16_dot_decode_rows) {
         dot_linear_rows(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
         return true;
     }
@@ -388,9 +411,9 @@ bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t 
 extern "C" {
 
 // atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
-// ties to even), the products are exact and summed in float32, by vdpbf16ps past MAX_ROWS rows where the build has
-// it and atb_bf16_use_dot turned it on, else widened in registers, each pair in vdpbf16ps's order: the same sums
-// either way. Same arguments.
+// ties to even), the products are exact and summed in float32, by vdpbf16ps where the build has it and
+// atb_bf16_use_dot (past MAX_ROWS rows) or atb_bf16_dot_decode_rows (fewer) turned it on, else widened in
+// registers, each pair in vdpbf16ps's order: the same sums either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
     if (ran_tiles_or_dot(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;

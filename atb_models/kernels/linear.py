@@ -26,6 +26,7 @@ logger = logging.getLogger("atb_models.kernels")
 ONEDNN_MIN_WEIGHT_ELEMENTS = 256 * 1024
 ONEDNN_PACK_ROWS = 16  # the row count oneDNN is told to lay packed weights out for (see OneDnnLinear.pack)
 PANEL_GROUP = 64       # output columns per group of PanelLinear's layout (four AVX-512 registers of float32)
+MAX_ROWS = 6           # rows of the native kernels' register blocks: decode's rows take one pass (csrc/panel_linear.h)
 CPU_LINEAR_CHOICES = ("auto", "panel", "onednn", "torch")
 # Rows from which a bfloat16 model's products go to oneDNN on unpacked weights where $ATB_MODELS_CPU_BF16_PREFILL asks
 # for it (bf16_prefill_chosen: prefill, the vision tower); fewer (an LM head's in a decode step, say) would unpack a
@@ -332,15 +333,15 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         dot_op = rows_op = unpack_op = None
         amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
-            dot = bf16_dot_chosen(library)
-            amx = bf16_amx_chosen(library)
-            dot_op = library.atb_bf16_dot_linear_f32 if dot or amx else None
+            dot, amx = bf16_dot_chosen(library), bf16_amx_chosen(library)
+            dot_decode = bf16_dot_decode_chosen(library, tiles=amx)
+            dot_op = library.atb_bf16_dot_linear_f32 if dot or dot_decode or amx else None
             rows_op = (library.atb_bf16_dot_linear_bf16 if _bf16_rows_right(library.atb_bf16_dot_linear_bf16)
                        else None)
             unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
         else:  # the bfloat16 switches go unread, but a bad value is bad input all the same
-            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_PREFILL_ENV, BF16_PREFILL_VALUES),
-                                 (BF16_AMX_ENV, BF16_AMX_VALUES)):
+            for name, values in ((BF16_DOT_ENV, BF16_DOT_VALUES), (BF16_DOT_DECODE_ENV, BF16_DOT_DECODE_VALUES),
+                                 (BF16_PREFILL_ENV, BF16_PREFILL_VALUES), (BF16_AMX_ENV, BF16_AMX_VALUES)):
                 _pinned(name, *values)
         return PanelLinear(library.atb_panel_linear_f32, onednn, reorder, bf16_op, narrow_exact=choice == "auto",
                            bf16_dot_op=dot_op, unpack_op=unpack_op, bf16_rows_op=rows_op,
@@ -549,6 +550,80 @@ def bf16_dot_chosen(library) -> bool:
             library.atb_bf16_use_dot(0)
             return False
     return True
+
+
+BF16_DOT_DECODE_ENV = "ATB_MODELS_CPU_BF16_DOT_DECODE"
+BF16_DOT_DECODE_VALUES = (tuple("0123456"), "0 to 6 (decode's products of up to that many rows by AVX512-BF16's "
+                          "dot product; 0: none)")
+# How much faster the dot product must measure to be chosen for decode's rows: a margin over the timing's noise on
+# weights evicted from the caches (about 5%), so that the choice does not flip from run to run where the two are
+# alike (it changes the speed only: the sums are the same).
+BF16_DOT_DECODE_GAIN = 1.05
+_bf16_dot_decode_measured: dict = {}  # the library's switch (its address) -> {rows: (dot seconds, widening seconds)}
+
+
+def bf16_dot_decode_chosen(library, tiles: bool = False) -> int:
+    """Up to how many rows (at most 6: decode's) a bfloat16 model's products run by AVX512-BF16's dot product
+    instead of widening the weights, where the AMX tiles do not take them (atb_bf16_dot_linear_f32); the library is
+    told (atb_bf16_dot_decode_rows). The sums are the same bit for bit (checked here at 1-6 rows first). Where the
+    build has it: $ATB_MODELS_CPU_BF16_DOT_DECODE (0 to 6) decides, else a measurement, once a process, of 1 and of
+    6 rows on weights evicted from the caches (_time_bf16_decode): 6 where the dot product runs both
+    BF16_DOT_DECODE_GAIN times as fast, 1 where only one row, else 0; not measured (0) where the AMX tiles take
+    decode's products (`tiles`: bf16_amx_chosen), unless the variable asks.
+    A decode step streams its weights, and the dot product reads a line with one instruction where the widening
+    takes four, so a core's out-of-order window reaches farther ahead in the stream; but on an Intel Xeon vdpbf16ps
+    issues on one port where FMAs issue on two, so more rows may compute slower (the kit's Xeon, its tiles off: one
+    row 0.9 of the widening's time, 2-6 about the same; docs/PERFORMANCE.md)."""
+    forced = _pinned(BF16_DOT_DECODE_ENV, *BF16_DOT_DECODE_VALUES)
+    rows = library.atb_bf16_dot_decode_rows
+    if not library.atb_bf16_dot_available() or forced == "0" or not _dot_decode_alike(library):
+        return rows(0)
+    if forced or tiles:
+        return rows(int(forced or 0))
+    key = _switch_key(library, "atb_bf16_dot_decode_rows")
+    if key not in _bf16_dot_decode_measured:
+        _bf16_dot_decode_measured[key] = {count: _time_bf16_decode(library, count) for count in (1, MAX_ROWS)}
+        logger.info("bfloat16 rows against 16 MB of weights from memory, AVX512-BF16 dot product against widened: %s",
+                    ", ".join(f"{count} row(s) {dot * 1e6:.0f} us against {widening * 1e6:.0f}"
+                              for count, (dot, widening) in _bf16_dot_decode_measured[key].items()))
+    faster = [count for count, (dot, widening) in _bf16_dot_decode_measured[key].items()
+              if dot * BF16_DOT_DECODE_GAIN <= widening]
+    return rows(0 if 1 not in faster else MAX_ROWS if MAX_ROWS in faster else 1)
+
+
+def _dot_decode_alike(library, in_features: int = 42) -> bool:
+    """A wrong build must not reach the model: the dot product's products of 1 to 6 rows (bfloat16 values) against
+    the widening's, bit for bit, and against F.linear. (42 k-steps: never the AMX tiles' product.)"""
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((MAX_ROWS, in_features),
+                                                                           (2 * PANEL_GROUP, in_features)))
+    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    x32, packed = x.float(), panel_layout(w)
+    counts = tuple(range(1, MAX_ROWS + 1))
+    library.atb_bf16_dot_decode_rows(MAX_ROWS)
+    dot = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, counts)
+    library.atb_bf16_dot_decode_rows(0)
+    widened = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, counts)
+    if (all(torch.equal(d, v) for d, v in zip(dot, widened))
+            and torch.allclose(dot[-1], F.linear(x32, w.float(), b), atol=1e-4)):
+        return True
+    logger.warning("the kit's dot product gave decode's rows other sums than the widening here: they stay widened")
+    return False
+
+
+def _time_bf16_decode(library, rows: int, repeats: int = 7) -> tuple:
+    """The best seconds of `rows` rows' product by the dot product and widened, alternating, each call on 16 MB of
+    bfloat16 weights evicted from the caches first (atb_evict_from_caches), as a decode step meets its weights (4 MB
+    measured the same ratio with twice the spread). (2016 k-steps, not a multiple of 32: never the AMX tiles'.)"""
+    product = _bf16_product(library.atb_bf16_dot_linear_f32, rows, calls=1, out_features=4096, in_features=2016,
+                            evict=library.atb_evict_from_caches)
+
+    def way(on: int):
+        def run() -> float:
+            library.atb_bf16_dot_decode_rows(rows if on else 0)
+            return product()
+        return run
+    return _alternating([way(1), way(0)], repeats, min)
 
 
 def _without_dot(library):

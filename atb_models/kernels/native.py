@@ -52,7 +52,7 @@ OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16")
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 12  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 13  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -93,6 +93,7 @@ FUNCTIONS = {
         ("n_q", I64), ("n_k", I64), ("heads", I64), ("kv_heads", I64), ("head_dim", I64), ("causal", I64),
         ("scale", F32), ("out", PTR), ("out_stride", I64))),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
+    "atb_bf16_dot_decode_rows": (I64, (("rows", I64),)),
     "atb_bf16_amx_available": (I64, ()),
     "atb_bf16_use_amx": (I64, (("on", I64),)),
     "atb_f32_use_amx": (I64, (("on", I64),)),
