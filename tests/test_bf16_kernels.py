@@ -556,7 +556,7 @@ def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_cou
     library = _dot_product_library()
     op = library.atb_bf16_dot_linear_f32
     was = (library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_use_dot(-1), library.atb_bf16_use_amx(-1),
-           library.atb_use_stream_prefetch(-1))
+           library.atb_use_stream_prefetch(-1), library.atb_bf16_dot_one_pass_prefetch(-1))
     generator = torch.Generator().manual_seed(3)
     try:
         library.atb_bf16_use_amx(0)  # (the tiles would take K = 896)
@@ -581,7 +581,8 @@ def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_cou
             for decode_rows, batched, prefetch in itertools.product((0, 1, 6), (0, 1), (0, 1)):
                 assert library.atb_bf16_dot_decode_rows(decode_rows) == decode_rows
                 library.atb_bf16_use_dot(batched)
-                library.atb_use_stream_prefetch(prefetch)
+                library.atb_use_stream_prefetch(prefetch)  # (the widening's)
+                library.atb_bf16_dot_one_pass_prefetch(prefetch)
                 for rows in (1, 2, 5, 6, 7, 16):
                     assert torch.equal(product(rows), widened[:rows]), (in_features, decode_rows, batched, rows)
         assert library.atb_bf16_dot_decode_rows(9) == 6  # at most a register block's rows
@@ -590,6 +591,7 @@ def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_cou
         library.atb_bf16_use_dot(was[1])
         library.atb_bf16_use_amx(was[2])
         library.atb_use_stream_prefetch(was[3])
+        library.atb_bf16_dot_one_pass_prefetch(was[4])
 
 
 def test_decode_s_dot_product_is_chosen_up_to_the_rows_it_measured_faster_at(monkeypatch, caplog):
@@ -624,16 +626,26 @@ def test_decode_s_dot_product_is_chosen_up_to_the_rows_it_measured_faster_at(mon
         # Where the AMX tiles take decode's products: none, unmeasured.
         library.atb_bf16_dot_decode_rows(6)
         assert linear.bf16_dot_decode_chosen(library, tiles=True) == 0 == library.atb_bf16_dot_decode_rows(-1)
-        # Measured once a process (stubbed: (dot, widened) seconds at 1 and at 6 rows): 6 rows where clearly faster
-        # at both, 1 where at one row only, else none.
-        for at_1, at_6, chosen in (((1.0, 2.0), (1.0, 2.0), 6), ((1.0, 2.0), (2.0, 1.0), 1),
-                                   ((2.0, 1.0), (1.0, 2.0), 0), ((1.0, 1.02), (1.0, 1.02), 0)):
+        # Measured once a process (stubbed: seconds at 1 row by the dot product prefetching, not prefetching and
+        # widened; at 6 rows by the dot product the faster way and widened): 6 rows where it is clearly faster at
+        # both, 1 where at one row only, else none (6 rows then unmeasured).
+        cases = (((1.0, 3.0, 2.0), (1.0, 2.0), 6, 1), ((3.0, 1.0, 2.0), (1.0, 2.0), 6, 0),
+                 ((1.0, 3.0, 2.0), (2.0, 1.0), 1, 1), ((2.0, 3.0, 1.0), None, 0, 1), ((1.0, 1.0, 1.02), None, 0, 1))
+        for at_1, at_6, chosen, prefetching in cases:
+            asked = []
+
+            def timed(lib, rows, prefetches, t={1: at_1, 6: at_6}):
+                asked.append((rows, prefetches))
+                return t[rows]
             monkeypatch.setattr(linear, "_bf16_dot_decode_measured", {})
-            monkeypatch.setattr(linear, "_time_bf16_decode", lambda lib, rows, t={1: at_1, 6: at_6}: t[rows])
+            monkeypatch.setattr(linear, "_time_bf16_decode", timed)
+            library.atb_bf16_dot_one_pass_prefetch(1 - prefetching)
             with caplog.at_level("INFO", logger="atb_models.kernels"):
                 assert linear.bf16_dot_decode_chosen(library) == chosen
                 assert linear.bf16_dot_decode_chosen(library) == chosen == library.atb_bf16_dot_decode_rows(-1)
-            assert caplog.text.count("AVX512-BF16 dot product against widened") == 1, caplog.text
+            assert library.atb_bf16_dot_one_pass_prefetch(-1) == prefetching or not chosen
+            assert asked == [(1, (1, 0))] + ([(6, (prefetching,))] if at_6 else [])
+            assert caplog.text.count("bfloat16 rows against 16 MB of weights from memory") == 1, caplog.text
             caplog.clear()
         # A dot product whose decode rows' sums differ from the widening's is not used, whatever is asked.
         monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "6")
@@ -657,11 +669,11 @@ def test_decode_s_dot_product_is_timed_on_weights_evicted_from_the_caches(monkey
     monkeypatch.setattr(library, "atb_evict_from_caches", lambda p, n: (evicted.append(n), evict(p, n)))
     was = library.atb_bf16_dot_decode_rows(-1)
     try:
-        dot, widened = linear._time_bf16_decode(library, 6, repeats=2)
+        timings = linear._time_bf16_decode(library, 6, (1, 0), repeats=2)
     finally:
         library.atb_bf16_dot_decode_rows(was)
-    assert dot > 0 and widened > 0
-    assert evicted == [4096 * 2016 * 2] * 6  # before every call, the untimed round's too: 16 MB of bfloat16
+    assert len(timings) == 3 and min(timings) > 0
+    assert evicted == [4096 * 2016 * 2] * 9  # before every call, the untimed round's too: 16 MB of bfloat16
 
 
 # ------------------------------------------------------------------------ bfloat16 attention within segments

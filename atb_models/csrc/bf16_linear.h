@@ -217,7 +217,7 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 // over the block before prefetched, the rest find it in L1).
 // Decode's few rows (M <= MAX_ROWS) are memory-bound: they take the dot product only up to the rows
 // atb_bf16_dot_decode_rows set (bf16_dot_decode_chosen times 1 and MAX_ROWS rows on weights evicted from the
-// caches), in one pass over each column group, prefetching in software (dot_linear_rows). The dot product
+// caches), in one pass over each column group, prefetching in software or not as also measured. The dot product
 // reads a line of weights with one instruction where the widening takes a shift, a mask and two FMAs, so a core's
 // out-of-order window reaches farther ahead in the stream: on AMD Zen 4 one row's widened stream read 27-28 GB/s
 // where the probe read 53 (the dot product not measured there yet); on this kit's Xeon, its AMX tiles off, one row
@@ -294,6 +294,9 @@ DotBlockFn dot_block_for(int rows) {
 // atb_bf16_dot_decode_rows set them (Python does, where it measured the dot product faster on this CPU:
 // kernels/linear.py). One CPU's choices, process-wide.
 int64_t bf16_dot_on = 0, bf16_dot_decode_rows = 0;
+// Whether the dot product's single passes over the weights (decode's rows) prefetch their stream in software: on
+// until atb_bf16_dot_one_pass_prefetch says otherwise (Python measures both with the dot product's decode rows).
+int64_t bf16_dot_one_pass_prefetch = 1;
 
 }  // namespace
 
@@ -318,6 +321,10 @@ int64_t atb_bf16_dot_decode_rows(int64_t rows) {
     if (rows >= 0) bf16_dot_decode_rows = atb_bf16_dot_available() ? (rows < MAX_ROWS ? rows : MAX_ROWS) : 0;
     return bf16_dot_decode_rows;
 }
+
+// The dot product's single passes prefetch their stream in software (1) or not (0) from now on (a negative `on`
+// changes nothing); returns which.
+int64_t atb_bf16_dot_one_pass_prefetch(int64_t on) { return set_switch(bf16_dot_one_pass_prefetch, on); }
 
 }  // extern "C"
 
@@ -359,12 +366,12 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
                     for (int64_t m = 0, pass = 0; m < chunk; m += MAX_ROWS, pass++) {
                         const int rows = chunk - m < MAX_ROWS ? static_cast<int>(chunk - m) : MAX_ROWS;
                         // One pass prefetches BF16_AHEAD k-steps ahead of its own reads into L1, as the
-                        // widening's direct path does where stream_prefetch_on, but always: on this kit's Xeon
-                        // (tiles off) one row's 24 layers took 34.1 ms without against 24.4 with, where the
-                        // widening took 26.1 and 26.6. Several passes share the next block's lines, which follow
-                        // this one.
+                        // widening's direct path does, where bf16_dot_one_pass_prefetch says (its own switch: on
+                        // this kit's Xeon, tiles off, one row's 24 layers took 34.1 ms without against 24.4 with,
+                        // where the widening took 26.1 and 26.6). Several passes share the next block's lines,
+                        // which follow this one.
                         const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
-                        const int64_t share = passes > 1 ? to - from : lines;
+                        const int64_t share = passes > 1 ? to - from : bf16_dot_one_pass_prefetch ? lines : 0;
                         const uint16_t* pf = passes == 1 ? w + BF16_AHEAD * GROUP : w + k1 * GROUP;
                         dot_block_for(rows)(xb + m * ldxb + k0, ldxb, w + k0 * GROUP, (k1 - k0) / 2,
                                             bias ? bias + g * GROUP : nullptr, k0 == 0, sums + m * lds, lds,

@@ -559,36 +559,55 @@ BF16_DOT_DECODE_VALUES = (tuple("0123456"), "0 to 6 (decode's products of up to 
 # weights evicted from the caches (about 5%), so that the choice does not flip from run to run where the two are
 # alike (it changes the speed only: the sums are the same).
 BF16_DOT_DECODE_GAIN = 1.05
-_bf16_dot_decode_measured: dict = {}  # the library's switch (its address) -> {rows: (dot seconds, widening seconds)}
+_bf16_dot_decode_measured: dict = {}  # the library's switch (its address) -> (rows, whether prefetching)
 
 
 def bf16_dot_decode_chosen(library, tiles: bool = False) -> int:
     """Up to how many rows (at most 6: decode's) a bfloat16 model's products run by AVX512-BF16's dot product
     instead of widening the weights, where the AMX tiles do not take them (atb_bf16_dot_linear_f32); the library is
-    told (atb_bf16_dot_decode_rows). The sums are the same bit for bit (checked here at 1-6 rows first). Where the
-    build has it: $ATB_MODELS_CPU_BF16_DOT_DECODE (0 to 6) decides, else a measurement, once a process, of 1 and of
-    6 rows on weights evicted from the caches (_time_bf16_decode): 6 where the dot product runs both
-    BF16_DOT_DECODE_GAIN times as fast, 1 where only one row, else 0; not measured (0) where the AMX tiles take
-    decode's products (`tiles`: bf16_amx_chosen), unless the variable asks.
+    told (atb_bf16_dot_decode_rows), and whether those single passes prefetch in software
+    (atb_bf16_dot_one_pass_prefetch). The sums are the same bit for bit (checked here at 1-6 rows first). Where the
+    build has it: $ATB_MODELS_CPU_BF16_DOT_DECODE (0 to 6) decides (prefetching), else a measurement once a process
+    (_measure_bf16_decode); not measured (0) where the AMX tiles take decode's products (`tiles`: bf16_amx_chosen),
+    unless the variable asks.
     A decode step streams its weights, and the dot product reads a line with one instruction where the widening
     takes four, so a core's out-of-order window reaches farther ahead in the stream; but on an Intel Xeon vdpbf16ps
-    issues on one port where FMAs issue on two, so more rows may compute slower (the kit's Xeon, its tiles off: one
-    row 0.9 of the widening's time, 2-6 about the same; docs/PERFORMANCE.md)."""
+    issues on one port where FMAs issue on two, so more rows may compute slower. On the kit's Xeon with its tiles
+    off, the 24 layers of a decode step took 0.91 of the widening's time at one row, 0.78 at four
+    (docs/PERFORMANCE.md)."""
     forced = _pinned(BF16_DOT_DECODE_ENV, *BF16_DOT_DECODE_VALUES)
-    rows = library.atb_bf16_dot_decode_rows
+    rows, prefetch = library.atb_bf16_dot_decode_rows, library.atb_bf16_dot_one_pass_prefetch
     if not library.atb_bf16_dot_available() or forced == "0" or not _dot_decode_alike(library):
         return rows(0)
     if forced or tiles:
+        prefetch(1)
         return rows(int(forced or 0))
     key = _switch_key(library, "atb_bf16_dot_decode_rows")
     if key not in _bf16_dot_decode_measured:
-        _bf16_dot_decode_measured[key] = {count: _time_bf16_decode(library, count) for count in (1, MAX_ROWS)}
-        logger.info("bfloat16 rows against 16 MB of weights from memory, AVX512-BF16 dot product against widened: %s",
-                    ", ".join(f"{count} row(s) {dot * 1e6:.0f} us against {widening * 1e6:.0f}"
-                              for count, (dot, widening) in _bf16_dot_decode_measured[key].items()))
-    faster = [count for count, (dot, widening) in _bf16_dot_decode_measured[key].items()
-              if dot * BF16_DOT_DECODE_GAIN <= widening]
-    return rows(0 if 1 not in faster else MAX_ROWS if MAX_ROWS in faster else 1)
+        _bf16_dot_decode_measured[key] = _measure_bf16_decode(library)
+    chosen, prefetching = _bf16_dot_decode_measured[key]
+    prefetch(int(prefetching))
+    return rows(chosen)
+
+
+def _measure_bf16_decode(library) -> tuple:
+    """(rows, prefetching) for bf16_dot_decode_chosen: one row's product by the dot product with and without software
+    prefetches against the widening's (_time_bf16_decode); where the faster of the two runs BF16_DOT_DECODE_GAIN
+    times as fast, 6 rows the same way: 6 where it does there too, else 1; else 0."""
+    with_prefetch, without, widened = _time_bf16_decode(library, 1, (1, 0))
+    prefetching = with_prefetch <= without
+    dot = min(with_prefetch, without)
+    timings = [f"1 row: dot product {with_prefetch * 1e6:.0f} us with software prefetches, {without * 1e6:.0f} "
+               f"without, widened {widened * 1e6:.0f}"]
+    rows = 0
+    if dot * BF16_DOT_DECODE_GAIN <= widened:
+        dot, widened = _time_bf16_decode(library, MAX_ROWS, (int(prefetching),))
+        timings.append(f"{MAX_ROWS} rows: dot product {dot * 1e6:.0f} us, widened {widened * 1e6:.0f}")
+        rows = MAX_ROWS if dot * BF16_DOT_DECODE_GAIN <= widened else 1
+    logger.info("bfloat16 rows against 16 MB of weights from memory, %s: %s", "; ".join(timings),
+                f"the dot product up to {rows} row(s), {'' if prefetching else 'not '}prefetching" if rows
+                else "widened")
+    return rows, prefetching
 
 
 def _dot_decode_alike(library, in_features: int = 42) -> bool:
@@ -611,19 +630,21 @@ def _dot_decode_alike(library, in_features: int = 42) -> bool:
     return False
 
 
-def _time_bf16_decode(library, rows: int, repeats: int = 7) -> tuple:
-    """The best seconds of `rows` rows' product by the dot product and widened, alternating, each call on 16 MB of
-    bfloat16 weights evicted from the caches first (atb_evict_from_caches), as a decode step meets its weights (4 MB
-    measured the same ratio with twice the spread). (2016 k-steps, not a multiple of 32: never the AMX tiles'.)"""
+def _time_bf16_decode(library, rows: int, prefetches: tuple, repeats: int = 7) -> tuple:
+    """The best seconds of `rows` rows' product by the dot product, prefetching in software or not as each of
+    `prefetches` says, and widened (the last), alternating, each call on 16 MB of bfloat16 weights evicted from the
+    caches first (atb_evict_from_caches), as a decode step meets its weights (4 MB measured the same ratio with twice
+    the spread). (2016 k-steps, not a multiple of 32: never the AMX tiles' product.)"""
     product = _bf16_product(library.atb_bf16_dot_linear_f32, rows, calls=1, out_features=4096, in_features=2016,
                             evict=library.atb_evict_from_caches)
 
-    def way(on: int):
+    def way(prefetch: int | None):
         def run() -> float:
-            library.atb_bf16_dot_decode_rows(rows if on else 0)
+            library.atb_bf16_dot_decode_rows(0 if prefetch is None else rows)
+            library.atb_bf16_dot_one_pass_prefetch(1 if prefetch is None else prefetch)
             return product()
         return run
-    return _alternating([way(1), way(0)], repeats, min)
+    return _alternating([way(p) for p in prefetches] + [way(None)], repeats, min)
 
 
 def _without_dot(library):

@@ -94,6 +94,7 @@ FUNCTIONS = {
         ("scale", F32), ("out", PTR), ("out_stride", I64))),
     "atb_bf16_use_dot": (I64, (("on", I64),)),
     "atb_bf16_dot_decode_rows": (I64, (("rows", I64),)),
+    "atb_bf16_dot_one_pass_prefetch": (I64, (("on", I64),)),
     "atb_bf16_amx_available": (I64, ()),
     "atb_bf16_use_amx": (I64, (("on", I64),)),
     "atb_f32_use_amx": (I64, (("on", I64),)),
