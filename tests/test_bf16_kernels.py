@@ -544,12 +544,18 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
         Kernels.for_plan(CPU_BF16)  # the library's choice as this process measured it, for the tests after
 
 
-def _dot_product_library():
-    native_bf16_kernels()  # (skips where the native kernels cannot run)
+def native_library_with(feature: str, missing: str):
+    """The AVX-512 library where it reports `feature` (its atb_<feature>_available()), else a skip saying `missing`
+    (also where the native kernels cannot run)."""
+    native_bf16_kernels()
     library = native.NativeLibrary.load()
-    if not library.atb_bf16_dot_available():
-        pytest.skip("this library has no AVX512-BF16 dot product")
+    if not getattr(library, f"atb_{feature}_available")():
+        pytest.skip(missing)
     return library
+
+
+def _dot_product_library():
+    return native_library_with("bf16_dot", "this library has no AVX512-BF16 dot product")
 
 
 def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_count():
@@ -876,12 +882,8 @@ def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_ei
 # ------------------------------------------------------------------------------------------------- AMX tiles
 
 def amx_library():
-    """The AVX-512 library with its AMX tiles usable (skips where the CPU has no AMX-BF16 or Linux refuses them)."""
-    native_bf16_kernels()  # (skips where the native kernels cannot run)
-    library = native.NativeLibrary.load()
-    if not library.atb_bf16_amx_available():
-        pytest.skip("this CPU has no AMX-BF16 (or Linux did not let the process use its tiles)")
-    return library
+    """The AVX-512 library with its AMX tiles usable."""
+    return native_library_with("bf16_amx", "this CPU has no AMX-BF16 (or Linux did not let the process use its tiles)")
 
 
 # K: one tile's 32 k-steps, three, cpu-small's hidden size; rows: one (decode), a tile less one, a tile, a tile and
