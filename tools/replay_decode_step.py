@@ -98,15 +98,13 @@ def main() -> None:
         x = ctypes.addressof(stream)
 
         if not avx2:  # (the AVX2 library has no switches)
-            # The dot product on or off as the kit chose it for this tree's library.
-            use_dot = library.atb_bf16_use_dot
-            use_dot.argtypes, use_dot.restype = [ctypes.c_int64], ctypes.c_int64
-            linear = llm.runner.model.kernels.linear
-            use_dot(int(getattr(linear, "bf16_dot_op", None) is not getattr(linear, "bf16_op", None)))
-            # And the stream prefetches and the bfloat16 widening as this tree's library chose them, where the other
-            # library can choose (a switch left at its default would compare the two choices, not the code).
+            # The library's switches (the dot product, the AMX tiles, the stream prefetches, the bfloat16 widening,
+            # decode's dot product) as this tree's library chose them, where the other library can choose: a switch
+            # left at its default would compare the two choices, not the code.
             ours = native.NativeLibrary.load()
-            for switch in ("atb_use_stream_prefetch", "atb_bf16_widen_in_registers"):
+            for switch in ("atb_bf16_use_dot", "atb_bf16_use_amx", "atb_f32_use_amx", "atb_use_stream_prefetch",
+                           "atb_bf16_widen_in_registers", "atb_bf16_dot_decode_rows",
+                           "atb_bf16_dot_one_pass_prefetch"):
                 if hasattr(library, switch):
                     getattr(library, switch).argtypes = [ctypes.c_int64]
                     getattr(library, switch).restype = ctypes.c_int64
