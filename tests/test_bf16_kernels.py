@@ -511,11 +511,12 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
     monkeypatch.setattr(linear, "_bf16_amx_decided", {})
     monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "0")  # (decode's rows: the next test's)
     try:
-        # Forced off, the library is told too; forced on, it runs the dot product where the build has it.
+        # Forced off, the library is told too; forced on, it runs the dot product where the build has it. Either
+        # way a bfloat16 model's kernel takes the dot product's entry, which widens in its order where it is off.
         monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
-        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is widening and library.atb_bf16_use_dot(-1) == 0
+        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot and library.atb_bf16_use_dot(-1) == 0
         monkeypatch.setenv(linear.BF16_DOT_ENV, "1")
-        assert (Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot) == has_bf16
+        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot
         assert library.atb_bf16_use_dot(-1) == int(has_bf16)
         monkeypatch.setenv(linear.BF16_DOT_ENV, "yes")
         with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_DOT='yes'"):
@@ -526,7 +527,7 @@ def test_the_dot_product_kernel_is_built_with_avx512_bf16_and_chosen_where_it_is
             for timings, chosen in (((1.0, 2.0), True), ((1.0, 1.1), False), ((2.0, 1.0), False)):
                 monkeypatch.setattr(linear, "_bf16_dot_measured", {})
                 monkeypatch.setattr(linear, "_time_bf16_products", lambda *args, t=timings: t)
-                assert (Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot) == chosen
+                assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is dot
                 assert library.atb_bf16_use_dot(-1) == int(chosen)
             # A float32 model never gives its linears bfloat16 inputs: nothing to measure.
             monkeypatch.setattr(linear, "_bf16_dot_measured", {})
@@ -556,6 +557,13 @@ def native_library_with(feature: str, missing: str):
 
 def _dot_product_library():
     return native_library_with("bf16_dot", "this library has no AVX512-BF16 dot product")
+
+
+def product_without_bias(op, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """A float32-output op's product of all of x's rows (float32, contiguous) against a packed weight, no bias."""
+    y = torch.empty(x.shape[0], packed.shape[0] * 64)
+    op(x.data_ptr(), x.shape[0], x.shape[1], x.shape[1], packed.data_ptr(), y.shape[1], None, y.data_ptr())
+    return y
 
 
 def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_count():
@@ -591,6 +599,29 @@ def test_decode_rows_by_the_dot_product_get_the_widening_s_sums_at_every_row_cou
                 library.atb_bf16_dot_one_pass_prefetch(prefetch)
                 for rows in (1, 2, 5, 6, 7, 16):
                     assert torch.equal(product(rows), widened[:rows]), (in_features, decode_rows, batched, rows)
+            # The same on bfloat16 rows in and out (prefill's entry): the float32 sums rounded once, rows read where
+            # they lie (a strided view), with and without a bias.
+            rows16 = torch.cat([x.bfloat16(), x.bfloat16()], dim=1)[:, :in_features]
+            for decode_rows, bias in itertools.product((0, 6), (b, None)):
+                library.atb_bf16_dot_decode_rows(decode_rows)
+                expected = widened if bias is not None else product_without_bias(op, x, packed)
+                for rows in (1, 3, 6):
+                    y16 = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)
+                    library.atb_bf16_dot_linear_bf16(rows16.data_ptr(), rows, in_features, rows16.stride(0),
+                                                     packed.data_ptr(), out_features,
+                                                     None if bias is None else bias.data_ptr(), y16.data_ptr())
+                    assert torch.equal(y16, expected[:rows].bfloat16()), (in_features, decode_rows, rows)
+            # And the dot product did run: it rounds inputs that are not bfloat16 values, where the widening takes
+            # them as they are.
+            off = torch.randn(1, in_features, generator=generator)
+            sums = []
+            for decode_rows in (0, 1):
+                library.atb_bf16_dot_decode_rows(decode_rows)
+                y = torch.empty(1, out_features)
+                op(off.data_ptr(), 1, in_features, in_features, packed.data_ptr(), out_features, b.data_ptr(),
+                   y.data_ptr())
+                sums.append(y)
+            assert not torch.equal(*sums)
         assert library.atb_bf16_dot_decode_rows(9) == 6  # at most a register block's rows
     finally:
         library.atb_bf16_dot_decode_rows(was[0])
@@ -617,15 +648,14 @@ def test_decode_s_dot_product_is_chosen_up_to_the_rows_it_measured_faster_at(mon
             with pytest.raises(UserError, match="ATB_MODELS_CPU_BF16_DOT_DECODE='7'"):
                 Kernels.for_plan(plan)
         monkeypatch.delenv(linear.BF16_DOT_DECODE_ENV)
-        # The model's kernel runs the dot product's entry for decode's rows even where batched rows widen.
+        # A model's load tells the library (the tiles off here, as if this process had started so).
         monkeypatch.setenv(linear.BF16_AMX_ENV, "0")
         monkeypatch.setattr(linear, "_bf16_amx_decided", {})
         monkeypatch.setenv(linear.BF16_DOT_ENV, "0")
-        monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "1")
-        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_dot_linear_f32
-        assert library.atb_bf16_use_dot(-1) == 0 and library.atb_bf16_dot_decode_rows(-1) == 1
-        monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, "0")
-        assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_linear_f32
+        for value in "10":
+            monkeypatch.setenv(linear.BF16_DOT_DECODE_ENV, value)
+            assert Kernels.for_plan(CPU_BF16).linear.bf16_dot_op is library.atb_bf16_dot_linear_f32
+            assert library.atb_bf16_use_dot(-1) == 0 and library.atb_bf16_dot_decode_rows(-1) == int(value)
         monkeypatch.delenv(linear.BF16_DOT_ENV)
         monkeypatch.delenv(linear.BF16_AMX_ENV)
         monkeypatch.delenv(linear.BF16_DOT_DECODE_ENV)
@@ -673,13 +703,12 @@ def test_decode_s_dot_product_is_timed_on_weights_evicted_from_the_caches(monkey
     library = _dot_product_library()
     evicted, evict = [], library.atb_evict_from_caches
     monkeypatch.setattr(library, "atb_evict_from_caches", lambda p, n: (evicted.append(n), evict(p, n)))
-    was = library.atb_bf16_dot_decode_rows(-1)
-    try:
-        timings = linear._time_bf16_decode(library, 6, (1, 0), repeats=2)
-    finally:
-        library.atb_bf16_dot_decode_rows(was)
+    was = (library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_dot_one_pass_prefetch(-1))
+    timings = linear._time_bf16_decode(library, 6, (1, 0), repeats=2)
     assert len(timings) == 3 and min(timings) > 0
-    assert evicted == [4096 * 2016 * 2] * 9  # before every call, the untimed round's too: 16 MB of bfloat16
+    assert evicted == [4096 * 2000 * 2] * 9  # before every call, the untimed round's too: 16 MB of bfloat16
+    # The switches as they were before the measurement.
+    assert (library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_dot_one_pass_prefetch(-1)) == was
 
 
 # ------------------------------------------------------------------------ bfloat16 attention within segments

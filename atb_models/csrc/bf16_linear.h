@@ -6,18 +6,17 @@
 // are one sequential stream of half of float32's bytes. A 32-bit lane holds one column's weights of k-steps 2p (its
 // low half) and 2p + 1 (its high half): a shift widens the first and a mask the second, one in-lane instruction per
 // 16 weights, in column order; and the lane is the pair AVX512-BF16's dot product (vdpbf16ps) multiplies, so a
-// bfloat16 model's batched rows read the weights as they are (atb_bf16_dot_linear_f32 below).
+// bfloat16 model's rows may read the weights as they are (atb_bf16_dot_linear_f32 below).
 //
-// Up to 6 rows (decode) read the weights directly: each pair of k-steps is widened to eight zmm of float32 and
-// feeds 8 fused multiply-adds a row, k-step 2p's then 2p + 1's into the same sums (so every column's products are
-// added in k order, as a plain float32 product adds them; in a bfloat16 model 2p + 1's first, as the dot product
-// below adds a pair, so that its sums are the same whichever kernel runs, at any row count); the prefetch, where it
-// is on (stream_prefetch_on, panel_linear.h), runs a fixed distance ahead. The fewer instructions a byte, the
+// Up to 6 rows (decode; a bfloat16 model's may take the dot product instead, below) read the weights directly: each
+// pair of k-steps is widened to eight zmm of float32 and feeds 8 fused multiply-adds a row, k-step 2p's then
+// 2p + 1's into the same sums (so every column's products are added in k order, as a plain float32 product adds
+// them; in a bfloat16 model 2p + 1's first, as the dot product below adds a pair, so that its sums are the same
+// whichever kernel runs, at any row count); the prefetch, where it is on (stream_prefetch_on, panel_linear.h), runs
+// a fixed distance ahead. The fewer instructions a byte, the
 // farther ahead a core's out-of-order window reaches and the more lines it has in flight: one thread on this kit's
 // AMD EPYC read 21-22 GB/s with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane
 // zero-extension and a shift; docs/PERFORMANCE.md).
-// (AVX512-BF16's dot product was measured no faster here on this kit's Xeon: it issues on one port where FMAs
-// issue on two.)
 //
 // More rows (batched decode, prefill) take one of two ways, as atb_bf16_widen_in_registers says (Python measures
 // which is faster once a process: kernels/linear.py's bf16_widening_chosen):
@@ -220,9 +219,9 @@ void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, cons
 // caches), in one pass over each column group, prefetching in software or not as also measured. The dot product
 // reads a line of weights with one instruction where the widening takes a shift, a mask and two FMAs, so a core's
 // out-of-order window reaches farther ahead in the stream: on AMD Zen 4 one row's widened stream read 27-28 GB/s
-// where the probe read 53 (the dot product not measured there yet); on this kit's Xeon, its AMX tiles off, one row
-// took 0.9 of the widening's time and 2-6 rows about the same, vdpbf16ps's one port holding the arithmetic back
-// (docs/PERFORMANCE.md).
+// where the probe read 53 (the dot product not measured there yet); on this kit's Xeon, its AMX tiles off, the 24
+// layers of a decode step took 0.91 of the widening's time at one row and 0.78 at four, the widening without
+// software prefetches as the kit chose there (docs/PERFORMANCE.md).
 
 namespace {
 
@@ -405,7 +404,7 @@ bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t 
     }
 #endif
 #ifdef __AVX512BF16__
-    if (M > MAX_ROWS ? bf16_dot_on != 0 : M <= bf16_dot_decode_rows) {
+    if (K > 0 && (M > MAX_ROWS ? bf16_dot_on != 0 : M <= bf16_dot_decode_rows)) {  // (K = 0: the bias, widened)
         dot_linear_rows(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
         return true;
     }
@@ -417,8 +416,9 @@ bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t 
 
 extern "C" {
 
-// atb_bf16_linear_f32 for a bfloat16 model: x holds bfloat16 values (any other value is rounded to one, nearest,
-// ties to even), the products are exact and summed in float32, by vdpbf16ps where the build has it and
+// atb_bf16_linear_f32 for a bfloat16 model: x must hold bfloat16 values (the dot product rounds any other value to
+// one, nearest, ties to even; the widening takes it as it is), the products are exact and summed in float32, by
+// vdpbf16ps where the build has it and
 // atb_bf16_use_dot (past MAX_ROWS rows) or atb_bf16_dot_decode_rows (fewer) turned it on, else widened in
 // registers, each pair in vdpbf16ps's order: the same sums either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,

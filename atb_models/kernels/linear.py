@@ -7,6 +7,7 @@ $ATB_MODELS_CPU_LINEAR (`cpu_kernel_choice`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -92,8 +93,9 @@ class PanelLinear(OneDnnLinear):
     where `bf16_op` (the library's atb_bf16_linear_f32) is given, to csrc/bf16_linear.h in groups too, each column's
     weights of two k-steps side by side (pair_layout), at half the bytes, widened to float32 in registers (products and
     sums in float32 on the input's values: a bfloat16 model's inputs are bfloat16 values, as PyTorch's bfloat16 linear
-    takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, multiplies batched rows by AVX512-BF16's dot
-    product where the library has it and it measured faster, bf16_dot_chosen: twice the float32 rate on AMD Zen 4;
+    takes them; for such inputs `bf16_dot_op`, atb_bf16_dot_linear_f32, adds each pair of k-steps in the order of
+    AVX512-BF16's dot product and multiplies by it where the library has it and it measured faster, bf16_dot_chosen
+    and bf16_dot_decode_chosen: batched rows at twice the float32 rate on AMD Zen 4;
     `bf16_rows_op`, atb_bf16_dot_linear_bf16, is the same product on bfloat16 rows into bfloat16 outputs, with no
     float32 copies of either: a bfloat16 model's prefill and vision tower, past the fused decode step). With
     `narrow_exact`, a float32 weight whose every value is a bfloat16 value (a bfloat16 checkpoint computed in float32)
@@ -305,8 +307,9 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
     build or the AVX2 one, or None) is there (packing float32 weights that hold bfloat16 values as bfloat16), else
     oneDNN where this build has a working one, else F.linear; "panel" (float32 weights kept float32) and "onednn" ask
     for one (falling back the same way when it is missing), "torch" is F.linear. With `bf16_inputs` (a bfloat16 model's)
-    the panel kernel also gets the dot product where bf16_dot_chosen says so; a float32 model never gives its linears
-    bfloat16 inputs, so it spares the measurement. Where the CPU has AMX, either model's products of bfloat16 weights
+    the panel kernel also gets the dot product's entry, which multiplies by the dot product where bf16_dot_chosen and
+    bf16_dot_decode_chosen say so; a float32 model never gives its linears bfloat16 inputs, so it spares the
+    measurements. Where the CPU has AMX, either model's products of bfloat16 weights
     run on its tiles (bf16_amx_chosen, f32_amx_chosen)."""
     if choice == "torch" or not torch.backends.mkldnn.is_available():
         return PLAIN_LINEAR
@@ -333,9 +336,14 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         dot_op = rows_op = unpack_op = None
         amx = False
         if bf16_inputs and bf16_op is not None:  # a bfloat16 model, whose bfloat16 weights the kit packs
-            dot, amx = bf16_dot_chosen(library), bf16_amx_chosen(library)
-            dot_decode = bf16_dot_decode_chosen(library, tiles=amx)
-            dot_op = library.atb_bf16_dot_linear_f32 if dot or dot_decode or amx else None
+            amx = bf16_amx_chosen(library)
+            bf16_dot_chosen(library)
+            bf16_dot_decode_chosen(library, tiles=amx)
+            # Its float32 rows (where rows_op is missing) by the entry that adds a pair in vdpbf16ps's order, as the
+            # fused decode step does, whatever the switches chose (the tiles, the dot product, the widening): so
+            # that its sums do not depend on a measurement.
+            dot_op = (library.atb_bf16_dot_linear_f32 if _bf16_products_right(library.atb_bf16_dot_linear_f32, rows=19)
+                      else None)
             rows_op = (library.atb_bf16_dot_linear_bf16 if _bf16_rows_right(library.atb_bf16_dot_linear_bf16)
                        else None)
             unpack_op = library.atb_bf16_unpack_pairs if bf16_prefill_chosen(library) else None
@@ -374,8 +382,9 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
 
 
 def _bf16_rows_right(op) -> bool:
-    """The same for the kernel on bfloat16 rows and outputs (atb_bf16_dot_linear_bf16), at 3 rows and at 19 (its
-    two paths), within the outputs' bfloat16 rounding; a wrong one leaves such rows to the float32 kernels."""
+    """The same for the kernel on bfloat16 rows and outputs (atb_bf16_dot_linear_bf16), at 3 rows (a decode pass)
+    and at 19 (batched), within the outputs' bfloat16 rounding; a wrong one leaves such rows to the float32
+    kernels."""
     generator = torch.Generator().manual_seed(0)
     w, b = torch.randn(2 * PANEL_GROUP, 42, generator=generator).bfloat16(), torch.randn(2 * PANEL_GROUP)
     packed = panel_layout(w)
@@ -496,12 +505,13 @@ def _amx_f32_products_right(library, in_features: int = 96, rows: int = 40) -> b
     return False
 
 
-def _at_row_counts(op, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, counts: tuple) -> list:
-    """A float32-output linear op's products of x's first `count` rows (x contiguous float32) against a packed
-    weight of two column groups, for each count."""
+def _at_row_counts(op, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, counts: tuple,
+                   dtype: torch.dtype = torch.float32) -> list:
+    """A linear op's products of x's first `count` rows (x contiguous, in the op's input dtype) against a packed
+    weight of two column groups, for each count, as `dtype` (the op's output dtype)."""
     outputs = []
     for count in counts:
-        y = torch.full((count, 2 * PANEL_GROUP), float("nan"))
+        y = torch.full((count, 2 * PANEL_GROUP), float("nan"), dtype=dtype)
         op(x.data_ptr(), count, x.shape[1], x.shape[1], packed.data_ptr(), 2 * PANEL_GROUP, bias.data_ptr(),
            y.data_ptr())
         outputs.append(y)
@@ -553,8 +563,9 @@ def bf16_dot_chosen(library) -> bool:
 
 
 BF16_DOT_DECODE_ENV = "ATB_MODELS_CPU_BF16_DOT_DECODE"
-BF16_DOT_DECODE_VALUES = (tuple("0123456"), "0 to 6 (decode's products of up to that many rows by AVX512-BF16's "
-                          "dot product; 0: none)")
+BF16_DOT_DECODE_VALUES = (tuple(str(rows) for rows in range(MAX_ROWS + 1)),
+                          f"0 to {MAX_ROWS} (decode's products of up to that many rows by AVX512-BF16's dot product; "
+                          "0: none)")
 # How much faster the dot product must measure to be chosen for decode's rows: a margin over the timing's noise on
 # weights evicted from the caches (about 5%), so that the choice does not flip from run to run where the two are
 # alike (it changes the speed only: the sums are the same).
@@ -611,31 +622,46 @@ def _measure_bf16_decode(library) -> tuple:
 
 
 def _dot_decode_alike(library, in_features: int = 42) -> bool:
-    """A wrong build must not reach the model: the dot product's products of 1 to 6 rows (bfloat16 values) against
-    the widening's, bit for bit, and against F.linear. (42 k-steps: never the AMX tiles' product.)"""
+    """A wrong build must not reach the model: the dot product's products of 1 to 6 rows (bfloat16 values; float32
+    and bfloat16 outputs, atb_bf16_dot_linear_f32 and _bf16) against the widening's, bit for bit, and against
+    F.linear. (42 k-steps: never the AMX tiles' product.)"""
     generator = torch.Generator().manual_seed(0)
     x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((MAX_ROWS, in_features),
                                                                            (2 * PANEL_GROUP, in_features)))
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
-    x32, packed = x.float(), panel_layout(w)
-    counts = tuple(range(1, MAX_ROWS + 1))
-    library.atb_bf16_dot_decode_rows(MAX_ROWS)
-    dot = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, counts)
-    library.atb_bf16_dot_decode_rows(0)
-    widened = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, counts)
-    if (all(torch.equal(d, v) for d, v in zip(dot, widened))
-            and torch.allclose(dot[-1], F.linear(x32, w.float(), b), atol=1e-4)):
+    packed, counts = panel_layout(w), tuple(range(1, MAX_ROWS + 1))
+    ways = []
+    with _decode_switches_kept(library):
+        for rows in (MAX_ROWS, 0):  # the dot product, widened
+            library.atb_bf16_dot_decode_rows(rows)
+            ways.append(_at_row_counts(library.atb_bf16_dot_linear_f32, x.float(), packed, b, counts)
+                        + _at_row_counts(library.atb_bf16_dot_linear_bf16, x, packed, b, counts, torch.bfloat16))
+    dot, widened = ways
+    if (all(torch.equal(d, v) for d, v in zip(dot, widened)) and torch.equal(dot[-1], dot[MAX_ROWS - 1].bfloat16())
+            and torch.allclose(dot[MAX_ROWS - 1], F.linear(x.float(), w.float(), b), atol=1e-4)):
         return True
     logger.warning("the kit's dot product gave decode's rows other sums than the widening here: they stay widened")
     return False
+
+
+@contextlib.contextmanager
+def _decode_switches_kept(library):
+    """The library's switches of decode's dot product as they were before, whatever runs inside (a check or a
+    measurement that sets them) and however it ends."""
+    rows, prefetch = library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_dot_one_pass_prefetch(-1)
+    try:
+        yield
+    finally:
+        library.atb_bf16_dot_decode_rows(rows)
+        library.atb_bf16_dot_one_pass_prefetch(prefetch)
 
 
 def _time_bf16_decode(library, rows: int, prefetches: tuple, repeats: int = 7) -> tuple:
     """The best seconds of `rows` rows' product by the dot product, prefetching in software or not as each of
     `prefetches` says, and widened (the last), alternating, each call on 16 MB of bfloat16 weights evicted from the
     caches first (atb_evict_from_caches), as a decode step meets its weights (4 MB measured the same ratio with twice
-    the spread). (2016 k-steps, not a multiple of 32: never the AMX tiles' product.)"""
-    product = _bf16_product(library.atb_bf16_dot_linear_f32, rows, calls=1, out_features=4096, in_features=2016,
+    the spread). (2000 k-steps, not a multiple of 32: never the AMX tiles' product.)"""
+    product = _bf16_product(library.atb_bf16_dot_linear_f32, rows, calls=1, out_features=4096, in_features=2000,
                             evict=library.atb_evict_from_caches)
 
     def way(prefetch: int | None):
@@ -644,7 +670,8 @@ def _time_bf16_decode(library, rows: int, prefetches: tuple, repeats: int = 7) -
             library.atb_bf16_dot_one_pass_prefetch(1 if prefetch is None else prefetch)
             return product()
         return run
-    return _alternating([way(p) for p in prefetches] + [way(None)], repeats, min)
+    with _decode_switches_kept(library):
+        return _alternating([way(p) for p in prefetches] + [way(None)], repeats, min)
 
 
 def _without_dot(library):
