@@ -206,6 +206,17 @@ def test_decode_floor_is_the_larger_of_weight_reading_and_matrix_work():
     assert floors.decode_floor(10**9, 4, 64, machine) == pytest.approx(0.128)  # 128 GFLOP at 1 TFLOP/s
 
 
+def test_a_run_that_limits_a_library_s_instruction_set_says_so_and_names_the_ones_left_at_the_cpu_s():
+    from atb_models.benchmark.compare import isa_limits
+
+    assert isa_limits({}) is None and isa_limits({"ATEN_CPU_CAPABILITY": ""}) is None
+    line = isa_limits({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert "ATEN_CPU_CAPABILITY=avx2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+    assert "MKL at the CPU's own ISA (MKL_ENABLE_INSTRUCTIONS unset)" in line
+    assert "own ISA" not in isa_limits({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                        "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
+
+
 def test_each_decode_run_is_held_against_the_floor_of_its_own_moment():
     from atb_models.benchmark.compare import Results
     from atb_models.benchmark.engines import Timing

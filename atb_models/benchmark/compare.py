@@ -263,7 +263,26 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
                 f"on {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    emulated = isa_limits()
+    if emulated:
+        setup["emulation"] = emulated
     return results, setup
+
+
+# The switches that limit each library to a narrower instruction set than the CPU's: how a run emulates an older CPU
+# (an AVX2-only one on an AVX-512 machine, docs/PERFORMANCE.md). MKL runs PyTorch's float32 matmuls (transformers' and
+# the probe's); unless it is limited too, the reference and the floor are an AVX-512 CPU's (here 1.6x AVX2's rate).
+ISA_SWITCHES = (("ATEN_CPU_CAPABILITY", "PyTorch's kernels"), ("ONEDNN_MAX_CPU_ISA", "oneDNN"),
+                ("MKL_ENABLE_INSTRUCTIONS", "MKL"))
+
+
+def isa_limits(environ=os.environ) -> str | None:
+    """A line saying which libraries a run limits to a narrower instruction set and which it leaves at the CPU's,
+    where it limits any (None otherwise)."""
+    if not any(environ.get(name) for name, _ in ISA_SWITCHES):
+        return None
+    return ", ".join(f"{library} {name}={environ[name]}" if environ.get(name) else f"{library} at the CPU's own ISA "
+                     f"({name} unset)" for name, library in ISA_SWITCHES)
 
 
 def first_difference(ours: list, theirs: list) -> int:
