@@ -107,6 +107,31 @@ def test_bf16_panel_kernel_matches_a_float_reference_on_the_same_bf16_values(isa
     assert kernel(torch.randn(0, 300).bfloat16(), packed, bias).shape == (0, 1024)
 
 
+def test_the_avx2_library_gives_a_row_the_same_sums_at_every_row_count(monkeypatch):
+    """On bfloat16 panels the AVX2 library widens in its register blocks up to 31 rows and, from 32, each K block once
+    into float32 for the float32 blocks: every row's sums the same, bit for bit, either way (k order from the bias
+    on), with and without a bias, rows read with a stride."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    op = native.NativeLibrary.load_avx2().atb_bf16_linear_f32
+    generator = torch.Generator().manual_seed(5)
+    for out_features, in_features in ((64, 42), (192, 300), (128, 130)):  # one K block, three, two
+        weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+        packed, bias = _pair_packed(weight), torch.randn(out_features, generator=generator)
+        x = torch.randn(300, in_features + 6, generator=generator)  # rows in_features + 6 apart
+        for b in (bias, None):
+            outputs = []
+            for rows in (1, 2, 7, 31, 32, 33, 64, 257, 300):  # a row alone, passes of 2, widened once, 2 chunks
+                y = torch.full((rows, out_features), float("nan"))
+                op(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
+                   None if b is None else b.data_ptr(), y.data_ptr())
+                outputs.append(y)
+            assert all(torch.equal(y, outputs[-1][:len(y)]) for y in outputs), (in_features, b is None)
+            expected = F.linear(x[:, :in_features].double(), weight.double(), None if b is None else b.double())
+            assert torch.allclose(outputs[-1].double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_batched_rows_widen_in_registers_or_in_blocks_to_the_same_sums_as_chosen(monkeypatch, caplog):
     from atb_models.kernels import linear
 
