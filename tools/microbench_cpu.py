@@ -24,6 +24,7 @@ from atb_models.kernels import Kernels  # noqa: E402
 from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention,  # noqa: E402
                                           grouped_decode_attention, store_kv)
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, linear_kernel  # noqa: E402
+from atb_models.kernels.native import NativeLibrary  # noqa: E402
 from atb_models.kernels.w8a16 import NativeW8A16, quantize  # noqa: E402
 from atb_models.platform import resolve_plan  # noqa: E402
 
@@ -48,21 +49,31 @@ def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
         sys.exit("this torch build has no working oneDNN linear")
     ups = [torch.randn(2 * INTERMEDIATE, HIDDEN).to(dtype) for _ in range(LAYERS)]
     downs = [torch.randn(HIDDEN, INTERMEDIATE).to(dtype) for _ in range(LAYERS)]
-    layouts = {"oneDNN, plain weights": (onednn, ups, downs, dtype),
-               "oneDNN, packed": (onednn, [onednn.pack(w) for w in ups], [onednn.pack(w) for w in downs], dtype)}
+    layouts = {"oneDNN, plain weights": (onednn, ups, downs, dtype)}
+    try:
+        layouts["oneDNN, packed"] = (onednn, [onednn.pack(w) for w in ups], [onednn.pack(w) for w in downs], dtype)
+    except RuntimeError as error:  # (oneDNN packs bfloat16 only where the CPU has AVX-512 or AVX-NE-CONVERT)
+        print(f"oneDNN, packed: left out, it does not pack {dtype} weights here ({str(error).splitlines()[0]})")
     if isinstance(panel, PanelLinear):
         panels = (panel, [panel.pack(w) for w in ups], [panel.pack(w) for w in downs])
         if dtype == torch.float32:
             layouts["kit's panel kernel"] = (*panels, dtype)
         else:
             layouts["kit, float32 inputs (widened)"] = (*panels, torch.float32)
-            dot = panel.bf16_dot_op is not panel.bf16_op
-            layouts[f"kit, bf16 inputs ({'dot product' if dot else 'widened: the dot product not chosen here'})"] = (
-                *panels, dtype)
+            layouts[f"kit, bf16 inputs ({bf16_inputs_way()})"] = (*panels, dtype)
 
     def mlps(x, kernel, up_weights, down_weights, _):
         for up, down in zip(up_weights, down_weights):
             kernel(kernel(x, up)[:, :INTERMEDIATE].contiguous(), down)
+
+    for name, (kernel, up_weights, _, x_dtype) in list(layouts.items()):
+        try:  # (oneDNN at a narrower ISA than bfloat16 needs, emulating an older CPU, refuses the product)
+            kernel(torch.ones(1, HIDDEN, dtype=x_dtype), up_weights[0])
+        except RuntimeError as error:
+            print(f"{name}: left out, it does not run here ({str(error).splitlines()[0]})")
+            del layouts[name]
+    if not layouts:
+        sys.exit(f"nothing to time on {dtype} weights here (the kit's bfloat16 kernels need AVX-512)")
 
     print(f"{LAYERS} MLP layers ({2 * INTERMEDIATE}x{HIDDEN} and {HIDDEN}x{INTERMEDIATE}), {dtype} weights, "
           f"{torch.get_num_threads()} threads, best of {repeats} (ms; GFLOP/s)")
@@ -83,6 +94,17 @@ def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
             print(f"  one row, GB/s of weights read: " + ", ".join(
                 f"{name} {sum(w.numel() * w.element_size() for w in layout[1] + layout[2]) / ms / 1e6:.1f}"
                 for (name, layout), ms in zip(layouts.items(), best.values())) + f" (probe {probe / 1e9:.1f})")
+
+
+def bf16_inputs_way() -> str:
+    """How the kit multiplies bfloat16 inputs here, as the library's switches say (set by the kernels' load)."""
+    library = NativeLibrary.load()
+    if library is None or not library.atb_bf16_dot_available():
+        return "widened"
+    if library.atb_bf16_use_amx(-1):
+        return "AMX tiles"
+    batched = "dot product" if library.atb_bf16_use_dot(-1) else "widened"
+    return f"batched rows {batched}, up to {library.atb_bf16_dot_decode_rows(-1)} rows by the dot product"
 
 
 def bench_attention(repeats: int) -> None:
