@@ -226,49 +226,42 @@ void widen_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) {
     }
 }
 
-// A chunk of rows (WIDEN_ONCE_ROWS or more) against a thread's groups of bfloat16 panels, each K block widened once
-// into `buffer` (K_BLOCK x 64 float32) and multiplied by the float32 register blocks, its two halves in turn, rows in
-// passes of up to 3 as equal as can be; the next block's lines prefetched over the first passes, as run_linear does.
-void run_widened_chunk(const float* x, int64_t chunk, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
-                       const float* bias, float* y, int64_t first_group, int64_t end_group, float* buffer) {
-    const int64_t passes = (chunk + F32Panels::ROWS - 1) / F32Panels::ROWS;
+// A chunk's rows (x: its first row; y: its first row's sums of the group) over one K block of a group's weights
+// (w: the group's, laid out as Q's; k-steps k0 .. k1; `first`: the group's first block, whose sums start from the
+// bias), both halves in turn, in passes of up to Q::ROWS rows as equal as can be (16 rows of 3: 3 3 3 3 2 2, not five
+// of 3 and a latency-bound one of 1); the next block's `next_lines` lines from `next` prefetched over the first
+// passes (Ahead).
+template <typename Q>
+void run_block(const float* x, int64_t chunk, int64_t ldx, const typename Q::T* w, int64_t k0, int64_t k1,
+               const float* bias, bool first, float* y, int64_t N, const char* next, int64_t next_lines) {
+    const int64_t passes = (chunk + Q::ROWS - 1) / Q::ROWS;
+    // The calls (passes of both halves) that prefetch the next block: the first ones, up to 2 AHEAD_PASSES.
     const int64_t calls = 2 * passes < 2 * AHEAD_PASSES ? 2 * passes : 2 * AHEAD_PASSES;
-    for (int64_t g = first_group; g < end_group; g++) {
-        const uint16_t* w = wp + g * K * GROUP;
-        for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
-            const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
-            const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
-                                              : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
-            const int64_t next_lines = next_steps * GROUP * 2 / 64;
-            widen_block(w, k0, k1, buffer);
-            Ahead ahead{reinterpret_cast<const char*>(w + k1 * GROUP), 0, k1 - k0, 0};
-            for (int64_t h = 0, call = 0; h < 2; h++) {
-                const float* b = bias ? bias + g * GROUP + h * HALF : nullptr;
-                for (int64_t pass = 0, m = 0; pass < passes; pass++, call++) {
-                    const int64_t rows = chunk / passes + (pass < chunk % passes);
-                    const float* in = x + m * ldx + k0;
-                    float* out = y + m * N + g * GROUP + h * HALF;
-                    if (call < calls) {
-                        ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
-                        ahead.credit = 0;
-                        run_pass<F32Panels, true>(rows, in, ldx, buffer + h * HALF, 0, k1 - k0, b, k0 == 0, out, N,
-                                                  ahead);
-                        ahead.next += ahead.lines * 64;
-                    } else {
-                        run_pass<F32Panels, false>(rows, in, ldx, buffer + h * HALF, 0, k1 - k0, b, k0 == 0, out, N,
-                                                   ahead);
-                    }
-                    m += rows;
-                }
+    Ahead ahead{next, 0, (k1 - k0) / Q::K_PER_STEP, 0};
+    for (int64_t h = 0, call = 0; h < 2; h++) {
+        const typename Q::T* half = w + h * Q::HALF_OFFSET;
+        const float* b = bias ? bias + h * HALF : nullptr;
+        for (int64_t pass = 0, m = 0; pass < passes; pass++, call++) {
+            const int64_t rows = chunk / passes + (pass < chunk % passes);
+            const float* in = x + m * ldx;
+            float* out = y + m * N + h * HALF;
+            if (call < calls) {
+                ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
+                ahead.credit = 0;
+                run_pass<Q, true>(rows, in, ldx, half, k0, k1, b, first, out, N, ahead);
+                ahead.next += ahead.lines * 64;
+            } else {
+                run_pass<Q, false>(rows, in, ldx, half, k0, k1, b, first, out, N, ahead);
             }
+            m += rows;
         }
     }
 }
 
 // One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
-// K block's two halves in turn (so that the block is read from memory once per chunk of rows), rows in passes of up
-// to P::ROWS, as equal as can be (16 rows of 3: 3 3 3 3 2 2, not five of 3 and a latency-bound one of 1); a single
-// row runs P::row over the whole group instead, one sequential stream.
+// K block's two halves in turn (so that the block is read from memory once per chunk of rows: run_block), bfloat16
+// panels of a chunk of WIDEN_ONCE_ROWS rows or more widened once per block into `widened` for the float32 blocks; a
+// single row runs P::row over the whole group instead, one sequential stream.
 template <typename P>
 void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typename P::T* wp, int64_t N,
                 const float* bias, float* y) {
@@ -280,15 +273,11 @@ void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typenam
         alignas(32) float widened[P::K_PER_STEP == 2 ? K_BLOCK * GROUP : 1];  // (bfloat16 panels' WIDEN_ONCE_ROWS)
         for (int64_t m0 = 0; m0 < M && M > 1; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-            if (P::K_PER_STEP == 2 && chunk >= WIDEN_ONCE_ROWS) {
-                run_widened_chunk(x + m0 * ldx, chunk, K, ldx, reinterpret_cast<const uint16_t*>(wp), N, bias,
-                                  y + m0 * N, first_group, end_group, widened);
-                continue;
-            }
-            const int64_t passes = (chunk + P::ROWS - 1) / P::ROWS;
-            // The calls (passes of both halves) that prefetch the next block: the first ones, up to 2 AHEAD_PASSES.
-            const int64_t calls = 2 * passes < 2 * AHEAD_PASSES ? 2 * passes : 2 * AHEAD_PASSES;
+            const bool widen = P::K_PER_STEP == 2 && chunk >= WIDEN_ONCE_ROWS;
             for (int64_t g = first_group; g < end_group; g++) {
+                const typename P::T* w = wp + g * K * GROUP;
+                const float* b = bias ? bias + g * GROUP : nullptr;
+                float* out = y + m0 * N + g * GROUP;
                 for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
                     const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
                     // The block after this one, right after it in memory: the rest of this group's K, or the next
@@ -296,25 +285,13 @@ void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typenam
                     const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
                                                       : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
                     const int64_t next_lines = next_steps * GROUP * static_cast<int64_t>(sizeof(typename P::T)) / 64;
-                    Ahead ahead{reinterpret_cast<const char*>(wp + g * K * GROUP + k1 * GROUP), 0,
-                                (k1 - k0) / P::K_PER_STEP, 0};
-                    for (int64_t h = 0, call = 0; h < 2; h++) {
-                        const typename P::T* w = wp + g * K * GROUP + h * P::HALF_OFFSET;
-                        const float* b = bias ? bias + g * GROUP + h * HALF : nullptr;
-                        for (int64_t pass = 0, m = m0; pass < passes; pass++, call++) {
-                            const int64_t rows = chunk / passes + (pass < chunk % passes);
-                            const float* in = x + m * ldx;
-                            float* out = y + m * N + g * GROUP + h * HALF;
-                            if (call < calls) {
-                                ahead.lines = next_lines * (call + 1) / calls - next_lines * call / calls;
-                                ahead.credit = 0;
-                                run_pass<P, true>(rows, in, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
-                                ahead.next += ahead.lines * 64;
-                            } else {
-                                run_pass<P, false>(rows, in, ldx, w, k0, k1, b, k0 == 0, out, N, ahead);
-                            }
-                            m += rows;
-                        }
+                    const char* next = reinterpret_cast<const char*>(w + k1 * GROUP);
+                    if (widen) {  // (the widened block's k-steps are 0 .. k1 - k0: the rows from k0 on)
+                        widen_block(reinterpret_cast<const uint16_t*>(w), k0, k1, widened);
+                        run_block<F32Panels>(x + m0 * ldx + k0, chunk, ldx, widened, 0, k1 - k0, b, k0 == 0, out, N,
+                                             next, next_lines);
+                    } else {
+                        run_block<P>(x + m0 * ldx, chunk, ldx, w, k0, k1, b, k0 == 0, out, N, next, next_lines);
                     }
                 }
             }
