@@ -13,10 +13,9 @@
 // 2p + 1's into the same sums (so every column's products are added in k order, as a plain float32 product adds
 // them; in a bfloat16 model 2p + 1's first, as the dot product below adds a pair, so that its sums are the same
 // whichever kernel runs, at any row count); the prefetch, where it is on (stream_prefetch_on, panel_linear.h), runs
-// a fixed distance ahead. The fewer instructions a byte, the
-// farther ahead a core's out-of-order window reaches and the more lines it has in flight: one thread on this kit's
-// AMD EPYC read 21-22 GB/s with one in-lane instruction per 16 weights against 18-19 with two (a cross-lane
-// zero-extension and a shift; docs/PERFORMANCE.md).
+// a fixed distance ahead. The fewer instructions a byte, the farther ahead a core's out-of-order window reaches and
+// the more lines it has in flight: one thread on this kit's AMD EPYC read 21-22 GB/s with one in-lane instruction per
+// 16 weights against 18-19 with two (a cross-lane zero-extension and a shift; docs/PERFORMANCE.md).
 //
 // More rows (batched decode, prefill) take one of two ways, as atb_bf16_widen_in_registers says (Python measures
 // which is faster once a process: kernels/linear.py's bf16_widening_chosen):
@@ -418,9 +417,8 @@ extern "C" {
 
 // atb_bf16_linear_f32 for a bfloat16 model: x must hold bfloat16 values (the dot product rounds any other value to
 // one, nearest, ties to even; the widening takes it as it is), the products are exact and summed in float32, by
-// vdpbf16ps where the build has it and
-// atb_bf16_use_dot (past MAX_ROWS rows) or atb_bf16_dot_decode_rows (fewer) turned it on, else widened in
-// registers, each pair in vdpbf16ps's order: the same sums either way. Same arguments.
+// vdpbf16ps where the build has it and atb_bf16_use_dot (past MAX_ROWS rows) or atb_bf16_dot_decode_rows (fewer)
+// turned it on, else widened in registers, each pair in vdpbf16ps's order: the same sums either way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
     if (ran_tiles_or_dot(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;

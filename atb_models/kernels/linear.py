@@ -588,11 +588,16 @@ def bf16_dot_decode_chosen(library, tiles: bool = False) -> int:
     (docs/PERFORMANCE.md)."""
     forced = _pinned(BF16_DOT_DECODE_ENV, *BF16_DOT_DECODE_VALUES)
     rows, prefetch = library.atb_bf16_dot_decode_rows, library.atb_bf16_dot_one_pass_prefetch
-    if not library.atb_bf16_dot_available() or forced == "0" or not _dot_decode_alike(library):
+    if not library.atb_bf16_dot_available() or forced == "0":
         return rows(0)
-    if forced or tiles:
+    if tiles and not forced:  # (nothing to check: the tiles take decode's products)
         prefetch(1)
-        return rows(int(forced or 0))
+        return rows(0)
+    if not _dot_decode_alike(library):
+        return rows(0)
+    if forced:
+        prefetch(1)
+        return rows(int(forced))
     key = _switch_key(library, "atb_bf16_dot_decode_rows")
     if key not in _bf16_dot_decode_measured:
         _bf16_dot_decode_measured[key] = _measure_bf16_decode(library)
