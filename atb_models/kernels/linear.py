@@ -372,13 +372,20 @@ def _bf16_products_right(op, rows: int = 3) -> bool:
     `rows` past the register block's 6 for the dot product's own path), where a wrong one leaves bfloat16 weights to
     oneDNN (or, for the dot product, to the widening kernel)."""
     kernel = PanelLinear(None, None, None, op)
-    generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, 42), (2 * PANEL_GROUP, 42)))
-    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    x, w, b = _bf16_case(rows, 42)
     if torch.allclose(kernel(x.float(), panel_layout(w), b), F.linear(x.float(), w.float(), b), atol=1e-4):
         return True
     logger.warning("the kit's bfloat16 kernel %s gave wrong products here: not using it", getattr(op, "__name__", op))
     return False
+
+
+def _bf16_case(rows: int, in_features: int) -> tuple:
+    """A load check's product: bfloat16 rows x [rows, in_features], a bfloat16 weight of two column groups and a
+    float32 bias, drawn in that order from seed 0."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, in_features),
+                                                                           (2 * PANEL_GROUP, in_features)))
+    return x, w, torch.randn(2 * PANEL_GROUP, generator=generator)
 
 
 def _bf16_rows_right(op) -> bool:
@@ -470,16 +477,11 @@ def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
     """A wrong build must not reach the model: the tiles' products on float32 and on bfloat16 rows against F.linear
     (within float32 sums' rounding, and bfloat16 outputs' rounding), and each row's sums the same, bit for bit, in a
     product of 1, 19 (a tile and a part) and 40 rows (two tiles and a part)."""
-    generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((rows, in_features),
-                                                                           (2 * PANEL_GROUP, in_features)))
-    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    x, w, b = _bf16_case(rows, in_features)
     x32, packed = x.float(), panel_layout(w)
     expected = F.linear(x32, w.float(), b)
     outputs = _at_row_counts(library.atb_bf16_dot_linear_f32, x32, packed, b, (1, 19, rows))
-    y16 = torch.full((rows, 2 * PANEL_GROUP), float("nan"), dtype=torch.bfloat16)
-    library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, in_features, in_features, packed.data_ptr(), 2 * PANEL_GROUP,
-                                     b.data_ptr(), y16.data_ptr())
+    y16, = _at_row_counts(library.atb_bf16_dot_linear_bf16, x, packed, b, (rows,), torch.bfloat16)
     if (torch.allclose(outputs[-1], expected, atol=1e-4) and torch.equal(y16, outputs[-1].bfloat16())
             and _rows_alike(outputs)):
         return True
@@ -630,10 +632,7 @@ def _dot_decode_alike(library, in_features: int = 42) -> bool:
     """A wrong build must not reach the model: the dot product's products of 1 to 6 rows (bfloat16 values; float32
     and bfloat16 outputs, atb_bf16_dot_linear_f32 and _bf16) against the widening's, bit for bit, and against
     F.linear. (42 k-steps: never the AMX tiles' product.)"""
-    generator = torch.Generator().manual_seed(0)
-    x, w = (torch.randn(shape, generator=generator).bfloat16() for shape in ((MAX_ROWS, in_features),
-                                                                           (2 * PANEL_GROUP, in_features)))
-    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    x, w, b = _bf16_case(MAX_ROWS, in_features)
     packed, counts = panel_layout(w), tuple(range(1, MAX_ROWS + 1))
     ways = []
     with _decode_switches_kept(library):
