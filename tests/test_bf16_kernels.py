@@ -145,7 +145,9 @@ def test_batched_rows_widen_in_registers_or_in_blocks_to_the_same_sums_as_chosen
             weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
             bias = torch.randn(out_features, generator=generator)
             packed = _pair_packed(weight)
-            for rows in (3, 7, 16, 17, 40, 300):  # one pass; a few and many (blocks: the longer K blocks); 2 chunks
+            # One pass; blocks whose first pass (up to 5 rows, widening) has 2, 5 and 6 more; many (the longer K
+            # blocks); two chunks.
+            for rows in (3, 7, 10, 11, 16, 17, 40, 300):
                 x = torch.randn(rows, in_features, generator=generator)
                 for b in (None, bias):
                     ways = []

@@ -23,11 +23,12 @@
 //   (the later passes find its bfloat16 weights in L2), widening each pair again in each pass. On AMD Zen 4, whose
 //   vector shifts and masks issue beside its FMAs, this ran 16 rows 1.2x and 256 rows 1.04x as fast as blocks
 //   (24 MLP layers of cpu-small), and the float32 model's 24 layers at batch 16 took 0.84-0.90 of the time.
-// - in blocks: each K block widened once into an L1 buffer of float32 ([k][64]) and the panel kernel's register
-//   blocks run over it (panel_linear.h's register_block), prefetching the next block while they do, so the widening
-//   is paid once per block instead of once per 6 rows, and the weight stream goes on while every pass computes: on
-//   an Intel Xeon with AMX, 16 rows took 0.79 of the registers' time on the 24 layers of cpu-small (weights from
-//   memory), though 1.1 of it on weights in the caches; Python times the two on weights evicted from the caches.
+// - in blocks: each K block widened once into an L1 buffer of float32 ([k][64]) by its first pass, of up to 5 rows
+//   (widening_register_block), and the panel kernel's register blocks run the other rows over it (panel_linear.h's
+//   register_block), every pass prefetching a share of the next block, so the widening is paid once per block
+//   instead of once per 6 rows, and the weight stream goes on while every pass computes: on an Intel Xeon with AMX,
+//   16 rows took 0.79 of the registers' time on the 24 layers of cpu-small (weights from memory), though 1.1 of it
+//   on weights in the caches; Python times the two on weights evicted from the caches.
 // Both ways add the same products in the same order from the bias on: the same sums, bit for bit.
 
 #pragma once
@@ -103,16 +104,52 @@ Bf16BlockFn bf16_block_for(int rows) {
     }
 }
 
-// buffer[k - k0][64] = w's k-step k for k0 <= k < k1 (both even): the block in float32 for register_block.
-void widen_bf16_block(const uint16_t* w, int64_t k0, int64_t k1, float* buffer) {
-    for (int64_t k = k0; k < k1; k += 2) {
-        float* row = buffer + (k - k0) * GROUP;  // k-step k's; k + 1's follows
+// The blocks' first pass over a K block: rows x[MR, len] against the block's pairs w[len / 2][64][2] (len even),
+// widening the block into buffer[len][64] for the passes after it while adding its products as register_block adds
+// them (k order, from the bias or from y), so that the widening's shifts and stores issue beside the multiply-adds.
+// A separate widening loop before the passes, store-bound, took 0.94 of the time of 8 and 16 rows (24 layers of
+// cpu-small on an Intel Xeon, weights from memory; docs/PERFORMANCE.md). While it runs, prefetch `share` lines from
+// `pf` on, spread evenly over the k-steps.
+constexpr int WIDENING_ROWS = 5;  // 20 sums, a pair's 8 widened vectors and two broadcasts: 30 of the 32 registers
+
+template <int MR>
+void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t len, float* buffer,
+                             const float* bias, bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
+                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+    const char* line = reinterpret_cast<const char*>(pf);
+    int64_t owed = 0;
+    for (int64_t k = 0; k < len; k += 2) {
+        __m512 even[4], odd[4];
         for (int j = 0; j < 4; j++) {
-            __m512 even, odd;
-            widen_pairs(_mm512_loadu_si512(w + k * GROUP + 32 * j), even, odd);
-            _mm512_storeu_ps(row + 16 * j, even);
-            _mm512_storeu_ps(row + GROUP + 16 * j, odd);
+            widen_pairs(_mm512_loadu_si512(w + k * GROUP + 32 * j), even[j], odd[j]);
+            _mm512_storeu_ps(buffer + k * GROUP + 16 * j, even[j]);
+            _mm512_storeu_ps(buffer + (k + 1) * GROUP + 16 * j, odd[j]);
         }
+        for (owed += 2 * share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
+        for (int i = 0; i < MR; i++) {
+            const __m512 b = _mm512_set1_ps(x[i * ldx + k]), c = _mm512_set1_ps(x[i * ldx + k + 1]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+}
+
+using WideningBlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, const float*, bool, float*,
+                                 int64_t, const float*, int64_t);
+
+WideningBlockFn widening_block_for(int rows) {
+    switch (rows) {
+        case 1: return widening_register_block<1>;
+        case 2: return widening_register_block<2>;
+        case 3: return widening_register_block<3>;
+        case 4: return widening_register_block<4>;
+        default: return widening_register_block<WIDENING_ROWS>;
     }
 }
 
@@ -151,22 +188,27 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
             alignas(64) float buffer[K_BLOCK * GROUP];
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-                const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
+                const int64_t passes = 1 + (chunk - WIDENING_ROWS + MAX_ROWS - 1) / MAX_ROWS;
                 const int64_t k_block = passes <= FEW_PASSES ? FEW_PASSES_K_BLOCK : K_BLOCK;
                 for (int64_t g = first; g < end; g++) {
                     const uint16_t* w = wp + g * K * GROUP;
                     for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                         const int64_t k1 = K - k0 < k_block ? K : k0 + k_block, lines = (k1 - k0) * LINES_PER_STEP;
-                        widen_bf16_block(w, k0, k1, buffer);
-                        for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
-                            const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
+                        for (int64_t m = m0, pass = 0; m < m0 + chunk; pass++) {
+                            const int most = pass == 0 ? WIDENING_ROWS : MAX_ROWS;
+                            const int rows = m0 + chunk - m < most ? static_cast<int>(m0 + chunk - m) : most;
                             // The passes share the next block's lines, which follow this one.
                             const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
                             const float* pf = reinterpret_cast<const float*>(
                                 reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64);
-                            block_for(rows)(x + m * ldx + k0, ldx, buffer, 0, k1 - k0,
-                                            bias ? bias + g * GROUP : nullptr, k0 == 0, y + m * N + g * GROUP, N, pf,
-                                            to - from);
+                            const float* b = bias ? bias + g * GROUP : nullptr;
+                            if (pass == 0)
+                                widening_block_for(rows)(x + m * ldx + k0, ldx, w + k0 * GROUP, k1 - k0, buffer, b,
+                                                         k0 == 0, y + m * N + g * GROUP, N, pf, to - from);
+                            else
+                                block_for(rows)(x + m * ldx + k0, ldx, buffer, 0, k1 - k0, b, k0 == 0,
+                                                y + m * N + g * GROUP, N, pf, to - from);
+                            m += rows;
                         }
                     }
                 }
