@@ -899,8 +899,9 @@ def test_a_prompt_s_rows_attend_the_same_whether_its_prefix_came_from_the_cache(
 
 
 def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_either_way(monkeypatch):
-    """Decode's few rows widen the weights, more rows may take the dot product (a choice timed at load): both add a
-    pair of k-steps in vdpbf16ps's order, so a request's tokens depend neither on its batch nor on that timing."""
+    """Decode's few rows widen the weights, more rows may take the dot product or widen in blocks (choices timed at
+    load): all add a pair of k-steps in vdpbf16ps's order, so a request's tokens depend neither on its batch nor on
+    those timings. (Blocks: a first pass of up to 5 rows widens, the passes after it take 6 each.)"""
     from atb_models.kernels.linear import panel_layout
 
     native_bf16_kernels()  # (skips where the native kernels cannot run)
@@ -919,7 +920,7 @@ def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_ei
             for registers in (0, 1):
                 library.atb_bf16_use_dot(dot)
                 library.atb_bf16_widen_in_registers(registers)
-                for rows in (1, 6, 7, 40):
+                for rows in (1, 6, 7, 11, 16, 40):
                     y32, y16 = torch.empty(rows, 512), torch.empty(rows, 512, dtype=torch.bfloat16)
                     library.atb_bf16_dot_linear_f32(x32.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512,
                                                     bias.data_ptr(), y32.data_ptr())

@@ -39,7 +39,7 @@ def best_ms(work, repeats: int) -> float:
 
 def bench_linear(repeats: int, row_counts: list, dtype: torch.dtype) -> None:
     """float32: oneDNN (plain, packed) against the kit's float32 panels. bfloat16 weights: oneDNN's bfloat16 linear
-    against the kit's bf16 panels with float32 inputs (a float32 model of a bf16 checkpoint: widened in registers)
+    against the kit's bf16 panels with float32 inputs (a float32 model of a bf16 checkpoint: widened, as chosen)
     and with bfloat16 inputs (a bfloat16 model: AVX512-BF16's dot product where the kit chose it). At one row,
     also the weights' bytes over the time against the read probe (a float32 sum of 1 GiB) of the same repeat."""
     name = "bfloat16" if dtype == torch.bfloat16 else "float32"

@@ -112,7 +112,7 @@ Bf16BlockFn bf16_block_for(int rows) {
 // `pf` on, spread evenly over the k-steps.
 constexpr int WIDENING_ROWS = 5;  // 20 sums, a pair's 8 widened vectors and two broadcasts: 30 of the 32 registers
 
-template <int MR>
+template <int MR, bool PAIR_ORDER>
 void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t len, float* buffer,
                              const float* bias, bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
     __m512 acc[MR][4];
@@ -126,14 +126,17 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
         __m512 even[4], odd[4];
         for (int j = 0; j < 4; j++) {
             widen_pairs(_mm512_loadu_si512(w + k * GROUP + 32 * j), even[j], odd[j]);
-            _mm512_storeu_ps(buffer + k * GROUP + 16 * j, even[j]);
-            _mm512_storeu_ps(buffer + (k + 1) * GROUP + 16 * j, odd[j]);
+            _mm512_storeu_ps(buffer + (PAIR_ORDER ? k + 1 : k) * GROUP + 16 * j, even[j]);
+            _mm512_storeu_ps(buffer + (PAIR_ORDER ? k : k + 1) * GROUP + 16 * j, odd[j]);
         }
         for (owed += 2 * share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
         for (int i = 0; i < MR; i++) {
             const __m512 b = _mm512_set1_ps(x[i * ldx + k]), c = _mm512_set1_ps(x[i * ldx + k + 1]);
+            if (PAIR_ORDER)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
             for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+            if (!PAIR_ORDER)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
         }
     }
     for (int i = 0; i < MR; i++)
@@ -143,13 +146,14 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
 using WideningBlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, const float*, bool, float*,
                                  int64_t, const float*, int64_t);
 
+template <bool PAIR_ORDER>
 WideningBlockFn widening_block_for(int rows) {
     switch (rows) {
-        case 1: return widening_register_block<1>;
-        case 2: return widening_register_block<2>;
-        case 3: return widening_register_block<3>;
-        case 4: return widening_register_block<4>;
-        default: return widening_register_block<WIDENING_ROWS>;
+        case 1: return widening_register_block<1, PAIR_ORDER>;
+        case 2: return widening_register_block<2, PAIR_ORDER>;
+        case 3: return widening_register_block<3, PAIR_ORDER>;
+        case 4: return widening_register_block<4, PAIR_ORDER>;
+        default: return widening_register_block<WIDENING_ROWS, PAIR_ORDER>;
     }
 }
 
@@ -157,8 +161,8 @@ WideningBlockFn widening_block_for(int rows) {
 int64_t bf16_widen_in_registers = 0;
 
 // atb_bf16_linear_f32 below; with PAIR_ORDER (a bfloat16 model's products) each pair added in the dot product's
-// order, in registers whatever bf16_widen_in_registers says (the blocks' register_block adds in k order), with
-// denormals flushed as vdpbf16ps flushes them.
+// order, either way (the blocks store each pair's two k-steps swapped, and their passes read x's pairs swapped to
+// match), with denormals flushed as vdpbf16ps flushes them.
 template <bool PAIR_ORDER>
 void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                     const float* bias, float* y) {
@@ -171,7 +175,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
         // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        if (M <= MAX_ROWS || bf16_widen_in_registers || PAIR_ORDER) {
+        if (M <= MAX_ROWS || bf16_widen_in_registers) {
             // Chunks of rows small enough to stay in the caches while every group passes over them (prefill).
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
@@ -203,11 +207,12 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
                                 reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64);
                             const float* b = bias ? bias + g * GROUP : nullptr;
                             if (pass == 0)
-                                widening_block_for(rows)(x + m * ldx + k0, ldx, w + k0 * GROUP, k1 - k0, buffer, b,
-                                                         k0 == 0, y + m * N + g * GROUP, N, pf, to - from);
+                                widening_block_for<PAIR_ORDER>(rows)(x + m * ldx + k0, ldx, w + k0 * GROUP, k1 - k0,
+                                                                     buffer, b, k0 == 0, y + m * N + g * GROUP, N, pf,
+                                                                     to - from);
                             else
-                                block_for(rows)(x + m * ldx + k0, ldx, buffer, 0, k1 - k0, b, k0 == 0,
-                                                y + m * N + g * GROUP, N, pf, to - from);
+                                block_for<PAIR_ORDER>(rows)(x + m * ldx + k0, ldx, buffer, 0, k1 - k0, b, k0 == 0,
+                                                            y + m * N + g * GROUP, N, pf, to - from);
                             m += rows;
                         }
                     }
@@ -460,7 +465,8 @@ extern "C" {
 // atb_bf16_linear_f32 for a bfloat16 model: x must hold bfloat16 values (the dot product rounds any other value to
 // one, nearest, ties to even; the widening takes it as it is), the products are exact and summed in float32, by
 // vdpbf16ps where the build has it and atb_bf16_use_dot (past MAX_ROWS rows) or atb_bf16_dot_decode_rows (fewer)
-// turned it on, else widened in registers, each pair in vdpbf16ps's order: the same sums either way. Same arguments.
+// turned it on, else widened (in registers or in blocks, as for atb_bf16_linear_f32), each pair in vdpbf16ps's
+// order: the same sums every way. Same arguments.
 void atb_bf16_dot_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                              const float* bias, float* y) {
     if (ran_tiles_or_dot(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr)) return;

@@ -48,8 +48,9 @@ inline int64_t set_switch(int64_t& value, int64_t on, bool able = true) {
 }
 
 // acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y. While it runs, prefetch `share` lines from
-// `pf` on, spread evenly over the k-steps.
-template <int MR>
+// `pf` on, spread evenly over the k-steps. SWAP_PAIRS (k0 even): w's step k multiplies x's step k ^ 1, for weights
+// whose pairs of k-steps were stored swapped so that each pair is added in vdpbf16ps's order (bf16_linear.h).
+template <int MR, bool SWAP_PAIRS = false>
 void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, const float* bias,
                     bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
     __m512 acc[MR][4];
@@ -66,7 +67,7 @@ void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int
                      w3 = _mm512_loadu_ps(wk + 48);
         for (owed += share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
         for (int i = 0; i < MR; i++) {
-            const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
+            const __m512 b = _mm512_set1_ps(x[i * ldx + (SWAP_PAIRS ? k ^ 1 : k)]);
             acc[i][0] = _mm512_fmadd_ps(w0, b, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(w1, b, acc[i][1]);
             acc[i][2] = _mm512_fmadd_ps(w2, b, acc[i][2]);
@@ -80,14 +81,15 @@ void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, bool, float*, int64_t,
                          const float*, int64_t);
 
+template <bool SWAP_PAIRS = false>
 BlockFn block_for(int rows) {
     switch (rows) {
-        case 1: return register_block<1>;
-        case 2: return register_block<2>;
-        case 3: return register_block<3>;
-        case 4: return register_block<4>;
-        case 5: return register_block<5>;
-        default: return register_block<6>;
+        case 1: return register_block<1, SWAP_PAIRS>;
+        case 2: return register_block<2, SWAP_PAIRS>;
+        case 3: return register_block<3, SWAP_PAIRS>;
+        case 4: return register_block<4, SWAP_PAIRS>;
+        case 5: return register_block<5, SWAP_PAIRS>;
+        default: return register_block<6, SWAP_PAIRS>;
     }
 }
 

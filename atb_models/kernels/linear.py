@@ -330,7 +330,7 @@ def cpu_linear_kernel(choice: str, library, bf16_inputs: bool = False) -> Linear
         stream_prefetch_chosen(library)
         f32_amx = False
         if bf16_op is not None:
-            bf16_widening_chosen(library)  # float32 rows' way (a bfloat16 model's own rows widen in registers)
+            bf16_widening_chosen(library)  # batched rows' way, a float32 model's and a bfloat16 model's widened ones
             if choice == "auto" and not bf16_inputs:  # a float32 model whose weights may be narrowed
                 f32_amx = f32_amx_chosen(library)
         dot_op = rows_op = unpack_op = None
@@ -680,7 +680,8 @@ def _time_bf16_decode(library, rows: int, prefetches: tuple, repeats: int = 7) -
 
 def _without_dot(library):
     """atb_bf16_dot_linear_f32 with the dot product off for the call: the widening a bfloat16 model's rows take in
-    its place (in registers, each pair in the dot product's order), the one to time it against."""
+    its place (in registers or in blocks, as bf16_widening_chosen chose; each pair in the dot product's order), the
+    one to time it against."""
     def op(*args):
         library.atb_bf16_use_dot(0)
         try:
@@ -777,8 +778,9 @@ _bf16_widening_measured: dict = {}  # the library's switch (its address) -> (sec
 
 
 def bf16_widening_chosen(library) -> str:
-    """How batched rows (more than 6) against bfloat16 panels widen the weights to float32: "registers" (each pass
-    of 6 rows widens again) or "blocks" (each K block once, into L1); the library is told
+    """How batched rows (more than 6) against bfloat16 panels widen the weights to float32, a float32 model's and a
+    bfloat16 model's where the dot product and the tiles do not take them: "registers" (each pass of 6 rows widens
+    again) or "blocks" (each K block once, into L1); the library is told
     (atb_bf16_widen_in_registers). The sums are the same bit for bit. $ATB_MODELS_CPU_BF16_WIDEN decides, else a
     measurement at 16 rows on weights evicted from the caches (_time_bf16_widening), once a process. Which is faster
     is not a CPU flag: on AMD Zen 4 the widening issues beside the FMAs and registers ran 1.2x as fast at 16 rows, on
