@@ -908,33 +908,38 @@ def test_a_bf16_model_s_linear_gives_a_row_the_same_sums_at_any_row_count_and_ei
     library = native.NativeLibrary.load()
 
     generator = torch.Generator().manual_seed(0)
-    weight = panel_layout(torch.randn(512, 1024, generator=generator).bfloat16())
-    bias = torch.randn(512, generator=generator)
-    x = torch.randn(40, 1024, generator=generator).bfloat16()
-    x32 = x.float()
+    # K blocks of 64 and 128 k-steps whole; then a short last one, no bias and a second chunk of rows.
+    cases = [(512, 1024, True, (1, 6, 7, 11, 16, 40)), (128, 202, False, (1, 7, 16, 300))]
     dot_before, registers_before = library.atb_bf16_use_dot(-1), library.atb_bf16_widen_in_registers(-1)
     amx_before = library.atb_bf16_use_amx(0)  # (the tiles' sums are their own: test_amx_tiles_...)
-    results = {}
     try:
-        for dot in (0, 1):
-            for registers in (0, 1):
-                library.atb_bf16_use_dot(dot)
-                library.atb_bf16_widen_in_registers(registers)
-                for rows in (1, 6, 7, 11, 16, 40):
-                    y32, y16 = torch.empty(rows, 512), torch.empty(rows, 512, dtype=torch.bfloat16)
-                    library.atb_bf16_dot_linear_f32(x32.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512,
-                                                    bias.data_ptr(), y32.data_ptr())
-                    library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, 1024, 1024, weight.data_ptr(), 512,
-                                                     bias.data_ptr(), y16.data_ptr())
-                    results[dot, registers, rows] = y32, y16
+        for out_features, in_features, with_bias, row_counts in cases:
+            weight = panel_layout(torch.randn(out_features, in_features, generator=generator).bfloat16())
+            bias = torch.randn(out_features, generator=generator) if with_bias else None
+            x = torch.randn(max(row_counts), in_features, generator=generator).bfloat16()
+            x32 = x.float()
+            results = {}
+            for dot in (0, 1):
+                for registers in (0, 1):
+                    library.atb_bf16_use_dot(dot)
+                    library.atb_bf16_widen_in_registers(registers)
+                    for rows in row_counts:
+                        y32 = torch.empty(rows, out_features)
+                        y16 = torch.empty(rows, out_features, dtype=torch.bfloat16)
+                        b = None if bias is None else bias.data_ptr()
+                        library.atb_bf16_dot_linear_f32(x32.data_ptr(), rows, in_features, in_features,
+                                                        weight.data_ptr(), out_features, b, y32.data_ptr())
+                        library.atb_bf16_dot_linear_bf16(x.data_ptr(), rows, in_features, in_features,
+                                                         weight.data_ptr(), out_features, b, y16.data_ptr())
+                        results[dot, registers, rows] = y32, y16
+            y32, y16 = results[1, 1, max(row_counts)]
+            assert torch.equal(y16, y32.bfloat16())
+            for (dot, registers, rows), (a, b) in results.items():
+                assert torch.equal(a, y32[:rows]) and torch.equal(b, y16[:rows]), (in_features, dot, registers, rows)
     finally:
         library.atb_bf16_use_dot(dot_before)
         library.atb_bf16_widen_in_registers(registers_before)
         library.atb_bf16_use_amx(amx_before)
-    y32, y16 = results[1, 1, 40]
-    assert torch.equal(y16, y32.bfloat16())
-    for (dot, registers, rows), (a, b) in results.items():
-        assert torch.equal(a, y32[:rows]) and torch.equal(b, y16[:rows]), (dot, registers, rows)
 
 
 # ------------------------------------------------------------------------------------------------- AMX tiles

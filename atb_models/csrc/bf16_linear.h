@@ -23,7 +23,8 @@
 //   (the later passes find its bfloat16 weights in L2), widening each pair again in each pass. On AMD Zen 4, whose
 //   vector shifts and masks issue beside its FMAs, this ran 16 rows 1.2x and 256 rows 1.04x as fast as blocks
 //   (24 MLP layers of cpu-small), and the float32 model's 24 layers at batch 16 took 0.84-0.90 of the time.
-// - in blocks: each K block widened once into an L1 buffer of float32 ([k][64]) by its first pass, of up to 5 rows
+// - in blocks: each K block widened once into an L1 buffer of float32 ([k][64]; a bfloat16 model's with each pair's
+//   two k-steps swapped, so that they are added in the dot product's order) by its first pass, of up to 5 rows
 //   (widening_register_block), and the panel kernel's register blocks run the other rows over it (panel_linear.h's
 //   register_block), every pass prefetching a share of the next block, so the widening is paid once per block
 //   instead of once per 6 rows, and the weight stream goes on while every pass computes: on an Intel Xeon with AMX,
@@ -46,11 +47,12 @@
 namespace {
 
 constexpr int64_t BF16_AHEAD = 32;  // direct path: prefetch this many k-steps ahead
-// Batched decode (up to 4 passes of 6 rows): k-steps per block widened into L1, 16 KB of float32, so that the block,
-// the next one's prefetched weights and the rows' inputs fit L1 together (K_BLOCK's 32 KB do not: 14% slower at 16
-// rows on this kit's Xeon). More passes take K_BLOCK, whose longer blocks read and write the outputs less often (10%
-// faster at 256 rows).
-constexpr int64_t FEW_PASSES = 4, FEW_PASSES_K_BLOCK = 64;
+// Batched decode (up to FEW_ROWS rows): k-steps per block widened into L1, 16 KB of float32, so that the block, the
+// next one's prefetched weights and the rows' inputs fit L1 together (K_BLOCK's 32 KB do not: 14% slower at 16 rows
+// on this kit's Xeon). More rows take K_BLOCK, whose longer blocks read and write the outputs less often (10% faster
+// at 256 rows).
+constexpr int64_t FEW_ROWS = 24, FEW_ROWS_K_BLOCK = 64;
+constexpr int64_t FEW_PASSES = FEW_ROWS / MAX_ROWS;  // (the dot product's passes, below, are of 6 rows each)
 
 // A 32-bit lane of the layout, 16 at once, as float32: k-step 2p's weights (the low halves, shifted up) and
 // 2p + 1's (the high halves, masked).
@@ -106,7 +108,8 @@ Bf16BlockFn bf16_block_for(int rows) {
 
 // The blocks' first pass over a K block: rows x[MR, len] against the block's pairs w[len / 2][64][2] (len even),
 // widening the block into buffer[len][64] for the passes after it while adding its products as register_block adds
-// them (k order, from the bias or from y), so that the widening's shifts and stores issue beside the multiply-adds.
+// them (in k order, or with PAIR_ORDER each pair's k-step 2p + 1 first, which it stores first too: register_block's
+// SWAP_PAIRS; from the bias or from y), so that the widening's shifts and stores issue beside the multiply-adds.
 // A separate widening loop before the passes, store-bound, took 0.94 of the time of 8 and 16 rows (24 layers of
 // cpu-small on an Intel Xeon, weights from memory; docs/PERFORMANCE.md). While it runs, prefetch `share` lines from
 // `pf` on, spread evenly over the k-steps.
@@ -175,7 +178,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
         // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        if (M <= MAX_ROWS || bf16_widen_in_registers) {
+        if (M <= MAX_ROWS || bf16_widen_in_registers || K == 0) {  // (K = 0: the registers' way writes the bias)
             // Chunks of rows small enough to stay in the caches while every group passes over them (prefill).
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
@@ -193,7 +196,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
                 const int64_t passes = 1 + (chunk - WIDENING_ROWS + MAX_ROWS - 1) / MAX_ROWS;
-                const int64_t k_block = passes <= FEW_PASSES ? FEW_PASSES_K_BLOCK : K_BLOCK;
+                const int64_t k_block = chunk <= FEW_ROWS ? FEW_ROWS_K_BLOCK : K_BLOCK;
                 for (int64_t g = first; g < end; g++) {
                     const uint16_t* w = wp + g * K * GROUP;
                     for (int64_t k0 = 0; k0 < K; k0 += k_block) {
