@@ -61,6 +61,21 @@ inline void widen_pairs(__m512i lanes, __m512& even, __m512& odd) {
     odd = _mm512_castsi512_ps(_mm512_and_si512(lanes, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// A pair of k-steps' products added into MR rows' sums: k-step k's weights `even` and k + 1's `odd` (4 vectors of 16
+// columns each) times each row's x[k] and x[k + 1], in k order, or with PAIR_ORDER k + 1's first.
+template <int MR, bool PAIR_ORDER>
+inline void add_pair(__m512 (&acc)[MR][4], const __m512 (&even)[4], const __m512 (&odd)[4], const float* x,
+                     int64_t ldx, int64_t k) {
+    for (int i = 0; i < MR; i++) {
+        const __m512 b = _mm512_set1_ps(x[i * ldx + k]), c = _mm512_set1_ps(x[i * ldx + k + 1]);
+        if (PAIR_ORDER)
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
+        if (!PAIR_ORDER)
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
+    }
+}
+
 // Rows x[MR, K] against one group of 64 columns w[K / 2][64][2]: y[MR][64] = bias + products. PREFETCH: the
 // stream BF16_AHEAD k-steps ahead (where stream_prefetch_on, panel_linear.h). PAIR_ORDER: each pair's k-step 2p + 1
 // added before 2p, the order in which vdpbf16ps adds a pair (Intel's definition of the instruction; measured bit for
@@ -78,15 +93,7 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
                 _mm_prefetch(reinterpret_cast<const char*>(wk + BF16_AHEAD * GROUP) + 64 * line, _MM_HINT_T0);
         __m512 even[4], odd[4];  // k-step k's and k + 1's weights, 16 columns each
         for (int j = 0; j < 4; j++) widen_pairs(_mm512_loadu_si512(wk + 32 * j), even[j], odd[j]);
-        for (int i = 0; i < MR; i++) {
-            const __m512 b = _mm512_set1_ps(x[i * ldx + k]);
-            const __m512 c = _mm512_set1_ps(x[i * ldx + k + 1]);
-            if (PAIR_ORDER)
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
-            if (!PAIR_ORDER)
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
-        }
+        add_pair<MR, PAIR_ORDER>(acc, even, odd, x, ldx, k);
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
@@ -133,14 +140,7 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
             _mm512_storeu_ps(buffer + (PAIR_ORDER ? k : k + 1) * GROUP + 16 * j, odd[j]);
         }
         for (owed += 2 * share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
-        for (int i = 0; i < MR; i++) {
-            const __m512 b = _mm512_set1_ps(x[i * ldx + k]), c = _mm512_set1_ps(x[i * ldx + k + 1]);
-            if (PAIR_ORDER)
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(even[j], b, acc[i][j]);
-            if (!PAIR_ORDER)
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(odd[j], c, acc[i][j]);
-        }
+        add_pair<MR, PAIR_ORDER>(acc, even, odd, x, ldx, k);
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
