@@ -83,9 +83,8 @@ inline void add_pair(__m512 (&acc)[MR][4], const __m512 (&even)[4], const __m512
 template <int MR, bool PREFETCH, bool PAIR_ORDER>
 void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, const float* bias, float* y,
                          int64_t ldy) {
-    __m512 acc[MR][4];  // from the bias, as the blocks' way starts (the same sums either way)
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps();
+    __m512 acc[MR][4];
+    start_sums(acc, bias, true, y, ldy);  // from the bias, as the blocks' way starts (the same sums either way)
     for (int64_t k = 0; k < K; k += 2) {
         const uint16_t* wk = w + k * GROUP;  // the pair's 4 lines
         if (PREFETCH)
@@ -95,8 +94,7 @@ void bf16_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t
         for (int j = 0; j < 4; j++) widen_pairs(_mm512_loadu_si512(wk + 32 * j), even[j], odd[j]);
         add_pair<MR, PAIR_ORDER>(acc, even, odd, x, ldx, k);
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+    store_sums(acc, y, ldy);
 }
 
 using Bf16BlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, const float*, float*, int64_t);
@@ -126,10 +124,7 @@ template <int MR, bool PAIR_ORDER>
 void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int64_t len, float* buffer,
                              const float* bias, bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
     __m512 acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
-                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+    start_sums(acc, bias, first, y, ldy);
     const char* line = reinterpret_cast<const char*>(pf);
     int64_t owed = 0;
     for (int64_t k = 0; k < len; k += 2) {
@@ -142,8 +137,7 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
         for (owed += 2 * share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
         add_pair<MR, PAIR_ORDER>(acc, even, odd, x, ldx, k);
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+    store_sums(acc, y, ldy);
 }
 
 using WideningBlockFn = void (*)(const float*, int64_t, const uint16_t*, int64_t, float*, const float*, bool, float*,
@@ -199,6 +193,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
                 const int64_t k_block = chunk <= FEW_ROWS ? FEW_ROWS_K_BLOCK : K_BLOCK;
                 for (int64_t g = first; g < end; g++) {
                     const uint16_t* w = wp + g * K * GROUP;
+                    const float* b = bias ? bias + g * GROUP : nullptr;
                     for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                         const int64_t k1 = K - k0 < k_block ? K : k0 + k_block, lines = (k1 - k0) * LINES_PER_STEP;
                         for (int64_t m = m0, pass = 0; m < m0 + chunk; pass++) {
@@ -208,7 +203,6 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
                             const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
                             const float* pf = reinterpret_cast<const float*>(
                                 reinterpret_cast<const char*>(w + k1 * GROUP) + from * 64);
-                            const float* b = bias ? bias + g * GROUP : nullptr;
                             if (pass == 0)
                                 widening_block_for<PAIR_ORDER>(rows)(x + m * ldx + k0, ldx, w + k0 * GROUP, k1 - k0,
                                                                      buffer, b, k0 == 0, y + m * N + g * GROUP, N, pf,
@@ -293,10 +287,7 @@ template <int MR>
 void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int64_t pairs, const float* bias,
                         bool first, float* y, int64_t ldy, const char* pf, int64_t share, bool to_l2) {
     __m512 acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
-                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+    start_sums(acc, bias, first, y, ldy);
     int64_t owed = 0;
     for (int64_t p = 0; p < pairs; p++) {
         const uint16_t* wp = w + p * 2 * GROUP;
@@ -317,8 +308,7 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int
             acc[i][3] = _mm512_dpbf16_ps(acc[i][3], (__m512bh)w3, (__m512bh)b);
         }
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+    store_sums(acc, y, ldy);
 }
 
 using DotBlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, bool, float*, int64_t,

@@ -47,6 +47,22 @@ inline int64_t set_switch(int64_t& value, int64_t on, bool able = true) {
     return value;
 }
 
+// A register block's sums of MR rows x 64 columns (y's rows ldy apart) to start from: the bias (or zero) on a group's
+// first K block, the sums so far on the later ones; and their store.
+template <int MR>
+inline void start_sums(__m512 (&acc)[MR][4], const float* bias, bool first, const float* y, int64_t ldy) {
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
+                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+}
+
+template <int MR>
+inline void store_sums(const __m512 (&acc)[MR][4], float* y, int64_t ldy) {
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+}
+
 // acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y. While it runs, prefetch `share` lines from
 // `pf` on, spread evenly over the k-steps. SWAP_PAIRS (k0 even): w's step k multiplies x's step k ^ 1, for weights
 // whose pairs of k-steps were stored swapped so that each pair is added in vdpbf16ps's order (bf16_linear.h).
@@ -54,10 +70,7 @@ template <int MR, bool SWAP_PAIRS = false>
 void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, const float* bias,
                     bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
     __m512 acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
-                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+    start_sums(acc, bias, first, y, ldy);
     const int64_t len = k1 - k0;
     const char* line = reinterpret_cast<const char*>(pf);
     int64_t owed = 0;  // share / len lines per k-step, kept in whole lines by counting in units of 1 / len
@@ -74,8 +87,7 @@ void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int
             acc[i][3] = _mm512_fmadd_ps(w3, b, acc[i][3]);
         }
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
+    store_sums(acc, y, ldy);
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, bool, float*, int64_t,
