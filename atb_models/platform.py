@@ -51,6 +51,8 @@ class Capabilities:
     native_bf16: bool    # fast bf16 matrix products
     native_fp16: bool    # fast fp16 matrix products
     device_count: int
+    # Where the flags are there but cannot be used: why (the CPU's, where PyTorch's kernels run below AVX-512)
+    unusable: str = ""
 
     def runs_natively(self, dtype: torch.dtype) -> bool:
         if dtype == torch.bfloat16:
@@ -68,18 +70,23 @@ def _import_torch_npu() -> ModuleType | None:
     return importlib.import_module("torch_npu")
 
 
-def cpu_capabilities(cpuinfo: str) -> Capabilities:
-    """Parse /proc/cpuinfo text: the first processor's model name and flags."""
+def cpu_capabilities(cpuinfo: str, vector_isa: str = "AVX512") -> Capabilities:
+    """Parse /proc/cpuinfo text: the first processor's model name and flags. `vector_isa` is PyTorch's CPU
+    capability (torch.backends.cpu.get_cpu_capability()): below AVX512 (ATEN_CPU_CAPABILITY=avx2 on such a CPU, say)
+    PyTorch runs no bfloat16 or float16 product natively, whatever the flags (oneDNN's packing of a bfloat16 weight
+    refuses), and the kit's AVX-512 kernels do not load: the CPU computes as one without the flags would."""
     flags = cpu_flags(cpuinfo)
     model = cpuinfo_field(cpuinfo, "model name") or "unknown CPU"
     matrix_flags = [f for f in _CPU_BF16_FLAGS + _CPU_FP16_FLAGS if f in flags]
     name = f"{model} ({', '.join(matrix_flags)})" if matrix_flags else model
+    usable = vector_isa == "AVX512"
     return Capabilities(
         kind="cpu",
         name=name,
-        native_bf16=any(f in flags for f in _CPU_BF16_FLAGS),
-        native_fp16=any(f in flags for f in _CPU_FP16_FLAGS),
+        native_bf16=usable and any(f in flags for f in _CPU_BF16_FLAGS),
+        native_fp16=usable and any(f in flags for f in _CPU_FP16_FLAGS),
         device_count=1,
+        unusable="" if usable or not matrix_flags else f"PyTorch's CPU capability is {vector_isa}, not AVX512",
     )
 
 
@@ -106,7 +113,7 @@ def _npu_capabilities() -> Capabilities:
 def probe(kind: str) -> Capabilities:
     """What the first device of `kind` on this machine can do."""
     if kind == "cpu":
-        return cpu_capabilities(read_cpuinfo())
+        return cpu_capabilities(read_cpuinfo(), torch.backends.cpu.get_cpu_capability())
     if kind == "cuda":
         return _cuda_capabilities()
     if kind == "npu":
@@ -220,7 +227,7 @@ def _lacks(caps: Capabilities, dtype: torch.dtype) -> str:
     short = "bf16" if dtype == torch.bfloat16 else "fp16"
     hint = _LACK_HINTS.get((caps.kind, dtype))
     who = "this CPU" if caps.kind == "cpu" else caps.name
-    return f"{who} has no native {short}" + (f" ({hint})" if hint else "")
+    return f"{who} has no native {short}" + (f" ({caps.unusable or hint})" if caps.unusable or hint else "")
 
 
 def _explicit_dtypes(caps: Capabilities, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, str]:
@@ -238,7 +245,8 @@ def _auto_dtypes(caps: Capabilities, stored: torch.dtype) -> tuple[torch.dtype, 
     short = "bfloat16" if stored == torch.bfloat16 else "float16"
     if caps.kind == "cpu":
         lacks = "AVX512-BF16/AMX" if stored == torch.bfloat16 else "AVX512-FP16/AMX-FP16"
-        return torch.float32, torch.float32, (f"this CPU has no {lacks}: {short} matmuls would be far slower, "
+        has = f"its {lacks} flags unused ({caps.unusable})" if caps.unusable else f"no {lacks}"
+        return torch.float32, torch.float32, (f"this CPU has {has}: {short} matmuls would be far slower, "
                                               "computing in float32")
     if stored == torch.bfloat16 and caps.native_fp16:
         return torch.float16, torch.float32, (

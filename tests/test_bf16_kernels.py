@@ -17,7 +17,7 @@ from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
 from atb_models.platform import cpu_capabilities, resolve_plan
-from tests.test_kernels import AVX512, CPU_FP32, _decode_step
+from tests.test_kernels import AVX512, CPU_FP32, _decode_step, float32_library_expected
 
 CPU_BF16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
 
@@ -493,10 +493,9 @@ def test_a_cpu_with_avx512_bf16_runs_a_bf16_checkpoint_natively_and_one_without_
     assert with_bf16.llm_dtype == torch.bfloat16 and without.llm_dtype == torch.float32
     for plan in (with_bf16, without):
         kernels = Kernels.for_plan(plan)
-        assert isinstance(kernels.decoder_layer, NativeDecoderLayer) == AVX512
-        # a CPU with AVX2 but not AVX-512: the AVX2 library's linears for the float32 model
-        avx2_linears = torch.backends.cpu.get_cpu_capability() == "AVX2" and plan.llm_dtype == torch.float32
-        assert isinstance(kernels.linear, PanelLinear) == (AVX512 or avx2_linears)
+        # a CPU with AVX2 but not AVX-512: the AVX2 library's linears and decoder layers for the float32 model
+        assert isinstance(kernels.decoder_layer, NativeDecoderLayer) == float32_library_expected(plan)
+        assert isinstance(kernels.linear, PanelLinear) == float32_library_expected(plan)
 
 
 def test_a_cpu_without_avx512_runs_a_bf16_model_on_pytorchs_operators(monkeypatch):

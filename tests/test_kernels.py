@@ -24,12 +24,32 @@ from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.vision import NativeQuickGelu, NativeVisionRotary, QuickGelu
 from atb_models.layers.rotary import apply_rotary
 from atb_models.layers.sharding import ceil_div
-from atb_models.platform import Capabilities, resolve_plan
+from atb_models.platform import Capabilities, probe, resolve_plan
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
 # AVX2 and FMA, what the AVX2 library is built for: every AVX-512 CPU has them too, so its tests run there as well
 HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
+# Whether this CPU runs a bfloat16 model (AVX512-BF16 or AMX, PyTorch at AVX-512); elsewhere --dtype bfloat16 is
+# refused (platform), and the tests of bfloat16 engines check that refusal instead.
+NATIVE_BF16 = probe("cpu").native_bf16
+NO_NATIVE_BF16 = "a bfloat16 engine needs a CPU with AVX512-BF16 or AMX and PyTorch at AVX-512"
+
+
+def float32_library_expected(plan) -> bool:
+    """Whether a CPU plan's model gets a native library: the AVX-512 one on an AVX-512 CPU, the AVX2 one for a float32
+    model (both towers) on a CPU with AVX2 and FMA but not AVX-512."""
+    return AVX512 or (AVX2 and HAS_AVX2 and torch.bfloat16 not in (plan.llm_dtype, plan.vision_dtype))
+
+
+def refuses_bf16(make) -> bool:
+    """On a CPU without native bf16: checks that `make()` (an engine asked for bfloat16) is refused with the reason,
+    and returns True (the caller skips the rest); elsewhere False."""
+    if NATIVE_BF16:
+        return False
+    with pytest.raises(UserError, match="--dtype bfloat16: this CPU has no native bf16"):
+        make()
+    return True
 CPU_FP32 = resolve_plan("cpu", "float32", "float32")
 GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 
@@ -39,8 +59,10 @@ def native_kernels() -> Kernels:
     on any other (built with AVX-512 instructions, they would die of SIGILL there)."""
     kernels = Kernels.for_plan(CPU_FP32)
     if not AVX512:
+        # PyTorch's kernels, or on a CPU with AVX2 and FMA the AVX2 library's (any_native_kernels tests those)
         assert isinstance(kernels.decode_attention, CpuDecodeAttention)
-        assert not isinstance(kernels.decode_attention, NativeDecodeAttention)
+        assert isinstance(kernels.decode_attention, NativeDecodeAttention) == float32_library_expected(CPU_FP32)
+        assert ("(AVX2)" in kernels.describe()) == float32_library_expected(CPU_FP32)
         pytest.skip("the native kernels need an AVX-512 CPU")
     assert isinstance(kernels.linear, PanelLinear), "g++ builds the kit's native kernels on an AVX-512 CPU"
     return kernels
@@ -722,6 +744,8 @@ def test_two_llms_of_different_dtypes_in_one_process_each_keep_their_own_kernels
         assert all(o.error is None for o in outputs)
         return [o.token_ids for o in outputs]
 
+    if refuses_bf16(lambda: make("bfloat16")):
+        pytest.skip(NO_NATIVE_BF16)
     alone_b = tokens(make("bfloat16"))  # each reference made while no other engine exists
     a = make("float32")
     alone_a = tokens(a)

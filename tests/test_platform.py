@@ -184,6 +184,7 @@ flags\t\t: fpu vme sse avx2 avx512f avx512_bf16 avx512vl
 
 def test_probe_cpu_reads_bf16_from_the_cpuinfo_flags(monkeypatch):
     monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     caps = probe("cpu")
     assert caps == Capabilities("cpu", "AMD EPYC 9654 96-Core Processor (avx512_bf16)", native_bf16=True,
                                 native_fp16=False, device_count=1)
@@ -193,6 +194,21 @@ def test_probe_cpu_without_matrix_flags_has_neither_bf16_nor_fp16(monkeypatch):
     monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO.replace(" avx512_bf16", ""))
     caps = probe("cpu")
     assert (caps.name, caps.native_bf16, caps.native_fp16) == ("AMD EPYC 9654 96-Core Processor", False, False)
+
+
+def test_probe_cpu_with_pytorch_below_avx512_runs_no_bf16_whatever_the_flags(monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: PyTorch's bfloat16 products (oneDNN's packing refuses a bfloat16
+    # weight) and the kit's AVX-512 library are out, so the CPU computes as one without the flags.
+    monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    caps = probe("cpu")
+    assert (caps.native_bf16, caps.native_fp16) == (False, False)
+    assert caps.unusable == "PyTorch's CPU capability is AVX2, not AVX512"
+    plan = resolve_plan(config_dtype="bfloat16", caps=caps)
+    assert (plan.llm_dtype, plan.vision_dtype) == (torch.float32, torch.float32)
+    assert "flags unused (PyTorch's CPU capability is AVX2" in plan.reason
+    with pytest.raises(UserError, match=r"no native bf16 \(PyTorch's CPU capability is AVX2"):
+        resolve_plan(requested_dtype="bfloat16", config_dtype="bfloat16", caps=caps)
 
 
 def test_cpu_capabilities_see_amx_and_fp16_flags():

@@ -2,6 +2,7 @@
 place in a fused decoder layer, and which kernel each plan gets (the NPU's by a stand-in torch_npu)."""
 
 import ctypes
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -96,7 +97,8 @@ def test_native_w8a16_takes_views_and_bfloat16_and_leaves_unpackable_weights_to_
 def test_w8a16_kernel_follows_the_cpu_and_the_native_library():
     if AVX512:
         assert isinstance(Kernels.for_plan(CPU_FP32).w8a16, NativeW8A16)
-        bf16 = resolve_plan("cpu", "bfloat16", "bfloat16")
+        # a bfloat16 model's plan (the library runs its int8 linears whether or not the CPU has native bf16)
+        bf16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
         assert isinstance(Kernels.for_plan(bf16).w8a16, NativeW8A16)
     for choice in ("torch", "onednn"):  # no native library loaded
         assert type(Kernels.for_plan(CPU_FP32, choice).w8a16) is TorchW8A16
