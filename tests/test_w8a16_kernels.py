@@ -194,11 +194,11 @@ def test_the_avx2_librarys_decoder_layer_leaves_a_layer_with_int8_linears_to_its
     as another format; the float32 layer it does run (tests/test_kernels.py)."""
     if not HAS_AVX2:
         pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # (so the plain layer packs)
     kernels = Kernels.for_plan(CPU_FP32)
     plain, int8 = _random_decoder_layer(kernels)[0], _random_decoder_layer(kernels)[0]
     pack_weights(plain)
     _quantize_linears(int8, NativeW8A16(None, TorchW8A16()), 64)  # packed as the AVX-512 library's kernel takes
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     fused = NativeDecoderLayer(NativeLibrary.load_avx2())
     assert fused.name == "native (AVX2)"
     for layer in (plain, int8):
