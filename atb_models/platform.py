@@ -245,7 +245,7 @@ def _auto_dtypes(caps: Capabilities, stored: torch.dtype) -> tuple[torch.dtype, 
     short = "bfloat16" if stored == torch.bfloat16 else "float16"
     if caps.kind == "cpu":
         lacks = "AVX512-BF16/AMX" if stored == torch.bfloat16 else "AVX512-FP16/AMX-FP16"
-        has = f"its {lacks} flags unused ({caps.unusable})" if caps.unusable else f"no {lacks}"
+        has = f"no usable {lacks} ({caps.unusable})" if caps.unusable else f"no {lacks}"
         return torch.float32, torch.float32, (f"this CPU has {has}: {short} matmuls would be far slower, "
                                               "computing in float32")
     if stored == torch.bfloat16 and caps.native_fp16:

@@ -206,7 +206,7 @@ def test_probe_cpu_with_pytorch_below_avx512_runs_no_bf16_whatever_the_flags(mon
     assert caps.unusable == "PyTorch's CPU capability is AVX2, not AVX512"
     plan = resolve_plan(config_dtype="bfloat16", caps=caps)
     assert (plan.llm_dtype, plan.vision_dtype) == (torch.float32, torch.float32)
-    assert "flags unused (PyTorch's CPU capability is AVX2" in plan.reason
+    assert "this CPU has no usable AVX512-BF16/AMX (PyTorch's CPU capability is AVX2" in plan.reason
     with pytest.raises(UserError, match=r"no native bf16 \(PyTorch's CPU capability is AVX2"):
         resolve_plan(requested_dtype="bfloat16", config_dtype="bfloat16", caps=caps)
 
