@@ -34,6 +34,8 @@ HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
 # refused (platform), and the tests of bfloat16 engines check that refusal instead.
 NATIVE_BF16 = probe("cpu").native_bf16
 NO_NATIVE_BF16 = "a bfloat16 engine needs a CPU with AVX512-BF16 or AMX and PyTorch at AVX-512"
+CPU_FP32 = resolve_plan("cpu", "float32", "float32")
+GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 
 
 def float32_library_expected(plan) -> bool:
@@ -50,13 +52,12 @@ def refuses_bf16(make) -> bool:
     with pytest.raises(UserError, match="--dtype bfloat16: this CPU has no native bf16"):
         make()
     return True
-CPU_FP32 = resolve_plan("cpu", "float32", "float32")
-GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 
 
 def native_kernels() -> Kernels:
-    """The float32 CPU plan's kernels, checked: the native ones on an AVX-512 CPU (g++ builds them there), PyTorch's
-    on any other (built with AVX-512 instructions, they would die of SIGILL there)."""
+    """The float32 CPU plan's kernels, checked: the native ones on an AVX-512 CPU (g++ builds them there); on any
+    other (built with AVX-512 instructions, they would die of SIGILL there) the test is skipped once the plan is
+    seen to get PyTorch's kernels or the AVX2 library's."""
     kernels = Kernels.for_plan(CPU_FP32)
     if not AVX512:
         # PyTorch's kernels, or on a CPU with AVX2 and FMA the AVX2 library's (any_native_kernels tests those)
