@@ -227,7 +227,8 @@ def _lacks(caps: Capabilities, dtype: torch.dtype) -> str:
     short = "bf16" if dtype == torch.bfloat16 else "fp16"
     hint = _LACK_HINTS.get((caps.kind, dtype))
     who = "this CPU" if caps.kind == "cpu" else caps.name
-    return f"{who} has no native {short}" + (f" ({caps.unusable or hint})" if caps.unusable or hint else "")
+    why = caps.unusable or hint
+    return f"{who} has no native {short}" + (f" ({why})" if why else "")
 
 
 def _explicit_dtypes(caps: Capabilities, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, str]:

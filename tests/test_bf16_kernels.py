@@ -17,9 +17,7 @@ from atb_models.kernels.attention import NativeBf16Attention, SegmentAttention
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer
 from atb_models.kernels.linear import OneDnnLinear, PanelLinear, is_panel_packed
 from atb_models.platform import cpu_capabilities, resolve_plan
-from tests.test_kernels import AVX512, CPU_FP32, _decode_step, float32_library_expected
-
-CPU_BF16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
+from tests.test_kernels import AVX512, CPU_BF16, CPU_FP32, _decode_step, float32_library_expected
 
 
 def native_bf16_kernels() -> Kernels:

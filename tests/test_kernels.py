@@ -35,6 +35,7 @@ HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
 NATIVE_BF16 = probe("cpu").native_bf16
 NO_NATIVE_BF16 = "a bfloat16 engine needs a CPU with AVX512-BF16 or AMX and PyTorch at AVX-512"
 CPU_FP32 = resolve_plan("cpu", "float32", "float32")
+CPU_BF16 = replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)  # (by hand: any CPU)
 GPU = Capabilities(kind="cuda", name="sim", native_bf16=True, native_fp16=True, device_count=1)
 
 

@@ -2,7 +2,6 @@
 place in a fused decoder layer, and which kernel each plan gets (the NPU's by a stand-in torch_npu)."""
 
 import ctypes
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ from atb_models.kernels.w8a16 import NativeW8A16, NpuW8A16, TorchW8A16, dequanti
 from atb_models.platform import Capabilities, resolve_plan
 from atb_models.kernels.native import NativeLibrary
 from atb_models.layers.linear import pack_weights
-from tests.test_kernels import (AVX512, CPU_FP32, HAS_AVX2, _decode_layer_both_ways, _random_decoder_layer,
+from tests.test_kernels import (AVX512, CPU_BF16, CPU_FP32, HAS_AVX2, _decode_layer_both_ways, _random_decoder_layer,
                                 native_kernels)
 
 NPU = Capabilities(kind="npu", name="Ascend910B3", native_bf16=True, native_fp16=True, device_count=1)
@@ -98,8 +97,7 @@ def test_w8a16_kernel_follows_the_cpu_and_the_native_library():
     if AVX512:
         assert isinstance(Kernels.for_plan(CPU_FP32).w8a16, NativeW8A16)
         # a bfloat16 model's plan (the library runs its int8 linears whether or not the CPU has native bf16)
-        bf16 = dataclasses.replace(CPU_FP32, llm_dtype=torch.bfloat16, vision_dtype=torch.bfloat16)
-        assert isinstance(Kernels.for_plan(bf16).w8a16, NativeW8A16)
+        assert isinstance(Kernels.for_plan(CPU_BF16).w8a16, NativeW8A16)
     for choice in ("torch", "onednn"):  # no native library loaded
         assert type(Kernels.for_plan(CPU_FP32, choice).w8a16) is TorchW8A16
     assert type(w8a16_kernel(CPU_FP32, None)) is TorchW8A16  # the library absent (no AVX-512, no compiler)
