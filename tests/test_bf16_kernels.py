@@ -985,9 +985,8 @@ def test_amx_tiles_give_a_row_the_same_sums_at_any_row_count_close_to_the_exact_
         assert torch.equal(y32, expected) and torch.equal(y16, expected.bfloat16()), (rows, with_bias)
 
 
-# A float32 model's products of bfloat16 weights on the tiles, each input in three parts. Rows: one, two and five
-# (the parts in one block of tiles), six (three blocks), a tile, a tile and one, 40, 258 (a chunk of 256 and two rows
-# in one block), 300.
+# A float32 model's products of bfloat16 weights on the tiles, each input in three parts. Rows: one, two, five, six,
+# a tile, a tile and one, 40, 258 (a chunk of 256 and a block of two rows), 300.
 @pytest.mark.parametrize("in_features, out_features", [(32, 64), (96, 192), (896, 128)])
 def test_a_float32_model_s_tiles_give_a_row_the_same_sums_at_any_row_count_within_float32_s_rounding(
         in_features, out_features):
@@ -1049,7 +1048,7 @@ def test_a_float32_model_s_tiles_lose_no_bit_of_an_input_in_its_three_parts():
     packed = panel_layout(picks.bfloat16())  # (held: the library reads it by address)
     before = library.atb_f32_use_amx(1)
     try:
-        for inputs in (x[:1], x, special):  # the parts in one block, a block per part, and the special values
+        for inputs in (x[:1], x, special):  # one row, seven, and the special values
             y = torch.full((len(inputs), in_features), float("nan"))
             library.atb_bf16_linear_f32(inputs.data_ptr(), len(inputs), in_features, in_features, packed.data_ptr(),
                                         in_features, None, y.data_ptr())

@@ -15,11 +15,13 @@
 // (atb_bf16_use_amx: kernels/linear.py's bf16_amx_chosen) every product of a bfloat16 model runs on them, at any
 // row count, decode's single rows included: a tile's rows are multiplied apart, each row's sums the same in any
 // tile, from the bias on, 32 k-steps after 32 k-steps. Decode's few rows take tiles of as many rows. The same holds
-// for a float32 model's products (atb_f32_use_amx: f32_amx_chosen), whose sums are then not k order's.
+// for a float32 model's products (atb_f32_use_amx: f32_amx_chosen), whose sums are then not k order's: each 32
+// k-steps' products of the input's three parts are added in turn (hi's, mid's, lo's) into the row's one set of sums.
 //
 // Work: each thread takes a share of the column groups; for each, its rows in blocks of 16 (ROW_CHUNK rows at a
 // time, so the group's weights stay in L2 over a chunk's blocks): four C tiles hold the block's 16 x 64 sums over
-// the whole of K, one A tile the rows' next 32 k-steps, two B tiles the four column quarters' weights in turn.
+// the whole of K, one A tile the rows' next 32 k-steps, two B tiles the four column quarters' weights in turn (a
+// float32 model's: three A tiles, one a part, and one B tile).
 
 #pragma once
 
@@ -56,12 +58,13 @@ bool tiles_permitted() {
     return permitted;
 }
 
-// Tiles 0-3: a block's sums (`rows` rows x 16 columns of float32 each); 4: the rows' inputs; 5, 6: weights (16
-// pairs of k-steps). A tile of fewer rows takes that much less time: decode's single row is not padded to 16.
-void configure_tiles(int rows) {
+// Tiles 0 .. row_tiles - 1 hold `rows` rows of 64 bytes (a block's sums, 16 columns of float32 each, in tiles 0-3,
+// then the rows' inputs), the rest 16 pairs of k-steps of weights: amx_group_block's 5 (one input tile; weights in
+// 5 and 6), amx_group_in_three's 7 (three input tiles; weights in 7). Decode's single row is not padded to 16.
+void configure_tiles(int rows, int row_tiles) {
     TileConfig config;
-    for (int t = 0; t < 7; t++) {
-        config.rows[t] = t < 5 ? rows : AMX_ROWS;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = t < row_tiles ? rows : AMX_ROWS;
         config.bytes_per_row[t] = 64;
     }
     _tile_loadconfig(&config);
@@ -105,13 +108,70 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
     _tile_stored(3, sums + 48, GROUP * 4);
 }
 
+// A float32 model's rows (amx_linear with parts == 3), each input split in three bfloat16 parts: sums[rows][64]
+// (row stride 64) = start + hi . w + mid . w + lo . w, all three parts' products added into the same sums, 32 k-steps
+// at a time (hi's, then mid's, then lo's), from the weights w[K / 2][64][2] streamed past once. `at` holds the rows'
+// parts as the tiles load them: for each 32 k-steps, hi's `rows` rows of 64 bytes, then mid's, then lo's
+// (split_in_three's `step` layout), so a k-step's three input tiles are 3 x rows consecutive lines.
+//
+// The stream's prefetches go out a quarter (16 lines) before each weight tile's load, not all 64 at the k-step's
+// start: this CPU's tiles take their loads and products in order, and a burst of 64 prefetches, each waiting for a
+// fill buffer, held the tile work queued behind it (a streamed 4 KB of weights with 3 input tiles and 12 products
+// read 8.2-9.1 GB/s a core in a bare loop, 12.1-12.7 with the prefetches spread; docs/PERFORMANCE.md).
+void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t K, const float* start, float* sums,
+                        bool stream) {
+    _tile_loadd(0, start, GROUP * 4);
+    _tile_loadd(1, start + 16, GROUP * 4);
+    _tile_loadd(2, start + 32, GROUP * 4);
+    _tile_loadd(3, start + 48, GROUP * 4);
+    const int64_t step = 3 * rows * AMX_STEPS;  // (bfloat16 values a k-step's three input tiles hold)
+    for (int64_t k = 0; k < K; k += AMX_STEPS) {
+        const uint16_t* wk = w + k * GROUP;
+        const uint16_t* a = at + k / AMX_STEPS * step;
+        const char* ahead = reinterpret_cast<const char*>(wk) + AMX_AHEAD;
+        _tile_loadd(4, a, 64);
+        _tile_loadd(5, a + rows * AMX_STEPS, 64);
+        _tile_loadd(6, a + 2 * rows * AMX_STEPS, 64);
+        // each column quarter's weights (tile 7) times hi, mid and lo, into the quarter's sums
+        if (stream)  // (the quarter's 16 lines of the 32 k-steps AMX_AHEAD bytes on)
+            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+        _tile_loadd(7, wk, GROUP * 4);
+        _tile_dpbf16ps(0, 4, 7);
+        _tile_dpbf16ps(0, 5, 7);
+        _tile_dpbf16ps(0, 6, 7);
+        if (stream)
+            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 1024 + line * 64, _MM_HINT_T0);
+        _tile_loadd(7, wk + 32, GROUP * 4);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(1, 5, 7);
+        _tile_dpbf16ps(1, 6, 7);
+        if (stream)
+            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 2048 + line * 64, _MM_HINT_T0);
+        _tile_loadd(7, wk + 64, GROUP * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(2, 5, 7);
+        _tile_dpbf16ps(2, 6, 7);
+        if (stream)
+            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 3072 + line * 64, _MM_HINT_T0);
+        _tile_loadd(7, wk + 96, GROUP * 4);
+        _tile_dpbf16ps(3, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_dpbf16ps(3, 6, 7);
+    }
+    _tile_stored(0, sums, GROUP * 4);
+    _tile_stored(1, sums + 16, GROUP * 4);
+    _tile_stored(2, sums + 32, GROUP * 4);
+    _tile_stored(3, sums + 48, GROUP * 4);
+}
+
 // x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
 // significand (truncated), mid the next 8 of what is left, lo the last 8 (the remainders are exact float32
 // subtractions). Where a float32 model's weights hold bfloat16 values, each of the three products is exact too, so
 // the tiles' three sums are a float32 product's on the input as it is (only added in another order). An infinity is
 // its own hi, with no remainder (inf - inf would make the others NaN); a NaN stays a NaN. Parts below float32's
-// normal range (of inputs under about 2^-103) are flushed to zero by the tiles.
-inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+// normal range (of inputs under about 2^-103) are flushed to zero by the tiles. Each part's values i .. i + 31 (i a
+// multiple of 32) go to part + i / 32 * step: the layout amx_group_in_three loads its tiles from.
+inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo, int64_t step) {
     const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     constexpr int INFINITIES = 0x08 | 0x10;  // vfpclassps: +inf, -inf
     int64_t i = 0;
@@ -121,23 +181,25 @@ inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mi
         const __m512 r = _mm512_maskz_sub_ps(~_mm512_fpclass_ps_mask(v, INFINITIES), v, h);
         const __m512 m = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), top));
         const __m512 l = _mm512_sub_ps(r, m);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i),
+        const int64_t at = i / AMX_STEPS * step + i % AMX_STEPS;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + at),
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(h), 16)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + i),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + at),
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(m), 16)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + at),
                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(l), 16)));
     }
     for (; i < n; i++) {
+        const int64_t at = i / AMX_STEPS * step + i % AMX_STEPS;
         uint32_t bits;
         memcpy(&bits, x + i, sizeof bits);
-        hi[i] = static_cast<uint16_t>(bits >> 16);
-        const float r = (bits & 0x7fffffffu) == 0x7f800000u ? 0.0f : x[i] - bf16_to_float(hi[i]);
+        hi[at] = static_cast<uint16_t>(bits >> 16);
+        const float r = (bits & 0x7fffffffu) == 0x7f800000u ? 0.0f : x[i] - bf16_to_float(hi[at]);
         memcpy(&bits, &r, sizeof bits);
-        mid[i] = static_cast<uint16_t>(bits >> 16);
-        const float l = r - bf16_to_float(mid[i]);
+        mid[at] = static_cast<uint16_t>(bits >> 16);
+        const float l = r - bf16_to_float(mid[at]);
         memcpy(&bits, &l, sizeof bits);
-        lo[i] = static_cast<uint16_t>(bits >> 16);
+        lo[at] = static_cast<uint16_t>(bits >> 16);
     }
 }
 
@@ -145,29 +207,26 @@ inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mi
 // (x16, read where they lie); y as float32 (y32) or bfloat16 (y16, rounded to nearest even), rows N apart.
 // With parts == 1, x32 holds bfloat16 values (a bfloat16 model's decode step), converted ROW_CHUNK rows at a time for
 // the threads to share. With parts == 3 (a float32 model's products of bfloat16 weights), each row of x32 is split
-// in three (split_in_three) and each part multiplied on the tiles apart: the row's sums are hi's (from the bias on)
-// + (mid's + lo's). A chunk of up to 5 rows (decode) takes its 3 x rows parts in one block of tiles, as many rows as a
-// bfloat16 model's 16 would take; more rows take three blocks of up to 16, one a part, one after another over the
-// group's weights (the later two find them in L2). Tiles multiply a row apart from the others in the block, so a
-// row's three sums are the same either way.
+// in three (split_in_three), laid out for the tiles a block of up to 16 rows at a time, and amx_group_in_three adds
+// the three parts' products into one set of sums: one pass over the weights at any row count, each row's sums
+// the same in any block (tiles multiply a row apart from the others).
 void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
                 int64_t N, const float* bias, float* y32, uint16_t* y16, int parts = 1) {
     const int64_t column_groups = N / GROUP;
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
+    // (parts == 3: blocks of 16 rows' parts, the last block's as many rows as it has)
     uint16_t* converted = conversion_buffer(x32, parts * chunk_rows, K);
 #pragma omp parallel
     {
         const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        alignas(64) float start[AMX_ROWS * GROUP], zeros[AMX_ROWS * GROUP] = {}, sums[3][AMX_ROWS * GROUP];
-        int configured = 0;  // the rows the tiles are configured for (0: not yet, in this call)
-        auto block = [&](const uint16_t* x, int64_t ldxb, const uint16_t* w, int rows, const float* from, float* to,
-                         bool stream) {
-            if (rows != configured) {
-                configure_tiles(rows);
-                configured = rows;
+        alignas(64) float start[AMX_ROWS * GROUP], sums[AMX_ROWS * GROUP];
+        int configured = 0;  // the tiles' configuration in this call: rows x 8 + row tiles (0: none yet)
+        auto configure = [&](int rows, int row_tiles) {
+            if (rows * 8 + row_tiles != configured) {
+                configure_tiles(rows, row_tiles);
+                configured = rows * 8 + row_tiles;
             }
-            amx_group_block(x, ldxb, w, K, from, to, stream);
         };
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
@@ -175,52 +234,39 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
             const uint16_t* xb;
             if (parts == 3) {
 #pragma omp for
-                for (int64_t m = 0; m < chunk; m++)
-                    split_in_three(x32 + (m0 + m) * ldx, K, converted + m * K, converted + (chunk + m) * K,
-                                   converted + (2 * chunk + m) * K);
+                for (int64_t m = 0; m < chunk; m++) {
+                    const int64_t block = m - m % AMX_ROWS, r = m % AMX_ROWS;
+                    const int64_t rows = chunk - block < AMX_ROWS ? chunk - block : AMX_ROWS;
+                    uint16_t* at = converted + block * 3 * K;
+                    split_in_three(x32 + (m0 + m) * ldx, K, at + r * AMX_STEPS, at + (rows + r) * AMX_STEPS,
+                                   at + (2 * rows + r) * AMX_STEPS, 3 * rows * AMX_STEPS);
+                }
                 xb = converted;
             } else {
                 xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
             }
-            // parts == 3 in one block: rows 0 .. chunk - 1 of the tiles are hi's (from the bias), the rest mid's and
-            // lo's (from zero)
-            const bool one_block = parts == 3 && 3 * chunk <= AMX_ROWS;
             for (int64_t g = first; g < end; g++) {
                 const uint16_t* w = wp + g * K * GROUP;
-                const int64_t biased = one_block ? chunk : (chunk < AMX_ROWS ? chunk : AMX_ROWS);
-                const int64_t tile_rows = one_block ? 3 * chunk : biased;  // (the rows a block's tiles load)
+                const int64_t tile_rows = chunk < AMX_ROWS ? chunk : AMX_ROWS;  // (the rows a block's tiles load)
                 for (int64_t r = 0; r < tile_rows; r++)
-                    for (int64_t c = 0; c < GROUP; c++)
-                        start[r * GROUP + c] = r < biased && bias ? bias[g * GROUP + c] : 0.0f;
+                    for (int64_t c = 0; c < GROUP; c++) start[r * GROUP + c] = bias ? bias[g * GROUP + c] : 0.0f;
                 for (int64_t m = 0; m < chunk; m += AMX_ROWS) {
                     const int rows = chunk - m < AMX_ROWS ? static_cast<int>(chunk - m) : AMX_ROWS;
-                    const float* row_sums[3];
+                    // a chunk of one block streams the group's weights past; more blocks find them in L2
+                    const bool stream = chunk <= AMX_ROWS;
                     if (parts == 1) {
-                        block(xb + m * ldxb, ldxb, w, rows, start, sums[0], chunk <= AMX_ROWS);
-                        row_sums[0] = sums[0];
-                    } else if (one_block) {
-                        block(xb, K, w, 3 * rows, start, sums[0], true);
-                        for (int p = 0; p < 3; p++) row_sums[p] = sums[0] + p * rows * GROUP;
+                        configure(rows, 5);
+                        amx_group_block(xb + m * ldxb, ldxb, w, K, start, sums, stream);
                     } else {
-                        for (int p = 0; p < 3; p++) {
-                            block(xb + (p * chunk + m) * K, K, w, rows, p == 0 ? start : zeros, sums[p],
-                                  p == 0 && chunk <= AMX_ROWS);
-                            row_sums[p] = sums[p];
-                        }
+                        configure(rows, 7);
+                        amx_group_in_three(xb + m * 3 * K, rows, w, K, start, sums, stream);
                     }
                     for (int64_t r = 0; r < rows; r++) {
-                        alignas(64) float combined[GROUP];
-                        const float* row = row_sums[0] + r * GROUP;
-                        if (parts == 3) {
-                            for (int64_t c = 0; c < GROUP; c++)
-                                combined[c] = row[c] + (row_sums[1][r * GROUP + c] + row_sums[2][r * GROUP + c]);
-                            row = combined;
-                        }
                         const int64_t at = (m0 + m + r) * N + g * GROUP;
                         if (y16 != nullptr) {
-                            store_bf16(row, GROUP, y16 + at);
+                            store_bf16(sums + r * GROUP, GROUP, y16 + at);
                         } else {
-                            for (int64_t c = 0; c < GROUP; c++) y32[at + c] = row[c];
+                            for (int64_t c = 0; c < GROUP; c++) y32[at + c] = sums[r * GROUP + c];
                         }
                     }
                 }

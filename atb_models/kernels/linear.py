@@ -435,8 +435,9 @@ def f32_amx_chosen(library) -> bool:
     (csrc/amx_linear.h): float32 products of the input as given, only summed in the tiles' order, not k order
     (closer to the exact sums than k order, measured). Chosen as bf16_amx_chosen chooses, by the same switch
     ($ATB_MODELS_CPU_BF16_AMX), once a process by the first float32 model's load, and told to the library
-    (atb_f32_use_amx). Three parts cost three times the tiles' work, which decode's memory-bound rows mostly hide
-    (one row about 1.06x the widening kernel's time, 16 rows 0.88x, 64 rows 0.64x, streamed; docs/PERFORMANCE.md)."""
+    (atb_f32_use_amx). Three parts cost three times the tiles' work, which the weights' one stream hides at decode's
+    row counts (cpu-small's 24 layers' linears: one row as fast as the widening kernel, 16 rows 0.8x the tiles'
+    earlier three passes; docs/PERFORMANCE.md)."""
     return _tiles_chosen(library, "atb_f32_use_amx", "a float32 model's products of bfloat16 weights",
                          _amx_f32_products_right)
 
@@ -492,8 +493,7 @@ def _amx_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
 def _amx_f32_products_right(library, in_features: int = 96, rows: int = 40) -> bool:
     """The same for a float32 model's products on the tiles (atb_bf16_linear_f32 with float32 inputs of every
     size of value, split in three parts): within float32 sums' rounding of F.linear's in float64, and each row's sums
-    the same, bit for bit, in a product of 1 and 5 rows (the parts in one block of tiles), 19 and 40 (a block per
-    part: a tile and a part, two tiles and a part)."""
+    the same, bit for bit, in a product of 1, 5, 19 (a tile and a part) and 40 rows (two tiles and a part)."""
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(2 * PANEL_GROUP, in_features, generator=generator).bfloat16()
     x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-4, 4, in_features)
