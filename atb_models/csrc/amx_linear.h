@@ -132,31 +132,20 @@ void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t
         _tile_loadd(4, a, 64);
         _tile_loadd(5, a + rows * AMX_STEPS, 64);
         _tile_loadd(6, a + 2 * rows * AMX_STEPS, 64);
-        // each column quarter's weights (tile 7) times hi, mid and lo, into the quarter's sums
-        if (stream)  // (the quarter's 16 lines of the 32 k-steps AMX_AHEAD bytes on)
-            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
-        _tile_loadd(7, wk, GROUP * 4);
-        _tile_dpbf16ps(0, 4, 7);
-        _tile_dpbf16ps(0, 5, 7);
-        _tile_dpbf16ps(0, 6, 7);
-        if (stream)
-            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 1024 + line * 64, _MM_HINT_T0);
-        _tile_loadd(7, wk + 32, GROUP * 4);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(1, 5, 7);
-        _tile_dpbf16ps(1, 6, 7);
-        if (stream)
-            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 2048 + line * 64, _MM_HINT_T0);
-        _tile_loadd(7, wk + 64, GROUP * 4);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_dpbf16ps(2, 5, 7);
-        _tile_dpbf16ps(2, 6, 7);
-        if (stream)
-            for (int line = 0; line < 16; line++) _mm_prefetch(ahead + 3072 + line * 64, _MM_HINT_T0);
-        _tile_loadd(7, wk + 96, GROUP * 4);
-        _tile_dpbf16ps(3, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_dpbf16ps(3, 6, 7);
+// Column quarter q's weights (tile 7) times hi, mid and lo, into the quarter's sums (tile q), the quarter's 16
+// lines of the 32 k-steps AMX_AHEAD bytes on prefetched first. (A macro: a tile's number must be a literal.)
+#define ATB_QUARTER_IN_THREE(q)                                                                           \
+    if (stream)                                                                                           \
+        for (int line = 0; line < 16; line++) _mm_prefetch(ahead + (q) * 1024 + line * 64, _MM_HINT_T0);  \
+    _tile_loadd(7, wk + 32 * (q), GROUP * 4);                                                             \
+    _tile_dpbf16ps(q, 4, 7);                                                                              \
+    _tile_dpbf16ps(q, 5, 7);                                                                              \
+    _tile_dpbf16ps(q, 6, 7);
+        ATB_QUARTER_IN_THREE(0)
+        ATB_QUARTER_IN_THREE(1)
+        ATB_QUARTER_IN_THREE(2)
+        ATB_QUARTER_IN_THREE(3)
+#undef ATB_QUARTER_IN_THREE
     }
     _tile_stored(0, sums, GROUP * 4);
     _tile_stored(1, sums + 16, GROUP * 4);
@@ -167,7 +156,7 @@ void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t
 // x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
 // significand (truncated), mid the next 8 of what is left, lo the last 8 (the remainders are exact float32
 // subtractions). Where a float32 model's weights hold bfloat16 values, each of the three products is exact too, so
-// the tiles' three sums are a float32 product's on the input as it is (only added in another order). An infinity is
+// the tiles' sums of the three are a float32 product's on the input as it is (only added in another order). An infinity is
 // its own hi, with no remainder (inf - inf would make the others NaN); a NaN stays a NaN. Parts below float32's
 // normal range (of inputs under about 2^-103) are flushed to zero by the tiles. Each part's values i .. i + 31 (i a
 // multiple of 32) go to part + i / 32 * step: the layout amx_group_in_three loads its tiles from.
