@@ -77,15 +77,27 @@ void configure_tiles(int rows, int row_tiles) {
 // docs/PERFORMANCE.md). More rows' blocks find the weights in L2, where the prefetches only cost (64 rows: 1.13x).
 constexpr int64_t AMX_AHEAD = 8192;
 
+// A block's sums in tiles 0-3, 16 columns each: loaded from start[rows][64], stored to sums[rows][64].
+inline void load_sum_tiles(const float* start) {
+    _tile_loadd(0, start, GROUP * 4);
+    _tile_loadd(1, start + 16, GROUP * 4);
+    _tile_loadd(2, start + 32, GROUP * 4);
+    _tile_loadd(3, start + 48, GROUP * 4);
+}
+
+inline void store_sum_tiles(float* sums) {
+    _tile_stored(0, sums, GROUP * 4);
+    _tile_stored(1, sums + 16, GROUP * 4);
+    _tile_stored(2, sums + 32, GROUP * 4);
+    _tile_stored(3, sums + 48, GROUP * 4);
+}
+
 // sums[rows][64] (row stride 64) = start[rows][64] + x[rows][K] (bfloat16, row stride ldx) . the group's weights
 // w[K / 2][64][2], 32 k-steps at a time, on tiles configured for the rows (prefetching the stream where `stream`).
 // K a multiple of 32.
 void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, const float* start, float* sums,
                      bool stream) {
-    _tile_loadd(0, start, GROUP * 4);
-    _tile_loadd(1, start + 16, GROUP * 4);
-    _tile_loadd(2, start + 32, GROUP * 4);
-    _tile_loadd(3, start + 48, GROUP * 4);
+    load_sum_tiles(start);
     for (int64_t k = 0; k < K; k += AMX_STEPS) {
         const uint16_t* wk = w + k * GROUP;  // pair k / 2's lanes: 64 columns x 2 = 128 values, 256 bytes a pair
         if (stream) {
@@ -102,10 +114,7 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
         _tile_loadd(6, wk + 96, GROUP * 4);
         _tile_dpbf16ps(3, 4, 6);
     }
-    _tile_stored(0, sums, GROUP * 4);
-    _tile_stored(1, sums + 16, GROUP * 4);
-    _tile_stored(2, sums + 32, GROUP * 4);
-    _tile_stored(3, sums + 48, GROUP * 4);
+    store_sum_tiles(sums);
 }
 
 // A float32 model's rows (amx_linear with parts == 3), each input split in three bfloat16 parts: sums[rows][64]
@@ -120,10 +129,7 @@ void amx_group_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
 // read 8.2-9.1 GB/s a core in a bare loop, 12.1-12.7 with the prefetches spread; docs/PERFORMANCE.md).
 void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t K, const float* start, float* sums,
                         bool stream) {
-    _tile_loadd(0, start, GROUP * 4);
-    _tile_loadd(1, start + 16, GROUP * 4);
-    _tile_loadd(2, start + 32, GROUP * 4);
-    _tile_loadd(3, start + 48, GROUP * 4);
+    load_sum_tiles(start);
     const int64_t step = 3 * rows * AMX_STEPS;  // (bfloat16 values a k-step's three input tiles hold)
     for (int64_t k = 0; k < K; k += AMX_STEPS) {
         const uint16_t* wk = w + k * GROUP;
@@ -147,10 +153,7 @@ void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t
         ATB_QUARTER_IN_THREE(3)
 #undef ATB_QUARTER_IN_THREE
     }
-    _tile_stored(0, sums, GROUP * 4);
-    _tile_stored(1, sums + 16, GROUP * 4);
-    _tile_stored(2, sums + 32, GROUP * 4);
-    _tile_stored(3, sums + 48, GROUP * 4);
+    store_sum_tiles(sums);
 }
 
 // x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
