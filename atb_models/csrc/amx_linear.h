@@ -6,8 +6,9 @@
 // The packed layout wp[N / 64][K / 2][64][2] (bf16_linear.h) is already what a tile multiplies: a B tile is 16 pairs
 // of k-steps (rows) by 16 columns' pairs (64 bytes), and pair p's 16 columns q..q+15 of a group lie 256 bytes after
 // pair p - 1's, so the tile loads straight from the weights with a 256-byte stride. An A tile is 16 rows' 32 k-steps
-// of bfloat16 inputs (64 bytes a row, the rows' own stride). One TDPBF16PS adds a 16 x 16 block of sums' products of
-// 32 k-steps: 8,192 multiply-adds, where vdpbf16ps does 32.
+// of bfloat16 inputs (64 bytes a row, the rows' own stride; a float32 model's parts 64 bytes apart, as split_in_three
+// lays them out). One TDPBF16PS adds a 16 x 16 block of sums' products of 32 k-steps: 8,192 multiply-adds, where
+// vdpbf16ps does 32.
 //
 // The tiles add a pair's products in their own way (measured on the kit's first AMX CPU: neither of vdpbf16ps's
 // orders nor one rounding a pair), so their sums are not the dot product's. A row's sums must not depend on its
@@ -159,10 +160,10 @@ void amx_group_in_three(const uint16_t* at, int rows, const uint16_t* w, int64_t
 // x[0:n] (float32) = hi + mid + lo, three bfloat16 values each, exactly: hi keeps a value's top 8 bits of
 // significand (truncated), mid the next 8 of what is left, lo the last 8 (the remainders are exact float32
 // subtractions). Where a float32 model's weights hold bfloat16 values, each of the three products is exact too, so
-// the tiles' sums of the three are a float32 product's on the input as it is (only added in another order). An infinity is
-// its own hi, with no remainder (inf - inf would make the others NaN); a NaN stays a NaN. Parts below float32's
-// normal range (of inputs under about 2^-103) are flushed to zero by the tiles. Each part's values i .. i + 31 (i a
-// multiple of 32) go to part + i / 32 * step: the layout amx_group_in_three loads its tiles from.
+// the tiles' sums of the three are a float32 product's on the input as it is (only added in another order). An
+// infinity is its own hi, with no remainder (inf - inf would make the others NaN); a NaN stays a NaN. Parts below
+// float32's normal range (of inputs under about 2^-103) are flushed to zero by the tiles. Each part's values
+// i .. i + 31 (i a multiple of 32) go to part + i / 32 * step: the layout amx_group_in_three loads its tiles from.
 inline void split_in_three(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo, int64_t step) {
     const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     constexpr int INFINITIES = 0x08 | 0x10;  // vfpclassps: +inf, -inf
