@@ -127,7 +127,8 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
     start_sums(acc, bias, first, y, ldy);
     const char* line = reinterpret_cast<const char*>(pf);
     int64_t owed = 0;
-    for (int64_t k = 0; k < len; k += 2) {
+    int64_t k = 0;
+    do {  // (len > 0: register_block says why a loop that might run no times is not)
         __m512 even[4], odd[4];
         for (int j = 0; j < 4; j++) {
             widen_pairs(_mm512_loadu_si512(w + k * GROUP + 32 * j), even[j], odd[j]);
@@ -136,7 +137,7 @@ void widening_register_block(const float* x, int64_t ldx, const uint16_t* w, int
         }
         for (owed += 2 * share; owed >= len; owed -= len, line += 64) _mm_prefetch(line, _MM_HINT_T0);
         add_pair<MR, PAIR_ORDER>(acc, even, odd, x, ldx, k);
-    }
+    } while ((k += 2) < len);
     store_sums(acc, y, ldy);
 }
 
@@ -288,8 +289,8 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int
                         bool first, float* y, int64_t ldy, const char* pf, int64_t share, bool to_l2) {
     __m512 acc[MR][4];
     start_sums(acc, bias, first, y, ldy);
-    int64_t owed = 0;
-    for (int64_t p = 0; p < pairs; p++) {
+    int64_t owed = 0, p = 0;
+    do {  // (pairs > 0: register_block in panel_linear.h says why a loop that might run no times is not)
         const uint16_t* wp = w + p * 2 * GROUP;
         const __m512i w0 = _mm512_loadu_si512(wp), w1 = _mm512_loadu_si512(wp + 32), w2 = _mm512_loadu_si512(wp + 64),
                       w3 = _mm512_loadu_si512(wp + 96);
@@ -307,7 +308,7 @@ void dot_register_block(const uint16_t* xb, int64_t ldxb, const uint16_t* w, int
             acc[i][2] = _mm512_dpbf16_ps(acc[i][2], (__m512bh)w2, (__m512bh)b);
             acc[i][3] = _mm512_dpbf16_ps(acc[i][3], (__m512bh)w3, (__m512bh)b);
         }
-    }
+    } while (++p < pairs);
     store_sums(acc, y, ldy);
 }
 

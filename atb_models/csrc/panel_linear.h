@@ -47,14 +47,18 @@ inline int64_t set_switch(int64_t& value, int64_t on, bool able = true) {
     return value;
 }
 
+alignas(64) constexpr float NO_BIAS[GROUP] = {};  // a group's sums start from these where there is no bias
+
 // A register block's sums of MR rows x 64 columns (y's rows ldy apart) to start from: the bias (or zero) on a group's
-// first K block, the sums so far on the later ones; and their store.
+// first K block, the sums so far on the later ones; and their store. Each sum is one load from one place: with a
+// choice per sum, GCC 12 kept all the sums in memory around the block's loop and copied them into registers and back
+// on every call (100-140 instructions more a call for 6 rows; docs/PERFORMANCE.md).
 template <int MR>
 inline void start_sums(__m512 (&acc)[MR][4], const float* bias, bool first, const float* y, int64_t ldy) {
+    const float* from = first ? (bias ? bias : NO_BIAS) : y;
+    const int64_t stride = first ? 0 : ldy;
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++)
-            acc[i][j] = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
-                              : _mm512_loadu_ps(y + i * ldy + 16 * j);
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_loadu_ps(from + i * stride + 16 * j);
 }
 
 template <int MR>
@@ -63,9 +67,10 @@ inline void store_sums(const __m512 (&acc)[MR][4], float* y, int64_t ldy) {
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + i * ldy + 16 * j, acc[i][j]);
 }
 
-// acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y. While it runs, prefetch `share` lines from
-// `pf` on, spread evenly over the k-steps. SWAP_PAIRS (k0 even): w's step k multiplies x's step k ^ 1, for weights
-// whose pairs of k-steps were stored swapped so that each pair is added in vdpbf16ps's order (bf16_linear.h).
+// acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y (k0 < k1: a loop that might run no times made
+// GCC 12 keep the sums in memory around it, as start_sums says). While it runs, prefetch `share` lines from `pf` on,
+// spread evenly over the k-steps. SWAP_PAIRS (k0 even): w's step k multiplies x's step k ^ 1, for weights whose
+// pairs of k-steps were stored swapped so that each pair is added in vdpbf16ps's order (bf16_linear.h).
 template <int MR, bool SWAP_PAIRS = false>
 void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, const float* bias,
                     bool first, float* y, int64_t ldy, const float* pf, int64_t share) {
@@ -74,7 +79,8 @@ void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int
     const int64_t len = k1 - k0;
     const char* line = reinterpret_cast<const char*>(pf);
     int64_t owed = 0;  // share / len lines per k-step, kept in whole lines by counting in units of 1 / len
-    for (int64_t k = k0; k < k1; k++) {
+    int64_t k = k0;
+    do {
         const float* wk = w + k * GROUP;
         const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16), w2 = _mm512_loadu_ps(wk + 32),
                      w3 = _mm512_loadu_ps(wk + 48);
@@ -86,7 +92,7 @@ void register_block(const float* x, int64_t ldx, const float* w, int64_t k0, int
             acc[i][2] = _mm512_fmadd_ps(w2, b, acc[i][2]);
             acc[i][3] = _mm512_fmadd_ps(w3, b, acc[i][3]);
         }
-    }
+    } while (++k < k1);
     store_sums(acc, y, ldy);
 }
 
