@@ -42,7 +42,12 @@ constexpr float INT16_MAX_F = 32767.0f;
 constexpr int64_t W8_L2_AHEAD = 32768;  // bytes: each line prefetched into L2 this far ahead of its L1 prefetch
 
 #ifdef __AVX512VNNI__
-inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) { return _mm512_dpwssd_epi32(acc, w, x); }
+// vpdpwssd written out: GCC 12 compiled _mm512_dpwssd_epi32 with each sum copied into another register and back (and,
+// at 5-6 rows, stored to the stack) at every pair; here the sum is the instruction's own destination.
+inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+}
 #else
 inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
 #endif
@@ -87,37 +92,47 @@ inline void load_scales(const float* scales, int64_t groups, int64_t n0, int64_t
     for (int j = 0; j < 4; j++) s[j] = _mm512_i32gather_ps(stride, scales + (n0 + 16 * j) * groups + group, 4);
 }
 
+// One pair p of k-steps: its products of MR rows q (int16, row stride ldq) and one column group's pair wp, added into
+// acc or, for a block's first pair (START), acc set to them (what vpdpwssd adds to zero, without the zeros: GCC 12
+// kept sums that start from one shared zero in other registers than the loop's and copied them at every pair).
+template <int MR, bool START>
+inline void w8_pair(__m512i (&acc)[MR][4], const int16_t* q, int64_t ldq, const int8_t* wp, int64_t p) {
+    __m512i wv[4];
+    for (int j = 0; j < 4; j++)
+        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j)));
+    for (int i = 0; i < MR; i++) {
+        const __m512i xp = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + i * ldq + 2 * p));
+        for (int j = 0; j < 4; j++)
+            acc[i][j] = START ? _mm512_madd_epi16(wv[j], xp) : dot_pairs(acc[i][j], wv[j], xp);
+    }
+}
+
 // Rows q[MR] (int16, row stride ldq, block scales sx with row stride lds) against one column group's pairs
-// [p0, p1) (block b) of w: y[MR][64] = (first ? bias : y) + sx * sw * products. While it runs, prefetch `share`
-// lines from `pf` on, spread evenly over the pairs.
+// [p0, p1) (block b, p0 < p1) of w: y[MR][64] = (first ? bias : y) + sx * sw * products. While it runs, prefetch
+// `share` lines from `pf` on, spread evenly over the pairs.
 template <int MR>
 void w8_register_block(const int16_t* q, int64_t ldq, const float* sx, int64_t lds, int64_t b, const int8_t* w,
                        int64_t p0, int64_t p1, const __m512 sw[4], const float* bias, bool first, float* y,
                        int64_t ldy, const char* pf, int64_t share) {
     __m512i acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_si512();
     const int64_t len = p1 - p0;
     int64_t owed = 0;  // share / len lines per pair, kept in whole lines by counting in units of 1 / len
     for (int64_t p = p0; p < p1; p++) {
-        const int8_t* wp = w + p * PAIR_BYTES;
         for (owed += share; owed >= len; owed -= len, pf += 64) {
             _mm_prefetch(pf, _MM_HINT_T0);
             _mm_prefetch(pf + W8_L2_AHEAD, _MM_HINT_T1);
         }
-        __m512i wv[4];
-        for (int j = 0; j < 4; j++)
-            wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j)));
-        for (int i = 0; i < MR; i++) {
-            const __m512i xp = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + i * ldq + 2 * p));
-            for (int j = 0; j < 4; j++) acc[i][j] = dot_pairs(acc[i][j], wv[j], xp);
-        }
+        if (p == p0)
+            w8_pair<MR, true>(acc, q, ldq, w + p * PAIR_BYTES, p);
+        else
+            w8_pair<MR, false>(acc, q, ldq, w + p * PAIR_BYTES, p);
     }
+    const float* from = first ? (bias ? bias : NO_BIAS) : y;  // (start_sums in panel_linear.h says why)
+    const int64_t stride = first ? 0 : ldy;
     for (int i = 0; i < MR; i++) {
         const __m512 row_scale = _mm512_set1_ps(sx[i * lds + b]);
         for (int j = 0; j < 4; j++) {
-            const __m512 base = first ? (bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps())
-                                      : _mm512_loadu_ps(y + i * ldy + 16 * j);
+            const __m512 base = _mm512_loadu_ps(from + i * stride + 16 * j);
             const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
             _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), scale, base));
         }
