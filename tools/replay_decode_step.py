@@ -3,6 +3,7 @@ git revision, on this machine in one process (the library the model runs on, the
 AVX-512 the AVX2 one, against the same library of the other revision).
 
     python tools/replay_decode_step.py --against HEAD~1 --dtype bfloat16 --batch 16
+    python tools/replay_decode_step.py --against HEAD~1 --quantize w8a16 --batch 16
 
 The memory speed of the VMs these kernels were tuned on swings by half within a second (docs/PERFORMANCE.md), so
 two runs minutes apart say little about a change of 5-10%. This loads cpu-small's benchmark checkpoint (or
@@ -62,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="HEAD", help="git revision whose csrc to compare (default HEAD)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--quantize", choices=("w8a16",), help="the language model's linears quantized at load (int8)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=150)
     parser.add_argument("--checkpoint", help="default: cpu-small's benchmark checkpoint (built if missing)")
@@ -69,7 +71,8 @@ def main() -> None:
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(PRESETS["cpu-small"])
 
     with tempfile.TemporaryDirectory(prefix="atb-replay-") as scratch:
-        llm = LLM(str(checkpoint), dtype=args.dtype, max_batch_size=args.batch, enable_prefix_caching=False)
+        llm = LLM(str(checkpoint), dtype=args.dtype, max_batch_size=args.batch, enable_prefix_caching=False,
+                  quantize=args.quantize)
         kernel = llm.runner.model.kernels.decoder_layer
         if not isinstance(kernel, NativeDecoderLayer):
             sys.exit("this machine runs the layers operator by operator: no native decoder layer to compare")
@@ -128,7 +131,8 @@ def main() -> None:
             for name in (list(sides) if pair % 2 == 0 else list(sides)[::-1]):
                 times[name].append(replay(sides[name]))
         ratios = [ours / theirs for ours, theirs in zip(times["working tree"], times[args.against])]
-        print(f"{args.dtype}, batch {args.batch}, {len(step)} layers, {args.pairs} pairs: "
+        print(f"{args.dtype}{', ' + args.quantize if args.quantize else ''}, batch {args.batch}, {len(step)} layers, "
+              f"{args.pairs} pairs: "
               + ", ".join(f"{name} median {statistics.median(t) * 1e3:.2f} ms" for name, t in times.items())
               + f"; working tree / {args.against}: median of pairs {statistics.median(ratios):.3f}")
 
