@@ -10,7 +10,7 @@
 // inside one scale group, to int16 with a float32 scale (amax / 32767): 16-bit activations, about 2^-16 of each
 // block's largest value, next to the int8 weights' 2^-8 of each row's. Then a product is integer arithmetic:
 // 32 weights are sign-extended to int16 in one instruction (_mm512_cvtepi8_epi16) and multiplied with a row's
-// broadcast pair of activations and summed into 16 int32 columns in one more (_mm512_dpwssd_epi32, AVX512-VNNI;
+// broadcast pair of activations and summed into 16 int32 columns in one more (vpdpwssd, AVX512-VNNI;
 // _mm512_madd_epi16 + _mm512_add_epi32 without it), where float32 activations took six instructions for the same
 // 32 weights (widen to int32, convert, multiply-add, twice). A block's int32 sums are turned to float32 and scaled
 // (the block's activation scale times the column's weight scale) into y once per block. A block is at most 256
