@@ -444,7 +444,9 @@ bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t 
     }
 #endif
 #ifdef __AVX512BF16__
-    if (K > 0 && (M > MAX_ROWS ? bf16_dot_on != 0 : M <= bf16_dot_decode_rows)) {  // (K = 0: the bias, widened)
+    // (K = 0: the bias, widened; an odd K, which the layout does not allow, would leave a K block no pair, and its
+    // register block's loops, which run at least once, would not end)
+    if (K > 0 && K % 2 == 0 && (M > MAX_ROWS ? bf16_dot_on != 0 : M <= bf16_dot_decode_rows)) {
         dot_linear_rows(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
         return true;
     }
