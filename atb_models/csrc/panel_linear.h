@@ -49,16 +49,25 @@ inline int64_t set_switch(int64_t& value, int64_t on, bool able = true) {
 
 alignas(64) constexpr float NO_BIAS[GROUP] = {};  // a group's sums start from these where there is no bias
 
-// A register block's sums of MR rows x 64 columns (y's rows ldy apart) to start from: the bias (or zero) on a group's
-// first K block, the sums so far on the later ones; and their store. Each sum is one load from one place: with a
-// choice per sum, GCC 12 kept all the sums in memory around the block's loop and copied them into registers and back
-// on every call (100-140 instructions more a call for 6 rows; docs/PERFORMANCE.md).
+// Where a block's sums of 64 columns start: the bias (or zero) on a group's first K block, the sums so far in y (rows
+// ldy apart) on the later ones; row i's at from + i * stride. One place for every sum: with a choice per sum, GCC 12
+// kept all of a register block's sums in memory around its loop and copied them into registers and back on every
+// call (100-140 instructions more a call for 6 rows; docs/PERFORMANCE.md).
+struct SumsStart {
+    const float* from;
+    int64_t stride;
+};
+
+inline SumsStart sums_start(const float* bias, bool first, const float* y, int64_t ldy) {
+    return {first ? (bias ? bias : NO_BIAS) : y, first ? 0 : ldy};
+}
+
+// A register block's sums of MR rows x 64 columns to start from (sums_start), and their store.
 template <int MR>
 inline void start_sums(__m512 (&acc)[MR][4], const float* bias, bool first, const float* y, int64_t ldy) {
-    const float* from = first ? (bias ? bias : NO_BIAS) : y;
-    const int64_t stride = first ? 0 : ldy;
+    const SumsStart start = sums_start(bias, first, y, ldy);
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_loadu_ps(from + i * stride + 16 * j);
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
 }
 
 template <int MR>
@@ -68,7 +77,7 @@ inline void store_sums(const __m512 (&acc)[MR][4], float* y, int64_t ldy) {
 }
 
 // acc[MR][4] (+)= x[MR rows, k0:k1] * w[k0:k1][64], then stored to y (k0 < k1: a loop that might run no times made
-// GCC 12 keep the sums in memory around it, as start_sums says). While it runs, prefetch `share` lines from `pf` on,
+// GCC 12 keep the sums in memory around it, as sums_start says). While it runs, prefetch `share` lines from `pf` on,
 // spread evenly over the k-steps. SWAP_PAIRS (k0 even): w's step k multiplies x's step k ^ 1, for weights whose
 // pairs of k-steps were stored swapped so that each pair is added in vdpbf16ps's order (bf16_linear.h).
 template <int MR, bool SWAP_PAIRS = false>

@@ -127,12 +127,11 @@ void w8_register_block(const int16_t* q, int64_t ldq, const float* sx, int64_t l
         else
             w8_pair<MR, false>(acc, q, ldq, w + p * PAIR_BYTES, p);
     }
-    const float* from = first ? (bias ? bias : NO_BIAS) : y;  // (start_sums in panel_linear.h says why)
-    const int64_t stride = first ? 0 : ldy;
+    const SumsStart start = sums_start(bias, first, y, ldy);
     for (int i = 0; i < MR; i++) {
         const __m512 row_scale = _mm512_set1_ps(sx[i * lds + b]);
         for (int j = 0; j < 4; j++) {
-            const __m512 base = _mm512_loadu_ps(from + i * stride + 16 * j);
+            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
             const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
             _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), scale, base));
         }
