@@ -72,6 +72,17 @@ def test_native_w8a16_multiplies_its_int16_activations_exactly_within_their_step
                 assert ((got - F.linear(x.double(), weight, bias64)).abs() <= bound).all()
 
 
+def test_a_nan_or_an_infinite_activation_makes_its_blocks_outputs_nan_as_in_float():
+    generator = torch.Generator().manual_seed(5)
+    q, s = quantize(torch.randn(64, 1024, generator=generator))
+    x = torch.randn(4, 1024, generator=generator)
+    x[0, 5], x[1, 700], x[2, 9] = float("nan"), float("inf"), -float("inf")
+    kernel = native_w8a16()
+    y = kernel(x, kernel.pack(q, s), None, s)
+    assert y[:3].isnan().all() and not y[3].isnan().any()
+    assert torch.allclose(y[3], F.linear(x[3], dequantize(q, s)), atol=1e-2)  # (16-bit activations)
+
+
 def test_native_w8a16_takes_views_and_bfloat16_and_leaves_unpackable_weights_to_pytorch():
     kernel = native_w8a16()
     generator = torch.Generator().manual_seed(1)

@@ -69,18 +69,31 @@ struct Blocks {
     }
 };
 
-// Row x[K] as int16 q[K] with one scale per block: q = round(x / s), s = amax / 32767 over the block.
+// Row x[K] as int16 q[K] with one scale per block: q = round(x / s) (half to even), s = amax / 32767 over the block.
+// A NaN or an infinity in a block makes its scale NaN, so that its outputs are NaN, as a float product's are.
 void quantize_row(const float* x, int64_t K, const Blocks& blocks, int16_t* q, float* s) {
+    const __m512 limit = _mm512_set1_ps(INT16_MAX_F), minus_limit = _mm512_set1_ps(-INT16_MAX_F);
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     for (int64_t b = 0; b < blocks.count; b++) {
         const int64_t k0 = 2 * blocks.first_pair(b), k1 = 2 * blocks.end_pair(b);
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
-        if (!(amax < INFINITY)) amax = NAN;  // an inf or NaN activation makes the block's outputs NaN, as in float
-        s[b] = amax / INT16_MAX_F;
-        const float inverse = amax > 0.0f ? INT16_MAX_F / amax : 0.0f;
-        for (int64_t k = k0; k < k1; k++) {
-            const float v = nearbyintf(x[k] * inverse);  // round to nearest even, |v| <= 32767
-            q[k] = static_cast<int16_t>(v > INT16_MAX_F ? INT16_MAX_F : (v < -INT16_MAX_F ? -INT16_MAX_F : v));
+        __m512 amax = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t k = k0; k < k1; k += 16) {
+            const __mmask16 in = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(in, x + k);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            amax = _mm512_max_ps(amax, _mm512_and_ps(v, magnitude));
+        }
+        float largest = _mm512_reduce_max_ps(amax);
+        if (nan || !(largest < INFINITY)) largest = NAN;
+        s[b] = largest / INT16_MAX_F;
+        const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? INT16_MAX_F / largest : 0.0f);
+        for (int64_t k = k0; k < k1; k += 16) {
+            const __mmask16 in = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + k), inverse);
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // |v| <= 32767 but NaN's
+            v = _mm512_min_ps(_mm512_max_ps(v, minus_limit), limit);
+            _mm256_mask_storeu_epi16(q + k, in, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v)));
         }
     }
 }
