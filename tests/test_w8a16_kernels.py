@@ -27,6 +27,24 @@ def native_w8a16() -> NativeW8A16:
     return kernel
 
 
+def native_w8a16_both_ways() -> list[NativeW8A16]:
+    """The plan's native kernel and, where it runs on AMX-INT8 tiles, the same library's kernel without them."""
+    kernel = native_w8a16()
+    library = NativeLibrary.load()
+    assert (kernel.name == "native, AMX-INT8 tiles") == bool(library.atb_w8a16_tiles_available())
+    if library.atb_w8a16_tiles_available():
+        return [kernel, NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16())]
+    return [kernel]
+
+
+def packed_as(kernel: NativeW8A16, out_features: int, in_features: int, group: int) -> tuple:
+    """The shape `kernel.pack` gives: the tiles' layout where the kernel has tiles and the input size and scale
+    groups are multiples of 64, else pairs."""
+    if kernel.name.endswith("tiles") and in_features % 64 == 0 and group % 64 == 0:
+        return (out_features // 64, 2, in_features // 4, 32, 4)
+    return (out_features // 64, in_features // 2, 64, 2)
+
+
 def int16_activations(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What the native kernel multiplies with (csrc/w8a16_linear.h), computed as it does in float32: each row cut
     into blocks of at most 512 columns inside each of `groups` scale groups, each block rounded (half to even) to
@@ -50,15 +68,22 @@ def int16_activations(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch
 
 @pytest.mark.parametrize("group_size", [None, 64, 128])
 def test_native_w8a16_multiplies_its_int16_activations_exactly_within_their_step(group_size):
-    kernel = native_w8a16()
+    for kernel in native_w8a16_both_ways():
+        _multiplies_int16_activations_exactly(kernel, group_size)
+
+
+def _multiplies_int16_activations_exactly(kernel, group_size):
     generator = torch.Generator().manual_seed(group_size or 0)
     # One column group; uneven thread shares (3 groups); K over several 512-column blocks per channel.
     for out_features, in_features in [(64, 256), (192, 384), (640, 1280)]:
         q, s = quantize(torch.randn(out_features, in_features, generator=generator), group_size)
         packed, bias = kernel.pack(q, s), torch.randn(out_features, generator=generator)
-        assert packed.shape == (out_features // 64, in_features // 2, 64, 2) and packed.dtype == torch.int8
+        assert packed.shape == packed_as(kernel, out_features, in_features, group_size or in_features)
+        assert packed.dtype == torch.int8
         weight = dequantize(q, s).double()
-        for rows in (1, 3, 6, 7, 16, 300):  # one register block up to 6 rows; several passes beyond; 2 chunks
+        # One register block up to 6 rows; several passes beyond; 2 chunks (the tiles: register blocks up to 5
+        # rows, a block of tiles up to 16, several beyond)
+        for rows in (1, 3, 6, 7, 16, 300):
             x = torch.randn(rows, in_features, generator=generator)
             x[0, 5] = 40.0  # an outlier: only its own block's steps grow
             seen, step = int16_activations(x, s.shape[1])
@@ -72,15 +97,77 @@ def test_native_w8a16_multiplies_its_int16_activations_exactly_within_their_step
                 assert ((got - F.linear(x.double(), weight, bias64)).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+def test_native_w8a16_on_amx_tiles_gives_the_vector_kernels_outputs_bit_for_bit(group_size):
+    """Each activation's two bytes multiply apart on the tiles, exactly in int32: the same block sums, so the same
+    outputs, whatever the rows (register blocks on the tiles' layout up to 5 rows, tiles beyond, chunks of 256)."""
+    kernels = native_w8a16_both_ways()
+    if len(kernels) == 1:
+        pytest.skip("this CPU, this build or this process has no AMX-INT8 tiles")
+    tiles, vectors = kernels
+    generator = torch.Generator().manual_seed(7)
+    # K over several scale groups and 512-column blocks (4864: a block of 256 at the end); 1, 3 and 14 halves
+    for out_features, in_features in [(64, 128), (192, 1536), (896, 4864)]:
+        q, s = quantize(torch.randn(out_features, in_features, generator=generator), group_size)
+        packed_tiles, packed_pairs = tiles.pack(q, s), vectors.pack(q, s)
+        assert packed_tiles.shape == (out_features // 64, 2, in_features // 4, 32, 4)
+        bias = torch.randn(out_features, generator=generator)
+        for rows in (1, 5, 6, 16, 17, 40, 257):
+            # rows of magnitudes 1e-20 to 1e20, a zero and an outlier
+            x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-20, 20, rows).unsqueeze(1)
+            x[0, 1], x[-1, 2] = 0.0, -3e4
+            for b in (None, bias):
+                assert torch.equal(tiles(x, packed_tiles, b, s), vectors(x, packed_pairs, b, s)), (in_features, rows)
+
+
 def test_a_nan_or_an_infinite_activation_makes_its_blocks_outputs_nan_as_in_float():
     generator = torch.Generator().manual_seed(5)
     q, s = quantize(torch.randn(64, 1024, generator=generator))
     x = torch.randn(4, 1024, generator=generator)
     x[0, 5], x[1, 700], x[2, 9] = float("nan"), float("inf"), -float("inf")
-    kernel = native_w8a16()
-    y = kernel(x, kernel.pack(q, s), None, s)
-    assert y[:3].isnan().all() and not y[3].isnan().any()
-    assert torch.allclose(y[3], F.linear(x[3], dequantize(q, s)), atol=1e-2)  # (16-bit activations)
+    for kernel in native_w8a16_both_ways():
+        y = kernel(x, kernel.pack(q, s), None, s)
+        assert y[:3].isnan().all() and not y[3].isnan().any()
+        assert torch.allclose(y[3], F.linear(x[3], dequantize(q, s)), atol=1e-2)  # (16-bit activations)
+
+
+def test_native_w8a16_packs_for_the_tiles_only_weights_whose_input_and_scale_groups_are_multiples_of_64():
+    kernel = NativeW8A16(None, TorchW8A16(), tiles_op=lambda *args: None)  # (packing only: no product is run)
+    assert kernel.name == "native, AMX-INT8 tiles"
+    q = torch.randint(-127, 128, (128, 192), dtype=torch.int8)
+    assert kernel.pack(q, torch.ones(128, 1)).shape == (2, 2, 48, 32, 4)      # per channel
+    assert kernel.pack(q, torch.ones(128, 3)).shape == (2, 2, 48, 32, 4)      # groups of 64
+    assert kernel.pack(q, torch.ones(128, 6)).shape == (2, 96, 64, 2)         # groups of 32: pairs
+    assert kernel.pack(q[:, :160], torch.ones(128, 1)).shape == (2, 80, 64, 2)  # K = 160
+    assert NativeW8A16(None, TorchW8A16()).pack(q, torch.ones(128, 1)).shape == (2, 96, 64, 2)
+
+
+def test_the_tiles_layout_holds_each_columns_four_weights_of_a_quad_in_a_lane():
+    from atb_models.kernels.w8a16 import tile_layout
+
+    q = torch.randint(-127, 128, (128, 256), dtype=torch.int8)
+    packed = tile_layout(q)
+    for g, h, u, c in [(0, 0, 0, 0), (0, 1, 5, 31), (1, 0, 63, 7), (1, 1, 17, 20)]:
+        assert torch.equal(packed[g, h, u, c], q[64 * g + 32 * h + c, 4 * u:4 * u + 4])
+
+
+def test_the_tiles_are_not_used_for_int8_where_switched_off_or_wrong(monkeypatch, caplog):
+    library = NativeLibrary.load() if AVX512 else None
+    if library is None or not library.atb_w8a16_tiles_available():
+        pytest.skip("this CPU, this build or this process has no AMX-INT8 tiles")
+    monkeypatch.setenv("ATB_MODELS_CPU_BF16_AMX", "0")
+    assert w8a16_kernel(CPU_FP32, library).name == "native"
+    monkeypatch.delenv("ATB_MODELS_CPU_BF16_AMX")
+    assert w8a16_kernel(CPU_FP32, library).name == "native, AMX-INT8 tiles"
+
+    def wrong(x, rows, in_features, ldx, weight, out_features, scale, groups, bias, y):
+        library.atb_w8a16_tiles_linear_f32(x, rows, in_features, ldx, weight, out_features, scale, groups, bias, y)
+        ctypes.memset(y, 0, 4)  # one output off
+
+    wrapped = SimpleNamespace(atb_w8a16_linear_f32=library.atb_w8a16_linear_f32, atb_w8a16_tiles_linear_f32=wrong,
+                              atb_w8a16_tiles_available=library.atb_w8a16_tiles_available)
+    assert w8a16_kernel(CPU_FP32, wrapped).name == "native"
+    assert "on AMX tiles gave other products" in caplog.text
 
 
 def test_native_w8a16_takes_views_and_bfloat16_and_leaves_unpackable_weights_to_pytorch():
@@ -178,11 +265,16 @@ def _quantize_linears(layer, kernel, group_size):
 
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_native_decoder_layer_with_int8_linears_decodes_as_the_layer_does_operator_by_operator(group_size):
+    for kernel in native_w8a16_both_ways():  # (int8 in pairs, and where the CPU has AMX-INT8 in the tiles' layout)
+        _decodes_as_operator_by_operator(kernel, group_size)
+
+
+def _decodes_as_operator_by_operator(kernel, group_size):
     kernels = native_kernels()
     fused = kernels.decoder_layer
     assert isinstance(fused, NativeDecoderLayer)
     layer, _ = _random_decoder_layer(kernels)
-    _quantize_linears(layer, native_w8a16(), group_size)
+    _quantize_linears(layer, kernel, group_size)
     caches, results = _decode_layer_both_ways(layer, fused)
     (expected, k_expected, v_expected), (got, k_got, v_got) = results
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -230,7 +322,7 @@ def test_the_native_library_is_built_with_vnni_avx512_bf16_and_amx_only_where_th
     assert compile_flags(bf16) == (*CXX_FLAGS, "-mavx512bf16")
     assert compile_flags("flags\t\t: fpu avx512f avx512bw\n") == CXX_FLAGS and "-mavx512bw" in CXX_FLAGS
     amx = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8\n"
-    assert compile_flags(amx) == (*CXX_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")
+    assert compile_flags(amx) == (*CXX_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8")
 
 
 @pytest.mark.slow

@@ -59,6 +59,12 @@ def build_revision(revision: str, into: Path, avx2: bool):
     return layer, library
 
 
+def abi_version(library) -> int:
+    """The ABI version a library reports (atb_native_abi's "version=V ...")."""
+    library.atb_native_abi.restype = ctypes.c_char_p
+    return int(library.atb_native_abi().decode().split()[0].removeprefix("version="))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="HEAD", help="git revision whose csrc to compare (default HEAD)")
@@ -95,6 +101,10 @@ def main() -> None:
         kernel._op = own
         del kernel.run_layers
         step = calls[-len(llm.runner.model.model.layers):]
+        formats = {getattr(w, f"{name}_format") for w, _, _ in step for name in ("qkv", "o", "gate_up", "down")}
+        if native.INT8_TILES_FORMAT in formats and abi_version(library) < 14:
+            sys.exit(f"{args.against}'s library predates int8 weights in the AMX tiles' layout, which this tree's "
+                     "model has: run with ATB_MODELS_CPU_BF16_AMX=0 (int8 in pairs, as both libraries read them)")
         start = step[0][2]
         x_bytes = len(start)
         stream = ctypes.create_string_buffer(x_bytes)  # the residual stream of the replays

@@ -3,4 +3,4 @@
 
 #pragma once
 
-#define ATB_ABI_VERSION 13
+#define ATB_ABI_VERSION 14

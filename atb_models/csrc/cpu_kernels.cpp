@@ -28,6 +28,8 @@ void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_
                   int64_t groups, int64_t N, const float* bias, float* y, bool bf16_model) {
     if (format == FORMAT_INT8) {
         atb_w8a16_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
+    } else if (format == FORMAT_INT8_TILES) {
+        atb_w8a16_tiles_linear_f32(x, rows, K, K, static_cast<const int8_t*>(weights), N, scales, groups, bias, y);
     } else if (format == FORMAT_BF16) {
         if (bf16_model) {
             round_to_bf16_values(x, rows * K);

@@ -328,7 +328,7 @@ namespace {
 // to bfloat16 values, as in cpu_kernels.cpp's, and multiplied by the widening kernel.
 void layer_linear(int64_t rows, float* x, int64_t K, const void* weights, int64_t format, const float*, int64_t,
                   int64_t N, const float* bias, float* y, bool bf16_model) {
-    if (format == FORMAT_INT8) {
+    if (format == FORMAT_INT8 || format == FORMAT_INT8_TILES) {
         fprintf(stderr, "atb_decoder_layer_decode_f32: the AVX2 library has no int8 linear\n");
         abort();
     }

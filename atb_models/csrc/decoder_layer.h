@@ -17,7 +17,8 @@
 #include "rms_norm.h"
 
 // How a weight or activation tensor is stored: kernels/native.py's FORMATS.
-enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
+// FORMAT_INT8_TILES: int8 weights in the AMX-INT8 tiles' layout (w8a16_linear.h's atb_w8a16_tiles_linear_f32).
+enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2, FORMAT_INT8_TILES = 3 };
 
 // One Qwen2 decoder layer as loaded: the four linears packed in groups of 64 output columns, each float32
 // (panel_linear.h), bfloat16 (bf16_linear.h) or int8 (W8A16, with scales; w8a16_linear.h), bfloat16 and int8 in
@@ -27,7 +28,7 @@ enum Format : int64_t { FORMAT_F32 = 0, FORMAT_INT8 = 1, FORMAT_BF16 = 2 };
 struct LayerWeights {
     const float* input_norm;     // [hidden]
     const void* qkv;             // packed [(heads + 2 kv_heads) * head_dim / 64][hidden][64]
-                                 // (bfloat16, int8: [..][hidden / 2][64][2])
+                                 // (bfloat16, int8: [..][hidden / 2][64][2]; int8 for tiles [..][2][hidden / 4][32][4])
     const float* qkv_bias;       // [(heads + 2 kv_heads) * head_dim]
     const void* o;               // packed [hidden / 64][heads * head_dim][64]
     const float* post_norm;      // [hidden]

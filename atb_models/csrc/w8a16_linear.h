@@ -21,6 +21,11 @@
 // pass (where it prefetches: panel_linear.h's stream_prefetch_on) a fixed distance ahead, and every line is
 // prefetched into L2 a further 32 KB ahead first (on this kit's Xeon one row's int8 stream was too thin for the L1
 // prefetches alone to keep memory busy: docs/PERFORMANCE.md).
+//
+// Where the CPU has AMX-INT8, kernels/w8a16.py packs the weights for the tiles instead (atb_w8a16_tiles_linear_f32,
+// below): the same blocks and block sums, so the same outputs bit for bit, the products of more than a few rows by
+// TDPBSSD / TDPBUSD on each activation's two bytes, and of a few rows by the same register blocks, reading the
+// tiles' layout (a quad of k-steps, 32 columns, in each step's 128 bytes).
 
 #pragma once
 
@@ -31,6 +36,7 @@
 
 #include <vector>
 
+#include "amx_linear.h"
 #include "panel_linear.h"
 
 namespace {
@@ -98,70 +104,135 @@ void quantize_row(const float* x, int64_t K, const Blocks& blocks, int16_t* q, f
     }
 }
 
-// The weight scales of group `group` for the 64 output columns from n0: column n's is scales[n * groups + group].
-inline void load_scales(const float* scales, int64_t groups, int64_t n0, int64_t group, __m512 s[4]) {
+// The weight scales of group `group` for the 16 x `vectors` output columns from n0 (64 by default): column n's is
+// scales[n * groups + group].
+inline void load_scales(const float* scales, int64_t groups, int64_t n0, int64_t group, __m512* s, int vectors = 4) {
     const __m512i stride = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)groups));
-    for (int j = 0; j < 4; j++) s[j] = _mm512_i32gather_ps(stride, scales + (n0 + 16 * j) * groups + group, 4);
+    for (int j = 0; j < vectors; j++) s[j] = _mm512_i32gather_ps(stride, scales + (n0 + 16 * j) * groups + group, 4);
 }
 
-// One pair p of k-steps: its products of MR rows q (int16, row stride ldq) and one column group's pair wp, added into
-// acc or, for a block's first pair (START), acc set to them (what vpdpwssd adds to zero, without the zeros: GCC 12
-// kept sums that start from one shared zero in other registers than the loop's and copied them at every pair).
-template <int MR, bool START>
-inline void w8_pair(__m512i (&acc)[MR][4], const int16_t* q, int64_t ldq, const int8_t* wp, int64_t p) {
+// A block's step: a pair of k-steps of a 64-column group (pair_layout: PAIR_BYTES, 64 columns' 2 weights), or, in
+// the tiles' layout (QUADS), a quad of k-steps of a 32-column half (4 weights of 32 columns: 128 bytes too).
+template <bool QUADS>
+struct W8Step {
+    static constexpr int64_t COLUMNS = QUADS ? GROUP / 2 : GROUP;
+    static constexpr int64_t K_STEPS = QUADS ? 4 : 2;
+};
+
+// One step p: its products of MR rows q (int16, row stride ldq) and the step's 128 bytes of weights wp, added into
+// acc or, for a block's first step (START), acc set to them (what vpdpwssd adds to zero, without the zeros: GCC 12
+// kept sums that start from one shared zero in other registers than the loop's and copied them at every pair). A
+// pair's sums are one column a lane; a quad's are two lanes a column (its two pairs), added by w8_store_sums.
+template <int MR, bool START, bool QUADS>
+inline void w8_step(__m512i (&acc)[MR][4], const int16_t* q, int64_t ldq, const int8_t* wp, int64_t p) {
     __m512i wv[4];
     for (int j = 0; j < 4; j++)
         wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j)));
     for (int i = 0; i < MR; i++) {
-        const __m512i xp = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(q + i * ldq + 2 * p));
+        const int16_t* xi = q + i * ldq + W8Step<QUADS>::K_STEPS * p;
+        const __m512i xp = QUADS ? _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(xi))
+                                 : _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xi));
         for (int j = 0; j < 4; j++)
             acc[i][j] = START ? _mm512_madd_epi16(wv[j], xp) : dot_pairs(acc[i][j], wv[j], xp);
     }
 }
 
-// Rows q[MR] (int16, row stride ldq, block scales sx with row stride lds) against one column group's pairs
-// [p0, p1) (block b, p0 < p1) of w: y[MR][64] = (first ? bias : y) + sx * sw * products. While it runs, prefetch
-// `share` lines from `pf` on, spread evenly over the pairs.
-template <int MR>
+// y[MR][columns] = start + sx * sw * the block's sums (start: sums_start's), a row's block scale sx[i * lds].
+template <int MR, bool QUADS>
+inline void w8_store_sums(__m512i (&acc)[MR][4], const float* sx, int64_t lds, const __m512* sw, SumsStart start,
+                          float* y, int64_t ldy) {
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    for (int i = 0; i < MR; i++) {
+        const __m512 row_scale = _mm512_set1_ps(sx[i * lds]);
+        for (int j = 0; j < (QUADS ? 2 : 4); j++) {
+            // (a quad's two lanes a column: columns 16j..16j+7 in acc[i][2j], 16j+8..16j+15 in acc[i][2j+1])
+            const __m512i sums =
+                QUADS ? _mm512_add_epi32(_mm512_permutex2var_epi32(acc[i][2 * j], evens, acc[i][2 * j + 1]),
+                                         _mm512_permutex2var_epi32(acc[i][2 * j], odds, acc[i][2 * j + 1]))
+                      : acc[i][j];
+            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
+            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
+            _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, base));
+        }
+    }
+}
+
+// Rows q[MR] (int16, row stride ldq, block scales sx with row stride lds) against one column unit's steps [p0, p1)
+// (block b, p0 < p1) of w: y[MR][columns] = (first ? bias : y) + sx * sw * products. While it runs, prefetch `share`
+// lines from `pf` on, spread evenly over the steps.
+template <int MR, bool QUADS>
 void w8_register_block(const int16_t* q, int64_t ldq, const float* sx, int64_t lds, int64_t b, const int8_t* w,
                        int64_t p0, int64_t p1, const __m512 sw[4], const float* bias, bool first, float* y,
                        int64_t ldy, const char* pf, int64_t share) {
     __m512i acc[MR][4];
     const int64_t len = p1 - p0;
-    int64_t owed = 0;  // share / len lines per pair, kept in whole lines by counting in units of 1 / len
+    int64_t owed = 0;  // share / len lines per step, kept in whole lines by counting in units of 1 / len
     for (int64_t p = p0; p < p1; p++) {
         for (owed += share; owed >= len; owed -= len, pf += 64) {
             _mm_prefetch(pf, _MM_HINT_T0);
             _mm_prefetch(pf + W8_L2_AHEAD, _MM_HINT_T1);
         }
         if (p == p0)
-            w8_pair<MR, true>(acc, q, ldq, w + p * PAIR_BYTES, p);
+            w8_step<MR, true, QUADS>(acc, q, ldq, w + p * PAIR_BYTES, p);
         else
-            w8_pair<MR, false>(acc, q, ldq, w + p * PAIR_BYTES, p);
+            w8_step<MR, false, QUADS>(acc, q, ldq, w + p * PAIR_BYTES, p);
     }
-    const SumsStart start = sums_start(bias, first, y, ldy);
-    for (int i = 0; i < MR; i++) {
-        const __m512 row_scale = _mm512_set1_ps(sx[i * lds + b]);
-        for (int j = 0; j < 4; j++) {
-            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
-            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
-            _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), scale, base));
-        }
-    }
+    w8_store_sums<MR, QUADS>(acc, sx + b, lds, sw, sums_start(bias, first, y, ldy), y, ldy);
 }
 
 using W8BlockFn = void (*)(const int16_t*, int64_t, const float*, int64_t, int64_t, const int8_t*, int64_t,
                            int64_t, const __m512*, const float*, bool, float*, int64_t, const char*, int64_t);
 
+template <bool QUADS>
 W8BlockFn w8_block_for(int rows) {
     switch (rows) {
-        case 1: return w8_register_block<1>;
-        case 2: return w8_register_block<2>;
-        case 3: return w8_register_block<3>;
-        case 4: return w8_register_block<4>;
-        case 5: return w8_register_block<5>;
-        default: return w8_register_block<6>;
+        case 1: return w8_register_block<1, QUADS>;
+        case 2: return w8_register_block<2, QUADS>;
+        case 3: return w8_register_block<3, QUADS>;
+        case 4: return w8_register_block<4, QUADS>;
+        case 5: return w8_register_block<5, QUADS>;
+        default: return w8_register_block<6, QUADS>;
+    }
+}
+
+// The calling thread's share of y [M, N] = q (M rows of K, int16, block scales sx) . w by the register blocks, inside
+// a parallel region: an equal run of the column units (64-column groups, or the tiles' layout's 32-column halves),
+// each one contiguous stream of the packed weights.
+template <bool QUADS>
+void w8_vector_product(const int16_t* q, const float* sx, int64_t M, int64_t K, const Blocks& blocks, const int8_t* w8,
+                       int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
+    constexpr int64_t COLUMNS = W8Step<QUADS>::COLUMNS, K_STEPS = W8Step<QUADS>::K_STEPS;
+    const int64_t units = N / COLUMNS, steps = K / K_STEPS;
+    const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = units * thread / threads, end = units * (thread + 1) / threads;
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+        const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+        const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
+        for (int64_t g = first; g < end; g++) {
+            const int8_t* w = w8 + g * steps * PAIR_BYTES;
+            __m512 sw[4];
+            for (int64_t b = 0; b < blocks.count; b++) {
+                if (b % blocks.per_group == 0)
+                    load_scales(scales, groups, g * COLUMNS, b / blocks.per_group, sw, COLUMNS / 16);
+                const int64_t p0 = 2 * blocks.first_pair(b) / K_STEPS, p1 = 2 * blocks.end_pair(b) / K_STEPS;
+                const int64_t lines = 2 * (p1 - p0);
+                for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
+                    const int rows_here = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
+                    // One pass runs W8_AHEAD steps ahead of its own reads (if it prefetches: panel_linear.h's
+                    // stream_prefetch_on); several share the next block's lines, which follow this block in memory
+                    // (into the next unit at the end).
+                    const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
+                    const int64_t share = passes > 1 ? to - from : stream_prefetch_on ? lines : 0;
+                    const char* pf = reinterpret_cast<const char*>(
+                        passes == 1 ? w + (p0 + W8_AHEAD) * PAIR_BYTES : w + p1 * PAIR_BYTES + from * 64);
+                    w8_block_for<QUADS>(rows_here)(q + m * K, K, sx + m * blocks.count, blocks.count, b, w, p0, p1,
+                                                   sw, bias ? bias + g * COLUMNS : nullptr, b == 0,
+                                                   y + m * N + g * COLUMNS, N, pf, share);
+                }
+            }
+        }
     }
 }
 
@@ -169,12 +240,141 @@ W8BlockFn w8_block_for(int rows) {
 struct QuantizedRows {
     std::vector<int16_t> q;
     std::vector<float> scales;
+    std::vector<int8_t> hi;  // the tiles' kernel's: q's top bytes (signed) and bottom bytes (unsigned)
+    std::vector<uint8_t> lo;
 };
 
 QuantizedRows& quantized_rows() {
     static thread_local QuantizedRows rows;
     return rows;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+
+// The tiles' int8 products (AMX-INT8, atb_w8a16_tiles_linear_f32): the same int32 block sums as the register blocks
+// above, so the same outputs bit for bit. A tile multiplies bytes, 4 k-steps a 32-bit lane, so each int16 activation
+// q goes in as two bytes, q = 256 hi + lo with hi = q >> 8 signed and lo = q & 255 unsigned: TDPBSSD sums hi's
+// products and TDPBUSD lo's, both exactly in int32, and 256 hi_sum + lo_sum is the block's sum (in int32's wrapping
+// arithmetic, whose end is right since the sum itself fits: see the top of this file).
+//
+// The weights are packed for the tiles in halves of a 64-column group, each half's k-steps in quads:
+// wq[N / 64][2][K / 4][32][4] (kernels/w8a16.py's tile_layout), a half one stream of 32 K bytes. A B tile is 16 quads
+// (64 k-steps) of 16 columns, 64 bytes a quad, 128 bytes apart. A k-step of 64 uses all eight tiles: the half's
+// sums of hi and of lo for columns 0-15 and 16-31 (tiles 0-3), the rows' hi and lo bytes (4, 5), the two column
+// tiles of weights (6, 7).
+constexpr int64_t HALF = GROUP / 2;  // output columns of a half
+constexpr int64_t QUAD_STEPS = 64;   // k-steps of an int8 A tile: 16 quads of 4
+
+// q[0:n] as the tiles' bytes: hi = q >> 8 (arithmetic), lo = q's low byte.
+inline void split_bytes(const int16_t* q, int64_t n, int8_t* hi, uint8_t* lo) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512i v = _mm512_loadu_si512(q + i);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm512_cvtepi16_epi8(v));  // (truncating)
+    }
+    for (; i < n; i++) {
+        hi[i] = static_cast<int8_t>(q[i] >> 8);
+        lo[i] = static_cast<uint8_t>(q[i] & 0xFF);
+    }
+}
+
+// Where one block of rows streams a half's weights from memory, each k-step's 32 lines are prefetched W8_TILE_AHEAD
+// bytes on (the next k-step), half before each weight tile's load (spread, as amx_group_in_three's), and into L2
+// W8_L2_AHEAD bytes further on, as the register blocks do. 1-2 KB ahead beat 8 or 16 (1 row 0.93-0.95 of the time,
+// 16 rows 0.90-0.93), with or without the L2 prefetches 16-64 KB on (docs/PERFORMANCE.md).
+constexpr int64_t W8_TILE_AHEAD = 2048;
+// Up to this many rows the register blocks multiply the tiles' layout (w8_vector_product<true>): the tiles' stream
+// was the slower up to 3 rows, level at 4-5 and faster from 6 (docs/PERFORMANCE.md).
+constexpr int64_t W8_VECTOR_ROWS = 5;
+
+// sums[4][rows][16] (int32: hi's for columns 0-15, hi's for 16-31, lo's, lo's) = the rows' bytes hi, lo (rows ldx
+// apart) over k-steps [k0, k1) (multiples of 64) against one half's weights w[K / 4][32][4], on tiles configured
+// for the rows.
+void w8_tiles_block(const int8_t* hi, const uint8_t* lo, int64_t ldx, const int8_t* w, int64_t k0, int64_t k1,
+                    int32_t* sums, int rows, bool stream) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = k0; k < k1; k += QUAD_STEPS) {
+        const int8_t* wk = w + k * HALF;  // quad k / 4: 32 columns x 4 bytes
+        const char* ahead = reinterpret_cast<const char*>(wk) + W8_TILE_AHEAD;
+        _tile_loadd(4, hi + k, ldx);
+        _tile_loadd(5, lo + k, ldx);
+        if (stream)
+            for (int line = 0; line < 16; line++) {
+                _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+                _mm_prefetch(ahead + W8_L2_AHEAD + line * 64, _MM_HINT_T1);
+            }
+        _tile_loadd(6, wk, 2 * 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbusd(2, 5, 6);
+        if (stream)
+            for (int line = 16; line < 32; line++) {
+                _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+                _mm_prefetch(ahead + W8_L2_AHEAD + line * 64, _MM_HINT_T1);
+            }
+        _tile_loadd(7, wk + 64, 2 * 64);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, sums, 64);
+    _tile_stored(1, sums + rows * 16, 64);
+    _tile_stored(2, sums + 2 * rows * 16, 64);
+    _tile_stored(3, sums + 3 * rows * 16, 64);
+}
+
+// The calling thread's share of y [M, N] = (256 hi + lo) . wq by the tiles, inside a parallel region (the rows'
+// bytes hi and lo, M rows of K; block scales sx): an equal run of the halves; rows ROW_CHUNK at a time, so that a
+// half's weights stay in L2 while a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode)
+// streams them.
+void w8_tiles_product(const int8_t* hi, const uint8_t* lo, const float* sx, int64_t M, int64_t K, const Blocks& blocks,
+                      const int8_t* wq, int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
+    const int64_t halves = N / HALF;
+    const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = halves * thread / threads, end = halves * (thread + 1) / threads;
+    alignas(64) int32_t sums[4 * AMX_ROWS * 16];
+    int configured = 0;  // the rows the tiles are configured for (0: not yet)
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+        const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
+        const bool stream = chunk <= AMX_ROWS;
+        for (int64_t h = first; h < end; h++) {
+            const int8_t* w = wq + h * HALF * K;
+            __m512 sw[2];
+            for (int64_t b = 0; b < blocks.count; b++) {
+                if (b % blocks.per_group == 0)
+                    load_scales(scales, groups, h * HALF, b / blocks.per_group, sw, 2);
+                const int64_t k0 = 2 * blocks.first_pair(b), k1 = 2 * blocks.end_pair(b);
+                for (int64_t m = m0; m < m0 + chunk; m += AMX_ROWS) {
+                    const int n = m0 + chunk - m < AMX_ROWS ? static_cast<int>(m0 + chunk - m) : AMX_ROWS;
+                    if (n != configured) {
+                        configure_tiles(n, 6);
+                        configured = n;
+                    }
+                    w8_tiles_block(hi + m * K, lo + m * K, K, w, k0, k1, sums, n, stream);
+                    const SumsStart start =
+                        sums_start(bias ? bias + h * HALF : nullptr, b == 0, y + m * N + h * HALF, N);
+                    for (int i = 0; i < n; i++) {
+                        const __m512 row_scale = _mm512_set1_ps(sx[(m + i) * blocks.count + b]);
+                        for (int j = 0; j < 2; j++) {
+                            const __m512i hi_sums = _mm512_load_si512(sums + (j * n + i) * 16);
+                            const __m512i lo_sums = _mm512_load_si512(sums + ((2 + j) * n + i) * 16);
+                            const __m512i acc = _mm512_add_epi32(_mm512_slli_epi32(hi_sums, 8), lo_sums);
+                            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
+                            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
+                            _mm512_storeu_ps(y + (m + i) * N + h * HALF + 16 * j,
+                                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, base));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if (configured) _tile_release();
+}
+
+#endif  // __AMX_TILE__ && __AMX_BF16__ && __AMX_INT8__
 
 }  // namespace
 
@@ -190,40 +390,61 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
     if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
     int16_t* const q = rows.q.data();
     float* const sx = rows.scales.data();
-    const int64_t column_groups = N / GROUP, pairs = K / 2;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, blocks, q + m * K, sx + m * blocks.count);
-        // Each thread takes an equal run of column groups: one contiguous stretch of the packed weights.
-        const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t first = column_groups * thread / threads, end = column_groups * (thread + 1) / threads;
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-            const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-            const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
-            for (int64_t g = first; g < end; g++) {
-                const int8_t* w = wp + g * pairs * PAIR_BYTES;
-                __m512 sw[4];
-                for (int64_t b = 0; b < blocks.count; b++) {
-                    if (b % blocks.per_group == 0) load_scales(scales, groups, g * GROUP, b / blocks.per_group, sw);
-                    const int64_t p0 = blocks.first_pair(b), p1 = blocks.end_pair(b), lines = 2 * (p1 - p0);
-                    for (int64_t m = m0, pass = 0; m < m0 + chunk; m += MAX_ROWS, pass++) {
-                        const int rows_here = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
-                        // One pass runs W8_AHEAD pairs ahead of its own reads (if it prefetches: panel_linear.h's
-                        // stream_prefetch_on); several share the next block's lines, which follow this block in
-                        // memory (into the next group at the end).
-                        const int64_t from = pass * lines / passes, to = (pass + 1) * lines / passes;
-                        const int64_t share = passes > 1 ? to - from : stream_prefetch_on ? lines : 0;
-                        const char* pf = reinterpret_cast<const char*>(
-                            passes == 1 ? w + (p0 + W8_AHEAD) * PAIR_BYTES : w + p1 * PAIR_BYTES + from * 64);
-                        w8_block_for(rows_here)(q + m * K, K, sx + m * blocks.count, blocks.count, b, w, p0, p1, sw,
-                                                bias ? bias + g * GROUP : nullptr, b == 0, y + m * N + g * GROUP, N,
-                                                pf, share);
-                    }
-                }
-            }
-        }
+        w8_vector_product<false>(q, sx, M, K, blocks, wp, N, scales, groups, bias, y);
     }
+}
+
+// The same product as atb_w8a16_linear_f32, bit for bit, by the tiles (AMX-INT8), on weights in the tiles' layout
+// wq [N / 64][2][K / 4][32][4] (kernels/w8a16.py's tile_layout), K and the scale groups' sizes multiples of 64: the
+// same blocks, each block's int32 sums by the tiles (w8_tiles_block) for up to 16 rows at a time, scaled into y as
+// there. Each thread takes an equal run of halves; rows go ROW_CHUNK at a time, so a half's weights stay in L2 while
+// a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode) streams them. Where this build or
+// the process has no tiles (atb_w8a16_tiles_available: kernels/w8a16.py packs for them only then), y is NaN.
+void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* wq, int64_t N,
+                                const float* scales, int64_t groups, const float* bias, float* y) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+    if (tiles_permitted()) {
+        const Blocks blocks(K, groups);
+        QuantizedRows& rows = quantized_rows();
+        if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
+        if (static_cast<int64_t>(rows.hi.size()) < M * K) {  // (the vector kernel grows q alone)
+            rows.hi.resize(M * K);
+            rows.lo.resize(M * K);
+        }
+        if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
+        int16_t* const q = rows.q.data();
+        int8_t* const hi = rows.hi.data();
+        uint8_t* const lo = rows.lo.data();
+        float* const sx = rows.scales.data();
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {
+                quantize_row(x + m * ldx, K, blocks, q + m * K, sx + m * blocks.count);
+                if (M > W8_VECTOR_ROWS) split_bytes(q + m * K, K, hi + m * K, lo + m * K);
+            }
+            if (M <= W8_VECTOR_ROWS)
+                w8_vector_product<true>(q, sx, M, K, blocks, wq, N, scales, groups, bias, y);
+            else
+                w8_tiles_product(hi, lo, sx, M, K, blocks, wq, N, scales, groups, bias, y);
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
+}
+
+// Whether atb_w8a16_tiles_linear_f32 runs here: this build has AMX-INT8 and the process may use the tiles.
+int64_t atb_w8a16_tiles_available() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+    return tiles_permitted() ? 1 : 0;
+#else
+    return 0;
+#endif
 }
 
 }  // extern "C"

@@ -10,7 +10,8 @@ import torch
 
 from atb_models import distributed
 from atb_models.kernels.linear import PANEL_GROUP, packed_shape
-from atb_models.kernels.native import FORMATS, kernel_name
+from atb_models.kernels.native import FORMATS, INT8_TILES_FORMAT, kernel_name
+from atb_models.kernels.w8a16 import TILE_STEPS
 
 
 class LayerByLayer:
@@ -134,7 +135,7 @@ class NativeDecoderLayer(LayerByLayer):
         sizes = (((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden),
                  (hidden, intermediate))
         formats = [_packed_format(w, s, out, inp) for (w, s), (out, inp) in zip(linears, sizes)]
-        if None in formats or (not self._int8 and FORMATS[torch.int8] in formats):
+        if None in formats or (not self._int8 and {FORMATS[torch.int8], INT8_TILES_FORMAT} & set(formats)):
             return None
         if qkv_bias.shape != (sizes[0][0],) or post_norm.shape != (hidden,):
             return None
@@ -169,14 +170,16 @@ STREAM_DTYPES = (torch.float32, torch.bfloat16)  # the residual stream's, the KV
 def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | None:
     """The library's format of a linear packed for its kernel with `out` x `inp` weights, or None where it is not
     packed so (kernels.linear.packed_shape: float32 or bfloat16 without scales, int8 with scales [out, groups],
-    groups dividing in into even sizes), or not contiguous."""
-    shape = packed_shape(weight.dtype, out, inp)
+    groups dividing in into even sizes; or int8 in kernels.w8a16's tile_layout, groups of multiples of 64), or not
+    contiguous."""
+    tiles = weight.dim() == 5
+    shape = (out // PANEL_GROUP, 2, inp // 4, PANEL_GROUP // 2, 4) if tiles else packed_shape(weight.dtype, out, inp)
     if weight.device.type != "cpu" or not weight.is_contiguous() or tuple(weight.shape) != shape:
         return None
     if scale is not None:  # int8 with its scales
         right = (weight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
                  and scale.dim() == 2 and scale.shape[0] == out and inp % scale.shape[1] == 0
-                 and (inp // scale.shape[1]) % 2 == 0)
+                 and (inp // scale.shape[1]) % (TILE_STEPS if tiles else 2) == 0)
     else:
         right = weight.dtype != torch.int8
-    return FORMATS[weight.dtype] if right else None
+    return (INT8_TILES_FORMAT if tiles else FORMATS[weight.dtype]) if right else None

@@ -218,7 +218,7 @@ def panel_layout(weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.float32:
         return pair_layout(weight)
     out_features, in_features = weight.shape
-    return _packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
+    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
 
 
 def pair_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -226,10 +226,10 @@ def pair_layout(weight: torch.Tensor) -> torch.Tensor:
     holds W[64g + c, 2p : 2p + 2], the two weights a 32-bit lane of the kernels holds (bfloat16: the pair
     AVX512-BF16's dot product multiplies; int8: kernels.w8a16's). On huge pages where it can."""
     out_features, in_features = weight.shape
-    return _packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
+    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
 
 
-def _packed_copy(view: torch.Tensor) -> torch.Tensor:
+def packed_copy(view: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of a packing's strided view, on huge pages where it can."""
     return empty_on_huge_pages(tuple(view.shape), view.dtype).copy_(view)
 
@@ -408,8 +408,14 @@ def _bf16_rows_right(op) -> bool:
 # A float32 model's panel kernel where its bfloat16-valued weights (narrow_exact) multiply on the tiles
 F32_TILES_NAME = "panel, bfloat16 weights on AMX tiles (float32 inputs in three parts)"
 BF16_AMX_ENV = "ATB_MODELS_CPU_BF16_AMX"
-BF16_AMX_VALUES = (("0", "1"), "1 (products of bfloat16 weights on AMX tiles, where the CPU has them) or 0 (on the "
-                   "vector kernels)")
+BF16_AMX_VALUES = (("0", "1"), "1 (products of bfloat16 weights, and of int8 ones, on AMX tiles, where the CPU has "
+                   "them) or 0 (on the vector kernels)")
+
+
+def amx_tiles_allowed() -> bool:
+    """Whether products may go on AMX tiles where the CPU has them: unless $ATB_MODELS_CPU_BF16_AMX=0 (the one
+    switch for the tiles, which also stands a CPU with AMX in for one without)."""
+    return _pinned(BF16_AMX_ENV, *BF16_AMX_VALUES) != "0"
 
 
 _bf16_amx_decided: dict = {}  # the library's switch (its address) -> whether the tiles are on: once a process

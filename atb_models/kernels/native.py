@@ -48,16 +48,17 @@ AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32
 # Instructions used where the CPU has them (csrc picks its path by the compiler's macros): /proc/cpuinfo flag ->
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"), ("amx_tile", "-mamx-tile"),
-                ("amx_bf16", "-mamx-bf16"))
+                ("amx_bf16", "-mamx-bf16"), ("amx_int8", "-mamx-int8"))
 
 # --------------------------------------------------------------------------------------------- the declaration
 
-ABI_VERSION = 13  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
+ABI_VERSION = 14  # csrc/abi.h's ATB_ABI_VERSION (both libraries'): raise both when a signature or a struct changes
 
 I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 # How a tensor the library reads is stored (csrc/decoder_layer.h's enum Format).
 FORMATS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
+INT8_TILES_FORMAT = 3  # int8 weights packed for AMX-INT8 tiles (kernels/w8a16.py's tile_layout)
 
 # struct name -> its fields in order, (name, ctypes type), as csrc/decoder_layer.h declares them.
 STRUCTS = {
@@ -104,6 +105,10 @@ FUNCTIONS = {
     "atb_w8a16_linear_f32": (None, (
         ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wp", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
         ("bias", PTR), ("y", PTR))),
+    "atb_w8a16_tiles_linear_f32": (None, (
+        ("x", PTR), ("M", I64), ("K", I64), ("ldx", I64), ("wq", PTR), ("N", I64), ("scales", PTR), ("groups", I64),
+        ("bias", PTR), ("y", PTR))),
+    "atb_w8a16_tiles_available": (I64, ()),
     "atb_paged_decode_attention_f32": (None, (
         ("q", PTR), ("q_stride", I64), ("k", PTR), ("k_stride", I64), ("v", PTR), ("v_stride", I64),
         ("cos", PTR), ("sin", PTR), ("k_cache", PTR), ("v_cache", PTR), ("block_tables", PTR),
@@ -183,8 +188,8 @@ class NativeLibrary:
             return None
         flags = compile_flags()
         library = cls._built(LIBRARY, flags, "avx512")
-        tiles = tuple(option for flag, option in OPTIONAL_ISA if flag.startswith("amx_"))
-        if library is None and set(tiles) & set(flags):
+        tiles = tuple(option for flag, option in OPTIONAL_ISA if flag.startswith("amx_") and option in flags)
+        if library is None and tiles:
             # A compiler too old for AMX (GCC before 11) must not cost the CPU every other native kernel.
             logger.info("building the kit's %s kernels without AMX (%s)", LIBRARY, " ".join(tiles))
             library = cls._built(LIBRARY, tuple(f for f in flags if f not in tiles), "avx512")

@@ -7,7 +7,8 @@ columns: `quantize` makes them (the quantize tool and quantize-at-load share it)
 Kernels take (x, weight, bias, scale) where weight is the int8 [out, in] tensor or the layout `pack` made of it:
 - NativeW8A16: the kit's own CPU kernel (atb_models/csrc/w8a16_linear.h, AVX-512), on weights packed in groups
   of 64 output columns with pairs of input columns side by side, [out / 64, in / 2, 64, 2] int8, against the
-  activations quantized per block to int16 (16-bit activations) in integer multiply-adds;
+  activations quantized per block to int16 (16-bit activations) in integer multiply-adds; where the CPU has
+  AMX-INT8, on the tiles instead (quads of input columns, [out / 64, 2, in / 4, 32, 4]), to the same bits;
 - NpuW8A16: the NPU's fused op, torch_npu.npu_weight_quant_batchmatmul;
 - TorchW8A16: PyTorch's `_weight_int8pack_mm` for per-channel scales where it runs (CPU, and accelerators whose
   build has it), else the weight dequantized in the activation dtype on each call: right everywhere, not fast.
@@ -23,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from atb_models import platform
-from atb_models.kernels.linear import PANEL_GROUP, pair_layout
+from atb_models.kernels.linear import PANEL_GROUP, amx_tiles_allowed, packed_copy, pair_layout
 
 logger = logging.getLogger("atb_models.kernels")
 
 QMAX = 127  # symmetric: -127..127, so the scale maps max |w| to 127 exactly
+TILE_STEPS = 64  # input columns of one int8 product on the tiles (csrc/w8a16_linear.h's QUAD_STEPS)
 
 
 def quantize(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +98,30 @@ class NativeW8A16:
     product is VNNI's int16 multiply-add into int32; each block's sums scaled into float32 by the activation's and
     the weights' scales (per channel or per group). Activations of other dtypes (bfloat16) are read as float32 and
     the result returned in theirs. Weights it did not pack (an output size off the groups, an odd input size or
-    scale group) go to `fallback`."""
+    scale group) go to `fallback`.
+
+    With `tiles_op` (the CPU has AMX-INT8: w8a16_kernel), weights whose input size and scale groups are multiples of
+    64 are packed for the tiles instead (tile_layout), where each activation's two bytes multiply apart into int32:
+    the same block sums, so the same outputs bit for bit, from a quarter of the instructions (docs/PERFORMANCE.md)."""
 
     name = "native"
 
-    def __init__(self, native_op, fallback: TorchW8A16):
+    def __init__(self, native_op, fallback: TorchW8A16, tiles_op=None):
         self._native = native_op
         self._fallback = fallback
+        self._tiles = tiles_op
+        if tiles_op is not None:
+            self.name = "native, AMX-INT8 tiles"
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  scale: torch.Tensor) -> torch.Tensor:
-        if weight.dim() != 4:
+        if weight.dim() == 4:  # pair_layout
+            op, in_features = self._native, 2 * weight.shape[1]
+        elif weight.dim() == 5:  # tile_layout
+            op, in_features = self._tiles, 4 * weight.shape[2]
+        else:
             return self._fallback(x, weight, bias, scale)
-        column_groups, pairs, _, _ = weight.shape
-        in_features, out_features = 2 * pairs, column_groups * PANEL_GROUP
+        out_features = weight.shape[0] * PANEL_GROUP
         rows = x.reshape(-1, in_features)
         if rows.stride(-1) != 1 or rows.dtype != torch.float32:
             rows = rows.contiguous().float()
@@ -118,21 +130,32 @@ class NativeW8A16:
             bias = bias.float().contiguous()
         y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
         if rows.shape[0]:
-            self._native(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(),
-                         out_features, scale.data_ptr(), scale.shape[-1], None if bias is None else bias.data_ptr(),
-                         y.data_ptr())
+            op(rows.data_ptr(), rows.shape[0], in_features, rows.stride(0), weight.data_ptr(), out_features,
+               scale.data_ptr(), scale.shape[-1], None if bias is None else bias.data_ptr(), y.data_ptr())
         return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
     def pack(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        """[out, in] int8 -> [out / 64, in / 2, 64, 2]: group g, pair p, column c holds W[64g + c, 2p : 2p + 2].
-        None where the kernel does not take the weight: out not a multiple of 64, in (or, given `scale`
-        [out, groups], a scale group) of an odd size."""
+        """[out, in] int8 -> [out / 64, in / 2, 64, 2]: group g, pair p, column c holds W[64g + c, 2p : 2p + 2]; or,
+        for the tiles, tile_layout's [out / 64, 2, in / 4, 32, 4]. None where the kernel does not take the weight:
+        out not a multiple of 64, in (or, given `scale` [out, groups], a scale group) of an odd size."""
         if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[0] % PANEL_GROUP:
             return None
         out_features, in_features = weight.shape
-        if in_features % 2 or (scale is not None and (in_features // scale.shape[-1]) % 2):
+        group = in_features // (1 if scale is None else scale.shape[-1])
+        if in_features % 2 or group % 2:
             return None
+        if self._tiles is not None and in_features % TILE_STEPS == 0 and group % TILE_STEPS == 0:
+            return tile_layout(weight)
         return pair_layout(weight)
+
+
+def tile_layout(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] int8 -> [out / 64, 2, in / 4, 32, 4] (out a multiple of 64, in of 4): group g, half h, quad u,
+    column c holds W[64g + 32h + c, 4u : 4u + 4], the four bytes an AMX-INT8 tile multiplies in a 32-bit lane; each
+    half of a group (32 columns) is one stream over the input columns. On huge pages where it can."""
+    out_features, in_features = weight.shape
+    halves = weight.reshape(out_features // PANEL_GROUP, 2, PANEL_GROUP // 2, in_features // 4, 4)
+    return packed_copy(halves.transpose(2, 3))
 
 
 class NpuW8A16:
@@ -181,8 +204,29 @@ def w8a16_kernel(plan, library=None):
         return TorchW8A16()  # PyTorch's int8 matmul has no NPU kernel
     fallback = TorchW8A16(torch._weight_int8pack_mm if _int8pack_mm_runs(plan.device) else None)
     if plan.kind == "cpu" and library is not None and _native_products_right(library.atb_w8a16_linear_f32, fallback):
-        return NativeW8A16(library.atb_w8a16_linear_f32, fallback)
+        return NativeW8A16(library.atb_w8a16_linear_f32, fallback, _tiles_op(library))
     return fallback
+
+
+def _tiles_op(library):
+    """The library's W8A16 kernel on AMX-INT8 tiles where this build and process have them, the tiles are allowed
+    (linear.amx_tiles_allowed) and its outputs are the vector kernel's bit for bit on a small case; else None."""
+    tiles_op = getattr(library, "atb_w8a16_tiles_linear_f32", None)
+    if tiles_op is None or not amx_tiles_allowed() or not library.atb_w8a16_tiles_available():
+        return None
+    vectors = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16())
+    tiles = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16(), tiles_op)
+    generator = torch.Generator().manual_seed(0)
+    # Two groups (four halves, uneven thread shares), K of two scale groups, decode's rows and a second row block.
+    q, s = quantize(torch.randn(2 * PANEL_GROUP, 2 * TILE_STEPS, generator=generator), group_size=TILE_STEPS)
+    b = torch.randn(2 * PANEL_GROUP, generator=generator)
+    for rows in (3, 21):
+        x = torch.randn(rows, 2 * TILE_STEPS, generator=generator)
+        if not torch.equal(tiles(x, tiles.pack(q, s), b, s), vectors(x, vectors.pack(q, s), b, s)):
+            logger.warning("the kit's W8A16 kernel on AMX tiles gave other products than its vector kernel here: "
+                           "using the vector kernel")
+            return None
+    return tiles_op
 
 
 def _native_products_right(op, fallback: TorchW8A16) -> bool:
