@@ -636,12 +636,12 @@ def _random_decoder_layer(kernels):
     return layer, config
 
 
-def _decode_layer_both_ways(layer, fused):
-    """One decode step of four sequences through `layer`, operator by operator and by `fused`, each from the same
-    KV cache: the caches it started from, and (output, k_cache, v_cache) of each way."""
+def _decode_layer_both_ways(layer, fused, lengths=(1, 17, 40, 5)):
+    """One decode step of sequences of `lengths` (four by default) through `layer`, operator by operator and by
+    `fused`, each from the same KV cache: the caches it started from, and (output, k_cache, v_cache) of each way."""
     generator = torch.Generator().manual_seed(1)
-    block_size, num_blocks = 16, 12
-    lengths = [1, 17, 40, 5]
+    block_size = 16
+    num_blocks = max(12, sum(ceil_div(n, block_size) for n in lengths) + 2)
     step, cos, sin = _decode_step(lengths, block_size, num_blocks, 64, generator)
     caches = [torch.randn(num_blocks, 2, block_size, 64, generator=generator) for _ in range(2)]
     x = torch.randn(len(lengths), 512, generator=generator)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from atb_models import platform
 from atb_models.kernels import Kernels
 from atb_models.kernels.decoder_layer import NativeDecoderLayer
+from atb_models.kernels.linear import amx_tiles_allowed
+from atb_models.kernels.native import INT8_TILES_FORMAT
 from atb_models.kernels.w8a16 import NativeW8A16, NpuW8A16, TorchW8A16, dequantize, quantize, w8a16_kernel
 from atb_models.platform import Capabilities, resolve_plan
 from atb_models.kernels.native import NativeLibrary
@@ -31,10 +33,9 @@ def native_w8a16_both_ways() -> list[NativeW8A16]:
     """The plan's native kernel and, where it runs on AMX-INT8 tiles, the same library's kernel without them."""
     kernel = native_w8a16()
     library = NativeLibrary.load()
-    assert (kernel.name == "native, AMX-INT8 tiles") == bool(library.atb_w8a16_tiles_available())
-    if library.atb_w8a16_tiles_available():
-        return [kernel, NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16())]
-    return [kernel]
+    tiles = amx_tiles_allowed() and bool(library.atb_w8a16_tiles_available())  # ($ATB_MODELS_CPU_BF16_AMX=0: off)
+    assert (kernel.name == "native, AMX-INT8 tiles") == tiles
+    return [kernel, NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16())] if tiles else [kernel]
 
 
 def packed_as(kernel: NativeW8A16, out_features: int, in_features: int, group: int) -> tuple:
@@ -123,12 +124,26 @@ def test_native_w8a16_on_amx_tiles_gives_the_vector_kernels_outputs_bit_for_bit(
 def test_a_nan_or_an_infinite_activation_makes_its_blocks_outputs_nan_as_in_float():
     generator = torch.Generator().manual_seed(5)
     q, s = quantize(torch.randn(64, 1024, generator=generator))
-    x = torch.randn(4, 1024, generator=generator)
-    x[0, 5], x[1, 700], x[2, 9] = float("nan"), float("inf"), -float("inf")
+    for rows in (4, 8):  # (on AMX-INT8 tiles: 4 rows by the register blocks, 8 by the tiles)
+        x = torch.randn(rows, 1024, generator=generator)
+        x[0, 5], x[1, 700], x[2, 9] = float("nan"), float("inf"), -float("inf")
+        for kernel in native_w8a16_both_ways():
+            y = kernel(x, kernel.pack(q, s), None, s)
+            assert y[:3].isnan().all() and not y[3:].isnan().any()
+            assert torch.allclose(y[3:], F.linear(x[3:], dequantize(q, s)), atol=1e-2)  # (16-bit activations)
+
+
+def test_a_block_of_activations_too_small_for_float32s_inverse_is_quantized_right():
+    """Under 32767 / FLT_MAX (about 1e-34) 32767 / amax overflows: such a block is scaled up first, and its zeros
+    stay zeros."""
+    generator = torch.Generator().manual_seed(6)
+    q, s = quantize(torch.randn(64, 512, generator=generator))
+    x = torch.randn(7, 512, generator=generator) * 1e-36
+    x[:, ::2] = 0.0
+    expected = F.linear(x.double(), dequantize(q, s).double())
     for kernel in native_w8a16_both_ways():
-        y = kernel(x, kernel.pack(q, s), None, s)
-        assert y[:3].isnan().all() and not y[3].isnan().any()
-        assert torch.allclose(y[3], F.linear(x[3], dequantize(q, s)), atol=1e-2)  # (16-bit activations)
+        y = kernel(x, kernel.pack(q, s), None, s).double()
+        assert ((y - expected).abs() <= 1e-2 * expected.abs().max()).all()
 
 
 def test_native_w8a16_packs_for_the_tiles_only_weights_whose_input_and_scale_groups_are_multiples_of_64():
@@ -275,10 +290,15 @@ def _decodes_as_operator_by_operator(kernel, group_size):
     assert isinstance(fused, NativeDecoderLayer)
     layer, _ = _random_decoder_layer(kernels)
     _quantize_linears(layer, kernel, group_size)
-    caches, results = _decode_layer_both_ways(layer, fused)
-    (expected, k_expected, v_expected), (got, k_got, v_got) = results
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(k_got, k_expected, atol=1e-5) and torch.allclose(v_got, v_expected, atol=1e-5)
+    # 4 rows, and 9 (on AMX-INT8 tiles: the register blocks, then the tiles)
+    for lengths in ((1, 17, 40, 5), (1, 17, 40, 5, 3, 9, 2, 30, 6)):
+        caches, results = _decode_layer_both_ways(layer, fused, lengths)
+        (expected, k_expected, v_expected), (got, k_got, v_got) = results
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(k_got, k_expected, atol=1e-5) and torch.allclose(v_got, v_expected, atol=1e-5)
+    tiles = layer.mlp.down_proj.weight.dim() == 5
+    assert tiles == kernel.name.endswith("tiles")
+    assert (fused.weights_of(layer).down_format == INT8_TILES_FORMAT) == tiles
     # Scales of another shape, or an int8 linear left unpacked ([out, in]), are not its case.
     layer.k_cache = caches[0].clone()
     down = layer.mlp.down_proj

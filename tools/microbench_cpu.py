@@ -170,7 +170,8 @@ def bench_w8a16(repeats: int, row_counts: list) -> None:
     def run_int8(x, layers):
         for layer in layers:
             for w, s in layer:
-                w8a16(x[:, :2 * w.shape[1]], w, None, s)  # [out / 64, in / 2, 64, 2]
+                in_features = 4 * w.shape[2] if w.dim() == 5 else 2 * w.shape[1]  # (tile_layout, pair_layout)
+                w8a16(x[:, :in_features], w, None, s)
 
     bandwidth = measure_bandwidth(torch.device("cpu"), 1 << 30, lambda: None)
     print(f"{LAYERS} layers' qkv, o, gate_up, down, {torch.get_num_threads()} threads, {repeats} interleaved runs; "

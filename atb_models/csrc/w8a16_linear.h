@@ -77,7 +77,7 @@ struct Blocks {
 
 // Row x[K] as int16 q[K] with one scale per block: q = round(x / s) (half to even), s = amax / 32767 over the block.
 // A NaN or an infinity in a block makes its scale NaN, so that its outputs are NaN, as a float product's are.
-void quantize_row(const float* x, int64_t K, const Blocks& blocks, int16_t* q, float* s) {
+void quantize_row(const float* x, const Blocks& blocks, int16_t* q, float* s) {
     const __m512 limit = _mm512_set1_ps(INT16_MAX_F), minus_limit = _mm512_set1_ps(-INT16_MAX_F);
     const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     for (int64_t b = 0; b < blocks.count; b++) {
@@ -93,10 +93,15 @@ void quantize_row(const float* x, int64_t K, const Blocks& blocks, int16_t* q, f
         float largest = _mm512_reduce_max_ps(amax);
         if (nan || !(largest < INFINITY)) largest = NAN;
         s[b] = largest / INT16_MAX_F;
-        const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? INT16_MAX_F / largest : 0.0f);
+        float inverse = largest > 0.0f ? INT16_MAX_F / largest : 0.0f, prescale = 1.0f;
+        if (inverse == INFINITY) {  // a block under 32767 / FLT_MAX: scaled up by 2^64 first (exactly), then as above
+            prescale = 0x1p64f;
+            inverse = INT16_MAX_F / (largest * prescale);
+        }
+        const __m512 up = _mm512_set1_ps(prescale), by = _mm512_set1_ps(inverse);
         for (int64_t k = k0; k < k1; k += 16) {
             const __mmask16 in = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
-            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + k), inverse);
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + k), up), by);
             v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // |v| <= 32767 but NaN's
             v = _mm512_min_ps(_mm512_max_ps(v, minus_limit), limit);
             _mm256_mask_storeu_epi16(q + k, in, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v)));
@@ -240,8 +245,7 @@ void w8_vector_product(const int16_t* q, const float* sx, int64_t M, int64_t K, 
 struct QuantizedRows {
     std::vector<int16_t> q;
     std::vector<float> scales;
-    std::vector<int8_t> hi;  // the tiles' kernel's: q's top bytes (signed) and bottom bytes (unsigned)
-    std::vector<uint8_t> lo;
+    std::vector<uint8_t> tiles;  // the tiles' kernel's: q's top (signed) and bottom bytes, as split_bytes lays them
 };
 
 QuantizedRows& quantized_rows() {
@@ -265,17 +269,19 @@ QuantizedRows& quantized_rows() {
 constexpr int64_t HALF = GROUP / 2;  // output columns of a half
 constexpr int64_t QUAD_STEPS = 64;   // k-steps of an int8 A tile: 16 quads of 4
 
-// q[0:n] as the tiles' bytes: hi = q >> 8 (arithmetic), lo = q's low byte.
-inline void split_bytes(const int16_t* q, int64_t n, int8_t* hi, uint8_t* lo) {
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        const __m512i v = _mm512_loadu_si512(q + i);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm512_cvtepi16_epi8(v));  // (truncating)
-    }
-    for (; i < n; i++) {
-        hi[i] = static_cast<int8_t>(q[i] >> 8);
-        lo[i] = static_cast<uint8_t>(q[i] & 0xFF);
+// Row r of a block of `rows` rows, q[0:K] (int16), as the tiles load their bytes: for each 64 k-steps s, hi = q >> 8
+// (arithmetic) of the block's rows, 64 bytes a row, then lo = q's low byte, at block + s * 128 * rows: a k-step's two
+// input tiles in 2 x rows consecutive lines.
+inline void split_bytes(const int16_t* q, int64_t K, uint8_t* block, int rows, int r) {
+    for (int64_t s = 0; s < K / QUAD_STEPS; s++) {
+        uint8_t* hi = block + s * 2 * rows * 64 + r * 64;
+        uint8_t* lo = hi + rows * 64;
+        for (int half = 0; half < 2; half++) {
+            const __m512i v = _mm512_loadu_si512(q + s * QUAD_STEPS + 32 * half);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + 32 * half),
+                                _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + 32 * half), _mm512_cvtepi16_epi8(v));  // (truncating)
+        }
     }
 }
 
@@ -288,11 +294,10 @@ constexpr int64_t W8_TILE_AHEAD = 2048;
 // was the slower up to 3 rows, level at 4-5 and faster from 6 (docs/PERFORMANCE.md).
 constexpr int64_t W8_VECTOR_ROWS = 5;
 
-// sums[4][rows][16] (int32: hi's for columns 0-15, hi's for 16-31, lo's, lo's) = the rows' bytes hi, lo (rows ldx
-// apart) over k-steps [k0, k1) (multiples of 64) against one half's weights w[K / 4][32][4], on tiles configured
-// for the rows.
-void w8_tiles_block(const int8_t* hi, const uint8_t* lo, int64_t ldx, const int8_t* w, int64_t k0, int64_t k1,
-                    int32_t* sums, int rows, bool stream) {
+// sums[4][rows][16] (int32: hi's for columns 0-15, hi's for 16-31, lo's, lo's) = a block of rows' bytes `a` (as
+// split_bytes lays them) over k-steps [k0, k1) (multiples of 64) against one half's weights w[K / 4][32][4], on
+// tiles configured for the rows.
+void w8_tiles_block(const uint8_t* a, int rows, const int8_t* w, int64_t k0, int64_t k1, int32_t* sums, bool stream) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -300,8 +305,9 @@ void w8_tiles_block(const int8_t* hi, const uint8_t* lo, int64_t ldx, const int8
     for (int64_t k = k0; k < k1; k += QUAD_STEPS) {
         const int8_t* wk = w + k * HALF;  // quad k / 4: 32 columns x 4 bytes
         const char* ahead = reinterpret_cast<const char*>(wk) + W8_TILE_AHEAD;
-        _tile_loadd(4, hi + k, ldx);
-        _tile_loadd(5, lo + k, ldx);
+        const uint8_t* ak = a + k / QUAD_STEPS * 2 * rows * 64;  // (split_bytes' layout)
+        _tile_loadd(4, ak, 64);
+        _tile_loadd(5, ak + rows * 64, 64);
         if (stream)
             for (int line = 0; line < 16; line++) {
                 _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
@@ -329,8 +335,8 @@ void w8_tiles_block(const int8_t* hi, const uint8_t* lo, int64_t ldx, const int8
 // bytes hi and lo, M rows of K; block scales sx): an equal run of the halves; rows ROW_CHUNK at a time, so that a
 // half's weights stay in L2 while a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode)
 // streams them.
-void w8_tiles_product(const int8_t* hi, const uint8_t* lo, const float* sx, int64_t M, int64_t K, const Blocks& blocks,
-                      const int8_t* wq, int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
+void w8_tiles_product(const uint8_t* a, const float* sx, int64_t M, int64_t K, const Blocks& blocks, const int8_t* wq,
+                      int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
     const int64_t halves = N / HALF;
     const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t first = halves * thread / threads, end = halves * (thread + 1) / threads;
@@ -352,7 +358,7 @@ void w8_tiles_product(const int8_t* hi, const uint8_t* lo, const float* sx, int6
                         configure_tiles(n, 6);
                         configured = n;
                     }
-                    w8_tiles_block(hi + m * K, lo + m * K, K, w, k0, k1, sums, n, stream);
+                    w8_tiles_block(a + m * 2 * K, n, w, k0, k1, sums, stream);
                     const SumsStart start =
                         sums_start(bias ? bias + h * HALF : nullptr, b == 0, y + m * N + h * HALF, N);
                     for (int i = 0; i < n; i++) {
@@ -393,7 +399,7 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, blocks, q + m * K, sx + m * blocks.count);
+        for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, blocks, q + m * K, sx + m * blocks.count);
         w8_vector_product<false>(q, sx, M, K, blocks, wp, N, scales, groups, bias, y);
     }
 }
@@ -411,26 +417,26 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
         const Blocks blocks(K, groups);
         QuantizedRows& rows = quantized_rows();
         if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
-        if (static_cast<int64_t>(rows.hi.size()) < M * K) {  // (the vector kernel grows q alone)
-            rows.hi.resize(M * K);
-            rows.lo.resize(M * K);
-        }
+        if (static_cast<int64_t>(rows.tiles.size()) < 2 * M * K) rows.tiles.resize(2 * M * K);
         if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
         int16_t* const q = rows.q.data();
-        int8_t* const hi = rows.hi.data();
-        uint8_t* const lo = rows.lo.data();
+        uint8_t* const a = rows.tiles.data();
         float* const sx = rows.scales.data();
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) {
-                quantize_row(x + m * ldx, K, blocks, q + m * K, sx + m * blocks.count);
-                if (M > W8_VECTOR_ROWS) split_bytes(q + m * K, K, hi + m * K, lo + m * K);
+                quantize_row(x + m * ldx, blocks, q + m * K, sx + m * blocks.count);
+                if (M > W8_VECTOR_ROWS) {  // (into the bytes of m's block of 16 rows, each block 2 K bytes a row)
+                    const int64_t block = m - m % AMX_ROWS;
+                    const int rows = M - block < AMX_ROWS ? static_cast<int>(M - block) : static_cast<int>(AMX_ROWS);
+                    split_bytes(q + m * K, K, a + block * 2 * K, rows, static_cast<int>(m % AMX_ROWS));
+                }
             }
             if (M <= W8_VECTOR_ROWS)
                 w8_vector_product<true>(q, sx, M, K, blocks, wq, N, scales, groups, bias, y);
             else
-                w8_tiles_product(hi, lo, sx, M, K, blocks, wq, N, scales, groups, bias, y);
+                w8_tiles_product(a, sx, M, K, blocks, wq, N, scales, groups, bias, y);
         }
         return;
     }

@@ -118,6 +118,8 @@ class NativeW8A16:
         if weight.dim() == 4:  # pair_layout
             op, in_features = self._native, 2 * weight.shape[1]
         elif weight.dim() == 5:  # tile_layout
+            if self._tiles is None:
+                raise ValueError("an int8 weight packed for AMX tiles reached a W8A16 kernel without them")
             op, in_features = self._tiles, 4 * weight.shape[2]
         else:
             return self._fallback(x, weight, bias, scale)
@@ -141,8 +143,9 @@ class NativeW8A16:
         if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[0] % PANEL_GROUP:
             return None
         out_features, in_features = weight.shape
-        group = in_features // (1 if scale is None else scale.shape[-1])
-        if in_features % 2 or group % 2:
+        groups = 1 if scale is None else scale.shape[-1]
+        group = in_features // groups
+        if in_features % 2 or group % 2 or in_features % groups:
             return None
         if self._tiles is not None and in_features % TILE_STEPS == 0 and group % TILE_STEPS == 0:
             return tile_layout(weight)
@@ -217,7 +220,7 @@ def _tiles_op(library):
     vectors = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16())
     tiles = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16(), tiles_op)
     generator = torch.Generator().manual_seed(0)
-    # Two groups (four halves, uneven thread shares), K of two scale groups, decode's rows and a second row block.
+    # Two groups (four halves), K of two scale groups, the register blocks' rows and the tiles' (two row blocks).
     q, s = quantize(torch.randn(2 * PANEL_GROUP, 2 * TILE_STEPS, generator=generator), group_size=TILE_STEPS)
     b = torch.randn(2 * PANEL_GROUP, generator=generator)
     for rows in (3, 21):
