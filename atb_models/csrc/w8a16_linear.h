@@ -117,11 +117,13 @@ inline void load_scales(const float* scales, int64_t groups, int64_t n0, int64_t
     for (int j = 0; j < vectors; j++) s[j] = _mm512_i32gather_ps(stride, scales + (n0 + 16 * j) * groups + group, 4);
 }
 
+constexpr int64_t HALF = GROUP / 2;  // output columns of a half of a group: the tiles' layout's column unit
+
 // A block's step: a pair of k-steps of a 64-column group (pair_layout: PAIR_BYTES, 64 columns' 2 weights), or, in
 // the tiles' layout (QUADS), a quad of k-steps of a 32-column half (4 weights of 32 columns: 128 bytes too).
 template <bool QUADS>
 struct W8Step {
-    static constexpr int64_t COLUMNS = QUADS ? GROUP / 2 : GROUP;
+    static constexpr int64_t COLUMNS = QUADS ? HALF : GROUP;
     static constexpr int64_t K_STEPS = QUADS ? 4 : 2;
 };
 
@@ -143,6 +145,12 @@ inline void w8_step(__m512i (&acc)[MR][4], const int16_t* q, int64_t ldq, const 
     }
 }
 
+// 16 outputs of a block: y = base + (row_scale * sw) * sums, in this order (both kernels' outputs are the same bits
+// because both end here).
+inline void store_scaled(__m512i sums, __m512 row_scale, __m512 sw, const float* base, float* y) {
+    _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(row_scale, sw), _mm512_loadu_ps(base)));
+}
+
 // y[MR][columns] = start + sx * sw * the block's sums (start: sums_start's), a row's block scale sx[i * lds].
 template <int MR, bool QUADS>
 inline void w8_store_sums(__m512i (&acc)[MR][4], const float* sx, int64_t lds, const __m512* sw, SumsStart start,
@@ -157,9 +165,7 @@ inline void w8_store_sums(__m512i (&acc)[MR][4], const float* sx, int64_t lds, c
                 QUADS ? _mm512_add_epi32(_mm512_permutex2var_epi32(acc[i][2 * j], evens, acc[i][2 * j + 1]),
                                          _mm512_permutex2var_epi32(acc[i][2 * j], odds, acc[i][2 * j + 1]))
                       : acc[i][j];
-            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
-            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
-            _mm512_storeu_ps(y + i * ldy + 16 * j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, base));
+            store_scaled(sums, row_scale, sw[j], start.from + i * start.stride + 16 * j, y + i * ldy + 16 * j);
         }
     }
 }
@@ -251,8 +257,12 @@ struct QuantizedRows {
     std::vector<uint8_t> tiles;  // the tiles' kernel's: q's top (signed) and bottom bytes, as split_bytes lays them
 };
 
-QuantizedRows& quantized_rows() {
+// The calling thread's QuantizedRows, grown for M rows of K in `blocks` blocks (and the tiles' bytes where `tiles`).
+QuantizedRows& quantized_rows(int64_t M, int64_t K, int64_t blocks, bool tiles) {
     static thread_local QuantizedRows rows;
+    if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
+    if (static_cast<int64_t>(rows.scales.size()) < M * blocks) rows.scales.resize(M * blocks);
+    if (tiles && static_cast<int64_t>(rows.tiles.size()) < 2 * M * K) rows.tiles.resize(2 * M * K);
     return rows;
 }
 
@@ -269,7 +279,6 @@ QuantizedRows& quantized_rows() {
 // (64 k-steps) of 16 columns, 64 bytes a quad, 128 bytes apart. A k-step of 64 uses all eight tiles: the half's
 // sums of hi and of lo for columns 0-15 and 16-31 (tiles 0-3), the rows' hi and lo bytes (4, 5), the two column
 // tiles of weights (6, 7).
-constexpr int64_t HALF = GROUP / 2;  // output columns of a half
 constexpr int64_t QUAD_STEPS = 64;   // k-steps of an int8 A tile: 16 quads of 4
 
 // Row r of a block of `rows` rows, q[0:K] (int16), as the tiles load their bytes: for each 64 k-steps s, hi = q >> 8
@@ -369,11 +378,8 @@ void w8_tiles_product(const uint8_t* a, const float* sx, int64_t M, int64_t K, c
                         for (int j = 0; j < 2; j++) {
                             const __m512i hi_sums = _mm512_load_si512(sums + (j * n + i) * 16);
                             const __m512i lo_sums = _mm512_load_si512(sums + ((2 + j) * n + i) * 16);
-                            const __m512i acc = _mm512_add_epi32(_mm512_slli_epi32(hi_sums, 8), lo_sums);
-                            const __m512 base = _mm512_loadu_ps(start.from + i * start.stride + 16 * j);
-                            const __m512 scale = _mm512_mul_ps(row_scale, sw[j]);
-                            _mm512_storeu_ps(y + (m + i) * N + h * HALF + 16 * j,
-                                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, base));
+                            store_scaled(_mm512_add_epi32(_mm512_slli_epi32(hi_sums, 8), lo_sums), row_scale, sw[j],
+                                         start.from + i * start.stride + 16 * j, y + (m + i) * N + h * HALF + 16 * j);
                         }
                     }
                 }
@@ -394,9 +400,7 @@ extern "C" {
 void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* wp, int64_t N,
                           const float* scales, int64_t groups, const float* bias, float* y) {
     const Blocks blocks(K, groups);
-    QuantizedRows& rows = quantized_rows();
-    if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
-    if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
+    QuantizedRows& rows = quantized_rows(M, K, blocks.count, false);
     int16_t* const q = rows.q.data();
     float* const sx = rows.scales.data();
 #pragma omp parallel
@@ -418,10 +422,7 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
     if (tiles_permitted()) {
         const Blocks blocks(K, groups);
-        QuantizedRows& rows = quantized_rows();
-        if (static_cast<int64_t>(rows.q.size()) < M * K) rows.q.resize(M * K);
-        if (static_cast<int64_t>(rows.tiles.size()) < 2 * M * K) rows.tiles.resize(2 * M * K);
-        if (static_cast<int64_t>(rows.scales.size()) < M * blocks.count) rows.scales.resize(M * blocks.count);
+        QuantizedRows& rows = quantized_rows(M, K, blocks.count, M > W8_VECTOR_ROWS);
         int16_t* const q = rows.q.data();
         uint8_t* const a = rows.tiles.data();
         float* const sx = rows.scales.data();

@@ -11,7 +11,7 @@ import torch
 from atb_models import distributed
 from atb_models.kernels.linear import PANEL_GROUP, packed_shape
 from atb_models.kernels.native import FORMATS, INT8_TILES_FORMAT, kernel_name
-from atb_models.kernels.w8a16 import TILE_STEPS
+from atb_models.kernels.w8a16 import TILE_STEPS, tile_shape
 
 
 class LayerByLayer:
@@ -173,7 +173,7 @@ def _packed_format(weight: torch.Tensor, scale, out: int, inp: int) -> int | Non
     groups dividing in into even sizes; or int8 in kernels.w8a16's tile_layout, groups of multiples of 64), or not
     contiguous."""
     tiles = weight.dim() == 5
-    shape = (out // PANEL_GROUP, 2, inp // 4, PANEL_GROUP // 2, 4) if tiles else packed_shape(weight.dtype, out, inp)
+    shape = tile_shape(out, inp) if tiles else packed_shape(weight.dtype, out, inp)
     if weight.device.type != "cpu" or not weight.is_contiguous() or tuple(weight.shape) != shape:
         return None
     if scale is not None:  # int8 with its scales

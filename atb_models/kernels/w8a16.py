@@ -152,10 +152,15 @@ class NativeW8A16:
         return pair_layout(weight)
 
 
+def tile_shape(out_features: int, in_features: int) -> tuple:
+    """The shape tile_layout gives an [out, in] int8 weight: [out / 64, 2, in / 4, 32, 4]."""
+    return out_features // PANEL_GROUP, 2, in_features // 4, PANEL_GROUP // 2, 4
+
+
 def tile_layout(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] int8 -> [out / 64, 2, in / 4, 32, 4] (out a multiple of 64, in of 4): group g, half h, quad u,
-    column c holds W[64g + 32h + c, 4u : 4u + 4], the four bytes an AMX-INT8 tile multiplies in a 32-bit lane; each
-    half of a group (32 columns) is one stream over the input columns. On huge pages where it can."""
+    """[out, in] int8 -> tile_shape's [out / 64, 2, in / 4, 32, 4] (out a multiple of 64, in of 4): group g, half h,
+    quad u, column c holds W[64g + 32h + c, 4u : 4u + 4], the four bytes an AMX-INT8 tile multiplies in a 32-bit
+    lane; each half of a group (32 columns) is one stream over the input columns. On huge pages where it can."""
     out_features, in_features = weight.shape
     halves = weight.reshape(out_features // PANEL_GROUP, 2, PANEL_GROUP // 2, in_features // 4, 4)
     return packed_copy(halves.transpose(2, 3))
