@@ -269,3 +269,58 @@ def test_probe_cuda_has_native_bf16_from_compute_capability_8(monkeypatch, major
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "GPU")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert probe("cuda") == Capabilities("cuda", "GPU", native_bf16=bf16, native_fp16=True, device_count=2)
+
+
+# --- MKL's vector math: each operator's first call on one thread
+
+def test_settle_vector_math_calls_each_operator_per_dtype_on_too_few_elements_to_split(monkeypatch):
+    """PyTorch splits a unary operator across threads from 2048 elements (its grain); settle_vector_math's calls
+    must stay below that, in both dtypes."""
+    from atb_models import host
+
+    calls = []
+    for name in host.VECTOR_MATH_OPERATORS:
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda x, _name=name, _real=real: calls.append(
+            (_name, x.dtype, x.numel())) or _real(x))
+    host.settle_vector_math()
+    assert sorted((name, str(dtype)) for name, dtype, _ in calls) == sorted(
+        (name, str(dtype)) for name in host.VECTOR_MATH_OPERATORS for dtype in (torch.float32, torch.float64))
+    assert max(n for _, _, n in calls) < 2048
+
+
+def test_vector_math_operators_are_torch_functions_and_the_oracle_worker_settles_the_same():
+    from atb_models import host
+    from atb_models.oracle import worker
+
+    assert all(callable(getattr(torch, name, None)) for name in host.VECTOR_MATH_OPERATORS)
+    assert worker.VECTOR_MATH_OPERATORS == host.VECTOR_MATH_OPERATORS
+
+
+def test_model_runner_and_reference_loader_settle_vector_math_before_the_model_exists(monkeypatch):
+    """The kit's runner and the benchmark's in-process transformers both settle MKL's kernels before building a
+    model: a refused checkpoint stops them after the settle, and the settle has been called."""
+    from atb_models.benchmark import engines
+    from atb_models.engine import model_runner
+
+    calls = []
+    for module in (model_runner, engines):
+        monkeypatch.setattr(module, "settle_vector_math", lambda _m=module.__name__: calls.append(_m))
+
+    class Refused(Exception):
+        pass
+
+    def refuse(*_args, **_kwargs):
+        raise Refused
+
+    family = SimpleNamespace(model_class=lambda: refuse,
+                             reference_class=lambda: SimpleNamespace(from_pretrained=refuse))
+    config = SimpleNamespace(family=family, hf_config=SimpleNamespace(), path="/nonexistent")
+    plan = SimpleNamespace(device=torch.device("cpu"), llm_dtype=torch.float32, vision_dtype=torch.float32,
+                           upcast_attention=False)
+    monkeypatch.setattr(model_runner.Kernels, "for_plan", staticmethod(lambda *_a: SimpleNamespace(describe=str)))
+    with pytest.raises(Refused):
+        model_runner.ModelRunner(config, plan, block_size=16)
+    with pytest.raises(Refused):
+        engines.load_reference_model(config, plan)
+    assert calls == ["atb_models.engine.model_runner", "atb_models.benchmark.engines"]

@@ -17,6 +17,7 @@ import torch
 
 from atb_models import LLM, SamplingParams
 from atb_models.errors import UserError
+from atb_models.host import settle_vector_math
 
 logger = logging.getLogger("atb_models.benchmark")
 
@@ -86,6 +87,7 @@ def load_reference_model(model_config, plan):
     its safetensors as the kit reads them, computing as `plan` says (language model in plan.llm_dtype, vision tower
     in plan.vision_dtype, on plan.device); a folder it cannot load is one UserError."""
     reference_class = model_config.family.reference_class()
+    settle_vector_math()
     try:
         # Safetensors only: a pickled checkpoint (pytorch_model.bin) is not loaded; code in the folder never runs.
         model = reference_class.from_pretrained(model_config.path, torch_dtype=plan.llm_dtype, use_safetensors=True,

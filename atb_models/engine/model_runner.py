@@ -4,6 +4,7 @@ import logging
 import torch
 
 from atb_models.engine.encoder_cache import EncoderCache
+from atb_models.host import settle_vector_math
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext
 from atb_models.layers.linear import pack_weights
@@ -19,6 +20,7 @@ class ModelRunner:
         """quantization: the quantization.Quantization the language model runs in, or None for float;
         encoder_cache_bytes: the vision-encoder cache's budget (0: none kept); kernel_choice: the CPU's kernels
         (Kernels.for_plan's choice; None: $ATB_MODELS_CPU_LINEAR)."""
+        settle_vector_math()
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.plan = plan
         self.device = plan.device

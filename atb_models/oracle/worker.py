@@ -243,6 +243,21 @@ def _jobs(fd: int) -> None:
         connection.send_bytes(json.dumps(reply).encode())
 
 
+# atb_models.host.VECTOR_MATH_OPERATORS (this process cannot import the kit; a test holds the two lists equal).
+VECTOR_MATH_OPERATORS = ("cos", "sin", "tan", "exp", "log", "log2", "log10", "sqrt", "tanh", "erf", "erfc", "erfinv",
+                         "atan", "asin", "acos", "trunc")
+
+
+def _settle_vector_math() -> None:
+    """atb_models.host.settle_vector_math for this process: each operator's first MKL call on one thread, so a
+    parallel first call cannot pick a wrong kernel for transformers' rotary."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        for name in VECTOR_MATH_OPERATORS:
+            getattr(torch, name)(torch.full((8,), 0.5, dtype=dtype))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +276,7 @@ def main(argv=None) -> None:
     jobs = commands.add_parser("jobs", help="run builds and references sent over an inherited socket")
     jobs.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
+    _settle_vector_math()
     if args.command == "build":
         _build(args.like, args.out, json.loads(args.settings))
     elif args.command == "reference":
