@@ -1,6 +1,6 @@
 """What the operating system says about this machine, read in one place: /proc/cpuinfo's fields and the memory
-still available (empty answers where there is no /proc: not Linux); memory on its huge pages; and MKL's vector math
-settled on its kernels before a model's threads first call it."""
+still available (empty answers where there is no /proc: not Linux); the last-level cache; memory on its huge pages;
+and MKL's vector math settled on its kernels before a model's threads first call it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import math
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -42,26 +43,31 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set(cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
 
 
-# PyTorch's operators that MKL's vector math (VML) computes in float32 and float64 on x86 builds: the ones perf
-# showed in mkl_vml_kernel_* on torch 2.13 (the others run Sleef's or PyTorch's own loops).
+# PyTorch's operators that MKL's vector math (VML) computes, in float32 and float64 only (bfloat16 and float16 take
+# PyTorch's own loops): ATen/cpu/vml.h's IMPLEMENT_VML_MKL list in torch 2.13, which a test reads.
 VECTOR_MATH_OPERATORS = ("cos", "sin", "tan", "exp", "log", "log2", "log10", "sqrt", "tanh", "erf", "erfc", "erfinv",
                          "atan", "asin", "acos", "trunc")
+# Two engines built at once on two threads would make the first calls at once again.
+_settling = threading.Lock()
 
 
 def settle_vector_math() -> None:
     """Runs each of VECTOR_MATH_OPERATORS once on a few elements (one thread) in float32 and float64: called before a
-    model is built (again for each model: 32 calls on 8 elements cost well under a millisecond).
+    model is built (again for each model: 1.9 ms the first time in a process, 0.05 ms after, measured on the AMX
+    Xeon).
 
     MKL chooses each function's kernel (instruction set and accuracy) at its first call, and that choice is not safe
-    when the first call comes from two threads at once, as a parallel operator's halves do: seen with perf probes on
-    the AMX Xeon, 6 processes of 20 had the prefill's rotary `cos` run its first half on the AVX2 kernel of the
-    low-accuracy mode (mkl_vml_kernel_sCos_L9EPnnn: cos(1) = 0.5403335 for 0.5403023), so one KV cache differed
-    from another engine's by 1e-4. With these first calls made on one thread, none of 16 did (docs/PERFORMANCE.md,
-    "The KV caches that differed")."""
-    for dtype in (torch.float32, torch.float64):
-        x = torch.full((8,), 0.5, dtype=dtype)
-        for name in VECTOR_MATH_OPERATORS:
-            getattr(torch, name)(x)
+    when the first call comes from two threads at once, as a parallel operator's halves do. On the AMX Xeon with 2
+    threads, one engine's K cache differed from another's by 1e-4 in 6 processes of 20; perf probes on a process
+    where it did showed the prefill's rotary `cos` running its first half on the AVX2 kernel of the low-accuracy
+    mode (mkl_vml_kernel_sCos_L9EPnnn: cos(1) = 0.5403335 for 0.5403023). With these first calls made on one
+    thread, none of 16 differed and the probes saw only the right kernel (docs/PERFORMANCE.md, "The KV caches that
+    differed")."""
+    with _settling:
+        for dtype in (torch.float32, torch.float64):
+            x = torch.full((8,), 0.5, dtype=dtype)
+            for name in VECTOR_MATH_OPERATORS:
+                getattr(torch, name)(x)
 
 
 def available_memory_bytes() -> int:

@@ -1,5 +1,7 @@
 """The device / backend / dtype decisions, on simulated hardware (and the real CPU where it matters)."""
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -273,9 +275,17 @@ def test_probe_cuda_has_native_bf16_from_compute_capability_8(monkeypatch, major
 
 # --- MKL's vector math: each operator's first call on one thread
 
-def test_settle_vector_math_calls_each_operator_per_dtype_on_too_few_elements_to_split(monkeypatch):
-    """PyTorch splits a unary operator across threads from 2048 elements (its grain); settle_vector_math's calls
-    must stay below that, in both dtypes."""
+def _settles():
+    from atb_models import host
+    from atb_models.oracle import worker
+
+    return {"kit": host.settle_vector_math, "oracle worker": worker._settle_vector_math}
+
+
+@pytest.mark.parametrize("side", ["kit", "oracle worker"])
+def test_settle_vector_math_calls_each_operator_per_dtype_on_too_few_elements_to_split(monkeypatch, side):
+    """PyTorch splits a unary operator across threads above 2048 elements (its grain); each settle's calls must
+    stay at or below that, in both dtypes MKL's vector math serves."""
     from atb_models import host
 
     calls = []
@@ -283,18 +293,34 @@ def test_settle_vector_math_calls_each_operator_per_dtype_on_too_few_elements_to
         real = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda x, _name=name, _real=real: calls.append(
             (_name, x.dtype, x.numel())) or _real(x))
-    host.settle_vector_math()
+    _settles()[side]()
     assert sorted((name, str(dtype)) for name, dtype, _ in calls) == sorted(
         (name, str(dtype)) for name in host.VECTOR_MATH_OPERATORS for dtype in (torch.float32, torch.float64))
-    assert max(n for _, _, n in calls) < 2048
+    assert max(n for _, _, n in calls) <= 2048
 
 
-def test_vector_math_operators_are_torch_functions_and_the_oracle_worker_settles_the_same():
+def test_vector_math_operators_are_the_ones_this_torch_hands_to_mkl_and_the_oracle_workers():
+    """The list is ATen's own (its header's uncommented IMPLEMENT_VML_MKL lines), so a torch that hands MKL another
+    operator fails here; the oracle worker, which cannot import the kit, keeps the same list."""
     from atb_models import host
     from atb_models.oracle import worker
 
-    assert all(callable(getattr(torch, name, None)) for name in host.VECTOR_MATH_OPERATORS)
+    header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
+    if not header.is_file() or not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no ATen headers or no MKL: no vector math to settle")
+    listed = re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.MULTILINE)
+    assert listed and sorted(listed) == sorted(host.VECTOR_MATH_OPERATORS)
     assert worker.VECTOR_MATH_OPERATORS == host.VECTOR_MATH_OPERATORS
+
+
+def test_oracle_worker_settles_vector_math_before_its_command(monkeypatch, tmp_path):
+    from atb_models.oracle import worker
+
+    calls = []
+    monkeypatch.setattr(worker, "_settle_vector_math", lambda: calls.append("settle"))
+    monkeypatch.setattr(worker, "_build", lambda *_args: calls.append("build"))
+    worker.main(["build", "--like", str(tmp_path), "--out", str(tmp_path / "out"), "--settings", "{}"])
+    assert calls == ["settle", "build"]
 
 
 def test_model_runner_and_reference_loader_settle_vector_math_before_the_model_exists(monkeypatch):

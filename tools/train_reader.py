@@ -42,6 +42,7 @@ from reader_data import (ANSWERS, CLIP_CHOICES, COLOURS, END_QUESTION, FONT_SIZE
                          write_videobench)
 from atb_models.demo.checkpoint import (TinyShape, build_tokenizer, model_config, save_checkpoint,  # noqa: E402
                                         write_preprocessor_config)
+from atb_models.host import settle_vector_math  # noqa: E402
 from atb_models.multimodal.prompt import Preprocessor  # noqa: E402
 
 # 4 heads over 2 KV heads and an MLP of 384 columns split evenly over 1, 2 and 4 ranks. With head_dim 32 the
@@ -240,6 +241,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     transformers_logging.set_verbosity_error()  # its notes on its own Qwen2-VL classes are nothing to act on
     torch.set_num_threads(args.threads)
+    settle_vector_math()  # transformers' rotary runs MKL's cos on several threads
     out = args.output
     eval_out = args.eval_output or out.with_name(out.name + "_heldout")
     for folder in (out, eval_out):
