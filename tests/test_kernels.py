@@ -469,12 +469,25 @@ def _decode_step(lengths: list, block_size: int, num_blocks: int, head_dim: int,
     slots = torch.tensor([[tables[b, t // block_size].item() for b, t in enumerate(last)],
                           [t % block_size for t in last]])
     context = torch.tensor(lengths)
-    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < context[:, None])[:, None, None, :]
-    step = StepContext(False, slots, block_tables=tables, context_mask=mask, context_lens=context)
+    step = StepContext(False, slots, block_tables=tables, context_lens=context)  # the mask made where asked for
     positions = torch.tensor(last).expand(3, -1)
     cos, sin = MRotaryEmbedding(head_dim, 10000.0, [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
                                 torch.device("cpu")).cos_sin(positions, torch.float32)
     return step, cos, sin
+
+
+def test_a_decode_steps_mask_is_made_once_from_its_context_lengths():
+    from atb_models.layers.attention import StepContext
+
+    step = StepContext(False, torch.zeros(2, 3, dtype=torch.long), block_tables=torch.zeros(3, 2, dtype=torch.long),
+                       context_lens=torch.tensor([1, 5, 8]))
+    mask = step.decode_mask(8)
+    assert mask.shape == (3, 1, 1, 8)
+    assert mask[:, 0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1] * 8]
+    assert step.decode_mask(8) is mask  # once a step, for every layer
+    given = torch.ones(3, 1, 1, 8, dtype=torch.bool)
+    assert StepContext(False, step.slot_mapping, context_mask=given, context_lens=step.context_lens).decode_mask(8) \
+        is given
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 48])

@@ -131,16 +131,12 @@ class ModelRunner:
             positions = torch.cat(positions, dim=1).to(self.device)
             logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, visual_embeds)
         else:
-            bs = self.block_size
             ids = [seq.token_ids[-1] for seq in seqs]
             positions = self._tensor([seq.decode_position() for seq in seqs]).expand(3, -1)
             slots = [self._slots(seq, seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs]
             context_lens = self._tensor([seq.num_tokens for seq in seqs])
             max_blocks = max(len(seq.block_table) for seq in seqs)
             tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
-            positions_in_blocks = torch.arange(max_blocks * bs, device=self.device)
-            mask = (positions_in_blocks[None, :] < context_lens[:, None])[:, None, None, :]
-            ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_mask=mask,
-                              context_lens=context_lens)
+            ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_lens=context_lens)
             logits = self.model(self._tensor(ids), positions, None, ctx)  # logits of every row
         return logits

@@ -49,7 +49,7 @@ class SdpaDecodeAttention:
         vc = self.gather(v_cache, ctx.block_tables, "v")
         if upcast:
             q, kc, vc = q.float(), kc.float(), vc.float()
-        return self.attend(q, kc, vc, ctx.context_mask, scale).to(qkv.dtype)
+        return self.attend(q, kc, vc, ctx.decode_mask(kc.shape[2]), scale).to(qkv.dtype)
 
     def attend(self, q, kc, vc, mask, scale: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, scale=scale,

@@ -24,10 +24,20 @@ class StepContext:
     seq_starts: Optional[list] = None             # prefill: offsets of each sequence in the flat token stream
     block_tables: Optional[torch.Tensor] = None   # decode: [batch, max_blocks] each sequence's blocks, padded
     context_mask: Optional[torch.Tensor] = None   # decode: [batch, 1, 1, max_blocks * block_size] True where real
+                                                  # (made by decode_mask where a kernel asks for it)
     context_lens: Optional[torch.Tensor] = None   # decode: [batch] int64, each sequence's length with its new token
     prefix_lens: Optional[list] = None            # prefill: tokens of each sequence already in the cache (prefix
     prefix_tables: Optional[list] = None          # caching), and each one's block table; None when none has any
     kernel_state: dict = field(default_factory=dict)  # what a kernel keeps for the rest of this step
+
+    def decode_mask(self, slots: int) -> torch.Tensor:
+        """context_mask for a decode step whose gathered context is `slots` rows a sequence, made from context_lens
+        on the first call of the step (PyTorch's attention reads it; the native decode step never does, and a few
+        tensor operators a step cost it time after the weights have streamed through the caches)."""
+        if self.context_mask is None:
+            rows = torch.arange(slots, device=self.context_lens.device)
+            self.context_mask = (rows[None, :] < self.context_lens[:, None])[:, None, None, :]
+        return self.context_mask
 
 
 def prefill_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
