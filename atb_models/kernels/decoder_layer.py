@@ -156,10 +156,18 @@ class NativeDecoderLayer(LayerByLayer):
         q_width = lw.heads * lw.head_dim
         widths = (lw.hidden, q_width + 2 * lw.kv_heads * lw.head_dim, q_width, lw.hidden, 2 * lw.intermediate,
                   lw.intermediate, lw.hidden)
+        # The scratch in one tensor, each part from a 64-byte boundary: each tensor made in a step costs it 10-20 us,
+        # its allocator's memory evicted by the weights (docs/PERFORMANCE.md).
+        starts, floats = [], 0
+        for width in widths:
+            starts.append(floats)
+            floats += -(-rows * width // 16) * 16
+        scratch = torch.empty(floats, dtype=torch.float32)
         keep = [block_tables.contiguous(), context_lens.contiguous(), cos.float().contiguous(),
-                sin.float().contiguous(), *(torch.empty(rows, width, dtype=torch.float32) for width in widths)]
+                sin.float().contiguous(), scratch]
         step = self._decode_step(rows, FORMATS[x.dtype], keep[0].data_ptr(), keep[0].shape[1],
-                                 *(t.data_ptr() for t in keep[1:]))
+                                 *(t.data_ptr() for t in keep[1:4]),
+                                 *(scratch.data_ptr() + 4 * start for start in starts))
         step.keep = keep
         return step
 
