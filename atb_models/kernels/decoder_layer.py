@@ -12,6 +12,7 @@ from atb_models import distributed
 from atb_models.kernels.linear import PANEL_GROUP, packed_shape
 from atb_models.kernels.native import FORMATS, INT8_TILES_FORMAT, kernel_name
 from atb_models.kernels.w8a16 import TILE_STEPS, tile_shape
+from atb_models.layers.sharding import ceil_div
 
 
 class LayerByLayer:
@@ -161,7 +162,7 @@ class NativeDecoderLayer(LayerByLayer):
         starts, floats = [], 0
         for width in widths:
             starts.append(floats)
-            floats += -(-rows * width // 16) * 16
+            floats += ceil_div(rows * width, 16) * 16  # (16 floats: 64 bytes)
         scratch = torch.empty(floats, dtype=torch.float32)
         keep = [block_tables.contiguous(), context_lens.contiguous(), cos.float().contiguous(),
                 sin.float().contiguous(), scratch]
