@@ -22,6 +22,7 @@ from atb_models.kernels.linear import (F32_TILES_NAME, ONEDNN_MIN_WEIGHT_ELEMENT
                                        PanelLinear, is_panel_packed, linear_kernel, panel_layout)
 from atb_models.kernels.norm import NativeRMSNorm, RMSNormKernel
 from atb_models.kernels.vision import NativeQuickGelu, NativeVisionRotary, QuickGelu
+from atb_models.kernels.w8a16 import NativeW8A16, TorchW8A16, dequantize, quantize
 from atb_models.layers.rotary import apply_rotary
 from atb_models.layers.sharding import ceil_div
 from atb_models.platform import Capabilities, probe, resolve_plan
@@ -275,6 +276,57 @@ def test_the_cpu_linear_is_the_kits_panel_kernel_where_the_cpu_has_avx512_or_avx
             x = torch.randn(rows, in_features, generator=generator)
             expected = F.linear(x.double(), weight.double(), bias.double()).float()
             assert torch.allclose(kernel(x, packed, bias), expected, atol=1e-4, rtol=1e-4), (out_features, rows)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_every_linear_gives_the_same_sums_whatever_number_of_threads_claims_its_groups(isa, monkeypatch):
+    """A linear's threads claim its column groups as they go (csrc/group_claims.h): with 1, 2 or 3 threads (more
+    than this machine's cores, so that one runs late and the others take its groups), at one row, a few and two
+    chunks of rows, every group is computed once and every output is the same, bit for bit."""
+    if isa == "avx512" and not AVX512:
+        pytest.skip("the AVX-512 library needs an AVX-512 CPU")
+    if isa == "avx2":
+        if not HAS_AVX2:
+            pytest.skip("the AVX2 library needs a CPU with AVX2 and FMA")
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    library = native.NativeLibrary.load() if isa == "avx512" else native.NativeLibrary.load_avx2()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64 * 37, 202, generator=generator).bfloat16().float()  # (bfloat16 values)
+    bias = torch.randn(64 * 37, generator=generator)
+    pairs = panel_layout(weight.bfloat16())
+    exact = lambda x, w=weight: F.linear(x.double(), w.double(), bias.double())  # noqa: E731
+    # name: (the linear of float32 rows, the exact products it approximates, their tolerance)
+    linears = {"float32": (lambda x, k=PanelLinear(library.atb_panel_linear_f32, None, None),
+                           w=_panel_packed(weight): k(x, w, bias), exact, 1e-4),
+               "bfloat16 panels": (lambda x, k=PanelLinear(None, None, None, library.atb_bf16_linear_f32):
+                                   k(x, pairs, bias), exact, 1e-4)}
+    if isa == "avx512":
+        dot = PanelLinear(None, None, None, library.atb_bf16_dot_linear_f32)
+        linears["bfloat16 dot product"] = (lambda x: dot(x.bfloat16().float(), pairs, bias),
+                                           lambda x: exact(x.bfloat16()), 1e-4)
+        int8, (q, scale) = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16()), quantize(weight, None)
+        linears["int8"] = (lambda x, w=int8.pack(q, scale): int8(x, w, bias, scale),
+                           lambda x: exact(x, dequantize(q, scale)), 1e-2)  # (its activations in int16 steps)
+    threads = torch.get_num_threads()
+    if isa == "avx512":  # (the dot product at every row count, whatever this CPU's measurements chose)
+        dot_rows, dot_on = library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_use_dot(-1)
+        library.atb_bf16_dot_decode_rows(6)
+        library.atb_bf16_use_dot(1)
+    try:
+        for name, (linear, expected_of, tolerance) in linears.items():
+            for rows in (1, 7, 300):
+                x = torch.randn(rows, 202, generator=generator)
+                outputs = []
+                for count in (1, 2, 3):
+                    torch.set_num_threads(count)
+                    outputs.append(linear(x))
+                assert torch.allclose(outputs[0].double(), expected_of(x), atol=tolerance, rtol=tolerance), (name, rows)
+                assert all(torch.equal(y, outputs[0]) for y in outputs[1:]), (name, rows)
+    finally:
+        torch.set_num_threads(threads)
+        if isa == "avx512":
+            library.atb_bf16_dot_decode_rows(dot_rows)
+            library.atb_bf16_use_dot(dot_on)
 
 
 def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):

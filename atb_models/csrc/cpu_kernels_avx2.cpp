@@ -27,6 +27,7 @@
 
 #include "bf16.h"
 #include "decoder_layer.h"  // and through it the kernels between the linears, at AVX2's 8 lanes
+#include "group_claims.h"
 #include "vision.h"
 
 namespace {
@@ -258,32 +259,31 @@ void run_block(const float* x, int64_t chunk, int64_t ldx, const typename Q::T* 
     }
 }
 
-// One linear over the groups: each thread an equal run of them (one contiguous stretch of the packed weights), each
-// K block's two halves in turn (so that the block is read from memory once per chunk of rows: run_block), bfloat16
-// panels of a chunk of WIDEN_ONCE_ROWS rows or more widened once per block into `widened` for the float32 blocks; a
-// single row runs P::row over the whole group instead, one sequential stream.
+// One linear over the groups, which the threads claim (group_claims.h; a thread's own run is one contiguous stretch
+// of the packed weights), each K block's two halves in turn (so that the block is read from memory once per chunk of
+// rows: run_block), bfloat16 panels of a chunk of WIDEN_ONCE_ROWS rows or more widened once per block into
+// `widened` for the float32 blocks; a single row runs P::row over the whole group instead, one sequential stream.
 template <typename P>
 void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typename P::T* wp, int64_t N,
                 const float* bias, float* y) {
     const int64_t groups = N / GROUP;
+    GroupClaims claims(groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);  // each chunk's groups; a single row's: chunk 0's
 #pragma omp parallel
     {
-        const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t first_group = groups * thread / threads, end_group = groups * (thread + 1) / threads;
         alignas(32) float widened[P::K_PER_STEP == 2 ? K_BLOCK * GROUP : 1];  // (bfloat16 panels' WIDEN_ONCE_ROWS)
         for (int64_t m0 = 0; m0 < M && M > 1; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
             const bool widen = P::K_PER_STEP == 2 && chunk >= WIDEN_ONCE_ROWS;
-            for (int64_t g = first_group; g < end_group; g++) {
+            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
                 const typename P::T* w = wp + g * K * GROUP;
                 const float* b = bias ? bias + g * GROUP : nullptr;
                 float* out = y + m0 * N + g * GROUP;
                 for (int64_t k0 = 0; k0 < K; k0 += K_BLOCK) {
                     const int64_t k1 = K - k0 < K_BLOCK ? K : k0 + K_BLOCK;
                     // The block after this one, right after it in memory: the rest of this group's K, or the next
-                    // group's first block (none after the thread's last group).
+                    // group's first block (most often this thread's next group; none after the last group).
                     const int64_t next_steps = k1 < K ? (K - k1 < K_BLOCK ? K - k1 : K_BLOCK)
-                                                      : (g + 1 < end_group ? (K < K_BLOCK ? K : K_BLOCK) : 0);
+                                                      : (g + 1 < groups ? (K < K_BLOCK ? K : K_BLOCK) : 0);
                     const int64_t next_lines = next_steps * GROUP * static_cast<int64_t>(sizeof(typename P::T)) / 64;
                     const char* next = reinterpret_cast<const char*>(w + k1 * GROUP);
                     if (widen) {  // (the widened block's k-steps are 0 .. k1 - k0: the rows from k0 on)
@@ -297,7 +297,7 @@ void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typenam
             }
         }
         if (M == 1)
-            for (int64_t g = first_group; g < end_group; g++)
+            for (int64_t g; (g = claims.next()) >= 0;)
                 P::row(x, wp + g * K * GROUP, K, bias ? bias + g * GROUP : nullptr, y + g * GROUP);
     }
 }

@@ -16,13 +16,16 @@
 // stream_prefetch_on says so (below).
 //
 // Threads: OpenMP, through the libgomp PyTorch has already loaded, so the kernel shares torch's thread count and
-// pool. Compiled into cpu_kernels.cpp's library; chosen by atb_models/kernels/linear.py.
+// pool; the groups are shared out as group_claims.h says. Compiled into cpu_kernels.cpp's library; chosen by
+// atb_models/kernels/linear.py.
 
 #pragma once
 
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+
+#include "group_claims.h"
 
 namespace {
 
@@ -142,18 +145,16 @@ void atb_evict_from_caches(const void* p, int64_t bytes) {
 void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const float* wp, int64_t N,
                           const float* bias, float* y) {
     const int64_t groups = N / GROUP;
+    // Prefill's many rows go in chunks small enough to stay in L2 while every group passes over them.
+    GroupClaims claims(groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);
 #pragma omp parallel
     {
-        // Each thread takes an equal run of groups: one contiguous stretch of the packed weights.
-        const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t first_group = groups * thread / threads, end_group = groups * (thread + 1) / threads;
-        // Prefill's many rows go in chunks small enough to stay in L2 while every group passes over them.
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
             const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
             // One pass needs no K blocks: nothing else reads the weights again.
             const int64_t k_block = passes == 1 ? K : K_BLOCK;
-            for (int64_t g = first_group; g < end_group; g++) {
+            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
                 const float* w = wp + g * K * GROUP;
                 for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                     const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;

@@ -209,22 +209,24 @@ W8BlockFn w8_block_for(int rows) {
 }
 
 // The calling thread's share of y [M, N] = q (M rows of K, int16, block scales sx) . w by the register blocks, inside
-// a parallel region: an equal run of the column units (64-column groups, or the tiles' layout's 32-column halves),
-// each one contiguous stream of the packed weights.
+// a parallel region: the column units (64-column groups, or the tiles' layout's 32-column halves: w8_units) it
+// claims, each one contiguous stream of the packed weights.
+template <bool QUADS>
+constexpr int64_t w8_units(int64_t N) { return N / W8Step<QUADS>::COLUMNS; }
+
 template <bool QUADS>
 void w8_vector_product(const int16_t* q, const float* sx, int64_t M, int64_t K, const Blocks& blocks, const int8_t* w8,
-                       int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
+                       int64_t N, const float* scales, int64_t groups, const float* bias, float* y,
+                       GroupClaims& claims) {
     constexpr int64_t COLUMNS = W8Step<QUADS>::COLUMNS, K_STEPS = W8Step<QUADS>::K_STEPS;
-    const int64_t units = N / COLUMNS, steps = K / K_STEPS;
-    const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t first = units * thread / threads, end = units * (thread + 1) / threads;
+    const int64_t steps = K / K_STEPS;
     for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
         const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
         // (four rows of the tiles' layout in passes of 3 and 1: one pass of 4 read 1.06-1.10 of the pair layout's
         // time on a real decode step, though the two layouts' 4-row loops compile to the same instructions)
         const int pass_rows = QUADS && chunk == 4 ? 3 : MAX_ROWS;
         const int64_t passes = (chunk + pass_rows - 1) / pass_rows;
-        for (int64_t g = first; g < end; g++) {
+        for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
             const int8_t* w = w8 + g * steps * PAIR_BYTES;
             __m512 sw[4];
             for (int64_t b = 0; b < blocks.count; b++) {
@@ -344,20 +346,18 @@ void w8_tiles_block(const uint8_t* a, int rows, const int8_t* w, int64_t k0, int
 }
 
 // The calling thread's share of y [M, N] = (256 hi + lo) . wq by the tiles, inside a parallel region (the rows'
-// bytes hi and lo, M rows of K; block scales sx): an equal run of the halves; rows ROW_CHUNK at a time, so that a
+// bytes hi and lo, M rows of K; block scales sx): the halves it claims; rows ROW_CHUNK at a time, so that a
 // half's weights stay in L2 while a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode)
 // streams them.
 void w8_tiles_product(const uint8_t* a, const float* sx, int64_t M, int64_t K, const Blocks& blocks, const int8_t* wq,
-                      int64_t N, const float* scales, int64_t groups, const float* bias, float* y) {
-    const int64_t halves = N / HALF;
-    const int threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t first = halves * thread / threads, end = halves * (thread + 1) / threads;
+                      int64_t N, const float* scales, int64_t groups, const float* bias, float* y,
+                      GroupClaims& claims) {
     alignas(64) int32_t sums[4 * AMX_ROWS * 16];
     int configured = 0;  // the rows the tiles are configured for (0: not yet)
     for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
         const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
         const bool stream = chunk <= AMX_ROWS;
-        for (int64_t h = first; h < end; h++) {
+        for (int64_t h; (h = claims.next(m0 / ROW_CHUNK)) >= 0;) {
             const int8_t* w = wq + h * HALF * K;
             __m512 sw[2];
             for (int64_t b = 0; b < blocks.count; b++) {
@@ -403,20 +403,21 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
     QuantizedRows& rows = quantized_rows(M, K, blocks.count, false);
     int16_t* const q = rows.q.data();
     float* const sx = rows.scales.data();
+    GroupClaims claims(w8_units<false>(N), (M + ROW_CHUNK - 1) / ROW_CHUNK);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, blocks, q + m * K, sx + m * blocks.count);
-        w8_vector_product<false>(q, sx, M, K, blocks, wp, N, scales, groups, bias, y);
+        w8_vector_product<false>(q, sx, M, K, blocks, wp, N, scales, groups, bias, y, claims);
     }
 }
 
 // The same product as atb_w8a16_linear_f32, bit for bit, by the tiles (AMX-INT8), on weights in the tiles' layout
 // wq [N / 64][2][K / 4][32][4] (kernels/w8a16.py's tile_layout), K and the scale groups' sizes multiples of 64: the
 // same blocks, each block's int32 sums by the tiles (w8_tiles_block) for up to 16 rows at a time, scaled into y as
-// there. Each thread takes an equal run of halves; rows go ROW_CHUNK at a time, so a half's weights stay in L2 while
-// a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode) streams them. Where this build or
-// the process has no tiles (atb_w8a16_tiles_available: kernels/w8a16.py packs for them only then), y is NaN.
+// there. The threads claim the halves (group_claims.h); rows go ROW_CHUNK at a time, so a half's weights stay in L2
+// while a chunk's blocks of 16 rows pass over them, and a chunk of one block (decode) streams them. Where this build
+// or the process has no tiles (atb_w8a16_tiles_available: kernels/w8a16.py packs for them only then), y is NaN.
 void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* wq, int64_t N,
                                 const float* scales, int64_t groups, const float* bias, float* y) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
@@ -426,6 +427,8 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
         int16_t* const q = rows.q.data();
         uint8_t* const a = rows.tiles.data();
         float* const sx = rows.scales.data();
+        // (the units: the vector product's, or the tiles' halves of 32 columns, HALF)
+        GroupClaims claims(M <= W8_VECTOR_ROWS ? w8_units<true>(N) : N / HALF, (M + ROW_CHUNK - 1) / ROW_CHUNK);
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
@@ -438,9 +441,9 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
                 }
             }
             if (M <= W8_VECTOR_ROWS)
-                w8_vector_product<true>(q, sx, M, K, blocks, wq, N, scales, groups, bias, y);
+                w8_vector_product<true>(q, sx, M, K, blocks, wq, N, scales, groups, bias, y, claims);
             else
-                w8_tiles_product(a, sx, M, K, blocks, wq, N, scales, groups, bias, y);
+                w8_tiles_product(a, sx, M, K, blocks, wq, N, scales, groups, bias, y, claims);
         }
         return;
     }
