@@ -19,7 +19,7 @@
 // for a float32 model's products (atb_f32_use_amx: f32_amx_chosen), whose sums are then not k order's: each 32
 // k-steps' products of the input's three parts are added in turn (hi's, mid's, lo's) into the row's one set of sums.
 //
-// Work: each thread takes a share of the column groups; for each, its rows in blocks of 16 (ROW_CHUNK rows at a
+// Work: the threads claim the column groups (group_claims.h); for each, its rows in blocks of 16 (ROW_CHUNK rows at a
 // time, so the group's weights stay in L2 over a chunk's blocks): four C tiles hold the block's 16 x 64 sums over
 // the whole of K, one A tile the rows' next 32 k-steps, two B tiles the four column quarters' weights in turn (a
 // float32 model's: three A tiles, one a part, and one B tile).

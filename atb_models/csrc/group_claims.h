@@ -4,8 +4,8 @@
 // Each thread owns an equal run of the units, one contiguous stretch of the packed weights, and takes them from its
 // run's front; a thread done with its own run then takes the others' from their back, one unit at a time, until none
 // is left. A fixed equal run each (the kernels' earlier way) made a linear wait for its slower thread: on this kit's
-// AMD EPYC VM the two threads of a decode step's one-row linear stream at unequal rates, and the first ended 10-40 us
-// (gate_up: up to 135) before the other, which then streamed alone at about 60% of two threads' rate
+// AMD EPYC VM the two threads of a decode step's one-row linear stream at unequal rates, and the first ended 5-20 us
+// (qkv, o) or 12-135 us (gate_up, down) before the other, which then streamed alone at 60-85% of two threads' rate
 // (docs/PERFORMANCE.md). Which thread computes a unit changes none of its sums.
 //
 // Kernels that pass over the weights once per chunk of rows (prefill's ROW_CHUNK) claim each chunk's units from a set
