@@ -96,6 +96,57 @@ def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cac
     return size
 
 
+class HugePages:
+    """Packed weights laid one after another into large private anonymous mappings advised for transparent huge
+    pages (a bump allocator; each tensor from a 64-byte boundary): a model's weights, packed in the order a decode
+    step reads them, lie on huge pages end to end. empty_on_huge_pages gives each weight a mapping of its own and
+    advises its whole 2 MB stretches only, so a weight under 2 MB (a layer's o_proj in a small model) and each
+    weight's tail stayed on 4 KB pages, where a one-row linear on o's weights took 1.18 times as long
+    (docs/PERFORMANCE.md); here only a mapping's last, partly used huge page holds memory no weight uses.
+
+    A mapping is reserved RESERVE bytes at a time (address space: pages become resident as the weights are written)
+    and lives while any of its tensors does (they are views of it), the current one while this object does too. Where huge pages are off
+    ($ATB_MODELS_HUGE_PAGES=0) or the system gives no such mapping, each tensor is an ordinary torch.empty. One per
+    packing kernel object: two models never share one."""
+
+    RESERVE = 256 << 20
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._mapping = None  # the current mapping as a uint8 tensor, and how many of its bytes are taken
+        self._taken = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor in the current mapping (a new one where it has no room)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        advice = getattr(mmap, "MADV_HUGEPAGE", None)
+        if advice is None or not huge_pages_wanted():
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            start = -(-self._taken // 64) * 64
+            if self._mapping is None or start + nbytes > self._mapping.numel():
+                size = max(self.RESERVE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+                try:
+                    self._mapping = _advised_mapping(size, size, advice)
+                except (OSError, ValueError) as e:
+                    logger.info("no huge-page mapping of %d bytes for packed weights (%s): ordinary pages", size, e)
+                    return torch.empty(shape, dtype=dtype)
+                start = 0
+            self._taken = start + nbytes
+            return self._mapping[start:start + nbytes].view(dtype).view(shape)
+
+
+def _advised_mapping(nbytes: int, advised: int, advice: int) -> torch.Tensor:
+    """`nbytes` bytes of a private anonymous mapping from a 2 MB boundary, the first `advised` of them (whole huge
+    pages) advised for huge pages, as a uint8 tensor that holds the mapping while any view of it lives."""
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room for the boundary
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    if advised:
+        mapping.madvise(advice, offset, advised)
+    return raw[offset:offset + nbytes]
+
+
 def huge_pages_wanted() -> bool:
     """$ATB_MODELS_HUGE_PAGES: 1 (the default) or 0, checked."""
     value = os.environ.get("ATB_MODELS_HUGE_PAGES", "1")
@@ -117,14 +168,10 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     if nbytes < HUGE_PAGE or advice is None or not huge_pages_wanted():
         return torch.empty(shape, dtype=dtype)
     try:
-        # Room to start on a 2 MB boundary; only the whole huge pages inside are advised, so the tail stays on
-        # small pages and nothing beyond the tensor is made resident.
-        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping while any view of it lives
-        offset = -raw.data_ptr() % HUGE_PAGE
-        whole = nbytes // HUGE_PAGE * HUGE_PAGE
-        mapping.madvise(advice, offset, whole)
+        # Only the whole huge pages inside are advised, so the tail stays on small pages and nothing beyond the
+        # tensor is made resident.
+        raw = _advised_mapping(nbytes, nbytes // HUGE_PAGE * HUGE_PAGE, advice)
     except (OSError, ValueError) as e:
         logger.info("no huge pages for a %d-byte weight (%s): ordinary pages", nbytes, e)
         return torch.empty(shape, dtype=dtype)
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
+    return raw.view(dtype).view(shape)

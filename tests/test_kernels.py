@@ -885,6 +885,45 @@ def test_packed_weights_of_whole_huge_pages_are_laid_out_as_before_on_memory_adv
         panel_layout(weight)
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_a_kernels_packed_weights_lie_one_after_another_on_one_mapping_advised_for_huge_pages(monkeypatch):
+    """PanelLinear.pack lays each weight after the one before in its host.HugePages: a weight under one huge page
+    (o_proj's in a small model) and every tail are on memory advised for huge pages too, and the mapping goes
+    with the last of its tensors and the kernel."""
+    from atb_models.host import HUGE_PAGE, HugePages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = re.search(r"\[(\w+)\]", thp.read_text()).group(1) if thp.exists() else "never"
+    kernel = PanelLinear(None, None, None)
+    weights = [torch.randn(out_features, 896) for out_features in (1152, 896, 64 * 7)]  # 4.1, 3.2 and 1.6 MB
+    packed = [kernel.pack_panels(w) for w in weights]
+    assert all(torch.equal(p, _panel_packed(w)) and p.is_contiguous() for w, p in zip(weights, packed))
+    starts = [p.data_ptr() for p in packed]
+    assert starts[0] % HUGE_PAGE == 0 and all(start % 64 == 0 for start in starts)  # the mapping's first
+    # each right after the one before
+    assert starts[1:] == [start + p.numel() * p.element_size() for start, p in zip(starts, packed)][:-1]
+    mapping = _mapping_of(starts[-1])
+    assert mapping["range"] == _mapping_of(starts[0])["range"]
+    if mode != "never":
+        assert mapping["THPeligible"] == "1"
+    del packed, kernel
+    assert _mapping_of(mapping["range"][0]).get("range") != mapping["range"]
+    # A weight larger than what the mapping has left starts a new one; huge pages off: torch's allocator.
+    pages = HugePages()
+    monkeypatch.setattr(HugePages, "RESERVE", 4 * HUGE_PAGE)
+    first, second = pages.empty((3 * HUGE_PAGE,), torch.uint8), pages.empty((2 * HUGE_PAGE,), torch.uint8)
+    assert _mapping_of(first.data_ptr())["range"] != _mapping_of(second.data_ptr())["range"]
+    assert second.data_ptr() % HUGE_PAGE == 0
+    monkeypatch.setenv("ATB_MODELS_HUGE_PAGES", "0")
+    import mmap
+
+    def no_mapping(*args, **kwargs):
+        raise AssertionError("with ATB_MODELS_HUGE_PAGES=0 the kit must leave the weight to torch's allocator")
+
+    monkeypatch.setattr(mmap, "mmap", no_mapping)
+    assert pages.empty((16, 64), torch.float32).shape == (16, 64)
+
+
 def test_native_decode_attention_gives_nan_for_the_heads_that_see_a_nan_key_as_pytorch_does():
     attention = native_kernels().decode_attention
     assert isinstance(attention, NativeDecodeAttention)

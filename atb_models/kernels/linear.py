@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models.errors import UserError
-from atb_models.host import empty_on_huge_pages, last_level_cache_bytes
+from atb_models.host import HugePages, empty_on_huge_pages, last_level_cache_bytes
 from atb_models.kernels.native import NativeLibrary, kernel_name
 
 logger = logging.getLogger("atb_models.kernels")
@@ -122,6 +122,7 @@ class PanelLinear(OneDnnLinear):
         self.bf16_rows_op = bf16_rows_op
         self.unpack_op = unpack_op if bf16_op is not None else None
         self._unpacked = threading.local()  # .buffer: this thread's scratch for unpacked weights
+        self.pages = HugePages()  # where pack lays the panels, one after another
         self.name = name if self.unpack_op is None else f"{name}, bfloat16 from {ONEDNN_PREFILL_ROWS} rows by oneDNN"
 
     def __call__(self, x, weight, bias=None):
@@ -203,7 +204,7 @@ class PanelLinear(OneDnnLinear):
         if (weight.dtype == torch.float32 and self.narrow_exact and packed_shape(torch.bfloat16, *weight.shape)
                 and holds_bf16_values(weight)):
             weight = weight.bfloat16()  # exact: every value keeps its bits
-        return panel_layout(weight)
+        return panel_layout(weight, self.pages)
 
 
 def holds_bf16_values(weight: torch.Tensor) -> bool:
@@ -211,27 +212,30 @@ def holds_bf16_values(weight: torch.Tensor) -> bool:
     return not torch.any(weight.contiguous().view(torch.int32) & 0xFFFF).item()
 
 
-def panel_layout(weight: torch.Tensor) -> torch.Tensor:
-    """The layout of PanelLinear's kernels, on huge pages where it can (host.empty_on_huge_pages: the decode step
-    streams it). float32 [out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k]. bfloat16 (in
-    even) -> pair_layout's [out / 64, in / 2, 64, 2]. out a multiple of PANEL_GROUP."""
+def panel_layout(weight: torch.Tensor, pages: HugePages | None = None) -> torch.Tensor:
+    """The layout of PanelLinear's kernels, on huge pages where it can (packed_copy: the decode step streams it).
+    float32 [out, in] -> [out / 64, in, 64]: group g, step k holds W[64g:64g+64, k]. bfloat16 (in even) ->
+    pair_layout's [out / 64, in / 2, 64, 2]. out a multiple of PANEL_GROUP."""
     if weight.dtype != torch.float32:
-        return pair_layout(weight)
+        return pair_layout(weight, pages)
     out_features, in_features = weight.shape
-    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2))
+    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features).transpose(1, 2), pages)
 
 
-def pair_layout(weight: torch.Tensor) -> torch.Tensor:
+def pair_layout(weight: torch.Tensor, pages: HugePages | None = None) -> torch.Tensor:
     """[out, in] -> [out / 64, in / 2, 64, 2] (out a multiple of PANEL_GROUP, in even): group g, pair p, column c
     holds W[64g + c, 2p : 2p + 2], the two weights a 32-bit lane of the kernels holds (bfloat16: the pair
     AVX512-BF16's dot product multiplies; int8: kernels.w8a16's). On huge pages where it can."""
     out_features, in_features = weight.shape
-    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2))
+    return packed_copy(weight.reshape(out_features // PANEL_GROUP, PANEL_GROUP, in_features // 2, 2).transpose(1, 2),
+                       pages)
 
 
-def packed_copy(view: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of a packing's strided view, on huge pages where it can."""
-    return empty_on_huge_pages(tuple(view.shape), view.dtype).copy_(view)
+def packed_copy(view: torch.Tensor, pages: HugePages | None = None) -> torch.Tensor:
+    """A contiguous copy of a packing's strided view, on huge pages where it can: after the weights packed before it
+    in `pages` (a kernel's, host.HugePages), or in a mapping of its own (host.empty_on_huge_pages)."""
+    shape = tuple(view.shape)
+    return (empty_on_huge_pages(shape, view.dtype) if pages is None else pages.empty(shape, view.dtype)).copy_(view)
 
 
 def packed_shape(dtype: torch.dtype, out_features: int, in_features: int) -> tuple | None:

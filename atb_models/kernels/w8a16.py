@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from atb_models import platform
+from atb_models.host import HugePages
 from atb_models.kernels.linear import PANEL_GROUP, amx_tiles_allowed, packed_copy, pair_layout
 
 logger = logging.getLogger("atb_models.kernels")
@@ -110,6 +111,7 @@ class NativeW8A16:
         self._native = native_op
         self._fallback = fallback
         self._tiles = tiles_op
+        self.pages = HugePages()  # where pack lays the weights, one after another
         if tiles_op is not None:
             self.name = "native, AMX-INT8 tiles"
 
@@ -148,8 +150,8 @@ class NativeW8A16:
         if in_features % 2 or group % 2 or in_features % groups:
             return None
         if self._tiles is not None and in_features % TILE_STEPS == 0 and group % TILE_STEPS == 0:
-            return tile_layout(weight)
-        return pair_layout(weight)
+            return tile_layout(weight, self.pages)
+        return pair_layout(weight, self.pages)
 
 
 def tile_shape(out_features: int, in_features: int) -> tuple:
@@ -157,13 +159,13 @@ def tile_shape(out_features: int, in_features: int) -> tuple:
     return out_features // PANEL_GROUP, 2, in_features // 4, PANEL_GROUP // 2, 4
 
 
-def tile_layout(weight: torch.Tensor) -> torch.Tensor:
+def tile_layout(weight: torch.Tensor, pages: HugePages | None = None) -> torch.Tensor:
     """[out, in] int8 -> tile_shape's [out / 64, 2, in / 4, 32, 4] (out a multiple of 64, in of 4): group g, half h,
     quad u, column c holds W[64g + 32h + c, 4u : 4u + 4], the four bytes an AMX-INT8 tile multiplies in a 32-bit
     lane; each half of a group (32 columns) is one stream over the input columns. On huge pages where it can."""
     out_features, in_features = weight.shape
     halves = weight.reshape(out_features // PANEL_GROUP, 2, PANEL_GROUP // 2, in_features // 4, 4)
-    return packed_copy(halves.transpose(2, 3))
+    return packed_copy(halves.transpose(2, 3), pages)
 
 
 class NpuW8A16:
