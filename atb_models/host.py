@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from atb_models.errors import UserError
+from atb_models.layers.sharding import ceil_div
 
 logger = logging.getLogger("atb_models.host")
 
@@ -105,9 +106,9 @@ class HugePages:
     (docs/PERFORMANCE.md); here only a mapping's last, partly used huge page holds memory no weight uses.
 
     A mapping is reserved RESERVE bytes at a time (address space: pages become resident as the weights are written)
-    and lives while any of its tensors does (they are views of it), the current one while this object does too. Where huge pages are off
-    ($ATB_MODELS_HUGE_PAGES=0) or the system gives no such mapping, each tensor is an ordinary torch.empty. One per
-    packing kernel object: two models never share one."""
+    and lives while any of its tensors does (they are views of it), the current one while this object does too.
+    Where huge pages are off ($ATB_MODELS_HUGE_PAGES=0) or the system gives no such mapping, each tensor is an
+    ordinary torch.empty. One per packing kernel object: two models never share one."""
 
     RESERVE = 256 << 20
 
@@ -123,9 +124,9 @@ class HugePages:
         if advice is None or not huge_pages_wanted():
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            start = -(-self._taken // 64) * 64
+            start = ceil_div(self._taken, 64) * 64
             if self._mapping is None or start + nbytes > self._mapping.numel():
-                size = max(self.RESERVE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+                size = max(self.RESERVE, ceil_div(nbytes, HUGE_PAGE) * HUGE_PAGE)
                 try:
                     self._mapping = _advised_mapping(size, size, advice)
                 except (OSError, ValueError) as e:

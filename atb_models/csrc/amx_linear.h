@@ -209,7 +209,7 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
     // (parts == 3: blocks of 16 rows' parts, the last block's as many rows as it has)
     uint16_t* converted = conversion_buffer(x32, parts * chunk_rows, K);
-    GroupClaims claims(column_groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);  // each chunk's groups (group_claims.h)
+    GroupClaims claims(column_groups, M, ROW_CHUNK);  // each chunk's groups (group_claims.h)
 #pragma omp parallel
     {
         alignas(64) float start[AMX_ROWS * GROUP], sums[AMX_ROWS * GROUP];
@@ -237,7 +237,7 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
             } else {
                 xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
             }
-            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+            for (int64_t g; (g = claims.next(m0)) >= 0;) {
                 const uint16_t* w = wp + g * K * GROUP;
                 const int64_t tile_rows = chunk < AMX_ROWS ? chunk : AMX_ROWS;  // (the rows a block's tiles load)
                 for (int64_t r = 0; r < tile_rows; r++)

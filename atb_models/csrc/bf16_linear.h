@@ -168,7 +168,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
     constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
     // Chunks of rows small enough to stay in the caches while every group passes over them (prefill), each chunk's
     // groups shared out among the threads (group_claims.h).
-    GroupClaims claims(column_groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);
+    GroupClaims claims(column_groups, M, ROW_CHUNK);
 #pragma omp parallel
     {
         const unsigned int saved_csr = _mm_getcsr();
@@ -176,7 +176,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
         if (M <= MAX_ROWS || bf16_widen_in_registers || K == 0) {  // (K = 0: the registers' way writes the bias)
             for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
-                for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;)
+                for (int64_t g; (g = claims.next(m0)) >= 0;)
                     for (int64_t m = m0; m < m0 + chunk; m += MAX_ROWS) {
                         const int rows = m0 + chunk - m < MAX_ROWS ? static_cast<int>(m0 + chunk - m) : MAX_ROWS;
                         const Bf16BlockFn block = stream_prefetch_on ? bf16_block_for<true, PAIR_ORDER>(rows)
@@ -191,7 +191,7 @@ void widened_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
                 const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
                 const int64_t passes = 1 + (chunk - WIDENING_ROWS + MAX_ROWS - 1) / MAX_ROWS;
                 const int64_t k_block = chunk <= FEW_ROWS ? FEW_ROWS_K_BLOCK : K_BLOCK;
-                for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+                for (int64_t g; (g = claims.next(m0)) >= 0;) {
                     const uint16_t* w = wp + g * K * GROUP;
                     const float* b = bias ? bias + g * GROUP : nullptr;
                     for (int64_t k0 = 0; k0 < K; k0 += k_block) {
@@ -380,7 +380,7 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
     constexpr int64_t LINES_PER_STEP = GROUP * 2 / 64;
     const int64_t chunk_rows = M < ROW_CHUNK ? M : ROW_CHUNK;
     uint16_t* converted = conversion_buffer(x32, chunk_rows, K);
-    GroupClaims claims(column_groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);  // each chunk's groups (group_claims.h)
+    GroupClaims claims(column_groups, M, ROW_CHUNK);  // each chunk's groups (group_claims.h)
 #pragma omp parallel
     {
         thread_local std::vector<float> group_sums;  // (each OpenMP thread's own)
@@ -391,7 +391,7 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
             const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
             int64_t ldxb;
             const uint16_t* xb = chunk_in_bf16(x32, x16, m0, chunk, ldx, K, converted, ldxb);
-            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+            for (int64_t g; (g = claims.next(m0)) >= 0;) {
                 const uint16_t* w = wp + g * K * GROUP;
                 float* sums = y16 != nullptr ? group_sums.data() : y32 + m0 * N + g * GROUP;
                 const int64_t lds = y16 != nullptr ? GROUP : N;

@@ -267,14 +267,14 @@ template <typename P>
 void run_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const typename P::T* wp, int64_t N,
                 const float* bias, float* y) {
     const int64_t groups = N / GROUP;
-    GroupClaims claims(groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);  // each chunk's groups; a single row's: chunk 0's
+    GroupClaims claims(groups, M, ROW_CHUNK);  // each chunk's groups; a single row's: chunk 0's
 #pragma omp parallel
     {
         alignas(32) float widened[P::K_PER_STEP == 2 ? K_BLOCK * GROUP : 1];  // (bfloat16 panels' WIDEN_ONCE_ROWS)
         for (int64_t m0 = 0; m0 < M && M > 1; m0 += ROW_CHUNK) {
             const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
             const bool widen = P::K_PER_STEP == 2 && chunk >= WIDEN_ONCE_ROWS;
-            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+            for (int64_t g; (g = claims.next(m0)) >= 0;) {
                 const typename P::T* w = wp + g * K * GROUP;
                 const float* b = bias ? bias + g * GROUP : nullptr;
                 float* out = y + m0 * N + g * GROUP;

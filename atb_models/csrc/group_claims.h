@@ -9,7 +9,7 @@
 // (docs/PERFORMANCE.md). Which thread computes a unit changes none of its sums.
 //
 // Kernels that pass over the weights once per chunk of rows (prefill's ROW_CHUNK) claim each chunk's units from a set
-// of runs of its own, so that no thread waits for the others between chunks.
+// of runs of its own, so that no thread waits for the others between chunks: a chunk is named by its first row.
 
 #pragma once
 
@@ -23,9 +23,11 @@ namespace {
 
 class GroupClaims {
 public:
-    // Made by the calling thread before the parallel region, for that region's threads (omp_get_max_threads()).
-    explicit GroupClaims(int64_t units, int64_t chunks = 1)
-        : threads_(omp_get_max_threads()), runs_(static_cast<size_t>(threads_ * (chunks > 0 ? chunks : 1))) {
+    // Made by the calling thread before the parallel region, for that region's threads (omp_get_max_threads()):
+    // `units` for each chunk of `row_chunk` of the `rows`.
+    GroupClaims(int64_t units, int64_t rows, int64_t row_chunk)
+        : threads_(omp_get_max_threads()), row_chunk_(row_chunk),
+          runs_(static_cast<size_t>(threads_ * (rows > row_chunk ? (rows + row_chunk - 1) / row_chunk : 1))) {
         for (size_t i = 0; i < runs_.size(); i++) {
             const int64_t thread = static_cast<int64_t>(i) % threads_;
             runs_[i].span.store(pack(units * thread / threads_, units * (thread + 1) / threads_),
@@ -33,12 +35,12 @@ public:
         }
     }
 
-    // The calling thread's next unit of `chunk`, or -1 when every unit of it has been taken. Each unit is returned to
-    // one thread once; a thread of a smaller team than expected (a nested region's one) takes the absent threads'
-    // runs as the others' (a larger one's extra threads take only others').
-    int64_t next(int64_t chunk = 0) {
+    // The calling thread's next unit of the chunk from row `first_row` on, or -1 when every unit of it has been
+    // taken. Each unit is returned to one thread once; a thread of a smaller team than expected (a nested region's
+    // one) takes the absent threads' runs as the others' (a larger one's extra threads take only others').
+    int64_t next(int64_t first_row = 0) {
         const int64_t thread = omp_get_thread_num();
-        Run* runs = runs_.data() + chunk * threads_;
+        Run* runs = runs_.data() + first_row / row_chunk_ * threads_;
         for (int64_t d = 0; d < threads_; d++) {
             const bool own = d == 0 && thread < threads_;
             Run& run = runs[(thread + d) % threads_];
@@ -61,7 +63,7 @@ private:
     static int64_t front(int64_t span) { return span & 0xFFFFFFFF; }
     static int64_t end(int64_t span) { return span >> 32; }
 
-    int64_t threads_;
+    int64_t threads_, row_chunk_;
     std::vector<Run> runs_;
 };
 

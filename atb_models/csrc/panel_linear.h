@@ -146,7 +146,7 @@ void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
                           const float* bias, float* y) {
     const int64_t groups = N / GROUP;
     // Prefill's many rows go in chunks small enough to stay in L2 while every group passes over them.
-    GroupClaims claims(groups, (M + ROW_CHUNK - 1) / ROW_CHUNK);
+    GroupClaims claims(groups, M, ROW_CHUNK);
 #pragma omp parallel
     {
         for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
@@ -154,7 +154,7 @@ void atb_panel_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
             const int64_t passes = (chunk + MAX_ROWS - 1) / MAX_ROWS;
             // One pass needs no K blocks: nothing else reads the weights again.
             const int64_t k_block = passes == 1 ? K : K_BLOCK;
-            for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+            for (int64_t g; (g = claims.next(m0)) >= 0;) {
                 const float* w = wp + g * K * GROUP;
                 for (int64_t k0 = 0; k0 < K; k0 += k_block) {
                     const int64_t k1 = K - k0 < k_block ? K : k0 + k_block;

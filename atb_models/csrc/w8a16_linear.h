@@ -226,7 +226,7 @@ void w8_vector_product(const int16_t* q, const float* sx, int64_t M, int64_t K, 
         // time on a real decode step, though the two layouts' 4-row loops compile to the same instructions)
         const int pass_rows = QUADS && chunk == 4 ? 3 : MAX_ROWS;
         const int64_t passes = (chunk + pass_rows - 1) / pass_rows;
-        for (int64_t g; (g = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+        for (int64_t g; (g = claims.next(m0)) >= 0;) {
             const int8_t* w = w8 + g * steps * PAIR_BYTES;
             __m512 sw[4];
             for (int64_t b = 0; b < blocks.count; b++) {
@@ -357,7 +357,7 @@ void w8_tiles_product(const uint8_t* a, const float* sx, int64_t M, int64_t K, c
     for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
         const int64_t chunk = M - m0 < ROW_CHUNK ? M - m0 : ROW_CHUNK;
         const bool stream = chunk <= AMX_ROWS;
-        for (int64_t h; (h = claims.next(m0 / ROW_CHUNK)) >= 0;) {
+        for (int64_t h; (h = claims.next(m0)) >= 0;) {
             const int8_t* w = wq + h * HALF * K;
             __m512 sw[2];
             for (int64_t b = 0; b < blocks.count; b++) {
@@ -403,7 +403,7 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
     QuantizedRows& rows = quantized_rows(M, K, blocks.count, false);
     int16_t* const q = rows.q.data();
     float* const sx = rows.scales.data();
-    GroupClaims claims(w8_units<false>(N), (M + ROW_CHUNK - 1) / ROW_CHUNK);
+    GroupClaims claims(w8_units<false>(N), M, ROW_CHUNK);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -428,7 +428,7 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
         uint8_t* const a = rows.tiles.data();
         float* const sx = rows.scales.data();
         // (the units: the vector product's, or the tiles' halves of 32 columns, HALF)
-        GroupClaims claims(M <= W8_VECTOR_ROWS ? w8_units<true>(N) : N / HALF, (M + ROW_CHUNK - 1) / ROW_CHUNK);
+        GroupClaims claims(M <= W8_VECTOR_ROWS ? w8_units<true>(N) : N / HALF, M, ROW_CHUNK);
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
