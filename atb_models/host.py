@@ -116,12 +116,13 @@ class HugePages:
         self._lock = threading.Lock()
         self._mapping = None  # the current mapping as a uint8 tensor, and how many of its bytes are taken
         self._taken = 0
+        self._refused = False  # the system refused a mapping: ordinary pages from then on (asked, and logged, once)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous tensor in the current mapping (a new one where it has no room)."""
         nbytes = math.prod(shape) * dtype.itemsize
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advice is None or not huge_pages_wanted():
+        if advice is None or self._refused or not huge_pages_wanted():
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             start = ceil_div(self._taken, 64) * 64
@@ -131,6 +132,7 @@ class HugePages:
                     self._mapping = _advised_mapping(size, size, advice)
                 except (OSError, ValueError) as e:
                     logger.info("no huge-page mapping of %d bytes for packed weights (%s): ordinary pages", size, e)
+                    self._refused = True
                     return torch.empty(shape, dtype=dtype)
                 start = 0
             self._taken = start + nbytes

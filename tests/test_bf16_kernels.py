@@ -1239,6 +1239,7 @@ def test_a_compiler_without_amx_still_builds_the_avx512_library_without_the_tile
     def build(name, flags=None):
         tried.append(flags)
         return None if "-mamx-tile" in flags else real_build(name, flags)
+    monkeypatch.delenv(native.AMX_EMULATED_ENV, raising=False)  # (the tiles as the compiler gives them)
     monkeypatch.setattr(native, "compile_flags", lambda: (*native.CXX_FLAGS, "-mamx-tile", "-mamx-bf16"))
     monkeypatch.setattr(native, "build", build)
     with caplog.at_level("INFO", logger="atb_models.native"):
@@ -1246,3 +1247,18 @@ def test_a_compiler_without_amx_still_builds_the_avx512_library_without_the_tile
     assert library is not None and library.atb_bf16_amx_available() == 0
     assert tried == [(*native.CXX_FLAGS, "-mamx-tile", "-mamx-bf16"), native.CXX_FLAGS]
     assert "without AMX (-mamx-tile -mamx-bf16)" in caplog.text
+
+
+def test_amx_emulated_builds_the_avx512_library_with_the_tiles_in_software_in_place_of_the_cpus(monkeypatch):
+    """ATB_MODELS_AMX_EMULATED=1 (.ci/run's last pass on a CPU without AMX): the kernels' AMX paths compiled on
+    csrc/amx_emulated.h's tiles, never with the compiler's AMX flags, whatever the CPU reports."""
+    native_bf16_kernels()  # (skips where the native kernels cannot run)
+    tried = []
+    monkeypatch.setattr(native, "compile_flags", lambda: (*native.CXX_FLAGS, "-mavx512bf16", "-mamx-tile",
+                                                          "-mamx-bf16", "-mamx-int8"))
+    monkeypatch.setattr(native, "build", lambda name, flags=None: tried.append(flags))  # (builds nothing)
+    for emulated in ("1", "0"):
+        monkeypatch.setenv(native.AMX_EMULATED_ENV, emulated)
+        assert native.NativeLibrary.load() is None
+    assert tried[0] == (*native.CXX_FLAGS, "-mavx512bf16", "-DATB_AMX_EMULATED")
+    assert tried[1] == (*native.CXX_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8")

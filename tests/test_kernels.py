@@ -307,15 +307,53 @@ def test_every_linear_gives_the_same_sums_whatever_number_of_threads_claims_its_
         int8, (q, scale) = NativeW8A16(library.atb_w8a16_linear_f32, TorchW8A16()), quantize(weight, None)
         linears["int8"] = (lambda x, w=int8.pack(q, scale): int8(x, w, bias, scale),
                            lambda x: exact(x, dequantize(q, scale)), 1e-2)  # (its activations in int16 steps)
-    threads = torch.get_num_threads()
     if isa == "avx512":  # (the dot product at every row count, whatever this CPU's measurements chose)
         dot_rows, dot_on = library.atb_bf16_dot_decode_rows(-1), library.atb_bf16_use_dot(-1)
         library.atb_bf16_dot_decode_rows(6)
         library.atb_bf16_use_dot(1)
     try:
+        _same_sums_with_1_2_and_3_threads(linears, 202, generator)
+    finally:
+        if isa == "avx512":
+            library.atb_bf16_dot_decode_rows(dot_rows)
+            library.atb_bf16_use_dot(dot_on)
+
+
+def test_every_linear_on_amx_tiles_gives_the_same_sums_whatever_number_of_threads_claims_its_groups():
+    """As above, for the products on AMX tiles (a bfloat16 model's, a float32 model's in three parts, int8's): on an
+    AMX CPU, or on tiles emulated in software (ATB_MODELS_AMX_EMULATED=1, as .ci/run runs these tests elsewhere)."""
+    library = native.NativeLibrary.load() if AVX512 else None
+    if library is None or not library.atb_bf16_amx_available() or not library.atb_w8a16_tiles_available():
+        pytest.skip("this CPU, this build or this process has no AMX tiles (ATB_MODELS_AMX_EMULATED=1 emulates them)")
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64 * 37, 256, generator=generator).bfloat16().float()  # (K: a multiple of 64, for int8's)
+    bias = torch.randn(64 * 37, generator=generator)
+    pairs = panel_layout(weight.bfloat16())
+    exact = lambda x, w=weight: F.linear(x.double(), w.double(), bias.double())  # noqa: E731
+    panels = PanelLinear(None, None, None, library.atb_bf16_linear_f32)  # (the float32 model's, in three parts)
+    dot = PanelLinear(None, None, None, library.atb_bf16_dot_linear_f32)  # (the bfloat16 model's)
+    int8, (q, scale) = NativeW8A16(None, TorchW8A16(), library.atb_w8a16_tiles_linear_f32), quantize(weight, None)
+    linears = {"float32 in three parts": (lambda x: panels(x, pairs, bias), exact, 1e-4),
+               "bfloat16": (lambda x: dot(x.bfloat16().float(), pairs, bias), lambda x: exact(x.bfloat16()), 1e-4),
+               # (1 row: the register blocks on the tiles' layout; 7 and 300: the tiles)
+               "int8": (lambda x, w=int8.pack(q, scale): int8(x, w, bias, scale),
+                        lambda x: exact(x, dequantize(q, scale)), 1e-2)}
+    was = library.atb_bf16_use_amx(1), library.atb_f32_use_amx(1)
+    try:
+        _same_sums_with_1_2_and_3_threads(linears, 256, generator)
+    finally:
+        library.atb_bf16_use_amx(was[0])
+        library.atb_f32_use_amx(was[1])
+
+
+def _same_sums_with_1_2_and_3_threads(linears: dict, in_features: int, generator: torch.Generator) -> None:
+    """Each of `linears` (name: (the linear of float32 rows, the exact products it approximates, their tolerance))
+    on 1, 7 and 300 rows gives the same outputs with 1, 2 and 3 threads, close to the exact ones."""
+    threads = torch.get_num_threads()
+    try:
         for name, (linear, expected_of, tolerance) in linears.items():
             for rows in (1, 7, 300):
-                x = torch.randn(rows, 202, generator=generator)
+                x = torch.randn(rows, in_features, generator=generator)
                 outputs = []
                 for count in (1, 2, 3):
                     torch.set_num_threads(count)
@@ -324,9 +362,6 @@ def test_every_linear_gives_the_same_sums_whatever_number_of_threads_claims_its_
                 assert all(torch.equal(y, outputs[0]) for y in outputs[1:]), (name, rows)
     finally:
         torch.set_num_threads(threads)
-        if isa == "avx512":
-            library.atb_bf16_dot_decode_rows(dot_rows)
-            library.atb_bf16_use_dot(dot_on)
 
 
 def test_the_cpu_linear_follows_its_environment_variable(monkeypatch):
@@ -922,6 +957,25 @@ def test_a_kernels_packed_weights_lie_one_after_another_on_one_mapping_advised_f
 
     monkeypatch.setattr(mmap, "mmap", no_mapping)
     assert pages.empty((16, 64), torch.float32).shape == (16, 64)
+
+
+def test_huge_pages_refused_once_leave_a_kernels_later_weights_to_torchs_allocator_without_asking_again(
+        monkeypatch, caplog):
+    import mmap
+
+    from atb_models.host import HugePages
+
+    asked = []
+
+    def refused(*args, **kwargs):
+        asked.append(args)
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(mmap, "mmap", refused)
+    pages = HugePages()
+    with caplog.at_level("INFO", logger="atb_models.host"):
+        tensors = [pages.empty((64, 64), torch.float32) for _ in range(3)]
+    assert all(t.shape == (64, 64) and t.is_contiguous() for t in tensors) and len(asked) == 1
+    assert caplog.text.count("no huge-page mapping") == 1
 
 
 def test_native_decode_attention_gives_nan_for_the_heads_that_see_a_nan_key_as_pytorch_does():

@@ -36,12 +36,25 @@
 #include "bf16.h"
 #include "panel_linear.h"
 
+// ATB_AMX_BF16 where this build multiplies bfloat16 on tiles, ATB_AMX_INT8 where int8 too: the compiler targets
+// AMX-BF16 (and AMX-INT8), or a test build emulates the tiles (amx_emulated.h).
+#if defined(ATB_AMX_EMULATED)
+#include "amx_emulated.h"
+#define ATB_AMX_BF16 1
+#define ATB_AMX_INT8 1
+#elif defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define ATB_AMX_BF16 1
+#if defined(__AMX_INT8__)
+#define ATB_AMX_INT8 1
+#endif
+#endif
+
 namespace {
 
 constexpr int64_t AMX_ROWS = 16;   // rows of an A and a C tile
 constexpr int64_t AMX_STEPS = 32;  // k-steps an A tile holds (16 pairs: a B tile's rows)
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef ATB_AMX_BF16
 
 // What LDTILECFG reads: palette 1, each tile's rows and bytes a row.
 struct TileConfig {
@@ -54,9 +67,13 @@ struct TileConfig {
 
 // Linux hands a process the tiles' 8 KB of state only when asked (arch_prctl, kernel 5.16 on); once a process.
 bool tiles_permitted() {
+#ifdef ATB_AMX_EMULATED
+    return true;  // (no state to ask for)
+#else
     constexpr long REQUEST_PERMISSION = 0x1023, TILE_DATA = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
     static const bool permitted = syscall(SYS_arch_prctl, REQUEST_PERMISSION, TILE_DATA) == 0;
     return permitted;
+#endif
 }
 
 // Tiles 0 .. row_tiles - 1 hold `rows` rows of 64 bytes (a block's sums, 16 columns of float32 each, in tiles 0-3,
@@ -272,7 +289,7 @@ void amx_linear(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int
     }
 }
 
-#endif  // __AMX_TILE__ && __AMX_BF16__
+#endif  // ATB_AMX_BF16
 
 // Whether a bfloat16 model's products run on the tiles: off until atb_bf16_use_amx turns it on (kernels/linear.py).
 int64_t bf16_amx_on = 0;
@@ -286,7 +303,7 @@ extern "C" {
 
 // Whether this build has AMX-BF16 and the process may use the tiles.
 int64_t atb_bf16_amx_available() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef ATB_AMX_BF16
     return tiles_permitted() ? 1 : 0;
 #else
     return 0;

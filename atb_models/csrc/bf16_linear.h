@@ -233,7 +233,7 @@ int64_t atb_bf16_widen_in_registers(int64_t on) { return set_switch(bf16_widen_i
 // turned the tiles on and K is a multiple of 32, on the tiles in three parts (amx_linear.h), at every row count.
 void atb_bf16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp, int64_t N,
                          const float* bias, float* y) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef ATB_AMX_BF16
     if (f32_amx_on && K % AMX_STEPS == 0) {
         amx_linear(x, nullptr, M, K, ldx, wp, N, bias, y, nullptr, 3);
         return;
@@ -435,7 +435,7 @@ void dot_linear_rows(const float* x32, const uint16_t* x16, int64_t M, int64_t K
 // bf16_dot_on; fewer: bf16_dot_decode_rows); whether either ran.
 bool ran_tiles_or_dot(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t ldx, const uint16_t* wp,
                       int64_t N, const float* bias, float* y32, uint16_t* y16) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifdef ATB_AMX_BF16
     if (bf16_amx_on && K % AMX_STEPS == 0) {
         amx_linear(x32, x16, M, K, ldx, wp, N, bias, y32, y16);
         return true;

@@ -268,7 +268,7 @@ QuantizedRows& quantized_rows(int64_t M, int64_t K, int64_t blocks, bool tiles) 
     return rows;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+#ifdef ATB_AMX_INT8
 
 // The tiles' int8 products (AMX-INT8, atb_w8a16_tiles_linear_f32): the same int32 block sums as the register blocks
 // above, so the same outputs bit for bit. A tile multiplies bytes, 4 k-steps a 32-bit lane, so each int16 activation
@@ -389,7 +389,7 @@ void w8_tiles_product(const uint8_t* a, const float* sx, int64_t M, int64_t K, c
     if (configured) _tile_release();
 }
 
-#endif  // __AMX_TILE__ && __AMX_BF16__ && __AMX_INT8__
+#endif  // ATB_AMX_INT8
 
 }  // namespace
 
@@ -420,7 +420,7 @@ void atb_w8a16_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, con
 // or the process has no tiles (atb_w8a16_tiles_available: kernels/w8a16.py packs for them only then), y is NaN.
 void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* wq, int64_t N,
                                 const float* scales, int64_t groups, const float* bias, float* y) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+#ifdef ATB_AMX_INT8
     if (tiles_permitted()) {
         const Blocks blocks(K, groups);
         QuantizedRows& rows = quantized_rows(M, K, blocks.count, M > W8_VECTOR_ROWS);
@@ -453,7 +453,7 @@ void atb_w8a16_tiles_linear_f32(const float* x, int64_t M, int64_t K, int64_t ld
 
 // Whether atb_w8a16_tiles_linear_f32 runs here: this build has AMX-INT8 and the process may use the tiles.
 int64_t atb_w8a16_tiles_available() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+#ifdef ATB_AMX_INT8
     return tiles_permitted() ? 1 : 0;
 #else
     return 0;

@@ -49,6 +49,9 @@ AVX2_FUNCTIONS = ("atb_native_abi", "atb_panel_linear_f32", "atb_bf16_linear_f32
 # compiler flag.
 OPTIONAL_ISA = (("avx512_vnni", "-mavx512vnni"), ("avx512_bf16", "-mavx512bf16"), ("amx_tile", "-mamx-tile"),
                 ("amx_bf16", "-mamx-bf16"), ("amx_int8", "-mamx-int8"))
+# Set to 1, the AVX-512 library is built with its AMX kernels on tiles emulated in plain C++ (csrc/amx_emulated.h)
+# in place of the CPU's: the kernels' logic tested on a CPU without AMX (.ci/run), slowly. Never for serving.
+AMX_EMULATED_ENV = "ATB_MODELS_AMX_EMULATED"
 
 # --------------------------------------------------------------------------------------------- the declaration
 
@@ -187,6 +190,10 @@ class NativeLibrary:
                         f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
             return None
         flags = compile_flags()
+        if os.environ.get(AMX_EMULATED_ENV) == "1":
+            flags = tuple(f for f in flags if not f.startswith("-mamx")) + ("-DATB_AMX_EMULATED",)
+            logger.info("%s=1: the kit's %s kernels run their AMX paths on tiles emulated in software (a test "
+                        "build: slow)", AMX_EMULATED_ENV, LIBRARY)
         library = cls._built(LIBRARY, flags, "avx512")
         tiles = tuple(option for flag, option in OPTIONAL_ISA if flag.startswith("amx_") and option in flags)
         if library is None and tiles:
