@@ -43,11 +43,18 @@ inline thread_local Tiles tiles;
 inline void load_config(const void* config) {
     const uint8_t* c = static_cast<const uint8_t*>(config);
     if (c[0] != 1) fault("a palette other than 1");
+    for (int b = 1; b < 16; b++)
+        if (c[b] != 0) fault("a non-zero start row or reserved byte in the configuration");
+    for (int b = 16 + 2 * TILES; b < 48; b++)  // (tiles 8-15's bytes a row)
+        if (c[b] != 0) fault("a tile past the eighth configured");
+    for (int b = 48 + TILES; b < 64; b++)  // (their rows)
+        if (c[b] != 0) fault("a tile past the eighth configured");
     Tiles& t = tiles;
     for (int i = 0; i < TILES; i++) {
         memcpy(&t.bytes[i], c + 16 + 2 * i, 2);
         t.rows[i] = c[48 + i];
-        if (t.rows[i] > MAX_ROWS || t.bytes[i] > ROW_BYTES || t.bytes[i] % 4 != 0) fault("a tile larger than 16 x 64");
+        if (t.rows[i] > MAX_ROWS || t.bytes[i] > ROW_BYTES) fault("a tile larger than 16 x 64");
+        if ((t.rows[i] == 0) != (t.bytes[i] == 0)) fault("a tile with rows but no bytes, or bytes but no rows");
     }
     memset(t.data, 0, sizeof t.data);
     t.configured = true;
