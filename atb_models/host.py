@@ -38,10 +38,17 @@ def cpuinfo_field(cpuinfo: str, key: str) -> str:
     return ""
 
 
+# Flags of this machine's CPU the kit is to act as if it lacked (space-separated): a CPU without them stood in for,
+# the kernels built and chosen as there (.ci/run's pass as an AVX-512 CPU without VNNI, AVX512-BF16 or AMX).
+FLAGS_OFF_ENV = "ATB_MODELS_CPU_FLAGS_OFF"
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The first processor's flags ("avx2", "avx512_bf16", "amx_bf16", ...) in /proc/cpuinfo text (default: this
-    machine's), empty where there is none."""
-    return set(cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
+    """The first processor's flags ("avx2", "avx512_bf16", "amx_bf16", ...) in /proc/cpuinfo text, empty where there
+    is none; by default this machine's, less those $ATB_MODELS_CPU_FLAGS_OFF names."""
+    if cpuinfo is not None:
+        return set(cpuinfo_field(cpuinfo, "flags").split())
+    return set(cpuinfo_field(read_cpuinfo(), "flags").split()) - set(os.environ.get(FLAGS_OFF_ENV, "").split())
 
 
 # PyTorch's operators that MKL's vector math (VML) computes, in float32 and float64 only (bfloat16 and float16 take

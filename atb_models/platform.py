@@ -15,9 +15,10 @@ from types import ModuleType
 
 import torch
 
+from atb_models import host
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES
 from atb_models.errors import UserError
-from atb_models.host import available_memory_bytes, cpu_flags, cpuinfo_field, read_cpuinfo
+from atb_models.host import available_memory_bytes, cpu_flags, cpuinfo_field
 
 # The names a checkpoint's config.json may give its torch_dtype.
 _CHECKPOINT_DTYPES = {
@@ -70,13 +71,14 @@ def _import_torch_npu() -> ModuleType | None:
     return importlib.import_module("torch_npu")
 
 
-def cpu_capabilities(cpuinfo: str, vector_isa: str = "AVX512") -> Capabilities:
-    """Parse /proc/cpuinfo text: the first processor's model name and flags. `vector_isa` is PyTorch's CPU
-    capability (torch.backends.cpu.get_cpu_capability()): below AVX512 (ATEN_CPU_CAPABILITY=avx2 on such a CPU, say)
-    PyTorch runs no bfloat16 or float16 product natively, whatever the flags (oneDNN's packing of a bfloat16 weight
-    refuses), and the kit's AVX-512 kernels do not load: the CPU computes as one without the flags would."""
+def cpu_capabilities(cpuinfo: str | None = None, vector_isa: str = "AVX512") -> Capabilities:
+    """Parse /proc/cpuinfo text (default: this machine's, its flags as host.cpu_flags gives them): the first
+    processor's model name and flags. `vector_isa` is PyTorch's CPU capability
+    (torch.backends.cpu.get_cpu_capability()): below AVX512 (ATEN_CPU_CAPABILITY=avx2 on such a CPU, say) PyTorch
+    runs no bfloat16 or float16 product natively, whatever the flags (oneDNN's packing of a bfloat16 weight refuses),
+    and the kit's AVX-512 kernels do not load: the CPU computes as one without the flags would."""
     flags = cpu_flags(cpuinfo)
-    model = cpuinfo_field(cpuinfo, "model name") or "unknown CPU"
+    model = cpuinfo_field(host.read_cpuinfo() if cpuinfo is None else cpuinfo, "model name") or "unknown CPU"
     matrix_flags = [f for f in _CPU_BF16_FLAGS + _CPU_FP16_FLAGS if f in flags]
     name = f"{model} ({', '.join(matrix_flags)})" if matrix_flags else model
     usable = vector_isa == "AVX512"
@@ -113,7 +115,7 @@ def _npu_capabilities() -> Capabilities:
 def probe(kind: str) -> Capabilities:
     """What the first device of `kind` on this machine can do."""
     if kind == "cpu":
-        return cpu_capabilities(read_cpuinfo(), torch.backends.cpu.get_cpu_capability())
+        return cpu_capabilities(None, torch.backends.cpu.get_cpu_capability())
     if kind == "cuda":
         return _cuda_capabilities()
     if kind == "npu":

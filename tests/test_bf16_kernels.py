@@ -1262,3 +1262,17 @@ def test_amx_emulated_builds_the_avx512_library_with_the_tiles_in_software_in_pl
         assert native.NativeLibrary.load() is None
     assert tried[0] == (*native.CXX_FLAGS, "-mavx512bf16", "-DATB_AMX_EMULATED")
     assert tried[1] == (*native.CXX_FLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8")
+
+
+@pytest.mark.slow
+def test_the_real_amx_build_compiles_on_any_cpu_whose_compiler_knows_amx():
+    """The emulated tiles take a tile number from a variable; the compiler's intrinsics only a constant. So the
+    library as an AMX CPU builds it must compile too, wherever the tests run (not run: no tiles here, perhaps)."""
+    import subprocess
+
+    cxx = native.compiler()
+    amx = tuple(option for flag, option in native.OPTIONAL_ISA)
+    if cxx is None or subprocess.run([cxx, *amx, "-x", "c++", "-E", "-"], input="", capture_output=True,
+                                     text=True).returncode != 0:
+        pytest.skip("no C++ compiler here that knows AMX (GCC 11 on)")
+    assert native.build(native.LIBRARY, (*native.CXX_FLAGS, *amx)) is not None

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from atb_models import platform
+from atb_models import host, platform
 from atb_models.errors import UserError
 from atb_models.platform import Capabilities, cpu_capabilities, detect_device_kind, probe, resolve_plan
 
@@ -185,7 +185,7 @@ flags\t\t: fpu vme sse avx2 avx512f avx512_bf16 avx512vl
 
 
 def test_probe_cpu_reads_bf16_from_the_cpuinfo_flags(monkeypatch):
-    monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO)
+    monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     caps = probe("cpu")
     assert caps == Capabilities("cpu", "AMD EPYC 9654 96-Core Processor (avx512_bf16)", native_bf16=True,
@@ -193,7 +193,7 @@ def test_probe_cpu_reads_bf16_from_the_cpuinfo_flags(monkeypatch):
 
 
 def test_probe_cpu_without_matrix_flags_has_neither_bf16_nor_fp16(monkeypatch):
-    monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO.replace(" avx512_bf16", ""))
+    monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO.replace(" avx512_bf16", ""))
     caps = probe("cpu")
     assert (caps.name, caps.native_bf16, caps.native_fp16) == ("AMD EPYC 9654 96-Core Processor", False, False)
 
@@ -201,7 +201,7 @@ def test_probe_cpu_without_matrix_flags_has_neither_bf16_nor_fp16(monkeypatch):
 def test_probe_cpu_with_pytorch_below_avx512_runs_no_bf16_whatever_the_flags(monkeypatch):
     # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: PyTorch's bfloat16 products (oneDNN's packing refuses a bfloat16
     # weight) and the kit's AVX-512 library are out, so the CPU computes as one without the flags.
-    monkeypatch.setattr(platform, "read_cpuinfo", lambda: CPUINFO)
+    monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     caps = probe("cpu")
     assert (caps.native_bf16, caps.native_fp16) == (False, False)
@@ -211,6 +211,22 @@ def test_probe_cpu_with_pytorch_below_avx512_runs_no_bf16_whatever_the_flags(mon
     assert "this CPU has no usable AVX512-BF16/AMX (PyTorch's CPU capability is AVX2" in plan.reason
     with pytest.raises(UserError, match=r"no native bf16 \(PyTorch's CPU capability is AVX2"):
         resolve_plan(requested_dtype="bfloat16", config_dtype="bfloat16", caps=caps)
+
+
+def test_flags_turned_off_make_the_kit_see_and_build_for_this_cpu_as_one_without_them(monkeypatch):
+    """$ATB_MODELS_CPU_FLAGS_OFF (.ci/run's stand-in for an AVX-512 CPU without VNNI, AVX512-BF16 or AMX): this
+    machine's flags less those named, for the plan and the native library's build alike; a cpuinfo text given
+    explicitly is read as it is."""
+    from atb_models.kernels import native
+
+    monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO.replace(" avx512vl", " avx512vl avx512_vnni"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert probe("cpu").native_bf16 and {"-mavx512bf16", "-mavx512vnni"} <= set(native.compile_flags())
+    monkeypatch.setenv(host.FLAGS_OFF_ENV, "avx512_bf16 avx512_vnni")
+    caps = probe("cpu")
+    assert (caps.name, caps.native_bf16) == ("AMD EPYC 9654 96-Core Processor", False)
+    assert native.compile_flags() == native.CXX_FLAGS and "avx512f" in host.cpu_flags()
+    assert cpu_capabilities(CPUINFO).native_bf16 and "avx512_bf16" in host.cpu_flags(CPUINFO)
 
 
 def test_cpu_capabilities_see_amx_and_fp16_flags():

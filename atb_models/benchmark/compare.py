@@ -39,7 +39,7 @@ from atb_models.benchmark.presets import Preset, Workloads, benchmark_dir
 from atb_models.config import kit_home
 from atb_models.demo.checkpoint import make_image
 from atb_models.errors import UserError
-from atb_models.platform import cpu_capabilities, read_cpuinfo
+from atb_models.platform import cpu_capabilities
 
 logger = logging.getLogger("atb_models.benchmark")
 
@@ -255,7 +255,7 @@ def _run_workloads(preset: Preset, model_path: str, workloads: tuple[str, ...], 
         "device": plan.describe(),
         "kit": "prefix caching off (repeats would be answered from the cache; tools/bench_prefix_cache.py times it)",
         "reference": reference.model.description,
-        "host": f"{cpu_capabilities(read_cpuinfo()).name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        "host": f"{cpu_capabilities().name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
                 f"python {platform.python_version()}",
         "repeats": f"{repeats} per workload and side (medians), after one warm-up",
         # Other processes on the CPU slow both sides, and unevenly: a load above the core count flags such a run.

@@ -1,13 +1,17 @@
 // The AMX tiles in plain C++, for a test build of the AVX-512 library (-DATB_AMX_EMULATED: kernels/native.py builds
 // it where ATB_MODELS_AMX_EMULATED=1): the kit's AMX kernels (amx_linear.h, w8a16_linear.h's tiles) run unchanged,
 // each _tile_* intrinsic they use answered here, on a CPU without AMX. What it shows is the kernels' own logic (tile
-// shapes, strides, layouts, which thread claims which columns, the switches around them); not the hardware's speed,
-// nor its order of adding a TDPBF16PS pair's products (neither of vdpbf16ps's orders, measured: amx_linear.h), which
-// here is the order of the instruction's description in Intel's manual.
+// shapes, strides, layouts, which thread claims which columns, the switches around them); not the hardware's speed.
+// TDPBF16PS adds in the order Intel's manual describes (and Bochs emulates): per output, the even and the odd
+// products each chained by fused multiply-adds from zero over the instruction's k-steps, then their sum added to
+// the destination; whether the kit's AMX CPU adds in just that order has not been checked (amx_linear.h), so no
+// test expects the emulated sums to be the hardware's bit for bit.
 //
-// Each thread has its own eight tiles and configuration, as each core has. Where the hardware would fault (a tile
-// used before LDTILECFG, shapes a product does not allow, a palette other than 1) the process stops with a message:
-// a test that reaches it fails.
+// Each thread has its own eight tiles and configuration, as each core has. Where the hardware would fault (a
+// configuration with reserved bits set or a tile with rows but no bytes, a tile used that is not configured, a
+// product's shapes that do not fit or tiles that are not three different ones) the process stops with a message:
+// a test that reaches it fails. Not emulated: a non-zero start row (faults here), and the hardware's refusal of a
+// tile number that is not a constant (the real AMX build's compile shows that: tests/test_bf16_kernels.py).
 //
 // Included by amx_linear.h after <immintrin.h>: the intrinsics that are macros are redefined, the two that are
 // functions (_tile_loadconfig, _tile_release) shadowed by macros for the code after this file.
@@ -39,12 +43,19 @@ inline thread_local Tiles tiles;
     abort();
 }
 
+inline void release() { tiles = Tiles(); }
+
 // LDTILECFG's 64 bytes: palette (byte 0), then each tile's bytes a row (16-bit, from byte 16) and rows (from 48).
 inline void load_config(const void* config) {
     const uint8_t* c = static_cast<const uint8_t*>(config);
-    if (c[0] != 1) fault("a palette other than 1");
-    for (int b = 1; b < 16; b++)
-        if (c[b] != 0) fault("a non-zero start row or reserved byte in the configuration");
+    if (c[0] == 0) {  // (palette 0: the tiles released)
+        release();
+        return;
+    }
+    if (c[0] != 1) fault("a palette other than 0 and 1");
+    if (c[1] != 0) fault("a non-zero start row (not emulated)");
+    for (int b = 2; b < 16; b++)
+        if (c[b] != 0) fault("a reserved byte of the configuration set");
     for (int b = 16 + 2 * TILES; b < 48; b++)  // (tiles 8-15's bytes a row)
         if (c[b] != 0) fault("a tile past the eighth configured");
     for (int b = 48 + TILES; b < 64; b++)  // (their rows)
@@ -60,10 +71,10 @@ inline void load_config(const void* config) {
     t.configured = true;
 }
 
-inline void release() { tiles = Tiles(); }
-
 inline uint8_t* tile(int i) {
     if (!tiles.configured) fault("a tile used before its configuration");
+    if (i < 0 || i >= TILES || tiles.rows[i] == 0) fault("a tile that is not configured");
+    if (tiles.bytes[i] % 4 != 0) fault("a tile whose bytes a row are not a multiple of 4");
     return tiles.data[i];
 }
 
@@ -83,9 +94,13 @@ inline void store(int i, void* base, int64_t stride) {
 
 inline void zero(int i) { memset(tile(i), 0, MAX_ROWS * ROW_BYTES); }
 
-// A product's shapes: c rows x n lanes of 4 bytes += a (c's rows, k lanes of 4 bytes) . b (k rows, c's bytes a row).
+// A product's shapes: c rows x n lanes of 4 bytes += a (c's rows, k lanes of 4 bytes) . b (k rows, c's bytes a row);
+// three different tiles.
 inline void check_product(int c, int a, int b) {
     tile(c);
+    tile(a);
+    tile(b);
+    if (c == a || c == b || a == b) fault("a product of tiles that are not three different ones");
     if (tiles.rows[a] != tiles.rows[c] || tiles.bytes[b] != tiles.bytes[c] || tiles.rows[b] != tiles.bytes[a] / 4)
         fault("tile shapes a product does not allow");
 }
@@ -101,7 +116,8 @@ inline float bf16_value(uint16_t bits) {
     return flushed(v);
 }
 
-// TDPBF16PS: c[m][n] += a[m][2k] b[k][2n] + a[m][2k + 1] b[k][2n + 1] over k, each product added in turn.
+// TDPBF16PS: c[m][n] += (sum over k of a[m][2k] b[k][2n]) + (sum over k of a[m][2k + 1] b[k][2n + 1]), each sum a
+// chain of fused multiply-adds from zero (the top of this file).
 inline void dpbf16ps(int c, int a, int b) {
     check_product(c, a, b);
     float* sums = reinterpret_cast<float*>(tile(c));
@@ -110,12 +126,12 @@ inline void dpbf16ps(int c, int a, int b) {
     const int rows = tiles.rows[c], lanes = tiles.bytes[c] / 4, steps = tiles.bytes[a] / 4;
     for (int m = 0; m < rows; m++)
         for (int n = 0; n < lanes; n++) {
-            float s = sums[m * 16 + n];
+            float even = 0.0f, odd = 0.0f;
             for (int k = 0; k < steps; k++) {
-                s = flushed(s + bf16_value(x[m * 32 + 2 * k]) * bf16_value(w[k * 32 + 2 * n]));
-                s = flushed(s + bf16_value(x[m * 32 + 2 * k + 1]) * bf16_value(w[k * 32 + 2 * n + 1]));
+                even = flushed(fmaf(bf16_value(x[m * 32 + 2 * k]), bf16_value(w[k * 32 + 2 * n]), even));
+                odd = flushed(fmaf(bf16_value(x[m * 32 + 2 * k + 1]), bf16_value(w[k * 32 + 2 * n + 1]), odd));
             }
-            sums[m * 16 + n] = s;
+            sums[m * 16 + n] = flushed(sums[m * 16 + n] + flushed(even + odd));
         }
 }
 
