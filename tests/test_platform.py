@@ -185,6 +185,7 @@ flags\t\t: fpu vme sse avx2 avx512f avx512_bf16 avx512vl
 
 
 def test_probe_cpu_reads_bf16_from_the_cpuinfo_flags(monkeypatch):
+    monkeypatch.delenv(host.FLAGS_OFF_ENV, raising=False)  # (the simulated machine's flags, all of them)
     monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     caps = probe("cpu")
@@ -193,6 +194,7 @@ def test_probe_cpu_reads_bf16_from_the_cpuinfo_flags(monkeypatch):
 
 
 def test_probe_cpu_without_matrix_flags_has_neither_bf16_nor_fp16(monkeypatch):
+    monkeypatch.delenv(host.FLAGS_OFF_ENV, raising=False)  # (the simulated machine's flags, all of them)
     monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO.replace(" avx512_bf16", ""))
     caps = probe("cpu")
     assert (caps.name, caps.native_bf16, caps.native_fp16) == ("AMD EPYC 9654 96-Core Processor", False, False)
@@ -201,6 +203,7 @@ def test_probe_cpu_without_matrix_flags_has_neither_bf16_nor_fp16(monkeypatch):
 def test_probe_cpu_with_pytorch_below_avx512_runs_no_bf16_whatever_the_flags(monkeypatch):
     # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: PyTorch's bfloat16 products (oneDNN's packing refuses a bfloat16
     # weight) and the kit's AVX-512 library are out, so the CPU computes as one without the flags.
+    monkeypatch.delenv(host.FLAGS_OFF_ENV, raising=False)  # (the simulated machine's flags, all of them)
     monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     caps = probe("cpu")
@@ -219,6 +222,7 @@ def test_flags_turned_off_make_the_kit_see_and_build_for_this_cpu_as_one_without
     explicitly is read as it is."""
     from atb_models.kernels import native
 
+    monkeypatch.delenv(host.FLAGS_OFF_ENV, raising=False)  # (the simulated machine's flags, all of them)
     monkeypatch.setattr(host, "read_cpuinfo", lambda: CPUINFO.replace(" avx512vl", " avx512vl avx512_vnni"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert probe("cpu").native_bf16 and {"-mavx512bf16", "-mavx512vnni"} <= set(native.compile_flags())
