@@ -243,6 +243,8 @@ def test_models_lists_the_served_name_and_health_is_ok(server, client):
 def bad_bodies(media) -> dict:
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really an image").decode()
     return {
+        "a lone surrogate": [{"role": "user", "content": "caf\ud800"}],
+        "a NUL in a file url": [chat_message("?", url=(media["allowed"] / "x").as_uri() + "%00.png")],
         "invalid base64": [chat_message("?", url="data:image/png;base64,not*base64")],
         "corrupt image": [chat_message("?", url=corrupt)],
         "http url": [chat_message("?", url="http://example.com/cat.png")],
@@ -254,10 +256,23 @@ def bad_bodies(media) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["invalid base64", "corrupt image", "http url", "file outside the folder",
-                                  "link out of the folder", "prompt too long", "empty messages", "unknown part"])
+@pytest.mark.parametrize("case", ["a lone surrogate", "a NUL in a file url", "invalid base64", "corrupt image",
+                                  "http url", "file outside the folder", "link out of the folder", "prompt too long",
+                                  "empty messages", "unknown part"])
 def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
     error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
+
+
+@pytest.mark.parametrize("field", ["min_p", "best_of", "guided_json", "echo", "foo"])
+def test_a_field_the_server_does_not_read_is_a_400_naming_it_not_ignored(server, field):
+    assert repr(field) in error_of(server.post({"messages": [chat_message("hi")], field: 1}), 400)["message"]
+
+
+def test_a_body_nested_too_deeply_for_the_json_parser_is_a_400(server):
+    body = '{"a":' * 100_000 + "1" + "}" * 100_000
+    response = requests.post(f"{server.url}/v1/chat/completions", data=body, timeout=60,
+                             headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert "nested too deeply" in error_of(response, 400)["message"]
 
 
 @pytest.mark.parametrize("max_tokens", [0, -3])
@@ -271,6 +286,12 @@ def test_an_unknown_model_is_a_404_and_a_missing_or_wrong_key_a_401(server):
         "model_not_found"
     error_of(server.post({"messages": [chat_message("hi")]}, key=None), 401)
     error_of(server.post({"messages": [chat_message("hi")]}, key="wrong"), 401)
+    # the scheme's name in any case (RFC 9110), the key exactly
+    for header in (f"bearer {API_KEY}", f"BEARER {API_KEY}"):
+        assert requests.post(f"{server.url}/v1/chat/completions", json={"messages": [chat_message("hi")],
+                             "max_tokens": 2}, headers={"Authorization": header}, timeout=60).status_code == 200
+    error_of(requests.post(f"{server.url}/v1/chat/completions", json={"messages": [chat_message("hi")]},
+                           headers={"Authorization": f"Bearer {API_KEY.upper()}x"}, timeout=60), 401)
     assert requests.get(f"{server.url}/v1/models", timeout=10).status_code == 401
 
 

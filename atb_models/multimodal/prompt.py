@@ -99,6 +99,12 @@ def _item_kind(item, number: int) -> str:
     value = item[kind]
     if kind == "text" and not isinstance(value, str):
         raise UserError(f"request item {number}: text must be a string, not {type(value).__name__}")
+    if kind == "text":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # (a lone surrogate: the tokenizer takes only text UTF-8 can hold)
+            raise UserError(f"request item {number}: text holds {value[e.start]!r} at character {e.start}, a lone "
+                            "surrogate, which is not a character") from None
     if kind == "image" and not isinstance(value, (str, os.PathLike, Image.Image)):
         raise UserError(f"request item {number}: image must be a path or a PIL image, not {type(value).__name__}")
     if kind == "video" and not isinstance(value, (str, os.PathLike, list, tuple)):

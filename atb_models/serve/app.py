@@ -94,8 +94,10 @@ class ChatService:
     def check_key(self, request: Request) -> None:
         if self.config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # (an authentication scheme's name is case-insensitive: RFC 9110, 11.1)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.config.api_key.encode()):
             raise ApiError(401, "a valid API key is required: send the header Authorization: Bearer <key>",
                            "authentication_error", "invalid_api_key")
 
@@ -235,6 +237,8 @@ async def _json_body(request: Request):
         return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the request body is not valid JSON") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
 
 
 async def _disconnected(request: Request) -> None:

@@ -16,6 +16,9 @@ ROLES = ("system", "user", "assistant")
 UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
                "functions": None, "function_call": None, "logit_bias": None, "presence_penalty": 0,
                "frequency_penalty": 0, "response_format": {"type": "text"}}
+# The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
+READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user"}
 
 
 class ApiError(Exception):
@@ -60,6 +63,10 @@ def parse_chat_request(body) -> ChatRequest:
     for name, neutral in UNSUPPORTED.items():
         if body.get(name) not in (None, neutral):
             raise bad_request(f"{name} is not supported by this server (got {body[name]!r})")
+    unknown = sorted(set(body) - READ - set(UNSUPPORTED))
+    if unknown:
+        raise bad_request(f"{', '.join(map(repr, unknown))}: not a field this server knows; it reads "
+                          f"{', '.join(sorted(READ))}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string")
