@@ -348,6 +348,22 @@ def test_a_previous_results_file_is_replaced(capsys, monkeypatch, tmp_path, fake
     assert json.loads(out_path.read_text()) == {"a.jpg": "answer", "b.jpg": "answer", "c.jpg": "answer"}
 
 
+def test_a_json_object_that_is_not_results_is_the_users_and_left_untouched(capsys, tmp_path, fake_model, dataset):
+    from atb_models.cli.inputs import Entry, is_results
+    from atb_models.cli.results import results_of
+
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_size": 896, "architectures": ["Qwen2VLForConditionalGeneration"]}')
+    before = config.read_bytes()
+    status, _, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
+                              "--results_save_path", config)
+    assert status == 1 and "is not a results file" in err and config.read_bytes() == before
+    # what run_pa writes always passes: the check and the writer agree
+    entries = [Entry([], "a.jpg", skipped="a hidden file"), Entry([], "b.jpg", error="corrupt")]
+    assert is_results(results_of(entries)) and is_results({"c.jpg": "an answer"}) and is_results({})
+    assert not is_results({"c.jpg": {"error": "x", "more": 1}}) and not is_results({"c.jpg": 3})
+
+
 def test_a_results_file_that_became_a_foreign_file_during_the_run_is_left_untouched(capsys, monkeypatch, tmp_path,
                                                                                     fake_model,
                                                                                     dataset):

@@ -140,8 +140,8 @@ def replaceable_results_file(target: str, shown_path: str) -> os.stat_result | N
         why = "exists and is not a regular file (a device, FIFO or socket)"
     elif not (_writable_by_mode(status) and os.access(target, os.W_OK)):
         why = "is read-only"
-    elif not _holds_json_object(target):
-        why = "exists and is not a results file (a JSON object, as run_pa writes)"
+    elif not _holds_results(target):
+        why = "exists and is not a results file (a JSON object of answers, as run_pa writes)"
     else:
         return status
     raise UserError(f"{RESULTS_FLAG} {shown_path} {why}; it is left untouched: give another path, or remove it")
@@ -158,9 +158,19 @@ def _writable_by_mode(status: os.stat_result) -> bool:
     return bool(status.st_mode & stat.S_IWOTH)
 
 
-def _holds_json_object(path: str) -> bool:
-    """Whether the regular file at `path` holds a JSON object. Opened without blocking, in case a FIFO took its
-    place; anything else (an image) is told by its first bytes, before the whole file is read."""
+def is_results(value) -> bool:
+    """Whether a JSON value has the shape of what run_pa writes (cli/results.py's results_of): an object whose every
+    value is an answer (a string), {"error": why} or {"skipped": why}. Another JSON object (a config.json, a
+    package.json) is the user's."""
+    return isinstance(value, dict) and all(
+        isinstance(v, str) or (isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("error", "skipped")
+                               and isinstance(next(iter(v.values())), str))
+        for v in value.values())
+
+
+def _holds_results(path: str) -> bool:
+    """Whether the regular file at `path` holds results (is_results). Opened without blocking, in case a FIFO took
+    its place; anything else (an image) is told by its first bytes, before the whole file is read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -170,7 +180,7 @@ def _holds_json_object(path: str) -> bool:
             if not stat.S_ISREG(os.fstat(fd).st_mode) or not f.read(64).lstrip().startswith(b"{"):
                 return False
             f.seek(0)
-            return isinstance(json.loads(f.read()), dict)
+            return is_results(json.loads(f.read()))
         except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             return False
 

@@ -66,8 +66,8 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
                              "--shm_name_save_path and its PATH.node<N> siblings), then exit")
     parser.add_argument("--results_save_path", metavar="PATH", default="./results.json",
                         help="dataset mode: where {file name: answer} is written; an existing file there that is not "
-                             "a results file (a JSON object), or is read-only, is refused and left untouched, and so "
-                             "is a path under /dev or /proc")
+                             "a results file (a JSON object of answers), or is read-only, is refused and left "
+                             "untouched, and so is a path under /dev or /proc")
     sampling = parser.add_argument_group("sampling (greedy by default)")
     sampling.add_argument("--temperature", type=float, metavar="X", default=0.0, help="0: greedy")
     sampling.add_argument("--top_k", type=int, metavar="N", default=0, help="0: no top-k cut")
