@@ -175,6 +175,11 @@ def main(argv=None) -> int:
     os.environ[LAUNCHED_ENV] = "1"
     status_dir = tempfile.mkdtemp(prefix="atb_models_launch_")
     os.environ[STATUS_DIR_ENV] = status_dir
+    # torchrun's default log folder (a torchelastic_* folder in the temp dir, the ranks' error files) is never
+    # removed; the kit's goes with the launch. One given with --log_dir is the user's.
+    log_dir = None
+    if args.log_dir is None:
+        args.log_dir = log_dir = tempfile.mkdtemp(prefix="atb_models_torchelastic_")
     try:
         torchrun.run(args)
         return _reported_status(status_dir)
@@ -191,6 +196,8 @@ def main(argv=None) -> int:
         return 128 + signal.SIGINT
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

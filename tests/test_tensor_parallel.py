@@ -27,17 +27,22 @@ SHAPE_ZERO_HEAD_AT_2 = TinyShape(hidden_size=48, num_attention_heads=3, num_key_
 
 
 def launch(tmp_path, world_size: int, job: dict):
-    """Run tests/tp_worker.py on `world_size` ranks through the kit's torchrun launcher."""
+    """Run tests/tp_worker.py on `world_size` ranks through the kit's torchrun launcher; its temporary folder
+    (TMPDIR) must be empty after it, whether the job succeeded or failed."""
     out = tmp_path / f"ws{world_size}"
     out.mkdir()
     job = dict(job, out=str(out))
     job_file = out / "job.json"
     job_file.write_text(json.dumps(job))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    temp = tmp_path / f"tmpdir{world_size}"
+    temp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(temp))
     cmd = [sys.executable, "-m", "atb_models.launch", "--nproc_per_node", str(world_size),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "tp_worker.py"),
            str(job_file)]
-    return out, subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert not list(temp.iterdir()), list(temp.iterdir())  # (torchrun's log folders included)
+    return out, done
 
 
 def run_ranks(tmp_path, world_size: int, job: dict) -> Path:
