@@ -1,5 +1,6 @@
 """Reading a checkpoint folder's config.json, generation_config.json and tokenizer, with the checks a user needs."""
 import json
+import math
 import os
 import re
 import sys
@@ -58,6 +59,9 @@ def load_model_config(model_path) -> ModelConfig:
     one UserError, before transformers or any rank's process group is involved."""
     model_path, raw, family = check_model_folder(model_path)
     config_file = os.path.join(model_path, "config.json")
+    for key in ("vision_config", "rope_scaling"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise UserError(f"{key} in {config_file} must be an object, not {type(raw[key]).__name__}")
     try:
         hf_config = family.config_class().from_pretrained(model_path, trust_remote_code=False)
     except (ValueError, TypeError, KeyError) as e:
@@ -152,6 +156,10 @@ def _check_shapes(hf_config, config_file: str) -> None:
         value = getattr(hf_config, key, None)
         if not _positive_int(value):
             raise UserError(f"{key} {value!r} in {config_file} must be a positive integer")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise UserError(f"{key} {value!r} in {config_file} must be a positive number")
     hidden, heads, kv_heads = hf_config.hidden_size, hf_config.num_attention_heads, hf_config.num_key_value_heads
     if hidden % heads:
         raise UserError(f"num_attention_heads {heads} in {config_file} does not divide hidden_size {hidden}")

@@ -89,6 +89,9 @@ class CheckpointTensor:
 
     def _read(self, index) -> torch.Tensor:
         tensor = self._slice[index]
+        if self.dtype.is_floating_point and not tensor.is_floating_point():
+            raise UserError(f"tensor {self.name} in {self.path} holds {tensor.dtype} values where the model takes a "
+                            "floating-point weight: the checkpoint does not belong to this model")
         read = CheckpointTensor.bytes_read
         read[self.name] = read.get(self.name, 0) + tensor.numel() * tensor.element_size()
         converted = tensor.to(self.dtype)

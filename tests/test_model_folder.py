@@ -134,6 +134,16 @@ def test_nan_or_inf_in_a_weight_is_refused_at_load_naming_the_tensor(folder, bad
     assert "tensor model.layers.1.mlp.down_proj.weight" in message and "NaN or inf" in message
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_weight_stored_as_integers_or_booleans_is_refused_not_converted(folder, dtype):
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    message = load_error(folder)
+    assert f"tensor {name}" in message and "where the model takes a floating-point weight" in message
+
+
 def test_a_weight_that_overflows_the_chosen_dtype_says_so(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"w": torch.tensor([1.0, 1e6])}, path)
@@ -161,6 +171,12 @@ def test_model_path_that_is_not_a_path_is_a_clear_error(model_path):
     ("image_token_id", 600, "image_token_id 600 .* outside the vocabulary"),
     ("vision_end_token_id", 576, "vision_end_token_id 576 .* outside the vocabulary"),
     ("eos_token_id", 999, "eos_token_id 999 .* outside the vocabulary"),
+    ("rope_theta", "abc", "rope_theta 'abc' in .* must be a positive number"),
+    ("rms_norm_eps", -1, "rms_norm_eps -1 in .* must be a positive number"),
+    ("vision_config", [1, 2], "vision_config in .* must be an object, not list"),
+    # sizes no memory holds: refused before anything is allocated
+    ("vocab_size", 10**12, r"need at least .* GiB of weights a rank; cpu has"),
+    ("intermediate_size", 10**15, r"intermediate_size 10+, .* need at least"),
 ])
 def test_impossible_config_values_are_one_clear_error(folder, key, value, expected):
     edit_json(folder / "config.json", lambda config: config.__setitem__(key, value))

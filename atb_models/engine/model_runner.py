@@ -3,15 +3,33 @@ import logging
 
 import torch
 
+from atb_models import distributed
 from atb_models.engine.encoder_cache import EncoderCache
+from atb_models.errors import UserError
 from atb_models.host import settle_vector_math
 from atb_models.kernels import Kernels
 from atb_models.layers.attention import StepContext
 from atb_models.layers.linear import pack_weights
+from atb_models.platform import free_memory_bytes
 from atb_models.quantization import convert_to_w8a16
 from atb_models.weights import load_weights
 
 logger = logging.getLogger("atb_models.runner")
+
+
+def check_weights_fit(cfg, plan, quantized: bool) -> None:
+    """Refuses, before anything is allocated, a config.json whose language model alone cannot fit this rank's free
+    memory (a vocab_size or intermediate_size off by orders of magnitude would otherwise fail in the allocator, or
+    swap). A lower bound: the embedding table (each rank's whole) and the MLPs' three matrices a layer (this rank's
+    share), at the weights' element size (one byte where they are int8)."""
+    element = torch.empty((), dtype=plan.llm_dtype).element_size()
+    least = (cfg.vocab_size * cfg.hidden_size * element + cfg.num_hidden_layers * 3 * cfg.hidden_size
+             * cfg.intermediate_size * (1 if quantized else element) // distributed.tp_size())
+    free = free_memory_bytes(plan)
+    if least > free:
+        raise UserError(f"config.json's sizes (vocab_size {cfg.vocab_size}, hidden_size {cfg.hidden_size}, "
+                        f"intermediate_size {cfg.intermediate_size}, {cfg.num_hidden_layers} layers) need at least "
+                        f"{least / 2**30:.3g} GiB of weights a rank; {plan.kind} has {free / 2**30:.3g} GiB free")
 
 
 class ModelRunner:
@@ -29,6 +47,7 @@ class ModelRunner:
         self.kernels = Kernels.for_plan(plan, kernel_choice)
         logger.debug("kernels: %s", self.kernels.describe())
         cfg = model_config.hf_config
+        check_weights_fit(cfg, plan, quantization is not None)
         model_class = model_config.family.model_class()  # the registry's class for the checkpoint's model_type
         with torch.device(self.device):
             self.model = model_class(cfg, plan.llm_dtype, plan.vision_dtype, self.device, plan.upcast_attention,
