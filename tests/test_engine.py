@@ -231,6 +231,21 @@ def test_a_bad_request_fails_alone(llm, tmp_path):
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_requests_taken_one_at_a_time_step_to_their_end_and_an_idle_step_does_nothing(llm):
+    assert not llm.has_unfinished() and llm.step() == []
+    request_id = llm.add_request([{"text": "Hello"}], SamplingParams(max_tokens=3, ignore_eos=True))
+    outputs = []
+    while llm.has_unfinished():
+        outputs.extend(llm.step())
+    assert [o.request_id for o in outputs] == [request_id] * 3 and outputs[-1].finish_reason == "length"
+    assert llm.step() == [] and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_enable_prefix_caching_must_be_a_bool(tiny_checkpoint):
+    with pytest.raises(UserError, match="enable_prefix_caching must be True or False, got 'no'"):
+        LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", enable_prefix_caching="no")
+
+
 def test_max_tokens_above_max_output_length_is_refused(llm):
     out = llm.generate([[{"text": "Hello"}]], SamplingParams(max_tokens=99))[0]
     assert "--max_output_length" in out.error

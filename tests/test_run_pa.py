@@ -158,6 +158,9 @@ BAD_INPUTS = {
     "unsupported_model_type": (
         lambda t, ckpt, img: ["--model_path", _unsupported_model_type(t, ckpt), "--input_image", img], "llama"),
     "dtype_the_device_cannot_run": (lambda t, ckpt, img: ["--input_image", img, "--dtype", "float16"], "float16"),
+    "a_launcher_flag_that_does_not_parse": (lambda t, ckpt, img: ["--world_size", "abc"], "--world_size"),
+    "a_lone_surrogate_in_the_text": (lambda t, ckpt, img: ["--input_image", img, "--input_text", "caf\udcff"],
+                                     "lone surrogate"),  # (a byte that is no UTF-8 in argv)
 }
 
 

@@ -80,7 +80,9 @@ class LLM:
                      encoder_cache_mb)
         self.max_batch_size, self.max_input_length = max_batch_size, max_input_length
         self.max_output_length, self.block_size = max_output_length, block_size
-        self.enable_prefix_caching = bool(enable_prefix_caching)
+        if not isinstance(enable_prefix_caching, bool):  # ("no" would be true)
+            raise UserError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        self.enable_prefix_caching = enable_prefix_caching
         self.model_config = load_model_config(model_path)
         self.quantization = quantization.resolve(quantize, self.model_config.quantization)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
@@ -274,7 +276,9 @@ class LLM:
     def step(self) -> list:
         """One scheduler step. Returns the output of every request it advanced by one token: `token_ids` and
         `text` so far (while it runs, less a trailing incomplete character or a partial stop string, so that the
-        text only ever grows), and for one that finished its `finish_reason` and times."""
+        text only ever grows), and for one that finished its `finish_reason` and times. Nothing queued: []."""
+        if not self.has_unfinished():
+            return []
         seqs = self._run_step()
         outputs = []
         for seq in seqs:

@@ -36,7 +36,7 @@ usage() { # the comment block above, without its "# "
 
 usage_error() {
     echo "Error: $1" >&2
-    exit 2
+    exit 1
 }
 
 world_size=""
