@@ -7,6 +7,7 @@ is short); its 2-rank torchrun twin is in the slow set."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -407,6 +408,41 @@ def test_sigterm_stops_the_server_with_status_0_and_leaves_nothing_behind(server
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
     assert os.listdir(server.tmp / "tmpdir") == []
     assert not (server.tmp / "shm_names.txt").exists()
+
+
+def test_requests_running_past_the_shutdown_grace_end_with_a_whole_answer_a_503_or_an_error_event(checkpoint,
+                                                                                                  tmp_path):
+    """SIGTERM with long requests running: after --shutdown_grace they are aborted, and each client still gets an
+    answer it can read (a 503 in OpenAI's shape; a stream's error event, then [DONE]), not a cut connection."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    flags = [f if f != "64" else "4000" for f in SERVER_FLAGS]  # (--max_output_length: answers long enough)
+    command = [sys.executable, "-m", "atb_models.serve", "--model_path", str(checkpoint), "--port", str(port),
+               "--shutdown_grace", "1", "--shm_name_save_path", str(tmp_path / "shm_names.txt"), *flags]
+    process = start_server(command, dict(os.environ, PYTHONPATH=str(ROOT)), url, tmp_path / "server.log")
+    body = {"messages": [chat_message("Tell me a long story.")], "max_tokens": 4000, "ignore_eos": True}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(requests.post, f"{url}/v1/chat/completions", json=body, timeout=120)
+            streamed = pool.submit(requests.post, f"{url}/v1/chat/completions", json=dict(body, stream=True),
+                                   timeout=120)
+            assert wait_for(lambda: _metric(url, "atb_requests_running") == 2, timeout=60)
+            process.send_signal(signal.SIGTERM)
+            assert "shutting down" in error_of(whole.result(), 503)["message"]
+            events = [line for line in streamed.result().text.splitlines() if line.startswith("data: ")]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][6:])["error"]["message"]
+    assert status == 0 and "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def _metric(url: str, name: str) -> float | None:
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
 
 
 # --------------------------------------------------------------------------------------------- tensor parallelism

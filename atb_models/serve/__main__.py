@@ -1,9 +1,11 @@
 """python -m atb_models.serve --model_path DIR [--host 127.0.0.1] [--port 1025] [--served_model_name NAME]
-    [--api_key KEY] [--allowed_local_media_path DIR] [--max_queue N] [run_pa's engine flags]
+    [--api_key KEY] [--allowed_local_media_path DIR] [--max_queue N] [--shutdown_grace SECONDS]
+    [run_pa's engine flags]
 
 An OpenAI-compatible server: POST /v1/chat/completions (stream or not), GET /v1/models, /health, /metrics. Under
 torchrun (examples/models/qwen2_vl/run_server.sh) rank 0 serves HTTP and the other ranks follow its steps.
-SIGINT or SIGTERM stops it: no new request is taken, those running get a few seconds to finish, and it exits 0.
+SIGINT or SIGTERM stops it: no new request is taken, those running get --shutdown_grace seconds to finish, the
+rest are aborted (each client still gets a whole answer: a 503, or its stream's error event), and it exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from atb_models.cli.run_pa import add_device_arguments, add_engine_arguments
 
 DEFAULT_PORT = 1025  # MindIE Service's
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_SHUTDOWN_GRACE = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let requests name media as file:// paths inside this folder (default: data: URLs only)")
     server.add_argument("--max_queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for a batch slot; more are answered 503 with Retry-After")
+    server.add_argument("--shutdown_grace", type=float, metavar="SECONDS", default=DEFAULT_SHUTDOWN_GRACE,
+                        help="after SIGINT or SIGTERM, how long running requests may take to finish before they are "
+                             "aborted (their clients get a 503, or a stream its error event and [DONE])")
     add_engine_arguments(parser, batch_help="requests running at once", batch_default=16)
     add_device_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")

@@ -5,6 +5,7 @@ engine and follow rank 0's steps (`engine.follow`) until it says stop."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import logging
@@ -25,7 +26,9 @@ from atb_models.serve.metrics import ServerMetrics
 
 logger = logging.getLogger("atb_models.serve")
 
-SHUTDOWN_GRACE_S = 5  # after a signal, how long running requests may take to finish before they are aborted
+# After the grace, the engine's abort of what still runs reaches each handler, which ends its answer; uvicorn cancels
+# only what has not ended this much later.
+SHUTDOWN_DRAIN_S = 5.0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -51,7 +54,9 @@ def serve(args: argparse.Namespace) -> int:
     engine = EngineLoop(build_llm, metrics, ranks.world_size, stop_serving)
     app = create_app(ChatService(config, engine, metrics))
     server = QuietSignalServer(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                              timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"))
+                                              timeout_graceful_shutdown=args.shutdown_grace + SHUTDOWN_DRAIN_S,
+                                              lifespan="on"),
+                               args.shutdown_grace, engine.stop)
     logger.info("serving %s on http://%s:%d (the model loads now; /health answers 200 once it has)",
                 config.model_name, args.host, args.port)
     try:
@@ -71,6 +76,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue < 1:
         raise UserError(f"--max_queue must be at least 1, got {args.max_queue}")
+    if not 0 <= args.shutdown_grace <= 3600:
+        raise UserError(f"--shutdown_grace must be 0 to 3600 seconds, got {args.shutdown_grace}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api_key is empty")
     allowed = args.allowed_local_media_path
@@ -113,7 +120,27 @@ def run_follower(build_llm) -> int:
 
 class QuietSignalServer(uvicorn.Server):
     """A signal is this server's normal way to stop: it shuts down gracefully and the process exits 0. uvicorn
-    would raise the signal again once shut down, which the kit's entry point turns into 143."""
+    would raise the signal again once shut down, which the kit's entry point turns into 143.
+
+    Its graceful shutdown waits for the connections, then cancels their handlers, which would leave a client a
+    cut stream or a bare 500. So `grace` seconds into it, `stop_engine` aborts every running request: each
+    handler hears the engine is gone and ends its answer (a 503 in OpenAI's shape, a stream's error event and
+    [DONE]) before uvicorn's own limit, SHUTDOWN_DRAIN_S later."""
+
+    def __init__(self, config: uvicorn.Config, grace: float, stop_engine):
+        super().__init__(config)
+        self._grace, self._stop_engine = grace, stop_engine
+
+    async def shutdown(self, sockets=None) -> None:
+        stopping = asyncio.ensure_future(self._stop_engine_after_grace())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            stopping.cancel()
+
+    async def _stop_engine_after_grace(self) -> None:
+        await asyncio.sleep(self._grace)
+        await asyncio.to_thread(self._stop_engine)
 
     @contextlib.contextmanager
     def capture_signals(self):
