@@ -231,6 +231,17 @@ def test_a_bad_request_fails_alone(llm, tmp_path):
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_text_too_long_for_any_tokenization_is_refused_without_tokenizing_it(llm, monkeypatch):
+    limit = llm.max_input_length * llm.preprocessor.token_characters
+    tokenized = []
+    tokenize = llm.preprocessor._tokenize
+    monkeypatch.setattr(llm.preprocessor, "_tokenize", lambda *args: tokenized.append(1) or tokenize(*args))
+    outs = llm.generate([[{"text": "x" * (limit + 1)}], [{"text": "Hello"}]], SamplingParams(max_tokens=2))
+    assert f"has {limit + 1} characters, more than --max_input_length" in outs[0].error
+    assert outs[1].error is None and tokenized == [1]  # only the short one was tokenized
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
 def test_requests_taken_one_at_a_time_step_to_their_end_and_an_idle_step_does_nothing(llm):
     assert not llm.has_unfinished() and llm.step() == []
     request_id = llm.add_request([{"text": "Hello"}], SamplingParams(max_tokens=3, ignore_eos=True))

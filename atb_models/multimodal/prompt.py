@@ -214,6 +214,10 @@ class Preprocessor:
         self.image_processor = processor
         self.factor = processor.patch_size * processor.merge_size  # one merged token's side in pixels
         self.max_input_length = max_input_length
+        # Characters a token covers at most (byte-level BPE: a vocabulary entry's length is its bytes; an added
+        # token's, its text), times 4 for the normalizer's composing of characters (NFC: a letter and its marks
+        # become one): text longer than max_input_length of these cannot fit, and is refused untokenized.
+        self.token_characters = 4 * max(map(len, tokenizer.get_vocab()), default=1)
         _check_video_settings(video_fps, video_max_frames, processor.temporal_patch_size)
         _check_pixel_bounds(processor, min_pixels is not None, max_pixels is not None, self.factor, max_input_length)
 
@@ -236,6 +240,11 @@ class Preprocessor:
             raise UserError("the request is empty: give at least one image, video or text item")
         kinds = [_item_kind(item, number) for number, item in enumerate(items, start=1)]
         values = [item[kind] for item, kind in zip(items, kinds)]
+        characters = sum(len(value) for kind, value in zip(kinds, values) if kind == "text")
+        if self.max_input_length is not None and characters > self.max_input_length * self.token_characters:
+            # (tokenizing megabytes would hold up every request behind this one, to refuse it after)
+            raise UserError(f"the request's text has {characters} characters, more than --max_input_length "
+                            f"{self.max_input_length} tokens can hold")
 
         visuals = [self._visual(kind, value, item.get("fps"))
                    for item, kind, value in zip(items, kinds, values) if kind != "text"]
