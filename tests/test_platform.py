@@ -361,9 +361,10 @@ def test_model_runner_and_reference_loader_settle_vector_math_before_the_model_e
 
     family = SimpleNamespace(model_class=lambda: refuse,
                              reference_class=lambda: SimpleNamespace(from_pretrained=refuse))
-    config = SimpleNamespace(family=family, hf_config=SimpleNamespace(), path="/nonexistent")
-    plan = SimpleNamespace(device=torch.device("cpu"), llm_dtype=torch.float32, vision_dtype=torch.float32,
-                           upcast_attention=False)
+    sizes = SimpleNamespace(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1)
+    config = SimpleNamespace(family=family, hf_config=sizes, path="/nonexistent")
+    plan = SimpleNamespace(kind="cpu", device=torch.device("cpu"), llm_dtype=torch.float32,
+                           vision_dtype=torch.float32, upcast_attention=False)
     monkeypatch.setattr(model_runner.Kernels, "for_plan", staticmethod(lambda *_a: SimpleNamespace(describe=str)))
     with pytest.raises(Refused):
         model_runner.ModelRunner(config, plan, block_size=16)

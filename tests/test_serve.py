@@ -427,13 +427,14 @@ def test_requests_running_past_the_shutdown_grace_end_with_a_whole_answer_a_503_
             streamed = pool.submit(requests.post, f"{url}/v1/chat/completions", json=dict(body, stream=True),
                                    timeout=120)
             assert wait_for(lambda: _metric(url, "atb_requests_running") == 2, timeout=60)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)  # (one signal: a second would force uvicorn's exit)
             assert "shutting down" in error_of(whole.result(), 503)["message"]
             events = [line for line in streamed.result().text.splitlines() if line.startswith("data: ")]
+        status = process.wait(timeout=60)
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=60)
+            process.kill()
+            process.wait()
     assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][6:])["error"]["message"]
     assert status == 0 and "Traceback" not in (tmp_path / "server.log").read_text()
 
