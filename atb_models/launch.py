@@ -10,6 +10,7 @@ SIGTERM with one line and 128 + the signal's number once torchrun has stopped th
 failed from one that finished but reported failed entries (`report_exit_status`): the latter ends the job like a
 one-rank run, with the rank's own report and exit status 1, and no line of its own.
 """
+import ctypes
 import errno
 import json
 import logging
@@ -22,6 +23,9 @@ import tempfile
 import time
 
 LAUNCHED_ENV = "ATB_MODELS_LAUNCHED"
+# The launcher's process id, for its ranks to tell whether it is still their parent (die_with_launcher).
+LAUNCHER_PID_ENV = "ATB_MODELS_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Where ranks record a non-zero status of a run that finished (see report_exit_status); one folder per launch.
 STATUS_DIR_ENV = "ATB_MODELS_STATUS_DIR"
 # The script that called the launcher (run_pa.sh sets it), named in the hint for a busy port.
@@ -52,6 +56,22 @@ def report_rank_failure(message: str) -> bool:
 def launched() -> bool:
     """Whether this process is a rank started by this launcher."""
     return os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def die_with_launcher() -> None:
+    """In a rank started by this launcher (on Linux), SIGTERM once the launcher is gone, even killed by SIGKILL,
+    when torchrun's agent cannot stop the ranks: the rank then stops as on any SIGTERM (what was finished written,
+    its shared memory removed) instead of running on with no parent."""
+    if not launched() or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != os.environ.get(LAUNCHER_PID_ENV, str(os.getppid())):  # (gone before the request)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def report_exit_status(status: int) -> int:
@@ -173,6 +193,7 @@ def main(argv=None) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHED_ENV] = "1"
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     status_dir = tempfile.mkdtemp(prefix="atb_models_launch_")
     os.environ[STATUS_DIR_ENV] = status_dir
     # torchrun's default log folder (a torchelastic_* folder in the temp dir, the ranks' error files) is never

@@ -134,6 +134,49 @@ def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):
                 assert n == bytes_of[name], name                # replicated: vision, norms, embedding
 
 
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL of the launcher leaves torchrun's agent no chance to stop the ranks: each gets SIGTERM from the
+    kernel (launch.die_with_launcher) and ends as on any SIGTERM, not running on with no parent."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from atb_models.cli.entry import run_entry_point\n"
+        "def body():\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "    return 0\n"
+        "sys.exit(run_entry_point(body))\n")
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"))
+    launcher = subprocess.Popen([sys.executable, "-m", "atb_models.launch", "--nproc_per_node", "2", "--master_addr",
+                                 "127.0.0.1", "--master_port", str(free_port()), str(script)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pid_files = [tmp_path / "rank0", tmp_path / "rank1"]
+        deadline = time.monotonic() + 120
+        while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(f.read_text()) for f in pid_files]
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _running(pid)]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an orphan's exit is reaped by whoever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 @pytest.mark.parametrize("how,cause", [("raise", "injected failure for the test"), ("kill", "killed by SIGKILL")])
 def test_a_failing_rank_ends_the_job_quickly_with_one_line(tiny_checkpoint, tmp_path, how, cause):
     job = {"model": str(tiny_checkpoint()), "requests": [[{"text": "Hi"}]], "max_tokens": 2, "fail_rank": 1,

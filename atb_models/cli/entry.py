@@ -24,7 +24,7 @@ import threading
 from typing import Callable
 
 from atb_models.errors import RankLost, UserError
-from atb_models.launch import launched, report_exit_status, report_rank_failure, stop_line
+from atb_models.launch import die_with_launcher, launched, report_exit_status, report_rank_failure, stop_line
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
@@ -119,6 +119,7 @@ def run_entry_point(body: Callable[[], int], *, debug: bool = False) -> int:
     Under the launcher a rank's non-zero status is handed to it (`report_exit_status`)."""
     with stop_signals():
         try:
+            die_with_launcher()
             return report_exit_status(body())
         except (UserError, RankLost) as e:
             if debug:
