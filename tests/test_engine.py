@@ -223,7 +223,8 @@ def test_outputs_report_counts_and_finish_reasons(llm):
 
 def test_a_bad_request_fails_alone(llm, tmp_path):
     outs = llm.generate([[{"text": "Hello"}], [{"image": str(tmp_path / "missing.jpg")}, {"text": "?"}],
-                         [{"text": "x " * 400}], [{"text": "caf\udce9"}]], SamplingParams(max_tokens=2, ignore_eos=True))
+                         [{"text": "x " * 400}], [{"text": "caf\udce9"}]],
+                        SamplingParams(max_tokens=2, ignore_eos=True))
     assert outs[0].error is None and len(outs[0].token_ids) == 2
     assert "missing.jpg" in outs[1].error and outs[1].finish_reason == "error"
     assert "--max_input_length" in outs[2].error

@@ -8,7 +8,8 @@ destination). The kit measured its AMX CPU's sums as neither of vdpbf16ps's orde
 (csrc/amx_linear.h). If the hardware's order is the manual's, this prints "bit for bit" for both products, and a
 vector kernel adding in that order would give a row the tiles' sums: one row could then stream by vector loads
 (which the AMX Xeon measured faster than the tiles at one row: docs/PERFORMANCE.md) without a row's sums depending
-on its batch. Otherwise it prints how far apart the two are. Loads the AVX-512 library twice, as the CPU builds it and with ATB_MODELS_AMX_EMULATED=1.
+on its batch. Otherwise it prints how far apart the two are. Loads the AVX-512 library twice, as the CPU builds it
+and with ATB_MODELS_AMX_EMULATED=1.
 """
 
 from __future__ import annotations
