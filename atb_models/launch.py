@@ -66,7 +66,8 @@ def die_with_launcher() -> None:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        arguments = (ctypes.c_int(PR_SET_PDEATHSIG), *(ctypes.c_ulong(v) for v in (signal.SIGTERM, 0, 0, 0)))
+        if libc.prctl(*arguments) != 0:
             return
     except (OSError, AttributeError):
         return
