@@ -20,6 +20,7 @@ from atb_models.benchmark.csv_report import COLUMNS, RunSummary, write_csv
 from atb_models.benchmark.engines import reference_inputs
 from atb_models.benchmark.presets import PRESETS
 from atb_models.engine.llm import RequestOutput, StepRecord
+from atb_models.errors import UserError
 from tests.test_kernels import NATIVE_BF16, NO_NATIVE_BF16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,22 @@ def test_csv_has_mindies_ten_columns_in_order_then_the_cache_counts_and_private_
                      "cached_visual_items": "1"}]
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert stat.S_IMODE(path.parent.stat().st_mode) & 0o7 == 0
+
+
+def test_the_csv_replaces_an_earlier_benchmark_csv_and_nothing_else(tmp_path):
+    summary = RunSummary.from_run([StepRecord(True, 1, 10, 0.1)], [output(10, 1)])
+    path = tmp_path / "benchmark.csv"
+    write_csv(str(path), [summary, summary])
+    write_csv(str(path), [summary])  # an earlier run's CSV: replaced
+    assert len(read_csv(path)[1]) == 1 and sorted(os.listdir(tmp_path)) == ["benchmark.csv"]
+    precious = tmp_path / "notes.csv"
+    precious.write_text("my,own\n1,2\n")
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "nowhere" / "x.csv")
+    for target, why in ((precious, "is not a benchmark CSV the kit wrote"), (tmp_path / "dangling.csv",
+                                                                             "a link to nothing")):
+        with pytest.raises(UserError, match=why):
+            write_csv(str(target), [summary])
+    assert precious.read_text() == "my,own\n1,2\n" and not (tmp_path / "nowhere").exists()
 
 
 def test_only_rank_0_writes_the_csv(tmp_path, monkeypatch):

@@ -276,6 +276,33 @@ def test_videobench_prompt_is_video_benchs_own(count, ending):
 
 # -------------------------------------------------------------------------------------------------- errors
 
+def test_a_rerun_replaces_its_own_result_files_but_never_a_file_a_result_path_links_to(checkpoint, textvqa_set,
+                                                                                        tmp_path):
+    args = ("--model_path", checkpoint, "--dataset_path", textvqa_set["path"], "--batch_size", "4")
+    out = tmp_path / "out"
+    first = Run(mm_run("textvqa", *args, output_dir=out), out, "textvqa", "pa", 4)
+    before = first.csv_rows()
+    assert mm_run("textvqa", *args, output_dir=out).returncode == 0
+    assert first.csv_rows() == before
+    victim = tmp_path / "victim.csv"
+    victim.write_text("mine\n")
+    first.result_csv.unlink()
+    first.result_csv.symlink_to(victim)
+    result = mm_run("textvqa", *args, output_dir=out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is not a file the kit wrote; it is left untouched" in result.stderr.strip().splitlines()[-1]
+    assert victim.read_text() == "mine\n"
+    assert not [name for name in os.listdir(first.result_csv.parent) if name.endswith(".tmp")]
+
+
+def test_a_questions_file_that_is_not_utf8_is_one_error_line(checkpoint, tmp_path):
+    questions = tmp_path / "textvqa_val.jsonl"
+    questions.write_bytes(b'{"image": "a.png", "question": "caf\xe9?", "question_id": 1}\n')
+    (tmp_path / "textvqa_val_annotations.json").write_text(json.dumps({"annotations": []}))
+    result = mm_run("textvqa", "--model_path", checkpoint, "--dataset_path", questions, output_dir=tmp_path / "o")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("is not UTF-8 text")
+
 @pytest.mark.parametrize("args, message", [
     ([], "arg1: DATASET is required"),
     (["vocalsound"], "Unsupported dataset : vocalsound!"),

@@ -19,10 +19,12 @@ its images / videos that skipped the vision tower (RequestOutput.cached_prompt_t
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 
 from atb_models.errors import UserError
+from atb_models.outputs import first_line, replace_file
 
 ENABLE_VARIABLE = "ATB_LLM_BENCHMARK_ENABLE"
 PATH_VARIABLE = "ATB_LLM_BENCHMARK_FILEPATH"
@@ -102,7 +104,11 @@ class RunSummary:
 
 
 def prepare_folder(path: str) -> None:
-    """Create the CSV's folder (mode 0750, as MindIE) and check it can be written: a UserError if not."""
+    """Create the CSV's folder (mode 0750, as MindIE) and check a CSV can be written there: a folder that can be
+    written, and nothing at the path but an earlier benchmark CSV (a link to nothing is refused, not followed). A
+    UserError if not, before the run."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{PATH_VARIABLE} {path} is a link to nothing; it is left untouched")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, mode=0o750, exist_ok=True)
@@ -110,16 +116,24 @@ def prepare_folder(path: str) -> None:
         raise UserError(f"{PATH_VARIABLE} {path}: cannot create {folder}: {e.strerror}") from None
     if not os.access(folder, os.W_OK) or os.path.isdir(path):
         raise UserError(f"{PATH_VARIABLE} {path}: cannot write a file there")
+    if os.path.exists(path) and not is_benchmark_csv(path):
+        raise UserError(f"{PATH_VARIABLE} {path} exists and is not a benchmark CSV the kit wrote; it is left "
+                        "untouched: give another path, or remove it")
+
+
+def is_benchmark_csv(path: str) -> bool:
+    """Whether the file starts with the benchmark CSV's header (MindIE's ten columns, the kit's two after)."""
+    return first_line(path).startswith(",".join(COLUMNS[:10]))
 
 
 def write_csv(path: str, summaries: list[RunSummary]) -> None:
-    """The header and one row per summary, replacing the file (mode 0640, as MindIE)."""
+    """The header and one row per summary, replacing an earlier benchmark CSV atomically (mode 0640, as MindIE)."""
     prepare_folder(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(summary.csv_row() for summary in summaries)
-    os.chmod(path, 0o640)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(COLUMNS)
+    writer.writerows(summary.csv_row() for summary in summaries)
+    replace_file(path, text.getvalue().encode("utf-8"), is_benchmark_csv, PATH_VARIABLE)
 
 
 TABLE_COLUMNS = ("batch", "input len", "output len", "first token (ms)", "per token (ms)", "e2e (ms)",

@@ -111,6 +111,8 @@ def _read_yaml(path: str, what: str) -> _Section:
             data = yaml.safe_load(f)
     except OSError as e:
         raise UserError(f"{what} {path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: byte {e.start} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path} is not valid yaml: {' '.join(str(e).split())}") from None
     return _Section(data, "", source)

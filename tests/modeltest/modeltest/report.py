@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 from atb_models import UserError
+from atb_models.outputs import first_line, replace_file
 
 from modeltest.evaluate import MetricRow, SampleResult
 
@@ -94,10 +96,11 @@ def _outputs_line(result: SampleResult) -> str:
 
 
 def append_debug(layout: OutputLayout, results: list[SampleResult]) -> None:
-    """Written after each subset, so an interrupted run keeps the records it made."""
-    with open(layout.outputs_txt, "a", encoding="utf-8") as f:
+    """Written after each subset, so an interrupted run keeps the records it made. (Text UTF-8 cannot hold, a lone
+    surrogate of a question, is written as its \\u escape: in the JSON lines, the escape JSON reads back.)"""
+    with open(layout.outputs_txt, "a", encoding="utf-8", errors="backslashreplace") as f:
         f.writelines(_outputs_line(result) + "\n" for result in results)
-    with open(layout.samples_jsonl, "a", encoding="utf-8") as f:
+    with open(layout.samples_jsonl, "a", encoding="utf-8", errors="backslashreplace") as f:
         f.writelines(json.dumps(asdict(result), ensure_ascii=False, default=str) + "\n" for result in results)
 
 
@@ -106,11 +109,14 @@ def _number(value: float) -> str:
 
 
 def write_result_csv(path: Path, rows: list[MetricRow]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for row in rows:
-            writer.writerow([row.tasks, row.total, row.failed, round(row.passed, 6), row.metric, round(row.value, 6)])
+    """Atomically, over nothing but an earlier result CSV (outputs.replace_file)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([row.tasks, row.total, row.failed, round(row.passed, 6), row.metric, round(row.value, 6)])
+    replace_file(str(path), text.getvalue().encode("utf-8"),
+                 lambda p: first_line(p) == ",".join(CSV_COLUMNS), "result file")
 
 
 def metric_table(rows: list[MetricRow], metrics: dict) -> str:
@@ -129,4 +135,5 @@ def write_result_report(path: Path, settings: dict, rows: list[MetricRow], metri
     text = (f"run:\n{tabulate(list(settings.items()), tablefmt='grid', disable_numparse=True)}\n\n"
             f"metric table:\n{metric_table(rows, metrics)}\n"
             f"Value = pass / Total; a failed sample counts as wrong.\n{meanings}\n")
-    path.write_text(text, encoding="utf-8")
+    replace_file(str(path), text.encode("utf-8", "backslashreplace"), lambda p: first_line(p) == "run:",
+                 "result file")

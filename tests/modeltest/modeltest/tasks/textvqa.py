@@ -66,6 +66,8 @@ class TextVQA(Task):
             lines = questions.read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise UserError(f"TextVQA questions {questions}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"TextVQA questions {questions}: byte {e.start} is not UTF-8 text") from None
         samples, seen = [], set()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
