@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -54,11 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_dir(output_dir: Path) -> None:
+    """A new or empty folder, whose parent can be made and written (checked before any work)."""
     if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(f"--output_dir {output_dir} exists and is not empty: the tool writes only into a new or "
                         "empty folder")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: cannot create {output_dir.parent}: {e.strerror}") from None
+    if not os.access(output_dir.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir}: cannot write in {output_dir.parent}")
+
+
+def _open_up(staging: Path, mode: int | None) -> None:
+    """The staging folder (mkdtemp's 0700) and its files given the modes a folder made now would have, or the
+    replaced empty folder's own `mode`."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in staging.iterdir():
+        item.chmod(0o666 & ~mask)
+    staging.chmod(mode if mode is not None else 0o777 & ~mask)
 
 
 def _is_quantized(canonical: str, quantize_lm_head: bool) -> bool:
@@ -124,8 +142,10 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
         calibrated = _gptq(model_path, files, family, columns, group_size, calibration or CalibrationSettings())
     description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
     weight_map = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: cannot make a folder in {out.parent}: {e.strerror}") from None
     try:
         with tqdm(total=len(files), desc="quantizing", unit="tensor", file=sys.stderr) as bar:
             for path, names in by_file.items():
@@ -147,6 +167,7 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
                 save_file(tensors, str(staging / shard), metadata={"format": "pt"})
                 weight_map.update((name, shard) for name in tensors)
         _write_beside_weights(Path(model_path), staging, method, description, weight_map, DESCRIPTION_FILE)
+        _open_up(staging, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else None)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.rename(staging, out)

@@ -92,6 +92,9 @@ class CheckpointTensor:
         if self.dtype.is_floating_point and not tensor.is_floating_point():
             raise UserError(f"tensor {self.name} in {self.path} holds {tensor.dtype} values where the model takes a "
                             "floating-point weight: the checkpoint does not belong to this model")
+        if not self.dtype.is_floating_point and tensor.dtype != self.dtype:  # (an int32's values would wrap)
+            raise UserError(f"tensor {self.name} in {self.path} holds {tensor.dtype} values where the model takes "
+                            f"{self.dtype}: the checkpoint is damaged or not the kit's")
         read = CheckpointTensor.bytes_read
         read[self.name] = read.get(self.name, 0) + tensor.numel() * tensor.element_size()
         converted = tensor.to(self.dtype)

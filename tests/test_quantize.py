@@ -3,13 +3,17 @@ loading that output and quantizing at load (the same bytes, the same tokens), an
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from atb_models import LLM, SamplingParams
+from atb_models import LLM, SamplingParams, UserError
 from atb_models.kernels.w8a16 import dequantize, quantize
 from atb_models.quantize import main as quantize_main
 from tests.test_tensor_parallel import SHAPE_2B, run_ranks
@@ -96,7 +100,41 @@ def test_per_group_scales_load_and_follow_the_float_model_closely(tiny_checkpoin
     assert (int8_logits - float_logits).abs().max().item() < 0.05 * float_logits.abs().max().item()
 
 
-@pytest.mark.parametrize("case", ["already_quantized", "output_not_empty", "unknown_model_type", "tied_head"])
+@pytest.mark.parametrize("case", ["int32_weight", "uint8_weight", "scales_of_other_groups"])
+def test_a_quantized_checkpoint_with_damaged_int8_weights_or_scales_is_refused_at_load(case, float_and_quantized,
+                                                                                        tmp_path):
+    _, quantized = float_and_quantized
+    damaged = tmp_path / "damaged"
+    shutil.copytree(quantized, damaged)
+    name = "model.layers.0.mlp.down_proj.weight"
+    [shard] = [p for p in damaged.glob("*.safetensors") if name in safe_open(p, "pt").keys()]
+    tensors = load_file(shard)
+    if case == "int32_weight":  # values an int8 cannot hold, which a conversion would wrap
+        tensors[name] = tensors[name].to(torch.int32) * 1000 + 1
+    elif case == "uint8_weight":
+        tensors[name] = tensors[name].to(torch.uint8)
+    else:  # three groups a row where the description says one scale per row
+        tensors[name + "_scale"] = tensors[name + "_scale"].repeat(1, 4)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{name}" + (".*damaged" if case != "int32_weight" else ".*torch.int32")):
+        LLM(str(damaged), **OPTIONS)
+
+
+def test_the_tools_output_folder_has_ordinary_modes_and_a_replaced_empty_folder_keeps_its_own(float_and_quantized,
+                                                                                               tmp_path):
+    float_dir, _ = float_and_quantized
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o750)
+    mine.chmod(0o750)
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(mine)]) == 0
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o750
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in mine.iterdir())
+
+
+@pytest.mark.parametrize("case", ["already_quantized", "output_not_empty", "unknown_model_type", "tied_head",
+                                  "output_under_a_file", "output_under_proc"])
 def test_the_tool_refuses_in_one_line_and_writes_nothing(case, float_and_quantized, tiny_checkpoint, tmp_path,
                                                           capsys):
     float_dir, quantized = float_and_quantized
@@ -113,6 +151,11 @@ def test_the_tool_refuses_in_one_line_and_writes_nothing(case, float_and_quantiz
         config = json.loads((source / "config.json").read_text())
         (source / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
         expected = "llama"
+    elif case == "output_under_a_file":
+        (tmp_path / "afile").write_text("mine")
+        out, expected = tmp_path / "afile" / "sub", "cannot create"
+    elif case == "output_under_proc":
+        out, expected = Path("/proc/atb_models_test_out"), "--output_dir /proc/atb_models_test_out"
     else:
         from atb_models.demo.checkpoint import TinyShape
 

@@ -168,6 +168,10 @@ class RowParallelLinear(Linear):
             default_weight_loader(param, source, name)
             return
         group = self.in_features_full // groups if groups else 0
+        described = self.weight.shape[1] // param.shape[1]  # (the description's group size; per channel: the input)
+        if group != described:
+            raise UserError(f"{name}: scales of shape {tuple(source.shape)}, where the quantization description's "
+                            f"group_size gives {param.shape[1]} scale(s) a row on this rank: the checkpoint is damaged")
         first, count = self.columns
         if not group or first % group or count % group:
             raise UserError(f"{name}: scales of shape {source.shape} do not split into whole groups at this world "
