@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 
 from atb_models.errors import UserError
+from atb_models.host import process_temp_folder
 from atb_models.kernels.w8a16 import QMAX
 
 logger = logging.getLogger("atb_models")
@@ -167,15 +168,15 @@ class Calibration:
         if tokens < 1:
             raise UserError(f"--calib_tokens must be at least 1, got {tokens}")
         requests = folder_requests(calib_data, prompt) if calib_data else None  # refused before the model loads
-        self._media = tempfile.TemporaryDirectory(prefix="atb-calibration-")
+        self._media = process_temp_folder("atb-calibration-")
         try:
             if requests is None:
-                requests = builtin_requests(Path(self._media.name))
+                requests = builtin_requests(Path(self._media))
             self.llm = LLM(model_path, device=device, max_batch_size=4, enable_prefix_caching=False,
                            max_output_length=tokens)
             outputs = self.llm.generate(requests, SamplingParams(max_tokens=tokens, ignore_eos=True))
         except BaseException:
-            self._media.cleanup()
+            shutil.rmtree(self._media, ignore_errors=True)
             raise
         failed = [out.error for out in outputs if out.error is not None]
         if failed:
@@ -198,7 +199,7 @@ class Calibration:
 
     def close(self) -> None:
         self.llm.close()
-        self._media.cleanup()
+        shutil.rmtree(self._media, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -4,10 +4,13 @@ and MKL's vector math settled on its kernels before a model's threads first call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -155,6 +158,29 @@ def _advised_mapping(nbytes: int, advised: int, advice: int) -> torch.Tensor:
     if advised:
         mapping.madvise(advice, offset, advised)
     return raw[offset:offset + nbytes]
+
+
+def process_temp_folder(prefix: str, parent: str | None = None) -> str:
+    """A new temporary folder (in `parent`, default the system's) named `prefix` + this process's id + a random
+    part, made after removing those of the same prefix whose process is gone: a process killed by SIGKILL runs no
+    exit path, and its folder would stay for ever. The caller removes its own folder on its exit paths."""
+    root = parent or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: alive)
+        return True
+    return True
 
 
 def huge_pages_wanted() -> bool:

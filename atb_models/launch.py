@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 
 LAUNCHED_ENV = "ATB_MODELS_LAUNCHED"
@@ -195,13 +194,15 @@ def main(argv=None) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[LAUNCHED_ENV] = "1"
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-    status_dir = tempfile.mkdtemp(prefix="atb_models_launch_")
+    from atb_models.host import process_temp_folder  # (here: host imports torch, and the ranks import this module)
+
+    status_dir = process_temp_folder("atb_models_launch_")
     os.environ[STATUS_DIR_ENV] = status_dir
     # torchrun's default log folder (a torchelastic_* folder in the temp dir, the ranks' error files) is never
     # removed; the kit's goes with the launch. One given with --log_dir is the user's.
     log_dir = None
     if args.log_dir is None:
-        args.log_dir = log_dir = tempfile.mkdtemp(prefix="atb_models_torchelastic_")
+        args.log_dir = log_dir = process_temp_folder("atb_models_torchelastic_")
     try:
         torchrun.run(args)
         return _reported_status(status_dir)

@@ -21,13 +21,13 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from atb_models.cli.choices import DEVICE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.errors import UserError
+from atb_models.host import process_temp_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +143,8 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
     weight_map = {}
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
+        # (named by this process: a killed run's is removed by the next run into the same folder)
+        staging = Path(process_temp_folder(f".{out.name}-staging-", str(out.parent)))
     except OSError as e:
         raise UserError(f"--output_dir {output_dir}: cannot make a folder in {out.parent}: {e.strerror}") from None
     try:

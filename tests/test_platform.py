@@ -1,5 +1,6 @@
 """The device / backend / dtype decisions, on simulated hardware (and the real CPU where it matters)."""
 
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -371,3 +372,20 @@ def test_model_runner_and_reference_loader_settle_vector_math_before_the_model_e
     with pytest.raises(Refused):
         engines.load_reference_model(config, plan)
     assert calls == ["atb_models.engine.model_runner", "atb_models.benchmark.engines"]
+
+
+def test_a_process_temp_folder_sweeps_the_folders_of_processes_that_are_gone(tmp_path):
+    """A SIGKILLed launcher, quantizer or calibration leaves its temporary folder; the next one removes it, and
+    never another live process's, nor a name of another form."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, live, other = (tmp_path / f"kit_{gone}-abc", tmp_path / f"kit_{os.getppid()}-def", tmp_path / "kit_x-1")
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "f").write_text("x")
+    made = host.process_temp_folder("kit_", str(tmp_path))
+    assert os.path.basename(made).startswith(f"kit_{os.getpid()}-") and os.path.isdir(made)
+    assert not stale.exists() and live.exists() and other.exists()
