@@ -253,6 +253,14 @@ def test_requests_taken_one_at_a_time_step_to_their_end_and_an_idle_step_does_no
     assert llm.step() == [] and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_a_closed_engine_takes_no_more_requests(tiny_checkpoint):
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", max_batch_size=2, max_output_length=4)
+    llm.close()
+    for call in (lambda: llm.generate([[{"text": "Hi"}]]), lambda: llm.add_request([{"text": "Hi"}]), llm.step):
+        with pytest.raises(UserError, match="this engine was closed"):
+            call()
+
+
 def test_enable_prefix_caching_must_be_a_bool(tiny_checkpoint):
     with pytest.raises(UserError, match="enable_prefix_caching must be True or False, got 'no'"):
         LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", enable_prefix_caching="no")

@@ -156,3 +156,10 @@ def test_measure_load_memory_still_measures_a_load(tiny_checkpoint, capsys):
     assert line.startswith("rank 0: parameters held ") and "private memory peak +" in line
     assert tool.main([str(tiny_checkpoint().parent / "missing")]) == 1
     assert capsys.readouterr().err.startswith("Error: ")
+
+
+@pytest.mark.parametrize("value", [",", "MSVD,", ""])
+def test_subsets_with_an_empty_key_are_refused_not_taken_for_every_subset(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([*yaml_args(), "--subsets", value])
+    assert exit_info.value.code == 1 and "none empty" in capsys.readouterr().err

@@ -12,6 +12,7 @@ model (--dtype bfloat16) also decode_bf16_vs_fp32[bs1], against a float32 kit ti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
@@ -115,8 +116,9 @@ def compare(args: argparse.Namespace) -> int:
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):  # (beyond that, OpenMP's stacks fail to map)
+            raise UserError(f"--threads must be 1 to {4 * (os.cpu_count() or 1)} (4 per core here), got "
+                            f"{args.threads}")
         torch.set_num_threads(args.threads)
     model_path = args.model_path or str(ensure_checkpoint(preset))
     results, setup = run_compare(preset, model_path, args.dtype or preset.dtype, args.device or preset.device,

@@ -121,6 +121,7 @@ class LLM:
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
         self._requests: dict = {}
         self._next_request_id = 0
+        self._closed = False
         self._time_origin = time.perf_counter()
 
     def _affordable_blocks(self, one_request: int) -> int:
@@ -188,6 +189,7 @@ class LLM:
         A call that ends by an exception (an interrupt, an error from `on_finish`) drops all its sequences and
         frees their KV blocks before the exception leaves: the next call starts from a clean engine. It is built on
         the incremental API's primitives (`_admit`, `step`), so a request answers the same either way."""
+        self._check_open("generate()")
         params_list = _params_per_request(requests, sampling_params)
         if not self._generating.acquire(blocking=False):
             raise UserError("generate() is already running on this engine; it cannot be called again from "
@@ -239,6 +241,7 @@ class LLM:
         `Message`s), preprocessed here, so under torchrun every rank adds the same requests in the same order; or a
         `ProcessedPrompt` already made by `self.preprocessor`, which a caller preprocessing on one rank hands to the
         others (the server). A request that cannot run raises UserError and leaves nothing behind."""
+        self._check_open("add_request()")
         if self._generating.locked():
             raise UserError("add_request() cannot be used while generate() runs on this engine")
         params = SamplingParams() if params is None else params
@@ -277,6 +280,7 @@ class LLM:
         """One scheduler step. Returns the output of every request it advanced by one token: `token_ids` and
         `text` so far (while it runs, less a trailing incomplete character or a partial stop string, so that the
         text only ever grows), and for one that finished its `finish_reason` and times. Nothing queued: []."""
+        self._check_open("step()")
         if not self.has_unfinished():
             return []
         seqs = self._run_step()
@@ -344,8 +348,13 @@ class LLM:
             self.block_manager.free(seq)
 
     def close(self) -> None:
-        """Remove this engine's shared-memory segments (also done at exit)."""
+        """Remove this engine's shared-memory segments (also done at exit). A closed engine takes no more requests."""
         self.node_preprocessor.close()
+        self._closed = True
+
+    def _check_open(self, call: str) -> None:
+        if self._closed:
+            raise UserError(f"{call}: this engine was closed")
 
     def _run_step(self) -> list:
         """One scheduler step; returns the sequences it ran, each one token longer (finished ones have their

@@ -36,6 +36,14 @@ BACKENDS = ("pa", "hf")
 DEFAULT_MASTER_PORT = "20050"
 
 
+def _subset_keys(text: str) -> list[str]:
+    """--subsets' keys: at least one, none empty (an empty list would run every subset)."""
+    keys = text.split(",")
+    if not all(key.strip() for key in keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: give subset keys separated by commas, none empty")
+    return [key.strip() for key in keys]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="modeltest", description=__doc__.split("\n\n")[0])
     required = parser.add_argument_group("required")
@@ -46,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", metavar="DIR", help="checkpoint folder (default: the model yaml's model_path)")
     parser.add_argument("--dataset_path", metavar="PATH", help="TextVQA: textvqa_val.jsonl or its folder; VideoBench: "
                         "the Eval_QA folder (default: the task yaml's local_dataset_path)")
-    parser.add_argument("--subsets", metavar="KEY[,KEY...]", type=lambda text: [k for k in text.split(",") if k],
+    parser.add_argument("--subsets", metavar="KEY[,KEY...]", type=_subset_keys,
                         help="run only these subsets of the task yaml's subject_mapping")
     parser.add_argument("--output_dir", metavar="DIR", default="output",
                         help="results go under DIR/<date>/modeltest/<model>/precision_result/ (default: %(default)s)")
