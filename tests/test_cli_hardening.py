@@ -704,3 +704,10 @@ def test_modeltest_and_the_benchmark_end_through_the_same_helper(capsys, monkeyp
     assert capsys.readouterr().err == "Stopped by SIGTERM\n"
     assert benchmark_main(["compare", "--preset", "tiny", "--workloads", "nothing"]) == 1
     assert capsys.readouterr().err.startswith("Error: --workloads nothing: choose from ")
+
+
+def test_benchmark_threads_beyond_four_a_core_are_one_error_line(capsys):
+    from atb_models.benchmark.__main__ import main as benchmark_main
+
+    assert benchmark_main(["compare", "--preset", "tiny", "--threads", "100000"]) == 1
+    assert capsys.readouterr().err.startswith("Error: --threads must be 1 to ")
