@@ -1,6 +1,5 @@
-"""Report files the kit writes for people (the benchmark CSV, modeltest's result files): each written atomically, and
-over an existing file only where that file is one the kit wrote before. (run_pa's results file has its own rules,
-cli/results.py: the same, plus the file's mode bits.)"""
+"""Files the kit writes for people (run_pa's results, the benchmark CSV, modeltest's result files): each written
+atomically, and over an existing file only where that file is one the kit wrote before."""
 
 from __future__ import annotations
 
@@ -22,29 +21,38 @@ def first_line(path: str) -> str:
         return ""
 
 
-def replace_file(path: str, data: bytes, is_ours: Callable[[str], bool], what: str) -> None:
-    """`data` at `path`: a temporary file beside it, synced, then renamed over it, so that an interruption or a full
-    disk leaves the previous file whole and no temporary file behind. Where something is at `path` already it must
-    be a regular file that `is_ours(path)` recognises (checked again right before the rename); a link is followed to
-    that file, and a link to nothing is refused. Anything else is left untouched, with a UserError naming `what`."""
-    if os.path.islink(path):
-        if not os.path.exists(path):
-            raise UserError(f"{what} {path} is a link to nothing; it is left untouched")
-        path = os.path.realpath(path)
+def recognised(is_ours: Callable[[str], bool], what: str) -> Callable[[str], os.stat_result | None]:
+    """A `check` for replace_file: nothing at the path, or a regular file `is_ours` recognises."""
 
-    def check() -> None:
+    def check(path: str) -> os.stat_result | None:
         try:
             status = os.stat(path)
         except FileNotFoundError:
-            return
+            return None
         if not stat.S_ISREG(status.st_mode):
             raise UserError(f"{what} {path} exists and is not a regular file; it is left untouched")
         if not is_ours(path):
             raise UserError(f"{what} {path} exists and is not a file the kit wrote; it is left untouched: give "
                             "another path, or remove it")
+        return status
 
-    check()
-    existed = os.path.exists(path)
+    return check
+
+
+def replace_file(path: str, data: bytes, check: Callable[[str], os.stat_result | None], what: str,
+                 new_mode: int = 0o640, shown: str | None = None) -> None:
+    """`data` at `path`: a temporary file beside it, synced, then renamed over it, so that an interruption or a full
+    disk leaves the previous file whole and no temporary file behind. `check(path)` raises a UserError where what is
+    at `path` may not be replaced, else returns its status (None: nothing there); it runs before the write and again
+    right before the rename (the run may have been long). The new file keeps the previous one's mode, else
+    `new_mode`. A link is followed to its file; a link to nothing is refused. Messages name `what` and `shown`
+    (default: the path)."""
+    shown = path if shown is None else shown
+    if os.path.islink(path):
+        if not os.path.exists(path):
+            raise UserError(f"{what} {shown} is a link to nothing; it is left untouched")
+        path = os.path.realpath(path)
+    existed = check(path) is not None
     temp = None
     try:
         fd, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
@@ -53,8 +61,8 @@ def replace_file(path: str, data: bytes, is_ours: Callable[[str], bool], what: s
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, 0o640)
-        check()
+        previous = check(path)
+        os.chmod(temp, stat.S_IMODE(previous.st_mode) if previous is not None else new_mode)
         os.replace(temp, path)
     except BaseException as e:
         if temp is not None:
@@ -63,4 +71,4 @@ def replace_file(path: str, data: bytes, is_ours: Callable[[str], bool], what: s
         if not isinstance(e, OSError):
             raise
         kept = "the previous file is left as it was" if existed else "nothing was written"
-        raise UserError(f"{what} {path}: cannot write: {e.strerror or e}; {kept}") from None
+        raise UserError(f"{what} {shown}: cannot write: {e.strerror or e}; {kept}") from None

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 from atb_models.errors import UserError
-from atb_models.outputs import first_line, replace_file
+from atb_models.outputs import first_line, recognised, replace_file
 
 ENABLE_VARIABLE = "ATB_LLM_BENCHMARK_ENABLE"
 PATH_VARIABLE = "ATB_LLM_BENCHMARK_FILEPATH"
@@ -133,7 +133,7 @@ def write_csv(path: str, summaries: list[RunSummary]) -> None:
     writer = csv.writer(text)
     writer.writerow(COLUMNS)
     writer.writerows(summary.csv_row() for summary in summaries)
-    replace_file(path, text.getvalue().encode("utf-8"), is_benchmark_csv, PATH_VARIABLE)
+    replace_file(path, text.getvalue().encode("utf-8"), recognised(is_benchmark_csv, PATH_VARIABLE), PATH_VARIABLE)
 
 
 TABLE_COLUMNS = ("batch", "input len", "output len", "first token (ms)", "per token (ms)", "e2e (ms)",

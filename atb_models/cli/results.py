@@ -3,17 +3,15 @@ atomically (also when a signal cuts the run short)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import stat
 import sys
-import tempfile
 
 from atb_models.cli.entry import one_line, print_error
-from atb_models.cli.inputs import Entry, question, replaceable_results_file
+from atb_models.cli.inputs import RESULTS_FLAG, Entry, question, replaceable_results_file
 from atb_models.errors import UserError
+from atb_models.outputs import replace_file
 
 logger = logging.getLogger("atb_models.run_pa")
 
@@ -77,36 +75,15 @@ def save_finished_results(entries: list[Entry], path: str, shown_path: str) -> N
 
 
 def write_results(results: dict, path: str, shown_path: str) -> None:
-    """Atomically: a temporary file in the same folder, synced, then renamed over `path`, so that a full disk or
-    an interruption leaves the previous results file whole, and no temporary file behind. Whatever is at `path`
-    right before the rename is checked again (the run may have been long): only a results file is replaced."""
+    """Atomically (outputs.replace_file): a full disk or an interruption leaves the previous results file whole, and
+    no temporary file behind. Whatever is at `path` right before the rename is checked again (the run may have been
+    long): only a results file is replaced, keeping its mode."""
     text = json.dumps(results, sort_keys=True, ensure_ascii=False)
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError:  # a file name that is not valid UTF-8: \u escapes keep the JSON valid
         data = json.dumps(results, sort_keys=True).encode("ascii")
-    existed = os.path.isfile(path)
-    temp = None
-    try:
-        fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        previous = replaceable_results_file(path, shown_path)
-        os.chmod(temp, stat.S_IMODE(previous.st_mode) if previous is not None else 0o666 & ~_umask())
-        os.replace(temp, path)
-    except BaseException as e:
-        if temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-        if not isinstance(e, OSError):
-            raise
-        kept = "the previous results file is left as it was" if existed else "nothing was written"
-        raise UserError(f"--results_save_path {shown_path}: cannot write: {e.strerror or e}; {kept}") from None
-
-
-def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    replace_file(path, data, lambda target: replaceable_results_file(target, shown_path), RESULTS_FLAG,
+                 0o666 & ~mask, shown_path)

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from atb_models import UserError
-from atb_models.outputs import first_line, replace_file
+from atb_models.outputs import first_line, recognised, replace_file
 
 from modeltest.evaluate import MetricRow, SampleResult
 
@@ -116,7 +116,7 @@ def write_result_csv(path: Path, rows: list[MetricRow]) -> None:
     for row in rows:
         writer.writerow([row.tasks, row.total, row.failed, round(row.passed, 6), row.metric, round(row.value, 6)])
     replace_file(str(path), text.getvalue().encode("utf-8"),
-                 lambda p: first_line(p) == ",".join(CSV_COLUMNS), "result file")
+                 recognised(lambda p: first_line(p) == ",".join(CSV_COLUMNS), "result file"), "result file")
 
 
 def metric_table(rows: list[MetricRow], metrics: dict) -> str:
@@ -135,5 +135,5 @@ def write_result_report(path: Path, settings: dict, rows: list[MetricRow], metri
     text = (f"run:\n{tabulate(list(settings.items()), tablefmt='grid', disable_numparse=True)}\n\n"
             f"metric table:\n{metric_table(rows, metrics)}\n"
             f"Value = pass / Total; a failed sample counts as wrong.\n{meanings}\n")
-    replace_file(str(path), text.encode("utf-8", "backslashreplace"), lambda p: first_line(p) == "run:",
-                 "result file")
+    replace_file(str(path), text.encode("utf-8", "backslashreplace"),
+                 recognised(lambda p: first_line(p) == "run:", "result file"), "result file")
