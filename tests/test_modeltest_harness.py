@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -355,6 +356,20 @@ def test_unknown_videobench_subsets_are_errors_not_skipped(tmp_path, videobench_
         load_task_config(package_yaml, str(videobench_set), ["MSVD", "Bar"])
     with pytest.raises(UserError, match="MV questions .*MV_QA_new.json: no such file"):
         make_task(load_task_config(package_yaml, str(videobench_set), ["MV"]), model)
+
+
+def test_a_videobench_gold_answer_that_is_none_of_the_choices_fails_its_sample(tmp_path, videobench_set):
+    """No output could score it: a damaged answer file says so on its sample instead of scoring it wrong."""
+    from modeltest.tasks.videobench import VideoBench
+
+    eval_qa = tmp_path / "Eval_QA"
+    shutil.copytree(videobench_set, eval_qa)
+    answers = json.loads((eval_qa / "answer" / "ANSWER.json").read_text())
+    answers["MSVD"]["MSVD_0"] = {"answer": "Z"}
+    (eval_qa / "answer" / "ANSWER.json").write_text(json.dumps(answers))
+    samples = {sample.question_id: sample for sample in VideoBench._read_subset(eval_qa, "MSVD", answers)}
+    assert "'Z' of MSVD_0 in ANSWER.json is none of its choices" in samples["MSVD_0"].error
+    assert samples["MSVD_1"].error is None
 
 
 def test_malformed_textvqa_files_are_errors(tmp_path):

@@ -86,6 +86,8 @@ class VideoBench(Task):
             letter = answer.get("answer") if isinstance(answer, dict) else None
             if problem is None and letter is None:
                 problem = f"no answer for {question_id} in ANSWER.json"
+            elif problem is None and letter not in choices:  # (no output could match it: a damaged answer file)
+                problem = f"the answer {letter!r} of {question_id} in ANSWER.json is none of its choices"
             prompt = item["question"] if problem else choice_prompt(item["question"], choices)
             request = [{"video": media_path(item["vid_path"], eval_qa.parent)}, {"text": prompt}]
             samples.append(Sample(question_id, request, letter, choices, problem))
