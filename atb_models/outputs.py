@@ -12,6 +12,13 @@ from typing import Callable
 from atb_models.errors import UserError
 
 
+def umask() -> int:
+    """This process's file mode creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def first_line(path: str) -> str:
     """The file's first line (up to 4 KB), decoded leniently; "" where it cannot be read."""
     try:

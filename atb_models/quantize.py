@@ -28,6 +28,7 @@ from atb_models.cli.choices import DEVICE_CHOICES, QUANT_ALGORITHM_CHOICES, QUAN
 from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.errors import UserError
 from atb_models.host import process_temp_folder
+from atb_models.outputs import umask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +73,7 @@ def _check_output_dir(output_dir: Path) -> None:
 def _open_up(staging: Path, mode: int | None) -> None:
     """The staging folder (mkdtemp's 0700) and its files given the modes a folder made now would have, or the
     replaced empty folder's own `mode`."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = umask()
     for item in staging.iterdir():
         item.chmod(0o666 & ~mask)
     staging.chmod(mode if mode is not None else 0o777 & ~mask)

@@ -319,7 +319,7 @@ def test_a_failed_results_write_leaves_the_previous_file_and_no_temporary_file(t
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(run_results.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)  # (outputs.replace_file syncs through it)
     with pytest.raises(UserError, match="No space left on device; the previous file is left as it was"):
         run_results.save_results(_entries("new"), str(path), "results.json")
     assert path.read_text() == '{"old.jpg": "kept"}'

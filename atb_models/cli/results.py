@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 from atb_models.cli.entry import one_line, print_error
 from atb_models.cli.inputs import RESULTS_FLAG, Entry, question, replaceable_results_file
 from atb_models.errors import UserError
-from atb_models.outputs import replace_file
+from atb_models.outputs import replace_file, umask
 
 logger = logging.getLogger("atb_models.run_pa")
 
@@ -83,7 +82,5 @@ def write_results(results: dict, path: str, shown_path: str) -> None:
         data = text.encode("utf-8")
     except UnicodeEncodeError:  # a file name that is not valid UTF-8: \u escapes keep the JSON valid
         data = json.dumps(results, sort_keys=True).encode("ascii")
-    mask = os.umask(0)
-    os.umask(mask)
     replace_file(path, data, lambda target: replaceable_results_file(target, shown_path), RESULTS_FLAG,
-                 0o666 & ~mask, shown_path)
+                 0o666 & ~umask(), shown_path)

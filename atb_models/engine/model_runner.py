@@ -22,7 +22,7 @@ def check_weights_fit(cfg, plan, quantized: bool) -> None:
     memory (a vocab_size or intermediate_size off by orders of magnitude would otherwise fail in the allocator, or
     swap). A lower bound: the embedding table (each rank's whole) and the MLPs' three matrices a layer (this rank's
     share), at the weights' element size (one byte where they are int8)."""
-    element = torch.empty((), dtype=plan.llm_dtype).element_size()
+    element = plan.llm_dtype.itemsize
     least = (cfg.vocab_size * cfg.hidden_size * element + cfg.num_hidden_layers * 3 * cfg.hidden_size
              * cfg.intermediate_size * (1 if quantized else element) // distributed.tp_size())
     free = free_memory_bytes(plan)

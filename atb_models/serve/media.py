@@ -53,11 +53,12 @@ class MediaResolver:
         split = urlsplit(part.url)
         if split.netloc not in ("", "localhost"):
             raise bad_request(f"{part.kind} url: a file:// url must name a local path, not host {split.netloc!r}")
-        if "\x00" in unquote(split.path):
+        local = unquote(split.path)
+        if "\x00" in local:
             raise bad_request(f"{part.kind} url: a file:// path must not hold a NUL character")
-        path = os.path.realpath(unquote(split.path))
+        path = os.path.realpath(local)
         if os.path.commonpath([path, self.allowed_root]) != self.allowed_root:
-            raise bad_request(f"{part.kind} url: {unquote(split.path)} is outside --allowed_local_media_path")
+            raise bad_request(f"{part.kind} url: {local} is outside --allowed_local_media_path")
         return path
 
 
