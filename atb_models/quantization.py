@@ -8,6 +8,10 @@ only when asked; embeddings, norms and the vision tower stay as they were.
 
 `LLM(path, quantize="w8a16")` on a float checkpoint builds the same int8 model and quantizes each tensor as it is
 read (atb_models.weights), with the same function as the tool, so the two give identical bytes.
+
+A GPTQ checkpoint (config.json's `quantization_config`, as AutoGPTQ and GPTQModel write it and as the published
+Qwen2-VL GPTQ-Int8 models hold it) runs as W8A16 too where it is 8-bit and symmetric: its packed weights, zero points
+and scales are rewritten into the kit's int8 weights and scales as they load (`gptq_to_int8`), losslessly.
 """
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ class Quantization:
     group_size: int | None        # None: one scale per output channel
     lm_head: bool = False         # the LM head quantized too
     from_float: bool = False      # the checkpoint is float: each tensor is quantized as it is read
+    gptq_format: str | None = None  # "gptq" / "gptq_v2": a GPTQ checkpoint, its tensors rewritten as they load
 
     def describe(self) -> str:
         scales = "per output channel" if self.group_size is None else f"per group of {self.group_size}"
         head = ", LM head included" if self.lm_head else ""
-        made = "quantized as loaded" if self.from_float else "from a quantized checkpoint"
+        made = ("quantized as loaded" if self.from_float else
+                f"from a GPTQ checkpoint ({self.gptq_format})" if self.gptq_format else "from a quantized checkpoint")
         return f"{self.method} ({scales}{head}, {made})"
 
 
@@ -52,8 +58,14 @@ def check_method(method) -> str:
 
 
 def checkpoint_quantization(model_path: str, raw_config: dict) -> Quantization | None:
-    """The quantization a checkpoint folder holds (config.json's "quantize"), or None for a float checkpoint."""
+    """The quantization a checkpoint folder holds (config.json's "quantize", or a GPTQ `quantization_config`), or
+    None for a float checkpoint."""
     method = raw_config.get("quantize")
+    if "quantization_config" in raw_config:
+        if method is not None:
+            raise UserError(f"{model_path}: config.json holds both \"quantize\" and \"quantization_config\"; a "
+                            "checkpoint is quantized one way")
+        return gptq_quantization(os.path.join(model_path, "config.json"), raw_config["quantization_config"])
     if method is None:
         return None
     check_method(str(method).lower())
@@ -68,6 +80,67 @@ def checkpoint_quantization(model_path: str, raw_config: dict) -> Quantization |
         raise UserError(f"{path}: group_size must be 0 (per channel) or a positive integer, got {group!r}")
     lm_head = any(name.endswith("lm_head.weight") and kind == "W8A16" for name, kind in description.items())
     return Quantization(str(method).lower(), group or None, lm_head)
+
+
+GPTQ_FORMATS = ("gptq", "gptq_v2")  # v1 stores each zero point less one; GPTQModel's v2 stores it as it is
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ linear's tensors, beside its bias
+
+
+def gptq_quantization(config_file: str, spec) -> Quantization:
+    """What a GPTQ `quantization_config` runs as: 8-bit symmetric weights are the kit's W8A16 (q - 128 is the int8
+    weight, the group's scale its scale); any other kind is refused here, before anything loads."""
+    where = f"{config_file}: quantization_config"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be an object, got {type(spec).__name__}")
+    method = str(spec.get("quant_method", "")).lower()
+    if method != "gptq":
+        raise UserError(f"{where} quant_method {spec.get('quant_method')!r}: the kit runs 8-bit GPTQ checkpoints and "
+                        "its own W8A16 (python -m atb_models.quantize), no other quantized format")
+    bits, group = spec.get("bits"), spec.get("group_size", -1)
+    if bits != 8 or isinstance(bits, bool):
+        raise UserError(f"{where}: GPTQ with {bits!r}-bit weights; the kit runs 8-bit weights only (W8A16)")
+    if spec.get("sym", True) is not True:
+        raise UserError(f"{where}: asymmetric GPTQ (sym false) has zero points the kit's int8 weights cannot hold")
+    if not isinstance(group, int) or isinstance(group, bool) or not (group == -1 or group > 0):
+        raise UserError(f"{where}: group_size must be -1 (per channel) or a positive integer, got {group!r}")
+    checkpoint_format = spec.get("checkpoint_format", "gptq")
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise UserError(f"{where}: checkpoint_format {checkpoint_format!r}; the kit reads {', '.join(GPTQ_FORMATS)}")
+    return Quantization("w8a16", None if group == -1 else group, lm_head=spec.get("lm_head", False) is True,
+                        gptq_format=checkpoint_format)
+
+
+def gptq_to_int8(name: str, tensors: dict, gptq_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 8-bit GPTQ linear's tensors (`GPTQ_TENSORS`: qweight int32 [in/4, out] holding input 4r+j in byte j of
+    row r, qzeros int32 [groups, out/4] the same way along the outputs, scales [groups, out], g_idx [in]) as the
+    kit's int8 weight [out, in] and float32 scales [out, groups]: the weight is q - zero, the same values exactly.
+    Zero points other than 128 (asymmetric) and inputs out of group order (act-order) are refused."""
+    qweight, qzeros, scales, g_idx = (tensors[part] for part in GPTQ_TENSORS)
+    int_types = (torch.int32, torch.uint32)
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2 or g_idx.dim() != 1 \
+            or qweight.dtype not in int_types or qzeros.dtype not in int_types or not scales.is_floating_point():
+        kinds = ", ".join(f"{part} {tuple(tensors[part].shape)} {tensors[part].dtype}" for part in GPTQ_TENSORS)
+        raise UserError(f"{name}: GPTQ tensors {kinds} are not an 8-bit GPTQ linear's: the checkpoint is damaged")
+    in_features, out_features = qweight.shape[0] * 4, qweight.shape[1]
+    groups = scales.shape[0]
+    if scales.shape[1] != out_features or tuple(qzeros.shape) != (groups, out_features // 4) or out_features % 4 \
+            or not groups or in_features % groups or g_idx.shape[0] != in_features:
+        raise UserError(f"{name}: GPTQ tensors of shapes qweight {tuple(qweight.shape)}, qzeros "
+                        f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} do not fit "
+                        "one 8-bit linear: the checkpoint is damaged")
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32)
+    values = (qweight.to(torch.int32).unsqueeze(1) >> shifts.view(1, 4, 1)) & 0xFF  # [in/4, 4, out]
+    zeros = ((qzeros.to(torch.int32).unsqueeze(2) >> shifts.view(1, 1, 4)) & 0xFF).reshape(groups, out_features)
+    if gptq_format == "gptq":
+        zeros = zeros + 1
+    if not bool((zeros == 128).all()):
+        raise UserError(f"{name}: GPTQ zero points other than 128 (an asymmetric quantization) cannot be held in the "
+                        "kit's int8 weights")
+    if not torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // (in_features // groups)):
+        raise UserError(f"{name}: GPTQ inputs out of group order (act-order, desc_act) are not supported: quantize "
+                        "with desc_act false")
+    weight = (values.reshape(in_features, out_features) - 128).to(torch.int8).t().contiguous()
+    return weight, scales.to(torch.float32).t().contiguous()
 
 
 def resolve(requested: str | None, stored: Quantization | None) -> Quantization | None:

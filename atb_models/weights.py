@@ -155,9 +155,26 @@ def _expected_names(params: dict, packed: dict) -> set:
     return expected
 
 
-def load_weights(model, model_path: str) -> None:
+def _gptq_linear(where: dict, name: str, gptq_format: str) -> tuple[LoadedTensor, LoadedTensor]:
+    """A GPTQ linear (`name` its qweight) as the kit's int8 weight and scales, read whole from wherever its tensors
+    lie (a sharded checkpoint may split them)."""
+    from atb_models.quantization import GPTQ_TENSORS, gptq_to_int8
+
+    base = name[:-len("qweight")]
+    tensors = {}
+    for part in GPTQ_TENSORS:
+        if base + part not in where:
+            raise UserError(f"checkpoint tensor {name} has no {base + part} beside it: the GPTQ checkpoint is damaged")
+        with safe_open(where[base + part], framework="pt") as handle:
+            tensors[part] = handle.get_tensor(base + part)
+    weight, scale = gptq_to_int8(base.rstrip("."), tensors, gptq_format)
+    return LoadedTensor(weight, base + "weight"), LoadedTensor(scale, base + "weight_scale")
+
+
+def load_weights(model, model_path: str, gptq_format: str | None = None) -> None:
     """Fill every parameter of `model` from the checkpoint; any tensor missing, unexpected or of the wrong shape
-    is a UserError naming it. The tensors are named as the family of the model's config names them."""
+    is a UserError naming it. The tensors are named as the family of the model's config names them. gptq_format:
+    the checkpoint is GPTQ's (atb_models.quantization.gptq_quantization); its linears load as int8."""
     family = model_family(model.config.model_type)
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
@@ -166,16 +183,25 @@ def load_weights(model, model_path: str) -> None:
         # The head shares the embedding table; a copy in the checkpoint (some writers keep one) is not needed.
         skip.add("lm_head.weight")
         params.pop("lm_head.weight", None)
+    where = checkpoint_files(model_path)
     by_file = {}
-    for name, path in checkpoint_files(model_path).items():
+    for name, path in where.items():
         by_file.setdefault(path, []).append(name)
+    gptq_parts = ()
+    if gptq_format:
+        from atb_models.quantization import GPTQ_TENSORS
+
+        gptq_parts = tuple("." + part for part in GPTQ_TENSORS if part != "qweight")
     loaded = set()
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as handle:
             for name in names:
                 canonical = family.parameter_name(name)
-                if canonical in skip:
+                if canonical in skip or canonical.endswith(gptq_parts):  # (a GPTQ linear's: read with its qweight)
                     continue
+                gptq = bool(gptq_format) and canonical.endswith(".qweight")
+                if gptq:
+                    canonical = canonical[:-len("qweight")] + "weight"
                 target, shard_id = canonical, None
                 for piece, (packed_piece, shard) in packed.items():
                     if piece in canonical:
@@ -186,8 +212,17 @@ def load_weights(model, model_path: str) -> None:
                     raise UserError(f"unexpected tensor {name} in {path}: the {family.display_name} model has no "
                                     "such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                source = CheckpointTensor(handle, name, param.dtype, path)
                 scale = params.get(target + "_scale") if param.dtype == torch.int8 else None
+                if gptq:
+                    if scale is None:
+                        raise UserError(f"tensor {name} in {path}: a GPTQ linear where the kit keeps {canonical} in "
+                                        "floating point")
+                    source, scale_source = _gptq_linear(where, name, gptq_format)
+                    scale.weight_loader(scale, scale_source, scale_source.name, shard_id)
+                    loader(param, source, source.name, shard_id)
+                    loaded.update((canonical, canonical + "_scale"))
+                    continue
+                source = CheckpointTensor(handle, name, param.dtype, path)
                 if scale is not None and source.file_dtype.is_floating_point:
                     source, scale_source = _quantized_at_load(CheckpointTensor(handle, name, torch.float32, path),
                                                               name)

@@ -198,3 +198,117 @@ def test_run_pa_quantized_at_load_still_reads_the_demo_sign(tmp_path):
                            "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Answer[0]: CAKE" in done.stdout and "w8a16 (per output channel, quantized as loaded)" in done.stderr
+
+
+def _gptq_folder(kit_folder: Path, out: Path, group_size: int, checkpoint_format: str = "gptq") -> None:
+    """The kit's W8A16 checkpoint `kit_folder` rewritten as AutoGPTQ / GPTQModel write an 8-bit symmetric one:
+    q + 128 packed four inputs to an int32 (input 4r+j in byte j of row r), the zero point 128 packed four outputs to
+    an int32 (AutoGPTQ's v1 format stores it less one), scales [groups, out] in float16, g_idx the inputs' groups."""
+    shutil.copytree(kit_folder, out)
+    (out / "quant_model_description.json").unlink()
+    config = json.loads((out / "config.json").read_text())
+    del config["quantize"]
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": group_size, "sym": True,
+                                     "desc_act": False, "checkpoint_format": checkpoint_format}
+    (out / "config.json").write_text(json.dumps(config))
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+
+    def as_int32(values):  # bit patterns 0..2**32-1 as the int32 safetensors holds
+        return torch.where(values >= 2 ** 31, values - 2 ** 32, values).to(torch.int32).contiguous()
+
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.endswith(".weight") and n + "_scale" in tensors]:
+            q, scale = tensors.pop(name), tensors.pop(name + "_scale")
+            base = name[:-len("weight")]
+            stored = (q.to(torch.int64) + 128).t()  # [in, out]
+            tensors[base + "qweight"] = as_int32(sum(stored[j::4] << (8 * j) for j in range(4)))
+            zeros = torch.full((scale.shape[1], q.shape[0]), 127 if checkpoint_format == "gptq" else 128)
+            tensors[base + "qzeros"] = as_int32(sum(zeros[:, j::4] << (8 * j) for j in range(4)))
+            tensors[base + "scales"] = scale.t().half().contiguous()
+            tensors[base + "g_idx"] = (torch.arange(q.shape[1]) // (q.shape[1] // scale.shape[1])).to(torch.int32)
+            if index is not None:
+                del index["weight_map"][name], index["weight_map"][name + "_scale"]
+                index["weight_map"].update({base + part: shard.name for part in ("qweight", "qzeros", "scales",
+                                                                                     "g_idx")})
+        save_file(tensors, shard, metadata={"format": "pt"})
+    if index is not None:
+        index_file.write_text(json.dumps(index))
+
+
+def _scales_in_float16(folder: Path) -> None:
+    """The kit checkpoint's scales rounded to float16 values, as a GPTQ checkpoint stores them."""
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        tensors.update({n: t.half().float() for n, t in tensors.items() if n.endswith("weight_scale")})
+        save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_a_gptq_tensor_unpacks_byte_by_byte_to_the_int8_weight_and_its_scales():
+    from atb_models.quantization import gptq_to_int8
+
+    # Output 0's inputs 0..3 hold the bytes 0x00, 0x7F, 0x80, 0xFF (q - 128: -128, -1, 0, 127); outputs 1..3 hold 128.
+    qweight = torch.tensor([[0xFF807F00 - 2 ** 32] + [0x80808080 - 2 ** 32] * 3], dtype=torch.int32)
+    tensors = {"qweight": qweight, "qzeros": torch.tensor([[0x7F7F7F7F]], dtype=torch.int32),
+               "scales": torch.tensor([[0.5, 1.0, 2.0, 0.25]], dtype=torch.float16),
+               "g_idx": torch.zeros(4, dtype=torch.int32)}
+    weight, scale = gptq_to_int8("lin", tensors, "gptq")
+    assert weight.dtype == torch.int8 and weight[0].tolist() == [-128, -1, 0, 127] and not weight[1:].any()
+    assert scale.dtype == torch.float32 and scale[:, 0].tolist() == [0.5, 1.0, 2.0, 0.25]
+    tensors["qzeros"] = torch.tensor([[0x80808080 - 2 ** 32]], dtype=torch.int32)  # v2 stores the zero itself
+    assert torch.equal(gptq_to_int8("lin", tensors, "gptq_v2")[0], weight)
+    with pytest.raises(UserError, match="zero points other than 128"):
+        gptq_to_int8("lin", tensors, "gptq")  # v1 reading a stored 128 as 129
+    tensors["g_idx"] = torch.tensor([0, 1, 0, 1], dtype=torch.int32)
+    tensors["scales"] = torch.ones(2, 4, dtype=torch.float16)
+    tensors["qzeros"] = torch.full((2, 1), 0x80808080 - 2 ** 32, dtype=torch.int32)
+    with pytest.raises(UserError, match="act-order"):
+        gptq_to_int8("lin", tensors, "gptq_v2")
+
+
+@pytest.mark.parametrize("group_size, checkpoint_format", [(-1, "gptq"), (32, "gptq_v2")])
+def test_an_8_bit_gptq_checkpoint_loads_as_the_same_int8_model_and_gives_the_same_tokens(
+        group_size, checkpoint_format, float_and_quantized, tiny_checkpoint, tmp_path, sample_image_path):
+    if group_size == -1:
+        float_dir, kit = float_and_quantized  # two shards: a linear's GPTQ tensors are found in theirs
+    else:
+        float_dir, kit = tiny_checkpoint(), tmp_path / "g32"
+        assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(kit), "--group_size", "32"]) == 0
+    ours = tmp_path / "kit"
+    shutil.copytree(kit, ours)
+    _scales_in_float16(ours)
+    gptq = tmp_path / "gptq"
+    _gptq_folder(ours, gptq, group_size, checkpoint_format)
+    kit_llm, gptq_llm = LLM(str(ours), **OPTIONS), LLM(str(gptq), **OPTIONS)
+    assert gptq_llm.quantization.gptq_format == checkpoint_format
+    assert gptq_llm.quantization.group_size == (None if group_size == -1 else group_size)
+    kit_params, gptq_params = (dict(e.runner.model.named_parameters()) for e in (kit_llm, gptq_llm))
+    assert kit_params.keys() == gptq_params.keys()
+    assert all(torch.equal(kit_params[name], gptq_params[name]) for name in kit_params)
+    requests = [[{"image": str(sample_image_path)}, {"text": "What is this?"}], [{"text": "Hello there"}]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in gptq_llm.generate(requests, params)] == [
+        o.token_ids for o in kit_llm.generate(requests, params)]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"bits": 4}, "8-bit weights only"),
+    ({"quant_method": "awq"}, "quant_method 'awq'"),
+    ({"sym": False}, "asymmetric"),
+    ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+    ({"group_size": 0}, "group_size must be"),
+])
+def test_gptq_checkpoints_the_kit_cannot_run_are_refused_in_one_line(change, expected, float_and_quantized,
+                                                                     sample_image_path, tmp_path, capsys):
+    from examples.models.qwen2_vl import run_pa
+
+    gptq = tmp_path / "gptq"
+    _gptq_folder(float_and_quantized[1], gptq, -1)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (gptq / "config.json").write_text(json.dumps(config))
+    assert run_pa.main(["--model_path", str(gptq), "--input_image", str(sample_image_path), "--max_output_length",
+                        "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: ") and expected in err[-1] and "Traceback" not in "\n".join(err)

@@ -55,7 +55,7 @@ class ModelRunner:
         if quantization is not None:
             convert_to_w8a16(self.model, quantization, self.kernels.w8a16)
             logger.info("weights: %s", quantization.describe())
-        load_weights(self.model, model_config.path)
+        load_weights(self.model, model_config.path, quantization.gptq_format if quantization else None)
         pack_weights(self.model)
         self.model.eval()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
