@@ -114,6 +114,28 @@ def test_video_given_as_frames_matches_transformers(tiny_checkpoint, sample_fram
     ])
 
 
+def test_logprobs_are_the_reference_models_log_softmax_whatever_the_sampling(tiny_checkpoint, sample_image_path):
+    """Each generated token's logprob and the step's top 3 are transformers' log-softmax of its logits, for a
+    greedy request and, beside it in one batch, a sampled one with a penalty (raw logprobs, not the draw's)."""
+    path = tiny_checkpoint()
+    llm = make_llm(path)
+    request = [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}]
+    greedy, sampled = llm.generate([request, [{"text": "Tell me a story."}]], [
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=MAX_NEW, ignore_eos=True, logprobs=0, temperature=2.0, top_k=5, seed=7,
+                       repetition_penalty=1.5)])
+    ref_tokens, ref_logits = reference_generate(path, llm.preprocessor(request), MAX_NEW)
+    assert greedy.token_ids == ref_tokens and len(greedy.logprobs) == MAX_NEW
+    for entry, token, logits in zip(greedy.logprobs, ref_tokens, ref_logits):
+        expected = torch.log_softmax(logits, -1)
+        assert entry.token_id == token and abs(entry.logprob - expected[token].item()) < TOLERANCE
+        assert [i for i, _ in entry.top] == torch.topk(expected, 3).indices.tolist()
+        assert all(abs(v - expected[i].item()) < TOLERANCE for i, v in entry.top)
+    assert [e.token_id for e in sampled.logprobs] == sampled.token_ids and all(not e.top for e in sampled.logprobs)
+    assert all(e.logprob <= 0 for e in sampled.logprobs)
+    assert make_llm(path).generate([request], SamplingParams(max_tokens=2))[0].logprobs is None  # not asked
+
+
 def test_continuous_batch_of_eight_equals_each_request_alone(tiny_checkpoint, sample_image_path, media,
                                                              sample_frames):
     path = tiny_checkpoint()

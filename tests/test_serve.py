@@ -227,6 +227,37 @@ def test_a_stop_string_ends_the_answer_before_it(server, client, llm, stream):
     assert (text, finish_reason) == (full[:full.index(stop)], "stop")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_logprobs_and_top_logprobs_are_generates_with_each_tokens_bytes(server, client, llm, stream):
+    expected = reference(llm, [kit_request(QUESTIONS[2])], max_tokens=8, ignore_eos=True, logprobs=2)[0]
+    create = dict(model=server.model, messages=[chat_message(QUESTIONS[2])], max_tokens=8, temperature=0,
+                  logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **create) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        content = [entry for c in chunks if c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    else:
+        choice = client.chat.completions.create(**create).choices[0]
+        text, content = choice.message.content, choice.logprobs.content
+    assert text == expected.text and len(content) == len(expected.token_ids) == 8
+    for entry, want in zip(content, expected.logprobs):
+        token_text, raw = llm.token_bytes(want.token_id)
+        assert (entry.token, bytes(entry.bytes)) == (token_text, raw)
+        assert entry.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [(t.token, t.logprob) for t in entry.top_logprobs] == [
+            (llm.token_bytes(i)[0], pytest.approx(v, abs=1e-5)) for i, v in want.top]
+    answer = client.chat.completions.create(**dict(create, logprobs=False, top_logprobs=None))
+    assert answer.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("body, expected", [({"top_logprobs": 2}, "needs logprobs"),
+                                            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be"),
+                                            ({"logprobs": "yes"}, "logprobs must be true or false"),
+                                            ({"n": 2}, "n is not supported")])
+def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
+    assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
+
+
 def test_a_file_url_inside_the_allowed_folder_is_read(server, client, llm, media):
     expected = reference(llm, [kit_request(QUESTIONS[0], media["small"])])[0]
     message = chat_message(QUESTIONS[0], url=media["small"].as_uri())

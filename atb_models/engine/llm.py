@@ -9,6 +9,7 @@ from atb_models import distributed, quantization
 from atb_models.config import completion_decoder, load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.limits import check_limits
+from atb_models.engine.logprobs import TokenBytes, record_logprobs
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.engine.scheduler import Scheduler
@@ -46,6 +47,8 @@ class RequestOutput:
     # admission (a preempted request is admitted again).
     cached_prompt_tokens: int = 0
     cached_visual_items: int = 0
+    # Where SamplingParams.logprobs asks: an engine.logprobs.TokenLogprob per generated token (rank 0), else None.
+    logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -92,6 +95,7 @@ class LLM:
         logger.info(self.plan.describe())
         self.tokenizer = load_tokenizer(model_path)
         self._decode_completion = completion_decoder(self.tokenizer)
+        self.token_bytes = TokenBytes(self.tokenizer)  # a token's text and bytes, as logprobs report it
         from atb_models.multimodal.node_share import NodePreprocessor
         from atb_models.multimodal.prompt import Preprocessor
 
@@ -327,6 +331,8 @@ class LLM:
         output.token_ids = seq.completion_token_ids
         output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
         output.cached_visual_items = seq.cached_visual_items
+        if seq.params.logprobs is not None:
+            output.logprobs = list(seq.logprobs)  # a copy: the server hands each step's output to another thread
         if seq.status is SequenceStatus.FINISHED:
             output.finish_reason = seq.finish_reason
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
@@ -365,6 +371,8 @@ class LLM:
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
         tokens = self._sample_on_rank0(logits, seqs)
+        if self.parallel.rank == 0:
+            record_logprobs(logits, seqs, tokens)
         self.plan.synchronize()
         end = time.perf_counter()
         num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)

@@ -5,6 +5,7 @@ from typing import Optional
 
 from atb_models.errors import UserError
 
+MAX_LOGPROBS = 20  # most likely tokens a step may report (OpenAI's top_logprobs limit, vLLM's default)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 # A temperature below this is greedy: dividing float32 logits by less would overflow them (vLLM's rule too).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -26,6 +27,9 @@ class SamplingParams:
     # Strings that end the answer where they first appear (finish_reason "stop"); the text stops before them, the
     # token ids keep every token generated. A string or a sequence of strings; kept as a tuple.
     stop: tuple = ()
+    # Log-probabilities: None asks for none; N reports each generated token's logprob and the step's N most likely
+    # tokens with theirs (RequestOutput.logprobs; atb_models.engine.logprobs says which distribution).
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         def settle(name: str, value) -> None:  # the checked, normalised value (frozen: set through object)
@@ -54,6 +58,10 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         settle("stop", _stop_strings(self.stop))
+        if self.logprobs is not None:
+            settle("logprobs", _integer("logprobs", self.logprobs, f"an integer in 0..{MAX_LOGPROBS} (or None)"))
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise UserError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -33,6 +33,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
+        self.logprobs: list = []  # a TokenLogprob per generated token, where params.logprobs asks (rank 0 only)
         # perf_counter() times: the first prefill step's start, the first token, the latest token.
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None

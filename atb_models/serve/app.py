@@ -33,6 +33,7 @@ from atb_models.serve.protocol import (
     bad_request,
     chunk_body,
     completion_body,
+    logprobs_body,
     parse_chat_request,
     usage_chunk_body,
 )
@@ -193,7 +194,7 @@ class Answer:
         except EngineGone as e:
             raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
         return JSONResponse(completion_body(self.completion_id, self.service.config.model_name,
-                                            self.chat.created, output))
+                                            self.chat.created, output, self.service.engine.llm.token_bytes))
 
     async def _last_output(self):
         output = None
@@ -206,17 +207,22 @@ class Answer:
         when asked, [DONE]. Closed early (the client left), it aborts the request."""
         chat, model, with_usage = self.chat, self.service.config.model_name, self.chat.include_usage
 
-        def chunk(delta: dict, finish_reason=None) -> str:
-            return _sse(chunk_body(self.completion_id, model, chat.created, delta, finish_reason, with_usage))
+        def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
+            return _sse(chunk_body(self.completion_id, model, chat.created, delta, finish_reason, with_usage,
+                                   logprobs))
 
         try:
             yield chunk({"role": "assistant", "content": ""})
-            sent = ""
+            sent, sent_tokens = "", 0
             async for output in self.outputs():
                 delta = output.text[len(sent):]
                 sent = output.text
                 if delta or output.finished:
-                    yield chunk({"content": delta} if delta else {}, output.finish_reason)
+                    # The tokens since the last chunk (a token holding part of a character waits for the rest).
+                    logprobs = None if output.logprobs is None else output.logprobs[sent_tokens:]
+                    sent_tokens = len(output.token_ids)
+                    yield chunk({"content": delta} if delta else {}, output.finish_reason,
+                                logprobs_body(logprobs, self.service.engine.llm.token_bytes))
             if with_usage:
                 yield _sse(usage_chunk_body(self.completion_id, model, chat.created, output))
         except EngineGone as e:

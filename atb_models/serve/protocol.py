@@ -8,17 +8,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
-UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
-               "functions": None, "function_call": None, "logit_bias": None, "presence_penalty": 0,
+UNSUPPORTED = {"n": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logit_bias": None, "presence_penalty": 0,
                "frequency_penalty": 0, "response_format": {"type": "text"}}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user"}
+        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs"}
 
 
 class ApiError(Exception):
@@ -127,6 +126,13 @@ def _sampling_params(body: dict) -> SamplingParams:
               "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop")}
     given = {name: value for name, value in values.items() if value is not None}
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+        raise bad_request(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, got {top!r}")
+    if _flag(body, "logprobs"):
+        given["logprobs"] = 0 if top is None else top
+    elif top is not None:
+        raise bad_request("top_logprobs needs logprobs: true")
     for name, value in given.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise bad_request(f"{name} must be a finite number")
@@ -145,19 +151,36 @@ def usage(output) -> dict:
             "prompt_tokens_details": {"cached_tokens": output.cached_prompt_tokens}}
 
 
-def completion_body(completion_id: str, model: str, created: int, output) -> dict:
-    """The whole answer of a request that was not streamed; `output` is the engine's final RequestOutput."""
+def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
+    """OpenAI's choice.logprobs for engine.logprobs.TokenLogprob entries (None where none were asked for):
+    each token's text, logprob, UTF-8 bytes (a token may hold part of a character) and top_logprobs."""
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text, raw = token_bytes(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(i, v) for i, v in lp.top])
+                        for lp in logprobs]}
+
+
+def completion_body(completion_id: str, model: str, created: int, output, token_bytes) -> dict:
+    """The whole answer of a request that was not streamed; `output` is the engine's final RequestOutput,
+    `token_bytes` the LLM's (a token id's text and bytes, for logprobs)."""
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
-                         "logprobs": None, "finish_reason": output.finish_reason}],
+                         "logprobs": logprobs_body(output.logprobs, token_bytes),
+                         "finish_reason": output.finish_reason}],
             "usage": usage(output)}
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool) -> dict:
-    """One streamed chunk; with stream_options.include_usage every chunk carries "usage": null but the last."""
+               with_usage_field: bool, logprobs: Optional[dict] = None) -> dict:
+    """One streamed chunk; with stream_options.include_usage every chunk carries "usage": null but the last;
+    `logprobs` (logprobs_body's) those of the tokens that came since the chunk before."""
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field:
         body["usage"] = None
     return body
