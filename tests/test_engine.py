@@ -9,7 +9,7 @@ from atb_models import LLM, SamplingParams, UserError
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence, SequenceStatus
-from atb_models.layers.sampler import sample, top_k_top_p_filter
+from atb_models.layers.sampler import apply_presence_frequency_penalties, sample, top_k_top_p_filter
 
 
 def text_seq(seq_id: int, length: int, max_tokens: int = 4, first_token: int | None = None, **params) -> Sequence:
@@ -156,6 +156,20 @@ def test_repetition_penalty_applies_to_prompt_and_output_even_when_greedy():
     assert sample(negative, [seq]) == [3]
 
 
+def test_presence_and_frequency_penalties_lower_the_answers_tokens_only_even_when_greedy():
+    seq = text_seq(0, 2, presence_penalty=0.5, frequency_penalty=0.4)  # prompt tokens 1 and 2: not penalised
+    for token in (3, 3, 0):
+        seq.append_token(token)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 2.4]])
+    # token 0: 2.0 - 0.5 - 0.4 = 1.1; token 3 (twice): 2.4 - 0.5 - 0.8 = 1.1; token 1 (in the prompt only) wins.
+    assert sample(logits, [seq]) == [1]
+    assert torch.allclose(apply_presence_frequency_penalties(logits[0].clone(), seq.completion_token_ids, 0.5, 0.4),
+                          torch.tensor([1.1, 1.5, 1.0, 1.1]))
+    encouraged = text_seq(1, 2, frequency_penalty=-2.0)
+    encouraged.append_token(2)  # a negative penalty raises the answer's own tokens
+    assert sample(torch.tensor([[0.0, 0.0, -1.5, 0.0]]), [encouraged]) == [2]
+
+
 def test_top_k_keeps_only_the_k_best():
     out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
     assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()
@@ -183,7 +197,8 @@ def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
 
 def test_sampling_params_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
-                dict(repetition_penalty=0)):
+                dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
+                dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True)):
         with pytest.raises(UserError):
             SamplingParams(**bad)
 

@@ -250,10 +250,21 @@ def test_logprobs_and_top_logprobs_are_generates_with_each_tokens_bytes(server, 
     assert answer.choices[0].logprobs is None
 
 
+def test_presence_and_frequency_penalties_answer_as_generate_with_them(server, client, llm):
+    penalties = dict(presence_penalty=-1.0, frequency_penalty=-2.0)  # (this random model repeats nothing alone)
+    expected = reference(llm, [kit_request(QUESTIONS[3])], max_tokens=12, ignore_eos=True, **penalties)[0]
+    plain = reference(llm, [kit_request(QUESTIONS[3])], max_tokens=12, ignore_eos=True)[0]
+    assert len(set(expected.token_ids)) < len(expected.token_ids) and expected.token_ids != plain.token_ids
+    answer = ask(client, server.model, chat_message(QUESTIONS[3]), False, max_tokens=12,
+                 extra_body={"ignore_eos": True}, **penalties)
+    assert_same(answer, expected)
+
+
 @pytest.mark.parametrize("body, expected", [({"top_logprobs": 2}, "needs logprobs"),
                                             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be"),
                                             ({"logprobs": "yes"}, "logprobs must be true or false"),
-                                            ({"n": 2}, "n is not supported")])
+                                            ({"n": 2}, "n is not supported"),
+                                            ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 

@@ -89,9 +89,10 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The run's SamplingParams, made before the model loads so that a bad value is refused at once. max_tokens
     is left to the engine's --max_output_length (--performance sets it per point)."""
-    for flag in ("temperature", "top_p", "repetition_penalty"):
+    for flag in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = getattr(args, flag)
         if not math.isfinite(value):
             raise UserError(f"--{flag} must be a finite number, got {value}")
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed, ignore_eos=args.ignore_eos)
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed, ignore_eos=args.ignore_eos)

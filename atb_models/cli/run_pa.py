@@ -73,6 +73,10 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
     sampling.add_argument("--top_k", type=int, metavar="N", default=0, help="0: no top-k cut")
     sampling.add_argument("--top_p", type=float, metavar="X", default=1.0, help="1.0: no nucleus cut")
     sampling.add_argument("--repetition_penalty", type=float, metavar="X", default=1.0, help="1.0: none")
+    sampling.add_argument("--presence_penalty", type=float, metavar="X", default=0.0,
+                          help="-2..2, 0: none; less X for each token the answer holds")
+    sampling.add_argument("--frequency_penalty", type=float, metavar="X", default=0.0,
+                          help="-2..2, 0: none; less X times each token's count in the answer")
     sampling.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
     sampling.add_argument("--ignore_eos", action="store_true", help="generate --max_output_length tokens every time")
     add_device_arguments(parser)

@@ -22,6 +22,10 @@ class SamplingParams:
     top_k: int = 0                        # 0: no top-k cut
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # OpenAI's penalties, over the generated tokens only: each token's logit less presence_penalty once it has
+    # appeared and frequency_penalty times its count; -2..2 (negative values encourage repeats).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: Optional[int] = None
     ignore_eos: bool = False
     # Strings that end the answer where they first appear (finish_reason "stop"); the text stops before them, the
@@ -51,6 +55,10 @@ class SamplingParams:
         settle("repetition_penalty", _number("repetition_penalty", self.repetition_penalty, "a finite number > 0"))
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise UserError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            settle(name, _number(name, getattr(self, name), "a number in -2..2"))
+            if not -2 <= getattr(self, name) <= 2:  # false for nan too
+                raise UserError(f"{name} must be a number in -2..2, got {getattr(self, name)}")
         if self.seed is not None:
             settle("seed", _integer("seed", self.seed, "an integer in 0..2**64-1 (or None)"))
             if not 0 <= self.seed < SEED_LIMIT:
@@ -66,6 +74,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits before the draw."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _integer(name: str, value, allowed: str) -> int:

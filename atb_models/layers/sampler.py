@@ -1,8 +1,9 @@
 """Next-token choice for a batch of rows, each with its own SamplingParams.
 
 The order follows transformers' logits processors: repetition penalty, then temperature, top-k, top-p, then a
-draw (argmax when the temperature is greedy: SamplingParams.greedy). The penalty covers the prompt and the output,
-as in transformers.
+draw (argmax when the temperature is greedy: SamplingParams.greedy). The repetition penalty covers the prompt and
+the output, as in transformers; OpenAI's presence and frequency penalties, applied after it, the output only (as
+OpenAI and vLLM define them).
 """
 import torch
 
@@ -11,6 +12,15 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list, penalty: flo
     seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
     scores = logits.index_select(0, seen)
     logits.index_copy_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+    return _within_range(logits)
+
+
+def apply_presence_frequency_penalties(logits: torch.Tensor, completion_ids: list, presence: float,
+                                       frequency: float) -> torch.Tensor:
+    """Each generated token's logit less `presence` once and `frequency` times its count (in place)."""
+    if completion_ids:
+        seen, counts = torch.tensor(completion_ids, dtype=torch.long).unique(return_counts=True)
+        logits.index_add_(0, seen.to(logits.device), -(presence + frequency * counts.to(logits.dtype)))
     return _within_range(logits)
 
 
@@ -38,7 +48,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def sample(logits: torch.Tensor, seqs: list) -> list:
     """logits: [rows, vocab] float32, one row per sequence. Returns one token id per sequence."""
     tokens = []
-    plain_greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
+    plain_greedy = all(s.params.greedy and not s.params.penalised for s in seqs)
     if plain_greedy:
         return logits.argmax(-1).tolist()
     # Per-row work on the host: small, and seeded generators live there.
@@ -46,6 +56,9 @@ def sample(logits: torch.Tensor, seqs: list) -> list:
         p = seq.params
         if p.repetition_penalty != 1.0:
             row = apply_repetition_penalty(row.clone(), seq.token_ids, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            row = apply_presence_frequency_penalties(row.clone(), seq.completion_token_ids, p.presence_penalty,
+                                                     p.frequency_penalty)
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue

@@ -13,11 +13,12 @@ from atb_models.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
-UNSUPPORTED = {"n": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logit_bias": None, "presence_penalty": 0,
-               "frequency_penalty": 0, "response_format": {"type": "text"}}
+UNSUPPORTED = {"n": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "logit_bias": None, "response_format": {"type": "text"}}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs"}
+        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
+        "presence_penalty", "frequency_penalty"}
 
 
 class ApiError(Exception):
@@ -124,7 +125,8 @@ def _sampling_params(body: dict) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
-              "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop")}
+              "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
+              "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty")}
     given = {name: value for name, value in values.items() if value is not None}
     top = body.get("top_logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
