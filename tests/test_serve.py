@@ -260,10 +260,51 @@ def test_presence_and_frequency_penalties_answer_as_generate_with_them(server, c
     assert_same(answer, expected)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_n_choices_are_generates_answers_with_seed_plus_index(server, client, llm, stream):
+    """Three sampled choices of one prompt: choice i is generate's answer with seed + i; usage counts the prompt
+    once and every choice's tokens."""
+    sampled = dict(temperature=1.5, top_k=20, ignore_eos=True)
+    expected = [reference(llm, [kit_request(QUESTIONS[1])], max_tokens=6, seed=40 + i, **sampled)[0]
+                for i in range(3)]
+    assert len({tuple(e.token_ids) for e in expected}) > 1
+    create = dict(model=server.model, messages=[chat_message(QUESTIONS[1])], max_tokens=6, n=3, seed=40,
+                  temperature=1.5, extra_body={"top_k": 20, "ignore_eos": True})
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **create))
+        texts, reasons = ["", "", ""], [[], [], []]
+        for c in chunks[:-1]:
+            choice = c.choices[0]
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+        assert reasons == [["length"]] * 3 and chunks[-1].choices == []
+        usage = chunks[-1].usage
+    else:
+        answer = client.chat.completions.create(**create)
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        texts, usage = [c.message.content for c in answer.choices], answer.usage
+    assert texts == [e.text for e in expected]
+    assert usage.prompt_tokens == expected[0].prompt_token_count and usage.completion_tokens == 18
+
+
+def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(server):
+    aborted = 'atb_requests_finished_total[finish_reason=abort]'
+    before = server.metrics().get(aborted, 0)
+    body = {"messages": [chat_message(QUESTIONS[6])], "max_tokens": 64, "ignore_eos": True, "stream": True, "n": 4,
+            "temperature": 1.0}
+    with server.post(body, stream=True) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(9)]  # the four roles and a few tokens, then the client goes
+    assert wait_for(lambda: server.metrics().get(aborted, 0) == before + 4)
+    assert wait_for(lambda: server.metrics()["atb_kv_cache_blocks_used"] == 0)
+    assert server.metrics()["atb_requests_running"] == 0
+
+
 @pytest.mark.parametrize("body, expected", [({"top_logprobs": 2}, "needs logprobs"),
                                             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be"),
                                             ({"logprobs": "yes"}, "logprobs must be true or false"),
-                                            ({"n": 2}, "n is not supported"),
+                                            ({"n": 17}, "n must be an integer in 1..16"),
+                                            ({"tools": [{"type": "function"}]}, "tools is not supported"),
                                             ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]

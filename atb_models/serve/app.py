@@ -8,6 +8,7 @@ stream, a closed connection while waiting) gets its request aborted, which frees
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import itertools
 import json
@@ -17,13 +18,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from atb_models.engine.sampling_params import SEED_LIMIT
 from atb_models.errors import UserError
 from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
@@ -44,7 +45,7 @@ RETRY_AFTER_S = 1
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ServerConfig:
     model_name: str
     api_key: Optional[str]
@@ -115,7 +116,7 @@ class ChatService:
         if chat.model is not None and chat.model != self.config.model_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
-        if self.engine.preparing + self.engine.queued() >= self.config.max_queue:  # being preprocessed counts too
+        if self.engine.preparing + self.engine.queued() + chat.n > self.config.max_queue:  # preprocessing counts
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
         answer = await self._admit(chat, arrival)
@@ -124,23 +125,31 @@ class ChatService:
         return await answer.whole(request)
 
     async def _admit(self, chat, arrival: float) -> "Answer":
-        """The request preprocessed and taken by the engine (its checks passed): its Answer to come."""
+        """The request preprocessed once and taken by the engine as one engine request per choice (their checks
+        passed): its Answer to come. Choice i of a seeded request draws with seed + i."""
         loop = asyncio.get_running_loop()
-        self.engine.preparing += 1  # until the engine's queue counts it (an idle engine waits for it: engine.py)
+        self.engine.preparing += chat.n  # until the engine's queue counts them (an idle engine waits: engine.py)
         try:
             prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
         finally:
-            self.engine.preparing -= 1
-        request_id = next(self._ids)
-        handle = RequestHandle(loop)
-        self.engine.submit(NewRequest(request_id, prompt, chat.params), handle.put)
+            self.engine.preparing -= chat.n
+        choices = []
         try:
-            await handle.accepted()
+            for index in range(chat.n):
+                params = chat.params
+                if index and params.seed is not None:
+                    params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
+                request_id, handle = next(self._ids), RequestHandle(loop)
+                choices.append((request_id, handle))
+                # (a copy each: the engine drops a finished sequence's pixels from its prompt)
+                self.engine.submit(NewRequest(request_id, dataclasses.replace(prompt), params), handle.put)
+                await handle.accepted()
         except BaseException:
-            self.engine.abort(request_id)  # a client gone meanwhile; a refused one is no longer there: no-op
+            for request_id, _ in choices:  # a client gone meanwhile, or a refusal: the others go too (no-op if gone)
+                self.engine.abort(request_id)
             raise
-        self.metrics.prompt_tokens.inc(len(prompt.token_ids))
-        return Answer(self, chat, request_id, handle, arrival)
+        self.metrics.prompt_tokens.inc(len(prompt.token_ids) * chat.n)
+        return Answer(self, chat, choices, arrival)
 
     def _prepare(self, messages: list):
         """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
@@ -154,31 +163,35 @@ class ChatService:
 
 
 class Answer:
-    """One accepted request's answer: its outputs turned into a body or a stream, its metrics observed, and an
-    abort sent when its client leaves before the end."""
+    """One accepted request's answer: its choices' outputs turned into a body or a stream, its metrics observed,
+    and an abort sent for each unfinished choice when its client leaves before the end."""
 
-    def __init__(self, service: ChatService, chat, request_id: int, handle: RequestHandle, arrival: float):
-        self.service, self.chat, self.request_id, self.handle, self.arrival = (
-            service, chat, request_id, handle, arrival)
-        self.completion_id = f"chatcmpl-{request_id}-{int(arrival * 1e6) % 10**9}"
-        self.finished = False
+    def __init__(self, service: ChatService, chat, choices: list, arrival: float):
+        self.service, self.chat, self.choices, self.arrival = service, chat, choices, arrival
+        self.completion_id = f"chatcmpl-{choices[0][0]}-{int(arrival * 1e6) % 10**9}"
+        self.finished: set = set()  # the indexes of the choices that ended
 
-    async def outputs(self):
-        """The engine's outputs, timed for the metrics as they come."""
+    async def outputs(self, index: int):
+        """Choice `index`'s outputs from the engine, timed for the metrics as they come."""
         metrics, first = self.service.metrics, None
-        async for output in self.handle.outputs():
+        async for output in self.choices[index][1].outputs():
             now = time.perf_counter()
             if first is None:
                 first = now
                 metrics.time_to_first_token.observe(now - self.arrival)
             if output.finished:
-                self.finished = True
+                self.finished.add(index)
                 if len(output.token_ids) > 1:
                     metrics.time_per_output_token.observe((now - first) / (len(output.token_ids) - 1))
             yield output
 
+    def _abort_unfinished(self) -> None:
+        for index, (request_id, _) in enumerate(self.choices):
+            if index not in self.finished:
+                self.service.engine.abort(request_id)
+
     async def whole(self, request: Request) -> Response:
-        collecting = asyncio.ensure_future(self._last_output())
+        collecting = asyncio.ensure_future(asyncio.gather(*(self._last_output(i) for i in range(len(self.choices)))))
         leaving = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -186,51 +199,81 @@ class Answer:
             leaving.cancel()
             if not collecting.done():
                 collecting.cancel()
-                self.service.engine.abort(self.request_id)
+                self._abort_unfinished()
         if not collecting.done() or collecting.cancelled():
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         try:
-            output = collecting.result()
+            outputs = collecting.result()
         except EngineGone as e:
             raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
         return JSONResponse(completion_body(self.completion_id, self.service.config.model_name,
-                                            self.chat.created, output, self.service.engine.llm.token_bytes))
+                                            self.chat.created, outputs, self.service.engine.llm.token_bytes))
 
-    async def _last_output(self):
+    async def _last_output(self, index: int):
         output = None
-        async for output in self.outputs():
+        async for output in self.outputs(index):
             pass
         return output
 
-    async def events(self):
-        """Server-sent events: the role, then text deltas as the engine's text grows, the finish reason, usage
-        when asked, [DONE]. Closed early (the client left), it aborts the request."""
-        chat, model, with_usage = self.chat, self.service.config.model_name, self.chat.include_usage
+    async def _merged(self):
+        """(index, output) of every choice as they come, interleaved; an EngineGone of any choice is raised."""
+        queue: asyncio.Queue = asyncio.Queue()
 
-        def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
+        async def pump(index: int) -> None:
+            try:
+                async for output in self.outputs(index):
+                    queue.put_nowait((index, output))
+            except EngineGone as e:
+                queue.put_nowait((index, e))
+            queue.put_nowait((index, None))
+
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(self.choices))]
+        try:
+            running = len(pumps)
+            while running:
+                index, item = await queue.get()
+                if isinstance(item, EngineGone):
+                    raise item
+                if item is None:
+                    running -= 1
+                else:
+                    yield index, item
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def events(self):
+        """Server-sent events: each choice's role, then its text deltas as the engine's text grows and its finish
+        reason (choices interleaved as their tokens come), usage when asked, [DONE]. Closed early (the client
+        left), it aborts the unfinished choices."""
+        chat, model, with_usage = self.chat, self.service.config.model_name, self.chat.include_usage
+        token_bytes = self.service.engine.llm.token_bytes
+
+        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
             return _sse(chunk_body(self.completion_id, model, chat.created, delta, finish_reason, with_usage,
-                                   logprobs))
+                                   logprobs, index))
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            sent, sent_tokens = "", 0
-            async for output in self.outputs():
-                delta = output.text[len(sent):]
-                sent = output.text
+            for index in range(len(self.choices)):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            sent, sent_tokens, last = [""] * len(self.choices), [0] * len(self.choices), [None] * len(self.choices)
+            async for index, output in self._merged():
+                last[index] = output
+                delta = output.text[len(sent[index]):]
+                sent[index] = output.text
                 if delta or output.finished:
                     # The tokens since the last chunk (a token holding part of a character waits for the rest).
-                    logprobs = None if output.logprobs is None else output.logprobs[sent_tokens:]
-                    sent_tokens = len(output.token_ids)
-                    yield chunk({"content": delta} if delta else {}, output.finish_reason,
-                                logprobs_body(logprobs, self.service.engine.llm.token_bytes))
+                    logprobs = None if output.logprobs is None else output.logprobs[sent_tokens[index]:]
+                    sent_tokens[index] = len(output.token_ids)
+                    yield chunk(index, {"content": delta} if delta else {}, output.finish_reason,
+                                logprobs_body(logprobs, token_bytes))
             if with_usage:
-                yield _sse(usage_chunk_body(self.completion_id, model, chat.created, output))
+                yield _sse(usage_chunk_body(self.completion_id, model, chat.created, last))
         except EngineGone as e:
-            self.finished = True
+            self.finished.update(range(len(self.choices)))
             yield _sse(ApiError(503, str(e), "server_error", "engine_unavailable").body())
         finally:
-            if not self.finished:
-                self.service.engine.abort(self.request_id)
+            self._abort_unfinished()
         yield "data: [DONE]\n\n"
 
 

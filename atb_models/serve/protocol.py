@@ -13,12 +13,13 @@ from atb_models.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
-UNSUPPORTED = {"n": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "logit_bias": None, "response_format": {"type": "text"}}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty"}
+        "presence_penalty", "frequency_penalty", "n"}
+MAX_CHOICES = 16  # n: answers drawn for one request
 
 
 class ApiError(Exception):
@@ -53,6 +54,7 @@ class ChatRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -75,7 +77,12 @@ def parse_chat_request(body) -> ChatRequest:
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
     include_usage = _flag(options or {}, "include_usage")
-    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage)
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be an integer in 1..{MAX_CHOICES}, got {n!r}")
+    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage, n)
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -144,13 +151,14 @@ def _sampling_params(body: dict) -> SamplingParams:
         raise bad_request(str(e)) from None
 
 
-def usage(output) -> dict:
-    """OpenAI's usage of a finished RequestOutput: prompt tokens (visual ones included), of which those whose K/V
-    came from the prefix cache (prompt_tokens_details.cached_tokens), and completion tokens."""
-    prompt_tokens, completion_tokens = output.prompt_token_count, len(output.token_ids)
+def usage(outputs: list) -> dict:
+    """OpenAI's usage of a request's finished RequestOutputs (one per choice): prompt tokens (visual ones
+    included; the prompt counts once), of which those whose K/V came from the prefix cache for the first choice
+    (prompt_tokens_details.cached_tokens), and the completion tokens of all choices."""
+    prompt_tokens, completion_tokens = outputs[0].prompt_token_count, sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": output.cached_prompt_tokens}}
+            "prompt_tokens_details": {"cached_tokens": outputs[0].cached_prompt_tokens}}
 
 
 def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
@@ -167,27 +175,27 @@ def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
                         for lp in logprobs]}
 
 
-def completion_body(completion_id: str, model: str, created: int, output, token_bytes) -> dict:
-    """The whole answer of a request that was not streamed; `output` is the engine's final RequestOutput,
-    `token_bytes` the LLM's (a token id's text and bytes, for logprobs)."""
+def completion_body(completion_id: str, model: str, created: int, outputs: list, token_bytes) -> dict:
+    """The whole answer of a request that was not streamed; `outputs` are the engine's final RequestOutputs, one
+    per choice, `token_bytes` the LLM's (a token id's text and bytes, for logprobs)."""
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+            "choices": [{"index": index, "message": {"role": "assistant", "content": output.text},
                          "logprobs": logprobs_body(output.logprobs, token_bytes),
-                         "finish_reason": output.finish_reason}],
-            "usage": usage(output)}
+                         "finish_reason": output.finish_reason} for index, output in enumerate(outputs)],
+            "usage": usage(outputs)}
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool, logprobs: Optional[dict] = None) -> dict:
-    """One streamed chunk; with stream_options.include_usage every chunk carries "usage": null but the last;
-    `logprobs` (logprobs_body's) those of the tokens that came since the chunk before."""
+               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0) -> dict:
+    """One streamed chunk of choice `index`; with stream_options.include_usage every chunk carries "usage": null
+    but the last; `logprobs` (logprobs_body's) those of the tokens that came since the choice's chunk before."""
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage_field:
         body["usage"] = None
     return body
 
 
-def usage_chunk_body(completion_id: str, model: str, created: int, output) -> dict:
+def usage_chunk_body(completion_id: str, model: str, created: int, outputs: list) -> dict:
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage(output)}
+            "choices": [], "usage": usage(outputs)}
