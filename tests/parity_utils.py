@@ -53,7 +53,8 @@ def _reference_for_request(path: str, request_json: str, max_new_tokens: int) ->
 
 
 class LogitsRecorder:
-    """Wraps an LLM's model runner to keep the logits row of every sequence at every step (`by_seq[seq_id]`)."""
+    """Wraps an LLM's model runner to keep the logits row of every sequence at every step that draws its token
+    (`by_seq[seq_id]`): a chunk of a prompt that leaves part of it for later draws none."""
 
     def __init__(self, llm):
         self.by_seq = {}
@@ -62,7 +63,8 @@ class LogitsRecorder:
         def recording_run(seqs, is_prefill):
             logits = run(seqs, is_prefill)
             for seq, row in zip(seqs, logits):
-                self.by_seq.setdefault(seq.seq_id, []).append(row.clone())
+                if not (is_prefill and seq.prefill_end < seq.num_tokens):
+                    self.by_seq.setdefault(seq.seq_id, []).append(row.clone())
             return logits
 
         llm.runner.run = recording_run

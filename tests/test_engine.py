@@ -127,6 +127,31 @@ def test_youngest_running_sequence_is_preempted_when_decode_needs_a_block():
     assert a.completion_token_ids == b.completion_token_ids == [7, 7, 7]
 
 
+def test_chunked_prefill_alternates_chunks_with_decode_steps_and_draws_only_at_a_prompts_end():
+    bm = BlockManager(num_blocks=40, block_size=4)
+    sched = Scheduler(bm, max_batch_size=4, max_prefill_tokens=10, eos_token_ids=[], chunked_prefill=True)
+    running, long = text_seq(0, 6, max_tokens=20), text_seq(1, 25, max_tokens=3)
+    sched.add(running)
+    seqs, is_prefill = sched.schedule()
+    assert (seqs, is_prefill) == ([running], True) and (running.prefill_start, running.prefill_end) == (0, 6)
+    sched.finish_step(sched.prefill_done(seqs), [7])
+    sched.add(long)  # 25 tokens at 10 a step: three chunks, with running's decode steps between them
+    steps = []
+    for _ in range(6):
+        seqs, is_prefill = sched.schedule()
+        if is_prefill:
+            steps.append(("chunk", long.prefill_start, long.prefill_end))
+            done = sched.prefill_done(seqs)
+            sched.finish_step(done, [7] * len(done))
+        else:
+            steps.append(("decode", [s.seq_id for s in seqs]))
+            sched.finish_step(seqs, [7] * len(seqs))
+    assert steps == [("chunk", 0, 10), ("decode", [0]), ("chunk", 10, 20), ("decode", [0]), ("chunk", 20, 25),
+                     ("decode", [0, 1])]
+    assert long.completion_token_ids == [7, 7] and running.completion_token_ids == [7] * 4
+    assert len(long.block_table) == bm.blocks_for(long.num_tokens)  # every prompt block held from admission on
+
+
 def test_eos_stops_unless_ignore_eos():
     bm = BlockManager(num_blocks=10, block_size=4)
     sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=100, eos_token_ids=[7, 8])

@@ -136,6 +136,21 @@ def test_logprobs_are_the_reference_models_log_softmax_whatever_the_sampling(tin
     assert make_llm(path).generate([request], SamplingParams(max_tokens=2))[0].logprobs is None  # not asked
 
 
+def test_chunked_prefill_matches_transformers_with_images_split_across_chunks(tiny_checkpoint, sample_image_path,
+                                                                             media):
+    """Prompts computed 24 tokens a step (images straddling chunks take their features whole, each chunk its
+    slice), alongside decode steps of the requests already running."""
+    path = tiny_checkpoint()
+    llm = make_llm(path, enable_chunked_prefill=True, max_prefill_tokens=24)
+    assert_matches_reference(llm, path, [
+        [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
+        [{"image": media["wide"]}, {"text": "Compare"}, {"image": media["odd"]}, {"text": "these two."}],
+        [{"text": "Hello"}],
+    ])
+    kinds = [record.is_prefill for record in llm.step_records]
+    assert kinds.count(True) > 3 and any(a and not b for a, b in zip(kinds, kinds[1:]))
+
+
 def test_continuous_batch_of_eight_equals_each_request_alone(tiny_checkpoint, sample_image_path, media,
                                                              sample_frames):
     path = tiny_checkpoint()

@@ -86,6 +86,16 @@ def test_2b_head_shape_matches_transformers_at_every_world_size(tiny_checkpoint,
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("atbm_")]
 
 
+def test_chunked_prefill_at_two_ranks_matches_transformers(tiny_checkpoint, sample_image_path, sample_video_path,
+                                                           tmp_path):
+    """Every rank's scheduler cuts the same chunks: the ranks stay in step through chunk and decode steps."""
+    model = tiny_checkpoint(shape=SHAPE_2B)
+    reqs = requests(sample_image_path, sample_video_path)
+    out = run_ranks(tmp_path, 2, {"model": str(model), "requests": reqs, "max_tokens": MAX_TOKENS,
+                                  "engine": {"enable_chunked_prefill": True, "max_prefill_tokens": 40}})
+    assert_equal_to_reference(model, reqs, out)
+
+
 @pytest.mark.parametrize("shape,world_size", [
     pytest.param(SHAPE_ZERO_HEAD_AT_2, 2, id="3_heads_at_two_ranks"),
     pytest.param(SHAPE_7B, 8, id="7b_at_eight_ranks", marks=pytest.mark.slow),

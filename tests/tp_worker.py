@@ -23,7 +23,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     llm = LLM(job["model"], dtype="float32", device="cpu", max_batch_size=job.get("max_batch_size", 4),
               max_input_length=1024, max_output_length=16, block_size=16,
-              shm_name_save_path=os.path.join(job["out"], "shm_names.txt"), quantize=job.get("quantize"))
+              shm_name_save_path=os.path.join(job["out"], "shm_names.txt"), quantize=job.get("quantize"),
+              **job.get("engine", {}))
     if job.get("fail_rank") == rank:
         if job.get("fail_how") == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -106,6 +106,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, batch_help: str, batch
     parser.add_argument("--max_output_length", type=int, metavar="N", default=256, help="generated tokens per request")
     parser.add_argument("--max_prefill_tokens", type=int, metavar="N", default=-1,
                         help="prompt tokens per prefill step; -1: max_batch_size * (input + output length)")
+    parser.add_argument("--enable_chunked_prefill", action="store_true",
+                        help="compute prompts --max_prefill_tokens (-1: 2048) at a time, alternating with the "
+                             "running requests' decode steps, so a long prompt holds them up one chunk at a time; "
+                             "prompts longer than --max_prefill_tokens are then taken")
     parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
     parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
                         help="file listing the shared-memory segments through which ranks share media (world "
@@ -137,7 +141,7 @@ def engine_options(args: argparse.Namespace, **overrides) -> dict:
     replace some (run_pa's --performance sizes the engine for its largest point)."""
     names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
              "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
-             "quantize", "enable_prefix_caching", "encoder_cache_mb")
+             "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 

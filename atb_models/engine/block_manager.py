@@ -86,9 +86,10 @@ class BlockManager:
         taken_from_pool = self.blocks_for(seq.num_tokens) - len(hits) + sum(1 for b in hits if b in self.evictable)
         return taken_from_pool <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
+    def allocate(self, seq: Sequence, use_cache: bool = True, max_compute: int | None = None) -> None:
         """Blocks for every token the sequence holds now: its cached prefix shared (unless not `use_cache`), new
-        blocks for the rest (which its prefill writes). Sets seq.num_cached_tokens."""
+        blocks for the rest (which its prefill writes). Sets seq.num_cached_tokens and the tokens its first
+        prefill step computes: all the rest, or at most `max_compute` of them (chunked prefill)."""
         assert not seq.block_table, "sequence already holds blocks"
         hits = self.cached_prefix(seq) if use_cache else []
         for block in hits:
@@ -96,10 +97,17 @@ class BlockManager:
         seq.block_table = hits + [self._take() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
-        # Its prefill writes every one of its tokens' K/V, and within a layer stores all of a step's K/V before any
-        # sequence attends: a sequence admitted into the same step reads these blocks as a cached prefix already.
+        seq.cached_visual_items, seq.visuals_counted = 0, set()
+        seq.prefill_start = seq.num_cached_tokens
+        seq.prefill_end = seq.num_tokens if max_compute is None else min(seq.num_tokens,
+                                                                            seq.prefill_start + max_compute)
         if use_cache:
-            self._register(seq, seq.num_tokens // self.block_size)
+            self.register_prefill(seq)
+
+    def register_prefill(self, seq: Sequence) -> None:
+        """Before a prefill step: the blocks it fills join the cache. A layer stores all of a step's K/V before any
+        sequence attends, so a sequence admitted into the same step reads them as a cached prefix already."""
+        self._register(seq, seq.prefill_end // self.block_size)
 
     def can_append(self, seq: Sequence) -> bool:
         """A decode step writes the last token's K/V: is there room, or a free block to make room?"""

@@ -22,6 +22,8 @@ from atb_models.platform import free_memory_bytes, resolve_plan
 from atb_models.ranks import env_state
 
 logger = logging.getLogger("atb_models")
+# Chunked prefill's prompt tokens per step where max_prefill_tokens is left at -1.
+CHUNKED_PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -70,12 +72,16 @@ class LLM:
                  max_prefill_tokens: int = -1, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
                  shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
-                 enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None):
+                 enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None,
+                 enable_chunked_prefill: bool = False):
         """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
         checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
         enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
         images) instead of computing them again, and keep the vision tower's outputs in an LRU of
         encoder_cache_mb MiB; the tokens are the same either way.
+        enable_chunked_prefill: compute a prompt max_prefill_tokens (default then CHUNKED_PREFILL_TOKENS) at a
+        time, alternating with the decode steps of running requests (engine.scheduler), so a long prompt holds
+        them up one chunk at a time, and prompts longer than max_prefill_tokens are taken.
         cpu_linear: the CPU's kernels (kernels.linear.CPU_LINEAR_CHOICES; default $ATB_MODELS_CPU_LINEAR, else
         "auto"): "panel" keeps float32 weights in float32 where "auto" packs those that are exact bfloat16 values
         at half the bytes (the benchmark's float32-weights reference)."""
@@ -83,9 +89,11 @@ class LLM:
                      encoder_cache_mb)
         self.max_batch_size, self.max_input_length = max_batch_size, max_input_length
         self.max_output_length, self.block_size = max_output_length, block_size
-        if not isinstance(enable_prefix_caching, bool):  # ("no" would be true)
-            raise UserError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
-        self.enable_prefix_caching = enable_prefix_caching
+        for name, value in (("enable_prefix_caching", enable_prefix_caching),
+                            ("enable_chunked_prefill", enable_chunked_prefill)):
+            if not isinstance(value, bool):  # ("no" would be true)
+                raise UserError(f"{name} must be True or False, got {value!r}")
+        self.enable_prefix_caching, self.enable_chunked_prefill = enable_prefix_caching, enable_chunked_prefill
         self.model_config = load_model_config(model_path)
         self.quantization = quantization.resolve(quantize, self.model_config.quantization)
         # Under torchrun every rank builds the same engine on its own device; WORLD_SIZE etc. come from torchrun.
@@ -112,14 +120,15 @@ class LLM:
         num_blocks = self._kv_cache_blocks(num_blocks, one_request, affordable)
         self.max_batch_size = self._batch_size_within(one_request, affordable)
         if max_prefill_tokens == -1:
-            max_prefill_tokens = self.max_batch_size * (self.max_input_length + self.max_output_length)
+            max_prefill_tokens = (CHUNKED_PREFILL_TOKENS if enable_chunked_prefill else
+                                  self.max_batch_size * (self.max_input_length + self.max_output_length))
         self.max_prefill_tokens = max_prefill_tokens
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * self.runner.bytes_per_block / 2**20)
         self.block_manager = BlockManager(num_blocks, block_size, self.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
-                                   self.model_config.eos_token_ids)
+                                   self.model_config.eos_token_ids, enable_chunked_prefill)
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
@@ -176,7 +185,7 @@ class LLM:
         max_tokens = params.max_tokens or self.max_output_length
         if max_tokens > self.max_output_length:
             raise UserError(f"max_tokens {max_tokens} exceeds --max_output_length {self.max_output_length}")
-        if len(prompt.token_ids) > self.max_prefill_tokens:
+        if len(prompt.token_ids) > self.max_prefill_tokens and not self.enable_chunked_prefill:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
                             f"--max_prefill_tokens {self.max_prefill_tokens}")
         needed = self.block_manager.blocks_for(len(prompt.token_ids) + max_tokens)
@@ -363,24 +372,34 @@ class LLM:
             raise UserError(f"{call}: this engine was closed")
 
     def _run_step(self) -> list:
-        """One scheduler step; returns the sequences it ran, each one token longer (finished ones have their
-        blocks freed)."""
+        """One scheduler step; returns the sequences that drew a token in it, each one token longer (finished ones
+        have their blocks freed); a prefill chunk that leaves part of its prompt for later draws none."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
-        tokens = self._sample_on_rank0(logits, seqs)
+        num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
+        ran = seqs
+        if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
+            done = self.scheduler.prefill_done(seqs)
+            if len(done) < len(seqs):
+                drawing = {id(seq) for seq in done}
+                logits = logits[[i for i, seq in enumerate(seqs) if id(seq) in drawing]]
+            seqs = done
+        tokens = self._sample_on_rank0(logits, seqs) if seqs else []
         if self.parallel.rank == 0:
             record_logprobs(logits, seqs, tokens)
         self.plan.synchronize()
         end = time.perf_counter()
-        num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
         if self._generating.locked():  # the steps of generate() alone: a server's would pile up for ever
-            self.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, end - start))
-        for seq in seqs:
+            self.step_records.append(StepRecord(is_prefill, len(ran), num_tokens, end - start))
+        for seq in ran:
             if seq.admitted_at is None:
-                seq.admitted_at, seq.first_token_at = start, end
+                seq.admitted_at = start
+        for seq in seqs:
+            if seq.first_token_at is None:
+                seq.first_token_at = end
             seq.finished_at = end  # the time of its latest token, kept once it finishes
         self.scheduler.finish_step(seqs, tokens)
         return seqs

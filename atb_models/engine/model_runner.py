@@ -91,14 +91,18 @@ class ModelRunner:
         # key -> the features in hand (taken from the cache once: a later put may evict them), and the media to run
         features_of, queued, missing, needed = {}, set(), {"image": [], "video": []}, []
         for seq, offset in zip(seqs, starts):
-            first = seq.num_cached_tokens
-            seq.cached_visual_items = 0
-            for visual in seq.prompt.visuals:
+            first = seq.prefill_start
+            for index, visual in enumerate(seq.prompt.visuals):
                 key = visual.content_hash if sharing else id(visual)
-                begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.num_tokens)
-                if begin >= end:  # all its tokens cached
-                    seq.cached_visual_items += 1
+                begin, end = max(visual.start, first), min(visual.start + visual.num_tokens, seq.prefill_end)
+                # Each medium is counted once since admission (a chunked prompt meets it again in later steps).
+                first_use = index not in seq.visuals_counted
+                if begin >= end:  # none of its tokens computed in this step
+                    if first_use and visual.start + visual.num_tokens <= seq.num_cached_tokens:
+                        seq.visuals_counted.add(index)  # all its tokens in the cached prefix
+                        seq.cached_visual_items += 1
                     continue
+                seq.visuals_counted.add(index)
                 runs_here = False
                 if key not in features_of and key not in queued:
                     cached = self.encoder_cache.get(key) if sharing else None
@@ -108,7 +112,7 @@ class ModelRunner:
                         runs_here = True
                     else:
                         features_of[key] = cached
-                if not runs_here:  # its features cached, or the same medium run for another request of this step
+                if not runs_here and first_use:  # its features cached, or run for another request of this step
                     seq.cached_visual_items += 1
                 needed.append((key, begin - visual.start, end - visual.start, offset + begin - first))
         for unique in missing.values():
@@ -130,18 +134,19 @@ class ModelRunner:
     def run(self, seqs: list, is_prefill: bool, rows_from: int | None = None) -> torch.Tensor:
         """Float32 logits [len(seqs), vocab] for each sequence's next token; with `rows_from` (a prefill of one
         sequence), the logits after each of its tokens from that index on (teacher forcing, benchmark.engines).
-        A prefill computes each sequence's tokens from seq.num_cached_tokens on: those before are in the cache."""
+        A prefill computes each sequence's tokens [seq.prefill_start, seq.prefill_end): those before are in the
+        cache (a cached prefix, or the chunks of earlier steps)."""
         if is_prefill:
             ids, positions, slots, starts, last_rows = [], [], [], [0], []
             for seq in seqs:
-                first = seq.num_cached_tokens
-                ids.extend(seq.token_ids[first:])
-                positions.append(seq.positions(first, seq.num_tokens))
-                slots.extend(self._slots(seq, first, seq.num_tokens))
-                starts.append(starts[-1] + seq.num_tokens - first)
+                first, end = seq.prefill_start, seq.prefill_end
+                ids.extend(seq.token_ids[first:end])
+                positions.append(seq.positions(first, end))
+                slots.extend(self._slots(seq, first, end))
+                starts.append(starts[-1] + end - first)
                 last_rows.extend(range(starts[-2] + rows_from - first, starts[-1]) if rows_from is not None
                                  else [starts[-1] - 1])
-            prefixes = [seq.num_cached_tokens for seq in seqs]
+            prefixes = [seq.prefill_start for seq in seqs]
             ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
             if any(prefixes):
                 ctx.prefix_lens = prefixes

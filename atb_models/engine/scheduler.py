@@ -5,6 +5,11 @@ every running sequence. Waiting sequences are admitted while `max_batch_size`, t
 to compute: a prefix found in the cache is not computed again, engine.block_manager) and free KV blocks allow;
 when a decode step finds no block for a sequence, the youngest running sequence is preempted (its blocks freed)
 and recomputed later from its prompt and the tokens it already generated.
+
+Chunked prefill (`chunked_prefill`): a prompt longer than the budget is computed a chunk of `max_prefill_tokens`
+a step, and while sequences are decoding, chunk steps and decode steps alternate, so a long prompt (a video) delays
+the running answers by one chunk at a time instead of its whole prefill. A sequence holds all its prompt's blocks
+from admission on; only its last chunk draws a token.
 """
 from collections import deque
 
@@ -13,14 +18,17 @@ from atb_models.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, eos_token_ids):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, eos_token_ids,
+                 chunked_prefill: bool = False):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque = deque()
         self.running: deque = deque()
         self.num_preemptions = 0
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -29,29 +37,53 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self):
-        """Returns (sequences, is_prefill)."""
-        admitted, tokens = [], 0
+        """Returns (sequences, is_prefill). A prefill step computes each sequence's [prefill_start, prefill_end)."""
+        # Prompts computed in part (chunked; unchunked, a prefill always computes its prompt whole)
+        continuing = [seq for seq in self.running if seq.prefill_end is not None] if self.chunked_prefill else []
+        if continuing and self._last_was_prefill and len(continuing) < len(self.running):
+            scheduled = self._decode_step()
+            if scheduled:
+                return scheduled, False
+        chosen, budget = [], self.max_prefill_tokens
+        for seq in continuing:
+            if budget <= 0:
+                break
+            seq.prefill_end = min(seq.num_tokens, seq.prefill_start + budget)
+            self.block_manager.register_prefill(seq)
+            budget -= seq.prefill_end - seq.prefill_start
+            chosen.append(seq)
+        admitted = []
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
-            # The budget counts the tokens a prefill computes: a cached prefix costs nothing. A sequence alone may
-            # exceed it (a preempted one recomputing its output), else it could never run.
+            # The budget counts the tokens a prefill computes: a cached prefix costs nothing. Unchunked, a sequence
+            # alone may exceed it (a preempted one recomputing its output), else it could never run.
             to_compute = seq.num_tokens - len(self.block_manager.cached_prefix(seq)) * self.block_manager.block_size
-            if admitted and tokens + to_compute > self.max_prefill_tokens:
+            full = budget <= 0 if self.chunked_prefill else bool(admitted) and to_compute > budget
+            if full:
                 break
             if not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, max_compute=budget if self.chunked_prefill else None)
             seq.status = SequenceStatus.RUNNING
             admitted.append(seq)
-            tokens += seq.num_tokens - seq.num_cached_tokens
-        if admitted:
+            budget -= seq.prefill_end - seq.prefill_start
+        if chosen or admitted:
             self.running.extend(admitted)
-            return admitted, True
+            self._last_was_prefill = True
+            return chosen + admitted, True
+        return self._decode_step(), False
 
-        scheduled = []
+    def _decode_step(self) -> list:
+        """The running sequences whose prompt is computed, each given room for its next token; sequences are
+        preempted, youngest first, where no block is left."""
+        self._last_was_prefill = False
+        scheduled, kept = [], []
         while self.running:
             seq = self.running.popleft()
+            if self.chunked_prefill and seq.prefill_end is not None:  # its prompt's next chunk comes first
+                kept.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self.preempt(self.running.pop())
@@ -61,8 +93,20 @@ class Scheduler:
             else:
                 self.block_manager.append(seq)
                 scheduled.append(seq)
-        self.running.extend(scheduled)
-        return scheduled, False
+                kept.append(seq)
+        self.running.extend(kept)
+        return scheduled
+
+    def prefill_done(self, seqs: list) -> list:
+        """After a prefill step: the sequences whose prompt is now all computed (each draws its first token); the
+        others computed a chunk and keep the rest for a later step."""
+        done = []
+        for seq in seqs:
+            if seq.prefill_end < seq.num_tokens:
+                seq.prefill_start, seq.prefill_end = seq.prefill_end, seq.num_tokens
+            else:
+                done.append(seq)  # (finish_step marks its prompt computed)
+        return done
 
     def abort_all(self) -> None:
         """Drop every sequence, waiting or running, and free every KV block: what a generate() call that ended by
@@ -96,6 +140,7 @@ class Scheduler:
         """Record each sequence's new token; return the sequences that finished (their blocks are freed)."""
         finished = []
         for seq, token in zip(seqs, token_ids):
+            seq.prefill_start = seq.prefill_end = None  # its prompt is computed: it drew a token
             seq.append_token(token)
             self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
             if not seq.params.ignore_eos and token in self.eos_token_ids:

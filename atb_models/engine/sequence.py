@@ -30,6 +30,11 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_hashed_blocks = 0
         self.cached_visual_items = 0  # images / videos whose vision-tower run was skipped at admission
+        self.visuals_counted: set = set()  # the media cached_visual_items has decided on since admission
+        # The prompt tokens the next prefill step computes, [prefill_start, prefill_end): set at admission (from
+        # the cached prefix to the end, or a chunk of it under chunked prefill); None once the prompt is computed.
+        self.prefill_start: Optional[int] = None
+        self.prefill_end: Optional[int] = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
