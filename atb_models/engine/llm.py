@@ -62,7 +62,7 @@ class StepRecord:
     """Timing of one engine step, for the benchmark mode."""
     is_prefill: bool
     num_seqs: int
-    num_tokens: int
+    num_tokens: int  # the tokens the step computed (a prefill: less each sequence's cached prefix)
     seconds: float
 
 
@@ -379,7 +379,7 @@ class LLM:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
-        num_tokens = sum(s.num_tokens for s in seqs) if is_prefill else len(seqs)
+        num_tokens = sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill else len(seqs)  # computed
         ran = seqs
         if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
             done = self.scheduler.prefill_done(seqs)
