@@ -128,6 +128,35 @@ def test_a_call_starts_without_what_an_earlier_one_left(llm, fresh_answers):
     assert_next_call_answers_like_a_fresh_engine(llm, fresh_answers)
 
 
+def test_an_incremental_step_cut_short_in_its_prefill_leaves_its_requests_to_the_next_step(llm, monkeypatch):
+    # Two requests of one prompt share its blocks within the step; the cut step must neither leave them running over
+    # K/V it never wrote nor leave those blocks in the prefix cache for later prompts.
+    requests, params = [REQUESTS[0], REQUESTS[0], REQUESTS[1]], [PARAMS[0], PARAMS[1], PARAMS[2]]
+    expected = [out.token_ids for out in llm.generate(requests, params)]
+    llm.block_manager.reset()  # nothing cached, and no K/V left that a prefill never run would find in its blocks
+    for layer in llm.runner.model.model.layers:
+        layer.k_cache.zero_()
+        layer.v_cache.zero_()
+    real_run = llm.runner.run
+
+    def interrupted_once(*args, **kwargs):
+        monkeypatch.setattr(llm.runner, "run", real_run)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.runner, "run", interrupted_once)
+    ids = [llm.add_request(request, p) for request, p in zip(requests, params)]
+    with pytest.raises(KeyboardInterrupt):
+        llm.step()
+    assert not llm.block_manager.cached and llm.block_manager.num_used_blocks == 0
+    assert [seq.seq_id for seq in llm.scheduler.waiting] == ids and not llm.scheduler.running
+    answers = {}
+    while llm.has_unfinished():
+        answers.update((out.request_id, out.token_ids) for out in llm.step() if out.finished)
+    assert [answers[i] for i in ids] == expected
+    assert [out.token_ids for out in llm.generate(requests, params)] == expected
+    assert_clean(llm)
+
+
 # --------------------------------------------------------------------------------------------- SamplingParams
 
 

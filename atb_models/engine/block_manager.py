@@ -135,6 +135,16 @@ class BlockManager:
                 self.block_hash[block] = digest
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def forget_uncomputed(self, seq: Sequence) -> None:
+        """The blocks past what earlier steps computed (its cached prefix, its earlier chunks) leave the cache: they
+        were registered before the step that writes them ran (a same-step sequence may share them; it is undone
+        alike)."""
+        computed = seq.num_cached_tokens if seq.prefill_start is None else seq.prefill_start
+        for block in seq.block_table[computed // self.block_size:]:
+            digest = self.block_hash.pop(block, None)
+            if digest is not None:
+                del self.cached[digest]
+
     def free(self, seq: Sequence) -> None:
         """The sequence lets its blocks go: hashed ones stay cached (most recently used last), the others are free."""
         for block in reversed(seq.block_table):  # the tail last: a prefix outlives its continuations

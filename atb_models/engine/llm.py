@@ -378,19 +378,28 @@ class LLM:
         if not seqs:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
-        logits = self.runner.run(seqs, is_prefill)
         num_tokens = sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill else len(seqs)  # computed
         ran = seqs
-        if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
-            done = self.scheduler.prefill_done(seqs)
-            if len(done) < len(seqs):
-                drawing = {id(seq) for seq in done}
-                logits = logits[[i for i, seq in enumerate(seqs) if id(seq) in drawing]]
-            seqs = done
-        tokens = self._sample_on_rank0(logits, seqs) if seqs else []
+        try:
+            logits = self.runner.run(seqs, is_prefill)
+            if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
+                done = self.scheduler.prefill_done(seqs)
+                if len(done) < len(seqs):
+                    drawing = {id(seq) for seq in done}
+                    logits = logits[[i for i, seq in enumerate(seqs) if id(seq) in drawing]]
+                seqs = done
+            tokens = self._sample_on_rank0(logits, seqs) if seqs else []
+            self.plan.synchronize()
+        except BaseException:
+            # A step cut short (Ctrl-C, an error) wrote its prompts' K/V in part or not at all: left running, those
+            # sequences would decode over unwritten K/V, and their blocks, cached at admission, would be reused by
+            # later prompts. They wait again instead, so a later step() computes them as if this one never ran.
+            # (A cut decode step needs nothing: its token was not appended, the next step writes the same slot.)
+            if is_prefill:
+                self.scheduler.undo_admission(ran)
+            raise
         if self.parallel.rank == 0:
             record_logprobs(logits, seqs, tokens)
-        self.plan.synchronize()
         end = time.perf_counter()
         if self._generating.locked():  # the steps of generate() alone: a server's would pile up for ever
             self.step_records.append(StepRecord(is_prefill, len(ran), num_tokens, end - start))

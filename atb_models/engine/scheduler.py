@@ -119,6 +119,16 @@ class Scheduler:
         self.running.clear()
         self.block_manager.reset()
 
+    def undo_admission(self, seqs: list) -> None:
+        """The sequences of a prefill step that did not complete wait again, at the head of the queue in their
+        order, holding no block; the blocks their admission added to the prefix cache leave it (their K/V may be
+        unwritten), those found there before stay."""
+        for seq in reversed(seqs):
+            self.block_manager.forget_uncomputed(seq)
+            self.running.remove(seq)
+            self.preempt(seq)
+            self.num_preemptions -= 1  # not a preemption: nothing ran
+
     def preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1
