@@ -365,6 +365,23 @@ def test_max_tokens_below_one_is_a_400(server, max_tokens):
                                     400)["message"]
 
 
+@pytest.mark.parametrize("given,expected", [({"max_completion_tokens": None, "max_tokens": 5}, 5),
+                                            ({"max_completion_tokens": 5, "max_tokens": None}, 5),
+                                            ({"max_completion_tokens": 5, "max_tokens": 5}, 5), ({}, None)])
+def test_max_tokens_comes_from_either_name_a_null_one_asking_for_nothing(given, expected):
+    from atb_models.serve.protocol import parse_chat_request
+
+    assert parse_chat_request({"messages": [chat_message("hi")], **given}).params.max_tokens == expected
+
+
+def test_max_tokens_and_max_completion_tokens_that_differ_are_a_400_naming_both():
+    from atb_models.serve.protocol import ApiError, parse_chat_request
+
+    with pytest.raises(ApiError, match="max_completion_tokens 3 and max_tokens 5 differ") as refused:
+        parse_chat_request({"messages": [chat_message("hi")], "max_completion_tokens": 3, "max_tokens": 5})
+    assert refused.value.status == 400
+
+
 def test_an_unknown_model_is_a_404_and_a_missing_or_wrong_key_a_401(server):
     assert error_of(server.post({"model": "gpt-4", "messages": [chat_message("hi")]}), 404)["code"] == \
         "model_not_found"

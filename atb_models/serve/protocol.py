@@ -129,7 +129,11 @@ def _part(part, where: str):
 
 
 def _sampling_params(body: dict) -> SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # OpenAI's newer name and its older one: either (a null one asks for nothing), both only when they agree.
+    newer, older = body.get("max_completion_tokens"), body.get("max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise bad_request(f"max_completion_tokens {newer!r} and max_tokens {older!r} differ; give one of them")
+    max_tokens = older if newer is None else newer
     values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
