@@ -157,6 +157,19 @@ def test_an_incremental_step_cut_short_in_its_prefill_leaves_its_requests_to_the
     assert_clean(llm)
 
 
+@pytest.mark.parametrize("request_id", ["7", 1.5, True])
+def test_a_request_id_that_is_no_integer_is_refused_and_queues_nothing(llm, request_id):
+    next_id = llm._next_request_id
+    with pytest.raises(UserError, match="request_id must be an integer"):
+        llm.add_request([{"text": "Hi"}], SamplingParams(max_tokens=2), request_id=request_id)
+    assert not llm.has_unfinished()
+    assert llm.add_request([{"text": "Hi"}], SamplingParams(max_tokens=2)) == next_id
+    assert type(llm.add_request([{"text": "Hi"}], SamplingParams(max_tokens=2), request_id=np.int64(900))) is int
+    while llm.has_unfinished():
+        llm.step()
+    assert_clean(llm)
+
+
 # --------------------------------------------------------------------------------------------- SamplingParams
 
 

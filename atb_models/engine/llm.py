@@ -1,5 +1,6 @@
 """The user-facing front: `LLM(model_path, ...).generate(requests, SamplingParams(...))`."""
 import logging
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,6 +263,10 @@ class LLM:
             raise UserError(f"add_request(): params must be a SamplingParams, got {params!r}")
         if request_id is None:
             request_id = self._next_request_id
+        elif isinstance(request_id, bool) or not isinstance(request_id, numbers.Integral):  # True would be the id
+            # 1; 1.5 would make every later id a float
+            raise UserError(f"add_request(): request_id must be an integer, got {request_id!r}")
+        request_id = int(request_id)  # a numpy integer too
         if request_id in self._requests:
             raise UserError(f"request id {request_id} belongs to a request that has not finished")
         self._next_request_id = max(self._next_request_id, request_id + 1)
