@@ -220,6 +220,20 @@ def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
     assert len(set(draws(123))) > 5
 
 
+def test_seeds_that_differ_only_above_32_bits_draw_differently():
+    # torch's CPU generator keeps a seed's low 32 bits: 1 and 2**32 + 1 (or 2**63 + 1) drew the same tokens.
+    logits = torch.zeros(1, 500)
+
+    def draws(seed):
+        seq = text_seq(0, 2, temperature=1.0, seed=seed)
+        return [sample(logits, [seq])[0] for _ in range(20)]
+
+    assert len({tuple(draws(seed)) for seed in (1, 2**32 + 1, 2**63 + 1, 2**64 - 1, 2**32 - 1)}) == 5
+    assert draws(2**63 + 1) == draws(2**63 + 1)
+    small = torch.Generator().manual_seed(77)  # a seed below 2**32 draws as torch's own generator seeded with it
+    assert draws(77) == [int(torch.multinomial(logits[0].softmax(-1), 1, generator=small)) for _ in range(20)]
+
+
 def test_sampling_params_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
                 dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),

@@ -1,10 +1,19 @@
 """One request's state as it moves through the engine."""
+import hashlib
 from enum import Enum, auto
 from typing import Optional
 
 import torch
 
 from atb_models.engine.sampling_params import SamplingParams
+
+
+def generator_seed(seed: int) -> int:
+    """The seed given to torch's CPU generator: a seed below 2**32 as it is, a larger one hashed to 32 bits. The
+    generator (mt19937) keeps only a seed's low 32 bits, so 1 and 2**32 + 1 would otherwise draw alike."""
+    if seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
 class SequenceStatus(Enum):
@@ -44,7 +53,7 @@ class Sequence:
         self.first_token_at: Optional[float] = None
         self.finished_at: Optional[float] = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = torch.Generator().manual_seed(generator_seed(params.seed))
 
     @property
     def num_tokens(self) -> int:
