@@ -157,6 +157,16 @@ def test_a_small_cache_evicts_least_recently_used_and_the_encoder_cache_still_sk
     assert len(llm.runner.encoder_cache) == 2
 
 
+def test_each_cached_medium_holds_only_its_own_features_not_its_steps_batch(path, images):
+    """The tower runs a step's media as one batch: an entry that stayed a slice of that output would keep the whole
+    batch's memory alive, past its step-mates' eviction, while the budget counts only the slice."""
+    llm = LLM(str(path), **OPTIONS)
+    llm.generate([[{"image": images[name]}, {"text": "What is this?"}] for name in ("cat", "dog", "bird")], PARAMS)
+    entries = list(llm.runner.encoder_cache._entries.values())
+    assert len(entries) == 3
+    assert [t.untyped_storage().nbytes() for t in entries] == [t.numel() * t.element_size() for t in entries]
+
+
 def test_without_the_encoder_cache_budget_the_tower_runs_again(path, images):
     llm = LLM(str(path), encoder_cache_mb=0, num_blocks=8, **dict(OPTIONS, max_batch_size=1))
     for image in ("cat", "dog", "cat"):

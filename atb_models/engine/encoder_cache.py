@@ -25,6 +25,10 @@ class EncoderCache:
         size = features.numel() * features.element_size()
         if size > self.max_bytes or key in self._entries:
             return
+        if features.untyped_storage().nbytes() > size:
+            # A slice of a step's batched tower output: kept as it is, it would hold the whole batch's memory (long
+            # after its step-mates' entries left) while the budget counts only its own bytes.
+            features = features.clone()
         while self.bytes + size > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self.bytes -= evicted.numel() * evicted.element_size()
