@@ -170,6 +170,19 @@ def test_a_request_id_that_is_no_integer_is_refused_and_queues_nothing(llm, requ
     assert_clean(llm)
 
 
+def test_generate_refuses_to_start_over_requests_added_one_at_a_time_and_drops_none(llm):
+    request_id = llm.add_request(REQUESTS[0], PARAMS[0])
+    llm.step()
+    with pytest.raises(UserError, match="taken by add_request"):
+        llm.generate(REQUESTS[1:2], PARAMS[1:2])
+    finished = []
+    while llm.has_unfinished():
+        finished += [out for out in llm.step() if out.finished]
+    assert [out.request_id for out in finished] == [request_id] and len(finished[0].token_ids) == 4
+    assert_clean(llm)
+    assert len(llm.generate(REQUESTS[1:2], PARAMS[1:2])[0].token_ids) == 6  # and then runs
+
+
 # --------------------------------------------------------------------------------------------- SamplingParams
 
 

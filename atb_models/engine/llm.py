@@ -208,6 +208,10 @@ class LLM:
         if not self._generating.acquire(blocking=False):
             raise UserError("generate() is already running on this engine; it cannot be called again from "
                             "on_finish or from another thread")
+        if self._requests:  # a call starts from an empty engine: it would drop them without a word
+            self._generating.release()
+            raise UserError(f"generate() cannot run while {len(self._requests)} request(s) taken by add_request() "
+                            f"are unfinished: step() them to their end or abort() them first")
         # Nothing from before may be answered as this call's own: a call starts with no sequence and every block
         # free (the prefix cache is kept: it holds no sequence).
         if self.scheduler.has_work() or self.block_manager.num_used_blocks:
