@@ -663,3 +663,16 @@ def test_requests_held_for_the_first_step_count_against_the_queue_beyond_the_fre
     assert engine.queued() == 6  # all still in the command queue
     plan = engine._next_plan()
     assert len(plan.adds) == 6 and engine.queued() == 2  # 4 will run at once, 2 will wait
+
+
+def test_aborts_waiting_in_the_command_queue_count_as_no_queued_request():
+    # Clients that leave during a long step queue aborts; they must not fill --max_queue or the waiting gauge.
+    from atb_models.serve.engine import NewRequest
+
+    engine = _engine_loop(busy=True)
+    for i in range(5):
+        engine.abort(i)
+    engine.submit(NewRequest(9, None, None), lambda event: None)
+    assert engine.queued() == 1
+    plan = engine._next_plan()
+    assert len(plan.aborts) == 5 and len(plan.adds) == 1 and engine.queued() == 0

@@ -103,6 +103,10 @@ class EngineLoop:
         self.num_waiting = 0  # requests queued or waiting for a batch slot, as of the latest step
         self.preparing = 0  # requests the HTTP side is preprocessing for this engine (it counts them)
         self._held = 0  # requests taken into the next step's plan beyond the free batch slots: they will wait
+        # Requests submitted, and those the engine thread took from the command queue: each counter written by one
+        # thread only. Their difference is the requests in the queue, whose size counts aborts too.
+        self._submitted = 0
+        self._taken = 0
         self._free_slots = 0  # batch slots free as the plan is made
         self._thread = threading.Thread(target=self._run, name="atb-engine", daemon=True)
 
@@ -111,6 +115,7 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, request: NewRequest, sink: Callable) -> None:
+        self._submitted += 1
         self._commands.put(("add", request, sink))
 
     def abort(self, request_id: int) -> None:
@@ -119,7 +124,11 @@ class EngineLoop:
     def queued(self) -> int:
         """Requests not yet running: submitted but not yet taken, held for the next step, and waiting for a batch
         slot."""
-        return self._commands.qsize() + self._held + self.num_waiting
+        return self._in_queue() + self._held + self.num_waiting
+
+    def _in_queue(self) -> int:
+        """Requests submitted and not yet taken (an abort or a stop in the queue is no request)."""
+        return self._submitted - self._taken
 
     def stop(self) -> None:
         """Abort what still runs, tell the other ranks to stop, release the engine (its shared memory)."""
@@ -190,6 +199,7 @@ class EngineLoop:
                 return
             block = False
             if kind == "add":
+                self._taken += 1
                 plan.adds.append(value)
                 self._sinks[value.request_id] = sink
                 self._held = max(0, len(plan.adds) - self._free_slots)  # those that will wait, not run
@@ -226,6 +236,6 @@ class EngineLoop:
         scheduler = self.llm.scheduler
         self.num_waiting = len(scheduler.waiting)
         self.metrics.requests_running.set(len(scheduler.running))
-        self.metrics.requests_waiting.set(len(scheduler.waiting) + self._commands.qsize())
+        self.metrics.requests_waiting.set(len(scheduler.waiting) + self._in_queue())
         manager = self.llm.block_manager
         self.metrics.kv_blocks_used.set(manager.num_blocks - manager.num_free_blocks)
