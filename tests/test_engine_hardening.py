@@ -183,6 +183,32 @@ def test_generate_refuses_to_start_over_requests_added_one_at_a_time_and_drops_n
     assert len(llm.generate(REQUESTS[1:2], PARAMS[1:2])[0].token_ids) == 6  # and then runs
 
 
+@pytest.mark.parametrize("text,stops,shown", [
+    ("Hello wor", ("world",), "Hello "), ("Hello wor", ("xyz", "or!", "lo w!"), "Hello w"), ("aab", ("abc",), "a"),
+    ("caf\u00e9 ", ("\u00e9  ", " !"), "caf"), ("plain", ("zz",), "plain"), ("", ("a",), ""), ("ab", (), "ab"),
+    ("aaa", ("aab",), "a"),
+])
+def test_a_running_answer_holds_back_the_longest_tail_that_may_begin_a_stop_string(text, stops, shown):
+    assert llm_module._without_partial_stop(text, stops) == shown
+
+
+class _CountedStop(str):
+    calls = 0
+
+    def startswith(self, *args):
+        type(self).calls += 1
+        return super().startswith(*args)
+
+
+def test_long_stop_strings_are_tried_only_where_their_first_character_is():
+    # Asked for each running request at every step: trying every tail length up to the longest stop (50 stops of
+    # 1000 characters: 50,000 comparisons here) made one request's stop strings slow the steps of the whole batch.
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    stops = tuple(_CountedStop(f"Z{i:03d}" + "x" * 1000) for i in range(50)) + (_CountedStop("dog. Thx"),)
+    assert llm_module._without_partial_stop(text, stops) == text[:-5]
+    assert _CountedStop.calls <= 3
+
+
 # --------------------------------------------------------------------------------------------- SamplingParams
 
 
