@@ -660,19 +660,34 @@ def test_requests_held_for_the_first_step_count_against_the_queue_beyond_the_fre
     engine = _engine_loop(busy=False)  # 4 free slots
     for i in range(6):
         engine.submit(NewRequest(i, None, None), lambda event: None)
-    assert engine.queued() == 6  # all still in the command queue
+    assert engine.queued() == 2  # all still in the command queue: 4 will run at once, 2 will wait
     plan = engine._next_plan()
-    assert len(plan.adds) == 6 and engine.queued() == 2  # 4 will run at once, 2 will wait
+    assert len(plan.adds) == 6 and engine.queued() == 2  # the same, taken into the plan
 
 
 def test_aborts_waiting_in_the_command_queue_count_as_no_queued_request():
     # Clients that leave during a long step queue aborts; they must not fill --max_queue or the waiting gauge.
     from atb_models.serve.engine import NewRequest
 
-    engine = _engine_loop(busy=True)
+    engine = _engine_loop(busy=True)  # 4 slots
     for i in range(5):
         engine.abort(i)
-    engine.submit(NewRequest(9, None, None), lambda event: None)
-    assert engine.queued() == 1
+    for i in range(6):
+        engine.submit(NewRequest(10 + i, None, None), lambda event: None)
+    assert engine.queued() == 2
     plan = engine._next_plan()
-    assert len(plan.aborts) == 5 and len(plan.adds) == 1 and engine.queued() == 0
+    assert len(plan.aborts) == 5 and len(plan.adds) == 6 and engine.queued() == 2
+
+
+def test_a_burst_into_free_batch_slots_counts_as_no_queued_request():
+    # --max_queue 1 with 4 free slots refused 3 of 4 requests arriving together: none of them would have waited.
+    from atb_models.serve.engine import NewRequest
+
+    engine = _engine_loop(busy=False)  # 4 free slots
+    engine.preparing = 3
+    engine.submit(NewRequest(1, None, None), lambda event: None)
+    assert engine.queued() == 0
+    engine.preparing = 4
+    assert engine.queued() == 1
+    engine.num_running = 4  # as the latest step left it: a full batch
+    assert engine.queued() == 5

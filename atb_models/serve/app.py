@@ -116,7 +116,7 @@ class ChatService:
         if chat.model is not None and chat.model != self.config.model_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
-        if self.engine.preparing + self.engine.queued() + chat.n > self.config.max_queue:  # preprocessing counts
+        if self.engine.queued(arriving=chat.n) > self.config.max_queue:  # (an n-choice request is n requests)
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
         answer = await self._admit(chat, arrival)

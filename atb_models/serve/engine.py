@@ -100,14 +100,14 @@ class EngineLoop:
         self.llm = None
         self.ready = threading.Event()
         self.failure: Optional[BaseException] = None
-        self.num_waiting = 0  # requests queued or waiting for a batch slot, as of the latest step
+        self.num_waiting = 0  # requests waiting for a batch slot, as of the latest step
+        self.num_running = 0  # requests in the running batch, as of the latest step
         self.preparing = 0  # requests the HTTP side is preprocessing for this engine (it counts them)
-        self._held = 0  # requests taken into the next step's plan beyond the free batch slots: they will wait
+        self._planned = 0  # requests taken into the plan since the latest step: in neither count above yet
         # Requests submitted, and those the engine thread took from the command queue: each counter written by one
         # thread only. Their difference is the requests in the queue, whose size counts aborts too.
         self._submitted = 0
         self._taken = 0
-        self._free_slots = 0  # batch slots free as the plan is made
         self._thread = threading.Thread(target=self._run, name="atb-engine", daemon=True)
 
     # ------------------------------------------------------------------------------------------ the asyncio side
@@ -121,10 +121,12 @@ class EngineLoop:
     def abort(self, request_id: int) -> None:
         self._commands.put(("abort", request_id, None))
 
-    def queued(self) -> int:
-        """Requests not yet running: submitted but not yet taken, held for the next step, and waiting for a batch
-        slot."""
-        return self._in_queue() + self._held + self.num_waiting
+    def queued(self, arriving: int = 0) -> int:
+        """Requests that wait for a batch slot, or will, once `arriving` more come: of every request not finished
+        (being preprocessed, submitted, taken into the next step's plan, waiting, running), those beyond the
+        batch's slots. A burst into free slots waits for none."""
+        outstanding = self.preparing + self._in_queue() + self._planned + self.num_waiting + self.num_running
+        return max(0, outstanding + arriving - self.llm.scheduler.max_batch_size)
 
     def _in_queue(self) -> int:
         """Requests submitted and not yet taken (an abort or a stop in the queue is no request)."""
@@ -169,7 +171,6 @@ class EngineLoop:
         if plan.stop:
             return False
         apply_plan(self.llm, plan, self._added, self._aborted)
-        self._held = 0
         if self.llm.has_unfinished():
             self._step()
         self._publish_gauges()
@@ -180,8 +181,6 @@ class EngineLoop:
         the requests still being preprocessed beside it (up to ADMISSION_WINDOW_S)."""
         plan = StepPlan()
         idle = not self.llm.has_unfinished()
-        scheduler = self.llm.scheduler
-        self._free_slots = max(0, scheduler.max_batch_size - len(scheduler.running) - len(scheduler.waiting))
         self._take(plan, HEARTBEAT_S if idle else None)
         if idle and plan.adds:
             deadline = time.monotonic() + ADMISSION_WINDOW_S
@@ -199,10 +198,10 @@ class EngineLoop:
                 return
             block = False
             if kind == "add":
+                self._planned += 1  # (before the queue's count drops, so that it is never missed)
                 self._taken += 1
                 plan.adds.append(value)
                 self._sinks[value.request_id] = sink
-                self._held = max(0, len(plan.adds) - self._free_slots)  # those that will wait, not run
             elif kind == "abort":
                 plan.aborts.append(value)
             else:
@@ -234,7 +233,8 @@ class EngineLoop:
 
     def _publish_gauges(self) -> None:
         scheduler = self.llm.scheduler
-        self.num_waiting = len(scheduler.waiting)
+        self.num_waiting, self.num_running = len(scheduler.waiting), len(scheduler.running)
+        self._planned = 0  # (after: those it counted are in the two counts now)
         self.metrics.requests_running.set(len(scheduler.running))
         self.metrics.requests_waiting.set(len(scheduler.waiting) + self._in_queue())
         manager = self.llm.block_manager
