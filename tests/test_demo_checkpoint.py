@@ -266,3 +266,13 @@ def test_demo_cli_refuses_to_overwrite_a_folder_it_did_not_build(tmp_path, capsy
     assert demo_main(["build", "--output", str(tmp_path)]) == 1
     assert "refusing" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_cli_refuses_a_file_or_a_path_under_one_in_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for output in (notes, notes / "demo"):
+        assert demo_main(["build", "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Error: --output ") and err.count("\n") == 1, err
+    assert notes.read_text() == "mine"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
+from atb_models.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     def build_it() -> int:
         from atb_models.demo.checkpoint import build_demo
 
-        out_dir = build_demo(args.output, seed=args.seed)
+        try:
+            out_dir = build_demo(args.output, seed=args.seed)
+        except OSError as e:  # --output a file, a path under one, or in /proc: bad input, one line, not a traceback
+            raise UserError(f"--output {args.output}: cannot build the demo checkpoint there: {e}") from e
         print(f"demo checkpoint written to {out_dir} (with sample.jpg and sample.mp4)")
         print("its weights are random: it runs like Qwen2-VL, but its answers mean nothing")
         return 0
