@@ -21,7 +21,7 @@ import torch  # noqa: F401  (imported before the baseline so its own memory is n
 import transformers  # noqa: F401
 
 from atb_models.cli.choices import DTYPE_CHOICES
-from atb_models.cli.entry import configure_logging, run_entry_point
+from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 
 
 def status_mib(field: str) -> float:
@@ -45,8 +45,9 @@ class PeakSampler(threading.Thread):
 
 def build_parser() -> argparse.ArgumentParser:
     summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(description=summary, epilog=details,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # FlagParser: a bad argument is one Error line and exit 1, as in every entry point of the kit (README).
+    parser = FlagParser(description=summary, epilog=details,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder to load (on the CPU)")
     parser.add_argument("dtype", metavar="DTYPE", nargs="?", default="auto", choices=DTYPE_CHOICES,
                         help=f"dtype to load it in: {', '.join(DTYPE_CHOICES)} (default: %(default)s, config.json's "
