@@ -116,12 +116,14 @@ def test_a_non_finite_sampling_flag_is_refused_by_name_before_the_model_loads(fl
     (["--max_batch_size", "abc"], "Error: argument --max_batch_size: invalid int value: 'abc'"),
     (["--no_such_flag"], "Error: unrecognized arguments: --no_such_flag"),
     (["serve", "--port", "abc"], "Error: argument --port: invalid int value: 'abc'"),
-    (["benchmark", "compare", "--preset", "nope"], "Error: argument --preset: invalid choice: 'nope'")])
+    (["benchmark", "compare", "--preset", "nope"], "Error: argument --preset: invalid choice: 'nope'"),
+    (["oracle", "bogus"], "Error: argument command: invalid choice: 'bogus'")])
 def test_a_flag_argparse_refuses_is_one_error_line_and_exit_1(argv, message, capsys):
     from atb_models.benchmark import __main__ as benchmark
+    from atb_models.oracle import __main__ as oracle_cli
     from atb_models.serve import __main__ as serve
 
-    commands = {"serve": serve.main, "benchmark": benchmark.main}
+    commands = {"serve": serve.main, "benchmark": benchmark.main, "oracle": oracle_cli.main}
     main = commands.get(argv[0], run_pa.main)
     with pytest.raises(SystemExit) as exit_info:
         main(argv[1:] if argv[0] in commands else argv)
