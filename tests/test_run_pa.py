@@ -257,3 +257,16 @@ def test_run_pa_sh_help_lists_the_launchers_flags_and_run_pas_and_exits_0(tmp_pa
                  "--model_path DIR", "--input_image PATH", "--performance", "--debug"):
         assert flag in result.stdout, flag
     assert "set -euo" not in result.stdout
+
+
+@pytest.mark.parametrize("script, own, absent", [
+    ("qwen2_vl/run_server.sh", ("OpenAI-compatible server", "--api_key KEY"), ("long answer", "run_pa.py")),
+    ("qwen2_5_vl/run_pa.sh", ("Launch Qwen2.5-VL inference", "long answer", "--input_image PATH"), ())])
+def test_a_wrapper_scripts_help_is_its_own_then_the_launchers_flags(script, own, absent, tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "examples" / "models" / script), "--help"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    for text in (*own, "--world_size N", "--master_addr A", "MASTER_PORT"):
+        assert text in result.stdout, text
+    for text in absent:
+        assert text not in result.stdout, text

@@ -4,7 +4,7 @@
 #
 #   bash examples/models/qwen2_vl/run_pa.sh [--world_size N] [--nnodes N --node_rank R --master_addr A] [run_pa flags]
 #
-# Launcher flags (this script's own; every other flag goes to run_pa.py unchanged, listed below):
+# Launcher flags (this script's own; every other flag goes to the program unchanged, its flags listed below):
 #   --world_size N     ranks on this node, one per device (default: the devices in ASCEND_RT_VISIBLE_DEVICES, else
 #                      in CUDA_VISIBLE_DEVICES, else 1)
 #   --nnodes N         nodes in the job (torchrun's, with --node_rank and --master_addr)
@@ -31,7 +31,17 @@ DEFAULT_INPUT_TEXT="Explain the contents of the picture with more than 500 words
 using a single word or phrase."
 
 usage() { # the comment block above, without its "# "
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+    # Run by a wrapper (qwen2_5_vl/run_pa.sh, run_server.sh): its own block, then this one's from the launcher flags
+    # on (for the server, only up to the run_pa paragraphs, which do not apply to it).
+    local wrapper="${ATB_MODELS_LAUNCH_SCRIPT:-}" last='^[^#]' keep='^#'
+    [[ "${RUN_PA_MODULE}" == *.run_pa ]] || { last='^#$' && keep='^#.'; }
+    if [[ -f "${wrapper}" && "$(realpath "${wrapper}")" != "$(realpath "${BASH_SOURCE[0]}")" ]]; then
+        sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${wrapper}"
+        echo
+        sed -n "/^# Launcher flags/,/${last}/{/${keep}/s/^# \{0,1\}//p}" "${BASH_SOURCE[0]}"
+    else
+        sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+    fi
 }
 
 usage_error() {
