@@ -305,7 +305,9 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"logprobs": "yes"}, "logprobs must be true or false"),
                                             ({"n": 17}, "n must be an integer in 1..16"),
                                             ({"tools": [{"type": "function"}]}, "tools is not supported"),
-                                            ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2")])
+                                            ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2"),
+                                            ({"stop": [str(i) for i in range(17)]}, "stop takes at most 16 strings"),
+                                            ({"stop": "x" * 1025}, "of at most 1024 characters")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 

@@ -20,6 +20,7 @@ READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_comp
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
         "presence_penalty", "frequency_penalty", "n"}
 MAX_CHOICES = 16  # n: answers drawn for one request
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 
 
 class ApiError(Exception):
@@ -128,12 +129,22 @@ def _part(part, where: str):
     raise bad_request(f"{where}: unknown content part type {kind!r}; expected text, image_url or video_url")
 
 
+def _check_stop(stop) -> None:
+    """Every step searches each running answer for each stop string: a request of thousands of them, or of long
+    ones, would slow every other request of the server. OpenAI takes 4; the kit takes a few more."""
+    strings = [stop] if isinstance(stop, str) else stop
+    if isinstance(strings, list) and (len(strings) > MAX_STOP_STRINGS or any(
+            isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in strings)):
+        raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+
+
 def _sampling_params(body: dict) -> SamplingParams:
     # OpenAI's newer name and its older one: either (a null one asks for nothing), both only when they agree.
     newer, older = body.get("max_completion_tokens"), body.get("max_tokens")
     if newer is not None and older is not None and newer != older:
         raise bad_request(f"max_completion_tokens {newer!r} and max_tokens {older!r} differ; give one of them")
     max_tokens = older if newer is None else newer
+    _check_stop(body.get("stop"))
     values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
