@@ -143,6 +143,13 @@ def _empty_folder(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
+def _only_skipped(tmp_path: Path) -> Path:
+    folder = _empty_folder(tmp_path, "skipped_only")
+    (folder / ".hidden.jpg").write_bytes(b"x")
+    (folder / "sub").mkdir()
+    return folder
+
+
 # case -> (arguments given tmp_path, checkpoint and an image; a text the one Error line must hold)
 BAD_INPUTS = {
     "missing_input_image": (lambda t, ckpt, img: ["--input_image", t / "missing.jpg"], "missing.jpg"),
@@ -150,6 +157,8 @@ BAD_INPUTS = {
     "corrupt_image": (lambda t, ckpt, img: ["--input_image", _file(t, "broken.jpg", b"not a jpeg")], "broken.jpg"),
     "corrupt_video": (lambda t, ckpt, img: ["--input_image", _file(t, "broken.mp4", b"not a video")], "broken.mp4"),
     "empty_dataset_folder": (lambda t, ckpt, img: ["--dataset_path", _empty_folder(t, "empty")], "--dataset_path"),
+    "a_dataset_folder_of_hidden_files_and_sub_folders": (
+        lambda t, ckpt, img: ["--dataset_path", _only_skipped(t)], "only hidden files and sub-folders (2 skipped)"),
     "prompt_longer_than_max_input_length": (
         lambda t, ckpt, img: ["--input_image", img, "--max_input_length", "16"], "--max_input_length 16"),
     "no_input_given": (lambda t, ckpt, img: [], "--input_image"),

@@ -65,6 +65,9 @@ def dataset_entries(folder: str, text: str) -> list[Entry]:
             entries.append(Entry([{"file": path}], name=name, skipped=str(e)))
         except UserError as e:
             entries.append(Entry([{"file": path}, {"text": text}], name=name, error=str(e)))
+    if all(entry.skipped for entry in entries):  # nothing to ask about: as good as empty
+        raise UserError(f"--dataset_path {folder}: the folder holds no file to ask about, only hidden files and "
+                        f"sub-folders ({len(entries)} skipped)")
     return entries
 
 
