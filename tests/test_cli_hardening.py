@@ -109,6 +109,15 @@ def test_a_non_finite_sampling_flag_is_refused_by_name_before_the_model_loads(fl
     assert len(errors) == 1 and errors[0].startswith(f"Error: {flag} must be a finite number"), err
 
 
+@pytest.mark.parametrize("flag, value", [("--top_p", "0"), ("--top_k", "-1"), ("--seed", "-1"),
+                                         ("--presence_penalty", "3")])
+def test_a_sampling_flag_out_of_range_is_refused_naming_the_flag(flag, value, capsys, no_model, sample_image_path):
+    status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", sample_image_path, flag, value)
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {flag} must be"), err
+
+
 # argparse's own refusals (a value off the choices, not a number, a flag it does not know), one line each, exit 1,
 # for run_pa and for the other commands built on the same parser
 @pytest.mark.parametrize("argv, message", [

@@ -93,6 +93,9 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         value = getattr(args, flag)
         if not math.isfinite(value):
             raise UserError(f"--{flag} must be a finite number, got {value}")
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, seed=args.seed, ignore_eos=args.ignore_eos)
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed, ignore_eos=args.ignore_eos)
+    except UserError as e:  # its message starts with the field's name: on the command line, the flag's
+        raise UserError(f"--{e}") from None
