@@ -275,6 +275,30 @@ def test_long_clip_is_capped_by_max_frames(tmp_path):
     assert frames.shape[0] == 6
 
 
+def test_a_clip_whose_header_understates_its_frames_is_sampled_over_all_of_them(tmp_path):
+    # 40 frames at 2 fps (20 s), frame i all of brightness 6 * i, in an AVI whose headers claim 8 frames (4 s).
+    path = tmp_path / "understated.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 2.0, (64, 48))
+    for i in range(40):
+        writer.write(np.full((48, 64, 3), 6 * i, dtype=np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    total_frames = data.find(b"avih") + 8 + 16  # MainAVIHeader.dwTotalFrames
+    stream_length = data.find(b"strh") + 8 + 32  # AVIStreamHeader.dwLength
+    for offset in (total_frames, stream_length):
+        assert struct.unpack_from("<I", data, offset) == (40,)
+        struct.pack_into("<I", data, offset, 8)
+    path.write_bytes(data)
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 8
+    capture.release()
+
+    frames, sample_fps = load_video(str(path), fps=0.5)
+    # 20 s at 0.5 fps: 10 frames from the whole clip (not 4 from its first 8 frames), the last frame included.
+    assert frames.shape[0] == 10 and sample_fps == pytest.approx(0.5)
+    assert abs(int(frames[-1].mean()) - 6 * 39) <= 3
+
+
 def test_frame_list_is_padded_to_pairs_and_sized_by_its_first_frame(media, tmp_path):
     odd_size = make_image(tmp_path / "odd.png", 200, 50, seed=8)
     frames, _ = load_video([str(media.frames[0]), odd_size, str(media.frames[2])], fps=0.5)

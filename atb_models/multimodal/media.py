@@ -264,7 +264,8 @@ def _frame_size(height: int, width: int, num_frames: int, max_pixels, factor: in
 
 def _read_video_frames(path: str, indices: list[int], target_size) -> tuple[list[np.ndarray], int]:
     """Decode sequentially (no seeking, which is unreliable across codecs), keeping the frames at `indices` as RGB
-    resized to `target_size(height, width)` of the first one; returns them and how many frames were decoded."""
+    resized to `target_size(height, width)` of the first one; returns them and how many frames were decoded: up to
+    the last index, or all the file holds when frames follow it (a recorded count that understates them)."""
     cv2 = _opencv()
     capture = cv2.VideoCapture(path)
     wanted = set(indices)
@@ -281,6 +282,8 @@ def _read_video_frames(path: str, indices: list[int], target_size) -> tuple[list
                 size = size or target_size(*frame.shape[:2])
                 kept[decoded] = _resize(frame, *size)
             decoded += 1
+        if decoded > indices[-1] and capture.grab():  # one grab past the last index: cheap when nothing follows
+            decoded += 1 + _count_frames(capture)
     finally:
         capture.release()
     return [kept[i] for i in indices if i in kept], decoded
@@ -317,7 +320,9 @@ def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor:
         raise UserError(f"video {path} yields no frames: corrupt or not a video")
     _check_frame_rate(native_fps, path)
 
-    # The recorded frame count can overstate what decodes; then sample again from the frames that do.
+    # The recorded frame count can overstate what decodes, or understate it (an AVI header's count, a count
+    # estimated from the duration): then sample again from the frames that do decode, so that the frames taken
+    # span the whole clip, as qwen-vl-utils' reader (which decodes every frame) spans it.
     for _ in range(2):
         count = video_frame_count(total, native_fps, fps, max_frames, source=path)
         frames, decoded = _read_video_frames(
@@ -325,7 +330,7 @@ def _load_video_file(path: str, fps: float, max_frames: int, max_pixels, factor:
             video_frame_indices(total, count),
             lambda height, width, count=count: _frame_size(height, width, count, max_pixels, factor, path),
         )
-        if len(frames) == count:
+        if len(frames) == count and decoded == total:
             return np.stack(frames), count / total * native_fps
         if decoded == 0:
             raise UserError(f"video {path} yields no frames: corrupt or not a video")
