@@ -174,6 +174,13 @@ def _check_shapes(hf_config, config_file: str) -> None:
     if vision.embed_dim % vision.num_heads:
         raise UserError(f"vision_config.num_heads {vision.num_heads} in {config_file} does not divide "
                         f"vision_config.embed_dim {vision.embed_dim}")
+    vision_head = vision.embed_dim // vision.num_heads
+    if vision_head % 4:
+        # The tower's 2-D rotary turns a quarter of each head by the patch's row and a quarter by its column, each
+        # as pairs of dimensions: any other head size fails at the first image, in transformers' tower too.
+        raise UserError(f"vision_config.embed_dim {vision.embed_dim} / num_heads {vision.num_heads} in {config_file} "
+                        f"makes a vision head of {vision_head}, which the 2-D rotary cannot turn: it must be a "
+                        "multiple of 4")
     _check_vision_windows(vision, hidden, config_file)
     head_dim = hidden // heads
     section = mrope_section(hf_config)

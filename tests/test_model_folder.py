@@ -194,6 +194,14 @@ def test_default_mrope_section_that_does_not_fit_the_head_is_one_clear_error(fol
     assert_matches(r"mrope_section \[2, 3, 3\] .* head_dim / 2 = 9", load_error(folder))
 
 
+def test_a_vision_head_the_2d_rotary_cannot_turn_is_refused_at_load(folder):
+    """32 wide in 16 heads: heads of 2, where the rotary needs a multiple of 4 (before, the first image failed
+    deep in the tower with a traceback; the weights' shapes do not depend on the head count)."""
+    edit_json(folder / "config.json", lambda config: config["vision_config"].__setitem__("num_heads", 16))
+    assert_matches(r"vision_config.embed_dim 32 / num_heads 16 in .* makes a vision head of 2, .* multiple of 4",
+                   load_error(folder))
+
+
 def assert_matches(pattern: str, message: str) -> None:
     assert re.search(pattern, message), message
 
