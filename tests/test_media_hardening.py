@@ -297,6 +297,23 @@ def test_corrupt_preprocessor_config_is_one_line_naming_it(parts, tmp_path):
         Preprocessor(folder, parts.config, parts.tokenizer)
 
 
+@pytest.mark.parametrize("key, value, model_key", [
+    ("patch_size", 16, "patch_size"),                  # patches of the wrong length: the tower's first linear failed
+    ("temporal_patch_size", 1, "temporal_patch_size"),
+    ("merge_size", 4, "spatial_merge_size"),           # ran, feeding the tower its patches in the wrong order
+])
+def test_a_preprocessor_config_that_cuts_patches_the_tower_cannot_take_is_one_line(parts, tmp_path, key, value,
+                                                                                     model_key):
+    folder = tmp_path / "model"
+    shutil.copytree(parts.path, folder)
+    config_path = folder / "preprocessor_config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), **{key: value})))
+    model_value = getattr(parts.config.vision_config, model_key)
+    with pytest.raises(UserError, match=rf"^{key} {value} of .*model/preprocessor_config\.json differs from "
+                                        rf"vision_config\.{model_key} {model_value} in config\.json"):
+        Preprocessor(folder, parts.config, parts.tokenizer)
+
+
 def test_a_frame_list_cut_to_max_frames_reports_the_rate_of_the_frames_kept(sample_frames):
     """Time-aligned positions follow the returned rate: 4 frames at 2 fps cut to 2 span the same time at 1 fps."""
     from atb_models.multimodal.media import load_video

@@ -140,6 +140,22 @@ def _check_video_settings(fps, max_frames, frames_per_step: int) -> None:
         )
 
 
+# The image processor's settings that decide how it cuts patches, and the vision config's names for them.
+PATCH_SETTINGS = (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                  ("merge_size", "spatial_merge_size"))
+
+
+def _check_patches_fit_the_tower(processor, vision_config, source: str) -> None:
+    """The image processor cuts the patches the vision tower takes: each of its patch settings equals the vision
+    config's, else the first image fails deep in the tower (a patch of the wrong length) or, with a larger merge
+    size, is silently fed to it in the wrong order."""
+    for name, model_name in PATCH_SETTINGS:
+        ours, model = getattr(processor, name, None), getattr(vision_config, model_name, None)
+        if ours != model:
+            raise UserError(f"{name} {ours!r} of {source} differs from vision_config.{model_name} {model!r} in "
+                            "config.json: the image processor must cut the patches the vision tower takes")
+
+
 def _check_pixel_bounds(processor, min_given: bool, max_given: bool, factor: int, max_input_length) -> None:
     """The image pixel bounds in force (flags, else the checkpoint's) refused in one line naming where each came
     from: a ceiling below one merged token, a floor above the ceiling, or a floor that makes every image longer
@@ -196,16 +212,20 @@ class Preprocessor:
         self.chat_template = tokenizer.chat_template or self._read_chat_template(model_path)
 
         image_processor_class = model_family(config.model_type).image_processor_class()
-        if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+        processor_file = os.path.join(model_path, "preprocessor_config.json")
+        if os.path.isfile(processor_file):
             # The concrete class reads only the JSON: unlike AutoImageProcessor it never follows an `auto_map` to
             # the folder's Python. transformers ignores the flag here; it states the rule of the kit's every load.
+            source = processor_file
             try:
                 processor = image_processor_class.from_pretrained(model_path, trust_remote_code=False)
             except (OSError, ValueError, TypeError) as err:
                 raise UserError(f"cannot read {model_path}/preprocessor_config.json: {err}") from None
         else:
             logger.warning("%s has no preprocessor_config.json; using the image processor's defaults", model_path)
+            source = "the image processor's defaults (no preprocessor_config.json)"
             processor = image_processor_class()
+        _check_patches_fit_the_tower(processor, config.vision_config, source)
         if min_pixels is not None:
             processor.min_pixels = min_pixels
         if max_pixels is not None:
