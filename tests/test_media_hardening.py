@@ -170,7 +170,18 @@ def test_image_whose_resized_side_would_be_0_fails_only_its_request(llm, tmp_pat
     path = tmp_path / "strip.png"  # aspect 100, under 200, but 28 rows of a 50176-pixel budget would round to 0
     make_image(path, width=4000, height=40)
     error = _generate_beside_a_valid_request(llm, {"image": str(path)})
-    assert "strip.png is 4000x40 pixels, too elongated for max_pixels 50176" in error
+    assert ("strip.png is 4000x40 pixels: fitted to max_pixels 50176, its shorter side would shrink below 28 "
+            "pixels (raise max_pixels, or crop an elongated image)") in error
+
+
+def test_an_image_under_a_max_pixels_of_one_token_is_not_called_elongated(parts):
+    """600x500 under the smallest --max_pixels the kit takes rounds both sides to 0: the budget, not the image's
+    shape, is why (the message said "too elongated")."""
+    preprocess = Preprocessor(parts.path, parts.config, parts.tokenizer, min_pixels=0, max_pixels=TOKEN_PIXELS)
+    with pytest.raises(UserError) as info:
+        preprocess([{"image": make_image(None, width=600, height=500)}])
+    assert "elongated image" in str(info.value) and "too elongated" not in str(info.value)
+    assert "<PIL image 600x500> is 600x500 pixels: fitted to max_pixels 784, its shorter side" in str(info.value)
 
 
 def test_image_beyond_aspect_ratio_200_fails_only_its_request(llm):

@@ -197,7 +197,8 @@ def fit_to_grid(
     height: int, width: int, *, factor: int, min_pixels: float, max_pixels: float, source
 ) -> tuple[int, int]:
     """smart_resize's (height, width); its refusals (a side under `factor`, aspect ratio over 200) as UserErrors,
-    and so is a size it would return with a side of 0 (an elongated image under a small max_pixels)."""
+    and so is a size it would return with a side of 0 (an elongated image, or any image under a max_pixels of a
+    token or two)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     try:
@@ -206,8 +207,8 @@ def fit_to_grid(
         raise UserError(f"{describe(source)} is {width}x{height} pixels, which the model cannot take: {err}") from None
     if min(resized) < factor:
         raise UserError(
-            f"{describe(source)} is {width}x{height} pixels, too elongated for max_pixels {max_pixels:g}: its "
-            f"shorter side would shrink below {factor} pixels (raise max_pixels or crop the image)"
+            f"{describe(source)} is {width}x{height} pixels: fitted to max_pixels {max_pixels:g}, its shorter side "
+            f"would shrink below {factor} pixels (raise max_pixels, or crop an elongated image)"
         )
     return resized
 
