@@ -603,6 +603,29 @@ def test_native_decode_attention_stores_and_attends_as_the_pytorch_path_does(hea
     assert not torch.equal(k_expected, cache[0])  # the step did store its K
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_decode_attention_gives_a_sequence_the_same_output_alone_as_in_a_batch(dtype):
+    """A bfloat16 model whose layers the native decoder layer does not take (at two ranks or more) decodes through
+    CpuDecodeAttention: a sequence's output alone and beside two others is the same, bit for bit (SDPA, which ran
+    batch 1, differed from the batched matmuls by a unit of bfloat16's last place, enough to change a token)."""
+    from atb_models.layers.attention import StepContext
+
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, block_size, num_blocks = 14, 2, 64, 4, 40
+    step, cos, sin = _decode_step([37, 5, 16], block_size, num_blocks, head_dim, generator)
+    cos, sin = cos.to(dtype), sin.to(dtype)  # the rotary in the model's dtype, as the model computes it
+    alone = StepContext(False, step.slot_mapping[:, :1], block_tables=step.block_tables[:1],
+                        context_lens=step.context_lens[:1])
+    cache = [torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator).to(dtype) for _ in range(2)]
+    qkv = torch.randn(3, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    outputs = []
+    for context, rows in ((alone, 1), (step, 3)):
+        k_cache, v_cache = cache[0].clone(), cache[1].clone()
+        outputs.append(CpuDecodeAttention()(qkv[:rows], heads, kv_heads, cos[:rows], sin[:rows], k_cache, v_cache,
+                                            context, head_dim ** -0.5, upcast=False))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+
+
 def test_native_rms_norm_matches_the_pytorch_operators_with_and_without_the_residual_add(any_native_kernels):
     from atb_models.layers.norm import RMSNorm
 

@@ -2,8 +2,8 @@
 token's q and k, store its K and V, attend from q to each sequence's context read through its block table.
 
 Three implementations, one chosen per model by `Kernels.for_plan`: SDPA over the gathered context
-(accelerators), the CPU's grouped matmuls (SDPA at batch 1), and the kit's native kernel on a CPU with AVX-512
-or AVX2 in float32, which does the whole step in one call.
+(accelerators), the CPU's grouped matmuls, and the kit's native kernel on a CPU with AVX-512 or AVX2 in float32,
+which does the whole step in one call.
 """
 
 from __future__ import annotations
@@ -78,14 +78,15 @@ class SdpaDecodeAttention:
 
 
 class CpuDecodeAttention(SdpaDecodeAttention):
-    """On the CPU, from batch 2 up, two batched matmuls over (sequence, KV head) pairs beat SDPA's kernel, which
-    wins at batch 1 (`python tools/microbench_cpu.py attention`, docs/PERFORMANCE.md)."""
+    """On the CPU, two batched matmuls over (sequence, KV head) pairs, which beat SDPA's kernel from batch 2 up
+    (`python tools/microbench_cpu.py attention`, docs/PERFORMANCE.md). Batch 1 too, though SDPA is faster there:
+    a sequence's sums must not depend on what it is decoded with, and SDPA's differ from the matmuls' (in
+    bfloat16 by a unit of its last place, enough to change a greedy token: a bfloat16 model at two ranks or more,
+    whose layers the native decoder layer does not take, decodes through here)."""
 
     name = "grouped matmuls"
 
     def attend(self, q, kc, vc, mask, scale):
-        if q.shape[0] == 1:
-            return super().attend(q, kc, vc, mask, scale)
         return grouped_decode_attention(q, kc, vc, mask, scale)
 
 
