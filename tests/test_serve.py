@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -693,3 +694,57 @@ def test_a_burst_into_free_batch_slots_counts_as_no_queued_request():
     assert engine.queued() == 1
     engine.num_running = 4  # as the latest step left it: a full batch
     assert engine.queued() == 5
+
+
+@dataclass
+class _Prompt:
+    token_ids: list
+
+
+class _EngineTakingAllAtOnce:
+    """The ChatService's side of EngineLoop: it accepts the submitted requests once `expected` of them are queued
+    (as one step's plan takes every command that arrived), noting how many were still counted as preparing."""
+
+    def __init__(self, expected: int):
+        self.expected, self.preparing, self.submitted, self.preparing_at_submit = expected, 0, [], []
+        self.ready = threading.Event()
+        self.ready.set()
+
+    def queued(self, arriving: int = 0) -> int:
+        return 0
+
+    def submit(self, request, sink) -> None:
+        from atb_models.serve.engine import EngineEvent
+
+        self.submitted.append((request, sink))
+        self.preparing_at_submit.append(self.preparing)
+        if len(self.submitted) == self.expected:
+            for _, each in self.submitted:
+                each(EngineEvent("accepted"))
+
+    def abort(self, request_id: int) -> None:
+        raise AssertionError(f"request {request_id} aborted")
+
+
+def test_the_n_choices_of_a_request_are_submitted_together_for_one_step():
+    """All n engine requests are queued before any acceptance is awaited, still counted as being preprocessed (an
+    idle engine's admission window waits for them), so one step takes them all: not one choice a step."""
+    import asyncio
+
+    from atb_models.engine.sampling_params import SamplingParams
+    from atb_models.serve.app import ChatService, ServerConfig
+    from atb_models.serve.metrics import ServerMetrics
+    from atb_models.serve.protocol import ChatRequest
+
+    engine = _EngineTakingAllAtOnce(expected=4)
+    service = ChatService(ServerConfig("m", None, None, 16), engine, ServerMetrics())
+    service._prepare = lambda messages: _Prompt([1, 2, 3])
+    chat = ChatRequest(None, [("user", [{"text": "hi"}])], SamplingParams(seed=7), n=4)
+
+    async def admit():
+        return await asyncio.wait_for(service._admit(chat, time.perf_counter()), 5)
+
+    answer = asyncio.run(admit())
+    assert len(answer.choices) == 4 and engine.preparing == 0
+    assert engine.preparing_at_submit == [4] * 4
+    assert [request.params.seed for request, _ in engine.submitted] == [7, 8, 9, 10]

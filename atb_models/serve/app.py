@@ -129,20 +129,24 @@ class ChatService:
         passed): its Answer to come. Choice i of a seeded request draws with seed + i."""
         loop = asyncio.get_running_loop()
         self.engine.preparing += chat.n  # until the engine's queue counts them (an idle engine waits: engine.py)
-        try:
-            prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
-        finally:
-            self.engine.preparing -= chat.n
         choices = []
         try:
-            for index in range(chat.n):
-                params = chat.params
-                if index and params.seed is not None:
-                    params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
-                request_id, handle = next(self._ids), RequestHandle(loop)
-                choices.append((request_id, handle))
-                # (a copy each: the engine drops a finished sequence's pixels from its prompt)
-                self.engine.submit(NewRequest(request_id, dataclasses.replace(prompt), params), handle.put)
+            try:
+                prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
+                # Every choice is submitted before any acceptance is awaited, and counted as preparing until then
+                # (an idle engine holds its first step for them): one step takes them all, prefilled together, not
+                # one choice a step with each later prefill pausing the decodes of the earlier ones.
+                for index in range(chat.n):
+                    params = chat.params
+                    if index and params.seed is not None:
+                        params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
+                    request_id, handle = next(self._ids), RequestHandle(loop)
+                    choices.append((request_id, handle))
+                    # (a copy each: the engine drops a finished sequence's pixels from its prompt)
+                    self.engine.submit(NewRequest(request_id, dataclasses.replace(prompt), params), handle.put)
+            finally:
+                self.engine.preparing -= chat.n
+            for _, handle in choices:
                 await handle.accepted()
         except BaseException:
             for request_id, _ in choices:  # a client gone meanwhile, or a refusal: the others go too (no-op if gone)
