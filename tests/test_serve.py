@@ -709,6 +709,7 @@ class _EngineTakingAllAtOnce:
         self.expected, self.preparing, self.submitted, self.preparing_at_submit = expected, 0, [], []
         self.ready = threading.Event()
         self.ready.set()
+        self.llm = SimpleNamespace(scheduler=SimpleNamespace(max_batch_size=4))
 
     def queued(self, arriving: int = 0) -> int:
         return 0
@@ -748,3 +749,21 @@ def test_the_n_choices_of_a_request_are_submitted_together_for_one_step():
     assert len(answer.choices) == 4 and engine.preparing == 0
     assert engine.preparing_at_submit == [4] * 4
     assert [request.params.seed for request, _ in engine.submitted] == [7, 8, 9, 10]
+
+
+def test_n_beyond_max_queue_is_a_400_not_a_503_to_retry_for_ever():
+    import asyncio
+
+    from atb_models.serve.app import ChatService, ServerConfig
+    from atb_models.serve.metrics import ServerMetrics
+    from atb_models.serve.protocol import ApiError
+
+    # 4 batch slots and --max_queue 2: 6 choices fit at once, 7 never do
+    service = ChatService(ServerConfig("m", None, None, 2), _EngineTakingAllAtOnce(expected=7), ServerMetrics())
+
+    async def body():
+        return json.dumps({"messages": [chat_message("hi")], "n": 7}).encode()
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(service.chat(SimpleNamespace(headers={}, body=body)))
+    assert refused.value.status == 400 and "--max_queue" in refused.value.message

@@ -116,6 +116,10 @@ class ChatService:
         if chat.model is not None and chat.model != self.config.model_name:
             raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
+        room = self.engine.llm.scheduler.max_batch_size + self.config.max_queue
+        if chat.n > room:  # a 503's "try again" could never come true
+            raise bad_request(f"n {chat.n} is more than this server takes at once ({room} requests: the batch and "
+                              "--max_queue): ask for fewer choices")
         if self.engine.queued(arriving=chat.n) > self.config.max_queue:  # (an n-choice request is n requests)
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
