@@ -767,3 +767,11 @@ def test_n_beyond_max_queue_is_a_400_not_a_503_to_retry_for_ever():
     with pytest.raises(ApiError) as refused:
         asyncio.run(service.chat(SimpleNamespace(headers={}, body=body)))
     assert refused.value.status == 400 and "--max_queue" in refused.value.message
+
+
+def test_null_stream_and_logprobs_are_their_default_false_as_every_other_nullable_field():
+    from atb_models.serve.protocol import parse_chat_request
+
+    chat = parse_chat_request({"messages": [chat_message("hi")], "stream": None, "logprobs": None,
+                               "top_logprobs": None, "n": None, "stream_options": None})
+    assert not chat.stream and chat.params.logprobs is None and chat.n == 1

@@ -87,7 +87,10 @@ def parse_chat_request(body) -> ChatRequest:
 
 
 def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+    """A true-or-false field; null is its default, false (OpenAI's "boolean or null", as for the other fields)."""
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise bad_request(f"{name} must be true or false, got {value!r}")
     return value
