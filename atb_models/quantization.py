@@ -112,22 +112,24 @@ def gptq_quantization(config_file: str, spec) -> Quantization:
 
 def gptq_to_int8(name: str, tensors: dict, gptq_format: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One 8-bit GPTQ linear's tensors (`GPTQ_TENSORS`: qweight int32 [in/4, out] holding input 4r+j in byte j of
-    row r, qzeros int32 [groups, out/4] the same way along the outputs, scales [groups, out], g_idx [in]) as the
-    kit's int8 weight [out, in] and float32 scales [out, groups]: the weight is q - zero, the same values exactly.
-    Zero points other than 128 (asymmetric) and inputs out of group order (act-order) are refused."""
-    qweight, qzeros, scales, g_idx = (tensors[part] for part in GPTQ_TENSORS)
+    row r, qzeros int32 [groups, out/4] the same way along the outputs, scales [groups, out], g_idx [in] or absent
+    where the inputs are in group order) as the kit's int8 weight [out, in] and float32 scales [out, groups]: the
+    weight is q - zero, the same values exactly. Zero points other than 128 (asymmetric) and inputs out of group
+    order (act-order) are refused."""
+    qweight, qzeros, scales = (tensors[part] for part in GPTQ_TENSORS[:3])
+    g_idx = tensors.get("g_idx")  # None: the inputs in group order
     int_types = (torch.int32, torch.uint32)
-    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2 or g_idx.dim() != 1 \
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2 or (g_idx is not None and g_idx.dim() != 1) \
             or qweight.dtype not in int_types or qzeros.dtype not in int_types or not scales.is_floating_point():
-        kinds = ", ".join(f"{part} {tuple(tensors[part].shape)} {tensors[part].dtype}" for part in GPTQ_TENSORS)
+        kinds = ", ".join(f"{part} {tuple(t.shape)} {t.dtype}" for part, t in tensors.items())
         raise UserError(f"{name}: GPTQ tensors {kinds} are not an 8-bit GPTQ linear's: the checkpoint is damaged")
     in_features, out_features = qweight.shape[0] * 4, qweight.shape[1]
     groups = scales.shape[0]
     if scales.shape[1] != out_features or tuple(qzeros.shape) != (groups, out_features // 4) or out_features % 4 \
-            or not groups or in_features % groups or g_idx.shape[0] != in_features:
-        raise UserError(f"{name}: GPTQ tensors of shapes qweight {tuple(qweight.shape)}, qzeros "
-                        f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)} do not fit "
-                        "one 8-bit linear: the checkpoint is damaged")
+            or not groups or in_features % groups or (g_idx is not None and g_idx.shape[0] != in_features):
+        shapes = ", ".join(f"{part} {tuple(t.shape)}" for part, t in tensors.items())
+        raise UserError(f"{name}: GPTQ tensors of shapes {shapes} do not fit one 8-bit linear: the checkpoint is "
+                        "damaged")
     shifts = torch.arange(0, 32, 8, dtype=torch.int32)
     values = (qweight.to(torch.int32).unsqueeze(1) >> shifts.view(1, 4, 1)) & 0xFF  # [in/4, 4, out]
     zeros = ((qzeros.to(torch.int32).unsqueeze(2) >> shifts.view(1, 1, 4)) & 0xFF).reshape(groups, out_features)
@@ -136,7 +138,8 @@ def gptq_to_int8(name: str, tensors: dict, gptq_format: str) -> tuple[torch.Tens
     if not bool((zeros == 128).all()):
         raise UserError(f"{name}: GPTQ zero points other than 128 (an asymmetric quantization) cannot be held in the "
                         "kit's int8 weights")
-    if not torch.equal(g_idx.to(torch.int64), torch.arange(in_features) // (in_features // groups)):
+    in_order = torch.arange(in_features) // (in_features // groups)
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), in_order):
         raise UserError(f"{name}: GPTQ inputs out of group order (act-order, desc_act) are not supported: quantize "
                         "with desc_act false")
     weight = (values.reshape(in_features, out_features) - 128).to(torch.int8).t().contiguous()

@@ -164,6 +164,8 @@ def _gptq_linear(where: dict, name: str, gptq_format: str) -> tuple[LoadedTensor
     tensors = {}
     for part in GPTQ_TENSORS:
         if base + part not in where:
+            if part == "g_idx":  # (some writers leave it out where the inputs are in group order)
+                continue
             raise UserError(f"checkpoint tensor {name} has no {base + part} beside it: the GPTQ checkpoint is damaged")
         with safe_open(where[base + part], framework="pt") as handle:
             tensors[part] = handle.get_tensor(base + part)

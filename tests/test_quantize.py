@@ -258,6 +258,8 @@ def test_a_gptq_tensor_unpacks_byte_by_byte_to_the_int8_weight_and_its_scales():
     assert scale.dtype == torch.float32 and scale[:, 0].tolist() == [0.5, 1.0, 2.0, 0.25]
     tensors["qzeros"] = torch.tensor([[0x80808080 - 2 ** 32]], dtype=torch.int32)  # v2 stores the zero itself
     assert torch.equal(gptq_to_int8("lin", tensors, "gptq_v2")[0], weight)
+    without_order = {part: t for part, t in tensors.items() if part != "g_idx"}  # (some writers leave it out)
+    assert torch.equal(gptq_to_int8("lin", without_order, "gptq_v2")[0], weight)
     with pytest.raises(UserError, match="zero points other than 128"):
         gptq_to_int8("lin", tensors, "gptq")  # v1 reading a stored 128 as 129
     tensors["g_idx"] = torch.tensor([0, 1, 0, 1], dtype=torch.int32)
