@@ -157,6 +157,35 @@ def test_an_incremental_step_cut_short_in_its_prefill_leaves_its_requests_to_the
     assert_clean(llm)
 
 
+@pytest.mark.parametrize("cut_draw", [1, 3], ids=["prefill", "decode"])
+def test_a_step_cut_short_in_its_sampling_leaves_seeded_requests_drawing_as_if_it_never_ran(llm, monkeypatch,
+                                                                                            cut_draw):
+    # The first row draws (its generator moves on), then the step is cut: the redrawn step must draw that row's
+    # token again, not the generator's next one.
+    requests = REQUESTS[:2]
+    params = [SamplingParams(max_tokens=6, ignore_eos=True, seed=7 + i, temperature=1.0) for i in range(2)]
+    expected = [out.token_ids for out in llm.generate(requests, params)]
+    real_sample, draws = llm_module.sample, []
+
+    def cut_after_the_first_row(logits, seqs):
+        draws.append(len(seqs))
+        if len(draws) == cut_draw:
+            real_sample(logits[:1], seqs[:1])
+            raise KeyboardInterrupt
+        return real_sample(logits, seqs)
+
+    monkeypatch.setattr(llm_module, "sample", cut_after_the_first_row)
+    ids = [llm.add_request(request, p) for request, p in zip(requests, params)]
+    with pytest.raises(KeyboardInterrupt):
+        while llm.has_unfinished():
+            llm.step()
+    answers = {}
+    while llm.has_unfinished():
+        answers.update((out.request_id, out.token_ids) for out in llm.step() if out.finished)
+    assert [answers[i] for i in ids] == expected
+    assert_clean(llm)
+
+
 @pytest.mark.parametrize("request_id", ["7", 1.5, True])
 def test_a_request_id_that_is_no_integer_is_refused_and_queues_nothing(llm, request_id):
     next_id = llm._next_request_id

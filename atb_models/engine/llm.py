@@ -389,6 +389,9 @@ class LLM:
         start = time.perf_counter()
         num_tokens = sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill else len(seqs)  # computed
         ran = seqs
+        # A seeded sequence's generator as it was: a step cut short after some rows drew (Ctrl-C in the sampler, a
+        # later row's error) must not leave their generators advanced, or the redrawn tokens would differ.
+        generators = [(seq.generator, seq.generator.get_state()) for seq in seqs if seq.generator is not None]
         try:
             logits = self.runner.run(seqs, is_prefill)
             if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
@@ -403,9 +406,11 @@ class LLM:
             # A step cut short (Ctrl-C, an error) wrote its prompts' K/V in part or not at all: left running, those
             # sequences would decode over unwritten K/V, and their blocks, cached at admission, would be reused by
             # later prompts. They wait again instead, so a later step() computes them as if this one never ran.
-            # (A cut decode step needs nothing: its token was not appended, the next step writes the same slot.)
+            # (A cut decode step needs no more: its token was not appended, the next step writes the same slot.)
             if is_prefill:
                 self.scheduler.undo_admission(ran)
+            for generator, state in generators:
+                generator.set_state(state)
             raise
         if self.parallel.rank == 0:
             record_logprobs(logits, seqs, tokens)
