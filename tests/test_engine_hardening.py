@@ -186,6 +186,23 @@ def test_a_step_cut_short_in_its_sampling_leaves_seeded_requests_drawing_as_if_i
     assert_clean(llm)
 
 
+def test_one_processed_prompt_added_twice_keeps_its_image_for_the_request_run_last(tiny_checkpoint,
+                                                                                 sample_image_path):
+    # One slot and no caching: the second request is prefilled after the first finished, from the pixels the
+    # first one's end must not have taken from it.
+    engine = LLM(str(tiny_checkpoint()), max_batch_size=1, enable_prefix_caching=False, **OPTIONS)
+    request, params = [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}], SamplingParams(
+        max_tokens=4, ignore_eos=True)
+    expected = engine.generate([request], params)[0].token_ids
+    prompt = engine.preprocessor(request)
+    ids = [engine.add_request(prompt, params) for _ in range(2)]
+    answers = {}
+    while engine.has_unfinished():
+        answers.update((out.request_id, out.token_ids) for out in engine.step() if out.finished)
+    assert [answers[i] for i in ids] == [expected, expected]
+    assert len(prompt.visuals) == 1  # the caller's prompt is left as it was
+
+
 @pytest.mark.parametrize("request_id", ["7", 1.5, True])
 def test_a_request_id_that_is_no_integer_is_refused_and_queues_nothing(llm, request_id):
     next_id = llm._next_request_id

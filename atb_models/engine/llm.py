@@ -1,4 +1,5 @@
 """The user-facing front: `LLM(model_path, ...).generate(requests, SamplingParams(...))`."""
+import dataclasses
 import logging
 import numbers
 import threading
@@ -275,7 +276,9 @@ class LLM:
             raise UserError(f"request id {request_id} belongs to a request that has not finished")
         self._next_request_id = max(self._next_request_id, request_id + 1)
         if isinstance(request, ProcessedPrompt):
-            prompt = request
+            # A copy: a finished request drops its prompt's pixels (_record), and the caller may hand the same
+            # prompt to other requests (n choices of one prompt) that have yet to run.
+            prompt = dataclasses.replace(request)
         else:
             _params_per_request([request], None)  # the request's shape, checked before any work
             [prompt] = self.node_preprocessor([request])
