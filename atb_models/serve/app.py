@@ -146,8 +146,8 @@ class ChatService:
                         params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
                     request_id, handle = next(self._ids), RequestHandle(loop)
                     choices.append((request_id, handle))
-                    # (a copy each: the engine drops a finished sequence's pixels from its prompt)
-                    self.engine.submit(NewRequest(request_id, dataclasses.replace(prompt), params), handle.put)
+                    # (one prompt for all: LLM.add_request keeps a copy of its own)
+                    self.engine.submit(NewRequest(request_id, prompt, params), handle.put)
             finally:
                 self.engine.preparing -= chat.n
             for _, handle in choices:
