@@ -139,8 +139,7 @@ class BlockManager:
         """The blocks past what earlier steps computed (its cached prefix, its earlier chunks) leave the cache: they
         were registered before the step that writes them ran (a same-step sequence may share them; it is undone
         alike)."""
-        computed = seq.num_cached_tokens if seq.prefill_start is None else seq.prefill_start
-        for block in seq.block_table[computed // self.block_size:]:
+        for block in seq.block_table[seq.prefill_start // self.block_size:]:
             digest = self.block_hash.pop(block, None)
             if digest is not None:
                 del self.cached[digest]
