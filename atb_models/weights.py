@@ -215,19 +215,18 @@ def load_weights(model, model_path: str, gptq_format: str | None = None) -> None
                                     "such weight")
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 scale = params.get(target + "_scale") if param.dtype == torch.int8 else None
+                scale_source = None  # an int8 weight's scales made here, not read as a tensor of their own
                 if gptq:
                     if scale is None:
                         raise UserError(f"tensor {name} in {path}: a GPTQ linear where the kit keeps {canonical} in "
                                         "floating point")
                     source, scale_source = _gptq_linear(where, name, gptq_format)
-                    scale.weight_loader(scale, scale_source, scale_source.name, shard_id)
-                    loader(param, source, source.name, shard_id)
-                    loaded.update((canonical, canonical + "_scale"))
-                    continue
-                source = CheckpointTensor(handle, name, param.dtype, path)
-                if scale is not None and source.file_dtype.is_floating_point:
-                    source, scale_source = _quantized_at_load(CheckpointTensor(handle, name, torch.float32, path),
-                                                              name)
+                else:
+                    source = CheckpointTensor(handle, name, param.dtype, path)
+                    if scale is not None and source.file_dtype.is_floating_point:
+                        source, scale_source = _quantized_at_load(
+                            CheckpointTensor(handle, name, torch.float32, path), name)
+                if scale_source is not None:
                     scale.weight_loader(scale, scale_source, scale_source.name, shard_id)
                     loaded.add(canonical + "_scale")
                 loader(param, source, name, shard_id)
