@@ -78,12 +78,17 @@ def parse_chat_request(body) -> ChatRequest:
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
     include_usage = _flag(options or {}, "include_usage")
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"n must be an integer in 1..{MAX_CHOICES}, got {n!r}")
-    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage, n)
+    n = _integer_in(body, "n", 1, MAX_CHOICES)
+    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage,
+                       1 if n is None else n)
+
+
+def _integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
+    """An integer field within low..high, or None where it is absent or null."""
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise bad_request(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -153,9 +158,7 @@ def _sampling_params(body: dict) -> SamplingParams:
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
               "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty")}
     given = {name: value for name, value in values.items() if value is not None}
-    top = body.get("top_logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
-        raise bad_request(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, got {top!r}")
+    top = _integer_in(body, "top_logprobs", 0, MAX_LOGPROBS)
     if _flag(body, "logprobs"):
         given["logprobs"] = 0 if top is None else top
     elif top is not None:
