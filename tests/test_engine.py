@@ -195,6 +195,18 @@ def test_presence_and_frequency_penalties_lower_the_answers_tokens_only_even_whe
     assert sample(torch.tensor([[0.0, 0.0, -1.5, 0.0]]), [encouraged]) == [2]
 
 
+def test_logit_bias_is_added_to_the_raw_logits_before_the_penalties_even_when_greedy():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]])
+    assert sample(logits, [text_seq(0, 2, logit_bias={1: 1.5})]) == [1]  # 1 + 1.5 beats 2
+    assert sample(logits, [text_seq(0, 2, logit_bias={0: -100, 1: -100})]) == [2]  # banned
+    # the penalty sees the biased logit: token 1 (in the prompt) 1 + 3 = 4, / 4 = 1, below token 0's 2
+    assert sample(logits, [text_seq(0, 2, logit_bias={1: 3}, repetition_penalty=4.0)]) == [0]
+    assert logits.tolist() == [[2.0, 1.0, 0.5, 0.0]]  # the caller's logits (the logprobs') unchanged
+    hot = text_seq(0, 2, logit_bias={3: 100}, temperature=1.0, seed=3)
+    assert {sample(logits, [hot])[0] for _ in range(20)} == {3}  # +100 all but forces a token
+    assert SamplingParams(logit_bias={5: 0, 2: -1.5, 1: 3}).logit_bias == ((1, 3.0), (2, -1.5))
+
+
 def test_top_k_keeps_only_the_k_best():
     out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
     assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()
@@ -237,7 +249,9 @@ def test_seeds_that_differ_only_above_32_bits_draw_differently():
 def test_sampling_params_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
                 dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
-                dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True)):
+                dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True), dict(logit_bias={1: 101}),
+                dict(logit_bias={-1: 1}), dict(logit_bias={"1": 1}), dict(logit_bias={1: float("nan")}),
+                dict(logit_bias=[(1, 1), (1, 2)]), dict(logit_bias=5)):
         with pytest.raises(UserError):
             SamplingParams(**bad)
 
@@ -265,6 +279,12 @@ def test_sampling_parameters_change_outputs_as_they_should(llm):
     penalised = llm.generate(request, SamplingParams(max_tokens=12, repetition_penalty=50.0, ignore_eos=True))
     ids = penalised[0].token_ids
     assert len(set(ids)) == len(ids)  # a huge penalty never repeats a token
+    banned = SamplingParams(max_tokens=12, ignore_eos=True, logit_bias={token: -100 for token in set(greedy)})
+    assert not set(llm.generate(request, banned)[0].token_ids) & set(greedy)
+    beyond = llm.model_config.hf_config.vocab_size
+    with pytest.raises(UserError, match=f"logit_bias names token id {beyond}, beyond the vocabulary"):
+        llm.add_request([{"text": "Hi"}], SamplingParams(logit_bias={beyond: 1}))
+    assert not llm.has_unfinished()
 
 
 def test_outputs_report_counts_and_finish_reasons(llm):

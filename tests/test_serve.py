@@ -261,6 +261,16 @@ def test_presence_and_frequency_penalties_answer_as_generate_with_them(server, c
     assert_same(answer, expected)
 
 
+def test_logit_bias_answers_as_generate_with_it(server, client, llm):
+    plain = reference(llm, [kit_request(QUESTIONS[4])], max_tokens=8, ignore_eos=True)[0]
+    bias = {plain.token_ids[0]: -100, plain.token_ids[1]: 7.5}
+    expected = reference(llm, [kit_request(QUESTIONS[4])], max_tokens=8, ignore_eos=True, logit_bias=bias)[0]
+    assert expected.token_ids[0] != plain.token_ids[0]
+    answer = ask(client, server.model, chat_message(QUESTIONS[4]), False, max_tokens=8,
+                 logit_bias={str(token): value for token, value in bias.items()}, extra_body={"ignore_eos": True})
+    assert_same(answer, expected)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_n_choices_are_generates_answers_with_seed_plus_index(server, client, llm, stream):
     """Three sampled choices of one prompt: choice i is generate's answer with seed + i; usage counts the prompt
@@ -308,7 +318,12 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"tools": [{"type": "function"}]}, "tools is not supported"),
                                             ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2"),
                                             ({"stop": [str(i) for i in range(17)]}, "stop takes at most 16 strings"),
-                                            ({"stop": "x" * 1025}, "of at most 1024 characters")])
+                                            ({"stop": "x" * 1025}, "of at most 1024 characters"),
+                                            ({"logit_bias": {"5": 101}}, "logit_bias[5] must be a number in"),
+                                            ({"logit_bias": {"a": 1}}, "keys must be token ids"),
+                                            ({"logit_bias": {"7": 1, "07": 2}}, "names token id 7 twice"),
+                                            ({"logit_bias": {"99999999": 1}}, "beyond the vocabulary"),
+                                            ({"logit_bias": [1]}, "logit_bias must be an object")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 

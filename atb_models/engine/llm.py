@@ -190,6 +190,10 @@ class LLM:
         if len(prompt.token_ids) > self.max_prefill_tokens and not self.enable_chunked_prefill:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
                             f"--max_prefill_tokens {self.max_prefill_tokens}")
+        vocab_size = self.model_config.hf_config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+            raise UserError(f"logit_bias names token id {params.logit_bias[-1][0]}, beyond the vocabulary "
+                            f"(vocab_size {vocab_size})")
         needed = self.block_manager.blocks_for(len(prompt.token_ids) + max_tokens)
         if needed > self.block_manager.num_blocks:
             raise UserError(f"the prompt and max_tokens need {needed} KV blocks, the cache has only "

@@ -6,6 +6,7 @@ from typing import Optional
 from atb_models.errors import UserError
 
 MAX_LOGPROBS = 20  # most likely tokens a step may report (OpenAI's top_logprobs limit, vLLM's default)
+LOGIT_BIAS_LIMIT = 100  # |bias| allowed (OpenAI's range: -100 bans a token, 100 all but forces it)
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 # A temperature below this is greedy: dividing float32 logits by less would overflow them (vLLM's rule too).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -34,6 +35,10 @@ class SamplingParams:
     # Log-probabilities: None asks for none; N reports each generated token's logprob and the step's N most likely
     # tokens with theirs (RequestOutput.logprobs; atb_models.engine.logprobs says which distribution).
     logprobs: Optional[int] = None
+    # OpenAI's logit_bias: {token id: bias in -100..100}, added to the raw logits before any penalty or draw (greedy
+    # too); kept as a sorted tuple of (id, bias) pairs. Ids beyond the vocabulary are refused when the request is
+    # added (the engine knows the vocabulary, the parameters do not). The logprobs stay the model's own.
+    logit_bias: tuple = ()
 
     def __post_init__(self):
         def settle(name: str, value) -> None:  # the checked, normalised value (frozen: set through object)
@@ -70,6 +75,7 @@ class SamplingParams:
             settle("logprobs", _integer("logprobs", self.logprobs, f"an integer in 0..{MAX_LOGPROBS} (or None)"))
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise UserError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+        settle("logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +85,11 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether any penalty changes the logits before the draw."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything changes the logits before the draw (a greedy draw is then not the raw argmax)."""
+        return self.penalised or bool(self.logit_bias)
 
 
 def _integer(name: str, value, allowed: str) -> int:
@@ -94,6 +105,31 @@ def _stop_strings(value) -> tuple:
     if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
         raise UserError(f"stop must be a non-empty string or a list of them, got {value!r}")
     return tuple(strings)
+
+
+def _logit_bias(value) -> tuple:
+    """logit_bias as sorted (token id, bias) pairs from a mapping (or such pairs); a bias of 0 is dropped."""
+    allowed = f"a mapping of token ids (integers >= 0) to biases in -{LOGIT_BIAS_LIMIT}..{LOGIT_BIAS_LIMIT}"
+    if value is None:
+        return ()
+    try:
+        pairs = list(value.items() if hasattr(value, "items") else value)
+        pairs = [(token, bias) for token, bias in pairs]
+    except (TypeError, ValueError):
+        raise UserError(f"logit_bias must be {allowed}, got {value!r}") from None
+    checked = {}
+    for token, bias in pairs:
+        token = _integer("logit_bias's token id", token, "an integer >= 0")
+        bias = _number(f"logit_bias[{token}]", bias, f"a number in -{LOGIT_BIAS_LIMIT}..{LOGIT_BIAS_LIMIT}")
+        if token < 0:
+            raise UserError(f"logit_bias's token ids must be integers >= 0, got {token}")
+        if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:  # false for nan too
+            raise UserError(f"logit_bias[{token}] must be a number in -{LOGIT_BIAS_LIMIT}..{LOGIT_BIAS_LIMIT}, "
+                            f"got {bias}")
+        if token in checked:
+            raise UserError(f"logit_bias names token id {token} twice")
+        checked[token] = bias
+    return tuple(sorted((token, bias) for token, bias in checked.items() if bias))
 
 
 def _number(name: str, value, allowed: str) -> float:

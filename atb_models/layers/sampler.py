@@ -1,7 +1,7 @@
 """Next-token choice for a batch of rows, each with its own SamplingParams.
 
-The order follows transformers' logits processors: repetition penalty, then temperature, top-k, top-p, then a
-draw (argmax when the temperature is greedy: SamplingParams.greedy). The repetition penalty covers the prompt and
+The order follows transformers' logits processors: OpenAI's logit_bias (added to the raw logits), repetition
+penalty, then temperature, top-k, top-p, then a draw (argmax when the temperature is greedy: SamplingParams.greedy). The repetition penalty covers the prompt and
 the output, as in transformers; OpenAI's presence and frequency penalties, applied after it, the output only (as
 OpenAI and vLLM define them).
 """
@@ -12,6 +12,14 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list, penalty: flo
     seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
     scores = logits.index_select(0, seen)
     logits.index_copy_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+    return _within_range(logits)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple) -> torch.Tensor:
+    """SamplingParams.logit_bias's (token id, bias) pairs added to `logits` (in place)."""
+    tokens, values = zip(*bias)
+    logits.index_add_(0, torch.tensor(tokens, device=logits.device),
+                      torch.tensor(values, dtype=logits.dtype, device=logits.device))
     return _within_range(logits)
 
 
@@ -48,17 +56,21 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def sample(logits: torch.Tensor, seqs: list) -> list:
     """logits: [rows, vocab] float32, one row per sequence. Returns one token id per sequence."""
     tokens = []
-    plain_greedy = all(s.params.greedy and not s.params.penalised for s in seqs)
+    plain_greedy = all(s.params.greedy and not s.params.shapes_logits for s in seqs)
     if plain_greedy:
         return logits.argmax(-1).tolist()
     # Per-row work on the host: small, and seeded generators live there.
     for row, seq in zip(logits.cpu(), seqs):
         p = seq.params
+        if p.shapes_logits:
+            row = row.clone()  # the steps below work in place; the caller's logits still give the logprobs
+        if p.logit_bias:
+            apply_logit_bias(row, p.logit_bias)
         if p.repetition_penalty != 1.0:
-            row = apply_repetition_penalty(row.clone(), seq.token_ids, p.repetition_penalty)
+            apply_repetition_penalty(row, seq.token_ids, p.repetition_penalty)
         if p.presence_penalty or p.frequency_penalty:
-            row = apply_presence_frequency_penalties(row.clone(), seq.completion_token_ids, p.presence_penalty,
-                                                     p.frequency_penalty)
+            apply_presence_frequency_penalties(row, seq.completion_token_ids, p.presence_penalty,
+                                               p.frequency_penalty)
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue

@@ -14,12 +14,13 @@ from atb_models.errors import UserError
 ROLES = ("system", "user", "assistant")
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "logit_bias": None, "response_format": {"type": "text"}}
+               "response_format": {"type": "text"}}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "n"}
+        "presence_penalty", "frequency_penalty", "n", "logit_bias"}
 MAX_CHOICES = 16  # n: answers drawn for one request
+MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 
 
@@ -158,6 +159,8 @@ def _sampling_params(body: dict) -> SamplingParams:
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
               "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty")}
     given = {name: value for name, value in values.items() if value is not None}
+    if body.get("logit_bias") is not None:
+        given["logit_bias"] = _logit_bias(body["logit_bias"])
     top = _integer_in(body, "top_logprobs", 0, MAX_LOGPROBS)
     if _flag(body, "logprobs"):
         given["logprobs"] = 0 if top is None else top
@@ -170,6 +173,18 @@ def _sampling_params(body: dict) -> SamplingParams:
         return SamplingParams(**given)  # its checks name the field; the kit's defaults (greedy) for the rest
     except UserError as e:
         raise bad_request(str(e)) from None
+
+
+def _logit_bias(value) -> list:
+    """OpenAI's logit_bias, {"token id": bias}, with its keys as integers (SamplingParams checks the rest)."""
+    if not isinstance(value, dict):
+        raise bad_request(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
+    for key in value:
+        if not (key.isascii() and key.isdigit()):  # (a JSON object's keys are strings)
+            raise bad_request(f"logit_bias's keys must be token ids (digits), got {key!r}")
+    return [(int(key), bias) for key, bias in value.items()]  # ("7" and "07" are one id twice: refused)
 
 
 def usage(outputs: list) -> dict:
