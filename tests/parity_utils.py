@@ -31,6 +31,17 @@ def reference_generate(path, prompt, max_new_tokens: int, dtype: torch.dtype = t
     return out.sequences[0, len(prompt.token_ids):].tolist(), [s[0].float() for s in out.scores]
 
 
+def reference_prompt_logits(path, prompt) -> torch.Tensor:
+    """transformers' float32 logits [prompt tokens, vocab] after each token of one preprocessed prompt."""
+    model = reference_model(str(path))
+    inputs = reference_inputs([prompt], pad_token_id=0, device=torch.device("cpu"))
+    # (transformers' forward leaves the M-RoPE positions to generate(): given here as generate computes them)
+    positions, _ = model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
+                                        inputs.get("video_grid_thw"), inputs["attention_mask"])
+    with torch.no_grad():
+        return model(**inputs, position_ids=positions).logits[0].float()
+
+
 @functools.lru_cache(maxsize=4)
 def kit_preprocessor(path: str):
     """The kit's preprocessor for the checkpoint at path, as a float32 CPU LLM builds it (the LLM is not kept)."""

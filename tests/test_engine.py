@@ -207,6 +207,32 @@ def test_logit_bias_is_added_to_the_raw_logits_before_the_penalties_even_when_gr
     assert SamplingParams(logit_bias={5: 0, 2: -1.5, 1: 3}).logit_bias == ((1, 3.0), (2, -1.5))
 
 
+def test_prompt_logprobs_come_from_each_chunks_rows_once_even_when_a_preempted_prompt_is_computed_again():
+    from atb_models.engine.logprobs import add_prompt_logprobs, split_prompt_rows
+
+    seq, other = text_seq(0, 10, prompt_logprobs=1), text_seq(1, 3)
+    vocab = 20000
+
+    def step(chunks):  # a prefill over (seq, start, end) chunks; row r of a chunk is sure of prompt token r + 1
+        rows = []
+        for s, start, end in chunks:
+            s.prefill_start, s.prefill_end = start, end
+            picks = s.token_ids[start + 1:end + 1] + [0] * (end + 1 - s.num_tokens) if s.wants_prompt_logprobs else [0]
+            rows += [torch.nn.functional.one_hot(torch.tensor(t), vocab).float() * 50 for t in picks]
+        last, pending = split_prompt_rows(torch.stack(rows), [s for s, _, _ in chunks], record=True)
+        add_prompt_logprobs(pending)
+        return last
+
+    last = step([(seq, 0, 4), (other, 0, 3)])
+    assert last.shape[0] == 2 and seq.prompt_logprobs_counted == 5 and seq.wants_prompt_logprobs
+    step([(seq, 0, 6)])  # preempted, computed again from the start: positions 1..4 are not added twice
+    step([(seq, 6, 10)])
+    assert not seq.wants_prompt_logprobs and seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == 10
+    assert [e.token_id for e in seq.prompt_logprobs[1:]] == seq.token_ids[1:10]
+    assert all(e.logprob > -1e-3 and e.top[0][0] == e.token_id for e in seq.prompt_logprobs[1:])
+    assert step([(seq, 0, 10)]).shape[0] == 1  # owing nothing, it has one row again
+
+
 def test_top_k_keeps_only_the_k_best():
     out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
     assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()

@@ -8,7 +8,7 @@ from atb_models import LLM, SamplingParams
 from atb_models.demo.checkpoint import TinyShape, make_image
 from atb_models.host import cpu_flags
 from atb_models.layers.sharding import ceil_div
-from tests.parity_utils import LogitsRecorder, reference_generate
+from tests.parity_utils import LogitsRecorder, reference_generate, reference_prompt_logits
 from tests.test_kernels import NO_NATIVE_BF16, float32_library_expected, refuses_bf16
 
 MAX_NEW = 6
@@ -134,6 +134,36 @@ def test_logprobs_are_the_reference_models_log_softmax_whatever_the_sampling(tin
     assert [e.token_id for e in sampled.logprobs] == sampled.token_ids and all(not e.top for e in sampled.logprobs)
     assert all(e.logprob <= 0 for e in sampled.logprobs)
     assert make_llm(path).generate([request], SamplingParams(max_tokens=2))[0].logprobs is None  # not asked
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_prompt_logprobs_are_the_reference_models_log_softmax_over_the_prompt(tiny_checkpoint, sample_image_path,
+                                                                              chunked):
+    """Each prompt token's logprob given those before it (visual tokens included) and the top 2 at each position
+    are transformers' log-softmax of its prompt logits: computed whole or 24 tokens a step, beside a request asking
+    for none, and again for a second copy of the prompt whose blocks the first put in the prefix cache."""
+    path = tiny_checkpoint()
+    llm = make_llm(path, enable_chunked_prefill=chunked, max_prefill_tokens=24 if chunked else -1)
+    request = [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}]
+    asking = SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    first, plain = llm.generate([request, [{"text": "Hello"}]], [asking, SamplingParams(max_tokens=2)])
+    prompt = llm.preprocessor(request)
+    expected = torch.log_softmax(reference_prompt_logits(path, prompt), -1)
+    assert plain.prompt_logprobs is None
+    again = llm.generate([request], asking)[0]
+    assert again.cached_prompt_tokens == 0  # a prefix in the cache has no logits: computed again
+    reference_tokens, _ = reference_generate(path, prompt, 2)
+    for output in (first, again):
+        assert output.token_ids == reference_tokens
+        entries = output.prompt_logprobs
+        assert len(entries) == len(prompt.token_ids) and entries[0] is None
+        for position, entry in enumerate(entries[1:], start=1):
+            row = expected[position - 1]
+            assert entry.token_id == prompt.token_ids[position]
+            assert abs(entry.logprob - row[entry.token_id].item()) < TOLERANCE
+            assert [i for i, _ in entry.top] == torch.topk(row, 2).indices.tolist()
+    if chunked:
+        assert sum(record.is_prefill for record in llm.step_records) > 2  # the prompt took several chunks
 
 
 def test_chunked_prefill_matches_transformers_with_images_split_across_chunks(tiny_checkpoint, sample_image_path,

@@ -108,14 +108,20 @@ def test_zero_heads_and_replicated_kv_heads_match_transformers(tiny_checkpoint, 
     assert_equal_to_reference(model, reqs, out)
 
 
-def test_seeded_sampling_gives_the_tokens_of_one_rank(tiny_checkpoint, tmp_path):
+def test_seeded_sampling_and_prompt_logprobs_are_those_of_one_rank(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True))
     job = {"model": str(model), "requests": [[{"text": "Tell me a story."}], [{"text": "Colours?"}]],
-           "max_tokens": 8, "sampling": {"temperature": 1.5, "top_p": 0.9, "seed": 11}}
-    one = json.loads((run_ranks(tmp_path, 1, job) / "tokens_rank0.json").read_text())
+           "max_tokens": 8, "sampling": {"temperature": 1.5, "top_p": 0.9, "seed": 11, "prompt_logprobs": 2}}
+    alone = run_ranks(tmp_path, 1, job)
+    one = json.loads((alone / "tokens_rank0.json").read_text())
     out = run_ranks(tmp_path, 2, job)
     assert json.loads((out / "tokens_rank0.json").read_text()) == one
     assert json.loads((out / "tokens_rank1.json").read_text()) == one
+    for single, double in zip(*(json.loads((o / "outputs.json").read_text()) for o in (alone, out))):
+        expected, got = single["prompt_logprobs"], double["prompt_logprobs"]
+        assert expected[0] is got[0] is None and len(got) == len(expected) > 5
+        for (token, logprob, top), (token2, logprob2, top2) in zip(expected[1:], got[1:]):
+            assert token == token2 and abs(logprob - logprob2) < 1e-4 and [t[0] for t in top] == [t[0] for t in top2]
 
 
 def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):

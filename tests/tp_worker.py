@@ -50,8 +50,9 @@ def main() -> None:
     if rank == 0:
         torch.save({i: torch.stack(rows) for i, rows in recorder.by_seq.items()}, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "outputs.json"), "w") as f:
-            json.dump([{"token_ids": o.token_ids, "error": o.error, "cached_prompt_tokens": o.cached_prompt_tokens}
-                       for o in outputs], f)
+            json.dump([{"token_ids": o.token_ids, "error": o.error, "cached_prompt_tokens": o.cached_prompt_tokens,
+                        "prompt_logprobs": o.prompt_logprobs and [None] + [
+                            [e.token_id, e.logprob, e.top] for e in o.prompt_logprobs[1:]]} for o in outputs], f)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks the sequence's leading full blocks are, as many as match; the last token is always
-        left to compute (its logits pick the next token)."""
-        if not self.enable_prefix_caching:
+        left to compute (its logits pick the next token). None for a sequence owing prompt logprobs: each of its
+        prompt's rows must be computed for its logits."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits = []
         for digest in block_hashes(seq, self.block_size, (seq.num_tokens - 1) // self.block_size):

@@ -11,7 +11,7 @@ from atb_models import distributed, quantization
 from atb_models.config import completion_decoder, load_model_config, load_tokenizer
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.limits import check_limits
-from atb_models.engine.logprobs import TokenBytes, record_logprobs
+from atb_models.engine.logprobs import TokenBytes, add_prompt_logprobs, record_logprobs, split_prompt_rows
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.engine.scheduler import Scheduler
@@ -53,6 +53,9 @@ class RequestOutput:
     cached_visual_items: int = 0
     # Where SamplingParams.logprobs asks: an engine.logprobs.TokenLogprob per generated token (rank 0), else None.
     logprobs: Optional[list] = None
+    # Where SamplingParams.prompt_logprobs asks: None for the first prompt token, then a TokenLogprob for each other
+    # prompt token given those before it (rank 0), set once the prompt is computed; else None.
+    prompt_logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -358,6 +361,8 @@ class LLM:
         output.cached_visual_items = seq.cached_visual_items
         if seq.params.logprobs is not None:
             output.logprobs = list(seq.logprobs)  # a copy: the server hands each step's output to another thread
+        if seq.params.prompt_logprobs is not None and output.prompt_logprobs is None and not seq.wants_prompt_logprobs:
+            output.prompt_logprobs = list(seq.prompt_logprobs)  # complete once the first token is drawn
         if seq.status is SequenceStatus.FINISHED:
             output.finish_reason = seq.finish_reason
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
@@ -399,9 +404,13 @@ class LLM:
         # A seeded sequence's generator as it was: a step cut short after some rows drew (Ctrl-C in the sampler, a
         # later row's error) must not leave their generators advanced, or the redrawn tokens would differ.
         generators = [(seq.generator, seq.generator.get_state()) for seq in seqs if seq.generator is not None]
+        prompt_logprobs = []
         try:
             logits = self.runner.run(seqs, is_prefill)
-            if is_prefill:  # a chunk that leaves part of its prompt for later draws nothing (nor a seeded draw)
+            if is_prefill:
+                # (prompt logprobs are taken here, applied once the step has succeeded: add_prompt_logprobs)
+                logits, prompt_logprobs = split_prompt_rows(logits, seqs, self.parallel.rank == 0)
+                # A chunk that leaves part of its prompt for later draws nothing (nor a seeded draw).
                 done = self.scheduler.prefill_done(seqs)
                 if len(done) < len(seqs):
                     drawing = {id(seq) for seq in done}
@@ -419,6 +428,7 @@ class LLM:
             for generator, state in generators:
                 generator.set_state(state)
             raise
+        add_prompt_logprobs(prompt_logprobs)
         if self.parallel.rank == 0:
             record_logprobs(logits, seqs, tokens)
         end = time.perf_counter()

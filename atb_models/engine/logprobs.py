@@ -21,19 +21,55 @@ class TokenLogprob:
     top: tuple = ()
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list, count: int) -> list:
+    """A TokenLogprob for each row of `logits` [rows, vocab] and the token of that row, with `count` top tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    tops = [()] * len(tokens)
+    if count:
+        best = torch.topk(logprobs, min(count, logprobs.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+    return [TokenLogprob(token, value, top) for token, value, top in zip(tokens, chosen, tops)]
+
+
 def record_logprobs(logits: torch.Tensor, seqs: list, tokens: list) -> None:
     """Append each asking sequence's TokenLogprob for the token drawn from its row of `logits` [rows, vocab]."""
-    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    if not rows:
-        return
-    logprobs = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
-    for row, i in zip(logprobs, rows):
-        seq, token, count = seqs[i], tokens[i], seqs[i].params.logprobs
-        top = ()
-        if count:
-            best = torch.topk(row, min(count, row.shape[0]))
-            top = tuple(zip(best.indices.tolist(), best.values.tolist()))
-        seq.logprobs.append(TokenLogprob(token, float(row[token]), top))
+    for i, seq in enumerate(seqs):
+        if seq.params.logprobs is not None:
+            seq.logprobs.extend(token_logprobs(logits[i:i + 1], [tokens[i]], seq.params.logprobs))
+
+
+def split_prompt_rows(logits: torch.Tensor, seqs: list, record: bool) -> tuple[torch.Tensor, list]:
+    """A prefill step's logits (model_runner.run: every computed row of a sequence that wants_prompt_logprobs)
+    as one row per sequence, the row that picks its next token; and the prompt logprobs its rows give, as
+    (sequence, prompt tokens now counted, TokenLogprob entries: only where `record`) for `add_prompt_logprobs` to
+    apply once the step has succeeded. Row j of a chunk [start, end) gives the logprob of prompt token start+j+1."""
+    if not any(seq.wants_prompt_logprobs for seq in seqs):
+        return logits, []
+    last, pending, offset = [], [], 0
+    for seq in seqs:
+        start, end = seq.prefill_start, seq.prefill_end
+        rows = end - start if seq.wants_prompt_logprobs else 1
+        last.append(offset + rows - 1)
+        if seq.wants_prompt_logprobs:
+            # Prompt positions counted .. counted_now-1 are new (a preempted prompt computed again has some).
+            counted, counted_now = seq.prompt_logprobs_counted, min(end + 1, seq.num_prompt_tokens)
+            entries = []
+            if record:
+                entries = [None] if counted == 0 else []
+                first = max(counted, 1)
+                if first < counted_now:
+                    entries += token_logprobs(logits[offset + first - 1 - start:offset + counted_now - 1 - start],
+                                              seq.token_ids[first:counted_now], seq.params.prompt_logprobs)
+            pending.append((seq, counted_now, entries))
+        offset += rows
+    return logits[last], pending
+
+
+def add_prompt_logprobs(pending: list) -> None:
+    for seq, counted_now, entries in pending:
+        seq.prompt_logprobs_counted = counted_now
+        seq.prompt_logprobs.extend(entries)
 
 
 class TokenBytes:

@@ -134,6 +134,8 @@ class ModelRunner:
     def run(self, seqs: list, is_prefill: bool, rows_from: int | None = None) -> torch.Tensor:
         """Float32 logits [len(seqs), vocab] for each sequence's next token; with `rows_from` (a prefill of one
         sequence), the logits after each of its tokens from that index on (teacher forcing, benchmark.engines).
+        In a prefill, a sequence that wants_prompt_logprobs has the logits after each token it computes, in order
+        (prefill_end - prefill_start rows in place of its one).
         A prefill computes each sequence's tokens [seq.prefill_start, seq.prefill_end): those before are in the
         cache (a cached prefix, or the chunks of earlier steps)."""
         if is_prefill:
@@ -144,8 +146,11 @@ class ModelRunner:
                 positions.append(seq.positions(first, end))
                 slots.extend(self._slots(seq, first, end))
                 starts.append(starts[-1] + end - first)
-                last_rows.extend(range(starts[-2] + rows_from - first, starts[-1]) if rows_from is not None
-                                 else [starts[-1] - 1])
+                if rows_from is not None:
+                    last_rows.extend(range(starts[-2] + rows_from - first, starts[-1]))
+                else:
+                    last_rows.extend(range(starts[-2], starts[-1]) if seq.wants_prompt_logprobs
+                                     else [starts[-1] - 1])
             prefixes = [seq.prefill_start for seq in seqs]
             ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
             if any(prefixes):

@@ -35,6 +35,10 @@ class SamplingParams:
     # Log-probabilities: None asks for none; N reports each generated token's logprob and the step's N most likely
     # tokens with theirs (RequestOutput.logprobs; atb_models.engine.logprobs says which distribution).
     logprobs: Optional[int] = None
+    # Prompt log-probabilities (vLLM's prompt_logprobs): None asks for none; N reports each prompt token's logprob
+    # given the tokens before it, with the N most likely tokens at that position (RequestOutput.prompt_logprobs).
+    # The prompt is then computed whole, not read from the prefix cache (a cached prefix has no logits).
+    prompt_logprobs: Optional[int] = None
     # OpenAI's logit_bias: {token id: bias in -100..100}, added to the raw logits before any penalty or draw (greedy
     # too); kept as a sorted tuple of (id, bias) pairs. Ids beyond the vocabulary are refused when the request is
     # added (the engine knows the vocabulary, the parameters do not). The logprobs stay the model's own.
@@ -71,10 +75,12 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         settle("stop", _stop_strings(self.stop))
-        if self.logprobs is not None:
-            settle("logprobs", _integer("logprobs", self.logprobs, f"an integer in 0..{MAX_LOGPROBS} (or None)"))
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise UserError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                settle(name, _integer(name, value, f"an integer in 0..{MAX_LOGPROBS} (or None)"))
+                if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                    raise UserError(f"{name} must be in 0..{MAX_LOGPROBS}, got {value}")
         settle("logit_bias", _logit_bias(self.logit_bias))
 
     @property

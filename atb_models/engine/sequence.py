@@ -48,6 +48,10 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
         self.logprobs: list = []  # a TokenLogprob per generated token, where params.logprobs asks (rank 0 only)
+        # Where params.prompt_logprobs asks: None for the first prompt token, then a TokenLogprob for each other, as
+        # the prefill steps compute them (rank 0 only; every rank counts them alike: wants_prompt_logprobs).
+        self.prompt_logprobs: list = []
+        self.prompt_logprobs_counted = 0
         # perf_counter() times: the first prefill step's start, the first token, the latest token.
         self.admitted_at: Optional[float] = None
         self.first_token_at: Optional[float] = None
@@ -58,6 +62,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether its prefill steps still owe prompt logprobs: they then compute every row's logits, and the
+        prompt is not read from the prefix cache."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs_counted < self.num_prompt_tokens
 
     @property
     def completion_token_ids(self) -> list:
