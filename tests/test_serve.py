@@ -261,6 +261,98 @@ def test_presence_and_frequency_penalties_answer_as_generate_with_them(server, c
     assert_same(answer, expected)
 
 
+def plain_reference(llm, prompts: list, **params) -> list:
+    """The engine's outputs for text-completion prompts (no chat template), each run to its end."""
+    from atb_models import SamplingParams
+
+    ids = [llm.add_request(llm.preprocessor.plain(prompt), SamplingParams(**params)) for prompt in prompts]
+    done = {}
+    while llm.has_unfinished():
+        done.update((out.request_id, out) for out in llm.step() if out.finished)
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_completions_answer_as_the_engine_does_the_prompt_as_it_is(server, client, llm, stream):
+    prompt = "The sky is blue and the grass is"
+    expected = plain_reference(llm, [prompt], max_tokens=8, ignore_eos=True)[0]
+    assert expected.prompt_token_count == len(llm.tokenizer(prompt)["input_ids"])  # no chat template around it
+    create = dict(model=server.model, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **create))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        finish_reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        usage = chunks[-1].usage
+    else:
+        answer = client.completions.create(**create)
+        assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
+        text, finish_reason, usage = answer.choices[0].text, answer.choices[0].finish_reason, answer.usage
+    assert (text, finish_reason) == (expected.text, "length")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected.prompt_token_count, 8)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_echo_with_logprobs_and_no_tokens_scores_the_prompt_as_the_engine_does(server, client, llm, stream):
+    """What a log-likelihood evaluation sends: each prompt token's logprob given those before it."""
+    prompt = "Count: one two three"
+    expected = plain_reference(llm, [prompt], max_tokens=1, prompt_logprobs=2)[0]
+    create = dict(model=server.model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    if stream:
+        [chunk] = [c for c in client.completions.create(stream=True, **create) if c.choices]
+        choice = chunk.choices[0]
+    else:
+        answer = client.completions.create(**create)
+        choice = answer.choices[0]
+        assert answer.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert choice.text == prompt and "".join(logprobs.tokens) == prompt
+    token_ids = llm.preprocessor.plain(prompt).token_ids
+    assert logprobs.tokens == [llm.token_bytes(t)[0] for t in token_ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+    assert [list(top) for top in logprobs.top_logprobs[1:]] == [
+        [llm.token_bytes(i)[0] for i, _ in e.top] for e in expected.prompt_logprobs[1:]]
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(token_ids))]
+
+
+def test_echo_of_several_prompts_with_n_choices_and_generated_logprobs(server, llm):
+    """Two prompts (one as token ids) of two choices each: choice index = prompt * n + i; each echoes its prompt
+    and then its tokens, whose logprobs follow the prompt's; usage counts each prompt once."""
+    ids = llm.preprocessor.plain("Why?").token_ids
+    expected = plain_reference(llm, ["Hello there", ids], max_tokens=3, ignore_eos=True, logprobs=1,
+                               prompt_logprobs=1)
+    response = requests.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                             json={"prompt": ["Hello there", ids], "max_tokens": 3, "n": 2, "echo": True,
+                                   "logprobs": 1, "ignore_eos": True}, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    for choice, want, prompt_text in zip(answer["choices"], [e for e in expected for _ in range(2)],
+                                         ["Hello there", "Hello there", "Why?", "Why?"]):
+        assert choice["text"] == prompt_text + want.text
+        entries = want.prompt_logprobs[1:] + want.logprobs
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] == sum(e.prompt_token_count for e in expected) and usage["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("body, expected", [({"prompt": "x", "max_tokens": 0}, "taken only with echo"),
+                                            ({"prompt": []}, "prompt must be a string"),
+                                            ({"prompt": [[1, 2], "a", 3]}, "prompt must be a string"),
+                                            ({"prompt": "a<|image_pad|>"}, "must not hold the vision placeholder"),
+                                            ({"prompt": ["ok", [99999]]}, "prompt 1: the prompt's token ids"),
+                                            ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),
+                                            ({"prompt": "x", "best_of": 3}, "best_of 3 is not supported"),
+                                            ({"prompt": "x", "logprobs": True}, "logprobs must be an integer"),
+                                            ({"prompt": "x", "echo": 1}, "echo must be true or false"),
+                                            ({"prompt": ["x"] * 11, "n": 2}, "22 choices (prompts times n)"),
+                                            ({"messages": []}, "'messages': not a field")])
+def test_completions_asked_wrongly_are_400s(server, body, expected):
+    response = requests.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                             json=body, timeout=60)
+    assert expected in error_of(response, 400)["message"]
+
+
 def test_logit_bias_answers_as_generate_with_it(server, client, llm):
     plain = reference(llm, [kit_request(QUESTIONS[4])], max_tokens=8, ignore_eos=True)[0]
     bias = {plain.token_ids[0]: -100, plain.token_ids[1]: 7.5}
@@ -752,18 +844,19 @@ def test_the_n_choices_of_a_request_are_submitted_together_for_one_step():
     from atb_models.serve.metrics import ServerMetrics
     from atb_models.serve.protocol import ChatRequest
 
-    engine = _EngineTakingAllAtOnce(expected=4)
+    engine = _EngineTakingAllAtOnce(expected=8)
     service = ChatService(ServerConfig("m", None, None, 16), engine, ServerMetrics())
-    service._prepare = lambda messages: _Prompt([1, 2, 3])
     chat = ChatRequest(None, [("user", [{"text": "hi"}])], SamplingParams(seed=7), n=4)
+    two_prompts = [lambda: _Prompt([1, 2, 3]), lambda: _Prompt([4, 5])]  # (a completion request's two prompts)
 
     async def admit():
-        return await asyncio.wait_for(service._admit(chat, time.perf_counter()), 5)
+        return await asyncio.wait_for(service._admit(chat, two_prompts), 5)
 
-    answer = asyncio.run(admit())
-    assert len(answer.choices) == 4 and engine.preparing == 0
-    assert engine.preparing_at_submit == [4] * 4
-    assert [request.params.seed for request, _ in engine.submitted] == [7, 8, 9, 10]
+    prompts, choices = asyncio.run(admit())
+    assert len(choices) == 8 and engine.preparing == 0
+    assert engine.preparing_at_submit == [8] * 8
+    assert [request.params.seed for request, _ in engine.submitted] == [7, 8, 9, 10] * 2
+    assert [request.prompt for request, _ in engine.submitted] == [prompts[0]] * 4 + [prompts[1]] * 4
 
 
 def test_n_beyond_max_queue_is_a_400_not_a_503_to_retry_for_ever():

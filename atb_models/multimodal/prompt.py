@@ -200,6 +200,7 @@ class Preprocessor:
         """`max_input_length`, when given, is the prompt token budget: pixel bounds that make every image longer
         are refused here, and an image that would exceed it fails its request before it is resized."""
         self.tokenizer = tokenizer
+        self.vocab_size = config.vocab_size
         self.image_token_id = config.image_token_id
         self.video_token_id = config.video_token_id
         self.vision_start_token_id = config.vision_start_token_id
@@ -283,6 +284,37 @@ class Preprocessor:
         )
         text = describe_request(request)
         return ProcessedPrompt(token_ids, visuals, positions, rope_delta, text)
+
+    def plain(self, prompt) -> ProcessedPrompt:
+        """A text completion's prompt as it is, without the chat template: a string (its special tokens' text, such
+        as <|im_start|>, read as those tokens, as transformers' tokenizer does) or a list of token ids. Text only:
+        an image or video placeholder token, which would have no pixels behind it, is refused."""
+        if isinstance(prompt, str):
+            _item_kind({"text": prompt}, 1)  # (a lone surrogate)
+            if self.max_input_length is not None and len(prompt) > self.max_input_length * self.token_characters:
+                raise UserError(f"the prompt has {len(prompt)} characters, more than --max_input_length "
+                                f"{self.max_input_length} tokens can hold")
+            token_ids, text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"], prompt
+        elif isinstance(prompt, (list, tuple)):
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise UserError(f"the prompt's token ids must be integers in 0..{self.vocab_size - 1} (the "
+                                f"vocabulary), got {bad[0]!r}")
+            token_ids = list(prompt)
+            text = self.tokenizer.decode(token_ids)
+        else:
+            raise UserError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise UserError("the prompt is empty")
+        if {self.image_token_id, self.video_token_id} & set(token_ids):
+            image_pad, video_pad = self.tokenizer.convert_ids_to_tokens([self.image_token_id, self.video_token_id])
+            raise UserError(f"a text prompt must not hold the vision placeholder tokens {image_pad} or {video_pad}: "
+                            "send images and videos through the chat API")
+        positions, rope_delta = rope_index(token_ids, None, None, image_token_id=self.image_token_id,
+                                           video_token_id=self.video_token_id,
+                                           vision_start_token_id=self.vision_start_token_id,
+                                           spatial_merge_size=self.spatial_merge_size)
+        return ProcessedPrompt(token_ids, [], positions, rope_delta, text)
 
     def _visual(self, kind: str, source, fps: float | None = None) -> VisualInput:
         """One image or video; `fps`, the item's own frame rate, overrides the video's default (FRAME_LIST_FPS for a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import itertools
 import json
@@ -29,15 +30,8 @@ from atb_models.errors import UserError
 from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
 from atb_models.serve.metrics import ServerMetrics
-from atb_models.serve.protocol import (
-    ApiError,
-    bad_request,
-    chunk_body,
-    completion_body,
-    logprobs_body,
-    parse_chat_request,
-    usage_chunk_body,
-)
+from atb_models.serve.completions import CompletionFormat, parse_completion_request
+from atb_models.serve.protocol import ApiError, ChatFormat, ChoiceProgress, bad_request, parse_chat_request
 
 logger = logging.getLogger("atb_models.serve")
 
@@ -113,51 +107,82 @@ class ChatService:
         self.check_key(request)
         self.check_ready()
         chat = parse_chat_request(await _json_body(request))
-        if chat.model is not None and chat.model != self.config.model_name:
-            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves "
+        return await self._serve(request, chat, arrival, [lambda: self._prepare(chat.messages)],
+                                 lambda prompts: ChatFormat(chat, self.config.model_name, self.engine.llm.token_bytes))
+
+    async def completions(self, request: Request) -> Response:
+        arrival = time.perf_counter()
+        self.check_key(request)
+        self.check_ready()
+        completion = parse_completion_request(await _json_body(request))
+        several = len(completion.prompts) > 1
+        preparations = [functools.partial(self._prepare_plain, prompt, f"prompt {i}: " if several else "")
+                        for i, prompt in enumerate(completion.prompts)]
+        return await self._serve(request, completion, arrival, preparations, lambda prompts: CompletionFormat(
+            completion, prompts, self.config.model_name, self.engine.llm.token_bytes))
+
+    async def _serve(self, request: Request, parsed, arrival: float, preparations: list, answer_format) -> Response:
+        """A checked request (parsed: a ChatRequest or a CompletionRequest) answered: its prompts made by
+        `preparations` (callables, run in the preprocessing thread), n choices of each taken by the engine, the
+        answer's bodies made by `answer_format(prompts)`, sent whole or streamed."""
+        if parsed.model is not None and parsed.model != self.config.model_name:
+            raise ApiError(404, f"the model {parsed.model!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
         room = self.engine.llm.scheduler.max_batch_size + self.config.max_queue
-        if chat.n > room:  # a 503's "try again" could never come true
-            raise bad_request(f"n {chat.n} is more than this server takes at once ({room} requests: the batch and "
-                              "--max_queue): ask for fewer choices")
-        if self.engine.queued(arriving=chat.n) > self.config.max_queue:  # (an n-choice request is n requests)
+        num_choices = len(preparations) * parsed.n
+        if num_choices > room:  # a 503's "try again" could never come true
+            raise bad_request(f"{num_choices} choices (prompts times n) are more than this server takes at once "
+                              f"({room} requests: the batch and --max_queue): ask for fewer")
+        if self.engine.queued(arriving=num_choices) > self.config.max_queue:  # (each choice is a request)
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
-        answer = await self._admit(chat, arrival)
-        if chat.stream:
+        prompts, choices = await self._admit(parsed, preparations)
+        answer = Answer(self, answer_format(prompts), parsed, choices, arrival)
+        if parsed.stream:
             return StreamingResponse(answer.events(), media_type="text/event-stream")
         return await answer.whole(request)
 
-    async def _admit(self, chat, arrival: float) -> "Answer":
-        """The request preprocessed once and taken by the engine as one engine request per choice (their checks
-        passed): its Answer to come. Choice i of a seeded request draws with seed + i."""
+    async def _admit(self, parsed, preparations: list) -> tuple[list, list]:
+        """The request's prompts, preprocessed once each, and taken by the engine as one engine request per choice
+        (their checks passed): (prompts, [(request_id, RequestHandle)] in choice order). Choice i of a prompt
+        in a seeded request draws with seed + i."""
         loop = asyncio.get_running_loop()
-        self.engine.preparing += chat.n  # until the engine's queue counts them (an idle engine waits: engine.py)
+        num_choices = len(preparations) * parsed.n
+        self.engine.preparing += num_choices  # until the engine's queue counts them (an idle engine waits)
         choices = []
         try:
             try:
-                prompt = await loop.run_in_executor(self._preprocessing, self._prepare, chat.messages)
+                prompts = await loop.run_in_executor(self._preprocessing, lambda: [make() for make in preparations])
                 # Every choice is submitted before any acceptance is awaited, and counted as preparing until then
                 # (an idle engine holds its first step for them): one step takes them all, prefilled together, not
                 # one choice a step with each later prefill pausing the decodes of the earlier ones.
-                for index in range(chat.n):
-                    params = chat.params
-                    if index and params.seed is not None:
-                        params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
-                    request_id, handle = next(self._ids), RequestHandle(loop)
-                    choices.append((request_id, handle))
-                    # (one prompt for all: LLM.add_request keeps a copy of its own)
-                    self.engine.submit(NewRequest(request_id, prompt, params), handle.put)
+                for prompt in prompts:
+                    for index in range(parsed.n):
+                        params = parsed.params
+                        if index and params.seed is not None:
+                            params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
+                        request_id, handle = next(self._ids), RequestHandle(loop)
+                        choices.append((request_id, handle))
+                        # (one prompt for all: LLM.add_request keeps a copy of its own)
+                        self.engine.submit(NewRequest(request_id, prompt, params), handle.put)
             finally:
-                self.engine.preparing -= chat.n
+                self.engine.preparing -= num_choices
             for _, handle in choices:
                 await handle.accepted()
         except BaseException:
             for request_id, _ in choices:  # a client gone meanwhile, or a refusal: the others go too (no-op if gone)
                 self.engine.abort(request_id)
             raise
-        self.metrics.prompt_tokens.inc(len(prompt.token_ids) * chat.n)
-        return Answer(self, chat, choices, arrival)
+        self.metrics.prompt_tokens.inc(sum(len(prompt.token_ids) for prompt in prompts) * parsed.n)
+        return prompts, choices
+
+    def _prepare_plain(self, prompt, where: str):
+        """A completion's prompt (in the preprocessing thread); a bad one is a 400 naming it where there are
+        several."""
+        try:
+            return self.engine.llm.preprocessor.plain(prompt)
+        except UserError as e:
+            raise bad_request(where + str(e)) from None
 
     def _prepare(self, messages: list):
         """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
@@ -174,9 +199,10 @@ class Answer:
     """One accepted request's answer: its choices' outputs turned into a body or a stream, its metrics observed,
     and an abort sent for each unfinished choice when its client leaves before the end."""
 
-    def __init__(self, service: ChatService, chat, choices: list, arrival: float):
-        self.service, self.chat, self.choices, self.arrival = service, chat, choices, arrival
-        self.completion_id = f"chatcmpl-{choices[0][0]}-{int(arrival * 1e6) % 10**9}"
+    def __init__(self, service: ChatService, answer_format, parsed, choices: list, arrival: float):
+        self.service, self.format, self.parsed, self.choices, self.arrival = (service, answer_format, parsed, choices,
+                                                                              arrival)
+        self.completion_id = f"{answer_format.id_prefix}-{choices[0][0]}-{int(arrival * 1e6) % 10**9}"
         self.finished: set = set()  # the indexes of the choices that ended
 
     async def outputs(self, index: int):
@@ -214,8 +240,7 @@ class Answer:
             outputs = collecting.result()
         except EngineGone as e:
             raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
-        return JSONResponse(completion_body(self.completion_id, self.service.config.model_name,
-                                            self.chat.created, outputs, self.service.engine.llm.token_bytes))
+        return JSONResponse(self.format.whole(self.completion_id, outputs))
 
     async def _last_output(self, index: int):
         output = None
@@ -251,32 +276,20 @@ class Answer:
                 task.cancel()
 
     async def events(self):
-        """Server-sent events: each choice's role, then its text deltas as the engine's text grows and its finish
-        reason (choices interleaved as their tokens come), usage when asked, [DONE]. Closed early (the client
-        left), it aborts the unfinished choices."""
-        chat, model, with_usage = self.chat, self.service.config.model_name, self.chat.include_usage
-        token_bytes = self.service.engine.llm.token_bytes
-
-        def chunk(index: int, delta: dict, finish_reason=None, logprobs=None) -> str:
-            return _sse(chunk_body(self.completion_id, model, chat.created, delta, finish_reason, with_usage,
-                                   logprobs, index))
-
+        """Server-sent events: the format's opening chunks (a chat's roles), then each choice's chunks as the
+        engine's text grows, to its finish reason (choices interleaved as their tokens come), usage when asked,
+        [DONE]. Closed early (the client left), it aborts the unfinished choices."""
         try:
-            for index in range(len(self.choices)):
-                yield chunk(index, {"role": "assistant", "content": ""})
-            sent, sent_tokens, last = [""] * len(self.choices), [0] * len(self.choices), [None] * len(self.choices)
+            for body in self.format.opening(self.completion_id, len(self.choices)):
+                yield _sse(body)
+            progress, last = [ChoiceProgress() for _ in self.choices], [None] * len(self.choices)
             async for index, output in self._merged():
                 last[index] = output
-                delta = output.text[len(sent[index]):]
-                sent[index] = output.text
-                if delta or output.finished:
-                    # The tokens since the last chunk (a token holding part of a character waits for the rest).
-                    logprobs = None if output.logprobs is None else output.logprobs[sent_tokens[index]:]
-                    sent_tokens[index] = len(output.token_ids)
-                    yield chunk(index, {"content": delta} if delta else {}, output.finish_reason,
-                                logprobs_body(logprobs, token_bytes))
-            if with_usage:
-                yield _sse(usage_chunk_body(self.completion_id, model, chat.created, last))
+                body = self.format.step(self.completion_id, index, output, progress[index])
+                if body is not None:
+                    yield _sse(body)
+            if self.parsed.include_usage:
+                yield _sse(self.format.usage_chunk(self.completion_id, last))
         except EngineGone as e:
             self.finished.update(range(len(self.choices)))
             yield _sse(ApiError(503, str(e), "server_error", "engine_unavailable").body())
@@ -334,6 +347,10 @@ def create_app(service: ChatService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await service.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.completions(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -62,15 +62,26 @@ class ChatRequest:
 
 def parse_chat_request(body) -> ChatRequest:
     """The request body checked field by field; a bad one is one 400 naming the field."""
+    check_fields(body, READ, UNSUPPORTED)
+    model, stream, include_usage, n = stream_fields(body)
+    return ChatRequest(model, _messages(body.get("messages")), sampling_params(body), stream, include_usage, n)
+
+
+def check_fields(body, read: set, unsupported: dict) -> None:
+    """A JSON object of only the fields `read`, or those `unsupported` at the value that asks for nothing."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    for name, neutral in UNSUPPORTED.items():
+    for name, neutral in unsupported.items():
         if body.get(name) not in (None, neutral):
             raise bad_request(f"{name} is not supported by this server (got {body[name]!r})")
-    unknown = sorted(set(body) - READ - set(UNSUPPORTED))
+    unknown = sorted(set(body) - read - set(unsupported))
     if unknown:
         raise bad_request(f"{', '.join(map(repr, unknown))}: not a field this server knows; it reads "
-                          f"{', '.join(sorted(READ))}")
+                          f"{', '.join(sorted(read))}")
+
+
+def stream_fields(body: dict) -> tuple:
+    """(model, stream, include_usage, n): the fields of a request that say what comes back, and how."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string")
@@ -80,8 +91,7 @@ def parse_chat_request(body) -> ChatRequest:
         raise bad_request("stream_options must be an object, given with stream: true")
     include_usage = _flag(options or {}, "include_usage")
     n = _integer_in(body, "n", 1, MAX_CHOICES)
-    return ChatRequest(model, _messages(body.get("messages")), _sampling_params(body), stream, include_usage,
-                       1 if n is None else n)
+    return model, stream, include_usage, 1 if n is None else n
 
 
 def _integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
@@ -147,7 +157,7 @@ def _check_stop(stop) -> None:
         raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
 
 
-def _sampling_params(body: dict) -> SamplingParams:
+def sampling_params(body: dict) -> SamplingParams:
     # OpenAI's newer name and its older one: either (a null one asks for nothing), both only when they agree.
     newer, older = body.get("max_completion_tokens"), body.get("max_tokens")
     if newer is not None and older is not None and newer != older:
@@ -235,3 +245,49 @@ def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish
 def usage_chunk_body(completion_id: str, model: str, created: int, outputs: list) -> dict:
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [], "usage": usage(outputs)}
+
+
+@dataclass
+class ChoiceProgress:
+    """What a stream has sent of one choice: characters of its text, generated tokens (their logprobs), and
+    whether it has spoken yet."""
+
+    chars: int = 0
+    tokens: int = 0
+    opened: bool = False
+
+
+class ChatFormat:
+    """The bodies of one accepted chat request's answer, whole or as stream chunks (app.Answer sends them): the
+    interface completions.CompletionFormat shares."""
+
+    id_prefix = "chatcmpl"
+
+    def __init__(self, chat: ChatRequest, model: str, token_bytes):
+        self.request, self.model, self.token_bytes = chat, model, token_bytes
+
+    def whole(self, completion_id: str, outputs: list) -> dict:
+        return completion_body(completion_id, self.model, self.request.created, outputs, self.token_bytes)
+
+    def opening(self, completion_id: str, num_choices: int) -> list:
+        """Chunks before any token: each choice's role."""
+        return [self._chunk(completion_id, index, {"role": "assistant", "content": ""})
+                for index in range(num_choices)]
+
+    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
+        """The chunk of choice `index` for its latest output, None where it adds nothing to send: the text since
+        the last chunk (a token holding part of a character waits for the rest) and its tokens' logprobs."""
+        delta = output.text[progress.chars:]
+        if not (delta or output.finished):
+            return None
+        logprobs = None if output.logprobs is None else output.logprobs[progress.tokens:]
+        progress.chars, progress.tokens = len(output.text), len(output.token_ids)
+        return self._chunk(completion_id, index, {"content": delta} if delta else {}, output.finish_reason,
+                           logprobs_body(logprobs, self.token_bytes))
+
+    def usage_chunk(self, completion_id: str, outputs: list) -> dict:
+        return usage_chunk_body(completion_id, self.model, self.request.created, outputs)
+
+    def _chunk(self, completion_id: str, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
+        return chunk_body(completion_id, self.model, self.request.created, delta, finish_reason,
+                          self.request.include_usage, logprobs, index)

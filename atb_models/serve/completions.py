@@ -1,0 +1,184 @@
+"""OpenAI's text completions wire format (/v1/completions): a prompt as it is, no chat template, text only (as
+vLLM serves it), for base-model use and log-likelihood evaluation (`echo` with `logprobs`, `max_tokens` 0). The
+request checked and turned into the kit's terms, and the bodies of answers and stream chunks; `app.py` does I/O.
+
+The chat format's rules hold here too (protocol.py): unknown fields are refused, sampling fields are checked by
+SamplingParams, `n` choices of one prompt draw with seed + i. Several prompts in one request answer as
+len(prompts) * n choices, choice index = prompt index * n + i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from atb_models.engine.sampling_params import MAX_LOGPROBS
+from atb_models.serve.protocol import (
+    ChoiceProgress,
+    bad_request,
+    check_fields,
+    sampling_params,
+    stream_fields,
+)
+
+READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
+        "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "echo", "presence_penalty",
+        "frequency_penalty", "n", "logit_bias", "best_of"}
+UNSUPPORTED = {"suffix": None}
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for a completion (the chat API's is the server's limit)
+
+
+@dataclass
+class CompletionRequest:
+    model: Optional[str]
+    prompts: list          # each a string or a list of token ids
+    params: object         # SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    echo: bool = False
+    # max_tokens 0 with echo: the prompt's logprobs alone. The engine draws one token (its prefill gives the
+    # logprobs) that the answer leaves out.
+    prompt_only: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def parse_completion_request(body) -> CompletionRequest:
+    """The request body checked field by field; a bad one is one 400 naming the field."""
+    check_fields(body, READ, UNSUPPORTED)
+    model, stream, include_usage, n = stream_fields(body)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:  # best_of == n returns every choice drawn: it asks for nothing more
+        raise bad_request(f"best_of {best_of!r} is not supported by this server unless it equals n ({n})")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad_request(f"echo must be true or false, got {echo!r}")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise bad_request(f"logprobs must be an integer in 0..{MAX_LOGPROBS} (the most likely tokens to list at each "
+                          f"position), got {logprobs!r}")
+    max_tokens = body.get("max_tokens")
+    prompt_only = max_tokens == 0 and not isinstance(max_tokens, bool)
+    if prompt_only and not echo:
+        raise bad_request("max_tokens 0 asks for no completion: it is taken only with echo: true")
+    common = {key: value for key, value in body.items() if key not in ("logprobs", "echo", "best_of", "prompt")}
+    common["max_tokens"] = 1 if prompt_only else DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    params = sampling_params(common)
+    if logprobs is not None:
+        params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, bool(echo),
+                             prompt_only)
+
+
+def _prompts(prompt) -> list:
+    """The prompts of a request: a string, a list of token ids, or a non-empty list of either."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in prompt):
+        return prompt
+    raise bad_request("prompt must be a string, a list of token ids, or a non-empty list of strings or of token-id "
+                      "lists")
+
+
+def _is_id(token) -> bool:
+    return isinstance(token, int) and not isinstance(token, bool)
+
+
+class CompletionFormat:
+    """The bodies of one accepted completion request's answer, whole or as stream chunks (protocol.ChatFormat's
+    interface). A choice's text is, with echo, its prompt's first, then what the engine generated (nothing with
+    max_tokens 0); logprobs' text offsets count from the start of the choice's text."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, request: CompletionRequest, prompts: list, model: str, token_bytes):
+        """`prompts`: the request's ProcessedPrompts, in order."""
+        self.request, self.prompts, self.model, self.token_bytes = request, prompts, model, token_bytes
+
+    def whole(self, completion_id: str, outputs: list) -> dict:
+        choices = []
+        for index, output in enumerate(outputs):
+            choice = self._choice(index, output, ChoiceProgress())
+            choice["finish_reason"] = output.finish_reason
+            choices.append(choice)
+        return dict(self._body(completion_id, choices), usage=self._usage(outputs))
+
+    def opening(self, completion_id: str, num_choices: int) -> list:
+        return []  # (the first chunk of a choice carries its echo, if any, and its first text)
+
+    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
+        text = self._generated(output)[0]
+        if not (text[progress.chars - self._echoed(index, progress):] or output.finished or
+                (self.request.echo and not progress.opened)):
+            return None
+        choice = self._choice(index, output, progress)
+        choice["finish_reason"] = output.finish_reason
+        body = self._body(completion_id, [choice])
+        if self.request.include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, completion_id: str, outputs: list) -> dict:
+        return dict(self._body(completion_id, []), usage=self._usage(outputs))
+
+    def _echoed(self, index: int, progress: ChoiceProgress) -> int:
+        """Characters of the prompt sent at the start of choice `index`."""
+        return len(self.prompts[index // self.request.n].text) if self.request.echo and progress.opened else 0
+
+    def _generated(self, output) -> tuple[str, Optional[list], int]:
+        """A choice's generated text, its tokens' logprob entries (None unless asked) and its token count."""
+        if self.request.prompt_only:
+            return "", None if output.logprobs is None else [], 0
+        return output.text, output.logprobs, len(output.token_ids)
+
+    def _choice(self, index: int, output, progress: ChoiceProgress) -> dict:
+        """Choice `index`'s text and logprobs since `progress`, which it advances."""
+        text, entries, count = self._generated(output)
+        echoed = self._echoed(index, progress)
+        new_text = text[progress.chars - echoed:]
+        new_entries = None if entries is None else entries[progress.tokens:]
+        first = None
+        if self.request.echo and not progress.opened:
+            prompt = self.prompts[index // self.request.n]
+            new_text, first = prompt.text + new_text, prompt.token_ids[0]
+            if new_entries is not None:
+                new_entries = (output.prompt_logprobs or []) + new_entries
+        logprobs = None if new_entries is None else self._logprobs(new_entries, progress.chars, first)
+        progress.opened, progress.chars, progress.tokens = True, progress.chars + len(new_text), count
+        return {"index": index, "text": new_text, "logprobs": logprobs}
+
+    def _logprobs(self, entries: list, offset: int, first_token: Optional[int]) -> dict:
+        """OpenAI's completion logprobs: each token's text, logprob, most likely tokens as {text: logprob} and
+        character offset in the choice's text; the prompt's first token (entry None: nothing before it predicts
+        it), `first_token`, has null for its logprob and its most likely tokens."""
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for entry in entries:
+            token = first_token if entry is None else entry.token_id
+            text = self.token_bytes(token)[0]
+            tokens.append(text)
+            logprobs.append(None if entry is None else entry.logprob)
+            tops.append(None if entry is None else {self.token_bytes(i)[0]: value for i, value in entry.top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def _usage(self, outputs: list) -> dict:
+        """Each prompt's tokens once (its first choice's count) and every choice's generated tokens."""
+        firsts = outputs[::self.request.n]
+        prompt_tokens = sum(o.prompt_token_count for o in firsts)
+        completion_tokens = sum(self._generated(o)[2] for o in outputs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
+
+    def _body(self, completion_id: str, choices: list) -> dict:
+        return {"id": completion_id, "object": "text_completion", "created": self.request.created,
+                "model": self.model, "choices": choices}
