@@ -313,6 +313,43 @@ def test_sampling_parameters_change_outputs_as_they_should(llm):
     assert not llm.has_unfinished()
 
 
+def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_ends_it_when_complete(
+        tiny_checkpoint):
+    import json
+    import re
+
+    from atb_models.engine.structured_output import StructuredOutput
+
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", max_batch_size=4, max_input_length=256,
+              max_output_length=1024, block_size=16)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green"]}},
+              "required": ["ok", "colour"], "additionalProperties": False}
+    request = [{"text": "Answer in JSON."}]
+    outs = llm.generate([request] * 5, [
+        SamplingParams(structured_output=StructuredOutput(json=schema)),
+        SamplingParams(temperature=1.0, seed=3, structured_output=StructuredOutput(json=json.dumps(schema))),
+        SamplingParams(temperature=1.0, seed=4, structured_output=StructuredOutput(choice=["yes", "no", "maybe"])),
+        SamplingParams(temperature=1.0, seed=1, repetition_penalty=3.0,
+                       structured_output=StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}")),
+        SamplingParams(ignore_eos=True, logit_bias={0: 100}, structured_output=StructuredOutput(choice=["no"]))])
+    assert all(out.finish_reason == "stop" for out in outs), [(out.text, out.finish_reason) for out in outs]
+    for out in outs[:2]:
+        answer = json.loads(out.text)
+        assert set(answer) == {"ok", "colour"} and isinstance(answer["ok"], bool) and answer["colour"] in schema[
+            "properties"]["colour"]["enum"]
+    assert outs[2].text in ("yes", "no", "maybe") and re.fullmatch(r"[0-9]{3}-[a-z]{2}", outs[3].text)
+    assert outs[4].text == "no"  # no bias brings back a token the constraint rules out
+    unconstrained = llm.generate([request], SamplingParams(max_tokens=8))[0]
+    assert not unconstrained.text.startswith("{")  # (the random model does not write JSON by itself)
+    for bad, message in ((dict(json={"type": "foo"}), "cannot be used: Invalid type"),
+                         (dict(regex="("), "cannot be used"), (dict(choice=[]), "choice must be a list")):
+        with pytest.raises(UserError, match=message):
+            llm.add_request(request, SamplingParams(structured_output=StructuredOutput(**bad)))
+    with pytest.raises(UserError, match="exactly one of json, regex, choice"):
+        StructuredOutput(regex="a", choice=["b"])
+    assert not llm.has_unfinished()
+
+
 def test_outputs_report_counts_and_finish_reasons(llm):
     outs = llm.generate([[{"text": "Hello"}], [{"text": "Hi there"}]],
                         [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)])

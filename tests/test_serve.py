@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,13 +146,12 @@ def reference(llm, requests_: list, max_tokens: int = MAX_TOKENS, **params) -> l
 def ask(client, model: str, message: dict, stream: bool, max_tokens: int = MAX_TOKENS, **extra):
     """(text, finish_reason, usage) of one chat completion, plain or streamed (deltas joined)."""
     messages = message if isinstance(message, list) else [message]
+    extra.setdefault("temperature", 0)
     if not stream:
-        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                temperature=0, **extra)
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, **extra)
         return answer.choices[0].message.content, answer.choices[0].finish_reason, answer.usage
     chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                 temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, **extra))
+                                                 stream=True, stream_options={"include_usage": True}, **extra))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(reasons) == 1 and chunks[-1].choices == []
@@ -353,6 +353,31 @@ def test_completions_asked_wrongly_are_400s(server, body, expected):
     assert expected in error_of(response, 400)["message"]
 
 
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green"]}},
+          "required": ["ok", "colour"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_response_format_json_schema_answers_as_generate_with_that_structured_output(server, client, llm, stream):
+    from atb_models.engine.structured_output import StructuredOutput
+
+    expected = reference(llm, [kit_request(QUESTIONS[1])], max_tokens=64, temperature=1.0, seed=3,
+                         structured_output=StructuredOutput(json=SCHEMA))[0]
+    assert expected.finish_reason == "stop" and set(json.loads(expected.text)) == {"ok", "colour"}
+    answer = ask(client, server.model, chat_message(QUESTIONS[1]), stream, max_tokens=64, temperature=1.0, seed=3,
+                 response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
+    assert_same(answer, expected)
+
+
+def test_guided_choice_and_regex_hold_completions_to_them(server, client, llm):
+    answer = client.completions.create(model=server.model, prompt="Is the sky blue?", max_tokens=8, n=3,
+                                       temperature=1.0, seed=9, extra_body={"guided_choice": ["yes", "no"]})
+    assert {c.text for c in answer.choices} <= {"yes", "no"} and {c.finish_reason for c in answer.choices} == {"stop"}
+    answer = client.completions.create(model=server.model, prompt="A code:", max_tokens=16, temperature=1.0,
+                                       seed=9, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", answer.choices[0].text)
+
+
 def test_logit_bias_answers_as_generate_with_it(server, client, llm):
     plain = reference(llm, [kit_request(QUESTIONS[4])], max_tokens=8, ignore_eos=True)[0]
     bias = {plain.token_ids[0]: -100, plain.token_ids[1]: 7.5}
@@ -415,7 +440,12 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"logit_bias": {"a": 1}}, "keys must be token ids"),
                                             ({"logit_bias": {"7": 1, "07": 2}}, "names token id 7 twice"),
                                             ({"logit_bias": {"99999999": 1}}, "beyond the vocabulary"),
-                                            ({"logit_bias": [1]}, "logit_bias must be an object")])
+                                            ({"logit_bias": [1]}, "logit_bias must be an object"),
+                                            ({"response_format": {"type": "xml"}}, "response_format must be"),
+                                            ({"response_format": {"type": "json_schema", "json_schema": {
+                                                "name": "x", "schema": {"type": "foo"}}}}, "Invalid type: foo"),
+                                            ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
+                                            ({"guided_choice": "yes"}, "guided_choice: choice must be a list")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 
@@ -457,7 +487,7 @@ def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
     error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
 
 
-@pytest.mark.parametrize("field", ["min_p", "best_of", "guided_json", "echo", "foo"])
+@pytest.mark.parametrize("field", ["min_p", "best_of", "guided_grammar", "echo", "foo"])
 def test_a_field_the_server_does_not_read_is_a_400_naming_it_not_ignored(server, field):
     assert repr(field) in error_of(server.post({"messages": [chat_message("hi")], field: 1}), 400)["message"]
 

@@ -4,6 +4,7 @@ that need zero heads and replicated KV heads, give the tokens of one rank and of
 Each behaviour runs at 2 ranks in the default run; its 4- and 8-rank cases are marked slow (`-m slow`)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -122,6 +123,19 @@ def test_seeded_sampling_and_prompt_logprobs_are_those_of_one_rank(tiny_checkpoi
         assert expected[0] is got[0] is None and len(got) == len(expected) > 5
         for (token, logprob, top), (token2, logprob2, top2) in zip(expected[1:], got[1:]):
             assert token == token2 and abs(logprob - logprob2) < 1e-4 and [t[0] for t in top] == [t[0] for t in top2]
+
+
+def test_structured_output_at_two_ranks_ends_every_rank_alike_with_one_ranks_answers(tiny_checkpoint, tmp_path):
+    """Every rank feeds each answer's matcher the drawn tokens, so all finish it at the same step."""
+    model = tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True))
+    job = {"model": str(model), "requests": [[{"text": "Tell me a story."}], [{"text": "Colours?"}]],
+           "max_tokens": 16, "sampling": {"temperature": 1.0, "seed": 5,
+                                          "structured_output": {"regex": "[a-c]{2,6}(!|\\?)"}}}
+    alone = json.loads((run_ranks(tmp_path, 1, job) / "outputs.json").read_text())
+    out = run_ranks(tmp_path, 2, job)
+    assert json.loads((out / "outputs.json").read_text()) == alone
+    assert all(re.fullmatch(r"[a-c]{2,6}(!|\?)", o["text"]) and o["finish_reason"] == "stop" for o in alone)
+    assert json.loads((out / "tokens_rank1.json").read_text()) == [o["token_ids"] for o in alone]
 
 
 def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):

@@ -38,7 +38,12 @@ def main() -> None:
 
     llm.node_preprocessor.preprocessor = counting_preprocess
     recorder = LogitsRecorder(llm)
-    params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, **job.get("sampling", {}))
+    sampling = dict(job.get("sampling", {}))
+    if "structured_output" in sampling:
+        from atb_models.engine.structured_output import StructuredOutput
+
+        sampling["structured_output"] = StructuredOutput(**sampling["structured_output"])
+    params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, **sampling)
     outputs = llm.generate(job["requests"], params)
     out = job["out"]
     with open(os.path.join(out, f"read_rank{rank}.json"), "w") as f:
@@ -51,6 +56,7 @@ def main() -> None:
         torch.save({i: torch.stack(rows) for i, rows in recorder.by_seq.items()}, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "outputs.json"), "w") as f:
             json.dump([{"token_ids": o.token_ids, "error": o.error, "cached_prompt_tokens": o.cached_prompt_tokens,
+                        "text": o.text, "finish_reason": o.finish_reason,
                         "prompt_logprobs": o.prompt_logprobs and [None] + [
                             [e.token_id, e.logprob, e.top] for e in o.prompt_logprobs[1:]]} for o in outputs], f)
 

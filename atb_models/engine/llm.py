@@ -16,6 +16,7 @@ from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence, SequenceStatus
+from atb_models.engine.structured_output import Matchers
 from atb_models.errors import UserError
 from atb_models.layers.sampler import sample
 from atb_models.layers.sharding import ceil_div
@@ -109,6 +110,8 @@ class LLM:
         self.tokenizer = load_tokenizer(model_path)
         self._decode_completion = completion_decoder(self.tokenizer)
         self.token_bytes = TokenBytes(self.tokenizer)  # a token's text and bytes, as logprobs report it
+        self.matchers = Matchers(self.tokenizer, self.model_config.hf_config.vocab_size,
+                                 self.model_config.eos_token_ids)
         from atb_models.multimodal.node_share import NodePreprocessor
         from atb_models.multimodal.prompt import Preprocessor
 
@@ -201,7 +204,10 @@ class LLM:
         if needed > self.block_manager.num_blocks:
             raise UserError(f"the prompt and max_tokens need {needed} KV blocks, the cache has only "
                             f"{self.block_manager.num_blocks}")
-        return Sequence(request_id, prompt, params, max_tokens)
+        seq = Sequence(request_id, prompt, params, max_tokens)
+        if params.structured_output is not None:
+            seq.matcher = self.matchers.matcher(params.structured_output)
+        return seq
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, requests: list, sampling_params=None, on_finish=None) -> list:

@@ -43,6 +43,9 @@ class SamplingParams:
     # too); kept as a sorted tuple of (id, bias) pairs. Ids beyond the vocabulary are refused when the request is
     # added (the engine knows the vocabulary, the parameters do not). The logprobs stay the model's own.
     logit_bias: tuple = ()
+    # An engine.structured_output.StructuredOutput the answer must match (a JSON schema, a regex, a choice): tokens
+    # that cannot continue a match are masked at each step, greedy too; the answer ends ("stop") once complete.
+    structured_output: Optional[object] = None
 
     def __post_init__(self):
         def settle(name: str, value) -> None:  # the checked, normalised value (frozen: set through object)
@@ -82,6 +85,11 @@ class SamplingParams:
                 if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
                     raise UserError(f"{name} must be in 0..{MAX_LOGPROBS}, got {value}")
         settle("logit_bias", _logit_bias(self.logit_bias))
+        if self.structured_output is not None:
+            from atb_models.engine.structured_output import StructuredOutput
+
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise UserError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
 
     @property
     def greedy(self) -> bool:
@@ -95,7 +103,7 @@ class SamplingParams:
     @property
     def shapes_logits(self) -> bool:
         """Whether anything changes the logits before the draw (a greedy draw is then not the raw argmax)."""
-        return self.penalised or bool(self.logit_bias)
+        return self.penalised or bool(self.logit_bias) or self.structured_output is not None
 
 
 def _integer(name: str, value, allowed: str) -> int:

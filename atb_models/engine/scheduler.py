@@ -155,6 +155,8 @@ class Scheduler:
             self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
             if not seq.params.ignore_eos and token in self.eos_token_ids:
                 self.finish(seq, "stop")
+            elif seq.matcher is not None and seq.matcher.advance(token):  # its structured output is complete
+                self.finish(seq, "stop")
             elif len(seq.completion_token_ids) >= seq.max_tokens:
                 self.finish(seq, "length")
             else:

@@ -47,6 +47,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
+        self.matcher = None  # a structured_output.SequenceMatcher where params.structured_output asks (every rank)
         self.logprobs: list = []  # a TokenLogprob per generated token, where params.logprobs asks (rank 0 only)
         # Where params.prompt_logprobs asks: None for the first prompt token, then a TokenLogprob for each other, as
         # the prefill steps compute them (rank 0 only; every rank counts them alike: wants_prompt_logprobs).

@@ -71,6 +71,8 @@ def sample(logits: torch.Tensor, seqs: list) -> list:
         if p.presence_penalty or p.frequency_penalty:
             apply_presence_frequency_penalties(row, seq.completion_token_ids, p.presence_penalty,
                                                p.frequency_penalty)
+        if seq.matcher is not None:  # last: no penalty or bias may bring back a token the constraint rules out
+            row.masked_fill_(~seq.matcher.allowed(row.shape[-1]).to(row.device), float("-inf"))
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue

@@ -12,13 +12,14 @@ from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
 
 ROLES = ("system", "user", "assistant")
+# OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
+STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
-UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "response_format": {"type": "text"}}
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "n", "logit_bias"}
+        "presence_penalty", "frequency_penalty", "n", "logit_bias", *STRUCTURED_OUTPUT_FIELDS}
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
@@ -171,6 +172,9 @@ def sampling_params(body: dict) -> SamplingParams:
     given = {name: value for name, value in values.items() if value is not None}
     if body.get("logit_bias") is not None:
         given["logit_bias"] = _logit_bias(body["logit_bias"])
+    constraint = _structured_output(body)
+    if constraint is not None:
+        given["structured_output"] = constraint
     top = _integer_in(body, "top_logprobs", 0, MAX_LOGPROBS)
     if _flag(body, "logprobs"):
         given["logprobs"] = 0 if top is None else top
@@ -195,6 +199,39 @@ def _logit_bias(value) -> list:
         if not (key.isascii() and key.isdigit()):  # (a JSON object's keys are strings)
             raise bad_request(f"logit_bias's keys must be token ids (digits), got {key!r}")
     return [(int(key), bias) for key, bias in value.items()]  # ("7" and "07" are one id twice: refused)
+
+
+def _structured_output(body: dict):
+    """The request's StructuredOutput, or None: OpenAI's response_format (text; json_object; json_schema with its
+    schema) or one of vLLM's guided_json, guided_regex, guided_choice."""
+    from atb_models.engine.structured_output import StructuredOutput
+
+    asked = [name for name in STRUCTURED_OUTPUT_FIELDS if body.get(name) is not None]
+    if body.get("response_format") == {"type": "text"}:  # (OpenAI's default: no constraint)
+        asked.remove("response_format")
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise bad_request(f"{' and '.join(asked)} each constrain the answer: give one of them")
+    name, value = asked[0], body[asked[0]]
+    try:
+        if name == "guided_json":
+            return StructuredOutput(json=value)
+        if name == "guided_regex":
+            return StructuredOutput(regex=value)
+        if name == "guided_choice":
+            return StructuredOutput(choice=value)
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object":
+            return StructuredOutput(json=True)
+        if kind == "json_schema" and isinstance(value.get("json_schema"), dict):
+            schema = value["json_schema"].get("schema")
+            return StructuredOutput(json=True if schema is None else schema)
+    except UserError as e:
+        raise bad_request(f"{name}: {e}") from None
+    raise bad_request(f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                      f"{{\"type\": \"json_schema\", \"json_schema\": {{\"name\": ..., \"schema\": {{...}}}}}}, "
+                      f"got {value!r}")
 
 
 def usage(outputs: list) -> dict:

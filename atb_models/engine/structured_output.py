@@ -1,0 +1,130 @@
+"""Structured output: an answer held to a JSON schema, a regular expression or a list of choices (OpenAI's
+`response_format`, vLLM's guided decoding) by masking, at each step, the tokens that cannot continue a match.
+
+llguidance (guidance-ai's grammar engine, one of vLLM's structured-output backends) compiles the constraint for the
+checkpoint's tokenizer and tracks each answer's match; it is imported only when a request asks for a constraint.
+Every rank keeps each constrained sequence's matcher and feeds it the tokens of every step, so that all agree when
+the constraint is complete (the sequence then finishes, "stop"); only rank 0, which samples, asks it for masks.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from atb_models.errors import UserError
+
+MAX_SPEC_CHARS = 100_000  # a schema, regex or the choices, as text: compiled on the engine's thread
+MAX_CHOICES = 1000
+# The whitespace a JSON answer may hold between two of its tokens: enough for pretty-printing (a newline and deep
+# indentation), bounded so that a model cannot fill the answer with whitespace and never finish the object.
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,64}"
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What an answer must match; exactly one of: `json`, a JSON schema (a dict, or its text) or True for any JSON
+    object; `regex`, a regular expression (Rust's regex syntax) the whole answer matches; `choice`, strings the
+    answer is one of. Checked when made; the schema kept as canonical JSON text (the object stays hashable)."""
+
+    json: object = None
+    regex: Optional[str] = None
+    choice: Optional[tuple] = None
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice") if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise UserError(f"a structured output names exactly one of json, regex, choice (got {given or 'none'})")
+        if self.json is not None and self.json is not True:
+            object.__setattr__(self, "json", _schema_text(self.json))
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise UserError(f"regex must be a non-empty string, got {self.regex!r}")
+        if self.choice is not None:
+            if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or len(self.choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice)):
+                raise UserError(f"choice must be a list of 1..{MAX_CHOICES} non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if len(self.describe()) > MAX_SPEC_CHARS:
+            raise UserError(f"the structured output's {given[0]} is longer than {MAX_SPEC_CHARS} characters")
+
+    def describe(self) -> str:
+        """The constraint as text (for messages and the size limit)."""
+        if self.json is True:
+            return "any JSON object"
+        return self.json or self.regex or json.dumps(list(self.choice))
+
+    def grammar(self) -> str:
+        """llguidance's grammar for the constraint."""
+        from llguidance import LLMatcher
+
+        if self.json is not None:
+            schema = '{"type": "object"}' if self.json is True else self.json
+            return LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": JSON_WHITESPACE})
+        if self.regex is not None:
+            return LLMatcher.grammar_from_regex(self.regex)
+        # (a JSON string literal is a Lark string literal: quotes and backslashes escaped alike)
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+
+
+def _schema_text(schema) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise UserError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        return json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the JSON schema cannot be written as JSON: {e}") from None
+
+
+class Matchers:
+    """The engine's side of structured output: the tokenizer in llguidance's form, built at the first constrained
+    request, and a SequenceMatcher for each such request."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        self._tokenizer, self._vocab_size, self._eos = tokenizer, vocab_size, list(eos_token_ids)
+        self._ll_tokenizer = None
+
+    def matcher(self, constraint: StructuredOutput) -> "SequenceMatcher":
+        """A new matcher for `constraint`; a constraint llguidance cannot compile is a UserError naming why."""
+        try:
+            from llguidance import LLMatcher
+            from llguidance.hf import from_tokenizer
+        except ImportError:
+            raise UserError("structured output needs the llguidance package: pip install llguidance") from None
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = from_tokenizer(self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos)
+        matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
+        if matcher.is_error():
+            raise UserError(f"the structured output cannot be used: {matcher.get_error()}")
+        return SequenceMatcher(matcher, self._eos)
+
+
+class SequenceMatcher:
+    """One constrained sequence's match so far."""
+
+    def __init__(self, matcher, eos_token_ids: list):
+        self._matcher, self._eos = matcher, eos_token_ids
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """A bool mask [vocab_size] of the tokens that can continue the match; where none can (a matcher in error),
+        the end-of-sequence tokens, so that the answer ends rather than going on unconstrained."""
+        bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        covered = min(vocab_size, len(bits))  # (the bitmask covers the tokenizer's vocabulary, rounded up to 32)
+        allowed[:covered] = torch.from_numpy(bits[:covered].astype(bool))
+        if not allowed.any():
+            allowed[self._eos] = True
+        return allowed
+
+    def advance(self, token: int) -> bool:
+        """Feeds the matcher the token drawn; whether the constraint is now complete (or broken: the token was not
+        one it allowed), which ends the sequence."""
+        self._matcher.consume_token(token)
+        return self._matcher.is_stopped() or self._matcher.is_error()
