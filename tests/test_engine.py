@@ -9,7 +9,7 @@ from atb_models import LLM, SamplingParams, UserError
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence, SequenceStatus
-from atb_models.layers.sampler import apply_presence_frequency_penalties, sample, top_k_top_p_filter
+from atb_models.layers.sampler import apply_presence_frequency_penalties, min_p_filter, sample, top_k_top_p_filter
 
 
 def text_seq(seq_id: int, length: int, max_tokens: int = 4, first_token: int | None = None, **params) -> Sequence:
@@ -246,6 +246,24 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(only_best[0]) and torch.isinf(only_best[1:]).all()
 
 
+def test_min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_best():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = min_p_filter(probs.log(), 0.2)  # 0.2 * 0.5 = 0.1
+    assert torch.isfinite(out[:3]).all() and torch.isinf(out[3])
+    seq = text_seq(0, 2, temperature=1.0, min_p=0.7, seed=1)  # only the best is within 0.7 of itself
+    assert {sample(probs.log().unsqueeze(0), [seq])[0] for _ in range(10)} == {0}
+
+
+def test_min_tokens_holds_back_eos_until_the_answer_is_that_long():
+    seq = text_seq(0, 2, min_tokens=2)
+    logits = torch.tensor([[0.0, 1.0, 5.0, 3.0]])  # token 2: the eos below
+    assert sample(logits, [seq], eos_token_ids=(2,)) == [3]
+    seq.append_token(3)
+    assert sample(logits, [seq], eos_token_ids=(2,)) == [3]
+    seq.append_token(3)
+    assert sample(logits, [seq], eos_token_ids=(2,)) == [2]
+
+
 def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
     logits = torch.zeros(1, 50)
 
@@ -277,7 +295,8 @@ def test_sampling_params_reject_nonsense():
                 dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
                 dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True), dict(logit_bias={1: 101}),
                 dict(logit_bias={-1: 1}), dict(logit_bias={"1": 1}), dict(logit_bias={1: float("nan")}),
-                dict(logit_bias=[(1, 1), (1, 2)]), dict(logit_bias=5)):
+                dict(logit_bias=[(1, 1), (1, 2)]), dict(logit_bias=5), dict(min_p=1.5), dict(min_p=-0.1),
+                dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(prompt_logprobs=21)):
         with pytest.raises(UserError):
             SamplingParams(**bad)
 
@@ -307,6 +326,11 @@ def test_sampling_parameters_change_outputs_as_they_should(llm):
     assert len(set(ids)) == len(ids)  # a huge penalty never repeats a token
     banned = SamplingParams(max_tokens=12, ignore_eos=True, logit_bias={token: -100 for token in set(greedy)})
     assert not set(llm.generate(request, banned)[0].token_ids) & set(greedy)
+    eos = llm.model_config.eos_token_ids[0]
+    ended = llm.generate(request, SamplingParams(max_tokens=12, min_tokens=3, logit_bias={eos: 100}))[0]
+    assert ended.token_ids[3:] == [eos] and ended.finish_reason == "stop"  # eos from the 4th token on
+    with pytest.raises(UserError, match="min_tokens 20 is more than max_tokens 16"):
+        llm.add_request(request[0], SamplingParams(min_tokens=20))
     beyond = llm.model_config.hf_config.vocab_size
     with pytest.raises(UserError, match=f"logit_bias names token id {beyond}, beyond the vocabulary"):
         llm.add_request([{"text": "Hi"}], SamplingParams(logit_bias={beyond: 1}))
@@ -348,6 +372,17 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
     with pytest.raises(UserError, match="exactly one of json, regex, choice"):
         StructuredOutput(regex="a", choice=["b"])
     assert not llm.has_unfinished()
+
+
+def test_a_stop_string_ends_the_answer_only_where_it_ends_past_min_tokens(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    stop = full.text[:2]  # at the very start: it would end the answer at once
+    assert llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))[0].text == ""
+    out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=4))[0]
+    past = len(llm.tokenizer.decode(full.token_ids[:4], skip_special_tokens=True)) - len(stop) + 1
+    at = full.text.find(stop, past)
+    assert out.text == (full.text if at < 0 else full.text[:at]) and len(out.token_ids) >= 4
 
 
 def test_outputs_report_counts_and_finish_reasons(llm):

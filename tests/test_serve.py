@@ -369,6 +369,16 @@ def test_response_format_json_schema_answers_as_generate_with_that_structured_ou
     assert_same(answer, expected)
 
 
+def test_min_tokens_and_min_p_answer_as_generate_with_them(server, client, llm):
+    eos = llm.model_config.eos_token_ids[0]
+    extra = dict(min_tokens=5, min_p=0.05, top_k=0, logit_bias={eos: 30}, ignore_eos=False)
+    expected = reference(llm, [kit_request(QUESTIONS[5])], max_tokens=12, temperature=1.0, seed=2, **extra)[0]
+    assert len(expected.token_ids) == 6 and expected.finish_reason == "stop"  # eos as soon as min_tokens allow
+    answer = ask(client, server.model, chat_message(QUESTIONS[5]), False, max_tokens=12, temperature=1.0, seed=2,
+                 logit_bias={str(eos): 30}, extra_body=dict(min_tokens=5, min_p=0.05))
+    assert_same(answer, expected)
+
+
 def test_guided_choice_and_regex_hold_completions_to_them(server, client, llm):
     answer = client.completions.create(model=server.model, prompt="Is the sky blue?", max_tokens=8, n=3,
                                        temperature=1.0, seed=9, extra_body={"guided_choice": ["yes", "no"]})
@@ -487,7 +497,7 @@ def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
     error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
 
 
-@pytest.mark.parametrize("field", ["min_p", "best_of", "guided_grammar", "echo", "foo"])
+@pytest.mark.parametrize("field", ["typical_p", "best_of", "guided_grammar", "echo", "foo"])
 def test_a_field_the_server_does_not_read_is_a_400_naming_it_not_ignored(server, field):
     assert repr(field) in error_of(server.post({"messages": [chat_message("hi")], field: 1}), 400)["message"]
 

@@ -193,6 +193,8 @@ class LLM:
         max_tokens = params.max_tokens or self.max_output_length
         if max_tokens > self.max_output_length:
             raise UserError(f"max_tokens {max_tokens} exceeds --max_output_length {self.max_output_length}")
+        if params.min_tokens > max_tokens:
+            raise UserError(f"min_tokens {params.min_tokens} is more than max_tokens {max_tokens}")
         if len(prompt.token_ids) > self.max_prefill_tokens and not self.enable_chunked_prefill:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
                             f"--max_prefill_tokens {self.max_prefill_tokens}")
@@ -348,9 +350,18 @@ class LLM:
     def _text_so_far(self, seq: Sequence) -> str:
         """The sequence's text; the first stop string in it ends the request ("stop") and the text before it."""
         text = self._decode_completion(seq.completion_token_ids)
-        stops = seq.params.stop
+        stops, searched_from = seq.params.stop, 0
+        if stops and seq.params.min_tokens:
+            # A stop string ends the answer only where it ends past its first min_tokens tokens (vLLM's rule):
+            # until then none is searched for, and none held back.
+            if len(seq.completion_token_ids) < seq.params.min_tokens:
+                stops = ()
+            elif seq.min_tokens_text_length is None:
+                seq.min_tokens_text_length = len(self._decode_completion(
+                    seq.completion_token_ids[:seq.params.min_tokens]))
+            searched_from = seq.min_tokens_text_length or 0
         if stops:
-            found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+            found = [i for i in (text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in stops) if i >= 0]
             if found:
                 if seq.status is not SequenceStatus.FINISHED:
                     self.scheduler.finish(seq, "stop")
@@ -454,12 +465,13 @@ class LLM:
         """Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
         sampling cannot make ranks diverge. Should rank 0's draw fail, the others get its error in place of the
         tokens and raise it too, in step, instead of waiting on a rank that has left."""
+        eos = self.model_config.eos_token_ids
         if self.parallel.world_size == 1:
-            return sample(logits, seqs)
+            return sample(logits, seqs, eos)
         drawn, failure = None, None
         if self.parallel.rank == 0:
             try:
-                drawn = sample(logits, seqs)
+                drawn = sample(logits, seqs, eos)
             except Exception as e:
                 failure, drawn = e, f"{type(e).__name__}: {e}"
         drawn = distributed.broadcast_from_rank0(drawn)

@@ -22,6 +22,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0                        # 0: no top-k cut
     top_p: float = 1.0
+    min_p: float = 0.0                    # 0..1: drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0
     # OpenAI's penalties, over the generated tokens only: each token's logit less presence_penalty once it has
     # appeared and frequency_penalty times its count; -2..2 (negative values encourage repeats).
@@ -29,6 +30,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: Optional[int] = None
     ignore_eos: bool = False
+    # The answer's least length: until it holds min_tokens tokens, eos cannot be drawn and stop strings do not end
+    # it (vLLM's rule); at most max_tokens.
+    min_tokens: int = 0
     # Strings that end the answer where they first appear (finish_reason "stop"); the text stops before them, the
     # token ids keep every token generated. A string or a sequence of strings; kept as a tuple.
     stop: tuple = ()
@@ -75,6 +79,14 @@ class SamplingParams:
             settle("seed", _integer("seed", self.seed, "an integer in 0..2**64-1 (or None)"))
             if not 0 <= self.seed < SEED_LIMIT:
                 raise UserError(f"seed must be in 0..2**64-1, got {self.seed}")
+        settle("min_p", _number("min_p", self.min_p, "a number in 0..1"))
+        if not 0 <= self.min_p <= 1:  # false for nan too
+            raise UserError(f"min_p must be a number in 0..1 (0 turns it off), got {self.min_p}")
+        settle("min_tokens", _integer("min_tokens", self.min_tokens, "an integer >= 0"))
+        if self.min_tokens < 0:
+            raise UserError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise UserError(f"min_tokens {self.min_tokens} is more than max_tokens {self.max_tokens}")
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         settle("stop", _stop_strings(self.stop))
@@ -103,7 +115,8 @@ class SamplingParams:
     @property
     def shapes_logits(self) -> bool:
         """Whether anything changes the logits before the draw (a greedy draw is then not the raw argmax)."""
-        return self.penalised or bool(self.logit_bias) or self.structured_output is not None
+        return (self.penalised or bool(self.logit_bias) or self.structured_output is not None
+                or self.min_tokens > 0)
 
 
 def _integer(name: str, value, allowed: str) -> int:

@@ -53,8 +53,31 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list) -> list:
-    """logits: [rows, vocab] float32, one row per sequence. Returns one token id per sequence."""
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drops the tokens less likely than min_p times the most likely one (the best always stays)."""
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def allowed_tokens(seq, vocab_size: int, eos_token_ids) -> torch.Tensor | None:
+    """A bool mask of the tokens the sequence may draw now, None for all: its structured output's, less the eos
+    tokens while the answer is shorter than min_tokens (unless the constraint leaves nothing else: complete, it
+    must end)."""
+    early = len(seq.completion_token_ids) < seq.params.min_tokens and len(eos_token_ids) > 0
+    if seq.matcher is None and not early:
+        return None
+    allowed = torch.ones(vocab_size, dtype=torch.bool) if seq.matcher is None else seq.matcher.allowed(vocab_size)
+    if early:
+        without_eos = allowed.clone()
+        without_eos[list(eos_token_ids)] = False
+        if without_eos.any():
+            allowed = without_eos
+    return allowed
+
+
+def sample(logits: torch.Tensor, seqs: list, eos_token_ids=()) -> list:
+    """logits: [rows, vocab] float32, one row per sequence. Returns one token id per sequence; `eos_token_ids` are
+    held back from a sequence shorter than its min_tokens."""
     tokens = []
     plain_greedy = all(s.params.greedy and not s.params.shapes_logits for s in seqs)
     if plain_greedy:
@@ -71,12 +94,15 @@ def sample(logits: torch.Tensor, seqs: list) -> list:
         if p.presence_penalty or p.frequency_penalty:
             apply_presence_frequency_penalties(row, seq.completion_token_ids, p.presence_penalty,
                                                p.frequency_penalty)
-        if seq.matcher is not None:  # last: no penalty or bias may bring back a token the constraint rules out
-            row.masked_fill_(~seq.matcher.allowed(row.shape[-1]).to(row.device), float("-inf"))
+        allowed = allowed_tokens(seq, row.shape[-1], eos_token_ids)
+        if allowed is not None:  # last: no penalty or bias may bring back a token ruled out
+            row.masked_fill_(~allowed.to(row.device), float("-inf"))
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue
         row = top_k_top_p_filter(_within_range(row / p.temperature), p.top_k, p.top_p)
+        if p.min_p:
+            row = min_p_filter(row, p.min_p)
         probs = row.softmax(-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return tokens

@@ -26,7 +26,7 @@ from atb_models.serve.protocol import (
 
 READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
         "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "echo", "presence_penalty",
-        "frequency_penalty", "n", "logit_bias", "best_of", *STRUCTURED_OUTPUT_FIELDS}
+        "frequency_penalty", "n", "logit_bias", "best_of", "min_p", "min_tokens", *STRUCTURED_OUTPUT_FIELDS}
 UNSUPPORTED = {"suffix": None}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for a completion (the chat API's is the server's limit)
 

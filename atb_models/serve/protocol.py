@@ -19,7 +19,7 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "n", "logit_bias", *STRUCTURED_OUTPUT_FIELDS}
+        "presence_penalty", "frequency_penalty", "n", "logit_bias", "min_p", "min_tokens", *STRUCTURED_OUTPUT_FIELDS}
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
@@ -168,7 +168,8 @@ def sampling_params(body: dict) -> SamplingParams:
     values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
               "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
-              "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty")}
+              "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
+              "min_p": body.get("min_p"), "min_tokens": body.get("min_tokens")}
     given = {name: value for name, value in values.items() if value is not None}
     if body.get("logit_bias") is not None:
         given["logit_bias"] = _logit_bias(body["logit_bias"])
