@@ -466,6 +466,24 @@ def test_a_file_url_inside_the_allowed_folder_is_read(server, client, llm, media
     assert_same(ask(client, server.model, message, stream=False), expected)
 
 
+def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_reverses_it(server, llm, media):
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                             timeout=60)
+
+    plain = post("/tokenize", {"prompt": "The sky is blue."}).json()
+    assert plain["tokens"] == llm.preprocessor.plain("The sky is blue.").token_ids
+    assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 512 + 64
+    chat = post("/tokenize", {"model": server.model, "messages": [chat_message(QUESTIONS[0], media["small"])]})
+    assert chat.json()["tokens"] == llm.preprocessor(kit_request(QUESTIONS[0], media["small"])).token_ids
+    assert post("/detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": "The sky is blue."}
+    assert "give either prompt" in error_of(post("/tokenize", {"prompt": "a", "messages": []}), 400)["message"]
+    assert "outside the vocabulary" in error_of(post("/detokenize", {"tokens": [10**6]}), 400)["message"]
+    assert "must be a list of token ids" in error_of(post("/detokenize", {"tokens": "12"}), 400)["message"]
+    assert error_of(post("/detokenize", {"tokens": [1], "model": "other"}), 404)["code"] == "model_not_found"
+    assert requests.post(f"{server.url}/tokenize", json={"prompt": "a"}, timeout=60).status_code == 401
+
+
 def test_models_lists_the_served_name_and_health_is_ok(server, client):
     assert [m.id for m in client.models.list().data] == [server.model]
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200

@@ -31,7 +31,15 @@ from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
 from atb_models.serve.metrics import ServerMetrics
 from atb_models.serve.completions import CompletionFormat, parse_completion_request
-from atb_models.serve.protocol import ApiError, ChatFormat, ChoiceProgress, bad_request, parse_chat_request
+from atb_models.serve.protocol import (
+    ApiError,
+    ChatFormat,
+    ChoiceProgress,
+    bad_request,
+    parse_chat_request,
+    parse_detokenize_request,
+    parse_tokenize_request,
+)
 
 logger = logging.getLogger("atb_models.serve")
 
@@ -121,13 +129,43 @@ class ChatService:
         return await self._serve(request, completion, arrival, preparations, lambda prompts: CompletionFormat(
             completion, prompts, self.config.model_name, self.engine.llm.token_bytes))
 
+    async def tokenize(self, request: Request) -> dict:
+        """vLLM's /tokenize: a prompt's token ids as /v1/completions takes it, or messages' as the chat API does
+        (media preprocessed, their tokens counted)."""
+        self.check_key(request)
+        self.check_ready()
+        model, kind, value = parse_tokenize_request(await _json_body(request))
+        self._check_model(model)
+        prepare = (functools.partial(self._prepare_plain, value, "") if kind == "prompt"
+                   else functools.partial(self._prepare, value))
+        prompt = await asyncio.get_running_loop().run_in_executor(self._preprocessing, prepare)
+        llm = self.engine.llm
+        return {"count": len(prompt.token_ids), "max_model_len": llm.max_input_length + llm.max_output_length,
+                "tokens": prompt.token_ids}
+
+    async def detokenize(self, request: Request) -> dict:
+        self.check_key(request)
+        self.check_ready()
+        model, tokens = parse_detokenize_request(await _json_body(request))
+        self._check_model(model)
+        vocab_size = self.engine.llm.model_config.hf_config.vocab_size
+        beyond = [t for t in tokens if not 0 <= t < vocab_size]
+        if beyond:
+            raise bad_request(f"token id {beyond[0]} lies outside the vocabulary (0..{vocab_size - 1})")
+        text = await asyncio.get_running_loop().run_in_executor(self._preprocessing, self.engine.llm.tokenizer.decode,
+                                                                tokens)
+        return {"prompt": text}
+
+    def _check_model(self, model) -> None:
+        if model is not None and model != self.config.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
+
     async def _serve(self, request: Request, parsed, arrival: float, preparations: list, answer_format) -> Response:
         """A checked request (parsed: a ChatRequest or a CompletionRequest) answered: its prompts made by
         `preparations` (callables, run in the preprocessing thread), n choices of each taken by the engine, the
         answer's bodies made by `answer_format(prompts)`, sent whole or streamed."""
-        if parsed.model is not None and parsed.model != self.config.model_name:
-            raise ApiError(404, f"the model {parsed.model!r} does not exist; this server serves "
-                                f"{self.config.model_name!r}", "invalid_request_error", "model_not_found")
+        self._check_model(parsed.model)
         room = self.engine.llm.scheduler.max_batch_size + self.config.max_queue
         num_choices = len(preparations) * parsed.n
         if num_choices > room:  # a 503's "try again" could never come true
@@ -351,6 +389,14 @@ def create_app(service: ChatService) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await service.completions(request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        return await service.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        return await service.detokenize(request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -68,6 +68,26 @@ def parse_chat_request(body) -> ChatRequest:
     return ChatRequest(model, _messages(body.get("messages")), sampling_params(body), stream, include_usage, n)
 
 
+def parse_tokenize_request(body) -> tuple:
+    """vLLM's /tokenize: (model, "prompt", a string or token ids) or (model, "messages", the parsed messages)."""
+    check_fields(body, {"model", "prompt", "messages"}, {})
+    model = stream_fields(body)[0]
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise bad_request("give either prompt (a text as it is) or messages (a chat, tokenized as it is answered)")
+    if body.get("prompt") is not None:
+        return model, "prompt", body["prompt"]
+    return model, "messages", _messages(body["messages"])
+
+
+def parse_detokenize_request(body) -> tuple:
+    """vLLM's /detokenize: (model, token ids); their range is checked where the vocabulary is known."""
+    check_fields(body, {"model", "tokens"}, {})
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad_request("tokens must be a list of token ids")
+    return stream_fields(body)[0], tokens
+
+
 def check_fields(body, read: set, unsupported: dict) -> None:
     """A JSON object of only the fields `read`, or those `unsupported` at the value that asks for nothing."""
     if not isinstance(body, dict):
