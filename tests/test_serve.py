@@ -485,7 +485,7 @@ def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_
 
 
 def test_models_lists_the_served_name_and_health_is_ok(server, client):
-    assert [m.id for m in client.models.list().data] == [server.model]
+    assert [(m.id, m.max_model_len) for m in client.models.list().data] == [(server.model, 512 + 64)]
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 

@@ -401,8 +401,10 @@ def create_app(service: ChatService) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         service.check_key(request)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "atb_models"}]}
+        card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "atb_models"}
+        if engine.ready.is_set():  # max_model_len (vLLM's): the tokens a request may hold, as the engine is sized
+            card["max_model_len"] = engine.llm.max_input_length + engine.llm.max_output_length
+        return {"object": "list", "data": [card]}
 
     @app.get("/health")
     async def health() -> Response:
