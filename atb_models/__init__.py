@@ -13,6 +13,7 @@ _EXPORTS = {
     "Message": "atb_models.multimodal.prompt",
     "RequestOutput": "atb_models.engine.llm",
     "SamplingParams": "atb_models.engine.sampling_params",
+    "StructuredOutput": "atb_models.engine.structured_output",
     "UserError": "atb_models.errors",
 }
 
