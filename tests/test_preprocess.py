@@ -171,6 +171,25 @@ def test_text_only_request_has_plain_positions(preprocess, parts):
     assert got.rope_delta == 0
 
 
+def test_continue_final_message_leaves_the_assistants_answer_open_as_transformers_does(preprocess, parts, media):
+    from atb_models import Message
+
+    conversation = [Message("user", ({"image": str(media.wide)}, {"text": "What is this?"})),
+                    Message("assistant", ({"text": "It is a"},))]
+    rendered = parts.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}],
+        tokenize=False, continue_final_message=True)
+    assert rendered.endswith("<|im_start|>assistant\nIt is a")
+    want = parts.processor(text=[rendered], images=[Image.open(media.wide).convert("RGB")], return_tensors="pt")
+    assert preprocess(conversation, continue_final_message=True).token_ids == want["input_ids"][0].tolist()
+    answered = preprocess(conversation).token_ids  # a new assistant turn after it
+    assert parts.tokenizer.decode(answered).endswith("It is a<|im_end|>\n<|im_start|>assistant\n")
+    for ends_wrongly in (conversation[:1], [conversation[0], Message("assistant", ({"image": str(media.wide)},))]):
+        with pytest.raises(UserError, match="must be the assistant's, ending in text"):
+            preprocess(ends_wrongly, continue_final_message=True)
+
+
 def test_chat_template_is_read_from_chat_template_json_when_the_tokenizer_has_none(checkpoint, parts, preprocess):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.chat_template = None

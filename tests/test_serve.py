@@ -219,6 +219,22 @@ def test_a_system_prompt_and_a_multi_turn_history_answer_as_generate_on_the_conv
     assert expected.prompt_token_count != default_system.prompt_token_count  # the system prompt was replaced
 
 
+def test_continue_final_message_continues_the_assistants_last_message(server, client, llm):
+    from atb_models import Message, SamplingParams
+
+    chat = [chat_message(QUESTIONS[2]), {"role": "assistant", "content": "four five"}]
+    conversation = [Message("user", ({"text": QUESTIONS[2]},)), Message("assistant", ({"text": "four five"},))]
+    prompt = llm.preprocessor(conversation, continue_final_message=True)
+    request_id = llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS))
+    expected = [out for _ in range(MAX_TOKENS + 1) for out in llm.step() if out.finished][0]
+    assert expected.request_id == request_id
+    answer = ask(client, server.model, chat, False, extra_body={"continue_final_message": True,
+                                                                "add_generation_prompt": False})
+    assert_same(answer, expected)
+    new_turn = ask(client, server.model, chat, False)
+    assert new_turn[2].prompt_tokens == len(llm.preprocessor(conversation).token_ids) > expected.prompt_token_count
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_a_stop_string_ends_the_answer_before_it(server, client, llm, stream):
     full = reference(llm, [kit_request(QUESTIONS[3])], max_tokens=24, ignore_eos=True)[0].text
@@ -455,7 +471,11 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"response_format": {"type": "json_schema", "json_schema": {
                                                 "name": "x", "schema": {"type": "foo"}}}}, "Invalid type: foo"),
                                             ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
-                                            ({"guided_choice": "yes"}, "guided_choice: choice must be a list")])
+                                            ({"guided_choice": "yes"}, "guided_choice: choice must be a list"),
+                                            ({"continue_final_message": True}, "must be the assistant's"),
+                                            ({"continue_final_message": True, "add_generation_prompt": True},
+                                             "one of them"),
+                                            ({"add_generation_prompt": False}, "only with continue_final_message")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 

@@ -253,8 +253,11 @@ class Preprocessor:
         with open(path, encoding="utf-8") as f:
             return json.load(f)["chat_template"]
 
-    def __call__(self, request: list) -> ProcessedPrompt:
-        """`request`: a list of items (one user turn) or of Messages (a conversation)."""
+    def __call__(self, request: list, continue_final_message: bool = False) -> ProcessedPrompt:
+        """`request`: a list of items (one user turn) or of Messages (a conversation). The prompt ends with the
+        template's opening of the assistant's answer; with `continue_final_message`, the conversation's last
+        message, an assistant's ending in text, is left open instead, for the model to continue (an answer's start
+        given by the caller)."""
         turns = conversation(request)
         items = _items(turns)
         if not items:
@@ -269,7 +272,10 @@ class Preprocessor:
 
         visuals = [self._visual(kind, value, item.get("fps"))
                    for item, kind, value in zip(items, kinds, values) if kind != "text"]
-        token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values), visuals)
+        if continue_final_message and (turns[-1].role != "assistant" or kinds[-1] != "text"):
+            raise UserError("continue_final_message continues the last message: it must be the assistant's, "
+                            "ending in text")
+        token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values, continue_final_message), visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
         positions, rope_delta = rope_index(
             token_ids,
@@ -359,14 +365,15 @@ class Preprocessor:
         return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid,
                            content_hash(kind, pixel_values, (t, h, w), seconds_per_grid))
 
-    def _tokenize(self, turns: list[Message], kinds: list[str], values: list) -> list[int]:
+    def _tokenize(self, turns: list[Message], kinds: list[str], values: list, continue_final: bool) -> list[int]:
         parts = iter([{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)])
         chat = [{"role": turn.role, "content": [next(parts) for _ in turn.items]} for turn in turns]
         rendered = self.tokenizer.apply_chat_template(
             chat,
             chat_template=self.chat_template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
         )
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 

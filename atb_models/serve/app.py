@@ -115,7 +115,8 @@ class ChatService:
         self.check_key(request)
         self.check_ready()
         chat = parse_chat_request(await _json_body(request))
-        return await self._serve(request, chat, arrival, [lambda: self._prepare(chat.messages)],
+        return await self._serve(request, chat, arrival,
+                                 [lambda: self._prepare(chat.messages, chat.continue_final_message)],
                                  lambda prompts: ChatFormat(chat, self.config.model_name, self.engine.llm.token_bytes))
 
     async def completions(self, request: Request) -> Response:
@@ -222,13 +223,13 @@ class ChatService:
         except UserError as e:
             raise bad_request(where + str(e)) from None
 
-    def _prepare(self, messages: list):
+    def _prepare(self, messages: list, continue_final_message: bool = False):
         """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
         removed once preprocessed, whatever happened; a bad medium is a 400 naming it by its part, not its path."""
         with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
             items = self.media.messages(messages, folder)
             try:
-                return self.engine.llm.preprocessor(items)
+                return self.engine.llm.preprocessor(items, continue_final_message)
             except UserError as e:
                 raise bad_request(str(e).replace(folder + os.sep, "")) from None
 

@@ -19,7 +19,8 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "n", "logit_bias", "min_p", "min_tokens", *STRUCTURED_OUTPUT_FIELDS}
+        "presence_penalty", "frequency_penalty", "n", "logit_bias", "min_p", "min_tokens", "continue_final_message",
+        "add_generation_prompt", *STRUCTURED_OUTPUT_FIELDS}
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
@@ -58,6 +59,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     n: int = 1
+    # vLLM's extra: the last message, the assistant's, is continued rather than answered by a new turn
+    continue_final_message: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -65,7 +68,13 @@ def parse_chat_request(body) -> ChatRequest:
     """The request body checked field by field; a bad one is one 400 naming the field."""
     check_fields(body, READ, UNSUPPORTED)
     model, stream, include_usage, n = stream_fields(body)
-    return ChatRequest(model, _messages(body.get("messages")), sampling_params(body), stream, include_usage, n)
+    continuing = _flag(body, "continue_final_message")
+    if body.get("add_generation_prompt") not in (None, not continuing):
+        raise bad_request("add_generation_prompt true opens a new assistant turn and continue_final_message true "
+                          "continues the last one: one of them (the server takes add_generation_prompt false only "
+                          "with continue_final_message)")
+    return ChatRequest(model, _messages(body.get("messages")), sampling_params(body), stream, include_usage, n,
+                       continuing)
 
 
 def parse_tokenize_request(body) -> tuple:
