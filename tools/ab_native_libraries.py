@@ -12,7 +12,6 @@ runs minutes apart cannot.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -24,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from atb_models import LLM, SamplingParams  # noqa: E402
 from atb_models.benchmark.presets import PRESETS, ensure_checkpoint  # noqa: E402
+from atb_models.cli.entry import FlagParser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens a sequence")
     parser.add_argument("--rounds", type=int, default=8)

@@ -13,11 +13,11 @@ Prints the medians over the repeats and `a_longest_gap_chunked_over_unchunked: X
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+from atb_models.cli.entry import FlagParser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +47,7 @@ def one_run(llm, long_text: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt_tokens", type=int, default=3000, help="about how long B's prompt is")
     parser.add_argument("--chunk", type=int, default=512, help="--max_prefill_tokens of the chunked engine")
     parser.add_argument("--repeats", type=int, default=3)

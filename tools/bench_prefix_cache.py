@@ -14,7 +14,6 @@ first use under ~/.cache/atb_models/benchmark).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from atb_models.cli.entry import FlagParser
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is written in the image?", "Which colour is the background?", "How many shapes are there?",
@@ -100,7 +100,7 @@ def textvqa(model_path: str, repeats: int, images: int, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--workloads", default="ttft,textvqa")

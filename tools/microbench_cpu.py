@@ -10,7 +10,6 @@ Each figure is the best of several timed runs after one untimed run (other load 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atb_models.benchmark.floors import best_seconds, measure_bandwidth  # noqa: E402
+from atb_models.cli.entry import FlagParser  # noqa: E402
 from atb_models.kernels import Kernels  # noqa: E402
 from atb_models.kernels.attention import (CpuDecodeAttention, NativeDecodeAttention,  # noqa: E402
                                           grouped_decode_attention, store_kv)
@@ -195,7 +195,7 @@ def bench_w8a16(repeats: int, row_counts: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("linear", "attention", "w8a16"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")

@@ -16,7 +16,6 @@ but its memory access pattern is the one it would have.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from atb_models import LLM, SamplingParams  # noqa: E402
 from atb_models.benchmark.presets import PRESETS, ensure_checkpoint  # noqa: E402
+from atb_models.cli.entry import FlagParser  # noqa: E402
 from atb_models.kernels import native  # noqa: E402
 from atb_models.kernels.decoder_layer import LayerByLayer, NativeDecoderLayer  # noqa: E402
 
@@ -66,7 +66,7 @@ def abi_version(library) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="HEAD", help="git revision whose csrc to compare (default HEAD)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--quantize", choices=("w8a16",), help="the language model's linears quantized at load (int8)")

@@ -40,6 +40,7 @@ from reader_data import (ANSWERS, CLIP_CHOICES, COLOURS, END_QUESTION, FONT_SIZE
                          TEXTVQA_SUFFIX, TRAINING_SEED_STREAM, WORDS, clip_question, draw_picture, harness_model,
                          reference_backend, score, tokenizer_corpus, training_sample, write_clip, write_textvqa,
                          write_videobench)
+from atb_models.cli.entry import FlagParser  # noqa: E402
 from atb_models.demo.checkpoint import (TinyShape, build_tokenizer, model_config, save_checkpoint,  # noqa: E402
                                         write_preprocessor_config)
 from atb_models.host import settle_vector_math  # noqa: E402
@@ -61,7 +62,7 @@ README_TITLE = "# The demo reader: a tiny Qwen2-VL trained to read"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="checkpoint folder (new or empty)")
     parser.add_argument("--eval_output", type=Path, help="held-out sets folder (default: OUTPUT_heldout)")
     parser.add_argument("--seed", type=int, default=0)
