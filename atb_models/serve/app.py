@@ -383,21 +383,9 @@ def create_app(service: ChatService) -> FastAPI:
         return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}", "server_error").body(),
                             status_code=500)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await service.chat(request)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await service.completions(request)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict:
-        return await service.tokenize(request)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict:
-        return await service.detokenize(request)
+    for path, handler in (("/v1/chat/completions", service.chat), ("/v1/completions", service.completions),
+                          ("/tokenize", service.tokenize), ("/detokenize", service.detokenize)):
+        app.add_api_route(path, handler, methods=["POST"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
