@@ -17,10 +17,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from atb_models.cli.entry import FlagParser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from atb_models.cli.entry import FlagParser  # noqa: E402
 
 DECODE_TOKENS = 48
 B_STARTS_AFTER = 4  # A's tokens before B arrives

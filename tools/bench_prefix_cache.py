@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from atb_models.cli.entry import FlagParser
 
 ROOT = Path(__file__).resolve().parents[1]
