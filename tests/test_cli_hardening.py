@@ -110,7 +110,8 @@ def test_a_non_finite_sampling_flag_is_refused_by_name_before_the_model_loads(fl
 
 
 @pytest.mark.parametrize("flag, value", [("--top_p", "0"), ("--top_k", "-1"), ("--seed", "-1"),
-                                         ("--presence_penalty", "3")])
+                                         ("--presence_penalty", "3"), ("--num_speculative_tokens", "17"),
+                                         ("--prompt_lookup_max", "0")])
 def test_a_sampling_flag_out_of_range_is_refused_naming_the_flag(flag, value, capsys, no_model, sample_image_path):
     status, _, err = run_main(capsys, "--model_path", no_model, "--input_image", sample_image_path, flag, value)
     assert status == 1

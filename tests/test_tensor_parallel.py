@@ -138,6 +138,19 @@ def test_structured_output_at_two_ranks_ends_every_rank_alike_with_one_ranks_ans
     assert json.loads((out / "tokens_rank1.json").read_text()) == [o["token_ids"] for o in alone]
 
 
+def test_speculative_decoding_at_two_ranks_gives_the_tokens_of_one_plain_rank(tiny_checkpoint, tmp_path):
+    """Every rank guesses alike (from the tokens) and follows rank 0's check of the guesses."""
+    model = tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True))
+    requests_ = [[{"text": "Repeat: the cat sat on the mat, the cat sat on the mat."}], [{"text": "Colours?"}]]
+    job = {"model": str(model), "requests": requests_, "max_tokens": 16}
+    one = json.loads((run_ranks(tmp_path, 1, job) / "tokens_rank0.json").read_text())
+    out = run_ranks(tmp_path, 2, dict(job, engine={"num_speculative_tokens": 4}))
+    assert json.loads((out / "tokens_rank0.json").read_text()) == one
+    assert json.loads((out / "tokens_rank1.json").read_text()) == one
+    stats = [json.loads((out / f"speculative_rank{rank}.json").read_text()) for rank in range(2)]
+    assert stats[0] == stats[1] and stats[0][1] > 0  # guesses were checked, and some held
+
+
 def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 

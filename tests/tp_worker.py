@@ -52,6 +52,8 @@ def main() -> None:
         json.dump([o.token_ids for o in outputs], f)
     with open(os.path.join(out, f"preprocessed_rank{rank}.json"), "w") as f:
         json.dump(len(preprocessed), f)
+    with open(os.path.join(out, f"speculative_rank{rank}.json"), "w") as f:
+        json.dump([llm.speculative_stats.proposed, llm.speculative_stats.accepted], f)
     if rank == 0:
         torch.save({i: torch.stack(rows) for i, rows in recorder.by_seq.items()}, os.path.join(out, "logits.pt"))
         with open(os.path.join(out, "outputs.json"), "w") as f:

@@ -16,7 +16,7 @@ from atb_models.benchmark.timed_runs import check_csv_path
 from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
 from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family
 from atb_models.config import check_model_folder
-from atb_models.engine.limits import check_limits
+from atb_models.engine.limits import check_limits, check_speculative
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
 from atb_models.multimodal.media import classify_media
@@ -81,6 +81,7 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
     # even where the folder is wrong too.
     check_limits(max(plan.batch_sizes), args.max_input_length, max(plan.output_lengths), args.block_size,
                  args.max_prefill_tokens, encoder_cache_mb=args.encoder_cache_mb)
+    check_speculative(args.num_speculative_tokens, args.prompt_lookup_max)
     if args.model_path is not None:
         check_model_folder(model_path)
     return plan

@@ -110,6 +110,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, batch_help: str, batch
                         help="compute prompts --max_prefill_tokens (-1: 2048) at a time, alternating with the "
                              "running requests' decode steps, so a long prompt holds them up one chunk at a time; "
                              "prompts longer than --max_prefill_tokens are then taken")
+    parser.add_argument("--num_speculative_tokens", type=int, metavar="N", default=0,
+                        help="speculative decoding by prompt lookup (0: off): each decode step of a greedy request "
+                             "also checks up to N tokens guessed from what followed its last tokens earlier in its "
+                             "prompt or answer; fewer steps where the guesses hold (answers that quote their input)")
+    parser.add_argument("--prompt_lookup_max", type=int, metavar="N", default=3,
+                        help="with --num_speculative_tokens: the longest run of last tokens looked up (1..8)")
     parser.add_argument("--block_size", type=int, metavar="N", default=128, help="tokens per KV-cache block")
     parser.add_argument("--shm_name_save_path", metavar="PATH", default="./shm_name.txt",
                         help="file listing the shared-memory segments through which ranks share media (world "
@@ -141,7 +147,8 @@ def engine_options(args: argparse.Namespace, **overrides) -> dict:
     replace some (run_pa's --performance sizes the engine for its largest point)."""
     names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
              "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
-             "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill")
+             "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill", "num_speculative_tokens",
+             "prompt_lookup_max")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 

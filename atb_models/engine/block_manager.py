@@ -118,6 +118,16 @@ class BlockManager:
         if len(seq.block_table) < self.blocks_for(seq.num_tokens):
             seq.block_table.append(self._take())
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for the sequence's first `num_tokens` tokens (a decode step's guessed tokens past its own), taken
+        from free ones only: False, and nothing taken, where there are too few."""
+        missing = self.blocks_for(num_tokens) - len(seq.block_table)
+        if missing > self.num_free_blocks:
+            return False
+        for _ in range(missing):
+            seq.block_table.append(self._take())
+        return True
+
     def register_written(self, seq: Sequence) -> None:
         """After a decode step: the sequence's blocks whose K/V are now all written (every token but its newest,
         which no step has computed yet) join the cache."""

@@ -12,6 +12,17 @@ def positive(name: str, value: int) -> int:
     return value
 
 
+MAX_SPECULATIVE_TOKENS = 16  # guessed tokens a decode step checks (engine.speculative)
+MAX_PROMPT_LOOKUP = 8        # the longest run of last tokens looked up
+
+
+def check_speculative(num_speculative_tokens: int, prompt_lookup_max: int) -> None:
+    for name, value, low, high in (("num_speculative_tokens", num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS),
+                                   ("prompt_lookup_max", prompt_lookup_max, 1, MAX_PROMPT_LOOKUP)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UserError(f"--{name} must be an integer in {low}..{high}, got {value!r}")
+
+
 def check_limits(max_batch_size: int, max_input_length: int, max_output_length: int, block_size: int,
                  max_prefill_tokens: int = -1, num_blocks: int | None = None, encoder_cache_mb: int = 256) -> None:
     """Each limit a positive integer (max_prefill_tokens may be -1: sized from the batch once memory has capped

@@ -9,8 +9,9 @@ from typing import Optional
 
 from atb_models import distributed, quantization
 from atb_models.config import completion_decoder, load_model_config, load_tokenizer
+from atb_models.engine import speculative
 from atb_models.engine.block_manager import BlockManager
-from atb_models.engine.limits import check_limits
+from atb_models.engine.limits import check_limits, check_speculative
 from atb_models.engine.logprobs import TokenBytes, add_prompt_logprobs, record_logprobs, split_prompt_rows
 from atb_models.engine.model_runner import ModelRunner
 from atb_models.engine.sampling_params import SamplingParams
@@ -64,6 +65,13 @@ class RequestOutput:
 
 
 @dataclass
+class SpeculativeStats:
+    """Speculative decoding's guessed tokens since the engine was built, and those the model agreed with."""
+    proposed: int = 0
+    accepted: int = 0
+
+
+@dataclass
 class StepRecord:
     """Timing of one engine step, for the benchmark mode."""
     is_prefill: bool
@@ -79,7 +87,7 @@ class LLM:
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
                  shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
                  enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None,
-                 enable_chunked_prefill: bool = False):
+                 enable_chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3):
         """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
         checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
         enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
@@ -90,9 +98,15 @@ class LLM:
         them up one chunk at a time, and prompts longer than max_prefill_tokens are taken.
         cpu_linear: the CPU's kernels (kernels.linear.CPU_LINEAR_CHOICES; default $ATB_MODELS_CPU_LINEAR, else
         "auto"): "panel" keeps float32 weights in float32 where "auto" packs those that are exact bfloat16 values
-        at half the bytes (the benchmark's float32-weights reference)."""
+        at half the bytes (the benchmark's float32-weights reference).
+        num_speculative_tokens: speculative decoding by prompt lookup (engine.speculative; 0: off): a greedy
+        request's decode step also checks up to this many tokens guessed from the prompt and answer so far, where
+        the last prompt_lookup_max (or fewer) tokens appeared before; the tokens are the same, steps fewer where
+        guesses hold (`speculative_stats` counts them)."""
         check_limits(max_batch_size, max_input_length, max_output_length, block_size, max_prefill_tokens, num_blocks,
                      encoder_cache_mb)
+        check_speculative(num_speculative_tokens, prompt_lookup_max)
+        self.speculative_stats = SpeculativeStats()
         self.max_batch_size, self.max_input_length = max_batch_size, max_input_length
         self.max_output_length, self.block_size = max_output_length, block_size
         for name, value in (("enable_prefix_caching", enable_prefix_caching),
@@ -136,7 +150,8 @@ class LLM:
                     num_blocks * self.runner.bytes_per_block / 2**20)
         self.block_manager = BlockManager(num_blocks, block_size, self.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
-                                   self.model_config.eos_token_ids, enable_chunked_prefill)
+                                   self.model_config.eos_token_ids, enable_chunked_prefill, num_speculative_tokens,
+                                   prompt_lookup_max)
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
@@ -416,7 +431,8 @@ class LLM:
         if not seqs:
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
-        num_tokens = sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill else len(seqs)  # computed
+        num_tokens = (sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill  # computed
+                      else sum(1 + len(s.draft_tokens) for s in seqs))
         ran = seqs
         # A seeded sequence's generator as it was: a step cut short after some rows drew (Ctrl-C in the sampler, a
         # later row's error) must not leave their generators advanced, or the redrawn tokens would differ.
@@ -433,7 +449,10 @@ class LLM:
                     drawing = {id(seq) for seq in done}
                     logits = logits[[i for i, seq in enumerate(seqs) if id(seq) in drawing]]
                 seqs = done
-            tokens = self._sample_on_rank0(logits, seqs) if seqs else []
+            if not is_prefill and any(seq.draft_tokens for seq in seqs):
+                tokens, logits = self._sample_on_rank0(logits, seqs, drafted=True)
+            else:
+                tokens = self._sample_on_rank0(logits, seqs) if seqs else []
             self.plan.synchronize()
         except BaseException:
             # A step cut short (Ctrl-C, an error) wrote its prompts' K/V in part or not at all: left running, those
@@ -461,22 +480,34 @@ class LLM:
         self.scheduler.finish_step(seqs, tokens)
         return seqs
 
-    def _sample_on_rank0(self, logits, seqs: list) -> list:
+    def _sample_on_rank0(self, logits, seqs: list, drafted: bool = False):
         """Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
         sampling cannot make ranks diverge. Should rank 0's draw fail, the others get its error in place of the
-        tokens and raise it too, in step, instead of waiting on a rank that has left."""
+        tokens and raise it too, in step, instead of waiting on a rank that has left. `drafted`: a decode step with
+        guessed tokens (speculative.draw): returns (tokens, one logits row a sequence)."""
         eos = self.model_config.eos_token_ids
-        if self.parallel.world_size == 1:
+
+        def draw():
+            if drafted:
+                return speculative.draw(logits, seqs, lambda rows, each: sample(rows, each, eos))
             return sample(logits, seqs, eos)
-        drawn, failure = None, None
-        if self.parallel.rank == 0:
-            try:
-                drawn = sample(logits, seqs, eos)
-            except Exception as e:
-                failure, drawn = e, f"{type(e).__name__}: {e}"
-        drawn = distributed.broadcast_from_rank0(drawn)
-        if isinstance(drawn, str):
-            raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
+
+        if self.parallel.world_size == 1:
+            drawn = draw()
+        else:
+            drawn, failure = None, None
+            if self.parallel.rank == 0:
+                try:
+                    drawn = draw()
+                except Exception as e:
+                    failure, drawn = e, f"{type(e).__name__}: {e}"
+            drawn = distributed.broadcast_from_rank0(drawn)
+            if isinstance(drawn, str):
+                raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
+        if drafted:
+            self.speculative_stats.proposed += sum(len(seq.draft_tokens) for seq in seqs)
+            self.speculative_stats.accepted += sum(len(t) - 1 for t in drawn if isinstance(t, list))
+            return drawn, speculative.first_rows(logits, seqs)
         return drawn
 
 

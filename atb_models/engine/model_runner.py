@@ -159,6 +159,8 @@ class ModelRunner:
             visual_embeds = self._visual_embeds(seqs, starts[:-1])
             positions = torch.cat(positions, dim=1).to(self.device)
             logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, visual_embeds)
+        elif any(seq.draft_tokens for seq in seqs):
+            logits = self._run_drafts(seqs)
         else:
             ids = [seq.token_ids[-1] for seq in seqs]
             positions = self._tensor([seq.decode_position() for seq in seqs]).expand(3, -1)
@@ -169,3 +171,21 @@ class ModelRunner:
             ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_lens=context_lens)
             logits = self.model(self._tensor(ids), positions, None, ctx)  # logits of every row
         return logits
+
+    def _run_drafts(self, seqs: list) -> torch.Tensor:
+        """A decode step where some sequences carry guessed tokens (engine.speculative): each sequence's last token
+        and its guesses computed as a chunk over its cached K/V, the way a prefill continues from a cached prefix.
+        The logits after each of a drafted sequence's tokens (1 + its guesses rows), one row for the others."""
+        ids, positions, slots, starts, rows = [], [], [], [0], []
+        for seq in seqs:
+            first, end = seq.num_tokens - 1, seq.num_tokens + len(seq.draft_tokens)
+            ids.extend([seq.token_ids[-1], *seq.draft_tokens])
+            positions.append(seq.positions(first, end))
+            slots.extend(self._slots(seq, first, end))
+            starts.append(starts[-1] + end - first)
+            rows.extend(range(starts[-2], starts[-1]) if seq.draft_tokens else [starts[-1] - 1])
+        ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
+        ctx.prefix_lens = [seq.num_tokens - 1 for seq in seqs]
+        ctx.prefix_tables = [self._tensor(seq.block_table) for seq in seqs]
+        positions = torch.cat(positions, dim=1).to(self.device)
+        return self.model(self._tensor(ids), positions, self._tensor(rows), ctx, None)

@@ -10,21 +10,26 @@ Chunked prefill (`chunked_prefill`): a prompt longer than the budget is computed
 a step, and while sequences are decoding, chunk steps and decode steps alternate, so a long prompt (a video) delays
 the running answers by one chunk at a time instead of its whole prefill. A sequence holds all its prompt's blocks
 from admission on; only its last chunk draws a token.
+
+Speculative decoding (`num_speculative_tokens`): a decode step gives each greedy sequence the tokens that prompt
+lookup guesses (engine.speculative), with blocks for them where free ones allow; the step checks them all.
 """
 from collections import deque
 
+from atb_models.engine import speculative
 from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, eos_token_ids,
-                 chunked_prefill: bool = False):
+                 chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.chunked_prefill = chunked_prefill
+        self.num_speculative_tokens, self.prompt_lookup_max = num_speculative_tokens, prompt_lookup_max
         self.waiting: deque = deque()
         self.running: deque = deque()
         self.num_preemptions = 0
@@ -95,7 +100,20 @@ class Scheduler:
                 scheduled.append(seq)
                 kept.append(seq)
         self.running.extend(kept)
+        for seq in scheduled:
+            seq.draft_tokens = self._drafts(seq) if self.num_speculative_tokens else []
         return scheduled
+
+    def _drafts(self, seq: Sequence) -> list:
+        """The tokens guessed for a sequence's decode step: as many as prompt lookup finds, at most those that its
+        max_tokens leave room for past the step's own token, and those whose K/V free blocks can hold."""
+        if not speculative.drafting(seq):
+            return []
+        room = min(self.num_speculative_tokens, seq.max_tokens - len(seq.completion_token_ids) - 1)
+        drafts = speculative.propose(seq.token_ids, room, self.prompt_lookup_max)
+        while drafts and not self.block_manager.reserve(seq, seq.num_tokens + len(drafts)):
+            drafts.pop()
+        return drafts
 
     def prefill_done(self, seqs: list) -> list:
         """After a prefill step: the sequences whose prompt is now all computed (each draws its first token); the
@@ -147,19 +165,23 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def finish_step(self, seqs: list, token_ids: list) -> list:
-        """Record each sequence's new token; return the sequences that finished (their blocks are freed)."""
+        """Record each sequence's new token (a list of tokens: a drafted sequence's, in order); return the
+        sequences that finished (their blocks are freed)."""
         finished = []
-        for seq, token in zip(seqs, token_ids):
+        for seq, tokens in zip(seqs, token_ids):
             seq.prefill_start = seq.prefill_end = None  # its prompt is computed: it drew a token
-            seq.append_token(token)
-            self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
-            if not seq.params.ignore_eos and token in self.eos_token_ids:
-                self.finish(seq, "stop")
-            elif seq.matcher is not None and seq.matcher.advance(token):  # its structured output is complete
-                self.finish(seq, "stop")
-            elif len(seq.completion_token_ids) >= seq.max_tokens:
-                self.finish(seq, "length")
-            else:
-                continue
-            finished.append(seq)
+            seq.draft_tokens = []
+            for token in tokens if isinstance(tokens, list) else [tokens]:
+                seq.append_token(token)
+                self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
+                if not seq.params.ignore_eos and token in self.eos_token_ids:
+                    self.finish(seq, "stop")
+                elif seq.matcher is not None and seq.matcher.advance(token):  # its structured output is complete
+                    self.finish(seq, "stop")
+                elif len(seq.completion_token_ids) >= seq.max_tokens:
+                    self.finish(seq, "length")
+                else:
+                    continue
+                finished.append(seq)
+                break
         return finished

@@ -49,6 +49,8 @@ class Sequence:
         self.generator: Optional[torch.Generator] = None
         self.matcher = None  # a structured_output.SequenceMatcher where params.structured_output asks (every rank)
         self.min_tokens_text_length: Optional[int] = None  # the text's length at params.min_tokens tokens, once known
+        # Speculative decoding: the tokens guessed to follow (engine.speculative), checked by the next decode step
+        self.draft_tokens: list = []
         self.logprobs: list = []  # a TokenLogprob per generated token, where params.logprobs asks (rank 0 only)
         # Where params.prompt_logprobs asks: None for the first prompt token, then a TokenLogprob for each other, as
         # the prefill steps compute them (rank 0 only; every rank counts them alike: wants_prompt_logprobs).

@@ -1,0 +1,99 @@
+"""Speculative decoding by prompt lookup (engine.speculative): the guesses, their check, and an engine that drafts
+answering with the tokens of one that does not, whatever else happens in its steps."""
+import pytest
+import torch
+
+from atb_models import LLM, SamplingParams, UserError
+from atb_models.engine.speculative import accepted_tokens, propose
+
+REPEATING = [{"text": "Repeat: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat."}]
+
+
+def test_prompt_lookup_takes_what_followed_the_latest_earlier_run_of_the_last_tokens():
+    assert propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2, 3) == [7, 5]  # the latest occurrence, not the first
+    assert propose([5, 6, 1, 2, 9, 2], 4, 3) == [9, 2]  # no earlier "2 9 2" nor "9 2": what followed "2"
+    assert propose([1, 2, 3, 4], 3, 3) == []  # nothing repeats
+    assert propose([4, 4, 4, 4], 8, 2) == [4]  # the latest earlier "4 4" overlaps the last one: one token after it
+    assert propose([1, 2, 1, 2], 0, 3) == [] and propose([1], 3, 3) == []
+
+
+def test_the_check_keeps_the_guesses_up_to_the_first_the_model_disagrees_with_and_its_own_token_after():
+    rows = torch.nn.functional.one_hot(torch.tensor([0, 7, 8, 2]), 10).float()  # rows 1..3 after guesses 1..3
+    assert accepted_tokens(rows, 5, [5, 7, 9]) == [5, 7, 8]  # 5 and 7 agreed; 8, the model's, past 9's place
+    assert accepted_tokens(rows, 4, [5, 7, 9]) == [4]  # the first guess already wrong
+    assert accepted_tokens(rows, 5, [5, 7, 8]) == [5, 7, 8, 2]  # all three held: the token after them too
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return str(tiny_checkpoint())
+
+
+def make_llm(checkpoint, **kwargs):
+    options = dict(dtype="float32", device="cpu", max_batch_size=4, max_input_length=512, max_output_length=48,
+                   block_size=16)
+    return LLM(checkpoint, **{**options, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoint):
+    return make_llm(checkpoint)
+
+
+def assert_same_answers(plain, drafting, requests, params):
+    expected = plain.generate(requests, params)
+    got = drafting.generate(requests, params)
+    assert [(o.token_ids, o.finish_reason, o.text) for o in got] == [
+        (o.token_ids, o.finish_reason, o.text) for o in expected]
+    return got
+
+
+def test_drafting_answers_with_the_plain_engines_tokens_for_text_images_and_sampled_neighbours(
+        checkpoint, plain, sample_image_path):
+    drafting = make_llm(checkpoint, num_speculative_tokens=4)
+    requests = [REPEATING, [{"image": str(sample_image_path)}, {"text": "What is in the picture?"}],
+                [{"text": "Count: one two three one two three"}], [{"text": "Hello"}]]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=30, ignore_eos=True),
+              SamplingParams(max_tokens=2, ignore_eos=True),  # room for one guess at most
+              SamplingParams(max_tokens=20, temperature=1.0, seed=4, ignore_eos=True)]  # sampled: never drafted
+    assert_same_answers(plain, drafting, requests, params)
+    stats = drafting.speculative_stats
+    assert 0 < stats.accepted <= stats.proposed
+    steps = sum(not r.is_prefill for r in drafting.step_records)
+    assert steps < sum(not r.is_prefill for r in plain.step_records)
+    # stop strings and eos end a drafted answer where they end a plain one
+    full = plain.generate([REPEATING], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    eos = plain.model_config.eos_token_ids[0]
+    assert_same_answers(plain, drafting, [REPEATING] * 2, [
+        SamplingParams(max_tokens=40, ignore_eos=True, stop=[full.text[20:24]]),
+        SamplingParams(max_tokens=40, logit_bias={eos: 2.0})])
+
+
+def test_drafting_under_preemption_chunked_prefill_and_the_prefix_cache(checkpoint, plain):
+    """Few blocks: guesses get no room, running requests are preempted and computed again; prompts in chunks;
+    and a prompt holding an earlier drafted answer reads its blocks (K/V the drafted steps wrote) from the cache."""
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    tight = make_llm(checkpoint, num_speculative_tokens=6, num_blocks=9, enable_chunked_prefill=True,
+                     max_prefill_tokens=24)
+    requests = [REPEATING, [{"text": "Count: one two three one two three"}], [{"text": "Say it again and again."}]]
+    assert_same_answers(plain, tight, requests, params)
+    assert tight.scheduler.num_preemptions > 0 and tight.speculative_stats.accepted > 0
+
+    roomy = make_llm(checkpoint, num_speculative_tokens=6)
+    first = roomy.generate([REPEATING], params)[0]
+    ids = roomy.preprocessor(REPEATING).token_ids + first.token_ids
+    expected = plain.add_request(plain.preprocessor.plain(ids), params)
+    got = roomy.add_request(roomy.preprocessor.plain(ids), params)
+    outputs = {}
+    for llm, request_id in ((plain, expected), (roomy, got)):
+        while llm.has_unfinished():
+            outputs.update(((id(llm), o.request_id), o) for o in llm.step() if o.finished)
+    assert outputs[(id(roomy), got)].cached_prompt_tokens >= len(ids) - 16  # the answer's blocks too
+    assert outputs[(id(roomy), got)].token_ids == outputs[(id(plain), expected)].token_ids
+
+
+@pytest.mark.parametrize("bad", [dict(num_speculative_tokens=-1), dict(num_speculative_tokens=17),
+                                 dict(num_speculative_tokens=2, prompt_lookup_max=0), dict(prompt_lookup_max=9)])
+def test_speculative_settings_out_of_range_are_refused_naming_the_flag(checkpoint, bad):
+    with pytest.raises(UserError, match=f"--{next(iter(bad)) if len(bad) == 1 else 'prompt_lookup_max'} must be"):
+        make_llm(checkpoint, **bad)

@@ -1,0 +1,78 @@
+"""Speculative decoding by prompt lookup on the cpu-small checkpoint: decode time per generated token with and
+without `--num_speculative_tokens`, in one process, alternating, and what a drafted step costs against a plain one.
+
+One greedy request at a time (batch 1, where a decode step waits on the weights alone), eos ignored. The guesses
+hold as often as the answer repeats what came before it: the figures are this checkpoint's (random weights) on this
+prompt, and an answer that never repeats gains nothing while its steps cost what plain ones do.
+
+    python tools/bench_speculative.py [--tokens 96] [--k 4] [--repeats 3]
+
+Prints per engine the median decode ms per token and per step, the guesses accepted, and at the end
+`decode_ms_per_token_speculative_over_plain: X` and `step_ms_speculative_over_plain: X`.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atb_models.cli.entry import FlagParser  # noqa: E402
+
+PROMPT = ("Copy this list exactly, then continue it: apples, pears, plums, apples, pears, plums, apples, pears, "
+          "plums, apples, pears, plums.")
+
+
+def one_run(llm, tokens: int) -> dict:
+    from atb_models import SamplingParams
+
+    before = (llm.speculative_stats.proposed, llm.speculative_stats.accepted)
+    llm.generate([[{"text": PROMPT}]], SamplingParams(max_tokens=tokens, ignore_eos=True))
+    decode = [r for r in llm.step_records if not r.is_prefill]
+    seconds = sum(r.seconds for r in decode)
+    first = [r for r in llm.step_records if r.is_prefill]
+    generated = tokens - len(first)  # the prefill drew the first token
+    return {"ms_per_token": seconds / generated * 1e3, "ms_per_step": seconds / len(decode) * 1e3,
+            "steps": len(decode), "proposed": llm.speculative_stats.proposed - before[0],
+            "accepted": llm.speculative_stats.accepted - before[1]}
+
+
+def main() -> int:
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=96, help="tokens generated per run")
+    parser.add_argument("--k", type=int, default=4, help="--num_speculative_tokens of the drafting engine")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from atb_models import LLM
+    from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
+
+    checkpoint = str(ensure_checkpoint(PRESETS["cpu-small"]))
+    options = dict(dtype="float32", device="cpu", max_batch_size=1, max_input_length=512,
+                   max_output_length=args.tokens, block_size=128, enable_prefix_caching=False)
+    engines = {"plain": LLM(checkpoint, **options),
+               "speculative": LLM(checkpoint, num_speculative_tokens=args.k, **options)}
+    results = {name: [] for name in engines}
+    for llm in engines.values():  # warm-up
+        one_run(llm, args.tokens)
+    for repeat in range(args.repeats):
+        order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
+        for name in order:
+            results[name].append(one_run(engines[name], args.tokens))
+    print(f"{args.tokens} tokens a run, batch 1, k {args.k}; medians of {args.repeats} repeats")
+    median = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+              for name, runs in results.items()}
+    for name, figures in median.items():
+        print(f"{name:>12}: {figures['ms_per_token']:7.1f} ms a token, {figures['ms_per_step']:7.1f} ms a step, "
+              f"{figures['steps']:.0f} decode steps, guesses {figures['accepted']:.0f} held of "
+              f"{figures['proposed']:.0f}")
+    print(f"decode_ms_per_token_speculative_over_plain: "
+          f"{median['speculative']['ms_per_token'] / median['plain']['ms_per_token']:.3f}")
+    print(f"step_ms_speculative_over_plain: "
+          f"{median['speculative']['ms_per_step'] / median['plain']['ms_per_step']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
