@@ -961,3 +961,35 @@ def test_null_stream_and_logprobs_are_their_default_false_as_every_other_nullabl
     chat = parse_chat_request({"messages": [chat_message("hi")], "stream": None, "logprobs": None,
                                "top_logprobs": None, "n": None, "stream_options": None})
     assert not chat.stream and chat.params.logprobs is None and chat.n == 1
+
+
+def test_a_drafting_engine_counts_every_token_of_a_step_and_its_guesses_in_the_metrics(checkpoint):
+    """A drafted step gives a request several tokens: atb_generation_tokens counts them all, and the guesses and
+    those that held have counters of their own (EngineLoop in-process, no HTTP)."""
+    from atb_models import LLM, SamplingParams
+    from atb_models.serve.engine import EngineLoop, NewRequest
+    from atb_models.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    loop = EngineLoop(lambda: LLM(str(checkpoint), dtype="float32", device="cpu", num_speculative_tokens=4,
+                                  **LIMITS), metrics, 1, lambda: None)
+    loop.start()
+    try:
+        assert loop.ready.wait(60)
+        prompt = loop.llm.preprocessor.plain("the cat sat on the mat, the cat sat on the mat, the cat sat on the")
+        events, done = [], threading.Event()
+
+        def sink(event):
+            events.append(event)
+            if event.kind != "accepted" and (event.kind != "output" or event.output.finished):
+                done.set()
+
+        loop.submit(NewRequest(0, prompt, SamplingParams(max_tokens=40, ignore_eos=True)), sink)
+        assert done.wait(60)
+    finally:
+        loop.stop()
+    final = events[-1].output
+    assert len(final.token_ids) == 40 and len([e for e in events if e.kind == "output"]) < 40  # drafted steps
+    samples = {s.name: s.value for family in metrics.registry.collect() for s in family.samples}
+    assert samples["atb_generation_tokens_total"] == 40
+    assert 0 < samples["atb_spec_decode_accepted_tokens_total"] <= samples["atb_spec_decode_draft_tokens_total"]

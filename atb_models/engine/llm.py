@@ -107,6 +107,7 @@ class LLM:
                      encoder_cache_mb)
         check_speculative(num_speculative_tokens, prompt_lookup_max)
         self.speculative_stats = SpeculativeStats()
+        self.tokens_generated = 0  # since the engine was built (a drafted step may add several a request)
         self.max_batch_size, self.max_input_length = max_batch_size, max_input_length
         self.max_output_length, self.block_size = max_output_length, block_size
         for name, value in (("enable_prefix_caching", enable_prefix_caching),
@@ -477,7 +478,9 @@ class LLM:
             if seq.first_token_at is None:
                 seq.first_token_at = end
             seq.finished_at = end  # the time of its latest token, kept once it finishes
+        lengths = sum(seq.num_tokens for seq in seqs)
         self.scheduler.finish_step(seqs, tokens)
+        self.tokens_generated += sum(seq.num_tokens for seq in seqs) - lengths
         return seqs
 
     def _sample_on_rank0(self, logits, seqs: list, drafted: bool = False):

@@ -220,8 +220,13 @@ class EngineLoop:
         self.metrics.requests_finished.labels(output.finish_reason).inc()
 
     def _step(self) -> None:
-        outputs = self.llm.step()
-        self.metrics.generation_tokens.inc(len(outputs))
+        llm = self.llm
+        before = (llm.tokens_generated, llm.speculative_stats.proposed, llm.speculative_stats.accepted)
+        outputs = llm.step()
+        # (a drafted step may give a request several tokens)
+        self.metrics.generation_tokens.inc(llm.tokens_generated - before[0])
+        self.metrics.draft_tokens.inc(llm.speculative_stats.proposed - before[1])
+        self.metrics.accepted_tokens.inc(llm.speculative_stats.accepted - before[2])
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:  # aborted meanwhile

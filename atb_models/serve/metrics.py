@@ -24,6 +24,10 @@ class ServerMetrics:
         self.prompt_tokens = Counter("atb_prompt_tokens", "Prompt tokens of accepted requests, visual tokens "
                                                           "included", registry=r)
         self.generation_tokens = Counter("atb_generation_tokens", "Tokens generated", registry=r)
+        self.draft_tokens = Counter("atb_spec_decode_draft_tokens", "Tokens guessed by speculative decoding",
+                                    registry=r)
+        self.accepted_tokens = Counter("atb_spec_decode_accepted_tokens", "Guessed tokens the model agreed with",
+                                       registry=r)
         self.requests_finished = Counter("atb_requests_finished", "Requests that ended, by finish reason",
                                          ["finish_reason"], registry=r)
 
