@@ -5,7 +5,9 @@ Definitions, where MindIE's differ said so:
   (image decoding, resizing, tokenising) and the scheduler's host work between steps are outside every step;
 - `prefill_time` is the sum of the prefill steps: the first-token time when the batch fits one prefill step;
 - `decoder_token_time` is the sum of the decode steps divided by the number of decode steps actually run (MindIE
-  divides by the configured max_new_tokens - 1, which understates it when outputs stop early);
+  divides by the configured max_new_tokens - 1, which understates it when outputs stop early); with speculative
+  decoding a step gives a request 1 to num_speculative_tokens + 1 tokens, and this stays a step's time (the
+  throughput counts the tokens);
 - `e2e_time` is prefill_time plus the sum of the decode steps (the wall-clock latency is run_pa's `Latency(s)`);
 - `batch_size` counts the requests that ran (one that failed in preprocessing never reached a step), and
   `prefill_average_time` is prefill_time divided by it;
