@@ -233,6 +233,27 @@ def test_prompt_logprobs_come_from_each_chunks_rows_once_even_when_a_preempted_p
     assert step([(seq, 0, 10)]).shape[0] == 1  # owing nothing, it has one row again
 
 
+def test_prompt_logprobs_of_a_preempted_prompt_recomputed_in_a_shorter_chunk_are_not_added_twice():
+    """A prompt preempted after two chunks starts again with a chunk of the step's budget, shorter than what it had
+    counted: the count stays, and the chunks after it add only the positions not yet counted."""
+    from atb_models.engine.logprobs import add_prompt_logprobs, split_prompt_rows
+
+    seq, vocab = text_seq(0, 12, prompt_logprobs=0), 20000
+
+    def step(start, end):  # row r of the chunk is sure of prompt token start + r + 1
+        seq.prefill_start, seq.prefill_end = start, end
+        picks = seq.token_ids[start + 1:end + 1] + [0] * (end + 1 - seq.num_tokens)
+        rows = torch.stack([torch.nn.functional.one_hot(torch.tensor(t), vocab).float() * 50 for t in picks])
+        add_prompt_logprobs(split_prompt_rows(rows, [seq], record=True)[1])
+
+    step(0, 4)
+    step(4, 8)  # then preempted: computed again from the start, 4 tokens a step
+    for start in (0, 4, 8):
+        step(start, start + 4)
+    assert seq.prompt_logprobs_counted == 12 and len(seq.prompt_logprobs) == 12
+    assert [e.token_id for e in seq.prompt_logprobs[1:]] == seq.token_ids[1:12]
+
+
 def test_top_k_keeps_only_the_k_best():
     out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
     assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()

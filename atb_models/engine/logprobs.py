@@ -52,8 +52,11 @@ def split_prompt_rows(logits: torch.Tensor, seqs: list, record: bool) -> tuple[t
         rows = end - start if seq.wants_prompt_logprobs else 1
         last.append(offset + rows - 1)
         if seq.wants_prompt_logprobs:
-            # Prompt positions counted .. counted_now-1 are new (a preempted prompt computed again has some).
-            counted, counted_now = seq.prompt_logprobs_counted, min(end + 1, seq.num_prompt_tokens)
+            # Prompt positions counted .. counted_now-1 are new (a preempted prompt computed again has some). A
+            # recompute's chunk may end before the positions already counted (its budget is the step's, not the
+            # first pass's): the count never goes back, or the next chunk would add those positions again.
+            counted = seq.prompt_logprobs_counted
+            counted_now = max(counted, min(end + 1, seq.num_prompt_tokens))
             entries = []
             if record:
                 entries = [None] if counted == 0 else []
