@@ -562,6 +562,16 @@ def test_max_tokens_comes_from_either_name_a_null_one_asking_for_nothing(given, 
     assert parse_chat_request({"messages": [chat_message("hi")], **given}).params.max_tokens == expected
 
 
+@pytest.mark.parametrize("limit,expected", [(None, 16), (64, 16), (8, 8)])
+def test_a_completion_without_max_tokens_takes_16_or_the_servers_limit_if_lower(limit, expected):
+    """OpenAI's default of 16 tokens, bounded by --max_output_length: a request that gives no max_tokens is not
+    refused for exceeding a limit it never asked past."""
+    from atb_models.serve.completions import parse_completion_request
+
+    assert parse_completion_request({"prompt": "hi"}, limit).params.max_tokens == expected
+    assert parse_completion_request({"prompt": "hi", "max_tokens": 12}, limit).params.max_tokens == 12
+
+
 def test_max_tokens_and_max_completion_tokens_that_differ_are_a_400_naming_both():
     from atb_models.serve.protocol import ApiError, parse_chat_request
 

@@ -123,7 +123,7 @@ class ChatService:
         arrival = time.perf_counter()
         self.check_key(request)
         self.check_ready()
-        completion = parse_completion_request(await _json_body(request))
+        completion = parse_completion_request(await _json_body(request), self.engine.llm.max_output_length)
         several = len(completion.prompts) > 1
         preparations = [functools.partial(self._prepare_plain, prompt, f"prompt {i}: " if several else "")
                         for i, prompt in enumerate(completion.prompts)]

@@ -50,8 +50,9 @@ class CompletionRequest:
         return len(self.prompts) * self.n
 
 
-def parse_completion_request(body) -> CompletionRequest:
-    """The request body checked field by field; a bad one is one 400 naming the field."""
+def parse_completion_request(body, max_output_length: Optional[int] = None) -> CompletionRequest:
+    """The request body checked field by field; a bad one is one 400 naming the field. `max_output_length`, the
+    engine's, bounds the default max_tokens: a request that gives none is not refused for a value it never sent."""
     check_fields(body, READ, UNSUPPORTED)
     model, stream, include_usage, n = stream_fields(body)
     best_of = body.get("best_of")
@@ -70,7 +71,8 @@ def parse_completion_request(body) -> CompletionRequest:
     if prompt_only and not echo:
         raise bad_request("max_tokens 0 asks for no completion: it is taken only with echo: true")
     common = {key: value for key, value in body.items() if key not in ("logprobs", "echo", "best_of", "prompt")}
-    common["max_tokens"] = 1 if prompt_only else DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    default = DEFAULT_MAX_TOKENS if max_output_length is None else min(DEFAULT_MAX_TOKENS, max_output_length)
+    common["max_tokens"] = 1 if prompt_only else default if max_tokens is None else max_tokens
     params = sampling_params(common)
     if logprobs is not None:
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
