@@ -161,14 +161,19 @@ class CompletionFormat:
     def _logprobs(self, entries: list, offset: int, first_token: Optional[int]) -> dict:
         """OpenAI's completion logprobs: each token's text, logprob, most likely tokens as {text: logprob} and
         character offset in the choice's text; the prompt's first token (entry None: nothing before it predicts
-        it), `first_token`, has null for its logprob and its most likely tokens."""
+        it), `first_token`, has null for its logprob and its most likely tokens. As OpenAI and vLLM do, the most
+        likely tokens include the token itself (up to logprobs + 1 of them; with logprobs 0, only it)."""
         tokens, logprobs, tops, offsets = [], [], [], []
         for entry in entries:
             token = first_token if entry is None else entry.token_id
             text = self.token_bytes(token)[0]
             tokens.append(text)
             logprobs.append(None if entry is None else entry.logprob)
-            tops.append(None if entry is None else {self.token_bytes(i)[0]: value for i, value in entry.top})
+            top = None
+            if entry is not None:
+                top = {self.token_bytes(i)[0]: value for i, value in entry.top}
+                top.setdefault(text, entry.logprob)
+            tops.append(top)
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
