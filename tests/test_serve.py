@@ -646,6 +646,21 @@ def test_a_dropped_stream_is_aborted_its_blocks_freed_and_the_server_still_answe
                 reference(llm, [kit_request(QUESTIONS[1])])[0])
 
 
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+def test_a_client_that_leaves_a_whole_answer_is_aborted_without_a_traceback_in_the_log(server, path):
+    aborted = 'atb_requests_finished_total[finish_reason=abort]'
+    before = server.metrics().get(aborted, 0)
+    body = {"max_tokens": 64, "ignore_eos": True, "n": 2}
+    body.update({"messages": [chat_message(QUESTIONS[6])]} if path.startswith("chat") else {"prompt": QUESTIONS[6]})
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{server.url}/v1/{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=0.05)
+    assert wait_for(lambda: server.metrics().get(aborted, 0) == before + 2)
+    assert wait_for(lambda: server.metrics()["atb_kv_cache_blocks_used"] == 0)
+    # (asyncio logs an unread exception when its future is collected, soon after the handler ends)
+    assert not wait_for(lambda: "never retrieved" in server.log.read_text(), timeout=1.0)
+
+
 def test_metrics_parse_and_count_tokens_and_latencies(server):
     metrics = server.metrics()
     assert metrics["atb_prompt_tokens_total"] > 0 and metrics["atb_generation_tokens_total"] > 0

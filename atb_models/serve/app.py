@@ -272,6 +272,9 @@ class Answer:
             leaving.cancel()
             if not collecting.done():
                 collecting.cancel()
+                # A cancelled gather ends holding a CancelledError as its exception (not as cancelled): unread, asyncio
+                # logs it with a traceback ("exception was never retrieved") for every client that left.
+                collecting.add_done_callback(lambda future: future.cancelled() or future.exception())
                 self._abort_unfinished()
         if not collecting.done() or collecting.cancelled():
             return Response(status_code=CLIENT_CLOSED_REQUEST)
