@@ -376,6 +376,8 @@ def test_completion_logprobs_0_list_each_drawn_token_as_its_own_top_logprob(serv
                                             ({"prompt": "x", "best_of": 3}, "best_of 3 is not supported"),
                                             ({"prompt": "x", "logprobs": True}, "logprobs must be an integer"),
                                             ({"prompt": "x", "echo": 1}, "echo must be true or false"),
+                                            ({"prompt": "x", "max_tokens": 0.0, "echo": True},
+                                             "max_tokens must be an integer"),
                                             ({"prompt": ["x"] * 11, "n": 2}, "22 choices (prompts times n)"),
                                             ({"messages": []}, "'messages': not a field")])
 def test_completions_asked_wrongly_are_400s(server, body, expected):

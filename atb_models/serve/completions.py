@@ -67,7 +67,7 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
         raise bad_request(f"logprobs must be an integer in 0..{MAX_LOGPROBS} (the most likely tokens to list at each "
                           f"position), got {logprobs!r}")
     max_tokens = body.get("max_tokens")
-    prompt_only = max_tokens == 0 and not isinstance(max_tokens, bool)
+    prompt_only = type(max_tokens) is int and max_tokens == 0  # (0.0 and false are refused, as 2.0 is)
     if prompt_only and not echo:
         raise bad_request("max_tokens 0 asks for no completion: it is taken only with echo: true")
     common = {key: value for key, value in body.items() if key not in ("logprobs", "echo", "best_of", "prompt")}
