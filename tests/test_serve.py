@@ -372,6 +372,8 @@ def test_completion_logprobs_0_list_each_drawn_token_as_its_own_top_logprob(serv
                                             ({"prompt": [[1, 2], "a", 3]}, "prompt must be a string"),
                                             ({"prompt": "a<|image_pad|>"}, "must not hold the vision placeholder"),
                                             ({"prompt": ["ok", [99999]]}, "prompt 1: the prompt's token ids"),
+                                            ({"prompt": ["ok", "ok", [5] * 600], "n": 2},
+                                             "prompt 2: the prompt has 600 tokens"),
                                             ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),
                                             ({"prompt": "x", "best_of": 3}, "best_of 3 is not supported"),
                                             ({"prompt": "x", "logprobs": True}, "logprobs must be an integer"),

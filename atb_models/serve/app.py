@@ -206,8 +206,13 @@ class ChatService:
                         self.engine.submit(NewRequest(request_id, prompt, params), handle.put)
             finally:
                 self.engine.preparing -= num_choices
-            for _, handle in choices:
-                await handle.accepted()
+            for number, (_, handle) in enumerate(choices):
+                try:
+                    await handle.accepted()
+                except ApiError as e:  # the engine's refusal (too long a prompt): which one, where there are several
+                    if e.status == 400 and len(preparations) > 1:
+                        e.message = f"prompt {number // parsed.n}: {e.message}"
+                    raise
         except BaseException:
             for request_id, _ in choices:  # a client gone meanwhile, or a refusal: the others go too (no-op if gone)
                 self.engine.abort(request_id)
