@@ -254,6 +254,18 @@ def test_prompt_logprobs_of_a_preempted_prompt_recomputed_in_a_shorter_chunk_are
     assert [e.token_id for e in seq.prompt_logprobs[1:]] == seq.token_ids[1:12]
 
 
+def test_token_logprobs_of_many_rows_are_taken_a_slice_at_a_time_with_the_same_values():
+    from atb_models.engine.logprobs import LOGPROB_ROWS, token_logprobs
+
+    logits = torch.randn(2 * LOGPROB_ROWS + 5, 40)
+    tokens = torch.randint(0, 40, (len(logits),)).tolist()
+    expected = torch.log_softmax(logits, -1)
+    entries = token_logprobs(logits, tokens, 2)
+    assert [e.token_id for e in entries] == tokens
+    assert all(abs(e.logprob - expected[i, e.token_id].item()) < 1e-6 for i, e in enumerate(entries))
+    assert [e.top[0][0] for e in entries] == expected.argmax(-1).tolist()
+
+
 def test_top_k_keeps_only_the_k_best():
     out = top_k_top_p_filter(torch.tensor([1.0, 4.0, 3.0, 2.0]), top_k=2, top_p=1.0)
     assert torch.isinf(out[[0, 3]]).all() and torch.isfinite(out[[1, 2]]).all()

@@ -21,8 +21,16 @@ class TokenLogprob:
     top: tuple = ()
 
 
+# Rows whose log-softmax is taken at once: a long prompt's logprobs cost this many rows' copies beyond its logits.
+LOGPROB_ROWS = 256
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list, count: int) -> list:
-    """A TokenLogprob for each row of `logits` [rows, vocab] and the token of that row, with `count` top tokens."""
+    """A TokenLogprob for each row of `logits` [rows, vocab] and the token of that row, with `count` top tokens;
+    LOGPROB_ROWS rows at a time."""
+    if len(tokens) > LOGPROB_ROWS:
+        return [entry for at in range(0, len(tokens), LOGPROB_ROWS)
+                for entry in token_logprobs(logits[at:at + LOGPROB_ROWS], tokens[at:at + LOGPROB_ROWS], count)]
     logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
     tops = [()] * len(tokens)
     if count:

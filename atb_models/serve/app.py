@@ -170,8 +170,9 @@ class ChatService:
         room = self.engine.llm.scheduler.max_batch_size + self.config.max_queue
         num_choices = len(preparations) * parsed.n
         if num_choices > room:  # a 503's "try again" could never come true
-            raise bad_request(f"{num_choices} choices (prompts times n) are more than this server takes at once "
-                              f"({room} requests: the batch and --max_queue): ask for fewer")
+            asked = f"n {parsed.n}" if len(preparations) == 1 else f"{len(preparations)} prompts of n {parsed.n}"
+            raise bad_request(f"{asked} ({num_choices} requests) are more than this server takes at once ({room} "
+                              "requests: the batch and --max_queue): ask for fewer")
         if self.engine.queued(arriving=num_choices) > self.config.max_queue:  # (each choice is a request)
             raise ApiError(503, f"the waiting queue is full ({self.config.max_queue} requests, --max_queue); try "
                                 "again shortly", "server_error", "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
