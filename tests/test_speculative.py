@@ -97,3 +97,33 @@ def test_drafting_under_preemption_chunked_prefill_and_the_prefix_cache(checkpoi
 def test_speculative_settings_out_of_range_are_refused_naming_the_flag(checkpoint, bad):
     with pytest.raises(UserError, match=f"--{next(iter(bad)) if len(bad) == 1 else 'prompt_lookup_max'} must be"):
         make_llm(checkpoint, **bad)
+
+
+def test_a_drafted_steps_tokens_stop_at_eos_or_max_tokens_and_guesses_take_only_free_blocks():
+    from types import SimpleNamespace
+
+    from atb_models.engine.block_manager import BlockManager
+    from atb_models.engine.scheduler import Scheduler
+    from atb_models.engine.sequence import Sequence
+
+    def seq(seq_id: int, max_tokens: int) -> Sequence:
+        ids = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+        prompt = SimpleNamespace(token_ids=ids, visuals=[], rope_delta=0, positions=torch.arange(10).expand(3, -1))
+        return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens), max_tokens)
+
+    manager = BlockManager(num_blocks=7, block_size=4, enable_prefix_caching=False)  # (no sharing: exact counts)
+    scheduler = Scheduler(manager, 4, 100, eos_token_ids=[9], num_speculative_tokens=4)
+    ended, capped = seq(0, 10), seq(1, 3)
+    for s in (ended, capped):
+        scheduler.add(s)
+    seqs, _ = scheduler.schedule()  # the prefill: 3 blocks each, one left
+    scheduler.finish_step(seqs, [4, 4])
+    seqs, is_prefill = scheduler.schedule()
+    assert not is_prefill and seqs == [ended, capped]
+    # "2 3 4" came before, then "5 6 7 1": 4 guesses, whose K/V take the last free block
+    assert ended.draft_tokens == [5, 6, 7, 1] and manager.num_free_blocks == 0
+    assert capped.draft_tokens == [5]  # max_tokens 3 leaves room for 1 guess past the step's own token
+    finished = scheduler.finish_step(seqs, [[5, 9, 7], [5, 6]])
+    assert ended.completion_token_ids == [4, 5, 9] and ended.finish_reason == "stop"  # nothing past eos
+    assert capped.completion_token_ids == [4, 5, 6] and capped.finish_reason == "length"
+    assert set(finished) == {ended, capped} and manager.num_free_blocks == 7
