@@ -3,9 +3,9 @@
 // half the bytes to read, each row widened as it is loaded, the new K and V rounded to nearest even when stored, as
 // PyTorch stores them).
 //
-// For every (sequence, KV head) pair: rotate the step's new K row and the queries by the position's rotary, write
-// the new K and V rows into the cache slot of the sequence's last position, then attend from the query heads that
-// share the KV head to the sequence's context, read in place through its block table. PyTorch would spend the
+// For every (row, KV head) pair: rotate the row's new K by its position's rotary and write the new K and V into the
+// cache slot of the row's last position; then, once every row has, rotate the queries and attend from the query
+// heads that share the KV head to the row's context, read in place through its block table. PyTorch would spend the
 // rotation's five operators, two index_puts, two block gathers into a contiguous copy, a mask and a softmax on the
 // same work (about fifteen operator calls a layer, each a few microseconds); this reads each context row
 // once, straight from the cache.
@@ -184,6 +184,24 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k, in
         _mm_setcsr(saved_csr | 0x8040);  // FTZ | DAZ
         std::vector<float> scores, rotated, inverse;
         std::vector<const T*> keys, values;
+        // Every row's new K and V go to their slots first (rows attend to themselves), all before any row attends:
+        // several rows of one sequence at consecutive positions (a speculative step's guesses) each see the rows
+        // before theirs, as a prefill chunk's tokens do.
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < batch * kv_heads; task++) {
+            const int64_t b = task / kv_heads, g = task % kv_heads, last = context_lens[b] - 1;
+            const int64_t at = ((block_tables[b * max_blocks + last / block_size] * kv_heads + g) * block_size +
+                                last % block_size) * head_dim;
+            const float* k_new = k + b * k_stride + g * head_dim;
+            store_row(v + b * v_stride + g * head_dim, head_dim, v_cache + at);
+            if (cos) {
+                rotated.resize(head_dim);
+                rotate(k_new, cos + b * head_dim, sin + b * head_dim, head_dim, rotated.data());
+                store_row(rotated.data(), head_dim, k_cache + at);
+            } else {
+                store_row(k_new, head_dim, k_cache + at);
+            }
+        }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < batch * kv_heads; task++) {
             const int64_t b = task / kv_heads, g = task % kv_heads, length = context_lens[b];
@@ -209,24 +227,13 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k, in
                     prefetch_row(v_cache + at, head_dim);
                 }
             }
-            // The new token's K and V go to its slot first: it attends to itself.
-            const float* k_new = k + b * k_stride + g * head_dim;
-            const float* v_new = v + b * v_stride + g * head_dim;
-            T* k_slot = const_cast<T*>(keys[length - 1]);
-            T* v_slot = const_cast<T*>(values[length - 1]);
-            store_row(v_new, head_dim, v_slot);
             const float* q_group = q + b * q_stride + g * group * head_dim;
-            rotated.resize((group + 1) * head_dim);
             if (cos) {
-                float* k_rotated = rotated.data() + group * head_dim;
-                rotate(k_new, cos + b * head_dim, sin + b * head_dim, head_dim, k_rotated);
-                store_row(k_rotated, head_dim, k_slot);
+                rotated.resize(group * head_dim);
                 for (int64_t i = 0; i < group; i++)
                     rotate(q_group + i * head_dim, cos + b * head_dim, sin + b * head_dim, head_dim,
                            rotated.data() + i * head_dim);
                 q_group = rotated.data();
-            } else {
-                store_row(k_new, head_dim, k_slot);
             }
             scores.resize(group * length);
             inverse.resize(group);

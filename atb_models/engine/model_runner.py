@@ -137,7 +137,8 @@ class ModelRunner:
         In a prefill, a sequence that wants_prompt_logprobs has the logits after each token it computes, in order
         (prefill_end - prefill_start rows in place of its one).
         A prefill computes each sequence's tokens [seq.prefill_start, seq.prefill_end): those before are in the
-        cache (a cached prefix, or the chunks of earlier steps)."""
+        cache (a cached prefix, or the chunks of earlier steps). A decode step's logits have 1 + len(draft_tokens)
+        rows for a sequence with guessed tokens (engine.speculative)."""
         if is_prefill:
             ids, positions, slots, starts, last_rows = [], [], [], [0], []
             for seq in seqs:
@@ -159,33 +160,17 @@ class ModelRunner:
             visual_embeds = self._visual_embeds(seqs, starts[:-1])
             positions = torch.cat(positions, dim=1).to(self.device)
             logits = self.model(self._tensor(ids), positions, self._tensor(last_rows), ctx, visual_embeds)
-        elif any(seq.draft_tokens for seq in seqs):
-            logits = self._run_drafts(seqs)
         else:
-            ids = [seq.token_ids[-1] for seq in seqs]
-            positions = self._tensor([seq.decode_position() for seq in seqs]).expand(3, -1)
-            slots = [self._slots(seq, seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs]
-            context_lens = self._tensor([seq.num_tokens for seq in seqs])
+            # One row a sequence, and one more for each token guessed for it (engine.speculative): a guess at the
+            # position after the row before it, attending to the rows before its own, whose K/V the decode
+            # attention stores first.
+            rows = [(seq, j) for seq in seqs for j in range(1 + len(seq.draft_tokens))]
+            ids = [seq.draft_tokens[j - 1] if j else seq.token_ids[-1] for seq, j in rows]
+            positions = self._tensor([seq.decode_position() + j for seq, j in rows]).expand(3, -1)
+            slots = [self._slots(seq, seq.num_tokens - 1 + j, seq.num_tokens + j)[0] for seq, j in rows]
+            context_lens = self._tensor([seq.num_tokens + j for seq, j in rows])
             max_blocks = max(len(seq.block_table) for seq in seqs)
-            tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+            tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in rows])
             ctx = StepContext(False, self._tensor(slots).t(), block_tables=tables, context_lens=context_lens)
             logits = self.model(self._tensor(ids), positions, None, ctx)  # logits of every row
         return logits
-
-    def _run_drafts(self, seqs: list) -> torch.Tensor:
-        """A decode step where some sequences carry guessed tokens (engine.speculative): each sequence's last token
-        and its guesses computed as a chunk over its cached K/V, the way a prefill continues from a cached prefix.
-        The logits after each of a drafted sequence's tokens (1 + its guesses rows), one row for the others."""
-        ids, positions, slots, starts, rows = [], [], [], [0], []
-        for seq in seqs:
-            first, end = seq.num_tokens - 1, seq.num_tokens + len(seq.draft_tokens)
-            ids.extend([seq.token_ids[-1], *seq.draft_tokens])
-            positions.append(seq.positions(first, end))
-            slots.extend(self._slots(seq, first, end))
-            starts.append(starts[-1] + end - first)
-            rows.extend(range(starts[-2], starts[-1]) if seq.draft_tokens else [starts[-1] - 1])
-        ctx = StepContext(True, self._tensor(slots).t(), seq_starts=starts)
-        ctx.prefix_lens = [seq.num_tokens - 1 for seq in seqs]
-        ctx.prefix_tables = [self._tensor(seq.block_table) for seq in seqs]
-        positions = torch.cat(positions, dim=1).to(self.device)
-        return self.model(self._tensor(ids), positions, self._tensor(rows), ctx, None)

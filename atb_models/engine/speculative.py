@@ -1,9 +1,10 @@
 """Speculative decoding by prompt lookup (n-gram drafts, vLLM's "ngram" method): a greedy sequence whose last few
-tokens appeared earlier in its prompt or answer guesses that what followed them then follows now. One step
-computes its last token and the guessed ones together (a prefill-style chunk over its cached K/V: the weights
-stream once for all of them, which is what a decode step on a CPU or a small batch waits on), and keeps the guesses
-up to the first the model disagrees with, plus the model's own token after them. The tokens are the model's greedy
-tokens either way; a step gives 1 to num_speculative_tokens + 1 of them.
+tokens appeared earlier in its prompt or answer guesses that what followed them then follows now. One decode step
+computes its last token and the guessed ones as rows of its batch (model_runner.run: the weights stream once for
+all of them, which is what a decode step on a CPU or at a small batch waits on; the decode attention stores every
+row's K/V before any row attends, so a guess sees the rows before it), and keeps the guesses up to the first the
+model disagrees with, plus the model's own token after them. The rows go through the decode kernels a plain step
+uses, so the tokens are the plain engine's; a step gives 1 to num_speculative_tokens + 1 of them.
 
 Only greedy sequences with nothing shaping their logits are drafted for (a sampled one would need rejection
 sampling to keep its distribution); they share steps with the others, which draw one token as usual.
