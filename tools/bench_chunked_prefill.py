@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atb_models.cli.entry import FlagParser  # noqa: E402
+from tools.ab_engines import alternate, cpu_small_engines  # noqa: E402
 
 DECODE_TOKENS = 48
 B_STARTS_AFTER = 4  # A's tokens before B arrives
@@ -53,30 +54,18 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=512, help="--max_prefill_tokens of the chunked engine")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from atb_models import LLM
-    from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
-
-    checkpoint = str(ensure_checkpoint(PRESETS["cpu-small"]))
-    options = dict(dtype="float32", device="cpu", max_batch_size=2, max_input_length=args.prompt_tokens + 200,
-                   max_output_length=DECODE_TOKENS, block_size=128, enable_prefix_caching=False)
-    engines = {"unchunked": LLM(checkpoint, **options),
-               "chunked": LLM(checkpoint, enable_chunked_prefill=True, max_prefill_tokens=args.chunk, **options)}
+    engines = cpu_small_engines(
+        {"unchunked": {}, "chunked": dict(enable_chunked_prefill=True, max_prefill_tokens=args.chunk)},
+        max_batch_size=2, max_input_length=args.prompt_tokens + 200, max_output_length=DECODE_TOKENS, block_size=128,
+        enable_prefix_caching=False)
     words = ("harbour boats morning light water quiet gulls rope timber tide " * (args.prompt_tokens // 6)).split()
     tokenizer = engines["chunked"].tokenizer
     while len(tokenizer(" ".join(words))["input_ids"]) > args.prompt_tokens:
         words = words[:-10]
     long_text = " ".join(words)
-    results = {name: [] for name in engines}
-    for name, llm in engines.items():  # warm-up
-        one_run(llm, long_text)
-    for repeat in range(args.repeats):
-        order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
-        for name in order:
-            results[name].append(one_run(engines[name], long_text))
+    median = alternate(engines, lambda llm: one_run(llm, long_text), args.repeats)
     print(f"B's prompt: {len(tokenizer(long_text)['input_ids'])} text tokens (+ the chat template); chunk "
           f"{args.chunk}; A decodes {DECODE_TOKENS} tokens; medians of {args.repeats} repeats")
-    median = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-              for name, runs in results.items()}
     for name, figures in median.items():
         print(f"{name:>10}: A's longest gap {figures['a_longest_gap'] * 1e3:8.1f} ms, A's median gap "
               f"{figures['a_median_gap'] * 1e3:6.1f} ms, B's time to first token {figures['b_ttft'] * 1e3:8.1f} ms")

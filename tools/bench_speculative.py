@@ -12,7 +12,6 @@ Prints per engine the median decode ms per token and per step, the guesses accep
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atb_models.cli.entry import FlagParser  # noqa: E402
+from tools.ab_engines import alternate, cpu_small_engines  # noqa: E402
 
 PROMPT = ("Copy this list exactly, then continue it: apples, pears, plums, apples, pears, plums, apples, pears, "
           "plums, apples, pears, plums.")
@@ -45,24 +45,11 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4, help="--num_speculative_tokens of the drafting engine")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from atb_models import LLM
-    from atb_models.benchmark.presets import PRESETS, ensure_checkpoint
-
-    checkpoint = str(ensure_checkpoint(PRESETS["cpu-small"]))
-    options = dict(dtype="float32", device="cpu", max_batch_size=1, max_input_length=512,
-                   max_output_length=args.tokens, block_size=128, enable_prefix_caching=False)
-    engines = {"plain": LLM(checkpoint, **options),
-               "speculative": LLM(checkpoint, num_speculative_tokens=args.k, **options)}
-    results = {name: [] for name in engines}
-    for llm in engines.values():  # warm-up
-        one_run(llm, args.tokens)
-    for repeat in range(args.repeats):
-        order = list(engines) if repeat % 2 == 0 else list(reversed(engines))
-        for name in order:
-            results[name].append(one_run(engines[name], args.tokens))
+    engines = cpu_small_engines({"plain": {}, "speculative": dict(num_speculative_tokens=args.k)},
+                                max_batch_size=1, max_input_length=512, max_output_length=args.tokens,
+                                block_size=128, enable_prefix_caching=False)
+    median = alternate(engines, lambda llm: one_run(llm, args.tokens), args.repeats)
     print(f"{args.tokens} tokens a run, batch 1, k {args.k}; medians of {args.repeats} repeats")
-    median = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-              for name, runs in results.items()}
     for name, figures in median.items():
         print(f"{name:>12}: {figures['ms_per_token']:7.1f} ms a token, {figures['ms_per_step']:7.1f} ms a step, "
               f"{figures['steps']:.0f} decode steps, guesses {figures['accepted']:.0f} held of "
