@@ -418,6 +418,21 @@ def test_a_stop_string_ends_the_answer_only_where_it_ends_past_min_tokens(llm):
     assert out.text == (full.text if at < 0 else full.text[:at]) and len(out.token_ids) >= 4
 
 
+def test_text_only_grows_while_min_tokens_hold_stop_strings_off(llm):
+    # A stop string that starts within the first min_tokens tokens' text and ends past it ends the answer there;
+    # its start, shown while no stop was searched for, was taken back (a stream sent it, then repeated text).
+    request = [[{"text": "Describe the colours of the sky."}]]
+    full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    lengths = [len(llm.tokenizer.decode(full.token_ids[:k], skip_special_tokens=True)) for k in range(8)]
+    for min_tokens in range(2, 8):
+        stop = full.text[max(0, lengths[min_tokens - 1] - 1):lengths[min_tokens] + 1]  # across the boundary
+        llm.add_request(request[0], SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=min_tokens))
+        texts = []
+        while llm.has_unfinished():
+            texts.extend(out.text for out in llm.step())
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:])), (stop, texts)
+
+
 def test_outputs_report_counts_and_finish_reasons(llm):
     outs = llm.generate([[{"text": "Hello"}], [{"text": "Hi there"}]],
                         [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)])

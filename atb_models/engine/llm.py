@@ -367,9 +367,11 @@ class LLM:
         """The sequence's text; the first stop string in it ends the request ("stop") and the text before it."""
         text = self._decode_completion(seq.completion_token_ids)
         stops, searched_from = seq.params.stop, 0
+        held = stops  # a tail that may start a stop string is held back even before min_tokens: the stop may end
+        # past them and cut the text there, and text already shown (streamed) cannot be taken back
         if stops and seq.params.min_tokens:
             # A stop string ends the answer only where it ends past its first min_tokens tokens (vLLM's rule):
-            # until then none is searched for, and none held back.
+            # until then none is searched for.
             if len(seq.completion_token_ids) < seq.params.min_tokens:
                 stops = ()
             elif seq.min_tokens_text_length is None:
@@ -385,7 +387,7 @@ class LLM:
                 return text[:min(found)]
         if seq.status is SequenceStatus.FINISHED:
             return text
-        return _without_partial_stop(text.rstrip("\ufffd"), stops)
+        return _without_partial_stop(text.rstrip("\ufffd"), held)
 
     def _record(self, seq: Sequence, output: RequestOutput) -> None:
         """What a sequence's output says after a step or an abort: its tokens, and once finished why and when."""
