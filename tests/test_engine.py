@@ -407,6 +407,27 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
     assert not llm.has_unfinished()
 
 
+def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matching_on_its_own(llm, monkeypatch):
+    # (a compile runs on the engine's thread: a request's n choices each compiled a large schema anew, seconds
+    # during which every other request waited)
+    from atb_models.engine.structured_output import Matchers, StructuredOutput
+
+    compiled, grammar = [], StructuredOutput.grammar
+    monkeypatch.setattr(StructuredOutput, "grammar", lambda self: compiled.append(self) or grammar(self))
+    matchers = Matchers(llm.tokenizer, llm.model_config.hf_config.vocab_size, llm.model_config.eos_token_ids)
+    vocab = llm.model_config.hf_config.vocab_size
+    first = matchers.matcher(StructuredOutput(regex="[0-9]{2}"))
+    fresh = first.allowed(vocab)
+    second = matchers.matcher(StructuredOutput(regex="[0-9]{2}"))
+    assert len(compiled) == 1
+    while not first.advance(int(first.allowed(vocab).nonzero()[-1])):
+        pass
+    assert torch.equal(second.allowed(vocab), fresh)  # the first's tokens were its own
+    assert torch.equal(matchers.matcher(StructuredOutput(regex="[0-9]{2}")).allowed(vocab), fresh)
+    matchers.matcher(StructuredOutput(choice=["no"]))
+    assert len(compiled) == 2
+
+
 def test_a_stop_string_ends_the_answer_only_where_it_ends_past_min_tokens(llm):
     request = [[{"text": "Describe the colours of the sky."}]]
     full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]

@@ -9,6 +9,7 @@ the constraint is complete (the sequence then finishes, "stop"); only rank 0, wh
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,7 @@ from atb_models.errors import UserError
 
 MAX_SPEC_CHARS = 100_000  # a schema, regex or the choices, as text: compiled on the engine's thread
 MAX_CHOICES = 1000
+KEPT_CONSTRAINTS = 16  # compiled constraints kept for the requests that follow (Matchers)
 # The whitespace a JSON answer may hold between two of its tokens: enough for pretty-printing (a newline and deep
 # indentation), bounded so that a model cannot fill the answer with whitespace and never finish the object.
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,64}"
@@ -85,14 +87,28 @@ def _schema_text(schema) -> str:
 
 class Matchers:
     """The engine's side of structured output: the tokenizer in llguidance's form, built at the first constrained
-    request, and a SequenceMatcher for each such request."""
+    request, and a SequenceMatcher for each such request. The latest constraints' compiled matchers are kept, each
+    sequence taking a copy: a request's n choices (and its prompts) share one constraint, and a compile of a large
+    schema takes a good part of a second on the engine's thread, while every other request waits."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
         self._tokenizer, self._vocab_size, self._eos = tokenizer, vocab_size, list(eos_token_ids)
         self._ll_tokenizer = None
+        self._compiled: OrderedDict = OrderedDict()  # StructuredOutput -> an LLMatcher fed nothing, latest last
 
     def matcher(self, constraint: StructuredOutput) -> "SequenceMatcher":
         """A new matcher for `constraint`; a constraint llguidance cannot compile is a UserError naming why."""
+        compiled = self._compiled.get(constraint)
+        if compiled is None:
+            compiled = self._compile(constraint)
+            self._compiled[constraint] = compiled
+            if len(self._compiled) > KEPT_CONSTRAINTS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(constraint)
+        return SequenceMatcher(compiled.deep_copy(), self._eos)
+
+    def _compile(self, constraint: StructuredOutput):
         try:
             from llguidance import LLMatcher
             from llguidance.hf import from_tokenizer
@@ -103,7 +119,7 @@ class Matchers:
         matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
         if matcher.is_error():
             raise UserError(f"the structured output cannot be used: {matcher.get_error()}")
-        return SequenceMatcher(matcher, self._eos)
+        return matcher
 
 
 class SequenceMatcher:
