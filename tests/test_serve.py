@@ -591,6 +591,21 @@ def test_a_completion_without_max_tokens_takes_16_or_the_servers_limit_if_lower(
     assert parse_completion_request({"prompt": "hi", "max_tokens": 12}, limit).params.max_tokens == 12
 
 
+@pytest.mark.parametrize("response_format, unread", [
+    ({"type": "json_object", "schema": {"type": "object"}}, "schema"),  # (other APIs' way to give the schema)
+    ({"type": "json_schema", "json_schema": {"name": "x", "schemas": {"type": "object"}}}, "json_schema.schemas")])
+def test_a_response_format_key_the_server_does_not_read_is_a_400_not_ignored(response_format, unread):
+    from atb_models.serve.protocol import ApiError, parse_chat_request
+
+    with pytest.raises(ApiError, match=f"response_format: {unread} is not a field") as refused:
+        parse_chat_request({"messages": [chat_message("hi")], "response_format": response_format})
+    assert refused.value.status == 400
+    openai = {"type": "json_schema", "json_schema": {"name": "x", "description": "d", "strict": True,
+                                                     "schema": {"type": "object"}}}
+    assert parse_chat_request({"messages": [chat_message("hi")], "response_format": openai}).params.structured_output \
+        .json == '{"type": "object"}'
+
+
 def test_max_tokens_and_max_completion_tokens_that_differ_are_a_400_naming_both():
     from atb_models.serve.protocol import ApiError, parse_chat_request
 

@@ -14,6 +14,7 @@ from atb_models.errors import UserError
 ROLES = ("system", "user", "assistant")
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}  # response_format's json_schema (OpenAI's)
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None}
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
@@ -252,6 +253,15 @@ def _structured_output(body: dict):
         if name == "guided_choice":
             return StructuredOutput(choice=value)
         kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object" or kind == "json_schema" and isinstance(value.get("json_schema"), dict):
+            # A key the kit does not read is refused, never ignored: some APIs take {"type": "json_object",
+            # "schema": {...}}, which would otherwise be answered with any object.
+            inner = value["json_schema"] if kind == "json_schema" else {}
+            unread = [*sorted(set(value) - {"type", *(["json_schema"] if kind == "json_schema" else [])}),
+                      *(f"json_schema.{key}" for key in sorted(set(inner) - JSON_SCHEMA_FIELDS))]
+            if unread:
+                raise bad_request(f"response_format: {', '.join(unread)} is not a field this server reads (a "
+                                  f"json_schema's are {', '.join(sorted(JSON_SCHEMA_FIELDS))})")
         if kind == "json_object":
             return StructuredOutput(json=True)
         if kind == "json_schema" and isinstance(value.get("json_schema"), dict):
