@@ -297,6 +297,16 @@ def test_min_tokens_holds_back_eos_until_the_answer_is_that_long():
     assert sample(logits, [seq], eos_token_ids=(2,)) == [2]
 
 
+def test_no_penalty_brings_back_a_token_held_back_even_at_the_edge_of_float32():
+    # A huge repetition penalty holds the seen tokens' (negative) logits at float32's least finite value; eos,
+    # held back by min_tokens as -inf, was clamped to that same value by the temperature's range check and drawn.
+    seq = text_seq(0, 2, first_token=0, max_tokens=20, min_tokens=10, temperature=1.0, seed=0,
+                   repetition_penalty=1e39)
+    for token in (3, 4, 5, 6, 7):
+        seq.append_token(token)  # every token but eos (2) seen
+    assert 2 not in {sample(torch.full((1, 8), -1.0), [seq], eos_token_ids=(2,))[0] for _ in range(100)}
+
+
 def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
     logits = torch.zeros(1, 50)
 

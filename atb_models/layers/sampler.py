@@ -95,12 +95,16 @@ def sample(logits: torch.Tensor, seqs: list, eos_token_ids=()) -> list:
             apply_presence_frequency_penalties(row, seq.completion_token_ids, p.presence_penalty,
                                                p.frequency_penalty)
         allowed = allowed_tokens(seq, row.shape[-1], eos_token_ids)
-        if allowed is not None:  # last: no penalty or bias may bring back a token ruled out
+        if not p.greedy:
+            row = _within_range(row / p.temperature)
+        if allowed is not None:
+            # Last: no penalty, bias or temperature may bring back a token ruled out. (Before the clamp to float32's
+            # range a masked -inf would turn finite, tied with the allowed tokens an extreme penalty held there.)
             row.masked_fill_(~allowed.to(row.device), float("-inf"))
         if p.greedy:
             tokens.append(int(row.argmax()))
             continue
-        row = top_k_top_p_filter(_within_range(row / p.temperature), p.top_k, p.top_p)
+        row = top_k_top_p_filter(row, p.top_k, p.top_p)
         if p.min_p:
             row = min_p_filter(row, p.min_p)
         probs = row.softmax(-1)
