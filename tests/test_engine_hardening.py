@@ -74,11 +74,11 @@ def test_a_call_stopped_by_on_finish_leaves_nothing_for_the_next_call(llm, fresh
 def test_a_sampling_failure_leaves_nothing_for_the_next_call(llm, fresh_answers, monkeypatch):
     real_sample, calls = llm_module.sample, []
 
-    def failing_on_third_step(logits, seqs):
+    def failing_on_third_step(logits, seqs, eos_token_ids=()):
         calls.append(len(seqs))
         if len(calls) == 3:
             raise RuntimeError("sampler broke")
-        return real_sample(logits, seqs)
+        return real_sample(logits, seqs, eos_token_ids)
 
     monkeypatch.setattr(llm_module, "sample", failing_on_third_step)
     with pytest.raises(RuntimeError, match="sampler broke"):
@@ -101,7 +101,7 @@ def test_a_sampling_failure_on_rank_0_stops_every_rank_in_step(llm, fresh_answer
 
     monkeypatch.setattr(distributed, "broadcast_from_rank0", broadcast)
     if rank == 0:
-        monkeypatch.setattr(llm_module, "sample", lambda logits, seqs: (_ for _ in ()).throw(ValueError("nan")))
+        monkeypatch.setattr(llm_module, "sample", lambda logits, seqs, eos=(): (_ for _ in ()).throw(ValueError("nan")))
     with pytest.raises(RuntimeError, match="sampling failed on rank 0: ValueError"):
         llm.generate(REQUESTS, PARAMS)
     if rank == 0:
@@ -167,12 +167,12 @@ def test_a_step_cut_short_in_its_sampling_leaves_seeded_requests_drawing_as_if_i
     expected = [out.token_ids for out in llm.generate(requests, params)]
     real_sample, draws = llm_module.sample, []
 
-    def cut_after_the_first_row(logits, seqs):
+    def cut_after_the_first_row(logits, seqs, eos_token_ids=()):
         draws.append(len(seqs))
         if len(draws) == cut_draw:
-            real_sample(logits[:1], seqs[:1])
+            real_sample(logits[:1], seqs[:1], eos_token_ids)
             raise KeyboardInterrupt
-        return real_sample(logits, seqs)
+        return real_sample(logits, seqs, eos_token_ids)
 
     monkeypatch.setattr(llm_module, "sample", cut_after_the_first_row)
     ids = [llm.add_request(request, p) for request, p in zip(requests, params)]
