@@ -494,6 +494,17 @@ def test_text_too_long_for_any_tokenization_is_refused_without_tokenizing_it(llm
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_token_ids_too_many_for_max_input_length_are_refused_without_decoding_them(llm, monkeypatch):
+    decoded = []
+    decode = llm.preprocessor.tokenizer.decode
+    monkeypatch.setattr(llm.preprocessor.tokenizer, "decode", lambda ids, **kw: decoded.append(1) or decode(ids, **kw))
+    with pytest.raises(UserError, match=f"the prompt has {llm.max_input_length + 1} tokens, more than "
+                                        f"--max_input_length {llm.max_input_length}"):
+        llm.preprocessor.plain([7] * (llm.max_input_length + 1))
+    assert not decoded
+    assert llm.preprocessor.plain([7] * llm.max_input_length).token_ids == [7] * llm.max_input_length
+
+
 def test_requests_taken_one_at_a_time_step_to_their_end_and_an_idle_step_does_nothing(llm):
     assert not llm.has_unfinished() and llm.step() == []
     request_id = llm.add_request([{"text": "Hello"}], SamplingParams(max_tokens=3, ignore_eos=True))

@@ -302,6 +302,10 @@ class Preprocessor:
                                 f"{self.max_input_length} tokens can hold")
             token_ids, text = self.tokenizer(prompt, add_special_tokens=False)["input_ids"], prompt
         elif isinstance(prompt, (list, tuple)):
+            # (before anything reads them: decoding millions of ids held the one preprocessing thread for seconds)
+            if self.max_input_length is not None and len(prompt) > self.max_input_length:
+                raise UserError(f"the prompt has {len(prompt)} tokens, more than --max_input_length "
+                                f"{self.max_input_length}")
             bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
                 raise UserError(f"the prompt's token ids must be integers in 0..{self.vocab_size - 1} (the "
