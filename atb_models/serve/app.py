@@ -149,6 +149,13 @@ class ChatService:
         self.check_ready()
         model, tokens = parse_detokenize_request(await _json_body(request))
         self._check_model(model)
+        # No sequence of this server holds more (vLLM's bound too); millions of ids would hold the one
+        # preprocessing thread, which every request's preprocessing waits for, for seconds.
+        llm = self.engine.llm
+        if len(tokens) > llm.max_input_length + llm.max_output_length:
+            raise bad_request(f"tokens holds {len(tokens)} ids, more than max_model_len "
+                              f"{llm.max_input_length + llm.max_output_length} (--max_input_length + "
+                              f"--max_output_length)")
         vocab_size = self.engine.llm.model_config.hf_config.vocab_size
         beyond = [t for t in tokens if not 0 <= t < vocab_size]
         if beyond:
