@@ -438,6 +438,19 @@ def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matc
     assert len(compiled) == 2
 
 
+def test_a_choice_the_tokenizer_would_normalize_is_answered_byte_for_byte(llm):
+    # The checkpoint's tokenizer, as Qwen's, normalizes to NFC: the choice's tokens were taken as those of "\u00e9",
+    # which the constraint then refused, and the answer ended ("stop") on half a character.
+    from atb_models.engine.structured_output import StructuredOutput
+
+    for choices in (["e\u0301"], ["cafe\u0301 noir", "cafe\u0301 au lait"]):  # (forced: one way to go on)
+        for seed in (None, 1):
+            params = SamplingParams(structured_output=StructuredOutput(choice=choices),
+                                    **({} if seed is None else dict(temperature=3.0, seed=seed)))
+            out = llm.generate([[{"text": "Pick one."}]], params)[0]
+            assert out.text in choices and out.finish_reason == "stop", out.text
+
+
 def test_a_stop_string_ends_the_answer_only_where_it_ends_past_min_tokens(llm):
     request = [[{"text": "Describe the colours of the sky."}]]
     full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]

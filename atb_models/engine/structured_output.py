@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from copy import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -110,12 +111,19 @@ class Matchers:
 
     def _compile(self, constraint: StructuredOutput):
         try:
-            from llguidance import LLMatcher
-            from llguidance.hf import from_tokenizer
+            from llguidance import LLMatcher, LLTokenizer
         except ImportError:
             raise UserError("structured output needs the llguidance package: pip install llguidance") from None
         if self._ll_tokenizer is None:
-            self._ll_tokenizer = from_tokenizer(self._tokenizer, n_vocab=self._vocab_size, eos_token=self._eos)
+            # The tokenizer as llguidance.hf.from_tokenizer hands it over, less its normalizer: llguidance tokenizes
+            # text a constraint forces (a choice) to find its tokens, and Qwen's NFC turned "e\u0301" into the
+            # tokens of "\u00e9", whose bytes the constraint then refused (the answer ended on half a character).
+            # The model draws bytes, never normalized text.
+            backend = copy(self._tokenizer.backend_tokenizer)
+            backend.no_padding()
+            backend.no_truncation()
+            backend.normalizer = None
+            self._ll_tokenizer = LLTokenizer(backend.to_str(), n_vocab=self._vocab_size, eos_token=self._eos)
         matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
         if matcher.is_error():
             raise UserError(f"the structured output cannot be used: {matcher.get_error()}")
