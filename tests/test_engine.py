@@ -408,7 +408,11 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
     assert outs[4].text == "no"  # no bias brings back a token the constraint rules out
     unconstrained = llm.generate([request], SamplingParams(max_tokens=8))[0]
     assert not unconstrained.text.startswith("{")  # (the random model does not write JSON by itself)
+    nested = {"type": "string"}
+    for _ in range(130):  # (deeper than the JSON parser llguidance reads the schema with goes: it raised a
+        nested = {"type": "object", "properties": {"a": nested}}  # ValueError, which ended a server's engine)
     for bad, message in ((dict(json={"type": "foo"}), "cannot be used: Invalid type"),
+                         (dict(json=nested), "cannot be used: recursion limit exceeded"),
                          (dict(regex="("), "cannot be used"), (dict(choice=[]), "choice must be a list")):
         with pytest.raises(UserError, match=message):
             llm.add_request(request, SamplingParams(structured_output=StructuredOutput(**bad)))

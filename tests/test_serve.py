@@ -494,7 +494,9 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"continue_final_message": True}, "must be the assistant's"),
                                             ({"continue_final_message": True, "add_generation_prompt": True},
                                              "one of them"),
-                                            ({"add_generation_prompt": False}, "only with continue_final_message")])
+                                            ({"add_generation_prompt": False}, "only with continue_final_message"),
+                                            ({"guided_json": json.loads('{"properties": {"a": ' * 130 + '{}'
+                                                                        + '}}' * 130)}, "recursion limit")])
 def test_logprobs_asked_wrongly_and_fields_the_kit_cannot_honour_are_400s(server, body, expected):
     assert expected in error_of(server.post({"messages": [chat_message("hi")], **body}), 400)["message"]
 

@@ -124,7 +124,10 @@ class Matchers:
             backend.no_truncation()
             backend.normalizer = None
             self._ll_tokenizer = LLTokenizer(backend.to_str(), n_vocab=self._vocab_size, eos_token=self._eos)
-        matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
+        try:
+            matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
+        except ValueError as e:  # (what llguidance raises for a schema it cannot read: one nested > 127 deep)
+            raise UserError(f"the structured output cannot be used: {e}") from None
         if matcher.is_error():
             raise UserError(f"the structured output cannot be used: {matcher.get_error()}")
         return matcher
