@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--served_model_name", metavar="NAME",
                         help="the model's name in the API (default: the model folder's name)")
     server.add_argument("--api_key", metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on /v1/ requests")
+                        help="require 'Authorization: Bearer KEY' on /v1/, /tokenize and /detokenize requests")
     server.add_argument("--allowed_local_media_path", metavar="DIR",
                         help="let requests name media as file:// paths inside this folder (default: data: URLs only)")
     server.add_argument("--max_queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
