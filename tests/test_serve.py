@@ -380,7 +380,7 @@ def test_completion_logprobs_0_list_each_drawn_token_as_its_own_top_logprob(serv
                                             ({"prompt": "x", "echo": 1}, "echo must be true or false"),
                                             ({"prompt": "x", "max_tokens": 0.0, "echo": True},
                                              "max_tokens must be an integer"),
-                                            ({"prompt": ["x"] * 11, "n": 2}, "11 prompts of n 2 (22 requests) are more"),
+                                            ({"prompt": ["x"] * 11, "n": 2}, "11 prompts of n 2 (22 requests)"),
                                             ({"messages": []}, "'messages': not a field")])
 def test_completions_asked_wrongly_are_400s(server, body, expected):
     response = requests.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},

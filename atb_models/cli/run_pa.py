@@ -147,8 +147,8 @@ def engine_options(args: argparse.Namespace, **overrides) -> dict:
     replace some (run_pa's --performance sizes the engine for its largest point)."""
     names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
              "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
-             "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill", "num_speculative_tokens",
-             "prompt_lookup_max")
+             "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill",
+             "num_speculative_tokens", "prompt_lookup_max")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 
