@@ -9,6 +9,7 @@ the constraint is complete (the sequence then finishes, "stop"); only rank 0, wh
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from copy import copy
 from dataclasses import dataclass
@@ -90,31 +91,46 @@ class Matchers:
     """The engine's side of structured output: the tokenizer in llguidance's form, built at the first constrained
     request, and a SequenceMatcher for each such request. The latest constraints' compiled matchers are kept, each
     sequence taking a copy: a request's n choices (and its prompts) share one constraint, and a compile of a large
-    schema takes a good part of a second on the engine's thread, while every other request waits."""
+    schema takes a good part of a second on the engine's thread, while every other request waits. The server
+    compiles a request's constraint in its preprocessing thread first (`matcher`: the engine's own call then finds it
+    here) and builds the tokenizer's form before it serves (`prepare`); a lock keeps the two threads' uses apart."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
         self._tokenizer, self._vocab_size, self._eos = tokenizer, vocab_size, list(eos_token_ids)
         self._ll_tokenizer = None
         self._compiled: OrderedDict = OrderedDict()  # StructuredOutput -> an LLMatcher fed nothing, latest last
+        self._lock = threading.Lock()  # the cache and the tokenizer's form (a compile runs outside it)
 
     def matcher(self, constraint: StructuredOutput) -> "SequenceMatcher":
         """A new matcher for `constraint`; a constraint llguidance cannot compile is a UserError naming why."""
-        compiled = self._compiled.get(constraint)
+        with self._lock:
+            compiled = self._compiled.get(constraint)
+            if compiled is not None:
+                self._compiled.move_to_end(constraint)
         if compiled is None:
             compiled = self._compile(constraint)
-            self._compiled[constraint] = compiled
-            if len(self._compiled) > KEPT_CONSTRAINTS:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(constraint)
+            with self._lock:
+                self._compiled[constraint] = compiled
+                if len(self._compiled) > KEPT_CONSTRAINTS:
+                    self._compiled.popitem(last=False)
         return SequenceMatcher(compiled.deep_copy(), self._eos)
 
-    def _compile(self, constraint: StructuredOutput):
+    def prepare(self) -> None:
+        """The tokenizer in llguidance's form, made now (about a second for a 151k vocabulary, by llguidance's own
+        account) rather than at the first constrained request; nothing where llguidance is missing."""
         try:
-            from llguidance import LLMatcher, LLTokenizer
+            self._ll_tokenizer_made()
+        except UserError:
+            pass
+
+    def _ll_tokenizer_made(self):
+        try:
+            from llguidance import LLTokenizer
         except ImportError:
             raise UserError("structured output needs the llguidance package: pip install llguidance") from None
-        if self._ll_tokenizer is None:
+        with self._lock:
+            if self._ll_tokenizer is not None:
+                return self._ll_tokenizer
             # The tokenizer as llguidance.hf.from_tokenizer hands it over, less its normalizer: llguidance tokenizes
             # text a constraint forces (a choice) to find its tokens, and Qwen's NFC turned "e\u0301" into the
             # tokens of "\u00e9", whose bytes the constraint then refused (the answer ended on half a character).
@@ -124,8 +140,14 @@ class Matchers:
             backend.no_truncation()
             backend.normalizer = None
             self._ll_tokenizer = LLTokenizer(backend.to_str(), n_vocab=self._vocab_size, eos_token=self._eos)
+            return self._ll_tokenizer
+
+    def _compile(self, constraint: StructuredOutput):
+        tokenizer = self._ll_tokenizer_made()
+        from llguidance import LLMatcher
+
         try:
-            matcher = LLMatcher(self._ll_tokenizer, constraint.grammar(), log_level=0)
+            matcher = LLMatcher(tokenizer, constraint.grammar(), log_level=0)
         except ValueError as e:  # (what llguidance raises for a schema it cannot read: one nested > 127 deep)
             raise UserError(f"the structured output cannot be used: {e}") from None
         if matcher.is_error():

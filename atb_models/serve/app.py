@@ -199,7 +199,7 @@ class ChatService:
         choices = []
         try:
             try:
-                prompts = await loop.run_in_executor(self._preprocessing, lambda: [make() for make in preparations])
+                prompts = await loop.run_in_executor(self._preprocessing, self._prepare_all, parsed, preparations)
                 # Every choice is submitted before any acceptance is awaited, and counted as preparing until then
                 # (an idle engine holds its first step for them): one step takes them all, prefilled together, not
                 # one choice a step with each later prefill pausing the decodes of the earlier ones.
@@ -227,6 +227,18 @@ class ChatService:
             raise
         self.metrics.prompt_tokens.inc(sum(len(prompt.token_ids) for prompt in prompts) * parsed.n)
         return prompts, choices
+
+    def _prepare_all(self, parsed, preparations: list) -> list:
+        """The request's prompts (in the preprocessing thread), and its structured output compiled here first: a
+        constraint that cannot compile is a 400 before the engine sees the request, and the engine's own compile
+        (every choice's, on its thread, while the others wait) finds it compiled."""
+        constraint = parsed.params.structured_output
+        if constraint is not None:
+            try:
+                self.engine.llm.matchers.matcher(constraint)
+            except UserError as e:
+                raise bad_request(str(e)) from None
+        return [make() for make in preparations]
 
     def _prepare_plain(self, prompt, where: str):
         """A completion's prompt (in the preprocessing thread); a bad one is a 400 naming it where there are

@@ -39,7 +39,9 @@ def serve(args: argparse.Namespace) -> int:
     def build_llm():
         from atb_models.engine.llm import LLM
 
-        return LLM(args.model_path, **engine_options(args))
+        llm = LLM(args.model_path, **engine_options(args))
+        llm.matchers.prepare()  # (not at the first constrained request, on the engine's thread: every rank)
+        return llm
 
     if ranks.rank != 0:
         return run_follower(build_llm)
