@@ -138,13 +138,13 @@ class LLM:
                                   encoder_cache_mb << 20 if self.enable_prefix_caching else 0, cpu_linear)
         # Nothing sized by the batch exists yet: the memory budget is known now, so the batch is capped before the
         # KV cache, the prefill budget and generate()'s look-ahead are sized from it.
-        one_request = ceil_div(self.max_input_length + self.max_output_length, self.block_size)
+        one_request = ceil_div(self.max_model_len, self.block_size)
         affordable = self._affordable_blocks(one_request)
         num_blocks = self._kv_cache_blocks(num_blocks, one_request, affordable)
         self.max_batch_size = self._batch_size_within(one_request, affordable)
         if max_prefill_tokens == -1:
             max_prefill_tokens = (CHUNKED_PREFILL_TOKENS if enable_chunked_prefill else
-                                  self.max_batch_size * (self.max_input_length + self.max_output_length))
+                                  self.max_batch_size * self.max_model_len)
         self.max_prefill_tokens = max_prefill_tokens
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
@@ -195,7 +195,7 @@ class LLM:
         logger.warning("--max_batch_size %d capped to %d: the memory left for the KV cache (%d blocks of %.1f MiB) "
                        "holds %d requests of --max_input_length + --max_output_length (%d) tokens; lower those "
                        "limits to batch more", self.max_batch_size, fits, affordable,
-                       self.runner.bytes_per_block / 2**20, fits, self.max_input_length + self.max_output_length)
+                       self.runner.bytes_per_block / 2**20, fits, self.max_model_len)
         return fits
 
     # ------------------------------------------------------------------------------------------ requests
@@ -328,6 +328,11 @@ class LLM:
         self.scheduler.finish(seq, "abort")
         self._record(seq, output)
         return output
+
+    @property
+    def max_model_len(self) -> int:
+        """The most tokens one request may hold, prompt and answer (vLLM's name): what the engine is sized for."""
+        return self.max_input_length + self.max_output_length
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

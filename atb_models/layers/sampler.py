@@ -1,9 +1,10 @@
 """Next-token choice for a batch of rows, each with its own SamplingParams.
 
 The order follows transformers' logits processors: OpenAI's logit_bias (added to the raw logits), repetition
-penalty, then temperature, top-k, top-p, then a draw (argmax when the temperature is greedy: SamplingParams.greedy).
-The repetition penalty covers the prompt and the output, as in transformers; OpenAI's presence and frequency
-penalties, applied after it, the output only (as OpenAI and vLLM define them).
+penalty, presence and frequency penalties, then temperature, the mask of the tokens ruled out (by a structured output,
+and eos before min_tokens), then top-k, top-p, min-p, then a draw (argmax when the temperature is greedy:
+SamplingParams.greedy). The repetition penalty covers the prompt and the output, as in transformers; OpenAI's
+presence and frequency penalties the output only (as OpenAI and vLLM define them).
 """
 import torch
 

@@ -140,8 +140,7 @@ class ChatService:
         prepare = (functools.partial(self._prepare_plain, value, "") if kind == "prompt"
                    else functools.partial(self._prepare, value))
         prompt = await asyncio.get_running_loop().run_in_executor(self._preprocessing, prepare)
-        llm = self.engine.llm
-        return {"count": len(prompt.token_ids), "max_model_len": llm.max_input_length + llm.max_output_length,
+        return {"count": len(prompt.token_ids), "max_model_len": self.engine.llm.max_model_len,
                 "tokens": prompt.token_ids}
 
     async def detokenize(self, request: Request) -> dict:
@@ -151,11 +150,10 @@ class ChatService:
         self._check_model(model)
         # No sequence of this server holds more (vLLM's bound too); millions of ids would hold the one
         # preprocessing thread, which every request's preprocessing waits for, for seconds.
-        llm = self.engine.llm
-        if len(tokens) > llm.max_input_length + llm.max_output_length:
-            raise bad_request(f"tokens holds {len(tokens)} ids, more than max_model_len "
-                              f"{llm.max_input_length + llm.max_output_length} (--max_input_length + "
-                              f"--max_output_length)")
+        max_model_len = self.engine.llm.max_model_len
+        if len(tokens) > max_model_len:
+            raise bad_request(f"tokens holds {len(tokens)} ids, more than max_model_len {max_model_len} "
+                              "(--max_input_length + --max_output_length)")
         vocab_size = self.engine.llm.model_config.hf_config.vocab_size
         beyond = [t for t in tokens if not 0 <= t < vocab_size]
         if beyond:
@@ -420,7 +418,7 @@ def create_app(service: ChatService) -> FastAPI:
         service.check_key(request)
         card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "atb_models"}
         if engine.ready.is_set():  # max_model_len (vLLM's): the tokens a request may hold, as the engine is sized
-            card["max_model_len"] = engine.llm.max_input_length + engine.llm.max_output_length
+            card["max_model_len"] = engine.llm.max_model_len
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
