@@ -16,6 +16,7 @@ from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS
 from atb_models.serve.protocol import (
+    SAMPLING_FIELDS,
     STRUCTURED_OUTPUT_FIELDS,
     ChoiceProgress,
     bad_request,
@@ -24,9 +25,8 @@ from atb_models.serve.protocol import (
     stream_fields,
 )
 
-READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
-        "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "echo", "presence_penalty",
-        "frequency_penalty", "n", "logit_bias", "best_of", "min_p", "min_tokens", *STRUCTURED_OUTPUT_FIELDS}
+READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n", "logit_bias",
+        "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS}
 UNSUPPORTED = {"suffix": None}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for a completion (the chat API's is the server's limit)
 
@@ -44,10 +44,6 @@ class CompletionRequest:
     # logprobs) that the answer leaves out.
     prompt_only: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.n
 
 
 def parse_completion_request(body, max_output_length: Optional[int] = None) -> CompletionRequest:

@@ -17,13 +17,15 @@ STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "g
 JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}  # response_format's json_schema (OpenAI's)
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None}
+# SamplingParams' fields a body gives under their own names (sampling_params; the chat and completions APIs alike).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop",
+                   "presence_penalty", "frequency_penalty", "min_p", "min_tokens")
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
-READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop", "user", "logprobs", "top_logprobs",
-        "presence_penalty", "frequency_penalty", "n", "logit_bias", "min_p", "min_tokens", "continue_final_message",
-        "add_generation_prompt", *STRUCTURED_OUTPUT_FIELDS}
+READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user", "logprobs",
+        "top_logprobs", "n", "logit_bias", "continue_final_message", "add_generation_prompt", *SAMPLING_FIELDS,
+        *STRUCTURED_OUTPUT_FIELDS}
 MAX_CHOICES = 16  # n: answers drawn for one request
-MAX_LOGIT_BIAS = 1024  # logit_bias entries: each is added to every step's logits of the request
+MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 
 
@@ -81,7 +83,7 @@ def parse_chat_request(body) -> ChatRequest:
 def parse_tokenize_request(body) -> tuple:
     """vLLM's /tokenize: (model, "prompt", a string or token ids) or (model, "messages", the parsed messages)."""
     check_fields(body, {"model", "prompt", "messages"}, {})
-    model = stream_fields(body)[0]
+    model = model_field(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise bad_request("give either prompt (a text as it is) or messages (a chat, tokenized as it is answered)")
     if body.get("prompt") is not None:
@@ -95,7 +97,7 @@ def parse_detokenize_request(body) -> tuple:
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise bad_request("tokens must be a list of token ids")
-    return stream_fields(body)[0], tokens
+    return model_field(body), tokens
 
 
 def check_fields(body, read: set, unsupported: dict) -> None:
@@ -111,11 +113,16 @@ def check_fields(body, read: set, unsupported: dict) -> None:
                           f"{', '.join(sorted(read))}")
 
 
-def stream_fields(body: dict) -> tuple:
-    """(model, stream, include_usage, n): the fields of a request that say what comes back, and how."""
+def model_field(body: dict) -> Optional[str]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string")
+    return model
+
+
+def stream_fields(body: dict) -> tuple:
+    """(model, stream, include_usage, n): the fields of a request that say what comes back, and how."""
+    model = model_field(body)
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and stream):
@@ -195,11 +202,7 @@ def sampling_params(body: dict) -> SamplingParams:
         raise bad_request(f"max_completion_tokens {newer!r} and max_tokens {older!r} differ; give one of them")
     max_tokens = older if newer is None else newer
     _check_stop(body.get("stop"))
-    values = {"max_tokens": max_tokens, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-              "top_k": body.get("top_k"), "repetition_penalty": body.get("repetition_penalty"),
-              "seed": body.get("seed"), "ignore_eos": body.get("ignore_eos"), "stop": body.get("stop"),
-              "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
-              "min_p": body.get("min_p"), "min_tokens": body.get("min_tokens")}
+    values = {"max_tokens": max_tokens, **{name: body.get(name) for name in SAMPLING_FIELDS}}
     given = {name: value for name, value in values.items() if value is not None}
     if body.get("logit_bias") is not None:
         given["logit_bias"] = _logit_bias(body["logit_bias"])
@@ -224,8 +227,8 @@ def _logit_bias(value) -> list:
     """OpenAI's logit_bias, {"token id": bias}, with its keys as integers (SamplingParams checks the rest)."""
     if not isinstance(value, dict):
         raise bad_request(f"logit_bias must be an object mapping token ids to biases, got {value!r}")
-    if len(value) > MAX_LOGIT_BIAS:
-        raise bad_request(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise bad_request(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} token ids, got {len(value)}")
     for key in value:
         if not (key.isascii() and key.isdigit()):  # (a JSON object's keys are strings)
             raise bad_request(f"logit_bias's keys must be token ids (digits), got {key!r}")
