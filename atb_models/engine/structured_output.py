@@ -21,7 +21,7 @@ import torch
 from atb_models.errors import UserError
 
 MAX_SPEC_CHARS = 100_000  # a schema, regex or the choices, as text: compiled on the engine's thread
-MAX_CHOICES = 1000
+MAX_CHOICE_STRINGS = 1000  # a choice's strings (each an alternative of the grammar compiled)
 KEPT_CONSTRAINTS = 16  # compiled constraints kept for the requests that follow (Matchers)
 # The whitespace a JSON answer may hold between two of its tokens: enough for pretty-printing (a newline and deep
 # indentation), bounded so that a model cannot fill the answer with whitespace and never finish the object.
@@ -48,8 +48,10 @@ class StructuredOutput:
             raise UserError(f"regex must be a non-empty string, got {self.regex!r}")
         if self.choice is not None:
             if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice
-                    or len(self.choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in self.choice)):
-                raise UserError(f"choice must be a list of 1..{MAX_CHOICES} non-empty strings, got {self.choice!r}")
+                    or len(self.choice) > MAX_CHOICE_STRINGS
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise UserError(f"choice must be a list of 1..{MAX_CHOICE_STRINGS} non-empty strings, "
+                                f"got {self.choice!r}")
             object.__setattr__(self, "choice", tuple(self.choice))
         if len(self.describe()) > MAX_SPEC_CHARS:
             raise UserError(f"the structured output's {given[0]} is longer than {MAX_SPEC_CHARS} characters")
