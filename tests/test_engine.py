@@ -1,5 +1,6 @@
 """Block accounting, scheduling and sampling: the engine's decisions, on small hand-made sequences and on a tiny
 checkpoint."""
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -440,6 +441,23 @@ def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matc
     assert torch.equal(matchers.matcher(StructuredOutput(regex="[0-9]{2}")).allowed(vocab), fresh)
     matchers.matcher(StructuredOutput(choice=["no"]))
     assert len(compiled) == 2
+
+
+def test_the_tokenizers_llguidance_form_is_made_by_prepare_not_at_the_first_constrained_request(llm, monkeypatch):
+    # (the server calls prepare() before it serves: made at the first request, it held the engine's thread)
+    import llguidance
+
+    from atb_models.engine.structured_output import Matchers, StructuredOutput
+
+    matchers = Matchers(llm.tokenizer, llm.model_config.hf_config.vocab_size, llm.model_config.eos_token_ids)
+    matchers.prepare()
+    monkeypatch.setattr(llguidance, "LLTokenizer", lambda *a, **kw: pytest.fail("made again"))
+    assert matchers.matcher(StructuredOutput(regex="[0-9]")).allowed(llm.model_config.hf_config.vocab_size).any()
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # missing: prepare() does nothing, a request says why
+    lacking = Matchers(llm.tokenizer, llm.model_config.hf_config.vocab_size, llm.model_config.eos_token_ids)
+    lacking.prepare()
+    with pytest.raises(UserError, match="structured output needs the llguidance package"):
+        lacking.matcher(StructuredOutput(regex="[0-9]"))
 
 
 def test_a_choice_the_tokenizer_would_normalize_is_answered_byte_for_byte(llm):
