@@ -368,6 +368,8 @@ def test_completion_logprobs_0_list_each_drawn_token_as_its_own_top_logprob(serv
 
 
 @pytest.mark.parametrize("body, expected", [({"prompt": "x", "max_tokens": 0}, "taken only with echo"),
+                                            ({"prompt": "x", "max_tokens": 0, "echo": True, "min_tokens": 1},
+                                             "min_tokens 1 asks for generated tokens: max_tokens 0 generates none"),
                                             ({"prompt": []}, "prompt must be a string"),
                                             ({"prompt": [[1, 2], "a", 3]}, "prompt must be a string"),
                                             ({"prompt": "a<|image_pad|>"}, "must not hold the vision placeholder"),

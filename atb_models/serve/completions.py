@@ -66,6 +66,9 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
     prompt_only = type(max_tokens) is int and max_tokens == 0  # (0.0 and false are refused, as 2.0 is)
     if prompt_only and not echo:
         raise bad_request("max_tokens 0 asks for no completion: it is taken only with echo: true")
+    if prompt_only and body.get("min_tokens") not in (None, 0):
+        # (the engine's one hidden token would take min_tokens 1 and name max_tokens 1 for more)
+        raise bad_request(f"min_tokens {body['min_tokens']!r} asks for generated tokens: max_tokens 0 generates none")
     common = {key: value for key, value in body.items() if key not in ("logprobs", "echo", "best_of", "prompt")}
     default = DEFAULT_MAX_TOKENS if max_output_length is None else min(DEFAULT_MAX_TOKENS, max_output_length)
     common["max_tokens"] = 1 if prompt_only else default if max_tokens is None else max_tokens
