@@ -93,7 +93,7 @@ class Matchers:
     """The engine's side of structured output: the tokenizer in llguidance's form, built at the first constrained
     request, and a SequenceMatcher for each such request. The latest constraints' compiled matchers are kept, each
     sequence taking a copy: a request's n choices (and its prompts) share one constraint, and a compile of a large
-    schema takes a good part of a second on the engine's thread, while every other request waits. The server
+    schema is long work on the engine's thread, while every other request waits. The server
     compiles a request's constraint in its preprocessing thread first (`matcher`: the engine's own call then finds it
     here) and builds the tokenizer's form before it serves (`prepare`); a lock keeps the two threads' uses apart."""
 
@@ -118,8 +118,8 @@ class Matchers:
         return SequenceMatcher(compiled.deep_copy(), self._eos)
 
     def prepare(self) -> None:
-        """The tokenizer in llguidance's form, made now (about a second for a 151k vocabulary, by llguidance's own
-        account) rather than at the first constrained request; nothing where llguidance is missing."""
+        """The tokenizer in llguidance's form, made now (llguidance reads every token of the vocabulary: long for
+        Qwen's 151k) rather than at the first constrained request; nothing where llguidance is missing."""
         try:
             self._ll_tokenizer_made()
         except UserError:
