@@ -425,7 +425,7 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
 def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matching_on_its_own(llm, monkeypatch):
     # (a compile runs on the engine's thread: a request's n choices each compiled a large schema anew, seconds
     # during which every other request waited)
-    from atb_models.engine.structured_output import Matchers, StructuredOutput
+    from atb_models.engine.structured_output import KEPT_CONSTRAINTS, Matchers, StructuredOutput
 
     compiled, grammar = [], StructuredOutput.grammar
     monkeypatch.setattr(StructuredOutput, "grammar", lambda self: compiled.append(self) or grammar(self))
@@ -441,6 +441,21 @@ def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matc
     assert torch.equal(matchers.matcher(StructuredOutput(regex="[0-9]{2}")).allowed(vocab), fresh)
     matchers.matcher(StructuredOutput(choice=["no"]))
     assert len(compiled) == 2
+    for digits in range(KEPT_CONSTRAINTS):  # the latest KEPT_CONSTRAINTS are kept, the oldest out first
+        matchers.matcher(StructuredOutput(regex=f"[0-9]{{{digits + 3}}}"))
+    matchers.matcher(StructuredOutput(regex="[0-9]{2}"))
+    assert len(compiled) == 2 + KEPT_CONSTRAINTS + 1
+
+
+def test_a_structured_output_too_large_for_the_engines_thread_to_compile_is_refused_when_made():
+    from atb_models.engine.structured_output import MAX_CHOICE_STRINGS, MAX_SPEC_CHARS, StructuredOutput
+
+    for too_large in (dict(regex="a" * (MAX_SPEC_CHARS + 1)), dict(json={"description": "a" * MAX_SPEC_CHARS})):
+        with pytest.raises(UserError, match=f"longer than {MAX_SPEC_CHARS} characters"):
+            StructuredOutput(**too_large)
+    with pytest.raises(UserError, match=f"choice must be a list of 1..{MAX_CHOICE_STRINGS} non-empty strings"):
+        StructuredOutput(choice=["x"] * (MAX_CHOICE_STRINGS + 1))
+    assert len(StructuredOutput(choice=["x"] * MAX_CHOICE_STRINGS).choice) == MAX_CHOICE_STRINGS
 
 
 def test_the_tokenizers_llguidance_form_is_made_by_prepare_not_at_the_first_constrained_request(llm, monkeypatch):

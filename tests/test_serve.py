@@ -612,6 +612,17 @@ def test_a_response_format_key_the_server_does_not_read_is_a_400_not_ignored(res
         .json == '{"type": "object"}'
 
 
+def test_a_logit_bias_of_more_token_ids_than_the_limit_is_a_400():
+    # (each entry is added to every step's logits of the request)
+    from atb_models.serve.protocol import MAX_LOGIT_BIAS_ENTRIES, ApiError, parse_chat_request
+
+    bias = {str(token): 1 for token in range(MAX_LOGIT_BIAS_ENTRIES + 1)}
+    with pytest.raises(ApiError, match=f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} token ids, got 1025"):
+        parse_chat_request({"messages": [chat_message("hi")], "logit_bias": bias})
+    bias.pop("0")
+    assert len(parse_chat_request({"messages": [chat_message("hi")], "logit_bias": bias}).params.logit_bias) == 1024
+
+
 def test_max_tokens_and_max_completion_tokens_that_differ_are_a_400_naming_both():
     from atb_models.serve.protocol import ApiError, parse_chat_request
 
