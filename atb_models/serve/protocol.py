@@ -1,5 +1,7 @@
 """The OpenAI chat-completions wire format: a request body checked and turned into the kit's terms, and the
-bodies of answers, stream chunks and errors. No I/O here: `app.py` receives and sends, `media.py` resolves urls."""
+bodies of answers, stream chunks and errors; the checks completions.py shares (fields, sampling fields,
+structured output) and vLLM's /tokenize and /detokenize bodies. No I/O here: `app.py` receives and sends,
+`media.py` resolves urls."""
 
 from __future__ import annotations
 
