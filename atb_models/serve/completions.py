@@ -21,6 +21,7 @@ from atb_models.serve.protocol import (
     ChoiceProgress,
     bad_request,
     check_fields,
+    is_token_id,
     sampling_params,
     stream_fields,
 )
@@ -81,17 +82,13 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
 
 def _prompts(prompt) -> list:
     """The prompts of a request: a string, a list of token ids, or a non-empty list of either."""
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_token_id(t) for t in prompt)):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(
-            isinstance(p, str) or (isinstance(p, list) and all(_is_id(t) for t in p)) for p in prompt):
+            isinstance(p, str) or (isinstance(p, list) and all(is_token_id(t) for t in p)) for p in prompt):
         return prompt
     raise bad_request("prompt must be a string, a list of token ids, or a non-empty list of strings or of token-id "
                       "lists")
-
-
-def _is_id(token) -> bool:
-    return isinstance(token, int) and not isinstance(token, bool)
 
 
 class CompletionFormat:

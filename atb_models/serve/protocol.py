@@ -97,9 +97,14 @@ def parse_detokenize_request(body) -> tuple:
     """vLLM's /detokenize: (model, token ids); their range is checked where the vocabulary is known."""
     check_fields(body, {"model", "tokens"}, {})
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    if not isinstance(tokens, list) or not all(is_token_id(t) for t in tokens):
         raise bad_request("tokens must be a list of token ids")
     return model_field(body), tokens
+
+
+def is_token_id(value) -> bool:
+    """An integer in JSON (true and false are not ids); its range is checked where the vocabulary is known."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_fields(body, read: set, unsupported: dict) -> None:
