@@ -69,6 +69,26 @@ def test_drafting_answers_with_the_plain_engines_tokens_for_text_images_and_samp
         SamplingParams(max_tokens=40, logit_bias={eos: 2.0})])
 
 
+def test_a_stop_string_inside_a_drafted_steps_tokens_ends_the_answer_at_its_token(checkpoint, plain):
+    """A drafted step appends several tokens at once; one whose text completes a stop string ends the answer, and
+    the step's tokens after it are not the answer's (token_ids and usage counts as a plain engine gives them)."""
+    drafting = make_llm(checkpoint, num_speculative_tokens=6)
+    drafting.add_request(REPEATING, SamplingParams(max_tokens=40, ignore_eos=True))
+    lengths = [0]
+    while drafting.has_unfinished():
+        [output] = drafting.step()
+        lengths.append(len(output.token_ids))
+    ids, decode = output.token_ids, drafting._decode_completion
+    # a stop string that a token inside a drafted step's run completes, found in no text before that token
+    stop, end = next((decode(ids[:m])[-k:], m) for before, after in zip(lengths, lengths[1:])
+                     for m in range(before + 1, after) for k in range(2, 9)
+                     if decode(ids[:m])[-k:] not in decode(ids[:m - 1]))
+    before = drafting.tokens_generated
+    [got] = assert_same_answers(plain, drafting, [REPEATING], SamplingParams(max_tokens=40, ignore_eos=True,
+                                                                               stop=[stop]))
+    assert len(got.token_ids) == end and drafting.tokens_generated - before == end
+
+
 def test_drafting_under_preemption_chunked_prefill_and_the_prefix_cache(checkpoint, plain):
     """Few blocks: guesses get no room, running requests are preempted and computed again; prompts in chunks;
     and a prompt holding an earlier drafted answer reads its blocks (K/V the drafted steps wrote) from the cache."""

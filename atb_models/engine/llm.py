@@ -351,7 +351,7 @@ class LLM:
             if seq_output is None:  # a sequence added to the scheduler directly (a test's)
                 continue
             output = seq_output[1]
-            output.text = self._text_so_far(seq)
+            output.text = self._text_so_far(seq, len(output.token_ids))
             self._record(seq, output)
             if output.finished:
                 del self._requests[seq.seq_id]
@@ -368,8 +368,11 @@ class LLM:
         self.scheduler.abort_all()
         self._requests.clear()
 
-    def _text_so_far(self, seq: Sequence) -> str:
-        """The sequence's text; the first stop string in it ends the request ("stop") and the text before it."""
+    def _text_so_far(self, seq: Sequence, shown: int) -> str:
+        """The sequence's text; the first stop string in it ends the request ("stop") and the text before it.
+        shown: its tokens before this step (the step added one, or a drafted step's several)."""
+        if seq.params.stop and len(seq.completion_token_ids) - shown > 1:
+            self._end_at_first_stop(seq, shown)
         text = self._decode_completion(seq.completion_token_ids)
         stops, searched_from = seq.params.stop, 0
         held = stops  # a tail that may start a stop string is held back even before min_tokens: the stop may end
@@ -393,6 +396,19 @@ class LLM:
         if seq.status is SequenceStatus.FINISHED:
             return text
         return _without_partial_stop(text.rstrip("\ufffd"), held)
+
+    def _end_at_first_stop(self, seq: Sequence, shown: int) -> None:
+        """A drafted step (engine.speculative) appended several tokens at once: the answer ends at the first of
+        them whose text holds a stop string, as one token a step would have ended it (the tokens after it are
+        dropped: the answer's tokens and its usage counts are the plain engine's)."""
+        completion, min_tokens = seq.completion_token_ids, seq.params.min_tokens
+        searched_from = len(self._decode_completion(completion[:min_tokens])) if min_tokens else 0
+        for kept in range(max(shown + 1, min_tokens), len(completion)):
+            text = self._decode_completion(completion[:kept])
+            if any(text.find(stop, max(0, searched_from - len(stop) + 1)) >= 0 for stop in seq.params.stop):
+                del seq.token_ids[seq.num_prompt_tokens + kept:]
+                self.tokens_generated -= len(completion) - kept
+                return
 
     def _record(self, seq: Sequence, output: RequestOutput) -> None:
         """What a sequence's output says after a step or an abort: its tokens, and once finished why and when."""
