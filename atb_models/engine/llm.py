@@ -338,9 +338,10 @@ class LLM:
         return self.scheduler.has_work()
 
     def step(self) -> list:
-        """One scheduler step. Returns the output of every request it advanced by one token: `token_ids` and
-        `text` so far (while it runs, less a trailing incomplete character or a partial stop string, so that the
-        text only ever grows), and for one that finished its `finish_reason` and times. Nothing queued: []."""
+        """One scheduler step. Returns the output of every request it advanced (by one token, or by several in a
+        drafted step: engine.speculative): `token_ids` and `text` so far (while it runs, less a trailing incomplete
+        character or a partial stop string, so that the text only ever grows), and for one that finished its
+        `finish_reason` and times. Nothing queued: []."""
         self._check_open("step()")
         if not self.has_unfinished():
             return []
@@ -449,8 +450,9 @@ class LLM:
             raise UserError(f"{call}: this engine was closed")
 
     def _run_step(self) -> list:
-        """One scheduler step; returns the sequences that drew a token in it, each one token longer (finished ones
-        have their blocks freed); a prefill chunk that leaves part of its prompt for later draws none."""
+        """One scheduler step; returns the sequences that drew a token in it, each one token longer, or more in a
+        drafted step (finished ones have their blocks freed); a prefill chunk that leaves part of its prompt for
+        later draws none."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler produced an empty step while work remains")
