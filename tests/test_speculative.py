@@ -147,3 +147,24 @@ def test_a_drafted_steps_tokens_stop_at_eos_or_max_tokens_and_guesses_take_only_
     assert ended.completion_token_ids == [4, 5, 9] and ended.finish_reason == "stop"  # nothing past eos
     assert capped.completion_token_ids == [4, 5, 6] and capped.finish_reason == "length"
     assert set(finished) == {ended, capped} and manager.num_free_blocks == 7
+
+
+def test_the_blocks_of_guesses_the_model_did_not_keep_are_free_after_the_step():
+    """Held on, they would make later steps preempt other sequences for blocks that hold nothing."""
+    from types import SimpleNamespace
+
+    from atb_models.engine.block_manager import BlockManager
+    from atb_models.engine.scheduler import Scheduler
+    from atb_models.engine.sequence import Sequence
+
+    ids = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    prompt = SimpleNamespace(token_ids=ids, visuals=[], rope_delta=0, positions=torch.arange(10).expand(3, -1))
+    seq = Sequence(0, prompt, SamplingParams(max_tokens=10), 10)
+    manager = BlockManager(num_blocks=7, block_size=4, enable_prefix_caching=False)
+    scheduler = Scheduler(manager, 4, 100, eos_token_ids=[9], num_speculative_tokens=4)
+    scheduler.add(seq)
+    scheduler.finish_step(scheduler.schedule()[0], [4])  # the prefill: 3 blocks, 11 tokens
+    seqs, _ = scheduler.schedule()
+    assert seq.draft_tokens == [5, 6, 7, 1] and len(seq.block_table) == 4  # a 4th block for the guesses' K/V
+    scheduler.finish_step(seqs, [[8]])  # the first guess wrong: one token, 12 in all, in 3 blocks
+    assert len(seq.block_table) == 3 and manager.num_free_blocks == 4

@@ -128,6 +128,16 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def release_unused(self, seq: Sequence) -> None:
+        """The blocks past the sequence's tokens go back to the free ones: those a decode step reserved for guesses
+        the model did not keep (never hashed: no token of theirs is the sequence's). Held on, they would make the
+        next steps preempt other sequences for want of blocks that hold nothing."""
+        while len(seq.block_table) > self.blocks_for(seq.num_tokens):
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+
     def register_written(self, seq: Sequence) -> None:
         """After a decode step: the sequence's blocks whose K/V are now all written (every token but its newest,
         which no step has computed yet) join the cache."""

@@ -170,7 +170,7 @@ class Scheduler:
         finished = []
         for seq, tokens in zip(seqs, token_ids):
             seq.prefill_start = seq.prefill_end = None  # its prompt is computed: it drew a token
-            seq.draft_tokens = []
+            drafted, seq.draft_tokens = bool(seq.draft_tokens), []
             for token in tokens if isinstance(tokens, list) else [tokens]:
                 seq.append_token(token)
                 self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
@@ -184,4 +184,7 @@ class Scheduler:
                     continue
                 finished.append(seq)
                 break
+            else:
+                if drafted:  # the blocks of the guesses it did not keep
+                    self.block_manager.release_unused(seq)
         return finished
