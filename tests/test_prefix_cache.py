@@ -231,3 +231,32 @@ def test_features_taken_from_the_encoder_cache_survive_their_eviction_within_the
     assert [o.token_ids for o in outputs] == [o.token_ids for o in plain.generate(batch, PARAMS)]
     assert [o.cached_visual_items for o in outputs] == [1, 0]
     assert len(llm.runner.encoder_cache) == 1  # the dog's replaced the cat's
+
+
+def test_a_16_bit_cache_keeps_decode_written_blocks_out_of_the_prefix_cache(tiny_checkpoint):
+    """A decode step stores K/V rounded from float32 sums, a prefill of the same tokens rounds its own way: in a
+    bfloat16 cache, a prompt that read an earlier answer's decode-written blocks was answered unlike with caching
+    off. Only prefill-written blocks are cached there; a float32 cache, where both agree, caches the answer too."""
+    from atb_models.engine.block_manager import BlockManager
+    from atb_models.engine.scheduler import Scheduler
+    from tests.test_engine import text_seq
+
+    cached = {}
+    for cache_decoded in (True, False):
+        manager = BlockManager(num_blocks=20, block_size=4, cache_decoded_blocks=cache_decoded)
+        scheduler = Scheduler(manager, 2, 100, eos_token_ids=[])
+        seq = text_seq(0, 10, max_tokens=12)  # a 10-token prompt: blocks 0-1 prefill-written, 2 shared, 3-4 decoded
+        scheduler.add(seq)
+        while scheduler.has_work():
+            seqs, _ = scheduler.schedule()
+            scheduler.finish_step(seqs, [7] * len(seqs))
+        follow_up = text_seq(1, 0, first_token=0)
+        follow_up.token_ids = follow_up.token_ids + seq.token_ids + [5]
+        cached[cache_decoded] = len(manager.cached_prefix(follow_up))
+    assert cached == {True: 5, False: 2}
+
+    from tests.test_kernels import NATIVE_BF16
+
+    for dtype in ("float32", "bfloat16") if NATIVE_BF16 else ("float32",):
+        llm = LLM(str(tiny_checkpoint()), dtype=dtype, device="cpu", max_input_length=64, max_output_length=8)
+        assert llm.block_manager.cache_decoded_blocks == (dtype == "float32")

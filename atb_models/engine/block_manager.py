@@ -40,10 +40,16 @@ def block_hashes(seq: Sequence, block_size: int, count: int) -> list[str]:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 cache_decoded_blocks: bool = True):
+        """cache_decoded_blocks: whether blocks whose K/V decode steps wrote join the cache too. A decode step
+        stores K/V rounded from float32 sums where a prefill of the same tokens rounds them its own way in a
+        16-bit cache, and a prompt that read them would be answered unlike with caching off: the engine caches
+        them for a float32 cache only (a prompt's blocks, prefill-written, are cached either way)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.cache_decoded_blocks = cache_decoded_blocks
         self.reset()
 
     def reset(self) -> None:
@@ -140,8 +146,11 @@ class BlockManager:
 
     def register_written(self, seq: Sequence) -> None:
         """After a decode step: the sequence's blocks whose K/V are now all written (every token but its newest,
-        which no step has computed yet) join the cache."""
-        self._register(seq, (seq.num_tokens - 1) // self.block_size)
+        which no step has computed yet) join the cache (those a prefill wrote only, without cache_decoded_blocks)."""
+        full = (seq.num_tokens - 1) // self.block_size
+        if not self.cache_decoded_blocks:
+            full = min(full, seq.decode_from // self.block_size)
+        self._register(seq, full)
 
     def _register(self, seq: Sequence, full: int) -> None:
         """The sequence's first `full` blocks join the cache, those not in it yet. A block whose hash is already

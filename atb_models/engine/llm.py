@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from atb_models import distributed, quantization
 from atb_models.config import completion_decoder, load_model_config, load_tokenizer
 from atb_models.engine import speculative
@@ -149,7 +151,8 @@ class LLM:
         self.runner.allocate_kv_cache(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                     num_blocks * self.runner.bytes_per_block / 2**20)
-        self.block_manager = BlockManager(num_blocks, block_size, self.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, block_size, self.enable_prefix_caching,
+                                          cache_decoded_blocks=self.plan.llm_dtype == torch.float32)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids, enable_chunked_prefill, num_speculative_tokens,
                                    prompt_lookup_max)

@@ -169,6 +169,8 @@ class Scheduler:
         sequences that finished (their blocks are freed)."""
         finished = []
         for seq, tokens in zip(seqs, token_ids):
+            if seq.prefill_end is not None:  # a prefill step: its K/V up to here are the prefill's
+                seq.decode_from = seq.prefill_end
             seq.prefill_start = seq.prefill_end = None  # its prompt is computed: it drew a token
             drafted, seq.draft_tokens = bool(seq.draft_tokens), []
             for token in tokens if isinstance(tokens, list) else [tokens]:

@@ -30,6 +30,9 @@ class Sequence:
         self.max_tokens = max_tokens
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        # The tokens whose K/V its latest prefill wrote (a preempted sequence's recompute covers generated ones too):
+        # decode steps wrote the rest (block_manager's cache_decoded_blocks).
+        self.decode_from = self.num_prompt_tokens
         self.block_table: list = []
         # Prefix caching (engine.block_manager): where each image / video's tokens lie and what it is, the hash
         # chain of the full blocks so far, the prompt tokens whose K/V came from the cache at admission, and how
