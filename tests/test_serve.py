@@ -963,7 +963,7 @@ class _Prompt:
 
 
 class _EngineTakingAllAtOnce:
-    """The ChatService's side of EngineLoop: it accepts the submitted requests once `expected` of them are queued
+    """The ApiService's side of EngineLoop: it accepts the submitted requests once `expected` of them are queued
     (as one step's plan takes every command that arrived), noting how many were still counted as preparing."""
 
     def __init__(self, expected: int):
@@ -994,12 +994,12 @@ def test_the_n_choices_of_a_request_are_submitted_together_for_one_step():
     import asyncio
 
     from atb_models.engine.sampling_params import SamplingParams
-    from atb_models.serve.app import ChatService, ServerConfig
+    from atb_models.serve.app import ApiService, ServerConfig
     from atb_models.serve.metrics import ServerMetrics
     from atb_models.serve.protocol import ChatRequest
 
     engine = _EngineTakingAllAtOnce(expected=8)
-    service = ChatService(ServerConfig("m", None, None, 16), engine, ServerMetrics())
+    service = ApiService(ServerConfig("m", None, None, 16), engine, ServerMetrics())
     chat = ChatRequest(None, [("user", [{"text": "hi"}])], SamplingParams(seed=7), n=4)
     two_prompts = [lambda: _Prompt([1, 2, 3]), lambda: _Prompt([4, 5])]  # (a completion request's two prompts)
 
@@ -1016,12 +1016,12 @@ def test_the_n_choices_of_a_request_are_submitted_together_for_one_step():
 def test_n_beyond_max_queue_is_a_400_not_a_503_to_retry_for_ever():
     import asyncio
 
-    from atb_models.serve.app import ChatService, ServerConfig
+    from atb_models.serve.app import ApiService, ServerConfig
     from atb_models.serve.metrics import ServerMetrics
     from atb_models.serve.protocol import ApiError
 
     # 4 batch slots and --max_queue 2: 6 choices fit at once, 7 never do
-    service = ChatService(ServerConfig("m", None, None, 2), _EngineTakingAllAtOnce(expected=7), ServerMetrics())
+    service = ApiService(ServerConfig("m", None, None, 2), _EngineTakingAllAtOnce(expected=7), ServerMetrics())
 
     async def body():
         return json.dumps({"messages": [chat_message("hi")], "n": 7}).encode()

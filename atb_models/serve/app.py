@@ -87,7 +87,11 @@ class RequestHandle:
                 return
 
 
-class ChatService:
+class ApiService:
+    """The endpoints' work behind the routes (create_app): the API key and readiness checks, a request's prompts
+    preprocessed off the event loop, its choices handed to the engine and answered (chat and text completions alike,
+    through their answer formats), and vLLM's tokenize / detokenize."""
+
     def __init__(self, config: ServerConfig, engine: EngineLoop, metrics: ServerMetrics):
         self.config, self.engine, self.metrics = config, engine, metrics
         self.media = MediaResolver(config.allowed_local_media_path)
@@ -261,7 +265,7 @@ class Answer:
     """One accepted request's answer: its choices' outputs turned into a body or a stream, its metrics observed,
     and an abort sent for each unfinished choice when its client leaves before the end."""
 
-    def __init__(self, service: ChatService, answer_format, parsed, choices: list, arrival: float):
+    def __init__(self, service: ApiService, answer_format, parsed, choices: list, arrival: float):
         self.service, self.format, self.parsed, self.choices, self.arrival = (service, answer_format, parsed, choices,
                                                                               arrival)
         self.completion_id = f"{answer_format.id_prefix}-{choices[0][0]}-{int(arrival * 1e6) % 10**9}"
@@ -382,7 +386,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(service: ChatService) -> FastAPI:
+def create_app(service: ApiService) -> FastAPI:
     engine, config, metrics = service.engine, service.config, service.metrics
 
     @asynccontextmanager

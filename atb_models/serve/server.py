@@ -20,7 +20,7 @@ from atb_models.cli.run_pa import engine_options
 from atb_models.config import load_model_config
 from atb_models.errors import UserError
 from atb_models.ranks import env_state
-from atb_models.serve.app import ChatService, ServerConfig, create_app
+from atb_models.serve.app import ApiService, ServerConfig, create_app
 from atb_models.serve.engine import EngineLoop, follow
 from atb_models.serve.metrics import ServerMetrics
 
@@ -54,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     engine = EngineLoop(build_llm, metrics, ranks.world_size, stop_serving)
-    app = create_app(ChatService(config, engine, metrics))
+    app = create_app(ApiService(config, engine, metrics))
     server = QuietSignalServer(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                                               timeout_graceful_shutdown=args.shutdown_grace + SHUTDOWN_DRAIN_S,
                                               lifespan="on"),
