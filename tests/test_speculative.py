@@ -168,3 +168,33 @@ def test_the_blocks_of_guesses_the_model_did_not_keep_are_free_after_the_step():
     assert seq.draft_tokens == [5, 6, 7, 1] and len(seq.block_table) == 4  # a 4th block for the guesses' K/V
     scheduler.finish_step(seqs, [[8]])  # the first guess wrong: one token, 12 in all, in 3 blocks
     assert len(seq.block_table) == 3 and manager.num_free_blocks == 4
+
+
+def test_a_decode_step_keeps_its_guesses_within_the_rows_the_linear_kernel_takes_in_one_pass(checkpoint):
+    from types import SimpleNamespace
+
+    from atb_models.engine.block_manager import BlockManager
+    from atb_models.engine.scheduler import Scheduler
+    from atb_models.engine.sequence import Sequence
+
+    def seq(seq_id: int) -> Sequence:
+        ids = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3]  # "2 3 4" came before: "5 6 7 1" is guessed after the first token 4
+        prompt = SimpleNamespace(token_ids=ids, visuals=[], rope_delta=0, positions=torch.arange(10).expand(3, -1))
+        return Sequence(seq_id, prompt, SamplingParams(max_tokens=20), 20)
+
+    guessed = {}
+    for rows in (None, 6, 3):
+        scheduler = Scheduler(BlockManager(num_blocks=40, block_size=4), 4, 100, eos_token_ids=[],
+                              num_speculative_tokens=4, draft_rows=rows)
+        seqs = [seq(i) for i in range(3)]
+        for s in seqs:
+            scheduler.add(s)
+        scheduler.finish_step(scheduler.schedule()[0], [4, 4, 4])
+        scheduler.schedule()
+        guessed[rows] = [len(s.draft_tokens) for s in seqs]
+    assert guessed == {None: [4, 4, 4], 6: [3, 0, 0], 3: [0, 0, 0]}  # 3 sequences' rows, and what is left
+    from atb_models.kernels.linear import MAX_ROWS, LinearKernel, PanelLinear
+
+    llm = make_llm(checkpoint)
+    assert llm.scheduler.draft_rows == llm.runner.kernels.linear.rows_per_pass
+    assert (PanelLinear.rows_per_pass, LinearKernel.rows_per_pass) == (MAX_ROWS, None)  # the kit's CPU linear's

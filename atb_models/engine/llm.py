@@ -155,7 +155,7 @@ class LLM:
                                           cache_decoded_blocks=self.plan.llm_dtype == torch.float32)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids, enable_chunked_prefill, num_speculative_tokens,
-                                   prompt_lookup_max)
+                                   prompt_lookup_max, self.runner.kernels.linear.rows_per_pass)
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.

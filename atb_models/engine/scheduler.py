@@ -23,13 +23,17 @@ from atb_models.engine.sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, eos_token_ids,
-                 chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3):
+                 chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3,
+                 draft_rows: int | None = None):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.chunked_prefill = chunked_prefill
         self.num_speculative_tokens, self.prompt_lookup_max = num_speculative_tokens, prompt_lookup_max
+        # A decode step's rows (its sequences and their guesses) at most, where guesses are free only that far (the
+        # linear kernel's rows_per_pass); None: num_speculative_tokens a sequence, whatever the batch.
+        self.draft_rows = draft_rows
         self.waiting: deque = deque()
         self.running: deque = deque()
         self.num_preemptions = 0
@@ -100,16 +104,21 @@ class Scheduler:
                 scheduled.append(seq)
                 kept.append(seq)
         self.running.extend(kept)
+        spare = None if self.draft_rows is None else self.draft_rows - len(scheduled)
         for seq in scheduled:
-            seq.draft_tokens = self._drafts(seq) if self.num_speculative_tokens else []
+            seq.draft_tokens = self._drafts(seq, spare) if self.num_speculative_tokens else []
+            if spare is not None:
+                spare -= len(seq.draft_tokens)
         return scheduled
 
-    def _drafts(self, seq: Sequence) -> list:
+    def _drafts(self, seq: Sequence, spare: int | None) -> list:
         """The tokens guessed for a sequence's decode step: as many as prompt lookup finds, at most those that its
-        max_tokens leave room for past the step's own token, and those whose K/V free blocks can hold."""
-        if not speculative.drafting(seq):
+        max_tokens leave room for past the step's own token, the step's `spare` rows (None: no bound) and those
+        whose K/V free blocks can hold."""
+        if not speculative.drafting(seq) or (spare is not None and spare <= 0):
             return []
-        room = min(self.num_speculative_tokens, seq.max_tokens - len(seq.completion_token_ids) - 1)
+        room = min(self.num_speculative_tokens, seq.max_tokens - len(seq.completion_token_ids) - 1,
+                   self.num_speculative_tokens if spare is None else spare)
         drafts = speculative.propose(seq.token_ids, room, self.prompt_lookup_max)
         while drafts and not self.block_manager.reserve(seq, seq.num_tokens + len(drafts)):
             drafts.pop()

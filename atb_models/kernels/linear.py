@@ -42,6 +42,9 @@ class LinearKernel:
     """F.linear: the vendor's GEMM on accelerators, and the CPU's fallback."""
 
     name = "torch"
+    # The rows whose product streams the weights through once (None: no such bound known): past them a step's
+    # cost grows with its rows; speculative decoding keeps its guesses within them (engine.scheduler).
+    rows_per_pass: int | None = None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -108,6 +111,7 @@ class PanelLinear(OneDnnLinear):
     output size not a multiple of 64, a bfloat16 input size that is odd) go to oneDNN as before."""
 
     name = "panel"
+    rows_per_pass = MAX_ROWS
 
     def __init__(self, native_op, linear_op, reorder_op, bf16_op=None, narrow_exact: bool = False,
                  bf16_dot_op=None, name: str = "panel", unpack_op=None, bf16_rows_op=None):
