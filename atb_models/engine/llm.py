@@ -378,38 +378,40 @@ class LLM:
         if seq.params.stop and len(seq.completion_token_ids) - shown > 1:
             self._end_at_first_stop(seq, shown)
         text = self._decode_completion(seq.completion_token_ids)
-        stops, searched_from = seq.params.stop, 0
-        held = stops  # a tail that may start a stop string is held back even before min_tokens: the stop may end
-        # past them and cut the text there, and text already shown (streamed) cannot be taken back
-        if stops and seq.params.min_tokens:
-            # A stop string ends the answer only where it ends past its first min_tokens tokens (vLLM's rule):
-            # until then none is searched for.
-            if len(seq.completion_token_ids) < seq.params.min_tokens:
-                stops = ()
-            elif seq.min_tokens_text_length is None:
-                seq.min_tokens_text_length = len(self._decode_completion(
-                    seq.completion_token_ids[:seq.params.min_tokens]))
-            searched_from = seq.min_tokens_text_length or 0
-        if stops:
-            found = [i for i in (text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in stops) if i >= 0]
-            if found:
-                if seq.status is not SequenceStatus.FINISHED:
-                    self.scheduler.finish(seq, "stop")
-                seq.finish_reason = "stop"
-                return text[:min(found)]
+        at = self._first_stop(seq, len(seq.completion_token_ids), text)
+        if at >= 0:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(seq, "stop")
+            seq.finish_reason = "stop"
+            return text[:at]
         if seq.status is SequenceStatus.FINISHED:
             return text
-        return _without_partial_stop(text.rstrip("\ufffd"), held)
+        # A tail that may start a stop string is held back even before min_tokens: the stop may end past them and
+        # cut the text there, and text already shown (streamed) cannot be taken back.
+        return _without_partial_stop(text.rstrip("\ufffd"), seq.params.stop)
+
+    def _first_stop(self, seq: Sequence, count: int, text: str) -> int:
+        """Where the first stop string that ends the answer begins in `text`, the text of its first `count` tokens;
+        -1 for none. A stop string ends it only where it ends past its first min_tokens tokens (vLLM's rule): before
+        them none is searched for."""
+        stops, min_tokens = seq.params.stop, seq.params.min_tokens
+        if not stops or count < min_tokens:
+            return -1
+        searched_from = 0
+        if min_tokens:
+            if seq.min_tokens_text_length is None:
+                seq.min_tokens_text_length = len(self._decode_completion(seq.completion_token_ids[:min_tokens]))
+            searched_from = seq.min_tokens_text_length
+        found = [i for i in (text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in stops) if i >= 0]
+        return min(found, default=-1)
 
     def _end_at_first_stop(self, seq: Sequence, shown: int) -> None:
         """A drafted step (engine.speculative) appended several tokens at once: the answer ends at the first of
         them whose text holds a stop string, as one token a step would have ended it (the tokens after it are
         dropped: the answer's tokens and its usage counts are the plain engine's)."""
-        completion, min_tokens = seq.completion_token_ids, seq.params.min_tokens
-        searched_from = len(self._decode_completion(completion[:min_tokens])) if min_tokens else 0
-        for kept in range(max(shown + 1, min_tokens), len(completion)):
-            text = self._decode_completion(completion[:kept])
-            if any(text.find(stop, max(0, searched_from - len(stop) + 1)) >= 0 for stop in seq.params.stop):
+        completion = seq.completion_token_ids
+        for kept in range(shown + 1, len(completion)):
+            if self._first_stop(seq, kept, self._decode_completion(completion[:kept])) >= 0:
                 del seq.token_ids[seq.num_prompt_tokens + kept:]
                 self.tokens_generated -= len(completion) - kept
                 return
