@@ -481,9 +481,12 @@ class LLM:
                     logits = logits[[i for i, seq in enumerate(seqs) if id(seq) in drawing]]
                 seqs = done
             if not is_prefill and any(seq.draft_tokens for seq in seqs):
-                tokens, logits = self._sample_on_rank0(logits, seqs, drafted=True)
+                tokens = self._on_rank0(lambda: speculative.draw(logits, seqs, self._sample))
+                self.speculative_stats.proposed += sum(len(seq.draft_tokens) for seq in seqs)
+                self.speculative_stats.accepted += sum(len(t) - 1 for t in tokens if isinstance(t, list))
+                logits = speculative.first_rows(logits, seqs)  # (the logprobs' rows: one a sequence)
             else:
-                tokens = self._sample_on_rank0(logits, seqs) if seqs else []
+                tokens = self._on_rank0(lambda: self._sample(logits, seqs)) if seqs else []
             self.plan.synchronize()
         except BaseException:
             # A step cut short (Ctrl-C, an error) wrote its prompts' K/V in part or not at all: left running, those
@@ -513,34 +516,25 @@ class LLM:
         self.tokens_generated += sum(seq.num_tokens for seq in seqs) - lengths
         return seqs
 
-    def _sample_on_rank0(self, logits, seqs: list, drafted: bool = False):
-        """Every rank holds the same gathered logits; rank 0 draws and the others follow its tokens, so unseeded
-        sampling cannot make ranks diverge. Should rank 0's draw fail, the others get its error in place of the
-        tokens and raise it too, in step, instead of waiting on a rank that has left. `drafted`: a decode step with
-        guessed tokens (speculative.draw): returns (tokens, one logits row a sequence)."""
-        eos = self.model_config.eos_token_ids
+    def _sample(self, logits, seqs: list) -> list:
+        return sample(logits, seqs, self.model_config.eos_token_ids)
 
-        def draw():
-            if drafted:
-                return speculative.draw(logits, seqs, lambda rows, each: sample(rows, each, eos))
-            return sample(logits, seqs, eos)
-
+    def _on_rank0(self, draw):
+        """The step's tokens, drawn by `draw()` on rank 0 and broadcast: every rank holds the same gathered
+        logits, and the others follow rank 0's tokens, so unseeded sampling cannot make ranks diverge. Should rank
+        0's draw fail, the others get its error in place of the tokens and raise it too, in step, instead of waiting
+        on a rank that has left."""
         if self.parallel.world_size == 1:
-            drawn = draw()
-        else:
-            drawn, failure = None, None
-            if self.parallel.rank == 0:
-                try:
-                    drawn = draw()
-                except Exception as e:
-                    failure, drawn = e, f"{type(e).__name__}: {e}"
-            drawn = distributed.broadcast_from_rank0(drawn)
-            if isinstance(drawn, str):
-                raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
-        if drafted:
-            self.speculative_stats.proposed += sum(len(seq.draft_tokens) for seq in seqs)
-            self.speculative_stats.accepted += sum(len(t) - 1 for t in drawn if isinstance(t, list))
-            return drawn, speculative.first_rows(logits, seqs)
+            return draw()
+        drawn, failure = None, None
+        if self.parallel.rank == 0:
+            try:
+                drawn = draw()
+            except Exception as e:
+                failure, drawn = e, f"{type(e).__name__}: {e}"
+        drawn = distributed.broadcast_from_rank0(drawn)
+        if isinstance(drawn, str):
+            raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
         return drawn
 
 
