@@ -27,10 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atb_models.engine.sampling_params import SEED_LIMIT
 from atb_models.errors import UserError
+from atb_models.serve.completions import CompletionFormat, parse_completion_request
 from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
 from atb_models.serve.metrics import ServerMetrics
-from atb_models.serve.completions import CompletionFormat, parse_completion_request
 from atb_models.serve.protocol import (
     ApiError,
     ChatFormat,

@@ -21,9 +21,12 @@ from atb_models.serve.protocol import (
     ChoiceProgress,
     bad_request,
     check_fields,
+    flag,
+    integer_in,
     is_token_id,
     sampling_params,
     stream_fields,
+    usage,
 )
 
 READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n", "logit_bias",
@@ -55,14 +58,8 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:  # best_of == n returns every choice drawn: it asks for nothing more
         raise bad_request(f"best_of {best_of!r} is not supported by this server unless it equals n ({n})")
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise bad_request(f"echo must be true or false, got {echo!r}")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                 or not 0 <= logprobs <= MAX_LOGPROBS):
-        raise bad_request(f"logprobs must be an integer in 0..{MAX_LOGPROBS} (the most likely tokens to list at each "
-                          f"position), got {logprobs!r}")
+    echo = flag(body, "echo")
+    logprobs = integer_in(body, "logprobs", 0, MAX_LOGPROBS)  # (the most likely tokens listed at each position)
     max_tokens = body.get("max_tokens")
     prompt_only = type(max_tokens) is int and max_tokens == 0  # (0.0 and false are refused, as 2.0 is)
     if prompt_only and not echo:
@@ -76,7 +73,7 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
     params = sampling_params(common)
     if logprobs is not None:
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
-    return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, bool(echo),
+    return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, echo,
                              prompt_only)
 
 
@@ -175,13 +172,9 @@ class CompletionFormat:
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
     def _usage(self, outputs: list) -> dict:
-        """Each prompt's tokens once (its first choice's count) and every choice's generated tokens."""
-        firsts = outputs[::self.request.n]
-        prompt_tokens = sum(o.prompt_token_count for o in firsts)
-        completion_tokens = sum(self._generated(o)[2] for o in outputs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
+        """Each prompt's tokens once (its first choice's) and every choice's generated tokens (none shown with
+        max_tokens 0)."""
+        return usage(outputs[::self.request.n], sum(self._generated(o)[2] for o in outputs))
 
     def _body(self, completion_id: str, choices: list) -> dict:
         return {"id": completion_id, "object": "text_completion", "created": self.request.created,

@@ -73,7 +73,7 @@ def parse_chat_request(body) -> ChatRequest:
     """The request body checked field by field; a bad one is one 400 naming the field."""
     check_fields(body, READ, UNSUPPORTED)
     model, stream, include_usage, n = stream_fields(body)
-    continuing = _flag(body, "continue_final_message")
+    continuing = flag(body, "continue_final_message")
     if body.get("add_generation_prompt") not in (None, not continuing):
         raise bad_request("add_generation_prompt true opens a new assistant turn and continue_final_message true "
                           "continues the last one: one of them (the server takes add_generation_prompt false only "
@@ -130,16 +130,16 @@ def model_field(body: dict) -> Optional[str]:
 def stream_fields(body: dict) -> tuple:
     """(model, stream, include_usage, n): the fields of a request that say what comes back, and how."""
     model = model_field(body)
-    stream = _flag(body, "stream")
+    stream = flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
-    include_usage = _flag(options or {}, "include_usage")
-    n = _integer_in(body, "n", 1, MAX_CHOICES)
+    include_usage = flag(options or {}, "include_usage")
+    n = integer_in(body, "n", 1, MAX_CHOICES)
     return model, stream, include_usage, 1 if n is None else n
 
 
-def _integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
+def integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
     """An integer field within low..high, or None where it is absent or null."""
     value = body.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
@@ -147,7 +147,7 @@ def _integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
     return value
 
 
-def _flag(body: dict, name: str) -> bool:
+def flag(body: dict, name: str) -> bool:
     """A true-or-false field; null is its default, false (OpenAI's "boolean or null", as for the other fields)."""
     value = body.get(name)
     if value is None:
@@ -216,8 +216,8 @@ def sampling_params(body: dict) -> SamplingParams:
     constraint = _structured_output(body)
     if constraint is not None:
         given["structured_output"] = constraint
-    top = _integer_in(body, "top_logprobs", 0, MAX_LOGPROBS)
-    if _flag(body, "logprobs"):
+    top = integer_in(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if flag(body, "logprobs"):
         given["logprobs"] = 0 if top is None else top
     elif top is not None:
         raise bad_request("top_logprobs needs logprobs: true")
@@ -266,16 +266,14 @@ def _structured_output(body: dict):
         if kind == "json_object" or kind == "json_schema" and isinstance(value.get("json_schema"), dict):
             # A key the kit does not read is refused, never ignored: some APIs take {"type": "json_object",
             # "schema": {...}}, which would otherwise be answered with any object.
-            inner = value["json_schema"] if kind == "json_schema" else {}
-            unread = [*sorted(set(value) - {"type", *(["json_schema"] if kind == "json_schema" else [])}),
+            outer = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+            inner = value.get("json_schema") if kind == "json_schema" else {}
+            unread = [*sorted(set(value) - outer),
                       *(f"json_schema.{key}" for key in sorted(set(inner) - JSON_SCHEMA_FIELDS))]
             if unread:
                 raise bad_request(f"response_format: {', '.join(unread)} is not a field this server reads (a "
                                   f"json_schema's are {', '.join(sorted(JSON_SCHEMA_FIELDS))})")
-        if kind == "json_object":
-            return StructuredOutput(json=True)
-        if kind == "json_schema" and isinstance(value.get("json_schema"), dict):
-            schema = value["json_schema"].get("schema")
+            schema = inner.get("schema")  # (json_object, or a json_schema without one: any JSON object)
             return StructuredOutput(json=True if schema is None else schema)
     except UserError as e:
         raise bad_request(f"{name}: {e}") from None
@@ -284,14 +282,19 @@ def _structured_output(body: dict):
                       f"got {value!r}")
 
 
-def usage(outputs: list) -> dict:
-    """OpenAI's usage of a request's finished RequestOutputs (one per choice): prompt tokens (visual ones
-    included; the prompt counts once), of which those whose K/V came from the prefix cache for the first choice
-    (prompt_tokens_details.cached_tokens), and the completion tokens of all choices."""
-    prompt_tokens, completion_tokens = outputs[0].prompt_token_count, sum(len(o.token_ids) for o in outputs)
+def usage(firsts: list, completion_tokens: int) -> dict:
+    """OpenAI's usage: `firsts`, the finished RequestOutput of each prompt's first choice, give the prompt tokens
+    (visual ones included; a prompt counts once, whatever its n) and those whose K/V came from the prefix cache
+    (prompt_tokens_details.cached_tokens); `completion_tokens` are all choices'."""
+    prompt_tokens = sum(o.prompt_token_count for o in firsts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": outputs[0].cached_prompt_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
+
+
+def chat_usage(outputs: list) -> dict:
+    """usage() of a chat request's finished outputs, one per choice of its one prompt."""
+    return usage(outputs[:1], sum(len(o.token_ids) for o in outputs))
 
 
 def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
@@ -315,7 +318,7 @@ def completion_body(completion_id: str, model: str, created: int, outputs: list,
             "choices": [{"index": index, "message": {"role": "assistant", "content": output.text},
                          "logprobs": logprobs_body(output.logprobs, token_bytes),
                          "finish_reason": output.finish_reason} for index, output in enumerate(outputs)],
-            "usage": usage(outputs)}
+            "usage": chat_usage(outputs)}
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
@@ -331,7 +334,7 @@ def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish
 
 def usage_chunk_body(completion_id: str, model: str, created: int, outputs: list) -> dict:
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage(outputs)}
+            "choices": [], "usage": chat_usage(outputs)}
 
 
 @dataclass
