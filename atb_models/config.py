@@ -282,17 +282,18 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def completion_decoder(tokenizer) -> Callable[[list], str]:
-    """tokenizer.decode(ids, skip_special_tokens=True) for a list of ints, the same text, without transformers'
+def completion_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list], str]:
+    """tokenizer.decode(ids, skip_special_tokens=...) for a list of ints, the same text, without transformers'
     conversion of the list item by item (to_py_obj), which costs many times the fast tokenizer's own decoding. The
     engine decodes each running sequence's whole completion every step, so that conversion was a visible part of a
     batched decode step, growing with the completion (docs/PERFORMANCE.md)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
+    skip = skip_special_tokens
     if backend is None:
-        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
     if tokenizer.clean_up_tokenization_spaces:
-        return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=True))
-    return lambda ids: backend.decode(ids, skip_special_tokens=True)
+        return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=skip))
+    return lambda ids: backend.decode(ids, skip_special_tokens=skip)
 
 
 def kit_home() -> Path:

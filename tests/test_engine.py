@@ -8,6 +8,7 @@ import torch
 
 from atb_models import LLM, SamplingParams, UserError
 from atb_models.engine.block_manager import BlockManager
+from atb_models.engine.structured_output import StructuredOutput
 from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.layers.sampler import apply_presence_frequency_penalties, min_p_filter, sample, top_k_top_p_filter
@@ -162,6 +163,17 @@ def test_eos_stops_unless_ignore_eos():
     drive(sched, token=8)
     assert stops.completion_token_ids == [8] and stops.finish_reason == "stop"
     assert ignores.completion_token_ids == [8] * 5 and ignores.finish_reason == "length"
+
+
+def test_a_stop_token_ends_the_answer_with_its_id_as_the_stop_reason_even_with_ignore_eos():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    sched = Scheduler(bm, max_batch_size=2, max_prefill_tokens=100, eos_token_ids=[8])
+    stops, other = text_seq(0, 3, max_tokens=5, ignore_eos=True, stop_token_ids=[7]), text_seq(1, 3, max_tokens=5)
+    sched.add(stops)
+    sched.add(other)
+    drive(sched, token=7)
+    assert stops.completion_token_ids == [7] and (stops.finish_reason, stops.stop_reason) == ("stop", 7)
+    assert other.completion_token_ids == [7] * 5 and (other.finish_reason, other.stop_reason) == ("length", None)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -334,13 +346,46 @@ def test_seeds_that_differ_only_above_32_bits_draw_differently():
     assert draws(77) == [int(torch.multinomial(logits[0].softmax(-1), 1, generator=small)) for _ in range(20)]
 
 
+def test_min_tokens_holds_back_stop_tokens_too():
+    seq = text_seq(0, 2, min_tokens=1, stop_token_ids=[1])
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
+    assert sample(logits, [seq], eos_token_ids=(2,)) == [3]  # neither the stop token nor eos before min_tokens
+    seq.append_token(3)
+    assert sample(logits, [seq], eos_token_ids=(2,)) == [1]
+
+
+def test_allowed_token_ids_are_the_only_tokens_drawn_greedy_or_sampled():
+    logits = torch.tensor([[9.0, 1.0, 5.0, 3.0, 0.0]])
+    assert sample(logits, [text_seq(0, 2, allowed_token_ids=[3, 4])]) == [3]
+    hot = text_seq(0, 2, allowed_token_ids=[1, 4], temperature=2.0, seed=3)
+    assert {sample(logits, [hot])[0] for _ in range(30)} == {1, 4}
+
+
+def test_a_bad_word_rules_out_its_last_token_only_where_the_answer_ends_with_the_ones_before_it():
+    seq = text_seq(0, 2, bad_words=["unused: the engine tokenizes them"])
+    seq.bad_words = ((3,), (5, 2))  # token 3 alone, and token 2 after token 5
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0, 0.0, 0.0]])
+    assert sample(logits, [seq]) == [2]  # 3 never; 2 while the answer does not end with 5
+    seq.append_token(5)
+    assert sample(logits, [seq]) == [1]
+    seq.append_token(1)
+    assert sample(logits, [seq]) == [2]
+    seq.token_ids[2:] = [5]  # the prompt ends with 5: only the answer's tokens count
+    seq.token_ids[1] = 5
+    assert sample(logits, [seq]) == [1]
+
+
 def test_sampling_params_reject_nonsense():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
                 dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")),
                 dict(logprobs=21), dict(logprobs=-1), dict(logprobs=True), dict(logit_bias={1: 101}),
                 dict(logit_bias={-1: 1}), dict(logit_bias={"1": 1}), dict(logit_bias={1: float("nan")}),
                 dict(logit_bias=[(1, 1), (1, 2)]), dict(logit_bias=5), dict(min_p=1.5), dict(min_p=-0.1),
-                dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(prompt_logprobs=21)):
+                dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(prompt_logprobs=21),
+                dict(stop_token_ids=7), dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.0]),
+                dict(allowed_token_ids=[]), dict(allowed_token_ids="12"), dict(bad_words=[" "]), dict(bad_words=[1]),
+                dict(include_stop_str_in_output="yes"), dict(skip_special_tokens=1),
+                dict(allowed_token_ids=[1], structured_output=StructuredOutput(regex="a"))):
         with pytest.raises(UserError):
             SamplingParams(**bad)
 
@@ -512,6 +557,61 @@ def test_text_only_grows_while_min_tokens_hold_stop_strings_off(llm):
         while llm.has_unfinished():
             texts.extend(out.text for out in llm.step())
         assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:])), (stop, texts)
+
+
+def test_stop_token_ids_end_the_answer_at_their_token_whose_text_is_cut_unless_asked_for(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    k = next(i for i in range(1, 12) if full[i] not in full[:i])
+    decode = llm.tokenizer.decode
+    for include, text in ((False, decode(full[:k])), (True, decode(full[:k + 1]))):
+        out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[full[k], 1],
+                                                   include_stop_str_in_output=include))[0]
+        assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == (full[:k + 1], text, "stop", full[k])
+    with pytest.raises(UserError, match="stop_token_ids names token id 99999999, beyond the vocabulary"):
+        llm.add_request(request[0], SamplingParams(stop_token_ids=[99999999]))
+
+
+def test_a_stop_string_is_the_stop_reason_and_kept_in_the_text_with_include_stop_str_in_output(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    stop = full.text[5:8]
+    for include, text in ((False, full.text[:full.text.index(stop)]),
+                          (True, full.text[:full.text.index(stop) + len(stop)])):
+        out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, stop=["never there", stop],
+                                                   include_stop_str_in_output=include))[0]
+        assert (out.text, out.finish_reason, out.stop_reason) == (text, "stop", stop)
+    eos = llm.model_config.eos_token_ids[0]
+    ended = llm.generate(request, SamplingParams(max_tokens=12, logit_bias={eos: 100}))[0]
+    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)
+
+
+def test_skip_special_tokens_false_keeps_special_tokens_in_the_text(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    special = llm.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    params = dict(max_tokens=4, ignore_eos=True, logit_bias={special: 100})
+    kept = llm.generate(request, SamplingParams(skip_special_tokens=False, **params))[0]
+    skipped = llm.generate(request, SamplingParams(**params))[0]
+    assert kept.token_ids == skipped.token_ids == [special] * 4
+    assert (kept.text, skipped.text) == ("<|vision_start|>" * 4, "")
+
+
+def test_allowed_token_ids_and_bad_words_shape_the_answer(llm):
+    request = [[{"text": "Describe the colours of the sky."}]]
+    full = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    allowed = sorted(set(full.token_ids[1:]))[:3] + [11]
+    out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, allowed_token_ids=allowed))[0]
+    assert set(out.token_ids) <= set(allowed) and out.token_ids[0] != full.token_ids[0]
+    encode = llm.tokenizer.encode
+    # a token of the answer that is a word, written alone or after a space
+    at, word = next((i, llm.tokenizer.decode([t]).strip()) for i, t in enumerate(full.token_ids)
+                    if llm.tokenizer.decode([t]).strip().isalpha() and [t] in (
+                        encode(llm.tokenizer.decode([t]).strip()), encode(" " + llm.tokenizer.decode([t]).strip())))
+    banned = llm._bad_word_tokens((word,))
+    assert (full.token_ids[at],) in banned
+    out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, bad_words=[word]))[0]
+    assert not any(tuple(out.token_ids[i:i + len(b)]) == b for b in banned for i in range(12))
+    assert out.token_ids[:at] == full.token_ids[:at] and out.token_ids[at] != full.token_ids[at]
 
 
 def test_outputs_report_counts_and_finish_reasons(llm):

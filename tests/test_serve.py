@@ -27,10 +27,14 @@ from tests.parity_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
-LIMITS = dict(max_input_length=512, max_output_length=64, block_size=16)
-SERVER_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max_input_length", "512", "--max_output_length", "64",
+# (room for a chat with tools: the tiny tokenizer spends a token on nearly every character of their JSON)
+LIMITS = dict(max_input_length=1024, max_output_length=64, block_size=16)
+SERVER_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max_input_length", "1024", "--max_output_length", "64",
                 "--block_size", "16", "--max_batch_size", "4", "--max_queue", "16"]
 MAX_TOKENS = 10
+# The module's server and reference engine render chats with the kit's tool-use template (the checkpoint's own
+# conversation format where no tools are given: tests/test_tools.py).
+TOOL_TEMPLATE = ROOT / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
 QUESTIONS = ["What is in the picture?", "Hello, what colour is the sky?", "Count: one two three", "Describe a cat.",
              "Zebra xylophone quartz", "12345", "Tell me a story.", "Why?"]
 
@@ -99,7 +103,8 @@ def server(checkpoint, media, tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp / "tmpdir"))
     command = [sys.executable, "-m", "atb_models.serve", "--model_path", str(checkpoint), "--port", str(port),
                "--api_key", API_KEY, "--allowed_local_media_path", str(media["allowed"]),
-               "--shm_name_save_path", str(tmp / "shm_names.txt"), *SERVER_FLAGS]
+               "--shm_name_save_path", str(tmp / "shm_names.txt"), "--chat_template", str(TOOL_TEMPLATE),
+               *SERVER_FLAGS]
     process = start_server(command, env, url, tmp / "server.log")
     yield Server(process, url, checkpoint.name, tmp / "server.log", tmp)
     if process.poll() is None:
@@ -111,7 +116,8 @@ def server(checkpoint, media, tmp_path_factory):
 def llm(checkpoint):
     from atb_models import LLM
 
-    return LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=16, **LIMITS)
+    return LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=16, chat_template=str(TOOL_TEMPLATE),
+               **LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -374,8 +380,8 @@ def test_completion_logprobs_0_list_each_drawn_token_as_its_own_top_logprob(serv
                                             ({"prompt": [[1, 2], "a", 3]}, "prompt must be a string"),
                                             ({"prompt": "a<|image_pad|>"}, "must not hold the vision placeholder"),
                                             ({"prompt": ["ok", [99999]]}, "prompt 1: the prompt's token ids"),
-                                            ({"prompt": ["ok", "ok", [5] * 600], "n": 2},
-                                             "prompt 2: the prompt has 600 tokens"),
+                                            ({"prompt": ["ok", "ok", [5] * 1100], "n": 2},
+                                             "prompt 2: the prompt has 1100 tokens"),
                                             ({"prompt": "x", "suffix": "y"}, "suffix is not supported"),
                                             ({"prompt": "x", "best_of": 3}, "best_of 3 is not supported"),
                                             ({"prompt": "x", "logprobs": True}, "logprobs must be an integer"),
@@ -423,6 +429,145 @@ def test_guided_choice_and_regex_hold_completions_to_them(server, client, llm):
     answer = client.completions.create(model=server.model, prompt="A code:", max_tokens=16, temperature=1.0,
                                        seed=9, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", answer.choices[0].text)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_vllms_stop_and_token_fields_answer_as_generate_with_them_and_name_the_stop_reason(server, client, llm,
+                                                                                           stream):
+    plain = reference(llm, [kit_request(QUESTIONS[2])], max_tokens=12, ignore_eos=True)[0]
+    word = llm.tokenizer.decode(plain.token_ids[1:2]).strip() or "x"
+    fields = dict(include_stop_str_in_output=True, skip_special_tokens=False, bad_words=[word], ignore_eos=True)
+    shaped = reference(llm, [kit_request(QUESTIONS[2])], max_tokens=12, **fields)[0].token_ids
+    assert shaped != plain.token_ids
+    fields["stop_token_ids"] = [next(t for i, t in enumerate(shaped) if i > 2 and t not in shaped[:i])]
+    expected = reference(llm, [kit_request(QUESTIONS[2])], max_tokens=12, **fields)[0]
+    create = dict(model=server.model, messages=[chat_message(QUESTIONS[2])], max_tokens=12, temperature=0,
+                  extra_body=fields)
+    if stream:
+        chunks = [c.model_dump() for c in client.chat.completions.create(stream=True, **create)]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        last = chunks[-1]["choices"][0]
+    else:
+        last = client.chat.completions.create(**create).model_dump()["choices"][0]
+        text = last["message"]["content"]
+    assert (text, last["finish_reason"], last["stop_reason"]) == (expected.text, "stop", expected.stop_reason)
+    assert expected.finish_reason == "stop"
+    expected = plain_reference(llm, ["The sky is"], max_tokens=6, allowed_token_ids=[11, 12])[0]
+    assert set(expected.token_ids) <= {11, 12}
+    answer = client.completions.create(model=server.model, prompt="The sky is", max_tokens=6, temperature=0,
+                                       extra_body={"allowed_token_ids": [11, 12], "stop": ["never"]})
+    choice = answer.model_dump()["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (expected.text, "length", None)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+TOOLS = [WEATHER, CLOCK]
+
+
+def tool_reference(llm, messages: list, tools: list, max_tokens: int = 40, **params):
+    """generate's answer to a chat (the server's parsed messages) with `tools` shown by the template."""
+    from atb_models import SamplingParams
+
+    prompt = llm.preprocessor(list(messages), tools=tools)
+    request_id = llm.add_request(prompt, SamplingParams(max_tokens=max_tokens, **params))
+    done = {}
+    while llm.has_unfinished():
+        done.update((out.request_id, out) for out in llm.step() if out.finished)
+    return done[request_id]
+
+
+def calls_of(choice: dict) -> list:
+    return [(call["function"]["name"], json.loads(call["function"]["arguments"]))
+            for call in choice["message"]["tool_calls"]]
+
+
+def stream_choice(server, body: dict) -> dict:
+    """A streamed answer put together as a whole one's choice: content joined, tool_calls of the chunk with them."""
+    response = server.post(dict(body, stream=True))
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    choices = [chunk["choices"][0] for chunk in chunks]
+    calls = [c["delta"]["tool_calls"] for c in choices if c["delta"].get("tool_calls")]
+    assert len(calls) <= 1 and [c["index"] for c in (calls or [[]])[0]] == list(range(len((calls or [[]])[0])))
+    content = "".join(c["delta"].get("content") or "" for c in choices)
+    message = {"content": content or None, "tool_calls": [{k: v for k, v in call.items() if k != "index"}
+                                                         for call in (calls or [[]])[0]]}
+    return {"message": message, "finish_reason": choices[-1]["finish_reason"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_tool_choice_auto_shows_the_tools_and_reads_the_models_calls_from_its_answer(server, llm, stream):
+    """A random model never calls a function by itself: a regex holds its answer to text and a call in the Hermes
+    form, which the server must read back as tool_calls."""
+    from atb_models.engine.structured_output import StructuredOutput
+    from atb_models.serve.protocol import parse_chat_request
+
+    regex = r'O[a-z]{0,2}\n<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{1,3}"\}\}</tool_call>'
+    body = {"messages": [chat_message("What is the weather in Paris?")], "tools": TOOLS, "max_tokens": 64,
+            "guided_regex": regex}
+    expected = tool_reference(llm, parse_chat_request(body).messages, TOOLS, 64,
+                              structured_output=StructuredOutput(regex=regex))
+    assert expected.finish_reason == "stop", expected.text
+    if stream:
+        choice = stream_choice(server, body)
+    else:
+        answer = server.post(body).json()
+        choice = answer["choices"][0]
+        assert answer["usage"]["prompt_tokens"] == expected.prompt_token_count
+    city = json.loads(expected.text[expected.text.index("{"):expected.text.rindex("}") + 1])["arguments"]["city"]
+    assert choice["message"]["content"] == expected.text[:expected.text.index("\n<tool_call>")]
+    assert calls_of(choice) == [("get_weather", {"city": city})] and choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["id"].startswith("call_")
+    without_tools = llm.preprocessor([chat_message_as_kit("What is the weather in Paris?")])
+    assert expected.prompt_token_count > len(without_tools.token_ids) + 50  # the tools are in the prompt
+
+
+def chat_message_as_kit(question: str):
+    from atb_models.multimodal.prompt import Message
+
+    return Message("user", ({"text": question},))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_tool_choice_required_or_named_answers_with_calls_as_generate_with_their_constraint(server, llm, stream):
+    from atb_models.serve.protocol import parse_chat_request
+
+    for choice_field, finish in (("required", "tool_calls"),
+                                 ({"type": "function", "function": {"name": "get_weather"}}, "stop")):
+        body = {"messages": [chat_message("Weather or time?")], "tools": TOOLS, "tool_choice": choice_field,
+                "max_tokens": 64, "parallel_tool_calls": False}
+        parsed = parse_chat_request(body)
+        expected = tool_reference(llm, parsed.messages, TOOLS, 64, structured_output=parsed.params.structured_output)
+        assert expected.finish_reason == "stop", expected.text
+        got = stream_choice(server, body) if stream else server.post(body).json()["choices"][0]
+        if choice_field == "required":
+            [call] = json.loads(expected.text)
+            assert calls_of(got) == [(call["name"], call["parameters"])]
+        else:
+            assert calls_of(got) == [("get_weather", json.loads(expected.text))]
+        assert (got["message"]["content"], got["finish_reason"]) == (None, finish)
+
+
+def test_a_conversation_with_calls_made_and_their_results_answers_as_generate_on_it(server, llm):
+    from atb_models.serve.protocol import parse_chat_request
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    body = {"messages": [chat_message("Weather in Oslo?"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "Rain, 8 degrees."}],
+            "tools": TOOLS, "tool_choice": "none", "max_tokens": 12, "ignore_eos": True}
+    expected = tool_reference(llm, parse_chat_request(body).messages, TOOLS, 12, ignore_eos=True)
+    answer = server.post(body).json()
+    assert answer["choices"][0]["message"]["content"] == expected.text
+    assert answer["usage"]["prompt_tokens"] == expected.prompt_token_count
+    prompt = llm.tokenizer.decode(llm.preprocessor(parse_chat_request(body).messages, tools=TOOLS).token_ids)
+    assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in prompt
+            and "<tool_response>\nRain, 8 degrees.\n</tool_response>" in prompt)
 
 
 def test_logit_bias_answers_as_generate_with_it(server, client, llm):
@@ -479,7 +624,7 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be"),
                                             ({"logprobs": "yes"}, "logprobs must be true or false"),
                                             ({"n": 17}, "n must be an integer in 1..16"),
-                                            ({"tools": [{"type": "function"}]}, "tools is not supported"),
+                                            ({"functions": [{"name": "f"}]}, "functions is not supported"),
                                             ({"presence_penalty": 3}, "presence_penalty must be a number in -2..2"),
                                             ({"stop": [str(i) for i in range(17)]}, "stop takes at most 16 strings"),
                                             ({"stop": "x" * 1025}, "of at most 1024 characters"),
@@ -488,6 +633,11 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"logit_bias": {"7": 1, "07": 2}}, "names token id 7 twice"),
                                             ({"logit_bias": {"99999999": 1}}, "beyond the vocabulary"),
                                             ({"logit_bias": [1]}, "logit_bias must be an object"),
+                                            ({"stop_token_ids": list(range(1025))}, "at most 1024 token ids"),
+                                            ({"stop_token_ids": [99999999]}, "beyond the vocabulary"),
+                                            ({"allowed_token_ids": []}, "at least one token id"),
+                                            ({"bad_words": ["x"] * 17}, "bad_words takes at most 16 words"),
+                                            ({"skip_special_tokens": "no"}, "must be True or False"),
                                             ({"response_format": {"type": "xml"}}, "response_format must be"),
                                             ({"response_format": {"type": "json_schema", "json_schema": {
                                                 "name": "x", "schema": {"type": "foo"}}}}, "Invalid type: foo"),
@@ -516,21 +666,21 @@ def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_
 
     plain = post("/tokenize", {"prompt": "The sky is blue."}).json()
     assert plain["tokens"] == llm.preprocessor.plain("The sky is blue.").token_ids
-    assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 512 + 64
+    assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 1024 + 64
     chat = post("/tokenize", {"model": server.model, "messages": [chat_message(QUESTIONS[0], media["small"])]})
     assert chat.json()["tokens"] == llm.preprocessor(kit_request(QUESTIONS[0], media["small"])).token_ids
     assert post("/detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": "The sky is blue."}
     assert "give either prompt" in error_of(post("/tokenize", {"prompt": "a", "messages": []}), 400)["message"]
     assert "outside the vocabulary" in error_of(post("/detokenize", {"tokens": [10**6]}), 400)["message"]
     assert "must be a list of token ids" in error_of(post("/detokenize", {"tokens": "12"}), 400)["message"]
-    assert "more than max_model_len 576" in error_of(post("/detokenize", {"tokens": [1] * 577}), 400)["message"]
+    assert "more than max_model_len 1088" in error_of(post("/detokenize", {"tokens": [1] * 1089}), 400)["message"]
     assert post("/detokenize", {"tokens": [1] * 576}).status_code == 200
     assert error_of(post("/detokenize", {"tokens": [1], "model": "other"}), 404)["code"] == "model_not_found"
     assert requests.post(f"{server.url}/tokenize", json={"prompt": "a"}, timeout=60).status_code == 401
 
 
 def test_models_lists_the_served_name_and_health_is_ok(server, client):
-    assert [(m.id, m.max_model_len) for m in client.models.list().data] == [(server.model, 512 + 64)]
+    assert [(m.id, m.max_model_len) for m in client.models.list().data] == [(server.model, 1024 + 64)]
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
@@ -547,7 +697,7 @@ def bad_bodies(media) -> dict:
         "http url": [chat_message("?", url="http://example.com/cat.png")],
         "file outside the folder": [chat_message("?", url=media["outside"].as_uri())],
         "link out of the folder": [chat_message("?", url=(media["allowed"] / "link.png").as_uri())],
-        "prompt too long": [chat_message("x " * 600)],
+        "prompt too long": [chat_message("x " * 1100)],
         "empty messages": [],
         "unknown part": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:,"}}]}],
     }
@@ -786,6 +936,9 @@ def test_requests_running_past_the_shutdown_grace_end_with_a_whole_answer_a_503_
     process = start_server(command, dict(os.environ, PYTHONPATH=str(ROOT)), url, tmp_path / "server.log")
     body = {"messages": [chat_message("Tell me a long story.")], "max_tokens": 4000, "ignore_eos": True}
     try:
+        # (this server renders chats with the checkpoint's template, which shows the model no tools)
+        refused = requests.post(f"{url}/v1/chat/completions", json=dict(body, tools=TOOLS), timeout=60)
+        assert "shows the model no tools" in error_of(refused, 400)["message"]
         with ThreadPoolExecutor(2) as pool:
             whole = pool.submit(requests.post, f"{url}/v1/chat/completions", json=body, timeout=120)
             streamed = pool.submit(requests.post, f"{url}/v1/chat/completions", json=dict(body, stream=True),

@@ -78,7 +78,7 @@ def test_a_stop_string_inside_a_drafted_steps_tokens_ends_the_answer_at_its_toke
     while drafting.has_unfinished():
         [output] = drafting.step()
         lengths.append(len(output.token_ids))
-    ids, decode = output.token_ids, drafting._decode_completion
+    ids, decode = output.token_ids, drafting._decoders[True]  # (the text of a request skipping special tokens)
     # a stop string that a token inside a drafted step's run completes, found in no text before that token
     stop, end = next((decode(ids[:m])[-k:], m) for before, after in zip(lengths, lengths[1:])
                      for m in range(before + 1, after) for k in range(2, 9)

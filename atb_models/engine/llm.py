@@ -43,6 +43,9 @@ class RequestOutput:
     # request runs (the outputs LLM.step returns for each token).
     finish_reason: Optional[str] = "error"
     error: Optional[str] = None     # why this request failed; the other requests are unaffected
+    # What ended a "stop": the stop string or the stop_token_ids id; None for eos, a complete structured output, or
+    # another finish_reason (vLLM's field).
+    stop_reason: Optional[object] = None
     # Seconds since generate() was called (for add_request's requests: since the engine was built or the last
     # generate() began): when the request's prefill step began, when its first token and its last token were ready.
     # Under continuous batching, first_token_s - admitted_s is the request's own time to first token and
@@ -89,7 +92,8 @@ class LLM:
                  video_fps: float = 0.5, video_max_frames: int = 768, num_blocks: Optional[int] = None,
                  shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
                  enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None,
-                 enable_chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3):
+                 enable_chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3,
+                 chat_template: Optional[str] = None):
         """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
         checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
         enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
@@ -104,7 +108,9 @@ class LLM:
         num_speculative_tokens: speculative decoding by prompt lookup (engine.speculative; 0: off): a greedy
         request's decode step also checks up to this many tokens guessed from the prompt and answer so far, where
         the last prompt_lookup_max (or fewer) tokens appeared before; the tokens are the same, steps fewer where
-        guesses hold (`speculative_stats` counts them)."""
+        guesses hold (`speculative_stats` counts them).
+        chat_template: a Jinja chat template file that replaces the checkpoint's (one that shows the model its
+        tools, say: examples/chat_templates)."""
         check_limits(max_batch_size, max_input_length, max_output_length, block_size, max_prefill_tokens, num_blocks,
                      encoder_cache_mb)
         check_speculative(num_speculative_tokens, prompt_lookup_max)
@@ -125,7 +131,8 @@ class LLM:
         distributed.init_distributed(self.plan, self.parallel)
         logger.info(self.plan.describe())
         self.tokenizer = load_tokenizer(model_path)
-        self._decode_completion = completion_decoder(self.tokenizer)
+        # The answer's text, special tokens left out or kept (SamplingParams.skip_special_tokens)
+        self._decoders = {skip: completion_decoder(self.tokenizer, skip) for skip in (True, False)}
         self.token_bytes = TokenBytes(self.tokenizer)  # a token's text and bytes, as logprobs report it
         self.matchers = Matchers(self.tokenizer, self.model_config.hf_config.vocab_size,
                                  self.model_config.eos_token_ids)
@@ -134,7 +141,8 @@ class LLM:
 
         self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
-                                         video_max_frames=video_max_frames, max_input_length=self.max_input_length)
+                                         video_max_frames=video_max_frames, max_input_length=self.max_input_length,
+                                         chat_template=_read_template(chat_template))
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
         self.runner = ModelRunner(self.model_config, self.plan, block_size, self.quantization,
                                   encoder_cache_mb << 20 if self.enable_prefix_caching else 0, cpu_linear)
@@ -218,9 +226,9 @@ class LLM:
             raise UserError(f"the prompt has {len(prompt.token_ids)} tokens (visual tokens included), more than "
                             f"--max_prefill_tokens {self.max_prefill_tokens}")
         vocab_size = self.model_config.hf_config.vocab_size
-        if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
-            raise UserError(f"logit_bias names token id {params.logit_bias[-1][0]}, beyond the vocabulary "
-                            f"(vocab_size {vocab_size})")
+        for name, ids in params.token_ids_named().items():
+            if ids and max(ids) >= vocab_size:
+                raise UserError(f"{name} names token id {max(ids)}, beyond the vocabulary (vocab_size {vocab_size})")
         needed = self.block_manager.blocks_for(len(prompt.token_ids) + max_tokens)
         if needed > self.block_manager.num_blocks:
             raise UserError(f"the prompt and max_tokens need {needed} KV blocks, the cache has only "
@@ -228,7 +236,21 @@ class LLM:
         seq = Sequence(request_id, prompt, params, max_tokens)
         if params.structured_output is not None:
             seq.matcher = self.matchers.matcher(params.structured_output)
+        if params.bad_words:
+            seq.bad_words = self._bad_word_tokens(params.bad_words)
         return seq
+
+    def _bad_word_tokens(self, words: tuple) -> tuple:
+        """Each bad word's token ids as written and after a space (how it reads inside a sentence), without
+        repeats; ids beyond the model's vocabulary (tokens it cannot draw) are no threat."""
+        vocab_size = self.model_config.hf_config.vocab_size
+        found = set()
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids[-1] < vocab_size:
+                    found.add(ids)
+        return tuple(sorted(found))
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, requests: list, sampling_params=None, on_finish=None) -> list:
@@ -372,38 +394,53 @@ class LLM:
         self.scheduler.abort_all()
         self._requests.clear()
 
+    def _decode_completion(self, seq: Sequence, ids: list) -> str:
+        return self._decoders[seq.params.skip_special_tokens](ids)
+
     def _text_so_far(self, seq: Sequence, shown: int) -> str:
-        """The sequence's text; the first stop string in it ends the request ("stop") and the text before it.
-        shown: its tokens before this step (the step added one, or a drafted step's several)."""
+        """The sequence's text; the first stop string in it ends the request ("stop") and the text before it (or
+        through it: include_stop_str_in_output). shown: its tokens before this step (the step added one, or a
+        drafted step's several)."""
         if seq.params.stop and len(seq.completion_token_ids) - shown > 1:
             self._end_at_first_stop(seq, shown)
-        text = self._decode_completion(seq.completion_token_ids)
-        at = self._first_stop(seq, len(seq.completion_token_ids), text)
+        completion = seq.completion_token_ids
+        if seq.status is SequenceStatus.FINISHED and seq.finish_reason == "stop" and completion and \
+                not seq.params.include_stop_str_in_output and self._ended_by_token(seq):
+            completion = completion[:-1]  # the eos or stop token's own text, where it has one (vLLM's way)
+        text = self._decode_completion(seq, completion)
+        at, stop = self._first_stop(seq, len(seq.completion_token_ids), text)
         if at >= 0:
             if seq.status is not SequenceStatus.FINISHED:
                 self.scheduler.finish(seq, "stop")
-            seq.finish_reason = "stop"
-            return text[:at]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            return text[:at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
         if seq.status is SequenceStatus.FINISHED:
             return text
         # A tail that may start a stop string is held back even before min_tokens: the stop may end past them and
         # cut the text there, and text already shown (streamed) cannot be taken back.
         return _without_partial_stop(text.rstrip("\ufffd"), seq.params.stop)
 
-    def _first_stop(self, seq: Sequence, count: int, text: str) -> int:
-        """Where the first stop string that ends the answer begins in `text`, the text of its first `count` tokens;
-        -1 for none. A stop string ends it only where it ends past its first min_tokens tokens (vLLM's rule): before
-        them none is searched for."""
+    def _ended_by_token(self, seq: Sequence) -> bool:
+        """Whether its last token ended it: an eos (ignore_eos off) or one of its stop_token_ids."""
+        last = seq.token_ids[-1]
+        return seq.stop_reason == last or (not seq.params.ignore_eos and last in self.scheduler.eos_token_ids)
+
+    def _first_stop(self, seq: Sequence, count: int, text: str) -> tuple:
+        """Where the first stop string that ends the answer begins in `text`, the text of its first `count` tokens,
+        and that string; (-1, None) for none. A stop string ends it only where it ends past its first min_tokens
+        tokens (vLLM's rule): before them none is searched for."""
         stops, min_tokens = seq.params.stop, seq.params.min_tokens
         if not stops or count < min_tokens:
-            return -1
+            return -1, None
         searched_from = 0
         if min_tokens:
             if seq.min_tokens_text_length is None:
-                seq.min_tokens_text_length = len(self._decode_completion(seq.completion_token_ids[:min_tokens]))
+                early = seq.completion_token_ids[:min_tokens]
+                seq.min_tokens_text_length = len(self._decode_completion(seq, early))
             searched_from = seq.min_tokens_text_length
-        found = [i for i in (text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in stops) if i >= 0]
-        return min(found, default=-1)
+        found = [(i, stop) for stop in stops for i in [text.find(stop, max(0, searched_from - len(stop) + 1))]
+                 if i >= 0]
+        return min(found, default=(-1, None), key=lambda hit: hit[0])
 
     def _end_at_first_stop(self, seq: Sequence, shown: int) -> None:
         """A drafted step (engine.speculative) appended several tokens at once: the answer ends at the first of
@@ -411,7 +448,7 @@ class LLM:
         dropped: the answer's tokens and its usage counts are the plain engine's)."""
         completion = seq.completion_token_ids
         for kept in range(shown + 1, len(completion)):
-            if self._first_stop(seq, kept, self._decode_completion(completion[:kept])) >= 0:
+            if self._first_stop(seq, kept, self._decode_completion(seq, completion[:kept]))[0] >= 0:
                 del seq.token_ids[seq.num_prompt_tokens + kept:]
                 self.tokens_generated -= len(completion) - kept
                 return
@@ -426,7 +463,7 @@ class LLM:
         if seq.params.prompt_logprobs is not None and output.prompt_logprobs is None and not seq.wants_prompt_logprobs:
             output.prompt_logprobs = list(seq.prompt_logprobs)  # complete once the first token is drawn
         if seq.status is SequenceStatus.FINISHED:
-            output.finish_reason = seq.finish_reason
+            output.finish_reason, output.stop_reason = seq.finish_reason, seq.stop_reason
             seq.prompt.visuals = []  # pixel tensors are no longer needed once the sequence is done
         finished_at = seq.finished_at if output.finished else None
         output.admitted_s, output.first_token_s, output.finished_s = (
@@ -536,6 +573,16 @@ class LLM:
         if isinstance(drawn, str):
             raise RuntimeError(f"sampling failed on rank 0: {drawn}") from failure
         return drawn
+
+
+def _read_template(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the chat template {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _without_partial_stop(text: str, stops: tuple) -> str:

@@ -33,9 +33,25 @@ class SamplingParams:
     # The answer's least length: until it holds min_tokens tokens, eos cannot be drawn and stop strings do not end
     # it (vLLM's rule); at most max_tokens.
     min_tokens: int = 0
-    # Strings that end the answer where they first appear (finish_reason "stop"); the text stops before them, the
-    # token ids keep every token generated. A string or a sequence of strings; kept as a tuple.
+    # Strings that end the answer where they first appear (finish_reason "stop", RequestOutput.stop_reason the
+    # string); the text stops before them (after, with include_stop_str_in_output), the token ids keep every token
+    # generated. A string or a sequence of strings; kept as a tuple.
     stop: tuple = ()
+    # Token ids that end the answer when drawn (finish_reason "stop", RequestOutput.stop_reason the id), eos or not,
+    # ignore_eos or not; held back before min_tokens like eos. Kept as a tuple; ids beyond the vocabulary are
+    # refused when the request is added.
+    stop_token_ids: tuple = ()
+    # Whether the text keeps the stop string, or the stop token's text, that ended it (vLLM's field): False cuts it.
+    include_stop_str_in_output: bool = False
+    # Whether the text leaves out special tokens (<|im_end|>, <|vision_start|>, ...); their ids stay in token_ids.
+    skip_special_tokens: bool = True
+    # vLLM's allowed_token_ids: the only tokens the answer may draw (eos among them if it may end before
+    # max_tokens); None for all. Kept as a sorted tuple; not with structured_output (two masks that may exclude
+    # each other).
+    allowed_token_ids: Optional[tuple] = None
+    # vLLM's bad_words: words the answer must not contain. Each is tokenized as written and after a space; the last
+    # token of such a sequence is ruled out where the answer's last tokens are the ones before it.
+    bad_words: tuple = ()
     # Log-probabilities: None asks for none; N reports each generated token's logprob and the step's N most likely
     # tokens with theirs (RequestOutput.logprobs; atb_models.engine.logprobs says which distribution).
     logprobs: Optional[int] = None
@@ -90,6 +106,15 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         settle("stop", _stop_strings(self.stop))
+        settle("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.allowed_token_ids is not None:
+            settle("allowed_token_ids", _token_ids("allowed_token_ids", self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise UserError("allowed_token_ids must name at least one token id (or be None for all)")
+        settle("bad_words", _words("bad_words", self.bad_words))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -102,6 +127,9 @@ class SamplingParams:
 
             if not isinstance(self.structured_output, StructuredOutput):
                 raise UserError(f"structured_output must be a StructuredOutput, got {self.structured_output!r}")
+            if self.allowed_token_ids is not None:
+                raise UserError("allowed_token_ids cannot be combined with a structured output: the two masks may "
+                                "leave no token to draw")
 
     @property
     def greedy(self) -> bool:
@@ -116,7 +144,13 @@ class SamplingParams:
     def shapes_logits(self) -> bool:
         """Whether anything changes the logits before the draw (a greedy draw is then not the raw argmax)."""
         return (self.penalised or bool(self.logit_bias) or self.structured_output is not None
-                or self.min_tokens > 0)
+                or self.min_tokens > 0 or self.allowed_token_ids is not None or bool(self.bad_words))
+
+    def token_ids_named(self) -> dict:
+        """The token ids each field names (logit_bias, stop_token_ids, allowed_token_ids), for the engine's check
+        against its vocabulary."""
+        return {"logit_bias": [token for token, _ in self.logit_bias], "stop_token_ids": list(self.stop_token_ids),
+                "allowed_token_ids": list(self.allowed_token_ids or ())}
 
 
 def _integer(name: str, value, allowed: str) -> int:
@@ -132,6 +166,24 @@ def _stop_strings(value) -> tuple:
     if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
         raise UserError(f"stop must be a non-empty string or a list of them, got {value!r}")
     return tuple(strings)
+
+
+def _token_ids(name: str, value) -> tuple:
+    """A list of token ids as a sorted tuple without repeats."""
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise UserError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
+    ids = {_integer(f"{name}'s token id", token, "an integer >= 0") for token in value}
+    if any(token < 0 for token in ids):
+        raise UserError(f"{name} must hold integers >= 0, got {min(ids)}")
+    return tuple(sorted(ids))
+
+
+def _words(name: str, value) -> tuple:
+    """A list of non-blank strings as a tuple (a lone string is one)."""
+    words = (value,) if isinstance(value, str) else value
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise UserError(f"{name} must be a list of non-blank strings, got {value!r}")
+    return tuple(words)
 
 
 def _logit_bias(value) -> tuple:

@@ -164,7 +164,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence, waiting or running, between steps: it leaves its queue and its KV blocks are free at
-        once. The one way a sequence ends: an eos token or max_tokens (finish_step), a stop string, an abort."""
+        once. The one way a sequence ends: an eos or stop token, a complete structured output or max_tokens
+        (finish_step), a stop string, an abort."""
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
@@ -186,6 +187,9 @@ class Scheduler:
                 seq.append_token(token)
                 self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
                 if not seq.params.ignore_eos and token in self.eos_token_ids:
+                    self.finish(seq, "stop")
+                elif token in seq.params.stop_token_ids:
+                    seq.stop_reason = token
                     self.finish(seq, "stop")
                 elif seq.matcher is not None and seq.matcher.advance(token):  # its structured output is complete
                     self.finish(seq, "stop")

@@ -49,6 +49,8 @@ class Sequence:
         self.prefill_end: Optional[int] = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
+        self.stop_reason = None  # the stop string or stop token id that ended it ("stop" by eos or a constraint: None)
+        self.bad_words: tuple = ()  # params.bad_words as token id sequences (the engine tokenizes them)
         self.generator: Optional[torch.Generator] = None
         self.matcher = None  # a structured_output.SequenceMatcher where params.structured_output asks (every rank)
         self.min_tokens_text_length: Optional[int] = None  # the text's length at params.min_tokens tokens, once known

@@ -26,17 +26,21 @@ KEPT_CONSTRAINTS = 16  # compiled constraints kept for the requests that follow 
 # The whitespace a JSON answer may hold between two of its tokens: enough for pretty-printing (a newline and deep
 # indentation), bounded so that a model cannot fill the answer with whitespace and never finish the object.
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,64}"
+COMPACT_JSON_WHITESPACE = r"\x20"  # StructuredOutput.compact's: at most one space between two tokens
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
     """What an answer must match; exactly one of: `json`, a JSON schema (a dict, or its text) or True for any JSON
     object; `regex`, a regular expression (Rust's regex syntax) the whole answer matches; `choice`, strings the
-    answer is one of. Checked when made; the schema kept as canonical JSON text (the object stays hashable)."""
+    answer is one of. Checked when made; the schema kept as canonical JSON text (the object stays hashable).
+    `compact`: a JSON answer holds at most one space between two tokens, for answers a program reads (function
+    calls): a small model left free pads them with whitespace until max_tokens."""
 
     json: object = None
     regex: Optional[str] = None
     choice: Optional[tuple] = None
+    compact: bool = False
 
     def __post_init__(self):
         given = [name for name in ("json", "regex", "choice") if getattr(self, name) not in (None, False)]
@@ -68,7 +72,8 @@ class StructuredOutput:
 
         if self.json is not None:
             schema = '{"type": "object"}' if self.json is True else self.json
-            return LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": JSON_WHITESPACE})
+            whitespace = COMPACT_JSON_WHITESPACE if self.compact else JSON_WHITESPACE
+            return LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": whitespace})
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         # (a JSON string literal is a Lark string literal: quotes and backslashes escaped alike)

@@ -1,9 +1,9 @@
 """Next-token choice for a batch of rows, each with its own SamplingParams.
 
 The order follows transformers' logits processors: OpenAI's logit_bias (added to the raw logits), repetition
-penalty, presence and frequency penalties, then temperature, the mask of the tokens ruled out (by a structured output,
-and eos before min_tokens), then top-k, top-p, min-p, then a draw (argmax when the temperature is greedy:
-SamplingParams.greedy). The repetition penalty covers the prompt and the output, as in transformers; OpenAI's
+penalty, presence and frequency penalties, then temperature, the mask of the tokens ruled out (by a structured
+output or allowed_token_ids, eos and stop tokens before min_tokens, bad words), then top-k, top-p, min-p, then a
+draw (argmax when the temperature is greedy: SamplingParams.greedy). The repetition penalty covers the prompt and the output, as in transformers; OpenAI's
 presence and frequency penalties the output only (as OpenAI and vLLM define them).
 """
 import torch
@@ -61,19 +61,39 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def allowed_tokens(seq, vocab_size: int, eos_token_ids) -> torch.Tensor | None:
-    """A bool mask of the tokens the sequence may draw now, None for all: its structured output's, less the eos
-    tokens while the answer is shorter than min_tokens (unless the constraint leaves nothing else: complete, it
-    must end)."""
-    early = len(seq.completion_token_ids) < seq.params.min_tokens and len(eos_token_ids) > 0
-    if seq.matcher is None and not early:
+    """A bool mask of the tokens the sequence may draw now, None for all: its structured output's (or its
+    allowed_token_ids), less the eos and stop tokens while the answer is shorter than min_tokens and the token that
+    would complete a bad word, unless that leaves nothing (a complete constraint must end)."""
+    p = seq.params
+    ruled_out = _bad_word_ends(seq)
+    if len(seq.completion_token_ids) < p.min_tokens:
+        ruled_out += list(eos_token_ids) + list(p.stop_token_ids)
+    if seq.matcher is None and p.allowed_token_ids is None and not ruled_out:
         return None
-    allowed = torch.ones(vocab_size, dtype=torch.bool) if seq.matcher is None else seq.matcher.allowed(vocab_size)
-    if early:
-        without_eos = allowed.clone()
-        without_eos[list(eos_token_ids)] = False
-        if without_eos.any():
-            allowed = without_eos
+    if seq.matcher is not None:
+        allowed = seq.matcher.allowed(vocab_size)
+    elif p.allowed_token_ids is not None:
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[list(p.allowed_token_ids)] = True
+    else:
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+    if ruled_out:
+        narrowed = allowed.clone()
+        narrowed[ruled_out] = False
+        if narrowed.any():
+            allowed = narrowed
     return allowed
+
+
+def _bad_word_ends(seq) -> list:
+    """The last token of each bad word (a token id sequence) whose other tokens end the answer so far."""
+    completion = seq.completion_token_ids
+    ends = []
+    for word in seq.bad_words:
+        before = len(word) - 1
+        if before == 0 or (len(completion) >= before and tuple(completion[-before:]) == word[:-1]):
+            ends.append(word[-1])
+    return ends
 
 
 def sample(logits: torch.Tensor, seqs: list, eos_token_ids=()) -> list:

@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import jinja2
+import jinja2.meta
 import torch
 from PIL import Image
 
@@ -21,7 +23,7 @@ from atb_models.multimodal.rope_index import rope_index
 logger = logging.getLogger(__name__)
 
 ITEM_KINDS = ("image", "video", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 # The frame rate a video given as a list of frames is taken to be sampled at, unless its item names one
 # (qwen-vl-utils' rule); a video file is sampled at --video_fps.
@@ -49,13 +51,27 @@ class ProcessedPrompt:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made (OpenAI's tool_calls entry): its id, the function's name, and its
+    arguments as a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a conversation: who speaks ("system", "user" or "assistant") and what, as a request's items.
-    A request may be a list of Messages (a chat with its history, as the server receives it); a system turn
-    replaces the chat template's default system prompt. A plain list of items is one user turn."""
+    """One turn of a conversation: who speaks ("system", "user", "assistant", or "tool": a function's result) and
+    what, as a request's items. A request may be a list of Messages (a chat with its history, as the server
+    receives it); a system turn replaces the chat template's default system prompt. A plain list of items is one
+    user turn. An assistant turn may hold the ToolCalls it made (its items then perhaps none); a tool turn may name
+    the call it answers."""
 
     role: str
     items: tuple
+    tool_calls: tuple = ()
+    tool_call_id: str | None = None
 
 
 def conversation(request) -> list[Message]:
@@ -118,6 +134,15 @@ def _display(kind: str, value) -> str:
     if kind == "video" and isinstance(value, (list, tuple)):
         return f"<video: {len(value)} frames>"
     return f"<{kind}: {describe(value)}>"
+
+
+def _template_reads(template: str, name: str) -> bool:
+    """Whether a chat template reads the variable `name` (a template without `tools` never shows them)."""
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template does not parse: {e} (line {e.lineno})") from None
+    return name in jinja2.meta.find_undeclared_variables(parsed)
 
 
 def describe_request(request) -> str:
@@ -196,6 +221,7 @@ class Preprocessor:
         video_fps: float = 0.5,
         video_max_frames: int = 768,
         max_input_length: int | None = None,
+        chat_template: str | None = None,
     ):
         """`max_input_length`, when given, is the prompt token budget: pixel bounds that make every image longer
         are refused here, and an image that would exceed it fails its request before it is resized."""
@@ -210,7 +236,9 @@ class Preprocessor:
         self.video_fps = video_fps
         self.video_max_frames = video_max_frames
         self.video_max_pixels = max_pixels
-        self.chat_template = tokenizer.chat_template or self._read_chat_template(model_path)
+        # A template given (the server's --chat_template) replaces the checkpoint's.
+        self.chat_template = chat_template or tokenizer.chat_template or self._read_chat_template(model_path)
+        self.takes_tools = _template_reads(self.chat_template, "tools")
 
         image_processor_class = model_family(config.model_type).image_processor_class()
         processor_file = os.path.join(model_path, "preprocessor_config.json")
@@ -253,11 +281,13 @@ class Preprocessor:
         with open(path, encoding="utf-8") as f:
             return json.load(f)["chat_template"]
 
-    def __call__(self, request: list, continue_final_message: bool = False) -> ProcessedPrompt:
+    def __call__(self, request: list, continue_final_message: bool = False, tools: list | None = None
+                 ) -> ProcessedPrompt:
         """`request`: a list of items (one user turn) or of Messages (a conversation). The prompt ends with the
         template's opening of the assistant's answer; with `continue_final_message`, the conversation's last
         message, an assistant's ending in text, is left open instead, for the model to continue (an answer's start
-        given by the caller)."""
+        given by the caller). `tools`: OpenAI's function descriptions, given to the template (which may show them
+        to the model: `takes_tools`)."""
         turns = conversation(request)
         items = _items(turns)
         if not items:
@@ -275,7 +305,8 @@ class Preprocessor:
         if continue_final_message and (turns[-1].role != "assistant" or kinds[-1] != "text"):
             raise UserError("continue_final_message continues the last message: it must be the assistant's, "
                             "ending in text")
-        token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values, continue_final_message), visuals)
+        token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values, continue_final_message, tools),
+                                              visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
         positions, rope_delta = rope_index(
             token_ids,
@@ -369,16 +400,29 @@ class Preprocessor:
         return VisualInput(kind, pixel_values, (t, h, w), t * h * w // self.spatial_merge_size**2, seconds_per_grid,
                            content_hash(kind, pixel_values, (t, h, w), seconds_per_grid))
 
-    def _tokenize(self, turns: list[Message], kinds: list[str], values: list, continue_final: bool) -> list[int]:
+    def _tokenize(self, turns: list[Message], kinds: list[str], values: list, continue_final: bool,
+                  tools: list | None) -> list[int]:
         parts = iter([{"type": "text", "text": v} if k == "text" else {"type": k} for k, v in zip(kinds, values)])
-        chat = [{"role": turn.role, "content": [next(parts) for _ in turn.items]} for turn in turns]
-        rendered = self.tokenizer.apply_chat_template(
-            chat,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
+        chat = []
+        for turn in turns:
+            message = {"role": turn.role, "content": [next(parts) for _ in turn.items]}
+            if turn.tool_calls:  # arguments as an object, as templates print them (tojson)
+                message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                    "name": call.name, "arguments": json.loads(call.arguments)}} for call in turn.tool_calls]
+            if turn.tool_call_id is not None:
+                message["tool_call_id"] = turn.tool_call_id
+            chat.append(message)
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                chat,
+                tools=tools,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+            )
+        except jinja2.TemplateError as e:  # a template's own raise_exception, or a conversation it cannot print
+            raise UserError(f"the chat template cannot render this conversation: {e}") from None
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     def _expand_placeholders(self, token_ids: list[int], visuals: list[VisualInput]) -> list[int]:

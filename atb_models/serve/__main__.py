@@ -1,5 +1,6 @@
 """python -m atb_models.serve --model_path DIR [--host 127.0.0.1] [--port 1025] [--served_model_name NAME]
-    [--api_key KEY] [--allowed_local_media_path DIR] [--max_queue N] [--shutdown_grace SECONDS]
+    [--api_key KEY] [--allowed_local_media_path DIR] [--chat_template FILE] [--max_queue N]
+    [--shutdown_grace SECONDS]
     [run_pa's engine flags]
 
 An OpenAI-compatible server: POST /v1/chat/completions (stream or not), GET /v1/models, /health, /metrics. Under
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer KEY' on /v1/, /tokenize and /detokenize requests")
     server.add_argument("--allowed_local_media_path", metavar="DIR",
                         help="let requests name media as file:// paths inside this folder (default: data: URLs only)")
+    server.add_argument("--chat_template", metavar="FILE",
+                        help="a Jinja chat template that replaces the checkpoint's: one that shows the model its "
+                             "tools (examples/chat_templates/qwen2_vl_tool_use.jinja) lets tool_choice \"auto\" "
+                             "work")
     server.add_argument("--max_queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for a batch slot; more are answered 503 with Retry-After")
     server.add_argument("--shutdown_grace", type=float, metavar="SECONDS", default=DEFAULT_SHUTDOWN_GRACE,

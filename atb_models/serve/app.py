@@ -40,6 +40,7 @@ from atb_models.serve.protocol import (
     parse_detokenize_request,
     parse_tokenize_request,
 )
+from atb_models.serve.tools import ToolChatFormat
 
 logger = logging.getLogger("atb_models.serve")
 
@@ -119,9 +120,21 @@ class ApiService:
         self.check_key(request)
         self.check_ready()
         chat = parse_chat_request(await _json_body(request))
+        tools = chat.tools
+        if tools is not None and tools.choice == "auto" and not self.engine.llm.preprocessor.takes_tools:
+            raise bad_request("this server's chat template shows the model no tools, so it could not choose to call "
+                              "them: start the server with --chat_template (examples/chat_templates/"
+                              "qwen2_vl_tool_use.jinja shows them), or give tool_choice \"required\" or a function")
+        tool_list = None if tools is None else list(tools.tools)
         return await self._serve(request, chat, arrival,
-                                 [lambda: self._prepare(chat.messages, chat.continue_final_message)],
-                                 lambda prompts: ChatFormat(chat, self.config.model_name, self.engine.llm.token_bytes))
+                                 [lambda: self._prepare(chat.messages, chat.continue_final_message, tool_list)],
+                                 lambda prompts: self._chat_format(chat))
+
+    def _chat_format(self, chat) -> ChatFormat:
+        model, token_bytes = self.config.model_name, self.engine.llm.token_bytes
+        if chat.tools is None:
+            return ChatFormat(chat, model, token_bytes)
+        return ToolChatFormat(chat, model, token_bytes, chat.tools)
 
     async def completions(self, request: Request) -> Response:
         arrival = time.perf_counter()
@@ -250,13 +263,13 @@ class ApiService:
         except UserError as e:
             raise bad_request(where + str(e)) from None
 
-    def _prepare(self, messages: list, continue_final_message: bool = False):
+    def _prepare(self, messages: list, continue_final_message: bool = False, tools: Optional[list] = None):
         """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
         removed once preprocessed, whatever happened; a bad medium is a 400 naming it by its part, not its path."""
         with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
             items = self.media.messages(messages, folder)
             try:
-                return self.engine.llm.preprocessor(items, continue_final_message)
+                return self.engine.llm.preprocessor(items, continue_final_message, tools)
             except UserError as e:
                 raise bad_request(str(e).replace(folder + os.sep, "")) from None
 

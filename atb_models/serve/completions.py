@@ -103,7 +103,7 @@ class CompletionFormat:
         choices = []
         for index, output in enumerate(outputs):
             choice = self._choice(index, output, ChoiceProgress())
-            choice["finish_reason"] = output.finish_reason
+            choice["finish_reason"], choice["stop_reason"] = output.finish_reason, output.stop_reason
             choices.append(choice)
         return dict(self._body(completion_id, choices), usage=self._usage(outputs))
 
@@ -116,7 +116,7 @@ class CompletionFormat:
                 (self.request.echo and not progress.opened)):
             return None
         choice = self._choice(index, output, progress)
-        choice["finish_reason"] = output.finish_reason
+        choice["finish_reason"], choice["stop_reason"] = output.finish_reason, output.stop_reason
         body = self._body(completion_id, [choice])
         if self.request.include_usage:
             body["usage"] = None

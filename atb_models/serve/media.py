@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import itertools
 import os
 from typing import Optional
@@ -32,9 +33,10 @@ class MediaResolver:
     def messages(self, parsed: list, folder: str) -> list[Message]:
         """The parsed messages as the engine's Messages, media written into or found for `folder`'s request."""
         counter = itertools.count(1)  # names the request's files image1.png, video2.mp4 ...
-        return [Message(role, tuple(part if isinstance(part, dict) else self._item(part, folder, next(counter))
-                                    for part in parts))
-                for role, parts in parsed]
+        return [dataclasses.replace(message, items=tuple(
+                    part if isinstance(part, dict) else self._item(part, folder, next(counter))
+                    for part in message.items))
+                for message in parsed]
 
     def _item(self, part: MediaPart, folder: str, number: int) -> dict:
         scheme = urlsplit(part.url).scheme.lower()

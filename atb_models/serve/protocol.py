@@ -5,6 +5,8 @@ structured output) and vLLM's /tokenize and /detokenize bodies. No I/O here: `ap
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,23 +14,26 @@ from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
+from atb_models.multimodal.prompt import ROLES, Message, ToolCall
 
-ROLES = ("system", "user", "assistant")
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}  # response_format's json_schema (OpenAI's)
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
-UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None}
+UNSUPPORTED = {"functions": None, "function_call": None}  # (OpenAI's older names for tools: not taken)
 # SamplingParams' fields a body gives under their own names (sampling_params; the chat and completions APIs alike).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop",
-                   "presence_penalty", "frequency_penalty", "min_p", "min_tokens")
+                   "presence_penalty", "frequency_penalty", "min_p", "min_tokens", "stop_token_ids",
+                   "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words")
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user", "logprobs",
         "top_logprobs", "n", "logit_bias", "continue_final_message", "add_generation_prompt", *SAMPLING_FIELDS,
-        *STRUCTURED_OUTPUT_FIELDS}
+        *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice", "parallel_tool_calls"}
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give
+MAX_STOP_TOKEN_IDS, MAX_ALLOWED_TOKEN_IDS = 1024, 2**18
+MAX_TOOL_CALLS = 128  # an assistant message's tool calls
 
 
 class ApiError(Exception):
@@ -58,7 +63,7 @@ class MediaPart:
 @dataclass
 class ChatRequest:
     model: Optional[str]
-    # Each message as (role, parts): a part is {"text": ...} or a MediaPart.
+    # multimodal.prompt.Messages whose items are {"text": ...} or MediaParts (media.py resolves them)
     messages: list
     params: SamplingParams
     stream: bool = False
@@ -66,6 +71,7 @@ class ChatRequest:
     n: int = 1
     # vLLM's extra: the last message, the assistant's, is continued rather than answered by a new turn
     continue_final_message: bool = False
+    tools: Optional[object] = None  # a serve.tools.ToolRequest where the request gives tools
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -78,8 +84,20 @@ def parse_chat_request(body) -> ChatRequest:
         raise bad_request("add_generation_prompt true opens a new assistant turn and continue_final_message true "
                           "continues the last one: one of them (the server takes add_generation_prompt false only "
                           "with continue_final_message)")
-    return ChatRequest(model, _messages(body.get("messages")), sampling_params(body), stream, include_usage, n,
-                       continuing)
+    from atb_models.serve.tools import parse_tools  # (tools.py builds on this module's ChatFormat)
+
+    tools = parse_tools(body)
+    params = sampling_params(body)
+    constraint = None if tools is None else tools.constraint()
+    if constraint is not None:  # tool_choice "required" or a named function: the answer held to calls
+        if params.structured_output is not None:
+            raise bad_request(f"tool_choice {body['tool_choice']!r} holds the answer to function calls; a "
+                              "response_format or guided_* field cannot hold it to something else too")
+        try:
+            params = dataclasses.replace(params, structured_output=constraint)
+        except UserError as e:
+            raise bad_request(str(e)) from None
+    return ChatRequest(model, _messages(body.get("messages")), params, stream, include_usage, n, continuing, tools)
 
 
 def parse_tokenize_request(body) -> tuple:
@@ -163,19 +181,51 @@ def _messages(messages) -> list:
     return [_message(message, i) for i, message in enumerate(messages)]
 
 
-def _message(message, index: int) -> tuple:
+def _message(message, index: int) -> Message:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise bad_request(f"{where} must be an object with a role and a content")
     role = message.get("role")
     if role not in ROLES:
         raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    if message.get("tool_calls") is not None and role != "assistant":
+        raise bad_request(f"{where}.tool_calls: only an assistant's message holds tool calls")
+    calls = _tool_calls(message.get("tool_calls"), where)
+    call_id = message.get("tool_call_id") if role == "tool" else None
+    if call_id is not None and not isinstance(call_id, str):
+        raise bad_request(f"{where}.tool_call_id must be a string")
     content = message.get("content")
+    if calls and content in (None, ""):  # an assistant's turn that only called functions
+        return Message(role, (), calls)
     if isinstance(content, str):
-        return role, [{"text": content}]
+        return Message(role, ({"text": content},), calls, call_id)
     if not isinstance(content, list) or not content:
         raise bad_request(f"{where}.content must be a string or a non-empty list of parts")
-    return role, [_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+    return Message(role, tuple(_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)), calls,
+                   call_id)
+
+
+def _tool_calls(calls, where: str) -> tuple:
+    """An assistant message's tool_calls (OpenAI's entries, arguments as JSON text) as ToolCalls."""
+    if calls is None:
+        return ()
+    if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+        raise bad_request(f"{where}.tool_calls must be a list of at most {MAX_TOOL_CALLS} calls")
+    checked = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not (isinstance(name, str) and isinstance(call.get("id", ""), str)):
+            raise bad_request(f'{where}.tool_calls[{j}] must be {{"id": ..., "type": "function", "function": '
+                              f'{{"name": ..., "arguments": "..."}}}}')
+        try:
+            arguments = json.loads(function.get("arguments"))
+        except (TypeError, ValueError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise bad_request(f"{where}.tool_calls[{j}].function.arguments must be a JSON object's text")
+        checked.append(ToolCall(call.get("id", ""), name, json.dumps(arguments, ensure_ascii=False)))
+    return tuple(checked)
 
 
 def _part(part, where: str):
@@ -202,6 +252,19 @@ def _check_stop(stop) -> None:
         raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
 
 
+def _check_token_lists(body: dict) -> None:
+    """Bounds on the token id lists and bad words a request may name: the mask and the bad-word checks run at every
+    step of the request. allowed_token_ids may name the whole vocabulary of a large model."""
+    for name, most in (("stop_token_ids", MAX_STOP_TOKEN_IDS), ("allowed_token_ids", MAX_ALLOWED_TOKEN_IDS)):
+        value = body.get(name)
+        if isinstance(value, list) and len(value) > most:
+            raise bad_request(f"{name} takes at most {most} token ids, got {len(value)}")
+    words = body.get("bad_words")
+    if isinstance(words, list) and (len(words) > MAX_STOP_STRINGS or any(
+            isinstance(w, str) and len(w) > MAX_STOP_CHARS for w in words)):
+        raise bad_request(f"bad_words takes at most {MAX_STOP_STRINGS} words of at most {MAX_STOP_CHARS} characters")
+
+
 def sampling_params(body: dict) -> SamplingParams:
     # OpenAI's newer name and its older one: either (a null one asks for nothing), both only when they agree.
     newer, older = body.get("max_completion_tokens"), body.get("max_tokens")
@@ -209,6 +272,7 @@ def sampling_params(body: dict) -> SamplingParams:
         raise bad_request(f"max_completion_tokens {newer!r} and max_tokens {older!r} differ; give one of them")
     max_tokens = older if newer is None else newer
     _check_stop(body.get("stop"))
+    _check_token_lists(body)
     values = {"max_tokens": max_tokens, **{name: body.get(name) for name in SAMPLING_FIELDS}}
     given = {name: value for name, value in values.items() if value is not None}
     if body.get("logit_bias") is not None:
@@ -317,16 +381,19 @@ def completion_body(completion_id: str, model: str, created: int, outputs: list,
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": index, "message": {"role": "assistant", "content": output.text},
                          "logprobs": logprobs_body(output.logprobs, token_bytes),
-                         "finish_reason": output.finish_reason} for index, output in enumerate(outputs)],
+                         "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
+                        for index, output in enumerate(outputs)],
             "usage": chat_usage(outputs)}
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0) -> dict:
+               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0, stop_reason=None) -> dict:
     """One streamed chunk of choice `index`; with stream_options.include_usage every chunk carries "usage": null
-    but the last; `logprobs` (logprobs_body's) those of the tokens that came since the choice's chunk before."""
+    but the last; `logprobs` (logprobs_body's) those of the tokens that came since the choice's chunk before;
+    `stop_reason` (vLLM's field) the stop string or token id that ended it."""
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                         "stop_reason": stop_reason}]}
     if with_usage_field:
         body["usage"] = None
     return body
@@ -367,17 +434,25 @@ class ChatFormat:
     def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
         """The chunk of choice `index` for its latest output, None where it adds nothing to send: the text since
         the last chunk (a token holding part of a character waits for the rest) and its tokens' logprobs."""
-        delta = output.text[progress.chars:]
-        if not (delta or output.finished):
+        return self._delta_chunk(completion_id, index, output, progress, output.text, output.finish_reason)
+
+    def _delta_chunk(self, completion_id: str, index: int, output, progress: ChoiceProgress, text: str,
+                     finish_reason: Optional[str] = None, extra: Optional[dict] = None) -> Optional[dict]:
+        """The chunk that brings choice `index` to `text` (what may be shown of its output so far), with `extra`
+        delta fields and the logprobs of the tokens since its last chunk; None where there is nothing to send."""
+        delta = text[progress.chars:]
+        if not (delta or extra or finish_reason):
             return None
         logprobs = None if output.logprobs is None else output.logprobs[progress.tokens:]
-        progress.chars, progress.tokens = len(output.text), len(output.token_ids)
-        return self._chunk(completion_id, index, {"content": delta} if delta else {}, output.finish_reason,
-                           logprobs_body(logprobs, self.token_bytes))
+        progress.chars, progress.tokens = len(text), len(output.token_ids)
+        body = dict({"content": delta} if delta else {}, **(extra or {}))
+        return self._chunk(completion_id, index, body, finish_reason, logprobs_body(logprobs, self.token_bytes),
+                           output.stop_reason if finish_reason else None)
 
     def usage_chunk(self, completion_id: str, outputs: list) -> dict:
         return usage_chunk_body(completion_id, self.model, self.request.created, outputs)
 
-    def _chunk(self, completion_id: str, index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
+    def _chunk(self, completion_id: str, index: int, delta: dict, finish_reason=None, logprobs=None,
+               stop_reason=None) -> dict:
         return chunk_body(completion_id, self.model, self.request.created, delta, finish_reason,
-                          self.request.include_usage, logprobs, index)
+                          self.request.include_usage, logprobs, index, stop_reason)

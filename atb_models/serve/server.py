@@ -39,7 +39,7 @@ def serve(args: argparse.Namespace) -> int:
     def build_llm():
         from atb_models.engine.llm import LLM
 
-        llm = LLM(args.model_path, **engine_options(args))
+        llm = LLM(args.model_path, **engine_options(args), chat_template=args.chat_template)
         llm.matchers.prepare()  # (not at the first constrained request, on the engine's thread: every rank)
         return llm
 

@@ -1,0 +1,146 @@
+"""Function calling's parts without a model: the tool-use chat template against the checkpoints' own, a request's
+tools checked, and answers read as calls (the server's answers are in test_serve.py)."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from atb_models.demo.checkpoint import CHAT_TEMPLATE
+from atb_models.serve.protocol import ApiError, ChatRequest, parse_chat_request
+from atb_models.serve.tools import ToolChatFormat, parse_tools, read_calls
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def render(messages: list, template: str, **kwargs) -> str:
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": [{"type": "image"}, text("What is it?")]}],
+    [{"role": "system", "content": [text("Be brief.")]}, {"role": "user", "content": [text("Hi")]},
+     {"role": "assistant", "content": [text("Hello")]}, {"role": "user", "content": [{"type": "video"},
+                                                                                     {"type": "image"}, text("And?")]}],
+    [{"role": "user", "content": "a plain string"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["image", "history", "string"])
+@pytest.mark.parametrize("kwargs", [dict(add_generation_prompt=True), dict(add_vision_id=True),
+                                    dict(continue_final_message=True)], ids=["answer", "vision_ids", "continue"])
+def test_without_tools_the_tool_use_template_renders_what_the_checkpoints_own_does(messages, kwargs):
+    if kwargs.get("continue_final_message"):
+        messages = messages + [{"role": "assistant", "content": [text("It is")]}]
+    template = TEMPLATE.read_text()
+    assert render(messages, template, **kwargs) == render(messages, CHAT_TEMPLATE, **kwargs)
+
+
+def test_the_tool_use_template_shows_the_tools_the_calls_made_and_their_results():
+    messages = [{"role": "user", "content": [text("Weather and time in Paris?")]},
+                {"role": "assistant", "content": [text("Let me look.")], "tool_calls": [
+                    {"id": "a", "type": "function",
+                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                    {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+                {"role": "tool", "tool_call_id": "a", "content": [text("sunny")]},
+                {"role": "tool", "tool_call_id": "b", "content": "noon"}]
+    rendered = render(messages, TEMPLATE.read_text(), tools=[WEATHER, TIME], add_generation_prompt=True)
+    tools_block = rendered[rendered.index("<tools>\n") + 8:rendered.index("\n</tools>")]
+    assert [json.loads(line) for line in tools_block.splitlines()] == [WEATHER, TIME]
+    assert ('<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+            '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n') in rendered
+    assert rendered.endswith("<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n"
+                             "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def tools_of(**body):
+    return parse_tools(dict({"tools": [WEATHER, TIME]}, **body))
+
+
+def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text():
+    auto = tools_of()
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    content, calls = read_calls("I will look.\n" + call + "\n" + call.replace("get_weather", "get_time"), auto)
+    assert content == "I will look." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"} and calls[0]["id"].startswith("call_")
+    assert calls[0]["id"] != calls[1]["id"]
+    assert read_calls(call[:-len("</tool_call>")], auto)[0] is None  # the last call's closing tag may be missing
+    assert len(read_calls(call + call, tools_of(parallel_tool_calls=False))[1]) == 1
+    for not_calls in ("no call here", call + " and text after", call.replace("get_weather", "unknown"),
+                      call.replace("{\"city\"", "{city"), call[:-len("</tool_call>")] + call,
+                      '<tool_call>["get_weather"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}'):
+        assert read_calls(not_calls, auto) is None, not_calls
+
+
+def test_required_and_named_answers_are_read_from_their_json():
+    required = tools_of(tool_choice="required")
+    content, calls = read_calls('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": '
+                                '{"city": "Oslo"}}]', required)
+    assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_time", "{}"), ("get_weather", '{"city": "Oslo"}')]
+    named = tools_of(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert read_calls('{"city": "Oslo"}', named)[1][0]["function"] == {"name": "get_weather",
+                                                                       "arguments": '{"city": "Oslo"}'}
+    assert read_calls('{"city": "Os', named) is None  # cut by max_tokens: the text
+
+
+def test_the_constraints_of_required_and_named_choices_hold_the_answer_to_calls():
+    schema = json.loads(tools_of(tool_choice="required", parallel_tool_calls=False).constraint().json)
+    assert schema["minItems"] == schema["maxItems"] == 1
+    assert tools_of(tool_choice="required").constraint().compact  # no room for a small model's idle whitespace
+    assert [c["properties"]["name"] for c in schema["items"]["anyOf"]] == [{"enum": ["get_weather"]},
+                                                                           {"enum": ["get_time"]}]
+    named = tools_of(tool_choice={"type": "function", "function": {"name": "get_time"}}).constraint()
+    assert json.loads(named.json) == {"type": "object"}  # a function without parameters takes any object
+    assert tools_of(tool_choice="auto").constraint() is None and tools_of(tool_choice="none").constraint() is None
+
+
+def test_a_stream_shows_the_text_before_a_call_may_begin_and_holds_back_the_rest():
+    chat = ChatRequest(None, [], None)
+    auto = ToolChatFormat(chat, "m", None, tools_of())
+    assert auto._streamable("Sure, <tool") == "Sure,"
+    assert auto._streamable("Sure. \n<tool_call>\n{") == "Sure."
+    assert auto._streamable("a < b") == "a < b"
+    assert ToolChatFormat(chat, "m", None, tools_of(tool_choice="required"))._streamable("[{") == ""
+    assert ToolChatFormat(chat, "m", None, tools_of(tool_choice="none"))._streamable("x <tool_call>") == \
+        "x <tool_call>"
+    finished = SimpleNamespace(text="Hi", token_ids=[1], logprobs=None, finish_reason="stop", stop_reason=None)
+    assert auto._calls(finished) is None
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"tool_choice": "auto"}, "tool_choice 'auto' needs tools"),
+    ({"tools": []}, "tools must be a list of 1..128 tools"),
+    ({"tools": [{"type": "code_interpreter"}]}, 'tools[0] must be {"type": "function"'),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "name must be 1..64 letters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "examples": []}}]}, "'examples' is not a field"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "must be a JSON schema"),
+    ({"tools": [TIME, TIME]}, "names the function 'get_time' twice"),
+    ({"tools": [TIME], "tool_choice": "always"}, 'tool_choice must be "none", "auto", "required"'),
+    ({"tools": [TIME], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+     "names the function 'other', which tools does not hold"),
+    ({"tools": [TIME], "tool_choice": "required", "guided_regex": "x"}, "cannot hold it to something else"),
+    ({"tools": [TIME], "parallel_tool_calls": "no"}, "parallel_tool_calls must be true or false"),
+    ({"functions": [{"name": "f"}]}, "functions is not supported"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "only an assistant's message holds"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "arguments must be a JSON object's text"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "tool_call_id must be a string"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "content must be a string or a non-empty list"),
+])
+def test_tools_and_tool_messages_asked_wrongly_are_400s(body, expected):
+    with pytest.raises(ApiError) as error:
+        parse_chat_request(dict({"messages": [{"role": "user", "content": "hi"}]}, **body))
+    assert error.value.status == 400 and expected in error.value.message
