@@ -1,6 +1,9 @@
 """Function calling's parts without a model: the tool-use chat template against the checkpoints' own, a request's
 tools checked, and answers read as calls (the server's answers are in test_serve.py)."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +15,8 @@ from atb_models.demo.checkpoint import CHAT_TEMPLATE
 from atb_models.serve.protocol import ApiError, ChatRequest, parse_chat_request
 from atb_models.serve.tools import ToolChatFormat, parse_tools, read_calls
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}
@@ -144,3 +148,19 @@ def test_tools_and_tool_messages_asked_wrongly_are_400s(body, expected):
     with pytest.raises(ApiError) as error:
         parse_chat_request(dict({"messages": [{"role": "user", "content": "hi"}]}, **body))
     assert error.value.status == 400 and expected in error.value.message
+
+
+def test_a_chat_template_file_missing_or_broken_stops_the_server_at_its_start_in_one_line(tiny_checkpoint, tmp_path):
+    from tests.parity_utils import free_port
+
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for message in messages %}{{ message['role'] }}")  # an unclosed for
+    for path, expected in ((tmp_path / "absent.jinja", "cannot read the chat template"),
+                           (broken, "the chat template cannot render a one-line chat")):
+        result = subprocess.run([sys.executable, "-m", "atb_models.serve", "--model_path", str(tiny_checkpoint()),
+                                 "--chat_template", str(path), "--device", "cpu", "--dtype", "float32", "--port",
+                                 str(free_port()), "--shm_name_save_path", str(tmp_path / "shm.txt")],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

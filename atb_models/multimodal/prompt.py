@@ -140,8 +140,8 @@ def _template_reads(template: str, name: str) -> bool:
     """Whether a chat template reads the variable `name` (a template without `tools` never shows them)."""
     try:
         parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise UserError(f"the chat template does not parse: {e} (line {e.lineno})") from None
+    except jinja2.TemplateSyntaxError:  # a tag of transformers' own ({% generation %}): its text must do
+        return name in template
     return name in jinja2.meta.find_undeclared_variables(parsed)
 
 
@@ -239,6 +239,8 @@ class Preprocessor:
         # A template given (the server's --chat_template) replaces the checkpoint's.
         self.chat_template = chat_template or tokenizer.chat_template or self._read_chat_template(model_path)
         self.takes_tools = _template_reads(self.chat_template, "tools")
+        self._render([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], None, False,
+                     "a one-line chat")  # a broken template fails the start, not every request
 
         image_processor_class = model_family(config.model_type).image_processor_class()
         processor_file = os.path.join(model_path, "preprocessor_config.json")
@@ -412,8 +414,12 @@ class Preprocessor:
             if turn.tool_call_id is not None:
                 message["tool_call_id"] = turn.tool_call_id
             chat.append(message)
+        rendered = self._render(chat, tools, continue_final, "this conversation")
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    def _render(self, chat: list, tools: list | None, continue_final: bool, what: str) -> str:
         try:
-            rendered = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 chat,
                 tools=tools,
                 chat_template=self.chat_template,
@@ -421,9 +427,8 @@ class Preprocessor:
                 add_generation_prompt=not continue_final,
                 continue_final_message=continue_final,
             )
-        except jinja2.TemplateError as e:  # a template's own raise_exception, or a conversation it cannot print
-            raise UserError(f"the chat template cannot render this conversation: {e}") from None
-        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        except jinja2.TemplateError as e:  # a syntax error, a template's own raise_exception, a chat it cannot print
+            raise UserError(f"the chat template cannot render {what}: {e}") from None
 
     def _expand_placeholders(self, token_ids: list[int], visuals: list[VisualInput]) -> list[int]:
         ids = torch.tensor(token_ids, dtype=torch.long)
