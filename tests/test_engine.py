@@ -503,6 +503,13 @@ def test_a_structured_output_too_large_for_the_engines_thread_to_compile_is_refu
     assert len(StructuredOutput(choice=["x"] * MAX_CHOICE_STRINGS).choice) == MAX_CHOICE_STRINGS
 
 
+def test_a_structured_output_no_text_can_match_is_refused_when_the_request_is_added(llm):
+    for never in (StructuredOutput(regex="[^\\x00-\\x{10FFFF}]"), StructuredOutput(json={"$ref": "#"})):
+        with pytest.raises(UserError, match="the structured output admits no answer"):
+            llm.add_request([{"text": "Hi"}], SamplingParams(max_tokens=4, structured_output=never))
+    assert not llm.has_unfinished()
+
+
 def test_the_tokenizers_llguidance_form_is_made_by_prepare_not_at_the_first_constrained_request(llm, monkeypatch):
     # (the server calls prepare() before it serves: made at the first request, it held the engine's thread)
     import llguidance

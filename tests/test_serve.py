@@ -642,6 +642,7 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"response_format": {"type": "json_schema", "json_schema": {
                                                 "name": "x", "schema": {"type": "foo"}}}}, "Invalid type: foo"),
                                             ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
+                                            ({"guided_json": {"$ref": "#"}}, "admits no answer"),
                                             ({"guided_choice": "yes"}, "guided_choice: choice must be a list"),
                                             ({"continue_final_message": True}, "must be the assistant's"),
                                             ({"continue_final_message": True, "add_generation_prompt": True},

@@ -159,6 +159,12 @@ class Matchers:
             raise UserError(f"the structured output cannot be used: {e}") from None
         if matcher.is_error():
             raise UserError(f"the structured output cannot be used: {matcher.get_error()}")
+        # A constraint no text can match (a regex of an empty class, a schema that only refers to itself) compiles,
+        # and its first mask breaks the matcher: the answer would come back empty, as if complete.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise UserError(f"the structured output admits no answer: no text matches {constraint.describe()[:200]}")
         return matcher
 
 
