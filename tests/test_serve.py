@@ -670,6 +670,10 @@ def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_
     assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 1024 + 64
     chat = post("/tokenize", {"model": server.model, "messages": [chat_message(QUESTIONS[0], media["small"])]})
     assert chat.json()["tokens"] == llm.preprocessor(kit_request(QUESTIONS[0], media["small"])).token_ids
+    with_tools = post("/tokenize", {"messages": [chat_message(QUESTIONS[1])], "tools": TOOLS}).json()["tokens"]
+    assert with_tools == llm.preprocessor([chat_message_as_kit(QUESTIONS[1])], tools=TOOLS).token_ids
+    assert len(with_tools) > len(llm.preprocessor([chat_message_as_kit(QUESTIONS[1])]).token_ids)
+    assert "tools go with messages" in error_of(post("/tokenize", {"prompt": "a", "tools": TOOLS}), 400)["message"]
     assert post("/detokenize", {"tokens": plain["tokens"]}).json() == {"prompt": "The sky is blue."}
     assert "give either prompt" in error_of(post("/tokenize", {"prompt": "a", "messages": []}), 400)["message"]
     assert "outside the vocabulary" in error_of(post("/detokenize", {"tokens": [10**6]}), 400)["message"]

@@ -152,10 +152,10 @@ class ApiService:
         (media preprocessed, their tokens counted)."""
         self.check_key(request)
         self.check_ready()
-        model, kind, value = parse_tokenize_request(await _json_body(request))
+        model, kind, value, tools = parse_tokenize_request(await _json_body(request))
         self._check_model(model)
         prepare = (functools.partial(self._prepare_plain, value, "") if kind == "prompt"
-                   else functools.partial(self._prepare, value))
+                   else functools.partial(self._prepare, value, False, tools))
         prompt = await asyncio.get_running_loop().run_in_executor(self._preprocessing, prepare)
         return {"count": len(prompt.token_ids), "max_model_len": self.engine.llm.max_model_len,
                 "tokens": prompt.token_ids}

@@ -101,14 +101,20 @@ def parse_chat_request(body) -> ChatRequest:
 
 
 def parse_tokenize_request(body) -> tuple:
-    """vLLM's /tokenize: (model, "prompt", a string or token ids) or (model, "messages", the parsed messages)."""
-    check_fields(body, {"model", "prompt", "messages"}, {})
+    """vLLM's /tokenize: (model, "prompt", a string or token ids, None) or (model, "messages", the parsed messages,
+    the tools the template shows or None)."""
+    check_fields(body, {"model", "prompt", "messages", "tools"}, {})
     model = model_field(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise bad_request("give either prompt (a text as it is) or messages (a chat, tokenized as it is answered)")
     if body.get("prompt") is not None:
-        return model, "prompt", body["prompt"]
-    return model, "messages", _messages(body["messages"])
+        if body.get("tools") is not None:
+            raise bad_request("tools go with messages (a chat's template shows them), not with a prompt")
+        return model, "prompt", body["prompt"], None
+    from atb_models.serve.tools import parse_tools  # (tools.py builds on this module's ChatFormat)
+
+    tools = parse_tools({"tools": body.get("tools")})
+    return model, "messages", _messages(body["messages"]), None if tools is None else list(tools.tools)
 
 
 def parse_detokenize_request(body) -> tuple:
