@@ -277,6 +277,9 @@ def test_token_logprobs_of_many_rows_are_taken_a_slice_at_a_time_with_the_same_v
     assert [e.token_id for e in entries] == tokens
     assert all(abs(e.logprob - expected[i, e.token_id].item()) < 1e-6 for i, e in enumerate(entries))
     assert [e.top[0][0] for e in entries] == expected.argmax(-1).tolist()
+    # rank: 1 + the tokens more likely than the row's token
+    assert [e.rank for e in entries] == [int((row > row[t]).sum()) + 1 for row, t in zip(expected, tokens)]
+    assert {e.rank for e in entries} > {1}
 
 
 def test_top_k_keeps_only_the_k_best():

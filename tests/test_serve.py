@@ -341,6 +341,41 @@ def test_echo_with_logprobs_and_no_tokens_scores_the_prompt_as_the_engine_does(s
     assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(token_ids))]
 
 
+def assert_prompt_logprobs(got: list, expected: list, llm, count: int) -> None:
+    """vLLM's prompt_logprobs body against the engine's: null first, then the prompt token with its rank and the
+    `count` most likely tokens, each with its logprob, rank and text."""
+    assert got[0] is None and expected[0] is None and len(got) == len(expected)
+    for listed, entry in zip(got[1:], expected[1:]):
+        mine = listed[str(entry.token_id)]
+        assert (mine["rank"], mine["decoded_token"]) == (entry.rank, llm.token_bytes(entry.token_id)[0])
+        assert mine["logprob"] == pytest.approx(entry.logprob, abs=1e-5)
+        assert list(listed)[0] == str(entry.token_id) and len(listed) == count + (entry.rank > count)
+        for rank, (token, logprob) in enumerate(entry.top, start=1):
+            assert listed[str(token)]["logprob"] == pytest.approx(logprob, abs=1e-5)
+            assert listed[str(token)]["rank"] == (entry.rank if token == entry.token_id else rank)
+
+
+def test_prompt_logprobs_on_both_apis_are_the_engines_and_refused_with_a_stream(server, llm):
+    prompt = "Count: one two three"
+    expected = plain_reference(llm, [prompt], max_tokens=2, prompt_logprobs=3)[0]
+    response = requests.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                             json={"prompt": prompt, "max_tokens": 2, "prompt_logprobs": 3, "echo": True,
+                                   "logprobs": 1}, timeout=60).json()
+    assert_prompt_logprobs(response["choices"][0]["prompt_logprobs"], expected.prompt_logprobs, llm, 3)
+    # echo's logprobs still list one most likely token (and the prompt's own), computed once with the above
+    assert all(len(top) <= 2 for top in response["choices"][0]["logprobs"]["top_logprobs"][1:])
+    assert any(len(top) == 2 for top in response["choices"][0]["logprobs"]["top_logprobs"][1:])
+    chat = [chat_message(QUESTIONS[7])]
+    from atb_models.serve.protocol import parse_chat_request
+
+    chat_expected = tool_reference(llm, parse_chat_request({"messages": chat}).messages, None, 3, prompt_logprobs=0)
+    answer = server.post({"messages": chat, "max_tokens": 3, "prompt_logprobs": 0, "n": 2}).json()
+    assert_prompt_logprobs(answer["prompt_logprobs"], chat_expected.prompt_logprobs, llm, 0)
+    assert "prompt_logprobs" not in server.post({"messages": chat, "max_tokens": 1}).json()
+    refused = server.post({"messages": chat, "prompt_logprobs": 1, "stream": True})
+    assert "not available with stream" in error_of(refused, 400)["message"]
+
+
 def test_echo_of_several_prompts_with_n_choices_and_generated_logprobs(server, llm):
     """Two prompts (one as token ids) of two choices each: choice index = prompt * n + i; each echoes its prompt
     and then its tokens, whose logprobs follow the prompt's; usage counts each prompt once."""

@@ -14,11 +14,13 @@ import torch
 @dataclass(frozen=True)
 class TokenLogprob:
     """One generated token: its id and logprob, and the `SamplingParams.logprobs` most likely tokens of that step
-    as (id, logprob), most likely first (the chosen token among them when it ranks there)."""
+    as (id, logprob), most likely first (the chosen token among them when it ranks there); `rank`: 1 + the number
+    of tokens more likely than it (vLLM's)."""
 
     token_id: int
     logprob: float
     top: tuple = ()
+    rank: int = 1
 
 
 # Rows whose log-softmax is taken at once: a long prompt's logprobs cost this many rows' copies beyond its logits.
@@ -36,8 +38,10 @@ def token_logprobs(logits: torch.Tensor, tokens: list, count: int) -> list:
     if count:
         best = torch.topk(logprobs, min(count, logprobs.shape[-1]), dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
-    return [TokenLogprob(token, value, top) for token, value, top in zip(tokens, chosen, tops)]
+    chosen = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1))
+    ranks = ((logprobs > chosen).sum(1) + 1).tolist()
+    return [TokenLogprob(token, value, top, rank)
+            for token, value, top, rank in zip(tokens, chosen.squeeze(1).tolist(), tops, ranks)]
 
 
 def record_logprobs(logits: torch.Tensor, seqs: list, tokens: list) -> None:

@@ -24,6 +24,7 @@ from atb_models.serve.protocol import (
     flag,
     integer_in,
     is_token_id,
+    prompt_logprobs_body,
     sampling_params,
     stream_fields,
     usage,
@@ -47,6 +48,8 @@ class CompletionRequest:
     # max_tokens 0 with echo: the prompt's logprobs alone. The engine draws one token (its prefill gives the
     # logprobs) that the answer leaves out.
     prompt_only: bool = False
+    logprobs: Optional[int] = None          # OpenAI's: the most likely tokens listed at each position
+    prompt_logprobs: Optional[int] = None   # vLLM's: each choice's prompt_logprobs, with so many most likely
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -71,10 +74,12 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
     default = DEFAULT_MAX_TOKENS if max_output_length is None else min(DEFAULT_MAX_TOKENS, max_output_length)
     common["max_tokens"] = 1 if prompt_only else default if max_tokens is None else max_tokens
     params = sampling_params(common)
+    asked = params.prompt_logprobs  # (the echoed prompt's logprobs come from the same computation)
     if logprobs is not None:
-        params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+        echoed = max(logprobs, asked or 0) if echo else asked
+        params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echoed)
     return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, echo,
-                             prompt_only)
+                             prompt_only, logprobs, asked)
 
 
 def _prompts(prompt) -> list:
@@ -104,6 +109,9 @@ class CompletionFormat:
         for index, output in enumerate(outputs):
             choice = self._choice(index, output, ChoiceProgress())
             choice["finish_reason"], choice["stop_reason"] = output.finish_reason, output.stop_reason
+            if self.request.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_body(output.prompt_logprobs or [], self.token_bytes,
+                                                                 self.request.prompt_logprobs)
             choices.append(choice)
         return dict(self._body(completion_id, choices), usage=self._usage(outputs))
 
@@ -164,7 +172,7 @@ class CompletionFormat:
             logprobs.append(None if entry is None else entry.logprob)
             top = None
             if entry is not None:
-                top = {self.token_bytes(i)[0]: value for i, value in entry.top}
+                top = {self.token_bytes(i)[0]: value for i, value in entry.top[:self.request.logprobs]}
                 top.setdefault(text, entry.logprob)
             tops.append(top)
             offsets.append(offset)

@@ -24,7 +24,8 @@ UNSUPPORTED = {"functions": None, "function_call": None}  # (OpenAI's older name
 # SamplingParams' fields a body gives under their own names (sampling_params; the chat and completions APIs alike).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "stop",
                    "presence_penalty", "frequency_penalty", "min_p", "min_tokens", "stop_token_ids",
-                   "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words")
+                   "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words",
+                   "prompt_logprobs")
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user", "logprobs",
         "top_logprobs", "n", "logit_bias", "continue_final_message", "add_generation_prompt", *SAMPLING_FIELDS,
@@ -159,6 +160,8 @@ def stream_fields(body: dict) -> tuple:
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
     include_usage = flag(options or {}, "include_usage")
+    if stream and body.get("prompt_logprobs") is not None:  # (vLLM's rule too: they come whole, with the answer)
+        raise bad_request("prompt_logprobs are not available with stream: true")
     n = integer_in(body, "n", 1, MAX_CHOICES)
     return model, stream, include_usage, 1 if n is None else n
 
@@ -381,15 +384,33 @@ def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
                         for lp in logprobs]}
 
 
-def completion_body(completion_id: str, model: str, created: int, outputs: list, token_bytes) -> dict:
+def prompt_logprobs_body(entries: list, token_bytes, count: int) -> list:
+    """vLLM's prompt_logprobs: None for the first prompt token, then for each other a map of token ids (strings, as
+    JSON's keys are) to their logprob, rank and text: the prompt's token first, then the `count` most likely."""
+    def entry(lp) -> dict:
+        listed = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
+                                     "decoded_token": token_bytes(lp.token_id)[0]}}
+        for rank, (token, logprob) in enumerate(lp.top[:count], start=1):
+            listed.setdefault(str(token), {"logprob": logprob, "rank": rank, "decoded_token": token_bytes(token)[0]})
+        return listed
+
+    return [None if lp is None else entry(lp) for lp in entries]
+
+
+def completion_body(completion_id: str, model: str, created: int, outputs: list, token_bytes,
+                    prompt_logprobs: Optional[int] = None) -> dict:
     """The whole answer of a request that was not streamed; `outputs` are the engine's final RequestOutputs, one
-    per choice, `token_bytes` the LLM's (a token id's text and bytes, for logprobs)."""
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+    per choice, `token_bytes` the LLM's (a token id's text and bytes, for logprobs); with `prompt_logprobs` asked,
+    the prompt's (vLLM's top-level field: the choices share the prompt)."""
+    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": index, "message": {"role": "assistant", "content": output.text},
                          "logprobs": logprobs_body(output.logprobs, token_bytes),
                          "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
                         for index, output in enumerate(outputs)],
             "usage": chat_usage(outputs)}
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs_body(outputs[0].prompt_logprobs or [], token_bytes, prompt_logprobs)
+    return body
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
@@ -430,7 +451,8 @@ class ChatFormat:
         self.request, self.model, self.token_bytes = chat, model, token_bytes
 
     def whole(self, completion_id: str, outputs: list) -> dict:
-        return completion_body(completion_id, self.model, self.request.created, outputs, self.token_bytes)
+        return completion_body(completion_id, self.model, self.request.created, outputs, self.token_bytes,
+                               self.request.params.prompt_logprobs)
 
     def opening(self, completion_id: str, num_choices: int) -> list:
         """Chunks before any token: each choice's role."""
