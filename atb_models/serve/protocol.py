@@ -269,6 +269,7 @@ def _check_token_lists(body: dict) -> None:
         if isinstance(value, list) and len(value) > most:
             raise bad_request(f"{name} takes at most {most} token ids, got {len(value)}")
     words = body.get("bad_words")
+    words = [words] if isinstance(words, str) else words  # (a lone string is one word, as SamplingParams takes it)
     if isinstance(words, list) and (len(words) > MAX_STOP_STRINGS or any(
             isinstance(w, str) and len(w) > MAX_STOP_CHARS for w in words)):
         raise bad_request(f"bad_words takes at most {MAX_STOP_STRINGS} words of at most {MAX_STOP_CHARS} characters")
