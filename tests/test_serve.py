@@ -314,6 +314,23 @@ def test_completions_answer_as_the_engine_does_the_prompt_as_it_is(server, clien
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_prompt_scored_with_max_tokens_0_ends_by_its_length_whatever_ended_the_hidden_token(server, client, llm,
+                                                                                            stream):
+    """The engine draws one token that max_tokens 0 leaves out: a stop token or string in it ends nothing shown."""
+    prompt = "Count: one two three"
+    [hidden] = plain_reference(llm, [prompt], max_tokens=1)[0].token_ids
+    stop = llm.tokenizer.decode([hidden])
+    create = dict(model=server.model, prompt=prompt, max_tokens=0, echo=True, temperature=0)
+    for fields in ({"stop_token_ids": [hidden]}, {"stop": [stop], "include_stop_str_in_output": True}):
+        if stream:
+            [choice] = [c.choices[0] for c in client.completions.create(stream=True, extra_body=fields, **create)]
+        else:
+            [choice] = client.completions.create(extra_body=fields, **create).choices
+        choice = choice.model_dump()
+        assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (prompt, "length", None), fields
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_echo_with_logprobs_and_no_tokens_scores_the_prompt_as_the_engine_does(server, client, llm, stream):
     """What a log-likelihood evaluation sends: each prompt token's logprob given those before it."""
     prompt = "Count: one two three"

@@ -108,7 +108,7 @@ class CompletionFormat:
         choices = []
         for index, output in enumerate(outputs):
             choice = self._choice(index, output, ChoiceProgress())
-            choice["finish_reason"], choice["stop_reason"] = output.finish_reason, output.stop_reason
+            choice["finish_reason"], choice["stop_reason"] = self._ending(output)
             if self.request.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs_body(output.prompt_logprobs or [], self.token_bytes,
                                                                  self.request.prompt_logprobs)
@@ -124,7 +124,7 @@ class CompletionFormat:
                 (self.request.echo and not progress.opened)):
             return None
         choice = self._choice(index, output, progress)
-        choice["finish_reason"], choice["stop_reason"] = output.finish_reason, output.stop_reason
+        choice["finish_reason"], choice["stop_reason"] = self._ending(output)
         body = self._body(completion_id, [choice])
         if self.request.include_usage:
             body["usage"] = None
@@ -136,6 +136,13 @@ class CompletionFormat:
     def _echoed(self, index: int, progress: ChoiceProgress) -> int:
         """Characters of the prompt sent at the start of choice `index`."""
         return len(self.prompts[index // self.request.n].text) if self.request.echo and progress.opened else 0
+
+    def _ending(self, output) -> tuple:
+        """A choice's finish_reason and stop_reason. With max_tokens 0 nothing generated is shown: the engine's one
+        hidden token ends nothing (an eos, a stop token or a stop string in it), the answer stops at its length."""
+        if self.request.prompt_only and output.finish_reason in ("stop", "length"):
+            return "length", None
+        return output.finish_reason, output.stop_reason
 
     def _generated(self, output) -> tuple[str, Optional[list], int]:
         """A choice's generated text, its tokens' logprob entries (None unless asked) and its token count."""
