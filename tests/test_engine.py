@@ -618,7 +618,7 @@ def test_allowed_token_ids_and_bad_words_shape_the_answer(llm):
                     if llm.tokenizer.decode([t]).strip().isalpha() and [t] in (
                         encode(llm.tokenizer.decode([t]).strip()), encode(" " + llm.tokenizer.decode([t]).strip())))
     banned = llm._bad_word_tokens((word,))
-    assert (full.token_ids[at],) in banned
+    assert (full.token_ids[at],) in banned and llm._bad_word_tokens(("  " + word,)) == banned  # (leading spaces)
     out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, bad_words=[word]))[0]
     assert not any(tuple(out.token_ids[i:i + len(b)]) == b for b in banned for i in range(12))
     assert out.token_ids[:at] == full.token_ids[:at] and out.token_ids[at] != full.token_ids[at]

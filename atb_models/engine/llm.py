@@ -241,13 +241,15 @@ class LLM:
         return seq
 
     def _bad_word_tokens(self, words: tuple) -> tuple:
-        """Each bad word's token ids as written and after a space (how it reads inside a sentence), without
-        repeats; ids beyond the model's vocabulary (tokens it cannot draw) are no threat."""
+        """Each bad word's token ids (vLLM's rule): the word without leading spaces, and after a space (how it reads
+        inside a sentence) where that is as many tokens and starts with another; without repeats. Ids beyond the
+        model's vocabulary (tokens it cannot draw) are no threat."""
         vocab_size = self.model_config.hf_config.vocab_size
         found = set()
         for word in words:
-            for text in (word, " " + word.lstrip()):
-                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+            alone = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            for ids in (alone, spaced) if len(spaced) == len(alone) and spaced[:1] != alone[:1] else (alone,):
                 if ids and ids[-1] < vocab_size:
                     found.add(ids)
         return tuple(sorted(found))

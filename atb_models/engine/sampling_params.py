@@ -49,8 +49,9 @@ class SamplingParams:
     # max_tokens); None for all. Kept as a sorted tuple; not with structured_output (two masks that may exclude
     # each other).
     allowed_token_ids: Optional[tuple] = None
-    # vLLM's bad_words: words the answer must not contain. Each is tokenized as written and after a space; the last
-    # token of such a sequence is ruled out where the answer's last tokens are the ones before it.
+    # vLLM's bad_words: words the answer must not contain. Each is tokenized alone and after a space (LLM's
+    # _bad_word_tokens); the last token of such a sequence is ruled out where the answer's last tokens are the ones
+    # before it.
     bad_words: tuple = ()
     # Log-probabilities: None asks for none; N reports each generated token's logprob and the step's N most likely
     # tokens with theirs (RequestOutput.logprobs; atb_models.engine.logprobs says which distribution).
@@ -156,7 +157,7 @@ class SamplingParams:
 def _integer(name: str, value, allowed: str) -> int:
     """value as an int; a bool or a float (even 3.0) is refused: it is most likely a mix-up of fields."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise UserError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{name} must be {allowed}, got {_shown(value)} ({type(value).__name__})")
     return int(value)
 
 
@@ -164,16 +165,19 @@ def _stop_strings(value) -> tuple:
     """stop as a tuple of non-empty strings; a lone string is one stop string."""
     strings = (value,) if isinstance(value, str) else value
     if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
-        raise UserError(f"stop must be a non-empty string or a list of them, got {value!r}")
+        raise UserError(f"stop must be a non-empty string or a list of them, got {_shown(value)}")
     return tuple(strings)
 
 
 def _token_ids(name: str, value) -> tuple:
     """A list of token ids as a sorted tuple without repeats."""
     if not isinstance(value, (list, tuple, set, frozenset)):
-        raise UserError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
-    ids = {_integer(f"{name}'s token id", token, "an integer >= 0") for token in value}
-    if any(token < 0 for token in ids):
+        raise UserError(f"{name} must be a list of token ids (integers >= 0), got {_shown(value)}")
+    if all(type(token) is int for token in value):  # (the common case, without a call per id: lists may be long)
+        ids = set(value)
+    else:
+        ids = {_integer(f"{name}'s token id", token, "an integer >= 0") for token in value}
+    if ids and min(ids) < 0:
         raise UserError(f"{name} must hold integers >= 0, got {min(ids)}")
     return tuple(sorted(ids))
 
@@ -182,8 +186,14 @@ def _words(name: str, value) -> tuple:
     """A list of non-blank strings as a tuple (a lone string is one)."""
     words = (value,) if isinstance(value, str) else value
     if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
-        raise UserError(f"{name} must be a list of non-blank strings, got {value!r}")
+        raise UserError(f"{name} must be a list of non-blank strings, got {_shown(value)}")
     return tuple(words)
+
+
+def _shown(value, most: int = 200) -> str:
+    """A value as an error message quotes it: a long one cut (a request may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
 
 
 def _logit_bias(value) -> tuple:
@@ -195,7 +205,7 @@ def _logit_bias(value) -> tuple:
         pairs = list(value.items() if hasattr(value, "items") else value)
         pairs = [(token, bias) for token, bias in pairs]
     except (TypeError, ValueError):
-        raise UserError(f"logit_bias must be {allowed}, got {value!r}") from None
+        raise UserError(f"logit_bias must be {allowed}, got {_shown(value)}") from None
     checked = {}
     for token, bias in pairs:
         token = _integer("logit_bias's token id", token, "an integer >= 0")
@@ -213,7 +223,7 @@ def _logit_bias(value) -> tuple:
 
 def _number(name: str, value, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UserError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{name} must be {allowed}, got {_shown(value)} ({type(value).__name__})")
     try:
         return float(value)
     except OverflowError:  # an int beyond float's range

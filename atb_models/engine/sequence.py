@@ -51,6 +51,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason = None  # the stop string or stop token id that ended it ("stop" by eos or a constraint: None)
         self.bad_words: tuple = ()  # params.bad_words as token id sequences (the engine tokenizes them)
+        self.allowed_mask: Optional[torch.Tensor] = None  # params.allowed_token_ids as a mask, once the sampler asks
         self.generator: Optional[torch.Generator] = None
         self.matcher = None  # a structured_output.SequenceMatcher where params.structured_output asks (every rank)
         self.min_tokens_text_length: Optional[int] = None  # the text's length at params.min_tokens tokens, once known
