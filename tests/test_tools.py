@@ -83,7 +83,8 @@ def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text()
     assert len(read_calls(call + call, tools_of(parallel_tool_calls=False))[1]) == 1
     for not_calls in ("no call here", call + " and text after", call.replace("get_weather", "unknown"),
                       call.replace("{\"city\"", "{city"), call[:-len("</tool_call>")] + call,
-                      '<tool_call>["get_weather"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}'):
+                      '<tool_call>["get_weather"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}',
+                      "<tool_call>" + "[" * 100_000):  # (too deep for the JSON parser)
         assert read_calls(not_calls, auto) is None, not_calls
 
 
@@ -140,6 +141,9 @@ def test_a_stream_shows_the_text_before_a_call_may_begin_and_holds_back_the_rest
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "only an assistant's message holds"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "arguments must be a JSON object's text"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}]}]},
      "arguments must be a JSON object's text"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "tool_call_id must be a string"),
     ({"messages": [{"role": "assistant", "content": None}]}, "content must be a string or a non-empty list"),

@@ -229,7 +229,7 @@ def _tool_calls(calls, where: str) -> tuple:
                               f'{{"name": ..., "arguments": "..."}}}}')
         try:
             arguments = json.loads(function.get("arguments"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # (RecursionError: a text nested too deeply to read)
             arguments = None
         if not isinstance(arguments, dict):
             raise bad_request(f"{where}.tool_calls[{j}].function.arguments must be a JSON object's text")

@@ -133,7 +133,7 @@ def read_calls(text: str, tools: ToolRequest) -> Optional[tuple]:
             if not isinstance(call, dict) or call.get("name") not in functions:
                 return None
             calls.append(tool_call(call["name"], _object(call.get("arguments", {}))))
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # (RecursionError: JSON nested too deeply to read)
         return None
     if not tools.parallel:
         calls = calls[:1]
