@@ -173,6 +173,7 @@ def test_text_only_request_has_plain_positions(preprocess, parts):
 
 def test_continue_final_message_leaves_the_assistants_answer_open_as_transformers_does(preprocess, parts, media):
     from atb_models import Message
+    from atb_models.multimodal.prompt import ToolCall
 
     conversation = [Message("user", ({"image": str(media.wide)}, {"text": "What is this?"})),
                     Message("assistant", ({"text": "It is a"},))]
@@ -185,7 +186,10 @@ def test_continue_final_message_leaves_the_assistants_answer_open_as_transformer
     assert preprocess(conversation, continue_final_message=True).token_ids == want["input_ids"][0].tolist()
     answered = preprocess(conversation).token_ids  # a new assistant turn after it
     assert parts.tokenizer.decode(answered).endswith("It is a<|im_end|>\n<|im_start|>assistant\n")
-    for ends_wrongly in (conversation[:1], [conversation[0], Message("assistant", ({"image": str(media.wide)},))]):
+    calls = (ToolCall("call_1", "get_time", "{}"),)
+    for ends_wrongly in (conversation[:1], [conversation[0], Message("assistant", ({"image": str(media.wide)},))],
+                         [conversation[0], Message("assistant", (), calls)],  # (only calls: no content)
+                         [conversation[0], Message("assistant", ({"text": "Let me look."},), calls)]):
         with pytest.raises(UserError, match="must be the assistant's, ending in text"):
             preprocess(ends_wrongly, continue_final_message=True)
 

@@ -304,9 +304,12 @@ class Preprocessor:
 
         visuals = [self._visual(kind, value, item.get("fps"))
                    for item, kind, value in zip(items, kinds, values) if kind != "text"]
-        if continue_final_message and (turns[-1].role != "assistant" or kinds[-1] != "text"):
+        # (an assistant turn holding function calls ends in them, whatever text it holds before them)
+        last = turns[-1]
+        if continue_final_message and (last.role != "assistant" or not last.items or last.tool_calls
+                                       or kinds[-1] != "text"):
             raise UserError("continue_final_message continues the last message: it must be the assistant's, "
-                            "ending in text")
+                            "ending in text (not in function calls)")
         token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values, continue_final_message, tools),
                                               visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
