@@ -89,7 +89,10 @@ def parse_chat_request(body) -> ChatRequest:
 
     tools = parse_tools(body)
     params = sampling_params(body)
-    constraint = None if tools is None else tools.constraint()
+    try:
+        constraint = None if tools is None else tools.constraint()
+    except UserError as e:  # (the functions' parameters as the answer's schema: too long, or not writable as JSON)
+        raise bad_request(f"tools: {e}") from None
     if constraint is not None:  # tool_choice "required" or a named function: the answer held to calls
         if params.structured_output is not None:
             raise bad_request(f"tool_choice {body['tool_choice']!r} holds the answer to function calls; a "
