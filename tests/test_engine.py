@@ -654,6 +654,26 @@ def test_text_too_long_for_any_tokenization_is_refused_without_tokenizing_it(llm
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_functions_and_calls_too_long_for_any_tokenization_are_refused_without_tokenizing_them(llm, monkeypatch):
+    """The tools and an assistant's calls are rendered into the prompt: they count toward the text's bound."""
+    from atb_models.multimodal.prompt import Message, ToolCall
+
+    limit = llm.max_input_length * llm.preprocessor.token_characters
+    tokenized = []
+    tokenize = llm.preprocessor._tokenize
+    monkeypatch.setattr(llm.preprocessor, "_tokenize", lambda *args: tokenized.append(1) or tokenize(*args))
+    tool = {"type": "function", "function": {"name": "f", "description": "x" * limit}}
+    with pytest.raises(UserError, match="more than --max_input_length"):
+        llm.preprocessor([Message("user", ({"text": "Hi"},))], tools=[tool])
+    call = ToolCall("call_1", "f", '{"a": "' + "x" * limit + '"}')
+    with pytest.raises(UserError, match="more than --max_input_length"):
+        llm.preprocessor([Message("user", ({"text": "Hi"},)), Message("assistant", (), (call,)),
+                          Message("tool", ({"text": "done"},), (), "call_1")])
+    assert tokenized == []
+    llm.preprocessor([Message("user", ({"text": "Hi"},))], tools=[dict(tool, function={"name": "f"})])
+    assert tokenized == [1]
+
+
 def test_token_ids_too_many_for_max_input_length_are_refused_without_decoding_them(llm, monkeypatch):
     decoded = []
     decode = llm.preprocessor.tokenizer.decode

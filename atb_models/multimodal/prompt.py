@@ -297,6 +297,9 @@ class Preprocessor:
         kinds = [_item_kind(item, number) for number, item in enumerate(items, start=1)]
         values = [item[kind] for item, kind in zip(items, kinds)]
         characters = sum(len(value) for kind, value in zip(kinds, values) if kind == "text")
+        # (the functions and the calls made are text of the prompt too)
+        characters += sum(len(call.name) + len(call.arguments) for turn in turns for call in turn.tool_calls)
+        characters += len(json.dumps(tools, ensure_ascii=False, default=repr)) if tools else 0
         if self.max_input_length is not None and characters > self.max_input_length * self.token_characters:
             # (tokenizing megabytes would hold up every request behind this one, to refuse it after)
             raise UserError(f"the request's text has {characters} characters, more than --max_input_length "
