@@ -111,6 +111,27 @@ def test_the_constraints_of_required_and_named_choices_hold_the_answer_to_calls(
     assert tools_of(tool_choice="auto").constraint() is None and tools_of(tool_choice="none").constraint() is None
 
 
+def test_required_gathers_the_functions_definitions_where_their_refs_find_them():
+    """pydantic's nested models (openai.pydantic_function_tool) are "$ref": "#/$defs/..." of the parameters' root,
+    which the schema of "required" nests: their $defs must be its own."""
+    from llguidance import LLMatcher
+
+    def tool(name, defs, ref="#/$defs/City"):
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"city": {"$ref": ref}}, "required": ["city"], **defs}}}
+
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    both = [tool("get_weather", {"$defs": {"City": city}}), tool("get_time", {"$defs": {"City": city}}),
+            tool("get_news", {"definitions": {"Town": city}}, "#/definitions/Town")]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        constraint = parse_tools({"tools": both, "tool_choice": choice}).constraint()
+        grammar = LLMatcher.grammar_from_json_schema(constraint.json)
+        assert LLMatcher.validate_grammar(grammar) == "", choice
+    clash = [tool("get_weather", {"$defs": {"City": city}}), tool("get_time", {"$defs": {"City": {"type": "string"}}})]
+    with pytest.raises(ApiError, match="define \\$defs 'City' differently"):
+        parse_tools({"tools": clash, "tool_choice": "required"}).constraint()
+
+
 def test_a_stream_shows_the_text_before_a_call_may_begin_and_holds_back_the_rest():
     chat = ChatRequest(None, [], None)
     auto = ToolChatFormat(chat, "m", None, tools_of())

@@ -49,10 +49,28 @@ class ToolRequest:
         calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _parameters(function)},
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for name, function in self.functions.items()]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **self._definitions()}
         if not self.parallel:
             schema["maxItems"] = 1
         return StructuredOutput(json=schema, compact=True)
+
+    def _definitions(self) -> dict:
+        """The functions' parameters' $defs (and draft-7 definitions), for the root of the schema that holds them
+        all: their "$ref": "#/$defs/..." (pydantic's nested models) name the root of the schema they are in, which
+        is no longer theirs (vLLM gathers them alike). A name two functions define differently is a 400."""
+        gathered = {}
+        for name, function in self.functions.items():
+            for keyword in ("$defs", "definitions"):
+                definitions = _parameters(function).get(keyword)
+                if not isinstance(definitions, dict):
+                    continue  # (none, or not a schema's: llguidance names what is wrong)
+                into = gathered.setdefault(keyword, {})
+                for key, value in definitions.items():
+                    if into.setdefault(key, value) != value:
+                        raise bad_request(f"tools: the functions' parameters define {keyword} {key!r} differently "
+                                          f"({name!r} and another): tool_choice \"required\" holds the answer to "
+                                          "one schema of them all")
+        return gathered
 
 
 def parse_tools(body: dict) -> Optional[ToolRequest]:
