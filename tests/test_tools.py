@@ -84,7 +84,8 @@ def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text()
     for not_calls in ("no call here", call + " and text after", call.replace("get_weather", "unknown"),
                       call.replace("{\"city\"", "{city"), call[:-len("</tool_call>")] + call,
                       '<tool_call>["get_weather"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}',
-                      "<tool_call>" + "[" * 100_000):  # (too deep for the JSON parser)
+                      "<tool_call>" + "[" * 100_000,  # (too deep for the JSON parser)
+                      call.replace('"arguments"', '"parameters"'), call.replace('"name"', '"type": "f", "name"')):
         assert read_calls(not_calls, auto) is None, not_calls
 
 

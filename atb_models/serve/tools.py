@@ -148,7 +148,8 @@ def read_calls(text: str, tools: ToolRequest) -> Optional[tuple]:
             if after.strip() or not (closed or number == len(blocks) - 1):
                 return None  # text between or after the calls, or an unclosed call before another
             call = json.loads(inner)
-            if not isinstance(call, dict) or call.get("name") not in functions:
+            # (another key, say "parameters" for "arguments", is not the format: its arguments would be lost)
+            if not isinstance(call, dict) or call.get("name") not in functions or set(call) - {"name", "arguments"}:
                 return None
             calls.append(tool_call(call["name"], _object(call.get("arguments", {}))))
     except (ValueError, TypeError, KeyError, RecursionError):  # (RecursionError: JSON nested too deeply to read)
