@@ -674,6 +674,18 @@ def test_functions_and_calls_too_long_for_any_tokenization_are_refused_without_t
     assert tokenized == [1]
 
 
+def test_a_chat_template_file_empty_or_unreadable_is_a_user_error_not_the_checkpoints_template(tmp_path):
+    from atb_models.engine.llm import _read_template
+
+    (tmp_path / "empty.jinja").write_text(" \n")
+    with pytest.raises(UserError, match="the chat template .*empty.jinja is empty"):
+        _read_template(str(tmp_path / "empty.jinja"))
+    with pytest.raises(UserError, match="cannot read the chat template .*missing.jinja"):
+        _read_template(str(tmp_path / "missing.jinja"))
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    assert _read_template(str(tmp_path / "t.jinja")) == "{{ messages }}"
+
+
 def test_token_ids_too_many_for_max_input_length_are_refused_without_decoding_them(llm, monkeypatch):
     decoded = []
     decode = llm.preprocessor.tokenizer.decode

@@ -582,9 +582,12 @@ def _read_template(path: Optional[str]) -> Optional[str]:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            template = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the chat template {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not template.strip():  # (the Preprocessor would take the checkpoint's instead, without a word)
+        raise UserError(f"the chat template {path} is empty")
+    return template
 
 
 def _without_partial_stop(text: str, stops: tuple) -> str:
