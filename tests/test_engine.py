@@ -387,6 +387,7 @@ def test_sampling_params_reject_nonsense():
                 dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(prompt_logprobs=21),
                 dict(stop_token_ids=7), dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.0]),
                 dict(allowed_token_ids=[]), dict(allowed_token_ids="12"), dict(bad_words=[" "]), dict(bad_words=[1]),
+                dict(bad_words=["caf\udce9"]),  # (the engine's tokenizer refused it: the server's engine died)
                 dict(include_stop_str_in_output="yes"), dict(skip_special_tokens=1),
                 dict(allowed_token_ids=[1], structured_output=StructuredOutput(regex="a"))):
         with pytest.raises(UserError):

@@ -690,6 +690,7 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"allowed_token_ids": []}, "at least one token id"),
                                             ({"bad_words": ["x"] * 17}, "bad_words takes at most 16 words"),
                                             ({"bad_words": "x" * 1025}, "words of at most 1024 characters"),
+                                            ({"bad_words": ["caf\udce9"]}, "holds a lone surrogate"),
                                             ({"skip_special_tokens": "no"}, "must be True or False"),
                                             ({"response_format": {"type": "xml"}}, "response_format must be"),
                                             ({"response_format": {"type": "json_schema", "json_schema": {

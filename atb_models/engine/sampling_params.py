@@ -187,6 +187,11 @@ def _words(name: str, value) -> tuple:
     words = (value,) if isinstance(value, str) else value
     if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
         raise UserError(f"{name} must be a list of non-blank strings, got {_shown(value)}")
+    for word in words:
+        try:  # (the engine's thread tokenizes them, and the tokenizer takes only text UTF-8 can hold)
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{name}: {word!r} holds a lone surrogate, which is not a character") from None
     return tuple(words)
 
 
