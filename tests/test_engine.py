@@ -644,6 +644,23 @@ def test_a_bad_request_fails_alone(llm, tmp_path):
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_a_message_with_malformed_tool_calls_fails_alone(llm):
+    from atb_models import Message
+    from atb_models.multimodal.prompt import ToolCall
+
+    question = Message("user", ({"text": "Weather?"},))
+    result = Message("tool", ({"text": "sunny"},), (), "call_1")
+    calls = [({"id": "call_1", "name": "f", "arguments": "{}"},), (ToolCall("call_1", "f", "[1]"),),
+             (ToolCall("call_1", "f", None),), None]
+    requests_ = [[question, Message("assistant", (), c), result] for c in calls]
+    requests_ += [[question, Message("tool", ({"text": "sunny"},), (), 7)],
+                  [question, Message("assistant", (), (ToolCall("call_1", "f", '{"a": 1}'),)), result]]
+    outs = llm.generate(requests_, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert [o.error is None for o in outs] == [False] * 5 + [True], [o.error for o in outs]
+    assert "ToolCall" in outs[0].error and "JSON object's text" in outs[1].error and "tool_call_id" in outs[4].error
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
 def test_text_too_long_for_any_tokenization_is_refused_without_tokenizing_it(llm, monkeypatch):
     limit = llm.max_input_length * llm.preprocessor.token_characters
     tokenized = []

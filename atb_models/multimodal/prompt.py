@@ -84,7 +84,27 @@ def conversation(request) -> list[Message]:
     for message in request:
         if message.role not in ROLES:
             raise UserError(f"a message's role must be one of {', '.join(ROLES)}, got {message.role!r}")
+        _check_tool_fields(message)
     return list(request)
+
+
+def _check_tool_fields(message: Message) -> None:
+    """A Message's tool_calls (ToolCalls, arguments a JSON object's text, as the template is given them) and
+    tool_call_id, checked: a library caller's dicts would otherwise fail the whole batch, not this request."""
+    calls = message.tool_calls
+    if not isinstance(calls, (tuple, list)) or not all(isinstance(call, ToolCall) for call in calls):
+        raise UserError(f"a message's tool_calls must be a tuple of ToolCall(id, name, arguments), got {calls!r}")
+    for call in calls:
+        if not all(isinstance(value, str) for value in (call.id, call.name, call.arguments)):
+            raise UserError(f"a ToolCall's id, name and arguments are strings, got {call!r}")
+        try:
+            arguments = json.loads(call.arguments)
+        except (ValueError, RecursionError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise UserError(f"a ToolCall's arguments must be a JSON object's text, got {call.arguments!r}")
+    if message.tool_call_id is not None and not isinstance(message.tool_call_id, str):
+        raise UserError(f"a message's tool_call_id must be a string, got {message.tool_call_id!r}")
 
 
 def _items(request) -> list:
