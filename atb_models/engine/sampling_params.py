@@ -191,7 +191,7 @@ def _words(name: str, value) -> tuple:
         try:  # (the engine's thread tokenizes them, and the tokenizer takes only text UTF-8 can hold)
             word.encode("utf-8")
         except UnicodeEncodeError:
-            raise UserError(f"{name}: {word!r} holds a lone surrogate, which is not a character") from None
+            raise UserError(f"{name}: {_shown(word)} holds a lone surrogate, which is not a character") from None
     return tuple(words)
 
 
