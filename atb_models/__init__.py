@@ -14,6 +14,7 @@ _EXPORTS = {
     "RequestOutput": "atb_models.engine.llm",
     "SamplingParams": "atb_models.engine.sampling_params",
     "StructuredOutput": "atb_models.engine.structured_output",
+    "ToolCall": "atb_models.multimodal.prompt",
     "UserError": "atb_models.errors",
 }
 

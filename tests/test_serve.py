@@ -998,6 +998,11 @@ def test_requests_running_past_the_shutdown_grace_end_with_a_whole_answer_a_503_
         # (this server renders chats with the checkpoint's template, which shows the model no tools)
         refused = requests.post(f"{url}/v1/chat/completions", json=dict(body, tools=TOOLS), timeout=60)
         assert "shows the model no tools" in error_of(refused, 400)["message"]
+        call = {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+        history = [chat_message("Time?"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "c", "content": "noon"}]
+        refused = requests.post(f"{url}/v1/chat/completions", json={"messages": history, "max_tokens": 2}, timeout=60)
+        assert "does not show an assistant's tool calls" in error_of(refused, 400)["message"]
         with ThreadPoolExecutor(2) as pool:
             whole = pool.submit(requests.post, f"{url}/v1/chat/completions", json=body, timeout=120)
             streamed = pool.submit(requests.post, f"{url}/v1/chat/completions", json=dict(body, stream=True),

@@ -33,7 +33,7 @@ COMPACT_JSON_WHITESPACE = r"\x20"  # StructuredOutput.compact's: at most one spa
 class StructuredOutput:
     """What an answer must match; exactly one of: `json`, a JSON schema (a dict, or its text) or True for any JSON
     object; `regex`, a regular expression (Rust's regex syntax) the whole answer matches; `choice`, strings the
-    answer is one of. Checked when made; the schema kept as canonical JSON text (the object stays hashable).
+    answer is one of. Checked when made; the schema kept as JSON text (the object stays hashable).
     `compact`: a JSON answer holds at most one space between two tokens, for answers a program reads (function
     calls): a small model left free pads them with whitespace until max_tokens."""
 
@@ -89,7 +89,9 @@ def _schema_text(schema) -> str:
     if not isinstance(schema, dict):
         raise UserError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        return json.dumps(schema, sort_keys=True, allow_nan=False)
+        # (keys in the order given: a JSON answer's properties come in the schema's order, as a function's
+        # arguments are declared)
+        return json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UserError(f"the JSON schema cannot be written as JSON: {e}") from None
 

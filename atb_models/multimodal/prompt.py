@@ -259,6 +259,8 @@ class Preprocessor:
         # A template given (the server's --chat_template) replaces the checkpoint's.
         self.chat_template = chat_template or tokenizer.chat_template or self._read_chat_template(model_path)
         self.takes_tools = _template_reads(self.chat_template, "tools")
+        # (a message's field, which no variable list shows: a template that never names it drops the calls)
+        self.shows_tool_calls = "tool_calls" in self.chat_template
         self._render([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], None, False,
                      "a one-line chat")  # a broken template fails the start, not every request
 
@@ -333,6 +335,10 @@ class Preprocessor:
                                        or kinds[-1] != "text"):
             raise UserError("continue_final_message continues the last message: it must be the assistant's, "
                             "ending in text (not in function calls)")
+        if not self.shows_tool_calls and any(turn.tool_calls for turn in turns):
+            raise UserError("the chat template does not show an assistant's tool calls, so the model would not see "
+                            "the calls it made: give a template that does (the server's --chat_template, "
+                            "examples/chat_templates/qwen2_vl_tool_use.jinja)")
         token_ids = self._expand_placeholders(self._tokenize(turns, kinds, values, continue_final_message, tools),
                                               visuals)
         grids = {kind: [v.grid_thw for v in visuals if v.kind == kind] for kind in ("image", "video")}
