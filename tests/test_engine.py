@@ -600,9 +600,12 @@ def test_a_stop_string_is_the_stop_reason_and_kept_in_the_text_with_include_stop
         out = llm.generate(request, SamplingParams(max_tokens=12, ignore_eos=True, stop=["never there", stop],
                                                    include_stop_str_in_output=include))[0]
         assert (out.text, out.finish_reason, out.stop_reason) == (text, "stop", stop)
-    eos = llm.model_config.eos_token_ids[0]
-    ended = llm.generate(request, SamplingParams(max_tokens=12, logit_bias={eos: 100}))[0]
-    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", None)
+    # the tokenizer's eos has no stop_reason; generation_config's other eos ids are named, as vLLM's stop tokens are
+    for eos in llm.model_config.eos_token_ids:
+        ended = llm.generate(request, SamplingParams(max_tokens=12, logit_bias={eos: 100}))[0]
+        named = None if eos == llm.tokenizer.eos_token_id else eos
+        assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([eos], "stop", named)
+    assert len(llm.model_config.eos_token_ids) == 2 and llm.tokenizer.eos_token_id in llm.model_config.eos_token_ids
 
 
 def test_skip_special_tokens_false_keeps_special_tokens_in_the_text(llm):

@@ -43,8 +43,9 @@ class RequestOutput:
     # request runs (the outputs LLM.step returns for each token).
     finish_reason: Optional[str] = "error"
     error: Optional[str] = None     # why this request failed; the other requests are unaffected
-    # What ended a "stop": the stop string or the stop_token_ids id; None for eos, a complete structured output, or
-    # another finish_reason (vLLM's field).
+    # What ended a "stop": the stop string or the stop token id (stop_token_ids, or an eos id of generation_config
+    # other than the tokenizer's); None for the tokenizer's eos, a complete structured output, or another
+    # finish_reason (vLLM's field).
     stop_reason: Optional[object] = None
     # Seconds since generate() was called (for add_request's requests: since the engine was built or the last
     # generate() began): when the request's prefill step began, when its first token and its last token were ready.
@@ -163,7 +164,8 @@ class LLM:
                                           cache_decoded_blocks=self.plan.llm_dtype == torch.float32)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_prefill_tokens,
                                    self.model_config.eos_token_ids, enable_chunked_prefill, num_speculative_tokens,
-                                   prompt_lookup_max, self.runner.kernels.linear.rows_per_pass)
+                                   prompt_lookup_max, self.runner.kernels.linear.rows_per_pass,
+                                   self.tokenizer.eos_token_id)
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.

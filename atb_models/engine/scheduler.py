@@ -24,11 +24,14 @@ from atb_models.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int, eos_token_ids,
                  chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3,
-                 draft_rows: int | None = None):
+                 draft_rows: int | None = None, tokenizer_eos: int | None = None):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
+        # The tokenizer's own eos ends an answer with no stop_reason; generation_config.json's other eos ids are
+        # stop tokens to vLLM, which names them as the stop_reason (<|endoftext|> after an Instruct model's answer).
+        self.tokenizer_eos = tokenizer_eos
         self.chunked_prefill = chunked_prefill
         self.num_speculative_tokens, self.prompt_lookup_max = num_speculative_tokens, prompt_lookup_max
         # A decode step's rows (its sequences and their guesses) at most, where guesses are free only that far (the
@@ -187,6 +190,8 @@ class Scheduler:
                 seq.append_token(token)
                 self.block_manager.register_written(seq)  # blocks this step completed join the prefix cache
                 if not seq.params.ignore_eos and token in self.eos_token_ids:
+                    if self.tokenizer_eos is not None and token != self.tokenizer_eos:
+                        seq.stop_reason = token
                     self.finish(seq, "stop")
                 elif token in seq.params.stop_token_ids:
                     seq.stop_reason = token
