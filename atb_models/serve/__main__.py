@@ -3,10 +3,12 @@
     [--shutdown_grace SECONDS]
     [run_pa's engine flags]
 
-An OpenAI-compatible server: POST /v1/chat/completions (stream or not), GET /v1/models, /health, /metrics. Under
-torchrun (examples/models/qwen2_vl/run_server.sh) rank 0 serves HTTP and the other ranks follow its steps.
-SIGINT or SIGTERM stops it: no new request is taken, those running get --shutdown_grace seconds to finish, the
-rest are aborted (each client still gets a whole answer: a 503, or its stream's error event), and it exits 0.
+An OpenAI-compatible server: POST /v1/chat/completions (stream or not; function calling, which needs a template
+that shows the tools for tool_choice "auto": --chat_template), /v1/completions, vLLM's /tokenize and /detokenize;
+GET /v1/models, /health, /metrics. Under torchrun (examples/models/qwen2_vl/run_server.sh) rank 0 serves HTTP and
+the other ranks follow its steps. SIGINT or SIGTERM stops it: no new request is taken, those running get
+--shutdown_grace seconds to finish, the rest are aborted (each client still gets a whole answer: a 503, or its
+stream's error event), and it exits 0.
 """
 
 from __future__ import annotations
