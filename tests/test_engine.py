@@ -373,9 +373,9 @@ def test_a_bad_word_rules_out_its_last_token_only_where_the_answer_ends_with_the
     assert sample(logits, [seq]) == [1]
     seq.append_token(1)
     assert sample(logits, [seq]) == [2]
-    seq.token_ids[2:] = [5]  # the prompt ends with 5: only the answer's tokens count
+    del seq.token_ids[2:]  # no answer yet, and a prompt ending with 5: only the answer's tokens count
     seq.token_ids[1] = 5
-    assert sample(logits, [seq]) == [1]
+    assert sample(logits, [seq]) == [2]
 
 
 def test_sampling_params_reject_nonsense():
