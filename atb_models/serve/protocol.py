@@ -255,27 +255,23 @@ def _part(part, where: str):
     raise bad_request(f"{where}: unknown content part type {kind!r}; expected text, image_url or video_url")
 
 
-def _check_stop(stop) -> None:
-    """Every step searches each running answer for each stop string: a request of thousands of them, or of long
-    ones, would slow every other request of the server. OpenAI takes 4; the kit takes a few more."""
-    strings = [stop] if isinstance(stop, str) else stop
+def _check_strings(name: str, value, noun: str) -> None:
+    """Bounds on the stop strings (and bad words) a request may give: every step searches each running answer for
+    each stop string and checks each bad word, so a request of thousands of them, or of long ones, would slow every
+    other request of the server. OpenAI takes 4 stop strings; the kit takes a few more. A lone string is one."""
+    strings = [value] if isinstance(value, str) else value
     if isinstance(strings, list) and (len(strings) > MAX_STOP_STRINGS or any(
             isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in strings)):
-        raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+        raise bad_request(f"{name} takes at most {MAX_STOP_STRINGS} {noun} of at most {MAX_STOP_CHARS} characters")
 
 
 def _check_token_lists(body: dict) -> None:
-    """Bounds on the token id lists and bad words a request may name: the mask and the bad-word checks run at every
-    step of the request. allowed_token_ids may name the whole vocabulary of a large model."""
+    """Bounds on the token id lists a request may name, which every step of the request consults (a drawn token
+    looked up, a mask). allowed_token_ids may name the whole vocabulary of a large model."""
     for name, most in (("stop_token_ids", MAX_STOP_TOKEN_IDS), ("allowed_token_ids", MAX_ALLOWED_TOKEN_IDS)):
         value = body.get(name)
         if isinstance(value, list) and len(value) > most:
             raise bad_request(f"{name} takes at most {most} token ids, got {len(value)}")
-    words = body.get("bad_words")
-    words = [words] if isinstance(words, str) else words  # (a lone string is one word, as SamplingParams takes it)
-    if isinstance(words, list) and (len(words) > MAX_STOP_STRINGS or any(
-            isinstance(w, str) and len(w) > MAX_STOP_CHARS for w in words)):
-        raise bad_request(f"bad_words takes at most {MAX_STOP_STRINGS} words of at most {MAX_STOP_CHARS} characters")
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -284,7 +280,8 @@ def sampling_params(body: dict) -> SamplingParams:
     if newer is not None and older is not None and newer != older:
         raise bad_request(f"max_completion_tokens {newer!r} and max_tokens {older!r} differ; give one of them")
     max_tokens = older if newer is None else newer
-    _check_stop(body.get("stop"))
+    _check_strings("stop", body.get("stop"), "strings")
+    _check_strings("bad_words", body.get("bad_words"), "words")
     _check_token_lists(body)
     values = {"max_tokens": max_tokens, **{name: body.get(name) for name in SAMPLING_FIELDS}}
     given = {name: value for name, value in values.items() if value is not None}
