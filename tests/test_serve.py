@@ -733,7 +733,7 @@ def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_
     assert "outside the vocabulary" in error_of(post("/detokenize", {"tokens": [10**6]}), 400)["message"]
     assert "must be a list of token ids" in error_of(post("/detokenize", {"tokens": "12"}), 400)["message"]
     assert "more than max_model_len 1088" in error_of(post("/detokenize", {"tokens": [1] * 1089}), 400)["message"]
-    assert post("/detokenize", {"tokens": [1] * 576}).status_code == 200
+    assert post("/detokenize", {"tokens": [1] * 1088}).status_code == 200
     assert error_of(post("/detokenize", {"tokens": [1], "model": "other"}), 404)["code"] == "model_not_found"
     assert requests.post(f"{server.url}/tokenize", json={"prompt": "a"}, timeout=60).status_code == 401
 
