@@ -407,11 +407,7 @@ class LLM:
         drafted step's several)."""
         if seq.params.stop and len(seq.completion_token_ids) - shown > 1:
             self._end_at_first_stop(seq, shown)
-        completion = seq.completion_token_ids
-        if seq.status is SequenceStatus.FINISHED and seq.finish_reason == "stop" and completion and \
-                not seq.params.include_stop_str_in_output and self._ended_by_token(seq):
-            completion = completion[:-1]  # the eos or stop token's own text, where it has one (vLLM's way)
-        text = self._decode_completion(seq, completion)
+        text = self._decode_completion(seq, self._shown_tokens(seq))
         at, stop = self._first_stop(seq, len(seq.completion_token_ids), text)
         if at >= 0:
             if seq.status is not SequenceStatus.FINISHED:
@@ -423,6 +419,15 @@ class LLM:
         # A tail that may start a stop string is held back even before min_tokens: the stop may end past them and
         # cut the text there, and text already shown (streamed) cannot be taken back.
         return _without_partial_stop(text.rstrip("\ufffd"), seq.params.stop)
+
+    def _shown_tokens(self, seq: Sequence) -> list:
+        """The completion's tokens whose text the answer shows: all of them, less the eos or stop token that ended
+        it unless include_stop_str_in_output asks for that token's own text (vLLM's way)."""
+        completion = seq.completion_token_ids
+        if (seq.status is SequenceStatus.FINISHED and seq.finish_reason == "stop" and completion
+                and not seq.params.include_stop_str_in_output and self._ended_by_token(seq)):
+            return completion[:-1]
+        return completion
 
     def _ended_by_token(self, seq: Sequence) -> bool:
         """Whether its last token ended it: an eos (ignore_eos off) or one of its stop_token_ids."""
