@@ -60,6 +60,15 @@ class ToolCall:
     arguments: str
 
 
+def json_object(text) -> dict | None:
+    """`text` read as a JSON object (a ToolCall's arguments), None where it is not one's text."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):  # (RecursionError: a text nested too deeply to read)
+        return None
+    return value if isinstance(value, dict) else None
+
+
 @dataclass(frozen=True)
 class Message:
     """One turn of a conversation: who speaks ("system", "user", "assistant", or "tool": a function's result) and
@@ -97,11 +106,7 @@ def _check_tool_fields(message: Message) -> None:
     for call in calls:
         if not all(isinstance(value, str) for value in (call.id, call.name, call.arguments)):
             raise UserError(f"a ToolCall's id, name and arguments are strings, got {call!r}")
-        try:
-            arguments = json.loads(call.arguments)
-        except (ValueError, RecursionError):
-            arguments = None
-        if not isinstance(arguments, dict):
+        if json_object(call.arguments) is None:
             raise UserError(f"a ToolCall's arguments must be a JSON object's text, got {call.arguments!r}")
     if message.tool_call_id is not None and not isinstance(message.tool_call_id, str):
         raise UserError(f"a message's tool_call_id must be a string, got {message.tool_call_id!r}")

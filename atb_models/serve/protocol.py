@@ -14,7 +14,7 @@ from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
-from atb_models.multimodal.prompt import ROLES, Message, ToolCall
+from atb_models.multimodal.prompt import ROLES, Message, ToolCall, json_object
 
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
@@ -230,11 +230,8 @@ def _tool_calls(calls, where: str) -> tuple:
         if not (isinstance(name, str) and isinstance(call.get("id", ""), str)):
             raise bad_request(f'{where}.tool_calls[{j}] must be {{"id": ..., "type": "function", "function": '
                               f'{{"name": ..., "arguments": "..."}}}}')
-        try:
-            arguments = json.loads(function.get("arguments"))
-        except (TypeError, ValueError, RecursionError):  # (RecursionError: a text nested too deeply to read)
-            arguments = None
-        if not isinstance(arguments, dict):
+        arguments = json_object(function.get("arguments"))
+        if arguments is None:
             raise bad_request(f"{where}.tool_calls[{j}].function.arguments must be a JSON object's text")
         checked.append(ToolCall(call.get("id", ""), name, json.dumps(arguments, ensure_ascii=False)))
     return tuple(checked)
