@@ -208,13 +208,14 @@ def _message(message, index: int) -> Message:
         raise bad_request(f"{where}.tool_call_id must be a string")
     content = message.get("content")
     if calls and content in (None, ""):  # an assistant's turn that only called functions
-        return Message(role, (), calls)
-    if isinstance(content, str):
-        return Message(role, ({"text": content},), calls, call_id)
-    if not isinstance(content, list) or not content:
+        items = ()
+    elif isinstance(content, str):
+        items = ({"text": content},)
+    elif isinstance(content, list) and content:
+        items = tuple(_part(part, f"{where}.content[{j}]") for j, part in enumerate(content))
+    else:
         raise bad_request(f"{where}.content must be a string or a non-empty list of parts")
-    return Message(role, tuple(_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)), calls,
-                   call_id)
+    return Message(role, items, calls, call_id)
 
 
 def _tool_calls(calls, where: str) -> tuple:
