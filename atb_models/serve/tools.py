@@ -132,30 +132,40 @@ def tool_call(name: str, arguments: dict) -> dict:
 def read_calls(text: str, tools: ToolRequest) -> Optional[tuple]:
     """(content before the calls or None, [tool_calls entries]) where the answer is calls of `tools`' functions,
     else None (the answer is its text)."""
-    functions = tools.functions
     try:
         if tools.choice == "function":
-            return None, [tool_call(tools.name, _object(json.loads(text)))]
-        if tools.choice == "required":
-            calls = json.loads(text)
-            return None, [tool_call(call["name"], _object(call["parameters"])) for call in calls]
-        start = text.find(CALL_OPEN)
-        if start < 0:
-            return None
-        calls, blocks = [], text[start:].split(CALL_OPEN)[1:]
-        for number, block in enumerate(blocks):
-            inner, closed, after = block.partition(CALL_CLOSE)
-            if after.strip() or not (closed or number == len(blocks) - 1):
-                return None  # text between or after the calls, or an unclosed call before another
-            call = json.loads(inner)
-            # (another key, say "parameters" for "arguments", is not the format: its arguments would be lost)
-            if not isinstance(call, dict) or call.get("name") not in functions or set(call) - {"name", "arguments"}:
+            content, calls = None, [tool_call(tools.name, _object(json.loads(text)))]
+        elif tools.choice == "required":
+            content, calls = None, [tool_call(call["name"], _object(call["parameters"])) for call in json.loads(text)]
+        else:
+            read = _tagged_calls(text, tools.functions)
+            if read is None:
                 return None
-            calls.append(tool_call(call["name"], _object(call.get("arguments", {}))))
+            content, calls = read
+            if not tools.parallel:  # (the model is not told: its first call is kept)
+                calls = calls[:1]
     except (ValueError, TypeError, KeyError, RecursionError):  # (RecursionError: JSON nested too deeply to read)
         return None
-    if not tools.parallel:
-        calls = calls[:1]
+    return content, calls
+
+
+def _tagged_calls(text: str, functions: dict) -> Optional[tuple]:
+    """An "auto" answer's <tool_call> blocks as (the text before them or None, [tool_calls entries]); None where
+    it holds none, or anything but such blocks of `functions` after its text. A block's JSON that cannot be read
+    raises (read_calls makes it text)."""
+    start = text.find(CALL_OPEN)
+    if start < 0:
+        return None
+    calls, blocks = [], text[start:].split(CALL_OPEN)[1:]
+    for number, block in enumerate(blocks):
+        inner, closed, after = block.partition(CALL_CLOSE)
+        if after.strip() or not (closed or number == len(blocks) - 1):
+            return None  # text between or after the calls, or an unclosed call before another
+        call = json.loads(inner)
+        # (another key, say "parameters" for "arguments", is not the format: its arguments would be lost)
+        if not isinstance(call, dict) or call.get("name") not in functions or set(call) - {"name", "arguments"}:
+            return None
+        calls.append(tool_call(call["name"], _object(call.get("arguments", {}))))
     return text[:start].rstrip() or None, calls
 
 
