@@ -79,7 +79,8 @@ def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text()
     assert content == "I will look." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"} and calls[0]["id"].startswith("call_")
     assert calls[0]["id"] != calls[1]["id"]
-    assert read_calls(call[:-len("</tool_call>")], auto)[0] is None  # the last call's closing tag may be missing
+    content, [only] = read_calls(call[:-len("</tool_call>")], auto)  # the last call's closing tag may be missing
+    assert content is None and only["function"]["name"] == "get_weather"
     assert len(read_calls(call + call, tools_of(parallel_tool_calls=False))[1]) == 1
     for not_calls in ("no call here", call + " and text after", call.replace("get_weather", "unknown"),
                       call.replace("{\"city\"", "{city"), call[:-len("</tool_call>")] + call,
