@@ -288,12 +288,11 @@ def completion_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[
     engine decodes each running sequence's whole completion every step, so that conversion was a visible part of a
     batched decode step, growing with the completion (docs/PERFORMANCE.md)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
-    skip = skip_special_tokens
     if backend is None:
-        return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     if tokenizer.clean_up_tokenization_spaces:
-        return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=skip))
-    return lambda ids: backend.decode(ids, skip_special_tokens=skip)
+        return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=skip_special_tokens))
+    return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def kit_home() -> Path:
