@@ -74,7 +74,7 @@ def allowed_tokens(seq, vocab_size: int, eos_token_ids) -> torch.Tensor | None:
     if seq.matcher is not None:
         allowed = seq.matcher.allowed(vocab_size)
     elif p.allowed_token_ids is not None:
-        if seq.allowed_mask is None:  # (made once: a whole vocabulary's list took 50 ms a step to scatter)
+        if seq.allowed_mask is None:  # (made once: a list as long as the vocabulary is slow to scatter each step)
             seq.allowed_mask = torch.zeros(vocab_size, dtype=torch.bool)
             seq.allowed_mask[list(p.allowed_token_ids)] = True
         allowed = seq.allowed_mask
