@@ -120,12 +120,9 @@ class ApiService:
         self.check_key(request)
         self.check_ready()
         chat = parse_chat_request(await _json_body(request))
-        tools = chat.tools
-        if tools is not None and tools.choice == "auto" and not self.engine.llm.preprocessor.takes_tools:
-            raise bad_request("this server's chat template shows the model no tools, so it could not choose to call "
-                              "them: start the server with --chat_template (examples/chat_templates/"
-                              "qwen2_vl_tool_use.jinja shows them), or give tool_choice \"required\" or a function")
-        tool_list = None if tools is None else list(tools.tools)
+        if chat.tools is not None:
+            chat.tools.check_template(self.engine.llm.preprocessor.takes_tools)
+        tool_list = None if chat.tools is None else list(chat.tools.tools)
         return await self._serve(request, chat, arrival,
                                  [lambda: self._prepare(chat.messages, chat.continue_final_message, tool_list)],
                                  lambda prompts: self._chat_format(chat))

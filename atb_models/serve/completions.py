@@ -30,8 +30,8 @@ from atb_models.serve.protocol import (
     usage,
 )
 
-READ = {"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n", "logit_bias",
-        "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS}
+READ = frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n",
+                  "logit_bias", "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS})
 UNSUPPORTED = {"suffix": None}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for a completion (the chat API's is the server's limit)
 

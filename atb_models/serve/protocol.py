@@ -18,7 +18,8 @@ from atb_models.multimodal.prompt import ROLES, Message, ToolCall, json_object
 
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
-JSON_SCHEMA_FIELDS = {"name", "description", "schema", "strict"}  # response_format's json_schema (OpenAI's)
+# response_format's json_schema (OpenAI's)
+JSON_SCHEMA_FIELDS = frozenset({"name", "description", "schema", "strict"})
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
 UNSUPPORTED = {"functions": None, "function_call": None}  # (OpenAI's older names for tools: not taken)
 # SamplingParams' fields a body gives under their own names (sampling_params; the chat and completions APIs alike).
@@ -27,9 +28,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
                    "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words",
                    "prompt_logprobs")
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
-READ = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user", "logprobs",
-        "top_logprobs", "n", "logit_bias", "continue_final_message", "add_generation_prompt", *SAMPLING_FIELDS,
-        *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice", "parallel_tool_calls"}
+READ = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                  "user", "logprobs", "top_logprobs", "n", "logit_bias", "continue_final_message",
+                  "add_generation_prompt", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice", "parallel_tool_calls"})
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give

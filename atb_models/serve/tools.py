@@ -21,7 +21,7 @@ from typing import Optional
 from atb_models.serve.protocol import ChatFormat, bad_request, flag
 
 TOOL_CHOICES = ("none", "auto", "required")
-FUNCTION_FIELDS = {"name", "description", "parameters", "strict"}  # OpenAI's function object
+FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})  # OpenAI's function object
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -37,6 +37,14 @@ class ToolRequest:
     @property
     def functions(self) -> dict:
         return {tool["function"]["name"]: tool["function"] for tool in self.tools}
+
+    def check_template(self, takes_tools: bool) -> None:
+        """With "auto" the model must see the tools to choose to call them: a 400 where the chat template does not
+        show them (Preprocessor.takes_tools)."""
+        if self.choice == "auto" and not takes_tools:
+            raise bad_request("this server's chat template shows the model no tools, so it could not choose to call "
+                              "them: start the server with --chat_template (examples/chat_templates/"
+                              "qwen2_vl_tool_use.jinja shows them), or give tool_choice \"required\" or a function")
 
     def constraint(self):
         """The StructuredOutput an answer is held to ("required", a named function), else None."""
