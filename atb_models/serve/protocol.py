@@ -30,7 +30,8 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                   "user", "logprobs", "top_logprobs", "n", "logit_bias", "continue_final_message",
-                  "add_generation_prompt", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice", "parallel_tool_calls"})
+                  "add_generation_prompt", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice",
+                  "parallel_tool_calls"})
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give
