@@ -113,6 +113,23 @@ def test_the_constraints_of_required_and_named_choices_hold_the_answer_to_calls(
     assert tools_of(tool_choice="auto").constraint() is None and tools_of(tool_choice="none").constraint() is None
 
 
+def test_a_calls_arguments_are_the_declared_ones_unless_the_schema_takes_others():
+    """JSON Schema lets any key follow the listed ones; a model held to it invented keys until max_tokens."""
+    nested = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "string"}}},  # (a property so named)
+        "rows": {"type": "array", "items": {"$ref": "#/$defs/Row"}},
+        "extra": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "$defs": {"Row": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    tools = parse_tools({"tools": [{"type": "function", "function": {"name": "f", "parameters": nested}}],
+                         "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    schema = json.loads(tools.constraint().json)
+    assert schema["additionalProperties"] is False and set(schema["properties"]) == {"properties", "rows", "extra"}
+    assert schema["properties"]["properties"]["additionalProperties"] is False
+    assert schema["$defs"]["Row"]["additionalProperties"] is False
+    assert schema["properties"]["extra"]["additionalProperties"] is True  # (said so)
+    assert "additionalProperties" not in nested  # the request's own schema, shown to the model, is as given
+
+
 def test_required_gathers_the_functions_definitions_where_their_refs_find_them():
     """pydantic's nested models (openai.pydantic_function_tool) are "$ref": "#/$defs/..." of the parameters' root,
     which the schema of "required" nests: their $defs must be its own."""

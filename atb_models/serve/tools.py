@@ -25,6 +25,10 @@ FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})  # 
 MAX_TOOLS = 128  # OpenAI's limit
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+# Where a JSON schema holds other schemas: as a map's values, a list's items, or the keyword's value itself
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,25 @@ def _tool(tool, where: str) -> dict:
 
 
 def _parameters(function: dict) -> dict:
-    return function.get("parameters") or {"type": "object"}
+    """The schema a call's arguments are held to: the function's parameters, where an object that lists its
+    properties takes no others unless it says so (OpenAI's strict rule). JSON Schema's default lets any key
+    follow, and a model held to the schema alone went on inventing keys until max_tokens."""
+    schema = json.loads(json.dumps(function.get("parameters") or {"type": "object"}))  # (a copy, any depth)
+    stack = [schema]
+    while stack:  # (not recursive: a schema may nest as deep as the JSON parser allows)
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for keyword in SUBSCHEMA_MAPS:  # (their values are schemas; their keys are names, never keywords)
+            if isinstance(node.get(keyword), dict):
+                stack.extend(node[keyword].values())
+        for keyword in SUBSCHEMA_LISTS:
+            if isinstance(node.get(keyword), list):
+                stack.extend(node[keyword])
+        stack.extend(node.get(keyword) for keyword in SUBSCHEMAS)
+    return schema
 
 
 def tool_call(name: str, arguments: dict) -> dict:
