@@ -211,15 +211,13 @@ class ApiService:
         choices = []
         try:
             try:
-                prompts = await loop.run_in_executor(self._preprocessing, self._prepare_all, parsed, preparations)
+                prompts, choice_params = await loop.run_in_executor(self._preprocessing, self._prepare_all, parsed,
+                                                                     preparations)
                 # Every choice is submitted before any acceptance is awaited, and counted as preparing until then
                 # (an idle engine holds its first step for them): one step takes them all, prefilled together, not
                 # one choice a step with each later prefill pausing the decodes of the earlier ones.
                 for prompt in prompts:
-                    for index in range(parsed.n):
-                        params = parsed.params
-                        if index and params.seed is not None:
-                            params = dataclasses.replace(params, seed=(params.seed + index) % SEED_LIMIT)
+                    for params in choice_params:
                         request_id, handle = next(self._ids), RequestHandle(loop)
                         choices.append((request_id, handle))
                         # (one prompt for all: LLM.add_request keeps a copy of its own)
@@ -240,17 +238,22 @@ class ApiService:
         self.metrics.prompt_tokens.inc(sum(len(prompt.token_ids) for prompt in prompts) * parsed.n)
         return prompts, choices
 
-    def _prepare_all(self, parsed, preparations: list) -> list:
-        """The request's prompts (in the preprocessing thread), and its structured output compiled here first: a
-        constraint that cannot compile is a 400 before the engine sees the request, and the engine's own compile
-        (every choice's, on its thread, while the others wait) finds it compiled."""
+    def _prepare_all(self, parsed, preparations: list) -> tuple[list, list]:
+        """The request's prompts and each of its n choices' SamplingParams (choice i of a seeded request draws with
+        seed + i), made in the preprocessing thread, not the event loop's (a copy checks its fields again: long
+        token-id lists take tens of milliseconds); and its structured output compiled here first: a constraint
+        that cannot compile is a 400 before the engine sees the request, and the engine's own compile (every
+        choice's, on its thread, while the others wait) finds it compiled."""
         constraint = parsed.params.structured_output
         if constraint is not None:
             try:
                 self.engine.llm.matchers.matcher(constraint)
             except UserError as e:
                 raise bad_request(str(e)) from None
-        return [make() for make in preparations]
+        params, seed = parsed.params, parsed.params.seed
+        choice_params = [params if index == 0 or seed is None else
+                         dataclasses.replace(params, seed=(seed + index) % SEED_LIMIT) for index in range(parsed.n)]
+        return [make() for make in preparations], choice_params
 
     def _prepare_plain(self, prompt, where: str):
         """A completion's prompt (in the preprocessing thread); a bad one is a 400 naming it where there are
