@@ -164,6 +164,8 @@ def stream_fields(body: dict) -> tuple:
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
+    if options is not None:  # (a key the server does not read is refused, as a body's field is)
+        check_fields(options, {"include_usage"}, {"continuous_usage_stats": False})
     include_usage = flag(options or {}, "include_usage")
     if stream and body.get("prompt_logprobs") is not None:  # (vLLM's rule too: they come whole, with the answer)
         raise bad_request("prompt_logprobs are not available with stream: true")
