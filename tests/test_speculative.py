@@ -87,6 +87,12 @@ def test_a_stop_string_inside_a_drafted_steps_tokens_ends_the_answer_at_its_toke
     [got] = assert_same_answers(plain, drafting, [REPEATING], SamplingParams(max_tokens=40, ignore_eos=True,
                                                                                stop=[stop]))
     assert len(got.token_ids) == end and drafting.tokens_generated - before == end
+    # a stop token later in the same drafted step is dropped with the tokens after the stop string, and no longer
+    # ends the answer: its text is not cut from the answer's (the stop string's is)
+    step_end = next(after for before_, after in zip(lengths, lengths[1:]) if before_ < end < after)
+    [got] = assert_same_answers(plain, drafting, [REPEATING], SamplingParams(
+        max_tokens=40, ignore_eos=True, stop=[stop], stop_token_ids=[ids[step_end - 1]]))
+    assert got.stop_reason == stop and len(got.token_ids) == end, (got.stop_reason, got.token_ids, end)
 
 
 def test_drafting_under_preemption_chunked_prefill_and_the_prefix_cache(checkpoint, plain):

@@ -424,15 +424,9 @@ class LLM:
         """The completion's tokens whose text the answer shows: all of them, less the eos or stop token that ended
         it unless include_stop_str_in_output asks for that token's own text (vLLM's way)."""
         completion = seq.completion_token_ids
-        if (seq.status is SequenceStatus.FINISHED and seq.finish_reason == "stop" and completion
-                and not seq.params.include_stop_str_in_output and self._ended_by_token(seq)):
+        if seq.ended_by_token and completion and not seq.params.include_stop_str_in_output:
             return completion[:-1]
         return completion
-
-    def _ended_by_token(self, seq: Sequence) -> bool:
-        """Whether its last token ended it: an eos (ignore_eos off) or one of its stop_token_ids."""
-        last = seq.token_ids[-1]
-        return seq.stop_reason == last or (not seq.params.ignore_eos and last in self.scheduler.eos_token_ids)
 
     def _first_stop(self, seq: Sequence, count: int, text: str) -> tuple:
         """Where the first stop string that ends the answer begins in `text`, the text of its first `count` tokens,
@@ -459,6 +453,7 @@ class LLM:
         for kept in range(shown + 1, len(completion)):
             if self._first_stop(seq, kept, self._decode_completion(seq, completion[:kept]))[0] >= 0:
                 del seq.token_ids[seq.num_prompt_tokens + kept:]
+                seq.ended_by_token = False  # (a stop token among those dropped ends it no more)
                 self.tokens_generated -= len(completion) - kept
                 return
 

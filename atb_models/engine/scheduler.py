@@ -192,9 +192,10 @@ class Scheduler:
                 if not seq.params.ignore_eos and token in self.eos_token_ids:
                     if self.tokenizer_eos is not None and token != self.tokenizer_eos:
                         seq.stop_reason = token
+                    seq.ended_by_token = True
                     self.finish(seq, "stop")
                 elif token in seq.params.stop_token_ids:
-                    seq.stop_reason = token
+                    seq.stop_reason, seq.ended_by_token = token, True
                     self.finish(seq, "stop")
                 elif seq.matcher is not None and seq.matcher.advance(token):  # its structured output is complete
                     self.finish(seq, "stop")

@@ -50,6 +50,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.stop_reason = None  # the stop string or stop token id that ended it ("stop" by eos or a constraint: None)
+        self.ended_by_token = False  # whether its last token ended it, an eos or a stop token (the scheduler's call)
         self.bad_words: tuple = ()  # params.bad_words as token id sequences (the engine tokenizes them)
         self.allowed_mask: Optional[torch.Tensor] = None  # params.allowed_token_ids as a mask, once the sampler asks
         self.generator: Optional[torch.Generator] = None
