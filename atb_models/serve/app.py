@@ -122,9 +122,8 @@ class ApiService:
         chat = parse_chat_request(await _json_body(request))
         if chat.tools is not None:
             chat.tools.check_template(self.engine.llm.preprocessor.takes_tools)
-        tool_list = None if chat.tools is None else list(chat.tools.tools)
         return await self._serve(request, chat, arrival,
-                                 [lambda: self._prepare(chat.messages, chat.continue_final_message, tool_list)],
+                                 [lambda: self._prepare(chat.messages, chat.continue_final_message, chat.tools)],
                                  lambda prompts: self._chat_format(chat))
 
     def _chat_format(self, chat) -> ChatFormat:
@@ -263,13 +262,15 @@ class ApiService:
         except UserError as e:
             raise bad_request(where + str(e)) from None
 
-    def _prepare(self, messages: list, continue_final_message: bool = False, tools: Optional[list] = None):
-        """The request's ProcessedPrompt (in the preprocessing thread): media written to a folder of its own,
-        removed once preprocessed, whatever happened; a bad medium is a 400 naming it by its part, not its path."""
+    def _prepare(self, messages: list, continue_final_message: bool = False, tools=None):
+        """The request's ProcessedPrompt (in the preprocessing thread), its ToolRequest's tools given to the chat
+        template: media written to a folder of its own, removed once preprocessed, whatever happened; a bad medium
+        is a 400 naming it by its part, not its path."""
         with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
             items = self.media.messages(messages, folder)
             try:
-                return self.engine.llm.preprocessor(items, continue_final_message, tools)
+                return self.engine.llm.preprocessor(items, continue_final_message,
+                                                    None if tools is None else list(tools.tools))
             except UserError as e:
                 raise bad_request(str(e).replace(folder + os.sep, "")) from None
 

@@ -108,7 +108,7 @@ def parse_chat_request(body) -> ChatRequest:
 
 def parse_tokenize_request(body) -> tuple:
     """vLLM's /tokenize: (model, "prompt", a string or token ids, None) or (model, "messages", the parsed messages,
-    the tools the template shows or None)."""
+    their serve.tools.ToolRequest or None)."""
     check_fields(body, {"model", "prompt", "messages", "tools"}, {})
     model = model_field(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
@@ -119,8 +119,7 @@ def parse_tokenize_request(body) -> tuple:
         return model, "prompt", body["prompt"], None
     from atb_models.serve.tools import parse_tools  # (tools.py builds on this module's ChatFormat)
 
-    tools = parse_tools({"tools": body.get("tools")})
-    return model, "messages", _messages(body["messages"]), None if tools is None else list(tools.tools)
+    return model, "messages", _messages(body["messages"]), parse_tools({"tools": body.get("tools")})
 
 
 def parse_detokenize_request(body) -> tuple:

@@ -58,31 +58,34 @@ class ToolRequest:
             return StructuredOutput(json=_parameters(self.functions[self.name]), compact=True)
         if self.choice != "required":
             return None
-        calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": _parameters(function)},
+        parameters = {name: _parameters(function) for name, function in self.functions.items()}
+        calls = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": arguments},
                   "required": ["name", "parameters"], "additionalProperties": False}
-                 for name, function in self.functions.items()]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **self._definitions()}
+                 for name, arguments in parameters.items()]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **_definitions(parameters)}
         if not self.parallel:
             schema["maxItems"] = 1
         return StructuredOutput(json=schema, compact=True)
 
-    def _definitions(self) -> dict:
-        """The functions' parameters' $defs (and draft-7 definitions), for the root of the schema that holds them
-        all: their "$ref": "#/$defs/..." (pydantic's nested models) name the root of the schema they are in, which
-        is no longer theirs (vLLM gathers them alike). A name two functions define differently is a 400."""
-        gathered = {}
-        for name, function in self.functions.items():
-            for keyword in ("$defs", "definitions"):
-                definitions = _parameters(function).get(keyword)
-                if not isinstance(definitions, dict):
-                    continue  # (none, or not a schema's: llguidance names what is wrong)
-                into = gathered.setdefault(keyword, {})
-                for key, value in definitions.items():
-                    if into.setdefault(key, value) != value:
-                        raise bad_request(f"tools: the functions' parameters define {keyword} {key!r} differently "
-                                          f"({name!r} and another): tool_choice \"required\" holds the answer to "
-                                          "one schema of them all")
-        return gathered
+
+def _definitions(parameters: dict) -> dict:
+    """The functions' parameters' $defs (and draft-7 definitions), for the root of the schema that holds them all
+    (`parameters`: each function's, by name): their "$ref": "#/$defs/..." (pydantic's nested models) name the root
+    of the schema they are in, which is no longer theirs (vLLM gathers them alike). A name two functions define
+    differently is a 400."""
+    gathered = {}
+    for name, schema in parameters.items():
+        for keyword in ("$defs", "definitions"):
+            definitions = schema.get(keyword)
+            if not isinstance(definitions, dict):
+                continue  # (none, or not a schema's: llguidance names what is wrong)
+            into = gathered.setdefault(keyword, {})
+            for key, value in definitions.items():
+                if into.setdefault(key, value) != value:
+                    raise bad_request(f"tools: the functions' parameters define {keyword} {key!r} differently "
+                                      f"({name!r} and another): tool_choice \"required\" holds the answer to one "
+                                      "schema of them all")
+    return gathered
 
 
 def parse_tools(body: dict) -> Optional[ToolRequest]:
