@@ -814,7 +814,8 @@ def test_a_completion_without_max_tokens_takes_16_or_the_servers_limit_if_lower(
     ({"type": "json_object", "schema": {"type": "object"}}, "schema"),  # (other APIs' way to give the schema)
     ({"type": "json_schema", "json_schema": {"name": "x", "schemas": {"type": "object"}}}, "json_schema.schemas")])
 def test_a_response_format_key_the_server_does_not_read_is_a_400_not_ignored(response_format, unread):
-    from atb_models.serve.protocol import ApiError, parse_chat_request
+    from atb_models.serve.fields import ApiError
+    from atb_models.serve.protocol import parse_chat_request
 
     with pytest.raises(ApiError, match=f"response_format: {unread} is not a field") as refused:
         parse_chat_request({"messages": [chat_message("hi")], "response_format": response_format})
@@ -827,7 +828,8 @@ def test_a_response_format_key_the_server_does_not_read_is_a_400_not_ignored(res
 
 def test_a_logit_bias_of_more_token_ids_than_the_limit_is_a_400():
     # (each entry is added to every step's logits of the request)
-    from atb_models.serve.protocol import MAX_LOGIT_BIAS_ENTRIES, ApiError, parse_chat_request
+    from atb_models.serve.fields import ApiError
+    from atb_models.serve.protocol import MAX_LOGIT_BIAS_ENTRIES, parse_chat_request
 
     bias = {str(token): 1 for token in range(MAX_LOGIT_BIAS_ENTRIES + 1)}
     with pytest.raises(ApiError, match=f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} token ids, got 1025"):
@@ -837,7 +839,8 @@ def test_a_logit_bias_of_more_token_ids_than_the_limit_is_a_400():
 
 
 def test_max_tokens_and_max_completion_tokens_that_differ_are_a_400_naming_both():
-    from atb_models.serve.protocol import ApiError, parse_chat_request
+    from atb_models.serve.fields import ApiError
+    from atb_models.serve.protocol import parse_chat_request
 
     with pytest.raises(ApiError, match="max_completion_tokens 3 and max_tokens 5 differ") as refused:
         parse_chat_request({"messages": [chat_message("hi")], "max_completion_tokens": 3, "max_tokens": 5})
@@ -1239,7 +1242,7 @@ def test_n_beyond_max_queue_is_a_400_not_a_503_to_retry_for_ever():
 
     from atb_models.serve.app import ApiService, ServerConfig
     from atb_models.serve.metrics import ServerMetrics
-    from atb_models.serve.protocol import ApiError
+    from atb_models.serve.fields import ApiError
 
     # 4 batch slots and --max_queue 2: 6 choices fit at once, 7 never do
     service = ApiService(ServerConfig("m", None, None, 2), _EngineTakingAllAtOnce(expected=7), ServerMetrics())

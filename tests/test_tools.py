@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from atb_models.demo.checkpoint import CHAT_TEMPLATE
-from atb_models.serve.protocol import ApiError, ChatRequest, parse_chat_request
+from atb_models.serve.fields import ApiError
+from atb_models.serve.protocol import ChatRequest, parse_chat_request
 from atb_models.serve.tools import ToolChatFormat, parse_tools, read_calls
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,15 +31,9 @@ from atb_models.serve.completions import CompletionFormat, parse_completion_requ
 from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
 from atb_models.serve.metrics import ServerMetrics
-from atb_models.serve.protocol import (
-    ApiError,
-    ChatFormat,
-    ChoiceProgress,
-    bad_request,
-    parse_chat_request,
-    parse_detokenize_request,
-    parse_tokenize_request,
-)
+from atb_models.serve.answers import ChatFormat, ChoiceProgress
+from atb_models.serve.fields import ApiError, bad_request
+from atb_models.serve.protocol import parse_chat_request, parse_detokenize_request, parse_tokenize_request
 from atb_models.serve.tools import ToolChatFormat
 
 logger = logging.getLogger("atb_models.serve")

@@ -15,20 +15,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS
-from atb_models.serve.protocol import (
-    SAMPLING_FIELDS,
-    STRUCTURED_OUTPUT_FIELDS,
-    ChoiceProgress,
-    bad_request,
-    check_fields,
-    flag,
-    integer_in,
-    is_token_id,
-    prompt_logprobs_body,
-    sampling_params,
-    stream_fields,
-    usage,
-)
+from atb_models.serve.answers import ChoiceProgress, prompt_logprobs_body, usage
+from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id
+from atb_models.serve.protocol import SAMPLING_FIELDS, STRUCTURED_OUTPUT_FIELDS, sampling_params, stream_fields
 
 READ = frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n",
                   "logit_bias", "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS})
@@ -94,7 +83,7 @@ def _prompts(prompt) -> list:
 
 
 class CompletionFormat:
-    """The bodies of one accepted completion request's answer, whole or as stream chunks (protocol.ChatFormat's
+    """The bodies of one accepted completion request's answer, whole or as stream chunks (answers.ChatFormat's
     interface). A choice's text is, with echo, its prompt's first, then what the engine generated (nothing with
     max_tokens 0); logprobs' text offsets count from the start of the choice's text."""
 

@@ -18,7 +18,8 @@ from typing import Optional
 from urllib.parse import unquote, urlsplit
 
 from atb_models.multimodal.prompt import Message
-from atb_models.serve.protocol import MediaPart, bad_request
+from atb_models.serve.fields import bad_request
+from atb_models.serve.protocol import MediaPart
 
 # The file suffix a data URL's media type gets; the Preprocessor reads the contents, not the name, but OpenCV is
 # happier with a container's usual suffix.

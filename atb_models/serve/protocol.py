@@ -1,7 +1,7 @@
-"""The OpenAI chat-completions wire format: a request body checked and turned into the kit's terms, and the
-bodies of answers, stream chunks and errors; the checks completions.py shares (fields, sampling fields,
-structured output) and vLLM's /tokenize and /detokenize bodies. No I/O here: `app.py` receives and sends,
-`media.py` resolves urls."""
+"""The OpenAI chat-completions request: a body checked and turned into the kit's terms; the checks completions.py
+shares (sampling fields, structured output) and vLLM's /tokenize and /detokenize bodies. The answers' bodies are
+answers.py's, the field checks and error shape fields.py's. No I/O here: `app.py` receives and sends, `media.py`
+resolves urls."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Optional
 from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
 from atb_models.multimodal.prompt import ROLES, Message, ToolCall, json_object
+from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id, model_field
+from atb_models.serve.tools import ToolRequest, parse_tools
 
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
@@ -39,22 +41,6 @@ MAX_STOP_TOKEN_IDS, MAX_ALLOWED_TOKEN_IDS = 1024, 2**18
 MAX_TOOL_CALLS = 128  # an assistant message's tool calls
 
 
-class ApiError(Exception):
-    """An answer other than 200, in OpenAI's error shape: {"error": {"message", "type", "code"}}."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: Optional[str] = None, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}}
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, message)
-
-
 @dataclass
 class MediaPart:
     """An image or video part of a message, its url not yet resolved (`media.py` does that)."""
@@ -74,7 +60,7 @@ class ChatRequest:
     n: int = 1
     # vLLM's extra: the last message, the assistant's, is continued rather than answered by a new turn
     continue_final_message: bool = False
-    tools: Optional[object] = None  # a serve.tools.ToolRequest where the request gives tools
+    tools: Optional[ToolRequest] = None  # where the request gives tools
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -87,8 +73,6 @@ def parse_chat_request(body) -> ChatRequest:
         raise bad_request("add_generation_prompt true opens a new assistant turn and continue_final_message true "
                           "continues the last one: one of them (the server takes add_generation_prompt false only "
                           "with continue_final_message)")
-    from atb_models.serve.tools import parse_tools  # (tools.py builds on this module's ChatFormat)
-
     tools = parse_tools(body)
     params = sampling_params(body)
     try:
@@ -117,8 +101,6 @@ def parse_tokenize_request(body) -> tuple:
         if body.get("tools") is not None:
             raise bad_request("tools go with messages (a chat's template shows them), not with a prompt")
         return model, "prompt", body["prompt"], None
-    from atb_models.serve.tools import parse_tools  # (tools.py builds on this module's ChatFormat)
-
     return model, "messages", _messages(body["messages"]), parse_tools({"tools": body.get("tools")})
 
 
@@ -129,31 +111,6 @@ def parse_detokenize_request(body) -> tuple:
     if not isinstance(tokens, list) or not all(is_token_id(t) for t in tokens):
         raise bad_request("tokens must be a list of token ids")
     return model_field(body), tokens
-
-
-def is_token_id(value) -> bool:
-    """An integer in JSON (true and false are not ids); its range is checked where the vocabulary is known."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_fields(body, read: set, unsupported: dict) -> None:
-    """A JSON object of only the fields `read`, or those `unsupported` at the value that asks for nothing."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    for name, neutral in unsupported.items():
-        if body.get(name) not in (None, neutral):
-            raise bad_request(f"{name} is not supported by this server (got {body[name]!r})")
-    unknown = sorted(set(body) - read - set(unsupported))
-    if unknown:
-        raise bad_request(f"{', '.join(map(repr, unknown))}: not a field this server knows; it reads "
-                          f"{', '.join(sorted(read))}")
-
-
-def model_field(body: dict) -> Optional[str]:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string")
-    return model
 
 
 def stream_fields(body: dict) -> tuple:
@@ -170,24 +127,6 @@ def stream_fields(body: dict) -> tuple:
         raise bad_request("prompt_logprobs are not available with stream: true")
     n = integer_in(body, "n", 1, MAX_CHOICES)
     return model, stream, include_usage, 1 if n is None else n
-
-
-def integer_in(body: dict, name: str, low: int, high: int) -> Optional[int]:
-    """An integer field within low..high, or None where it is absent or null."""
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
-        raise bad_request(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return value
-
-
-def flag(body: dict, name: str) -> bool:
-    """A true-or-false field; null is its default, false (OpenAI's "boolean or null", as for the other fields)."""
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, got {value!r}")
-    return value
 
 
 def _messages(messages) -> list:
@@ -355,134 +294,3 @@ def _structured_output(body: dict):
     raise bad_request(f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                       f"{{\"type\": \"json_schema\", \"json_schema\": {{\"name\": ..., \"schema\": {{...}}}}}}, "
                       f"got {value!r}")
-
-
-def usage(firsts: list, completion_tokens: int) -> dict:
-    """OpenAI's usage: `firsts`, the finished RequestOutput of each prompt's first choice, give the prompt tokens
-    (visual ones included; a prompt counts once, whatever its n) and those whose K/V came from the prefix cache
-    (prompt_tokens_details.cached_tokens); `completion_tokens` are all choices'."""
-    prompt_tokens = sum(o.prompt_token_count for o in firsts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
-
-
-def chat_usage(outputs: list) -> dict:
-    """usage() of a chat request's finished outputs, one per choice of its one prompt."""
-    return usage(outputs[:1], sum(len(o.token_ids) for o in outputs))
-
-
-def logprobs_body(logprobs: Optional[list], token_bytes) -> Optional[dict]:
-    """OpenAI's choice.logprobs for engine.logprobs.TokenLogprob entries (None where none were asked for):
-    each token's text, logprob, UTF-8 bytes (a token may hold part of a character) and top_logprobs."""
-    if logprobs is None:
-        return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text, raw = token_bytes(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-    return {"content": [dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(i, v) for i, v in lp.top])
-                        for lp in logprobs]}
-
-
-def prompt_logprobs_body(entries: list, token_bytes, count: int) -> list:
-    """vLLM's prompt_logprobs: None for the first prompt token, then for each other a map of token ids (strings, as
-    JSON's keys are) to their logprob, rank and text: the prompt's token first, then the `count` most likely."""
-    def entry(lp) -> dict:
-        listed = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank,
-                                     "decoded_token": token_bytes(lp.token_id)[0]}}
-        for rank, (token, logprob) in enumerate(lp.top[:count], start=1):
-            listed.setdefault(str(token), {"logprob": logprob, "rank": rank, "decoded_token": token_bytes(token)[0]})
-        return listed
-
-    return [None if lp is None else entry(lp) for lp in entries]
-
-
-def completion_body(completion_id: str, model: str, created: int, outputs: list, token_bytes,
-                    prompt_logprobs: Optional[int] = None) -> dict:
-    """The whole answer of a request that was not streamed; `outputs` are the engine's final RequestOutputs, one
-    per choice, `token_bytes` the LLM's (a token id's text and bytes, for logprobs); with `prompt_logprobs` asked,
-    the prompt's (vLLM's top-level field: the choices share the prompt)."""
-    body = {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": index, "message": {"role": "assistant", "content": output.text},
-                         "logprobs": logprobs_body(output.logprobs, token_bytes),
-                         "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}
-                        for index, output in enumerate(outputs)],
-            "usage": chat_usage(outputs)}
-    if prompt_logprobs is not None:
-        body["prompt_logprobs"] = prompt_logprobs_body(outputs[0].prompt_logprobs or [], token_bytes, prompt_logprobs)
-    return body
-
-
-def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0, stop_reason=None) -> dict:
-    """One streamed chunk of choice `index`; with stream_options.include_usage every chunk carries "usage": null
-    but the last; `logprobs` (logprobs_body's) those of the tokens that came since the choice's chunk before;
-    `stop_reason` (vLLM's field) the stop string or token id that ended it."""
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
-                         "stop_reason": stop_reason}]}
-    if with_usage_field:
-        body["usage"] = None
-    return body
-
-
-def usage_chunk_body(completion_id: str, model: str, created: int, outputs: list) -> dict:
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": chat_usage(outputs)}
-
-
-@dataclass
-class ChoiceProgress:
-    """What a stream has sent of one choice: characters of its text, generated tokens (their logprobs), and
-    whether it has spoken yet."""
-
-    chars: int = 0
-    tokens: int = 0
-    opened: bool = False
-
-
-class ChatFormat:
-    """The bodies of one accepted chat request's answer, whole or as stream chunks (app.Answer sends them): the
-    interface completions.CompletionFormat shares."""
-
-    id_prefix = "chatcmpl"
-
-    def __init__(self, chat: ChatRequest, model: str, token_bytes):
-        self.request, self.model, self.token_bytes = chat, model, token_bytes
-
-    def whole(self, completion_id: str, outputs: list) -> dict:
-        return completion_body(completion_id, self.model, self.request.created, outputs, self.token_bytes,
-                               self.request.params.prompt_logprobs)
-
-    def opening(self, completion_id: str, num_choices: int) -> list:
-        """Chunks before any token: each choice's role."""
-        return [self._chunk(completion_id, index, {"role": "assistant", "content": ""})
-                for index in range(num_choices)]
-
-    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
-        """The chunk of choice `index` for its latest output, None where it adds nothing to send: the text since
-        the last chunk (a token holding part of a character waits for the rest) and its tokens' logprobs."""
-        return self._delta_chunk(completion_id, index, output, progress, output.text, output.finish_reason)
-
-    def _delta_chunk(self, completion_id: str, index: int, output, progress: ChoiceProgress, text: str,
-                     finish_reason: Optional[str] = None, extra: Optional[dict] = None) -> Optional[dict]:
-        """The chunk that brings choice `index` to `text` (what may be shown of its output so far), with `extra`
-        delta fields and the logprobs of the tokens since its last chunk; None where there is nothing to send."""
-        delta = text[progress.chars:]
-        if not (delta or extra or finish_reason):
-            return None
-        logprobs = None if output.logprobs is None else output.logprobs[progress.tokens:]
-        progress.chars, progress.tokens = len(text), len(output.token_ids)
-        body = dict({"content": delta} if delta else {}, **(extra or {}))
-        return self._chunk(completion_id, index, body, finish_reason, logprobs_body(logprobs, self.token_bytes),
-                           output.stop_reason if finish_reason else None)
-
-    def usage_chunk(self, completion_id: str, outputs: list) -> dict:
-        return usage_chunk_body(completion_id, self.model, self.request.created, outputs)
-
-    def _chunk(self, completion_id: str, index: int, delta: dict, finish_reason=None, logprobs=None,
-               stop_reason=None) -> dict:
-        return chunk_body(completion_id, self.model, self.request.created, delta, finish_reason,
-                          self.request.include_usage, logprobs, index, stop_reason)

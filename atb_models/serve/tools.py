@@ -18,7 +18,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from atb_models.serve.protocol import ChatFormat, bad_request, flag
+from atb_models.serve.answers import ChatFormat
+from atb_models.serve.fields import bad_request, flag
 
 TOOL_CHOICES = ("none", "auto", "required")
 FUNCTION_FIELDS = frozenset({"name", "description", "parameters", "strict"})  # OpenAI's function object
