@@ -11,10 +11,12 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+from atb_models import SamplingParams
 from atb_models.demo.checkpoint import CHAT_TEMPLATE
 from atb_models.serve.fields import ApiError
+from atb_models.serve.answers import ChoiceProgress
 from atb_models.serve.protocol import ChatRequest, parse_chat_request
-from atb_models.serve.tools import ToolChatFormat, parse_tools, read_calls
+from atb_models.serve.tools import ToolChatFormat, parse_tools, read_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
@@ -73,34 +75,53 @@ def tools_of(**body):
     return parse_tools(dict({"tools": [WEATHER, TIME]}, **body))
 
 
+def calls_read(text: str, tools) -> tuple:
+    """read_answer's (content, [(name, arguments text)])."""
+    content, calls = read_answer(text, tools)
+    return content, [(call.name, call.arguments) for call in calls]
+
+
 def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text():
     auto = tools_of()
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
-    content, calls = read_calls("I will look.\n" + call + "\n" + call.replace("get_weather", "get_time"), auto)
-    assert content == "I will look." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"} and calls[0]["id"].startswith("call_")
-    assert calls[0]["id"] != calls[1]["id"]
-    content, [only] = read_calls(call[:-len("</tool_call>")], auto)  # the last call's closing tag may be missing
-    assert content is None and only["function"]["name"] == "get_weather"
-    assert len(read_calls(call + call, tools_of(parallel_tool_calls=False))[1]) == 1
-    for not_calls in ("no call here", call + " and text after", call.replace("get_weather", "unknown"),
-                      call.replace("{\"city\"", "{city"), call[:-len("</tool_call>")] + call,
-                      '<tool_call>["get_weather"]</tool_call>', '<tool_call>{"name": "get_time", "arguments": 3}',
+    rome = ("get_weather", '{"city": "Rome"}')
+    content, calls = read_answer("I will look.\n" + call + "\n" + call.replace("get_weather", "get_time"), auto)
+    assert content == "I will look." and [c.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].arguments) == {"city": "Rome"} and calls[0].id.startswith("call_")
+    assert calls[0].id != calls[1].id
+    assert calls_read(call[:-len("</tool_call>")], auto) == (None, [rome])  # the last one's closing tag may be missing
+    assert len(read_answer(call + call, tools_of(parallel_tool_calls=False))[1]) == 1
+    for not_calls in ("no call here", call.replace("get_weather", "unknown"), call.replace("{\"city\"", "{city"),
+                      call[:-len("</tool_call>")] + call, '<tool_call>["get_weather"]</tool_call>',
+                      '<tool_call>{"name": "get_time", "arguments": 3}',
                       "<tool_call>" + "[" * 100_000,  # (too deep for the JSON parser)
                       call.replace('"arguments"', '"parameters"'), call.replace('"name"', '"type": "f", "name"')):
-        assert read_calls(not_calls, auto) is None, not_calls
+        assert read_answer(not_calls, auto) == (not_calls, []), not_calls
+
+
+def test_what_follows_an_auto_answers_calls_and_is_no_call_is_its_content_after_the_text_before_them():
+    """Nothing of the answer is lost, and the calls read stay calls (a stream has sent them already)."""
+    auto = tools_of()
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    assert calls_read("Let me see. " + call + "\nDone. ", auto) == ("Let me see.\nDone.", [("get_time", "{}")])
+    assert calls_read(call + " and text after", auto) == ("and text after", [("get_time", "{}")])
+    broken = "<tool_call>{broken</tool_call>"
+    assert calls_read("A.\n" + call + "\n" + broken, auto) == ("A.\n" + broken, [("get_time", "{}")])
 
 
 def test_required_and_named_answers_are_read_from_their_json():
     required = tools_of(tool_choice="required")
-    content, calls = read_calls('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": '
-                                '{"city": "Oslo"}}]', required)
-    assert content is None and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
-        ("get_time", "{}"), ("get_weather", '{"city": "Oslo"}')]
+    assert calls_read('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": '
+                      '{"city": "O\\"slo}]"}}]', required) == (None, [("get_time", "{}"),
+                                                                     ("get_weather", '{"city": "O\\"slo}]"}')])
     named = tools_of(tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert read_calls('{"city": "Oslo"}', named)[1][0]["function"] == {"name": "get_weather",
-                                                                       "arguments": '{"city": "Oslo"}'}
-    assert read_calls('{"city": "Os', named) is None  # cut by max_tokens: the text
+    assert calls_read('{"city": "Oslo"}', named) == (None, [("get_weather", '{"city": "Oslo"}')])
+    # Cut by max_tokens: the calls read so far, the last one's arguments as far as they came (OpenAI's, with
+    # finish_reason "length"); cut before a call's name, the text.
+    assert calls_read('{"city": "Os', named) == (None, [("get_weather", '{"city": "Os')])
+    assert calls_read('[{"name": "get_time", "parameters": {}}, {"name": "get_w', required) == (
+        None, [("get_time", "{}")])
+    assert calls_read('[{"na', required) == ('[{"na', [])
 
 
 def test_the_constraints_of_required_and_named_choices_hold_the_answer_to_calls():
@@ -152,17 +173,81 @@ def test_required_gathers_the_functions_definitions_where_their_refs_find_them()
         parse_tools({"tools": clash, "tool_choice": "required"}).constraint()
 
 
-def test_a_stream_shows_the_text_before_a_call_may_begin_and_holds_back_the_rest():
-    chat = ChatRequest(None, [], None)
+def streamed(format_: ToolChatFormat, text: str, finish_reason: str = "stop", pieces: int = 1) -> dict:
+    """The answer `text` streamed `pieces` characters a step through `format_`, its chunks put together as a whole
+    answer's choice the way OpenAI's clients do (a call's first delta names it, the others add to its arguments)."""
+    content, calls, finish, progress = "", [], None, ChoiceProgress()
+    for end in [*range(pieces, len(text), pieces), len(text)]:
+        done = end == len(text)
+        output = SimpleNamespace(text=text[:end], token_ids=[0] * end, logprobs=None, finished=done,
+                                 finish_reason=finish_reason if done else None, stop_reason=None)
+        chunk = format_.step("c", 0, output, progress)
+        if chunk is None:
+            continue
+        [choice] = chunk["choices"]
+        assert finish is None, "a chunk after the finishing one"
+        content += choice["delta"].get("content", "")
+        for delta in choice["delta"].get("tool_calls", ()):
+            if delta["index"] == len(calls):
+                assert delta["id"].startswith("call_") and delta["type"] == "function"
+                calls.append({"id": delta["id"], "type": "function", "function": dict(delta["function"])})
+            else:
+                assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
+                calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+        finish = choice["finish_reason"]
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = calls
+    return {"message": message, "finish_reason": finish}
+
+
+AUTO_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("choice, text, finish_reason", [
+    ("auto", "Sure, I will look. \n" + AUTO_CALL + "\n" + AUTO_CALL.replace("get_weather", "get_time"), "stop"),
+    ("auto", "a < b, and <tool_cal is no tag", "stop"),
+    ("auto", AUTO_CALL + "\nDone.", "stop"),
+    ("auto", "See: <tool_call>{broken}</tool_call> after", "stop"),
+    ("auto", "Hi " + AUTO_CALL[:-len("</tool_call>")], "stop"),
+    ("auto", "Hi " + AUTO_CALL[:30], "length"),
+    ("none", "x <tool_call>", "stop"),
+    ("required", '[{"name": "get_time", "parameters": {}} , {"name": "get_weather", "parameters": {"city": '
+                 '"a\\"}{"}}]', "stop"),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Osl', "length"),
+    ("required", '[{"na', "length"),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Oslo"}', "stop"),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Os', "length"),
+])
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_a_streams_chunks_put_together_are_the_whole_answer(choice, text, finish_reason, pieces):
+    """A stream sends a call's name once read and its arguments as they grow, the text around calls as it comes,
+    and never takes back what it sent: put together, its chunks are the whole answer, whatever the steps."""
+    chat, tools = ChatRequest(None, [], SamplingParams()), tools_of(tool_choice=choice)
+    output = SimpleNamespace(text=text, token_ids=[0] * len(text), logprobs=None, finished=True,
+                             finish_reason=finish_reason, stop_reason=None, prompt_token_count=1,
+                             cached_prompt_tokens=0)
+    [expected] = ToolChatFormat(chat, "m", None, tools).whole("c", [output])["choices"]
+    format_ = ToolChatFormat(chat, "m", None, tools)
+    got = streamed(format_, text, finish_reason, pieces)
+    for answer in (expected, got):
+        for call in answer["message"].get("tool_calls", ()):
+            call["id"] = "-"  # (a call's id is drawn anew by each reading)
+    assert got == {"message": expected["message"], "finish_reason": expected["finish_reason"]}
+
+
+def test_a_stream_holds_back_the_text_where_a_call_may_begin_and_sends_a_named_calls_name_at_once():
+    chat = ChatRequest(None, [], SamplingParams())
     auto = ToolChatFormat(chat, "m", None, tools_of())
-    assert auto._streamable("Sure, <tool") == "Sure,"
-    assert auto._streamable("Sure. \n<tool_call>\n{") == "Sure."
-    assert auto._streamable("a < b") == "a < b"
-    assert ToolChatFormat(chat, "m", None, tools_of(tool_choice="required"))._streamable("[{") == ""
-    assert ToolChatFormat(chat, "m", None, tools_of(tool_choice="none"))._streamable("x <tool_call>") == \
-        "x <tool_call>"
-    finished = SimpleNamespace(text="Hi", token_ids=[1], logprobs=None, finish_reason="stop", stop_reason=None)
-    assert auto._calls(finished) is None
+    chunks = [auto.step("c", 0, SimpleNamespace(text=text, token_ids=[0], logprobs=None, finished=False,
+                                                finish_reason=None, stop_reason=None), progress)
+              for progress in [ChoiceProgress()] for text in ("Sure, <tool", "Sure, <tool_call>\n{")]
+    assert chunks[0]["choices"][0]["delta"] == {"content": "Sure,"} and chunks[1] is None
+    named = ToolChatFormat(chat, "m", None, tools_of(tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    chunk = named.step("c", 0, SimpleNamespace(text="{", token_ids=[0], logprobs=None, finished=False,
+                                               finish_reason=None, stop_reason=None), ChoiceProgress())
+    [call] = chunk["choices"][0]["delta"]["tool_calls"]
+    assert call["function"] == {"name": "get_time", "arguments": "{"} and call["index"] == 0
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -172,6 +257,8 @@ def test_a_stream_shows_the_text_before_a_call_may_begin_and_holds_back_the_rest
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "name must be 1..64 letters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "examples": []}}]}, "'examples' is not a field"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "must be a JSON schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "must be a JSON schema of an object"),
     ({"tools": [TIME, TIME]}, "names the function 'get_time' twice"),
     ({"tools": [TIME], "tool_choice": "always"}, 'tool_choice must be "none", "auto", "required"'),
     ({"tools": [TIME], "tool_choice": {"type": "function", "function": {"name": "other"}}},

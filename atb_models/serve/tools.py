@@ -4,10 +4,12 @@ and turned into the kit's terms, and an answer's text turned into `tool_calls`.
 The model sees the tools through the chat template (`tools`), which must show them for `tool_choice: "auto"`: the
 checkpoints' Qwen2-VL template does not; examples/chat_templates/qwen2_vl_tool_use.jinja does, in the Hermes
 style Qwen2.5 models were tuned on (given to the server as --chat_template). With "auto" the model decides: calls
-are read from its answer's <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks; an answer holding none,
-or one that does not read as calls of the given functions, is its text. With "required" or a named function the
-answer is held to JSON that is such calls (a structured output), whatever the template shows: a list of
-{"name", "parameters"} objects, or the named function's arguments.
+are read from its answer's <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks; an answer whose first
+block does not read as a call of the given functions is its text, and what follows the calls read and is none is
+content. With "required" or a named function the answer is held to JSON that is such calls (a structured output),
+whatever the template shows: a list of {"name", "parameters"} objects, or the named function's arguments, which
+come as the model wrote them. An AnswerReader reads an answer as it grows, so a stream and a whole answer show the
+same calls.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from atb_models.serve.answers import ChatFormat
@@ -130,8 +132,10 @@ def _tool(tool, where: str) -> dict:
         raise bad_request(f"{where}.function.name must be 1..64 letters, digits, _ or -, got {name!r}")
     if not isinstance(function.get("description", ""), str):
         raise bad_request(f"{where}.function.description must be a string")
-    if not isinstance(function.get("parameters", {}), dict):
-        raise bad_request(f"{where}.function.parameters must be a JSON schema (an object)")
+    parameters = function.get("parameters", {})
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        raise bad_request(f"{where}.function.parameters must be a JSON schema of an object (a call's arguments are "
+                          f'one), {{"type": "object", "properties": {{...}}}}')
     return {"type": "function", "function": function}
 
 
@@ -139,7 +143,8 @@ def _parameters(function: dict) -> dict:
     """The schema a call's arguments are held to: the function's parameters, where an object that lists its
     properties takes no others unless it says so (OpenAI's strict rule). JSON Schema's default lets any key
     follow, and a model held to the schema alone went on inventing keys until max_tokens."""
-    schema = json.loads(json.dumps(function.get("parameters") or {"type": "object"}))  # (a copy, any depth)
+    schema = json.loads(json.dumps(function.get("parameters") or {}))  # (a copy, any depth)
+    schema.setdefault("type", "object")  # (a schema of no type takes any value: arguments are an object)
     stack = [schema]
     while stack:  # (not recursive: a schema may nest as deep as the JSON parser allows)
         node = stack.pop()
@@ -157,109 +162,248 @@ def _parameters(function: dict) -> dict:
     return schema
 
 
-def tool_call(name: str, arguments: dict) -> dict:
-    """One entry of an answer's tool_calls (a fresh id, as OpenAI's are)."""
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+@dataclass
+class Call:
+    """One call an answer holds: a fresh id, as OpenAI's are, the function's name, and its arguments as the model
+    wrote them (JSON text, whole once the call is; a stream sends it as it grows)."""
+
+    name: str
+    arguments: str = ""
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def body(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def read_calls(text: str, tools: ToolRequest) -> Optional[tuple]:
-    """(content before the calls or None, [tool_calls entries]) where the answer is calls of `tools`' functions,
-    else None (the answer is its text)."""
+class AnswerReader:
+    """Reads one answer's calls as its text grows: feed() takes the text so far and gives (content, calls), what
+    may be shown of the answer now. A stream sends its growth, a whole answer feeds its final text once, so both
+    show the same calls with the same ids. What is shown never shrinks: content held back where a call may be
+    beginning, arguments where the model may still be writing them."""
+
+    def feed(self, text: str, finished: bool) -> tuple:
+        content, calls = self._read(text, finished)
+        if finished and not calls:
+            return text, []  # an answer that is no calls is its text
+        return content, calls
+
+    def _read(self, text: str, finished: bool) -> tuple:
+        raise NotImplementedError
+
+
+def answer_reader(tools: ToolRequest) -> AnswerReader:
+    if tools.choice == "function":
+        return _ArgumentsReader(tools.name)
+    if tools.choice == "required":
+        return _CallListReader()
+    return _TaggedReader(tools.functions, tools.parallel)
+
+
+class _ArgumentsReader(AnswerReader):
+    """A named function's answer: its arguments object, the whole text (a structured output)."""
+
+    def __init__(self, name: str):
+        self.call = Call(name)
+
+    def _read(self, text: str, finished: bool) -> tuple:
+        self.call.arguments = text.strip()
+        return None, [self.call] if self.call.arguments else []
+
+
+# A call of "required"'s answer, [{"name": "...", "parameters": {...}}, ...] in compact JSON with the keys in the
+# schema's order, up to its arguments: the list's "[" or the "," after the call before, then the call's head (a
+# name is 1..64 of NAME's characters, so no escapes). Then its arguments, an object, then its "}".
+CALL_HEAD = re.compile(r'\s*[\[,]\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"parameters"\s*:\s*')
+CALL_HEAD_MOST = 128  # characters: a call's head longer than this is no head
+CALL_END = re.compile(r"\s*\}")
+
+
+class _CallListReader(AnswerReader):
+    """"required"'s answer, a JSON list of calls (a structured output): each call as soon as its name is read, its
+    arguments as they grow. Incremental: each character of the arguments is looked at once."""
+
+    def __init__(self):
+        self.calls, self.pos, self.phase = [], 0, "head"
+        self.arguments = _JsonObject()
+
+    def _read(self, text: str, finished: bool) -> tuple:
+        while self.pos < len(text) and self.phase != "done":
+            if self.phase == "head":
+                head = CALL_HEAD.match(text, self.pos)
+                if head is None or head.end() == len(text) and not finished:  # (its spaces may go on)
+                    if len(text) - self.pos > CALL_HEAD_MOST or finished:
+                        self.phase = "done"  # (the list's "]", or no call)
+                    break
+                self.calls.append(Call(head.group(1)))
+                self.pos, self.phase, self.arguments = head.end(), "arguments", _JsonObject()
+            elif self.phase == "arguments":
+                start, self.pos = self.pos, self.arguments.scan(text, self.pos)
+                self.calls[-1].arguments += text[start:self.pos]
+                self.phase = "end" if self.arguments.complete else "arguments"
+            else:
+                end = CALL_END.match(text, self.pos)
+                if end is None and not finished and not text[self.pos:].strip():
+                    break
+                self.pos, self.phase = (end.end(), "head") if end else (len(text), "done")
+        return None, self.calls
+
+
+class _JsonObject:
+    """Where a JSON object's text ends, found a character at a time as it comes: its nesting depth, and whether the
+    scan is within a string (and just after a backslash there)."""
+
+    def __init__(self):
+        self.depth, self.complete, self.in_string, self.escaped = 0, False, False, False
+
+    def scan(self, text: str, pos: int) -> int:
+        """Past the characters of text[pos:] that belong to the object (up to its end, once it ends)."""
+        while pos < len(text) and not self.complete:
+            char = text[pos]
+            pos += 1
+            if self.in_string:
+                self.in_string = self.escaped or char != '"'
+                self.escaped = not self.escaped and char == "\\"
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                self.complete = self.depth == 0
+        return pos
+
+
+class _TaggedReader(AnswerReader):
+    """An "auto" answer: text, then <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks of the given
+    functions, each a call once it closes and reads as one (the last may lack its closing tag). From the first
+    thing that is not such a block on, the answer is text again (content after the text before the calls), and
+    an answer whose first block does not read as a call is all text."""
+
+    def __init__(self, functions: dict, parallel: bool):
+        self.functions, self.parallel = functions, parallel
+        self.calls: list = []
+        self.before: Optional[str] = None  # the text before the first <tool_call>, once one is seen
+        self.pos = 0                        # where the first tag may begin, then where the calls read end
+        self.seen = 0                       # where the open block's closing tag is yet to be looked for
+        self.rest: Optional[int] = None     # where the answer stopped being calls
+
+    def _read(self, text: str, finished: bool) -> tuple:
+        if self.rest is None:
+            self._read_blocks(text, finished)
+        if self.before is None:  # no call begun: the text, less what may be the start of one
+            return self._shown(_held(text), finished), []
+        if not self.calls:
+            return self._shown(text if self.rest is not None else self.before, finished), []
+        after = "" if self.rest is None else text[self.rest:]
+        before = self.before.rstrip()
+        return (before + (after if before else after.lstrip())).rstrip() or None, self.calls
+
+    @staticmethod
+    def _shown(text: str, finished: bool) -> str:
+        return text if finished else text.rstrip()  # (trailing space waits: a call's tag would drop it)
+
+    def _read_blocks(self, text: str, finished: bool) -> None:
+        if self.before is None:
+            start = text.find(CALL_OPEN, max(0, self.pos - len(CALL_OPEN)))
+            if start < 0:
+                self.pos = len(text)
+                return
+            self.before, self.pos = text[:start], start
+        while True:
+            stripped = text[self.pos:].lstrip()
+            if not stripped:
+                return
+            if not stripped.startswith(CALL_OPEN):
+                if not (CALL_OPEN.startswith(stripped) and not finished):  # (else a tag may be coming)
+                    self.rest = self.pos
+                return
+            begin = len(text) - len(stripped) + len(CALL_OPEN)
+            close = text.find(CALL_CLOSE, max(begin, self.seen))
+            if close < 0 and not finished:
+                self.seen = max(begin, len(text) - len(CALL_CLOSE) + 1)
+                return
+            self.seen = 0
+            call = _tagged_call(text[begin:close if close >= 0 else len(text)], self.functions)
+            if call is None:
+                self.rest = self.pos
+                return
+            if self.parallel or not self.calls:  # (parallel_tool_calls false: the first; the model is not told)
+                self.calls.append(call)
+            self.pos = len(text) if close < 0 else close + len(CALL_CLOSE)
+
+
+def _held(text: str) -> str:
+    """The text less an end that may be the start of a call's tag."""
+    for length in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-length:]):
+            return text[:-length]
+    return text
+
+
+def _tagged_call(block: str, functions: dict) -> Optional[Call]:
+    """The call a <tool_call> block's JSON is, or None where it is not one of `functions` in the Hermes form."""
     try:
-        if tools.choice == "function":
-            content, calls = None, [tool_call(tools.name, _object(json.loads(text)))]
-        elif tools.choice == "required":
-            content, calls = None, [tool_call(call["name"], _object(call["parameters"])) for call in json.loads(text)]
-        else:
-            read = _tagged_calls(text, tools.functions)
-            if read is None:
-                return None
-            content, calls = read
-            if not tools.parallel:  # (the model is not told: its first call is kept)
-                calls = calls[:1]
-    except (ValueError, TypeError, KeyError, RecursionError):  # (RecursionError: JSON nested too deeply to read)
+        call = json.loads(block)
+    except (ValueError, RecursionError):  # (RecursionError: JSON nested too deeply to read)
         return None
-    return content, calls
-
-
-def _tagged_calls(text: str, functions: dict) -> Optional[tuple]:
-    """An "auto" answer's <tool_call> blocks as (the text before them or None, [tool_calls entries]); None where
-    it holds none, or anything but such blocks of `functions` after its text. A block's JSON that cannot be read
-    raises (read_calls makes it text)."""
-    start = text.find(CALL_OPEN)
-    if start < 0:
+    # (another key, say "parameters" for "arguments", is not the format: its arguments would be lost)
+    if not isinstance(call, dict) or call.get("name") not in functions or set(call) - {"name", "arguments"}:
         return None
-    calls, blocks = [], text[start:].split(CALL_OPEN)[1:]
-    for number, block in enumerate(blocks):
-        inner, closed, after = block.partition(CALL_CLOSE)
-        if after.strip() or not (closed or number == len(blocks) - 1):
-            return None  # text between or after the calls, or an unclosed call before another
-        call = json.loads(inner)
-        # (another key, say "parameters" for "arguments", is not the format: its arguments would be lost)
-        if not isinstance(call, dict) or call.get("name") not in functions or set(call) - {"name", "arguments"}:
-            return None
-        calls.append(tool_call(call["name"], _object(call.get("arguments", {}))))
-    return text[:start].rstrip() or None, calls
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return None
+    return Call(call["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def _object(value) -> dict:
-    if not isinstance(value, dict):
-        raise TypeError("a function's arguments are a JSON object")
-    return value
+def read_answer(text: str, tools: ToolRequest) -> tuple:
+    """A finished answer as (content or None, [Call]): no calls where it is none."""
+    return answer_reader(tools).feed(text, True)
 
 
 class ToolChatFormat(ChatFormat):
-    """The chat answer format for a request with tools: an answer that is calls of its functions comes back as
-    `message.tool_calls` (streamed: one chunk with every call, once the answer is complete; the text before them
-    as content chunks before), its finish_reason "tool_calls" ("stop" for a named function, as OpenAI's)."""
+    """The chat answer format for a request with tools: an answer's calls of its functions come back as
+    `message.tool_calls`, its finish_reason "tool_calls" ("stop" for a named function, as OpenAI's). A stream
+    sends a call's id and name as soon as they are read and its arguments as they grow ("auto": each call whole,
+    once its block reads as one), OpenAI's deltas: the first entry of a call's index with id, type and name, the
+    others with more of its arguments."""
 
     def __init__(self, chat, model: str, token_bytes, tools: ToolRequest):
         super().__init__(chat, model, token_bytes)
         self.tools = tools
+        self.readers: dict = {}  # a choice's AnswerReader and its calls' arguments sent, by choice index
 
     def whole(self, completion_id: str, outputs: list) -> dict:
         body = super().whole(completion_id, outputs)
+        if self.tools.choice == "none":
+            return body
         for choice, output in zip(body["choices"], outputs):
-            read = self._calls(output)
-            if read is not None:
-                choice["message"]["content"], choice["message"]["tool_calls"] = read
+            content, calls = read_answer(output.text, self.tools)
+            if calls:
+                choice["message"]["content"] = content
+                choice["message"]["tool_calls"] = [call.body() for call in calls]
                 choice["finish_reason"] = self._finish_reason(output)
         return body
 
     def step(self, completion_id: str, index: int, output, progress) -> Optional[dict]:
-        if not output.finished:
-            return self._delta_chunk(completion_id, index, output, progress, self._streamable(output.text))
-        read = self._calls(output)
-        if read is None:
-            return self._delta_chunk(completion_id, index, output, progress, output.text, output.finish_reason)
-        content, calls = read
-        extra = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
-        return self._delta_chunk(completion_id, index, output, progress, content or "",
-                                 self._finish_reason(output), extra)
-
-    def _calls(self, output) -> Optional[tuple]:
-        if self.tools.choice == "none" or output.finish_reason not in ("stop", "length"):
-            return None
-        return read_calls(output.text, self.tools)
+        if self.tools.choice == "none":
+            return super().step(completion_id, index, output, progress)
+        reader, sent = self.readers.setdefault(index, (answer_reader(self.tools), []))
+        content, calls = reader.feed(output.text, output.finished)
+        deltas = []
+        for number, call in enumerate(calls):
+            if number == len(sent):
+                deltas.append(dict(call.body(), index=number))
+                sent.append(len(call.arguments))
+            elif len(call.arguments) > sent[number]:
+                deltas.append({"index": number, "function": {"arguments": call.arguments[sent[number]:]}})
+                sent[number] = len(call.arguments)
+        finish = None
+        if output.finished:
+            finish = self._finish_reason(output) if calls else output.finish_reason
+        return self._delta_chunk(completion_id, index, output, progress, content or "", finish,
+                                 {"tool_calls": deltas} if deltas else None)
 
     def _finish_reason(self, output) -> str:
         if output.finish_reason != "stop":
             return output.finish_reason
         return "stop" if self.tools.choice == "function" else "tool_calls"
-
-    def _streamable(self, text: str) -> str:
-        """What a running answer's chunks may show: with "auto", its text before a call may begin (less trailing
-        whitespace, which a call's text would drop); with "required" or a named function, nothing (JSON calls)."""
-        if self.tools.choice in ("required", "function"):
-            return ""
-        if self.tools.choice == "none":
-            return text
-        start = text.find(CALL_OPEN)
-        if start >= 0:
-            return text[:start].rstrip()
-        for length in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):  # the start of a call's tag, held back
-            if CALL_OPEN.startswith(text[-length:]):
-                text = text[:-length]
-                break
-        return text.rstrip()
