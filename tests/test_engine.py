@@ -442,14 +442,20 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green"]}},
               "required": ["ok", "colour"], "additionalProperties": False}
     request = [{"text": "Answer in JSON."}]
-    outs = llm.generate([request] * 5, [
+    outs = llm.generate([request] * 7, [
         SamplingParams(structured_output=StructuredOutput(json=schema)),
         SamplingParams(temperature=1.0, seed=3, structured_output=StructuredOutput(json=json.dumps(schema))),
         SamplingParams(temperature=1.0, seed=4, structured_output=StructuredOutput(choice=["yes", "no", "maybe"])),
         SamplingParams(temperature=1.0, seed=1, repetition_penalty=3.0,
                        structured_output=StructuredOutput(regex=r"[0-9]{3}-[a-z]{2}")),
-        SamplingParams(ignore_eos=True, logit_bias={0: 100}, structured_output=StructuredOutput(choice=["no"]))])
+        SamplingParams(ignore_eos=True, logit_bias={0: 100}, structured_output=StructuredOutput(choice=["no"])),
+        # a grammar in llama.cpp's GBNF (vLLM's guided_grammar) and in Lark
+        SamplingParams(temperature=1.0, seed=5, structured_output=StructuredOutput(
+            grammar='root ::= "(" digit ("+" digit)* ")"\ndigit ::= [0-9]')),
+        SamplingParams(temperature=1.0, seed=6, structured_output=StructuredOutput(
+            grammar='start: "ab" ("," word)*\nword: /[a-z]{2}/'))])
     assert all(out.finish_reason == "stop" for out in outs), [(out.text, out.finish_reason) for out in outs]
+    assert re.fullmatch(r"\([0-9](\+[0-9])*\)", outs[5].text) and re.fullmatch(r"ab(,[a-z]{2})*", outs[6].text)
     for out in outs[:2]:
         answer = json.loads(out.text)
         assert set(answer) == {"ok", "colour"} and isinstance(answer["ok"], bool) and answer["colour"] in schema[
@@ -463,11 +469,13 @@ def test_structured_output_holds_the_answer_to_a_schema_a_regex_or_a_choice_and_
         nested = {"type": "object", "properties": {"a": nested}}  # ValueError, which ended a server's engine)
     for bad, message in ((dict(json={"type": "foo"}), "cannot be used: Invalid type"),
                          (dict(json=nested), "cannot be used: recursion limit exceeded"),
-                         (dict(regex="("), "cannot be used"), (dict(choice=[]), "choice must be a list")):
+                         (dict(regex="("), "cannot be used"), (dict(choice=[]), "choice must be a list"),
+                         (dict(grammar='root ::= "a" undefined'), "cannot be used"),
+                         (dict(grammar="start: /[/"), "cannot be used")):
         with pytest.raises(UserError, match=message):
             llm.add_request(request, SamplingParams(structured_output=StructuredOutput(**bad)))
-    with pytest.raises(UserError, match="exactly one of json, regex, choice"):
-        StructuredOutput(regex="a", choice=["b"])
+    with pytest.raises(UserError, match="exactly one of json, regex, choice, grammar"):
+        StructuredOutput(regex="a", grammar="start: \"b\"")
     assert not llm.has_unfinished()
 
 
@@ -476,8 +484,8 @@ def test_a_constraint_is_compiled_once_for_the_sequences_that_share_it_each_matc
     # during which every other request waited)
     from atb_models.engine.structured_output import KEPT_CONSTRAINTS, Matchers, StructuredOutput
 
-    compiled, grammar = [], StructuredOutput.grammar
-    monkeypatch.setattr(StructuredOutput, "grammar", lambda self: compiled.append(self) or grammar(self))
+    compiled, grammar = [], StructuredOutput.compiled_grammar
+    monkeypatch.setattr(StructuredOutput, "compiled_grammar", lambda self: compiled.append(self) or grammar(self))
     matchers = Matchers(llm.tokenizer, llm.model_config.hf_config.vocab_size, llm.model_config.eos_token_ids)
     vocab = llm.model_config.hf_config.vocab_size
     first = matchers.matcher(StructuredOutput(regex="[0-9]{2}"))

@@ -474,13 +474,18 @@ def test_min_tokens_and_min_p_answer_as_generate_with_them(server, client, llm):
     assert_same(answer, expected)
 
 
-def test_guided_choice_and_regex_hold_completions_to_them(server, client, llm):
+def test_guided_choice_regex_and_grammar_hold_completions_to_them(server, client, llm):
     answer = client.completions.create(model=server.model, prompt="Is the sky blue?", max_tokens=8, n=3,
                                        temperature=1.0, seed=9, extra_body={"guided_choice": ["yes", "no"]})
     assert {c.text for c in answer.choices} <= {"yes", "no"} and {c.finish_reason for c in answer.choices} == {"stop"}
     answer = client.completions.create(model=server.model, prompt="A code:", max_tokens=16, temperature=1.0,
                                        seed=9, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"})
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", answer.choices[0].text)
+    grammar = 'root ::= "[" item ("," item)* "]"\nitem ::= [a-c] | "x" [0-9]'  # (llama.cpp's GBNF, as vLLM's)
+    answer = client.chat.completions.create(model=server.model, messages=[chat_message("A list:")], max_tokens=24,
+                                            temperature=1.0, seed=3, extra_body={"guided_grammar": grammar})
+    assert re.fullmatch(r"\[([a-c]|x[0-9])(,([a-c]|x[0-9]))*\]", answer.choices[0].message.content)
+    assert answer.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
@@ -705,6 +710,8 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
                                             ({"guided_json": {"$ref": "#"}}, "admits no answer"),
                                             ({"guided_choice": "yes"}, "guided_choice: choice must be a list"),
+                                            ({"guided_grammar": 'root ::= "a" b'}, "the structured output cannot be "
+                                             "used: Failed to convert the grammar from GBNF to Lark: Rule 'b'"),
                                             ({"continue_final_message": True}, "must be the assistant's"),
                                             ({"continue_final_message": True, "add_generation_prompt": True},
                                              "one of them"),
@@ -776,7 +783,7 @@ def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
     error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
 
 
-@pytest.mark.parametrize("field", ["typical_p", "best_of", "guided_grammar", "echo", "foo"])
+@pytest.mark.parametrize("field", ["typical_p", "best_of", "guided_whitespace_pattern", "echo", "foo"])
 def test_a_field_the_server_does_not_read_is_a_400_naming_it_not_ignored(server, field):
     assert repr(field) in error_of(server.post({"messages": [chat_message("hi")], field: 1}), 400)["message"]
 

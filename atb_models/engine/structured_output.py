@@ -1,5 +1,5 @@
-"""Structured output: an answer held to a JSON schema, a regular expression or a list of choices (OpenAI's
-`response_format`, vLLM's guided decoding) by masking, at each step, the tokens that cannot continue a match.
+"""Structured output: an answer held to a JSON schema, a regular expression, a list of choices or a grammar
+(OpenAI's `response_format`, vLLM's guided decoding) by masking, at each step, the tokens that cannot continue a match.
 
 llguidance (guidance-ai's grammar engine, one of vLLM's structured-output backends) compiles the constraint for the
 checkpoint's tokenizer and tracks each answer's match; it is imported only when a request asks for a constraint.
@@ -20,36 +20,41 @@ import torch
 
 from atb_models.errors import UserError
 
-MAX_SPEC_CHARS = 100_000  # a schema, regex or the choices, as text: compiled on the engine's thread
+MAX_SPEC_CHARS = 100_000  # a schema, regex, grammar or the choices, as text: compiled on the engine's thread
 MAX_CHOICE_STRINGS = 1000  # a choice's strings (each an alternative of the grammar compiled)
 KEPT_CONSTRAINTS = 16  # compiled constraints kept for the requests that follow (Matchers)
 # The whitespace a JSON answer may hold between two of its tokens: enough for pretty-printing (a newline and deep
 # indentation), bounded so that a model cannot fill the answer with whitespace and never finish the object.
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,64}"
 COMPACT_JSON_WHITESPACE = r"\x20"  # StructuredOutput.compact's: at most one space between two tokens
+KINDS = ("json", "regex", "choice", "grammar")  # a StructuredOutput's constraints: it names one
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
     """What an answer must match; exactly one of: `json`, a JSON schema (a dict, or its text) or True for any JSON
     object; `regex`, a regular expression (Rust's regex syntax) the whole answer matches; `choice`, strings the
-    answer is one of. Checked when made; the schema kept as JSON text (the object stays hashable).
+    answer is one of; `grammar`, a context-free grammar the answer is a sentence of, in llguidance's Lark syntax
+    or llama.cpp's GBNF (vLLM's guided_grammar: `root ::= ...`, converted to Lark). Checked when made; the schema kept as JSON text (the object stays hashable).
     `compact`: a JSON answer holds at most one space between two tokens, for answers a program reads (function
     calls): a small model left free pads them with whitespace until max_tokens."""
 
     json: object = None
     regex: Optional[str] = None
     choice: Optional[tuple] = None
+    grammar: Optional[str] = None
     compact: bool = False
 
     def __post_init__(self):
-        given = [name for name in ("json", "regex", "choice") if getattr(self, name) not in (None, False)]
+        given = [name for name in KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
-            raise UserError(f"a structured output names exactly one of json, regex, choice (got {given or 'none'})")
+            raise UserError(f"a structured output names exactly one of {', '.join(KINDS)} (got {given or 'none'})")
         if self.json is not None and self.json is not True:
             object.__setattr__(self, "json", _schema_text(self.json))
-        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
-            raise UserError(f"regex must be a non-empty string, got {self.regex!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise UserError(f"{name} must be a non-empty string, got {value!r}")
         if self.choice is not None:
             if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice
                     or len(self.choice) > MAX_CHOICE_STRINGS
@@ -64,9 +69,9 @@ class StructuredOutput:
         """The constraint as text (for messages and the size limit)."""
         if self.json is True:
             return "any JSON object"
-        return self.json or self.regex or json.dumps(list(self.choice))
+        return self.json or self.regex or self.grammar or json.dumps(list(self.choice))
 
-    def grammar(self) -> str:
+    def compiled_grammar(self) -> str:
         """llguidance's grammar for the constraint."""
         from llguidance import LLMatcher
 
@@ -76,6 +81,10 @@ class StructuredOutput:
             return LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": whitespace})
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
+        if self.grammar is not None:
+            from llguidance import grammar_from
+
+            return grammar_from("grammar", self.grammar)  # (Lark as it is, GBNF converted; a ValueError where not)
         # (a JSON string literal is a Lark string literal: quotes and backslashes escaped alike)
         return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
 
@@ -156,7 +165,7 @@ class Matchers:
         from llguidance import LLMatcher
 
         try:
-            matcher = LLMatcher(tokenizer, constraint.grammar(), log_level=0)
+            matcher = LLMatcher(tokenizer, constraint.compiled_grammar(), log_level=0)
         except ValueError as e:  # (what llguidance raises for a schema it cannot read: one nested > 127 deep)
             raise UserError(f"the structured output cannot be used: {e}") from None
         if matcher.is_error():

@@ -19,7 +19,7 @@ from atb_models.serve.fields import bad_request, check_fields, flag, integer_in,
 from atb_models.serve.tools import ToolRequest, parse_tools
 
 # OpenAI's response_format, and vLLM's extra fields for the same (engine.structured_output): at most one per request.
-STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+STRUCTURED_OUTPUT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # response_format's json_schema (OpenAI's)
 JSON_SCHEMA_FIELDS = frozenset({"name", "description", "schema", "strict"})
 # Fields the kit cannot honour, with the value that asks for nothing: any other value is refused, never ignored.
@@ -258,7 +258,7 @@ def _logit_bias(value) -> list:
 
 def _structured_output(body: dict):
     """The request's StructuredOutput, or None: OpenAI's response_format (text; json_object; json_schema with its
-    schema) or one of vLLM's guided_json, guided_regex, guided_choice."""
+    schema) or one of vLLM's guided_json, guided_regex, guided_choice, guided_grammar."""
     from atb_models.engine.structured_output import StructuredOutput
 
     asked = [name for name in STRUCTURED_OUTPUT_FIELDS if body.get(name) is not None]
@@ -276,6 +276,8 @@ def _structured_output(body: dict):
             return StructuredOutput(regex=value)
         if name == "guided_choice":
             return StructuredOutput(choice=value)
+        if name == "guided_grammar":
+            return StructuredOutput(grammar=value)
         kind = value.get("type") if isinstance(value, dict) else None
         if kind == "json_object" or kind == "json_schema" and isinstance(value.get("json_schema"), dict):
             # A key the kit does not read is refused, never ignored: some APIs take {"type": "json_object",
