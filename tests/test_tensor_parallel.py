@@ -151,6 +151,19 @@ def test_speculative_decoding_at_two_ranks_gives_the_tokens_of_one_plain_rank(ti
     assert stats[0] == stats[1] and stats[0][1] > 0  # guesses were checked, and some held
 
 
+def test_beam_search_at_two_ranks_gives_every_rank_the_answers_of_one(tiny_checkpoint, sample_image_path, tmp_path):
+    """Every rank forks and copies the same blocks, following rank 0's ranking of the candidates."""
+    requests_ = [[{"image": str(sample_image_path)}, {"text": "What is it?"}], [{"text": "Hello there"}]]
+    job = {"model": str(tiny_checkpoint(shape=TinyShape(tie_word_embeddings=True))), "requests": requests_,
+           "max_tokens": 12, "beam_search": {"beam_width": 3, "max_tokens": 12}}
+    one = json.loads((run_ranks(tmp_path, 1, job) / "beams_rank0.json").read_text())
+    out = run_ranks(tmp_path, 2, job)
+    for rank in range(2):
+        got = json.loads((out / f"beams_rank{rank}.json").read_text())
+        assert [[tokens for tokens, _ in answers] for answers in got] == [[t for t, _ in a] for a in one]
+        assert max(abs(s - t) for answers, theirs in zip(got, one) for (_, s), (_, t) in zip(answers, theirs)) < 1e-4
+
+
 def test_each_rank_reads_only_its_slices(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 

@@ -1,7 +1,8 @@
 """One rank of a tensor-parallel test run, started by torchrun from tests/test_tensor_parallel.py.
 
 argv[1]: a JSON job {model, requests, max_tokens, sampling, out}. Rank 0 writes the outputs and every step's
-logits; every rank writes what it read of the checkpoint.
+logits; every rank writes what it read of the checkpoint. With "beam_search" (BeamSearchParams' fields) every rank
+writes its beam search's answers instead.
 """
 import json
 import os
@@ -43,9 +44,16 @@ def main() -> None:
         from atb_models.engine.structured_output import StructuredOutput
 
         sampling["structured_output"] = StructuredOutput(**sampling["structured_output"])
+    out = job["out"]
+    if "beam_search" in job:  # each answer's token ids and score, best first
+        from atb_models.engine.beam_search import BeamSearchParams
+
+        beams = llm.beam_search(job["requests"], BeamSearchParams(**job["beam_search"]))
+        with open(os.path.join(out, f"beams_rank{rank}.json"), "w") as f:
+            json.dump([[[s.token_ids, s.score] for s in o.sequences] for o in beams], f)
+        return
     params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, **sampling)
     outputs = llm.generate(job["requests"], params)
-    out = job["out"]
     with open(os.path.join(out, f"read_rank{rank}.json"), "w") as f:
         json.dump(CheckpointTensor.bytes_read, f)
     with open(os.path.join(out, f"tokens_rank{rank}.json"), "w") as f:

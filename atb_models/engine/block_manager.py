@@ -134,6 +134,32 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child (a beam search's continuation of `parent`) holds the parent's blocks too: the K/V of the tokens
+        they share are in memory once. Before a step writes into a block both hold, own_block_for_newest gives the
+        writer a copy."""
+        for block in parent.block_table:
+            self._hold(block)
+        child.block_table = list(parent.block_table)
+        child.block_hash_cache = list(parent.block_hash_cache)
+        child.num_hashed_blocks = parent.num_hashed_blocks
+
+    def own_block_for_newest(self, seq: Sequence) -> tuple | None:
+        """Before a decode step writes the sequence's newest token's K/V: a block for it, a new one where its slot
+        opens a block, and where the block holding the slot is shared (forks), a copy of its own. Returns (the
+        shared block, the copy) for the caller to copy the K/V over, else None."""
+        index = (seq.num_tokens - 1) // self.block_size
+        if index == len(seq.block_table):
+            seq.block_table.append(self._take())
+            return None
+        block = seq.block_table[index]
+        if self.ref_counts[block] == 1:
+            return None
+        copy = self._take()
+        self.ref_counts[block] -= 1
+        seq.block_table[index] = copy
+        return block, copy
+
     def release_unused(self, seq: Sequence) -> None:
         """The blocks past the sequence's tokens go back to the free ones: those a decode step reserved for guesses
         the model did not keep (never hashed: no token of theirs is the sequence's). Held on, they would make the

@@ -4,6 +4,7 @@ import logging
 import numbers
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -266,19 +267,38 @@ class LLM:
         the incremental API's primitives (`_admit`, `step`), so a request answers the same either way."""
         self._check_open("generate()")
         params_list = _params_per_request(requests, sampling_params)
+        with self._whole_engine("generate()"):
+            return self._generate(requests, params_list, on_finish)
+
+    def beam_search(self, requests: list, params=None) -> list:
+        """Each request's `beam_width` likeliest answers by beam search (engine.beam_search: transformers' rule),
+        as a BeamSearchOutput per request in order, its `sequences` best first (the best's `text` and `token_ids`
+        also the output's own). `params`: a BeamSearchParams, or a list of them, one per request. A request that
+        cannot run gets an output with `error` set. Like generate(), it has the engine to itself."""
+        from atb_models.engine.beam_search import BeamSearch, BeamSearchParams
+
+        self._check_open("beam_search()")
+        params_list = _params_per_request(requests, params, BeamSearchParams, "beam_search()", "params")
+        with self._whole_engine("beam_search()"):
+            return BeamSearch(self, params_list).run(requests)
+
+    @contextmanager
+    def _whole_engine(self, call: str):
+        """generate() and beam_search() have the engine to themselves: one call at a time, none while requests of
+        add_request() are unfinished; a call starts with no sequence and every block free, and one that ends by an
+        exception drops all its sequences and frees their blocks before the exception leaves."""
         if not self._generating.acquire(blocking=False):
-            raise UserError("generate() is already running on this engine; it cannot be called again from "
-                            "on_finish or from another thread")
+            raise UserError(f"{call} cannot start: generate() or beam_search() is already running on this engine "
+                            "(it cannot be called from on_finish or from another thread)")
         if self._requests:  # a call starts from an empty engine: it would drop them without a word
             self._generating.release()
-            raise UserError(f"generate() cannot run while {len(self._requests)} request(s) taken by add_request() "
+            raise UserError(f"{call} cannot run while {len(self._requests)} request(s) taken by add_request() "
                             f"are unfinished: step() them to their end or abort() them first")
-        # Nothing from before may be answered as this call's own: a call starts with no sequence and every block
-        # free (the prefix cache is kept: it holds no sequence).
+        # Nothing from before may be answered as this call's own (the prefix cache is kept: it holds no sequence).
         if self.scheduler.has_work() or self.block_manager.num_used_blocks:
             self._abort_all()
         try:
-            return self._generate(requests, params_list, on_finish)
+            yield
         except BaseException:
             self._abort_all()
             raise
@@ -609,25 +629,27 @@ def _without_partial_stop(text: str, stops: tuple) -> str:
     return text[:keep]
 
 
-def _params_per_request(requests, sampling_params) -> list:
-    """One SamplingParams per request, after checking the shapes generate() was given (before any work)."""
+def _params_per_request(requests, params, kind=SamplingParams, call: str = "generate()",
+                        argument: str = "sampling_params") -> list:
+    """One `kind` (SamplingParams, or beam search's BeamSearchParams) per request, after checking the shapes the
+    call was given (before any work)."""
     if not isinstance(requests, (list, tuple)):
-        raise UserError(f"generate() takes a list of requests, each a list of items such as {{'text': ...}}; "
+        raise UserError(f"{call} takes a list of requests, each a list of items such as {{'text': ...}}; "
                         f"got {type(requests).__name__}")
     for i, request in enumerate(requests):
         if not isinstance(request, (list, tuple)):
-            raise UserError(f"generate(): requests[{i}] is {type(request).__name__}, not a list of items such as "
+            raise UserError(f"{call}: requests[{i}] is {type(request).__name__}, not a list of items such as "
                             f"{{'text': ...}}")
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        return [sampling_params or SamplingParams()] * len(requests)
-    if not isinstance(sampling_params, (list, tuple)):
-        raise UserError(f"generate(): sampling_params must be a SamplingParams or a list of them, one per "
-                        f"request; got {type(sampling_params).__name__}")
-    if len(sampling_params) != len(requests):
-        raise UserError(f"generate(): {len(sampling_params)} SamplingParams for {len(requests)} requests; give one, "
-                        f"or one per request")
-    for i, params in enumerate(sampling_params):
-        if not isinstance(params, SamplingParams):
-            raise UserError(f"generate(): sampling_params[{i}] is {params!r}, not a SamplingParams")
-    return list(sampling_params)
+    name = kind.__name__
+    if params is None or isinstance(params, kind):
+        return [params or kind()] * len(requests)
+    if not isinstance(params, (list, tuple)):
+        raise UserError(f"{call}: {argument} must be a {name} or a list of them, one per request; got "
+                        f"{type(params).__name__}")
+    if len(params) != len(requests):
+        raise UserError(f"{call}: {len(params)} {name} for {len(requests)} requests; give one, or one per request")
+    for i, each in enumerate(params):
+        if not isinstance(each, kind):
+            raise UserError(f"{call}: {argument}[{i}] is {each!r}, not a {name}")
+    return list(params)
 

@@ -73,6 +73,15 @@ class ModelRunner:
             layer.k_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
             layer.v_cache = torch.zeros((num_blocks, *self.block_shape), dtype=self.plan.llm_dtype, device=self.device)
 
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list) -> None:
+        """K and V of each (source, destination) block copied in every layer: a beam's own copy of a block it
+        shared with another (engine.beam_search)."""
+        sources, destinations = self._tensor([s for s, _ in pairs]), self._tensor([d for _, d in pairs])
+        for layer in self.model.model.layers:
+            for cache in (layer.k_cache, layer.v_cache):
+                cache.index_copy_(0, destinations, cache.index_select(0, sources))
+
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 

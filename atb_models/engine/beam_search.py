@@ -1,0 +1,354 @@
+"""Beam search: the `beam_width` likeliest answers to a prompt by the sum of their tokens' log-probabilities
+(transformers' `num_beams`, vLLM's `LLM.beam_search`, MindIE's `--num_beams`).
+
+The rule is transformers' `generate(num_beams=...)`, the kit's reference (tests/test_beam_search.py compares them
+token for token). Each step scores every live beam's next tokens (the beam's sum plus the token's log-softmax, in
+float32) and takes the best max(2, 1 + number of eos ids) x beam_width of them in order: an eos among the first
+beam_width ends a hypothesis of the beam before it (scored by its sum over its length, eos included, to the power
+length_penalty); any other continues, until beam_width beams continue. A prompt is done once beam_width hypotheses
+are kept and none of its live beams can beat the worst of them (`early_stopping`: False, transformers' estimate from
+the current length; True, at once; "never", not before a beam could no longer win), or at max_tokens, where the
+live beams are hypotheses too. The hypotheses come back best first.
+
+A beam is an engine Sequence. Beams share KV blocks by reference count: a beam with several continuations hands
+each a copy of its block table (engine.block_manager.fork), and the one block they would write apart, the one
+holding their new token's slot, is copied for each of them but the last before the decode step writes it
+(BlockManager.own_block_for_newest, ModelRunner.copy_blocks). Prompts are searched together: each step is one
+prefill of the prompts admitted (while the KV cache can hold every beam they may grow to) and one decode step of
+every live beam of every prompt.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.sequence import Sequence, SequenceStatus
+from atb_models.errors import UserError
+from atb_models.multimodal.prompt import describe_request
+
+MAX_BEAM_WIDTH = 64
+EARLY_STOPPING = (False, True, "never")
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """How one prompt's beams are searched: `beam_width` beams (and answers back); `max_tokens` (None: the
+    engine's max_output_length); `length_penalty`, the power of its length a hypothesis's sum is divided by (above
+    0 favours longer answers); `early_stopping` (False, True or "never": transformers' meanings); `ignore_eos`: eos
+    ends nothing, every answer runs to max_tokens. Checked when made, as SamplingParams is."""
+
+    beam_width: int = 4
+    max_tokens: Optional[int] = None
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+                    high is not None and value > high):
+                raise UserError(f"{name} must be an integer in {low}..{high or 'max_output_length'}, got {value!r}")
+        if (isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real)
+                or not math.isfinite(self.length_penalty)):
+            raise UserError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not any(self.early_stopping is choice or self.early_stopping == choice == "never"
+                   for choice in EARLY_STOPPING):
+            raise UserError(f"early_stopping must be False, True or \"never\", got {self.early_stopping!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+
+@dataclass
+class BeamSequence:
+    """One answer of a beam search."""
+
+    token_ids: list            # the generated tokens, the eos that ended it included
+    text: str                  # their text, without the eos
+    cumulative_logprob: float  # the sum of their log-probabilities
+    score: float               # cumulative_logprob / len(token_ids) ** length_penalty: the answers' order
+    finish_reason: str         # "stop" (an eos) or "length" (max_tokens)
+
+
+@dataclass
+class BeamSearchOutput:
+    """A prompt's answers, best first; `error` where the request could not run (the others are unaffected). The
+    best answer's text, tokens and finish reason are also `text`, `token_ids` and `finish_reason`, as a
+    RequestOutput's are."""
+
+    request_id: int
+    prompt: str
+    sequences: list = field(default_factory=list)
+    prompt_token_count: int = 0
+    error: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return self.sequences[0].text if self.sequences else ""
+
+    @property
+    def token_ids(self) -> list:
+        return self.sequences[0].token_ids if self.sequences else []
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.sequences[0].finish_reason if self.sequences else "error"
+
+
+class Hypotheses:
+    """A prompt's best finished answers so far, at most `width` (transformers' BeamHypotheses, rule for rule)."""
+
+    def __init__(self, params: BeamSearchParams, max_tokens: int):
+        self.params, self.max_tokens = params, max_tokens
+        self.kept: list = []  # (score, token ids, sum of logprobs, finish reason), in the order they came
+        self.worst = 1e9
+
+    def add(self, tokens: list, logprob_sum: float, finish_reason: str) -> None:
+        score = logprob_sum / len(tokens) ** self.params.length_penalty
+        if len(self.kept) < self.params.beam_width or score > self.worst:
+            self.kept.append((score, tokens, logprob_sum, finish_reason))
+            if len(self.kept) > self.params.beam_width:
+                ranked = sorted((kept[0], index) for index, kept in enumerate(self.kept))
+                del self.kept[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def done(self, best_logprob_sum: float, length: int) -> bool:
+        """Whether no live beam, the best of which has `best_logprob_sum` over `length` tokens, can beat them."""
+        if len(self.kept) < self.params.beam_width:
+            return False
+        if self.params.early_stopping is True:
+            return True
+        penalty = self.params.length_penalty
+        if self.params.early_stopping == "never" and penalty > 0:
+            length = self.max_tokens  # the longest a beam can grow: the least its score can be divided by
+        return self.worst >= best_logprob_sum / length ** penalty
+
+    def best_first(self) -> list:
+        return sorted(self.kept, key=lambda kept: kept[0])[::-1]  # (ties: the later first, as transformers')
+
+
+@dataclass
+class Beam:
+    seq: Sequence
+    logprob_sum: float  # a float32 value, summed in float32 as transformers does
+
+
+@dataclass
+class Search:
+    """One prompt's search."""
+
+    index: int
+    params: BeamSearchParams
+    max_tokens: int
+    eos: frozenset
+    beams: list
+    hypotheses: Hypotheses
+    blocks: int  # the KV blocks its beams may hold at most (admission counts them)
+
+    @property
+    def candidates(self) -> int:
+        return max(2, 1 + len(self.eos)) * self.params.beam_width
+
+
+class BeamSearch:
+    """LLM.beam_search's run over the engine's parts: its preprocessing, block manager and model runner."""
+
+    def __init__(self, llm, params_list: list):
+        self.llm, self.params_list = llm, params_list
+        self.block_manager, self.runner = llm.block_manager, llm.runner
+        self.next_seq_id = 0
+        self.ready: Optional[Search] = None  # the next prompt, preprocessed, waiting for room
+
+    def run(self, requests: list) -> list:
+        outputs = [BeamSearchOutput(i, describe_request(r)) for i, r in enumerate(requests)]
+        self.llm.step_records = []
+        pending = list(enumerate(requests))
+        pending.reverse()
+        searches: list = []
+        while pending or searches or self.ready is not None:
+            admitted = self._admit(pending, searches, outputs)
+            if admitted:
+                self._prefill(admitted, outputs)
+                searches.extend(s for s in admitted if s.beams)
+            running = [s for s in searches if s.beams]
+            if running:
+                self._decode(running, outputs)
+            searches = [s for s in searches if s.beams]
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ admission
+    def _admit(self, pending: list, searches: list, outputs: list) -> list:
+        """The prompts that start now, in order: while a decode step's rows (max_batch_size, or at least one
+        prompt's beams), the prefill budget and the KV blocks every beam may grow to allow. A prompt preprocessed
+        that must wait is held (self.ready) rather than preprocessed again."""
+        llm, bm = self.llm, self.block_manager
+        rows = sum(s.params.beam_width for s in searches)
+        blocks = sum(s.blocks for s in searches)
+        budget, admitted = llm.max_prefill_tokens, []
+        while pending or self.ready is not None:
+            if self.ready is None:
+                index, request = pending.pop()
+                try:
+                    [prompt] = llm.node_preprocessor([request])
+                    if isinstance(prompt, UserError):
+                        raise prompt
+                    self.ready = self._search(index, prompt, self.params_list[index], outputs[index])
+                except UserError as e:
+                    outputs[index].error = str(e)
+                    continue
+            search = self.ready
+            tokens = search.beams[0].seq.num_tokens
+            if (searches or admitted) and (rows + search.params.beam_width > llm.max_batch_size
+                                           or blocks + search.blocks > bm.num_blocks):
+                break
+            if admitted and tokens > budget:
+                break
+            self.ready = None
+            bm.allocate(search.beams[0].seq)
+            search.beams[0].seq.status = SequenceStatus.RUNNING
+            admitted.append(search)
+            rows, blocks, budget = rows + search.params.beam_width, blocks + search.blocks, budget - tokens
+        return admitted
+
+    def _search(self, index: int, prompt, params: BeamSearchParams, output: BeamSearchOutput) -> Search:
+        llm = self.llm
+        max_tokens = params.max_tokens or llm.max_output_length
+        seq = llm._make_sequence(self._seq_id(), prompt, SamplingParams(max_tokens=max_tokens), output)
+        if seq.num_tokens > llm.max_prefill_tokens:
+            raise UserError(f"the prompt has {seq.num_tokens} tokens (visual tokens included), more than "
+                            f"--max_prefill_tokens {llm.max_prefill_tokens}: beam search prefills a prompt whole")
+        # The prompt's blocks, shared by every beam, and each beam's own: its generated tokens' and a copy of the
+        # prompt's last block, which they all write apart.
+        bm = self.block_manager
+        blocks = bm.blocks_for(seq.num_tokens) + params.beam_width * (bm.blocks_for(max_tokens) + 1)
+        if blocks > bm.num_blocks:
+            raise UserError(f"beam search of width {params.beam_width} over {seq.num_tokens} prompt tokens and "
+                            f"{max_tokens} new ones needs up to {blocks} KV blocks; the cache has {bm.num_blocks}")
+        eos = frozenset() if params.ignore_eos else frozenset(llm.model_config.eos_token_ids)
+        return Search(index, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks)
+
+    def _seq_id(self) -> int:
+        self.next_seq_id += 1
+        return self.next_seq_id
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _prefill(self, searches: list, outputs: list) -> None:
+        seqs = [s.beams[0].seq for s in searches]
+        logits = self._timed(seqs, True, sum(seq.prefill_end - seq.prefill_start for seq in seqs))
+        for seq in seqs:
+            seq.prefill_start = seq.prefill_end = None
+            seq.prompt.visuals = []  # (their pixels: every later step decodes)
+        self._advance(searches, logits, outputs)
+
+    def _decode(self, searches: list, outputs: list) -> None:
+        seqs = [beam.seq for s in searches for beam in s.beams]
+        copies = []
+        for seq in seqs:
+            copy = self.block_manager.own_block_for_newest(seq)
+            if copy is not None:
+                copies.append(copy)
+        if copies:
+            self.runner.copy_blocks(copies)
+        self._advance(searches, self._timed(seqs, False, len(seqs)), outputs)
+
+    def _timed(self, seqs: list, is_prefill: bool, num_tokens: int) -> torch.Tensor:
+        from atb_models.engine.llm import StepRecord
+
+        start = time.perf_counter()
+        logits = self.runner.run(seqs, is_prefill)
+        self.llm.plan.synchronize()
+        self.llm.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))
+        return logits
+
+    def _advance(self, searches: list, logits: torch.Tensor, outputs: list) -> None:
+        """Each search's step from its beams' logits rows (in order): rank 0 ranks the candidates, every rank
+        applies them alike."""
+        ranked = self.llm._on_rank0(lambda: _candidates(logits, searches))
+        for search, (scores, parents, tokens) in zip(searches, ranked):
+            self._step(search, scores, parents, tokens, outputs[search.index])
+
+    def _step(self, search: Search, scores: list, parents: list, tokens: list, output: BeamSearchOutput) -> None:
+        width, generated = search.params.beam_width, len(search.beams[0].seq.completion_token_ids)
+        chosen = []  # (parent beam, token, logprob sum)
+        for rank, (score, parent, token) in enumerate(zip(scores, parents, tokens)):
+            beam = search.beams[parent]
+            if token in search.eos:
+                if rank < width:  # (an eos below the beams' ranks ends nothing)
+                    search.hypotheses.add(beam.seq.completion_token_ids + [token], score, "stop")
+            else:
+                chosen.append((beam, token, score))
+            if len(chosen) == width:
+                break
+        if search.hypotheses.done(scores[0], generated + 1):
+            return self._finish(search, output)
+        search.beams = self._continue(search.beams, chosen)
+        if generated + 1 == search.max_tokens:
+            for beam in search.beams:
+                search.hypotheses.add(beam.seq.completion_token_ids, beam.logprob_sum, "length")
+            self._finish(search, output)
+
+    def _continue(self, beams: list, chosen: list) -> list:
+        """The beams that continue, in the order chosen: a beam's first continuation goes on in its sequence,
+        the others in forks of it made before its new token; a beam without one lets its blocks go."""
+        children: dict = {}  # a beam's continuations, by their places in `chosen`
+        for place, (beam, _, _) in enumerate(chosen):
+            children.setdefault(id(beam), []).append(place)
+        seqs = [None] * len(chosen)
+        for beam in beams:
+            places = children.get(id(beam))
+            if places is None:
+                self._release(beam.seq)
+                continue
+            for place in places[1:]:
+                seqs[place] = self._fork(beam.seq)
+            seqs[places[0]] = beam.seq
+        for seq, (_, token, _) in zip(seqs, chosen):
+            seq.append_token(token)
+        return [Beam(seq, score) for seq, (_, _, score) in zip(seqs, chosen)]
+
+    def _fork(self, parent: Sequence) -> Sequence:
+        child = Sequence(self._seq_id(), parent.prompt, parent.params, parent.max_tokens)
+        child.token_ids = list(parent.token_ids)
+        child.num_prompt_tokens, child.decode_from = parent.num_prompt_tokens, parent.decode_from
+        child.prefill_start = child.prefill_end = None
+        child.status = SequenceStatus.RUNNING
+        self.block_manager.fork(parent, child)
+        return child
+
+    def _release(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+
+    def _finish(self, search: Search, output: BeamSearchOutput) -> None:
+        for beam in search.beams:
+            self._release(beam.seq)
+        search.beams = []
+        decode = self.llm._decoders[True]
+        output.sequences = [
+            BeamSequence(tokens, decode(tokens[:-1] if reason == "stop" else tokens), logprob_sum, score, reason)
+            for score, tokens, logprob_sum, reason in search.hypotheses.best_first()]
+
+
+def _candidates(logits: torch.Tensor, searches: list) -> list:
+    """Per search, its best candidates in order as lists (scores, parent beams, tokens): each live beam's logprob
+    sum plus its next tokens' log-softmax, all in float32 (transformers' arithmetic), ranked over all its beams."""
+    ranked, row = [], 0
+    vocab = logits.shape[-1]
+    for search in searches:
+        count = len(search.beams)
+        sums = torch.tensor([beam.logprob_sum for beam in search.beams], dtype=torch.float32, device=logits.device)
+        scores = torch.log_softmax(logits[row:row + count].float(), dim=-1) + sums[:, None]
+        row += count
+        best = scores.view(-1).topk(min(search.candidates, scores.numel()))
+        ranked.append((best.values.tolist(), (best.indices // vocab).tolist(), (best.indices % vocab).tolist()))
+    return ranked

@@ -1,0 +1,141 @@
+"""Beam search (LLM.beam_search) against transformers' generate(num_beams=...), and its use of the KV cache."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from atb_models import LLM, UserError
+from atb_models.benchmark.engines import reference_inputs
+from atb_models.engine.beam_search import BeamSearchParams
+from tests.parity_utils import reference_model
+
+# (beam_width, length_penalty, early_stopping, max_tokens): transformers' three early-stopping rules, penalties that
+# favour short, neutral and long answers, and answers that cross KV blocks (block_size 16).
+SETTINGS = [(4, 1.0, False, 12), (3, 0.5, True, 10), (2, -1.0, "never", 8), (5, 2.0, False, 20)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with eos ids that its random model draws now and then, so that beams end by eos too
+    (with its own, they never do)."""
+    path = tmp_path_factory.mktemp("beam") / "model"
+    shutil.copytree(tiny_checkpoint(), path)
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = [255, 313]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_input_length=512,
+               max_output_length=32, block_size=16)
+
+
+def reference_beams(llm, checkpoint, request, width, length_penalty, early_stopping, max_tokens):
+    """transformers' answers (tokens up to an eos, scores), best first. transformers 4.46 copies a prompt's inputs
+    for its beams row by row (repeat_interleave), which for Qwen2-VL's pixel_values, the patches of every image
+    one after another, garbles each beam's image; its later versions repeat the patches whole, as here."""
+    model = reference_model(str(checkpoint))
+    prompt = llm.preprocessor(request)
+    inputs = reference_inputs([prompt], pad_token_id=0, device=torch.device("cpu"))
+    expand = model._expand_inputs_for_generation
+
+    def expand_patches_whole(expand_size=1, is_encoder_decoder=False, input_ids=None, **kwargs):
+        patches = {name: kwargs.pop(name) for name in ("pixel_values", "pixel_values_videos")
+                   if kwargs.get(name) is not None}
+        input_ids, kwargs = expand(expand_size, is_encoder_decoder, input_ids, **kwargs)
+        return input_ids, dict(kwargs, **{name: value.repeat(expand_size, 1) for name, value in patches.items()})
+
+    model._expand_inputs_for_generation = expand_patches_whole
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, num_beams=width,
+                                 num_return_sequences=width, length_penalty=length_penalty,
+                                 early_stopping=early_stopping, output_scores=True, return_dict_in_generate=True,
+                                 eos_token_id=list(llm.model_config.eos_token_ids), pad_token_id=0)
+    finally:
+        del model._expand_inputs_for_generation
+    answers = []
+    for tokens, score in zip(out.sequences[:, len(prompt.token_ids):].tolist(), out.sequences_scores.tolist()):
+        ends = [i for i, token in enumerate(tokens) if token in llm.model_config.eos_token_ids]
+        # (transformers writes its first eos id after a finished answer, whichever eos ended it)
+        answers.append((tokens[:ends[0]] if ends else tokens, bool(ends), score))
+    return answers
+
+
+@pytest.mark.parametrize("width, length_penalty, early_stopping, max_tokens", SETTINGS)
+def test_beam_search_answers_as_transformers_num_beams(llm, checkpoint, sample_image_path, width, length_penalty,
+                                                       early_stopping, max_tokens):
+    requests = [[{"text": "Hello there, how are you"}], [{"text": "A"}],
+                [{"image": str(sample_image_path)}, {"text": "What is it?"}]]
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
+                              early_stopping=early_stopping)
+    outputs = llm.beam_search(requests, params)
+    for request, output in zip(requests, outputs):
+        assert output.error is None and len(output.sequences) == width
+        expected = reference_beams(llm, checkpoint, request, width, length_penalty, early_stopping, max_tokens)
+        got = [(s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids, s.finish_reason == "stop", s.score)
+               for s in output.sequences]
+        assert [g[:2] for g in got] == [e[:2] for e in expected], request
+        assert max(abs(g[2] - e[2]) for g, e in zip(got, expected)) < 1e-4
+        for s in output.sequences:  # (an eos ends an answer: its last token, left out of the text)
+            assert (s.token_ids[-1] in llm.model_config.eos_token_ids) == (s.finish_reason == "stop")
+            assert s.text == llm.tokenizer.decode(s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids,
+                                                  skip_special_tokens=True)
+            assert s.score == pytest.approx(s.cumulative_logprob / len(s.token_ids) ** length_penalty)
+        assert (output.text, output.token_ids) == (output.sequences[0].text, output.sequences[0].token_ids)
+    assert llm.block_manager.num_used_blocks == 0  # every beam's blocks, shared or copied, given back
+
+
+def test_some_of_the_parity_answers_end_by_eos(llm, sample_image_path):
+    """The parity cases above are worth their name only if beams end by eos as well as by length."""
+    reasons = {s.finish_reason for width, penalty, early, tokens in SETTINGS for output in llm.beam_search(
+        [[{"text": "Hello there, how are you"}], [{"text": "A"}],
+         [{"image": str(sample_image_path)}, {"text": "What is it?"}]],
+        BeamSearchParams(width, tokens, penalty, early)) for s in output.sequences}
+    assert reasons == {"stop", "length"}
+
+
+def test_prompts_searched_together_answer_as_each_alone(llm, sample_image_path):
+    """Searches share steps (and the prefill of their prompts), never each other's beams or blocks."""
+    requests = [[{"text": "Hello there, how are you"}], [{"image": str(sample_image_path)}, {"text": "Colour?"}],
+                [{"text": "A"}], [{"text": "Count: one two"}]]
+    params = [BeamSearchParams(4, 12), BeamSearchParams(2, 9, early_stopping=True), BeamSearchParams(1, 5),
+              BeamSearchParams(3, 14, ignore_eos=True)]
+    together = llm.beam_search(requests, params)
+    for request, each, output in zip(requests, params, together):
+        [alone] = llm.beam_search([request], each)
+        assert [s.token_ids for s in output.sequences] == [s.token_ids for s in alone.sequences]
+        # (float32 sums of other batches: equal to their last bits or nearly)
+        assert [s.score for s in output.sequences] == pytest.approx([s.score for s in alone.sequences], abs=1e-5)
+    assert all(s.finish_reason == "length" and len(s.token_ids) == 14 for s in together[3].sequences)  # ignore_eos
+
+
+def test_beams_held_to_a_small_cache_search_in_turn_and_a_prompt_that_cannot_fit_fails_alone(checkpoint):
+    llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_input_length=64,
+              max_output_length=32, block_size=16, num_blocks=12)
+    requests = [[{"text": "Hello there, how are you"}], [{"text": "A"}], [{"text": "Count: one two"}]]
+    outputs = llm.beam_search(requests, BeamSearchParams(4, 16))  # 11 blocks at most each: one at a time
+    wide = llm.beam_search(requests[:1], BeamSearchParams(8, 30))[0]
+    assert "needs up to" in wide.error and "the cache has 12" in wide.error and not wide.sequences
+    roomy = LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_input_length=64,
+                max_output_length=32, block_size=16)
+    assert [[s.token_ids for s in o.sequences] for o in outputs] == [
+        [s.token_ids for s in o.sequences] for o in roomy.beam_search(requests, BeamSearchParams(4, 16))]
+    assert llm.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_parameters_and_requests_asked_wrongly_fail_in_one_line(llm):
+    for bad, message in ((dict(beam_width=0), "beam_width must be an integer in 1..64"),
+                         (dict(beam_width=True), "beam_width must be"), (dict(max_tokens=0), "max_tokens must be"),
+                         (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+                         (dict(early_stopping="sometimes"), "early_stopping must be"),
+                         (dict(ignore_eos=1), "ignore_eos must be True or False")):
+        with pytest.raises(UserError, match=message):
+            BeamSearchParams(**bad)
+    with pytest.raises(UserError, match=r"params\[0\] is None, not a BeamSearchParams"):
+        llm.beam_search([[{"text": "a"}]], [None])
+    too_long, missing = llm.beam_search([[{"text": "a"}], [{"image": "/no/such.png"}]], BeamSearchParams(2, 64))
+    assert "exceeds --max_output_length 32" in too_long.error and "/no/such.png" in missing.error
