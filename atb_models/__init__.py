@@ -9,7 +9,7 @@ do not wait for torch and the engine.
 import importlib
 
 _EXPORTS = {
-    "BeamSearchParams": "atb_models.engine.beam_search",
+    "BeamSearchParams": "atb_models.engine.sampling_params",
     "LLM": "atb_models.engine.llm",
     "Message": "atb_models.multimodal.prompt",
     "RequestOutput": "atb_models.engine.llm",

@@ -7,7 +7,7 @@ import torch
 
 from atb_models import LLM, UserError
 from atb_models.benchmark.engines import reference_inputs
-from atb_models.engine.beam_search import BeamSearchParams
+from atb_models import BeamSearchParams
 from tests.parity_utils import reference_model
 
 # (beam_width, length_penalty, early_stopping, max_tokens): transformers' three early-stopping rules, penalties that

@@ -105,6 +105,26 @@ def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(
     assert_no_traceback(result)
 
 
+def test_num_beams_answers_with_the_best_beam_of_llm_beam_search_at_two_ranks(checkpoint, sample_image_path,
+                                                                              tmp_path):
+    from atb_models import LLM, BeamSearchParams
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    shutil.copy(sample_image_path, dataset / "cat.jpg")
+    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run_pa("--model_path", checkpoint, "--dataset_path", "dataset", "--results_save_path", "out.json",
+                    "--input_text", "Describe it.", "--num_beams", "3", "--length_penalty", "0.5", "--world_size", "2",
+                    cwd=tmp_path)
+    assert result.returncode == 1 and len(error_lines(result)) == 1 and "broken.jpg" in error_lines(result)[0]
+    llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_input_length=512, max_output_length=8)
+    request = [{"image": str(sample_image_path)}, {"text": "Describe it."}]
+    [expected] = llm.beam_search([request], BeamSearchParams(3, length_penalty=0.5))
+    assert json.loads((tmp_path / "out.json").read_text())["cat.jpg"] == expected.text
+    assert f"Generate[1] token num: {len(expected.token_ids)}" in result.stdout
+    assert_no_traceback(result)
+
+
 def test_without_model_path_the_demo_reader_reads_its_sample_sign(tmp_path):
     """The README's main command: the bundled reader in the dtype this machine picks for it, asked its question."""
     sample = reader_samples()["image"]
@@ -168,6 +188,8 @@ BAD_INPUTS = {
         lambda t, ckpt, img: ["--model_path", _unsupported_model_type(t, ckpt), "--input_image", img], "llama"),
     "dtype_the_device_cannot_run": (lambda t, ckpt, img: ["--input_image", img, "--dtype", "float16"], "float16"),
     "a_launcher_flag_that_does_not_parse": (lambda t, ckpt, img: ["--world_size", "abc"], "--world_size"),
+    "a_sampling_flag_with_num_beams": (lambda t, ckpt, img: ["--input_image", img, "--num_beams", "2", "--seed", "1"],
+                                       "--seed cannot go with it"),
     "a_lone_surrogate_in_the_text": (lambda t, ckpt, img: ["--input_image", img, "--input_text", "caf\udcff"],
                                      "lone surrogate"),  # (a byte that is no UTF-8 in argv)
 }

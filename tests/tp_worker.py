@@ -46,7 +46,7 @@ def main() -> None:
         sampling["structured_output"] = StructuredOutput(**sampling["structured_output"])
     out = job["out"]
     if "beam_search" in job:  # each answer's token ids and score, best first
-        from atb_models.engine.beam_search import BeamSearchParams
+        from atb_models import BeamSearchParams
 
         beams = llm.beam_search(job["requests"], BeamSearchParams(**job["beam_search"]))
         with open(os.path.join(out, f"beams_rank{rank}.json"), "w") as f:

@@ -22,7 +22,9 @@ logger = logging.getLogger("atb_models.run_pa")
 
 def run(args: argparse.Namespace, plan: RunPlan) -> int:
     dataset_mode = plan.dataset_mode
-    overrides = dict(max_batch_size=max(plan.batch_sizes), max_output_length=max(plan.output_lengths))
+    # (a beam search's requests run beam_width rows each: the batch, and the KV cache sized by it, hold them all)
+    overrides = dict(max_batch_size=max(plan.batch_sizes) * (plan.beams.beam_width if plan.beams else 1),
+                     max_output_length=max(plan.output_lengths))
     if not dataset_mode and (args.performance or benchmark_enabled()) and args.enable_prefix_caching:
         # Timed copies of one prompt would share one prefill through the prefix cache: MindIE's figures time each.
         logger.info("prefix caching off for the timed copies of one prompt (each one's prefill is timed, as MindIE "
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace, plan: RunPlan) -> int:
     else:
         # The copies of one batch, made once memory has capped it (logged): never one per slot of a huge
         # --max_batch_size. --performance makes its own per point.
-        entries = [Entry(list(plan.prompt)) for _ in range(1 if args.performance else llm.max_batch_size)]
+        copies = 1 if args.performance else max(1, llm.max_batch_size // (plan.beams.beam_width if plan.beams else 1))
+        entries = [Entry(list(plan.prompt)) for _ in range(copies)]
     warm_up(llm)
     if args.performance:
         performance_sweep(llm, entries[0].items, plan.params, plan.batch_sizes, plan.output_lengths, plan.rank)
@@ -53,7 +56,13 @@ def run(args: argparse.Namespace, plan: RunPlan) -> int:
 
     start = time.perf_counter()
     try:
-        outputs = llm.generate([entry.items for entry in runnable], plan.params, on_finish=record) if runnable else []
+        requests = [entry.items for entry in runnable]
+        if not requests:
+            outputs = []
+        elif plan.beams is not None:
+            outputs = llm.beam_search(requests, plan.beams, on_finish=record)
+        else:
+            outputs = llm.generate(requests, plan.params, on_finish=record)
     except KeyboardInterrupt:
         ignore_further_stops()
         if dataset_mode and plan.rank == 0:

@@ -16,6 +16,7 @@ from atb_models.benchmark.timed_runs import check_csv_path
 from atb_models.cli.inputs import Entry, check_results_path, dataset_entries, single_prompt
 from atb_models.cli.run_pa import DEFAULT_BATCH_SIZES, DEFAULT_INPUT_TEXT, Family
 from atb_models.config import check_model_folder
+from atb_models.engine.sampling_params import BeamSearchParams
 from atb_models.engine.limits import check_limits, check_speculative
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
@@ -30,6 +31,7 @@ class RunPlan:
     rank: int
     model_path: str
     params: SamplingParams
+    beams: BeamSearchParams | None  # --num_beams above 1: beam search in place of sampling
     batch_sizes: list[int]      # --performance's sweep; otherwise [--max_batch_size]
     output_lengths: list[int]   # likewise: [--max_output_length] unless --performance sweeps them
     prompt: list | None = None
@@ -65,7 +67,7 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
             text = samples[classify_media(paths[0]) if paths else "image"].question
     text = DEFAULT_INPUT_TEXT if text is None else text
 
-    plan = RunPlan(rank, model_path, sampling_params(args),
+    plan = RunPlan(rank, model_path, sampling_params(args), beam_search_params(args),
                    batch_sizes=(args.batch_sizes or DEFAULT_BATCH_SIZES) if args.performance else [args.max_batch_size],
                    output_lengths=args.output_lengths or [args.max_output_length])
     check_csv_path(args.performance, rank)
@@ -85,6 +87,29 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
     if args.model_path is not None:
         check_model_folder(model_path)
     return plan
+
+
+def beam_search_params(args: argparse.Namespace) -> BeamSearchParams | None:
+    """--num_beams' BeamSearchParams, None for 1 (sampling). Beam search ranks answers by their log-probabilities:
+    a sampling flag away from its default would be ignored, so it is refused."""
+    if args.num_beams == 1:
+        if args.length_penalty != 1.0:
+            raise UserError("--length_penalty goes with --num_beams above 1")
+        return None
+    if args.performance:
+        raise UserError("--performance times sampling, not --num_beams")
+    sampling = [f"--{flag}" for flag, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0),
+                                                  ("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                                  ("frequency_penalty", 0.0), ("seed", None))
+                if getattr(args, flag) != default]
+    if sampling:
+        raise UserError(f"--num_beams searches beams by their log-probabilities, without sampling: "
+                        f"{', '.join(sampling)} cannot go with it")
+    try:
+        return BeamSearchParams(beam_width=args.num_beams, length_penalty=args.length_penalty,
+                                ignore_eos=args.ignore_eos)
+    except UserError as e:
+        raise UserError(f"--{e}".replace("--beam_width", "--num_beams")) from None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -79,6 +79,12 @@ def build_parser(family: Family) -> argparse.ArgumentParser:
                           help="-2..2, 0: none; less X times each token's count in the answer")
     sampling.add_argument("--seed", type=int, metavar="N", help="makes sampling reproducible")
     sampling.add_argument("--ignore_eos", action="store_true", help="generate --max_output_length tokens every time")
+    sampling.add_argument("--num_beams", type=int, metavar="N", default=1,
+                          help="beam search of N beams (transformers' rule; no sampling flag goes with it): the best "
+                               "answer is the one printed; 1: none")
+    sampling.add_argument("--length_penalty", type=float, metavar="X", default=1.0,
+                          help="with --num_beams: an answer's log-probability is divided by its length to the power "
+                               "X (above 0 favours longer answers)")
     add_device_arguments(parser)
     benchmark = parser.add_argument_group(
         "benchmark", "ATB_LLM_BENCHMARK_ENABLE=1 writes a run's step timings to ATB_LLM_BENCHMARK_FILEPATH "

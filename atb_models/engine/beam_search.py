@@ -19,53 +19,16 @@ every live beam of every prompt.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.sampling_params import BeamSearchParams, SamplingParams
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.errors import UserError
 from atb_models.multimodal.prompt import describe_request
-
-MAX_BEAM_WIDTH = 64
-EARLY_STOPPING = (False, True, "never")
-
-
-@dataclass(frozen=True)
-class BeamSearchParams:
-    """How one prompt's beams are searched: `beam_width` beams (and answers back); `max_tokens` (None: the
-    engine's max_output_length); `length_penalty`, the power of its length a hypothesis's sum is divided by (above
-    0 favours longer answers); `early_stopping` (False, True or "never": transformers' meanings); `ignore_eos`: eos
-    ends nothing, every answer runs to max_tokens. Checked when made, as SamplingParams is."""
-
-    beam_width: int = 4
-    max_tokens: Optional[int] = None
-    length_penalty: float = 1.0
-    early_stopping: Union[bool, str] = False
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
-            value = getattr(self, name)
-            if value is None and name == "max_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-                    high is not None and value > high):
-                raise UserError(f"{name} must be an integer in {low}..{high or 'max_output_length'}, got {value!r}")
-        if (isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real)
-                or not math.isfinite(self.length_penalty)):
-            raise UserError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if not any(self.early_stopping is choice or self.early_stopping == choice == "never"
-                   for choice in EARLY_STOPPING):
-            raise UserError(f"early_stopping must be False, True or \"never\", got {self.early_stopping!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-
 
 @dataclass
 class BeamSequence:
@@ -89,6 +52,10 @@ class BeamSearchOutput:
     sequences: list = field(default_factory=list)
     prompt_token_count: int = 0
     error: Optional[str] = None
+    # The prefix cache's part (as RequestOutput's): prompt tokens whose K/V it held, media whose vision-tower run
+    # was skipped.
+    cached_prompt_tokens: int = 0
+    cached_visual_items: int = 0
 
     @property
     def text(self) -> str:
@@ -163,8 +130,8 @@ class Search:
 class BeamSearch:
     """LLM.beam_search's run over the engine's parts: its preprocessing, block manager and model runner."""
 
-    def __init__(self, llm, params_list: list):
-        self.llm, self.params_list = llm, params_list
+    def __init__(self, llm, params_list: list, on_finish=None):
+        self.llm, self.params_list, self.on_finish = llm, params_list, on_finish
         self.block_manager, self.runner = llm.block_manager, llm.runner
         self.next_seq_id = 0
         self.ready: Optional[Search] = None  # the next prompt, preprocessed, waiting for room
@@ -205,6 +172,7 @@ class BeamSearch:
                     self.ready = self._search(index, prompt, self.params_list[index], outputs[index])
                 except UserError as e:
                     outputs[index].error = str(e)
+                    self._finished(outputs[index])
                     continue
             search = self.ready
             tokens = search.beams[0].seq.num_tokens
@@ -233,7 +201,8 @@ class BeamSearch:
         blocks = bm.blocks_for(seq.num_tokens) + params.beam_width * (bm.blocks_for(max_tokens) + 1)
         if blocks > bm.num_blocks:
             raise UserError(f"beam search of width {params.beam_width} over {seq.num_tokens} prompt tokens and "
-                            f"{max_tokens} new ones needs up to {blocks} KV blocks; the cache has {bm.num_blocks}")
+                            f"{max_tokens} new ones needs up to {blocks} KV blocks; the cache has {bm.num_blocks} (an "
+                            f"engine of max_batch_size {params.beam_width} holds them)")
         eos = frozenset() if params.ignore_eos else frozenset(llm.model_config.eos_token_ids)
         return Search(index, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks)
 
@@ -245,9 +214,12 @@ class BeamSearch:
     def _prefill(self, searches: list, outputs: list) -> None:
         seqs = [s.beams[0].seq for s in searches]
         logits = self._timed(seqs, True, sum(seq.prefill_end - seq.prefill_start for seq in seqs))
-        for seq in seqs:
+        for search, seq in zip(searches, seqs):
             seq.prefill_start = seq.prefill_end = None
             seq.prompt.visuals = []  # (their pixels: every later step decodes)
+            output = outputs[search.index]
+            output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+            output.cached_visual_items = seq.cached_visual_items
         self._advance(searches, logits, outputs)
 
     def _decode(self, searches: list, outputs: list) -> None:
@@ -337,6 +309,11 @@ class BeamSearch:
         output.sequences = [
             BeamSequence(tokens, decode(tokens[:-1] if reason == "stop" else tokens), logprob_sum, score, reason)
             for score, tokens, logprob_sum, reason in search.hypotheses.best_first()]
+        self._finished(output)
+
+    def _finished(self, output: BeamSearchOutput) -> None:
+        if self.on_finish is not None:
+            self.on_finish(output)
 
 
 def _candidates(logits: torch.Tensor, searches: list) -> list:

@@ -17,7 +17,7 @@ from atb_models.engine.block_manager import BlockManager
 from atb_models.engine.limits import check_limits, check_speculative
 from atb_models.engine.logprobs import TokenBytes, add_prompt_logprobs, record_logprobs, split_prompt_rows
 from atb_models.engine.model_runner import ModelRunner
-from atb_models.engine.sampling_params import SamplingParams
+from atb_models.engine.sampling_params import BeamSearchParams, SamplingParams
 from atb_models.engine.scheduler import Scheduler
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.engine.structured_output import Matchers
@@ -270,17 +270,18 @@ class LLM:
         with self._whole_engine("generate()"):
             return self._generate(requests, params_list, on_finish)
 
-    def beam_search(self, requests: list, params=None) -> list:
+    def beam_search(self, requests: list, params=None, on_finish=None) -> list:
         """Each request's `beam_width` likeliest answers by beam search (engine.beam_search: transformers' rule),
         as a BeamSearchOutput per request in order, its `sequences` best first (the best's `text` and `token_ids`
         also the output's own). `params`: a BeamSearchParams, or a list of them, one per request. A request that
-        cannot run gets an output with `error` set. Like generate(), it has the engine to itself."""
-        from atb_models.engine.beam_search import BeamSearch, BeamSearchParams
+        cannot run gets an output with `error` set; `on_finish(output)` as generate()'s. Like generate(), it has the
+        engine to itself."""
+        from atb_models.engine.beam_search import BeamSearch
 
         self._check_open("beam_search()")
         params_list = _params_per_request(requests, params, BeamSearchParams, "beam_search()", "params")
         with self._whole_engine("beam_search()"):
-            return BeamSearch(self, params_list).run(requests)
+            return BeamSearch(self, params_list, on_finish).run(requests)
 
     @contextmanager
     def _whole_engine(self, call: str):

@@ -1,7 +1,7 @@
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from atb_models.errors import UserError
 
@@ -233,3 +233,38 @@ def _number(name: str, value, allowed: str) -> float:
         return float(value)
     except OverflowError:  # an int beyond float's range
         raise UserError(f"{name} must be {allowed}, got a number too large for a float") from None
+
+
+MAX_BEAM_WIDTH = 64
+EARLY_STOPPING = (False, True, "never")
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """How one prompt's beams are searched: `beam_width` beams (and answers back); `max_tokens` (None: the
+    engine's max_output_length); `length_penalty`, the power of its length a hypothesis's sum is divided by (above
+    0 favours longer answers); `early_stopping` (False, True or "never": transformers' meanings); `ignore_eos`: eos
+    ends nothing, every answer runs to max_tokens. Checked when made, as SamplingParams is."""
+
+    beam_width: int = 4
+    max_tokens: Optional[int] = None
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
+            value = getattr(self, name)
+            if value is None and name == "max_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+                    high is not None and value > high):
+                raise UserError(f"{name} must be an integer in {low}..{high or 'max_output_length'}, got {value!r}")
+        if (isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real)
+                or not math.isfinite(self.length_penalty)):
+            raise UserError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not any(self.early_stopping is choice or self.early_stopping == choice == "never"
+                   for choice in EARLY_STOPPING):
+            raise UserError(f"early_stopping must be False, True or \"never\", got {self.early_stopping!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
