@@ -99,6 +99,15 @@ def test_an_answer_of_hermes_blocks_is_read_as_calls_and_anything_else_as_text()
         assert read_answer(not_calls, auto) == (not_calls, []), not_calls
 
 
+def test_an_auto_calls_arguments_with_a_lone_surrogate_escape_can_be_sent():
+    """JSON's "\\ud800" reads as a lone surrogate, which UTF-8 cannot carry: the answer's body failed to encode (a 500,
+    a stream cut short)."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "\\ud800 \\u00e9\\ud83d\\ude00"}}\n</tool_call>'
+    [read] = read_answer(call, tools_of())[1]
+    assert json.loads(read.arguments) == {"city": "\ud800 \u00e9\U0001f600"}
+    json.dumps(read.body(), ensure_ascii=False).encode("utf-8")  # (as the server sends it)
+
+
 def test_what_follows_an_auto_answers_calls_and_is_no_call_is_its_content_after_the_text_before_them():
     """Nothing of the answer is lost, and the calls read stay calls (a stream has sent them already)."""
     auto = tools_of()

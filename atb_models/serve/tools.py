@@ -352,7 +352,12 @@ def _tagged_call(block: str, functions: dict) -> Optional[Call]:
     arguments = call.get("arguments", {})
     if not isinstance(arguments, dict):
         return None
-    return Call(call["name"], json.dumps(arguments, ensure_ascii=False))
+    text = json.dumps(arguments, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate, JSON's "\ud800": UTF-8 cannot carry it, an escape can)
+        text = json.dumps(arguments)
+    return Call(call["name"], text)
 
 
 def read_answer(text: str, tools: ToolRequest) -> tuple:
