@@ -1304,3 +1304,12 @@ def test_a_drafting_engine_counts_every_token_of_a_step_and_its_guesses_in_the_m
     samples = {s.name: s.value for family in metrics.registry.collect() for s in family.samples}
     assert samples["atb_generation_tokens_total"] == 40
     assert 0 < samples["atb_spec_decode_accepted_tokens_total"] <= samples["atb_spec_decode_draft_tokens_total"]
+
+
+def test_the_serve_packages_docstring_names_each_of_its_modules_where_it_is():
+    """The package's map of its modules: a module split off or added must not leave it pointing at the wrong one."""
+    import atb_models.serve as serve
+
+    said = dict(re.findall(r"`(\w+)`: ([^;]*?)(?:;|\n-|\n$)", serve.__doc__, re.S))  # (module: what it holds)
+    assert set(said) == {path.stem for path in Path(serve.__file__).parent.glob("*.py") if path.stem != "__init__"}
+    assert "bodies" not in said["protocol"]  # (answers.py's and fields.py's)
