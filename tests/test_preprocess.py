@@ -462,3 +462,22 @@ def test_a_frame_list_longer_than_video_max_frames_is_thinned_evenly(tmp_path):
     full, _ = load_video([str(f) for f in frames], max_frames=768)
     assert full.shape[0] == 10
     assert (video[0] == full[0]).all() and (video[-1] == full[-1]).all()
+
+
+def test_a_lone_surrogate_in_the_tools_or_a_calls_arguments_is_a_user_error(checkpoint, parts):
+    """JSON's "\\ud800" alone reads as a lone surrogate, which the tokenizer cannot take (a TypeError: the server's
+    500): a message's text is checked as an item, the tools and the calls' arguments only reach the template."""
+    from pathlib import Path
+
+    from atb_models.multimodal.prompt import Message, ToolCall
+
+    template = (Path(__file__).parent.parent / "examples/chat_templates/qwen2_vl_tool_use.jinja").read_text()
+    tool_use = Preprocessor(checkpoint, parts.config, parts.tokenizer, chat_template=template)
+    tool = {"type": "function", "function": {"name": "f", "description": "caf\ud800"}}
+    with pytest.raises(UserError, match="lone surrogate"):
+        tool_use([{"text": "hi"}], tools=[tool])
+    called = [Message("user", ({"text": "hi"},)),
+              Message("assistant", (), (ToolCall("a", "f", '{"x": "\ud800"}'),)),
+              Message("tool", ({"text": "ok"},), (), "a")]
+    with pytest.raises(UserError, match="lone surrogate"):
+        tool_use(called)

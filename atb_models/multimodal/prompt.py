@@ -452,6 +452,11 @@ class Preprocessor:
                 message["tool_call_id"] = turn.tool_call_id
             chat.append(message)
         rendered = self._render(chat, tools, continue_final, "this conversation")
+        try:
+            rendered.encode("utf-8")
+        except UnicodeEncodeError as e:  # (the items' text is checked; the tools' and calls' strings reach only here)
+            raise UserError(f"the tools or tool calls hold {rendered[e.start]!r}, a lone surrogate (JSON's \\ud800 "
+                            "alone), which is not a character") from None
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     def _render(self, chat: list, tools: list | None, continue_final: bool, what: str) -> str:
