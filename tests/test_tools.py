@@ -252,7 +252,8 @@ def test_a_stream_holds_back_the_text_where_a_call_may_begin_and_sends_a_named_c
                                                 finish_reason=None, stop_reason=None), progress)
               for progress in [ChoiceProgress()] for text in ("Sure, <tool", "Sure, <tool_call>\n{")]
     assert chunks[0]["choices"][0]["delta"] == {"content": "Sure,"} and chunks[1] is None
-    named = ToolChatFormat(chat, "m", None, tools_of(tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    get_time = {"type": "function", "function": {"name": "get_time"}}
+    named = ToolChatFormat(chat, "m", None, tools_of(tool_choice=get_time))
     chunk = named.step("c", 0, SimpleNamespace(text="{", token_ids=[0], logprobs=None, finished=False,
                                                finish_reason=None, stop_reason=None), ChoiceProgress())
     [call] = chunk["choices"][0]["delta"]["tool_calls"]
