@@ -184,26 +184,27 @@ def test_required_gathers_the_functions_definitions_where_their_refs_find_them()
 
 def streamed(format_: ToolChatFormat, text: str, finish_reason: str = "stop", pieces: int = 1) -> dict:
     """The answer `text` streamed `pieces` characters a step through `format_`, its chunks put together as a whole
-    answer's choice the way OpenAI's clients do (a call's first delta names it, the others add to its arguments)."""
+    answer's choice the way OpenAI's clients do (a call's first delta names it, the others add to its arguments).
+    A chunk that brings calls ends nothing (OpenAI's shape: its SDK's stream helper misses a call begun in the
+    chunk that ends the answer)."""
     content, calls, finish, progress = "", [], None, ChoiceProgress()
     for end in [*range(pieces, len(text), pieces), len(text)]:
         done = end == len(text)
         output = SimpleNamespace(text=text[:end], token_ids=[0] * end, logprobs=None, finished=done,
                                  finish_reason=finish_reason if done else None, stop_reason=None)
-        chunk = format_.step("c", 0, output, progress)
-        if chunk is None:
-            continue
-        [choice] = chunk["choices"]
-        assert finish is None, "a chunk after the finishing one"
-        content += choice["delta"].get("content", "")
-        for delta in choice["delta"].get("tool_calls", ()):
-            if delta["index"] == len(calls):
-                assert delta["id"].startswith("call_") and delta["type"] == "function"
-                calls.append({"id": delta["id"], "type": "function", "function": dict(delta["function"])})
-            else:
-                assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
-                calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
-        finish = choice["finish_reason"]
+        for chunk in format_.step("c", 0, output, progress):
+            [choice] = chunk["choices"]
+            assert finish is None, "a chunk after the finishing one"
+            assert not (choice["delta"].get("tool_calls") and choice["finish_reason"]), "calls in the last chunk"
+            content += choice["delta"].get("content", "")
+            for delta in choice["delta"].get("tool_calls", ()):
+                if delta["index"] == len(calls):
+                    assert delta["id"].startswith("call_") and delta["type"] == "function"
+                    calls.append({"id": delta["id"], "type": "function", "function": dict(delta["function"])})
+                else:
+                    assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
+                    calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+            finish = choice["finish_reason"]
     message = {"role": "assistant", "content": content or None}
     if calls:
         message["tool_calls"] = calls
@@ -245,17 +246,35 @@ def test_a_streams_chunks_put_together_are_the_whole_answer(choice, text, finish
     assert got == {"message": expected["message"], "finish_reason": expected["finish_reason"]}
 
 
+def test_openais_stream_helper_reports_each_call_done_where_the_last_comes_as_the_answer_ends():
+    """A call read only at the end (an "auto" answer's last block without its closing tag, or the tag and the eos
+    drawn in one step) came in the chunk with the finish_reason, which the SDK's helper never reported done."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    chat, text = ChatRequest(None, [], SamplingParams()), "Hi " + AUTO_CALL[:-len("</tool_call>")]
+    format_, progress, done = ToolChatFormat(chat, "m", None, tools_of()), ChoiceProgress(), []
+    state = ChatCompletionStreamState(input_tools=[WEATHER, TIME])
+    for end in (3, len(text)):
+        output = SimpleNamespace(text=text[:end], token_ids=[0] * end, logprobs=None, finished=end == len(text),
+                                 finish_reason="stop" if end == len(text) else None, stop_reason=None)
+        for chunk in format_.opening("c", 1) * (end == 3) + format_.step("c", 0, output, progress):
+            events = state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+            done += [event.name for event in events if event.type == "tool_calls.function.arguments.done"]
+    assert done == ["get_weather"] and state.get_final_completion().choices[0].finish_reason == "tool_calls"
+
+
 def test_a_stream_holds_back_the_text_where_a_call_may_begin_and_sends_a_named_calls_name_at_once():
     chat = ChatRequest(None, [], SamplingParams())
     auto = ToolChatFormat(chat, "m", None, tools_of())
     chunks = [auto.step("c", 0, SimpleNamespace(text=text, token_ids=[0], logprobs=None, finished=False,
                                                 finish_reason=None, stop_reason=None), progress)
               for progress in [ChoiceProgress()] for text in ("Sure, <tool", "Sure, <tool_call>\n{")]
-    assert chunks[0]["choices"][0]["delta"] == {"content": "Sure,"} and chunks[1] is None
+    assert chunks[0][0]["choices"][0]["delta"] == {"content": "Sure,"} and chunks[1] == []
     get_time = {"type": "function", "function": {"name": "get_time"}}
     named = ToolChatFormat(chat, "m", None, tools_of(tool_choice=get_time))
-    chunk = named.step("c", 0, SimpleNamespace(text="{", token_ids=[0], logprobs=None, finished=False,
-                                               finish_reason=None, stop_reason=None), ChoiceProgress())
+    [chunk] = named.step("c", 0, SimpleNamespace(text="{", token_ids=[0], logprobs=None, finished=False,
+                                                 finish_reason=None, stop_reason=None), ChoiceProgress())
     [call] = chunk["choices"][0]["delta"]["tool_calls"]
     assert call["function"] == {"name": "get_time", "arguments": "{"} and call["index"] == 0
 

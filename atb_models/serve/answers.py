@@ -115,10 +115,11 @@ class ChatFormat:
         return [self._chunk(completion_id, index, {"role": "assistant", "content": ""})
                 for index in range(num_choices)]
 
-    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
-        """The chunk of choice `index` for its latest output, None where it adds nothing to send: the text since
+    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> list:
+        """The chunks of choice `index` for its latest output, none where it adds nothing to send: the text since
         the last chunk (a token holding part of a character waits for the rest) and its tokens' logprobs."""
-        return self._delta_chunk(completion_id, index, output, progress, output.text, output.finish_reason)
+        chunk = self._delta_chunk(completion_id, index, output, progress, output.text, output.finish_reason)
+        return [chunk] if chunk else []
 
     def _delta_chunk(self, completion_id: str, index: int, output, progress: ChoiceProgress, text: str,
                      finish_reason: Optional[str] = None, extra: Optional[dict] = None) -> Optional[dict]:

@@ -362,8 +362,7 @@ class Answer:
             progress, last = [ChoiceProgress() for _ in self.choices], [None] * len(self.choices)
             async for index, output in self._merged():
                 last[index] = output
-                body = self.format.step(self.completion_id, index, output, progress[index])
-                if body is not None:
+                for body in self.format.step(self.completion_id, index, output, progress[index]):
                     yield _sse(body)
             if self.parsed.include_usage:
                 yield _sse(self.format.usage_chunk(self.completion_id, last))

@@ -107,17 +107,17 @@ class CompletionFormat:
     def opening(self, completion_id: str, num_choices: int) -> list:
         return []  # (the first chunk of a choice carries its echo, if any, and its first text)
 
-    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> Optional[dict]:
+    def step(self, completion_id: str, index: int, output, progress: ChoiceProgress) -> list:
         text = self._generated(output)[0]
         if not (text[progress.chars - self._echoed(index, progress):] or output.finished or
                 (self.request.echo and not progress.opened)):
-            return None
+            return []
         choice = self._choice(index, output, progress)
         choice["finish_reason"], choice["stop_reason"] = self._ending(output)
         body = self._body(completion_id, [choice])
         if self.request.include_usage:
             body["usage"] = None
-        return body
+        return [body]
 
     def usage_chunk(self, completion_id: str, outputs: list) -> dict:
         return dict(self._body(completion_id, []), usage=self._usage(outputs))

@@ -389,7 +389,7 @@ class ToolChatFormat(ChatFormat):
                 choice["finish_reason"] = self._finish_reason(output)
         return body
 
-    def step(self, completion_id: str, index: int, output, progress) -> Optional[dict]:
+    def step(self, completion_id: str, index: int, output, progress) -> list:
         if self.tools.choice == "none":
             return super().step(completion_id, index, output, progress)
         reader, sent = self.readers.setdefault(index, (answer_reader(self.tools), []))
@@ -405,8 +405,13 @@ class ToolChatFormat(ChatFormat):
         finish = None
         if output.finished:
             finish = self._finish_reason(output) if calls else output.finish_reason
-        return self._delta_chunk(completion_id, index, output, progress, content or "", finish,
-                                 {"tool_calls": deltas} if deltas else None)
+        if not deltas:
+            chunk = self._delta_chunk(completion_id, index, output, progress, content or "", finish)
+            return [chunk] if chunk else []
+        # The finish_reason in a chunk of its own after the calls, as OpenAI's streams end: its SDK's stream helper
+        # reports a call done when a later chunk begins another or ends the answer, and missed one begun in the last.
+        chunk = self._delta_chunk(completion_id, index, output, progress, content or "", None, {"tool_calls": deltas})
+        return [chunk] + ([self._chunk(completion_id, index, {}, finish, None, output.stop_reason)] if finish else [])
 
     def _finish_reason(self, output) -> str:
         if output.finish_reason != "stop":
