@@ -239,6 +239,58 @@ def test_settings_at_the_limits_are_accepted(parts):
                  max_pixels=256 * TOKEN_PIXELS, max_input_length=256)
 
 
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ({"image": "IMAGE", "max_pixels": 100},
+         r"^request item 2: max_pixels must be at least 784 \(one 28x28 token\), got 100$"),
+        ({"image": "IMAGE", "max_pixels": 2.5e6}, r"^request item 2: max_pixels must be a whole number of pixels, "
+                                                  r"got 2500000\.0$"),
+        ({"image": "IMAGE", "min_pixels": True}, r"^request item 2: min_pixels must be a whole number .* got True$"),
+        ({"image": "IMAGE", "min_pixels": -1}, r"^request item 2: min_pixels must be 0 or more, got -1$"),
+        ({"image": "IMAGE", "min_pixels": 5000, "max_pixels": 4000},
+         r"^request item 2: min_pixels 5000 is more than max_pixels 4000$"),
+        ({"image": "IMAGE", "min_pixels": 60000},
+         r"^request item 2: min_pixels 60000 is more than max_pixels in preprocessor_config\.json 50176$"),
+        ({"image": "IMAGE", "min_pixels": 10**7, "max_pixels": 10**7},
+         r"^request item 2: min_pixels 10000000 makes every image at least 12756 tokens .* more than "
+         r"--max_input_length 4096$"),
+        ({"video": "VIDEO", "max_pixels": 10}, r"^request item 2: max_pixels must be at least 784 .* got 10$"),
+        ({"video": "VIDEO", "max_pixels": None}, r"^request item 2: max_pixels must be a whole number .* got None$"),
+        ({"video": "VIDEO", "fps": 0}, r"^request item 2: fps must be a positive number of frames per second, got 0$"),
+        ({"video": "VIDEO", "min_pixels": 4000},
+         r"^request item 2: a video item takes fps and max_pixels besides its video, not 'min_pixels'$"),
+        ({"image": "IMAGE", "fps": 2.0},
+         r"^request item 2: an image item takes min_pixels and max_pixels besides its image, not 'fps'$"),
+        ({"text": "hi", "max_pixels": 784}, r"^request item 2: a text item takes nothing besides its text, not "
+                                            r"'max_pixels'$"),
+    ],
+)
+def test_an_items_own_setting_is_refused_as_the_flag_is_naming_the_item_before_any_medium_loads(
+    parts, sample_image_path, sample_video_path, monkeypatch, item, expected
+):
+    import atb_models.multimodal.prompt as prompt
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a medium was read before the request's items were checked")
+
+    monkeypatch.setattr(prompt, "load_image", no_loading)
+    monkeypatch.setattr(prompt, "load_video", no_loading)
+    preprocess = Preprocessor(parts.path, parts.config, parts.tokenizer, max_input_length=4096)
+    media = {"IMAGE": str(sample_image_path), "VIDEO": str(sample_video_path)}
+    item = {key: media.get(value, value) if isinstance(value, str) else value for key, value in item.items()}
+    with pytest.raises(UserError, match=expected):
+        preprocess([{"image": str(sample_image_path)}, item, {"text": "Compare."}])
+
+
+def test_an_items_bound_meets_the_flags_under_the_flags_names(parts, sample_image_path):
+    preprocess = Preprocessor(parts.path, parts.config, parts.tokenizer, min_pixels=4000, max_pixels=8000)
+    with pytest.raises(UserError, match=r"^request item 1: min_pixels 9000 is more than --max_pixels 8000$"):
+        preprocess([{"image": str(sample_image_path), "min_pixels": 9000}])
+    with pytest.raises(UserError, match=r"^request item 1: --min_pixels 4000 is more than max_pixels 3000$"):
+        preprocess([{"image": str(sample_image_path), "max_pixels": 3000}])
+
+
 def test_image_over_the_token_budget_is_refused_before_it_is_resized(parts, monkeypatch):
     preprocess = Preprocessor(parts.path, parts.config, parts.tokenizer, max_pixels=10**7, max_input_length=100)
     def no_resize(*args, **kwargs):
@@ -248,6 +300,11 @@ def test_image_over_the_token_budget_is_refused_before_it_is_resized(parts, monk
     with pytest.raises(UserError, match=r"<PIL image 1000x1000> would take 1296 tokens at 1008x1008 pixels, more "
                                         r"than --max_input_length 100"):
         preprocess([{"image": make_image(None, width=1000, height=1000)}])
+    within = Preprocessor(parts.path, parts.config, parts.tokenizer, max_input_length=100)
+    monkeypatch.setattr(within.image_processor, "preprocess", no_resize)
+    with pytest.raises(UserError, match=r"<PIL image 1000x1000> would take 1296 tokens at 1008x1008 pixels, more "
+                                        r"than --max_input_length 100: lower its max_pixels or raise"):
+        within([{"image": make_image(None, width=1000, height=1000), "max_pixels": 10**7}])
 
 
 @pytest.mark.parametrize(

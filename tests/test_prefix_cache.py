@@ -182,6 +182,28 @@ def test_a_bad_encoder_cache_size_is_one_error(path, bad):
         LLM(str(path), encoder_cache_mb=bad, **OPTIONS)
 
 
+def test_one_image_at_two_per_item_max_pixels_gets_each_its_own_answer_as_the_flag_gives_it(path, images):
+    """An item's max_pixels resizes its image (another grid, other pixels, another content hash), so the prefix and
+    encoder caches, which name media by content, hold each size apart: in one engine, before and after the other
+    size is cached, each answer is the one an engine built with that --max_pixels gives."""
+    question = "What is this?"
+    ceilings = (28 * 28 * 12, 28 * 28 * 24)  # below the checkpoint's 224 x 168 (48 tokens)
+    expected = {}
+    for ceiling in ceilings:
+        flag = LLM(str(path), max_pixels=ceiling, **OPTIONS)
+        expected[ceiling] = flag.generate([[{"image": images["cat"]}, {"text": question}]], PARAMS)[0].token_ids
+    assert expected[ceilings[0]] != expected[ceilings[1]]  # (else the test could not tell the sizes apart)
+    llm = LLM(str(path), **OPTIONS)
+    calls = [list(ceilings), list(reversed(ceilings)), [ceilings[0], ceilings[0]]]  # (the last: from the caches)
+    for ceiling_order in calls:
+        outputs = llm.generate([[{"image": images["cat"], "max_pixels": ceiling}, {"text": question}]
+                                for ceiling in ceiling_order], PARAMS)
+        assert [out.token_ids for out in outputs] == [expected[ceiling] for ceiling in ceiling_order]
+    assert outputs[1].cached_visual_items == 1
+    default = llm.generate([[{"image": images["cat"]}, {"text": question}]], PARAMS)[0]
+    assert default.prompt_token_count > outputs[0].prompt_token_count
+
+
 def test_two_ranks_with_caching_give_one_ranks_uncached_tokens(path, images, tmp_path):
     requests = [[{"image": images["cat"]}, {"text": "What is this?"}],
                 [{"image": images["cat"]}, {"text": "Which colour?"}],

@@ -217,6 +217,45 @@ def test_max_pixels_argument_overrides_the_checkpoint(checkpoint, parts, media):
     assert visual.num_tokens <= 4
 
 
+def same_prompt(got, want) -> bool:
+    """Token ids, every visual's pixels, grid and content hash, and positions alike."""
+    return (got.token_ids == want.token_ids and [v.grid_thw for v in got.visuals] == [v.grid_thw for v in want.visuals]
+            and all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(got.visuals, want.visuals))
+            and [v.content_hash for v in got.visuals] == [v.content_hash for v in want.visuals]
+            and torch.equal(got.positions, want.positions))
+
+
+@pytest.mark.parametrize("bounds", [{"max_pixels": 28 * 28 * 4}, {"min_pixels": 28 * 28 * 48},
+                                    {"min_pixels": 28 * 28 * 2, "max_pixels": 28 * 28 * 6}],
+                         ids=["max", "min", "both"])
+def test_an_image_items_own_bounds_give_what_the_flags_give(checkpoint, parts, preprocess, media, bounds):
+    """qwen-vl-utils' per-image min_pixels / max_pixels: the item's prompt is the one a Preprocessor built with
+    --min_pixels / --max_pixels of the same values makes (the processor's resize included, not only the grid)."""
+    flags = Preprocessor(checkpoint, parts.config, parts.tokenizer, **bounds)
+    # (the thin one fits no ceiling of a few tokens)
+    for image in (media.tall_thin, media.wide) if "max_pixels" not in bounds else (media.wide,):
+        got = preprocess([{"image": str(image), **bounds}, {"text": "What is this?"}])
+        want = flags([{"image": str(image)}, {"text": "What is this?"}])
+        assert same_prompt(got, want)
+    default = preprocess([{"image": str(media.wide)}])
+    assert default.visuals[0].grid_thw != got.visuals[0].grid_thw or "min_pixels" in bounds
+    # The shared processor is never changed: the next request without bounds gets the checkpoint's.
+    assert (preprocess.image_processor.min_pixels, preprocess.image_processor.max_pixels) == (56 * 56,
+                                                                                             IMAGE_MAX_PIXELS)
+    assert same_prompt(preprocess([{"image": str(media.wide)}]), default)
+
+
+def test_a_video_items_max_pixels_bounds_its_frames_as_the_flag_does(checkpoint, parts, preprocess, media):
+    ceiling = 28 * 28 * 4
+    flags = Preprocessor(checkpoint, parts.config, parts.tokenizer, max_pixels=ceiling)
+    for video in (str(media.video), [str(p) for p in media.frames]):
+        got = preprocess([{"video": video, "max_pixels": ceiling, "fps": 1.0}, {"text": "Describe."}])
+        want = flags([{"video": video, "fps": 1.0}, {"text": "Describe."}])
+        assert same_prompt(got, want)
+        assert got.visuals[0].grid_thw[1] * got.visuals[0].grid_thw[2] * 14 * 14 <= ceiling
+        assert got.visuals[0].num_tokens < preprocess([{"video": video, "fps": 1.0}]).visuals[0].num_tokens
+
+
 def test_missing_preprocessor_config_falls_back_to_class_defaults_with_a_warning(checkpoint, parts, tmp_path, caplog):
     copy = tmp_path / "no_preprocessor_config"
     shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("preprocessor_config.json", "*.safetensors"))

@@ -3,6 +3,7 @@ placeholder expanded, each visual's normalised patches and grid, and the M-RoPE 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -23,6 +24,10 @@ from atb_models.multimodal.rope_index import rope_index
 logger = logging.getLogger(__name__)
 
 ITEM_KINDS = ("image", "video", "text")
+# What an item may say besides its medium (qwen-vl-utils' names): an image its own pixel bounds, in place of the
+# server-wide --min_pixels / --max_pixels; a video its frame rate and its frames' pixel ceiling (--max_pixels's role
+# for videos).
+ITEM_OPTIONS = {"image": ("min_pixels", "max_pixels"), "video": ("fps", "max_pixels"), "text": ()}
 ROLES = ("system", "user", "assistant", "tool")
 
 # The frame rate a video given as a list of frames is taken to be sampled at, unless its item names one
@@ -126,17 +131,26 @@ def content_hash(kind: str, pixel_values: torch.Tensor, grid_thw: tuple, seconds
     return digest.hexdigest()
 
 
+def check_frame_rate(fps, name: str) -> None:
+    """A frame rate given by a flag (--video_fps), an item or a request field, refused in one line naming it."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise UserError(f"{name} must be a positive number of frames per second, got {fps!r}")
+
+
 def _item_kind(item, number: int) -> str:
+    """The item's medium, its other keys (ITEM_OPTIONS) its kind's; their values are checked with the
+    Preprocessor's settings (`Preprocessor._item_settings`)."""
     keys = list(item) if isinstance(item, dict) else []
-    if sorted(keys) == ["fps", "video"]:  # a video item may name its frame rate
-        fps = item["fps"]
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-            raise UserError(f"request item {number}: fps must be a positive number of frames per second, got {fps!r}")
-        keys = ["video"]
-    if len(keys) != 1 or keys[0] not in ITEM_KINDS:
+    media = [key for key in keys if key in ITEM_KINDS]
+    if len(media) != 1:
         held = f"keys {keys}" if isinstance(item, dict) else f"a {type(item).__name__}"
         raise UserError(f"request item {number} must hold exactly one of image, video, text (it holds {held})")
-    kind = keys[0]
+    kind = media[0]
+    others = [key for key in keys if key != kind and key not in ITEM_OPTIONS[kind]]
+    if others:
+        takes = " and ".join(ITEM_OPTIONS[kind]) or "nothing"
+        raise UserError(f"request item {number}: {'an' if kind == 'image' else 'a'} {kind} item takes {takes} besides "
+                        f"its {kind}, not {', '.join(map(repr, others))}")
     value = item[kind]
     if kind == "text" and not isinstance(value, str):
         raise UserError(f"request item {number}: text must be a string, not {type(value).__name__}")
@@ -175,14 +189,13 @@ def describe_request(request) -> str:
     (it names what it was given)."""
     try:
         return " ".join(_display(kind, value) for item in _items(request) for kind, value in item.items()
-                        if kind != "fps")
+                        if kind in ITEM_KINDS)
     except (TypeError, AttributeError):
         return repr(request)
 
 
 def _check_video_settings(fps, max_frames, frames_per_step: int) -> None:
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise UserError(f"--video_fps must be a positive number of frames per second, got {fps!r}")
+    check_frame_rate(fps, "--video_fps")
     if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < frames_per_step:
         raise UserError(
             f"--video_max_frames must be an integer of at least {frames_per_step} (the model reads a video "
@@ -206,29 +219,38 @@ def _check_patches_fit_the_tower(processor, vision_config, source: str) -> None:
                             "config.json: the image processor must cut the patches the vision tower takes")
 
 
-def _check_pixel_bounds(processor, min_given: bool, max_given: bool, factor: int, max_input_length) -> None:
-    """The image pixel bounds in force (flags, else the checkpoint's) refused in one line naming where each came
-    from: a ceiling below one merged token, a floor above the ceiling, or a floor that makes every image longer
-    than the prompt budget (resizing up to such a floor alone would take minutes)."""
-    checkpoint = "in preprocessor_config.json"
-    min_name = "--min_pixels" if min_given else f"min_pixels {checkpoint}"
-    max_name = "--max_pixels" if max_given else f"max_pixels {checkpoint}"
-    low, high = processor.min_pixels, processor.max_pixels
-    for name, value in ((min_name, low), (max_name, high)):
+def check_pixel_bounds(low, high, low_name: str, high_name: str, factor: int, max_input_length,
+                       where: str = "") -> None:
+    """Image pixel bounds refused in one line naming where each came from (`where`, then the bound's name: a flag,
+    the checkpoint's file, a request item's key): a ceiling below one merged token, a floor above the ceiling, or
+    a floor that makes every image longer than the prompt budget (resizing up to such a floor alone would take
+    minutes). `low` None: a ceiling alone (a video's frames, whose floor follows their ceiling: media._frame_size).
+    The one check of the flags, of a request item's own bounds and of the server's mm_processor_kwargs."""
+    for name, value in ((low_name, low), (high_name, high)) if low is not None else ((high_name, high),):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be a whole number of pixels, got {value!r}")
-    if low < 0:
-        raise UserError(f"{min_name} must be 0 or more, got {low}")
+            raise UserError(f"{where}{name} must be a whole number of pixels, got {value!r}")
+    if low is not None and low < 0:
+        raise UserError(f"{where}{low_name} must be 0 or more, got {low}")
     if high < factor**2:
-        raise UserError(f"{max_name} must be at least {factor**2} (one {factor}x{factor} token), got {high}")
+        raise UserError(f"{where}{high_name} must be at least {factor**2} (one {factor}x{factor} token), got {high}")
+    if low is None:
+        return
     if low > high:
-        raise UserError(f"{min_name} {low} is more than {max_name} {high}")
+        raise UserError(f"{where}{low_name} {low} is more than {high_name} {high}")
     fewest_tokens = math.ceil(low / factor**2)
     if max_input_length is not None and fewest_tokens > max_input_length:
         raise UserError(
-            f"{min_name} {low} makes every image at least {fewest_tokens} tokens ({factor}x{factor} pixels each), "
-            f"more than --max_input_length {max_input_length}"
+            f"{where}{low_name} {low} makes every image at least {fewest_tokens} tokens ({factor}x{factor} pixels "
+            f"each), more than --max_input_length {max_input_length}"
         )
+
+
+def _with_bounds(processor, min_pixels: int, max_pixels: int):
+    """`processor` resizing within these bounds: its smart_resize reads min_pixels and max_pixels, `size` says the
+    same to whoever prints or saves it."""
+    processor.min_pixels, processor.max_pixels = min_pixels, max_pixels
+    processor.size = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    return processor
 
 
 class Preprocessor:
@@ -284,12 +306,11 @@ class Preprocessor:
             source = "the image processor's defaults (no preprocessor_config.json)"
             processor = image_processor_class()
         _check_patches_fit_the_tower(processor, config.vision_config, source)
-        if min_pixels is not None:
-            processor.min_pixels = min_pixels
-        if max_pixels is not None:
-            processor.max_pixels = max_pixels
-        processor.size = {"min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
-        self.image_processor = processor
+        self.image_processor = _with_bounds(processor, processor.min_pixels if min_pixels is None else min_pixels,
+                                            processor.max_pixels if max_pixels is None else max_pixels)
+        # Where each image bound in force came from, as messages name it: the flag, else the checkpoint's file.
+        self.bound_names = {name: f"--{name}" if given is not None else f"{name} in preprocessor_config.json"
+                            for name, given in (("min_pixels", min_pixels), ("max_pixels", max_pixels))}
         self.factor = processor.patch_size * processor.merge_size  # one merged token's side in pixels
         self.max_input_length = max_input_length
         # Characters a token covers at most (byte-level BPE: a vocabulary entry's length is its bytes; an added
@@ -297,7 +318,8 @@ class Preprocessor:
         # become one): text longer than max_input_length of these cannot fit, and is refused untokenized.
         self.token_characters = 4 * max(map(len, tokenizer.get_vocab()), default=1)
         _check_video_settings(video_fps, video_max_frames, processor.temporal_patch_size)
-        _check_pixel_bounds(processor, min_pixels is not None, max_pixels is not None, self.factor, max_input_length)
+        check_pixel_bounds(processor.min_pixels, processor.max_pixels, self.bound_names["min_pixels"],
+                           self.bound_names["max_pixels"], self.factor, max_input_length)
 
     @staticmethod
     def _read_chat_template(model_path) -> str:
@@ -332,8 +354,11 @@ class Preprocessor:
             raise UserError(f"the request's text has {characters} characters, more than --max_input_length "
                             f"{self.max_input_length} tokens can hold")
 
-        visuals = [self._visual(kind, value, item.get("fps"))
-                   for item, kind, value in zip(items, kinds, values) if kind != "text"]
+        # Every item's settings are checked before any medium is read.
+        settings = [self._item_settings(item, kind, f"request item {number}: ")
+                    for number, (item, kind) in enumerate(zip(items, kinds), start=1)]
+        visuals = [self._visual(kind, value, setting)
+                   for kind, value, setting in zip(kinds, values, settings) if kind != "text"]
         # (an assistant turn holding function calls ends in them, whatever text it holds before them)
         last = turns[-1]
         if continue_final_message and (last.role != "assistant" or not last.items or last.tool_calls
@@ -396,20 +421,60 @@ class Preprocessor:
                                            spatial_merge_size=self.spatial_merge_size)
         return ProcessedPrompt(token_ids, [], positions, rope_delta, text)
 
-    def _visual(self, kind: str, source, fps: float | None = None) -> VisualInput:
-        """One image or video; `fps`, the item's own frame rate, overrides the video's default (FRAME_LIST_FPS for a
-        list of frames, --video_fps for a file)."""
+    def check_request_options(self, options: dict, where: str) -> None:
+        """Options that apply to every image and video of a request (ITEM_OPTIONS' keys: the server's
+        mm_processor_kwargs), checked as an item's own are, the messages beginning with `where`."""
+        for kind in ("image", "video"):
+            self._item_settings({kind: None, **{key: options[key] for key in ITEM_OPTIONS[kind] if key in options}},
+                                kind, where)
+
+    def _item_settings(self, item: dict, kind: str, where: str) -> dict:
+        """What `_visual` needs of an item besides its medium, its own keys (ITEM_OPTIONS) checked as the flags are
+        and taking the place of the server-wide settings: an image's pixel bounds, a video's frame rate (None: the
+        default for its source) and its frames' pixel ceiling (None: qwen-vl-utils' budget alone)."""
+        if kind == "image":
+            names = {name: name if name in item else self.bound_names[name] for name in ITEM_OPTIONS["image"]}
+            low = item.get("min_pixels", self.image_processor.min_pixels)
+            high = item.get("max_pixels", self.image_processor.max_pixels)
+            if "min_pixels" in item or "max_pixels" in item:
+                check_pixel_bounds(low, high, names["min_pixels"], names["max_pixels"], self.factor,
+                                   self.max_input_length, where)
+            # (what a too-large image's message says to lower)
+            ceiling = "its max_pixels" if "max_pixels" in item else "--max_pixels"
+            return {"min_pixels": low, "max_pixels": high, "ceiling": ceiling}
+        if kind == "video":
+            if "fps" in item:
+                check_frame_rate(item["fps"], f"{where}fps")
+            if "max_pixels" in item:
+                check_pixel_bounds(None, item["max_pixels"], "", "max_pixels", self.factor, None, where)
+            return {"fps": item.get("fps"), "max_pixels": item.get("max_pixels", self.video_max_pixels)}
+        return {}
+
+    def _image_processor(self, min_pixels: int, max_pixels: int):
+        """The image processor resizing within these bounds: the shared one, or for an item's own bounds a shallow
+        copy (the shared one serves every request, perhaps several at once, and is never changed)."""
+        processor = self.image_processor
+        if (min_pixels, max_pixels) == (processor.min_pixels, processor.max_pixels):
+            return processor
+        return _with_bounds(copy.copy(processor), min_pixels, max_pixels)
+
+    def _visual(self, kind: str, source, settings: dict) -> VisualInput:
+        """One image or video, with its item's settings (`_item_settings`): an image's pixel bounds; a video's
+        frame rate, which overrides its default (FRAME_LIST_FPS for a list of frames, --video_fps for a file), and
+        its frames' pixel ceiling."""
         seconds_per_grid = None
         if kind == "image":
             image = load_image(source)
+            processor = self._image_processor(settings["min_pixels"], settings["max_pixels"])
             # The processor's own resize refuses tiny or extreme images with a bare ValueError, and returns a
-            # side of 0 for some: the size is settled here, as a UserError for this request alone.
+            # side of 0 for some: the size is settled here, as a UserError for this request alone. (The same
+            # bounds as the processor's resize: the sizes agree.)
             height, width = fit_to_grid(
                 image.height,
                 image.width,
                 factor=self.factor,
-                min_pixels=self.image_processor.min_pixels,
-                max_pixels=self.image_processor.max_pixels,
+                min_pixels=processor.min_pixels,
+                max_pixels=processor.max_pixels,
                 source=source,
             )
             tokens = height * width // self.factor**2
@@ -417,15 +482,17 @@ class Preprocessor:
                 # Refused before the processor resizes and normalises it, which for such an image takes long.
                 raise UserError(
                     f"{describe(source)} would take {tokens} tokens at {width}x{height} pixels, more than "
-                    f"--max_input_length {self.max_input_length}: lower --max_pixels or raise --max_input_length"
+                    f"--max_input_length {self.max_input_length}: lower {settings['ceiling']} or raise "
+                    "--max_input_length"
                 )
-            out = self.image_processor(images=[image], videos=None, return_tensors="pt")
+            out = processor(images=[image], videos=None, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"][0]
         else:
+            fps = settings["fps"]
             if fps is None:
                 fps = FRAME_LIST_FPS if isinstance(source, (list, tuple)) else self.video_fps
             frames, sampled_fps = load_video(
-                source, fps, self.video_max_frames, self.video_max_pixels, factor=self.factor
+                source, fps, self.video_max_frames, settings["max_pixels"], factor=self.factor
             )
             seconds_per_grid = self.image_processor.temporal_patch_size / sampled_fps
             logger.debug("%s: %d frames at %g fps, %g s per temporal grid step", _display(kind, source), len(frames),
