@@ -315,6 +315,9 @@ def test_image_over_the_token_budget_is_refused_before_it_is_resized(parts, monk
         (["--min_pixels", "100000000", "--max_pixels", "200000000"],
          "Error: --min_pixels 100000000 makes every image at least 127552 tokens (28x28 pixels each), more than "
          "--max_input_length 4096"),
+        # (single mode's every request is the one prompt: refused before the model loads, not after)
+        (["--limit_mm_per_prompt", "video=1,image=0"],
+         "Error: the request holds 1 image, more than --limit_mm_per_prompt image=0 allows"),
     ],
 )
 def test_run_pa_refuses_a_bad_preprocessing_flag_in_one_line_before_loading_weights(
@@ -333,6 +336,66 @@ def test_run_pa_refuses_a_bad_preprocessing_flag_in_one_line_before_loading_weig
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert err[-1].startswith(expected) and len([line for line in err if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("audio=1", "'audio' is not a modality it limits (image, video)"),
+        ("image=-1", "image must be a whole number of images, 0 or more, got -1"),
+        ('{"video": 1.5}', "video must be a whole number of videos, 0 or more, got 1.5"),
+        ("image", "expected image=N,video=M (either may be left out), got 'image'"),
+        ("image=1,,video=2", "expected image=N,video=M (either may be left out), got 'image=1,,video=2'"),
+        ("image=1,image=2", "image is given twice in 'image=1,image=2'"),
+        ('{"image": 1', """expected a JSON object such as {"image": 2}, got '{"image": 1'"""),
+    ],
+)
+def test_a_bad_limit_mm_per_prompt_is_one_error_line_at_start(capsys, value, expected):
+    from atb_models.serve.__main__ import main as serve
+    from examples.models.qwen2_vl.run_pa import main as run_pa
+
+    for main, prog in ((lambda argv: run_pa(argv), "run_pa"), (serve, "python -m atb_models.serve")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model_path", "/nonexistent", "--limit_mm_per_prompt", value])
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err == (f"Error: argument --limit_mm_per_prompt: {expected} (`{prog} --help` "
+                                           "lists the flags)\n")
+
+
+def test_limit_mm_per_prompt_takes_vllms_forms():
+    from atb_models.cli.run_pa import media_limits
+
+    assert media_limits("image=2,video=0") == media_limits(" image = 2 , video=0") == {"image": 2, "video": 0}
+    assert media_limits('{"image": 2, "video": 0}') == {"image": 2, "video": 0}
+    assert media_limits("video=3") == {"video": 3}
+
+
+@pytest.mark.parametrize(
+    "limits, expected",
+    [({"audio": 1}, r"^--limit_mm_per_prompt: 'audio' is not a modality it limits \(image, video\)$"),
+     ({"image": True}, r"^--limit_mm_per_prompt: image must be a whole number of images, 0 or more, got True$"),
+     ("image=2", r"^--limit_mm_per_prompt: must map image and video to the most of each a request may hold, got "
+                 r"'image=2'$")],
+)
+def test_a_bad_limit_mm_per_prompt_is_refused_by_the_engine_naming_it(parts, limits, expected):
+    with pytest.raises(UserError, match=expected):
+        Preprocessor(parts.path, parts.config, parts.tokenizer, limit_mm_per_prompt=limits)
+
+
+def test_a_request_over_limit_mm_per_prompt_fails_alone_before_its_media_are_read(tiny_checkpoint,
+                                                                                   sample_image_path):
+    llm = LLM(str(tiny_checkpoint()), dtype="float32", device="cpu", max_batch_size=4, max_input_length=256,
+              max_output_length=4, block_size=16, limit_mm_per_prompt={"image": 1, "video": 0})
+    image = str(sample_image_path)
+    requests = [[{"image": image}, {"text": "One."}],
+                [{"image": "missing.jpg"}, {"text": "and"}, {"image": "gone.jpg"}],  # (counted, never opened)
+                [{"video": "missing.mp4"}, {"text": "A clip."}],
+                [{"text": "Hello there"}]]
+    outputs = llm.generate(requests, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [out.error for out in outputs] == [
+        None, "the request holds 2 images, more than --limit_mm_per_prompt image=1 allows",
+        "the request holds 1 video, more than --limit_mm_per_prompt video=0 allows", None]
+    assert len(outputs[0].token_ids) == len(outputs[3].token_ids) == 3
 
 
 # ----------------------------------------------------------------------------------- no code from a model folder

@@ -80,12 +80,18 @@ def test_several_media_including_a_video_go_into_one_prompt_in_order(checkpoint,
     assert f"Question[0]: <image: {sample_image_path}> <video: {sample_video_path}> Compare them.\n" in result.stdout
 
 
-def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(checkpoint, sample_image_path,
-                                                                                sample_video_path, tmp_path):
+def a_clip_and_a_cat(tmp_path: Path, image: Path, video: Path) -> Path:
+    """tmp_path/dataset holding a_clip.mp4 and b_cat.jpg."""
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    shutil.copy(sample_image_path, dataset / "b_cat.jpg")
-    shutil.copy(sample_video_path, dataset / "a_clip.mp4")
+    shutil.copy(image, dataset / "b_cat.jpg")
+    shutil.copy(video, dataset / "a_clip.mp4")
+    return dataset
+
+
+def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(checkpoint, sample_image_path,
+                                                                                sample_video_path, tmp_path):
+    dataset = a_clip_and_a_cat(tmp_path, sample_image_path, sample_video_path)
     (dataset / "c_notes.txt").write_text("not media")
     (dataset / "d_broken.jpg").write_bytes(b"not a jpeg")
     result = run_pa("--model_path", checkpoint, "--dataset_path", "dataset", "--results_save_path", "out.json",
@@ -122,6 +128,21 @@ def test_num_beams_answers_with_the_best_beam_of_llm_beam_search_at_two_ranks(ch
     [expected] = llm.beam_search([request], BeamSearchParams(3, length_penalty=0.5))
     assert json.loads((tmp_path / "out.json").read_text())["cat.jpg"] == expected.text
     assert f"Generate[1] token num: {len(expected.token_ids)}" in result.stdout
+    assert_no_traceback(result)
+
+
+def test_dataset_mode_fails_only_the_entries_over_limit_mm_per_prompt(checkpoint, sample_image_path,
+                                                                     sample_video_path, tmp_path):
+    a_clip_and_a_cat(tmp_path, sample_image_path, sample_video_path)
+    result = run_pa("--model_path", checkpoint, "--dataset_path", "dataset", "--results_save_path", "out.json",
+                    "--limit_mm_per_prompt", "video=0", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert results["a_clip.mp4"] == {"error": "the request holds 1 video, more than --limit_mm_per_prompt video=0 "
+                                              "allows"}
+    assert isinstance(results["b_cat.jpg"], str)
+    assert error_lines(result) == ["Error: a_clip.mp4: the request holds 1 video, more than --limit_mm_per_prompt "
+                                   "video=0 allows"], result.stderr
     assert_no_traceback(result)
 
 

@@ -30,7 +30,7 @@ API_KEY = "test-key"
 # (room for a chat with tools: the tiny tokenizer spends a token on nearly every character of their JSON)
 LIMITS = dict(max_input_length=1024, max_output_length=64, block_size=16)
 SERVER_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max_input_length", "1024", "--max_output_length", "64",
-                "--block_size", "16", "--max_batch_size", "4", "--max_queue", "16"]
+                "--block_size", "16", "--max_batch_size", "4", "--max_queue", "16", "--limit_mm_per_prompt", "image=2"]
 MAX_TOKENS = 10
 # The module's server and reference engine render chats with the kit's tool-use template (the checkpoint's own
 # conversation format where no tools are given: tests/test_tools.py).
@@ -781,6 +781,15 @@ def bad_bodies(media) -> dict:
                                   "empty messages", "unknown part"])
 def test_a_bad_request_is_a_400_in_openais_error_shape(server, media, case):
     error_of(server.post({"messages": bad_bodies(media)[case], "max_tokens": 4}), 400)
+
+
+def test_a_request_over_limit_mm_per_prompt_is_a_400_naming_the_count_and_the_flag(server, media):
+    images = [{"type": "image_url", "image_url": {"url": data_url(media["small"])}}] * 3
+    for path in ("/v1/chat/completions", "/tokenize"):
+        response = requests.post(f"{server.url}{path}", json={"messages": [{"role": "user", "content": images}]},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert error_of(response, 400)["message"] == ("the request holds 3 images, more than --limit_mm_per_prompt "
+                                                      "image=2 allows")
 
 
 @pytest.mark.parametrize("field", ["typical_p", "best_of", "guided_whitespace_pattern", "echo", "foo"])

@@ -20,7 +20,7 @@ from atb_models.engine.sampling_params import BeamSearchParams
 from atb_models.engine.limits import check_limits, check_speculative
 from atb_models.engine.sampling_params import SamplingParams
 from atb_models.errors import UserError
-from atb_models.multimodal.media import classify_media
+from atb_models.multimodal.media import check_media_counts, classify_media
 
 
 @dataclass
@@ -77,6 +77,8 @@ def plan_run(args: argparse.Namespace, family: Family, rank: int) -> RunPlan:
         plan.entries = dataset_entries(args.dataset_path, text)
     elif paths:
         plan.prompt = single_prompt(paths, text)
+        # (here, not after the model loads: single mode's every request is this one)
+        check_media_counts([kind for item in plan.prompt for kind in item], args.limit_mm_per_prompt or {})
     else:
         raise UserError("give --input_image or --dataset_path")
     # The engine's limits, then the folder (the order LLM checks them in): what is wrong with the request is said

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
+import re
 from dataclasses import dataclass
 
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import FlagParser, configure_logging, one_line, run_entry_point
+from atb_models.errors import UserError
 from atb_models.ranks import env_state
 
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8, 16]  # --performance
@@ -146,6 +149,9 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     kit.add_argument("--max_pixels", type=int, metavar="N", help="image pixel ceiling (default: the checkpoint's)")
     kit.add_argument("--video_fps", type=float, metavar="X", default=0.5, help="video frames sampled per second")
     kit.add_argument("--video_max_frames", type=int, metavar="N", default=768, help="most frames taken from one video")
+    kit.add_argument("--limit_mm_per_prompt", type=media_limits, metavar="image=N,video=M",
+                     help="the most images and videos one request may hold (either may be left out; vLLM's JSON "
+                          "object too); a request holding more fails alone (default: no limit)")
 
 
 def engine_options(args: argparse.Namespace, **overrides) -> dict:
@@ -154,7 +160,7 @@ def engine_options(args: argparse.Namespace, **overrides) -> dict:
     names = ("dtype", "device", "max_batch_size", "max_input_length", "max_output_length", "block_size",
              "max_prefill_tokens", "min_pixels", "max_pixels", "video_fps", "video_max_frames", "shm_name_save_path",
              "quantize", "enable_prefix_caching", "encoder_cache_mb", "enable_chunked_prefill",
-             "num_speculative_tokens", "prompt_lookup_max")
+             "num_speculative_tokens", "prompt_lookup_max", "limit_mm_per_prompt")
     return {**{name: getattr(args, name) for name in names}, **overrides}
 
 
@@ -166,6 +172,31 @@ def positive_int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
+
+
+def media_limits(text: str) -> dict:
+    """--limit_mm_per_prompt's value as LLM's limit_mm_per_prompt: image=N,video=M, either left out, or vLLM's JSON
+    object {"image": N, "video": M}."""
+    from atb_models.multimodal.media import check_media_limits  # (torch-free)
+
+    if text.lstrip().startswith("{"):
+        try:
+            limits = json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a JSON object such as {{\"image\": 2}}, got {text!r}") from None
+    else:
+        limits = {}
+        for part in text.split(","):
+            kind, equals, count = (side.strip() for side in part.partition("="))
+            if not (kind and equals and re.fullmatch(r"-?[0-9]+", count)):
+                raise argparse.ArgumentTypeError(f"expected image=N,video=M (either may be left out), got {text!r}")
+            if kind in limits:
+                raise argparse.ArgumentTypeError(f"{kind} is given twice in {text!r}")
+            limits[kind] = int(count)
+    try:
+        return check_media_limits(limits)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None, family: Family) -> int:

@@ -95,7 +95,7 @@ class LLM:
                  shm_name_save_path: str = "./shm_name.txt", quantize: Optional[str] = None,
                  enable_prefix_caching: bool = True, encoder_cache_mb: int = 256, cpu_linear: Optional[str] = None,
                  enable_chunked_prefill: bool = False, num_speculative_tokens: int = 0, prompt_lookup_max: int = 3,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, limit_mm_per_prompt: Optional[dict] = None):
         """quantize: "w8a16" quantizes a float checkpoint's language-model linears to int8 as they load (a
         checkpoint quantized by `python -m atb_models.quantize` runs as it is saved, without asking).
         enable_prefix_caching: reuse the K/V of full blocks a request shares with earlier ones (same tokens, same
@@ -112,7 +112,9 @@ class LLM:
         the last prompt_lookup_max (or fewer) tokens appeared before; the tokens are the same, steps fewer where
         guesses hold (`speculative_stats` counts them).
         chat_template: a Jinja chat template file that replaces the checkpoint's (one that shows the model its
-        tools, say: examples/chat_templates)."""
+        tools, say: examples/chat_templates).
+        limit_mm_per_prompt: the most images and videos one request may hold, {"image": N, "video": M} (vLLM's
+        name; either left out, or None: no limit); a request holding more fails alone, before its media are read."""
         check_limits(max_batch_size, max_input_length, max_output_length, block_size, max_prefill_tokens, num_blocks,
                      encoder_cache_mb)
         check_speculative(num_speculative_tokens, prompt_lookup_max)
@@ -144,7 +146,8 @@ class LLM:
         self.preprocessor = Preprocessor(model_path, self.model_config.hf_config, self.tokenizer,
                                          min_pixels=min_pixels, max_pixels=max_pixels, video_fps=video_fps,
                                          video_max_frames=video_max_frames, max_input_length=self.max_input_length,
-                                         chat_template=_read_template(chat_template))
+                                         chat_template=_read_template(chat_template),
+                                         limit_mm_per_prompt=limit_mm_per_prompt)
         self.node_preprocessor = NodePreprocessor(self.preprocessor, self.parallel, shm_name_save_path)
         self.runner = ModelRunner(self.model_config, self.plan, block_size, self.quantization,
                                   encoder_cache_mb << 20 if self.enable_prefix_caching else 0, cpu_linear)

@@ -48,6 +48,33 @@ ImageSource = Union[str, os.PathLike, Image.Image]
 VideoSource = Union[str, os.PathLike, Sequence[ImageSource]]
 
 
+MEDIA_KINDS = ("image", "video")
+
+
+def check_media_limits(limits, where: str = "") -> dict:
+    """limit_mm_per_prompt (vLLM's name): the most images and videos one request may hold, {"image": N, "video": M},
+    either left out for no limit; checked, in messages beginning with `where`. Torch-free: the flag's parser
+    (cli.run_pa) and the Preprocessor share it."""
+    if not isinstance(limits, dict):
+        raise UserError(f"{where}must map image and video to the most of each a request may hold, got {limits!r}")
+    for kind, limit in limits.items():
+        if kind not in MEDIA_KINDS:
+            raise UserError(f"{where}{kind!r} is not a modality it limits ({', '.join(MEDIA_KINDS)})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise UserError(f"{where}{kind} must be a whole number of {kind}s, 0 or more, got {limit!r}")
+    return dict(limits)
+
+
+def check_media_counts(kinds: list, limits: dict) -> None:
+    """A request's media, by kind in prompt order, within limit_mm_per_prompt (`check_media_limits`): counted before
+    any of them is read, so a request of thousands of images is refused at once."""
+    for kind, limit in limits.items():
+        count = kinds.count(kind)
+        if count > limit:
+            raise UserError(f"the request holds {count} {kind}{'s' if count != 1 else ''}, more than "
+                            f"--limit_mm_per_prompt {kind}={limit} allows")
+
+
 def describe(source) -> str:
     """How a media source is named in messages."""
     if isinstance(source, Image.Image):

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from atb_models.errors import UserError
-from atb_models.multimodal.media import describe, fit_to_grid, load_image, load_video
+from atb_models.multimodal.media import (check_media_counts, check_media_limits, describe, fit_to_grid, load_image,
+                                         load_video)
 from atb_models.models import model_family
 from atb_models.multimodal.rope_index import rope_index
 
@@ -269,9 +270,14 @@ class Preprocessor:
         video_max_frames: int = 768,
         max_input_length: int | None = None,
         chat_template: str | None = None,
+        limit_mm_per_prompt: dict | None = None,
     ):
         """`max_input_length`, when given, is the prompt token budget: pixel bounds that make every image longer
-        are refused here, and an image that would exceed it fails its request before it is resized."""
+        are refused here, and an image that would exceed it fails its request before it is resized.
+        `limit_mm_per_prompt`: the most images and videos a request may hold ({"image": N, "video": M}, either
+        left out for no limit); a request holding more fails before any of its media is read."""
+        self.limit_mm_per_prompt = check_media_limits({} if limit_mm_per_prompt is None else limit_mm_per_prompt,
+                                                      "--limit_mm_per_prompt: ")
         self.tokenizer = tokenizer
         self.vocab_size = config.vocab_size
         self.image_token_id = config.image_token_id
@@ -344,6 +350,7 @@ class Preprocessor:
         if not items:
             raise UserError("the request is empty: give at least one image, video or text item")
         kinds = [_item_kind(item, number) for number, item in enumerate(items, start=1)]
+        check_media_counts(kinds, self.limit_mm_per_prompt)
         values = [item[kind] for item, kind in zip(items, kinds)]
         characters = sum(len(value) for kind, value in zip(kinds, values) if kind == "text")
         # (the functions and the calls made are text of the prompt too)

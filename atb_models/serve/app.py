@@ -27,13 +27,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atb_models.engine.sampling_params import SEED_LIMIT
 from atb_models.errors import UserError
+from atb_models.multimodal.media import check_media_counts
 from atb_models.serve.completions import CompletionFormat, parse_completion_request
 from atb_models.serve.engine import EngineLoop, NewRequest
 from atb_models.serve.media import MediaResolver
 from atb_models.serve.metrics import ServerMetrics
 from atb_models.serve.answers import ChatFormat, ChoiceProgress
 from atb_models.serve.fields import ApiError, bad_request
-from atb_models.serve.protocol import parse_chat_request, parse_detokenize_request, parse_tokenize_request
+from atb_models.serve.protocol import (MediaPart, parse_chat_request, parse_detokenize_request,
+                                      parse_tokenize_request)
 from atb_models.serve.tools import ToolChatFormat
 
 logger = logging.getLogger("atb_models.serve")
@@ -259,7 +261,13 @@ class ApiService:
     def _prepare(self, messages: list, continue_final_message: bool = False, tools=None):
         """The request's ProcessedPrompt (in the preprocessing thread), its ToolRequest's tools given to the chat
         template: media written to a folder of its own, removed once preprocessed, whatever happened; a bad medium
-        is a 400 naming it by its part, not its path."""
+        is a 400 naming it by its part, not its path. A request over --limit_mm_per_prompt is refused before any
+        of its media is written."""
+        try:
+            check_media_counts([part.kind for message in messages for part in message.items
+                                if isinstance(part, MediaPart)], self.engine.llm.preprocessor.limit_mm_per_prompt)
+        except UserError as e:
+            raise bad_request(str(e)) from None
         with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
             items = self.media.messages(messages, folder)
             try:
