@@ -728,6 +728,61 @@ def test_a_file_url_inside_the_allowed_folder_is_read(server, client, llm, media
     assert_same(ask(client, server.model, message, stream=False), expected)
 
 
+MEDIA_OPTIONS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 8, "fps": 2.0}
+
+
+def media_message(question: str, image: Path | None, video: Path | None) -> dict:
+    video_url = f"data:video/mp4;base64,{base64.b64encode(video.read_bytes()).decode()}" if video else None
+    return {"role": "user", "content": [
+        *([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []),
+        *([{"type": "video_url", "video_url": {"url": video_url}}] if video else []),
+        {"type": "text", "text": question}]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_mm_processor_kwargs_answer_as_generate_with_each_items_own_keys(server, client, llm, media,
+                                                                         sample_video_path, stream):
+    """vLLM's request field: min_pixels and max_pixels for every image, max_pixels and fps for every video, as if
+    each item said them itself."""
+    image = {"image": str(media["large"]), "min_pixels": MEDIA_OPTIONS["min_pixels"],
+             "max_pixels": MEDIA_OPTIONS["max_pixels"]}
+    video = {"video": str(sample_video_path), "max_pixels": MEDIA_OPTIONS["max_pixels"], "fps": MEDIA_OPTIONS["fps"]}
+    cases = [(media["large"], None, [image]), (None, sample_video_path, [video]),
+             (media["large"], sample_video_path, [image, video])]
+    expected = reference(llm, [items + [{"text": QUESTIONS[0]}] for _, _, items in cases])
+    for (image_path, video_path, _), want in zip(cases, expected):
+        assert_same(ask(client, server.model, media_message(QUESTIONS[0], image_path, video_path), stream,
+                        extra_body={"mm_processor_kwargs": MEDIA_OPTIONS}), want)
+    # (the options changed the media: their prompts are shorter than without them)
+    plain = reference(llm, [[{"image": str(media["large"])}, {"text": QUESTIONS[0]}],
+                            [{"video": str(sample_video_path)}, {"text": QUESTIONS[0]}]], max_tokens=1)
+    assert [out.prompt_token_count for out in plain] > [out.prompt_token_count for out in expected[:2]]
+
+
+@pytest.mark.parametrize("options, expected", [
+    ([1], "mm_processor_kwargs must be an object such as {\"max_pixels\": 200704}, got [1]"),
+    ({"max_pixels": 100, "size": 1, "do_resize": False},
+     "mm_processor_kwargs: 'do_resize', 'size': not a key this server honours; it reads fps, max_pixels, min_pixels"),
+    ({"max_pixels": 100}, "mm_processor_kwargs: max_pixels must be at least 784 (one 28x28 token), got 100"),
+    ({"max_pixels": 2000.5}, "mm_processor_kwargs: max_pixels must be a whole number of pixels, got 2000.5"),
+    ({"min_pixels": 60000}, "mm_processor_kwargs: min_pixels 60000 is more than max_pixels in "
+                            "preprocessor_config.json 50176"),
+    ({"min_pixels": 5000, "max_pixels": 4000}, "mm_processor_kwargs: min_pixels 5000 is more than max_pixels 4000"),
+    ({"fps": 0}, "mm_processor_kwargs: fps must be a positive number of frames per second, got 0"),
+    ({"fps": "2"}, "mm_processor_kwargs: fps must be a positive number of frames per second, got '2'"),
+])
+def test_mm_processor_kwargs_the_server_cannot_honour_are_a_400_naming_them(server, options, expected):
+    """Checked whether or not the request holds media, as the flags are checked, never ignored."""
+    body = {"messages": [chat_message("hi")], "mm_processor_kwargs": options, "max_tokens": 2}
+    assert error_of(server.post(body), 400)["message"] == expected
+
+
+def test_mm_processor_kwargs_null_asks_for_nothing(server, client, llm):
+    expected = reference(llm, [kit_request(QUESTIONS[1])])[0]
+    assert_same(ask(client, server.model, chat_message(QUESTIONS[1]), False,
+                    extra_body={"mm_processor_kwargs": {"max_pixels": None}}), expected)
+
+
 def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_reverses_it(server, llm, media):
     def post(path: str, body: dict) -> requests.Response:
         return requests.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
@@ -738,6 +793,13 @@ def test_tokenize_counts_a_prompt_or_a_chat_as_they_are_answered_and_detokenize_
     assert plain["count"] == len(plain["tokens"]) and plain["max_model_len"] == 1024 + 64
     chat = post("/tokenize", {"model": server.model, "messages": [chat_message(QUESTIONS[0], media["small"])]})
     assert chat.json()["tokens"] == llm.preprocessor(kit_request(QUESTIONS[0], media["small"])).token_ids
+    smaller = post("/tokenize", {"messages": [chat_message(QUESTIONS[0], media["small"])],
+                                 "mm_processor_kwargs": {"max_pixels": 28 * 28 * 6}}).json()["tokens"]
+    assert smaller == llm.preprocessor([{"image": str(media["small"]), "max_pixels": 28 * 28 * 6},
+                                        {"text": QUESTIONS[0]}]).token_ids
+    assert len(smaller) < len(chat.json()["tokens"])
+    assert "not with a prompt" in error_of(post("/tokenize", {"prompt": "a", "mm_processor_kwargs": {"fps": 1}}),
+                                           400)["message"]
     with_tools = post("/tokenize", {"messages": [chat_message(QUESTIONS[1])], "tools": TOOLS}).json()["tokens"]
     assert with_tools == llm.preprocessor([chat_message_as_kit(QUESTIONS[1])], tools=TOOLS).token_ids
     assert len(with_tools) > len(llm.preprocessor([chat_message_as_kit(QUESTIONS[1])]).token_ids)

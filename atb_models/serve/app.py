@@ -118,9 +118,21 @@ class ApiService:
         chat = parse_chat_request(await _json_body(request))
         if chat.tools is not None:
             chat.tools.check_template(self.engine.llm.preprocessor.takes_tools)
+        self._check_media_options(chat.media_options)
         return await self._serve(request, chat, arrival,
-                                 [lambda: self._prepare(chat.messages, chat.continue_final_message, chat.tools)],
+                                 [lambda: self._prepare(chat.messages, chat.continue_final_message, chat.tools,
+                                                        chat.media_options)],
                                  lambda prompts: self._chat_format(chat))
+
+    def _check_media_options(self, options: dict) -> None:
+        """mm_processor_kwargs' values, checked as an item's own keys are (against this server's bounds: a floor
+        above its --max_pixels, say), in a 400 naming the field, whether or not the request holds media."""
+        if not options:
+            return
+        try:
+            self.engine.llm.preprocessor.check_request_options(options, "mm_processor_kwargs: ")
+        except UserError as e:
+            raise bad_request(str(e)) from None
 
     def _chat_format(self, chat) -> ChatFormat:
         model, token_bytes = self.config.model_name, self.engine.llm.token_bytes
@@ -144,10 +156,11 @@ class ApiService:
         (media preprocessed, their tokens counted)."""
         self.check_key(request)
         self.check_ready()
-        model, kind, value, tools = parse_tokenize_request(await _json_body(request))
+        model, kind, value, tools, media_options = parse_tokenize_request(await _json_body(request))
         self._check_model(model)
+        self._check_media_options(media_options)
         prepare = (functools.partial(self._prepare_plain, value, "") if kind == "prompt"
-                   else functools.partial(self._prepare, value, False, tools))
+                   else functools.partial(self._prepare, value, False, tools, media_options))
         prompt = await asyncio.get_running_loop().run_in_executor(self._preprocessing, prepare)
         return {"count": len(prompt.token_ids), "max_model_len": self.engine.llm.max_model_len,
                 "tokens": prompt.token_ids}
@@ -258,18 +271,19 @@ class ApiService:
         except UserError as e:
             raise bad_request(where + str(e)) from None
 
-    def _prepare(self, messages: list, continue_final_message: bool = False, tools=None):
+    def _prepare(self, messages: list, continue_final_message: bool = False, tools=None,
+                 media_options: Optional[dict] = None):
         """The request's ProcessedPrompt (in the preprocessing thread), its ToolRequest's tools given to the chat
-        template: media written to a folder of its own, removed once preprocessed, whatever happened; a bad medium
-        is a 400 naming it by its part, not its path. A request over --limit_mm_per_prompt is refused before any
-        of its media is written."""
+        template and each medium its kind's `media_options` (mm_processor_kwargs): media written to a folder of
+        its own, removed once preprocessed, whatever happened; a bad medium is a 400 naming it by its part, not its
+        path. A request over --limit_mm_per_prompt is refused before any of its media is written."""
         try:
             check_media_counts([part.kind for message in messages for part in message.items
                                 if isinstance(part, MediaPart)], self.engine.llm.preprocessor.limit_mm_per_prompt)
         except UserError as e:
             raise bad_request(str(e)) from None
         with tempfile.TemporaryDirectory(prefix="atb_models_serve_") as folder:
-            items = self.media.messages(messages, folder)
+            items = self.media.messages(messages, folder, media_options)
             try:
                 return self.engine.llm.preprocessor(items, continue_final_message,
                                                     None if tools is None else list(tools.tools))

@@ -17,7 +17,7 @@ import os
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
-from atb_models.multimodal.prompt import Message
+from atb_models.multimodal.prompt import ITEM_OPTIONS, Message
 from atb_models.serve.fields import bad_request
 from atb_models.serve.protocol import MediaPart
 
@@ -31,11 +31,14 @@ class MediaResolver:
     def __init__(self, allowed_local_media_path: Optional[str]):
         self.allowed_root = None if allowed_local_media_path is None else os.path.realpath(allowed_local_media_path)
 
-    def messages(self, parsed: list, folder: str) -> list[Message]:
-        """The parsed messages as the engine's Messages, media written into or found for `folder`'s request."""
+    def messages(self, parsed: list, folder: str, options: Optional[dict] = None) -> list[Message]:
+        """The parsed messages as the engine's Messages, media written into or found for `folder`'s request; each
+        image and video item given its kind's `options` (the request's mm_processor_kwargs) as its own keys."""
         counter = itertools.count(1)  # names the request's files image1.png, video2.mp4 ...
+        own = {kind: {key: value for key, value in (options or {}).items() if key in ITEM_OPTIONS[kind]}
+               for kind in ("image", "video")}
         return [dataclasses.replace(message, items=tuple(
-                    part if isinstance(part, dict) else self._item(part, folder, next(counter))
+                    part if isinstance(part, dict) else {**self._item(part, folder, next(counter)), **own[part.kind]}
                     for part in message.items))
                 for message in parsed]
 

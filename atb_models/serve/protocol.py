@@ -14,7 +14,7 @@ from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from atb_models.errors import UserError
-from atb_models.multimodal.prompt import ROLES, Message, ToolCall, json_object
+from atb_models.multimodal.prompt import ITEM_OPTIONS, ROLES, Message, ToolCall, json_object
 from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id, model_field
 from atb_models.serve.tools import ToolRequest, parse_tools
 
@@ -33,7 +33,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
 READ = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                   "user", "logprobs", "top_logprobs", "n", "logit_bias", "continue_final_message",
                   "add_generation_prompt", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice",
-                  "parallel_tool_calls"})
+                  "parallel_tool_calls", "mm_processor_kwargs"})
+# mm_processor_kwargs' keys (vLLM's field): the request's every image and video takes them as its item's own.
+MEDIA_OPTIONS = tuple(sorted({key for keys in ITEM_OPTIONS.values() for key in keys}))
 MAX_CHOICES = 16  # n: answers drawn for one request
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give
@@ -62,6 +64,8 @@ class ChatRequest:
     continue_final_message: bool = False
     tools: Optional[ToolRequest] = None  # where the request gives tools
     created: int = field(default_factory=lambda: int(time.time()))
+    # mm_processor_kwargs: min_pixels, max_pixels and fps for every image and video (serve.media gives each its kind's)
+    media_options: dict = field(default_factory=dict)
 
 
 def parse_chat_request(body) -> ChatRequest:
@@ -87,21 +91,25 @@ def parse_chat_request(body) -> ChatRequest:
             params = dataclasses.replace(params, structured_output=constraint)
         except UserError as e:
             raise bad_request(str(e)) from None
-    return ChatRequest(model, _messages(body.get("messages")), params, stream, include_usage, n, continuing, tools)
+    return ChatRequest(model, _messages(body.get("messages")), params, stream, include_usage, n, continuing, tools,
+                       media_options=media_options(body))
 
 
 def parse_tokenize_request(body) -> tuple:
-    """vLLM's /tokenize: (model, "prompt", a string or token ids, None) or (model, "messages", the parsed messages,
-    their serve.tools.ToolRequest or None)."""
-    check_fields(body, {"model", "prompt", "messages", "tools"}, {})
+    """vLLM's /tokenize: (model, "prompt", a string or token ids, None, {}) or (model, "messages", the parsed
+    messages, their serve.tools.ToolRequest or None, their media options as a chat request's)."""
+    check_fields(body, {"model", "prompt", "messages", "tools", "mm_processor_kwargs"}, {})
     model = model_field(body)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise bad_request("give either prompt (a text as it is) or messages (a chat, tokenized as it is answered)")
     if body.get("prompt") is not None:
         if body.get("tools") is not None:
             raise bad_request("tools go with messages (a chat's template shows them), not with a prompt")
-        return model, "prompt", body["prompt"], None
-    return model, "messages", _messages(body["messages"]), parse_tools({"tools": body.get("tools")})
+        if body.get("mm_processor_kwargs") is not None:  # (a prompt holds no media)
+            raise bad_request("mm_processor_kwargs go with messages (their media), not with a prompt")
+        return model, "prompt", body["prompt"], None, {}
+    return (model, "messages", _messages(body["messages"]), parse_tools({"tools": body.get("tools")}),
+            media_options(body))
 
 
 def parse_detokenize_request(body) -> tuple:
@@ -111,6 +119,23 @@ def parse_detokenize_request(body) -> tuple:
     if not isinstance(tokens, list) or not all(is_token_id(t) for t in tokens):
         raise bad_request("tokens must be a list of token ids")
     return model_field(body), tokens
+
+
+def media_options(body: dict) -> dict:
+    """vLLM's mm_processor_kwargs: options every image and video of the request takes as its item's own (min_pixels
+    and max_pixels for images, max_pixels and fps for videos: multimodal.prompt.ITEM_OPTIONS); a null one asks for
+    nothing, a key the server does not honour is refused. Their values are checked against the server's bounds
+    where those are known (app.py, through the Preprocessor's one check)."""
+    options = body.get("mm_processor_kwargs")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise bad_request(f"mm_processor_kwargs must be an object such as {{\"max_pixels\": 200704}}, got {options!r}")
+    unknown = sorted(set(options) - set(MEDIA_OPTIONS))
+    if unknown:
+        raise bad_request(f"mm_processor_kwargs: {', '.join(map(repr, unknown))}: not a key this server honours; it "
+                          f"reads {', '.join(MEDIA_OPTIONS)}")
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def stream_fields(body: dict) -> tuple:
