@@ -225,6 +225,7 @@ AUTO_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}
     ("required", '[{"name": "get_time", "parameters": {}} , {"name": "get_weather", "parameters": {"city": '
                  '"a\\"}{"}}]', "stop"),
     ("required", '[{"name": "get_weather", "parameters": {"city": "Osl', "length"),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Osl', "stop"),  # (cut by a stop string)
     ("required", '[{"na', "length"),
     ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Oslo"}', "stop"),
     ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Os', "length"),
@@ -262,6 +263,24 @@ def test_openais_stream_helper_reports_each_call_done_where_the_last_comes_as_th
             events = state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
             done += [event.name for event in events if event.type == "tool_calls.function.arguments.done"]
     assert done == ["get_weather"] and state.get_final_completion().choices[0].finish_reason == "tool_calls"
+
+
+def test_calls_cut_by_a_stop_string_finish_as_stopped_not_as_calls_made():
+    """A stop string may end a structured output's JSON early: its calls are then unfinished, and the finish reason
+    says what ended them, as "length" does for max_tokens, where whole calls finish "tool_calls"."""
+    chat = ChatRequest(None, [], SamplingParams())
+
+    def finish_reason(text: str, stop_reason) -> str:
+        output = SimpleNamespace(text=text, token_ids=[0], logprobs=None, finished=True, finish_reason="stop",
+                                 stop_reason=stop_reason, prompt_token_count=1, cached_prompt_tokens=0)
+        [choice_body] = ToolChatFormat(chat, "m", None, tools_of(tool_choice="required")).whole("c", [output])[
+            "choices"]
+        assert choice_body["message"]["tool_calls"]
+        return choice_body["finish_reason"]
+
+    assert finish_reason('[{"name": "get_time", "parameters": {"zone": "UTC"}}]', None) == "tool_calls"
+    assert finish_reason('[{"name": "get_time", "parameters": {"zone": "UTC"}} , {"name": "get_time", "parameters": {',
+                         "}") == "stop"
 
 
 def test_a_stream_holds_back_the_text_where_a_call_may_begin_and_sends_a_named_calls_name_at_once():

@@ -179,7 +179,10 @@ class AnswerReader:
     """Reads one answer's calls as its text grows: feed() takes the text so far and gives (content, calls), what
     may be shown of the answer now. A stream sends its growth, a whole answer feeds its final text once, so both
     show the same calls with the same ids. What is shown never shrinks: content held back where a call may be
-    beginning, arguments where the model may still be writing them."""
+    beginning, arguments where the model may still be writing them. `complete`: whether the calls read so far are
+    whole (a structured output's JSON may be cut by a stop string or max_tokens)."""
+
+    complete = True
 
     def feed(self, text: str, finished: bool) -> tuple:
         content, calls = self._read(text, finished)
@@ -203,9 +206,14 @@ class _ArgumentsReader(AnswerReader):
     """A named function's answer: its arguments object, the whole text (a structured output)."""
 
     def __init__(self, name: str):
-        self.call = Call(name)
+        self.call, self.arguments, self.pos = Call(name), _JsonObject(), 0
+
+    @property
+    def complete(self) -> bool:
+        return self.arguments.complete
 
     def _read(self, text: str, finished: bool) -> tuple:
+        self.pos = self.arguments.scan(text, self.pos)
         self.call.arguments = text.strip()
         return None, [self.call] if self.call.arguments else []
 
@@ -225,12 +233,15 @@ class _CallListReader(AnswerReader):
     def __init__(self):
         self.calls, self.pos, self.phase = [], 0, "head"
         self.arguments = _JsonObject()
+        self.complete = False  # once the list's "]" closes it
 
     def _read(self, text: str, finished: bool) -> tuple:
         while self.pos < len(text) and self.phase != "done":
             if self.phase == "head":
                 head = CALL_HEAD.match(text, self.pos)
                 if head is None or head.end() == len(text) and not finished:  # (its spaces may go on)
+                    rest = text[self.pos:].strip()
+                    self.complete = rest == "]" and bool(self.calls)
                     if len(text) - self.pos > CALL_HEAD_MOST or finished:
                         self.phase = "done"  # (the list's "]", or no call)
                     break
@@ -382,11 +393,12 @@ class ToolChatFormat(ChatFormat):
         if self.tools.choice == "none":
             return body
         for choice, output in zip(body["choices"], outputs):
-            content, calls = read_answer(output.text, self.tools)
+            reader = answer_reader(self.tools)
+            content, calls = reader.feed(output.text, True)
             if calls:
                 choice["message"]["content"] = content
                 choice["message"]["tool_calls"] = [call.body() for call in calls]
-                choice["finish_reason"] = self._finish_reason(output)
+                choice["finish_reason"] = self._finish_reason(output, reader.complete)
         return body
 
     def step(self, completion_id: str, index: int, output, progress) -> list:
@@ -404,7 +416,7 @@ class ToolChatFormat(ChatFormat):
                 sent[number] = len(call.arguments)
         finish = None
         if output.finished:
-            finish = self._finish_reason(output) if calls else output.finish_reason
+            finish = self._finish_reason(output, reader.complete) if calls else output.finish_reason
         if not deltas:
             chunk = self._delta_chunk(completion_id, index, output, progress, content or "", finish)
             return [chunk] if chunk else []
@@ -413,7 +425,9 @@ class ToolChatFormat(ChatFormat):
         chunk = self._delta_chunk(completion_id, index, output, progress, content or "", None, {"tool_calls": deltas})
         return [chunk] + ([self._chunk(completion_id, index, {}, finish, None, output.stop_reason)] if finish else [])
 
-    def _finish_reason(self, output) -> str:
-        if output.finish_reason != "stop":
+    def _finish_reason(self, output, complete: bool) -> str:
+        """"tool_calls" for an answer of whole calls ("stop" for a named function's, as OpenAI's); a cut one says
+        what cut it ("length", or "stop" for a stop string, its stop_reason the string)."""
+        if output.finish_reason != "stop" or not complete:
             return output.finish_reason
         return "stop" if self.tools.choice == "function" else "tool_calls"
