@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from atb_models.engine.llm import StepRecord
 from atb_models.engine.sampling_params import BeamSearchParams, SamplingParams
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.errors import UserError
@@ -234,8 +235,6 @@ class BeamSearch:
         self._advance(searches, self._timed(seqs, False, len(seqs)), outputs)
 
     def _timed(self, seqs: list, is_prefill: bool, num_tokens: int) -> torch.Tensor:
-        from atb_models.engine.llm import StepRecord
-
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
         self.llm.plan.synchronize()
