@@ -112,22 +112,22 @@ def test_dataset_mode_writes_sorted_results_and_a_bad_file_fails_only_its_entry(
 
 
 def test_num_beams_answers_with_the_best_beam_of_llm_beam_search_at_two_ranks(checkpoint, sample_image_path,
-                                                                              tmp_path):
+                                                                              sample_video_path, tmp_path):
     from atb_models import LLM, BeamSearchParams
 
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    shutil.copy(sample_image_path, dataset / "cat.jpg")
-    (dataset / "broken.jpg").write_bytes(b"not a jpeg")
+    a_clip_and_a_cat(tmp_path, sample_image_path, sample_video_path)
     result = run_pa("--model_path", checkpoint, "--dataset_path", "dataset", "--results_save_path", "out.json",
                     "--input_text", "Describe it.", "--num_beams", "3", "--length_penalty", "0.5", "--world_size", "2",
                     cwd=tmp_path)
-    assert result.returncode == 1 and len(error_lines(result)) == 1 and "broken.jpg" in error_lines(result)[0]
-    llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_input_length=512, max_output_length=8)
-    request = [{"image": str(sample_image_path)}, {"text": "Describe it."}]
-    [expected] = llm.beam_search([request], BeamSearchParams(3, length_penalty=0.5))
-    assert json.loads((tmp_path / "out.json").read_text())["cat.jpg"] == expected.text
-    assert f"Generate[1] token num: {len(expected.token_ids)}" in result.stdout
+    assert result.returncode == 0, result.stderr
+    llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_input_length=512, max_output_length=8,
+              max_batch_size=3)
+    expected = llm.beam_search([[{kind: str(path)}, {"text": "Describe it."}] for kind, path in
+                                (("video", sample_video_path), ("image", sample_image_path))],
+                               BeamSearchParams(3, length_penalty=0.5))
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a_clip.mp4": expected[0].text,
+                                                              "b_cat.jpg": expected[1].text}
+    assert f"Generate[1] token num: {len(expected[1].token_ids)}" in result.stdout
     assert_no_traceback(result)
 
 
