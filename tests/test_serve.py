@@ -313,6 +313,31 @@ def test_completions_answer_as_the_engine_does_the_prompt_as_it_is(server, clien
     assert (usage.prompt_tokens, usage.completion_tokens) == (expected.prompt_token_count, 8)
 
 
+def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(server, client, llm):
+    """vLLM's stream_options.continuous_usage_stats: each chunk of a choice carries the prompt's tokens and the
+    choice's generated so far (the chat's role chunk, before any token, null); the last chunk the total."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    prompt = "The sky is blue and the grass is"
+    expected = plain_reference(llm, [prompt], max_tokens=6, ignore_eos=True)[0]
+    chunks = list(client.completions.create(model=server.model, prompt=prompt, max_tokens=6, temperature=0, n=2,
+                                            stream=True, stream_options=options, extra_body={"ignore_eos": True}))
+    counts = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        usage = chunk.usage
+        assert usage.prompt_tokens == expected.prompt_token_count and usage.total_tokens == (
+            usage.prompt_tokens + usage.completion_tokens)
+        counts[chunk.choices[0].index].append(usage.completion_tokens)
+    assert all(c == sorted(c) and c[-1] == 6 for c in counts.values()), counts
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+    chat = list(client.chat.completions.create(model=server.model, messages=[chat_message(QUESTIONS[0])],
+                                               max_tokens=5, temperature=0, stream=True, stream_options=options,
+                                               extra_body={"ignore_eos": True}))
+    assert chat[0].usage is None and chat[0].choices[0].delta.role == "assistant"
+    running = [c.usage.completion_tokens for c in chat[1:-1]]
+    assert running == sorted(running) and running[-1] == 5 and chat[-1].usage.completion_tokens == 5
+    assert {c.usage.prompt_tokens for c in chat[1:]} == {chat[-1].usage.prompt_tokens}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_a_prompt_scored_with_max_tokens_0_ends_by_its_length_whatever_ended_the_hidden_token(server, client, llm,
                                                                                             stream):
@@ -695,7 +720,7 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"logit_bias": [1]}, "logit_bias must be an object"),
                                             ({"stop_token_ids": list(range(1025))}, "at most 1024 token ids"),
                                             ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
-                                             "continuous_usage_stats is not supported"),
+                                             "continuous_usage_stats puts usage in every chunk: give include_usage"),
                                             ({"stream": True, "stream_options": {"include_usage": True, "x": 1}},
                                              "'x': not a field this server knows"),
                                             ({"stop_token_ids": [99999999]}, "beyond the vocabulary"),

@@ -21,6 +21,12 @@ def usage(firsts: list, completion_tokens: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
 
 
+def running_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """A streamed chunk's usage so far for its choice (vLLM's continuous_usage_stats)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def chat_usage(outputs: list) -> dict:
     """usage() of a chat request's finished outputs, one per choice of its one prompt."""
     return usage(outputs[:1], sum(len(o.token_ids) for o in outputs))
@@ -70,15 +76,17 @@ def completion_body(completion_id: str, model: str, created: int, outputs: list,
 
 
 def chunk_body(completion_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str],
-               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0, stop_reason=None) -> dict:
-    """One streamed chunk of choice `index`; with stream_options.include_usage every chunk carries "usage": null
-    but the last; `logprobs` (logprobs_body's) those of the tokens that came since the choice's chunk before;
-    `stop_reason` (vLLM's field) the stop string or token id that ended it."""
+               with_usage_field: bool, logprobs: Optional[dict] = None, index: int = 0, stop_reason=None,
+               usage: Optional[dict] = None) -> dict:
+    """One streamed chunk of choice `index`; with stream_options.include_usage every chunk carries "usage" (null,
+    or with continuous_usage_stats the choice's `usage` so far) but the last, the total; `logprobs`
+    (logprobs_body's) those of the tokens that came since the choice's chunk before; `stop_reason` (vLLM's field)
+    the stop string or token id that ended it."""
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
                          "stop_reason": stop_reason}]}
     if with_usage_field:
-        body["usage"] = None
+        body["usage"] = usage
     return body
 
 
@@ -132,12 +140,17 @@ class ChatFormat:
         progress.chars, progress.tokens = len(text), len(output.token_ids)
         body = dict({"content": delta} if delta else {}, **(extra or {}))
         return self._chunk(completion_id, index, body, finish_reason, logprobs_body(logprobs, self.token_bytes),
-                           output.stop_reason if finish_reason else None)
+                           output.stop_reason if finish_reason else None, output)
 
     def usage_chunk(self, completion_id: str, outputs: list) -> dict:
         return usage_chunk_body(completion_id, self.model, self.request.created, outputs)
 
     def _chunk(self, completion_id: str, index: int, delta: dict, finish_reason=None, logprobs=None,
-               stop_reason=None) -> dict:
+               stop_reason=None, output=None) -> dict:
+        """A chunk of choice `index`; `output`, its latest, gives continuous_usage_stats' usage so far (the role's
+        chunk, before any output, carries null)."""
+        usage = None
+        if self.request.continuous_usage and output is not None:
+            usage = running_usage(output.prompt_token_count, len(output.token_ids))
         return chunk_body(completion_id, self.model, self.request.created, delta, finish_reason,
-                          self.request.include_usage, logprobs, index, stop_reason)
+                          self.request.include_usage, logprobs, index, stop_reason, usage)

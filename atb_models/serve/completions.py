@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from atb_models.engine.sampling_params import MAX_LOGPROBS
-from atb_models.serve.answers import ChoiceProgress, prompt_logprobs_body, usage
+from atb_models.serve.answers import ChoiceProgress, prompt_logprobs_body, running_usage, usage
 from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id
 from atb_models.serve.protocol import SAMPLING_FIELDS, STRUCTURED_OUTPUT_FIELDS, sampling_params, stream_fields
 
@@ -40,13 +40,14 @@ class CompletionRequest:
     logprobs: Optional[int] = None          # OpenAI's: the most likely tokens listed at each position
     prompt_logprobs: Optional[int] = None   # vLLM's: each choice's prompt_logprobs, with so many most likely
     created: int = field(default_factory=lambda: int(time.time()))
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (protocol.stream_fields)
 
 
 def parse_completion_request(body, max_output_length: Optional[int] = None) -> CompletionRequest:
     """The request body checked field by field; a bad one is one 400 naming the field. `max_output_length`, the
     engine's, bounds the default max_tokens: a request that gives none is not refused for a value it never sent."""
     check_fields(body, READ, UNSUPPORTED)
-    model, stream, include_usage, n = stream_fields(body)
+    model, stream, include_usage, continuous_usage, n = stream_fields(body)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:  # best_of == n returns every choice drawn: it asks for nothing more
         raise bad_request(f"best_of {best_of!r} is not supported by this server unless it equals n ({n})")
@@ -68,7 +69,7 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
         echoed = max(logprobs, asked or 0) if echo else asked
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echoed)
     return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, echo,
-                             prompt_only, logprobs, asked)
+                             prompt_only, logprobs, asked, continuous_usage=continuous_usage)
 
 
 def _prompts(prompt) -> list:
@@ -116,7 +117,8 @@ class CompletionFormat:
         choice["finish_reason"], choice["stop_reason"] = self._ending(output)
         body = self._body(completion_id, [choice])
         if self.request.include_usage:
-            body["usage"] = None
+            body["usage"] = running_usage(output.prompt_token_count, self._generated(output)[2]) if (
+                self.request.continuous_usage) else None
         return [body]
 
     def usage_chunk(self, completion_id: str, outputs: list) -> dict:

@@ -66,12 +66,13 @@ class ChatRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     # mm_processor_kwargs: min_pixels, max_pixels and fps for every image and video (serve.media gives each its kind's)
     media_options: dict = field(default_factory=dict)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (stream_fields)
 
 
 def parse_chat_request(body) -> ChatRequest:
     """The request body checked field by field; a bad one is one 400 naming the field."""
     check_fields(body, READ, UNSUPPORTED)
-    model, stream, include_usage, n = stream_fields(body)
+    model, stream, include_usage, continuous_usage, n = stream_fields(body)
     continuing = flag(body, "continue_final_message")
     if body.get("add_generation_prompt") not in (None, not continuing):
         raise bad_request("add_generation_prompt true opens a new assistant turn and continue_final_message true "
@@ -92,7 +93,7 @@ def parse_chat_request(body) -> ChatRequest:
         except UserError as e:
             raise bad_request(str(e)) from None
     return ChatRequest(model, _messages(body.get("messages")), params, stream, include_usage, n, continuing, tools,
-                       media_options=media_options(body))
+                       media_options=media_options(body), continuous_usage=continuous_usage)
 
 
 def parse_tokenize_request(body) -> tuple:
@@ -139,19 +140,25 @@ def media_options(body: dict) -> dict:
 
 
 def stream_fields(body: dict) -> tuple:
-    """(model, stream, include_usage, n): the fields of a request that say what comes back, and how."""
+    """(model, stream, include_usage, continuous_usage, n): the fields of a request that say what comes back, and
+    how. continuous_usage (vLLM's stream_options.continuous_usage_stats): every chunk of a choice carries its usage
+    so far, not null; it goes with include_usage, which the last chunk's total still answers."""
     model = model_field(body)
     stream = flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and stream):
         raise bad_request("stream_options must be an object, given with stream: true")
     if options is not None:  # (a key the server does not read is refused, as a body's field is)
-        check_fields(options, {"include_usage"}, {"continuous_usage_stats": False})
+        check_fields(options, {"include_usage", "continuous_usage_stats"}, {})
     include_usage = flag(options or {}, "include_usage")
+    continuous_usage = flag(options or {}, "continuous_usage_stats")
+    if continuous_usage and not include_usage:  # (vLLM sends none then: a field that asks for nothing)
+        raise bad_request("stream_options.continuous_usage_stats puts usage in every chunk: give include_usage: true "
+                          "too")
     if stream and body.get("prompt_logprobs") is not None:  # (vLLM's rule too: they come whole, with the answer)
         raise bad_request("prompt_logprobs are not available with stream: true")
     n = integer_in(body, "n", 1, MAX_CHOICES)
-    return model, stream, include_usage, 1 if n is None else n
+    return model, stream, include_usage, continuous_usage, 1 if n is None else n
 
 
 def _messages(messages) -> list:

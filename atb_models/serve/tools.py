@@ -423,7 +423,8 @@ class ToolChatFormat(ChatFormat):
         # The finish_reason in a chunk of its own after the calls, as OpenAI's streams end: its SDK's stream helper
         # reports a call done when a later chunk begins another or ends the answer, and missed one begun in the last.
         chunk = self._delta_chunk(completion_id, index, output, progress, content or "", None, {"tool_calls": deltas})
-        return [chunk] + ([self._chunk(completion_id, index, {}, finish, None, output.stop_reason)] if finish else [])
+        return [chunk] + ([self._chunk(completion_id, index, {}, finish, None, output.stop_reason, output)]
+                          if finish else [])
 
     def _finish_reason(self, output, complete: bool) -> str:
         """"tool_calls" for an answer of whole calls ("stop" for a named function's, as OpenAI's); a cut one says
