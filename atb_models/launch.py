@@ -173,6 +173,14 @@ def _describe(failure) -> str:
 
 
 def main(argv=None) -> int:
+    try:
+        return _launch(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch loads or the port is checked, before the agent took over SIGINT
+        print(stop_line(signal.SIGINT), file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+
+
+def _launch(argv) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -550,6 +550,20 @@ def test_a_busy_master_port_is_reported_in_one_line_before_ranks_start(tmp_path)
     assert "rank" not in line
 
 
+def test_ctrl_c_before_torchruns_agent_takes_sigint_is_one_line_and_130(monkeypatch, capsys):
+    """Ctrl-C in the launcher's first second or two (torch importing, the port being checked) must end as later."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "check_master_port", interrupted)
+    try:
+        status = launch.main(["--nproc_per_node", "2", "-m", "examples.models.qwen2_vl.run_pa"])
+    except KeyboardInterrupt:  # (caught here, so that it fails this test rather than stopping the session)
+        pytest.fail("the launcher let Ctrl-C through as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "Interrupted\n"
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
