@@ -714,6 +714,22 @@ def test_ctrl_c_exits_130_and_sigterm_143_with_one_line_and_the_handlers_restore
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers_before
 
 
+@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "Interrupted"), (signal.SIGTERM, "Stopped by SIGTERM")])
+def test_a_signal_that_c_code_turns_into_another_exception_still_ends_as_stopped(signum, line, capsys):
+    """numpy's C import of datetime turns the KeyboardInterrupt raised inside it into an ImportError; a rank of a
+    2-rank run_pa stopped by Ctrl-C at that moment printed that ImportError's traceback."""
+    def body() -> int:
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the signal arrives first
+        except KeyboardInterrupt as e:
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from e
+        return 0
+
+    assert run_entry_point(body) == 128 + signum
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_modeltest_and_the_benchmark_end_through_the_same_helper(capsys, monkeypatch):
     """Each entry point once: modeltest on Ctrl-C (it printed `Interrupted` itself before), the benchmark on a bad
     flag (its error was not one-lined before)."""

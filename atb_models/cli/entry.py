@@ -84,24 +84,31 @@ class Stopped(KeyboardInterrupt):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _raise_stopped(signum: int, frame) -> None:
-    raise Stopped(signum)
-
-
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM, and SIGHUP unless it is ignored (nohup), raise Stopped inside the block; SIGINT, SIGTERM and SIGHUP
-    get their handlers back after it. Installed before an engine exists: shm.install_cleanup replaces only a default
-    SIGTERM handler (the segments are still removed at exit)."""
+    """SIGTERM, and SIGHUP unless it is ignored (nohup), raise Stopped inside the block, and Ctrl-C (unless ignored)
+    KeyboardInterrupt, as always; SIGINT, SIGTERM and SIGHUP get their handlers back after it. Yields the list of the
+    stop signals received in the block, first first: C code that calls back into Python (numpy's import of
+    datetime) may turn the exception into one of its own, and the run must still end as stopped. Installed before
+    an engine exists: shm.install_cleanup replaces only a default SIGTERM handler (the segments are still removed
+    at exit)."""
+    received = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
+
+    def stopped(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGTERM, stopped)
     if previous[signal.SIGHUP] == signal.SIG_DFL:  # a closed terminal ends the run as SIGTERM does
-        signal.signal(signal.SIGHUP, _raise_stopped)
+        signal.signal(signal.SIGHUP, stopped)
+    if previous[signal.SIGINT] is signal.default_int_handler:  # (an ignored one, in a background job, stays so)
+        signal.signal(signal.SIGINT, stopped)
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
@@ -117,7 +124,7 @@ def ignore_further_stops() -> None:
 def run_entry_point(body: Callable[[], int], *, debug: bool = False) -> int:
     """`body()`'s exit status, or the status of the way it ended, said in one line (see the module's docstring).
     Under the launcher a rank's non-zero status is handed to it (`report_exit_status`)."""
-    with stop_signals():
+    with stop_signals() as received:
         try:
             die_with_launcher()
             return report_exit_status(body())
@@ -133,8 +140,15 @@ def run_entry_point(body: Callable[[], int], *, debug: bool = False) -> int:
                 print_error(message)
             return 1
         except KeyboardInterrupt as e:
-            ignore_further_stops()
-            signum = getattr(e, "signum", signal.SIGINT)
-            if not launched():  # the launcher says it once for every rank
-                print(stop_line(signum), file=sys.stderr, flush=True)
-            return 128 + signum
+            return _stopped(getattr(e, "signum", signal.SIGINT))
+        except Exception:
+            if debug or not received:
+                raise
+            return _stopped(received[0])  # the signal's exception, turned into another on its way
+
+
+def _stopped(signum: int) -> int:
+    ignore_further_stops()
+    if not launched():  # the launcher says it once for every rank
+        print(stop_line(signum), file=sys.stderr, flush=True)
+    return 128 + signum
