@@ -36,6 +36,13 @@ def checkpoint_files(model_path: str) -> dict:
         missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(model_path, f))})
         if missing:
             raise UserError(f"{index} names shard {missing[0]}, which is not in {model_path}")
+        # Each shard's header read now (a truncated or corrupt one, a tensor it lacks), so that no reader of the
+        # checkpoint meets safetensors' own error later.
+        for f in sorted(set(weight_map.values())):
+            held = _shard_keys(os.path.join(model_path, f))
+            absent = sorted(name for name, shard in weight_map.items() if shard == f and name not in held)
+            if absent:
+                raise UserError(f"{index} names shard {f} for {absent[0]}, which that shard does not hold")
         return {name: os.path.join(model_path, f) for name, f in weight_map.items()}
     files = sorted(f for f in os.listdir(model_path) if f.endswith(".safetensors"))
     if not files:
@@ -43,12 +50,17 @@ def checkpoint_files(model_path: str) -> dict:
     names = {}
     for f in files:
         path = os.path.join(model_path, f)
-        try:
-            with safe_open(path, framework="pt") as handle:
-                names.update((name, path) for name in handle.keys())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"cannot read weights file {path}: {e}") from None
+        names.update((name, path) for name in _shard_keys(path))
     return names
+
+
+def _shard_keys(path: str) -> set:
+    """The tensor names in a safetensors file's header; a file safetensors cannot open is a UserError."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return set(handle.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"cannot read weights file {path}: {e}") from None
 
 
 def _shard_roots(model_path: str) -> tuple:

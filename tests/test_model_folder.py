@@ -122,6 +122,28 @@ def test_hub_snapshot_shards_linked_into_its_blobs_folder_still_load(folder, tmp
     assert set(checkpoint_files(str(snapshot)).values()) == {str(snapshot / "model.safetensors")}
 
 
+@pytest.mark.parametrize("damage", ["truncated", "lacks a tensor"])
+def test_an_indexed_shard_that_is_truncated_or_lacks_a_named_tensor_is_one_user_error(folder, tmp_path, damage):
+    """Both were safetensors' own errors, a traceback from run_pa and from the quantize tool, with an index; without
+    one the header was already checked."""
+    from atb_models.quantize import quantize_checkpoint
+
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    if damage == "truncated":
+        index_naming(folder, "model.safetensors", names)
+        os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size - 100)
+        expected = "cannot read weights file"
+    else:
+        save_file({name: tensors[name] for name in names[1:]}, folder / "model.safetensors")
+        index_naming(folder, "model.safetensors", names)
+        expected = f"names shard model.safetensors for {names[0]}, which that shard does not hold"
+    assert expected in load_error(folder)
+    with pytest.raises(UserError, match=expected):
+        quantize_checkpoint(str(folder), str(tmp_path / "out"), "w8a16", None, False)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ weight values
 
 
