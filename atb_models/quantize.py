@@ -74,8 +74,8 @@ def _open_up(staging: Path, mode: int | None) -> None:
     """The staging folder (mkdtemp's 0700) and its files given the modes a folder made now would have, or the
     replaced empty folder's own `mode`."""
     mask = umask()
-    for item in staging.iterdir():
-        item.chmod(0o666 & ~mask)
+    for item in staging.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
     staging.chmod(mode if mode is not None else 0o777 & ~mask)
 
 
@@ -164,7 +164,9 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
                             tensors[name] = tensor.contiguous()
                             description[name] = "FLOAT"
                         bar.update(1)
-                shard = os.path.basename(path)
+                # Where the index put it: shards in sub-folders may share a file name.
+                shard = os.path.relpath(path, model_path)
+                (staging / shard).parent.mkdir(parents=True, exist_ok=True)
                 save_file(tensors, str(staging / shard), metadata={"format": "pt"})
                 weight_map.update((name, shard) for name in tensors)
         _write_beside_weights(Path(model_path), staging, method, description, weight_map, DESCRIPTION_FILE)

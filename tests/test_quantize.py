@@ -133,6 +133,32 @@ def test_the_tools_output_folder_has_ordinary_modes_and_a_replaced_empty_folder_
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in mine.iterdir())
 
 
+def test_shards_in_sub_folders_sharing_a_file_name_keep_their_places_in_the_output(float_and_quantized, tmp_path,
+                                                                                   sample_image_path):
+    """An index may place shards in sub-folders (a/w.safetensors, b/w.safetensors); the tool wrote both to
+    OUT/w.safetensors, the second over the first, and said it had written a checkpoint that does not load."""
+    float_dir, _ = float_and_quantized
+    source = tmp_path / "nested"
+    shutil.copytree(float_dir, source)
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    for folder, shard in zip("ab", sorted(set(weight_map.values()))):
+        (source / folder).mkdir()
+        shutil.move(source / shard, source / folder / "w.safetensors")
+        weight_map = {name: f"{folder}/w.safetensors" if f == shard else f for name, f in weight_map.items()}
+    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    assert quantize_main(["--model_path", str(source), "--output_dir", str(out)]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == {"a/w.safetensors", "b/w.safetensors"}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "a").stat().st_mode) == 0o777 & ~mask
+    request = [{"image": sample_image_path}, {"text": "Describe."}]
+    ours = LLM(str(out), **OPTIONS).generate([request], SamplingParams(max_tokens=4))[0]
+    theirs = LLM(str(float_dir), quantize="w8a16", **OPTIONS).generate([request], SamplingParams(max_tokens=4))[0]
+    assert ours.token_ids == theirs.token_ids
+
+
 @pytest.mark.parametrize("case", ["already_quantized", "output_not_empty", "unknown_model_type", "tied_head",
                                   "output_under_a_file", "output_under_proc"])
 def test_the_tool_refuses_in_one_line_and_writes_nothing(case, float_and_quantized, tiny_checkpoint, tmp_path,
