@@ -101,7 +101,7 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
                         calibration: CalibrationSettings | None = None) -> dict:
     """Writes OUT; returns the description written: the settings, then each tensor name -> "W8A16" or "FLOAT".
     With algorithm "gptq", `calibration` says what to calibrate on (default: the built-in set)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -174,6 +174,9 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.rename(staging, out)
+    except (OSError, SafetensorError) as e:  # a full disk, an I/O error: safetensors says so in its own error type
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"--output_dir {output_dir} not written: {reason} (nothing of it was left)") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return description

@@ -197,6 +197,35 @@ def test_the_tool_refuses_in_one_line_and_writes_nothing(case, float_and_quantiz
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+@pytest.mark.parametrize("where", ["a shard", "a copied file"])
+def test_a_full_disk_while_writing_is_one_error_line_and_leaves_nothing(where, float_and_quantized, tmp_path,
+                                                                          monkeypatch, capsys):
+    """safetensors reports a full disk in its own error type, and a copy as an OSError: both were tracebacks."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from atb_models import quantize as quantize_module
+
+    def full(*args, **kwargs):
+        if where == "a shard":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch if where == "a shard" else quantize_module.shutil,
+                        "save_file" if where == "a shard" else "copy", full)
+    float_dir, _ = float_and_quantized
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"Error: --output_dir {mine} not written: ")
+    assert "No space left on device" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any(mine.iterdir())
+
+
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_int8_ranks_give_the_tokens_of_one_rank_and_read_only_their_slices(tiny_checkpoint, sample_image_path,
                                                                            tmp_path, world_size):
