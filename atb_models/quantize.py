@@ -27,7 +27,6 @@ from pathlib import Path
 from atb_models.cli.choices import DEVICE_CHOICES, QUANT_ALGORITHM_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.errors import UserError
-from atb_models.host import process_temp_folder
 from atb_models.outputs import umask
 
 
@@ -106,6 +105,7 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     from tqdm import tqdm
 
     from atb_models.config import load_model_config
+    from atb_models.host import process_temp_folder
     from atb_models.kernels.w8a16 import quantize
     from atb_models.quantization import DESCRIPTION_FILE
     from atb_models.weights import checkpoint_files

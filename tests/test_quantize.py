@@ -226,6 +226,15 @@ def test_a_full_disk_while_writing_is_one_error_line_and_leaves_nothing(where, f
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any(mine.iterdir())
 
 
+def test_the_tools_module_and_help_load_no_torch():
+    """torch loads inside the entry point, whose handlers turn Ctrl-C into `Interrupted`: imported with the module
+    (through atb_models.host), a Ctrl-C in the tool's first second was a traceback, and --help waited for it."""
+    from tests.test_run_pa import HEAVY, _modules_after
+
+    modules = _modules_after("from atb_models.quantize import build_parser\nbuild_parser().format_help()")
+    assert not modules & set(HEAVY), modules & set(HEAVY)
+
+
 @pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_int8_ranks_give_the_tokens_of_one_rank_and_read_only_their_slices(tiny_checkpoint, sample_image_path,
                                                                            tmp_path, world_size):
