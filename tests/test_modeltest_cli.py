@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,11 @@ sys.path.insert(0, str(HARNESS_DIR))
 
 from modeltest import cli  # noqa: E402
 from modeltest.config import CONFIG_DIR  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+# transformers' handler takes the stderr of the moment it is made: made now, the session's, not a test's captured
+# stream that closes after it (cli imports transformers only when it runs).
+transformers_logging.get_logger("transformers")
 
 
 @pytest.fixture
@@ -39,6 +45,18 @@ def restore_loggers():
 def yaml_args(task: str = "textvqa") -> list[str]:
     return ["--model_config_path", str(CONFIG_DIR / "model" / "qwen2_vl.yaml"),
             "--task_config_path", str(CONFIG_DIR / "task" / f"{task}.yaml")]
+
+
+def test_the_harness_module_and_its_help_load_neither_torch_nor_transformers():
+    """They load inside the entry point, whose handlers turn Ctrl-C into `Interrupted`: imported with the module, a
+    Ctrl-C in mm_run.sh's first second or two was a KeyboardInterrupt traceback, and --help waited for them."""
+    code = ("import sys\nfrom modeltest.cli import build_parser\nbuild_parser().format_help()\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HARNESS_DIR, capture_output=True, text=True,
+                            timeout=120, env={**os.environ,
+                                              "PYTHONPATH": f"{HARNESS_DIR}:{ROOT}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

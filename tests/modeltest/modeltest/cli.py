@@ -17,20 +17,17 @@ import sys
 import time
 from datetime import datetime
 
-from transformers.utils import logging as transformers_logging
-
 from atb_models import UserError
 from atb_models.cli.choices import DEVICE_CHOICES, DTYPE_CHOICES, QUANTIZE_CHOICES
 from atb_models.cli.entry import FlagParser, configure_logging, run_entry_point
 from atb_models.launch import launched
 from atb_models.ranks import env_state
 
-from modeltest.backends import HFBackend, KitBackend
 from modeltest.config import load_model_config, load_task_config
-from modeltest.evaluate import metric_rows, run_subset
-from modeltest.report import (OutputLayout, append_debug, check_output_dir, metric_table, write_result_csv,
-                              write_result_report)
 from modeltest.tasks import make_task
+
+# transformers, torch and the engine (the backends, the evaluation and the report import them) load inside run(),
+# within run_entry_point: a Ctrl-C during those seconds of imports then ends in `Interrupted`, not a traceback.
 
 BACKENDS = ("pa", "hf")
 DEFAULT_MASTER_PORT = "20050"
@@ -84,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(name: str, model, task_config, args, max_new_tokens: int):
+    from modeltest.backends import HFBackend, KitBackend
+
     dtype = args.dtype or model.data_type
     if name == "hf":
         if args.quantize:
@@ -94,6 +93,12 @@ def make_backend(name: str, model, task_config, args, max_new_tokens: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from modeltest.evaluate import metric_rows, run_subset
+    from modeltest.report import (OutputLayout, append_debug, check_output_dir, metric_table, write_result_csv,
+                                  write_result_report)
+
     ranks = env_state()
     rank, world_size = ranks.rank, ranks.world_size
     transformers_logging.set_verbosity_error()  # its notes on its own Qwen2-VL classes are nothing to act on
