@@ -457,6 +457,26 @@ def test_a_signal_in_dataset_mode_writes_the_answers_finished_so_far(signum, lin
     assert signal.getsignal(signum) is handler_before  # main leaves the process as it found it
 
 
+def test_a_peer_rank_lost_in_dataset_mode_still_writes_the_answers_finished_so_far(capsys, monkeypatch, tmp_path,
+                                                                                    fake_model, dataset):
+    """At world size 2, rank 1 killed (SIGKILL, out of memory) after rank 0 finished answers: rank 0's collective
+    fails (RankLost) and it ended without writing them."""
+    from atb_models.errors import RankLost
+
+    def lost():
+        raise RankLost("a collective failed: another rank is gone")
+
+    monkeypatch.setattr(InterruptedLLM, "interrupt", staticmethod(lost))
+    monkeypatch.setattr(infer, "LLM", InterruptedLLM)
+    out_path = tmp_path / "results.json"
+    status, _, err = run_main(capsys, "--model_path", fake_model, "--dataset_path", dataset,
+                              "--results_save_path", out_path)
+    assert status == 1
+    assert json.loads(out_path.read_text()) == {"a.jpg": "answer"}
+    assert f"wrote 1 of 3 answers to {out_path} before stopping" in err
+    assert error_lines(err) == ["Error: a collective failed: another rank is gone"], err
+
+
 @pytest.mark.parametrize("signum, line", STOP_SIGNALS)
 def test_a_signal_during_the_imports_after_the_flags_are_parsed_ends_in_one_line(signum, line, capsys, monkeypatch,
                                                                                  fake_model, sample_image_path,

@@ -15,7 +15,7 @@ from atb_models.cli.prepare import RunPlan
 from atb_models.cli.results import print_report, save_finished_results, save_results
 from atb_models.cli.run_pa import engine_options
 from atb_models.engine.llm import LLM, RequestOutput
-from atb_models.errors import UserError
+from atb_models.errors import RankLost, UserError
 
 logger = logging.getLogger("atb_models.run_pa")
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, plan: RunPlan) -> int:
             outputs = llm.beam_search(requests, plan.beams, on_finish=record)
         else:
             outputs = llm.generate(requests, plan.params, on_finish=record)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RankLost):  # a signal, or a peer rank gone: keep what is finished either way
         ignore_further_stops()
         if dataset_mode and plan.rank == 0:
             try:
