@@ -16,6 +16,7 @@ The output appears whole or not at all: it is written to a staging folder beside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -54,19 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    """A new or empty folder, whose parent can be made and written (checked before any work)."""
+def _check_output_dir(output_dir: Path) -> list[Path]:
+    """A new or empty folder, whose parent can be made and written (checked before any work). Returns the folders
+    above it that were made for it, deepest first, for a failed run to remove."""
     if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
         raise UserError(f"--output_dir {output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise UserError(f"--output_dir {output_dir} exists and is not empty: the tool writes only into a new or "
                         "empty folder")
+    made = []
+    folder = output_dir.parent.absolute()
+    while not folder.exists() and not folder.is_symlink():
+        made.append(folder)
+        folder = folder.parent
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output_dir {output_dir}: cannot create {output_dir.parent}: {e.strerror}") from None
     if not os.access(output_dir.parent, os.W_OK | os.X_OK):
         raise UserError(f"--output_dir {output_dir}: cannot write in {output_dir.parent}")
+    return made
 
 
 def _open_up(staging: Path, mode: int | None) -> None:
@@ -123,62 +131,68 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
         raise UserError("--calib_data, --calib_prompt, --calib_tokens and --device calibrate --algorithm gptq; "
                         "rtn uses no data")
     out = Path(output_dir)
-    _check_output_dir(out)
-    family = model_config.family
-    files = checkpoint_files(model_path)
-    by_file: dict[str, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    quantized = [name for name in files if _is_quantized(family.parameter_name(name), quantize_lm_head)]
-    # Shapes from the shard headers, where something needs them before the tensors are read.
-    columns = _input_columns(files, quantized) if group_size is not None or algorithm == "gptq" else {}
-    if group_size is not None:
-        for name in quantized:
-            if columns[name] % group_size:
-                raise UserError(f"--group_size {group_size} does not divide the {columns[name]} input columns of "
-                                f"{name}")
-    calibrated = {}
-    if algorithm == "gptq":
-        calibrated = _gptq(model_path, files, family, columns, group_size, calibration or CalibrationSettings())
-    description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
-    weight_map = {}
+    made = _check_output_dir(out)
     try:
-        # (named by this process: a killed run's is removed by the next run into the same folder)
-        staging = Path(process_temp_folder(f".{out.name}-staging-", str(out.parent)))
-    except OSError as e:
-        raise UserError(f"--output_dir {output_dir}: cannot make a folder in {out.parent}: {e.strerror}") from None
-    try:
-        with tqdm(total=len(files), desc="quantizing", unit="tensor", file=sys.stderr) as bar:
-            for path, names in by_file.items():
-                tensors = {}
-                with safe_open(path, framework="pt") as handle:
-                    for name in names:
-                        tensor = handle.get_tensor(name)
-                        if name in calibrated:
-                            tensors[name], tensors[name + "_scale"] = calibrated.pop(name)
-                            description[name] = description[name + "_scale"] = "W8A16"
-                        elif _is_quantized(family.parameter_name(name), quantize_lm_head):
-                            tensors[name], tensors[name + "_scale"] = quantize(tensor, group_size)
-                            description[name] = description[name + "_scale"] = "W8A16"
-                        else:
-                            tensors[name] = tensor.contiguous()
-                            description[name] = "FLOAT"
-                        bar.update(1)
-                # Where the index put it: shards in sub-folders may share a file name.
-                shard = os.path.relpath(path, model_path)
-                (staging / shard).parent.mkdir(parents=True, exist_ok=True)
-                save_file(tensors, str(staging / shard), metadata={"format": "pt"})
-                weight_map.update((name, shard) for name in tensors)
-        _write_beside_weights(Path(model_path), staging, method, description, weight_map, DESCRIPTION_FILE)
-        _open_up(staging, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else None)
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.rename(staging, out)
-    except (OSError, SafetensorError) as e:  # a full disk, an I/O error: safetensors says so in its own error type
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise UserError(f"--output_dir {output_dir} not written: {reason} (nothing of it was left)") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        family = model_config.family
+        files = checkpoint_files(model_path)
+        by_file: dict[str, list[str]] = {}
+        for name, path in files.items():
+            by_file.setdefault(path, []).append(name)
+        quantized = [name for name in files if _is_quantized(family.parameter_name(name), quantize_lm_head)]
+        # Shapes from the shard headers, where something needs them before the tensors are read.
+        columns = _input_columns(files, quantized) if group_size is not None or algorithm == "gptq" else {}
+        if group_size is not None:
+            for name in quantized:
+                if columns[name] % group_size:
+                    raise UserError(f"--group_size {group_size} does not divide the {columns[name]} input columns of "
+                                    f"{name}")
+        calibrated = {}
+        if algorithm == "gptq":
+            calibrated = _gptq(model_path, files, family, columns, group_size, calibration or CalibrationSettings())
+        description = {"model_quant_type": method.upper(), "group_size": group_size or 0, "algorithm": algorithm}
+        weight_map = {}
+        try:
+            # (named by this process: a killed run's is removed by the next run into the same folder)
+            staging = Path(process_temp_folder(f".{out.name}-staging-", str(out.parent)))
+        except OSError as e:
+            raise UserError(f"--output_dir {output_dir}: cannot make a folder in {out.parent}: {e.strerror}") from None
+        try:
+            with tqdm(total=len(files), desc="quantizing", unit="tensor", file=sys.stderr) as bar:
+                for path, names in by_file.items():
+                    tensors = {}
+                    with safe_open(path, framework="pt") as handle:
+                        for name in names:
+                            tensor = handle.get_tensor(name)
+                            if name in calibrated:
+                                tensors[name], tensors[name + "_scale"] = calibrated.pop(name)
+                                description[name] = description[name + "_scale"] = "W8A16"
+                            elif _is_quantized(family.parameter_name(name), quantize_lm_head):
+                                tensors[name], tensors[name + "_scale"] = quantize(tensor, group_size)
+                                description[name] = description[name + "_scale"] = "W8A16"
+                            else:
+                                tensors[name] = tensor.contiguous()
+                                description[name] = "FLOAT"
+                            bar.update(1)
+                    # Where the index put it: shards in sub-folders may share a file name.
+                    shard = os.path.relpath(path, model_path)
+                    (staging / shard).parent.mkdir(parents=True, exist_ok=True)
+                    save_file(tensors, str(staging / shard), metadata={"format": "pt"})
+                    weight_map.update((name, shard) for name in tensors)
+            _write_beside_weights(Path(model_path), staging, method, description, weight_map, DESCRIPTION_FILE)
+            _open_up(staging, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else None)
+            if out.is_dir():
+                out.rmdir()  # empty, checked above
+            os.rename(staging, out)
+        except (OSError, SafetensorError) as e:  # a full disk, an I/O error: safetensors says so in its own error type
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise UserError(f"--output_dir {output_dir} not written: {reason} (nothing of it was left)") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:  # (Ctrl-C too) the folders made for OUT go with the failed run; nothing else does
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # (only while empty)
+        raise
     return description
 
 

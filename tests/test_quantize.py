@@ -226,6 +226,18 @@ def test_a_full_disk_while_writing_is_one_error_line_and_leaves_nothing(where, f
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any(mine.iterdir())
 
 
+def test_a_failed_run_removes_the_folders_it_made_above_the_output_and_no_other(float_and_quantized, tmp_path,
+                                                                                 capsys):
+    """The parents of OUT are made before the work starts; a run that then failed (here a group size that divides
+    no layer, found once the shards are read) left them behind."""
+    float_dir, _ = float_and_quantized
+    (tmp_path / "mine").mkdir()
+    out = tmp_path / "mine" / "new" / "deeper" / "out"
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", str(out), "--group_size", "7"]) == 1
+    assert "does not divide" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any((tmp_path / "mine").iterdir())
+
+
 def test_the_tools_module_and_help_load_no_torch():
     """torch loads inside the entry point, whose handlers turn Ctrl-C into `Interrupted`: imported with the module
     (through atb_models.host), a Ctrl-C in the tool's first second was a traceback, and --help waited for it."""
