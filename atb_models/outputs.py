@@ -19,6 +19,20 @@ def umask() -> int:
     return mask
 
 
+def folder_problem(folder: str) -> str | None:
+    """Why `folder` could neither be written in nor made, or None. Checked without making anything, so that a run
+    refused or failing later leaves no empty folder behind (the writer makes it when it writes): the folder, or
+    else its nearest existing ancestor, must be a folder this process can write in."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is not a folder" if os.path.exists(path) else f"{path} is a link to nothing"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"cannot write in {path}"
+    return None
+
+
 def first_line(path: str) -> str:
     """The file's first line (up to 4 KB), decoded leniently; "" where it cannot be read."""
     try:

@@ -104,6 +104,25 @@ def test_the_csv_replaces_an_earlier_benchmark_csv_and_nothing_else(tmp_path):
     assert precious.read_text() == "my,own\n1,2\n" and not (tmp_path / "nowhere").exists()
 
 
+def test_the_check_before_the_run_makes_no_folder_and_still_refuses_what_cannot_be_written(tmp_path, monkeypatch):
+    """The path is checked before the model loads; it made the CSV's folders then, and a run that failed after
+    (a damaged checkpoint) left them behind, empty. The write makes them."""
+    from atb_models.benchmark.timed_runs import check_csv_path
+
+    monkeypatch.setenv("ATB_LLM_BENCHMARK_ENABLE", "1")
+    path = tmp_path / "new" / "deeper" / "benchmark.csv"
+    monkeypatch.setenv("ATB_LLM_BENCHMARK_FILEPATH", str(path))
+    check_csv_path(performance=False, rank=0)
+    assert not (tmp_path / "new").exists()
+    write_csv(str(path), [RunSummary.from_run([StepRecord(True, 1, 10, 0.1)], [output(10, 1)])])
+    assert len(read_csv(path)[1]) == 1
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setenv("ATB_LLM_BENCHMARK_FILEPATH", str(tmp_path / "afile" / "sub" / "benchmark.csv"))
+    with pytest.raises(UserError, match="is not a folder"):
+        check_csv_path(performance=False, rank=0)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_only_rank_0_writes_the_csv(tmp_path, monkeypatch):
     from atb_models.benchmark.timed_runs import dump_benchmark
 

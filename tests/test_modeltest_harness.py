@@ -327,6 +327,18 @@ def test_a_bad_path_is_one_error_line_without_traceback(checkpoint, tmp_path):
     assert last_line == f"Error: dataset path {tmp_path / 'nowhere.jsonl'}: no such file or folder"
 
 
+def test_the_output_check_before_the_model_loads_makes_no_folder(tmp_path):
+    """It made --output_dir then, and a run that failed after (a damaged checkpoint) left it behind, empty."""
+    from modeltest.report import check_output_dir
+
+    check_output_dir(str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(UserError, match="is not a folder"):
+        check_output_dir(str(tmp_path / "afile" / "out"))
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 from atb_models.errors import UserError
-from atb_models.outputs import first_line, recognised, replace_file
+from atb_models.outputs import first_line, folder_problem, recognised, replace_file
 
 ENABLE_VARIABLE = "ATB_LLM_BENCHMARK_ENABLE"
 PATH_VARIABLE = "ATB_LLM_BENCHMARK_FILEPATH"
@@ -105,18 +105,23 @@ class RunSummary:
                 f"{self.prefill_average_time_ms:.2f}", self.cached_prompt_tokens, self.cached_visual_items]
 
 
-def prepare_folder(path: str) -> None:
-    """Create the CSV's folder (mode 0750, as MindIE) and check a CSV can be written there: a folder that can be
-    written, and nothing at the path but an earlier benchmark CSV (a link to nothing is refused, not followed). A
-    UserError if not, before the run."""
+def prepare_folder(path: str, make: bool = True) -> None:
+    """Check a CSV can be written at `path`: a folder that can be written (made, mode 0750 as MindIE's, where
+    `make`; before the run it is only checked, so that a run that fails leaves no empty folder), and nothing at the
+    path but an earlier benchmark CSV (a link to nothing is refused, not followed). A UserError if not."""
     if os.path.islink(path) and not os.path.exists(path):
         raise UserError(f"{PATH_VARIABLE} {path} is a link to nothing; it is left untouched")
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, mode=0o750, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{PATH_VARIABLE} {path}: cannot create {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK) or os.path.isdir(path):
+    if not make:
+        problem = folder_problem(folder)
+        if problem is not None:
+            raise UserError(f"{PATH_VARIABLE} {path}: cannot write a file there ({problem})")
+    else:
+        try:
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{PATH_VARIABLE} {path}: cannot create {folder}: {e.strerror}") from None
+    if (os.path.isdir(folder) and not os.access(folder, os.W_OK)) or os.path.isdir(path):
         raise UserError(f"{PATH_VARIABLE} {path}: cannot write a file there")
     if os.path.exists(path) and not is_benchmark_csv(path):
         raise UserError(f"{PATH_VARIABLE} {path} exists and is not a benchmark CSV the kit wrote; it is left "

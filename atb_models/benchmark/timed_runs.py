@@ -26,7 +26,7 @@ logger = logging.getLogger("atb_models.benchmark")
 def check_csv_path(performance: bool, rank: int) -> None:
     """Where the CSV will be written, refused now rather than after the run (rank 0 alone writes it)."""
     if (performance or benchmark_enabled()) and rank == 0:
-        prepare_folder(benchmark_path())
+        prepare_folder(benchmark_path(), make=False)
 
 
 def warm_up(llm: LLM) -> None:

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from atb_models import UserError
-from atb_models.outputs import first_line, recognised, replace_file
+from atb_models.outputs import first_line, folder_problem, recognised, replace_file
 
 from modeltest.evaluate import MetricRow, SampleResult
 
@@ -36,12 +36,15 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Fail before the model loads, not after the run, when nothing can be written."""
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output_dir {output_dir}: cannot create it: {e.strerror}") from None
-    probe = Path(output_dir) / f".modeltest-write-check-{datetime.now():%H%M%S%f}"
+    """Fail before the model loads, not after the run, when nothing can be written. Nothing is made here (the run
+    makes its folders when it starts writing), so a run that fails before leaves no empty folder behind."""
+    problem = folder_problem(output_dir)
+    if problem is not None:
+        raise UserError(f"--output_dir {output_dir}: cannot create it: {problem}")
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    probe = existing / f".modeltest-write-check-{datetime.now():%H%M%S%f}"
     try:
         probe.touch()
         probe.unlink()
