@@ -144,17 +144,21 @@ def stop_line(signum: int) -> str:
     return "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
 
 
-def _is_consequence(failure) -> bool:
-    """A rank that failed only because another one did: stopped by the agent (SIGTERM) or a broken collective."""
+def _consequence_level(failure) -> int:
+    """0: a failure of the rank's own; 1: stopped by SIGTERM, which the agent sends the others after a failure but
+    which may also have come from outside; 2: a broken collective, always the consequence of another rank's end."""
     from atb_models.distributed import LOST_RANK_MESSAGE
 
     message = failure.message if isinstance(failure.message, str) else str(failure.message)
-    return failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM) or message.startswith(LOST_RANK_MESSAGE)
+    if message.startswith(LOST_RANK_MESSAGE):
+        return 2
+    return 1 if failure.exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM) else 0
 
 
 def first_cause(failures: dict) -> tuple:
-    """(rank, failure) that explains the job's end: the earliest failure that is not a consequence of another."""
-    order = sorted(failures.items(), key=lambda item: (_is_consequence(item[1]), item[1].timestamp, item[0]))
+    """(rank, failure) that explains the job's end: the earliest failure that is not a consequence of another
+    (a rank stopped by SIGTERM explains a peer's broken collective)."""
+    order = sorted(failures.items(), key=lambda item: (_consequence_level(item[1]), item[1].timestamp, item[0]))
     return order[0]
 
 
@@ -165,6 +169,9 @@ def _describe(failure) -> str:
         except ValueError:
             return f"killed by signal {-failure.exitcode}"
     if not os.path.isfile(failure.error_file):
+        stopped = failure.exitcode - 128
+        if stopped in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (a rank says nothing of its stop itself)
+            return f"stopped by {signal.Signals(stopped).name}"
         return f"exited with status {failure.exitcode} (its own output above says why)"
     message = failure.message
     if isinstance(message, dict):

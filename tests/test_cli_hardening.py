@@ -570,6 +570,23 @@ def test_a_busy_master_port_is_reported_in_one_line_before_ranks_start(tmp_path)
     assert "rank" not in line
 
 
+def test_a_rank_signalled_from_outside_is_named_as_the_cause_and_as_stopped(tmp_path):
+    """SIGTERM or SIGINT sent to one rank (not to the launcher): the line named the peer's broken collective, or
+    said 'its own output above says why' where a rank says nothing of its stop."""
+    from types import SimpleNamespace
+
+    from atb_models.distributed import LOST_RANK_MESSAGE
+
+    lost = SimpleNamespace(exitcode=1, message=f"{LOST_RANK_MESSAGE} (gloo: connection closed by peer)",
+                           timestamp=100, error_file=str(tmp_path / "rank0_error.json"))
+    (tmp_path / "rank0_error.json").write_text("{}")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        stopped = SimpleNamespace(exitcode=128 + signum, message="", timestamp=101,
+                                  error_file=str(tmp_path / "none.json"))
+        rank, failure = launch.first_cause({0: lost, 1: stopped})
+        assert rank == 1 and launch._describe(failure) == f"stopped by {signal.Signals(signum).name}"
+
+
 def test_ctrl_c_before_torchruns_agent_takes_sigint_is_one_line_and_130(monkeypatch, capsys):
     """Ctrl-C in the launcher's first second or two (torch importing, the port being checked) must end as later."""
     def interrupted(args):
