@@ -542,6 +542,23 @@ def test_a_skipped_warm_up_is_no_error_about_a_request_and_the_run_says_why_once
     assert len(re.findall(r"(\d+) tokens", errors[0])) == 1 and "--max_input_length 16" in errors[0]
 
 
+def test_the_oracle_worker_ends_quietly_on_the_ctrl_c_its_parent_reports():
+    """modeltest --backend hf and benchmark compare drive transformers 4.51 in a worker process of the venv; a
+    terminal's Ctrl-C reaches it too, and its KeyboardInterrupt traceback (in torch's or transformers' imports, or
+    in generate) followed the parent's one `Interrupted` line."""
+    from atb_models import oracle
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        worker = subprocess.Popen([sys.executable, str(oracle.WORKER), "jobs", "--fd", str(theirs.fileno())],
+                                  pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        time.sleep(0.5)  # importing torch, or waiting for a job: either way Ctrl-C must end it in silence
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130 and err == "" and out == "", err
+
+
 # ------------------------------------------------------------------------------------------------ the launcher
 
 def test_report_exit_status_hands_a_ranks_failed_entries_to_the_launcher(tmp_path, monkeypatch):

@@ -288,4 +288,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C reaches the kit's process too, which says so once and closes this one
+        raise SystemExit(130) from None
