@@ -130,7 +130,7 @@ def quantize_checkpoint(model_path: str, output_dir: str, method: str, group_siz
     if algorithm != "gptq" and calibration is not None:
         raise UserError("--calib_data, --calib_prompt, --calib_tokens and --device calibrate --algorithm gptq; "
                         "rtn uses no data")
-    out = Path(output_dir)
+    out = Path(os.path.abspath(output_dir))  # ("." names a folder whose parent is not Path(".").parent)
     made = _check_output_dir(out)
     try:
         family = model_config.family

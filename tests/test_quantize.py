@@ -238,6 +238,19 @@ def test_a_failed_run_removes_the_folders_it_made_above_the_output_and_no_other(
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and not any((tmp_path / "mine").iterdir())
 
 
+def test_an_empty_current_folder_given_as_dot_is_written_like_any_empty_folder(float_and_quantized, tmp_path,
+                                                                                monkeypatch):
+    """`--output_dir .` in an empty folder: Path(".").parent is "." itself, so the staging folder went inside the
+    output and the tool ended in 'not written: Invalid argument'."""
+    float_dir, _ = float_and_quantized
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert quantize_main(["--model_path", str(float_dir), "--output_dir", "."]) == 0
+    assert json.loads((here / "config.json").read_text())["quantize"] == "w8a16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_the_tools_module_and_help_load_no_torch():
     """torch loads inside the entry point, whose handlers turn Ctrl-C into `Interrupted`: imported with the module
     (through atb_models.host), a Ctrl-C in the tool's first second was a traceback, and --help waited for it."""
