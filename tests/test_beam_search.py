@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from atb_models import LLM, UserError
+from atb_models import LLM, SamplingParams, UserError
 from atb_models.benchmark.engines import reference_inputs
 from atb_models import BeamSearchParams
 from tests.parity_utils import reference_model
@@ -139,3 +139,14 @@ def test_beam_search_parameters_and_requests_asked_wrongly_fail_in_one_line(llm)
         llm.beam_search([[{"text": "a"}]], [None])
     too_long, missing = llm.beam_search([[{"text": "a"}], [{"image": "/no/such.png"}]], BeamSearchParams(2, 64))
     assert "exceeds --max_output_length 32" in too_long.error and "/no/such.png" in missing.error
+
+
+@pytest.mark.parametrize("length_penalty, early_stopping", [(2.0, "never"), (1.0, "never"), (-1.0, False)])
+def test_one_beam_is_greedy_search_whatever_the_stopping_rule(llm, length_penalty, early_stopping):
+    """transformers' generate(num_beams=1) is greedy search, its early_stopping and length_penalty unused: an answer
+    ends at its first eos even where "never" would look past it for a longer, better scored one."""
+    requests = [[{"text": "ok"}], [{"text": "Count: one two"}]]
+    greedy = llm.generate(requests, SamplingParams(max_tokens=32))
+    assert {output.finish_reason for output in greedy} == {"stop"}  # (else the eos rule goes untested)
+    beams = llm.beam_search(requests, BeamSearchParams(1, 32, length_penalty, early_stopping))
+    assert [(b.token_ids, b.finish_reason) for b in beams] == [(list(g.token_ids), "stop") for g in greedy]

@@ -94,7 +94,9 @@ class Hypotheses:
         """Whether no live beam, the best of which has `best_logprob_sum` over `length` tokens, can beat them."""
         if len(self.kept) < self.params.beam_width:
             return False
-        if self.params.early_stopping is True:
+        # One beam: transformers' generate(num_beams=1) is greedy search, which early_stopping and length_penalty
+        # do not touch: its answer ends at the eos that tops a step ("never" would look past it).
+        if self.params.early_stopping is True or self.params.beam_width == 1:
             return True
         penalty = self.params.length_penalty
         if self.params.early_stopping == "never" and penalty > 0:
