@@ -150,3 +150,15 @@ def test_one_beam_is_greedy_search_whatever_the_stopping_rule(llm, length_penalt
     assert {output.finish_reason for output in greedy} == {"stop"}  # (else the eos rule goes untested)
     beams = llm.beam_search(requests, BeamSearchParams(1, 32, length_penalty, early_stopping))
     assert [(b.token_ids, b.finish_reason) for b in beams] == [(list(g.token_ids), "stop") for g in greedy]
+
+
+def test_add_request_from_a_beam_searchs_on_finish_is_refused_naming_beam_search(llm):
+    refusals = []
+
+    def add(output):
+        with pytest.raises(UserError) as refused:
+            llm.add_request([{"text": "b"}])
+        refusals.append(str(refused.value))
+
+    [output] = llm.beam_search([[{"text": "a"}]], BeamSearchParams(2, 4), on_finish=add)
+    assert output.error is None and "beam_search()" in refusals[0] and not llm.has_unfinished()

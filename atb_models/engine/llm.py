@@ -346,7 +346,7 @@ class LLM:
         others (the server). A request that cannot run raises UserError and leaves nothing behind."""
         self._check_open("add_request()")
         if self._generating.locked():
-            raise UserError("add_request() cannot be used while generate() runs on this engine")
+            raise UserError("add_request() cannot be used while generate() or beam_search() runs on this engine")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise UserError(f"add_request(): params must be a SamplingParams, got {params!r}")
