@@ -162,3 +162,21 @@ def test_add_request_from_a_beam_searchs_on_finish_is_refused_naming_beam_search
 
     [output] = llm.beam_search([[{"text": "a"}]], BeamSearchParams(2, 4), on_finish=add)
     assert output.error is None and "beam_search()" in refusals[0] and not llm.has_unfinished()
+
+
+def test_a_chunked_prefill_engine_searches_a_prompt_longer_than_its_chunk(checkpoint, llm, sample_image_path):
+    """Chunked prefill takes prompts longer than max_prefill_tokens (README): a beam search's prompt too, computed a
+    chunk a step before its beams start, answered as by an engine that prefills it whole."""
+    chunked = LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_input_length=512,
+                  max_output_length=32, block_size=16, enable_chunked_prefill=True, max_prefill_tokens=32)
+    requests = [[{"image": str(sample_image_path)}, {"text": "What is it?"}], [{"text": "A"}],
+                [{"text": "Hello there, how are you"}]]
+    params = BeamSearchParams(3, 12)
+    expected = [[s.token_ids for s in o.sequences] for o in llm.beam_search(requests, params)]
+    # (first in line, or after prompts whose beams run; then again, its leading blocks cached)
+    for order in ([0, 1, 2], [1, 2, 0], [1, 2, 0]):
+        outputs = chunked.beam_search([requests[i] for i in order], params)
+        assert [o.error for o in outputs] == [None] * 3
+        assert [[s.token_ids for s in o.sequences] for o in outputs] == [expected[i] for i in order]
+    assert outputs[2].prompt_token_count > 2 * 32 and outputs[2].cached_prompt_tokens > 0
+    assert chunked.block_manager.num_used_blocks == 0

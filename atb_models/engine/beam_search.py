@@ -15,7 +15,8 @@ each a copy of its block table (engine.block_manager.fork), and the one block th
 holding their new token's slot, is copied for each of them but the last before the decode step writes it
 (BlockManager.own_block_for_newest, ModelRunner.copy_blocks). Prompts are searched together: each step is one
 prefill of the prompts admitted (while the KV cache can hold every beam they may grow to) and one decode step of
-every live beam of every prompt.
+every live beam of every prompt. On a chunked-prefill engine a prompt longer than max_prefill_tokens is admitted
+alone and prefilled a chunk at a time before its beams start (the running beams wait those chunks out).
 """
 from __future__ import annotations
 
@@ -185,7 +186,8 @@ class BeamSearch:
             if admitted and tokens > budget:
                 break
             self.ready = None
-            bm.allocate(search.beams[0].seq)
+            # (chunked prefill: a prompt longer than the budget, admitted alone, computes a chunk a step)
+            bm.allocate(search.beams[0].seq, max_compute=budget if llm.enable_chunked_prefill else None)
             search.beams[0].seq.status = SequenceStatus.RUNNING
             admitted.append(search)
             rows, blocks, budget = rows + search.params.beam_width, blocks + search.blocks, budget - tokens
@@ -195,9 +197,6 @@ class BeamSearch:
         llm = self.llm
         max_tokens = params.max_tokens or llm.max_output_length
         seq = llm._make_sequence(self._seq_id(), prompt, SamplingParams(max_tokens=max_tokens), output)
-        if seq.num_tokens > llm.max_prefill_tokens:
-            raise UserError(f"the prompt has {seq.num_tokens} tokens (visual tokens included), more than "
-                            f"--max_prefill_tokens {llm.max_prefill_tokens}: beam search prefills a prompt whole")
         # The prompt's blocks, shared by every beam, and each beam's own: its generated tokens' and a copy of the
         # prompt's last block, which they all write apart.
         bm = self.block_manager
@@ -217,6 +216,13 @@ class BeamSearch:
     def _prefill(self, searches: list, outputs: list) -> None:
         seqs = [s.beams[0].seq for s in searches]
         logits = self._timed(seqs, True, sum(seq.prefill_end - seq.prefill_start for seq in seqs))
+        if seqs[0].prefill_end < seqs[0].num_tokens:  # a chunk of a prompt prefilled alone (_admit): the rest
+            [seq] = seqs
+            while seq.prefill_end < seq.num_tokens:
+                seq.prefill_start = seq.prefill_end
+                seq.prefill_end = min(seq.num_tokens, seq.prefill_start + self.llm.max_prefill_tokens)
+                self.block_manager.register_prefill(seq)
+                logits = self._timed(seqs, True, seq.prefill_end - seq.prefill_start)
         for search, seq in zip(searches, seqs):
             seq.prefill_start = seq.prefill_end = None
             seq.prompt.visuals = []  # (their pixels: every later step decodes)
