@@ -35,16 +35,17 @@ def llm(checkpoint):
 
 def reference_beams(llm, checkpoint, request, width, length_penalty, early_stopping, max_tokens):
     """transformers' answers (tokens up to an eos, scores), best first. transformers 4.46 copies a prompt's inputs
-    for its beams row by row (repeat_interleave), which for Qwen2-VL's pixel_values, the patches of every image
-    one after another, garbles each beam's image; its later versions repeat the patches whole, as here."""
+    for its beams row by row (repeat_interleave), which for Qwen2-VL's pixel_values, the patches of every medium
+    one after another, and its grids, one row a medium, garbles each beam's media; its later versions repeat them
+    whole, as here."""
     model = reference_model(str(checkpoint))
     prompt = llm.preprocessor(request)
     inputs = reference_inputs([prompt], pad_token_id=0, device=torch.device("cpu"))
     expand = model._expand_inputs_for_generation
 
     def expand_patches_whole(expand_size=1, is_encoder_decoder=False, input_ids=None, **kwargs):
-        patches = {name: kwargs.pop(name) for name in ("pixel_values", "pixel_values_videos")
-                   if kwargs.get(name) is not None}
+        patches = {name: kwargs.pop(name) for name in ("pixel_values", "pixel_values_videos", "image_grid_thw",
+                                                       "video_grid_thw") if kwargs.get(name) is not None}
         input_ids, kwargs = expand(expand_size, is_encoder_decoder, input_ids, **kwargs)
         return input_ids, dict(kwargs, **{name: value.repeat(expand_size, 1) for name, value in patches.items()})
 
@@ -66,10 +67,11 @@ def reference_beams(llm, checkpoint, request, width, length_penalty, early_stopp
 
 
 @pytest.mark.parametrize("width, length_penalty, early_stopping, max_tokens", SETTINGS)
-def test_beam_search_answers_as_transformers_num_beams(llm, checkpoint, sample_image_path, width, length_penalty,
-                                                       early_stopping, max_tokens):
+def test_beam_search_answers_as_transformers_num_beams(llm, checkpoint, sample_image_path, sample_video_path, width,
+                                                       length_penalty, early_stopping, max_tokens):
     requests = [[{"text": "Hello there, how are you"}], [{"text": "A"}],
-                [{"image": str(sample_image_path)}, {"text": "What is it?"}]]
+                [{"image": str(sample_image_path)}, {"text": "What is it?"}],
+                [{"video": str(sample_video_path)}, {"image": str(sample_image_path)}, {"text": "And these?"}]]
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
                               early_stopping=early_stopping)
     outputs = llm.beam_search(requests, params)
