@@ -42,7 +42,8 @@ def main() -> int:
     llm = cpu_small_engines({"kit": {}}, max_batch_size=args.width, max_input_length=512,
                             max_output_length=args.tokens, block_size=128, enable_prefix_caching=False)["kit"]
     reference = Qwen2VLForConditionalGeneration.from_pretrained(llm.model_config.path,
-                                                                torch_dtype=torch.float32).eval()
+                                                                torch_dtype=torch.float32,
+                                                                trust_remote_code=False).eval()
     request = [{"text": PROMPT}]
     inputs = reference_inputs([llm.preprocessor(request)], pad_token_id=0, device=torch.device("cpu"))
     beams = BeamSearchParams(beam_width=args.width, max_tokens=args.tokens, ignore_eos=True)
