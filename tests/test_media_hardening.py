@@ -48,8 +48,9 @@ def test_probe_follows_a_symlink_to_a_file(sample_image_path, tmp_path):
         (lambda d: os.mkfifo(d / "pipe.mp4") or d / "pipe.mp4", r"not a file: .*pipe\.mp4"),
         (lambda d: (d / "dangling.jpg").symlink_to(d / "gone.jpg") or d / "dangling.jpg", r"not found: .*dangling"),
         (lambda d: (d / "notes.txt").write_text("hi") and d / "notes.txt", r"unsupported file type '\.txt'.*notes"),
+        (lambda d: (d / "album").mkdir() or d / "album", r"album is a folder, not an image or video file"),
     ],
-    ids=["missing", "directory", "fifo", "dangling-symlink", "unknown-extension"],
+    ids=["missing", "directory", "fifo", "dangling-symlink", "unknown-extension", "folder"],
 )
 def test_probe_refuses_what_is_not_a_readable_media_file(tmp_path, make, expected):
     with pytest.raises(UserError, match=expected):

@@ -85,6 +85,9 @@ def describe(source) -> str:
 def classify_media(path: Union[str, os.PathLike]) -> str:
     """'image' or 'video', by the file's extension (case-insensitive)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
+    if not ext and os.path.isdir(path):
+        raise UserError(f"{os.fspath(path)} is a folder, not an image or video file (--dataset_path takes a folder "
+                        "of them)")
     if ext in IMAGE_EXTENSIONS:
         return "image"
     if ext in VIDEO_EXTENSIONS:
