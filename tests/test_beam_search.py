@@ -182,3 +182,12 @@ def test_a_chunked_prefill_engine_searches_a_prompt_longer_than_its_chunk(checkp
         assert [[s.token_ids for s in o.sequences] for o in outputs] == [expected[i] for i in order]
     assert outputs[2].prompt_token_count > 2 * 32 and outputs[2].cached_prompt_tokens > 0
     assert chunked.block_manager.num_used_blocks == 0
+
+
+def test_an_engine_closed_by_on_finish_stops_the_search_as_generate_does(checkpoint):
+    llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=2, max_input_length=64,
+              max_output_length=8, block_size=16)
+    with pytest.raises(UserError, match="this engine was closed"):
+        llm.beam_search([[{"text": "a"}], [{"text": "b"}], [{"text": "c"}]], BeamSearchParams(2, 4),
+                        on_finish=lambda output: llm.close())
+    assert llm.block_manager.num_used_blocks == 0

@@ -147,6 +147,7 @@ class BeamSearch:
         pending.reverse()
         searches: list = []
         while pending or searches or self.ready is not None:
+            self.llm._check_open("beam_search()")  # (closed by an on_finish: as generate() stops)
             admitted = self._admit(pending, searches, outputs)
             if admitted:
                 self._prefill(admitted, outputs)
