@@ -144,6 +144,35 @@ def test_the_constraints_of_required_and_named_choices_hold_the_answer_to_calls(
     assert tools_of(tool_choice="auto").constraint() is None and tools_of(tool_choice="none").constraint() is None
 
 
+def test_auto_with_a_strict_function_holds_calls_to_their_schemas_and_leaves_text_free():
+    """OpenAI's strict mode under "auto": text is the model's own, but once a <tool_call> begins the call is held
+    to the Hermes form and a given function, a strict one's arguments to its schema."""
+    from atb_models.config import load_model_config, load_tokenizer
+    from atb_models.demo.reader import READER_MODEL_DIR
+    from atb_models.engine.structured_output import Matchers
+
+    tokenizer, config = load_tokenizer(str(READER_MODEL_DIR)), load_model_config(str(READER_MODEL_DIR))
+    matchers = Matchers(tokenizer, config.hf_config.vocab_size, config.eos_token_ids)
+    strict_weather = {"type": "function", "function": dict(WEATHER["function"], strict=True)}
+    constraint = parse_tools({"tools": [strict_weather, TIME]}).constraint()
+
+    def allowed(text: str) -> bool:
+        matcher = matchers.matcher(constraint)
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            if not matcher.allowed(config.hf_config.vocab_size)[token]:
+                return False
+            matcher.advance(token)
+        return True
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert allowed("Let me look. " + call) and allowed("No call, just text: {city} <tool") and allowed(
+        '<tool_call>\n{"name": "get_time", "arguments": {"any": 1}}\n</tool_call> and after')
+    for wrong in (call.replace("city", "town"), call.replace('"Paris"', "3"), call.replace("get_weather", "other"),
+                  call.replace("<tool_call>\n", "<tool_call>")):
+        assert not allowed(wrong), wrong
+    assert parse_tools({"tools": [WEATHER, TIME]}).constraint() is None  # (no strict function: the model's own)
+
+
 def test_a_calls_arguments_are_the_declared_ones_unless_the_schema_takes_others():
     """JSON Schema lets any key follow the listed ones; a model held to it invented keys until max_tokens."""
     nested = {"type": "object", "properties": {
@@ -317,6 +346,9 @@ def test_a_stream_holds_back_the_text_where_a_call_may_begin_and_sends_a_named_c
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"default": float("nan")}}}],
       "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools: the JSON schema cannot be written"),
     ({"tools": [TIME], "parallel_tool_calls": "no"}, "parallel_tool_calls must be true or false"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, "strict must be true or false"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}], "guided_regex": "x"},
+     "a strict function holds the answer's function calls to their schemas"),
     ({"functions": [{"name": "f"}]}, "functions is not supported"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "only an assistant's message holds"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [

@@ -84,10 +84,11 @@ def parse_chat_request(body) -> ChatRequest:
         constraint = None if tools is None else tools.constraint()
     except UserError as e:  # (the functions' parameters as the answer's schema: too long, or not writable as JSON)
         raise bad_request(f"tools: {e}") from None
-    if constraint is not None:  # tool_choice "required" or a named function: the answer held to calls
+    if constraint is not None:  # tool_choice "required", a named function or a strict one: the calls held
         if params.structured_output is not None:
-            raise bad_request(f"tool_choice {body['tool_choice']!r} holds the answer to function calls; a "
-                              "response_format or guided_* field cannot hold it to something else too")
+            holder = "a strict function" if tools.choice == "auto" else f"tool_choice {body['tool_choice']!r}"
+            raise bad_request(f"{holder} holds the answer's function calls to their schemas; a response_format or "
+                              "guided_* field cannot hold it to something else too")
         try:
             params = dataclasses.replace(params, structured_output=constraint)
         except UserError as e:

@@ -6,7 +6,8 @@ checkpoints' Qwen2-VL template does not; examples/chat_templates/qwen2_vl_tool_u
 style Qwen2.5 models were tuned on (given to the server as --chat_template). With "auto" the model decides: calls
 are read from its answer's <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks; an answer whose first
 block does not read as a call of the given functions is its text, and what follows the calls read and is none is
-content. With "required" or a named function the answer is held to JSON that is such calls (a structured output),
+content; where a function says strict (OpenAI's strict mode), a call is held to that form and its schema once its
+<tool_call> begins (a structured output of llguidance's structural tags; the text stays free). With "required" or a named function the answer is held to JSON that is such calls (a structured output),
 whatever the template shows: a list of {"name", "parameters"} objects, or the named function's arguments, which
 come as the model wrote them. An AnswerReader reads an answer as it grows, so a stream and a whole answer show the
 same calls.
@@ -54,11 +55,14 @@ class ToolRequest:
                               "qwen2_vl_tool_use.jinja shows them), or give tool_choice \"required\" or a function")
 
     def constraint(self):
-        """The StructuredOutput an answer is held to ("required", a named function), else None."""
+        """The StructuredOutput an answer is held to ("required", a named function, "auto" with a strict function),
+        else None."""
         from atb_models.engine.structured_output import StructuredOutput
 
         if self.choice == "function":
             return StructuredOutput(json=_parameters(self.functions[self.name]), compact=True)
+        if self.choice == "auto" and any(function.get("strict") for function in self.functions.values()):
+            return StructuredOutput(grammar=self._strict_calls())
         if self.choice != "required":
             return None
         parameters = {name: _parameters(function) for name, function in self.functions.items()}
@@ -69,6 +73,25 @@ class ToolRequest:
         if not self.parallel:
             schema["maxItems"] = 1
         return StructuredOutput(json=schema, compact=True)
+
+
+    def _strict_calls(self) -> str:
+        """"auto" with a strict function (OpenAI's strict mode): the answer is free text, but a call, once its
+        <tool_call> begins, is held to the Hermes form the tool template shows and to one of the functions: a strict
+        one's arguments to its schema (compact JSON), another's to any object. llguidance's structural tags: the
+        trigger is a lazy lexeme, so the text before it is the model's own."""
+        from llguidance import StructTag
+
+        from atb_models.engine.structured_output import COMPACT_JSON_WHITESPACE
+
+        compact = {"x-guidance": {"whitespace_pattern": COMPACT_JSON_WHITESPACE}}
+        tags = []
+        for name, function in self.functions.items():
+            arguments = dict(_parameters(function) if function.get("strict") else {"type": "object"}, **compact)
+            tags.append(StructTag(trigger=CALL_OPEN, begin=f'{CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": ',
+                                  grammar=arguments, end=f"}}\n{CALL_CLOSE}"))
+        # (text triggers: Qwen's <tool_call> is an added token but not a special one, so it is text to llguidance)
+        return StructTag.to_grammar(tags, assume_special=False)
 
 
 def _definitions(parameters: dict) -> dict:
@@ -130,6 +153,8 @@ def _tool(tool, where: str) -> dict:
     name = function.get("name")
     if not (isinstance(name, str) and NAME.fullmatch(name)):
         raise bad_request(f"{where}.function.name must be 1..64 letters, digits, _ or -, got {name!r}")
+    if function.get("strict") not in (None, True, False):
+        raise bad_request(f"{where}.function.strict must be true or false, got {function['strict']!r}")
     if not isinstance(function.get("description", ""), str):
         raise bad_request(f"{where}.function.description must be a string")
     parameters = function.get("parameters", {})
