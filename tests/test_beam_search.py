@@ -191,3 +191,29 @@ def test_an_engine_closed_by_on_finish_stops_the_search_as_generate_does(checkpo
         llm.beam_search([[{"text": "a"}], [{"text": "b"}], [{"text": "c"}]], BeamSearchParams(2, 4),
                         on_finish=lambda output: llm.close())
     assert llm.block_manager.num_used_blocks == 0
+
+
+def test_beam_searches_taken_by_add_request_run_between_other_requests_steps_and_answer_as_alone(llm,
+                                                                                                 sample_image_path):
+    """The incremental API (the server's): a search's rounds and the scheduler's steps take turns, sharing the KV
+    cache without touching each other's blocks; each answers as beam_search() and generate() do on their own."""
+    from atb_models import SamplingParams
+
+    picture = [{"image": str(sample_image_path)}, {"text": "What is it?"}]
+    text = [{"text": "Hello there, how are you"}]
+    beams, sampling = BeamSearchParams(3, 10), SamplingParams(max_tokens=12, ignore_eos=True)
+    [alone_picture, alone_text] = llm.beam_search([picture, text], beams)
+    [plain] = llm.generate([text], sampling)
+    ids = [llm.add_request(picture, beams), llm.add_request(text, sampling), llm.add_request(text, beams)]
+    aborted = llm.add_request(picture, BeamSearchParams(2, 10))
+    done = {}
+    for step in range(200):
+        if not llm.has_unfinished():
+            break
+        if step == 2:
+            assert llm.abort(aborted).finish_reason == "abort"
+        done.update((out.request_id, out) for out in llm.step() if out.finished)
+    assert [s.token_ids for s in done[ids[0]].sequences] == [s.token_ids for s in alone_picture.sequences]
+    assert [s.token_ids for s in done[ids[2]].sequences] == [s.token_ids for s in alone_text.sequences]
+    assert done[ids[1]].token_ids == plain.token_ids and aborted not in done
+    assert llm.block_manager.num_used_blocks == 0 and llm.block_manager.promised == 0

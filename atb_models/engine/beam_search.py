@@ -21,16 +21,15 @@ alone and prefilled a chunk at a time before its beams start (the running beams 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from atb_models.engine.llm import StepRecord
 from atb_models.engine.sampling_params import BeamSearchParams, SamplingParams
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.errors import UserError
-from atb_models.multimodal.prompt import describe_request
 
 @dataclass
 class BeamSequence:
@@ -46,14 +45,15 @@ class BeamSequence:
 @dataclass
 class BeamSearchOutput:
     """A prompt's answers, best first; `error` where the request could not run (the others are unaffected). The
-    best answer's text, tokens and finish reason are also `text`, `token_ids` and `finish_reason`, as a
-    RequestOutput's are."""
+    best answer's text and tokens are also `text` and `token_ids`, as a RequestOutput's are; `finish_reason` is the
+    best answer's, "abort" (LLM.abort) or "error", None while the search runs."""
 
     request_id: int
     prompt: str
     sequences: list = field(default_factory=list)
     prompt_token_count: int = 0
     error: Optional[str] = None
+    finish_reason: Optional[str] = "error"
     # The prefix cache's part (as RequestOutput's): prompt tokens whose K/V it held, media whose vision-tower run
     # was skipped.
     cached_prompt_tokens: int = 0
@@ -68,8 +68,8 @@ class BeamSearchOutput:
         return self.sequences[0].token_ids if self.sequences else []
 
     @property
-    def finish_reason(self) -> Optional[str]:
-        return self.sequences[0].finish_reason if self.sequences else "error"
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class Hypotheses:
@@ -118,7 +118,7 @@ class Beam:
 class Search:
     """One prompt's search."""
 
-    index: int
+    output: BeamSearchOutput
     params: BeamSearchParams
     max_tokens: int
     eos: frozenset
@@ -132,69 +132,93 @@ class Search:
 
 
 class BeamSearch:
-    """LLM.beam_search's run over the engine's parts: its preprocessing, block manager and model runner."""
+    """An engine's beam searches over its parts (preprocessing, block manager, model runner): each added (`add`),
+    advanced a round at a time (`round`: the prefill of the prompts that start, one decode step of every live beam),
+    ended when done or aborted. LLM.beam_search runs a list of them to their end; LLM.step runs rounds between the
+    scheduler's steps for the searches add_request takes. The KV blocks every running search's beams may grow to
+    are promised to it (BlockManager.promised), so the scheduler's sequences never take them."""
 
-    def __init__(self, llm, params_list: list, on_finish=None):
-        self.llm, self.params_list, self.on_finish = llm, params_list, on_finish
-        self.block_manager, self.runner = llm.block_manager, llm.runner
+    def __init__(self, llm):
+        self.llm, self.block_manager, self.runner = llm, llm.block_manager, llm.runner
         self.next_seq_id = 0
-        self.ready: Optional[Search] = None  # the next prompt, preprocessed, waiting for room
+        self.waiting: deque = deque()  # Searches preprocessed, waiting for room
+        self.running: list = []
 
-    def run(self, requests: list) -> list:
-        outputs = [BeamSearchOutput(i, describe_request(r)) for i, r in enumerate(requests)]
-        self.llm.step_records = []
-        pending = list(enumerate(requests))
-        pending.reverse()
-        searches: list = []
-        while pending or searches or self.ready is not None:
-            self.llm._check_open("beam_search()")  # (closed by an on_finish: as generate() stops)
-            admitted = self._admit(pending, searches, outputs)
-            if admitted:
-                self._prefill(admitted, outputs)
-                searches.extend(s for s in admitted if s.beams)
-            running = [s for s in searches if s.beams]
-            if running:
-                self._decode(running, outputs)
-            searches = [s for s in searches if s.beams]
-        return outputs
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request_id: int, prompt, params: BeamSearchParams) -> Search:
+        """Queue a search of a preprocessed prompt; a request that cannot run raises UserError, leaving nothing."""
+        output = BeamSearchOutput(request_id, prompt.text, finish_reason=None)
+        search = self._search(output, prompt, params)
+        self.waiting.append(search)
+        return search
+
+    def abort(self, search: Search) -> BeamSearchOutput:
+        if search in self.waiting:
+            self.waiting.remove(search)
+        if search in self.running:
+            self.running.remove(search)
+        self._release_all(search)
+        search.output.finish_reason = "abort"
+        self._promise()
+        return search.output
+
+    def reset(self) -> None:
+        """Every search dropped (the engine frees every block wholesale: Scheduler.abort_all)."""
+        self.waiting.clear()
+        self.running.clear()
+
+    def round(self) -> list:
+        """One round: the prompts that can start prefilled, then one decode step of every live beam; the outputs
+        of the searches that ended in it."""
+        ended = []
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            self.running.extend(admitted)
+        live = [s for s in self.running if s.beams]
+        if live:
+            self._decode(live)
+        for search in self.running:
+            if not search.beams:
+                ended.append(search.output)
+        self.running = [s for s in self.running if s.beams]
+        self._promise()
+        return ended
+
+    def _promise(self) -> None:
+        """The blocks the running searches' beams may still take, promised to them (the prompt's and every beam's
+        held count once)."""
+        self.block_manager.promised = sum(
+            max(0, s.blocks - len({block for beam in s.beams for block in beam.seq.block_table}))
+            for s in self.running)
 
     # ------------------------------------------------------------------------------------------ admission
-    def _admit(self, pending: list, searches: list, outputs: list) -> list:
-        """The prompts that start now, in order: while a decode step's rows (max_batch_size, or at least one
-        prompt's beams), the prefill budget and the KV blocks every beam may grow to allow. A prompt preprocessed
-        that must wait is held (self.ready) rather than preprocessed again."""
+    def _admit(self) -> list:
+        """The waiting prompts that start now, in order: while a decode step's rows (max_batch_size, or at least
+        one prompt's beams), the prefill budget and the free KV blocks (for every beam they may grow to) allow."""
         llm, bm = self.llm, self.block_manager
-        rows = sum(s.params.beam_width for s in searches)
-        blocks = sum(s.blocks for s in searches)
+        rows = sum(s.params.beam_width for s in self.running)
         budget, admitted = llm.max_prefill_tokens, []
-        while pending or self.ready is not None:
-            if self.ready is None:
-                index, request = pending.pop()
-                try:
-                    [prompt] = llm.node_preprocessor([request])
-                    if isinstance(prompt, UserError):
-                        raise prompt
-                    self.ready = self._search(index, prompt, self.params_list[index], outputs[index])
-                except UserError as e:
-                    outputs[index].error = str(e)
-                    self._finished(outputs[index])
-                    continue
-            search = self.ready
+        while self.waiting:
+            search = self.waiting[0]
             tokens = search.beams[0].seq.num_tokens
-            if (searches or admitted) and (rows + search.params.beam_width > llm.max_batch_size
-                                           or blocks + search.blocks > bm.num_blocks):
+            if search.blocks > bm.num_free_blocks or (
+                    (self.running or admitted) and rows + search.params.beam_width > llm.max_batch_size):
                 break
             if admitted and tokens > budget:
                 break
-            self.ready = None
+            self.waiting.popleft()
             # (chunked prefill: a prompt longer than the budget, admitted alone, computes a chunk a step)
             bm.allocate(search.beams[0].seq, max_compute=budget if llm.enable_chunked_prefill else None)
             search.beams[0].seq.status = SequenceStatus.RUNNING
+            bm.promised += search.blocks - len(search.beams[0].seq.block_table)
             admitted.append(search)
-            rows, blocks, budget = rows + search.params.beam_width, blocks + search.blocks, budget - tokens
+            rows, budget = rows + search.params.beam_width, budget - tokens
         return admitted
 
-    def _search(self, index: int, prompt, params: BeamSearchParams, output: BeamSearchOutput) -> Search:
+    def _search(self, output: BeamSearchOutput, prompt, params: BeamSearchParams) -> Search:
         llm = self.llm
         max_tokens = params.max_tokens or llm.max_output_length
         seq = llm._make_sequence(self._seq_id(), prompt, SamplingParams(max_tokens=max_tokens), output)
@@ -207,14 +231,14 @@ class BeamSearch:
                             f"{max_tokens} new ones needs up to {blocks} KV blocks; the cache has {bm.num_blocks} (an "
                             f"engine of max_batch_size {params.beam_width} holds them)")
         eos = frozenset() if params.ignore_eos else frozenset(llm.model_config.eos_token_ids)
-        return Search(index, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks)
+        return Search(output, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks)
 
     def _seq_id(self) -> int:
         self.next_seq_id += 1
         return self.next_seq_id
 
     # ------------------------------------------------------------------------------------------ steps
-    def _prefill(self, searches: list, outputs: list) -> None:
+    def _prefill(self, searches: list) -> None:
         seqs = [s.beams[0].seq for s in searches]
         logits = self._timed(seqs, True, sum(seq.prefill_end - seq.prefill_start for seq in seqs))
         if seqs[0].prefill_end < seqs[0].num_tokens:  # a chunk of a prompt prefilled alone (_admit): the rest
@@ -227,12 +251,11 @@ class BeamSearch:
         for search, seq in zip(searches, seqs):
             seq.prefill_start = seq.prefill_end = None
             seq.prompt.visuals = []  # (their pixels: every later step decodes)
-            output = outputs[search.index]
-            output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
-            output.cached_visual_items = seq.cached_visual_items
-        self._advance(searches, logits, outputs)
+            search.output.cached_prompt_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+            search.output.cached_visual_items = seq.cached_visual_items
+        self._advance(searches, logits)
 
-    def _decode(self, searches: list, outputs: list) -> None:
+    def _decode(self, searches: list) -> None:
         seqs = [beam.seq for s in searches for beam in s.beams]
         copies = []
         for seq in seqs:
@@ -241,23 +264,26 @@ class BeamSearch:
                 copies.append(copy)
         if copies:
             self.runner.copy_blocks(copies)
-        self._advance(searches, self._timed(seqs, False, len(seqs)), outputs)
+        self._advance(searches, self._timed(seqs, False, len(seqs)))
 
     def _timed(self, seqs: list, is_prefill: bool, num_tokens: int) -> torch.Tensor:
+        from atb_models.engine.llm import StepRecord  # (llm.py builds its BeamSearch from this module)
+
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
         self.llm.plan.synchronize()
-        self.llm.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))
+        if self.llm._generating.locked():  # (LLM.beam_search's steps alone, as generate()'s: a server's would pile up)
+            self.llm.step_records.append(StepRecord(is_prefill, len(seqs), num_tokens, time.perf_counter() - start))
         return logits
 
-    def _advance(self, searches: list, logits: torch.Tensor, outputs: list) -> None:
+    def _advance(self, searches: list, logits: torch.Tensor) -> None:
         """Each search's step from its beams' logits rows (in order): rank 0 ranks the candidates, every rank
         applies them alike."""
         ranked = self.llm._on_rank0(lambda: _candidates(logits, searches))
         for search, (scores, parents, tokens) in zip(searches, ranked):
-            self._step(search, scores, parents, tokens, outputs[search.index])
+            self._step(search, scores, parents, tokens)
 
-    def _step(self, search: Search, scores: list, parents: list, tokens: list, output: BeamSearchOutput) -> None:
+    def _step(self, search: Search, scores: list, parents: list, tokens: list) -> None:
         width, generated = search.params.beam_width, len(search.beams[0].seq.completion_token_ids)
         chosen = []  # (parent beam, token, logprob sum)
         for rank, (score, parent, token) in enumerate(zip(scores, parents, tokens)):
@@ -270,12 +296,12 @@ class BeamSearch:
             if len(chosen) == width:
                 break
         if search.hypotheses.done(scores[0], generated + 1):
-            return self._finish(search, output)
+            return self._finish(search)
         search.beams = self._continue(search.beams, chosen)
         if generated + 1 == search.max_tokens:
             for beam in search.beams:
                 search.hypotheses.add(beam.seq.completion_token_ids, beam.logprob_sum, "length")
-            self._finish(search, output)
+            self._finish(search)
 
     def _continue(self, beams: list, chosen: list) -> list:
         """The beams that continue, in the order chosen: a beam's first continuation goes on in its sequence,
@@ -309,19 +335,18 @@ class BeamSearch:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
 
-    def _finish(self, search: Search, output: BeamSearchOutput) -> None:
+    def _release_all(self, search: Search) -> None:
         for beam in search.beams:
             self._release(beam.seq)
         search.beams = []
+
+    def _finish(self, search: Search) -> None:
+        self._release_all(search)
         decode = self.llm._decoders[True]
-        output.sequences = [
+        search.output.sequences = [
             BeamSequence(tokens, decode(tokens[:-1] if reason == "stop" else tokens), logprob_sum, score, reason)
             for score, tokens, logprob_sum, reason in search.hypotheses.best_first()]
-        self._finished(output)
-
-    def _finished(self, output: BeamSearchOutput) -> None:
-        if self.on_finish is not None:
-            self.on_finish(output)
+        search.output.finish_reason = search.output.sequences[0].finish_reason
 
 
 def _candidates(logits: torch.Tensor, searches: list) -> list:

@@ -60,11 +60,14 @@ class BlockManager:
         self.block_hash: dict[int, str] = {}               # hashed block -> its hash
         self.cached: dict[str, int] = {}                   # hash -> block holding it
         self.evictable: OrderedDict[int, None] = OrderedDict()  # hashed blocks no one holds, least recently used first
+        # Blocks promised to running beam searches (engine.beam_search), which their beams may still take: not free
+        # to the scheduler's sequences.
+        self.promised = 0
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks a sequence can be given: free ones and cached ones no one holds."""
-        return len(self.free_blocks) + len(self.evictable)
+        """Blocks a sequence can be given: free ones and cached ones no one holds, less those promised."""
+        return len(self.free_blocks) + len(self.evictable) - self.promised
 
     @property
     def num_used_blocks(self) -> int:

@@ -170,6 +170,10 @@ class LLM:
                                    self.model_config.eos_token_ids, enable_chunked_prefill, num_speculative_tokens,
                                    prompt_lookup_max, self.runner.kernels.linear.rows_per_pass,
                                    self.tokenizer.eos_token_id)
+        from atb_models.engine.beam_search import BeamSearch
+
+        self.beams = BeamSearch(self)  # the beam searches (beam_search(), or add_request with BeamSearchParams)
+        self._beam_turn = False  # whether the next step, where both have work, is the beam searches' round
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
@@ -279,12 +283,41 @@ class LLM:
         also the output's own). `params`: a BeamSearchParams, or a list of them, one per request. A request that
         cannot run gets an output with `error` set; `on_finish(output)` as generate()'s. Like generate(), it has the
         engine to itself."""
-        from atb_models.engine.beam_search import BeamSearch
-
         self._check_open("beam_search()")
         params_list = _params_per_request(requests, params, BeamSearchParams, "beam_search()", "params")
         with self._whole_engine("beam_search()"):
-            return BeamSearch(self, params_list, on_finish).run(requests)
+            return self._beam_search(requests, params_list, on_finish)
+
+    def _beam_search(self, requests: list, params_list: list, on_finish) -> list:
+        from atb_models.engine.beam_search import BeamSearchOutput
+
+        outputs = [BeamSearchOutput(i, describe_request(r)) for i, r in enumerate(requests)]
+        self._time_origin = time.perf_counter()
+        self.step_records = []
+        pending = list(enumerate(requests))
+        pending.reverse()
+
+        def room() -> bool:  # (prompts preprocessed ahead as far as the batch's rows: their pixels are held)
+            return sum(s.params.beam_width for s in (*self.beams.waiting, *self.beams.running)) < self.max_batch_size
+
+        while pending or self.beams.has_work():
+            self._check_open("beam_search()")  # (closed by an on_finish: as generate() stops)
+            while pending and (not self.beams.waiting or room()):
+                index, request = pending.pop()
+                try:
+                    [prompt] = self.node_preprocessor([request])
+                    if isinstance(prompt, UserError):
+                        raise prompt
+                    outputs[index] = self.beams.add(index, prompt, params_list[index]).output
+                except UserError as e:
+                    outputs[index].error = str(e)
+                    if on_finish is not None:
+                        on_finish(outputs[index])
+            if self.beams.has_work():
+                for output in self.beams.round():
+                    if on_finish is not None:
+                        on_finish(output)
+        return outputs
 
     @contextmanager
     def _whole_engine(self, call: str):
@@ -299,7 +332,7 @@ class LLM:
             raise UserError(f"{call} cannot run while {len(self._requests)} request(s) taken by add_request() "
                             f"are unfinished: step() them to their end or abort() them first")
         # Nothing from before may be answered as this call's own (the prefix cache is kept: it holds no sequence).
-        if self.scheduler.has_work() or self.block_manager.num_used_blocks:
+        if self.scheduler.has_work() or self.beams.has_work() or self.block_manager.num_used_blocks:
             self._abort_all()
         try:
             yield
@@ -348,8 +381,8 @@ class LLM:
         if self._generating.locked():
             raise UserError("add_request() cannot be used while generate() or beam_search() runs on this engine")
         params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise UserError(f"add_request(): params must be a SamplingParams, got {params!r}")
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise UserError(f"add_request(): params must be a SamplingParams or a BeamSearchParams, got {params!r}")
         if request_id is None:
             request_id = self._next_request_id
         elif isinstance(request_id, bool) or not isinstance(request_id, numbers.Integral):  # True would be the id
@@ -368,7 +401,11 @@ class LLM:
             [prompt] = self.node_preprocessor([request])
             if isinstance(prompt, UserError):
                 raise prompt
-        self._admit(request_id, prompt, params, RequestOutput(request_id, prompt.text))
+        if isinstance(params, BeamSearchParams):  # a beam search: its BeamSearchOutput comes once it ends
+            search = self.beams.add(request_id, prompt, params)
+            self._requests[request_id] = (search, search.output)
+        else:
+            self._admit(request_id, prompt, params, RequestOutput(request_id, prompt.text))
         return request_id
 
     def abort(self, request_id: int) -> Optional[RequestOutput]:
@@ -378,6 +415,8 @@ class LLM:
         if entry is None:
             return None
         seq, output = entry
+        if not isinstance(seq, Sequence):  # a beam search's
+            return self.beams.abort(seq)
         self.scheduler.finish(seq, "abort")
         self._record(seq, output)
         return output
@@ -388,15 +427,25 @@ class LLM:
         return self.max_input_length + self.max_output_length
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.beams.has_work()
 
     def step(self) -> list:
         """One scheduler step. Returns the output of every request it advanced (by one token, or by several in a
         drafted step: engine.speculative): `token_ids` and `text` so far (while it runs, less a trailing incomplete
         character or a partial stop string, so that the text only ever grows), and for one that finished its
-        `finish_reason` and times. Nothing queued: []."""
+        `finish_reason` and times. Nothing queued: []. Where beam searches run (add_request with a
+        BeamSearchParams), steps and their rounds take turns; a round returns the BeamSearchOutput of each search
+        it ended (a search's output comes once, whole)."""
         self._check_open("step()")
-        if not self.has_unfinished():
+        if self.beams.has_work() and (self._beam_turn or not self.scheduler.has_work()):
+            # Beam searches and the scheduler's requests take turns: a round of every search, then a step.
+            self._beam_turn = False
+            ended = self.beams.round()
+            for output in ended:
+                self._requests.pop(output.request_id, None)
+            return ended
+        self._beam_turn = True
+        if not self.scheduler.has_work():
             return []
         seqs = self._run_step()
         outputs = []
@@ -420,6 +469,7 @@ class LLM:
 
     def _abort_all(self) -> None:
         self.scheduler.abort_all()
+        self.beams.reset()
         self._requests.clear()
 
     def _decode_completion(self, seq: Sequence, ids: list) -> str:
