@@ -313,6 +313,29 @@ def test_completions_answer_as_the_engine_does_the_prompt_as_it_is(server, clien
     assert (usage.prompt_tokens, usage.completion_tokens) == (expected.prompt_token_count, 8)
 
 
+def test_use_beam_search_answers_n_choices_as_llm_beam_search_does(server, client, media, llm):
+    """vLLM's use_beam_search: n answers by a beam search of width n, best first, as LLM.beam_search gives them
+    (the searches run between the other requests' steps)."""
+    from atb_models import BeamSearchParams
+
+    [expected] = llm.beam_search([kit_request(QUESTIONS[0], media["small"])], BeamSearchParams(3, MAX_TOKENS))
+    answer = client.chat.completions.create(model=server.model, messages=[chat_message(QUESTIONS[0], media["small"])],
+                                            max_tokens=MAX_TOKENS, n=3, extra_body={"use_beam_search": True})
+    assert [(c.message.content, c.finish_reason) for c in answer.choices] == [
+        (s.text, s.finish_reason) for s in expected.sequences]
+    assert answer.usage.prompt_tokens == expected.prompt_token_count
+    assert answer.usage.completion_tokens == sum(len(s.token_ids) for s in expected.sequences)
+    prompts = ["The sky is", "Count: one two"]  # (plain prompts: the incremental API takes them preprocessed)
+    ids = [llm.add_request(llm.preprocessor.plain(p), BeamSearchParams(2, 6, length_penalty=0.5)) for p in prompts]
+    done = {}
+    while llm.has_unfinished():
+        done.update((out.request_id, out) for out in llm.step() if out.finished)
+    answer = client.completions.create(model=server.model, prompt=prompts, max_tokens=6, n=2,
+                                       extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [c.text for c in answer.choices] == [s.text for i in ids for s in done[i].sequences]
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+
+
 def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(server, client, llm):
     """vLLM's stream_options.continuous_usage_stats: each chunk of a choice carries the prompt's tokens and the
     choice's generated so far (the chat's role chunk, before any token, null); the last chunk the total."""
@@ -735,6 +758,13 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
                                             ({"guided_json": {"$ref": "#"}}, "admits no answer"),
                                             ({"guided_choice": "yes"}, "guided_choice: choice must be a list"),
+                                            ({"use_beam_search": True, "stream": True}, "use_beam_search ranks "
+                                             "answers by their log-probabilities, without sampling: stream"),
+                                            ({"use_beam_search": True, "temperature": 0.7, "top_p": 0.5},
+                                             "without sampling: temperature, top_p cannot go with it"),
+                                            ({"length_penalty": 2.0}, "length_penalty goes with use_beam_search"),
+                                            ({"use_beam_search": True, "early_stopping": "soon"},
+                                             "early_stopping must be False, True or \"never\""),
                                             ({"guided_grammar": 'root ::= "a" b'}, "the structured output cannot be "
                                              "used: Failed to convert the grammar from GBNF to Lark: Rule 'b'"),
                                             ({"continue_final_message": True}, "must be the assistant's"),

@@ -71,6 +71,15 @@ class BeamSearchOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def choices(self) -> list:
+        """A RequestOutput for each answer, best first (the server's choices): its text, tokens and finish reason,
+        the prompt's token count and cache counts."""
+        from atb_models.engine.llm import RequestOutput  # (llm.py builds its BeamSearch from this module)
+
+        return [RequestOutput(self.request_id, self.prompt, s.text, s.token_ids, self.prompt_token_count,
+                              s.finish_reason, cached_prompt_tokens=self.cached_prompt_tokens,
+                              cached_visual_items=self.cached_visual_items) for s in self.sequences]
+
 
 class Hypotheses:
     """A prompt's best finished answers so far, at most `width` (transformers' BeamHypotheses, rule for rule)."""

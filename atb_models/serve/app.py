@@ -225,7 +225,8 @@ class ApiService:
                 # (an idle engine holds its first step for them): one step takes them all, prefilled together, not
                 # one choice a step with each later prefill pausing the decodes of the earlier ones.
                 for prompt in prompts:
-                    for params in choice_params:
+                    # (a beam search's n answers are one engine request's)
+                    for params in choice_params if parsed.beams is None else [parsed.beams]:
                         request_id, handle = next(self._ids), RequestHandle(loop)
                         choices.append((request_id, handle))
                         # (one prompt for all: LLM.add_request keeps a copy of its own)
@@ -339,6 +340,8 @@ class Answer:
             outputs = collecting.result()
         except EngineGone as e:
             raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
+        if self.parsed.beams is not None:  # each prompt's search: its answers are the prompt's n choices
+            outputs = [choice for output in outputs for choice in output.choices()]
         return JSONResponse(self.format.whole(self.completion_id, outputs))
 
     async def _last_output(self, index: int):

@@ -17,10 +17,17 @@ from typing import Optional
 from atb_models.engine.sampling_params import MAX_LOGPROBS
 from atb_models.serve.answers import ChoiceProgress, prompt_logprobs_body, running_usage, usage
 from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id
-from atb_models.serve.protocol import SAMPLING_FIELDS, STRUCTURED_OUTPUT_FIELDS, sampling_params, stream_fields
+from atb_models.serve.protocol import (
+    BEAM_SEARCH_FIELDS,
+    SAMPLING_FIELDS,
+    STRUCTURED_OUTPUT_FIELDS,
+    beam_search_params,
+    sampling_params,
+    stream_fields,
+)
 
 READ = frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "user", "logprobs", "echo", "n",
-                  "logit_bias", "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS})
+                  "logit_bias", "best_of", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, *BEAM_SEARCH_FIELDS})
 UNSUPPORTED = {"suffix": None}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for a completion (the chat API's is the server's limit)
 
@@ -41,6 +48,7 @@ class CompletionRequest:
     prompt_logprobs: Optional[int] = None   # vLLM's: each choice's prompt_logprobs, with so many most likely
     created: int = field(default_factory=lambda: int(time.time()))
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (protocol.stream_fields)
+    beams: object = None  # use_beam_search: a BeamSearchParams (protocol.beam_search_params)
 
 
 def parse_completion_request(body, max_output_length: Optional[int] = None) -> CompletionRequest:
@@ -69,7 +77,8 @@ def parse_completion_request(body, max_output_length: Optional[int] = None) -> C
         echoed = max(logprobs, asked or 0) if echo else asked
         params = dataclasses.replace(params, logprobs=logprobs, prompt_logprobs=echoed)
     return CompletionRequest(model, _prompts(body.get("prompt")), params, stream, include_usage, n, echo,
-                             prompt_only, logprobs, asked, continuous_usage=continuous_usage)
+                             prompt_only, logprobs, asked, continuous_usage=continuous_usage,
+                             beams=beam_search_params(body, n, params.max_tokens))
 
 
 def _prompts(prompt) -> list:

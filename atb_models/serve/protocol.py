@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from atb_models.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from atb_models.engine.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 from atb_models.errors import UserError
 from atb_models.multimodal.prompt import ITEM_OPTIONS, ROLES, Message, ToolCall, json_object
 from atb_models.serve.fields import bad_request, check_fields, flag, integer_in, is_token_id, model_field
@@ -29,14 +29,21 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed"
                    "presence_penalty", "frequency_penalty", "min_p", "min_tokens", "stop_token_ids",
                    "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids", "bad_words",
                    "prompt_logprobs")
+# vLLM's beam search fields: a request's n answers by a beam search of width n (beam_search_params)
+BEAM_SEARCH_FIELDS = ("use_beam_search", "length_penalty", "early_stopping")
 # The fields it reads (`user`, an end user's name for abuse monitoring, asks for nothing); any other is refused.
 READ = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                   "user", "logprobs", "top_logprobs", "n", "logit_bias", "continue_final_message",
                   "add_generation_prompt", *SAMPLING_FIELDS, *STRUCTURED_OUTPUT_FIELDS, "tools", "tool_choice",
-                  "parallel_tool_calls", "mm_processor_kwargs"})
+                  "parallel_tool_calls", "mm_processor_kwargs", *BEAM_SEARCH_FIELDS})
 # mm_processor_kwargs' keys (vLLM's field): the request's every image and video takes them as its item's own.
 MEDIA_OPTIONS = tuple(sorted({key for keys in ITEM_OPTIONS.values() for key in keys}))
 MAX_CHOICES = 16  # n: answers drawn for one request
+# What a beam search request may give besides them: its prompt, max_tokens, n, ignore_eos and the fields that
+# neither sample nor change how the answer comes back; any other field away from its default is refused.
+BEAM_SEARCH_TAKES = frozenset({"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "user",
+                               "ignore_eos", "continue_final_message", "add_generation_prompt", "mm_processor_kwargs",
+                               *BEAM_SEARCH_FIELDS})
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give
 MAX_STOP_TOKEN_IDS, MAX_ALLOWED_TOKEN_IDS = 1024, 2**18
@@ -67,6 +74,7 @@ class ChatRequest:
     # mm_processor_kwargs: min_pixels, max_pixels and fps for every image and video (serve.media gives each its kind's)
     media_options: dict = field(default_factory=dict)
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (stream_fields)
+    beams: Optional[BeamSearchParams] = None  # use_beam_search: the n answers by beam search (beam_search_params)
 
 
 def parse_chat_request(body) -> ChatRequest:
@@ -94,7 +102,32 @@ def parse_chat_request(body) -> ChatRequest:
         except UserError as e:
             raise bad_request(str(e)) from None
     return ChatRequest(model, _messages(body.get("messages")), params, stream, include_usage, n, continuing, tools,
-                       media_options=media_options(body), continuous_usage=continuous_usage)
+                       media_options=media_options(body), continuous_usage=continuous_usage,
+                       beams=beam_search_params(body, n, params.max_tokens))
+
+
+def beam_search_params(body: dict, n: int, max_tokens: Optional[int]) -> Optional[BeamSearchParams]:
+    """vLLM's use_beam_search: the request's n answers, the best first, by a beam search of width n (LLM.beam_search's
+    rule), up to `max_tokens` each; None without it. A field that samples or changes how the answer comes back is
+    refused with it (it would be ignored), and so are length_penalty and early_stopping without it."""
+    if not flag(body, "use_beam_search"):
+        given = [name for name in BEAM_SEARCH_FIELDS[1:] if body.get(name) is not None]
+        if given:
+            raise bad_request(f"{given[0]} goes with use_beam_search: true")
+        return None
+    defaults = SamplingParams()
+    other = sorted(name for name, value in body.items() if name not in BEAM_SEARCH_TAKES and value not in (
+        None, False, [], {}, getattr(defaults, name, None)))
+    if other:
+        raise bad_request(f"use_beam_search ranks answers by their log-probabilities, without sampling: "
+                          f"{', '.join(other)} cannot go with it")
+    try:
+        return BeamSearchParams(beam_width=n, max_tokens=max_tokens,
+                                length_penalty=1.0 if body.get("length_penalty") is None else body["length_penalty"],
+                                early_stopping=False if body.get("early_stopping") is None else body["early_stopping"],
+                                ignore_eos=flag(body, "ignore_eos"))
+    except UserError as e:
+        raise bad_request(str(e)) from None
 
 
 def parse_tokenize_request(body) -> tuple:
