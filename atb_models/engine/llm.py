@@ -292,10 +292,7 @@ class LLM:
         from atb_models.engine.beam_search import BeamSearchOutput
 
         outputs = [BeamSearchOutput(i, describe_request(r)) for i, r in enumerate(requests)]
-        self._time_origin = time.perf_counter()
-        self.step_records = []
-        pending = list(enumerate(requests))
-        pending.reverse()
+        pending = self._started(requests)
 
         def room() -> bool:  # (prompts preprocessed ahead as far as the batch's rows: their pixels are held)
             return sum(s.params.beam_width for s in (*self.beams.waiting, *self.beams.running)) < self.max_batch_size
@@ -318,6 +315,12 @@ class LLM:
                     if on_finish is not None:
                         on_finish(output)
         return outputs
+
+    def _started(self, requests: list) -> list:
+        """A call's clock and step records started; its (index, request) pairs last first, pop() taking the next."""
+        self._time_origin = time.perf_counter()
+        self.step_records = []
+        return list(enumerate(requests))[::-1]
 
     @contextmanager
     def _whole_engine(self, call: str):
@@ -344,10 +347,7 @@ class LLM:
 
     def _generate(self, requests: list, params_list: list, on_finish) -> list:
         outputs = [RequestOutput(i, describe_request(r)) for i, r in enumerate(requests)]
-        self._time_origin = time.perf_counter()
-        self.step_records = []
-        pending = list(enumerate(requests))
-        pending.reverse()
+        pending = self._started(requests)
         while pending or self.has_unfinished():
             # Preprocess lazily, a little ahead of admission, so pixel tensors of a long dataset are not all
             # held at once.
