@@ -336,6 +336,14 @@ def test_use_beam_search_answers_n_choices_as_llm_beam_search_does(server, clien
     assert [c.index for c in answer.choices] == [0, 1, 2, 3]
 
 
+def test_a_beam_search_request_counts_as_one_request_a_prompt_against_the_queue(server, client):
+    """A beam search of width n is one engine request per prompt: its n are not n requests against the batch and
+    --max_queue (2 prompts of n 16 are 2 requests, not 32 over this server's 20)."""
+    answer = client.completions.create(model=server.model, prompt=["The sky is", "Count: one two"], max_tokens=2,
+                                       n=16, extra_body={"use_beam_search": True})
+    assert len(answer.choices) == 32
+
+
 def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(server, client, llm):
     """vLLM's stream_options.continuous_usage_stats: each chunk of a choice carries the prompt's tokens and the
     choice's generated so far (the chat's role chunk, before any token, null); the last chunk the total."""
@@ -1430,6 +1438,33 @@ def test_a_drafting_engine_counts_every_token_of_a_step_and_its_guesses_in_the_m
     samples = {s.name: s.value for family in metrics.registry.collect() for s in family.samples}
     assert samples["atb_generation_tokens_total"] == 40
     assert 0 < samples["atb_spec_decode_accepted_tokens_total"] <= samples["atb_spec_decode_draft_tokens_total"]
+
+
+def test_beam_searches_count_in_the_request_gauges_and_the_queue(checkpoint):
+    """A search the engine holds is a request waiting or running (the gauges, and --max_queue through queued())
+    (EngineLoop in-process, no HTTP)."""
+    from atb_models import LLM, BeamSearchParams
+    from atb_models.serve.engine import EngineLoop, NewRequest
+    from atb_models.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    loop = EngineLoop(None, metrics, 1, lambda: None)
+    loop.llm = LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=4, **LIMITS)
+    prompt = loop.llm.preprocessor.plain("The sky is")
+    outputs = []
+    for request_id in range(2):  # (4 rows each: one runs, the other waits for the batch's rows)
+        loop.submit(NewRequest(request_id, prompt, BeamSearchParams(4, 5, ignore_eos=True)), outputs.append)
+    loop._one_iteration()
+
+    def sample(name: str) -> float:
+        return {s.name: s.value for family in metrics.registry.collect() for s in family.samples}[name]
+
+    assert (sample("atb_requests_running"), sample("atb_requests_waiting")) == (1, 1)
+    assert loop.queued() == 0 and loop.queued(arriving=3) == 1  # (2 of the batch's 4 slots taken)
+    while loop.llm.has_unfinished():
+        loop._one_iteration()
+    assert [event.output.finish_reason for event in outputs if event.kind == "output"] == ["length"] * 2
+    assert (sample("atb_requests_running"), sample("atb_requests_waiting")) == (0, 0)
 
 
 def test_the_serve_packages_docstring_names_each_of_its_modules_where_it_is():

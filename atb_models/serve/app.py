@@ -195,7 +195,7 @@ class ApiService:
         answer's bodies made by `answer_format(prompts)`, sent whole or streamed."""
         self._check_model(parsed.model)
         room = self.engine.llm.scheduler.max_batch_size + self.config.max_queue
-        num_choices = len(preparations) * parsed.n
+        num_choices = _engine_requests(parsed, preparations)
         if num_choices > room:  # a 503's "try again" could never come true
             asked = f"n {parsed.n}" if len(preparations) == 1 else f"{len(preparations)} prompts of n {parsed.n}"
             raise bad_request(f"{asked} ({num_choices} requests) are more than this server takes at once ({room} "
@@ -214,7 +214,7 @@ class ApiService:
         (their checks passed): (prompts, [(request_id, RequestHandle)] in choice order). Choice i of a prompt
         in a seeded request draws with seed + i."""
         loop = asyncio.get_running_loop()
-        num_choices = len(preparations) * parsed.n
+        num_choices = _engine_requests(parsed, preparations)
         self.engine.preparing += num_choices  # until the engine's queue counts them (an idle engine waits)
         choices = []
         try:
@@ -244,7 +244,7 @@ class ApiService:
             for request_id, _ in choices:  # a client gone meanwhile, or a refusal: the others go too (no-op if gone)
                 self.engine.abort(request_id)
             raise
-        self.metrics.prompt_tokens.inc(sum(len(prompt.token_ids) for prompt in prompts) * parsed.n)
+        self.metrics.prompt_tokens.inc(sum(len(prompt.token_ids) for prompt in prompts) * (num_choices // len(prompts)))
         return prompts, choices
 
     def _prepare_all(self, parsed, preparations: list) -> tuple[list, list]:
@@ -397,6 +397,12 @@ class Answer:
         finally:
             self._abort_unfinished()
         yield "data: [DONE]\n\n"
+
+
+def _engine_requests(parsed, preparations: list) -> int:
+    """The engine requests a request becomes: one a choice of each prompt, or one a prompt for a beam search
+    (its n answers are one search's)."""
+    return len(preparations) * (1 if parsed.beams is not None else parsed.n)
 
 
 def _sse(body: dict) -> str:

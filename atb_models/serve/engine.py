@@ -237,10 +237,11 @@ class EngineLoop:
             sink(EngineEvent("output", output=dataclasses.replace(output)))
 
     def _publish_gauges(self) -> None:
-        scheduler = self.llm.scheduler
-        self.num_waiting, self.num_running = len(scheduler.waiting), len(scheduler.running)
+        scheduler, beams = self.llm.scheduler, self.llm.beams  # (a beam search is one request, its beams its own)
+        self.num_waiting = len(scheduler.waiting) + len(beams.waiting)
+        self.num_running = len(scheduler.running) + len(beams.running)
         self._planned = 0  # (after: those it counted are in the two counts now)
-        self.metrics.requests_running.set(len(scheduler.running))
-        self.metrics.requests_waiting.set(len(scheduler.waiting) + self._in_queue())
+        self.metrics.requests_running.set(self.num_running)
+        self.metrics.requests_waiting.set(self.num_waiting + self._in_queue())
         manager = self.llm.block_manager
         self.metrics.kv_blocks_used.set(manager.num_blocks - manager.num_free_blocks)
