@@ -1440,9 +1440,9 @@ def test_a_drafting_engine_counts_every_token_of_a_step_and_its_guesses_in_the_m
     assert 0 < samples["atb_spec_decode_accepted_tokens_total"] <= samples["atb_spec_decode_draft_tokens_total"]
 
 
-def test_beam_searches_count_in_the_request_gauges_and_the_queue(checkpoint):
-    """A search the engine holds is a request waiting or running (the gauges, and --max_queue through queued())
-    (EngineLoop in-process, no HTTP)."""
+def test_beam_searches_count_in_the_request_gauges_the_queue_and_the_generated_tokens(checkpoint):
+    """A search the engine holds is a request waiting or running (the gauges, and --max_queue through queued()),
+    and every token its beams take counts in atb_generation_tokens (EngineLoop in-process, no HTTP)."""
     from atb_models import LLM, BeamSearchParams
     from atb_models.serve.engine import EngineLoop, NewRequest
     from atb_models.serve.metrics import ServerMetrics
@@ -1465,6 +1465,7 @@ def test_beam_searches_count_in_the_request_gauges_and_the_queue(checkpoint):
         loop._one_iteration()
     assert [event.output.finish_reason for event in outputs if event.kind == "output"] == ["length"] * 2
     assert (sample("atb_requests_running"), sample("atb_requests_waiting")) == (0, 0)
+    assert sample("atb_generation_tokens_total") == 2 * (1 + 4 * 4)  # each: its prefill's token, 4 rounds of 4 beams
 
 
 def test_the_serve_packages_docstring_names_each_of_its_modules_where_it_is():

@@ -289,6 +289,7 @@ class BeamSearch:
         """Each search's step from its beams' logits rows (in order): rank 0 ranks the candidates, every rank
         applies them alike."""
         ranked = self.llm._on_rank0(lambda: _candidates(logits, searches))
+        self.llm.tokens_generated += sum(len(search.beams) for search in searches)  # (a token each beam's row)
         for search, (scores, parents, tokens) in zip(searches, ranked):
             self._step(search, scores, parents, tokens)
 
