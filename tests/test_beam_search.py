@@ -217,3 +217,27 @@ def test_beam_searches_taken_by_add_request_run_between_other_requests_steps_and
     assert [s.token_ids for s in done[ids[2]].sequences] == [s.token_ids for s in alone_text.sequences]
     assert done[ids[1]].token_ids == plain.token_ids and aborted not in done
     assert llm.block_manager.num_used_blocks == 0 and llm.block_manager.promised == 0
+
+
+def small_cache_llm(checkpoint):
+    """12 KV blocks of 16 tokens: a search of width 3 over a chat's 49 prompt tokens and 16 new ones may take 10."""
+    return LLM(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_input_length=64,
+               max_output_length=32, block_size=16, num_blocks=12)
+
+
+def test_a_request_waiting_for_the_blocks_a_running_search_holds_waits_for_it_to_end(checkpoint):
+    """A prompt that arrives while a search's beams hold (or are promised) the blocks it needs, with nothing else
+    running, waits for the search: the step runs the search's round (it was an empty step, a RuntimeError that
+    stopped a server)."""
+    llm = small_cache_llm(checkpoint)
+    search = llm.add_request([{"text": "Hello there, how are you"}], BeamSearchParams(3, 16))
+    llm.step()
+    other = llm.add_request([{"text": "Zebra xylo"}], SamplingParams(max_tokens=20, ignore_eos=True))  # 5 blocks
+    assert llm.block_manager.num_free_blocks < 5
+    done = {}
+    for _ in range(100):
+        if not llm.has_unfinished():
+            break
+        done.update((output.request_id, output) for output in llm.step() if output.finished)
+    assert done[search].finish_reason == "length" and len(done[other].token_ids) == 20
+    assert llm.block_manager.num_used_blocks == 0 and llm.block_manager.promised == 0

@@ -439,15 +439,13 @@ class LLM:
         self._check_open("step()")
         if self.beams.has_work() and (self._beam_turn or not self.scheduler.has_work()):
             # Beam searches and the scheduler's requests take turns: a round of every search, then a step.
-            self._beam_turn = False
-            ended = self.beams.round()
-            for output in ended:
-                self._requests.pop(output.request_id, None)
-            return ended
+            return self._beam_round()
         self._beam_turn = True
         if not self.scheduler.has_work():
             return []
         seqs = self._run_step()
+        if seqs is None:  # nothing the scheduler can run until a search ends: the searches' round instead
+            return self._beam_round()
         outputs = []
         for seq in seqs:
             seq_output = self._requests.get(seq.seq_id)
@@ -460,6 +458,13 @@ class LLM:
                 del self._requests[seq.seq_id]
             outputs.append(output)
         return outputs
+
+    def _beam_round(self) -> list:
+        self._beam_turn = False
+        ended = self.beams.round()
+        for output in ended:
+            self._requests.pop(output.request_id, None)
+        return ended
 
     def _admit(self, request_id: int, prompt, params: SamplingParams, output: RequestOutput) -> None:
         seq = self._make_sequence(request_id, prompt, params, output)
@@ -572,9 +577,12 @@ class LLM:
     def _run_step(self) -> list:
         """One scheduler step; returns the sequences that drew a token in it, each one token longer, or more in a
         drafted step (finished ones have their blocks freed); a prefill chunk that leaves part of its prompt for
-        later draws none."""
+        later draws none. None where it can run nothing until a running beam search ends (its prompts wait for the
+        blocks the searches hold or are promised)."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
+            if self.beams.running:
+                return None
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()
         num_tokens = (sum(s.prefill_end - s.prefill_start for s in seqs) if is_prefill  # computed
