@@ -241,3 +241,37 @@ def test_a_request_waiting_for_the_blocks_a_running_search_holds_waits_for_it_to
         done.update((output.request_id, output) for output in llm.step() if output.finished)
     assert done[search].finish_reason == "length" and len(done[other].token_ids) == 20
     assert llm.block_manager.num_used_blocks == 0 and llm.block_manager.promised == 0
+
+
+@pytest.mark.parametrize("starved", ["search", "prompt"])
+def test_searches_and_other_requests_start_first_come_first_served_under_a_steady_stream(checkpoint, starved):
+    """Under memory pressure, a search waits for every block its beams may take and a prompt for its own: neither
+    may be passed over for ever by the other kind arriving after it (a busy server's steady stream, two always
+    waiting), which took the blocks as they came free."""
+    import random
+
+    llm, lengths = small_cache_llm(checkpoint), random.Random(0)
+    text = [{"text": "Hello there, how are you"}]
+
+    def stream():
+        if starved == "search":
+            while len(llm.scheduler.waiting) < 2:
+                llm.add_request(text, SamplingParams(max_tokens=lengths.randint(5, 30), ignore_eos=True))
+        else:
+            while len(llm.beams.waiting) < 2:
+                llm.add_request(text, BeamSearchParams(2, 12))  # 8 of the 12 blocks
+
+    stream()
+    llm.step()
+    request = (llm.add_request(text, BeamSearchParams(3, 16)) if starved == "search" else  # 10 blocks
+               llm.add_request([{"text": "Zebra xylo"}], SamplingParams(max_tokens=20, ignore_eos=True)))  # 5
+    for _ in range(300):
+        stream()
+        if any(output.request_id == request and output.finished for output in llm.step()):
+            break
+    else:
+        raise AssertionError(f"the {starved} never ended")
+    for request_id in list(llm._requests):
+        llm.abort(request_id)
+    assert not llm.has_unfinished()
+    assert llm.block_manager.num_used_blocks == 0 and llm.block_manager.promised == 0

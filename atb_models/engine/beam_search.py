@@ -134,6 +134,7 @@ class Search:
     beams: list
     hypotheses: Hypotheses
     blocks: int  # the KV blocks its beams may hold at most (admission counts them)
+    arrival: int  # its prompt's Sequence.arrival: it and the scheduler's prompts start first come, first served
 
     @property
     def candidates(self) -> int:
@@ -155,6 +156,24 @@ class BeamSearch:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def holds(self, seq: Sequence) -> bool:
+        """Whether the scheduler's waiting `seq` waits behind the first waiting search, which came before it and
+        waits for room other than the batch's rows (the blocks its beams may take): first come, first served, else
+        prompts that keep coming take the blocks as they free and the search never starts."""
+        if not self.waiting or self.waiting[0].arrival > seq.arrival:
+            return False
+        return not self._waits_for_rows(self.waiting[0], sum(s.params.beam_width for s in self.running))
+
+    def _waits_for_rows(self, search: Search, rows: int) -> bool:
+        return rows > 0 and rows + search.params.beam_width > self.llm.max_batch_size
+
+    def _behind_a_prompt(self, search: Search) -> bool:
+        """Whether the scheduler's first waiting prompt came before `search` and waits for blocks (holds()'s
+        converse)."""
+        scheduler = self.llm.scheduler
+        return bool(scheduler.waiting) and scheduler.waiting[0].arrival < search.arrival and (
+            len(scheduler.running) < scheduler.max_batch_size)
 
     def add(self, request_id: int, prompt, params: BeamSearchParams) -> Search:
         """Queue a search of a preprocessed prompt; a request that cannot run raises UserError, leaving nothing."""
@@ -213,8 +232,8 @@ class BeamSearch:
         while self.waiting:
             search = self.waiting[0]
             tokens = search.beams[0].seq.num_tokens
-            if search.blocks > bm.num_free_blocks or (
-                    (self.running or admitted) and rows + search.params.beam_width > llm.max_batch_size):
+            if (search.blocks > bm.num_free_blocks or self._waits_for_rows(search, rows)
+                    or self._behind_a_prompt(search)):
                 break
             if admitted and tokens > budget:
                 break
@@ -240,7 +259,8 @@ class BeamSearch:
                             f"{max_tokens} new ones needs up to {blocks} KV blocks; the cache has {bm.num_blocks} (an "
                             f"engine of max_batch_size {params.beam_width} holds them)")
         eos = frozenset() if params.ignore_eos else frozenset(llm.model_config.eos_token_ids)
-        return Search(output, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks)
+        return Search(output, params, max_tokens, eos, [Beam(seq, 0.0)], Hypotheses(params, max_tokens), blocks,
+                      seq.arrival)
 
     def _seq_id(self) -> int:
         self.next_seq_id += 1

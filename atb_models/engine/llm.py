@@ -1,5 +1,6 @@
 """The user-facing front: `LLM(model_path, ...).generate(requests, SamplingParams(...))`."""
 import dataclasses
+import itertools
 import logging
 import numbers
 import threading
@@ -173,12 +174,14 @@ class LLM:
         from atb_models.engine.beam_search import BeamSearch
 
         self.beams = BeamSearch(self)  # the beam searches (beam_search(), or add_request with BeamSearchParams)
+        self.scheduler.admission_held = self.beams.holds
         self._beam_turn = False  # whether the next step, where both have work, is the beam searches' round
         self.step_records: list = []  # the steps of the latest generate() call
         self._generating = threading.Lock()  # one generate() at a time: they share the scheduler and the cache
         # Every request not yet finished, by id: its sequence and the output the steps keep up to date.
         self._requests: dict = {}
         self._next_request_id = 0
+        self._arrivals = itertools.count()  # Sequence.arrival
         self._closed = False
         self._time_origin = time.perf_counter()
 
@@ -244,6 +247,7 @@ class LLM:
             raise UserError(f"the prompt and max_tokens need {needed} KV blocks, the cache has only "
                             f"{self.block_manager.num_blocks}")
         seq = Sequence(request_id, prompt, params, max_tokens)
+        seq.arrival = next(self._arrivals)
         if params.structured_output is not None:
             seq.matcher = self.matchers.matcher(params.structured_output)
         if params.bad_words:
@@ -577,11 +581,11 @@ class LLM:
     def _run_step(self) -> list:
         """One scheduler step; returns the sequences that drew a token in it, each one token longer, or more in a
         drafted step (finished ones have their blocks freed); a prefill chunk that leaves part of its prompt for
-        later draws none. None where it can run nothing until a running beam search ends (its prompts wait for the
-        blocks the searches hold or are promised)."""
+        later draws none. None where it can run nothing until a beam search starts or ends (its prompts wait
+        behind one that came first, or for the blocks the searches hold or are promised)."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            if self.beams.running:
+            if self.beams.has_work():
                 return None
             raise RuntimeError("scheduler produced an empty step while work remains")
         start = time.perf_counter()

@@ -41,6 +41,9 @@ class Scheduler:
         self.running: deque = deque()
         self.num_preemptions = 0
         self._last_was_prefill = False
+        # admission_held(seq): whether a waiting sequence waits behind a beam search that came first (LLM sets it to
+        # BeamSearch.holds), else a steady stream of prompts could keep the blocks that search waits for forever.
+        self.admission_held = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,6 +77,8 @@ class Scheduler:
             if full:
                 break
             if not self.block_manager.can_allocate(seq):
+                break
+            if self.admission_held is not None and self.admission_held(seq):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, max_compute=budget if self.chunked_prefill else None)

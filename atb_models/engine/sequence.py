@@ -28,6 +28,9 @@ class Sequence:
         self.prompt = prompt                      # multimodal.ProcessedPrompt
         self.params = params
         self.max_tokens = max_tokens
+        # The order the engine took its request in (LLM._make_sequence): the scheduler's prompts and the beam
+        # searches waiting for room start first come, first served (engine.beam_search).
+        self.arrival = 0
         self.token_ids = list(prompt.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         # The tokens whose K/V its latest prefill wrote (a preempted sequence's recompute covers generated ones too):
