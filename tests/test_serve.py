@@ -344,6 +344,20 @@ def test_a_beam_search_request_counts_as_one_request_a_prompt_against_the_queue(
     assert len(answer.choices) == 32
 
 
+def test_a_zero_that_asks_for_something_is_refused_with_use_beam_search(server):
+    """A completion's logprobs 0 asks for each chosen token's logprob (and seed 0 seeds a draw): with use_beam_search
+    it is refused as logprobs 1 is, not taken for the default (0 == False) and silently ignored. temperature 0 (the
+    kit's default, which vLLM's own beam search asked for) is taken."""
+    url = f"{server.url}/v1/completions"
+    body = {"prompt": "The sky is", "max_tokens": 2, "n": 2, "use_beam_search": True}
+    for field in ("logprobs", "prompt_logprobs"):
+        answer = requests.post(url, json={**body, field: 0}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert f"without sampling: {field} cannot go with it" in error_of(answer, 400)["message"]
+    answer = requests.post(url, json={**body, "temperature": 0}, headers={"Authorization": f"Bearer {API_KEY}"},
+                           timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["choices"]) == 2
+
+
 def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(server, client, llm):
     """vLLM's stream_options.continuous_usage_stats: each chunk of a choice carries the prompt's tokens and the
     choice's generated so far (the chat's role chunk, before any token, null); the last chunk the total."""
@@ -770,6 +784,10 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                              "answers by their log-probabilities, without sampling: stream"),
                                             ({"use_beam_search": True, "temperature": 0.7, "top_p": 0.5},
                                              "without sampling: temperature, top_p cannot go with it"),
+                                            ({"use_beam_search": True, "seed": 0},
+                                             "without sampling: seed cannot go with it"),
+                                            ({"use_beam_search": True, "skip_special_tokens": False},
+                                             "without sampling: skip_special_tokens cannot go with it"),
                                             ({"length_penalty": 2.0}, "length_penalty goes with use_beam_search"),
                                             ({"use_beam_search": True, "early_stopping": "soon"},
                                              "early_stopping must be False, True or \"never\""),

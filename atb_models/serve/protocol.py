@@ -116,8 +116,8 @@ def beam_search_params(body: dict, n: int, max_tokens: Optional[int]) -> Optiona
             raise bad_request(f"{given[0]} goes with use_beam_search: true")
         return None
     defaults = SamplingParams()
-    other = sorted(name for name, value in body.items() if name not in BEAM_SEARCH_TAKES and value not in (
-        None, False, [], {}, getattr(defaults, name, None)))
+    other = sorted(name for name, value in body.items()
+                   if name not in BEAM_SEARCH_TAKES and not _asks_for_nothing(name, value, defaults))
     if other:
         raise bad_request(f"use_beam_search ranks answers by their log-probabilities, without sampling: "
                           f"{', '.join(other)} cannot go with it")
@@ -128,6 +128,15 @@ def beam_search_params(body: dict, n: int, max_tokens: Optional[int]) -> Optiona
                                 ignore_eos=flag(body, "ignore_eos"))
     except UserError as e:
         raise bad_request(str(e)) from None
+
+
+def _asks_for_nothing(name: str, value, defaults: SamplingParams) -> bool:
+    """Whether a field's value is its default or off. Not by `in`: 0 == False, and a completion's logprobs 0 asks
+    for each chosen token's logprob, seed 0 seeds a draw; skip_special_tokens false (its default is true) shows them."""
+    default = getattr(defaults, name, None)
+    if value is None or (value is False and default is not True) or value == [] or value == {}:
+        return True
+    return default is not None and value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def parse_tokenize_request(body) -> tuple:
