@@ -358,6 +358,17 @@ def test_a_zero_that_asks_for_something_is_refused_with_use_beam_search(server):
     assert answer.status_code == 200 and len(answer.json()["choices"]) == 2
 
 
+def test_a_beam_search_answer_observes_no_time_per_output_token(server, client):
+    """A search's answers come whole, once it ends: there is no time between its tokens to observe (it was observed
+    as 0 s a token, pulling the histogram down)."""
+    before = server.metrics()
+    client.completions.create(model=server.model, prompt="The sky is", max_tokens=6, n=2,
+                              extra_body={"use_beam_search": True, "ignore_eos": True})
+    after = server.metrics()
+    assert after["atb_time_per_output_token_seconds_count"] == before["atb_time_per_output_token_seconds_count"]
+    assert after["atb_time_to_first_token_seconds_count"] == before["atb_time_to_first_token_seconds_count"] + 1
+
+
 def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(server, client, llm):
     """vLLM's stream_options.continuous_usage_stats: each chunk of a choice carries the prompt's tokens and the
     choice's generated so far (the chat's role chunk, before any token, null); the last chunk the total."""

@@ -312,7 +312,8 @@ class Answer:
                 metrics.time_to_first_token.observe(now - self.arrival)
             if output.finished:
                 self.finished.add(index)
-                if len(output.token_ids) > 1:
+                # (a beam search's answers come whole: no time between its tokens to observe)
+                if len(output.token_ids) > 1 and self.parsed.beams is None:
                     metrics.time_per_output_token.observe((now - first) / (len(output.token_ids) - 1))
             yield output
 
