@@ -325,6 +325,16 @@ def test_use_beam_search_answers_n_choices_as_llm_beam_search_does(server, clien
         (s.text, s.finish_reason) for s in expected.sequences]
     assert answer.usage.prompt_tokens == expected.prompt_token_count
     assert answer.usage.completion_tokens == sum(len(s.token_ids) for s in expected.sequences)
+    chunks = list(client.chat.completions.create(  # streamed: each answer whole once the search ends
+        model=server.model, messages=[chat_message(QUESTIONS[0], media["small"])], max_tokens=MAX_TOKENS, n=3,
+        stream=True, stream_options={"include_usage": True}, extra_body={"use_beam_search": True}))
+    streamed = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        text, reason = streamed.get(choice.index, ("", None))
+        streamed[choice.index] = (text + (choice.delta.content or ""), choice.finish_reason or reason)
+    assert [streamed[i] for i in range(3)] == [(c.message.content, c.finish_reason) for c in answer.choices]
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
     prompts = ["The sky is", "Count: one two"]  # (plain prompts: the incremental API takes them preprocessed)
     ids = [llm.add_request(llm.preprocessor.plain(p), BeamSearchParams(2, 6, length_penalty=0.5)) for p in prompts]
     done = {}
@@ -791,8 +801,8 @@ def test_a_dropped_stream_of_n_choices_aborts_them_all_and_frees_their_blocks(se
                                             ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of them"),
                                             ({"guided_json": {"$ref": "#"}}, "admits no answer"),
                                             ({"guided_choice": "yes"}, "guided_choice: choice must be a list"),
-                                            ({"use_beam_search": True, "stream": True}, "use_beam_search ranks "
-                                             "answers by their log-probabilities, without sampling: stream"),
+                                            ({"use_beam_search": True, "logprobs": True}, "use_beam_search ranks "
+                                             "answers by their log-probabilities, without sampling: logprobs"),
                                             ({"use_beam_search": True, "temperature": 0.7, "top_p": 0.5},
                                              "without sampling: temperature, top_p cannot go with it"),
                                             ({"use_beam_search": True, "seed": 0},

@@ -383,13 +383,18 @@ class Answer:
         engine's text grows, to its finish reason (choices interleaved as their tokens come), usage when asked,
         [DONE]. Closed early (the client left), it aborts the unfinished choices."""
         try:
-            for body in self.format.opening(self.completion_id, len(self.choices)):
+            beams = self.parsed.beams is not None
+            num_choices = len(self.choices) * (self.parsed.n if beams else 1)
+            for body in self.format.opening(self.completion_id, num_choices):
                 yield _sse(body)
-            progress, last = [ChoiceProgress() for _ in self.choices], [None] * len(self.choices)
+            progress, last = [ChoiceProgress() for _ in range(num_choices)], [None] * num_choices
             async for index, output in self._merged():
-                last[index] = output
-                for body in self.format.step(self.completion_id, index, output, progress[index]):
-                    yield _sse(body)
+                # (a beam search's output comes once, whole, when it ends: its answers are its prompt's n choices)
+                pieces = enumerate(output.choices(), start=index * self.parsed.n) if beams else [(index, output)]
+                for choice, piece in pieces:
+                    last[choice] = piece
+                    for body in self.format.step(self.completion_id, choice, piece, progress[choice]):
+                        yield _sse(body)
             if self.parsed.include_usage:
                 yield _sse(self.format.usage_chunk(self.completion_id, last))
         except EngineGone as e:

@@ -39,11 +39,12 @@ READ = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
 # mm_processor_kwargs' keys (vLLM's field): the request's every image and video takes them as its item's own.
 MEDIA_OPTIONS = tuple(sorted({key for keys in ITEM_OPTIONS.values() for key in keys}))
 MAX_CHOICES = 16  # n: answers drawn for one request
-# What a beam search request may give besides them: its prompt, max_tokens, n, ignore_eos and the fields that
-# neither sample nor change how the answer comes back; any other field away from its default is refused.
+# What a beam search request may give besides them: its prompt, max_tokens, n, ignore_eos, stream (each answer
+# comes whole, once the search ends) and the fields that neither sample nor change what the answer holds; any other
+# field away from its default is refused.
 BEAM_SEARCH_TAKES = frozenset({"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "user",
                                "ignore_eos", "continue_final_message", "add_generation_prompt", "mm_processor_kwargs",
-                               *BEAM_SEARCH_FIELDS})
+                               "stream", "stream_options", *BEAM_SEARCH_FIELDS})
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids in a logit_bias: each is added to every step's logits of the request
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024  # stop strings (and bad_words) a request may give
 MAX_STOP_TOKEN_IDS, MAX_ALLOWED_TOKEN_IDS = 1024, 2**18
@@ -108,7 +109,7 @@ def parse_chat_request(body) -> ChatRequest:
 
 def beam_search_params(body: dict, n: int, max_tokens: Optional[int]) -> Optional[BeamSearchParams]:
     """vLLM's use_beam_search: the request's n answers, the best first, by a beam search of width n (LLM.beam_search's
-    rule), up to `max_tokens` each; None without it. A field that samples or changes how the answer comes back is
+    rule), up to `max_tokens` each; None without it. A field that samples or changes what the answer holds is
     refused with it (it would be ignored), and so are length_penalty and early_stopping without it."""
     if not flag(body, "use_beam_search"):
         given = [name for name in BEAM_SEARCH_FIELDS[1:] if body.get(name) is not None]
