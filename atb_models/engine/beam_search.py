@@ -27,9 +27,11 @@ from typing import Optional
 
 import torch
 
+from atb_models.engine.llm import RequestOutput, StepRecord
 from atb_models.engine.sampling_params import BeamSearchParams, SamplingParams
 from atb_models.engine.sequence import Sequence, SequenceStatus
 from atb_models.errors import UserError
+
 
 @dataclass
 class BeamSequence:
@@ -74,8 +76,6 @@ class BeamSearchOutput:
     def choices(self) -> list:
         """A RequestOutput for each answer, best first (the server's choices): its text, tokens and finish reason,
         the prompt's token count and cache counts."""
-        from atb_models.engine.llm import RequestOutput  # (llm.py builds its BeamSearch from this module)
-
         return [RequestOutput(self.request_id, self.prompt, s.text, s.token_ids, self.prompt_token_count,
                               s.finish_reason, cached_prompt_tokens=self.cached_prompt_tokens,
                               cached_visual_items=self.cached_visual_items) for s in self.sequences]
@@ -204,7 +204,6 @@ class BeamSearch:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
-            self.running.extend(admitted)
         live = [s for s in self.running if s.beams]
         if live:
             self._decode(live)
@@ -241,7 +240,8 @@ class BeamSearch:
             # (chunked prefill: a prompt longer than the budget, admitted alone, computes a chunk a step)
             bm.allocate(search.beams[0].seq, max_compute=budget if llm.enable_chunked_prefill else None)
             search.beams[0].seq.status = SequenceStatus.RUNNING
-            bm.promised += search.blocks - len(search.beams[0].seq.block_table)
+            self.running.append(search)
+            self._promise()  # (before the next prompt's turn: it sees the blocks this one may take as taken)
             admitted.append(search)
             rows, budget = rows + search.params.beam_width, budget - tokens
         return admitted
@@ -296,8 +296,6 @@ class BeamSearch:
         self._advance(searches, self._timed(seqs, False, len(seqs)))
 
     def _timed(self, seqs: list, is_prefill: bool, num_tokens: int) -> torch.Tensor:
-        from atb_models.engine.llm import StepRecord  # (llm.py builds its BeamSearch from this module)
-
         start = time.perf_counter()
         logits = self.runner.run(seqs, is_prefill)
         self.llm.plan.synchronize()

@@ -153,7 +153,7 @@ class BlockManager:
         shared block, the copy) for the caller to copy the K/V over, else None."""
         index = (seq.num_tokens - 1) // self.block_size
         if index == len(seq.block_table):
-            seq.block_table.append(self._take())
+            self.append(seq)
             return None
         block = seq.block_table[index]
         if self.ref_counts[block] == 1:

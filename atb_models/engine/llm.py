@@ -301,24 +301,32 @@ class LLM:
         def room() -> bool:  # (prompts preprocessed ahead as far as the batch's rows: their pixels are held)
             return sum(s.params.beam_width for s in (*self.beams.waiting, *self.beams.running)) < self.max_batch_size
 
+        def start(index: int, prompt) -> None:
+            outputs[index] = self.beams.add(index, prompt, params_list[index]).output
+
         while pending or self.beams.has_work():
             self._check_open("beam_search()")  # (closed by an on_finish: as generate() stops)
             while pending and (not self.beams.waiting or room()):
-                index, request = pending.pop()
-                try:
-                    [prompt] = self.node_preprocessor([request])
-                    if isinstance(prompt, UserError):
-                        raise prompt
-                    outputs[index] = self.beams.add(index, prompt, params_list[index]).output
-                except UserError as e:
-                    outputs[index].error = str(e)
-                    if on_finish is not None:
-                        on_finish(outputs[index])
+                self._take([pending.pop()], outputs, on_finish, start)
             if self.beams.has_work():
                 for output in self.beams.round():
                     if on_finish is not None:
                         on_finish(output)
         return outputs
+
+    def _take(self, batch: list, outputs: list, on_finish, take) -> None:
+        """A call's (index, request) pairs preprocessed together and each handed to `take(index, prompt)`; one that
+        cannot run (a UserError of its preprocessing or of `take`) gets its output's error, reported with the
+        output (the caller decides how to show it), and on_finish hears of it."""
+        for (i, _), prompt in zip(batch, self.node_preprocessor([request for _, request in batch])):
+            try:
+                if isinstance(prompt, UserError):
+                    raise prompt
+                take(i, prompt)
+            except UserError as e:
+                outputs[i].error = str(e)
+                if on_finish is not None:
+                    on_finish(outputs[i])
 
     def _started(self, requests: list) -> list:
         """A call's clock and step records started; its (index, request) pairs last first, pop() taking the next."""
@@ -358,15 +366,8 @@ class LLM:
             while pending and len(self.scheduler.waiting) <= self.max_batch_size:
                 batch = [pending.pop() for _ in range(min(len(pending),
                                                           self.max_batch_size + 1 - len(self.scheduler.waiting)))]
-                for (i, _), prompt in zip(batch, self.node_preprocessor([request for _, request in batch])):
-                    try:
-                        if isinstance(prompt, UserError):
-                            raise prompt
-                        self._admit(i, prompt, params_list[i], outputs[i])
-                    except UserError as e:
-                        outputs[i].error = str(e)  # reported with the output; the caller decides how to show it
-                        if on_finish is not None:
-                            on_finish(outputs[i])
+                self._take(batch, outputs, on_finish,
+                           lambda i, prompt: self._admit(i, prompt, params_list[i], outputs[i]))
             if not self.has_unfinished():
                 continue
             for out in self.step():
