@@ -16,7 +16,7 @@ from atb_models.demo.checkpoint import CHAT_TEMPLATE
 from atb_models.serve.fields import ApiError
 from atb_models.serve.answers import ChoiceProgress
 from atb_models.serve.protocol import ChatRequest, parse_chat_request
-from atb_models.serve.tools import ToolChatFormat, parse_tools, read_answer
+from atb_models.serve.tools import ToolChatFormat, answer_reader, parse_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "examples" / "chat_templates" / "qwen2_vl_tool_use.jinja"
@@ -73,6 +73,11 @@ def test_the_tool_use_template_shows_the_tools_the_calls_made_and_their_results(
 
 def tools_of(**body):
     return parse_tools(dict({"tools": [WEATHER, TIME]}, **body))
+
+
+def read_answer(text: str, tools) -> tuple:
+    """A finished answer read as the server reads it: (content or None, [Call])."""
+    return answer_reader(tools).feed(text, True)
 
 
 def calls_read(text: str, tools) -> tuple:

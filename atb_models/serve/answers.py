@@ -15,10 +15,8 @@ def usage(firsts: list, completion_tokens: int) -> dict:
     """OpenAI's usage: `firsts`, the finished RequestOutput of each prompt's first choice, give the prompt tokens
     (visual ones included; a prompt counts once, whatever its n) and those whose K/V came from the prefix cache
     (prompt_tokens_details.cached_tokens); `completion_tokens` are all choices'."""
-    prompt_tokens = sum(o.prompt_token_count for o in firsts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)}}
+    return dict(running_usage(sum(o.prompt_token_count for o in firsts), completion_tokens),
+                prompt_tokens_details={"cached_tokens": sum(o.cached_prompt_tokens for o in firsts)})
 
 
 def running_usage(prompt_tokens: int, completion_tokens: int) -> dict:

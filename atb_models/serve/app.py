@@ -341,9 +341,15 @@ class Answer:
             outputs = collecting.result()
         except EngineGone as e:
             raise ApiError(503, str(e), "server_error", "engine_unavailable") from None
-        if self.parsed.beams is not None:  # each prompt's search: its answers are the prompt's n choices
-            outputs = [choice for output in outputs for choice in output.choices()]
+        outputs = [piece for index, output in enumerate(outputs) for _, piece in self._choices_of(index, output)]
         return JSONResponse(self.format.whole(self.completion_id, outputs))
+
+    def _choices_of(self, index: int, output) -> list:
+        """(choice index, output) of engine request `index`'s output: the output, or a beam search's answers, its
+        prompt's n choices (a search's output comes once, whole, when it ends)."""
+        if self.parsed.beams is None:
+            return [(index, output)]
+        return list(enumerate(output.choices(), start=index * self.parsed.n))
 
     async def _last_output(self, index: int):
         output = None
@@ -383,15 +389,12 @@ class Answer:
         engine's text grows, to its finish reason (choices interleaved as their tokens come), usage when asked,
         [DONE]. Closed early (the client left), it aborts the unfinished choices."""
         try:
-            beams = self.parsed.beams is not None
-            num_choices = len(self.choices) * (self.parsed.n if beams else 1)
+            num_choices = len(self.choices) * (1 if self.parsed.beams is None else self.parsed.n)
             for body in self.format.opening(self.completion_id, num_choices):
                 yield _sse(body)
             progress, last = [ChoiceProgress() for _ in range(num_choices)], [None] * num_choices
             async for index, output in self._merged():
-                # (a beam search's output comes once, whole, when it ends: its answers are its prompt's n choices)
-                pieces = enumerate(output.choices(), start=index * self.parsed.n) if beams else [(index, output)]
-                for choice, piece in pieces:
+                for choice, piece in self._choices_of(index, output):
                     last[choice] = piece
                     for body in self.format.step(self.completion_id, choice, piece, progress[choice]):
                         yield _sse(body)

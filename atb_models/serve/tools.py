@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -200,7 +201,7 @@ class Call:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-class AnswerReader:
+class AnswerReader(ABC):
     """Reads one answer's calls as its text grows: feed() takes the text so far and gives (content, calls), what
     may be shown of the answer now. A stream sends its growth, a whole answer feeds its final text once, so both
     show the same calls with the same ids. What is shown never shrinks: content held back where a call may be
@@ -215,8 +216,9 @@ class AnswerReader:
             return text, []  # an answer that is no calls is its text
         return content, calls
 
+    @abstractmethod
     def _read(self, text: str, finished: bool) -> tuple:
-        raise NotImplementedError
+        """(content, calls) of the text so far: each reader's own reading of its answer's form."""
 
 
 def answer_reader(tools: ToolRequest) -> AnswerReader:
@@ -394,11 +396,6 @@ def _tagged_call(block: str, functions: dict) -> Optional[Call]:
     except UnicodeEncodeError:  # (a lone surrogate, JSON's "\ud800": UTF-8 cannot carry it, an escape can)
         text = json.dumps(arguments)
     return Call(call["name"], text)
-
-
-def read_answer(text: str, tools: ToolRequest) -> tuple:
-    """A finished answer as (content or None, [Call]): no calls where it is none."""
-    return answer_reader(tools).feed(text, True)
 
 
 class ToolChatFormat(ChatFormat):
